@@ -1,0 +1,64 @@
+// Dense and grouped matrix products. Row-major everywhere. A linear layer stores its weight as
+// [K = in, N = out], so the three products of forward and backward are the three GemmForms; a
+// dense layer is the grouped product with one group.
+#pragma once
+
+#include <cstdint>
+#include <span>
+
+#include "moe/tensor/tensor.h"
+
+namespace moe {
+
+// C[m,n] = alpha * op(A) * op(B) + beta * C, fp32 through OpenBLAS. lda/ldb/ldc are row strides.
+void sgemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, float alpha,
+           const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
+           int64_t ldc);
+// The same product with plain loops and double accumulation.
+void sgemm_reference(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k,
+                     float alpha, const float* a, int64_t lda, const float* b, int64_t ldb,
+                     float beta, float* c, int64_t ldc);
+
+enum class GemmForm {
+  kForward,     // c = y_g[M_g,N]   from a = x_g[M_g,K],  b = w_g[K,N]:   y = x w
+  kGradInput,   // c = dx_g[M_g,K]  from a = dy_g[M_g,N], b = w_g[K,N]:   dx = dy w^T
+  kGradWeight,  // c = dw_g[K,N]    from a = x_g[M_g,K],  b = dy_g[M_g,N]: dw = x^T dy
+};
+
+// Grouped product over G groups whose row counts group_rows[g] >= 0 are known only at run time.
+// Row-stacked operands hold sum(M_g) rows; weights are [G, K, N]. a and b share input_dtype
+// (F32, BF16 or F16); products accumulate in fp32; c has output_dtype (F32 or input_dtype).
+// accumulate: c += product, else c = product (a group with 0 rows still writes zeros to its dw).
+struct GroupedGemmArgs {
+  GemmForm form = GemmForm::kForward;
+  int64_t groups = 0;
+  const int64_t* group_rows = nullptr;
+  int64_t k = 0;
+  int64_t n = 0;
+  DType input_dtype = DType::F32;
+  DType output_dtype = DType::F32;
+  const void* a = nullptr;
+  const void* b = nullptr;
+  void* c = nullptr;
+  bool accumulate = false;
+};
+void grouped_gemm(const GroupedGemmArgs& args);
+void grouped_gemm_reference(const GroupedGemmArgs& args);
+
+// Checked tensor forms. Shapes: see GemmForm; group_rows must sum to the stacked row count.
+// forward: x [R,K], w [G,K,N] -> y [R,N]; grad_input: dy [R,N], w -> dx [R,K];
+// grad_weight: x [R,K], dy [R,N] -> dw [G,K,N].
+void grouped_gemm(GemmForm form, const Tensor& a, const Tensor& b,
+                  std::span<const int64_t> group_rows, Tensor& c, bool accumulate);
+
+// Dense linear products on tensors (one group): y = x w, dx = dy w^T, dw (+)= x^T dy.
+void linear_forward(const Tensor& x, const Tensor& weight, Tensor& y, bool accumulate = false);
+void linear_grad_input(const Tensor& dy, const Tensor& weight, Tensor& dx,
+                       bool accumulate = false);
+void linear_grad_weight(const Tensor& x, const Tensor& dy, Tensor& dweight,
+                        bool accumulate = true);
+
+// FLOPs of a grouped product (2 * sum(M_g) * K * N), for benchmarks.
+double grouped_gemm_flops(std::span<const int64_t> group_rows, int64_t k, int64_t n);
+
+}  // namespace moe

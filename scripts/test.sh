@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Sets everything up, then runs the whole default CTest suite (labels unit and mpi; tests
+# labelled 'long' run only with MOE_TEST_LONG=1). Exits non-zero on any failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+build_dir=${MOE_BUILD_DIR:-build}
+exclude=(-LE long)
+if [[ ${MOE_TEST_LONG:-0} == 1 ]]; then exclude=(); fi
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+ctest --test-dir "$build_dir" --output-on-failure --timeout 600 "${exclude[@]}" "$@"

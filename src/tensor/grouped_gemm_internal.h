@@ -1,0 +1,26 @@
+// Shared bookkeeping of the grouped GEMM implementations: where each group's operands start and
+// which plain GEMM (transposes, m, n, k, leading dimensions) computes it.
+#pragma once
+
+#include <vector>
+
+#include "moe/tensor/gemm.h"
+
+namespace moe {
+
+struct GroupProduct {
+  bool transpose_a, transpose_b;
+  int64_t m, n, k;
+  int64_t a_offset, lda, b_offset, ldb, c_offset, ldc;  // offsets in elements
+};
+
+struct GroupedGemmLayout {
+  explicit GroupedGemmLayout(const GroupedGemmArgs& args);  // validates args
+  GroupProduct product(const GroupedGemmArgs& args, int64_t group) const;
+  std::vector<int64_t> row_offsets;  // [groups + 1], prefix sums of group_rows
+};
+
+// The first implementation: one BLAS call per group (half inputs widened to fp32 first).
+void grouped_gemm_blas(const GroupedGemmArgs& args);
+
+}  // namespace moe

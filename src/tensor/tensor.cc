@@ -1,0 +1,264 @@
+#include "moe/tensor/tensor.h"
+
+#include <cstdlib>
+#include <cstring>
+
+namespace moe {
+
+size_t dtype_size(DType dtype) {
+  switch (dtype) {
+    case DType::F32: return 4;
+    case DType::BF16: return 2;
+    case DType::F16: return 2;
+    case DType::F64: return 8;
+    case DType::I32: return 4;
+    case DType::I64: return 8;
+  }
+  throw Error(detail::concat("unknown dtype code ", int(dtype)));
+}
+
+std::string_view dtype_name(DType dtype) {
+  switch (dtype) {
+    case DType::F32: return "fp32";
+    case DType::BF16: return "bf16";
+    case DType::F16: return "fp16";
+    case DType::F64: return "fp64";
+    case DType::I32: return "int32";
+    case DType::I64: return "int64";
+  }
+  return "unknown";
+}
+
+DType parse_dtype(std::string_view name) {
+  if (name == "fp32" || name == "float32") return DType::F32;
+  if (name == "bf16" || name == "bfloat16") return DType::BF16;
+  if (name == "fp16" || name == "float16") return DType::F16;
+  if (name == "fp64" || name == "float64") return DType::F64;
+  if (name == "int32") return DType::I32;
+  if (name == "int64") return DType::I64;
+  throw Error(detail::concat("unknown dtype '", name,
+                             "' (expected fp32, bf16, fp16, fp64, int32 or int64)"));
+}
+
+std::string shape_string(const Shape& shape) {
+  std::string text = "[";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (i) text += ", ";
+    text += std::to_string(shape[i]);
+  }
+  return text + "]";
+}
+
+int64_t shape_numel(const Shape& shape) {
+  int64_t count = 1;
+  for (int64_t extent : shape) {
+    MOE_CHECK(extent >= 0, "negative dimension in shape ", shape_string(shape));
+    count *= extent;
+  }
+  return count;
+}
+
+namespace {
+std::shared_ptr<void> allocate(size_t bytes) {
+  size_t rounded = (bytes + kTensorAlignment - 1) / kTensorAlignment * kTensorAlignment;
+  if (rounded == 0) return nullptr;
+  void* memory = std::aligned_alloc(kTensorAlignment, rounded);
+  MOE_CHECK(memory != nullptr, "out of memory allocating ", bytes, " bytes");
+  return std::shared_ptr<void>(memory, std::free);
+}
+}  // namespace
+
+Tensor Tensor::empty(Shape shape, DType dtype) {
+  Tensor tensor;
+  tensor.numel_ = shape_numel(shape);
+  tensor.shape_ = std::move(shape);
+  tensor.dtype_ = dtype;
+  tensor.owner_ = allocate(tensor.nbytes());
+  tensor.data_ = tensor.owner_.get();
+  tensor.defined_ = true;
+  return tensor;
+}
+
+Tensor::Tensor(Shape shape, DType dtype) : Tensor(empty(std::move(shape), dtype)) { zero(); }
+
+Tensor Tensor::full(Shape shape, float value, DType dtype) {
+  Tensor tensor = empty(std::move(shape), dtype);
+  tensor.fill(value);
+  return tensor;
+}
+
+Tensor Tensor::from_floats(const std::vector<float>& values, Shape shape, DType dtype) {
+  Tensor tensor = empty(std::move(shape), dtype);
+  MOE_CHECK(int64_t(values.size()) == tensor.numel(), "from_floats: ", values.size(),
+            " values do not fill shape ", shape_string(tensor.shape()));
+  for (int64_t i = 0; i < tensor.numel(); ++i) tensor.set(i, values[i]);
+  return tensor;
+}
+
+Tensor Tensor::view_of(void* data, Shape shape, DType dtype) {
+  Tensor tensor;
+  tensor.numel_ = shape_numel(shape);
+  MOE_CHECK(data != nullptr || tensor.numel_ == 0, "view_of: null data for shape ",
+            shape_string(shape));
+  tensor.shape_ = std::move(shape);
+  tensor.dtype_ = dtype;
+  tensor.data_ = data;
+  tensor.defined_ = true;
+  return tensor;
+}
+
+int64_t Tensor::dim(int axis) const {
+  int rank = ndim();
+  int resolved = axis < 0 ? axis + rank : axis;
+  MOE_CHECK(resolved >= 0 && resolved < rank, "axis ", axis, " out of range for shape ",
+            shape_string(shape_));
+  return shape_[resolved];
+}
+
+void Tensor::check_element_type(DType requested) const {
+  MOE_CHECK(defined_, "access to an undefined tensor");
+  MOE_CHECK(requested == dtype_, "tensor of shape ", shape_string(shape_), " holds ",
+            dtype_name(dtype_), ", accessed as ", dtype_name(requested));
+}
+
+float Tensor::get(int64_t i) const {
+  MOE_CHECK(i >= 0 && i < numel_, "index ", i, " out of range for shape ", shape_string(shape_));
+  switch (dtype_) {
+    case DType::F32: return static_cast<const float*>(data_)[i];
+    case DType::BF16: return to_float(static_cast<const bf16*>(data_)[i]);
+    case DType::F16: return to_float(static_cast<const f16*>(data_)[i]);
+    case DType::F64: return float(static_cast<const double*>(data_)[i]);
+    case DType::I32: return float(static_cast<const int32_t*>(data_)[i]);
+    case DType::I64: return float(static_cast<const int64_t*>(data_)[i]);
+  }
+  return 0;
+}
+
+void Tensor::set(int64_t i, float value) {
+  MOE_CHECK(i >= 0 && i < numel_, "index ", i, " out of range for shape ", shape_string(shape_));
+  switch (dtype_) {
+    case DType::F32: static_cast<float*>(data_)[i] = value; break;
+    case DType::BF16: static_cast<bf16*>(data_)[i] = float_to_bf16(value); break;
+    case DType::F16: static_cast<f16*>(data_)[i] = float_to_f16(value); break;
+    case DType::F64: static_cast<double*>(data_)[i] = value; break;
+    case DType::I32: static_cast<int32_t*>(data_)[i] = int32_t(value); break;
+    case DType::I64: static_cast<int64_t*>(data_)[i] = int64_t(value); break;
+  }
+}
+
+std::vector<float> Tensor::to_floats() const {
+  std::vector<float> values(static_cast<size_t>(numel_));
+  for (int64_t i = 0; i < numel_; ++i) values[i] = get(i);
+  return values;
+}
+
+Tensor Tensor::reshape(Shape shape) const {
+  MOE_CHECK(defined_, "reshape of an undefined tensor");
+  int inferred = -1;
+  int64_t known = 1;
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (shape[i] == -1) {
+      MOE_CHECK(inferred < 0, "reshape ", shape_string(shape), ": more than one -1");
+      inferred = int(i);
+    } else {
+      known *= shape[i];
+    }
+  }
+  if (inferred >= 0) {
+    MOE_CHECK(known > 0 && numel_ % known == 0, "cannot reshape ", shape_string(shape_), " to ",
+              shape_string(shape));
+    shape[inferred] = numel_ / known;
+  }
+  MOE_CHECK(shape_numel(shape) == numel_, "cannot reshape ", shape_string(shape_), " (",
+            numel_, " elements) to ", shape_string(shape));
+  Tensor view = *this;
+  view.shape_ = std::move(shape);
+  return view;
+}
+
+Tensor Tensor::rows(int64_t begin, int64_t end) const {
+  MOE_CHECK(ndim() >= 1, "rows() of a scalar tensor");
+  MOE_CHECK(0 <= begin && begin <= end && end <= shape_[0], "rows [", begin, ", ", end,
+            ") out of range for shape ", shape_string(shape_));
+  Tensor view = *this;
+  int64_t row_elements = shape_[0] == 0 ? 0 : numel_ / shape_[0];
+  view.shape_[0] = end - begin;
+  view.numel_ = (end - begin) * row_elements;
+  view.data_ = static_cast<char*>(data_) + size_t(begin * row_elements) * dtype_size(dtype_);
+  return view;
+}
+
+Tensor Tensor::flatten_rows() const {
+  MOE_CHECK(ndim() >= 1, "flatten_rows() of a scalar tensor");
+  return reshape({-1, shape_.back()});
+}
+
+Tensor Tensor::clone() const { return to(dtype_); }
+
+Tensor Tensor::to(DType dtype) const {
+  Tensor result = empty(shape_, dtype);
+  result.copy_from(*this);
+  return result;
+}
+
+void Tensor::copy_from(const Tensor& source) {
+  MOE_CHECK(source.shape_ == shape_, "copy_from: source shape ", shape_string(source.shape_),
+            " differs from target shape ", shape_string(shape_));
+  if (numel_ == 0) return;
+  if (source.dtype_ == dtype_) {
+    std::memmove(data_, source.data_, nbytes());
+    return;
+  }
+  size_t count = size_t(numel_);
+  if (source.dtype_ == DType::F32 && dtype_ == DType::BF16) {
+    convert_from_float(source.data<float>(), data<bf16>(), count);
+  } else if (source.dtype_ == DType::F32 && dtype_ == DType::F16) {
+    convert_from_float(source.data<float>(), data<f16>(), count);
+  } else if (source.dtype_ == DType::BF16 && dtype_ == DType::F32) {
+    convert_to_float(source.data<bf16>(), data<float>(), count);
+  } else if (source.dtype_ == DType::F16 && dtype_ == DType::F32) {
+    convert_to_float(source.data<f16>(), data<float>(), count);
+  } else if (source.dtype_ == DType::F64 && dtype_ == DType::F32) {
+    const double* from = source.data<double>();
+    float* into = data<float>();
+    for (size_t i = 0; i < count; ++i) into[i] = float(from[i]);
+  } else if (source.dtype_ == DType::F32 && dtype_ == DType::F64) {
+    const float* from = source.data<float>();
+    double* into = data<double>();
+    for (size_t i = 0; i < count; ++i) into[i] = from[i];
+  } else {
+    for (int64_t i = 0; i < numel_; ++i) set(i, source.get(i));
+  }
+}
+
+void Tensor::zero() {
+  if (numel_ > 0) std::memset(data_, 0, nbytes());
+}
+
+void Tensor::fill(float value) {
+  for (int64_t i = 0; i < numel_; ++i) set(i, value);
+}
+
+void check_shape(const Tensor& tensor, const Shape& expected, std::string_view what) {
+  MOE_CHECK(tensor.defined(), what, ": tensor is undefined, expected shape ",
+            shape_string(expected));
+  MOE_CHECK(tensor.shape() == expected, what, ": expected shape ", shape_string(expected),
+            ", got ", shape_string(tensor.shape()));
+}
+
+void check_dtype(const Tensor& tensor, DType expected, std::string_view what) {
+  MOE_CHECK(tensor.dtype() == expected, what, ": expected dtype ", dtype_name(expected), ", got ",
+            dtype_name(tensor.dtype()), " (shape ", shape_string(tensor.shape()), ")");
+}
+
+void check_same_shape(const Tensor& a, const Tensor& b, std::string_view what) {
+  MOE_CHECK(a.shape() == b.shape(), what, ": shapes differ, ", shape_string(a.shape()), " vs ",
+            shape_string(b.shape()));
+}
+
+void check_ndim(const Tensor& tensor, int ndim, std::string_view what) {
+  MOE_CHECK(tensor.ndim() == ndim, what, ": expected a ", ndim, "-d tensor, got shape ",
+            shape_string(tensor.shape()));
+}
+
+}  // namespace moe
