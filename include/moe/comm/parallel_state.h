@@ -1,0 +1,45 @@
+// Megatron-Core's model-parallel layout. Dense layers order ranks tp-cp-dp-pp (tp fastest);
+// expert layers order them etp-ep-edp-pp, where expert-dp = world / (etp * ep * pp). Pipeline
+// groups are shared by both.
+#pragma once
+
+#include <string>
+
+#include "moe/comm/process_group.h"
+
+namespace moe::comm {
+
+struct ParallelSizes {
+  int tp = 1;   // tensor model parallel
+  int pp = 1;   // pipeline model parallel
+  int ep = 1;   // expert model parallel
+  int etp = 1;  // expert tensor parallel
+  int cp = 1;   // context parallel
+};
+
+struct ParallelState {
+  ParallelSizes sizes;
+  int world_size = 1;
+  int world_rank = 0;
+  int dp = 1;   // data parallel = world / (tp * cp * pp)
+  int edp = 1;  // expert data parallel = world / (etp * ep * pp)
+
+  ProcessGroup world;
+  ProcessGroup tp, pp, dp_group, dp_cp, cp_group, model_parallel, embedding;
+  ProcessGroup ep_group, etp_group, expert_dp, tp_ep;
+
+  bool is_pipeline_first() const { return pp.rank() == 0; }
+  bool is_pipeline_last() const { return pp.rank() == pp.size() - 1; }
+};
+
+// Builds every group on MPI_COMM_WORLD. Throws moe::Error naming the sizes when the world size
+// does not factor (e.g. "world_size (6) is not divisible by tp (4) x pp (1) x cp (1)").
+ParallelState initialize_model_parallel(const ParallelSizes& sizes);
+// The same layout on one process: every group is the self group (sizes must all be 1).
+ParallelState single_process_state();
+
+// Rank tables for a world size, without MPI (for tests and --help output): one line per group
+// kind, each group as a list of world ranks.
+std::string describe_rank_layout(int world_size, const ParallelSizes& sizes);
+
+}  // namespace moe::comm

@@ -1,0 +1,79 @@
+// MPI process groups and the collectives the package uses, on tensors. MPI is the distributed
+// engine: programs run under `mpirun -np N`. Every collective checks its sizes at the boundary,
+// is deterministic (same inputs give bitwise the same output on every run), and turns MPI errors
+// and timeouts into moe::Error naming the collective, the group and the rank.
+//
+// Supported dtypes: fp32, bf16, fp16, fp64, int32, int64. bf16/fp16 sums accumulate in fp32.
+#pragma once
+
+#include <mpi.h>
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "moe/tensor/tensor.h"
+
+namespace moe::comm {
+
+// Initialises MPI (once; safe if already initialised) and finalises it at process exit.
+void ensure_mpi_initialized(int* argc = nullptr, char*** argv = nullptr);
+
+class ProcessGroup {
+ public:
+  // A group of one process (this one): collectives are copies. Works without mpirun.
+  ProcessGroup();
+  // All processes (MPI_COMM_WORLD).
+  static ProcessGroup world();
+  // A subgroup of `parent` containing exactly `world_ranks` (this rank must be among them).
+  // Collective over `parent`: every rank of parent calls it with its own group's rank list.
+  static ProcessGroup from_ranks(const ProcessGroup& parent, std::vector<int> world_ranks,
+                                 std::string name);
+
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+  const std::string& name() const { return name_; }
+  const std::vector<int>& world_ranks() const { return world_ranks_; }  // ordered by group rank
+  MPI_Comm handle() const;
+
+ private:
+  std::shared_ptr<MPI_Comm> comm_;  // freed when the last copy goes
+  int rank_ = 0;
+  int size_ = 1;
+  std::string name_ = "self";
+  std::vector<int> world_ranks_;
+};
+
+enum class ReduceOp { kSum, kMax };
+
+// Seconds a collective may wait for its peers before every rank raises an error instead of
+// hanging (default 300; env MOE_COLLECTIVE_TIMEOUT_S; 0 disables).
+void set_collective_timeout(double seconds);
+double collective_timeout();
+
+// In place over the whole tensor.
+void all_reduce(Tensor& tensor, const ProcessGroup& group, ReduceOp op = ReduceOp::kSum);
+// Row-wise (dim 0) gathers and scatters. Equal forms: out has size * local rows, rank order.
+void all_gather(const Tensor& local, Tensor& out, const ProcessGroup& group);
+void reduce_scatter(const Tensor& in, Tensor& out, const ProcessGroup& group,
+                    ReduceOp op = ReduceOp::kSum);
+// Uneven forms: rows_per_rank[r] rows belong to rank r (identical list on every rank; checked).
+void all_gather_v(const Tensor& local, Tensor& out, std::span<const int64_t> rows_per_rank,
+                  const ProcessGroup& group);
+void reduce_scatter_v(const Tensor& in, Tensor& out, std::span<const int64_t> rows_per_rank,
+                      const ProcessGroup& group);
+// send_rows[r] rows of `send` (in rank order) go to rank r; recv_rows[r] rows arrive from r.
+// The counts are checked against what each peer announces before any data moves.
+void all_to_all_v(const Tensor& send, std::span<const int64_t> send_rows, Tensor& recv,
+                  std::span<const int64_t> recv_rows, const ProcessGroup& group);
+void broadcast(Tensor& tensor, int root, const ProcessGroup& group);
+void send(const Tensor& tensor, int peer, int tag, const ProcessGroup& group);
+void recv(Tensor& tensor, int peer, int tag, const ProcessGroup& group);
+void barrier(const ProcessGroup& group);
+
+// Small integer helpers for bookkeeping (counts, sizes): all-gather one value or a vector per rank.
+std::vector<int64_t> all_gather_values(std::span<const int64_t> local, const ProcessGroup& group);
+
+}  // namespace moe::comm

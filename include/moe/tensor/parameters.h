@@ -1,0 +1,78 @@
+// Parameters and their gradients live in flat buffers, one pair per ParamGroup (dense parameters,
+// expert parameters), so optimizers, data-parallel collectives and checkpoints each work on a few
+// large contiguous buffers. Modules declare their parameters while they are built and read them
+// through views once the store is allocated.
+//
+// Gradient buffers are fp32 and ACCUMULATE: every backward adds (+=) into them, so several
+// micro-batches sum before the optimizer step; zero_grads() clears them.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "moe/tensor/tensor.h"
+
+namespace moe {
+
+enum class ParamGroup : uint8_t {
+  kDense,   // replicated over data parallel; gradients reduced over the dp group
+  kExpert,  // one shard per expert-parallel rank; gradients reduced over the expert-dp group
+};
+constexpr int kParamGroupCount = 2;
+
+// How a parameter's local tensor relates to the full (global) tensor a checkpoint stores.
+struct ParamSpec {
+  std::string name;            // global, stable name ("decoder.layers.0.mlp.experts.fc1")
+  Shape shape;                 // local shape on this rank
+  ParamGroup group = ParamGroup::kDense;
+  bool weight_decay = true;    // false for norms and biases
+  // Global shape and this rank's offset in it, per dim (defaults: the local shape, offset 0).
+  Shape global_shape;
+  Shape global_offset;
+  // True for parameters that are replicated across tensor-parallel ranks (norm weights, router),
+  // so the global gradient norm counts them once.
+  bool tensor_parallel_duplicate = false;
+};
+
+struct ParamHandle {
+  int index = -1;
+};
+
+class ParameterStore {
+ public:
+  explicit ParameterStore(DType param_dtype = DType::F32) : param_dtype_(param_dtype) {}
+  ParameterStore(const ParameterStore&) = delete;
+  ParameterStore& operator=(const ParameterStore&) = delete;
+
+  // Declares a parameter; only before allocate(). Names must be unique.
+  ParamHandle declare(ParamSpec spec);
+  // Allocates the flat buffers (parameters zeroed, gradients zeroed). Call once.
+  void allocate();
+  bool allocated() const { return allocated_; }
+
+  Tensor param(ParamHandle handle) const;  // view, param dtype, local shape
+  Tensor grad(ParamHandle handle) const;   // view, fp32, local shape
+  const ParamSpec& spec(ParamHandle handle) const;
+  int64_t offset(ParamHandle handle) const;  // element offset inside its group's flat buffers
+  int count() const { return int(specs_.size()); }
+  ParamHandle find(const std::string& name) const;  // index -1 when absent
+
+  // The flat buffers of a group: parameters [n] in param dtype, gradients [n] fp32.
+  Tensor flat_params(ParamGroup group) const;
+  Tensor flat_grads(ParamGroup group) const;
+  DType param_dtype() const { return param_dtype_; }
+
+  void zero_grads();
+
+ private:
+  DType param_dtype_;
+  std::vector<ParamSpec> specs_;
+  std::vector<int64_t> offsets_;
+  int64_t group_sizes_[kParamGroupCount] = {0, 0};
+  Tensor params_[kParamGroupCount];
+  Tensor grads_[kParamGroupCount];
+  bool allocated_ = false;
+};
+
+}  // namespace moe
