@@ -1,0 +1,74 @@
+// Checkpoints in Megatron's directory layout: <dir>/iter_0000100/ per saved iteration and the
+// tracker file <dir>/latest_checkpointed_iteration.txt holding the latest iteration. Every tensor
+// is stored under its global name with its full global shape and the box (offset + shape) and
+// flat range this rank owns, so converters and layout-changing loaders need no format change
+// (docs/checkpoint.md describes the files).
+//
+// Saving is atomic: every rank writes into <dir>/iter_0000100.tmp/, the ranks agree that all
+// succeeded, then rank 0 renames the directory into place and rewrites the tracker last. A save
+// that fails on any rank removes the temporary directory and throws on every rank; the previous
+// checkpoint stays the latest. Loading checks sizes, shapes and CRC32 checksums and names the
+// file and tensor in every error.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+
+#include "moe/comm/parallel_state.h"
+#include "moe/optim/lr_scheduler.h"
+#include "moe/optim/optimizer.h"
+#include "moe/tensor/parameters.h"
+#include "moe/tensor/rng.h"
+
+namespace moe::checkpoint {
+
+// Everything besides tensors that a resumed run needs.
+struct TrainingState {
+  int64_t iteration = 0;
+  int64_t consumed_train_samples = 0;  // data position
+  int64_t consumed_valid_samples = 0;
+  nlohmann::json args = nlohmann::json::object();   // the run's arguments (rank 0's copy saved)
+  nlohmann::json extra = nlohmann::json::object();  // free-form, rank 0's copy saved
+  std::map<std::string, Rng::State> rng;            // THIS rank's generators, by purpose
+};
+
+struct SaveOptions {
+  // Called on every rank after its files are written and before the ranks agree to commit; a
+  // throw counts as that rank's failure (tests use it to simulate a crash mid-save).
+  std::function<void()> before_commit;
+};
+
+// Collective over parallel.world. `optimizer` and `scheduler` may be null (not saved).
+void save_checkpoint(const std::string& save_dir, const TrainingState& state,
+                     const ParameterStore& model, optim::Optimizer* optimizer,
+                     const optim::OptimizerParamScheduler* scheduler,
+                     const comm::ParallelState& parallel, const SaveOptions& options = {});
+
+struct LoadOptions {
+  bool load_optim = true;  // false: --no-load-optim (optimizer and scheduler keep their state)
+  bool load_rng = true;    // false: --no-load-rng (state.rng comes back empty)
+  std::optional<int64_t> iteration;  // default: the tracker's iteration
+};
+
+// Collective over parallel.world. Loads the model (any layout whose boxes tile the saved
+// tensors), then, unless disabled, the optimizer state (saved with the same layout), scheduler
+// and this rank's RNG states. Returns the saved TrainingState.
+TrainingState load_checkpoint(const std::string& load_dir, ParameterStore& model,
+                              optim::Optimizer* optimizer,
+                              optim::OptimizerParamScheduler* scheduler,
+                              const comm::ParallelState& parallel, const LoadOptions& options = {});
+
+// The tracker's iteration, or nullopt when <dir>/latest_checkpointed_iteration.txt is absent.
+// Throws naming the file when it holds anything but an iteration number.
+std::optional<int64_t> read_tracker(const std::string& dir);
+// "iter_0000100"
+std::string iteration_dir_name(int64_t iteration);
+
+// CRC-32 (IEEE 802.3, as zlib's crc32) of `size` bytes, continuing from `crc`.
+uint32_t crc32(const void* data, size_t size, uint32_t crc = 0);
+
+}  // namespace moe::checkpoint
