@@ -1,0 +1,75 @@
+// MoEConfig: the Mixture-of-Experts settings, one field per Megatron-LM argument with the same
+// name and default (the flag --moe-router-topk is the field moe_router_topk). validate() rejects
+// every impossible combination with a message that names the fields and their values.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+
+namespace moe {
+
+enum class LoadBalancingType : uint8_t {
+  kAuxLoss,     // "aux_loss": Switch-Transformer loss over the micro-batch
+  kSeqAuxLoss,  // "seq_aux_loss": the same loss per sequence, averaged over the batch
+  kSinkhorn,    // "sinkhorn": S-BASE, experts chosen on the Sinkhorn-balanced scores in training
+  kNone,        // "none"
+};
+enum class ScoreFunction : uint8_t { kSoftmax, kSigmoid };
+enum class TokenDropPolicy : uint8_t {
+  kProbs,     // "probs": an expert over capacity keeps its highest-probability tokens
+  kPosition,  // "position": an expert over capacity keeps its earliest tokens
+};
+enum class TokenDispatcherType : uint8_t { kAllGather, kAllToAll };
+// kGeLU: fc1 hidden -> ffn, gelu. kSwiGLU (Megatron's --swiglu): fc1 hidden -> 2*ffn as
+// [gate | up], silu(gate) * up.
+enum class ExpertActivation : uint8_t { kGeLU, kSwiGLU };
+
+// Parsers accept Megatron's spellings and throw moe::Error naming the field and the choices.
+LoadBalancingType parse_load_balancing_type(std::string_view text);
+ScoreFunction parse_score_function(std::string_view text);
+TokenDropPolicy parse_token_drop_policy(std::string_view text);
+TokenDispatcherType parse_token_dispatcher_type(std::string_view text);
+ExpertActivation parse_expert_activation(std::string_view text);  // "gelu" | "swiglu"
+std::string_view name_of(LoadBalancingType value);
+std::string_view name_of(ScoreFunction value);
+std::string_view name_of(TokenDropPolicy value);
+std::string_view name_of(TokenDispatcherType value);
+std::string_view name_of(ExpertActivation value);
+
+struct MoEConfig {
+  int64_t hidden_size = 0;
+  int64_t num_experts = 0;  // --num-experts (Megatron's config field num_moe_experts)
+  int64_t ffn_hidden_size = 0;
+  // Each expert's intermediate size; unset means ffn_hidden_size (Megatron's default).
+  std::optional<int64_t> moe_ffn_hidden_size;
+  int64_t moe_router_topk = 2;
+  LoadBalancingType moe_router_load_balancing_type = LoadBalancingType::kAuxLoss;
+  // Megatron's default 0: no aux loss unless a coefficient is set.
+  double moe_aux_loss_coeff = 0.0;
+  std::optional<double> moe_z_loss_coeff;      // unset: no z-loss
+  std::optional<double> moe_input_jitter_eps;  // unset: no jitter
+  bool moe_router_pre_softmax = false;
+  ScoreFunction moe_router_score_function = ScoreFunction::kSoftmax;
+  std::optional<double> moe_router_topk_scaling_factor;  // unset: no scaling
+  std::optional<double> moe_expert_capacity_factor;      // unset: dropless
+  bool moe_pad_expert_input_to_capacity = false;
+  TokenDropPolicy moe_token_drop_policy = TokenDropPolicy::kProbs;
+  bool moe_grouped_gemm = false;  // GroupedMLP (one grouped GEMM) instead of SequentialMLP
+  TokenDispatcherType moe_token_dispatcher_type = TokenDispatcherType::kAllGather;
+  ExpertActivation activation = ExpertActivation::kGeLU;  // Megatron's default without --swiglu
+  bool add_bias_linear = true;  // biases on the router and on both expert linears
+
+  // The expert intermediate size actually used: moe_ffn_hidden_size, else ffn_hidden_size.
+  int64_t expert_ffn_hidden_size() const;
+  // fc1's output width: 2 * ffn for SwiGLU ([gate | up]), ffn for GeLU.
+  int64_t fc1_output_size() const;
+  bool aux_loss_enabled() const;  // aux_loss or seq_aux_loss with a positive coefficient
+  bool z_loss_enabled() const;    // moe_z_loss_coeff set and positive
+  // Throws moe::Error naming the offending fields, e.g.
+  // "moe_router_topk (9) must be <= num_experts (8)".
+  void validate() const;
+};
+
+}  // namespace moe
