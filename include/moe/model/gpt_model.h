@@ -1,0 +1,128 @@
+// The GPT model (Megatron's GPTModel with a TransformerBlock of pre-norm TransformerLayers):
+// embedding -> layers (self-attention and a dense or MoE MLP, each a residual branch) -> final
+// norm -> output layer -> vocabulary-parallel cross-entropy.
+//
+// Parameters are declared into a ParameterStore under Megatron's names ("embedding.word_embeddings
+// .weight", "decoder.layers.3.self_attention.linear_qkv.weight", "decoder.final_layernorm.weight",
+// "output_layer.weight", ...). Linear weights are stored [in, out] (Megatron stores [out, in]);
+// each ParamSpec carries its global shape and this rank's offset in it.
+//
+// Typical use, one micro-batch:
+//   ParameterStore store(DType::BF16);
+//   GPTModel model(config, parallel_state, store);
+//   store.allocate();
+//   model.init_parameters(seed);
+//   GPTContext ctx;  ctx.dropout_seed = derive(seed, iteration, micro_batch);
+//   double loss = model.forward(tokens, labels, ctx);  // tokens, labels [b, s]
+//   model.backward(ctx, 1.0f / num_micro_batches);      // gradients += into the store
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "moe/comm/parallel_state.h"
+#include "moe/model/config.h"
+#include "moe/tensor/parameters.h"
+#include "moe/tensor/tensor.h"
+
+namespace moe::model {
+
+// Which part of the model this rank builds (pipeline parallelism): Megatron's pre_process
+// (embedding), post_process (final norm, output layer, loss) and a range of layers.
+struct GPTStage {
+  bool pre_process = true;
+  bool post_process = true;
+  int first_layer = 0;
+  int num_layers = -1;  // -1: all layers from first_layer on
+};
+
+// A loss the MoE layers report for logging (they do not enter the returned lm loss; their
+// gradients are applied inside the MoE layers' backward).
+struct MoELossReport {
+  int layer = 0;
+  std::string name;  // "load_balancing_loss", "z_loss", ...
+  double value = 0;
+};
+
+namespace detail {
+struct GPTContextState;
+}
+
+// Everything one micro-batch's forward saves for its backward. Several may be alive at once.
+class GPTContext {
+ public:
+  GPTContext();
+  ~GPTContext();
+  GPTContext(GPTContext&&) noexcept;
+  GPTContext& operator=(GPTContext&&) noexcept;
+
+  // Dropout masks are a function of this seed (set a new one per micro-batch and iteration).
+  uint64_t dropout_seed = 0;
+  // False: dropout is off (evaluation). Backward still works.
+  bool training = true;
+
+  // Filled by the forward of the last stage: mean loss over loss-mask tokens, and their count.
+  double lm_loss = 0;
+  double loss_tokens = 0;
+  std::vector<MoELossReport> moe_losses;
+
+  bool has_saved_state() const;
+  void release();  // drops the saved activations
+
+ private:
+  friend class GPTModel;
+  std::unique_ptr<detail::GPTContextState> state_;
+};
+
+class GPTModel {
+ public:
+  // Declares this rank's parameters into `store` (which must not be allocated yet). Checks the
+  // configuration against the layout (config.validate and the parallel sizes) first.
+  GPTModel(const TransformerConfig& config, const comm::ParallelState& parallel,
+           ParameterStore& store, GPTStage stage = {});
+  ~GPTModel();
+  GPTModel(const GPTModel&) = delete;
+  GPTModel& operator=(const GPTModel&) = delete;
+
+  // Megatron's initialisation, after store.allocate(): normal(0, init_method_std) weights,
+  // std / sqrt(2 * num_layers) for output projections, ones for norm weights, zeros for biases.
+  // Every parameter is drawn as its full global tensor from (seed, name) and sliced, so every
+  // parallel layout starts from the same global weights.
+  void init_parameters(uint64_t seed);
+
+  // Whole model on one pipeline stage: tokens, labels [b, s] (I32/I64), loss_mask [b, s] (any
+  // float dtype; undefined = all ones). Returns the mean loss over masked-in tokens.
+  double forward(const Tensor& tokens, const Tensor& labels, GPTContext& ctx,
+                 const Tensor& loss_mask = Tensor());
+  // Backward of forward; d(loss) = loss_grad (1 / micro-batches, times a loss scale).
+  void backward(GPTContext& ctx, float loss_grad = 1.0f);
+
+  // One pipeline stage. input: tokens [b, s] on the first stage, else the previous stage's output
+  // [rows_local, h]; labels and loss_mask are read on the last stage only (pass batch_shape-sized
+  // tensors, or undefined ones elsewhere). Returns [rows_local, h] hidden states, or on the last
+  // stage the loss as a [1] F64 tensor.
+  Tensor forward_step(const Tensor& input, const Tensor& labels, GPTContext& ctx,
+                      const Tensor& loss_mask = Tensor(), int64_t micro_batch_size = 0);
+  // output_grad: gradient of this stage's output ([1] with d(loss) on the last stage). Returns
+  // the gradient of the stage's input hidden states (undefined on the first stage).
+  Tensor backward_step(GPTContext& ctx, const Tensor& output_grad);
+
+  const TransformerConfig& config() const { return config_; }
+  const GPTStage& stage() const { return stage_; }
+  ParameterStore& store() const { return store_; }
+  // Rows of hidden states this rank holds for a [b, s] micro-batch (s * b, or s * b / tp with
+  // sequence parallelism).
+  int64_t local_rows(int64_t micro_batch_size) const;
+
+  struct Impl;
+
+ private:
+  TransformerConfig config_;
+  GPTStage stage_;
+  ParameterStore& store_;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace moe::model

@@ -1,0 +1,232 @@
+// The GPT model's layers, each with an explicit forward and backward. What backward needs is
+// kept in the layer's Saved struct, owned by the caller (one per micro-batch), so several
+// micro-batches can be in flight. Layers hold only parameter handles and sizes.
+//
+// Shapes: activations are [rows, hidden] with rows ordered (sequence, batch) as Megatron's
+// [s, b, h]; with sequence parallelism a rank holds rows_local = s * b / tp of them (see
+// tensor_parallel.h). Activations have the parameter store's dtype (F32, BF16, F16, or F64 for
+// gradient checks); softmax, norm statistics and the loss are computed in fp32 (fp64 for F64).
+// Every backward overwrites and returns the input gradient and accumulates (+=) into the fp32
+// parameter gradients of the store.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "moe/model/config.h"
+#include "moe/model/tensor_parallel.h"
+#include "moe/tensor/parameters.h"
+#include "moe/tensor/tensor.h"
+
+namespace moe::model {
+
+// Sequence length and micro-batch size of the tokens being processed.
+struct BatchShape {
+  int64_t seq = 0;
+  int64_t batch = 0;
+  int64_t rows() const { return seq * batch; }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Dropout. The mask of element i is a pure function of (key, i), where i is the element's index
+// in the full (unsplit) tensor, so the mask is the same in every parallel layout and again when a
+// layer is recomputed. p = 0 leaves x untouched. Kept elements are scaled by 1 / (1 - p).
+// Applying it to the output gradient with the same key is the backward.
+void apply_dropout(Tensor& x, float p, uint64_t key, int64_t first_index);
+// A key for one dropout site: (micro-batch seed, layer, site number) mixed into 64 bits.
+uint64_t dropout_key(uint64_t seed, int64_t layer, int64_t site);
+
+// ---------------------------------------------------------------------------------------------
+// Vocabulary-parallel embedding: rank r holds rows [r * V / tp, (r + 1) * V / tp) of the [V, h]
+// table. Tokens outside the local range contribute zeros; the partial lookups are summed over tp
+// (all-reduce, or reduce-scatter to the rank's sequence block with sequence parallelism).
+class VocabParallelEmbedding {
+ public:
+  VocabParallelEmbedding(ParameterStore& store, const std::string& name, int64_t vocab,
+                         int64_t hidden, const TensorParallel& tp);
+  ParamHandle weight() const { return weight_; }
+  int64_t vocab_start() const { return vocab_start_; }
+  int64_t vocab_local() const { return vocab_local_; }
+
+  // tokens [b, s] (I32 or I64, each in [0, vocab)) -> [rows_local, h] in the store's dtype.
+  Tensor forward(const ParameterStore& store, const Tensor& tokens) const;
+  // dy [rows_local, h]; accumulates the weight gradient of the local vocabulary rows.
+  void backward(const ParameterStore& store, const Tensor& tokens, const Tensor& dy) const;
+
+ private:
+  TensorParallel tp_;
+  int64_t vocab_, hidden_, vocab_start_, vocab_local_;
+  ParamHandle weight_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm (weight) or LayerNorm (weight and bias) over the hidden dim; statistics in fp32.
+class Norm {
+ public:
+  struct Saved {
+    Tensor input;    // [rows, h]
+    Tensor mean;     // [rows] F32 (LayerNorm only)
+    Tensor inv_std;  // [rows] F32: 1 / rms (RMSNorm) or 1 / std (LayerNorm)
+  };
+  // kind: "RMSNorm" or "LayerNorm".
+  Norm(ParameterStore& store, const std::string& name, int64_t hidden, const std::string& kind,
+       float eps);
+  ParamHandle weight() const { return weight_; }
+  ParamHandle bias() const { return bias_; }  // index -1 for RMSNorm
+
+  Tensor forward(const ParameterStore& store, const Tensor& x, Saved& saved) const;
+  Tensor backward(const ParameterStore& store, const Saved& saved, const Tensor& dy) const;
+
+ private:
+  bool rms_;
+  float eps_;
+  ParamHandle weight_, bias_;
+};
+
+// LayerNorm kernels (ops.h has RMSNorm): y = (x - mean) * inv_std * weight + bias over the last
+// dim. mean and inv_std [rows] F32 are written for backward; dweight and dbias [h] F32 accumulate.
+void layernorm(const Tensor& x, const Tensor& weight, const Tensor& bias, float eps, Tensor& y,
+               Tensor& mean, Tensor& inv_std);
+void layernorm_backward(const Tensor& x, const Tensor& weight, const Tensor& mean,
+                        const Tensor& inv_std, const Tensor& dy, Tensor& dx, Tensor& dweight,
+                        Tensor& dbias);
+namespace reference {
+void layernorm(const Tensor& x, const Tensor& weight, const Tensor& bias, float eps, Tensor& y,
+               Tensor& mean, Tensor& inv_std);
+void layernorm_backward(const Tensor& x, const Tensor& weight, const Tensor& mean,
+                        const Tensor& inv_std, const Tensor& dy, Tensor& dx, Tensor& dweight,
+                        Tensor& dbias);
+}  // namespace reference
+
+// ---------------------------------------------------------------------------------------------
+// Rotary position embedding as Megatron's (non-interleaved): for a head vector of size d, pairs
+// (i, i + d/2) rotate by angle pos * base^(-2i/d). backward applies the inverse rotation, which
+// is the transpose, to a gradient.
+// x: [b, n, s, d] (F32 or F64), positions 0..s-1 along dim 2.
+void apply_rope(Tensor& x, float rotary_base, bool backward);
+
+// ---------------------------------------------------------------------------------------------
+// Causal scaled-dot-product attention with grouped queries, in fp32 (fp64 for F64 inputs).
+// q [b, n, s, d], k and v [b, g, s, d] with n % g == 0: query head i reads group i / (n / g).
+// probs [b, n, s, s] and context [b, n, s, d] are written (probs after dropout is what context
+// used; probs_softmax before dropout is kept for backward). Scale 1 / sqrt(d).
+// Dropout index of probs element (b, i, q, k) is ((b * total_heads + head_offset + i) * s + q) * s
+// + k, so tensor parallelism over heads keeps the global mask.
+struct AttentionDropout {
+  float p = 0.0f;
+  uint64_t key = 0;
+  int64_t head_offset = 0;
+  int64_t total_heads = 0;  // 0: the local head count
+};
+void causal_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
+                              const AttentionDropout& dropout, Tensor& probs_softmax,
+                              Tensor& context);
+// dq [b, n, s, d], dk, dv [b, g, s, d] are overwritten.
+void causal_attention_backward(const Tensor& q, const Tensor& k, const Tensor& v,
+                               const Tensor& probs_softmax, const AttentionDropout& dropout,
+                               const Tensor& dcontext, Tensor& dq, Tensor& dk, Tensor& dv);
+namespace reference {
+void causal_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
+                              const AttentionDropout& dropout, Tensor& probs_softmax,
+                              Tensor& context);
+}  // namespace reference
+
+// Self-attention block: linear_qkv (column-parallel, Megatron's per-group [q..., k, v] layout),
+// rope, core attention, linear_proj (row-parallel). Heads and query groups split over tp.
+class SelfAttention {
+ public:
+  struct Saved {
+    Tensor input;    // [rows_full, h] (gathered with sequence parallelism)
+    Tensor q, k, v;  // [b, n_local, s, d], [b, g_local, s, d] (after rope), compute dtype
+    Tensor probs;    // [b, n_local, s, s] softmax before dropout, compute dtype
+    Tensor context;  // [rows_full, n_local * d] in the activation dtype
+    BatchShape shape;
+    uint64_t dropout_key = 0;
+  };
+  SelfAttention(ParameterStore& store, const std::string& prefix, const TransformerConfig& config,
+                const TensorParallel& tp);
+  const ColumnParallelLinear& linear_qkv() const { return qkv_; }
+  const RowParallelLinear& linear_proj() const { return proj_; }
+
+  // x [rows_local, h] -> [rows_local, h] (reduced over tp, bias added; no hidden dropout).
+  // attention_dropout_key is used when the config's attention_dropout > 0 and training.
+  Tensor forward(const ParameterStore& store, const Tensor& x, BatchShape shape,
+                 uint64_t attention_dropout_key, bool training, Saved& saved) const;
+  Tensor backward(const ParameterStore& store, const Saved& saved, const Tensor& dy) const;
+
+ private:
+  TensorParallel tp_;
+  int64_t heads_local_, groups_local_, head_dim_;
+  float rotary_base_, attention_dropout_;
+  bool rope_;
+  ColumnParallelLinear qkv_;
+  RowParallelLinear proj_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Dense MLP: linear_fc1 (column-parallel; [gate | up] with SwiGLU) -> SwiGLU or GeLU ->
+// linear_fc2 (row-parallel).
+class MLP {
+ public:
+  struct Saved {
+    Tensor input;       // [rows_full, h]
+    Tensor fc1_output;  // [rows_full, fc1_local]
+    Tensor activation;  // [rows_full, ffn_local]
+  };
+  MLP(ParameterStore& store, const std::string& prefix, const TransformerConfig& config,
+      const TensorParallel& tp);
+  const ColumnParallelLinear& linear_fc1() const { return fc1_; }
+  const RowParallelLinear& linear_fc2() const { return fc2_; }
+
+  Tensor forward(const ParameterStore& store, const Tensor& x, Saved& saved) const;
+  Tensor backward(const ParameterStore& store, const Saved& saved, const Tensor& dy) const;
+
+ private:
+  TensorParallel tp_;
+  bool swiglu_;
+  ColumnParallelLinear fc1_;
+  RowParallelLinear fc2_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Vocabulary-parallel cross-entropy (Megatron's cross_entropy.py): logits [rows, V_local] hold
+// this rank's vocabulary columns [vocab_start, vocab_start + V_local); the max, the target logit
+// and the sum of exponentials are reduced over tp, so no rank ever holds the full logits.
+// targets [rows] (I32/I64). Returns the per-row loss [rows] (F32, or F64 for F64 logits) and
+// writes softmax [rows, V_local] (same dtype as logits) for backward.
+Tensor vocab_parallel_cross_entropy(const Tensor& logits, const Tensor& targets,
+                                    int64_t vocab_start, const TensorParallel& tp, Tensor& softmax);
+// dlogits [rows, V_local] = (softmax - onehot(target)) * dloss[row]; dloss [rows] F32/F64.
+Tensor vocab_parallel_cross_entropy_backward(const Tensor& softmax, const Tensor& targets,
+                                             int64_t vocab_start, const Tensor& dloss);
+
+// The output layer: column-parallel [h, V_local] (untied), or the embedding's [V_local, h] table
+// used transposed (tied). Logits are fp32 (fp64 for F64 activations).
+class OutputLayer {
+ public:
+  struct Saved {
+    Tensor input;  // [rows_full, h]
+  };
+  // tied_embedding: the embedding weight when the output layer shares it, else nullptr.
+  OutputLayer(ParameterStore& store, const std::string& name, int64_t hidden, int64_t vocab,
+              const TensorParallel& tp, const VocabParallelEmbedding* tied_embedding);
+  int64_t vocab_start() const { return vocab_start_; }
+  ParamHandle weight() const { return weight_; }
+  bool tied() const { return tied_; }
+
+  // x [rows_local, h] -> logits [rows_full, V_local].
+  Tensor forward(const ParameterStore& store, const Tensor& x, Saved& saved) const;
+  // dlogits [rows_full, V_local] -> dx [rows_local, h].
+  Tensor backward(const ParameterStore& store, const Saved& saved, const Tensor& dlogits) const;
+
+ private:
+  TensorParallel tp_;
+  int64_t vocab_start_, vocab_local_;
+  bool tied_;
+  ParamHandle weight_;
+};
+
+// Counts of the tp split, with errors naming the flags when it does not divide.
+int64_t divide_over_tp(int64_t value, int tp, const char* what);
+
+}  // namespace moe::model
