@@ -1,0 +1,197 @@
+// moe-train's command line: Megatron-LM's argument names, defaults and groups (taken from
+// megatron/training/arguments.py at core_v0.15.0) for everything moecore supports.
+//
+//   parse_arguments   argv -> TrainingArguments, refusing Megatron arguments moecore does not
+//                     support yet (by name) and unknown arguments (with the closest known name).
+//   finalize_arguments fills Megatron's derived defaults (ffn size, global batch, ...) and checks
+//                     every cross-flag constraint for a given world size, before any work starts.
+//
+// Both throw moe::Error with a message that names the flags involved. Field names are Megatron's
+// `args.<dest>` names; std::optional marks arguments whose Megatron default is None.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "moe/tensor/error.h"
+
+namespace moe::train {
+
+// One blended-dataset entry of --data-path: "[weight] prefix" (weight 1 when a single prefix).
+struct DataPathEntry {
+  double weight = 1.0;
+  std::string prefix;
+};
+
+struct TrainingArguments {
+  // ---- network size
+  std::optional<int> num_layers;
+  std::optional<int> hidden_size;
+  std::optional<int> ffn_hidden_size;  // default 4 * hidden, or the swiglu 8/3 rule (see .cc)
+  std::optional<int> num_attention_heads;
+  std::optional<int> kv_channels;  // default hidden / heads
+  bool group_query_attention = false;
+  int num_query_groups = 1;
+  std::optional<int> max_position_embeddings;
+  std::string position_embedding_type = "learned_absolute";  // learned_absolute | rope | none
+  int rotary_base = 10000;
+  double rotary_percent = 1.0;
+  bool add_position_embedding = true;  // --no-position-embedding clears it
+  int make_vocab_size_divisible_by = 128;
+  std::string normalization = "LayerNorm";  // LayerNorm | RMSNorm
+  double norm_epsilon = 1e-5;
+  bool swiglu = false;
+  bool untie_embeddings_and_output_weights = false;
+
+  // ---- regularization
+  double attention_dropout = 0.1;
+  double hidden_dropout = 0.1;
+  double weight_decay = 0.01;
+  double clip_grad = 1.0;  // 0 disables clipping
+  double adam_beta1 = 0.9;
+  double adam_beta2 = 0.999;
+  double adam_eps = 1e-8;
+  double sgd_momentum = 0.9;
+
+  // ---- training
+  std::optional<int> micro_batch_size;
+  std::optional<int> global_batch_size;  // default micro_batch_size * data_parallel_size
+  std::optional<std::string> recompute_granularity;  // full | selective
+  std::optional<long> train_iters;
+  int log_interval = 100;
+  std::optional<long> exit_interval;
+  std::optional<std::string> tensorboard_dir;
+  bool masked_softmax_fusion = true;  // --no-masked-softmax-fusion; no effect on CPU
+  bool add_bias_linear = true;        // --disable-bias-linear clears it
+  std::string optimizer = "adam";     // adam | sgd
+  bool sequence_parallel = false;
+  bool use_mcore_models = false;  // accepted: moecore has only the Megatron-Core model
+
+  // ---- initialization
+  int seed = 1234;
+  double init_method_std = 0.02;
+
+  // ---- learning rate
+  std::optional<double> lr;
+  std::string lr_decay_style = "linear";  // constant | linear | cosine | inverse-square-root
+  std::optional<long> lr_decay_iters;     // default train_iters
+  std::optional<double> lr_warmup_fraction;
+  long lr_warmup_iters = 0;
+  double lr_warmup_init = 0.0;
+  double min_lr = 0.0;
+
+  // ---- checkpointing
+  std::optional<std::string> save;
+  std::optional<long> save_interval;
+  bool no_save_optim = false;
+  bool no_save_rng = false;
+  std::optional<std::string> load;
+  bool no_load_optim = false;
+  bool no_load_rng = false;
+  bool finetune = false;  // load model weights only, start at iteration 0
+  bool exit_on_missing_checkpoint = false;
+
+  // ---- mixed precision
+  bool fp16 = false;
+  bool bf16 = false;
+  std::optional<double> loss_scale;          // static scale; dynamic scaling when unset (fp16)
+  double initial_loss_scale = 4294967296.0;  // 2**32
+  double min_loss_scale = 1.0;
+  double loss_scale_window = 1000;
+  int hysteresis = 2;
+
+  // ---- distributed
+  int tensor_model_parallel_size = 1;
+  int pipeline_model_parallel_size = 1;
+  bool use_distributed_optimizer = false;
+  int distributed_timeout_minutes = 10;  // collective timeout
+
+  // ---- validation
+  int eval_iters = 100;
+  int eval_interval = 1000;
+
+  // ---- tokenizer
+  std::optional<int> vocab_size;  // NullTokenizer only
+  std::optional<std::string> vocab_file;
+  std::optional<std::string> merge_file;
+  std::optional<std::string> tokenizer_type;
+  std::optional<std::string> tokenizer_model;
+
+  // ---- data and dataloader
+  std::vector<std::string> data_path;  // raw tokens; see data_path_entries()
+  std::string split = "969, 30, 1";    // train, valid, test weights
+  bool mock_data = false;
+  std::optional<int> seq_length;
+
+  // ---- logging
+  std::string wandb_project, wandb_exp_name, wandb_entity, wandb_save_dir;  // accepted, unused
+  int tensorboard_log_interval = 1;
+  std::optional<std::string> log_file;  // moecore extension: CSV of the logged scalars
+
+  // ---- moe
+  int expert_model_parallel_size = 1;
+  std::optional<int> expert_tensor_parallel_size;  // default tensor_model_parallel_size
+  std::optional<int> num_experts;
+  std::string moe_layer_freq = "1";  // N (every Nth layer is MoE) or a list "[1,0,1,0]" / "[1,0]*2"
+  std::optional<int> moe_ffn_hidden_size;  // default ffn_hidden_size
+  bool moe_grouped_gemm = false;
+  std::string moe_router_load_balancing_type =
+      "aux_loss";                                     // aux_loss | seq_aux_loss | sinkhorn | none
+  std::string moe_router_score_function = "softmax";  // softmax | sigmoid
+  int moe_router_topk = 2;
+  bool moe_router_pre_softmax = false;
+  std::optional<double> moe_router_topk_scaling_factor;
+  double moe_aux_loss_coeff = 0.0;
+  std::optional<double> moe_z_loss_coeff;
+  std::optional<double> moe_input_jitter_eps;
+  std::string moe_token_dispatcher_type = "allgather";  // allgather | alltoall
+  std::optional<double> moe_expert_capacity_factor;
+  bool moe_pad_expert_input_to_capacity = false;
+  std::string moe_token_drop_policy = "probs";  // probs | position
+  bool moe_per_layer_logging = false;
+
+  // ---- derived by finalize_arguments
+  int world_size = 1;
+  int data_parallel_size = 1;           // world / (tp * pp)
+  int expert_data_parallel_size = 1;    // world / (etp * ep * pp)
+  int num_micro_batches = 1;            // global / (micro * dp)
+  std::vector<bool> moe_layer_pattern;  // one entry per layer: true = MoE MLP
+  std::vector<std::string> notes;       // things the user should know (ignored flags, adjustments)
+
+  // The arguments as given, for checkpoint metadata.
+  std::vector<std::string> command_line;
+
+  // --data-path as (weight, prefix) pairs; throws when weights and prefixes do not alternate.
+  std::vector<DataPathEntry> data_path_entries() const;
+  // --split as three non-negative weights normalised to sum 1 (train, valid, test).
+  std::vector<double> split_fractions() const;
+  bool is_moe() const { return num_experts.has_value(); }
+};
+
+struct ParseOutcome {
+  TrainingArguments args;
+  bool help_requested = false;
+  std::string help_text;  // filled when help was requested
+};
+
+// Parses Megatron-style arguments (argv[0] excluded). Throws moe::Error for an unknown argument
+// (naming the closest supported one), a Megatron argument moecore does not support yet, a bad
+// value or choice, or a stray positional value.
+ParseOutcome parse_arguments(const std::vector<std::string>& argv);
+
+// Fills derived defaults and validates every constraint for `world_size` ranks. Idempotent.
+void finalize_arguments(TrainingArguments& args, int world_size);
+
+// The full --help text (grouped as Megatron groups its arguments).
+std::string help_text();
+
+// Every argument name Megatron-LM core_v0.15.0 defines ("--num-layers", ...), sorted.
+const std::vector<std::string>& megatron_argument_names();
+// The names moe-train accepts.
+std::vector<std::string> supported_argument_names();
+
+// Levenshtein distance, for "did you mean" suggestions.
+int edit_distance(const std::string& a, const std::string& b);
+
+}  // namespace moe::train

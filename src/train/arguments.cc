@@ -1,0 +1,746 @@
+#include "moe/train/arguments.h"
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <numeric>
+#include <set>
+#include <sstream>
+
+namespace moe::train {
+namespace {
+
+using detail::concat;
+
+// Registers every supported argument on `app`, bound to the fields of `args`, under Megatron's
+// group titles (so --help reads like Megatron's).
+void register_arguments(CLI::App& app, TrainingArguments& a) {
+  auto group = [&](const char* title, auto&& add) {
+    app.option_defaults()->group(title);
+    add();
+  };
+  // Megatron's None-default arguments become std::optional; CLI11 sets them through a callback.
+  auto optional_int = [&app](const char* name, std::optional<int>& field, const char* help) {
+    app.add_option_function<int>(
+        name, [&field](const int& v) { field = v; }, help);
+  };
+  auto optional_long = [&app](const char* name, std::optional<long>& field, const char* help) {
+    app.add_option_function<long>(
+        name, [&field](const long& v) { field = v; }, help);
+  };
+  auto optional_double = [&app](const char* name, std::optional<double>& field, const char* help) {
+    app.add_option_function<double>(
+        name, [&field](const double& v) { field = v; }, help);
+  };
+  auto optional_string = [&app](const char* name, std::optional<std::string>& field,
+                                const char* help) {
+    return app.add_option_function<std::string>(
+        name, [&field](const std::string& v) { field = v; }, help);
+  };
+  auto clear_flag = [&app](const char* name, bool& field, const char* help) {
+    app.add_flag_callback(
+        name, [&field] { field = false; }, help);
+  };
+
+  group("network size", [&] {
+    optional_int("--num-layers", a.num_layers, "Number of transformer layers.");
+    optional_int("--hidden-size", a.hidden_size, "Transformer hidden size.");
+    optional_int("--ffn-hidden-size", a.ffn_hidden_size,
+                 "Transformer feed-forward hidden size (default 4 * hidden-size; with --swiglu "
+                 "the largest multiple of 64 not above 8/3 * hidden-size).");
+    optional_int("--num-attention-heads", a.num_attention_heads,
+                 "Number of transformer attention heads.");
+    optional_int("--kv-channels", a.kv_channels,
+                 "Projection size of each attention head (default hidden-size / heads).");
+    app.add_flag("--group-query-attention", a.group_query_attention, "Use group-query attention.");
+    app.add_option("--num-query-groups", a.num_query_groups,
+                   "Number of key/value groups with --group-query-attention.")
+        ->capture_default_str();
+    optional_int("--max-position-embeddings", a.max_position_embeddings,
+                 "Maximum sequence length the position embedding covers.");
+    app.add_option("--position-embedding-type", a.position_embedding_type,
+                   "Position embedding type.")
+        ->check(CLI::IsMember({"learned_absolute", "rope", "none"}))
+        ->capture_default_str();
+    app.add_option("--rotary-base", a.rotary_base, "Base of the rotary position embedding.")
+        ->capture_default_str();
+    app.add_option("--rotary-percent", a.rotary_percent,
+                   "Fraction of each head's dimensions that rotary embedding rotates.")
+        ->capture_default_str();
+    app.add_flag_callback(
+        "--use-rotary-position-embeddings", [&a] { a.position_embedding_type = "rope"; },
+        "Deprecated alias of --position-embedding-type rope.");
+    clear_flag("--no-position-embedding", a.add_position_embedding,
+               "Disable the learned position embedding (only with rope; deprecated in "
+               "Megatron in favour of --position-embedding-type).");
+    app.add_option("--make-vocab-size-divisible-by", a.make_vocab_size_divisible_by,
+                   "Pad the vocabulary to a multiple of this value (times tensor parallel size).")
+        ->capture_default_str();
+    app.add_option("--normalization", a.normalization, "Normalization layer.")
+        ->check(CLI::IsMember({"LayerNorm", "RMSNorm"}))
+        ->capture_default_str();
+    app.add_option("--norm-epsilon", a.norm_epsilon, "Epsilon of the normalization layers.")
+        ->capture_default_str();
+    app.add_flag("--swiglu", a.swiglu, "Use the SwiGLU (gated SiLU) MLP instead of GeLU.");
+    app.add_flag("--untie-embeddings-and-output-weights", a.untie_embeddings_and_output_weights,
+                 "Separate output-layer weights instead of reusing the word embedding.");
+  });
+
+  group("logging", [&] {
+    app.add_option("--tensorboard-log-interval", a.tensorboard_log_interval,
+                   "Iterations between TensorBoard scalar writes.")
+        ->capture_default_str();
+    app.add_option("--wandb-project", a.wandb_project,
+                   "Accepted for script compatibility and ignored (moecore has no network "
+                   "logging; use --tensorboard-dir or --log-file).");
+    app.add_option("--wandb-exp-name", a.wandb_exp_name, "Accepted and ignored (see above).");
+    app.add_option("--wandb-entity", a.wandb_entity, "Accepted and ignored (see above).");
+    app.add_option("--wandb-save-dir", a.wandb_save_dir, "Accepted and ignored (see above).");
+    optional_string("--log-file", a.log_file,
+                    "moecore extension: write every logged scalar as CSV rows to this file.");
+  });
+
+  group("regularization", [&] {
+    app.add_option("--attention-dropout", a.attention_dropout,
+                   "Dropout probability on attention weights.")
+        ->capture_default_str();
+    app.add_option("--hidden-dropout", a.hidden_dropout,
+                   "Dropout probability on transformer hidden states.")
+        ->capture_default_str();
+    app.add_option("--weight-decay", a.weight_decay,
+                   "Decoupled weight decay (not applied to norms and biases).")
+        ->capture_default_str();
+    app.add_option("--clip-grad", a.clip_grad,
+                   "Clip gradients to this global L2 norm (0 disables).")
+        ->capture_default_str();
+    app.add_option("--adam-beta1", a.adam_beta1, "Adam first-moment decay.")->capture_default_str();
+    app.add_option("--adam-beta2", a.adam_beta2, "Adam second-moment decay.")
+        ->capture_default_str();
+    app.add_option("--adam-eps", a.adam_eps, "Adam denominator epsilon.")->capture_default_str();
+    app.add_option("--sgd-momentum", a.sgd_momentum, "SGD momentum.")->capture_default_str();
+  });
+
+  group("training", [&] {
+    optional_int("--micro-batch-size", a.micro_batch_size,
+                 "Sequences per micro-batch per data-parallel rank.");
+    optional_int("--global-batch-size", a.global_batch_size,
+                 "Sequences per optimizer step over all ranks (default micro-batch-size * "
+                 "data-parallel size); the rest is gradient accumulation.");
+    optional_string("--recompute-granularity", a.recompute_granularity,
+                    "Recompute activations in backward instead of storing them.")
+        ->check(CLI::IsMember({"full", "selective"}));
+    app.add_flag_callback(
+        "--recompute-activations", [&a] { a.recompute_granularity = "selective"; },
+        "Alias of --recompute-granularity selective.");
+    optional_long("--train-iters", a.train_iters, "Number of optimizer steps to train for.");
+    app.add_option("--log-interval", a.log_interval, "Iterations between log lines.")
+        ->capture_default_str();
+    optional_long("--exit-interval", a.exit_interval,
+                  "Stop (after saving when --save is set) once the iteration is a multiple of "
+                  "this value.");
+    optional_string("--tensorboard-dir", a.tensorboard_dir,
+                    "Write TensorBoard event files of the logged scalars here.");
+    clear_flag("--no-masked-softmax-fusion", a.masked_softmax_fusion,
+               "Accepted; moecore has one softmax implementation on CPU.");
+    clear_flag("--disable-bias-linear", a.add_bias_linear, "No biases in the linear layers.");
+    app.add_option("--optimizer", a.optimizer, "Optimizer.")
+        ->check(CLI::IsMember({"adam", "sgd"}))
+        ->capture_default_str();
+    app.add_flag("--sequence-parallel", a.sequence_parallel,
+                 "Shard norms, dropout and residuals along the sequence over tensor-parallel "
+                 "ranks.");
+    app.add_flag("--use-mcore-models", a.use_mcore_models,
+                 "Accepted; moecore only has the Megatron-Core model.");
+  });
+
+  group("initialization", [&] {
+    app.add_option("--seed", a.seed, "Random seed.")->capture_default_str();
+    app.add_option("--init-method-std", a.init_method_std,
+                   "Standard deviation of the normal weight initialisation.")
+        ->capture_default_str();
+  });
+
+  group("learning rate", [&] {
+    optional_double("--lr", a.lr, "Peak learning rate (after warmup).");
+    app.add_option("--lr-decay-style", a.lr_decay_style, "Learning-rate decay function.")
+        ->check(CLI::IsMember({"constant", "linear", "cosine", "inverse-square-root"}))
+        ->capture_default_str();
+    optional_long("--lr-decay-iters", a.lr_decay_iters,
+                  "Iterations to decay the learning rate over (default --train-iters).");
+    optional_double("--lr-warmup-fraction", a.lr_warmup_fraction,
+                    "Warmup length as a fraction of --lr-decay-iters.");
+    app.add_option("--lr-warmup-iters", a.lr_warmup_iters,
+                   "Iterations of linear learning-rate warmup.")
+        ->capture_default_str();
+    app.add_option("--lr-warmup-init", a.lr_warmup_init, "Learning rate at warmup start.")
+        ->capture_default_str();
+    app.add_option("--min-lr", a.min_lr, "Learning rate floor of the decay.")
+        ->capture_default_str();
+  });
+
+  group("checkpointing", [&] {
+    optional_string("--save", a.save, "Directory to save checkpoints to.");
+    optional_long("--save-interval", a.save_interval, "Iterations between checkpoint saves.");
+    app.add_flag("--no-save-optim", a.no_save_optim, "Do not save optimizer state.");
+    app.add_flag("--no-save-rng", a.no_save_rng, "Do not save random-number-generator state.");
+    optional_string("--load", a.load, "Directory to load a checkpoint from.");
+    app.add_flag("--no-load-optim", a.no_load_optim,
+                 "Do not load optimizer state (fresh optimizer).");
+    app.add_flag("--no-load-rng", a.no_load_rng, "Do not load random-number-generator state.");
+    app.add_flag("--finetune", a.finetune, "Load model weights only and start from iteration 0.");
+    app.add_flag("--exit-on-missing-checkpoint", a.exit_on_missing_checkpoint,
+                 "Fail when --load holds no checkpoint instead of starting from scratch.");
+  });
+
+  group("mixed precision", [&] {
+    app.add_flag("--fp16", a.fp16, "fp16 parameters and activations, dynamic loss scaling.");
+    app.add_flag("--bf16", a.bf16, "bf16 parameters and activations.");
+    optional_double("--loss-scale", a.loss_scale,
+                    "Static loss scale for fp16 (dynamic scaling when unset).");
+    app.add_option("--initial-loss-scale", a.initial_loss_scale, "Starting dynamic loss scale.")
+        ->capture_default_str();
+    app.add_option("--min-loss-scale", a.min_loss_scale, "Lowest dynamic loss scale.")
+        ->capture_default_str();
+    app.add_option("--loss-scale-window", a.loss_scale_window,
+                   "Overflow-free iterations before the dynamic scale doubles.")
+        ->capture_default_str();
+    app.add_option("--hysteresis", a.hysteresis,
+                   "Overflows tolerated before the dynamic scale halves.")
+        ->capture_default_str();
+  });
+
+  group("distributed", [&] {
+    app.add_option("--tensor-model-parallel-size", a.tensor_model_parallel_size,
+                   "Tensor model parallel degree.")
+        ->capture_default_str();
+    app.add_option("--pipeline-model-parallel-size", a.pipeline_model_parallel_size,
+                   "Pipeline model parallel degree.")
+        ->capture_default_str();
+    app.add_flag("--use-distributed-optimizer", a.use_distributed_optimizer,
+                 "Shard optimizer state over data-parallel ranks (ZeRO-1).");
+    app.add_option("--distributed-timeout-minutes", a.distributed_timeout_minutes,
+                   "Minutes a collective waits for its peers before every rank fails.")
+        ->capture_default_str();
+  });
+
+  group("validation", [&] {
+    app.add_option("--eval-iters", a.eval_iters, "Validation micro-batch rounds per evaluation.")
+        ->capture_default_str();
+    app.add_option("--eval-interval", a.eval_interval, "Iterations between evaluations.")
+        ->capture_default_str();
+  });
+
+  group("tokenizer", [&] {
+    optional_int("--vocab-size", a.vocab_size, "Vocabulary size of the NullTokenizer.");
+    optional_string("--vocab-file", a.vocab_file, "GPT-2 BPE vocabulary (vocab.json).");
+    optional_string("--merge-file", a.merge_file, "GPT-2 BPE merges (merges.txt).");
+    optional_string("--tokenizer-type", a.tokenizer_type, "Tokenizer.")
+        ->check(CLI::IsMember({"GPT2BPETokenizer", "SentencePieceTokenizer",
+                               "GPTSentencePieceTokenizer", "Llama2Tokenizer", "NullTokenizer"}));
+    optional_string("--tokenizer-model", a.tokenizer_model, "SentencePiece model file.");
+  });
+
+  group("data and dataloader", [&] {
+    app.add_option("--data-path", a.data_path,
+                   "Dataset prefix(es) of .bin/.idx pairs, optionally weighted: "
+                   "'prefix' or 'w1 prefix1 w2 prefix2 ...'.")
+        ->expected(1, -1);
+    app.add_option("--split", a.split, "Comma-separated train,valid,test weights of the documents.")
+        ->capture_default_str();
+    app.add_flag("--mock-data", a.mock_data,
+                 "Train on deterministic random tokens instead of --data-path.");
+    optional_int("--seq-length", a.seq_length, "Tokens per training sequence.");
+  });
+
+  group("moe", [&] {
+    app.add_option("--expert-model-parallel-size", a.expert_model_parallel_size,
+                   "Expert model parallel degree.")
+        ->capture_default_str();
+    optional_int("--expert-tensor-parallel-size", a.expert_tensor_parallel_size,
+                 "Tensor parallel degree of the experts (default tensor-model-parallel-size).");
+    optional_int("--num-experts", a.num_experts, "Experts per MoE layer (unset: dense model).");
+    app.add_option("--moe-layer-freq", a.moe_layer_freq,
+                   "MoE layer pattern: N for every Nth layer, or a 0/1 list such as "
+                   "'[1,0,1,0]' or '[1,0]*2'.")
+        ->capture_default_str();
+    optional_int("--moe-ffn-hidden-size", a.moe_ffn_hidden_size,
+                 "Expert feed-forward size (default ffn-hidden-size).");
+    app.add_flag("--moe-grouped-gemm", a.moe_grouped_gemm,
+                 "Run a rank's local experts as one grouped GEMM.");
+    app.add_option("--moe-router-load-balancing-type", a.moe_router_load_balancing_type,
+                   "Load-balancing strategy of the router.")
+        ->check(CLI::IsMember({"aux_loss", "seq_aux_loss", "sinkhorn", "none"}))
+        ->capture_default_str();
+    app.add_option("--moe-router-score-function", a.moe_router_score_function,
+                   "Router score function.")
+        ->check(CLI::IsMember({"softmax", "sigmoid"}))
+        ->capture_default_str();
+    app.add_option("--moe-router-topk", a.moe_router_topk, "Experts each token is routed to.")
+        ->capture_default_str();
+    app.add_flag("--moe-router-pre-softmax", a.moe_router_pre_softmax,
+                 "Softmax over all experts before top-k (instead of after).");
+    optional_double("--moe-router-topk-scaling-factor", a.moe_router_topk_scaling_factor,
+                    "Scale applied to the top-k routing probabilities.");
+    app.add_option("--moe-aux-loss-coeff", a.moe_aux_loss_coeff,
+                   "Coefficient of the load-balancing loss (1e-2 is a good start).")
+        ->capture_default_str();
+    optional_double("--moe-z-loss-coeff", a.moe_z_loss_coeff,
+                    "Coefficient of the router z-loss (1e-3 is a good start).");
+    optional_double("--moe-input-jitter-eps", a.moe_input_jitter_eps,
+                    "Multiplicative uniform jitter of the router input.");
+    app.add_option("--moe-token-dispatcher-type", a.moe_token_dispatcher_type,
+                   "How tokens reach their experts across expert-parallel ranks.")
+        ->check(CLI::IsMember({"allgather", "alltoall"}))
+        ->capture_default_str();
+    optional_double("--moe-expert-capacity-factor", a.moe_expert_capacity_factor,
+                    "Expert capacity as a multiple of the even share (unset: dropless).");
+    app.add_flag("--moe-pad-expert-input-to-capacity", a.moe_pad_expert_input_to_capacity,
+                 "Pad every expert's input to its capacity.");
+    app.add_option("--moe-token-drop-policy", a.moe_token_drop_policy,
+                   "Which tokens an over-capacity expert drops.")
+        ->check(CLI::IsMember({"probs", "position"}))
+        ->capture_default_str();
+    app.add_flag("--moe-per-layer-logging", a.moe_per_layer_logging,
+                 "Log the MoE losses of every layer, not just their mean.");
+  });
+  app.option_defaults()->group("Options");
+}
+
+std::string strip_dashes(const std::string& name) {
+  size_t start = name.find_first_not_of('-');
+  return start == std::string::npos ? name : name.substr(start);
+}
+
+// Refuses the first unparsed token: a Megatron argument we lack, a typo, or a stray value.
+[[noreturn]] void refuse_extra(const std::vector<std::string>& extras) {
+  const std::string& token = extras.front();
+  if (token.rfind("--", 0) != 0) {
+    throw Error(concat("unexpected value '", token,
+                       "': moe-train takes no positional arguments (presence flags such as "
+                       "--bf16 take no value)"));
+  }
+  std::string name = token.substr(0, token.find('='));
+  const auto& megatron = megatron_argument_names();
+  if (std::binary_search(megatron.begin(), megatron.end(), name)) {
+    throw Error(
+        concat("argument ", name, " is a Megatron-LM argument that moecore does not support yet"));
+  }
+  std::string best;
+  int best_distance = 1 << 30;
+  for (const std::string& candidate : supported_argument_names()) {
+    int distance = edit_distance(strip_dashes(name), strip_dashes(candidate));
+    if (distance < best_distance) {
+      best_distance = distance;
+      best = candidate;
+    }
+  }
+  int tolerance = std::max<int>(3, int(strip_dashes(name).size()) / 3);
+  if (best_distance <= tolerance) {
+    throw Error(concat("unknown argument ", name, "; did you mean ", best, "?"));
+  }
+  throw Error(concat("unknown argument ", name, "; see moe-train --help for the arguments"));
+}
+
+// --moe-layer-freq: "N", "[1,0,1]" or "[1,0]*k" -> one bool per layer.
+std::vector<bool> moe_layer_pattern(const std::string& text, int num_layers) {
+  auto bad = [&](const std::string& why) {
+    return Error(concat("--moe-layer-freq '", text, "': ", why,
+                        " (expected N, a list like [1,0,1,0], or [1,0]*2)"));
+  };
+  std::vector<bool> pattern;
+  if (!text.empty() && text.front() == '[') {
+    size_t close = text.find(']');
+    if (close == std::string::npos) throw bad("missing ']'");
+    std::vector<bool> unit;
+    std::stringstream items(text.substr(1, close - 1));
+    for (std::string item; std::getline(items, item, ',');) {
+      item.erase(std::remove(item.begin(), item.end(), ' '), item.end());
+      if (item != "0" && item != "1") throw bad(concat("entry '", item, "' is not 0 or 1"));
+      unit.push_back(item == "1");
+    }
+    std::string rest = text.substr(close + 1);
+    rest.erase(std::remove(rest.begin(), rest.end(), ' '), rest.end());
+    int repeat = 1;
+    if (!rest.empty()) {
+      if (rest[0] != '*' || rest.size() < 2 ||
+          !std::all_of(rest.begin() + 1, rest.end(), ::isdigit)) {
+        throw bad(concat("cannot read '", rest, "' after the list"));
+      }
+      repeat = std::stoi(rest.substr(1));
+    }
+    for (int r = 0; r < repeat; ++r) pattern.insert(pattern.end(), unit.begin(), unit.end());
+    if (int(pattern.size()) != num_layers) {
+      throw bad(
+          concat("the list has ", pattern.size(), " entries but --num-layers is ", num_layers));
+    }
+    return pattern;
+  }
+  if (text.empty() || !std::all_of(text.begin(), text.end(), ::isdigit)) {
+    throw bad("not an integer or list");
+  }
+  int every = std::stoi(text);
+  if (every < 1) throw bad("the frequency must be at least 1");
+  for (int layer = 0; layer < num_layers; ++layer) pattern.push_back(layer % every == 0);
+  return pattern;
+}
+
+void require(bool present, const char* flag) {
+  MOE_CHECK(present, "argument ", flag, " is required");
+}
+
+void require_positive(long value, const char* flag) {
+  MOE_CHECK(value > 0, "argument ", flag, " must be positive (got ", value, ")");
+}
+
+}  // namespace
+
+int edit_distance(const std::string& a, const std::string& b) {
+  std::vector<int> previous(b.size() + 1), current(b.size() + 1);
+  std::iota(previous.begin(), previous.end(), 0);
+  for (size_t i = 1; i <= a.size(); ++i) {
+    current[0] = int(i);
+    for (size_t j = 1; j <= b.size(); ++j) {
+      int substitution = previous[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1);
+      current[j] = std::min({previous[j] + 1, current[j - 1] + 1, substitution});
+    }
+    std::swap(previous, current);
+  }
+  return previous[b.size()];
+}
+
+std::vector<std::string> supported_argument_names() {
+  TrainingArguments scratch;
+  CLI::App app;
+  register_arguments(app, scratch);
+  std::vector<std::string> names;
+  for (const CLI::Option* option : app.get_options()) {
+    for (const std::string& long_name : option->get_lnames()) names.push_back("--" + long_name);
+  }
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+std::string help_text() {
+  TrainingArguments scratch;
+  CLI::App app(
+      "moe-train: Megatron-style MoE GPT training on MPI.\n"
+      "Launch: mpirun -np N moe-train <Megatron-LM arguments>",
+      "moe-train");
+  register_arguments(app, scratch);
+  return app.help();
+}
+
+ParseOutcome parse_arguments(const std::vector<std::string>& argv) {
+  ParseOutcome outcome;
+  CLI::App app(
+      "moe-train: Megatron-style MoE GPT training on MPI.\n"
+      "Launch: mpirun -np N moe-train <Megatron-LM arguments>",
+      "moe-train");
+  app.allow_extras();
+  register_arguments(app, outcome.args);
+  // CLI11 parses a reversed vector (last element first).
+  std::vector<std::string> reversed(argv.rbegin(), argv.rend());
+  try {
+    app.parse(reversed);
+  } catch (const CLI::CallForHelp&) {
+    outcome.help_requested = true;
+    outcome.help_text = app.help();
+    return outcome;
+  } catch (const CLI::ParseError& error) {
+    throw Error(concat("bad argument: ", error.what()));
+  }
+  if (!app.remaining().empty()) refuse_extra(app.remaining());
+  outcome.args.command_line = argv;
+  return outcome;
+}
+
+std::vector<DataPathEntry> TrainingArguments::data_path_entries() const {
+  std::vector<DataPathEntry> entries;
+  if (data_path.size() == 1) {
+    entries.push_back({1.0, data_path[0]});
+    return entries;
+  }
+  MOE_CHECK(data_path.size() % 2 == 0,
+            "--data-path with several datasets takes 'weight prefix' "
+            "pairs; got ",
+            data_path.size(), " values");
+  for (size_t i = 0; i < data_path.size(); i += 2) {
+    double weight = 0;
+    try {
+      size_t used = 0;
+      weight = std::stod(data_path[i], &used);
+      MOE_CHECK(used == data_path[i].size(), "");
+    } catch (const std::exception&) {
+      throw Error(concat("--data-path: expected a weight before prefix '", data_path[i + 1],
+                         "' but got '", data_path[i], "'"));
+    }
+    MOE_CHECK(weight > 0 && std::isfinite(weight), "--data-path: weight ", data_path[i], " of '",
+              data_path[i + 1], "' must be positive");
+    entries.push_back({weight, data_path[i + 1]});
+  }
+  return entries;
+}
+
+std::vector<double> TrainingArguments::split_fractions() const {
+  std::vector<double> weights;
+  std::stringstream parts(split);
+  for (std::string part; std::getline(parts, part, ',');) {
+    try {
+      size_t used = 0;
+      double weight = std::stod(part, &used);
+      MOE_CHECK(part.find_first_not_of(' ', used) == std::string::npos, "");
+      MOE_CHECK(weight >= 0 && std::isfinite(weight), "");
+      weights.push_back(weight);
+    } catch (const std::exception&) {
+      throw Error(concat("--split '", split, "': '", part, "' is not a non-negative number"));
+    }
+  }
+  MOE_CHECK(!weights.empty() && weights.size() <= 3, "--split '", split,
+            "' must have one to three comma-separated weights");
+  weights.resize(3, 0.0);
+  double total = weights[0] + weights[1] + weights[2];
+  MOE_CHECK(total > 0, "--split '", split, "' weights sum to zero");
+  for (double& weight : weights) weight /= total;
+  return weights;
+}
+
+void finalize_arguments(TrainingArguments& a, int world_size) {
+  MOE_CHECK(world_size >= 1, "world size must be positive (got ", world_size, ")");
+  a.world_size = world_size;
+  a.notes.clear();
+
+  require(a.num_layers.has_value(), "--num-layers");
+  require(a.hidden_size.has_value(), "--hidden-size");
+  require(a.num_attention_heads.has_value(), "--num-attention-heads");
+  require(a.seq_length.has_value(), "--seq-length");
+  require(a.micro_batch_size.has_value(), "--micro-batch-size");
+  require(a.train_iters.has_value(), "--train-iters");
+  require(a.lr.has_value(), "--lr");
+  require_positive(*a.num_layers, "--num-layers");
+  require_positive(*a.hidden_size, "--hidden-size");
+  require_positive(*a.num_attention_heads, "--num-attention-heads");
+  require_positive(*a.seq_length, "--seq-length");
+  require_positive(*a.micro_batch_size, "--micro-batch-size");
+  require_positive(*a.train_iters, "--train-iters");
+  require_positive(a.log_interval, "--log-interval");
+  require_positive(a.eval_interval, "--eval-interval");
+  MOE_CHECK(a.eval_iters >= 0, "argument --eval-iters must not be negative (got ", a.eval_iters,
+            ")");
+  require_positive(a.tensorboard_log_interval, "--tensorboard-log-interval");
+  require_positive(a.tensor_model_parallel_size, "--tensor-model-parallel-size");
+  require_positive(a.pipeline_model_parallel_size, "--pipeline-model-parallel-size");
+  require_positive(a.expert_model_parallel_size, "--expert-model-parallel-size");
+  require_positive(a.make_vocab_size_divisible_by, "--make-vocab-size-divisible-by");
+  require_positive(a.distributed_timeout_minutes, "--distributed-timeout-minutes");
+
+  // ---- precision
+  MOE_CHECK(!(a.fp16 && a.bf16), "--fp16 and --bf16 cannot be used together");
+  if (a.loss_scale && !a.fp16) a.notes.push_back("--loss-scale only applies with --fp16; ignored");
+  MOE_CHECK(!a.loss_scale || *a.loss_scale > 0, "--loss-scale must be positive (got ",
+            a.loss_scale.value_or(0), ")");
+  MOE_CHECK(a.initial_loss_scale >= a.min_loss_scale && a.min_loss_scale > 0,
+            "--initial-loss-scale (", a.initial_loss_scale, ") must be >= --min-loss-scale (",
+            a.min_loss_scale, ") > 0");
+  require_positive(long(a.loss_scale_window), "--loss-scale-window");
+  require_positive(a.hysteresis, "--hysteresis");
+
+  // ---- parallel layout
+  const int tp = a.tensor_model_parallel_size, pp = a.pipeline_model_parallel_size;
+  MOE_CHECK(world_size % (tp * pp) == 0, "world size (", world_size,
+            ") is not divisible by --tensor-model-parallel-size (", tp,
+            ") x --pipeline-model-parallel-size (", pp, ")");
+  a.data_parallel_size = world_size / (tp * pp);
+  if (a.sequence_parallel && tp == 1) {
+    a.sequence_parallel = false;
+    a.notes.push_back("--sequence-parallel disabled because --tensor-model-parallel-size is 1");
+  }
+  MOE_CHECK(*a.num_layers % pp == 0, "--num-layers (", *a.num_layers,
+            ") is not divisible by --pipeline-model-parallel-size (", pp, ")");
+
+  // ---- attention
+  const int heads = *a.num_attention_heads;
+  MOE_CHECK(heads % tp == 0, "--num-attention-heads (", heads,
+            ") is not divisible by --tensor-model-parallel-size (", tp, ")");
+  if (!a.kv_channels) {
+    MOE_CHECK(*a.hidden_size % heads == 0, "--hidden-size (", *a.hidden_size,
+              ") is not divisible by --num-attention-heads (", heads,
+              "); set --kv-channels to choose the head size");
+    a.kv_channels = *a.hidden_size / heads;
+  }
+  require_positive(*a.kv_channels, "--kv-channels");
+  if (a.group_query_attention) {
+    require_positive(a.num_query_groups, "--num-query-groups");
+    MOE_CHECK(heads % a.num_query_groups == 0, "--num-attention-heads (", heads,
+              ") is not divisible by --num-query-groups (", a.num_query_groups, ")");
+    MOE_CHECK(a.num_query_groups % tp == 0, "--num-query-groups (", a.num_query_groups,
+              ") is not divisible by --tensor-model-parallel-size (", tp, ")");
+  } else {
+    a.num_query_groups = heads;  // plain multi-head attention: one key/value head per head
+  }
+
+  // ---- positions
+  if (a.position_embedding_type == "learned_absolute" && a.add_position_embedding) {
+    require(a.max_position_embeddings.has_value(), "--max-position-embeddings");
+  }
+  if (!a.add_position_embedding && a.position_embedding_type != "rope") {
+    throw Error(
+        "--no-position-embedding is only valid with --position-embedding-type rope; use "
+        "--position-embedding-type none to train without position information");
+  }
+  if (a.max_position_embeddings) {
+    MOE_CHECK(*a.max_position_embeddings >= *a.seq_length, "--max-position-embeddings (",
+              *a.max_position_embeddings, ") must be >= --seq-length (", *a.seq_length, ")");
+  } else {
+    a.max_position_embeddings = *a.seq_length;
+  }
+  MOE_CHECK(a.rotary_percent > 0 && a.rotary_percent <= 1, "--rotary-percent (", a.rotary_percent,
+            ") must be in (0, 1]");
+
+  // ---- MLP sizes
+  if (!a.ffn_hidden_size) {
+    a.ffn_hidden_size =
+        a.swiglu ? int((4.0 * *a.hidden_size * 2 / 3) / 64) * 64 : 4 * *a.hidden_size;
+    MOE_CHECK(*a.ffn_hidden_size > 0, "--swiglu with --hidden-size ", *a.hidden_size,
+              " gives an ffn size of 0; set --ffn-hidden-size");
+  }
+  require_positive(*a.ffn_hidden_size, "--ffn-hidden-size");
+  MOE_CHECK(*a.ffn_hidden_size % tp == 0, "--ffn-hidden-size (", *a.ffn_hidden_size,
+            ") is not divisible by --tensor-model-parallel-size (", tp, ")");
+
+  // ---- MoE
+  if (a.num_experts && *a.num_experts == 0) a.num_experts.reset();  // Megatron: 0 means dense
+  const int ep = a.expert_model_parallel_size;
+  if (!a.num_experts) {
+    MOE_CHECK(ep == 1, "--expert-model-parallel-size (", ep, ") needs --num-experts");
+    MOE_CHECK(!a.expert_tensor_parallel_size || *a.expert_tensor_parallel_size == tp,
+              "--expert-tensor-parallel-size needs --num-experts");
+    a.expert_tensor_parallel_size = tp;
+    a.expert_data_parallel_size = a.data_parallel_size;
+    a.moe_layer_pattern.assign(*a.num_layers, false);
+  } else {
+    const int experts = *a.num_experts;
+    require_positive(experts, "--num-experts");
+    if (!a.expert_tensor_parallel_size) a.expert_tensor_parallel_size = tp;
+    const int etp = *a.expert_tensor_parallel_size;
+    require_positive(etp, "--expert-tensor-parallel-size");
+    MOE_CHECK(experts % ep == 0, "--num-experts (", experts,
+              ") is not divisible by --expert-model-parallel-size (", ep, ")");
+    MOE_CHECK(world_size % (etp * ep * pp) == 0, "world size (", world_size,
+              ") is not divisible by --expert-tensor-parallel-size (", etp,
+              ") x --expert-model-parallel-size (", ep, ") x --pipeline-model-parallel-size (", pp,
+              ")");
+    a.expert_data_parallel_size = world_size / (etp * ep * pp);
+    MOE_CHECK(!(ep > 1 && tp > 1 && !a.sequence_parallel), "--expert-model-parallel-size (", ep,
+              ") with --tensor-model-parallel-size (", tp,
+              ") requires --sequence-parallel (Megatron-Core: MoE with expert and tensor "
+              "parallelism must use sequence parallelism)");
+    MOE_CHECK(!(ep > 1 && a.fp16),
+              "--expert-model-parallel-size > 1 is not supported with --fp16 (as in "
+              "Megatron-LM); use --bf16");
+    MOE_CHECK(a.moe_router_topk >= 1 && a.moe_router_topk <= experts, "--moe-router-topk (",
+              a.moe_router_topk, ") must be between 1 and --num-experts (", experts, ")");
+    if (!a.moe_ffn_hidden_size) a.moe_ffn_hidden_size = *a.ffn_hidden_size;
+    require_positive(*a.moe_ffn_hidden_size, "--moe-ffn-hidden-size");
+    MOE_CHECK(*a.moe_ffn_hidden_size % etp == 0, "--moe-ffn-hidden-size (", *a.moe_ffn_hidden_size,
+              ") is not divisible by --expert-tensor-parallel-size (", etp, ")");
+    MOE_CHECK(a.moe_aux_loss_coeff >= 0, "--moe-aux-loss-coeff (", a.moe_aux_loss_coeff,
+              ") must not be negative");
+    MOE_CHECK(a.moe_z_loss_coeff.value_or(0) >= 0, "--moe-z-loss-coeff (",
+              a.moe_z_loss_coeff.value_or(0), ") must not be negative");
+    MOE_CHECK(a.moe_input_jitter_eps.value_or(0) >= 0, "--moe-input-jitter-eps (",
+              a.moe_input_jitter_eps.value_or(0), ") must not be negative");
+    if (a.moe_expert_capacity_factor) {
+      MOE_CHECK(*a.moe_expert_capacity_factor > 0, "--moe-expert-capacity-factor (",
+                *a.moe_expert_capacity_factor, ") must be positive");
+      MOE_CHECK(a.moe_router_load_balancing_type != "sinkhorn",
+                "--moe-expert-capacity-factor works only with "
+                "--moe-router-load-balancing-type aux_loss, seq_aux_loss or none");
+    }
+    MOE_CHECK(!a.moe_pad_expert_input_to_capacity || a.moe_expert_capacity_factor,
+              "--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor");
+    a.moe_layer_pattern = moe_layer_pattern(a.moe_layer_freq, *a.num_layers);
+  }
+  if (a.moe_grouped_gemm && !a.is_moe())
+    a.notes.push_back("--moe-grouped-gemm ignored: no --num-experts");
+
+  // ---- batch sizes
+  const int micro_times_dp = *a.micro_batch_size * a.data_parallel_size;
+  if (!a.global_batch_size) a.global_batch_size = micro_times_dp;
+  require_positive(*a.global_batch_size, "--global-batch-size");
+  MOE_CHECK(*a.global_batch_size % micro_times_dp == 0, "--global-batch-size (",
+            *a.global_batch_size, ") is not divisible by --micro-batch-size (", *a.micro_batch_size,
+            ") x data-parallel size (", a.data_parallel_size, " = world size ", world_size,
+            " / (tp ", tp, " x pp ", pp, "))");
+  a.num_micro_batches = *a.global_batch_size / micro_times_dp;
+
+  // ---- learning rate
+  MOE_CHECK(*a.lr >= 0 && a.min_lr >= 0, "--lr (", *a.lr, ") and --min-lr (", a.min_lr,
+            ") must not be negative");
+  MOE_CHECK(a.min_lr <= *a.lr, "--min-lr (", a.min_lr, ") must be <= --lr (", *a.lr, ")");
+  MOE_CHECK(a.lr_warmup_init <= *a.lr, "--lr-warmup-init (", a.lr_warmup_init,
+            ") must be <= --lr (", *a.lr, ")");
+  if (!a.lr_decay_iters) a.lr_decay_iters = *a.train_iters;
+  require_positive(*a.lr_decay_iters, "--lr-decay-iters");
+  if (a.lr_warmup_fraction) {
+    MOE_CHECK(a.lr_warmup_iters == 0,
+              "only one of --lr-warmup-fraction and --lr-warmup-iters may be given");
+    MOE_CHECK(*a.lr_warmup_fraction >= 0 && *a.lr_warmup_fraction < 1, "--lr-warmup-fraction (",
+              *a.lr_warmup_fraction, ") must be in [0, 1)");
+  }
+  MOE_CHECK(a.lr_warmup_iters >= 0, "--lr-warmup-iters must not be negative");
+  const long warmup = a.lr_warmup_fraction ? long(*a.lr_warmup_fraction * double(*a.lr_decay_iters))
+                                           : a.lr_warmup_iters;
+  MOE_CHECK(warmup < *a.lr_decay_iters, "learning-rate warmup (", warmup,
+            " iterations from --lr-warmup-iters/--lr-warmup-fraction) must be shorter than "
+            "--lr-decay-iters (",
+            *a.lr_decay_iters, ")");
+  MOE_CHECK(a.weight_decay >= 0, "--weight-decay must not be negative");
+  MOE_CHECK(a.clip_grad >= 0, "--clip-grad must not be negative");
+  MOE_CHECK(a.adam_beta1 >= 0 && a.adam_beta1 < 1 && a.adam_beta2 >= 0 && a.adam_beta2 < 1,
+            "--adam-beta1 (", a.adam_beta1, ") and --adam-beta2 (", a.adam_beta2,
+            ") must be in [0, 1)");
+  MOE_CHECK(a.adam_eps > 0, "--adam-eps must be positive");
+  MOE_CHECK(a.attention_dropout >= 0 && a.attention_dropout < 1 && a.hidden_dropout >= 0 &&
+                a.hidden_dropout < 1,
+            "--attention-dropout and --hidden-dropout must be in [0, 1)");
+
+  // ---- checkpoints
+  if (a.save) {
+    require(a.save_interval.has_value(), "--save-interval (with --save)");
+    require_positive(*a.save_interval, "--save-interval");
+  } else {
+    MOE_CHECK(!a.save_interval, "--save-interval needs --save (the directory to save to)");
+  }
+  if (a.exit_interval) require_positive(*a.exit_interval, "--exit-interval");
+
+  // ---- data
+  if (a.mock_data) {
+    MOE_CHECK(a.data_path.empty(), "--mock-data and --data-path cannot be used together");
+  } else {
+    MOE_CHECK(!a.data_path.empty(), "argument --data-path is required (or --mock-data)");
+    a.data_path_entries();
+    a.split_fractions();
+  }
+  require(a.tokenizer_type.has_value(), "--tokenizer-type");
+  const std::string& tokenizer = *a.tokenizer_type;
+  if (tokenizer == "NullTokenizer") {
+    require(a.vocab_size.has_value(), "--vocab-size (with --tokenizer-type NullTokenizer)");
+    require_positive(*a.vocab_size, "--vocab-size");
+  } else if (tokenizer == "GPT2BPETokenizer") {
+    require(a.vocab_file.has_value(), "--vocab-file (with --tokenizer-type GPT2BPETokenizer)");
+    require(a.merge_file.has_value(), "--merge-file (with --tokenizer-type GPT2BPETokenizer)");
+  } else {
+    MOE_CHECK(a.tokenizer_model.has_value(),
+              "argument --tokenizer-model is required with "
+              "--tokenizer-type ",
+              tokenizer);
+  }
+  if (!a.wandb_project.empty() || !a.wandb_exp_name.empty()) {
+    a.notes.push_back(
+        "--wandb-* arguments are accepted but moecore does not log to Weights & Biases; the "
+        "scalars go to the log, --tensorboard-dir and --log-file");
+  }
+}
+
+}  // namespace moe::train
