@@ -4,24 +4,50 @@
 
 #include <algorithm>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "tensor/grouped_gemm_internal.h"
 
 namespace moe {
 
+namespace {
+
+// C = alpha op(A) op(B) + beta C through BLAS, with the empty cases BLAS rejects or skips done
+// here: k == 0 still scales C by beta (0 means overwrite with zeros, even over NaN).
+template <class T>
+void blas_gemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, T alpha,
+               const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
+    return;
+  }
+  auto op_a = transpose_a ? CblasTrans : CblasNoTrans;
+  auto op_b = transpose_b ? CblasTrans : CblasNoTrans;
+  if constexpr (std::is_same_v<T, float>) {
+    cblas_sgemm(CblasRowMajor, op_a, op_b, int(m), int(n), int(k), alpha, a, int(lda), b, int(ldb),
+                beta, c, int(ldc));
+  } else {
+    cblas_dgemm(CblasRowMajor, op_a, op_b, int(m), int(n), int(k), alpha, a, int(lda), b, int(ldb),
+                beta, c, int(ldc));
+  }
+}
+
+}  // namespace
+
 void sgemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, float alpha,
            const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
            int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  if (k == 0) {  // BLAS may skip beta scaling when k == 0 on some builds: do it here
-    for (int64_t i = 0; i < m; ++i)
-      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == 0.0f ? 0.0f : beta * c[i * ldc + j];
-    return;
+  MOE_CHECK(m >= 0 && n >= 0 && k >= 0, "sgemm: negative size m=", m, " n=", n, " k=", k);
+  if (m > 0 && n > 0 && k > 0) {  // BLAS would only print a warning and return
+    int64_t a_row = transpose_a ? m : k, b_row = transpose_b ? k : n;
+    MOE_CHECK(lda >= a_row && ldb >= b_row && ldc >= n, "sgemm: leading dimensions lda=", lda,
+              " ldb=", ldb, " ldc=", ldc, " are shorter than the rows of a (", a_row, "), b (",
+              b_row, ") and c (", n, ")");
   }
-  cblas_sgemm(CblasRowMajor, transpose_a ? CblasTrans : CblasNoTrans,
-              transpose_b ? CblasTrans : CblasNoTrans, int(m), int(n), int(k), alpha, a, int(lda),
-              b, int(ldb), beta, c, int(ldc));
+  blas_gemm(transpose_a, transpose_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 void sgemm_reference(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k,
@@ -42,16 +68,16 @@ void sgemm_reference(bool transpose_a, bool transpose_b, int64_t m, int64_t n, i
 }
 
 GroupedGemmLayout::GroupedGemmLayout(const GroupedGemmArgs& args) {
-  MOE_CHECK(args.groups >= 0 && args.k >= 0 && args.n >= 0, "grouped_gemm: groups (",
-            args.groups, "), K (", args.k, ") and N (", args.n, ") must be non-negative");
+  MOE_CHECK(args.groups >= 0 && args.k >= 0 && args.n >= 0, "grouped_gemm: groups (", args.groups,
+            "), K (", args.k, ") and N (", args.n, ") must be non-negative");
   MOE_CHECK(args.groups == 0 || args.group_rows != nullptr, "grouped_gemm: group_rows is null");
   bool half_input = args.input_dtype == DType::BF16 || args.input_dtype == DType::F16;
   MOE_CHECK(args.input_dtype == DType::F32 || args.input_dtype == DType::F64 || half_input,
             "grouped_gemm: unsupported input dtype ", dtype_name(args.input_dtype));
-  MOE_CHECK(args.output_dtype == args.input_dtype ||
-                (half_input && args.output_dtype == DType::F32),
-            "grouped_gemm: output dtype ", dtype_name(args.output_dtype),
-            " is not allowed with input dtype ", dtype_name(args.input_dtype));
+  MOE_CHECK(
+      args.output_dtype == args.input_dtype || (half_input && args.output_dtype == DType::F32),
+      "grouped_gemm: output dtype ", dtype_name(args.output_dtype),
+      " is not allowed with input dtype ", dtype_name(args.input_dtype));
   row_offsets.resize(size_t(args.groups) + 1, 0);
   for (int64_t g = 0; g < args.groups; ++g) {
     MOE_CHECK(args.group_rows[g] >= 0, "grouped_gemm: group ", g, " has negative row count ",
@@ -94,8 +120,7 @@ const float* widen(DType dtype, const void* base, int64_t offset, int64_t count,
 
 }  // namespace
 
-void grouped_gemm_blas(const GroupedGemmArgs& args) {
-  GroupedGemmLayout layout(args);
+void grouped_gemm_blas(const GroupedGemmArgs& args, const GroupedGemmLayout& layout) {
   std::vector<float> a_scratch, b_scratch, c_scratch;
   for (int64_t g = 0; g < args.groups; ++g) {
     GroupProduct p = layout.product(args, g);
@@ -105,14 +130,9 @@ void grouped_gemm_blas(const GroupedGemmArgs& args) {
     int64_t b_count = (p.transpose_b ? p.n : p.k) * p.ldb;
     int64_t c_count = p.m * p.ldc;
     if (args.input_dtype == DType::F64) {
-      cblas_dgemm(CblasRowMajor, p.transpose_a ? CblasTrans : CblasNoTrans,
-                  p.transpose_b ? CblasTrans : CblasNoTrans, int(p.m), int(p.n), int(p.k), 1.0,
-                  at<double>(args.a, p.a_offset), int(p.lda), at<double>(args.b, p.b_offset),
-                  int(p.ldb), args.accumulate ? 1.0 : 0.0,
-                  static_cast<double*>(args.c) + p.c_offset, int(p.ldc));
-      if (p.k == 0 && !args.accumulate) {
-        std::fill_n(static_cast<double*>(args.c) + p.c_offset, c_count, 0.0);
-      }
+      blas_gemm(p.transpose_a, p.transpose_b, p.m, p.n, p.k, 1.0, at<double>(args.a, p.a_offset),
+                p.lda, at<double>(args.b, p.b_offset), p.ldb, args.accumulate ? 1.0 : 0.0,
+                static_cast<double*>(args.c) + p.c_offset, p.ldc);
       continue;
     }
     const float* a = args.input_dtype == DType::F32
@@ -138,31 +158,75 @@ void grouped_gemm_blas(const GroupedGemmArgs& args) {
       convert_from_float(c_scratch.data(), static_cast<bf16*>(args.c) + p.c_offset,
                          size_t(c_count));
     } else {
-      convert_from_float(c_scratch.data(), static_cast<f16*>(args.c) + p.c_offset,
-                         size_t(c_count));
+      convert_from_float(c_scratch.data(), static_cast<f16*>(args.c) + p.c_offset, size_t(c_count));
     }
   }
 }
 
-void grouped_gemm(const GroupedGemmArgs& args) { grouped_gemm_blas(args); }
+const char* grouped_gemm_kernel_name(GroupedGemmKernel kernel) {
+  switch (kernel) {
+    case GroupedGemmKernel::kAuto:
+      return "auto";
+    case GroupedGemmKernel::kPerGroupBlas:
+      return "per_group_blas";
+  }
+  return "unknown";
+}
+
+bool grouped_gemm_kernel_available(GroupedGemmKernel kernel, DType input_dtype) {
+  bool supported_dtype = input_dtype == DType::F32 || input_dtype == DType::BF16 ||
+                         input_dtype == DType::F16 || input_dtype == DType::F64;
+  switch (kernel) {
+    case GroupedGemmKernel::kAuto:
+    case GroupedGemmKernel::kPerGroupBlas:
+      return supported_dtype;
+  }
+  return false;
+}
+
+void grouped_gemm(const GroupedGemmArgs& args, GroupedGemmKernel kernel) {
+  GroupedGemmLayout layout(args);  // validates args first, so their errors come before ours
+  MOE_CHECK(grouped_gemm_kernel_available(kernel, args.input_dtype), "grouped_gemm: kernel ",
+            grouped_gemm_kernel_name(kernel), " is not available for input dtype ",
+            dtype_name(args.input_dtype), " on this CPU");
+  grouped_gemm_blas(args, layout);
+}
+
+void grouped_gemm(const GroupedGemmArgs& args) {
+  grouped_gemm(args, GroupedGemmKernel::kAuto);
+}
 
 namespace {
 double load(DType dtype, const void* base, int64_t index) {
   switch (dtype) {
-    case DType::F32: return static_cast<const float*>(base)[index];
-    case DType::F64: return static_cast<const double*>(base)[index];
-    case DType::BF16: return bf16_to_float(static_cast<const bf16*>(base)[index]);
-    case DType::F16: return f16_to_float_portable(static_cast<const f16*>(base)[index]);
-    default: throw Error("grouped_gemm_reference: unsupported dtype");
+    case DType::F32:
+      return static_cast<const float*>(base)[index];
+    case DType::F64:
+      return static_cast<const double*>(base)[index];
+    case DType::BF16:
+      return bf16_to_float(static_cast<const bf16*>(base)[index]);
+    case DType::F16:
+      return f16_to_float_portable(static_cast<const f16*>(base)[index]);
+    default:
+      throw Error("grouped_gemm_reference: unsupported dtype");
   }
 }
 void store(DType dtype, void* base, int64_t index, double value) {
   switch (dtype) {
-    case DType::F32: static_cast<float*>(base)[index] = float(value); break;
-    case DType::F64: static_cast<double*>(base)[index] = value; break;
-    case DType::BF16: static_cast<bf16*>(base)[index] = float_to_bf16(float(value)); break;
-    case DType::F16: static_cast<f16*>(base)[index] = float_to_f16_portable(float(value)); break;
-    default: throw Error("grouped_gemm_reference: unsupported dtype");
+    case DType::F32:
+      static_cast<float*>(base)[index] = float(value);
+      break;
+    case DType::F64:
+      static_cast<double*>(base)[index] = value;
+      break;
+    case DType::BF16:
+      static_cast<bf16*>(base)[index] = float_to_bf16(float(value));
+      break;
+    case DType::F16:
+      static_cast<f16*>(base)[index] = float_to_f16_portable(float(value));
+      break;
+    default:
+      throw Error("grouped_gemm_reference: unsupported dtype");
   }
 }
 }  // namespace
@@ -195,35 +259,52 @@ double grouped_gemm_flops(std::span<const int64_t> group_rows, int64_t k, int64_
 
 void grouped_gemm(GemmForm form, const Tensor& a, const Tensor& b,
                   std::span<const int64_t> group_rows, Tensor& c, bool accumulate) {
-  const char* name = form == GemmForm::kForward     ? "grouped_gemm(forward)"
-                     : form == GemmForm::kGradInput ? "grouped_gemm(grad_input)"
-                                                    : "grouped_gemm(grad_weight)";
-  check_ndim(a, 2, detail::concat(name, " operand a"));
-  MOE_CHECK(a.dtype() == b.dtype(), name, ": operands have different dtypes, ",
-            dtype_name(a.dtype()), " ", shape_string(a.shape()), " and ", dtype_name(b.dtype()),
-            " ", shape_string(b.shape()));
+  struct Names {
+    const char *call, *a, *b, *c;
+  };
+  const Names names = form == GemmForm::kForward ? Names{"grouped_gemm(forward)", "x", "w", "y"}
+                      : form == GemmForm::kGradInput
+                          ? Names{"grouped_gemm(grad_input)", "dy", "w", "dx"}
+                          : Names{"grouped_gemm(grad_weight)", "x", "dy", "dw"};
+  // Every message names all three operands, so a mismatch shows both sides.
+  const std::string operands =
+      detail::concat(names.a, " ", shape_string(a.shape()), ", ", names.b, " ",
+                     shape_string(b.shape()), ", ", names.c, " ", shape_string(c.shape()));
   int64_t groups = int64_t(group_rows.size());
-  int64_t total_rows = std::accumulate(group_rows.begin(), group_rows.end(), int64_t(0));
-  MOE_CHECK(a.dim(0) == total_rows, name, ": group rows sum to ", total_rows,
-            " but operand a has shape ", shape_string(a.shape()));
+  int64_t total_rows = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    MOE_CHECK(group_rows[g] >= 0, names.call, ": group ", g, " has negative row count ",
+              group_rows[g]);
+    total_rows += group_rows[g];
+  }
+  bool grad_weight = form == GemmForm::kGradWeight;
+  MOE_CHECK(a.ndim() == 2 && b.ndim() == (grad_weight ? 2 : 3) && c.ndim() == (grad_weight ? 3 : 2),
+            names.call, ": expected ", names.a, " 2-d, ", names.b,
+            grad_weight ? " 2-d, " : " 3-d, ", names.c, grad_weight ? " 3-d" : " 2-d", "; got ",
+            operands);
+  MOE_CHECK(a.dtype() == b.dtype(), names.call, ": operands have different dtypes, ", names.a, " ",
+            dtype_name(a.dtype()), " and ", names.b, " ", dtype_name(b.dtype()));
+  MOE_CHECK(a.dim(0) == total_rows, names.call, ": group rows sum to ", total_rows, " but ",
+            operands);
   int64_t k, n;
-  if (form == GemmForm::kGradWeight) {
-    check_ndim(b, 2, detail::concat(name, " operand dy"));
+  Shape expected_c;
+  if (grad_weight) {
     k = a.dim(1);
     n = b.dim(1);
-    check_shape(b, {total_rows, n}, detail::concat(name, " dy"));
-    check_shape(c, {groups, k, n}, detail::concat(name, " dw"));
+    MOE_CHECK(b.dim(0) == total_rows, names.call, ": group rows sum to ", total_rows, " but ",
+              operands);
+    expected_c = {groups, k, n};
   } else {
-    check_ndim(b, 3, detail::concat(name, " weight"));
-    MOE_CHECK(b.dim(0) == groups, name, ": weight shape ", shape_string(b.shape()), " has ",
-              b.dim(0), " groups but ", groups, " group sizes were given");
     k = b.dim(1);
     n = b.dim(2);
-    int64_t in_cols = form == GemmForm::kForward ? k : n;
-    int64_t out_cols = form == GemmForm::kForward ? n : k;
-    check_shape(a, {total_rows, in_cols}, detail::concat(name, " input"));
-    check_shape(c, {total_rows, out_cols}, detail::concat(name, " output"));
+    MOE_CHECK(b.dim(0) == groups, names.call, ": ", groups, " group sizes given but ", operands);
+    int64_t inner = form == GemmForm::kForward ? k : n;
+    MOE_CHECK(a.dim(1) == inner, names.call, ": inner dimensions differ (", a.dim(1), " vs ", inner,
+              "): ", operands);
+    expected_c = {total_rows, form == GemmForm::kForward ? n : k};
   }
+  MOE_CHECK(c.shape() == expected_c, names.call, ": ", names.c, " should have shape ",
+            shape_string(expected_c), ": ", operands);
   GroupedGemmArgs args;
   args.form = form;
   args.groups = groups;

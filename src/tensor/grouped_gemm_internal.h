@@ -21,6 +21,6 @@ struct GroupedGemmLayout {
 };
 
 // The first implementation: one BLAS call per group (half inputs widened to fp32 first).
-void grouped_gemm_blas(const GroupedGemmArgs& args);
+void grouped_gemm_blas(const GroupedGemmArgs& args, const GroupedGemmLayout& layout);
 
 }  // namespace moe

@@ -20,7 +20,9 @@ void check_same(const Tensor& a, const Tensor& b, const char* what) {
             dtype_name(b.dtype()));
 }
 
-int64_t row_count(const Tensor& x) { return x.ndim() == 0 || x.dim(-1) == 0 ? 0 : x.numel() / x.dim(-1); }
+int64_t row_count(const Tensor& x) {
+  return x.ndim() == 0 || x.dim(-1) == 0 ? 0 : x.numel() / x.dim(-1);
+}
 
 template <class Op>
 void unary(const Tensor& x, Tensor& y, const char* what, Op op) {
@@ -86,11 +88,19 @@ void gelu_backward(const Tensor& x, const Tensor& dy, Tensor& dx) {
   });
 }
 
-void swiglu(const Tensor& x, Tensor& y) {
-  check_ndim(x, 2, "swiglu input");
-  MOE_CHECK(x.dim(1) % 2 == 0, "swiglu input: last dim must be even (gate | up), got shape ",
+namespace {
+// x [R, 2F] holds [gate | up]; returns F.
+int64_t check_gate_up(const Tensor& x, const char* what) {
+  check_ndim(x, 2, detail::concat(what, " input"));
+  MOE_CHECK(x.dim(1) % 2 == 0, what, " input: last dim must be even (gate | up), got shape ",
             shape_string(x.shape()));
-  int64_t rows = x.dim(0), width = x.dim(1) / 2;
+  return x.dim(1) / 2;
+}
+}  // namespace
+
+void swiglu(const Tensor& x, Tensor& y) {
+  int64_t width = check_gate_up(x, "swiglu");
+  int64_t rows = x.dim(0);
   check_shape(y, {rows, width}, "swiglu output");
   check_dtype(y, x.dtype(), "swiglu output");
   dispatch_floating(x.dtype(), "swiglu", [&](auto tag) {
@@ -110,8 +120,8 @@ void swiglu(const Tensor& x, Tensor& y) {
 }
 
 void swiglu_backward(const Tensor& x, const Tensor& dy, Tensor& dx) {
-  check_ndim(x, 2, "swiglu_backward input");
-  int64_t rows = x.dim(0), width = x.dim(1) / 2;
+  int64_t width = check_gate_up(x, "swiglu_backward");
+  int64_t rows = x.dim(0);
   check_shape(dy, {rows, width}, "swiglu_backward output gradient");
   check_same(x, dx, "swiglu_backward input gradient");
   check_dtype(dy, x.dtype(), "swiglu_backward output gradient");
@@ -187,7 +197,8 @@ void softmax_like_backward(const Tensor& y, const Tensor& dy, Tensor& dx, bool l
       const T* yr = out + r * width;
       const T* dyr = grad_out + r * width;
       C dot = 0;
-      for (int64_t j = 0; j < width; ++j) dot += log_space ? load(dyr[j]) : load(dyr[j]) * load(yr[j]);
+      for (int64_t j = 0; j < width; ++j)
+        dot += log_space ? load(dyr[j]) : load(dyr[j]) * load(yr[j]);
       for (int64_t j = 0; j < width; ++j) {
         C value = log_space ? load(dyr[j]) - std::exp(load(yr[j])) * dot
                             : load(yr[j]) * (load(dyr[j]) - dot);
@@ -199,7 +210,9 @@ void softmax_like_backward(const Tensor& y, const Tensor& dy, Tensor& dx, bool l
 
 }  // namespace
 
-void softmax_rows(const Tensor& x, Tensor& y) { softmax_like(x, y, false, "softmax_rows"); }
+void softmax_rows(const Tensor& x, Tensor& y) {
+  softmax_like(x, y, false, "softmax_rows");
+}
 void log_softmax_rows(const Tensor& x, Tensor& y) {
   softmax_like(x, y, true, "log_softmax_rows");
 }
@@ -239,7 +252,8 @@ void rmsnorm(const Tensor& x, const Tensor& weight, float eps, Tensor& y, Tensor
       for (int64_t j = 0; j < width; ++j) squares += load(row[j]) * load(row[j]);
       C scale_r = C(1) / std::sqrt(squares / C(width) + C(eps));
       inv[r] = float(scale_r);
-      for (int64_t j = 0; j < width; ++j) out[r * width + j] = store<T>(load(row[j]) * scale_r * w[j]);
+      for (int64_t j = 0; j < width; ++j)
+        out[r * width + j] = store<T>(load(row[j]) * scale_r * w[j]);
     }
   });
 }

@@ -45,6 +45,18 @@ struct GroupedGemmArgs {
 void grouped_gemm(const GroupedGemmArgs& args);
 void grouped_gemm_reference(const GroupedGemmArgs& args);
 
+// The implementations behind grouped_gemm, selectable so that tests cover each one and
+// benchmarks compare them. grouped_gemm(args) runs kAuto.
+enum class GroupedGemmKernel {
+  kAuto,          // the fastest one available for the dtype on this CPU
+  kPerGroupBlas,  // one OpenBLAS call per group (half inputs widened to fp32 first); any CPU
+};
+const char* grouped_gemm_kernel_name(GroupedGemmKernel kernel);
+// Whether `kernel` can run on this CPU for this input dtype.
+bool grouped_gemm_kernel_available(GroupedGemmKernel kernel, DType input_dtype);
+// Throws moe::Error naming the kernel when it is not available.
+void grouped_gemm(const GroupedGemmArgs& args, GroupedGemmKernel kernel);
+
 // Checked tensor forms. Shapes: see GemmForm; group_rows must sum to the stacked row count.
 // forward: x [R,K], w [G,K,N] -> y [R,N]; grad_input: dy [R,N], w -> dx [R,K];
 // grad_weight: x [R,K], dy [R,N] -> dw [G,K,N].
@@ -53,10 +65,8 @@ void grouped_gemm(GemmForm form, const Tensor& a, const Tensor& b,
 
 // Dense linear products on tensors (one group): y = x w, dx = dy w^T, dw (+)= x^T dy.
 void linear_forward(const Tensor& x, const Tensor& weight, Tensor& y, bool accumulate = false);
-void linear_grad_input(const Tensor& dy, const Tensor& weight, Tensor& dx,
-                       bool accumulate = false);
-void linear_grad_weight(const Tensor& x, const Tensor& dy, Tensor& dweight,
-                        bool accumulate = true);
+void linear_grad_input(const Tensor& dy, const Tensor& weight, Tensor& dx, bool accumulate = false);
+void linear_grad_weight(const Tensor& x, const Tensor& dy, Tensor& dweight, bool accumulate = true);
 
 // FLOPs of a grouped product (2 * sum(M_g) * K * N), for benchmarks.
 double grouped_gemm_flops(std::span<const int64_t> group_rows, int64_t k, int64_t n);

@@ -1,0 +1,306 @@
+// Kernel harness for moe/tensor/gemm.h: sgemm in all four transpose combinations against
+// sgemm_reference, and every grouped GEMM kernel in every form, dtype, output dtype and
+// accumulate mode against grouped_gemm_reference, on group sizes that include empty groups and
+// the awkward row counts; bad inputs and the text of their errors.
+#include <cmath>
+#include <limits>
+#include <string>
+#include <tuple>
+
+#include "kernel_harness.h"
+#include "moe/tensor/gemm.h"
+#include "support/testing.h"
+
+namespace moe {
+namespace {
+
+using testing::error_text;
+using testing::random_normal;
+using testing::tensors_close;
+
+const float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+// ---- sgemm ----
+
+class SgemmHarness : public ::testing::TestWithParam<std::tuple<bool, bool>> {};
+
+TEST_P(SgemmHarness, MatchesReferenceWithPaddedLeadingDimensions) {
+  auto [transpose_a, transpose_b] = GetParam();
+  struct Scaling {
+    float alpha, beta;
+  };
+  // beta == 0 must ignore C entirely, even NaN (outputs are often uninitialised).
+  const Scaling scalings[] = {{1.0f, 0.0f}, {-0.5f, 1.25f}};
+  const std::pair<int64_t, int64_t> widths[] = {{7, 1}, {33, 19}, {1, 130}, {16, 0}};
+  uint64_t seed = 1;
+  for (int64_t m : testing::kHarnessRows) {
+    for (auto [n, k] : widths) {
+      for (Scaling s : scalings) {
+        // Leading dimensions 3 past the row length, so strides are exercised.
+        int64_t a_rows = transpose_a ? k : m, a_cols = transpose_a ? m : k;
+        int64_t b_rows = transpose_b ? n : k, b_cols = transpose_b ? k : n;
+        Tensor a = random_normal({a_rows, a_cols + 3}, ++seed);
+        Tensor b = random_normal({b_rows, b_cols + 3}, ++seed);
+        Tensor c = random_normal({m, n + 3}, ++seed);
+        if (s.beta == 0.0f) c.fill(kNaN);
+        Tensor expected = c.clone();
+        sgemm(transpose_a, transpose_b, m, n, k, s.alpha, a.data<float>(), a_cols + 3,
+              b.data<float>(), b_cols + 3, s.beta, c.data<float>(), n + 3);
+        sgemm_reference(transpose_a, transpose_b, m, n, k, s.alpha, a.data<float>(), a_cols + 3,
+                        b.data<float>(), b_cols + 3, s.beta, expected.data<float>(), n + 3);
+        // Compare the m x n block only: the padding columns must stay as they were.
+        for (int64_t i = 0; i < m; ++i) {
+          Tensor row = c.rows(i, i + 1), expected_row = expected.rows(i, i + 1);
+          ASSERT_TRUE(tensors_close(row.reshape({n + 3}).to(DType::F32),
+                                    expected_row.reshape({n + 3}), 1e-4, 1e-5))
+              << "m=" << m << " n=" << n << " k=" << k << " alpha=" << s.alpha << " beta=" << s.beta
+              << " row " << i;
+        }
+      }
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Transposes, SgemmHarness,
+                         ::testing::Combine(::testing::Bool(), ::testing::Bool()),
+                         [](const ::testing::TestParamInfo<SgemmHarness::ParamType>& info) {
+                           return std::string(std::get<0>(info.param) ? "At" : "A") +
+                                  (std::get<1>(info.param) ? "Bt" : "B");
+                         });
+
+// ---- grouped GEMM ----
+
+struct GroupedCase {
+  std::vector<int64_t> group_rows;
+  int64_t k, n;
+};
+
+// Empty group lists, empty groups between full ones, the awkward row counts, widths of 1 and odd
+// widths, and one case large enough to cross every blocking boundary of the packed kernel.
+const std::vector<GroupedCase> kGroupedCases = {
+    {{}, 5, 7},
+    {{0}, 7, 5},
+    {{0, 0}, 3, 4},
+    {{1, 0, 5}, 17, 1},
+    {{17, 0, 129, 0}, 5, 33},
+    {{5, 1}, 1, 19},
+    {{129}, 37, 21},
+    {{3, 0, 290, 7}, 263, 270},
+};
+
+using GroupedParam = std::tuple<GemmForm, DType, bool, bool>;  // form, input, fp32 out, accumulate
+
+const char* form_name(GemmForm form) {
+  switch (form) {
+    case GemmForm::kForward:
+      return "forward";
+    case GemmForm::kGradInput:
+      return "grad_input";
+    case GemmForm::kGradWeight:
+      return "grad_weight";
+  }
+  return "?";
+}
+
+// Tolerance of a grouped product of depth `depth` on N(0, 1) data in the output dtype: fp32
+// accumulation error grows with depth; half outputs may differ by one unit in the last place.
+testing::Tolerance grouped_tolerance(DType output, int64_t depth) {
+  double accumulation = 2e-6 * double(depth + 1);
+  switch (output) {
+    case DType::F64:
+      return {1e-10, 1e-12};
+    case DType::F32:
+      return {accumulation, 1e-5};
+    case DType::BF16:
+      return {accumulation + 2e-3, 8e-3};
+    default:
+      return {accumulation + 1e-3, 2e-3};  // F16
+  }
+}
+
+// Every form x input dtype x allowed output dtype (fp32, or the input's own) x accumulate.
+std::vector<GroupedParam> grouped_params() {
+  std::vector<GroupedParam> params;
+  for (GemmForm form : {GemmForm::kForward, GemmForm::kGradInput, GemmForm::kGradWeight})
+    for (DType input : testing::kHarnessDtypes)
+      for (bool fp32_out : {false, true})
+        for (bool accumulate : {false, true})
+          if (!(fp32_out && (input == DType::F32 || input == DType::F64)))
+            params.emplace_back(form, input, fp32_out, accumulate);
+  return params;
+}
+
+class GroupedGemmHarness : public ::testing::TestWithParam<GroupedParam> {
+ protected:
+  GemmForm form() const { return std::get<0>(GetParam()); }
+  DType input() const { return std::get<1>(GetParam()); }
+  DType output() const { return std::get<2>(GetParam()) ? DType::F32 : input(); }
+  bool accumulate() const { return std::get<3>(GetParam()); }
+};
+
+// Operand shapes of one case: a, b and c as the GemmForm defines them.
+struct Operands {
+  Tensor a, b, c;
+};
+
+Operands make_operands(GemmForm form, const GroupedCase& gc, DType input, DType output,
+                       bool accumulate, uint64_t seed) {
+  int64_t rows = 0, groups = int64_t(gc.group_rows.size());
+  for (int64_t r : gc.group_rows) rows += r;
+  Operands o;
+  switch (form) {
+    case GemmForm::kForward:
+      o.a = random_normal({rows, gc.k}, seed, 1.0f, input);
+      o.b = random_normal({groups, gc.k, gc.n}, seed + 1, 1.0f, input);
+      o.c = random_normal({rows, gc.n}, seed + 2, 1.0f, output);
+      break;
+    case GemmForm::kGradInput:
+      o.a = random_normal({rows, gc.n}, seed, 1.0f, input);
+      o.b = random_normal({groups, gc.k, gc.n}, seed + 1, 1.0f, input);
+      o.c = random_normal({rows, gc.k}, seed + 2, 1.0f, output);
+      break;
+    case GemmForm::kGradWeight:
+      o.a = random_normal({rows, gc.k}, seed, 1.0f, input);
+      o.b = random_normal({rows, gc.n}, seed + 1, 1.0f, input);
+      o.c = random_normal({groups, gc.k, gc.n}, seed + 2, 1.0f, output);
+      break;
+  }
+  if (!accumulate) o.c.fill(kNaN);  // an overwriting product must not read c
+  return o;
+}
+
+GroupedGemmArgs args_for(GemmForm form, const GroupedCase& gc, Operands& o, bool accumulate) {
+  GroupedGemmArgs args;
+  args.form = form;
+  args.groups = int64_t(gc.group_rows.size());
+  args.group_rows = gc.group_rows.data();
+  args.k = gc.k;
+  args.n = gc.n;
+  args.input_dtype = o.a.dtype();
+  args.output_dtype = o.c.dtype();
+  args.a = o.a.raw();
+  args.b = o.b.raw();
+  args.c = o.c.raw();
+  args.accumulate = accumulate;
+  return args;
+}
+
+const GroupedGemmKernel kAllKernels[] = {GroupedGemmKernel::kAuto,
+                                         GroupedGemmKernel::kPerGroupBlas};
+
+TEST_P(GroupedGemmHarness, EveryKernelMatchesReference) {
+  uint64_t seed = 100;
+  for (const GroupedCase& gc : kGroupedCases) {
+    seed += 10;
+    Operands expected = make_operands(form(), gc, input(), output(), accumulate(), seed);
+    GroupedGemmArgs expected_args = args_for(form(), gc, expected, accumulate());
+    grouped_gemm_reference(expected_args);
+    int64_t rows = expected.a.dim(0);
+    int64_t depth = form() == GemmForm::kForward     ? gc.k
+                    : form() == GemmForm::kGradInput ? gc.n
+                                                     : rows;
+    testing::Tolerance tol = grouped_tolerance(output(), depth);
+    for (GroupedGemmKernel kernel : kAllKernels) {
+      if (!grouped_gemm_kernel_available(kernel, input())) continue;
+      Operands actual = make_operands(form(), gc, input(), output(), accumulate(), seed);
+      grouped_gemm(args_for(form(), gc, actual, accumulate()), kernel);
+      EXPECT_TRUE(tensors_close(actual.c, expected.c, tol.atol, tol.rtol))
+          << grouped_gemm_kernel_name(kernel) << " on groups of " << shape_string(gc.group_rows)
+          << ", K=" << gc.k << ", N=" << gc.n;
+    }
+  }
+}
+
+TEST_P(GroupedGemmHarness, TensorFormMatchesArgsForm) {
+  GroupedCase gc{{4, 0, 9}, 6, 11};
+  Operands via_args = make_operands(form(), gc, input(), output(), accumulate(), 7);
+  Operands via_tensors = make_operands(form(), gc, input(), output(), accumulate(), 7);
+  grouped_gemm(args_for(form(), gc, via_args, accumulate()));
+  grouped_gemm(form(), via_tensors.a, via_tensors.b, gc.group_rows, via_tensors.c, accumulate());
+  EXPECT_TRUE(tensors_close(via_tensors.c, via_args.c, 0, 0));
+}
+
+INSTANTIATE_TEST_SUITE_P(AllForms, GroupedGemmHarness, ::testing::ValuesIn(grouped_params()),
+                         [](const ::testing::TestParamInfo<GroupedParam>& info) {
+                           const GroupedParam& p = info.param;
+                           return std::string(form_name(std::get<0>(p))) + "_" +
+                                  testing::dtype_label(std::get<1>(p)) +
+                                  (std::get<2>(p) ? "_to_fp32" : "_to_same") +
+                                  (std::get<3>(p) ? "_accumulate" : "_overwrite");
+                         });
+
+TEST(LinearProducts, AreOneGroupOfTheGroupedForms) {
+  Tensor x = random_normal({5, 3}, 1), w = random_normal({3, 4}, 2), dy = random_normal({5, 4}, 3);
+  Tensor y({5, 4}), dx({5, 3}), dw = random_normal({3, 4}, 4);
+  Tensor dw_start = dw.clone();
+  linear_forward(x, w, y);
+  linear_grad_input(dy, w, dx);
+  linear_grad_weight(x, dy, dw);  // accumulates by default
+  Tensor y_ref({5, 4}), dx_ref({5, 3}), dw_ref = dw_start.clone();
+  sgemm_reference(false, false, 5, 4, 3, 1.0f, x.data<float>(), 3, w.data<float>(), 4, 0.0f,
+                  y_ref.data<float>(), 4);
+  sgemm_reference(false, true, 5, 3, 4, 1.0f, dy.data<float>(), 4, w.data<float>(), 4, 0.0f,
+                  dx_ref.data<float>(), 3);
+  sgemm_reference(true, false, 3, 4, 5, 1.0f, x.data<float>(), 3, dy.data<float>(), 4, 1.0f,
+                  dw_ref.data<float>(), 4);
+  EXPECT_TENSORS_CLOSE(y, y_ref, 1e-5, 1e-5);
+  EXPECT_TENSORS_CLOSE(dx, dx_ref, 1e-5, 1e-5);
+  EXPECT_TENSORS_CLOSE(dw, dw_ref, 1e-5, 1e-5);
+}
+
+TEST(GroupedGemmFlops, CountsTwoFlopsPerMultiplyAdd) {
+  int64_t rows[] = {3, 0, 5};
+  EXPECT_EQ(grouped_gemm_flops(rows, 7, 11), 2.0 * 8 * 7 * 11);
+}
+
+// ---- Bad inputs ----
+
+TEST(GroupedGemmErrors, MessagesNameEveryOperandShape) {
+  std::vector<int64_t> rows = {4, 6};
+  Tensor x({10, 8}), w({2, 7, 5}), y({10, 5});
+  EXPECT_EQ(error_text([&] { grouped_gemm(GemmForm::kForward, x, w, rows, y, false); }),
+            "grouped_gemm(forward): inner dimensions differ (8 vs 7): x [10, 8], w [2, 7, 5], "
+            "y [10, 5]");
+  Tensor w_ok({2, 8, 5}), y_bad({10, 4});
+  EXPECT_EQ(error_text([&] { grouped_gemm(GemmForm::kForward, x, w_ok, rows, y_bad, false); }),
+            "grouped_gemm(forward): y should have shape [10, 5]: x [10, 8], w [2, 8, 5], "
+            "y [10, 4]");
+  std::vector<int64_t> short_rows = {4, 5};
+  EXPECT_EQ(error_text([&] { grouped_gemm(GemmForm::kForward, x, w_ok, short_rows, y, false); }),
+            "grouped_gemm(forward): group rows sum to 9 but x [10, 8], w [2, 8, 5], y [10, 5]");
+  std::vector<int64_t> three_groups = {4, 6, 0};
+  EXPECT_EQ(error_text([&] { grouped_gemm(GemmForm::kForward, x, w_ok, three_groups, y, false); }),
+            "grouped_gemm(forward): 3 group sizes given but x [10, 8], w [2, 8, 5], y [10, 5]");
+  std::vector<int64_t> negative = {13, -3};
+  EXPECT_EQ(error_text([&] { grouped_gemm(GemmForm::kForward, x, w_ok, negative, y, false); }),
+            "grouped_gemm(forward): group 1 has negative row count -3");
+  Tensor dy({10, 5}), dx({10, 7});
+  EXPECT_EQ(error_text([&] { grouped_gemm(GemmForm::kGradInput, dy, w_ok, rows, dx, false); }),
+            "grouped_gemm(grad_input): dx should have shape [10, 8]: dy [10, 5], w [2, 8, 5], "
+            "dx [10, 7]");
+  Tensor dy_short({9, 5}), dw({2, 8, 5});
+  EXPECT_EQ(error_text([&] { grouped_gemm(GemmForm::kGradWeight, x, dy_short, rows, dw, true); }),
+            "grouped_gemm(grad_weight): group rows sum to 10 but x [10, 8], dy [9, 5], "
+            "dw [2, 8, 5]");
+  Tensor w16({2, 8, 5}, DType::F16);
+  EXPECT_EQ(error_text([&] { grouped_gemm(GemmForm::kForward, x, w16, rows, y, false); }),
+            "grouped_gemm(forward): operands have different dtypes, x fp32 and w fp16");
+  Tensor xb({10, 8}, DType::BF16), wb({2, 8, 5}, DType::BF16), y16({10, 5}, DType::F16);
+  EXPECT_EQ(error_text([&] { grouped_gemm(GemmForm::kForward, xb, wb, rows, y16, false); }),
+            "grouped_gemm: output dtype fp16 is not allowed with input dtype bf16");
+  Tensor xi({10, 8}, DType::I32), wi({2, 8, 5}, DType::I32), yi({10, 5}, DType::I32);
+  EXPECT_EQ(error_text([&] { grouped_gemm(GemmForm::kForward, xi, wi, rows, yi, false); }),
+            "grouped_gemm: unsupported input dtype int32");
+}
+
+TEST(SgemmErrors, ShortLeadingDimensionIsReported) {
+  std::vector<float> a(20), b(20), c(20);
+  EXPECT_EQ(error_text([&] {
+              sgemm(false, false, 4, 5, 3, 1.0f, a.data(), 2, b.data(), 5, 0.0f, c.data(), 5);
+            }),
+            "sgemm: leading dimensions lda=2 ldb=5 ldc=5 are shorter than the rows of a (3), b "
+            "(5) and c (5)");
+}
+
+}  // namespace
+}  // namespace moe
