@@ -16,6 +16,8 @@ using detail::concat;
 // Registers every supported argument on `app`, bound to the fields of `args`, under Megatron's
 // group titles (so --help reads like Megatron's).
 void register_arguments(CLI::App& app, TrainingArguments& a) {
+  // As argparse: a repeated argument keeps its last value.
+  app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   auto group = [&](const char* title, auto&& add) {
     app.option_defaults()->group(title);
     add();
@@ -245,7 +247,8 @@ void register_arguments(CLI::App& app, TrainingArguments& a) {
     app.add_option("--data-path", a.data_path,
                    "Dataset prefix(es) of .bin/.idx pairs, optionally weighted: "
                    "'prefix' or 'w1 prefix1 w2 prefix2 ...'.")
-        ->expected(1, -1);
+        ->expected(1, -1)
+        ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
     app.add_option("--split", a.split, "Comma-separated train,valid,test weights of the documents.")
         ->capture_default_str();
     app.add_flag("--mock-data", a.mock_data,

@@ -1,0 +1,346 @@
+// moe-train's argument parsing and validation: Megatron names and defaults, refusal of
+// unsupported and unknown arguments, and every cross-flag check, at chosen world sizes.
+#include "moe/train/arguments.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+namespace moe::train {
+namespace {
+
+using Args = std::vector<std::string>;
+
+// The seed's Mixtral 8x7B script (16 ranks), flags unchanged, with its shell variables filled.
+Args mixtral_seed_flags() {
+  return {
+      // MODEL_ARGS
+      "--use-mcore-models", "--disable-bias-linear", "--seq-length", "2048",
+      "--max-position-embeddings", "32768", "--num-layers", "32", "--hidden-size", "4096",
+      "--ffn-hidden-size", "14336", "--num-attention-heads", "32", "--init-method-std", "0.01",
+      "--attention-dropout", "0.0", "--hidden-dropout", "0.0", "--normalization", "RMSNorm",
+      "--position-embedding-type", "rope", "--swiglu", "--untie-embeddings-and-output-weights",
+      "--group-query-attention", "--num-query-groups", "8", "--no-masked-softmax-fusion",
+      "--no-position-embedding",
+      // MOE_ARGS
+      "--num-experts", "8", "--expert-model-parallel-size", "4", "--moe-router-load-balancing-type",
+      "aux_loss", "--moe-router-topk", "2", "--moe-aux-loss-coeff", "1e-2", "--moe-grouped-gemm",
+      // DATA_ARGS
+      "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", "/ckpt/tokenizer.model",
+      "--data-path", "/data/corpus_text_document", "--split", "99990,8,2",
+      // TRAINING_ARGS
+      "--micro-batch-size", "1", "--global-batch-size", "128", "--lr", "1e-4", "--train-iters",
+      "500000", "--lr-decay-iters", "320000", "--lr-decay-style", "cosine", "--min-lr", "1.0e-5",
+      "--weight-decay", "0.1", "--lr-warmup-iters", "500", "--clip-grad", "1.0", "--bf16",
+      // MODEL_PARALLEL_ARGS
+      "--tensor-model-parallel-size", "4", "--pipeline-model-parallel-size", "1",
+      "--sequence-parallel", "--use-distributed-optimizer",
+      // LOGGING_ARGS
+      "--log-interval", "1", "--save-interval", "10000", "--eval-interval", "1000", "--eval-iters",
+      "10", "--save", "/ckpt", "--load", "/ckpt", "--tensorboard-dir", "/ckpt/tensorboard",
+      "--no-load-optim", "--no-load-rng",
+      // with WANDB_API_KEY set
+      "--wandb-project", "Mixtral-Finetuning", "--wandb-exp-name", "Mixtral_8x7B"};
+}
+
+// A small valid job: 2 layers, hidden 64, 4 experts, mock data.
+Args small_flags() {
+  return {"--num-layers",
+          "2",
+          "--hidden-size",
+          "64",
+          "--num-attention-heads",
+          "4",
+          "--seq-length",
+          "32",
+          "--max-position-embeddings",
+          "32",
+          "--micro-batch-size",
+          "2",
+          "--train-iters",
+          "10",
+          "--lr",
+          "1e-3",
+          "--num-experts",
+          "4",
+          "--mock-data",
+          "--tokenizer-type",
+          "NullTokenizer",
+          "--vocab-size",
+          "100"};
+}
+
+Args with(Args base, const Args& extra) {
+  base.insert(base.end(), extra.begin(), extra.end());
+  return base;
+}
+
+TrainingArguments finalized(const Args& flags, int world_size) {
+  TrainingArguments args = parse_arguments(flags).args;
+  finalize_arguments(args, world_size);
+  return args;
+}
+
+// The message of the moe::Error that `action` throws (fails the test when it throws nothing).
+template <class Action>
+std::string error_of(Action&& action) {
+  try {
+    action();
+  } catch (const Error& error) {
+    return error.what();
+  }
+  ADD_FAILURE() << "expected a moe::Error";
+  return "";
+}
+std::string parse_error(const Args& flags) {
+  return error_of([&] { parse_arguments(flags); });
+}
+std::string validation_error(const Args& flags, int world_size) {
+  return error_of([&] { finalized(flags, world_size); });
+}
+
+TEST(Arguments, MixtralSeedScriptValidatesAtSixteenRanks) {
+  TrainingArguments a = finalized(mixtral_seed_flags(), 16);
+  EXPECT_EQ(a.data_parallel_size, 4);  // 16 / (tp 4 x pp 1)
+  EXPECT_EQ(*a.expert_tensor_parallel_size, 4);
+  EXPECT_EQ(a.expert_data_parallel_size, 1);  // 16 / (etp 4 x ep 4 x pp 1)
+  EXPECT_EQ(a.num_micro_batches, 32);         // 128 / (1 x 4)
+  EXPECT_EQ(*a.kv_channels, 128);
+  EXPECT_EQ(a.num_query_groups, 8);
+  EXPECT_EQ(*a.moe_ffn_hidden_size, 14336);
+  EXPECT_FALSE(a.add_bias_linear);
+  EXPECT_FALSE(a.add_position_embedding);
+  EXPECT_FALSE(a.masked_softmax_fusion);
+  EXPECT_TRUE(a.sequence_parallel && a.use_distributed_optimizer && a.bf16 && a.moe_grouped_gemm);
+  EXPECT_EQ(a.position_embedding_type, "rope");
+  EXPECT_EQ(a.normalization, "RMSNorm");
+  EXPECT_EQ(a.moe_layer_pattern, std::vector<bool>(32, true));
+  EXPECT_DOUBLE_EQ(a.moe_aux_loss_coeff, 1e-2);
+  EXPECT_EQ(*a.lr_decay_iters, 320000);
+  EXPECT_EQ(a.lr_decay_style, "cosine");
+  EXPECT_TRUE(a.no_load_optim && a.no_load_rng);
+  EXPECT_EQ(*a.tensorboard_dir, "/ckpt/tensorboard");
+  std::vector<double> split = a.split_fractions();
+  EXPECT_NEAR(split[0], 0.9999, 1e-12);
+  EXPECT_NEAR(split[2], 0.00002, 1e-12);
+  // The wandb flags are accepted and the user is told they do nothing.
+  EXPECT_TRUE(std::any_of(a.notes.begin(), a.notes.end(),
+                          [](const std::string& n) { return n.find("--wandb") == 0; }));
+}
+
+TEST(Arguments, MixtralSeedScriptRefusedAtWrongWorldSizes) {
+  EXPECT_EQ(validation_error(mixtral_seed_flags(), 8),
+            "world size (8) is not divisible by --expert-tensor-parallel-size (4) x "
+            "--expert-model-parallel-size (4) x --pipeline-model-parallel-size (1)");
+  EXPECT_EQ(validation_error(mixtral_seed_flags(), 6),
+            "world size (6) is not divisible by --tensor-model-parallel-size (4) x "
+            "--pipeline-model-parallel-size (1)");
+  // 48 ranks: dp 12 does not divide the global batch 128.
+  EXPECT_NE(validation_error(mixtral_seed_flags(), 48)
+                .find("--global-batch-size (128) is not divisible by --micro-batch-size (1) x "
+                      "data-parallel size (12"),
+            std::string::npos);
+}
+
+TEST(Arguments, MegatronDefaults) {
+  TrainingArguments a = finalized(small_flags(), 1);
+  EXPECT_EQ(*a.ffn_hidden_size, 256);  // 4 * hidden
+  EXPECT_EQ(*a.global_batch_size, 2);  // micro x dp
+  EXPECT_EQ(a.moe_router_topk, 2);
+  EXPECT_EQ(a.moe_router_load_balancing_type, "aux_loss");
+  EXPECT_EQ(a.moe_token_dispatcher_type, "allgather");
+  EXPECT_DOUBLE_EQ(a.moe_aux_loss_coeff, 0.0);
+  EXPECT_DOUBLE_EQ(a.weight_decay, 0.01);
+  EXPECT_DOUBLE_EQ(a.initial_loss_scale, 4294967296.0);
+  EXPECT_DOUBLE_EQ(a.hidden_dropout, 0.1);
+  EXPECT_EQ(a.seed, 1234);
+  EXPECT_EQ(a.log_interval, 100);
+  EXPECT_EQ(a.eval_interval, 1000);
+  EXPECT_EQ(a.eval_iters, 100);
+  EXPECT_EQ(a.lr_decay_style, "linear");
+  EXPECT_EQ(*a.lr_decay_iters, 10);  // train-iters
+  EXPECT_EQ(a.split, "969, 30, 1");
+  // Megatron's swiglu rule: the largest multiple of 64 not above 8/3 * hidden.
+  TrainingArguments swiglu = finalized(
+      with(small_flags(), {"--swiglu", "--hidden-size", "4096", "--num-attention-heads", "32"}), 1);
+  EXPECT_EQ(*swiglu.ffn_hidden_size, 10880);
+}
+
+TEST(Arguments, MoeLayerFrequency) {
+  TrainingArguments every_other =
+      finalized(with(small_flags(), {"--num-layers", "4", "--moe-layer-freq", "2"}), 1);
+  EXPECT_EQ(every_other.moe_layer_pattern, (std::vector<bool>{true, false, true, false}));
+  TrainingArguments listed =
+      finalized(with(small_flags(), {"--num-layers", "4", "--moe-layer-freq", "[0,1]*2"}), 1);
+  EXPECT_EQ(listed.moe_layer_pattern, (std::vector<bool>{false, true, false, true}));
+  EXPECT_EQ(validation_error(with(small_flags(), {"--moe-layer-freq", "[1,0,1]"}), 1),
+            "--moe-layer-freq '[1,0,1]': the list has 3 entries but --num-layers is 2 (expected "
+            "N, a list like [1,0,1,0], or [1,0]*2)");
+  EXPECT_NE(validation_error(with(small_flags(), {"--moe-layer-freq", "[1,2]"}), 1)
+                .find("entry '2' is not 0 or 1"),
+            std::string::npos);
+}
+
+TEST(Arguments, UnsupportedMegatronArgumentIsNamed) {
+  EXPECT_EQ(parse_error(with(small_flags(), {"--context-parallel-size", "2"})),
+            "argument --context-parallel-size is a Megatron-LM argument that moecore does not "
+            "support yet");
+  EXPECT_EQ(parse_error(with(small_flags(), {"--fp8-format=hybrid"})),
+            "argument --fp8-format is a Megatron-LM argument that moecore does not support yet");
+  EXPECT_EQ(parse_error({"--overlap-grad-reduce"}),
+            "argument --overlap-grad-reduce is a Megatron-LM argument that moecore does not "
+            "support yet");
+}
+
+TEST(Arguments, UnknownArgumentSuggestsClosest) {
+  EXPECT_EQ(parse_error(with(small_flags(), {"--num-layer", "2"})),
+            "unknown argument --num-layer; did you mean --num-layers?");
+  EXPECT_EQ(parse_error({"--moe-router-top-k", "2"}),
+            "unknown argument --moe-router-top-k; did you mean --moe-router-topk?");
+  EXPECT_EQ(parse_error({"--expert-parallel-size", "2"}),
+            "unknown argument --expert-parallel-size; did you mean --expert-model-parallel-size?");
+  EXPECT_EQ(parse_error({"--completely-unrelated-thing"}),
+            "unknown argument --completely-unrelated-thing; see moe-train --help for the "
+            "arguments");
+}
+
+TEST(Arguments, BadValuesAndStrayTokens) {
+  EXPECT_NE(parse_error({"--num-layers", "two"}).find("--num-layers"), std::string::npos);
+  EXPECT_NE(parse_error({"--normalization", "BatchNorm"}).find("--normalization"),
+            std::string::npos);
+  EXPECT_NE(parse_error({"--moe-token-dispatcher-type", "flex"}).find("flex"), std::string::npos);
+  EXPECT_EQ(parse_error({"--bf16", "true"}),
+            "unexpected value 'true': moe-train takes no positional arguments (presence flags "
+            "such as --bf16 take no value)");
+}
+
+TEST(Arguments, ConflictingAndNonDivisibleFlags) {
+  const Args base = small_flags();
+  EXPECT_EQ(validation_error(with(base, {"--fp16", "--bf16"}), 1),
+            "--fp16 and --bf16 cannot be used together");
+  EXPECT_EQ(validation_error(with(base, {"--tensor-model-parallel-size", "2",
+                                         "--num-attention-heads", "3", "--kv-channels", "16"}),
+                             2),
+            "--num-attention-heads (3) is not divisible by --tensor-model-parallel-size (2)");
+  EXPECT_EQ(
+      validation_error(with(base, {"--tensor-model-parallel-size", "4", "--group-query-attention",
+                                   "--num-query-groups", "2", "--sequence-parallel"}),
+                       4),
+      "--num-query-groups (2) is not divisible by --tensor-model-parallel-size (4)");
+  EXPECT_EQ(validation_error(with(base, {"--group-query-attention", "--num-query-groups", "3"}), 1),
+            "--num-attention-heads (4) is not divisible by --num-query-groups (3)");
+  EXPECT_EQ(validation_error(with(base, {"--expert-model-parallel-size", "3"}), 3),
+            "--num-experts (4) is not divisible by --expert-model-parallel-size (3)");
+  EXPECT_EQ(validation_error(with(base, {"--tensor-model-parallel-size", "2",
+                                         "--expert-model-parallel-size", "2"}),
+                             4),
+            "--expert-model-parallel-size (2) with --tensor-model-parallel-size (2) requires "
+            "--sequence-parallel (Megatron-Core: MoE with expert and tensor parallelism must use "
+            "sequence parallelism)");
+  EXPECT_EQ(validation_error(with(base, {"--pipeline-model-parallel-size", "2"}), 3),
+            "world size (3) is not divisible by --tensor-model-parallel-size (1) x "
+            "--pipeline-model-parallel-size (2)");
+  EXPECT_EQ(validation_error(with(base, {"--pipeline-model-parallel-size", "4"}), 4),
+            "--num-layers (2) is not divisible by --pipeline-model-parallel-size (4)");
+  EXPECT_EQ(validation_error(with(base, {"--global-batch-size", "6"}), 2),
+            "--global-batch-size (6) is not divisible by --micro-batch-size (2) x data-parallel "
+            "size (2 = world size 2 / (tp 1 x pp 1))");
+  EXPECT_EQ(validation_error(with(base, {"--moe-router-topk", "5"}), 1),
+            "--moe-router-topk (5) must be between 1 and --num-experts (4)");
+  EXPECT_EQ(validation_error({"--num-layers", "2"}, 1), "argument --hidden-size is required");
+  EXPECT_EQ(
+      validation_error(with(base, {"--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "2"}), 1),
+      "only one of --lr-warmup-fraction and --lr-warmup-iters may be given");
+  EXPECT_EQ(validation_error(with(base, {"--lr-warmup-iters", "10"}), 1),
+            "learning-rate warmup (10 iterations from --lr-warmup-iters/--lr-warmup-fraction) "
+            "must be shorter than --lr-decay-iters (10)");
+  EXPECT_EQ(validation_error(with(base, {"--save", "/tmp/x"}), 1),
+            "argument --save-interval (with --save) is required");
+  EXPECT_EQ(validation_error(with(base, {"--min-lr", "1"}), 1),
+            "--min-lr (1) must be <= --lr (0.001)");
+  EXPECT_EQ(validation_error(with(base, {"--no-position-embedding"}), 1),
+            "--no-position-embedding is only valid with --position-embedding-type rope; use "
+            "--position-embedding-type none to train without position information");
+  EXPECT_EQ(validation_error(with(base, {"--max-position-embeddings", "16"}), 1),
+            "--max-position-embeddings (16) must be >= --seq-length (32)");
+  EXPECT_EQ(validation_error(with(base, {"--moe-pad-expert-input-to-capacity"}), 1),
+            "--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor");
+  EXPECT_EQ(validation_error({"--num-layers",
+                              "2",
+                              "--hidden-size",
+                              "64",
+                              "--num-attention-heads",
+                              "4",
+                              "--seq-length",
+                              "8",
+                              "--micro-batch-size",
+                              "1",
+                              "--train-iters",
+                              "1",
+                              "--lr",
+                              "1",
+                              "--expert-model-parallel-size",
+                              "2",
+                              "--mock-data",
+                              "--tokenizer-type",
+                              "NullTokenizer",
+                              "--vocab-size",
+                              "10",
+                              "--position-embedding-type",
+                              "rope"},
+                             2),
+            "--expert-model-parallel-size (2) needs --num-experts");
+  EXPECT_EQ(validation_error(with(base, {"--data-path", "x"}), 1),
+            "--mock-data and --data-path cannot be used together");
+  EXPECT_EQ(validation_error(with(base, {"--tokenizer-type", "Llama2Tokenizer"}), 1),
+            "argument --tokenizer-model is required with --tokenizer-type Llama2Tokenizer");
+}
+
+TEST(Arguments, DataPathBlend) {
+  TrainingArguments a = parse_arguments({"--data-path", "0.3", "a", "0.7", "b"}).args;
+  auto entries = a.data_path_entries();
+  ASSERT_EQ(entries.size(), 2u);
+  EXPECT_DOUBLE_EQ(entries[1].weight, 0.7);
+  EXPECT_EQ(entries[1].prefix, "b");
+  a.data_path = {"a", "0.7"};
+  EXPECT_EQ(error_of([&] { a.data_path_entries(); }),
+            "--data-path: expected a weight before prefix '0.7' but got 'a'");
+  a.split = "90,x";
+  EXPECT_EQ(error_of([&] { a.split_fractions(); }),
+            "--split '90,x': 'x' is not a non-negative number");
+}
+
+TEST(Arguments, HelpIsGroupedLikeMegatron) {
+  ParseOutcome outcome = parse_arguments({"--help"});
+  ASSERT_TRUE(outcome.help_requested);
+  const std::string& help = outcome.help_text;
+  size_t network = help.find("network size:"), moe = help.find("moe:"),
+         layers = help.find("--num-layers"), topk = help.find("--moe-router-topk");
+  ASSERT_NE(network, std::string::npos);
+  ASSERT_NE(moe, std::string::npos);
+  EXPECT_LT(network, layers);
+  EXPECT_LT(moe, topk);
+  EXPECT_LT(layers, moe);
+  EXPECT_NE(help.find("mixed precision:"), std::string::npos);
+}
+
+TEST(Arguments, SupportedNamesAreMegatronNames) {
+  const auto& megatron = megatron_argument_names();
+  EXPECT_TRUE(std::is_sorted(megatron.begin(), megatron.end()));
+  for (const std::string& name : supported_argument_names()) {
+    if (name == "--log-file" || name == "--help") continue;  // moecore's own
+    EXPECT_TRUE(std::binary_search(megatron.begin(), megatron.end(), name))
+        << name << " is not a Megatron-LM argument name";
+  }
+}
+
+TEST(Arguments, EditDistance) {
+  EXPECT_EQ(edit_distance("", "abc"), 3);
+  EXPECT_EQ(edit_distance("kitten", "sitting"), 3);
+  EXPECT_EQ(edit_distance("same", "same"), 0);
+}
+
+}  // namespace
+}  // namespace moe::train
