@@ -28,6 +28,7 @@ namespace moe {
 
 struct MoEContext {
   Shape input_shape;
+  DType dtype = DType::F32;
   bool training = true;
   RouterContext router;
   DispatchContext dispatch;

@@ -1,0 +1,66 @@
+#include "moe/moe/moe_layer.h"
+
+#include "moe/internal.h"
+
+namespace moe {
+namespace {
+
+std::unique_ptr<TokenDispatcher> local_if_null(std::unique_ptr<TokenDispatcher> dispatcher,
+                                               const MoEConfig& config) {
+  config.validate();
+  if (dispatcher) return dispatcher;
+  return std::make_unique<LocalTokenDispatcher>(config);
+}
+
+}  // namespace
+
+MoELayer::MoELayer(const MoEConfig& config, ParameterStore& store, const std::string& prefix,
+                   std::unique_ptr<TokenDispatcher> dispatcher, uint64_t jitter_seed)
+    : config_(config),
+      dispatcher_(local_if_null(std::move(dispatcher), config)),
+      router_(config, store, prefix + ".router", jitter_seed),
+      experts_(make_experts(config, store, prefix + ".experts", dispatcher_->placement())) {}
+
+void MoELayer::init_parameters(uint64_t seed, float std, float output_std) {
+  router_.init_parameters(seed, std);
+  experts_->init_parameters(seed, std, output_std);
+}
+
+Tensor MoELayer::forward(const Tensor& hidden, MoEContext& ctx, bool training) {
+  MOE_CHECK(hidden.ndim() == 2 || hidden.ndim() == 3, "MoELayer: input must be [T, H] or ",
+            "[S, B, H], got ", shape_string(hidden.shape()));
+  MOE_CHECK(hidden.dim(-1) == config_.hidden_size, "MoELayer: input ", shape_string(hidden.shape()),
+            " has hidden size ", hidden.dim(-1), " but hidden_size is ", config_.hidden_size);
+  ctx = MoEContext{};
+  ctx.input_shape = hidden.shape();
+  ctx.dtype = hidden.dtype();
+  ctx.training = training;
+  const Tensor tokens = hidden.reshape({-1, config_.hidden_size});
+  Routing routing = router_.forward(hidden, ctx.router, training);
+  Tensor rows = dispatcher_->dispatch(tokens, routing, ctx.dispatch);
+  Tensor expert_output = experts_->forward(rows, ctx.dispatch.tokens_per_local_expert, ctx.experts);
+  Tensor output = dispatcher_->combine(expert_output, ctx.dispatch);
+  ctx.has_saved_state = true;
+  return output.reshape(hidden.shape());
+}
+
+Tensor MoELayer::backward(MoEContext& ctx, const Tensor& grad_output, double aux_loss_grad_scale) {
+  MOE_CHECK(ctx.has_saved_state,
+            "MoELayer::backward: the context holds no forward state (forward not run, or "
+            "backward already consumed it)");
+  check_shape(grad_output, ctx.input_shape, "MoELayer::backward grad_output");
+  check_dtype(grad_output, ctx.dtype, "MoELayer::backward grad_output");
+  const Tensor grad_tokens = grad_output.reshape({-1, config_.hidden_size});
+  Tensor grad_probs = Tensor::empty(ctx.router.routing.probs.shape(),
+                                    internal::compute_dtype_for(grad_output.dtype()));
+  Tensor grad_expert_output = dispatcher_->combine_backward(grad_tokens, ctx.dispatch, grad_probs);
+  Tensor grad_rows = experts_->backward(ctx.experts, grad_expert_output);
+  grad_expert_output = Tensor();
+  Tensor grad_hidden =
+      dispatcher_->dispatch_backward(grad_rows, ctx.dispatch).reshape(ctx.input_shape);
+  router_.backward(ctx.router, grad_probs, grad_hidden, aux_loss_grad_scale);
+  ctx.has_saved_state = false;
+  return grad_hidden;
+}
+
+}  // namespace moe

@@ -1,0 +1,256 @@
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <numeric>
+#include <set>
+
+#include "moe/moe/permutation.h"
+#include "moe/moe/token_dispatcher.h"
+#include "moe/tensor/ops.h"
+#include "moe_test_util.h"
+#include "support/testing.h"
+
+namespace moe {
+namespace {
+
+// A routing of T tokens to topk distinct experts of E, drawn from seed; probs in (0.05, 1).
+Routing random_routing(int64_t T, int64_t E, int64_t K, uint64_t seed,
+                       DType prob_dtype = DType::F32) {
+  Rng rng(seed);
+  Routing routing;
+  routing.num_tokens = T;
+  routing.topk = K;
+  routing.experts = Tensor({T, K}, DType::I32);
+  routing.probs = Tensor({T, K}, prob_dtype);
+  std::vector<int32_t> ids(static_cast<size_t>(E));
+  for (int64_t t = 0; t < T; ++t) {
+    std::iota(ids.begin(), ids.end(), 0);
+    for (int64_t j = 0; j < K; ++j) {  // partial Fisher-Yates: K distinct experts
+      std::swap(ids[size_t(j)], ids[size_t(j + int64_t(rng.below(uint64_t(E - j))))]);
+      routing.experts.data<int32_t>()[t * K + j] = ids[size_t(j)];
+      routing.probs.set(t * K + j, rng.uniform(0.05f, 1.0f));
+    }
+  }
+  return routing;
+}
+
+void expect_same_plan(const DispatchPlan& a, const DispatchPlan& b) {
+  EXPECT_EQ(a.rows_per_expert, b.rows_per_expert);
+  EXPECT_EQ(a.row_of_slot, b.row_of_slot);
+  EXPECT_EQ(a.slot_of_row, b.slot_of_row);
+}
+
+TEST(Permutation, PlanMatchesReferenceOnAwkwardShapes) {
+  for (int64_t T : {0, 1, 5, 17, 129}) {
+    for (int64_t E : {1, 3, 8}) {
+      for (int64_t K : {1, 2, 3}) {
+        if (K > E) continue;
+        Routing routing = random_routing(T, E, K, uint64_t(T * 100 + E * 10 + K));
+        DispatchPlan plan = build_dispatch_plan(routing.experts, E, 0, E);
+        expect_same_plan(plan, reference::build_dispatch_plan(routing.experts, E, 0, E));
+        // Dropless: every slot gets a row and the rows sum to T * topk.
+        EXPECT_EQ(
+            std::accumulate(plan.rows_per_expert.begin(), plan.rows_per_expert.end(), int64_t(0)),
+            T * K);
+        // Inside each expert the rows follow token order.
+        int64_t row = 0;
+        for (int64_t e = 0; e < E; ++e) {
+          for (int64_t i = 1; i < plan.rows_per_expert[size_t(e)]; ++i) {
+            EXPECT_LT(plan.slot_of_row[size_t(row + i - 1)] / K,
+                      plan.slot_of_row[size_t(row + i)] / K);
+          }
+          for (int64_t i = 0; i < plan.rows_per_expert[size_t(e)]; ++i) {
+            EXPECT_EQ(routing.experts.get(plan.slot_of_row[size_t(row + i)]), float(e));
+          }
+          row += plan.rows_per_expert[size_t(e)];
+        }
+        // A subset of local experts.
+        if (E >= 3) {
+          expect_same_plan(build_dispatch_plan(routing.experts, E, 1, 2),
+                           reference::build_dispatch_plan(routing.experts, E, 1, 2));
+        }
+      }
+    }
+  }
+}
+
+TEST(Permutation, FusedKernelsMatchReference) {
+  for (DType dtype : {DType::F32, DType::BF16, DType::F64}) {
+    for (int64_t T : {0, 1, 5, 17, 129}) {
+      const int64_t E = 5, K = 2, H = 7;
+      DType wdt = dtype == DType::F64 ? DType::F64 : DType::F32;
+      Routing routing = random_routing(T, E, K, uint64_t(T + 3), wdt);
+      std::vector<uint8_t> keep(size_t(T * K), 1);
+      for (size_t i = 0; i < keep.size(); i += 3) keep[i] = 0;  // some dropped slots
+      int64_t pad = T;                                          // and padding rows
+      for (auto [plan_keep, plan_pad] :
+           {std::pair{std::vector<uint8_t>{}, int64_t(0)}, std::pair{keep, pad}}) {
+        DispatchPlan plan = build_dispatch_plan(routing.experts, E, 0, E, plan_keep, plan_pad);
+        int64_t R = plan.num_rows();
+        Tensor hidden = testing::random_normal({T, H}, 11, 1.0f, dtype);
+        Tensor rows = Tensor::full({R, H}, 7.0f, dtype), expected({R, H}, dtype);
+        for (const Tensor& weights : {Tensor(), routing.probs}) {
+          permute_rows(hidden, plan, weights, rows);
+          reference::permute_rows(hidden, plan, weights, expected);
+          EXPECT_TENSORS_CLOSE(rows, expected, 0, dtype == DType::BF16 ? 1e-2 : 1e-6);
+          Tensor out = Tensor::full({T, H}, 3.0f, dtype), out_expected({T, H}, dtype);
+          unpermute_rows(rows, plan, weights, out);
+          reference::unpermute_rows(rows, plan, weights, out_expected);
+          EXPECT_TENSORS_CLOSE(out, out_expected, 1e-6, dtype == DType::BF16 ? 1e-2 : 1e-5);
+        }
+        Tensor grad_out = testing::random_normal({T, H}, 12, 1.0f, dtype);
+        Tensor grad_rows = Tensor::full({R, H}, 5.0f, dtype), grad_rows_ref({R, H}, dtype);
+        Tensor grad_w = Tensor::full({T, K}, 9.0f, wdt), grad_w_ref({T, K}, wdt);
+        unpermute_rows_backward(rows, grad_out, plan, routing.probs, grad_rows, grad_w);
+        reference::unpermute_rows_backward(rows, grad_out, plan, routing.probs, grad_rows_ref,
+                                           grad_w_ref);
+        EXPECT_TENSORS_CLOSE(grad_rows, grad_rows_ref, 1e-6, dtype == DType::BF16 ? 1e-2 : 1e-6);
+        EXPECT_TENSORS_CLOSE(grad_w, grad_w_ref, 1e-5, dtype == DType::BF16 ? 1e-2 : 1e-5);
+      }
+    }
+  }
+}
+
+TEST(Permutation, RoundTripRestoresTokens) {
+  const int64_t T = 17, E = 4, K = 2, H = 3;
+  Routing routing = random_routing(T, E, K, 5);
+  DispatchPlan plan = build_dispatch_plan(routing.experts, E, 0, E);
+  Tensor hidden = testing::random_normal({T, H}, 1);
+  Tensor rows({plan.num_rows(), H}), back({T, H});
+  permute_rows(hidden, plan, Tensor(), rows);
+  unpermute_rows(rows, plan, Tensor(), back);
+  Tensor twice = hidden.clone();
+  scale(twice, float(K));  // every token comes back once per slot
+  EXPECT_TENSORS_CLOSE(back, twice, 1e-6, 1e-6);
+}
+
+TEST(Permutation, GradientsMatchFiniteDifferences) {
+  const int64_t T = 9, E = 3, K = 2, H = 4;
+  Routing routing = random_routing(T, E, K, 8, DType::F64);
+  std::vector<uint8_t> keep(size_t(T * K), 1);
+  keep[3] = 0;
+  DispatchPlan plan = build_dispatch_plan(routing.experts, E, 0, E, keep, 8);
+  Tensor rows = testing::random_normal({plan.num_rows(), H}, 2, 1.0f, DType::F64);
+  Tensor probe = testing::random_normal({T, H}, 3, 1.0f, DType::F64);
+  auto objective = [&] {
+    Tensor out({T, H}, DType::F64);
+    unpermute_rows(rows, plan, routing.probs, out);
+    return testing::dot(out, probe);
+  };
+  Tensor grad_rows({plan.num_rows(), H}, DType::F64), grad_w({T, K}, DType::F64);
+  unpermute_rows_backward(rows, probe, plan, routing.probs, grad_rows, grad_w);
+  testing::expect_gradient_matches(objective, rows, grad_rows, "rows");
+  testing::expect_gradient_matches(objective, routing.probs, grad_w, "probs");
+  EXPECT_EQ(grad_w.get(3), 0.0f);  // a dropped slot gets no gradient
+}
+
+TEST(Capacity, MegatronCapacityFormula) {
+  EXPECT_EQ(expert_capacity(4096, 2, 8, 1.0), 1024);
+  EXPECT_EQ(expert_capacity(10, 2, 3, 1.0), 7);  // ceil(20 / 3)
+  EXPECT_EQ(expert_capacity(10, 1, 4, 1.5), 4);  // ceil(3.75)
+  EXPECT_EQ(expert_capacity(0, 2, 4, 1.0), 0);
+  EXPECT_THROW(expert_capacity(10, 2, 4, 0.0), Error);
+}
+
+// Eight tokens all pick expert 0 first; capacity 3.
+Routing crowded_routing() {
+  Routing routing;
+  routing.num_tokens = 8;
+  routing.topk = 2;
+  routing.experts = Tensor({8, 2}, DType::I32);
+  routing.probs = Tensor({8, 2});
+  const float first_probs[8] = {0.5f, 0.9f, 0.6f, 0.9f, 0.7f, 0.55f, 0.8f, 0.6f};
+  for (int64_t t = 0; t < 8; ++t) {
+    routing.experts.data<int32_t>()[t * 2] = 0;
+    routing.experts.data<int32_t>()[t * 2 + 1] = int32_t(1 + t % 3);
+    routing.probs.set(t * 2, first_probs[t]);
+    routing.probs.set(t * 2 + 1, 1.0f - first_probs[t]);
+  }
+  return routing;
+}
+
+std::set<int64_t> kept_tokens_of_expert(const Routing& routing, const std::vector<uint8_t>& keep,
+                                        int32_t expert) {
+  std::set<int64_t> tokens;
+  for (int64_t s = 0; s < routing.experts.numel(); ++s) {
+    if (keep[size_t(s)] && routing.experts.data<int32_t>()[s] == expert) tokens.insert(s / 2);
+  }
+  return tokens;
+}
+
+TEST(Capacity, ProbsPolicyKeepsHighestWithLowerIndexWinningTies) {
+  Routing routing = crowded_routing();
+  auto keep = select_within_capacity(routing, 4, 3, TokenDropPolicy::kProbs);
+  // Expert 0's probs: 0.9 (t1), 0.9 (t3), 0.8 (t6) are the top three.
+  EXPECT_EQ(kept_tokens_of_expert(routing, keep, 0), (std::set<int64_t>{1, 3, 6}));
+  // Capacity 2: 0.9 (t1) and 0.9 (t3) tie with nothing; capacity 4 adds 0.7 (t4).
+  keep = select_within_capacity(routing, 4, 4, TokenDropPolicy::kProbs);
+  EXPECT_EQ(kept_tokens_of_expert(routing, keep, 0), (std::set<int64_t>{1, 3, 4, 6}));
+  // Capacity 5: 0.6 (t2) and 0.6 (t7) tie for the last place; the lower index wins.
+  keep = select_within_capacity(routing, 4, 5, TokenDropPolicy::kProbs);
+  EXPECT_EQ(kept_tokens_of_expert(routing, keep, 0), (std::set<int64_t>{1, 2, 3, 4, 6}));
+  // Experts under capacity keep everything.
+  EXPECT_EQ(kept_tokens_of_expert(routing, keep, 1), (std::set<int64_t>{0, 3, 6}));
+}
+
+TEST(Capacity, PositionPolicyKeepsEarliest) {
+  Routing routing = crowded_routing();
+  auto keep = select_within_capacity(routing, 4, 3, TokenDropPolicy::kPosition);
+  EXPECT_EQ(kept_tokens_of_expert(routing, keep, 0), (std::set<int64_t>{0, 1, 2}));
+}
+
+TEST(Capacity, DispatcherRespectsCapacityAndPads) {
+  MoEConfig config = testing::small_config(4, 4, 2, 3);
+  config.moe_expert_capacity_factor = 0.75;  // capacity ceil(8 * 2 / 4 * 0.75) = 3
+  Routing routing = crowded_routing();
+  CapacityDecision decision = decide_capacity(config, routing);
+  EXPECT_EQ(decision.pad_rows_to, 0);
+  DispatchPlan plan = build_dispatch_plan(routing.experts, 4, 0, 4, decision.keep);
+  for (int64_t rows : plan.rows_per_expert) EXPECT_LE(rows, 3);
+  EXPECT_EQ(plan.rows_per_expert[0], 3);
+
+  config.moe_pad_expert_input_to_capacity = true;
+  decision = decide_capacity(config, routing);
+  EXPECT_EQ(decision.pad_rows_to, 3);
+  plan = build_dispatch_plan(routing.experts, 4, 0, 4, decision.keep, decision.pad_rows_to);
+  EXPECT_EQ(plan.rows_per_expert, (std::vector<int64_t>{3, 3, 3, 3}));
+  // Padding rows are zero and dropped slots have no row.
+  Tensor hidden = testing::random_normal({8, 4}, 4);
+  Tensor rows({plan.num_rows(), 4});
+  permute_rows(hidden, plan, Tensor(), rows);
+  for (int64_t r = 0; r < plan.num_rows(); ++r) {
+    if (plan.slot_of_row[size_t(r)] >= 0) continue;
+    for (int64_t h = 0; h < 4; ++h) EXPECT_EQ(rows.get(r * 4 + h), 0.0f);
+  }
+  int64_t dropped = std::count(plan.row_of_slot.begin(), plan.row_of_slot.end(), int64_t(-1));
+  EXPECT_EQ(dropped, 16 - int64_t(std::count(decision.keep.begin(), decision.keep.end(), 1)));
+}
+
+TEST(Permutation, BadInputsNameTheProblem) {
+  Tensor experts = Tensor::from_floats({0, 5}, {1, 2}).to(DType::I32);
+  try {
+    build_dispatch_plan(experts, 4, 0, 4);
+    ADD_FAILURE() << "accepted an expert id outside the range";
+  } catch (const Error& error) {
+    EXPECT_NE(std::string(error.what()).find("token 0 slot 1 names expert 5, outside [0, 4)"),
+              std::string::npos)
+        << error.what();
+  }
+  Routing routing = crowded_routing();
+  std::vector<uint8_t> keep(16, 1);
+  try {
+    build_dispatch_plan(routing.experts, 4, 0, 4, keep, 2);
+    ADD_FAILURE() << "accepted more rows than the padded size";
+  } catch (const Error& error) {
+    EXPECT_NE(
+        std::string(error.what()).find("expert 0 keeps 8 tokens, more than the padded size 2"),
+        std::string::npos)
+        << error.what();
+  }
+  DispatchPlan plan = build_dispatch_plan(routing.experts, 4, 0, 4);
+  Tensor hidden({7, 3}), rows({plan.num_rows(), 3});
+  EXPECT_THROW(permute_rows(hidden, plan, Tensor(), rows), Error);
+}
+
+}  // namespace
+}  // namespace moe
