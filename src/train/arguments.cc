@@ -67,9 +67,6 @@ void register_arguments(CLI::App& app, TrainingArguments& a) {
         ->capture_default_str();
     app.add_option("--rotary-base", a.rotary_base, "Base of the rotary position embedding.")
         ->capture_default_str();
-    app.add_option("--rotary-percent", a.rotary_percent,
-                   "Fraction of each head's dimensions that rotary embedding rotates.")
-        ->capture_default_str();
     app.add_flag_callback(
         "--use-rotary-position-embeddings", [&a] { a.position_embedding_type = "rope"; },
         "Deprecated alias of --position-embedding-type rope.");
@@ -597,8 +594,6 @@ void finalize_arguments(TrainingArguments& a, int world_size) {
   } else {
     a.max_position_embeddings = *a.seq_length;
   }
-  MOE_CHECK(a.rotary_percent > 0 && a.rotary_percent <= 1, "--rotary-percent (", a.rotary_percent,
-            ") must be in (0, 1]");
 
   // ---- MLP sizes
   if (!a.ffn_hidden_size) {

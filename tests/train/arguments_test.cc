@@ -216,86 +216,104 @@ TEST(Arguments, BadValuesAndStrayTokens) {
             "such as --bf16 take no value)");
 }
 
+// Each case: extra flags (on top of small_flags() unless `alone`), world size, exact message.
+struct ConflictCase {
+  Args flags;
+  int world_size;
+  std::string message;
+  bool alone = false;
+};
+
 TEST(Arguments, ConflictingAndNonDivisibleFlags) {
-  const Args base = small_flags();
-  EXPECT_EQ(validation_error(with(base, {"--fp16", "--bf16"}), 1),
-            "--fp16 and --bf16 cannot be used together");
-  EXPECT_EQ(validation_error(with(base, {"--tensor-model-parallel-size", "2",
-                                         "--num-attention-heads", "3", "--kv-channels", "16"}),
-                             2),
-            "--num-attention-heads (3) is not divisible by --tensor-model-parallel-size (2)");
-  EXPECT_EQ(
-      validation_error(with(base, {"--tensor-model-parallel-size", "4", "--group-query-attention",
-                                   "--num-query-groups", "2", "--sequence-parallel"}),
-                       4),
-      "--num-query-groups (2) is not divisible by --tensor-model-parallel-size (4)");
-  EXPECT_EQ(validation_error(with(base, {"--group-query-attention", "--num-query-groups", "3"}), 1),
-            "--num-attention-heads (4) is not divisible by --num-query-groups (3)");
-  EXPECT_EQ(validation_error(with(base, {"--expert-model-parallel-size", "3"}), 3),
-            "--num-experts (4) is not divisible by --expert-model-parallel-size (3)");
-  EXPECT_EQ(validation_error(with(base, {"--tensor-model-parallel-size", "2",
-                                         "--expert-model-parallel-size", "2"}),
-                             4),
-            "--expert-model-parallel-size (2) with --tensor-model-parallel-size (2) requires "
-            "--sequence-parallel (Megatron-Core: MoE with expert and tensor parallelism must use "
-            "sequence parallelism)");
-  EXPECT_EQ(validation_error(with(base, {"--pipeline-model-parallel-size", "2"}), 3),
-            "world size (3) is not divisible by --tensor-model-parallel-size (1) x "
-            "--pipeline-model-parallel-size (2)");
-  EXPECT_EQ(validation_error(with(base, {"--pipeline-model-parallel-size", "4"}), 4),
-            "--num-layers (2) is not divisible by --pipeline-model-parallel-size (4)");
-  EXPECT_EQ(validation_error(with(base, {"--global-batch-size", "6"}), 2),
-            "--global-batch-size (6) is not divisible by --micro-batch-size (2) x data-parallel "
-            "size (2 = world size 2 / (tp 1 x pp 1))");
-  EXPECT_EQ(validation_error(with(base, {"--moe-router-topk", "5"}), 1),
-            "--moe-router-topk (5) must be between 1 and --num-experts (4)");
-  EXPECT_EQ(validation_error({"--num-layers", "2"}, 1), "argument --hidden-size is required");
-  EXPECT_EQ(
-      validation_error(with(base, {"--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "2"}), 1),
-      "only one of --lr-warmup-fraction and --lr-warmup-iters may be given");
-  EXPECT_EQ(validation_error(with(base, {"--lr-warmup-iters", "10"}), 1),
-            "learning-rate warmup (10 iterations from --lr-warmup-iters/--lr-warmup-fraction) "
-            "must be shorter than --lr-decay-iters (10)");
-  EXPECT_EQ(validation_error(with(base, {"--save", "/tmp/x"}), 1),
-            "argument --save-interval (with --save) is required");
-  EXPECT_EQ(validation_error(with(base, {"--min-lr", "1"}), 1),
-            "--min-lr (1) must be <= --lr (0.001)");
-  EXPECT_EQ(validation_error(with(base, {"--no-position-embedding"}), 1),
-            "--no-position-embedding is only valid with --position-embedding-type rope; use "
-            "--position-embedding-type none to train without position information");
-  EXPECT_EQ(validation_error(with(base, {"--max-position-embeddings", "16"}), 1),
-            "--max-position-embeddings (16) must be >= --seq-length (32)");
-  EXPECT_EQ(validation_error(with(base, {"--moe-pad-expert-input-to-capacity"}), 1),
-            "--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor");
-  EXPECT_EQ(validation_error({"--num-layers",
-                              "2",
-                              "--hidden-size",
-                              "64",
-                              "--num-attention-heads",
-                              "4",
-                              "--seq-length",
-                              "8",
-                              "--micro-batch-size",
-                              "1",
-                              "--train-iters",
-                              "1",
-                              "--lr",
-                              "1",
-                              "--expert-model-parallel-size",
-                              "2",
-                              "--mock-data",
-                              "--tokenizer-type",
-                              "NullTokenizer",
-                              "--vocab-size",
-                              "10",
-                              "--position-embedding-type",
-                              "rope"},
-                             2),
-            "--expert-model-parallel-size (2) needs --num-experts");
-  EXPECT_EQ(validation_error(with(base, {"--data-path", "x"}), 1),
-            "--mock-data and --data-path cannot be used together");
-  EXPECT_EQ(validation_error(with(base, {"--tokenizer-type", "Llama2Tokenizer"}), 1),
-            "argument --tokenizer-model is required with --tokenizer-type Llama2Tokenizer");
+  const std::vector<ConflictCase> cases = {
+      {{"--fp16", "--bf16"}, 1, "--fp16 and --bf16 cannot be used together"},
+      {{"--tensor-model-parallel-size", "4", "--group-query-attention", "--num-query-groups", "2",
+        "--sequence-parallel"},
+       4,
+       "--num-query-groups (2) is not divisible by --tensor-model-parallel-size (4)"},
+      {{"--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "2"},
+       1,
+       "only one of --lr-warmup-fraction and --lr-warmup-iters may be given"},
+      {{"--tensor-model-parallel-size", "2", "--num-attention-heads", "3", "--kv-channels", "16"},
+       2,
+       "--num-attention-heads (3) is not divisible by --tensor-model-parallel-size (2)"},
+      {{"--group-query-attention", "--num-query-groups", "3"},
+       1,
+       "--num-attention-heads (4) is not divisible by --num-query-groups (3)"},
+      {{"--expert-model-parallel-size", "3"},
+       3,
+       "--num-experts (4) is not divisible by --expert-model-parallel-size (3)"},
+      {{"--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2"},
+       4,
+       "--expert-model-parallel-size (2) with --tensor-model-parallel-size (2) requires "
+       "--sequence-parallel (Megatron-Core: MoE with expert and tensor parallelism must use "
+       "sequence parallelism)"},
+      {{"--pipeline-model-parallel-size", "2"},
+       3,
+       "world size (3) is not divisible by --tensor-model-parallel-size (1) x "
+       "--pipeline-model-parallel-size (2)"},
+      {{"--pipeline-model-parallel-size", "4"},
+       4,
+       "--num-layers (2) is not divisible by --pipeline-model-parallel-size (4)"},
+      {{"--global-batch-size", "6"},
+       2,
+       "--global-batch-size (6) is not divisible by --micro-batch-size (2) x data-parallel "
+       "size (2 = world size 2 / (tp 1 x pp 1))"},
+      {{"--moe-router-topk", "5"},
+       1,
+       "--moe-router-topk (5) must be between 1 and --num-experts (4)"},
+      {{"--num-layers", "2"}, 1, "argument --hidden-size is required", true},
+      {{"--lr-warmup-iters", "10"},
+       1,
+       "learning-rate warmup (10 iterations from --lr-warmup-iters/--lr-warmup-fraction) "
+       "must be shorter than --lr-decay-iters (10)"},
+      {{"--save", "/tmp/x"}, 1, "argument --save-interval (with --save) is required"},
+      {{"--min-lr", "1"}, 1, "--min-lr (1) must be <= --lr (0.001)"},
+      {{"--no-position-embedding"},
+       1,
+       "--no-position-embedding is only valid with --position-embedding-type rope; use "
+       "--position-embedding-type none to train without position information"},
+      {{"--max-position-embeddings", "16"},
+       1,
+       "--max-position-embeddings (16) must be >= --seq-length (32)"},
+      {{"--moe-pad-expert-input-to-capacity"},
+       1,
+       "--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor"},
+      {{"--num-layers",
+        "2",
+        "--hidden-size",
+        "64",
+        "--num-attention-heads",
+        "4",
+        "--seq-length",
+        "8",
+        "--micro-batch-size",
+        "1",
+        "--train-iters",
+        "1",
+        "--lr",
+        "1",
+        "--expert-model-parallel-size",
+        "2",
+        "--mock-data",
+        "--tokenizer-type",
+        "NullTokenizer",
+        "--vocab-size",
+        "10",
+        "--position-embedding-type",
+        "rope"},
+       2,
+       "--expert-model-parallel-size (2) needs --num-experts",
+       true},
+      {{"--data-path", "x"}, 1, "--mock-data and --data-path cannot be used together"},
+      {{"--tokenizer-type", "Llama2Tokenizer"},
+       1,
+       "argument --tokenizer-model is required with --tokenizer-type Llama2Tokenizer"},
+  };
+  for (const ConflictCase& c : cases) {
+    EXPECT_EQ(validation_error(c.alone ? c.flags : with(small_flags(), c.flags), c.world_size),
+              c.message);
+  }
 }
 
 TEST(Arguments, DataPathBlend) {

@@ -36,7 +36,6 @@ struct TrainingArguments {
   std::optional<int> max_position_embeddings;
   std::string position_embedding_type = "learned_absolute";  // learned_absolute | rope | none
   int rotary_base = 10000;
-  double rotary_percent = 1.0;
   bool add_position_embedding = true;  // --no-position-embedding clears it
   int make_vocab_size_divisible_by = 128;
   std::string normalization = "LayerNorm";  // LayerNorm | RMSNorm
