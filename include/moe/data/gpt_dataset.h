@@ -78,6 +78,7 @@ class SampleSource {
  public:
   virtual ~SampleSource() = default;
   virtual int64_t size() const = 0;
+  virtual int64_t seq_length() const = 0;
   virtual int64_t text_length() const = 0;  // seq_length + add_extra_token_to_sequence
   virtual Split split() const = 0;
   // Writes sample `index` (0 <= index < size()) into out[text_length()]; positions past the end
@@ -93,6 +94,7 @@ class GPTDataset final : public SampleSource {
              const GPTDatasetConfig& config);
 
   int64_t size() const override { return int64_t(shuffle_index_.size()); }
+  int64_t seq_length() const override { return seq_length_; }
   int64_t text_length() const override { return seq_length_ + extra_token_; }
   Split split() const override { return split_; }
   void text(int64_t index, int64_t* out) const override;
@@ -127,6 +129,7 @@ class BlendedDataset final : public SampleSource {
                  std::vector<double> weights, std::optional<int64_t> size);
 
   int64_t size() const override { return int64_t(dataset_index_.size()); }
+  int64_t seq_length() const override { return datasets_.front()->seq_length(); }
   int64_t text_length() const override { return datasets_.front()->text_length(); }
   Split split() const override { return datasets_.front()->split(); }
   void text(int64_t index, int64_t* out) const override;

@@ -48,9 +48,9 @@ std::string index_file_path(const std::string& path_prefix);  // prefix + ".idx"
 std::string data_file_path(const std::string& path_prefix);   // prefix + ".bin"
 bool indexed_dataset_exists(const std::string& path_prefix);
 
-// A read-only, memory-mapped dataset. Opening validates the whole index (magic, version, dtype,
-// sizes, document indices, every sequence inside .bin), so reads afterwards cannot fault; any
-// problem throws moe::Error naming the file and what is wrong.
+// A read-only dataset whose .bin is memory-mapped. Opening validates the whole index (magic,
+// version, dtype, sizes, document indices, every sequence inside .bin), so reads afterwards cannot
+// fault; any problem throws moe::Error naming the file and what is wrong.
 class IndexedDataset {
  public:
   explicit IndexedDataset(std::string path_prefix);
@@ -79,14 +79,14 @@ class IndexedDataset {
  private:
   struct Mapping;
   std::string path_prefix_;
-  std::unique_ptr<Mapping> index_map_;
-  std::unique_ptr<Mapping> data_map_;
+  std::unique_ptr<Mapping> data_map_;  // the .bin file, mapped for the dataset's lifetime
   TokenDType dtype_ = TokenDType::I32;
   int64_t total_tokens_ = 0;
-  std::span<const int32_t> sequence_lengths_;
-  std::span<const int64_t> sequence_pointers_;
-  std::span<const int64_t> document_indices_;
-  std::span<const int8_t> sequence_modes_;
+  // Copied out of the mapped .idx: its arrays start at byte 34, unaligned for direct use.
+  std::vector<int32_t> sequence_lengths_;
+  std::vector<int64_t> sequence_pointers_;
+  std::vector<int64_t> document_indices_;
+  std::vector<int8_t> sequence_modes_;
 };
 
 // Writes a dataset the way Megatron's IndexedDatasetBuilder does. Tokens go to `prefix.bin.tmp`
