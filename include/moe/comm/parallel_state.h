@@ -4,6 +4,7 @@
 #pragma once
 
 #include <string>
+#include <vector>
 
 #include "moe/comm/process_group.h"
 
@@ -27,6 +28,9 @@ struct ParallelState {
   ProcessGroup world;
   ProcessGroup tp, pp, dp_group, dp_cp, cp_group, model_parallel, embedding;
   ProcessGroup ep_group, etp_group, expert_dp, tp_ep;
+  // Megatron's embedding group holds the first and last pipeline stage; ranks of middle stages
+  // are not in it (their `embedding` is a self group).
+  bool in_embedding_group = true;
 
   bool is_pipeline_first() const { return pp.rank() == 0; }
   bool is_pipeline_last() const { return pp.rank() == pp.size() - 1; }
@@ -37,6 +41,20 @@ struct ParallelState {
 ParallelState initialize_model_parallel(const ParallelSizes& sizes);
 // The same layout on one process: every group is the self group (sizes must all be 1).
 ParallelState single_process_state();
+
+// Every group of every kind as lists of world ranks (group rank i = list[i]), computed as
+// Megatron's RankGenerator does. Throws like initialize_model_parallel for sizes that do not
+// factor.
+struct RankLayout {
+  ParallelSizes sizes;
+  int world_size = 1;
+  int dp = 1;
+  int edp = 1;
+  using Groups = std::vector<std::vector<int>>;
+  Groups tp, pp, dp_group, dp_cp, cp_group, model_parallel, embedding;
+  Groups ep_group, etp_group, expert_dp, tp_ep;
+};
+RankLayout compute_rank_layout(int world_size, const ParallelSizes& sizes);
 
 // Rank tables for a world size, without MPI (for tests and --help output): one line per group
 // kind, each group as a list of world ranks.

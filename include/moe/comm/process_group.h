@@ -18,17 +18,31 @@
 
 namespace moe::comm {
 
-// Initialises MPI (once; safe if already initialised) and finalises it at process exit.
+// Initialises MPI (once; safe if already initialised, e.g. by mpirun's test main) and registers
+// an exit handler that finalises it, or, if a collective failed (timeout or MPI error), calls
+// MPI_Abort so that peers stuck in the failed exchange are brought down instead of hanging.
+// Programs should therefore not call MPI_Finalize themselves after a failure.
 void ensure_mpi_initialized(int* argc = nullptr, char*** argv = nullptr);
+// True once a collective on any group timed out or hit an MPI error in this process.
+bool communication_failed();
 
+namespace detail {
+struct GroupState;  // communicator and failure record shared by copies of a ProcessGroup
+struct GroupAccess;
+}  // namespace detail
+
+// A set of ranks that run collectives together. Copies share one communicator. Collectives are
+// called by one thread at a time. After a timeout or MPI error a group is unusable: every later
+// collective on it throws at once, naming the first failure.
 class ProcessGroup {
  public:
   // A group of one process (this one): collectives are copies. Works without mpirun.
   ProcessGroup();
   // All processes (MPI_COMM_WORLD).
   static ProcessGroup world();
-  // A subgroup of `parent` containing exactly `world_ranks` (this rank must be among them).
-  // Collective over `parent`: every rank of parent calls it with its own group's rank list.
+  // A subgroup of `parent` containing exactly `world_ranks` (this rank must be among them), group
+  // rank i being world_ranks[i]. Collective over `parent`: every rank of parent calls it with
+  // its own group's rank list; the lists are checked to partition parent consistently.
   static ProcessGroup from_ranks(const ProcessGroup& parent, std::vector<int> world_ranks,
                                  std::string name);
 
@@ -36,10 +50,12 @@ class ProcessGroup {
   int size() const { return size_; }
   const std::string& name() const { return name_; }
   const std::vector<int>& world_ranks() const { return world_ranks_; }  // ordered by group rank
+  // The MPI communicator (MPI_COMM_SELF for the self group; initialises MPI if needed).
   MPI_Comm handle() const;
 
  private:
-  std::shared_ptr<MPI_Comm> comm_;  // freed when the last copy goes
+  friend struct detail::GroupAccess;
+  std::shared_ptr<detail::GroupState> state_;  // freed when the last copy goes
   int rank_ = 0;
   int size_ = 1;
   std::string name_ = "self";
@@ -52,6 +68,13 @@ enum class ReduceOp { kSum, kMax };
 // hanging (default 300; env MOE_COLLECTIVE_TIMEOUT_S; 0 disables).
 void set_collective_timeout(double seconds);
 double collective_timeout();
+
+// Every collective first exchanges a small announcement (collective, dtype, sizes) with every
+// peer and checks that they agree, so a mismatch raises the same moe::Error on every rank before
+// any data moves (the group stays usable). Sums and maxima are taken in rank order 0..size-1 in
+// fp32 (fp64 for fp64, int64 for integers) and rounded once, so results are bitwise identical on
+// every rank and every run. User tags for send/recv must lie in [0, kMaxUserTag].
+constexpr int kMaxUserTag = 32765;
 
 // In place over the whole tensor.
 void all_reduce(Tensor& tensor, const ProcessGroup& group, ReduceOp op = ReduceOp::kSum);
