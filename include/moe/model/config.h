@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include "moe/moe/config.h"
+
 namespace moe::model {
 
 struct TransformerConfig {
@@ -16,13 +18,14 @@ struct TransformerConfig {
   int num_attention_heads = 4;
   int kv_channels = 0;  // 0: hidden_size / num_attention_heads
   bool group_query_attention = false;
-  int num_query_groups = 1;       // used only with group_query_attention (Megatron's default 1)
-  int64_t padded_vocab_size = 0;  // vocabulary rows (see padded_vocab_size() below)
-  int seq_length = 0;             // tokens per sequence; every micro-batch uses this length
+  int num_query_groups = 1;         // used only with group_query_attention (Megatron's default 1)
+  int64_t padded_vocab_size = 0;    // vocabulary rows (see padded_vocab_size() below)
+  int seq_length = 0;               // tokens per sequence; every micro-batch uses this length
+  int max_position_embeddings = 0;  // learned_absolute table rows; 0: seq_length
 
   std::string normalization = "LayerNorm";  // "LayerNorm" | "RMSNorm"
   float norm_epsilon = 1e-5f;
-  std::string position_embedding_type = "learned_absolute";  // "rope" | "none" (see validate)
+  std::string position_embedding_type = "learned_absolute";  // | "rope" | "none"
   float rotary_base = 10000.0f;
   bool swiglu = false;          // SwiGLU MLP (fc1 is [gate | up]); GeLU otherwise
   bool add_bias_linear = true;  // false with --disable-bias-linear
@@ -39,6 +42,10 @@ struct TransformerConfig {
   int num_experts = 0;
   int moe_layer_freq = 1;
   std::vector<int> moe_layer_pattern;
+  // Router, dispatcher and capacity settings of the MoE layers. Its hidden_size, num_experts,
+  // ffn_hidden_size, activation and add_bias_linear are overwritten from the fields above
+  // (moe.moe_ffn_hidden_size still sets the experts' own width).
+  MoEConfig moe;
 
   bool sequence_parallel = false;
   std::string recompute_granularity;  // "" (off) | "full": every layer recomputes in backward
@@ -52,6 +59,8 @@ struct TransformerConfig {
     return group_query_attention ? num_query_groups : num_attention_heads;
   }
   bool is_moe_layer(int layer) const;
+  // `moe` with the fields shared with this config filled in.
+  MoEConfig moe_config() const;
 };
 
 // Megatron's vocabulary padding: the smallest multiple of divisible_by * tp >= vocab_size.

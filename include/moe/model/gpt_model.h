@@ -18,12 +18,14 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "moe/comm/parallel_state.h"
 #include "moe/model/config.h"
+#include "moe/moe/token_dispatcher.h"
 #include "moe/tensor/parameters.h"
 #include "moe/tensor/tensor.h"
 
@@ -46,6 +48,11 @@ struct MoELossReport {
   double value = 0;
 };
 
+// Builds the token dispatcher of each MoE layer (expert parallelism). Without one the MoE layers
+// keep every expert on this rank (LocalTokenDispatcher), which needs ep = etp = 1.
+using DispatcherFactory = std::function<std::unique_ptr<TokenDispatcher>(
+    const MoEConfig& config, const comm::ParallelState& parallel, int layer)>;
+
 namespace detail {
 struct GPTContextState;
 }
@@ -62,6 +69,9 @@ class GPTContext {
   uint64_t dropout_seed = 0;
   // False: dropout is off (evaluation). Backward still works.
   bool training = true;
+  // d(objective)/d(each MoE aux and z loss), Megatron's MoEAuxLossAutoScaler scale. backward()
+  // sets it to its loss_grad; a pipeline calling backward_step on a middle stage sets it itself.
+  double moe_aux_loss_grad_scale = 1.0;
 
   // Filled by the forward of the last stage: mean loss over loss-mask tokens, and their count.
   double lm_loss = 0;
@@ -81,7 +91,8 @@ class GPTModel {
   // Declares this rank's parameters into `store` (which must not be allocated yet). Checks the
   // configuration against the layout (config.validate and the parallel sizes) first.
   GPTModel(const TransformerConfig& config, const comm::ParallelState& parallel,
-           ParameterStore& store, GPTStage stage = {});
+           ParameterStore& store, GPTStage stage = {},
+           DispatcherFactory dispatcher_factory = nullptr);
   ~GPTModel();
   GPTModel(const GPTModel&) = delete;
   GPTModel& operator=(const GPTModel&) = delete;

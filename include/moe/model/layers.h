@@ -142,6 +142,7 @@ class SelfAttention {
     Tensor context;  // [rows_full, n_local * d] in the activation dtype
     BatchShape shape;
     uint64_t dropout_key = 0;
+    float attention_dropout = 0;  // the probability forward used (0 when not training)
   };
   SelfAttention(ParameterStore& store, const std::string& prefix, const TransformerConfig& config,
                 const TensorParallel& tp);

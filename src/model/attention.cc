@@ -1,0 +1,418 @@
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "moe/model/layers.h"
+#include "moe/tensor/gemm.h"
+#include "tensor/dispatch.h"
+
+namespace moe::model {
+
+namespace {
+
+struct HeadDims {
+  int64_t batch, heads, groups, seq, dim;
+};
+
+HeadDims check_attention_inputs(const Tensor& q, const Tensor& k, const Tensor& v,
+                                const char* what) {
+  check_ndim(q, 4, detail::concat(what, " q"));
+  check_ndim(k, 4, detail::concat(what, " k"));
+  HeadDims d{q.dim(0), q.dim(1), k.dim(1), q.dim(2), q.dim(3)};
+  MOE_CHECK(q.dtype() == DType::F32 || q.dtype() == DType::F64, what,
+            ": q, k, v must be F32 or F64, got ", dtype_name(q.dtype()));
+  check_shape(k, {d.batch, d.groups, d.seq, d.dim}, detail::concat(what, " k"));
+  check_shape(v, k.shape(), detail::concat(what, " v"));
+  check_dtype(k, q.dtype(), detail::concat(what, " k"));
+  check_dtype(v, q.dtype(), detail::concat(what, " v"));
+  MOE_CHECK(d.groups >= 1 && d.heads % d.groups == 0, what, ": ", d.heads,
+            " query heads do not divide into ", d.groups, " key/value groups");
+  return d;
+}
+
+// One dense product through the grouped GEMM (fp32 or fp64); see GemmForm for the shapes.
+template <class C>
+void product(GemmForm form, int64_t rows, int64_t k, int64_t n, const C* a, const C* b, C* c,
+             bool accumulate) {
+  GroupedGemmArgs args;
+  args.form = form;
+  args.groups = 1;
+  args.group_rows = &rows;
+  args.k = k;
+  args.n = n;
+  args.input_dtype = args.output_dtype = std::is_same_v<C, double> ? DType::F64 : DType::F32;
+  args.a = a;
+  args.b = b;
+  args.c = c;
+  args.accumulate = accumulate;
+  grouped_gemm(args);
+}
+
+uint64_t mix64(uint64_t value) {
+  value += 0x9e3779b97f4a7c15ull;
+  value = (value ^ (value >> 30)) * 0xbf58476d1ce4e5b9ull;
+  value = (value ^ (value >> 27)) * 0x94d049bb133111ebull;
+  return value ^ (value >> 31);
+}
+
+// Dropout multipliers of one [s, s] probability block (0 or 1 / (1 - p)); empty when p = 0.
+// The same hash as apply_dropout, over the global element index.
+template <class C>
+std::vector<C> attention_dropout_mask(const AttentionDropout& dropout, const HeadDims& d, int64_t b,
+                                      int64_t head) {
+  if (dropout.p == 0) return {};
+  int64_t total_heads = dropout.total_heads > 0 ? dropout.total_heads : d.heads;
+  int64_t base = ((b * total_heads + dropout.head_offset + head) * d.seq) * d.seq;
+  uint32_t threshold = uint32_t(double(dropout.p) * double(1u << 24));
+  C keep = C(1) / (C(1) - C(dropout.p));
+  std::vector<C> mask(size_t(d.seq * d.seq));
+  for (int64_t i = 0; i < d.seq * d.seq; ++i) {
+    uint32_t draw = uint32_t(mix64(dropout.key ^ mix64(uint64_t(base + i))) >> 40);
+    mask[size_t(i)] = draw >= threshold ? keep : C(0);
+  }
+  return mask;
+}
+
+template <class C>
+void attention_forward_typed(const HeadDims& d, const C* q, const C* k, const C* v,
+                             const AttentionDropout& dropout, C* probs, C* context) {
+  int64_t heads_per_group = d.heads / d.groups;
+  C scale = C(1) / std::sqrt(C(d.dim));
+  int64_t s = d.seq, block = s * d.dim;
+#pragma omp parallel for schedule(dynamic)
+  for (int64_t bh = 0; bh < d.batch * d.heads; ++bh) {
+    int64_t b = bh / d.heads, h = bh % d.heads, g = h / heads_per_group;
+    const C* qh = q + bh * block;
+    const C* kg = k + (b * d.groups + g) * block;
+    const C* vg = v + (b * d.groups + g) * block;
+    C* p = probs + bh * s * s;
+    // scores = q k^T (the grad-input form: [s, d] x [s, d]^T).
+    product<C>(GemmForm::kGradInput, s, s, d.dim, qh, kg, p, false);
+    for (int64_t i = 0; i < s; ++i) {
+      C* row = p + i * s;
+      C max_score = row[0] * scale;
+      for (int64_t j = 1; j <= i; ++j) max_score = std::max(max_score, row[j] * scale);
+      C total = 0;
+      for (int64_t j = 0; j <= i; ++j) {
+        row[j] = std::exp(row[j] * scale - max_score);
+        total += row[j];
+      }
+      for (int64_t j = 0; j <= i; ++j) row[j] /= total;
+      std::fill(row + i + 1, row + s, C(0));  // causal: no attention to later positions
+    }
+    std::vector<C> mask = attention_dropout_mask<C>(dropout, d, b, h);
+    if (mask.empty()) {
+      product<C>(GemmForm::kForward, s, s, d.dim, p, vg, context + bh * block, false);
+    } else {
+      std::vector<C> dropped(size_t(s * s));
+      for (int64_t i = 0; i < s * s; ++i) dropped[size_t(i)] = p[i] * mask[size_t(i)];
+      product<C>(GemmForm::kForward, s, s, d.dim, dropped.data(), vg, context + bh * block, false);
+    }
+  }
+}
+
+template <class C>
+void attention_backward_typed(const HeadDims& d, const C* q, const C* k, const C* v, const C* probs,
+                              const AttentionDropout& dropout, const C* dcontext, C* dq, C* dk,
+                              C* dv) {
+  int64_t heads_per_group = d.heads / d.groups;
+  C scale = C(1) / std::sqrt(C(d.dim));
+  int64_t s = d.seq, block = s * d.dim;
+  // One task per key/value group: its heads add into the same dk, dv in a fixed order.
+#pragma omp parallel for schedule(dynamic)
+  for (int64_t bg = 0; bg < d.batch * d.groups; ++bg) {
+    int64_t b = bg / d.groups, g = bg % d.groups;
+    const C* kg = k + bg * block;
+    const C* vg = v + bg * block;
+    C* dkg = dk + bg * block;
+    C* dvg = dv + bg * block;
+    std::fill(dkg, dkg + block, C(0));
+    std::fill(dvg, dvg + block, C(0));
+    std::vector<C> dprobs(size_t(s * s)), dropped(size_t(s * s));
+    for (int64_t h = g * heads_per_group; h < (g + 1) * heads_per_group; ++h) {
+      int64_t bh = b * d.heads + h;
+      const C* p = probs + bh * s * s;
+      const C* dctx = dcontext + bh * block;
+      std::vector<C> mask = attention_dropout_mask<C>(dropout, d, b, h);
+      for (int64_t i = 0; i < s * s; ++i)
+        dropped[size_t(i)] = mask.empty() ? p[i] : p[i] * mask[size_t(i)];
+      // dv += dropped^T dcontext; d(dropped) = dcontext v^T.
+      product<C>(GemmForm::kGradWeight, s, s, d.dim, dropped.data(), dctx, dvg, true);
+      product<C>(GemmForm::kGradInput, s, s, d.dim, dctx, vg, dprobs.data(), false);
+      // Through dropout and softmax: dscore_ij = p_ij (dp_ij - sum_j' p_ij' dp_ij') * scale.
+      for (int64_t i = 0; i < s; ++i) {
+        C* row = dprobs.data() + i * s;
+        if (!mask.empty()) {
+          for (int64_t j = 0; j <= i; ++j) row[j] *= mask[size_t(i * s + j)];
+        }
+        C weighted = 0;
+        for (int64_t j = 0; j <= i; ++j) weighted += p[i * s + j] * row[j];
+        for (int64_t j = 0; j <= i; ++j) row[j] = p[i * s + j] * (row[j] - weighted) * scale;
+        std::fill(row + i + 1, row + s, C(0));
+      }
+      // dq = dscores k; dk += dscores^T q.
+      product<C>(GemmForm::kForward, s, s, d.dim, dprobs.data(), kg, dq + bh * block, false);
+      product<C>(GemmForm::kGradWeight, s, s, d.dim, dprobs.data(), q + bh * block, dkg, true);
+    }
+  }
+}
+
+// Moves head vectors between Megatron's row layout and head-major blocks, either way.
+// rows: [s * B + b] x (groups x [q_0 .. q_{n/g-1}, k, v] x d); q [B, n, S, d]; k, v [B, g, S, d].
+void move_qkv(Tensor& rows, Tensor& q, Tensor& k, Tensor& v, bool to_heads) {
+  int64_t B = q.dim(0), heads = q.dim(1), S = q.dim(2), d = q.dim(3), groups = k.dim(1);
+  int64_t per_group = heads / groups;
+  size_t head_bytes = size_t(d) * dtype_size(q.dtype());
+  auto move = [&](char* row_part, Tensor& heads_tensor, int64_t offset) {
+    char* head = static_cast<char*>(heads_tensor.raw()) + size_t(offset) * head_bytes;
+    if (to_heads) {
+      std::copy_n(row_part, head_bytes, head);
+    } else {
+      std::copy_n(head, head_bytes, row_part);
+    }
+  };
+  for (int64_t s = 0; s < S; ++s) {
+    for (int64_t b = 0; b < B; ++b) {
+      char* row = static_cast<char*>(rows.raw()) +
+                  size_t((s * B + b) * groups * (per_group + 2)) * head_bytes;
+      for (int64_t g = 0; g < groups; ++g) {
+        char* group = row + size_t(g * (per_group + 2)) * head_bytes;
+        for (int64_t j = 0; j < per_group; ++j) {
+          move(group + size_t(j) * head_bytes, q, (b * heads + g * per_group + j) * S + s);
+        }
+        move(group + size_t(per_group) * head_bytes, k, (b * groups + g) * S + s);
+        move(group + size_t(per_group + 1) * head_bytes, v, (b * groups + g) * S + s);
+      }
+    }
+  }
+}
+
+// rows [S * B, n * d] <-> heads [B, n, S, d], either way.
+void move_context(Tensor& rows, Tensor& heads, bool to_heads) {
+  int64_t B = heads.dim(0), n = heads.dim(1), S = heads.dim(2);
+  size_t head_bytes = size_t(heads.dim(3)) * dtype_size(heads.dtype());
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < n; ++h) {
+      for (int64_t s = 0; s < S; ++s) {
+        char* head = static_cast<char*>(heads.raw()) + size_t((b * n + h) * S + s) * head_bytes;
+        char* row = static_cast<char*>(rows.raw()) + size_t((s * B + b) * n + h) * head_bytes;
+        if (to_heads) {
+          std::copy_n(row, head_bytes, head);
+        } else {
+          std::copy_n(head, head_bytes, row);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void apply_rope(Tensor& x, float rotary_base, bool backward) {
+  check_ndim(x, 4, "rope input");
+  int64_t outer = x.dim(0) * x.dim(1), seq = x.dim(2), dim = x.dim(3), half = dim / 2;
+  MOE_CHECK(dim % 2 == 0, "rope needs an even head dimension, got ", dim);
+  // Angles in double: pos * base^(-2i/d), Megatron's inv_freq layout (pairs i, i + d/2).
+  std::vector<double> cosines(size_t(seq * half)), sines(size_t(seq * half));
+  for (int64_t pos = 0; pos < seq; ++pos) {
+    for (int64_t i = 0; i < half; ++i) {
+      double angle = double(pos) * std::pow(double(rotary_base), -double(2 * i) / double(dim));
+      cosines[size_t(pos * half + i)] = std::cos(angle);
+      sines[size_t(pos * half + i)] = backward ? -std::sin(angle) : std::sin(angle);
+    }
+  }
+  auto rotate = [&](auto* values) {
+    using C = std::remove_pointer_t<decltype(values)>;
+#pragma omp parallel for schedule(static) if (outer * seq * dim > 65536)
+    for (int64_t o = 0; o < outer; ++o) {
+      for (int64_t pos = 0; pos < seq; ++pos) {
+        C* head = values + (o * seq + pos) * dim;
+        for (int64_t i = 0; i < half; ++i) {
+          C c = C(cosines[size_t(pos * half + i)]), s = C(sines[size_t(pos * half + i)]);
+          C first = head[i], second = head[i + half];
+          head[i] = first * c - second * s;
+          head[i + half] = second * c + first * s;
+        }
+      }
+    }
+  };
+  if (x.dtype() == DType::F64) {
+    rotate(x.data<double>());
+  } else {
+    rotate(x.data<float>());
+  }
+}
+
+void causal_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
+                              const AttentionDropout& dropout, Tensor& probs_softmax,
+                              Tensor& context) {
+  HeadDims d = check_attention_inputs(q, k, v, "causal_attention_forward");
+  check_shape(probs_softmax, {d.batch, d.heads, d.seq, d.seq}, "attention probs");
+  check_shape(context, q.shape(), "attention context");
+  check_dtype(probs_softmax, q.dtype(), "attention probs");
+  check_dtype(context, q.dtype(), "attention context");
+  if (q.dtype() == DType::F64) {
+    attention_forward_typed<double>(d, q.data<double>(), k.data<double>(), v.data<double>(),
+                                    dropout, probs_softmax.data<double>(), context.data<double>());
+  } else {
+    attention_forward_typed<float>(d, q.data<float>(), k.data<float>(), v.data<float>(), dropout,
+                                   probs_softmax.data<float>(), context.data<float>());
+  }
+}
+
+void causal_attention_backward(const Tensor& q, const Tensor& k, const Tensor& v,
+                               const Tensor& probs_softmax, const AttentionDropout& dropout,
+                               const Tensor& dcontext, Tensor& dq, Tensor& dk, Tensor& dv) {
+  HeadDims d = check_attention_inputs(q, k, v, "causal_attention_backward");
+  check_shape(probs_softmax, {d.batch, d.heads, d.seq, d.seq}, "attention probs");
+  for (const Tensor* t : {&dcontext, static_cast<const Tensor*>(&dq)})
+    check_shape(*t, q.shape(), "attention gradient");
+  for (const Tensor* t : {static_cast<const Tensor*>(&dk), static_cast<const Tensor*>(&dv)})
+    check_shape(*t, k.shape(), "attention gradient");
+  for (const Tensor* t : {&probs_softmax, &dcontext, static_cast<const Tensor*>(&dq),
+                          static_cast<const Tensor*>(&dk), static_cast<const Tensor*>(&dv)}) {
+    check_dtype(*t, q.dtype(), "attention gradient");
+  }
+  if (q.dtype() == DType::F64) {
+    attention_backward_typed<double>(d, q.data<double>(), k.data<double>(), v.data<double>(),
+                                     probs_softmax.data<double>(), dropout, dcontext.data<double>(),
+                                     dq.data<double>(), dk.data<double>(), dv.data<double>());
+  } else {
+    attention_backward_typed<float>(d, q.data<float>(), k.data<float>(), v.data<float>(),
+                                    probs_softmax.data<float>(), dropout, dcontext.data<float>(),
+                                    dq.data<float>(), dk.data<float>(), dv.data<float>());
+  }
+}
+
+namespace reference {
+
+// Loops over every (query, key) pair with an explicit causal mask and double sums.
+void causal_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
+                              const AttentionDropout& dropout, Tensor& probs_softmax,
+                              Tensor& context) {
+  HeadDims d = check_attention_inputs(q, k, v, "reference::causal_attention_forward");
+  int64_t per_group = d.heads / d.groups;
+  double scale = 1.0 / std::sqrt(double(d.dim));
+  auto at = [&](int64_t b, int64_t h, int64_t heads, int64_t pos, int64_t c) {
+    return ((b * heads + h) * d.seq + pos) * d.dim + c;
+  };
+  for (int64_t b = 0; b < d.batch; ++b) {
+    for (int64_t h = 0; h < d.heads; ++h) {
+      int64_t g = h / per_group;
+      std::vector<double> mask = attention_dropout_mask<double>(dropout, d, b, h);
+      for (int64_t i = 0; i < d.seq; ++i) {
+        std::vector<double> weights(size_t(d.seq), 0.0);
+        double max_score = -INFINITY;
+        for (int64_t j = 0; j <= i; ++j) {
+          double score = 0;
+          for (int64_t c = 0; c < d.dim; ++c) {
+            score += double(q.get(at(b, h, d.heads, i, c))) * k.get(at(b, g, d.groups, j, c));
+          }
+          weights[size_t(j)] = score * scale;
+          max_score = std::max(max_score, weights[size_t(j)]);
+        }
+        double total = 0;
+        for (int64_t j = 0; j <= i; ++j) {
+          weights[size_t(j)] = std::exp(weights[size_t(j)] - max_score);
+          total += weights[size_t(j)];
+        }
+        int64_t row = ((b * d.heads + h) * d.seq + i) * d.seq;
+        for (int64_t j = 0; j < d.seq; ++j) {
+          weights[size_t(j)] = j <= i ? weights[size_t(j)] / total : 0.0;
+          probs_softmax.set(row + j, float(weights[size_t(j)]));
+        }
+        for (int64_t c = 0; c < d.dim; ++c) {
+          double value = 0;
+          for (int64_t j = 0; j <= i; ++j) {
+            double kept = mask.empty() ? 1.0 : mask[size_t(i * d.seq + j)];
+            value += weights[size_t(j)] * kept * v.get(at(b, g, d.groups, j, c));
+          }
+          context.set(at(b, h, d.heads, i, c), float(value));
+        }
+      }
+    }
+  }
+}
+
+}  // namespace reference
+
+SelfAttention::SelfAttention(ParameterStore& store, const std::string& prefix,
+                             const TransformerConfig& config, const TensorParallel& tp)
+    : tp_(tp),
+      heads_local_(divide_over_tp(config.num_attention_heads, tp.size(), "num_attention_heads")),
+      groups_local_(divide_over_tp(config.query_groups(), tp.size(), "num_query_groups")),
+      head_dim_(config.head_dim()),
+      rotary_base_(config.rotary_base),
+      attention_dropout_(config.attention_dropout),
+      rope_(config.position_embedding_type == "rope"),
+      qkv_(store, prefix + ".linear_qkv", config.hidden_size,
+           ColumnLayout{{config.query_groups(),
+                         config.num_attention_heads / config.query_groups() + 2, config.head_dim()},
+                        0},
+           config.add_bias_linear, tp),
+      proj_(store, prefix + ".linear_proj", int64_t(config.num_attention_heads) * config.head_dim(),
+            config.hidden_size, config.add_bias_linear, tp) {}
+
+Tensor SelfAttention::forward(const ParameterStore& store, const Tensor& x, BatchShape shape,
+                              uint64_t attention_dropout_key, bool training, Saved& saved) const {
+  saved.input = enter_tp_region(x, tp_);
+  saved.shape = shape;
+  saved.dropout_key = attention_dropout_key;
+  const Tensor& input = saved.input;
+  MOE_CHECK(input.dim(0) == shape.rows(), "attention input has ", input.dim(0),
+            " rows but the micro-batch has seq ", shape.seq, " x batch ", shape.batch);
+  Tensor mixed = qkv_.forward(store, input);  // [rows, groups_local * (per_group + 2) * d]
+  int64_t d = head_dim_, S = shape.seq, B = shape.batch;
+  DType compute = x.dtype() == DType::F64 ? DType::F64 : DType::F32;
+  Tensor mixed_c = mixed.to(compute);
+  saved.q = Tensor::empty({B, heads_local_, S, d}, compute);
+  saved.k = Tensor::empty({B, groups_local_, S, d}, compute);
+  saved.v = Tensor::empty({B, groups_local_, S, d}, compute);
+  move_qkv(mixed_c, saved.q, saved.k, saved.v, /*to_heads=*/true);
+  if (rope_) {
+    apply_rope(saved.q, rotary_base_, false);
+    apply_rope(saved.k, rotary_base_, false);
+  }
+  AttentionDropout dropout{training ? attention_dropout_ : 0.0f, attention_dropout_key,
+                           int64_t(tp_.rank()) * heads_local_, int64_t(tp_.size()) * heads_local_};
+  saved.probs = Tensor::empty({B, heads_local_, S, S}, compute);
+  Tensor context = Tensor::empty({B, heads_local_, S, d}, compute);
+  causal_attention_forward(saved.q, saved.k, saved.v, dropout, saved.probs, context);
+  saved.attention_dropout = dropout.p;
+  Tensor context_rows = Tensor::empty({S * B, heads_local_ * d}, compute);
+  move_context(context_rows, context, /*to_heads=*/false);
+  saved.context = context_rows.to(x.dtype());
+  Tensor out = leave_tp_region(proj_.forward_partial(store, saved.context), tp_);
+  proj_.add_bias(store, out);
+  return out;
+}
+
+Tensor SelfAttention::backward(const ParameterStore& store, const Saved& saved,
+                               const Tensor& dy) const {
+  proj_.backward_bias(store, dy);
+  Tensor dy_full = leave_tp_region_backward(dy, tp_);
+  Tensor dcontext_rows = proj_.backward(store, saved.context, dy_full);
+  int64_t per_group = heads_local_ / groups_local_, d = head_dim_, S = saved.shape.seq,
+          B = saved.shape.batch;
+  DType compute = saved.q.dtype();
+  Tensor dcontext_c = dcontext_rows.to(compute);
+  Tensor dcontext = Tensor::empty({B, heads_local_, S, d}, compute);
+  move_context(dcontext_c, dcontext, /*to_heads=*/true);
+  AttentionDropout dropout{saved.attention_dropout, saved.dropout_key,
+                           int64_t(tp_.rank()) * heads_local_, int64_t(tp_.size()) * heads_local_};
+  Tensor dq = Tensor::empty(saved.q.shape(), compute);
+  Tensor dk = Tensor::empty(saved.k.shape(), compute);
+  Tensor dv = Tensor::empty(saved.v.shape(), compute);
+  causal_attention_backward(saved.q, saved.k, saved.v, saved.probs, dropout, dcontext, dq, dk, dv);
+  if (rope_) {
+    apply_rope(dq, rotary_base_, true);
+    apply_rope(dk, rotary_base_, true);
+  }
+  Tensor dmixed_c = Tensor::empty({S * B, groups_local_ * (per_group + 2) * d}, compute);
+  move_qkv(dmixed_c, dq, dk, dv, /*to_heads=*/false);
+  Tensor dmixed = dmixed_c.to(saved.input.dtype());
+  return enter_tp_region_backward(qkv_.backward(store, saved.input, dmixed), tp_);
+}
+
+}  // namespace moe::model

@@ -1,0 +1,96 @@
+#include "moe/model/config.h"
+
+#include "moe/tensor/error.h"
+
+namespace moe::model {
+
+void TransformerConfig::validate(int tp) const {
+  MOE_CHECK(tp >= 1, "tensor_model_parallel_size (", tp, ") must be >= 1");
+  MOE_CHECK(num_layers >= 1, "num_layers (", num_layers, ") must be >= 1");
+  MOE_CHECK(hidden_size >= 1, "hidden_size (", hidden_size, ") must be >= 1");
+  MOE_CHECK(num_attention_heads >= 1, "num_attention_heads (", num_attention_heads,
+            ") must be >= 1");
+  MOE_CHECK(kv_channels > 0 || hidden_size % num_attention_heads == 0, "hidden_size (", hidden_size,
+            ") must be divisible by num_attention_heads (", num_attention_heads,
+            ") when kv_channels is not set");
+  MOE_CHECK(ffn_size() >= 1, "ffn_hidden_size (", ffn_hidden_size, ") must be >= 1");
+  MOE_CHECK(num_attention_heads % tp == 0, "num_attention_heads (", num_attention_heads,
+            ") must be divisible by tensor_model_parallel_size (", tp, ")");
+  if (group_query_attention) {
+    MOE_CHECK(num_query_groups >= 1 && num_attention_heads % num_query_groups == 0,
+              "num_attention_heads (", num_attention_heads,
+              ") must be divisible by num_query_groups (", num_query_groups, ")");
+    MOE_CHECK(num_query_groups % tp == 0, "num_query_groups (", num_query_groups,
+              ") must be divisible by tensor_model_parallel_size (", tp, ")");
+  }
+  MOE_CHECK(ffn_size() % tp == 0, "ffn_hidden_size (", ffn_size(),
+            ") must be divisible by tensor_model_parallel_size (", tp, ")");
+  MOE_CHECK(padded_vocab_size >= 1, "padded_vocab_size (", padded_vocab_size, ") must be >= 1");
+  MOE_CHECK(padded_vocab_size % tp == 0, "padded_vocab_size (", padded_vocab_size,
+            ") must be divisible by tensor_model_parallel_size (", tp, ")");
+  MOE_CHECK(seq_length >= 1, "seq_length (", seq_length, ") must be >= 1");
+  MOE_CHECK(!sequence_parallel || seq_length % tp == 0, "seq_length (", seq_length,
+            ") must be divisible by tensor_model_parallel_size (", tp, ") with sequence_parallel");
+  MOE_CHECK(normalization == "LayerNorm" || normalization == "RMSNorm", "normalization '",
+            normalization, "' is not supported (LayerNorm or RMSNorm)");
+  MOE_CHECK(norm_epsilon > 0, "norm_epsilon (", norm_epsilon, ") must be > 0");
+  MOE_CHECK(position_embedding_type == "learned_absolute" || position_embedding_type == "rope" ||
+                position_embedding_type == "none",
+            "position_embedding_type '", position_embedding_type,
+            "' is not supported (learned_absolute, rope or none)");
+  MOE_CHECK(position_embedding_type != "learned_absolute" || max_position_embeddings == 0 ||
+                max_position_embeddings >= seq_length,
+            "max_position_embeddings (", max_position_embeddings, ") must be >= seq_length (",
+            seq_length, ")");
+  MOE_CHECK(position_embedding_type != "rope" || head_dim() % 2 == 0,
+            "rope needs an even head dimension (kv_channels = ", head_dim(), ")");
+  MOE_CHECK(rotary_base > 0, "rotary_base (", rotary_base, ") must be > 0");
+  MOE_CHECK(hidden_dropout >= 0 && hidden_dropout < 1, "hidden_dropout (", hidden_dropout,
+            ") must be in [0, 1)");
+  MOE_CHECK(attention_dropout >= 0 && attention_dropout < 1, "attention_dropout (",
+            attention_dropout, ") must be in [0, 1)");
+  MOE_CHECK(init_method_std > 0, "init_method_std (", init_method_std, ") must be > 0");
+  MOE_CHECK(recompute_granularity.empty() || recompute_granularity == "full",
+            "recompute_granularity '", recompute_granularity,
+            "' is not supported (only 'full', or unset)");
+  MOE_CHECK(num_experts >= 0, "num_experts (", num_experts, ") must be >= 0");
+  if (num_experts > 0) {
+    MOE_CHECK(moe_layer_freq >= 1, "moe_layer_freq (", moe_layer_freq, ") must be >= 1");
+    if (!moe_layer_pattern.empty()) {
+      MOE_CHECK(int(moe_layer_pattern.size()) == num_layers, "moe_layer_freq pattern has ",
+                moe_layer_pattern.size(), " entries but num_layers is ", num_layers);
+      for (int flag : moe_layer_pattern) {
+        MOE_CHECK(flag == 0 || flag == 1, "moe_layer_freq pattern entries must be 0 or 1, got ",
+                  flag);
+      }
+    }
+    moe_config().validate();
+  }
+}
+
+bool TransformerConfig::is_moe_layer(int layer) const {
+  if (num_experts == 0) return false;
+  if (!moe_layer_pattern.empty()) return moe_layer_pattern.at(size_t(layer)) == 1;
+  return layer % moe_layer_freq == 0;
+}
+
+MoEConfig TransformerConfig::moe_config() const {
+  MoEConfig filled = moe;
+  filled.hidden_size = hidden_size;
+  filled.num_experts = num_experts;
+  filled.ffn_hidden_size = ffn_size();
+  filled.activation = swiglu ? ExpertActivation::kSwiGLU : ExpertActivation::kGeLU;
+  filled.add_bias_linear = add_bias_linear;
+  return filled;
+}
+
+int64_t padded_vocab_size(int64_t vocab_size, int64_t make_vocab_size_divisible_by, int tp) {
+  MOE_CHECK(vocab_size >= 1, "vocab size (", vocab_size, ") must be >= 1");
+  MOE_CHECK(make_vocab_size_divisible_by >= 1 && tp >= 1, "make_vocab_size_divisible_by (",
+            make_vocab_size_divisible_by, ") and tensor_model_parallel_size (", tp,
+            ") must be >= 1");
+  int64_t multiple = make_vocab_size_divisible_by * tp;
+  return (vocab_size + multiple - 1) / multiple * multiple;
+}
+
+}  // namespace moe::model
