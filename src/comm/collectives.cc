@@ -431,8 +431,8 @@ void send(const Tensor& tensor, int peer, int tag, const ProcessGroup& group) {
   std::copy(tensor.shape().begin(), tensor.shape().end(), values + 2);
   const std::string text = moe::detail::concat("send of ", tensor_text(values[0], tensor.shape()),
                                                " to rank ", peer, " with tag ", tag);
-  detail::exchange(call, {{peer, header.raw(), kHeaderValues}}, {}, sizeof(int64_t), "values", text,
-                   {header}, tag);
+  detail::exchange(call, {{peer, header.raw(), kHeaderValues}}, {}, sizeof(int64_t),
+                   "header values", text, {header}, tag);
   detail::exchange(call, {{peer, const_cast<void*>(tensor.raw()), tensor.numel()}}, {},
                    dtype_size(tensor.dtype()), "elements", text, {tensor}, tag);
 }
@@ -448,8 +448,8 @@ void recv(Tensor& tensor, int peer, int tag, const ProcessGroup& group) {
   const std::string text =
       moe::detail::concat("recv of ", expected, " from rank ", peer, " with tag ", tag);
   Tensor header({kHeaderValues}, DType::I64);
-  detail::exchange(call, {}, {{peer, header.raw(), kHeaderValues}}, sizeof(int64_t), "values", text,
-                   {header}, tag);
+  detail::exchange(call, {}, {{peer, header.raw(), kHeaderValues}}, sizeof(int64_t),
+                   "header values", text, {header}, tag);
   const int64_t* values = header.data<int64_t>();
   const int64_t dtype = values[0];
   const Shape shape(values + 2, values + 2 + std::clamp<int64_t>(values[1], 0, kMaxSendDims));

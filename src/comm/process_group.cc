@@ -1,6 +1,7 @@
 // MPI start-up and shut-down, the collective timeout setting, and ProcessGroup construction.
 #include <algorithm>
 #include <atomic>
+#include <cstdio>
 #include <cstdlib>
 #include <mutex>
 #include <set>
@@ -24,7 +25,12 @@ bool mpi_is_active() {
 // exchange and MPI_Finalize would wait for it forever, so abort the whole job instead.
 void shut_down_mpi() {
   if (!mpi_is_active()) return;
-  if (failure_recorded.load()) MPI_Abort(MPI_COMM_WORLD, 1);
+  if (failure_recorded.load()) {
+    std::fputs("moecore: a collective failed (see the error above); aborting the MPI job so that "
+               "no rank waits for it forever\n",
+               stderr);
+    MPI_Abort(MPI_COMM_WORLD, 1);
+  }
   MPI_Finalize();
 }
 

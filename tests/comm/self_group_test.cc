@@ -4,21 +4,14 @@
 
 #include <string>
 
+#include "error_text.h"
 #include "moe/comm/parallel_state.h"
 #include "support/testing.h"
 
 namespace moe::comm {
 namespace {
 
-template <class Body>
-std::string error_text(Body&& body) {
-  try {
-    body();
-  } catch (const Error& error) {
-    return error.what();
-  }
-  return "<no error>";
-}
+using moe::testing::error_text;
 
 class SelfGroup : public ::testing::TestWithParam<DType> {};
 
