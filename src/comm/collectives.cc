@@ -417,56 +417,80 @@ void check_point_to_point(const Tensor& tensor, int peer, int tag, const Process
 
 }  // namespace
 
-void send(const Tensor& tensor, int peer, int tag, const ProcessGroup& group) {
-  Call call("send", group);
+namespace {
+
+constexpr int kNoPeer = -1;
+
+// Sends `outgoing` to `send_peer` and receives into `incoming` from `recv_peer` (either side may
+// be absent: kNoPeer), headers first, then the data, each pair of messages posted together so that
+// two ranks exchanging with each other cannot deadlock.
+void point_to_point(const Call& call, const Tensor& outgoing, int send_peer, Tensor& incoming,
+                    int recv_peer, int tag) {
   try {
-    check_point_to_point(tensor, peer, tag, group);
+    if (send_peer != kNoPeer) check_point_to_point(outgoing, send_peer, tag, call.group());
+    if (recv_peer != kNoPeer) check_point_to_point(incoming, recv_peer, tag, call.group());
   } catch (const Error& error) {
     call.fail(error.what());
   }
-  Tensor header({kHeaderValues}, DType::I64);
-  int64_t* values = header.data<int64_t>();
-  values[0] = int64_t(tensor.dtype());
-  values[1] = tensor.ndim();
-  std::copy(tensor.shape().begin(), tensor.shape().end(), values + 2);
-  const std::string text = moe::detail::concat("send of ", tensor_text(values[0], tensor.shape()),
-                                               " to rank ", peer, " with tag ", tag);
-  detail::exchange(call, {{peer, header.raw(), kHeaderValues}}, {}, sizeof(int64_t),
-                   "header values", text, {header}, tag);
-  detail::exchange(call, {{peer, const_cast<void*>(tensor.raw()), tensor.numel()}}, {},
-                   dtype_size(tensor.dtype()), "elements", text, {tensor}, tag);
+  std::string text;
+  Tensor out_header({kHeaderValues}, DType::I64), in_header({kHeaderValues}, DType::I64);
+  std::vector<Transfer> header_sends, header_receives;
+  if (send_peer != kNoPeer) {
+    int64_t* values = out_header.data<int64_t>();
+    values[0] = int64_t(outgoing.dtype());
+    values[1] = outgoing.ndim();
+    std::copy(outgoing.shape().begin(), outgoing.shape().end(), values + 2);
+    header_sends.push_back({send_peer, out_header.raw(), kHeaderValues});
+    text = moe::detail::concat("send of ", tensor_text(values[0], outgoing.shape()), " to rank ",
+                               send_peer);
+  }
+  const std::string expected = tensor_text(int64_t(incoming.dtype()), incoming.shape());
+  if (recv_peer != kNoPeer) {
+    header_receives.push_back({recv_peer, in_header.raw(), kHeaderValues});
+    text += moe::detail::concat(text.empty() ? "" : ", ", "recv of ", expected, " from rank ",
+                                recv_peer);
+  }
+  text += moe::detail::concat(" with tag ", tag);
+  detail::exchange(call, header_sends, header_receives, sizeof(int64_t), "header values", text,
+                   {out_header, in_header}, tag);
+
+  // The data. What arrives is checked against what this rank expects; on a mismatch the data
+  // still goes into a scratch tensor, so that the channel stays in step for later messages.
+  const int64_t* values = in_header.data<int64_t>();
+  const int64_t dtype = values[0];
+  const Shape shape(values + 2, values + 2 + std::clamp<int64_t>(values[1], 0, kMaxSendDims));
+  const bool matches =
+      recv_peer == kNoPeer || (dtype == int64_t(incoming.dtype()) && shape == incoming.shape());
+  const bool known_dtype = dtype >= 0 && dtype <= int64_t(DType::I64);
+  Tensor target = matches || !known_dtype ? incoming : Tensor::empty(shape, DType(dtype));
+  std::vector<Transfer> sends, receives;
+  if (send_peer != kNoPeer) {
+    sends.push_back({send_peer, const_cast<void*>(outgoing.raw()), int64_t(outgoing.nbytes())});
+  }
+  if (recv_peer != kNoPeer && (matches || known_dtype)) {
+    receives.push_back({recv_peer, target.raw(), int64_t(target.nbytes())});
+  }
+  detail::exchange(call, sends, receives, 1, "bytes", text, {outgoing, target}, tag);
+  if (!matches) {
+    call.fail(moe::detail::concat(call.peer_name(recv_peer), " sends ", tensor_text(dtype, shape),
+                                  " with tag ", tag, ", but this rank expects ", expected));
+  }
+}
+
+}  // namespace
+
+void send(const Tensor& tensor, int peer, int tag, const ProcessGroup& group) {
+  Tensor none;
+  point_to_point(Call("send", group), tensor, peer, none, kNoPeer, tag);
 }
 
 void recv(Tensor& tensor, int peer, int tag, const ProcessGroup& group) {
-  Call call("recv", group);
-  try {
-    check_point_to_point(tensor, peer, tag, group);
-  } catch (const Error& error) {
-    call.fail(error.what());
-  }
-  const std::string expected = tensor_text(int64_t(tensor.dtype()), tensor.shape());
-  const std::string text =
-      moe::detail::concat("recv of ", expected, " from rank ", peer, " with tag ", tag);
-  Tensor header({kHeaderValues}, DType::I64);
-  detail::exchange(call, {}, {{peer, header.raw(), kHeaderValues}}, sizeof(int64_t),
-                   "header values", text, {header}, tag);
-  const int64_t* values = header.data<int64_t>();
-  const int64_t dtype = values[0];
-  const Shape shape(values + 2, values + 2 + std::clamp<int64_t>(values[1], 0, kMaxSendDims));
-  if (dtype == int64_t(tensor.dtype()) && shape == tensor.shape()) {
-    detail::exchange(call, {}, {{peer, tensor.raw(), tensor.numel()}}, dtype_size(tensor.dtype()),
-                     "elements", text, {tensor}, tag);
-    return;
-  }
-  // Take the data the peer sends anyway, so that the channel stays in step for later messages.
-  const bool known_dtype = dtype >= 0 && dtype <= int64_t(DType::I64);
-  if (known_dtype) {
-    Tensor discarded = Tensor::empty(shape, DType(dtype));
-    detail::exchange(call, {}, {{peer, discarded.raw(), discarded.numel()}},
-                     dtype_size(discarded.dtype()), "elements", text, {discarded}, tag);
-  }
-  call.fail(moe::detail::concat(call.peer_name(peer), " sends ", tensor_text(dtype, shape),
-                                " with tag ", tag, ", but this rank expects ", expected));
+  point_to_point(Call("recv", group), Tensor(), kNoPeer, tensor, peer, tag);
+}
+
+void send_recv(const Tensor& outgoing, int send_peer, Tensor& incoming, int recv_peer, int tag,
+               const ProcessGroup& group) {
+  point_to_point(Call("send_recv", group), outgoing, send_peer, incoming, recv_peer, tag);
 }
 
 }  // namespace moe::comm

@@ -58,28 +58,35 @@ void Call::check_mpi(int code, const char* function) const {
 }
 
 bool Call::wait_all(std::vector<MPI_Request>& requests) const {
+  using std::chrono::steady_clock;
+  // Poll (yielding the core) for a while: transfers usually finish quickly, and MPI only makes
+  // progress inside MPI calls. A longer wait means a slow peer: sleep, doubling up to 0.5 ms.
+  constexpr auto kPollingPeriod = std::chrono::milliseconds(20);
+  constexpr auto kLongestPause = std::chrono::microseconds(500);
   std::vector<int> done(requests.size());
   std::vector<MPI_Status> statuses(requests.size());
-  auto pause = std::chrono::microseconds(20);
-  for (int polls = 0;; ++polls) {
+  const auto start = steady_clock::now();
+  auto pause = std::chrono::microseconds(10);
+  while (!requests.empty()) {
     int count = 0;
-    int code = requests.empty() ? MPI_SUCCESS
-                                : MPI_Testsome(int(requests.size()), requests.data(), &count,
-                                               done.data(), statuses.data());
+    int code =
+        MPI_Testsome(int(requests.size()), requests.data(), &count, done.data(), statuses.data());
     if (code == MPI_ERR_IN_STATUS) {
       for (int i = 0; i < count; ++i) check_mpi(statuses[size_t(i)].MPI_ERROR, "MPI_Testsome");
     }
     check_mpi(code, "MPI_Testsome");
-    if (count == MPI_UNDEFINED || requests.empty()) return true;  // every request is done
+    if (count == MPI_UNDEFINED) return true;  // every request is done
     if (count > 0) continue;
-    if (has_deadline_ && std::chrono::steady_clock::now() > deadline_) return false;
-    if (polls < 200) {
+    const auto now = steady_clock::now();
+    if (has_deadline_ && now > deadline_) return false;
+    if (now - start < kPollingPeriod) {
       sched_yield();
-    } else {  // a long wait: sleep, doubling up to 1 ms, to free the core for the peers
+    } else {
       std::this_thread::sleep_for(pause);
-      pause = std::min(pause * 2, std::chrono::microseconds(1000));
+      pause = std::min(pause * 2, kLongestPause);
     }
   }
+  return true;
 }
 
 std::string Call::timeout_text() const {

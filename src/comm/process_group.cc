@@ -26,9 +26,10 @@ bool mpi_is_active() {
 void shut_down_mpi() {
   if (!mpi_is_active()) return;
   if (failure_recorded.load()) {
-    std::fputs("moecore: a collective failed (see the error above); aborting the MPI job so that "
-               "no rank waits for it forever\n",
-               stderr);
+    std::fputs(
+        "moecore: a collective failed (see the error above); aborting the MPI job so that "
+        "no rank waits for it forever\n",
+        stderr);
     MPI_Abort(MPI_COMM_WORLD, 1);
   }
   MPI_Finalize();

@@ -190,6 +190,16 @@ TEST_P(Collectives, SendRecvAroundTheRing) {
   EXPECT_TRUE(bitwise_equal(incoming, tagged(dtype, previous, 3)));
 }
 
+TEST_P(Collectives, SendRecvShiftsALargeTensorAroundTheRingAtOnce) {
+  // Every rank sends and receives together: plain sends of this size (beyond MPI's eager limit)
+  // would all wait for a receive that nobody has posted yet.
+  const int next = (rank + 1) % size, previous = (rank + size - 1) % size;
+  Tensor outgoing = tagged(dtype, rank, 700);
+  Tensor incoming({700, kCols}, dtype);
+  send_recv(outgoing, next, incoming, previous, 9, world);
+  EXPECT_TRUE(bitwise_equal(incoming, tagged(dtype, previous, 700)));
+}
+
 INSTANTIATE_TEST_SUITE_P(AllDtypes, Collectives,
                          ::testing::Values(DType::F32, DType::BF16, DType::F16, DType::F64,
                                            DType::I32, DType::I64),

@@ -92,8 +92,14 @@ void reduce_scatter_v(const Tensor& in, Tensor& out, std::span<const int64_t> ro
 void all_to_all_v(const Tensor& send, std::span<const int64_t> send_rows, Tensor& recv,
                   std::span<const int64_t> recv_rows, const ProcessGroup& group);
 void broadcast(Tensor& tensor, int root, const ProcessGroup& group);
+// Point-to-point (tag in [0, kMaxUserTag]): the receiver checks the sender's dtype and shape
+// against its tensor and raises an error naming both on a mismatch. A send may wait until the
+// peer receives, so two ranks that both send first to each other would time out: order them, or
+// use send_recv, which posts both directions together (send_peer and recv_peer may differ).
 void send(const Tensor& tensor, int peer, int tag, const ProcessGroup& group);
 void recv(Tensor& tensor, int peer, int tag, const ProcessGroup& group);
+void send_recv(const Tensor& outgoing, int send_peer, Tensor& incoming, int recv_peer, int tag,
+               const ProcessGroup& group);
 void barrier(const ProcessGroup& group);
 
 // Small integer helpers for bookkeeping (counts, sizes): all-gather one value or a vector per rank.
