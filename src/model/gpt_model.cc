@@ -256,8 +256,9 @@ class TransformerLayer {
     }
     apply_dropout(mlp_out, hidden_p, dropout_key(ctx.dropout_seed, number_, kMlpOutput),
                   first_index);
-    add(residual, mlp_out, residual);
-    return residual;
+    Tensor out = Tensor::empty(x.shape(), x.dtype());  // residual is saved by pre_mlp_norm
+    add(residual, mlp_out, out);
+    return out;
   }
 
   int number_;
@@ -397,7 +398,7 @@ double GPTModel::forward(const Tensor& tokens, const Tensor& labels, GPTContext&
                          const Tensor& loss_mask) {
   MOE_CHECK(stage_.pre_process && stage_.post_process,
             "GPTModel::forward runs the whole model; a pipeline stage uses forward_step");
-  return forward_step(tokens, labels, ctx, loss_mask).get(0);
+  return forward_step(tokens, labels, ctx, loss_mask).data<double>()[0];
 }
 
 void GPTModel::backward(GPTContext& ctx, float loss_grad) {
@@ -493,10 +494,11 @@ Tensor GPTModel::forward_step(const Tensor& input, const Tensor& labels, GPTCont
                                                  : std::vector<double>(size_t(shape.rows()), 1.0);
   Tensor losses = vocab_parallel_cross_entropy(logits, state->labels, m.output->vocab_start(), m.tp,
                                                state->softmax);
+  Tensor row_losses = losses.to(DType::F64);
   double mask_sum = 0, weighted = 0;
   for (int64_t r = 0; r < shape.rows(); ++r) {
     mask_sum += mask[size_t(r)];
-    weighted += mask[size_t(r)] * double(losses.get(r));
+    weighted += mask[size_t(r)] * row_losses.data<double>()[r];
   }
   state->loss_weights.resize(mask.size());
   for (size_t r = 0; r < mask.size(); ++r) {

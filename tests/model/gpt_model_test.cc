@@ -1,0 +1,274 @@
+// Single-process tests of the whole GPT model: fp64 finite-difference checks of a 2-layer model
+// (dense and MoE), recomputation, pipeline stages chained by hand, bf16, init, refusals.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "model_testing.h"
+#include "moe/comm/parallel_state.h"
+#include "moe/model/gpt_model.h"
+#include "support/testing.h"
+
+namespace moe::model {
+namespace {
+
+TransformerConfig tiny_config() {
+  TransformerConfig c;
+  c.num_layers = 2;
+  c.hidden_size = 16;
+  c.num_attention_heads = 4;
+  c.group_query_attention = true;
+  c.num_query_groups = 2;
+  c.ffn_hidden_size = 12;
+  c.padded_vocab_size = 13;
+  c.seq_length = 6;
+  c.normalization = "RMSNorm";
+  c.position_embedding_type = "rope";
+  c.swiglu = true;
+  c.untie_embeddings_and_output_weights = true;
+  c.hidden_dropout = 0.1f;
+  c.attention_dropout = 0.1f;
+  return c;
+}
+
+// The Mixtral-like variant: layer 0 MoE (4 experts, top-2), layer 1 dense.
+TransformerConfig tiny_moe_config() {
+  TransformerConfig c = tiny_config();
+  c.num_experts = 4;
+  c.moe_layer_pattern = {1, 0};
+  c.moe.moe_router_topk = 2;
+  c.moe.moe_aux_loss_coeff = 0.01;
+  c.moe.moe_z_loss_coeff = 0.001;
+  c.moe.moe_grouped_gemm = true;
+  return c;
+}
+
+Tensor token_batch(int64_t batch, int64_t seq, int64_t vocab, uint64_t seed) {
+  Rng rng(seed);
+  Tensor t({batch, seq}, DType::I64);
+  for (int64_t i = 0; i < t.numel(); ++i)
+    t.data<int64_t>()[i] = int64_t(rng.below(uint64_t(vocab)));
+  return t;
+}
+
+struct Batch {
+  Tensor tokens, labels, mask;
+};
+Batch make_batch(const TransformerConfig& c, int64_t batch, uint64_t seed) {
+  Batch b{token_batch(batch, c.seq_length, c.padded_vocab_size, seed),
+          token_batch(batch, c.seq_length, c.padded_vocab_size, seed + 1),
+          Tensor::full({batch, c.seq_length}, 1.0f)};
+  b.mask.set(1, 0.0f);  // a masked-out token
+  return b;
+}
+
+void check_model_gradients(const TransformerConfig& config) {
+  ParameterStore store(DType::F64);
+  GPTModel model(config, comm::single_process_state(), store);
+  store.allocate();
+  model.init_parameters(3);
+  testing::randomize(store, 4, 0.3f);
+  Batch batch = make_batch(config, 2, 10);
+  auto objective = [&] {
+    GPTContext ctx;
+    ctx.dropout_seed = 77;
+    double loss = model.forward(batch.tokens, batch.labels, ctx, batch.mask);
+    for (const MoELossReport& r : ctx.moe_losses) loss += r.value;
+    return loss;
+  };
+  GPTContext ctx;
+  ctx.dropout_seed = 77;
+  model.forward(batch.tokens, batch.labels, ctx, batch.mask);
+  model.backward(ctx);
+  EXPECT_TRUE(testing::check_all_params(store, objective, 5, 2e-4));
+}
+
+TEST(GPTModel, TwoLayerDenseGradientsMatchFiniteDifferences) {
+  check_model_gradients(tiny_config());
+  TransformerConfig other = tiny_config();  // the other choices of every switch
+  other.normalization = "LayerNorm";
+  other.position_embedding_type = "learned_absolute";
+  other.swiglu = false;
+  other.group_query_attention = false;
+  other.untie_embeddings_and_output_weights = false;
+  other.add_bias_linear = false;
+  check_model_gradients(other);
+}
+
+TEST(GPTModel, TwoLayerMoEGradientsMatchFiniteDifferences) {
+  check_model_gradients(tiny_moe_config());
+}
+
+// Runs one forward and backward; returns the loss and a copy of every gradient.
+struct Step {
+  double loss;
+  Tensor dense_grads, expert_grads;
+};
+Step run_step(GPTModel& model, const Batch& batch, uint64_t dropout_seed) {
+  model.store().zero_grads();
+  GPTContext ctx;
+  ctx.dropout_seed = dropout_seed;
+  double loss = model.forward(batch.tokens, batch.labels, ctx, batch.mask);
+  model.backward(ctx);
+  return {loss, model.store().flat_grads(ParamGroup::kDense).clone(),
+          model.store().flat_grads(ParamGroup::kExpert).clone()};
+}
+
+TEST(GPTModel, FullRecomputationGivesBitwiseTheSameGradients) {
+  TransformerConfig c = tiny_moe_config();
+  Batch batch = make_batch(c, 2, 20);
+  ParameterStore plain_store;
+  GPTModel plain(c, comm::single_process_state(), plain_store);
+  plain_store.allocate();
+  plain.init_parameters(5);
+  c.recompute_granularity = "full";
+  ParameterStore recompute_store;
+  GPTModel recompute(c, comm::single_process_state(), recompute_store);
+  recompute_store.allocate();
+  recompute.init_parameters(5);
+  Step a = run_step(plain, batch, 9), b = run_step(recompute, batch, 9);
+  EXPECT_EQ(a.loss, b.loss);
+  EXPECT_TENSORS_CLOSE(b.dense_grads, a.dense_grads, 0, 0);
+  EXPECT_TENSORS_CLOSE(b.expert_grads, a.expert_grads, 0, 0);
+}
+
+TEST(GPTModel, TwoPipelineStagesChainedEqualTheWholeModel) {
+  TransformerConfig c = tiny_moe_config();
+  Batch batch = make_batch(c, 2, 30);
+  ParameterStore whole_store;
+  GPTModel whole(c, comm::single_process_state(), whole_store);
+  whole_store.allocate();
+  whole.init_parameters(6);
+  Step reference = run_step(whole, batch, 4);
+
+  ParameterStore first_store, last_store;
+  GPTModel first(c, comm::single_process_state(), first_store, GPTStage{true, false, 0, 1});
+  GPTModel last(c, comm::single_process_state(), last_store, GPTStage{false, true, 1, 1});
+  first_store.allocate();
+  last_store.allocate();
+  first.init_parameters(6);
+  last.init_parameters(6);
+  GPTContext first_ctx, last_ctx;
+  first_ctx.dropout_seed = last_ctx.dropout_seed = 4;
+  Tensor hidden = first.forward_step(batch.tokens, Tensor(), first_ctx);
+  Tensor loss = last.forward_step(hidden, batch.labels, last_ctx, batch.mask, 2);
+  EXPECT_EQ(loss.data<double>()[0] - reference.loss, 0.0);
+  Tensor dhidden = last.backward_step(last_ctx, Tensor::full({1}, 1.0f, DType::F64));
+  first_ctx.moe_aux_loss_grad_scale = 1.0;
+  EXPECT_FALSE(first.backward_step(first_ctx, dhidden).defined());
+  // Each stage's gradients equal the whole model's gradients of the same names.
+  for (ParameterStore* stage : {&first_store, &last_store}) {
+    for (int i = 0; i < stage->count(); ++i) {
+      const std::string& name = stage->spec(ParamHandle{i}).name;
+      ParamHandle in_whole = whole_store.find(name);
+      ASSERT_GE(in_whole.index, 0) << name;
+      EXPECT_TENSORS_CLOSE(stage->grad(ParamHandle{i}), whole_store.grad(in_whole), 0, 0) << name;
+    }
+  }
+}
+
+TEST(GPTModel, Bf16TracksFp32) {
+  TransformerConfig c = tiny_moe_config();
+  c.hidden_dropout = c.attention_dropout = 0;
+  Batch batch = make_batch(c, 2, 40);
+  ParameterStore fp32_store(DType::F32), bf16_store(DType::BF16);
+  GPTModel fp32(c, comm::single_process_state(), fp32_store);
+  GPTModel bf16(c, comm::single_process_state(), bf16_store);
+  fp32_store.allocate();
+  bf16_store.allocate();
+  fp32.init_parameters(7);
+  bf16.init_parameters(7);
+  fp32_store.flat_params(ParamGroup::kDense).copy_from(bf16_store.flat_params(ParamGroup::kDense));
+  fp32_store.flat_params(ParamGroup::kExpert)
+      .copy_from(bf16_store.flat_params(ParamGroup::kExpert));
+  Step a = run_step(fp32, batch, 1), b = run_step(bf16, batch, 1);
+  EXPECT_TRUE(std::isfinite(b.loss));
+  EXPECT_NEAR(b.loss, a.loss, 0.02 * a.loss);
+  double norm = std::sqrt(std::max(1e-30, [&] {
+    double total = 0;
+    for (float v : a.dense_grads.to_floats()) total += double(v) * v;
+    return total;
+  }()));
+  double diff = 0;
+  std::vector<float> ga = a.dense_grads.to_floats(), gb = b.dense_grads.to_floats();
+  for (size_t i = 0; i < ga.size(); ++i) diff += double(ga[i] - gb[i]) * double(ga[i] - gb[i]);
+  EXPECT_LT(std::sqrt(diff), 0.1 * norm);
+}
+
+TEST(GPTModel, InitUsesScaledStdForOutputProjections) {
+  TransformerConfig c = tiny_config();
+  c.num_layers = 8;
+  c.hidden_size = 64;
+  c.ffn_hidden_size = 256;
+  c.num_attention_heads = 4;
+  c.init_method_std = 0.02f;
+  ParameterStore store;
+  GPTModel model(c, comm::single_process_state(), store);
+  store.allocate();
+  model.init_parameters(1);
+  auto stddev = [&](const std::string& name) {
+    std::vector<float> v = store.param(store.find(name)).to_floats();
+    double total = 0;
+    for (float x : v) total += double(x) * x;
+    return std::sqrt(total / double(v.size()));
+  };
+  EXPECT_NEAR(stddev("decoder.layers.3.mlp.linear_fc1.weight"), 0.02, 0.001);
+  EXPECT_NEAR(stddev("decoder.layers.3.mlp.linear_fc2.weight"), 0.005, 0.0003);
+  EXPECT_NEAR(stddev("decoder.layers.0.self_attention.linear_proj.weight"), 0.005, 0.0005);
+  EXPECT_EQ(store.param(store.find("decoder.final_layernorm.weight")).get(5), 1.0f);
+}
+
+TEST(GPTModel, RefusesMoEWithExpertAndTensorParallelismWithoutSequenceParallelism) {
+  comm::ParallelState layout = comm::single_process_state();
+  layout.sizes.tp = 2;
+  layout.sizes.ep = 2;
+  TransformerConfig c = tiny_moe_config();
+  c.padded_vocab_size = 14;
+  ParameterStore store;
+  try {
+    GPTModel model(c, layout, store);
+    FAIL() << "accepted MoE with ep 2, tp 2 and no sequence parallelism";
+  } catch (const Error& e) {
+    EXPECT_STREQ(e.what(),
+                 "MoE layers with expert parallelism (expert_model_parallel_size = 2) and tensor "
+                 "parallelism (tensor_model_parallel_size = 2) require sequence parallelism: add "
+                 "--sequence-parallel (as Megatron-Core does)");
+  }
+  c.num_attention_heads = 6;
+  c.num_query_groups = 3;
+  c.kv_channels = 4;
+  try {
+    GPTModel model(c, layout, store);
+    FAIL() << "accepted 6 heads over tp 2 with 3 groups";
+  } catch (const Error& e) {
+    EXPECT_STREQ(e.what(),
+                 "num_query_groups (3) must be divisible by tensor_model_parallel_size (2)");
+  }
+}
+
+TEST(GPTModel, BadTokensAndLabelsAreRefusedByValue) {
+  TransformerConfig c = tiny_config();
+  ParameterStore store;
+  GPTModel model(c, comm::single_process_state(), store);
+  store.allocate();
+  model.init_parameters(1);
+  Batch batch = make_batch(c, 1, 3);
+  batch.labels.data<int64_t>()[2] = 13;
+  GPTContext ctx;
+  try {
+    model.forward(batch.tokens, batch.labels, ctx);
+    FAIL() << "label 13 accepted";
+  } catch (const Error& e) {
+    EXPECT_STREQ(e.what(), "label 13 (row 2) is outside the vocabulary [0, 13)");
+  }
+  GPTContext empty;
+  try {
+    model.backward(empty);
+    FAIL() << "backward without forward accepted";
+  } catch (const Error& e) {
+    EXPECT_STREQ(e.what(), "backward_step needs a forward_step on this context first");
+  }
+}
+
+}  // namespace
+}  // namespace moe::model
