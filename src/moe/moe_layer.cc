@@ -31,6 +31,9 @@ Tensor MoELayer::forward(const Tensor& hidden, MoEContext& ctx, bool training) {
             "[S, B, H], got ", shape_string(hidden.shape()));
   MOE_CHECK(hidden.dim(-1) == config_.hidden_size, "MoELayer: input ", shape_string(hidden.shape()),
             " has hidden size ", hidden.dim(-1), " but hidden_size is ", config_.hidden_size);
+  const DType param_dtype = router_.weight().dtype();
+  MOE_CHECK(hidden.dtype() == param_dtype, "MoELayer: input is ", dtype_name(hidden.dtype()),
+            " but the parameters are ", dtype_name(param_dtype));
   ctx = MoEContext{};
   ctx.input_shape = hidden.shape();
   ctx.dtype = hidden.dtype();

@@ -94,7 +94,7 @@ template <class C>
 void route_tokens(const RouteSpec& spec, const C* logits, const C* select, int32_t* experts,
                   C* probs) {
   int64_t E = spec.experts, K = spec.topk;
-#pragma omp parallel
+#pragma omp parallel if (spec.tokens * E > 16384)
   {
     std::vector<C> scores(static_cast<size_t>(E)), picked(static_cast<size_t>(K));
     std::vector<int32_t> order;
@@ -145,7 +145,7 @@ template <class C>
 void route_tokens_backward(const RouteSpec& spec, const C* logits, const int32_t* experts,
                            const C* grad_probs, C* dlogits) {
   int64_t E = spec.experts, K = spec.topk;
-#pragma omp parallel
+#pragma omp parallel if (spec.tokens * E > 16384)
   {
     std::vector<C> scores(static_cast<size_t>(E)), dscores(static_cast<size_t>(E)),
         picked(static_cast<size_t>(K)), dpicked(static_cast<size_t>(K));
@@ -267,7 +267,7 @@ template <class C>
 void loss_backward(const AuxSpec& spec, const C* logits, const C* counts, C aux_factor, C z_factor,
                    C* dlogits) {
   int64_t E = spec.experts;
-#pragma omp parallel
+#pragma omp parallel if (spec.tokens * E > 16384)
   {
     std::vector<C> scores(static_cast<size_t>(E)), sig(static_cast<size_t>(E)),
         dscores(static_cast<size_t>(E));

@@ -13,6 +13,24 @@
 
 namespace moe::testing {
 
+// A named change to a config, for tests that loop over settings.
+struct ConfigVariant {
+  std::string name;
+  std::function<void(MoEConfig&)> change;
+};
+
+// Passes when action() throws moe::Error whose message contains `fragment`.
+template <class Action>
+void expect_error_containing(Action&& action, const std::string& fragment) {
+  try {
+    action();
+    ADD_FAILURE() << "no error; expected one containing: " << fragment;
+  } catch (const Error& error) {
+    EXPECT_NE(std::string(error.what()).find(fragment), std::string::npos)
+        << "message: " << error.what() << "\nexpected to contain: " << fragment;
+  }
+}
+
 inline MoEConfig small_config(int64_t hidden = 6, int64_t experts = 4, int64_t topk = 2,
                               int64_t ffn = 5) {
   MoEConfig config;

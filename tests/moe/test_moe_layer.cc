@@ -1,0 +1,270 @@
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <memory>
+#include <numeric>
+
+#include "moe/moe/moe_layer.h"
+#include "moe/tensor/ops.h"
+#include "moe_test_util.h"
+#include "support/testing.h"
+
+namespace moe {
+namespace {
+
+struct LayerFixture {
+  LayerFixture(const MoEConfig& config, DType dtype, uint64_t seed = 1)
+      : store(dtype), layer(config, store, "decoder.layers.0.mlp", nullptr, seed) {
+    store.allocate();
+    layer.init_parameters(seed, 0.5f, 0.4f);
+    // Non-zero biases so their gradients are exercised.
+    for (int i = 0; i < store.count(); ++i) {
+      ParamHandle handle{i};
+      if (store.spec(handle).name.ends_with(".bias")) {
+        Tensor bias = store.param(handle);
+        bias.copy_from(testing::random_normal(bias.shape(), seed + 100 + uint64_t(i), 0.2f));
+      }
+    }
+  }
+  ParameterStore store;
+  MoELayer layer;
+};
+
+using LayerCase = testing::ConfigVariant;
+
+std::vector<LayerCase> layer_cases() {
+  return {
+      {"swiglu_grouped_aux_z",
+       [](MoEConfig& c) {
+         c.activation = ExpertActivation::kSwiGLU;
+         c.moe_grouped_gemm = true;
+         c.moe_aux_loss_coeff = 0.2;
+         c.moe_z_loss_coeff = 0.05;
+       }},
+      {"gelu_sequential_sigmoid_capacity_probs_padded",
+       [](MoEConfig& c) {
+         c.moe_router_score_function = ScoreFunction::kSigmoid;
+         c.moe_router_topk_scaling_factor = 1.5;
+         c.moe_expert_capacity_factor = 0.6;
+         c.moe_pad_expert_input_to_capacity = true;
+         c.moe_aux_loss_coeff = 0.1;
+       }},
+      {"swiglu_pre_softmax_capacity_position_seq_aux",
+       [](MoEConfig& c) {
+         c.activation = ExpertActivation::kSwiGLU;
+         c.moe_router_pre_softmax = true;
+         c.moe_expert_capacity_factor = 0.8;
+         c.moe_token_drop_policy = TokenDropPolicy::kPosition;
+         c.moe_router_load_balancing_type = LoadBalancingType::kSeqAuxLoss;
+         c.moe_aux_loss_coeff = 0.3;
+       }},
+      {"sinkhorn_jitter_no_bias",
+       [](MoEConfig& c) {
+         c.moe_router_load_balancing_type = LoadBalancingType::kSinkhorn;
+         c.moe_input_jitter_eps = 0.05;
+         c.add_bias_linear = false;
+         c.moe_grouped_gemm = true;
+       }},
+  };
+}
+
+MoEConfig layer_config(const LayerCase& entry) {
+  MoEConfig config = testing::small_config(6, 4, 2, 5);
+  entry.change(config);
+  config.validate();
+  return config;
+}
+
+TEST(MoELayer, GradientsMatchFiniteDifferences) {
+  for (const LayerCase& entry : layer_cases()) {
+    SCOPED_TRACE(entry.name);
+    MoEConfig config = layer_config(entry);
+    LayerFixture fixture(config, DType::F64);
+    MoELayer& layer = fixture.layer;
+    Tensor hidden = testing::random_normal({4, 3, 6}, 2, 1.0f, DType::F64);
+    Tensor probe = testing::random_normal({4, 3, 6}, 3, 1.0f, DType::F64);
+    const Rng::State jitter_state = layer.router().jitter_rng().state();
+    auto objective = [&] {
+      layer.router().jitter_rng().set_state(jitter_state);
+      MoEContext ctx;
+      Tensor out = layer.forward(hidden, ctx);
+      const RouterLosses& losses = MoELayer::losses(ctx);
+      return testing::dot(out, probe) + losses.load_balancing_loss + losses.z_loss;
+    };
+    layer.router().jitter_rng().set_state(jitter_state);
+    MoEContext ctx;
+    layer.forward(hidden, ctx);
+    Tensor grad_hidden = layer.backward(ctx, probe);
+    testing::expect_gradient_matches(objective, hidden, grad_hidden, "input");
+    for (int i = 0; i < fixture.store.count(); ++i) {
+      ParamHandle handle{i};
+      testing::expect_gradient_matches(objective, fixture.store.param(handle),
+                                       fixture.store.grad(handle), fixture.store.spec(handle).name);
+    }
+  }
+}
+
+TEST(MoELayer, DroplessTokensPerExpertSumToTokensTimesTopk) {
+  MoEConfig config = testing::small_config(8, 6, 3, 4);
+  LayerFixture fixture(config, DType::F32);
+  for (int64_t T : {0, 1, 5, 17, 129}) {
+    MoEContext ctx;
+    Tensor out = fixture.layer.forward(testing::random_normal({T, 8}, uint64_t(T)), ctx);
+    const auto& counts = ctx.dispatch.tokens_per_local_expert;
+    EXPECT_EQ(std::accumulate(counts.begin(), counts.end(), int64_t(0)), T * 3) << "T " << T;
+    Tensor grad = fixture.layer.backward(ctx, testing::random_normal({T, 8}, 1));
+    EXPECT_EQ(grad.shape(), (Shape{T, 8}));
+  }
+}
+
+TEST(MoELayer, CapacityIsRespected) {
+  MoEConfig config = testing::small_config(8, 4, 2, 4);
+  config.moe_expert_capacity_factor = 0.5;  // capacity ceil(40 * 2 / 4 * 0.5) = 10
+  for (bool pad : {false, true}) {
+    config.moe_pad_expert_input_to_capacity = pad;
+    LayerFixture fixture(config, DType::F32);
+    MoEContext ctx;
+    fixture.layer.forward(testing::random_normal({40, 8}, 4), ctx);
+    for (int64_t rows : ctx.dispatch.tokens_per_local_expert) {
+      if (pad) {
+        EXPECT_EQ(rows, 10);
+      } else {
+        EXPECT_LE(rows, 10);
+      }
+    }
+    fixture.layer.backward(ctx, testing::random_normal({40, 8}, 5));
+  }
+}
+
+TEST(MoELayer, ExpertWithoutTokensWorksForwardAndBackward) {
+  MoEConfig config = testing::small_config(4, 4, 2, 3);
+  config.add_bias_linear = false;
+  LayerFixture fixture(config, DType::F32);
+  Tensor weight = fixture.layer.router().weight();                // [H, E]
+  for (int64_t h = 0; h < 4; ++h) weight.set(h * 4 + 2, -50.0f);  // nobody picks expert 2
+  Tensor hidden = testing::random_uniform({9, 4}, 6, 0.5f, 1.0f);
+  MoEContext ctx;
+  fixture.layer.forward(hidden, ctx);
+  EXPECT_EQ(ctx.dispatch.tokens_per_local_expert[2], 0);
+  Tensor grad = fixture.layer.backward(ctx, testing::random_normal({9, 4}, 7));
+  EXPECT_TRUE(std::isfinite(sum(grad)));
+  const Experts& experts = fixture.layer.experts();
+  EXPECT_EQ(sum(experts.fc1_weight_grad().rows(2, 3)), 0.0);
+  EXPECT_EQ(sum(experts.fc2_weight_grad().rows(2, 3)), 0.0);
+  EXPECT_NE(sum(experts.fc1_weight_grad().rows(0, 1)), 0.0);
+}
+
+void expect_bitwise_equal(const Tensor& a, const Tensor& b, const std::string& what) {
+  ASSERT_EQ(a.nbytes(), b.nbytes()) << what;
+  EXPECT_EQ(std::memcmp(a.raw(), b.raw(), a.nbytes()), 0) << what << " differs";
+}
+
+TEST(MoELayer, MicroBatchesInFlightMatchOneAtATime) {
+  MoEConfig config = layer_config(layer_cases()[0]);
+  Tensor first = testing::random_normal({7, 6}, 8), second = testing::random_normal({5, 2, 6}, 9);
+  Tensor grad_first = testing::random_normal({7, 6}, 10);
+  Tensor grad_second = testing::random_normal({5, 2, 6}, 11);
+
+  LayerFixture serial(config, DType::F32);
+  MoEContext ctx;
+  Tensor out_first = serial.layer.forward(first, ctx);
+  Tensor din_first = serial.layer.backward(ctx, grad_first);
+  Tensor out_second = serial.layer.forward(second, ctx);
+  Tensor din_second = serial.layer.backward(ctx, grad_second);
+
+  LayerFixture interleaved(config, DType::F32);
+  MoEContext ctx_first, ctx_second;
+  Tensor out_first_i = interleaved.layer.forward(first, ctx_first);
+  Tensor out_second_i = interleaved.layer.forward(second, ctx_second);
+  Tensor din_second_i = interleaved.layer.backward(ctx_second, grad_second);
+  Tensor din_first_i = interleaved.layer.backward(ctx_first, grad_first);
+
+  expect_bitwise_equal(out_first, out_first_i, "first output");
+  expect_bitwise_equal(out_second, out_second_i, "second output");
+  expect_bitwise_equal(din_first, din_first_i, "first input gradient");
+  expect_bitwise_equal(din_second, din_second_i, "second input gradient");
+  // Parameter gradients accumulated over both micro-batches (summed in another order).
+  for (ParamGroup group : {ParamGroup::kDense, ParamGroup::kExpert}) {
+    EXPECT_TENSORS_CLOSE(interleaved.store.flat_grads(group), serial.store.flat_grads(group), 1e-6,
+                         1e-5);
+  }
+}
+
+TEST(MoELayer, SameSeedGivesBitwiseIdenticalResults) {
+  MoEConfig config = layer_config(layer_cases()[3]);  // includes jitter noise
+  Tensor hidden = testing::random_normal({33, 6}, 12), grad = testing::random_normal({33, 6}, 13);
+  std::vector<Tensor> outputs, grads;
+  for (int run = 0; run < 2; ++run) {
+    LayerFixture fixture(config, DType::F32, 4);
+    MoEContext ctx;
+    outputs.push_back(fixture.layer.forward(hidden, ctx));
+    grads.push_back(fixture.layer.backward(ctx, grad));
+    grads.push_back(fixture.store.flat_grads(ParamGroup::kExpert).clone());
+  }
+  expect_bitwise_equal(outputs[0], outputs[1], "output");
+  expect_bitwise_equal(grads[0], grads[2], "input gradient");
+  expect_bitwise_equal(grads[1], grads[3], "expert gradients");
+}
+
+TEST(MoELayer, HalfPrecisionTracksFp32) {
+  MoEConfig config = layer_config(layer_cases()[0]);
+  LayerFixture full(config, DType::F32);
+  Tensor hidden = testing::random_normal({24, 6}, 14), grad = testing::random_normal({24, 6}, 15);
+  MoEContext ctx;
+  Tensor out32 = full.layer.forward(hidden, ctx);
+  Tensor din32 = full.layer.backward(ctx, grad);
+  for (DType dtype : {DType::BF16, DType::F16}) {
+    SCOPED_TRACE(dtype_name(dtype));
+    LayerFixture half(config, dtype);
+    for (ParamGroup group : {ParamGroup::kDense, ParamGroup::kExpert}) {
+      half.store.flat_params(group).copy_from(full.store.flat_params(group));
+    }
+    MoEContext half_ctx;
+    Tensor out = half.layer.forward(hidden.to(dtype), half_ctx);
+    EXPECT_EQ(out.dtype(), dtype);
+    EXPECT_EQ(half_ctx.router.logits.dtype(), DType::F32);  // the router stays fp32
+    Tensor din = half.layer.backward(half_ctx, grad.to(dtype));
+    double tolerance = dtype == DType::BF16 ? 5e-2 : 1e-2;
+    EXPECT_TENSORS_CLOSE(out.to(DType::F32), out32, tolerance, tolerance);
+    EXPECT_TENSORS_CLOSE(din.to(DType::F32), din32, tolerance, tolerance);
+    EXPECT_NEAR(MoELayer::losses(half_ctx).load_balancing_loss,
+                MoELayer::losses(ctx).load_balancing_loss, 1e-2);
+  }
+}
+
+TEST(MoELayer, GradientsAccumulateAcrossBackwardCalls) {
+  MoEConfig config = layer_config(layer_cases()[1]);
+  LayerFixture fixture(config, DType::F32);
+  Tensor hidden = testing::random_normal({10, 6}, 16), grad = testing::random_normal({10, 6}, 17);
+  MoEContext ctx;
+  fixture.layer.forward(hidden, ctx);
+  fixture.layer.backward(ctx, grad, 0.5);
+  Tensor once = fixture.store.flat_grads(ParamGroup::kDense).clone();
+  fixture.layer.forward(hidden, ctx);
+  fixture.layer.backward(ctx, grad, 0.5);
+  scale(once, 2.0f);
+  EXPECT_TENSORS_CLOSE(fixture.store.flat_grads(ParamGroup::kDense), once, 1e-6, 1e-5);
+}
+
+TEST(MoELayer, BadUseNamesTheProblem) {
+  MoEConfig config = testing::small_config(6, 4, 2, 5);
+  LayerFixture fixture(config, DType::F32);
+  MoEContext ctx;
+  testing::expect_error_containing(
+      [&] {
+        fixture.layer.backward(ctx, Tensor({3, 6}));
+      },
+      "the context holds no forward state");
+  testing::expect_error_containing(
+      [&] {
+        fixture.layer.forward(Tensor({3, 6}, DType::BF16), ctx);
+      },
+      "MoELayer: input is bf16 but the parameters are fp32");
+  config.moe_router_topk = 5;
+  ParameterStore store;
+  testing::expect_error_containing([&] { MoELayer bad(config, store, "bad"); },
+                                   "moe_router_topk (5) must be <= num_experts (4)");
+}
+
+}  // namespace
+}  // namespace moe
