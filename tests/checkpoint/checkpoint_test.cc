@@ -1,0 +1,223 @@
+// Single-process checkpoint tests: directory layout and tracker, bitwise round trip and resume,
+// --no-load-optim / --no-load-rng, a failed save keeping the previous checkpoint, and the error
+// text for missing, truncated, corrupted and mismatched files.
+#include "moe/checkpoint/checkpoint.h"
+
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "checkpoint_fixture.h"
+
+namespace moe::checkpoint {
+namespace {
+
+namespace fs = std::filesystem;
+using moe::testing::file_text;
+using moe::testing::param_spec;
+using moe::testing::runs_identical;
+using moe::testing::ScratchDir;
+using moe::testing::TrainingRun;
+
+const comm::ParallelState& single() {
+  static comm::ParallelState state = comm::single_process_state();
+  return state;
+}
+
+void expect_error_contains(const std::function<void()>& action,
+                           std::initializer_list<std::string> parts) {
+  try {
+    action();
+    ADD_FAILURE() << "expected an error";
+  } catch (const Error& e) {
+    for (const std::string& part : parts) {
+      EXPECT_NE(std::string(e.what()).find(part), std::string::npos)
+          << "'" << part << "' not in: " << e.what();
+    }
+  }
+}
+
+TEST(Checkpoint, MegatronDirectoryNamesAndTracker) {
+  EXPECT_EQ(iteration_dir_name(100), "iter_0000100");
+  EXPECT_EQ(iteration_dir_name(1234567), "iter_1234567");
+  ScratchDir dir("names");
+  EXPECT_FALSE(read_tracker(dir.str()).has_value());
+  TrainingRun run(single(), DType::F32, false);
+  run.train(3);
+  run.save(dir.str());
+  EXPECT_EQ(file_text(dir.path / "latest_checkpointed_iteration.txt"), "3");
+  EXPECT_EQ(read_tracker(dir.str()), 3);
+  for (const char* file : {"metadata.json", "rank_00000.json", "rank_00000.bin"}) {
+    EXPECT_TRUE(fs::exists(dir.path / "iter_0000003" / file)) << file;
+  }
+  EXPECT_FALSE(fs::exists(dir.path / "iter_0000003.tmp"));
+  nlohmann::json meta = nlohmann::json::parse(file_text(dir.path / "iter_0000003/metadata.json"));
+  EXPECT_EQ(meta["iteration"], 3);
+  EXPECT_EQ(meta["layout"]["world_size"], 1);
+  EXPECT_EQ(meta["args"]["seed"], 42);
+  nlohmann::json index =
+      nlohmann::json::parse(file_text(dir.path / "iter_0000003/rank_00000.json"));
+  const nlohmann::json& first = index["tensors"][0];
+  EXPECT_EQ(first["name"], "norm.weight");
+  EXPECT_EQ(first["global_shape"], nlohmann::json::array({5}));
+}
+
+class RoundTrip : public ::testing::TestWithParam<DType> {};
+
+TEST_P(RoundTrip, SaveThenLoadIsBitwiseAndResumingMatchesAnUninterruptedRun) {
+  ScratchDir dir("roundtrip");
+  TrainingRun original(single(), GetParam(), false);
+  original.train(3);
+  original.save(dir.str());
+
+  TrainingRun resumed(single(), GetParam(), false);
+  resumed.model.store.flat_params(ParamGroup::kDense).zero();
+  resumed.rng = Rng(7);
+  TrainingState state = resumed.load(dir.str());
+  EXPECT_EQ(state.iteration, 3);
+  EXPECT_EQ(state.consumed_train_samples, 24);
+  EXPECT_EQ(state.args["lr"], 0.01);
+  EXPECT_TRUE(runs_identical(original, resumed));
+
+  original.train(4);
+  resumed.train(4);
+  EXPECT_TRUE(runs_identical(original, resumed));
+}
+
+INSTANTIATE_TEST_SUITE_P(Dtypes, RoundTrip, ::testing::Values(DType::F32, DType::BF16, DType::F16));
+
+TEST(Checkpoint, NoLoadOptimAndNoLoadRngKeepTheirState) {
+  ScratchDir dir("noload");
+  TrainingRun original(single(), DType::BF16, false);
+  original.train(3);
+  original.save(dir.str());
+  TrainingRun fresh(single(), DType::BF16, false);
+  LoadOptions options;
+  options.load_optim = false;
+  options.load_rng = false;
+  TrainingState state = fresh.load(dir.str(), options);
+  EXPECT_TRUE(state.rng.empty());
+  EXPECT_EQ(fresh.rng.state(), Rng(42).state());
+  EXPECT_EQ(fresh.optimizer->scalars().step, 0);
+  EXPECT_EQ(fresh.scheduler->num_steps(), 0);
+  EXPECT_TRUE(moe::testing::same_bytes(fresh.model.store.flat_params(ParamGroup::kDense),
+                                       original.model.store.flat_params(ParamGroup::kDense)));
+  // The fp32 main parameters follow the loaded model parameters.
+  for (const optim::StateTensor& s : fresh.optimizer->state_tensors()) {
+    if (s.kind != "main_param") continue;
+    Tensor model = fresh.model.store.param(s.param).reshape({-1}).rows(s.flat_begin, s.flat_end);
+    EXPECT_TENSORS_CLOSE(s.data, model.to(DType::F32), 0, 0);
+  }
+}
+
+TEST(Checkpoint, FailedSaveLeavesThePreviousCheckpointLatestAndLoadable) {
+  ScratchDir dir("failed");
+  TrainingRun run(single(), DType::F32, false);
+  run.train(2);
+  run.save(dir.str());
+  Tensor saved = run.model.store.flat_params(ParamGroup::kDense).clone();
+  run.train(2);
+  SaveOptions crash;
+  crash.before_commit = [] { throw Error("simulated crash after writing"); };
+  expect_error_contains([&] { run.save(dir.str(), crash); },
+                        {"saving checkpoint", "iter_0000004", "failed on rank(s) 0",
+                         "simulated crash after writing", "previous checkpoint is unchanged"});
+  EXPECT_EQ(read_tracker(dir.str()), 2);
+  EXPECT_FALSE(fs::exists(dir.path / "iter_0000004"));
+  EXPECT_FALSE(fs::exists(dir.path / "iter_0000004.tmp"));
+  TrainingRun fresh(single(), DType::F32, false);
+  EXPECT_EQ(fresh.load(dir.str()).iteration, 2);
+  EXPECT_TRUE(moe::testing::same_bytes(fresh.model.store.flat_params(ParamGroup::kDense), saved));
+  // Saving the same iteration again replaces it.
+  run.iteration = 2;
+  run.save(dir.str());
+  EXPECT_EQ(read_tracker(dir.str()), 2);
+}
+
+class BrokenCheckpoint : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    TrainingRun run(single(), DType::F32, false);
+    run.train(1);
+    run.save(dir.str());
+  }
+  void expect_load_error(std::initializer_list<std::string> parts) {
+    TrainingRun fresh(single(), DType::F32, false);
+    expect_error_contains([&] { fresh.load(dir.str()); }, parts);
+  }
+  fs::path ckpt() const { return dir.path / "iter_0000001"; }
+  ScratchDir dir{"broken"};
+};
+
+TEST_F(BrokenCheckpoint, MissingTrackerOrBadTrackerText) {
+  fs::remove(dir.path / "latest_checkpointed_iteration.txt");
+  expect_load_error({"no checkpoint to load", "latest_checkpointed_iteration.txt"});
+  std::ofstream(dir.path / "latest_checkpointed_iteration.txt") << "abc";
+  expect_load_error({"should hold an iteration number but holds 'abc'"});
+}
+
+TEST_F(BrokenCheckpoint, MissingRankFile) {
+  fs::remove(ckpt() / "rank_00000.bin");
+  expect_load_error({"missing checkpoint file", "rank_00000.bin"});
+}
+
+TEST_F(BrokenCheckpoint, TruncatedDataFile) {
+  fs::resize_file(ckpt() / "rank_00000.bin", 100);
+  expect_load_error({"rank_00000.bin", "is truncated: 100 bytes"});
+}
+
+TEST_F(BrokenCheckpoint, CorruptedTensorBytes) {
+  std::fstream file(ckpt() / "rank_00000.bin", std::ios::in | std::ios::out | std::ios::binary);
+  file.seekp(24);  // inside fc.weight, after norm.weight's 5 floats
+  file.put('\x7f');
+  file.close();
+  expect_load_error({"checksum mismatch for tensor 'fc.weight'", "rank_00000.bin", "corrupted"});
+}
+
+TEST_F(BrokenCheckpoint, CorruptedIndexAndMetadata) {
+  std::string index = file_text(ckpt() / "rank_00000.json");
+  index[index.find("fc.bias")] = 'F';
+  std::ofstream(ckpt() / "rank_00000.json", std::ios::binary) << index;
+  expect_load_error({"checkpoint index", "rank_00000.json", "is corrupted"});
+  std::string meta = file_text(ckpt() / "metadata.json");
+  std::ofstream(ckpt() / "metadata.json", std::ios::binary) << meta.substr(0, meta.size() / 2);
+  expect_load_error({"metadata.json", "is not valid JSON"});
+}
+
+TEST_F(BrokenCheckpoint, ShapeMismatchAndMissingTensorNameTheTensor) {
+  ParameterStore wider;
+  wider.declare(param_spec("fc.weight", {8, 5}));
+  wider.allocate();
+  expect_error_contains([&] { load_checkpoint(dir.str(), wider, nullptr, nullptr, single()); },
+                        {"tensor 'fc.weight' has global shape [7, 5] in checkpoint file",
+                         "rank_00000.bin", "but the model has [8, 5]"});
+  ParameterStore extra;
+  extra.declare(param_spec("decoder.final_norm.weight", {5}));
+  extra.allocate();
+  expect_error_contains(
+      [&] { load_checkpoint(dir.str(), extra, nullptr, nullptr, single()); },
+      {"tensor 'decoder.final_norm.weight' is missing from checkpoint", "iter_0000001"});
+}
+
+TEST_F(BrokenCheckpoint, OptimizerMismatchPointsToNoLoadOptim) {
+  TrainingRun fresh(single(), DType::F32, /*distributed=*/false);
+  // A model-only checkpoint has no optimizer state to give.
+  ScratchDir model_only("modelonly");
+  save_checkpoint(model_only.str(), fresh.state(), fresh.model.store, nullptr, nullptr, single());
+  expect_error_contains([&] { fresh.load(model_only.str()); },
+                        {"holds no optimizer state; use --no-load-optim"});
+  LoadOptions options;
+  options.load_optim = false;
+  EXPECT_EQ(fresh.load(model_only.str(), options).iteration, 0);
+}
+
+TEST(Crc32, MatchesTheStandardCheckValue) {
+  const char text[] = "123456789";
+  EXPECT_EQ(crc32(text, 9), 0xCBF43926u);
+  EXPECT_EQ(crc32(text + 4, 5, crc32(text, 4)), 0xCBF43926u);
+  EXPECT_EQ(crc32(text, 0), 0u);
+}
+
+}  // namespace
+}  // namespace moe::checkpoint
