@@ -61,16 +61,16 @@ struct SampleOptions {
 int64_t dataset_pad_token(const Tokenizer& tokenizer);
 
 struct GPTDatasetConfig {
-  std::vector<std::string> data_path;  // --data-path (see parse_blend)
+  std::vector<std::string> data_path = {};  // --data-path (see parse_blend)
   std::string split = "969, 30, 1";    // --split (Megatron's default)
   int64_t seq_length = 0;              // --seq-length
   uint32_t seed = 1234;                // --seed
   // Samples wanted per split (train, valid, test); nullopt builds exactly one epoch.
-  std::array<std::optional<int64_t>, kSplitCount> num_samples;
+  std::array<std::optional<int64_t>, kSplitCount> num_samples = {};
   bool add_extra_token_to_sequence = true;            // samples hold seq_length + 1 tokens
   bool drop_last_partial_validation_sequence = true;  // otherwise valid pads its last sample
   double mid_level_dataset_surplus = 0.005;           // blend head-room, as Megatron
-  SampleOptions sample;
+  SampleOptions sample = {};
 };
 
 // A dataset of GPT samples addressed by index; sample i is text_length() token ids.

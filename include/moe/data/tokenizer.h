@@ -41,11 +41,11 @@ class Tokenizer {
 
 // Megatron's tokenizer flags.
 struct TokenizerOptions {
-  std::string type;        // --tokenizer-type
-  std::string model;       // --tokenizer-model (SentencePiece tokenizers)
-  std::string vocab_file;  // --vocab-file (GPT2BPETokenizer: vocab.json)
-  std::string merge_file;  // --merge-file (GPT2BPETokenizer: merges.txt)
-  int64_t vocab_size = 0;  // --vocab-size (NullTokenizer)
+  std::string type = {};        // --tokenizer-type
+  std::string model = {};       // --tokenizer-model (SentencePiece tokenizers)
+  std::string vocab_file = {};  // --vocab-file (GPT2BPETokenizer: vocab.json)
+  std::string merge_file = {};  // --merge-file (GPT2BPETokenizer: merges.txt)
+  int64_t vocab_size = 0;       // --vocab-size (NullTokenizer)
 };
 
 // Builds the tokenizer; an unknown type, a missing file or a bad file throws moe::Error.
