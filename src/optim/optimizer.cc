@@ -176,25 +176,17 @@ void Optimizer::Impl::reduce_gradients(Group& g, double pre_scale) {
 }
 
 // stats[0] += squares counted in the norm, stats[1] += squares of everything this rank updates
-// (non-finite iff some gradient is), stats[2] += zero elements counted in the norm.
+// (non-finite iff some gradient is), stats[2] += zero elements counted in the norm (when logged).
 void Optimizer::Impl::accumulate_statistics(const Group& g, double stats[3]) const {
   const float* grad = g.grad_shard.data<float>();
   for (const Segment& s : g.segments) {
     const float* p = grad + (s.begin - g.shard_begin);
     int64_t n = s.end - s.begin;
-    double squares = 0.0;
-    int64_t zeros = 0;
-#pragma omp parallel for reduction(+ : squares, zeros) schedule(static)
-    for (int64_t i = 0; i < n; ++i) {
-      double v = p[i];
-      squares += v * v;
-      zeros += p[i] == 0.0f;
-    }
+    double squares = sum_of_squares(p, n);
     stats[1] += squares;
-    if (s.counted_in_norm) {
-      stats[0] += squares;
-      stats[2] += double(zeros);
-    }
+    if (!s.counted_in_norm) continue;
+    stats[0] += squares;
+    if (config.log_num_zeros_in_grad) stats[2] += double(count_zeros(p, n));
   }
 }
 

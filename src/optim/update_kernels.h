@@ -31,4 +31,12 @@ struct SgdStep {
 void sgd_update(float* param, const float* grad, float* momentum_buffer, int64_t n,
                 const SgdStep& hyper);
 
+// Sum of x[i]^2 in double, in an order fixed by n alone (blocks of fixed size, lanes within a
+// block), so the result does not depend on the thread count. Non-finite input gives a non-finite
+// sum.
+double sum_of_squares(const float* x, int64_t n);
+
+// Number of elements equal to zero.
+int64_t count_zeros(const float* x, int64_t n);
+
 }  // namespace moe::optim

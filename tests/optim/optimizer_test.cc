@@ -7,6 +7,7 @@
 #include <cmath>
 #include <limits>
 
+#include "reference_adam.h"
 #include "support/testing.h"
 #include "test_model.h"
 
@@ -61,18 +62,10 @@ TEST(Adam, OneElementStepMatchesHandComputation) {
   EXPECT_NEAR(store.param(w).get(0), 0.890000002, 1e-7);
 }
 
-// torch.optim.AdamW in double precision.
 struct ReferenceAdam {
   std::vector<double> p, m, v;
-  void step(const std::vector<float>& g, double lr, double b1, double b2, double eps, double wd,
-            int t) {
-    for (size_t i = 0; i < p.size(); ++i) {
-      p[i] *= 1.0 - lr * wd;
-      m[i] = b1 * m[i] + (1 - b1) * g[i];
-      v[i] = b2 * v[i] + (1 - b2) * double(g[i]) * g[i];
-      double denom = std::sqrt(v[i]) / std::sqrt(1 - std::pow(b2, t)) + eps;
-      p[i] -= lr / (1 - std::pow(b1, t)) * m[i] / denom;
-    }
+  void step(const std::vector<float>& g, const AdamStep& h) {
+    for (size_t i = 0; i < p.size(); ++i) moe::testing::reference_adamw(p[i], m[i], v[i], g[i], h);
   }
 };
 
@@ -107,7 +100,7 @@ TEST(Adam, SeveralStepsMatchAdamWReferenceWithNoDecayForBiasAndNorms) {
       Tensor g = random_normal(store.grad(handles[i]).shape(), 100 * t + i);
       store.grad(handles[i]).copy_from(g);
       bool decays = i == 0 || i == 3;  // not the bias, not the 1-D norm
-      ref[i].step(g.to_floats(), lr, 0.8, 0.95, 1e-6, decays ? 0.3 : 0.0, t);
+      ref[i].step(g.to_floats(), {lr, 0.8, 0.95, 1e-6, decays ? 0.3 : 0.0, t});
     }
     ASSERT_FALSE(optimizer.step().skipped);
   }
