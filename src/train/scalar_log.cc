@@ -17,8 +17,8 @@ ScalarLog::ScalarLog(const std::optional<std::string>& tensorboard_dir,
     std::error_code error;
     if (!parent.empty()) std::filesystem::create_directories(parent, error);
     csv_ = std::fopen(csv_path_.c_str(), "w");
-    MOE_CHECK(csv_ != nullptr, "--log-file: cannot open '", csv_path_, "' for writing: ",
-              std::strerror(errno));
+    MOE_CHECK(csv_ != nullptr, "--log-file: cannot open '", csv_path_,
+              "' for writing: ", std::strerror(errno));
     MOE_CHECK(std::fputs("iteration,tag,value\n", csv_) >= 0, "--log-file: cannot write '",
               csv_path_, "'");
   }
@@ -40,8 +40,8 @@ void ScalarLog::add(std::string_view tag, double value, int64_t iteration) {
 void ScalarLog::flush() {
   if (tensorboard_) tensorboard_->flush();
   if (csv_) {
-    MOE_CHECK(std::fflush(csv_) == 0, "--log-file: cannot write '", csv_path_, "': ",
-              std::strerror(errno));
+    MOE_CHECK(std::fflush(csv_) == 0, "--log-file: cannot write '", csv_path_,
+              "': ", std::strerror(errno));
   }
 }
 

@@ -1,0 +1,64 @@
+// The training loop behind moe-train (Megatron's pretrain() for GPT): builds the parallel
+// layout, the GPT model, the optimizer and learning-rate schedule, the datasets and the data
+// iterator of this data-parallel rank; loads a checkpoint; trains --train-iters iterations of
+// --global-batch-size samples (gradient accumulation over global / (micro x dp) micro-batches);
+// logs, evaluates and saves at their intervals.
+//
+// Randomness is a pure function of (--seed, iteration, sample index), so a run resumed from a
+// checkpoint produces bitwise the same losses as one that never stopped.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <iosfwd>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "moe/train/arguments.h"
+
+namespace moe::train {
+
+// What one training iteration did (identical on every rank).
+struct IterationStats {
+  int64_t iteration = 0;  // 1-based: the iteration just completed
+  int64_t consumed_samples = 0;
+  double lr = 0;
+  double lm_loss = 0;              // mean over micro-batches and data-parallel ranks
+  double load_balancing_loss = 0;  // mean over MoE layers (as the router computes it)
+  double z_loss = 0;               // mean over MoE layers
+  double grad_norm = 0;
+  double loss_scale = 1;
+  bool skipped = false;  // inf/NaN gradients: no update
+  double elapsed_ms = 0;
+  double tokens_per_second = 0;
+  // Tokens routed to each expert in this iteration, summed over MoE layers, micro-batches and
+  // ranks, divided by the even share: 1.0 means perfectly balanced. Empty for dense models or
+  // when the model does not report loads.
+  std::vector<double> expert_load;
+};
+
+struct TrainingReport {
+  int64_t start_iteration = 0;  // 0, or the loaded checkpoint's iteration
+  int64_t final_iteration = 0;
+  std::vector<IterationStats> iterations;                     // every iteration this run trained
+  std::vector<std::pair<int64_t, double>> validation_losses;  // (iteration, lm loss)
+  std::optional<std::string> last_checkpoint;                 // directory of the latest save
+};
+
+struct TrainingHooks {
+  // Called on every rank after each iteration (tests inject failures or stop early here).
+  std::function<void(const IterationStats&)> after_iteration;
+};
+
+// Runs the job on every rank of MPI_COMM_WORLD (collective). `args` must be finalized for the
+// world size. Rank 0 writes the log to `log`. Throws moe::Error on bad input (missing files,
+// unsupported combinations), naming the file or flag.
+TrainingReport pretrain(const TrainingArguments& args, std::ostream& log,
+                        const TrainingHooks& hooks = {});
+
+// Megatron's log line for the iterations since the last one (averages over `window`).
+std::string format_log_line(const std::vector<IterationStats>& window, int64_t train_iters,
+                            int64_t global_batch_size);
+
+}  // namespace moe::train

@@ -1,0 +1,567 @@
+#include "moe/train/trainer.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <ostream>
+#include <sstream>
+
+#include "expert_load.h"
+#include "mock_dataset.h"
+#include "moe/checkpoint/checkpoint.h"
+#include "moe/comm/parallel_state.h"
+#include "moe/comm/process_group.h"
+#include "moe/data/gpt_dataset.h"
+#include "moe/data/tokenizer.h"
+#include "moe/model/gpt_model.h"
+#include "moe/optim/lr_scheduler.h"
+#include "moe/optim/optimizer.h"
+#include "moe/tensor/rng.h"
+#include "moe/train/scalar_log.h"
+
+namespace moe::train {
+namespace {
+
+using detail::concat;
+using Clock = std::chrono::steady_clock;
+
+model::TransformerConfig model_config(const TrainingArguments& a, int64_t padded_vocab) {
+  model::TransformerConfig c;
+  c.num_layers = *a.num_layers;
+  c.hidden_size = *a.hidden_size;
+  c.ffn_hidden_size = *a.ffn_hidden_size;
+  c.num_attention_heads = *a.num_attention_heads;
+  c.kv_channels = *a.kv_channels;
+  c.group_query_attention = a.group_query_attention;
+  c.num_query_groups = a.num_query_groups;
+  c.padded_vocab_size = padded_vocab;
+  c.seq_length = *a.seq_length;
+  c.normalization = a.normalization;
+  c.norm_epsilon = float(a.norm_epsilon);
+  c.position_embedding_type = a.position_embedding_type;
+  c.rotary_base = float(a.rotary_base);
+  c.swiglu = a.swiglu;
+  c.add_bias_linear = a.add_bias_linear;
+  c.untie_embeddings_and_output_weights = a.untie_embeddings_and_output_weights;
+  c.hidden_dropout = float(a.hidden_dropout);
+  c.attention_dropout = float(a.attention_dropout);
+  c.init_method_std = float(a.init_method_std);
+  c.sequence_parallel = a.sequence_parallel;
+  c.recompute_granularity = a.recompute_granularity.value_or("");
+  if (a.is_moe()) {
+    c.num_experts = *a.num_experts;
+    c.moe_layer_pattern.assign(a.moe_layer_pattern.begin(), a.moe_layer_pattern.end());
+    MoEConfig& m = c.moe;
+    m.moe_ffn_hidden_size = *a.moe_ffn_hidden_size;
+    m.moe_router_topk = a.moe_router_topk;
+    m.moe_router_load_balancing_type = parse_load_balancing_type(a.moe_router_load_balancing_type);
+    m.moe_aux_loss_coeff = a.moe_aux_loss_coeff;
+    m.moe_z_loss_coeff = a.moe_z_loss_coeff;
+    m.moe_input_jitter_eps = a.moe_input_jitter_eps;
+    m.moe_router_pre_softmax = a.moe_router_pre_softmax;
+    m.moe_router_score_function = parse_score_function(a.moe_router_score_function);
+    m.moe_router_topk_scaling_factor = a.moe_router_topk_scaling_factor;
+    m.moe_expert_capacity_factor = a.moe_expert_capacity_factor;
+    m.moe_pad_expert_input_to_capacity = a.moe_pad_expert_input_to_capacity;
+    m.moe_token_drop_policy = parse_token_drop_policy(a.moe_token_drop_policy);
+    m.moe_grouped_gemm = a.moe_grouped_gemm;
+    m.moe_token_dispatcher_type = parse_token_dispatcher_type(a.moe_token_dispatcher_type);
+  }
+  return c;
+}
+
+optim::OptimizerConfig optimizer_config(const TrainingArguments& a) {
+  optim::OptimizerConfig c;
+  c.optimizer = a.optimizer;
+  c.lr = *a.lr;
+  c.min_lr = a.min_lr;
+  c.weight_decay = a.weight_decay;
+  c.adam_beta1 = a.adam_beta1;
+  c.adam_beta2 = a.adam_beta2;
+  c.adam_eps = a.adam_eps;
+  c.sgd_momentum = a.sgd_momentum;
+  c.clip_grad = a.clip_grad;
+  c.use_distributed_optimizer = a.use_distributed_optimizer;
+  c.bf16 = a.bf16;
+  c.fp16 = a.fp16;
+  c.loss_scale = a.fp16 ? a.loss_scale.value_or(0.0) : 0.0;
+  c.initial_loss_scale = a.initial_loss_scale;
+  c.min_loss_scale = a.min_loss_scale;
+  c.loss_scale_window = int(a.loss_scale_window);
+  c.hysteresis = a.hysteresis;
+  return c;
+}
+
+optim::SchedulerConfig scheduler_config(const TrainingArguments& a) {
+  optim::IterationScheduleArgs s;
+  s.train_iters = *a.train_iters;
+  s.global_batch_size = *a.global_batch_size;
+  s.lr = *a.lr;
+  s.min_lr = a.min_lr;
+  s.lr_warmup_init = a.lr_warmup_init;
+  s.lr_decay_iters = *a.lr_decay_iters;
+  s.lr_warmup_iters = a.lr_warmup_iters;
+  s.lr_warmup_fraction = a.lr_warmup_fraction;
+  s.lr_decay_style = a.lr_decay_style;
+  s.start_weight_decay = a.weight_decay;
+  s.end_weight_decay = a.weight_decay;
+  return optim::make_scheduler_config(s);
+}
+
+DType parameter_dtype(const TrainingArguments& a) {
+  return a.bf16 ? DType::BF16 : a.fp16 ? DType::F16 : DType::F32;
+}
+
+nlohmann::json arguments_json(const TrainingArguments& a) {
+  return {{"command_line", a.command_line},
+          {"world_size", a.world_size},
+          {"tensor_model_parallel_size", a.tensor_model_parallel_size},
+          {"pipeline_model_parallel_size", a.pipeline_model_parallel_size},
+          {"expert_model_parallel_size", a.expert_model_parallel_size},
+          {"expert_tensor_parallel_size", *a.expert_tensor_parallel_size},
+          {"data_parallel_size", a.data_parallel_size},
+          {"num_layers", *a.num_layers},
+          {"hidden_size", *a.hidden_size},
+          {"num_attention_heads", *a.num_attention_heads},
+          {"num_experts", a.num_experts.value_or(0)},
+          {"seq_length", *a.seq_length},
+          {"global_batch_size", *a.global_batch_size},
+          {"micro_batch_size", *a.micro_batch_size},
+          {"seed", a.seed},
+          {"params_dtype", std::string(dtype_name(parameter_dtype(a)))}};
+}
+
+// The model, optimizer, schedule and data of one run, built in Megatron's order.
+struct Job {
+  const TrainingArguments& args;
+  comm::ParallelState parallel;
+  std::unique_ptr<data::Tokenizer> tokenizer;
+  data::SampleOptions sample_options;
+  int64_t padded_vocab = 0;
+  std::unique_ptr<ParameterStore> store;
+  std::unique_ptr<model::GPTModel> model;
+  std::shared_ptr<ExpertLoadCounter> expert_load;  // MoE models only
+  std::unique_ptr<optim::Optimizer> optimizer;
+  std::unique_ptr<optim::OptimizerParamScheduler> scheduler;
+  std::array<std::shared_ptr<const data::SampleSource>, data::kSplitCount> datasets;
+  int64_t iteration = 0;
+  int64_t consumed_train_samples = 0;
+  int64_t consumed_valid_samples = 0;
+  bool is_logger = false;  // world rank 0
+  std::ostream& log;
+
+  Job(const TrainingArguments& a, std::ostream& out) : args(a), log(out) {}
+
+  void say(const std::string& line) const {
+    if (is_logger) log << line << '\n' << std::flush;
+  }
+};
+
+void build_tokenizer(Job& job) {
+  const TrainingArguments& a = job.args;
+  data::TokenizerOptions options;
+  options.type = *a.tokenizer_type;
+  options.model = a.tokenizer_model.value_or("");
+  options.vocab_file = a.vocab_file.value_or("");
+  options.merge_file = a.merge_file.value_or("");
+  options.vocab_size = a.vocab_size.value_or(0);
+  job.tokenizer = data::make_tokenizer(options);
+  job.sample_options.eod_token = job.tokenizer->eod();
+  job.sample_options.pad_token = data::dataset_pad_token(*job.tokenizer);
+  const int64_t vocab = job.tokenizer->vocab_size();
+  job.padded_vocab =
+      data::padded_vocab_size(vocab, a.make_vocab_size_divisible_by, a.tensor_model_parallel_size);
+  job.say(concat("> building ", options.type, " tokenizer ... padded vocab (size: ", vocab,
+                 ") with ", job.padded_vocab - vocab, " dummy tokens (new size: ", job.padded_vocab,
+                 ")"));
+}
+
+void build_datasets(Job& job) {
+  const TrainingArguments& a = job.args;
+  const auto num_samples = data::train_valid_test_num_samples(*a.train_iters, *a.global_batch_size,
+                                                              a.eval_interval, a.eval_iters);
+  if (a.mock_data) {
+    for (int split = 0; split < data::kSplitCount; ++split) {
+      job.datasets[split] = std::make_shared<MockGPTDataset>(
+          num_samples[split].value_or(0), *a.seq_length, job.tokenizer->vocab_size(),
+          job.tokenizer->eod(), uint64_t(a.seed), data::Split(split));
+    }
+  } else {
+    data::GPTDatasetConfig config;
+    config.data_path = a.data_path;
+    config.split = a.split;
+    config.seq_length = *a.seq_length;
+    config.seed = uint32_t(a.seed);
+    config.num_samples = num_samples;
+    config.sample = job.sample_options;
+    job.datasets = data::build_gpt_datasets(config);
+  }
+  MOE_CHECK(job.datasets[0] != nullptr, "--split '", a.split,
+            "' gives the training split no documents");
+  for (int split = 0; split < data::kSplitCount; ++split) {
+    const auto& dataset = job.datasets[split];
+    job.say(concat(" > ", data::split_name(data::Split(split)),
+                   " samples: ", dataset ? dataset->size() : 0, a.mock_data ? " (mock data)" : ""));
+  }
+}
+
+void build_model_and_optimizer(Job& job) {
+  const TrainingArguments& a = job.args;
+  model::TransformerConfig config = model_config(a, job.padded_vocab);
+  job.store = std::make_unique<ParameterStore>(parameter_dtype(a));
+  model::DispatcherFactory dispatchers;
+  if (a.is_moe()) {
+    MOE_CHECK(a.expert_model_parallel_size == 1 && *a.expert_tensor_parallel_size == 1,
+              "--expert-model-parallel-size ", a.expert_model_parallel_size,
+              " / --expert-tensor-parallel-size ", *a.expert_tensor_parallel_size,
+              ": the expert-parallel token dispatcher is not available in this build; use 1");
+    job.expert_load = std::make_shared<ExpertLoadCounter>(*a.num_experts);
+    dispatchers = counting_dispatcher_factory(job.expert_load, nullptr);
+  }
+  job.model = std::make_unique<model::GPTModel>(config, job.parallel, *job.store, model::GPTStage{},
+                                                dispatchers);
+  job.store->allocate();
+  job.model->init_parameters(uint64_t(a.seed));
+  job.say(concat(" > number of parameters on (tensor, pipeline, expert) model parallel rank (",
+                 job.parallel.tp.rank(), ", ", job.parallel.pp.rank(), ", ",
+                 job.parallel.ep_group.rank(), "): dense ",
+                 job.store->flat_params(ParamGroup::kDense).numel(), ", expert ",
+                 job.store->flat_params(ParamGroup::kExpert).numel()));
+  job.optimizer = std::make_unique<optim::Optimizer>(*job.store, job.parallel, optimizer_config(a));
+  job.scheduler =
+      std::make_unique<optim::OptimizerParamScheduler>(scheduler_config(a), job.optimizer.get());
+  job.say(concat(" > ", job.optimizer->memory_summary(), " (world rank 0)"));
+}
+
+void load_checkpoint_if_any(Job& job) {
+  const TrainingArguments& a = job.args;
+  if (!a.load) {
+    job.say("> no --load given: training from scratch");
+    return;
+  }
+  std::optional<int64_t> tracked = checkpoint::read_tracker(*a.load);
+  if (!tracked) {
+    MOE_CHECK(!a.exit_on_missing_checkpoint, "--load '", *a.load,
+              "' holds no checkpoint (no latest_checkpointed_iteration.txt) and "
+              "--exit-on-missing-checkpoint is set");
+    job.say(concat("> no checkpoint found in --load '", *a.load, "': training from scratch"));
+    return;
+  }
+  checkpoint::LoadOptions options;
+  options.load_optim = !a.no_load_optim && !a.finetune;
+  options.load_rng = !a.no_load_rng;
+  checkpoint::TrainingState state = checkpoint::load_checkpoint(
+      *a.load, *job.store, options.load_optim ? job.optimizer.get() : nullptr,
+      options.load_optim ? job.scheduler.get() : nullptr, job.parallel, options);
+  if (!options.load_optim) job.optimizer->reload_main_params();
+  if (!a.finetune) {
+    job.iteration = state.iteration;
+    job.consumed_train_samples = state.consumed_train_samples;
+    job.consumed_valid_samples = state.consumed_valid_samples;
+  }
+  job.say(concat("> loaded checkpoint from '", *a.load, "' at iteration ", state.iteration,
+                 options.load_optim ? "" : " (model only: optimizer and schedule start fresh)",
+                 a.finetune ? "; --finetune: starting at iteration 0" : ""));
+}
+
+void save(Job& job, TrainingReport& report) {
+  const TrainingArguments& a = job.args;
+  checkpoint::TrainingState state;
+  state.iteration = job.iteration;
+  state.consumed_train_samples = job.consumed_train_samples;
+  state.consumed_valid_samples = job.consumed_valid_samples;
+  state.args = arguments_json(a);
+  auto start = Clock::now();
+  checkpoint::save_checkpoint(*a.save, state, *job.store,
+                              a.no_save_optim ? nullptr : job.optimizer.get(), job.scheduler.get(),
+                              job.parallel);
+  report.last_checkpoint =
+      (std::filesystem::path(*a.save) / checkpoint::iteration_dir_name(job.iteration)).string();
+  job.say(concat("  successfully saved checkpoint at iteration ", job.iteration, " to ",
+                 *report.last_checkpoint, " (",
+                 std::chrono::duration<double>(Clock::now() - start).count(), " s)"));
+}
+
+// Every random choice of one micro-batch (dropout masks, router jitter) derives from the seed,
+// the iteration and the global index of the micro-batch's first sample: the same in every
+// layout and again after a resume.
+uint64_t micro_batch_seed(uint64_t seed, int64_t iteration, int64_t first_sample) {
+  Rng rng =
+      Rng::derived(seed ^ (uint64_t(iteration) * 0x9E3779B97F4A7C15ull), uint64_t(first_sample));
+  return rng.next_u64();
+}
+
+// Sums `values` over the data-parallel group and divides by its size.
+void average_over_data_parallel(std::vector<double>& values, const comm::ParallelState& parallel) {
+  if (values.empty()) return;
+  Tensor buffer({int64_t(values.size())}, DType::F64);
+  std::copy(values.begin(), values.end(), buffer.data<double>());
+  comm::all_reduce(buffer, parallel.dp_group);
+  for (size_t i = 0; i < values.size(); ++i) {
+    values[i] = buffer.data<double>()[i] / parallel.dp_group.size();
+  }
+}
+
+// The MoE losses of one forward, averaged over the layers that reported them.
+struct MoeLossMeans {
+  double load_balancing = 0, z = 0;
+};
+MoeLossMeans moe_loss_means(const std::vector<model::MoELossReport>& reports) {
+  std::map<std::string, std::pair<double, int>> sums;
+  for (const auto& report : reports) {
+    auto& [sum, count] = sums[report.name];
+    sum += report.value;
+    ++count;
+  }
+  auto mean = [&](const char* name) {
+    auto found = sums.find(name);
+    return found == sums.end() ? 0.0 : found->second.first / found->second.second;
+  };
+  return {mean("load_balancing_loss"), mean("z_loss")};
+}
+
+IterationStats train_step(Job& job, data::PretrainingDataIterator& data) {
+  const TrainingArguments& a = job.args;
+  const auto start = Clock::now();
+  const int micro_batches = a.num_micro_batches;
+  job.store->zero_grads();
+  if (job.expert_load) job.expert_load->reset();
+  const double loss_grad = job.optimizer->loss_scale() / micro_batches;
+  double lm_loss = 0, load_balancing = 0, z_loss = 0;
+  for (int micro = 0; micro < micro_batches; ++micro) {
+    data::MicroBatch batch = data.next();
+    model::GPTContext ctx;
+    ctx.dropout_seed = micro_batch_seed(uint64_t(a.seed), job.iteration, batch.sample_indices[0]);
+    lm_loss += job.model->forward(batch.tokens, batch.labels, ctx, batch.loss_mask);
+    MoeLossMeans moe = moe_loss_means(ctx.moe_losses);
+    load_balancing += moe.load_balancing;
+    z_loss += moe.z;
+    job.model->backward(ctx, float(loss_grad));
+  }
+  optim::StepResult step = job.optimizer->step();
+  ++job.iteration;
+  job.consumed_train_samples += *a.global_batch_size;
+  if (!step.skipped) job.scheduler->step(*a.global_batch_size);
+
+  std::vector<double> losses = {lm_loss / micro_batches, load_balancing / micro_batches,
+                                z_loss / micro_batches};
+  average_over_data_parallel(losses, job.parallel);
+  IterationStats stats;
+  stats.iteration = job.iteration;
+  stats.consumed_samples = job.consumed_train_samples;
+  stats.lr = job.scheduler->lr();
+  stats.lm_loss = losses[0];
+  stats.load_balancing_loss = losses[1];
+  stats.z_loss = losses[2];
+  stats.grad_norm = step.grad_norm;
+  stats.loss_scale = step.loss_scale;
+  stats.skipped = step.skipped;
+  if (job.expert_load) stats.expert_load = job.expert_load->relative_load(job.parallel.world);
+  stats.elapsed_ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+  stats.tokens_per_second =
+      double(*a.global_batch_size) * double(*a.seq_length) / (stats.elapsed_ms / 1000.0);
+  return stats;
+}
+
+// Megatron's evaluate(): eval_iters global batches of the validation split, no backward.
+double evaluate(Job& job, data::PretrainingDataIterator& data) {
+  const TrainingArguments& a = job.args;
+  double total = 0;
+  int64_t batches = 0;
+  for (int step = 0; step < a.eval_iters; ++step) {
+    for (int micro = 0; micro < a.num_micro_batches; ++micro) {
+      data::MicroBatch batch = data.next();
+      model::GPTContext ctx;
+      ctx.training = false;
+      total += job.model->forward(batch.tokens, batch.labels, ctx, batch.loss_mask);
+      ctx.release();
+      ++batches;
+    }
+    job.consumed_valid_samples += *a.global_batch_size;
+  }
+  std::vector<double> mean = {batches ? total / double(batches) : 0.0};
+  average_over_data_parallel(mean, job.parallel);
+  return mean[0];
+}
+
+void log_validation(Job& job, ScalarLog* scalars, double loss) {
+  const std::string line =
+      concat(" validation loss at iteration ", job.iteration, " | lm loss value: ", loss,
+             " | lm loss PPL: ", std::exp(std::min(loss, 20.0)), " |");
+  const std::string rule(line.size() + 1, '-');
+  job.say(rule + "\n" + line + "\n" + rule);
+  if (scalars) {
+    scalars->add("lm loss validation", loss, job.iteration);
+    scalars->add("lm loss validation ppl", std::exp(std::min(loss, 20.0)), job.iteration);
+    scalars->flush();
+  }
+}
+
+void log_scalars(ScalarLog& scalars, const IterationStats& s, bool is_moe) {
+  scalars.add("learning-rate", s.lr, s.iteration);
+  scalars.add("lm loss", s.lm_loss, s.iteration);
+  scalars.add("grad-norm", s.grad_norm, s.iteration);
+  scalars.add("loss-scale", s.loss_scale, s.iteration);
+  scalars.add("iteration-time-ms", s.elapsed_ms, s.iteration);
+  scalars.add("tokens-per-second", s.tokens_per_second, s.iteration);
+  scalars.add("consumed-samples", double(s.consumed_samples), s.iteration);
+  if (is_moe) {
+    scalars.add("load_balancing_loss", s.load_balancing_loss, s.iteration);
+    scalars.add("z_loss", s.z_loss, s.iteration);
+  }
+  if (!s.expert_load.empty()) {
+    auto [low, high] = std::minmax_element(s.expert_load.begin(), s.expert_load.end());
+    scalars.add("expert-load-min", *low, s.iteration);
+    scalars.add("expert-load-max", *high, s.iteration);
+  }
+}
+
+}  // namespace
+
+std::string format_log_line(const std::vector<IterationStats>& window, int64_t train_iters,
+                            int64_t global_batch_size) {
+  MOE_CHECK(!window.empty(), "format_log_line needs at least one iteration");
+  const IterationStats& last = window.back();
+  double elapsed = 0, lm = 0, balance = 0, z = 0, tokens_per_second = 0;
+  int skipped = 0, counted = 0;
+  double load_min = 0, load_max = 0;
+  bool has_load = false;
+  for (const IterationStats& s : window) {
+    elapsed += s.elapsed_ms;
+    tokens_per_second += s.tokens_per_second;
+    if (s.skipped) {
+      ++skipped;
+      continue;
+    }
+    ++counted;
+    lm += s.lm_loss;
+    balance += s.load_balancing_loss;
+    z += s.z_loss;
+    if (!s.expert_load.empty()) {
+      auto [low, high] = std::minmax_element(s.expert_load.begin(), s.expert_load.end());
+      load_min = has_load ? std::min(load_min, *low) : *low;
+      load_max = has_load ? std::max(load_max, *high) : *high;
+      has_load = true;
+    }
+  }
+  const double n = double(window.size());
+  char buffer[1024];
+  std::string line;
+  auto append = [&](const char* format, auto... values) {
+    std::snprintf(buffer, sizeof(buffer), format, values...);
+    line += buffer;
+  };
+  append(" iteration %8lld/%8lld |", static_cast<long long>(last.iteration),
+         static_cast<long long>(train_iters));
+  append(" consumed samples: %12lld |", static_cast<long long>(last.consumed_samples));
+  append(" elapsed time per iteration (ms): %.1f |", elapsed / n);
+  append(" tokens/s: %.0f |", tokens_per_second / n);
+  append(" learning rate: %.6E |", last.lr);
+  append(" global batch size: %5lld |", static_cast<long long>(global_batch_size));
+  if (counted > 0) {
+    append(" lm loss: %.6E |", lm / counted);
+    append(" load_balancing_loss: %.6E |", balance / counted);
+    append(" z_loss: %.6E |", z / counted);
+  }
+  append(" loss scale: %.1f |", last.loss_scale);
+  append(" grad norm: %.3f |", last.grad_norm);
+  if (has_load) append(" expert load min/max: %.2f/%.2f |", load_min, load_max);
+  append(" number of skipped iterations: %3d |", skipped);
+  if (skipped > 0) append(" (inf/NaN gradients: step skipped, loss scale lowered) |");
+  return line;
+}
+
+TrainingReport pretrain(const TrainingArguments& args, std::ostream& log,
+                        const TrainingHooks& hooks) {
+  MOE_CHECK(args.pipeline_model_parallel_size == 1, "--pipeline-model-parallel-size ",
+            args.pipeline_model_parallel_size,
+            ": moe-train's loop does not run pipeline schedules yet; use 1");
+  comm::set_collective_timeout(60.0 * args.distributed_timeout_minutes);
+  Job job(args, log);
+  comm::ParallelSizes sizes;
+  sizes.tp = args.tensor_model_parallel_size;
+  sizes.pp = args.pipeline_model_parallel_size;
+  sizes.ep = args.expert_model_parallel_size;
+  sizes.etp = *args.expert_tensor_parallel_size;
+  job.parallel = comm::initialize_model_parallel(sizes);
+  MOE_CHECK(job.parallel.world_size == args.world_size, "the arguments were validated for ",
+            args.world_size, " ranks but the job has ", job.parallel.world_size);
+  job.is_logger = job.parallel.world_rank == 0;
+  job.say(concat(
+      "using world size: ", args.world_size, ", data-parallel size: ", args.data_parallel_size,
+      ", tensor-model-parallel size: ", sizes.tp, ", pipeline-model-parallel size: ", sizes.pp,
+      ", expert-model-parallel size: ", sizes.ep, ", expert-tensor-parallel size: ", sizes.etp,
+      ", expert-data-parallel size: ", args.expert_data_parallel_size));
+  for (const std::string& note : args.notes) job.say("note: " + note);
+  job.say(concat("global batch size ", *args.global_batch_size, " = micro-batch size ",
+                 *args.micro_batch_size, " x data-parallel size ", args.data_parallel_size, " x ",
+                 args.num_micro_batches, " accumulated micro-batches"));
+
+  build_tokenizer(job);
+  build_model_and_optimizer(job);
+  load_checkpoint_if_any(job);
+  build_datasets(job);
+
+  std::unique_ptr<ScalarLog> scalars;
+  if (job.is_logger && (args.tensorboard_dir || args.log_file)) {
+    scalars = std::make_unique<ScalarLog>(args.tensorboard_dir, args.log_file);
+    if (auto path = scalars->tensorboard_path()) job.say("> TensorBoard event file: " + *path);
+  }
+
+  const int64_t dp_rank = job.parallel.dp_group.rank(), dp = job.parallel.dp_group.size();
+  data::PretrainingDataIterator train_data(job.datasets[0], job.consumed_train_samples,
+                                           *args.micro_batch_size, dp_rank, dp, job.sample_options);
+  std::optional<data::PretrainingDataIterator> valid_data;
+  if (job.datasets[1] && args.eval_iters > 0) {
+    valid_data.emplace(job.datasets[1], job.consumed_valid_samples, *args.micro_batch_size, dp_rank,
+                       dp, job.sample_options);
+  } else {
+    job.say("> no validation: the validation split is empty or --eval-iters is 0");
+  }
+
+  TrainingReport report;
+  report.start_iteration = job.iteration;
+  std::vector<IterationStats> window;
+  job.say(concat("> training from iteration ", job.iteration, " to ", *args.train_iters));
+  bool saved_last = false;
+  while (job.iteration < *args.train_iters) {
+    IterationStats stats = train_step(job, train_data);
+    report.iterations.push_back(stats);
+    window.push_back(stats);
+    saved_last = false;
+    if (scalars && stats.iteration % args.tensorboard_log_interval == 0) {
+      log_scalars(*scalars, stats, args.is_moe());
+    }
+    if (stats.iteration % args.log_interval == 0) {
+      job.say(format_log_line(window, *args.train_iters, *args.global_batch_size));
+      if (scalars) scalars->flush();
+      window.clear();
+    }
+    if (hooks.after_iteration) hooks.after_iteration(stats);
+    if (valid_data && job.iteration % args.eval_interval == 0) {
+      double loss = evaluate(job, *valid_data);
+      report.validation_losses.emplace_back(job.iteration, loss);
+      log_validation(job, scalars.get(), loss);
+    }
+    if (args.save && job.iteration % *args.save_interval == 0) {
+      save(job, report);
+      saved_last = true;
+    }
+    if (args.exit_interval && job.iteration % *args.exit_interval == 0) {
+      job.say(concat("exiting at iteration ", job.iteration, " (--exit-interval)"));
+      break;
+    }
+  }
+  if (!window.empty()) job.say(format_log_line(window, *args.train_iters, *args.global_batch_size));
+  if (args.save && !saved_last && job.iteration > report.start_iteration) save(job, report);
+  if (scalars) scalars->flush();
+  report.final_iteration = job.iteration;
+  return report;
+}
+
+}  // namespace moe::train
