@@ -176,19 +176,8 @@ void dense_case(benchmark::State& state, int64_t m) {
   });
 }
 
-const char* form_name(GemmForm form) {
-  switch (form) {
-    case GemmForm::kForward:
-      return "forward";
-    case GemmForm::kGradInput:
-      return "grad_input";
-    case GemmForm::kGradWeight:
-      return "grad_weight";
-  }
-  return "?";
-}
-
-const GroupedGemmKernel kKernels[] = {GroupedGemmKernel::kAuto, GroupedGemmKernel::kPerGroupBlas};
+const GroupedGemmKernel kKernels[] = {GroupedGemmKernel::kPackedAvx2,
+                                      GroupedGemmKernel::kPerGroupBlas};
 const DType kDtypes[] = {DType::F32, DType::BF16, DType::F16};
 
 void register_benchmarks() {
@@ -201,7 +190,7 @@ void register_benchmarks() {
     for (DType dtype : kDtypes) {
       for (GemmForm form : {GemmForm::kForward, GemmForm::kGradInput, GemmForm::kGradWeight}) {
         for (GroupedGemmKernel kernel : kKernels) {
-          std::string name = "grouped/" + shape.name + "/" + form_name(form) + "/" +
+          std::string name = "grouped/" + shape.name + "/" + gemm_form_name(form) + "/" +
                              std::string(dtype_name(dtype)) + "/" +
                              grouped_gemm_kernel_name(kernel);
           benchmark::RegisterBenchmark(name.c_str(), grouped_case, shape, form, dtype, kernel)

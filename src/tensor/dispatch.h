@@ -10,10 +10,14 @@ namespace moe {
 template <class Body>
 decltype(auto) dispatch_floating(DType dtype, const char* what, Body&& body) {
   switch (dtype) {
-    case DType::F32: return body(float{});
-    case DType::BF16: return body(bf16{});
-    case DType::F16: return body(f16{});
-    case DType::F64: return body(double{});
+    case DType::F32:
+      return body(float{});
+    case DType::BF16:
+      return body(bf16{});
+    case DType::F16:
+      return body(f16{});
+    case DType::F64:
+      return body(double{});
     default:
       throw Error(detail::concat(what, ": dtype ", dtype_name(dtype),
                                  " is not a floating type (fp32, bf16, fp16, fp64)"));

@@ -169,6 +169,8 @@ const char* grouped_gemm_kernel_name(GroupedGemmKernel kernel) {
       return "auto";
     case GroupedGemmKernel::kPerGroupBlas:
       return "per_group_blas";
+    case GroupedGemmKernel::kPackedAvx2:
+      return "packed_avx2";
   }
   return "unknown";
 }
@@ -180,6 +182,8 @@ bool grouped_gemm_kernel_available(GroupedGemmKernel kernel, DType input_dtype) 
     case GroupedGemmKernel::kAuto:
     case GroupedGemmKernel::kPerGroupBlas:
       return supported_dtype;
+    case GroupedGemmKernel::kPackedAvx2:
+      return input_dtype != DType::F64 && supported_dtype && packed_gemm_supported();
   }
   return false;
 }
@@ -189,7 +193,15 @@ void grouped_gemm(const GroupedGemmArgs& args, GroupedGemmKernel kernel) {
   MOE_CHECK(grouped_gemm_kernel_available(kernel, args.input_dtype), "grouped_gemm: kernel ",
             grouped_gemm_kernel_name(kernel), " is not available for input dtype ",
             dtype_name(args.input_dtype), " on this CPU");
-  grouped_gemm_blas(args, layout);
+  if (kernel == GroupedGemmKernel::kAuto) {
+    bool packed = grouped_gemm_kernel_available(GroupedGemmKernel::kPackedAvx2, args.input_dtype);
+    kernel = packed ? GroupedGemmKernel::kPackedAvx2 : GroupedGemmKernel::kPerGroupBlas;
+  }
+  if (kernel == GroupedGemmKernel::kPackedAvx2) {
+    grouped_gemm_packed(args, layout);
+  } else {
+    grouped_gemm_blas(args, layout);
+  }
 }
 
 void grouped_gemm(const GroupedGemmArgs& args) {
@@ -250,6 +262,18 @@ void grouped_gemm_reference(const GroupedGemmArgs& args) {
       }
     }
   }
+}
+
+const char* gemm_form_name(GemmForm form) {
+  switch (form) {
+    case GemmForm::kForward:
+      return "forward";
+    case GemmForm::kGradInput:
+      return "grad_input";
+    case GemmForm::kGradWeight:
+      return "grad_weight";
+  }
+  return "unknown";
 }
 
 double grouped_gemm_flops(std::span<const int64_t> group_rows, int64_t k, int64_t n) {

@@ -23,4 +23,10 @@ struct GroupedGemmLayout {
 // The first implementation: one BLAS call per group (half inputs widened to fp32 first).
 void grouped_gemm_blas(const GroupedGemmArgs& args, const GroupedGemmLayout& layout);
 
+// Whether this CPU runs the packed kernel (AVX2, FMA and F16C).
+bool packed_gemm_supported();
+// The packed AVX2/FMA kernel (grouped_gemm_packed.cc): F32, BF16 and F16 inputs. Call only when
+// packed_gemm_supported().
+void grouped_gemm_packed(const GroupedGemmArgs& args, const GroupedGemmLayout& layout);
+
 }  // namespace moe

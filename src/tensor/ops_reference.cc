@@ -18,9 +18,15 @@ void write(Tensor& t, int64_t i, double value) {
     t.set(i, float(value));
   }
 }
-int64_t width_of(const Tensor& t) { return t.ndim() ? t.dim(-1) : 0; }
-int64_t rows_of(const Tensor& t) { return width_of(t) ? t.numel() / width_of(t) : 0; }
-double sigmoid(double v) { return 1.0 / (1.0 + std::exp(-v)); }
+int64_t width_of(const Tensor& t) {
+  return t.ndim() ? t.dim(-1) : 0;
+}
+int64_t rows_of(const Tensor& t) {
+  return width_of(t) ? t.numel() / width_of(t) : 0;
+}
+double sigmoid(double v) {
+  return 1.0 / (1.0 + std::exp(-v));
+}
 
 }  // namespace
 
@@ -83,7 +89,8 @@ void softmax_rows(const Tensor& x, Tensor& y) {
   for (int64_t r = 0; r < rows_of(x); ++r) {
     double total = 0;
     for (int64_t j = 0; j < width; ++j) total += std::exp(read(x, r * width + j));
-    for (int64_t j = 0; j < width; ++j) write(y, r * width + j, std::exp(read(x, r * width + j)) / total);
+    for (int64_t j = 0; j < width; ++j)
+      write(y, r * width + j, std::exp(read(x, r * width + j)) / total);
   }
 }
 
@@ -93,7 +100,8 @@ void log_softmax_rows(const Tensor& x, Tensor& y) {
   for (int64_t r = 0; r < rows_of(x); ++r) {
     double total = 0;
     for (int64_t j = 0; j < width; ++j) total += std::exp(read(x, r * width + j));
-    for (int64_t j = 0; j < width; ++j) write(y, r * width + j, read(x, r * width + j) - std::log(total));
+    for (int64_t j = 0; j < width; ++j)
+      write(y, r * width + j, read(x, r * width + j) - std::log(total));
   }
 }
 
@@ -105,7 +113,8 @@ void softmax_rows_backward(const Tensor& y, const Tensor& dy, Tensor& dx) {
       double total = 0;  // the full Jacobian: dx_i = sum_j dy_j * y_j * (delta_ij - y_i)
       for (int64_t j = 0; j < width; ++j) {
         double delta = i == j ? 1.0 : 0.0;
-        total += read(dy, r * width + j) * read(y, r * width + j) * (delta - read(y, r * width + i));
+        total +=
+            read(dy, r * width + j) * read(y, r * width + j) * (delta - read(y, r * width + i));
       }
       write(dx, r * width + i, total);
     }
@@ -133,7 +142,8 @@ void rmsnorm(const Tensor& x, const Tensor& weight, float eps, Tensor& y, Tensor
     for (int64_t j = 0; j < width; ++j) squares += read(x, r * width + j) * read(x, r * width + j);
     double inv = 1.0 / std::sqrt(squares / double(width) + double(eps));
     inv_rms.set(r, float(inv));
-    for (int64_t j = 0; j < width; ++j) write(y, r * width + j, read(x, r * width + j) * inv * read(weight, j));
+    for (int64_t j = 0; j < width; ++j)
+      write(y, r * width + j, read(x, r * width + j) * inv * read(weight, j));
   }
 }
 
@@ -145,7 +155,8 @@ void rmsnorm_backward(const Tensor& x, const Tensor& weight, const Tensor& inv_r
     double inv = inv_rms.get(r);
     // y_j = x_j * inv * w_j with inv = (mean(x^2) + eps)^-1/2, so d inv / d x_i = -inv^3 x_i / H.
     double dot = 0;
-    for (int64_t j = 0; j < width; ++j) dot += read(dy, r * width + j) * read(weight, j) * read(x, r * width + j);
+    for (int64_t j = 0; j < width; ++j)
+      dot += read(dy, r * width + j) * read(weight, j) * read(x, r * width + j);
     for (int64_t i = 0; i < width; ++i) {
       double xi = read(x, r * width + i);
       double grad = read(dy, r * width + i) * read(weight, i) * inv -

@@ -7,24 +7,36 @@ namespace moe {
 
 size_t dtype_size(DType dtype) {
   switch (dtype) {
-    case DType::F32: return 4;
-    case DType::BF16: return 2;
-    case DType::F16: return 2;
-    case DType::F64: return 8;
-    case DType::I32: return 4;
-    case DType::I64: return 8;
+    case DType::F32:
+      return 4;
+    case DType::BF16:
+      return 2;
+    case DType::F16:
+      return 2;
+    case DType::F64:
+      return 8;
+    case DType::I32:
+      return 4;
+    case DType::I64:
+      return 8;
   }
   throw Error(detail::concat("unknown dtype code ", int(dtype)));
 }
 
 std::string_view dtype_name(DType dtype) {
   switch (dtype) {
-    case DType::F32: return "fp32";
-    case DType::BF16: return "bf16";
-    case DType::F16: return "fp16";
-    case DType::F64: return "fp64";
-    case DType::I32: return "int32";
-    case DType::I64: return "int64";
+    case DType::F32:
+      return "fp32";
+    case DType::BF16:
+      return "bf16";
+    case DType::F16:
+      return "fp16";
+    case DType::F64:
+      return "fp64";
+    case DType::I32:
+      return "int32";
+    case DType::I64:
+      return "int64";
   }
   return "unknown";
 }
@@ -79,7 +91,9 @@ Tensor Tensor::empty(Shape shape, DType dtype) {
   return tensor;
 }
 
-Tensor::Tensor(Shape shape, DType dtype) : Tensor(empty(std::move(shape), dtype)) { zero(); }
+Tensor::Tensor(Shape shape, DType dtype) : Tensor(empty(std::move(shape), dtype)) {
+  zero();
+}
 
 Tensor Tensor::full(Shape shape, float value, DType dtype) {
   Tensor tensor = empty(std::move(shape), dtype);
@@ -124,12 +138,18 @@ void Tensor::check_element_type(DType requested) const {
 float Tensor::get(int64_t i) const {
   MOE_CHECK(i >= 0 && i < numel_, "index ", i, " out of range for shape ", shape_string(shape_));
   switch (dtype_) {
-    case DType::F32: return static_cast<const float*>(data_)[i];
-    case DType::BF16: return to_float(static_cast<const bf16*>(data_)[i]);
-    case DType::F16: return to_float(static_cast<const f16*>(data_)[i]);
-    case DType::F64: return float(static_cast<const double*>(data_)[i]);
-    case DType::I32: return float(static_cast<const int32_t*>(data_)[i]);
-    case DType::I64: return float(static_cast<const int64_t*>(data_)[i]);
+    case DType::F32:
+      return static_cast<const float*>(data_)[i];
+    case DType::BF16:
+      return to_float(static_cast<const bf16*>(data_)[i]);
+    case DType::F16:
+      return to_float(static_cast<const f16*>(data_)[i]);
+    case DType::F64:
+      return float(static_cast<const double*>(data_)[i]);
+    case DType::I32:
+      return float(static_cast<const int32_t*>(data_)[i]);
+    case DType::I64:
+      return float(static_cast<const int64_t*>(data_)[i]);
   }
   return 0;
 }
@@ -137,12 +157,24 @@ float Tensor::get(int64_t i) const {
 void Tensor::set(int64_t i, float value) {
   MOE_CHECK(i >= 0 && i < numel_, "index ", i, " out of range for shape ", shape_string(shape_));
   switch (dtype_) {
-    case DType::F32: static_cast<float*>(data_)[i] = value; break;
-    case DType::BF16: static_cast<bf16*>(data_)[i] = float_to_bf16(value); break;
-    case DType::F16: static_cast<f16*>(data_)[i] = float_to_f16(value); break;
-    case DType::F64: static_cast<double*>(data_)[i] = value; break;
-    case DType::I32: static_cast<int32_t*>(data_)[i] = int32_t(value); break;
-    case DType::I64: static_cast<int64_t*>(data_)[i] = int64_t(value); break;
+    case DType::F32:
+      static_cast<float*>(data_)[i] = value;
+      break;
+    case DType::BF16:
+      static_cast<bf16*>(data_)[i] = float_to_bf16(value);
+      break;
+    case DType::F16:
+      static_cast<f16*>(data_)[i] = float_to_f16(value);
+      break;
+    case DType::F64:
+      static_cast<double*>(data_)[i] = value;
+      break;
+    case DType::I32:
+      static_cast<int32_t*>(data_)[i] = int32_t(value);
+      break;
+    case DType::I64:
+      static_cast<int64_t*>(data_)[i] = int64_t(value);
+      break;
   }
 }
 
@@ -169,8 +201,8 @@ Tensor Tensor::reshape(Shape shape) const {
               shape_string(shape));
     shape[inferred] = numel_ / known;
   }
-  MOE_CHECK(shape_numel(shape) == numel_, "cannot reshape ", shape_string(shape_), " (",
-            numel_, " elements) to ", shape_string(shape));
+  MOE_CHECK(shape_numel(shape) == numel_, "cannot reshape ", shape_string(shape_), " (", numel_,
+            " elements) to ", shape_string(shape));
   Tensor view = *this;
   view.shape_ = std::move(shape);
   return view;
@@ -193,7 +225,9 @@ Tensor Tensor::flatten_rows() const {
   return reshape({-1, shape_.back()});
 }
 
-Tensor Tensor::clone() const { return to(dtype_); }
+Tensor Tensor::clone() const {
+  return to(dtype_);
+}
 
 Tensor Tensor::to(DType dtype) const {
   Tensor result = empty(shape_, dtype);
@@ -242,8 +276,8 @@ void Tensor::fill(float value) {
 void check_shape(const Tensor& tensor, const Shape& expected, std::string_view what) {
   MOE_CHECK(tensor.defined(), what, ": tensor is undefined, expected shape ",
             shape_string(expected));
-  MOE_CHECK(tensor.shape() == expected, what, ": expected shape ", shape_string(expected),
-            ", got ", shape_string(tensor.shape()));
+  MOE_CHECK(tensor.shape() == expected, what, ": expected shape ", shape_string(expected), ", got ",
+            shape_string(tensor.shape()));
 }
 
 void check_dtype(const Tensor& tensor, DType expected, std::string_view what) {

@@ -2,7 +2,10 @@
 // sgemm_reference, and every grouped GEMM kernel in every form, dtype, output dtype and
 // accumulate mode against grouped_gemm_reference, on group sizes that include empty groups and
 // the awkward row counts; bad inputs and the text of their errors.
+#include <omp.h>
+
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <tuple>
@@ -90,18 +93,6 @@ const std::vector<GroupedCase> kGroupedCases = {
 
 using GroupedParam = std::tuple<GemmForm, DType, bool, bool>;  // form, input, fp32 out, accumulate
 
-const char* form_name(GemmForm form) {
-  switch (form) {
-    case GemmForm::kForward:
-      return "forward";
-    case GemmForm::kGradInput:
-      return "grad_input";
-    case GemmForm::kGradWeight:
-      return "grad_weight";
-  }
-  return "?";
-}
-
 // Tolerance of a grouped product of depth `depth` on N(0, 1) data in the output dtype: fp32
 // accumulation error grows with depth; half outputs may differ by one unit in the last place.
 testing::Tolerance grouped_tolerance(DType output, int64_t depth) {
@@ -185,8 +176,8 @@ GroupedGemmArgs args_for(GemmForm form, const GroupedCase& gc, Operands& o, bool
   return args;
 }
 
-const GroupedGemmKernel kAllKernels[] = {GroupedGemmKernel::kAuto,
-                                         GroupedGemmKernel::kPerGroupBlas};
+const GroupedGemmKernel kAllKernels[] = {GroupedGemmKernel::kAuto, GroupedGemmKernel::kPerGroupBlas,
+                                         GroupedGemmKernel::kPackedAvx2};
 
 TEST_P(GroupedGemmHarness, EveryKernelMatchesReference) {
   uint64_t seed = 100;
@@ -223,11 +214,41 @@ TEST_P(GroupedGemmHarness, TensorFormMatchesArgsForm) {
 INSTANTIATE_TEST_SUITE_P(AllForms, GroupedGemmHarness, ::testing::ValuesIn(grouped_params()),
                          [](const ::testing::TestParamInfo<GroupedParam>& info) {
                            const GroupedParam& p = info.param;
-                           return std::string(form_name(std::get<0>(p))) + "_" +
+                           return std::string(gemm_form_name(std::get<0>(p))) + "_" +
                                   testing::dtype_label(std::get<1>(p)) +
                                   (std::get<2>(p) ? "_to_fp32" : "_to_same") +
                                   (std::get<3>(p) ? "_accumulate" : "_overwrite");
                          });
+
+// The packed kernel computes each output element in one thread in a fixed depth order, so its
+// results are bitwise the same whatever the thread count (and whatever tiling the planner picks
+// for it). (OpenBLAS, behind per_group_blas, is reproducible only for a fixed thread count.)
+TEST(GroupedGemmDeterminism, PackedKernelIsBitwiseIdenticalForAnyThreadCount) {
+  const GroupedGemmKernel kernel = GroupedGemmKernel::kPackedAvx2;
+  if (!grouped_gemm_kernel_available(kernel, DType::F32)) {
+    GTEST_SKIP() << "no AVX2/FMA/F16C on this CPU";
+  }
+  GroupedCase gc{{40, 0, 300, 7, 1}, 300, 200};
+  int saved_threads = omp_get_max_threads();
+  for (GemmForm form : {GemmForm::kForward, GemmForm::kGradInput, GemmForm::kGradWeight}) {
+    for (DType dtype : {DType::F32, DType::BF16}) {
+      Tensor first;
+      for (int threads : {1, 2, 3}) {
+        omp_set_num_threads(threads);
+        Operands o = make_operands(form, gc, dtype, dtype, true, 5);
+        grouped_gemm(args_for(form, gc, o, true), kernel);
+        if (!first.defined()) {
+          first = o.c;
+          continue;
+        }
+        EXPECT_EQ(std::memcmp(first.raw(), o.c.raw(), first.nbytes()), 0)
+            << gemm_form_name(form) << " " << dtype_name(dtype) << " with " << threads
+            << " threads";
+      }
+    }
+  }
+  omp_set_num_threads(saved_threads);
+}
 
 TEST(LinearProducts, AreOneGroupOfTheGroupedForms) {
   Tensor x = random_normal({5, 3}, 1), w = random_normal({3, 4}, 2), dy = random_normal({5, 4}, 3);
@@ -291,6 +312,22 @@ TEST(GroupedGemmErrors, MessagesNameEveryOperandShape) {
   Tensor xi({10, 8}, DType::I32), wi({2, 8, 5}, DType::I32), yi({10, 5}, DType::I32);
   EXPECT_EQ(error_text([&] { grouped_gemm(GemmForm::kForward, xi, wi, rows, yi, false); }),
             "grouped_gemm: unsupported input dtype int32");
+}
+
+TEST(GroupedGemmErrors, UnavailableKernelIsNamed) {
+  std::vector<int64_t> rows = {2};
+  std::vector<double> a(6), b(9), c(6);
+  GroupedGemmArgs args;
+  args.groups = 1;
+  args.group_rows = rows.data();
+  args.k = 3;
+  args.n = 3;
+  args.input_dtype = args.output_dtype = DType::F64;
+  args.a = a.data();
+  args.b = b.data();
+  args.c = c.data();
+  EXPECT_EQ(error_text([&] { grouped_gemm(args, GroupedGemmKernel::kPackedAvx2); }),
+            "grouped_gemm: kernel packed_avx2 is not available for input dtype fp64 on this CPU");
 }
 
 TEST(SgemmErrors, ShortLeadingDimensionIsReported) {

@@ -50,6 +50,7 @@ void grouped_gemm_reference(const GroupedGemmArgs& args);
 enum class GroupedGemmKernel {
   kAuto,          // the fastest one available for the dtype on this CPU
   kPerGroupBlas,  // one OpenBLAS call per group (half inputs widened to fp32 first); any CPU
+  kPackedAvx2,    // packed AVX2/FMA micro-kernel, fp32/bf16/fp16 inputs; needs AVX2, FMA, F16C
 };
 const char* grouped_gemm_kernel_name(GroupedGemmKernel kernel);
 // Whether `kernel` can run on this CPU for this input dtype.
@@ -67,6 +68,9 @@ void grouped_gemm(GemmForm form, const Tensor& a, const Tensor& b,
 void linear_forward(const Tensor& x, const Tensor& weight, Tensor& y, bool accumulate = false);
 void linear_grad_input(const Tensor& dy, const Tensor& weight, Tensor& dx, bool accumulate = false);
 void linear_grad_weight(const Tensor& x, const Tensor& dy, Tensor& dweight, bool accumulate = true);
+
+// "forward", "grad_input", "grad_weight".
+const char* gemm_form_name(GemmForm form);
 
 // FLOPs of a grouped product (2 * sum(M_g) * K * N), for benchmarks.
 double grouped_gemm_flops(std::span<const int64_t> group_rows, int64_t k, int64_t n);
