@@ -22,36 +22,23 @@ uint64_t name_hash(const std::string& name) {  // FNV-1a: a stable stream id per
   return hash;
 }
 
-// Copies this rank's block of a global row-major tensor into the local parameter.
-void write_local_block(const ParamSpec& spec, const std::vector<float>& global, Tensor local) {
-  size_t dims = spec.shape.size();
-  std::vector<int64_t> global_strides(dims, 1);
-  for (size_t d = dims; d-- > 1;) global_strides[d - 1] = global_strides[d] * spec.global_shape[d];
-  std::vector<float> values(size_t(shape_numel(spec.shape)));
-  std::vector<int64_t> index(dims, 0);
-  for (float& value : values) {
-    int64_t flat = 0;
-    for (size_t d = 0; d < dims; ++d)
-      flat += (index[d] + spec.global_offset[d]) * global_strides[d];
-    value = global[size_t(flat)];
-    for (size_t d = dims; d-- > 0;) {  // odometer over the local shape
-      if (++index[d] < spec.shape[d]) break;
-      index[d] = 0;
-    }
-  }
-  local.copy_from(Tensor::from_floats(values, spec.shape, local.dtype()));
-}
-
 enum class InitKind { kNormal, kScaledNormal, kOnes, kZeros };
 
-// With sequence parallelism some replicated parameters (norms, row-parallel biases, position
-// embeddings, routers) see only this rank's sequence block: the gradient one backward adds to
-// them is summed over tp, as Megatron's finalize_model_grads does for sequence-parallel params.
-class SequenceParallelGradSync {
+// Replicated parameters that see only this tp rank's rows: with sequence parallelism the norms,
+// row-parallel biases and position embeddings, and with any tp > 1 the MoE routers. The gradient
+// one backward adds to them is summed over tp (Megatron's finalize_model_grads does this for
+// sequence-parallel parameters), so every tp rank ends with the same full gradient.
+class TensorParallelGradSync {
  public:
-  void add(ParamHandle handle) {
-    if (handle.index >= 0) handles_.push_back(handle);
+  // Parameters whose gradient sums over tp only with sequence parallelism.
+  void add_if_sequence_parallel(ParamHandle handle) {
+    if (sequence_parallel && handle.index >= 0) handles_.push_back(handle);
   }
+  // Parameters that always see a tp rank's own tokens when tp > 1 (MoE routers).
+  void add_if_tensor_parallel(ParamHandle handle) {
+    if (tensor_parallel && handle.index >= 0) handles_.push_back(handle);
+  }
+  bool sequence_parallel = false, tensor_parallel = false;
   bool empty() const { return handles_.empty(); }
   Tensor snapshot(const ParameterStore& store) const {
     std::vector<float> values;
@@ -124,6 +111,7 @@ class TransformerLayer {
                    uint64_t jitter_seed)
       : number_(number),
         config_(config),
+        tp_(tp),
         prefix_("decoder.layers." + std::to_string(number)),
         input_norm_(store, prefix_ + ".input_layernorm", config.hidden_size, config.normalization,
                     config.norm_epsilon),
@@ -143,13 +131,13 @@ class TransformerLayer {
 
   void register_params(const ParameterStore& store,
                        std::vector<std::pair<ParamHandle, InitKind>>& init,
-                       SequenceParallelGradSync& sync) const {
+                       TensorParallelGradSync& sync) const {
     for (const Norm* norm : {&input_norm_, &pre_mlp_norm_}) {
       init.push_back({norm->weight(), InitKind::kOnes});
-      sync.add(norm->weight());
+      sync.add_if_sequence_parallel(norm->weight());
       if (norm->bias().index >= 0) {
         init.push_back({norm->bias(), InitKind::kZeros});
-        sync.add(norm->bias());
+        sync.add_if_sequence_parallel(norm->bias());
       }
     }
     auto add_linear = [&](ParamHandle weight, ParamHandle bias, InitKind kind,
@@ -157,7 +145,7 @@ class TransformerLayer {
       init.push_back({weight, kind});
       if (bias.index < 0) return;
       init.push_back({bias, InitKind::kZeros});
-      if (replicated_bias) sync.add(bias);
+      if (replicated_bias) sync.add_if_sequence_parallel(bias);
     };
     add_linear(attention_.linear_qkv().weight(), attention_.linear_qkv().bias(), InitKind::kNormal,
                false);
@@ -168,9 +156,9 @@ class TransformerLayer {
       add_linear(mlp_->linear_fc2().weight(), mlp_->linear_fc2().bias(), InitKind::kScaledNormal,
                  true);
     } else {
-      // The router sees only this rank's tokens with sequence parallelism.
-      sync.add(store.find(prefix_ + ".mlp.router.weight"));
-      sync.add(store.find(prefix_ + ".mlp.router.bias"));
+      // The router sees only this tp rank's tokens (see moe_forward).
+      sync.add_if_tensor_parallel(store.find(prefix_ + ".mlp.router.weight"));
+      sync.add_if_tensor_parallel(store.find(prefix_ + ".mlp.router.bias"));
     }
   }
 
@@ -201,10 +189,7 @@ class TransformerLayer {
     apply_dropout(dmlp, hidden_p, dropout_key(ctx.dropout_seed, number_, kMlpOutput), first_index);
     Tensor dmlp_in;
     if (moe_) {
-      int64_t local_seq = dy.dim(0) / shape.batch;
-      dmlp_in = moe_->backward(state.moe, dmlp.reshape({local_seq, shape.batch, dy.dim(1)}),
-                               ctx.moe_aux_loss_grad_scale)
-                    .reshape(dy.shape());
+      dmlp_in = moe_backward(dmlp, shape, ctx.moe_aux_loss_grad_scale, state.moe);
     } else {
       dmlp_in = mlp_->backward(store, state.mlp, dmlp);
     }
@@ -222,6 +207,43 @@ class TransformerLayer {
   }
 
  private:
+  // Without sequence parallelism the tp ranks hold the same tokens; each sends only its own
+  // block of sequence positions through the MoE layer (no duplicated expert work, expert
+  // gradients from disjoint tokens) and the outputs are all-gathered, as sequence parallelism
+  // would do. With it, the rank's rows are already its own block.
+  bool splits_tokens() const { return tp_.size() > 1 && !tp_.sequence_parallel; }
+  TensorParallel gather_group() const { return TensorParallel{tp_.group, true}; }
+
+  Tensor moe_forward(const Tensor& x, const BatchShape& shape, bool training,
+                     MoEContext& saved) const {
+    Tensor own = x;
+    if (splits_tokens()) {
+      MOE_CHECK(shape.seq % tp_.size() == 0, "MoE layers with tensor parallelism split the ",
+                "sequence over tp ranks: sequence length ", shape.seq,
+                " must be divisible by tensor_model_parallel_size (", tp_.size(), ")");
+      int64_t block = x.dim(0) / tp_.size();
+      own = x.rows(tp_.rank() * block, (tp_.rank() + 1) * block);
+    }
+    int64_t local_seq = own.dim(0) / shape.batch;
+    Tensor out = moe_->forward(own.reshape({local_seq, shape.batch, x.dim(1)}), saved, training)
+                     .reshape(own.shape());
+    return splits_tokens() ? enter_tp_region(out, gather_group()) : out;
+  }
+
+  Tensor moe_backward(const Tensor& dy, const BatchShape& shape, double aux_loss_grad_scale,
+                      MoEContext& saved) const {
+    Tensor own = dy;
+    if (splits_tokens()) {  // every tp rank holds the same dy: the own block is its share
+      int64_t block = dy.dim(0) / tp_.size();
+      own = dy.rows(tp_.rank() * block, (tp_.rank() + 1) * block).clone();
+    }
+    int64_t local_seq = own.dim(0) / shape.batch;
+    Tensor dx =
+        moe_->backward(saved, own.reshape({local_seq, shape.batch, dy.dim(1)}), aux_loss_grad_scale)
+            .reshape(own.shape());
+    return splits_tokens() ? enter_tp_region(dx, gather_group()) : dx;
+  }
+
   Tensor run_forward(const ParameterStore& store, const Tensor& x, const BatchShape& shape,
                      int64_t row_offset, const GPTContext& ctx, LayerState& saved,
                      std::vector<MoELossReport>* losses) const {
@@ -242,10 +264,7 @@ class TransformerLayer {
     Tensor mlp_in = pre_mlp_norm_.forward(store, residual, saved.pre_mlp_norm);
     Tensor mlp_out;
     if (moe_) {
-      int64_t local_seq = x.dim(0) / shape.batch;
-      mlp_out =
-          moe_->forward(mlp_in.reshape({local_seq, shape.batch, x.dim(1)}), saved.moe, ctx.training)
-              .reshape(x.shape());
+      mlp_out = moe_forward(mlp_in, shape, ctx.training, saved.moe);
       if (losses != nullptr) {
         const RouterLosses& l = MoELayer::losses(saved.moe);
         losses->push_back({number_, "load_balancing_loss", l.load_balancing_loss});
@@ -263,6 +282,7 @@ class TransformerLayer {
 
   int number_;
   const TransformerConfig& config_;
+  TensorParallel tp_;
   std::string prefix_;
   Norm input_norm_;
   SelfAttention attention_;
@@ -282,7 +302,7 @@ struct GPTModel::Impl {
   std::optional<Norm> final_norm;
   std::optional<OutputLayer> output;
   std::vector<std::pair<ParamHandle, InitKind>> init;
-  SequenceParallelGradSync sync;
+  TensorParallelGradSync sync;
 
   bool sequence_parallel() const { return tp.sequence_parallel; }
 };
@@ -315,6 +335,8 @@ GPTModel::GPTModel(const TransformerConfig& config, const comm::ParallelState& p
   Impl& m = *impl_;
   m.parallel = parallel;
   m.tp = TensorParallel{parallel.tp, config_.sequence_parallel && sizes.tp > 1};
+  m.sync.sequence_parallel = m.tp.sequence_parallel;
+  m.sync.tensor_parallel = m.tp.size() > 1;
   const TransformerConfig& c = config_;
   if (stage_.pre_process) {
     m.embedding.emplace(store, "embedding.word_embeddings.weight", c.padded_vocab_size,
@@ -328,7 +350,7 @@ GPTModel::GPTModel(const TransformerConfig& config, const comm::ParallelState& p
       spec.tensor_parallel_duplicate = true;
       m.position_embedding = store.declare(spec);
       m.init.push_back({m.position_embedding, InitKind::kNormal});
-      m.sync.add(m.position_embedding);
+      m.sync.add_if_sequence_parallel(m.position_embedding);
     }
   }
   for (int i = stage_.first_layer; i < stage_.first_layer + stage_.num_layers; ++i) {
@@ -344,10 +366,10 @@ GPTModel::GPTModel(const TransformerConfig& config, const comm::ParallelState& p
     m.final_norm.emplace(store, "decoder.final_layernorm", c.hidden_size, c.normalization,
                          c.norm_epsilon);
     m.init.push_back({m.final_norm->weight(), InitKind::kOnes});
-    m.sync.add(m.final_norm->weight());
+    m.sync.add_if_sequence_parallel(m.final_norm->weight());
     if (m.final_norm->bias().index >= 0) {
       m.init.push_back({m.final_norm->bias(), InitKind::kZeros});
-      m.sync.add(m.final_norm->bias());
+      m.sync.add_if_sequence_parallel(m.final_norm->bias());
     }
     const VocabParallelEmbedding* tied = nullptr;
     if (!c.untie_embeddings_and_output_weights) {
@@ -379,7 +401,7 @@ void GPTModel::init_parameters(uint64_t seed) {
     Rng rng = Rng::derived(seed, name_hash(spec.name));
     std::vector<float> global(size_t(shape_numel(spec.global_shape)));
     for (float& value : global) value = rng.normal() * sigma;
-    write_local_block(spec, global, local);
+    copy_global_block(Tensor::from_floats(global, spec.global_shape), spec, local);
   }
   for (const auto& layer : impl_->layers) {
     if (layer->moe() != nullptr) {
@@ -517,7 +539,7 @@ Tensor GPTModel::backward_step(GPTContext& ctx, const Tensor& output_grad) {
   Impl& m = *impl_;
   detail::GPTContextState& state = *ctx.state_;
   const BatchShape& shape = state.shape;
-  bool sync = m.sequence_parallel() && !m.sync.empty();
+  bool sync = !m.sync.empty();
   Tensor before = sync ? m.sync.snapshot(store_) : Tensor();
   Tensor dhidden;
   if (stage_.post_process) {

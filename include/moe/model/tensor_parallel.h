@@ -93,6 +93,10 @@ class RowParallelLinear {
   ParamHandle weight_, bias_;
 };
 
+// This rank's block of a full (global) tensor: local = global[offset : offset + local shape]
+// for the ParamSpec's global_shape and global_offset (dtype converted to local's).
+void copy_global_block(const Tensor& global, const ParamSpec& spec, Tensor& local);
+
 // Gradient helpers shared by the layers. Parameter gradients are fp32 and accumulate.
 // grad [in, out] += x^T dy, whatever x's dtype (fp64 products are rounded once to fp32).
 void accumulate_weight_grad(const Tensor& x, const Tensor& dy, Tensor& grad);
