@@ -1,0 +1,162 @@
+// All-to-all-v throughput on 2 ranks, as the MoE token dispatcher uses it: token rows of hidden
+// size 1024 (fp32, bf16) split evenly over the ranks. Three ways to move the same bytes, measured
+// side by side in one run: moecore's all_to_all_v (announced and checked counts, deadline,
+// point-to-point messages), raw MPI_Alltoallv on the same buffers, and a plain memcpy of the
+// send buffer into the receive buffer (the single-process lower bound).
+//
+//   mpirun -np 2 build/bench/bench_collectives
+//
+// Every benchmark runs a fixed number of iterations, so both ranks run the same loops; rank 0
+// reports, the other ranks stay silent.
+#include <benchmark/benchmark.h>
+#include <mpi.h>
+
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "moe/comm/process_group.h"
+
+namespace {
+
+constexpr int64_t kHidden = 1024;
+
+struct Exchange {
+  moe::Tensor send;                            // [tokens, kHidden]
+  moe::Tensor recv;                            // [tokens, kHidden]
+  std::vector<int64_t> rows;                   // rows to (and from) each rank: an even split
+  std::vector<int> byte_counts, byte_offsets;  // the same split in bytes, for MPI_Alltoallv
+};
+
+Exchange make_exchange(const benchmark::State& state, const moe::comm::ProcessGroup& world) {
+  const int64_t tokens = state.range(0);
+  const moe::DType dtype = state.range(1) == 0 ? moe::DType::F32 : moe::DType::BF16;
+  Exchange exchange{moe::Tensor::full({tokens, kHidden}, float(world.rank() + 1), dtype),
+                    moe::Tensor({tokens, kHidden}, dtype),
+                    {},
+                    {},
+                    {}};
+  const int64_t row_bytes = kHidden * int64_t(moe::dtype_size(dtype));
+  int64_t offset = 0;
+  for (int peer = 0; peer < world.size(); ++peer) {
+    const int64_t rows = tokens * (peer + 1) / world.size() - tokens * peer / world.size();
+    exchange.rows.push_back(rows);
+    exchange.byte_counts.push_back(int(rows * row_bytes));
+    exchange.byte_offsets.push_back(int(offset * row_bytes));
+    offset += rows;
+  }
+  return exchange;
+}
+
+void finish(benchmark::State& state, const Exchange& exchange) {
+  state.SetBytesProcessed(int64_t(state.iterations()) * int64_t(exchange.send.nbytes()));
+  state.SetLabel(std::string(moe::dtype_name(exchange.send.dtype())));
+}
+
+void BM_AllToAllV_moecore(benchmark::State& state) {
+  moe::comm::ProcessGroup world = moe::comm::ProcessGroup::world();
+  Exchange exchange = make_exchange(state, world);
+  moe::comm::barrier(world);
+  for (auto _ : state) {
+    moe::comm::all_to_all_v(exchange.send, exchange.rows, exchange.recv, exchange.rows, world);
+  }
+  finish(state, exchange);
+}
+
+void BM_AllToAllV_MPI(benchmark::State& state) {
+  moe::comm::ProcessGroup world = moe::comm::ProcessGroup::world();
+  Exchange exchange = make_exchange(state, world);
+  MPI_Barrier(MPI_COMM_WORLD);
+  for (auto _ : state) {
+    MPI_Alltoallv(exchange.send.raw(), exchange.byte_counts.data(), exchange.byte_offsets.data(),
+                  MPI_BYTE, exchange.recv.raw(), exchange.byte_counts.data(),
+                  exchange.byte_offsets.data(), MPI_BYTE, MPI_COMM_WORLD);
+  }
+  finish(state, exchange);
+}
+
+void BM_Memcpy(benchmark::State& state) {
+  moe::comm::ProcessGroup world = moe::comm::ProcessGroup::world();
+  Exchange exchange = make_exchange(state, world);
+  MPI_Barrier(MPI_COMM_WORLD);  // all ranks copy at once, as they would exchange at once
+  for (auto _ : state) {
+    std::memcpy(exchange.recv.raw(), exchange.send.raw(), exchange.send.nbytes());
+    benchmark::ClobberMemory();
+  }
+  finish(state, exchange);
+}
+
+// Rank 0's console output, plus the median-time ratios of each pair of ways at equal sizes.
+class RatioReporter : public benchmark::ConsoleReporter {
+ public:
+  void ReportRuns(const std::vector<Run>& runs) override {
+    ConsoleReporter::ReportRuns(runs);
+    for (const Run& run : runs) {
+      if (run.aggregate_name == "median") medians_[run.run_name.str()] = run.GetAdjustedRealTime();
+    }
+  }
+  void Finalize() override {
+    ConsoleReporter::Finalize();
+    std::printf("\nmedian time ratios (lower is better for the first):\n");
+    for (const auto& [name, seconds] : medians_) {
+      const std::string moecore = "BM_AllToAllV_moecore";
+      if (name.rfind(moecore, 0) != 0) continue;
+      const std::string sizes = name.substr(moecore.size());
+      for (const char* other : {"BM_AllToAllV_MPI", "BM_Memcpy"}) {
+        auto found = medians_.find(other + sizes);
+        if (found == medians_.end()) continue;
+        std::printf("  moecore / %-16s %-40s %.2f\n", other + 3, sizes.c_str(),
+                    seconds / found->second);
+      }
+    }
+  }
+
+ private:
+  std::map<std::string, double> medians_;
+};
+
+class SilentReporter : public benchmark::BenchmarkReporter {
+ public:
+  bool ReportContext(const Context&) override { return true; }
+  void ReportRuns(const std::vector<Run>&) override {}
+};
+
+// For each size, the three ways one after the other (so they see the same machine load), each
+// a fixed number of iterations repeated five times.
+void register_benchmarks() {
+  for (int64_t tokens : {256, 4096}) {
+    for (int64_t bf16 : {0, 1}) {
+      for (auto [name, function] :
+           {std::pair{"BM_AllToAllV_moecore", &BM_AllToAllV_moecore},
+            std::pair{"BM_AllToAllV_MPI", &BM_AllToAllV_MPI}, std::pair{"BM_Memcpy", &BM_Memcpy}}) {
+        benchmark::RegisterBenchmark(name, function)
+            ->ArgNames({"tokens", "bf16"})
+            ->Args({tokens, bf16})
+            ->Iterations(tokens >= 4096 ? 40 : 300)
+            ->Repetitions(5)
+            ->ReportAggregatesOnly(true)
+            ->UseRealTime()
+            ->Unit(benchmark::kMicrosecond);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  moe::comm::ensure_mpi_initialized(&argc, &argv);
+  benchmark::Initialize(&argc, argv);
+  register_benchmarks();
+  if (moe::comm::ProcessGroup::world().rank() == 0) {
+    RatioReporter reporter;
+    benchmark::RunSpecifiedBenchmarks(&reporter);
+  } else {
+    SilentReporter silent;
+    benchmark::RunSpecifiedBenchmarks(&silent);
+  }
+  benchmark::Shutdown();
+  return 0;
+}
