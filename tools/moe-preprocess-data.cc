@@ -119,6 +119,7 @@ int run(const Options& options) {
               std::string(tokenizer->type()).c_str(), (long long)tokenizer->vocab_size(),
               (long long)tokenizer->eod(), std::string(moe::data::token_dtype_name(dtype)).c_str(),
               options.workers);
+  std::fflush(stdout);  // keep the header before the progress lines on stderr
 
   std::vector<std::string> prefixes;
   std::vector<std::unique_ptr<IndexedDatasetBuilder>> builders;
