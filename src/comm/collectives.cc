@@ -172,28 +172,42 @@ void gather_blocks(const Call& call, const void* local, void* out,
 }
 
 // Rank r receives block r of every rank's `in` (block sizes `elements_per_rank`, in elements)
-// and reduces them in rank order into `out`.
+// and reduces them in rank order into `out`. Blocks go in rounds of at most kRoundBytes of
+// receive space, which the group keeps between calls; the rounds do not change the result.
+constexpr size_t kRoundBytes = size_t(32) << 20;
+
 void reduce_scatter_blocks(const Call& call, const Tensor& in, void* out,
                            const std::vector<int64_t>& elements_per_rank, ReduceOp op,
                            const std::string& call_text) {
   const std::vector<int64_t> offsets = offsets_of(elements_per_rank);
-  const int me = call.rank();
-  const int64_t mine = elements_per_rank[size_t(me)];
+  const int size = call.size();
+  const int64_t mine = elements_per_rank[size_t(call.rank())];
   const size_t element_bytes = dtype_size(in.dtype());
-  Tensor received = Tensor::empty({call.size(), mine}, in.dtype());  // [size, mine]
+  const int64_t largest = *std::max_element(elements_per_rank.begin(), elements_per_rank.end());
+  if (largest == 0) return;
+  const int64_t round_elements =
+      std::clamp<int64_t>(int64_t(kRoundBytes / (element_bytes * size_t(size))), 1, largest);
+  Tensor space = call.scratch_space(size_t(size * round_elements) * element_bytes);
   void* source = const_cast<void*>(in.raw());
-  std::vector<Transfer> sends, receives;
-  for (int peer = 0; peer < call.size(); ++peer) {
-    sends.push_back({peer, byte_at(source, offsets[size_t(peer)], element_bytes),
-                     elements_per_rank[size_t(peer)]});
-    receives.push_back({peer, byte_at(received.raw(), int64_t(peer) * mine, element_bytes), mine});
+  for (int64_t begin = 0; begin < largest; begin += round_elements) {
+    auto part = [&](int64_t block) {
+      return std::clamp<int64_t>(block - begin, 0, round_elements);
+    };
+    const int64_t my_part = part(mine);
+    std::vector<Transfer> sends, receives;
+    for (int peer = 0; peer < size; ++peer) {
+      sends.push_back({peer, byte_at(source, offsets[size_t(peer)] + begin, element_bytes),
+                       part(elements_per_rank[size_t(peer)])});
+      receives.push_back(
+          {peer, byte_at(space.raw(), int64_t(peer) * my_part, element_bytes), my_part});
+    }
+    detail::exchange(call, sends, receives, element_bytes, "elements", call_text, {in, space});
+    dispatch_dtype(in.dtype(), [&](auto zero) {
+      using T = decltype(zero);
+      reduce_in_rank_order(static_cast<const T*>(space.raw()), size, my_part, op,
+                           static_cast<T*>(out) + begin);
+    });
   }
-  detail::exchange(call, sends, receives, element_bytes, "elements", call_text, {in, received});
-  dispatch_dtype(in.dtype(), [&](auto zero) {
-    using T = decltype(zero);
-    reduce_in_rank_order(static_cast<const T*>(received.raw()), call.size(), mine, op,
-                         static_cast<T*>(out));
-  });
 }
 
 Announcement announcement(Kind kind, const Tensor& tensor, int64_t rows, int64_t option = 0) {

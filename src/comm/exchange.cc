@@ -89,6 +89,13 @@ bool Call::wait_all(std::vector<MPI_Request>& requests) const {
   return true;
 }
 
+Tensor Call::scratch_space(size_t bytes) const {
+  if (!state_.scratch.defined() || state_.scratch.nbytes() < bytes) {
+    state_.scratch = Tensor::empty({int64_t((bytes + 7) / 8)}, DType::I64);
+  }
+  return state_.scratch;
+}
+
 std::string Call::timeout_text() const {
   std::ostringstream out;
   out << collective_timeout() << " s";

@@ -21,6 +21,7 @@ struct GroupState {
   std::string failure;            // the first timeout or MPI error; the group is unusable after
   // Buffers of requests a failure left pending: MPI may still write into them, so they live on.
   std::vector<Tensor> abandoned;
+  Tensor scratch;  // receive space the reductions reuse from call to call (int64 words)
   ~GroupState();
 };
 
@@ -64,6 +65,8 @@ class Call {
   // deadline passes. Returns false on timeout. Backs off from spinning to short sleeps so that
   // oversubscribed ranks leave the cores to their peers.
   bool wait_all(std::vector<MPI_Request>& requests) const;
+  // The group's reusable receive space, grown to at least `bytes`.
+  Tensor scratch_space(size_t bytes) const;
   // "2 s" / "0.5 s".
   std::string timeout_text() const;
 

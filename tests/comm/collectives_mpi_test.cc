@@ -228,6 +228,21 @@ TEST(CollectivesDeterminism, RandomSumsEqualTheRankOrderReferenceBitwise) {
   }
 }
 
+TEST(CollectivesDeterminism, LargeAllReduceSpansSeveralRoundsOfReceiveSpace) {
+  // The reductions receive at most 32 MiB per round: on 2 ranks an fp32 block of more than 4 Mi
+  // elements takes two rounds. Values are small integers, so the sum is exact.
+  ProcessGroup world = ProcessGroup::world();
+  if (world.size() != 2) GTEST_SKIP() << "sized for 2 ranks";
+  const int64_t n = 2 * ((int64_t(1) << 22) + 1000);
+  Tensor values({n});
+  float* data = values.data<float>();
+  for (int64_t i = 0; i < n; ++i) data[i] = float(i % 97 + world.rank());
+  all_reduce(values, world);
+  int64_t wrong = 0;
+  for (int64_t i = 0; i < n; ++i) wrong += data[i] != float(2 * (i % 97) + 1);
+  EXPECT_EQ(wrong, 0);
+}
+
 TEST(CollectivesGroups, SubgroupsReduceOnlyTheirMembers) {
   ProcessGroup world = ProcessGroup::world();
   std::vector<int> members;

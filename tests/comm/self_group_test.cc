@@ -101,6 +101,8 @@ TEST(SelfGroupErrors, ZeroRowsAreFine) {
   all_to_all_v(empty, zero, out, zero, self);
   all_gather_v(empty, out, zero, self);
   all_reduce(empty, self);
+  reduce_scatter_v(empty, out, zero, self);
+  reduce_scatter(empty, out, self);
   EXPECT_EQ(out.numel(), 0);
 }
 
