@@ -1,0 +1,123 @@
+#include <memory>
+
+#include "moe/dispatcher_common.h"
+#include "moe/moe/ep_dispatchers.h"
+
+namespace moe {
+namespace {
+
+using ep_detail::gather_rows;
+
+// What combine and the backwards need from one dispatch.
+struct AllGatherState final : DispatcherState {
+  std::vector<int64_t> slot_rows_per_rank;  // [tp-ep] each rank's tokens * topk
+  int64_t group_slots = 0;                  // the group's tokens * topk
+  // The group's slots <-> this rank's expert rows (global token order inside each expert).
+  DispatchPlan expert_plan;
+};
+
+// The local experts' rows [R, H] placed at their (token, slot) positions of the group's batch
+// [group slots, H] (zero elsewhere), summed over the group and scattered: each rank gets its own
+// tokens' slot rows [T * topk, H]. Only one rank writes each slot, so the sum is exact.
+Tensor expert_rows_to_home_slots(const Tensor& expert_rows, const AllGatherState& state,
+                                 int64_t home_slots, const comm::ProcessGroup& group) {
+  const int64_t H = expert_rows.dim(1);
+  Tensor group_slot_rows = Tensor::empty({state.group_slots, H}, expert_rows.dtype());
+  gather_rows(expert_rows, state.expert_plan.row_of_slot, group_slot_rows);
+  Tensor home = Tensor::empty({home_slots, H}, expert_rows.dtype());
+  comm::reduce_scatter_v(group_slot_rows, home, state.slot_rows_per_rank, group);
+  return home;
+}
+
+}  // namespace
+
+AllGatherTokenDispatcher::AllGatherTokenDispatcher(const MoEConfig& config,
+                                                   const comm::ParallelState& parallel)
+    : config_(config),
+      placement_(ep_detail::expert_parallel_setup("AllGatherTokenDispatcher", config, parallel)),
+      tp_ep_(parallel.tp_ep) {}
+
+Tensor AllGatherTokenDispatcher::dispatch(const Tensor& hidden, const Routing& routing,
+                                          DispatchContext& ctx) {
+  const ep_detail::GroupBatch batch = ep_detail::agree_on_batch(
+      "AllGatherTokenDispatcher::dispatch", hidden, routing, config_, tp_ep_);
+  const Routing group_routing = ep_detail::gather_routing(routing, batch, tp_ep_);
+  const CapacityDecision capacity = decide_capacity(config_, group_routing);
+  const int64_t T = routing.num_tokens, K = routing.topk, H = hidden.dim(1);
+  ctx = DispatchContext{};
+  ctx.routing = routing;
+  ctx.hidden_size = H;
+  ctx.dtype = hidden.dtype();
+
+  auto state = std::make_unique<AllGatherState>();
+  for (int64_t tokens : batch.tokens_per_rank) state->slot_rows_per_rank.push_back(tokens * K);
+  state->group_slots = batch.total_tokens * K;
+  state->expert_plan =
+      build_dispatch_plan(group_routing.experts, config_.num_experts, placement_.first,
+                          placement_.count, capacity.keep, capacity.pad_rows_to);
+  ctx.tokens_per_local_expert = state->expert_plan.rows_per_expert;
+
+  // The home plan: slot s of the home tokens <-> home slot row s (-1 when dropped).
+  ctx.plan.num_tokens = T;
+  ctx.plan.topk = K;
+  ctx.plan.rows_per_expert = {T * K};
+  ctx.plan.row_of_slot.resize(size_t(T * K));
+  for (int64_t s = 0; s < T * K; ++s) {
+    const bool kept = capacity.keep.empty() || capacity.keep[size_t(batch.first_token * K + s)];
+    ctx.plan.row_of_slot[size_t(s)] = kept ? s : -1;
+  }
+  ctx.plan.slot_of_row = ctx.plan.row_of_slot;
+
+  Tensor group_hidden = Tensor::empty({batch.total_tokens, H}, ctx.dtype);  // [group T, H]
+  comm::all_gather_v(hidden, group_hidden, batch.tokens_per_rank, tp_ep_);
+  Tensor rows = Tensor::empty({state->expert_plan.num_rows(), H}, ctx.dtype);  // [R, H]
+  permute_rows(group_hidden, state->expert_plan, Tensor(), rows);
+  ctx.state = std::move(state);
+  return rows;
+}
+
+Tensor AllGatherTokenDispatcher::combine(const Tensor& expert_output, DispatchContext& ctx) {
+  const char* who = "AllGatherTokenDispatcher::combine expert output";
+  const auto& state = ep_detail::saved_state<AllGatherState>(ctx, who);
+  ep_detail::check_expert_rows(expert_output, state.expert_plan.num_rows(), ctx, who);
+  Tensor home = expert_rows_to_home_slots(expert_output, state, ctx.plan.num_rows(), tp_ep_);
+  Tensor out = Tensor::empty({ctx.plan.num_tokens, ctx.hidden_size}, ctx.dtype);  // [T, H]
+  unpermute_rows(home, ctx.plan, ctx.routing.probs, out);
+  ctx.combine_rows = home;  // d(probs) needs the rows that were combined
+  return out;
+}
+
+Tensor AllGatherTokenDispatcher::combine_backward(const Tensor& grad_output, DispatchContext& ctx,
+                                                  Tensor& grad_probs) {
+  const char* who = "AllGatherTokenDispatcher::combine_backward";
+  const auto& state = ep_detail::saved_state<AllGatherState>(ctx, who);
+  MOE_CHECK(ctx.combine_rows.defined(), who, ": combine has not run for this micro-batch");
+  check_shape(grad_output, {ctx.plan.num_tokens, ctx.hidden_size},
+              "AllGatherTokenDispatcher::combine_backward grad_output");
+  check_dtype(grad_output, ctx.dtype, "AllGatherTokenDispatcher::combine_backward grad_output");
+  Tensor grad_home = Tensor::empty(ctx.combine_rows.shape(), ctx.dtype);  // [T * topk, H]
+  unpermute_rows_backward(ctx.combine_rows, grad_output, ctx.plan, ctx.routing.probs, grad_home,
+                          grad_probs);
+  ctx.combine_rows = Tensor();
+  // The reverse of the reduce-scatter: every rank gets the group's slot gradients and keeps its
+  // experts' rows.
+  Tensor group_grads = Tensor::empty({state.group_slots, ctx.hidden_size}, ctx.dtype);
+  comm::all_gather_v(grad_home, group_grads, state.slot_rows_per_rank, tp_ep_);
+  Tensor grad_rows = Tensor::empty({state.expert_plan.num_rows(), ctx.hidden_size}, ctx.dtype);
+  gather_rows(group_grads, state.expert_plan.slot_of_row, grad_rows);
+  return grad_rows;
+}
+
+Tensor AllGatherTokenDispatcher::dispatch_backward(const Tensor& grad_expert_input,
+                                                   DispatchContext& ctx) {
+  const char* who = "AllGatherTokenDispatcher::dispatch_backward gradient";
+  const auto& state = ep_detail::saved_state<AllGatherState>(ctx, who);
+  ep_detail::check_expert_rows(grad_expert_input, state.expert_plan.num_rows(), ctx, who);
+  Tensor home = expert_rows_to_home_slots(grad_expert_input, state, ctx.plan.num_rows(), tp_ep_);
+  Tensor grad_hidden = Tensor::empty({ctx.plan.num_tokens, ctx.hidden_size}, ctx.dtype);
+  unpermute_rows(home, ctx.plan, Tensor(), grad_hidden);
+  ctx = DispatchContext{};  // the micro-batch is done with the dispatcher
+  return grad_hidden;
+}
+
+}  // namespace moe

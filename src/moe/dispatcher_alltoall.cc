@@ -1,0 +1,154 @@
+#include <memory>
+
+#include "moe/dispatcher_common.h"
+#include "moe/moe/ep_dispatchers.h"
+
+namespace moe {
+namespace {
+
+using ep_detail::gather_rows;
+
+// What combine and the backwards need from one dispatch.
+struct AllToAllState final : DispatcherState {
+  std::vector<int64_t> send_rows;  // [ep] home rows sent to each ep rank
+  std::vector<int64_t> recv_rows;  // [ep] rows received from each ep rank
+  // [expert rows R]: the received row feeding each expert row, -1 for a padding row.
+  std::vector<int64_t> expert_row_source;
+  // [received rows]: the expert row each received row became (the reverse map).
+  std::vector<int64_t> received_row_source;
+};
+
+// Home rows (grouped by global expert) -> the local experts' rows [R, H].
+Tensor home_to_experts(const Tensor& home_rows, const AllToAllState& state,
+                       const comm::ProcessGroup& ep) {
+  const int64_t H = home_rows.dim(1);
+  Tensor received = Tensor::empty({int64_t(state.received_row_source.size()), H},
+                                  home_rows.dtype());  // [received, H]
+  comm::all_to_all_v(home_rows, state.send_rows, received, state.recv_rows, ep);
+  Tensor rows = Tensor::empty({int64_t(state.expert_row_source.size()), H}, home_rows.dtype());
+  gather_rows(received, state.expert_row_source, rows);
+  return rows;
+}
+
+// The exact reverse: the local experts' rows [R, H] -> home rows [plan rows, H].
+Tensor experts_to_home(const Tensor& expert_rows, const AllToAllState& state, int64_t home_rows,
+                       const comm::ProcessGroup& ep) {
+  const int64_t H = expert_rows.dim(1);
+  Tensor received = Tensor::empty({int64_t(state.received_row_source.size()), H},
+                                  expert_rows.dtype());  // [received, H]
+  gather_rows(expert_rows, state.received_row_source, received);
+  Tensor home = Tensor::empty({home_rows, H}, expert_rows.dtype());
+  comm::all_to_all_v(received, state.recv_rows, home, state.send_rows, ep);
+  return home;
+}
+
+}  // namespace
+
+AllToAllTokenDispatcher::AllToAllTokenDispatcher(const MoEConfig& config,
+                                                 const comm::ParallelState& parallel)
+    : config_(config),
+      placement_(ep_detail::expert_parallel_setup("AllToAllTokenDispatcher", config, parallel)),
+      ep_(parallel.ep_group) {}
+
+Tensor AllToAllTokenDispatcher::dispatch(const Tensor& hidden, const Routing& routing,
+                                         DispatchContext& ctx) {
+  const char* who = "AllToAllTokenDispatcher::dispatch";
+  const ep_detail::GroupBatch batch = ep_detail::agree_on_batch(who, hidden, routing, config_, ep_);
+  const CapacityDecision capacity = ep_detail::decide_group_capacity(config_, routing, batch, ep_);
+  ctx = DispatchContext{};
+  ctx.routing = routing;
+  ctx.hidden_size = hidden.dim(1);
+  ctx.dtype = hidden.dtype();
+  // Permutation 1: the home tokens' kept slots grouped by global expert, in token order, so the
+  // rows for ep rank q (experts of q are contiguous) form one block.
+  const int64_t E = config_.num_experts, L = placement_.count, first = placement_.first;
+  ctx.plan = build_dispatch_plan(routing.experts, E, 0, E, capacity.keep);
+
+  // counts[g * E + e]: rows rank g sends to expert e (Megatron all-gathers them over tp-ep).
+  const std::vector<int64_t> counts = comm::all_gather_values(ctx.plan.rows_per_expert, ep_);
+  const int ep = ep_.size(), me = ep_.rank();
+  auto state = std::make_unique<AllToAllState>();
+  state->send_rows.assign(size_t(ep), 0);
+  state->recv_rows.assign(size_t(ep), 0);
+  std::vector<int64_t> chunk_start(size_t(ep * L));  // received layout: [source q][local expert l]
+  int64_t received = 0;
+  for (int q = 0; q < ep; ++q) {
+    for (int64_t l = 0; l < L; ++l) {
+      state->send_rows[size_t(q)] += counts[size_t(me * E + q * L + l)];
+      const int64_t incoming = counts[size_t(q * E + first + l)];
+      state->recv_rows[size_t(q)] += incoming;
+      chunk_start[size_t(q * L + l)] = received;
+      received += incoming;
+    }
+  }
+  // Permutation 2 (Megatron's sort_chunks_by_idxs): [q][l] -> [l][q], i.e. global token order
+  // inside each expert, then the expert's padding rows.
+  ctx.tokens_per_local_expert.assign(size_t(L), 0);
+  for (int64_t l = 0; l < L; ++l) {
+    int64_t kept = 0;
+    for (int q = 0; q < ep; ++q) {
+      const int64_t n = counts[size_t(q * E + first + l)];
+      for (int64_t i = 0; i < n; ++i) {
+        state->expert_row_source.push_back(chunk_start[size_t(q * L + l)] + i);
+      }
+      kept += n;
+    }
+    const int64_t rows = capacity.pad_rows_to > 0 ? capacity.pad_rows_to : kept;
+    MOE_CHECK(kept <= rows, who, ": expert ", first + l, " keeps ", kept,
+              " rows, more than its capacity ", rows);
+    state->expert_row_source.insert(state->expert_row_source.end(), size_t(rows - kept), -1);
+    ctx.tokens_per_local_expert[size_t(l)] = rows;
+  }
+  state->received_row_source.assign(size_t(received), -1);
+  for (size_t r = 0; r < state->expert_row_source.size(); ++r) {
+    const int64_t source = state->expert_row_source[r];
+    if (source >= 0) state->received_row_source[size_t(source)] = int64_t(r);
+  }
+
+  Tensor home_rows = Tensor::empty({ctx.plan.num_rows(), ctx.hidden_size}, ctx.dtype);
+  permute_rows(hidden, ctx.plan, Tensor(), home_rows);
+  Tensor rows = home_to_experts(home_rows, *state, ep_);
+  ctx.state = std::move(state);
+  return rows;
+}
+
+Tensor AllToAllTokenDispatcher::combine(const Tensor& expert_output, DispatchContext& ctx) {
+  const char* who = "AllToAllTokenDispatcher::combine expert output";
+  const auto& state = ep_detail::saved_state<AllToAllState>(ctx, who);
+  ep_detail::check_expert_rows(expert_output, int64_t(state.expert_row_source.size()), ctx, who);
+  Tensor home = experts_to_home(expert_output, state, ctx.plan.num_rows(), ep_);
+  Tensor out = Tensor::empty({ctx.plan.num_tokens, ctx.hidden_size}, ctx.dtype);  // [T, H]
+  unpermute_rows(home, ctx.plan, ctx.routing.probs, out);
+  ctx.combine_rows = home;  // d(probs) needs the rows that were combined
+  return out;
+}
+
+Tensor AllToAllTokenDispatcher::combine_backward(const Tensor& grad_output, DispatchContext& ctx,
+                                                 Tensor& grad_probs) {
+  const char* who = "AllToAllTokenDispatcher::combine_backward";
+  const auto& state = ep_detail::saved_state<AllToAllState>(ctx, who);
+  MOE_CHECK(ctx.combine_rows.defined(), who, ": combine has not run for this micro-batch");
+  check_shape(grad_output, {ctx.plan.num_tokens, ctx.hidden_size},
+              "AllToAllTokenDispatcher::combine_backward grad_output");
+  check_dtype(grad_output, ctx.dtype, "AllToAllTokenDispatcher::combine_backward grad_output");
+  Tensor grad_home = Tensor::empty(ctx.combine_rows.shape(), ctx.dtype);  // [plan rows, H]
+  unpermute_rows_backward(ctx.combine_rows, grad_output, ctx.plan, ctx.routing.probs, grad_home,
+                          grad_probs);
+  ctx.combine_rows = Tensor();
+  return home_to_experts(grad_home, state, ep_);
+}
+
+Tensor AllToAllTokenDispatcher::dispatch_backward(const Tensor& grad_expert_input,
+                                                  DispatchContext& ctx) {
+  const char* who = "AllToAllTokenDispatcher::dispatch_backward gradient";
+  const auto& state = ep_detail::saved_state<AllToAllState>(ctx, who);
+  ep_detail::check_expert_rows(grad_expert_input, int64_t(state.expert_row_source.size()), ctx,
+                               who);
+  Tensor home = experts_to_home(grad_expert_input, state, ctx.plan.num_rows(), ep_);
+  Tensor grad_hidden = Tensor::empty({ctx.plan.num_tokens, ctx.hidden_size}, ctx.dtype);
+  unpermute_rows(home, ctx.plan, Tensor(), grad_hidden);
+  ctx = DispatchContext{};  // the micro-batch is done with the dispatcher
+  return grad_hidden;
+}
+
+}  // namespace moe
