@@ -326,11 +326,29 @@ void write_metadata(const fs::path& dir, const TrainingState& state, const Param
   write_text(dir / kMetadataName, meta.dump(1));
 }
 
-// Moves the finished temporary directory into place, then points the tracker at it.
+fs::path with_suffix(const fs::path& dir, const char* suffix) {
+  fs::path out = dir;
+  out += suffix;
+  return out;
+}
+
+// Removes the temporary directories that interrupted saves left (iter_NNNNNNN.tmp).
+void remove_stale_temporaries(const fs::path& root) {
+  for (const fs::directory_entry& entry : fs::directory_iterator(root)) {
+    std::string name = entry.path().filename().string();
+    bool stale = entry.is_directory() && name.size() == 16 && name.starts_with("iter_") &&
+                 name.ends_with(".tmp") && name.find_first_not_of("0123456789", 5) == 12;
+    if (stale) fs::remove_all(entry.path());
+  }
+}
+
+// Moves the finished temporary directory into place, then points the tracker at it. Re-saving
+// an existing iteration parks the old copy as iter_NNNNNNN.old until the new one is in place;
+// loading falls back to it if a crash came in between.
 void commit(const fs::path& root, const fs::path& tmp, const fs::path& final_dir,
             int64_t iteration) {
-  fs::path old = final_dir;
-  old += ".old";
+  fs::path old = with_suffix(final_dir, ".old");
+  if (!fs::exists(final_dir) && fs::exists(old)) fs::rename(old, final_dir);
   fs::remove_all(old);
   if (fs::exists(final_dir)) fs::rename(final_dir, old);
   fs::rename(tmp, final_dir);
@@ -369,8 +387,7 @@ void save_checkpoint(const std::string& save_dir, const TrainingState& state,
   const comm::ProcessGroup& world = parallel.world;
   fs::path root(save_dir);
   fs::path final_dir = root / iteration_dir_name(state.iteration);
-  fs::path tmp = final_dir;
-  tmp += ".tmp";
+  fs::path tmp = with_suffix(final_dir, ".tmp");
   std::string what = detail::concat("saving checkpoint ", final_dir);
   bool leader = world.rank() == 0;
 
@@ -378,7 +395,7 @@ void save_checkpoint(const std::string& save_dir, const TrainingState& state,
   if (leader) {
     error = attempt([&] {
       fs::create_directories(root);
-      fs::remove_all(tmp);  // left by an interrupted save
+      remove_stale_temporaries(root);
       fs::create_directory(tmp);
     });
   }
@@ -588,6 +605,9 @@ TrainingState load_on_this_rank(const std::string& load_dir, ParameterStore& mod
   MOE_CHECK(iteration.has_value(), "no checkpoint to load: tracker file ",
             fs::path(load_dir) / kTrackerName, " does not exist");
   fs::path dir = fs::path(load_dir) / iteration_dir_name(*iteration);
+  if (!fs::is_directory(dir) && fs::is_directory(with_suffix(dir, ".old"))) {
+    dir = with_suffix(dir, ".old");  // a re-save of this iteration was cut off mid-commit
+  }
   MOE_CHECK(fs::is_directory(dir), "checkpoint directory ", dir, " does not exist");
   fs::path meta_path = dir / kMetadataName;
   json meta = parse_json(read_text(meta_path), meta_path);

@@ -135,6 +135,25 @@ TEST(Checkpoint, FailedSaveLeavesThePreviousCheckpointLatestAndLoadable) {
   EXPECT_EQ(read_tracker(dir.str()), 2);
 }
 
+TEST(Checkpoint, LeftoversOfInterruptedSavesAreRecoveredOrRemoved) {
+  ScratchDir dir("leftovers");
+  TrainingRun run(single(), DType::F32, false);
+  run.train(2);
+  run.save(dir.str());
+  // A crash while re-saving iteration 2, between parking the old copy and moving the new one in.
+  fs::rename(dir.path / "iter_0000002", dir.path / "iter_0000002.old");
+  fs::create_directories(dir.path / "iter_0000002.tmp");
+  fs::create_directories(dir.path / "iter_0000007.tmp");  // an older interrupted save
+  TrainingRun fresh(single(), DType::F32, false);
+  EXPECT_EQ(fresh.load(dir.str()).iteration, 2);
+  EXPECT_TRUE(runs_identical(run, fresh));
+  run.save(dir.str());
+  EXPECT_TRUE(fs::exists(dir.path / "iter_0000002" / "metadata.json"));
+  for (const char* gone : {"iter_0000002.old", "iter_0000002.tmp", "iter_0000007.tmp"}) {
+    EXPECT_FALSE(fs::exists(dir.path / gone)) << gone;
+  }
+}
+
 class BrokenCheckpoint : public ::testing::Test {
  protected:
   void SetUp() override {
