@@ -129,9 +129,6 @@ void register_arguments(CLI::App& app, TrainingArguments& a) {
     optional_string("--recompute-granularity", a.recompute_granularity,
                     "Recompute activations in backward instead of storing them.")
         ->check(CLI::IsMember({"full", "selective"}));
-    app.add_flag_callback(
-        "--recompute-activations", [&a] { a.recompute_granularity = "selective"; },
-        "Alias of --recompute-granularity selective.");
     optional_long("--train-iters", a.train_iters, "Number of optimizer steps to train for.");
     app.add_option("--log-interval", a.log_interval, "Iterations between log lines.")
         ->capture_default_str();
@@ -301,8 +298,6 @@ void register_arguments(CLI::App& app, TrainingArguments& a) {
                    "Which tokens an over-capacity expert drops.")
         ->check(CLI::IsMember({"probs", "position"}))
         ->capture_default_str();
-    app.add_flag("--moe-per-layer-logging", a.moe_per_layer_logging,
-                 "Log the MoE losses of every layer, not just their mean.");
   });
   app.option_defaults()->group("Options");
 }
@@ -702,6 +697,9 @@ void finalize_arguments(TrainingArguments& a, int world_size) {
   MOE_CHECK(a.attention_dropout >= 0 && a.attention_dropout < 1 && a.hidden_dropout >= 0 &&
                 a.hidden_dropout < 1,
             "--attention-dropout and --hidden-dropout must be in [0, 1)");
+
+  MOE_CHECK(a.recompute_granularity.value_or("full") == "full",
+            "--recompute-granularity selective is not supported yet; use full");
 
   // ---- checkpoints
   if (a.save) {

@@ -56,7 +56,7 @@ struct TrainingArguments {
   // ---- training
   std::optional<int> micro_batch_size;
   std::optional<int> global_batch_size;  // default micro_batch_size * data_parallel_size
-  std::optional<std::string> recompute_granularity;  // full | selective
+  std::optional<std::string> recompute_granularity;  // full (selective: refused)
   std::optional<long> train_iters;
   int log_interval = 100;
   std::optional<long> exit_interval;
@@ -148,7 +148,6 @@ struct TrainingArguments {
   std::optional<double> moe_expert_capacity_factor;
   bool moe_pad_expert_input_to_capacity = false;
   std::string moe_token_drop_policy = "probs";  // probs | position
-  bool moe_per_layer_logging = false;
 
   // ---- derived by finalize_arguments
   int world_size = 1;
