@@ -534,59 +534,95 @@ int64_t copy_box_overlap(const Tensor& source, const Shape& source_offset,
   return rows * row;
 }
 
-void load_param(const Catalog& catalog, const ParamSpec& spec, Tensor target, const fs::path& dir) {
-  const std::vector<Piece>& pieces = catalog.pieces(spec.name);
-  MOE_CHECK(!pieces.empty(), "tensor '", spec.name, "' is missing from checkpoint ", dir);
+// The box a stored piece belongs to; pieces of one box tile it with their flat ranges.
+using Box = std::pair<Shape, Shape>;  // offset, shape
+
+// A stored box assembled from all its pieces, as a tensor of the box's shape.
+Tensor assemble_box(const std::vector<const Piece*>& pieces, const std::string& name,
+                    const fs::path& dir) {
+  const Piece& first = *pieces.front();
+  Tensor box = Tensor::empty(first.shape, first.dtype);
+  Tensor flat = box.reshape({-1});
   int64_t covered = 0;
+  for (const Piece* piece : pieces) {
+    flat.rows(piece->flat_begin, piece->flat_end).copy_from(read_piece(*piece).to(first.dtype));
+    covered += piece->flat_end - piece->flat_begin;
+  }
+  MOE_CHECK(covered == box.numel(), "checkpoint ", dir, " holds ", covered, " of the ", box.numel(),
+            " elements of the box at ", shape_string(first.offset), " of tensor '", name, "'");
+  return box;
+}
+
+// Fills `target`, elements [flat_begin, flat_end) (row-major) of this rank's box of the global
+// tensor `name` (spec.global_offset + spec.shape), from whatever boxes and ranges the checkpoint
+// stored it in: ranges of the same box are copied directly, other boxes are assembled and their
+// overlap copied, so any layout loads any other with the same global shapes.
+void load_tensor(const Catalog& catalog, const std::string& name, const ParamSpec& spec,
+                 int64_t flat_begin, int64_t flat_end, Tensor target, const fs::path& dir) {
+  const std::vector<Piece>& pieces = catalog.pieces(name);
+  MOE_CHECK(!pieces.empty(), "tensor '", name, "' is missing from checkpoint ", dir);
+  std::map<Box, std::vector<const Piece*>> boxes;
   for (const Piece& piece : pieces) {
-    MOE_CHECK(piece.global_shape == spec.global_shape, "tensor '", spec.name, "' has global shape ",
+    MOE_CHECK(piece.global_shape == spec.global_shape, "tensor '", name, "' has global shape ",
               shape_string(piece.global_shape), " in checkpoint file ", piece.file,
               " but the model has ", shape_string(spec.global_shape));
-    MOE_CHECK(piece.whole_box(), "tensor '", spec.name, "' in checkpoint file ", piece.file,
-              " is stored as a partial flat range; model tensors must be whole boxes");
-    if (!boxes_overlap(piece.offset, piece.shape, spec.global_offset, spec.shape)) continue;
-    covered += copy_box_overlap(read_piece(piece).reshape(piece.shape), piece.offset, piece.shape,
-                                target, spec.global_offset);
+    if (boxes_overlap(piece.offset, piece.shape, spec.global_offset, spec.shape)) {
+      boxes[{piece.offset, piece.shape}].push_back(&piece);
+    }
   }
-  MOE_CHECK(covered == target.numel(), "checkpoint ", dir, " covers ", covered, " of the ",
-            target.numel(), " elements of tensor '", spec.name, "' at offset ",
+  target = target.reshape({-1});
+  const bool whole_target = flat_begin == 0 && flat_end == shape_numel(spec.shape);
+  Tensor staging;  // this rank's whole box, when another box feeds a partial range
+  int64_t covered = 0, staged = 0;
+  for (const auto& [box, box_pieces] : boxes) {
+    if (box.first == spec.global_offset && box.second == spec.shape) {
+      for (const Piece* piece : box_pieces) {
+        int64_t begin = std::max(piece->flat_begin, flat_begin);
+        int64_t end = std::min(piece->flat_end, flat_end);
+        if (begin >= end) continue;
+        Tensor stored = read_piece(*piece);
+        target.rows(begin - flat_begin, end - flat_begin)
+            .copy_from(stored.rows(begin - piece->flat_begin, end - piece->flat_begin));
+        covered += end - begin;
+      }
+      continue;
+    }
+    Tensor stored = assemble_box(box_pieces, name, dir);
+    if (whole_target) {
+      Tensor into = target.reshape(spec.shape);
+      covered += copy_box_overlap(stored, box.first, box.second, into, spec.global_offset);
+    } else {
+      if (!staging.defined()) staging = Tensor(spec.shape, target.dtype());
+      staged += copy_box_overlap(stored, box.first, box.second, staging, spec.global_offset);
+    }
+  }
+  if (staging.defined()) {
+    MOE_CHECK(staged == staging.numel(), "checkpoint ", dir, " covers ", staged, " of the ",
+              staging.numel(), " elements of tensor '", name, "' at offset ",
+              shape_string(spec.global_offset), " shape ", shape_string(spec.shape));
+    target.copy_from(staging.reshape({-1}).rows(flat_begin, flat_end));
+    covered += flat_end - flat_begin;
+  }
+  MOE_CHECK(covered == flat_end - flat_begin, "checkpoint ", dir, " covers ", covered, " of the ",
+            flat_end - flat_begin, " elements of tensor '", name, "' at offset ",
             shape_string(spec.global_offset), " shape ", shape_string(spec.shape));
 }
 
 void load_optimizer_state(const Catalog& catalog, const json& meta, const ParameterStore& model,
-                          optim::Optimizer& optimizer, const comm::ParallelState& p,
-                          const fs::path& dir) {
+                          optim::Optimizer& optimizer, const fs::path& dir) {
   const json& saved = meta.at("optimizer");
   MOE_CHECK(!saved.is_null(), "checkpoint ", dir, " holds no optimizer state; use --no-load-optim");
   const optim::OptimizerConfig& config = optimizer.config();
   std::string saved_name = saved.at("optimizer").get<std::string>();
   MOE_CHECK(saved_name == config.optimizer, "checkpoint ", dir, " holds ", saved_name,
             " state but this run uses --optimizer ", config.optimizer, "; use --no-load-optim");
-  bool saved_distributed = saved.at("use_distributed_optimizer").get<bool>();
-  MOE_CHECK(
-      meta.at("layout") == layout_json(p) && saved_distributed == config.use_distributed_optimizer,
-      "optimizer state in checkpoint ", dir, " was saved with layout ", meta.at("layout").dump(),
-      " (distributed optimizer ", saved_distributed ? "on" : "off", "); this run has ",
-      layout_json(p).dump(), " (distributed optimizer ",
-      config.use_distributed_optimizer ? "on" : "off",
-      "); use --no-load-optim to load only the model");
   for (const optim::StateTensor& s : optimizer.state_tensors()) {
     const ParamSpec& spec = model.spec(s.param);
     std::string name = kOptimizerPrefix + s.kind + "/" + spec.name;
-    const Piece* match = nullptr;
-    for (const Piece& piece : catalog.pieces(name)) {
-      if (piece.offset == spec.global_offset && piece.shape == spec.shape &&
-          piece.flat_begin == s.flat_begin && piece.flat_end == s.flat_end) {
-        match = &piece;
-      }
-    }
-    MOE_CHECK(match != nullptr, "tensor '", name, "' (elements [", s.flat_begin, ", ", s.flat_end,
-              ") of the box at ", shape_string(spec.global_offset), ") is missing from checkpoint ",
-              dir);
-    MOE_CHECK(match->dtype == DType::F32, "optimizer tensor '", name, "' in ", match->file, " is ",
-              dtype_name(match->dtype), ", expected fp32");
-    Tensor target = s.data;
-    target.copy_from(read_piece(*match));
+    // Runs whose fp32 parameters are their own main copy save none; the main parameters then
+    // come from the loaded model (reload_main_params above).
+    if (s.kind == "main_param" && catalog.pieces(name).empty()) continue;
+    load_tensor(catalog, name, spec, s.flat_begin, s.flat_end, s.data, dir);
   }
   optim::OptimizerScalars scalars;
   scalars.step = saved.at("step").get<int64_t>();
@@ -635,11 +671,13 @@ TrainingState load_on_this_rank(const std::string& load_dir, ParameterStore& mod
     }
   }();
   for (int i = 0; i < model.count(); ++i) {
-    load_param(catalog, model.spec(ParamHandle{i}), model.param(ParamHandle{i}), dir);
+    const ParamSpec& spec = model.spec(ParamHandle{i});
+    load_tensor(catalog, spec.name, spec, 0, shape_numel(spec.shape), model.param(ParamHandle{i}),
+                dir);
   }
   if (optimizer != nullptr) optimizer->reload_main_params();
   if (options.load_optim) {
-    if (optimizer != nullptr) load_optimizer_state(catalog, meta, model, *optimizer, p, dir);
+    if (optimizer != nullptr) load_optimizer_state(catalog, meta, model, *optimizer, dir);
     if (scheduler != nullptr) {
       MOE_CHECK(!meta.at("scheduler").is_null(), "checkpoint ", dir,
                 " holds no learning-rate scheduler state; use --no-load-optim");

@@ -54,9 +54,11 @@ struct LoadOptions {
   std::optional<int64_t> iteration;  // default: the tracker's iteration
 };
 
-// Collective over parallel.world. Loads the model (any layout whose boxes tile the saved
-// tensors), then, unless disabled, the optimizer state (saved with the same layout), scheduler
-// and this rank's RNG states. Returns the saved TrainingState.
+// Collective over parallel.world. Loads the model and, unless disabled, the optimizer state and
+// scheduler, into any layout whose tensors have the saved global shapes (different tp / ep / pp /
+// dp, distributed optimizer on or off, one process): each rank assembles its boxes and flat
+// ranges from whatever pieces the saving ranks stored. RNG states need the saved world size.
+// Returns the saved TrainingState (rng empty with load_rng false).
 TrainingState load_checkpoint(const std::string& load_dir, ParameterStore& model,
                               optim::Optimizer* optimizer,
                               optim::OptimizerParamScheduler* scheduler,
