@@ -91,6 +91,7 @@ void BM_Memcpy(benchmark::State& state) {
 // Rank 0's console output, plus the median-time ratios of each pair of ways at equal sizes.
 class RatioReporter : public benchmark::ConsoleReporter {
  public:
+  RatioReporter() : ConsoleReporter(OO_Tabular) {}
   void ReportRuns(const std::vector<Run>& runs) override {
     ConsoleReporter::ReportRuns(runs);
     for (const Run& run : runs) {
