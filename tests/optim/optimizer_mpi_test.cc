@@ -70,6 +70,27 @@ INSTANTIATE_TEST_SUITE_P(Layouts, DistributedVsPlain,
                          ::testing::Combine(::testing::Bool(),
                                             ::testing::Values(DType::F32, DType::BF16)));
 
+TEST(DistributedOptimizer, BuffersSmallerThanDpLeaveSomeRanksEmptyShards) {
+  comm::ParallelState p = comm::initialize_model_parallel({});
+  ParameterStore plain_store, sharded_store;
+  ParamHandle a = plain_store.declare(param_spec("w", {1, 3}));  // 3 elements over 2 or 4 ranks
+  sharded_store.declare(param_spec("w", {1, 3}));
+  plain_store.allocate();
+  sharded_store.allocate();
+  OptimizerConfig config;
+  Optimizer plain(plain_store, p, config);
+  config.use_distributed_optimizer = true;
+  Optimizer sharded(sharded_store, p, config);
+  for (int step = 0; step < 3; ++step) {
+    Tensor g = random_normal({1, 3}, 40 + step + 7 * p.world_rank);
+    plain_store.grad(a).copy_from(g);
+    sharded_store.grad(a).copy_from(g);
+    plain.step();
+    sharded.step();
+  }
+  EXPECT_TENSORS_CLOSE(sharded_store.param(a), plain_store.param(a), 1e-6, 1e-6);
+}
+
 // Linear regression y = W x with loss mean_b 0.5 |W x - t|^2: its gradient (1/b) sum (W x - t) x^T
 // is accumulated into the store, scaled by 1 / micro_batches as Megatron scales the loss.
 void add_regression_grad(ParameterStore& store, ParamHandle w, const Tensor& x, const Tensor& t,
