@@ -67,9 +67,7 @@ model::DispatcherFactory counting_dispatcher_factory(std::shared_ptr<ExpertLoadC
                                                      model::DispatcherFactory inner) {
   return [counter, inner](const MoEConfig& config, const comm::ParallelState& parallel,
                           int layer) -> std::unique_ptr<TokenDispatcher> {
-    std::unique_ptr<TokenDispatcher> dispatcher =
-        inner ? inner(config, parallel, layer) : std::make_unique<LocalTokenDispatcher>(config);
-    return std::make_unique<CountingDispatcher>(std::move(dispatcher), counter);
+    return std::make_unique<CountingDispatcher>(inner(config, parallel, layer), counter);
   };
 }
 

@@ -29,8 +29,7 @@ class ExpertLoadCounter {
   std::vector<int64_t> counts_;  // [num_experts]
 };
 
-// Wraps every MoE layer's dispatcher (the model's default local one when `inner` is null) so it
-// reports to `counter`.
+// Wraps every MoE layer's dispatcher (made by `inner`) so it reports to `counter`.
 model::DispatcherFactory counting_dispatcher_factory(std::shared_ptr<ExpertLoadCounter> counter,
                                                      model::DispatcherFactory inner);
 

@@ -19,6 +19,7 @@
 #include "moe/data/gpt_dataset.h"
 #include "moe/data/tokenizer.h"
 #include "moe/model/gpt_model.h"
+#include "moe/moe/ep_dispatchers.h"
 #include "moe/optim/lr_scheduler.h"
 #include "moe/optim/optimizer.h"
 #include "moe/tensor/rng.h"
@@ -216,12 +217,15 @@ void build_model_and_optimizer(Job& job) {
   job.store = std::make_unique<ParameterStore>(parameter_dtype(a));
   model::DispatcherFactory dispatchers;
   if (a.is_moe()) {
-    MOE_CHECK(a.expert_model_parallel_size == 1 && *a.expert_tensor_parallel_size == 1,
-              "--expert-model-parallel-size ", a.expert_model_parallel_size,
-              " / --expert-tensor-parallel-size ", *a.expert_tensor_parallel_size,
-              ": the expert-parallel token dispatcher is not available in this build; use 1");
+    MOE_CHECK(*a.expert_tensor_parallel_size == 1, "--expert-tensor-parallel-size ",
+              *a.expert_tensor_parallel_size,
+              ": expert tensor parallelism is not supported yet (it defaults to "
+              "--tensor-model-parallel-size); pass --expert-tensor-parallel-size 1");
     job.expert_load = std::make_shared<ExpertLoadCounter>(*a.num_experts);
-    dispatchers = counting_dispatcher_factory(job.expert_load, nullptr);
+    dispatchers = counting_dispatcher_factory(
+        job.expert_load, [](const MoEConfig& moe, const comm::ParallelState& parallel, int) {
+          return make_token_dispatcher(moe, parallel);
+        });
   }
   job.model = std::make_unique<model::GPTModel>(config, job.parallel, *job.store, model::GPTStage{},
                                                 dispatchers);

@@ -212,6 +212,31 @@ TEST(TrainingLoop, LogFileAndTensorBoardRecordEveryIteration) {
   }
 }
 
+// Expert parallelism moves tokens, not numbers: the first forward (before any update) is bitwise
+// that of replicated experts. Later iterations agree to fp32 rounding only, because the global
+// gradient norm sums the expert shards' squares in a different grouping, which moves the
+// clipping factor by an ulp.
+TEST(TrainingLoop, ExpertParallelMatchesReplicatedExperts) {
+  if (world_size() != 2) GTEST_SKIP() << "needs 2 ranks";
+  const Args flags = tiny_moe_flags(4);
+  TrainingReport replicated = run(flags);
+  TrainingReport all_to_all = run(with(
+      flags, {"--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall"}));
+  TrainingReport all_gather = run(with(flags, {"--expert-model-parallel-size", "2"}));
+  for (const TrainingReport* sharded : {&all_to_all, &all_gather}) {
+    ASSERT_EQ(sharded->iterations.size(), 4u);
+    EXPECT_EQ(sharded->iterations[0].lm_loss, replicated.iterations[0].lm_loss);
+    EXPECT_EQ(sharded->iterations[0].load_balancing_loss,
+              replicated.iterations[0].load_balancing_loss);
+    EXPECT_EQ(sharded->iterations[0].expert_load, replicated.iterations[0].expert_load);
+    for (size_t i = 0; i < 4; ++i) {
+      const IterationStats &got = sharded->iterations[i], &want = replicated.iterations[i];
+      EXPECT_NEAR(got.lm_loss, want.lm_loss, 1e-5 * want.lm_loss) << "iteration " << i + 1;
+      EXPECT_NEAR(got.grad_norm, want.grad_norm, 1e-5 * want.grad_norm) << "iteration " << i + 1;
+    }
+  }
+}
+
 TEST(TrainingLoop, DenseModelTrains) {
   Args flags = tiny_moe_flags(6);
   for (const char* moe_flag :
