@@ -25,6 +25,11 @@ struct ParallelState {
   int dp = 1;   // data parallel = world / (tp * cp * pp)
   int edp = 1;  // expert data parallel = world / (etp * ep * pp)
 
+  // Group names (ProcessGroup::name) in brackets. Dense: tensor ["tp"], pipeline ["pp"], data
+  // ["dp"], data with context ["dp_cp"], context ["cp"], tensor x pipeline ["model_parallel"],
+  // first and last stage ["embedding"]. Expert: expert model ["ep"], expert tensor ["etp"],
+  // expert data ["expert_dp"], expert tensor x expert model ["tp_ep"], which the token
+  // dispatchers exchange over (Megatron's expert-tensor-and-model-parallel group).
   ProcessGroup world;
   ProcessGroup tp, pp, dp_group, dp_cp, cp_group, model_parallel, embedding;
   ProcessGroup ep_group, etp_group, expert_dp, tp_ep;

@@ -3,7 +3,8 @@
 // is deterministic (same inputs give bitwise the same output on every run), and turns MPI errors
 // and timeouts into moe::Error naming the collective, the group and the rank.
 //
-// Supported dtypes: fp32, bf16, fp16, fp64, int32, int64. bf16/fp16 sums accumulate in fp32.
+// Supported dtypes: fp32, bf16, fp16, fp64, int32, int64. Reductions accumulate in fp32 for
+// fp32/bf16/fp16 (one rounding at the end), fp64 for fp64, and int64 for integers (sums wrap).
 #pragma once
 
 #include <mpi.h>
@@ -64,8 +65,9 @@ class ProcessGroup {
 
 enum class ReduceOp { kSum, kMax };
 
-// Seconds a collective may wait for its peers before every rank raises an error instead of
-// hanging (default 300; env MOE_COLLECTIVE_TIMEOUT_S; 0 disables).
+// Seconds a collective may wait for its peers before every waiting rank raises an error naming
+// the peers it waits for, instead of hanging (default 300; env MOE_COLLECTIVE_TIMEOUT_S; 0
+// disables). Process-wide; read when each collective starts.
 void set_collective_timeout(double seconds);
 double collective_timeout();
 
@@ -83,6 +85,7 @@ void all_gather(const Tensor& local, Tensor& out, const ProcessGroup& group);
 void reduce_scatter(const Tensor& in, Tensor& out, const ProcessGroup& group,
                     ReduceOp op = ReduceOp::kSum);
 // Uneven forms: rows_per_rank[r] rows belong to rank r (identical list on every rank; checked).
+// Zero rows are fine. reduce_scatter_v sums.
 void all_gather_v(const Tensor& local, Tensor& out, std::span<const int64_t> rows_per_rank,
                   const ProcessGroup& group);
 void reduce_scatter_v(const Tensor& in, Tensor& out, std::span<const int64_t> rows_per_rank,
@@ -91,6 +94,7 @@ void reduce_scatter_v(const Tensor& in, Tensor& out, std::span<const int64_t> ro
 // The counts are checked against what each peer announces before any data moves.
 void all_to_all_v(const Tensor& send, std::span<const int64_t> send_rows, Tensor& recv,
                   std::span<const int64_t> recv_rows, const ProcessGroup& group);
+// The root's tensor to every rank (same dtype and element count everywhere; checked).
 void broadcast(Tensor& tensor, int root, const ProcessGroup& group);
 // Point-to-point (tag in [0, kMaxUserTag]): the receiver checks the sender's dtype and shape
 // against its tensor and raises an error naming both on a mismatch. A send may wait until the
@@ -102,7 +106,8 @@ void send_recv(const Tensor& outgoing, int send_peer, Tensor& incoming, int recv
                const ProcessGroup& group);
 void barrier(const ProcessGroup& group);
 
-// Small integer helpers for bookkeeping (counts, sizes): all-gather one value or a vector per rank.
+// Small integer helpers for bookkeeping (counts, sizes): all-gather one value or a vector per rank
+// (the same length on every rank; checked). Returns size * local.size() values in rank order.
 std::vector<int64_t> all_gather_values(std::span<const int64_t> local, const ProcessGroup& group);
 
 }  // namespace moe::comm
