@@ -5,6 +5,7 @@
 
 #include <chrono>
 
+#include "comm/exchange.h"
 #include "error_text.h"
 #include "moe/comm/process_group.h"
 
@@ -146,6 +147,20 @@ TEST_F(Failures, MissingSendTimesOutTheReceiver) {
   }
   set_collective_timeout(before);
   barrier(world);
+}
+
+TEST_F(Failures, MpiErrorsBecomeErrorsNamingCollectiveGroupAndRank) {
+  std::vector<int> everyone;
+  for (int r = 0; r < size; ++r) everyone.push_back(r);
+  ProcessGroup group = ProcessGroup::from_ranks(world, everyone, "errors");
+  // What a failing MPI call (here a truncated receive) turns into.
+  std::string text = error_text(
+      [&] { detail::Call("all_gather", group).check_mpi(MPI_ERR_TRUNCATE, "MPI_Irecv"); });
+  EXPECT_CONTAINS(text,
+                  where("all_gather", "errors", group) + "MPI_Irecv failed: MPI_ERR_TRUNCATE");
+  EXPECT_CONTAINS(error_text([&] { barrier(group); }),
+                  "group 'errors' is unusable after an earlier failure: all_gather on group "
+                  "'errors'");
 }
 
 TEST_F(Failures, SendRecvShapeMismatchFailsTheReceiverAndKeepsTheChannel) {
