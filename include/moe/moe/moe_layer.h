@@ -46,7 +46,8 @@ class MoELayer {
 
   // hidden: [T, H] or [S, B, H] (Megatron's layout), dtype of the store's parameters.
   // Returns the output of the same shape and dtype; the micro-batch's aux and z losses are in
-  // ctx.router.losses (see losses()).
+  // ctx.router.losses (see losses()). The context may keep a view of `hidden` (fp32 without
+  // jitter): leave it unchanged until backward.
   Tensor forward(const Tensor& hidden, MoEContext& ctx, bool training = true);
   // grad_output: same shape/dtype as the output. Returns d(hidden) (new tensor). The aux and z
   // losses contribute with gradient aux_loss_grad_scale (Megatron's MoEAuxLossAutoScaler
