@@ -102,6 +102,19 @@ std::string Call::timeout_text() const {
   return out.str();
 }
 
+std::string ranks_text(const std::vector<int>& ranks) {
+  std::ostringstream out;
+  out << (ranks.size() == 1 ? "rank " : "ranks ");
+  for (size_t i = 0; i < ranks.size();) {
+    size_t end = i + 1;  // one past a run of consecutive ranks
+    while (end < ranks.size() && ranks[end] == ranks[end - 1] + 1) ++end;
+    out << (i ? ", " : "") << ranks[i];
+    if (end - i > 1) out << "-" << ranks[end - 1];
+    i = end;
+  }
+  return out.str();
+}
+
 std::string list_text(const std::vector<int64_t>& values) {
   std::ostringstream out;
   out << "[";
@@ -293,12 +306,23 @@ std::vector<Announcement> announce(const Call& call, Announcement mine, bool row
     return same_call(other, all[0], rows_agree);
   });
   if (!agree) {
-    std::string calls;
+    // Each distinct call once, with the ranks that made it: "rank 0: barrier; ranks 1-3: ...".
+    std::vector<std::pair<std::string, std::vector<int>>> calls;
     for (int peer = 0; peer < size; ++peer) {
-      calls +=
-          moe::detail::concat(peer ? "; " : "", "rank ", peer, ": ", describe(all[size_t(peer)]));
+      std::string text = describe(all[size_t(peer)]);
+      auto same = std::find_if(calls.begin(), calls.end(),
+                               [&](const auto& entry) { return entry.first == text; });
+      if (same == calls.end()) {
+        calls.push_back({text, {peer}});
+      } else {
+        same->second.push_back(peer);
+      }
     }
-    call.fail("ranks called different collectives or sizes: " + calls);
+    std::string listed;
+    for (const auto& [text, ranks] : calls) {
+      listed += moe::detail::concat(listed.empty() ? "" : "; ", ranks_text(ranks), ": ", text);
+    }
+    call.fail("ranks called different collectives or sizes: " + listed);
   }
   return all;
 }

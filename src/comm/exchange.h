@@ -105,6 +105,8 @@ struct Announcement {
 // "all_gather_v of 3 rows x 64 bf16, rows_per_rank [3, 5]".
 std::string describe(const Announcement& announcement);
 std::string list_text(const std::vector<int64_t>& values);
+// "rank 3" / "ranks 0-2, 5".
+std::string ranks_text(const std::vector<int>& ranks);
 
 // Sends `mine` to every peer and receives theirs (index = group rank), within the deadline; then
 // checks that no rank's arguments were invalid (`local_problem` is this rank's boundary-check

@@ -138,6 +138,21 @@ TEST_P(Collectives, ReduceScatterEqualAndUneven) {
                                                            rows_per_rank[size_t(rank)])));
 }
 
+TEST_P(Collectives, InPlaceAllGatherAndReduceScatterOnOwnShard) {
+  // As a distributed optimizer does: the local input is this rank's shard of the output buffer.
+  Tensor buffer({2 * size, kCols}, dtype);
+  Tensor shard = buffer.rows(2 * rank, 2 * rank + 2);
+  shard.copy_from(tagged(dtype, rank, 2));
+  all_gather(shard, buffer, world);
+  for (int source = 0; source < size; ++source) {
+    EXPECT_TRUE(bitwise_equal(buffer.rows(2 * source, 2 * source + 2), tagged(dtype, source, 2)));
+  }
+  Tensor gradients = tagged(dtype, rank, 2 * size);
+  Tensor own = gradients.rows(2 * rank, 2 * rank + 2);
+  reduce_scatter(gradients, own, world);
+  EXPECT_TRUE(bitwise_equal(own, expected_reduction(dtype, size, 2 * rank, 2)));
+}
+
 TEST_P(Collectives, AllToAllVDeliversEveryRowToItsDestination) {
   // Rank s sends (s + d) % 3 rows to rank d, rows tagged with source s and row 10 * d + k.
   auto count = [](int source, int destination) { return int64_t((source + destination) % 3); };
