@@ -4,6 +4,7 @@
 #include <optional>
 
 #include "moe/model/layers.h"
+#include "moe/moe/ep_dispatchers.h"
 #include "moe/moe/moe_layer.h"
 #include "moe/tensor/ops.h"
 #include "moe/tensor/rng.h"
@@ -119,8 +120,18 @@ class TransformerLayer {
         pre_mlp_norm_(store, prefix_ + ".pre_mlp_layernorm", config.hidden_size,
                       config.normalization, config.norm_epsilon) {
     if (config.is_moe_layer(number)) {
-      moe_ = std::make_unique<MoELayer>(config.moe_config(), store, prefix_ + ".mlp",
-                                        std::move(dispatcher), jitter_seed);
+      MoEConfig moe_config = config.moe_config();
+      if (tp.size() > 1 && moe_config.moe_z_loss_coeff) {
+        // Each tp rank's z-loss covers its own tokens: average over tp, not sum (Megatron).
+        *moe_config.moe_z_loss_coeff /= double(tp.size());
+      }
+      moe_ = std::make_unique<MoELayer>(moe_config, store, prefix_ + ".mlp", std::move(dispatcher),
+                                        jitter_seed);
+      if (tp.size() > 1) {
+        // The tp ranks hold one micro-batch's tokens between them: the aux loss counts tokens
+        // over tp, as Megatron's get_tokens_per_expert_and_token_count does over tp x cp.
+        moe_->router().set_aux_count_reducer(make_aux_count_reducer(tp.group));
+      }
     } else {
       mlp_.emplace(store, prefix_ + ".mlp", config, tp);
     }
@@ -327,10 +338,11 @@ GPTModel::GPTModel(const TransformerConfig& config, const comm::ParallelState& p
             "MoE layers with expert parallelism (expert_model_parallel_size = ", sizes.ep,
             ") and tensor parallelism (tensor_model_parallel_size = ", sizes.tp,
             ") require sequence parallelism: add --sequence-parallel (as Megatron-Core does)");
-  MOE_CHECK(!has_moe || (sizes.ep == 1 && sizes.etp == 1) || dispatcher_factory,
-            "MoE layers with expert_model_parallel_size = ", sizes.ep,
-            " and expert_tensor_parallel_size = ", sizes.etp,
-            " need an expert-parallel token dispatcher (pass a DispatcherFactory to GPTModel)");
+  if (!dispatcher_factory) {
+    dispatcher_factory = [](const MoEConfig& moe_config, const comm::ParallelState& layout, int) {
+      return make_token_dispatcher(moe_config, layout);
+    };
+  }
 
   Impl& m = *impl_;
   m.parallel = parallel;
@@ -355,7 +367,7 @@ GPTModel::GPTModel(const TransformerConfig& config, const comm::ParallelState& p
   }
   for (int i = stage_.first_layer; i < stage_.first_layer + stage_.num_layers; ++i) {
     std::unique_ptr<TokenDispatcher> dispatcher;
-    if (c.is_moe_layer(i) && dispatcher_factory) {
+    if (c.is_moe_layer(i)) {
       dispatcher = dispatcher_factory(c.moe_config(), parallel, i);
     }
     m.layers.push_back(std::make_unique<TransformerLayer>(store, config_, i, m.tp,
@@ -500,6 +512,14 @@ Tensor GPTModel::forward_step(const Tensor& input, const Tensor& labels, GPTCont
   for (size_t i = 0; i < m.layers.size(); ++i) {
     hidden = m.layers[i]->forward(store_, hidden, shape, state->row_offset, ctx, state->layers[i],
                                   &ctx.moe_losses);
+  }
+  if (tp > 1 && !ctx.moe_losses.empty()) {  // each tp rank reported its share
+    Tensor values({int64_t(ctx.moe_losses.size())}, DType::F64);
+    for (size_t i = 0; i < ctx.moe_losses.size(); ++i)
+      values.data<double>()[i] = ctx.moe_losses[i].value;
+    comm::all_reduce(values, m.tp.group);
+    for (size_t i = 0; i < ctx.moe_losses.size(); ++i)
+      ctx.moe_losses[i].value = values.data<double>()[i];
   }
   if (!stage_.post_process) {
     ctx.state_ = std::move(state);

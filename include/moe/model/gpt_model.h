@@ -41,15 +41,16 @@ struct GPTStage {
 };
 
 // A loss the MoE layers report for logging (they do not enter the returned lm loss; their
-// gradients are applied inside the MoE layers' backward).
+// gradients are applied inside the MoE layers' backward). Values are those of the micro-batch
+// (summed over the tp ranks that share its tokens).
 struct MoELossReport {
   int layer = 0;
   std::string name;  // "load_balancing_loss", "z_loss", ...
   double value = 0;
 };
 
-// Builds the token dispatcher of each MoE layer (expert parallelism). Without one the MoE layers
-// keep every expert on this rank (LocalTokenDispatcher), which needs ep = etp = 1.
+// Builds the token dispatcher of each MoE layer. Unset: make_token_dispatcher (ep_dispatchers.h):
+// all experts local when ep = etp = 1, else the config's all-to-all or all-gather dispatcher.
 using DispatcherFactory = std::function<std::unique_ptr<TokenDispatcher>(
     const MoEConfig& config, const comm::ParallelState& parallel, int layer)>;
 
