@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -385,6 +386,11 @@ void save_checkpoint(const std::string& save_dir, const TrainingState& state,
                      const optim::OptimizerParamScheduler* scheduler,
                      const comm::ParallelState& parallel, const SaveOptions& options) {
   const comm::ProcessGroup& world = parallel.world;
+  std::vector<int64_t> iterations = comm::all_gather_values({&state.iteration, 1}, world);
+  for (size_t r = 0; r < iterations.size(); ++r) {
+    MOE_CHECK(iterations[r] == iterations[0], "ranks disagree on the iteration to save in '",
+              save_dir, "': rank 0 has ", iterations[0], ", rank ", r, " has ", iterations[r]);
+  }
   fs::path root(save_dir);
   fs::path final_dir = root / iteration_dir_name(state.iteration);
   fs::path tmp = with_suffix(final_dir, ".tmp");
@@ -460,6 +466,14 @@ class Catalog {
     return it == by_name_.end() ? none : it->second;
   }
   const json& rng(int rank) const { return rng_.at(size_t(rank)); }
+  // Model tensors (not optimizer state), sorted by name.
+  std::vector<std::string> model_tensor_names() const {
+    std::vector<std::string> names;
+    for (const auto& [name, pieces] : by_name_) {
+      if (!name.starts_with(kOptimizerPrefix)) names.push_back(name);
+    }
+    return names;
+  }
 
  private:
   std::map<std::string, std::vector<Piece>> by_name_;
@@ -632,10 +646,16 @@ void load_optimizer_state(const Catalog& catalog, const json& meta, const Parame
   optimizer.set_scalars(scalars);
 }
 
-TrainingState load_on_this_rank(const std::string& load_dir, ParameterStore& model,
-                                optim::Optimizer* optimizer,
-                                optim::OptimizerParamScheduler* scheduler,
-                                const comm::ParallelState& p, const LoadOptions& options) {
+struct LocalLoad {
+  TrainingState state;
+  fs::path dir;
+  std::vector<std::string> stored;  // the checkpoint's model tensors
+  std::vector<int64_t> loaded;      // 1 where this rank's model has that tensor
+};
+
+LocalLoad load_on_this_rank(const std::string& load_dir, ParameterStore& model,
+                            optim::Optimizer* optimizer, optim::OptimizerParamScheduler* scheduler,
+                            const comm::ParallelState& p, const LoadOptions& options) {
   std::optional<int64_t> iteration = options.iteration;
   if (!iteration) iteration = read_tracker(load_dir);
   MOE_CHECK(iteration.has_value(), "no checkpoint to load: tracker file ",
@@ -647,7 +667,9 @@ TrainingState load_on_this_rank(const std::string& load_dir, ParameterStore& mod
   MOE_CHECK(fs::is_directory(dir), "checkpoint directory ", dir, " does not exist");
   fs::path meta_path = dir / kMetadataName;
   json meta = parse_json(read_text(meta_path), meta_path);
-  TrainingState state;
+  LocalLoad local;
+  local.dir = dir;
+  TrainingState& state = local.state;
   try {
     MOE_CHECK(meta.at("format") == kFormat && meta.at("version") == kVersion,
               "unknown checkpoint format ", meta.at("format").dump(), " version ",
@@ -670,10 +692,14 @@ TrainingState load_on_this_rank(const std::string& load_dir, ParameterStore& mod
       throw Error(detail::concat("checkpoint ", dir, " has a malformed index: ", e.what()));
     }
   }();
+  local.stored = catalog.model_tensor_names();
+  local.loaded.assign(local.stored.size(), 0);
   for (int i = 0; i < model.count(); ++i) {
     const ParamSpec& spec = model.spec(ParamHandle{i});
     load_tensor(catalog, spec.name, spec, 0, shape_numel(spec.shape), model.param(ParamHandle{i}),
                 dir);
+    auto at = std::lower_bound(local.stored.begin(), local.stored.end(), spec.name);
+    local.loaded[size_t(at - local.stored.begin())] = 1;
   }
   if (optimizer != nullptr) optimizer->reload_main_params();
   if (options.load_optim) {
@@ -692,7 +718,24 @@ TrainingState load_on_this_rank(const std::string& load_dir, ParameterStore& mod
       state.rng[name] = value.get<Rng::State>();
     }
   }
-  return state;
+  return local;
+}
+
+// Strict loading: every model tensor of the checkpoint went into some rank's model, so a
+// checkpoint of a larger or different model is refused instead of partly loaded.
+void check_every_tensor_loaded(const LocalLoad& local, const comm::ProcessGroup& world) {
+  Tensor loaded({int64_t(local.loaded.size())}, DType::I64);
+  std::copy(local.loaded.begin(), local.loaded.end(), loaded.data<int64_t>());
+  if (world.size() > 1 && loaded.numel() > 0) comm::all_reduce(loaded, world, comm::ReduceOp::kMax);
+  std::string unclaimed;
+  int count = 0;
+  for (size_t i = 0; i < local.stored.size(); ++i) {
+    if (loaded.data<int64_t>()[i] != 0) continue;
+    if (++count <= 5) unclaimed += (count > 1 ? ", '" : "'") + local.stored[i] + "'";
+  }
+  MOE_CHECK(count == 0, "checkpoint ", local.dir, " holds ", count,
+            " tensor(s) that no rank's model has: ", unclaimed, count > 5 ? ", ..." : "",
+            " (saved from a different model?)");
 }
 
 }  // namespace
@@ -701,11 +744,12 @@ TrainingState load_checkpoint(const std::string& load_dir, ParameterStore& model
                               optim::Optimizer* optimizer,
                               optim::OptimizerParamScheduler* scheduler,
                               const comm::ParallelState& parallel, const LoadOptions& options) {
-  TrainingState state;
+  LocalLoad local;
   std::string error = attempt(
-      [&] { state = load_on_this_rank(load_dir, model, optimizer, scheduler, parallel, options); });
+      [&] { local = load_on_this_rank(load_dir, model, optimizer, scheduler, parallel, options); });
   agree(parallel.world, error, "loading checkpoint from '" + load_dir + "'");
-  return state;
+  if (options.strict) check_every_tensor_loaded(local, parallel.world);
+  return local.state;
 }
 
 }  // namespace moe::checkpoint

@@ -219,6 +219,21 @@ TEST_F(BrokenCheckpoint, ShapeMismatchAndMissingTensorNameTheTensor) {
       {"tensor 'decoder.final_norm.weight' is missing from checkpoint", "iter_0000001"});
 }
 
+TEST_F(BrokenCheckpoint, TensorsNoModelParameterTakesAreRefusedUnlessNotStrict) {
+  ParameterStore part;
+  ParamHandle fc = part.declare(param_spec("fc.weight", {7, 5}));
+  part.allocate();
+  expect_error_contains([&] { load_checkpoint(dir.str(), part, nullptr, nullptr, single()); },
+                        {"holds 3 tensor(s) that no rank's model has: 'experts.fc1', 'fc.bias', "
+                         "'norm.weight' (saved from a different model?)"});
+  LoadOptions partial;
+  partial.strict = false;
+  load_checkpoint(dir.str(), part, nullptr, nullptr, single(), partial);
+  TrainingRun saved(single(), DType::F32, false);
+  saved.load(dir.str());
+  EXPECT_TENSORS_CLOSE(part.param(fc), saved.model.store.param(saved.model.handles[1]), 0, 0);
+}
+
 TEST_F(BrokenCheckpoint, OptimizerMismatchPointsToNoLoadOptim) {
   TrainingRun fresh(single(), DType::F32, /*distributed=*/false);
   // A model-only checkpoint has no optimizer state to give.

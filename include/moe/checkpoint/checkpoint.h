@@ -52,6 +52,8 @@ struct LoadOptions {
   bool load_optim = true;  // false: --no-load-optim (optimizer and scheduler keep their state)
   bool load_rng = true;    // false: --no-load-rng (state.rng comes back empty)
   std::optional<int64_t> iteration;  // default: the tracker's iteration
+  // Every model tensor in the checkpoint must go into some rank's model (false: load a part).
+  bool strict = true;
 };
 
 // Collective over parallel.world. Loads the model and, unless disabled, the optimizer state and
