@@ -43,20 +43,12 @@ TransformerConfig tiny_moe_config() {
   return c;
 }
 
-Tensor token_batch(int64_t batch, int64_t seq, int64_t vocab, uint64_t seed) {
-  Rng rng(seed);
-  Tensor t({batch, seq}, DType::I64);
-  for (int64_t i = 0; i < t.numel(); ++i)
-    t.data<int64_t>()[i] = int64_t(rng.below(uint64_t(vocab)));
-  return t;
-}
-
 struct Batch {
   Tensor tokens, labels, mask;
 };
 Batch make_batch(const TransformerConfig& c, int64_t batch, uint64_t seed) {
-  Batch b{token_batch(batch, c.seq_length, c.padded_vocab_size, seed),
-          token_batch(batch, c.seq_length, c.padded_vocab_size, seed + 1),
+  Batch b{testing::random_tokens(batch, c.seq_length, c.padded_vocab_size, seed),
+          testing::random_tokens(batch, c.seq_length, c.padded_vocab_size, seed + 1),
           Tensor::full({batch, c.seq_length}, 1.0f)};
   b.mask.set(1, 0.0f);  // a masked-out token
   return b;
@@ -167,32 +159,33 @@ TEST(GPTModel, TwoPipelineStagesChainedEqualTheWholeModel) {
   }
 }
 
-TEST(GPTModel, Bf16TracksFp32) {
+TEST(GPTModel, HalfPrecisionTracksFp32) {
   TransformerConfig c = tiny_moe_config();
   c.hidden_dropout = c.attention_dropout = 0;
   Batch batch = make_batch(c, 2, 40);
-  ParameterStore fp32_store(DType::F32), bf16_store(DType::BF16);
-  GPTModel fp32(c, comm::single_process_state(), fp32_store);
-  GPTModel bf16(c, comm::single_process_state(), bf16_store);
-  fp32_store.allocate();
-  bf16_store.allocate();
-  fp32.init_parameters(7);
-  bf16.init_parameters(7);
-  fp32_store.flat_params(ParamGroup::kDense).copy_from(bf16_store.flat_params(ParamGroup::kDense));
-  fp32_store.flat_params(ParamGroup::kExpert)
-      .copy_from(bf16_store.flat_params(ParamGroup::kExpert));
-  Step a = run_step(fp32, batch, 1), b = run_step(bf16, batch, 1);
-  EXPECT_TRUE(std::isfinite(b.loss));
-  EXPECT_NEAR(b.loss, a.loss, 0.02 * a.loss);
-  double norm = std::sqrt(std::max(1e-30, [&] {
-    double total = 0;
-    for (float v : a.dense_grads.to_floats()) total += double(v) * v;
-    return total;
-  }()));
-  double diff = 0;
-  std::vector<float> ga = a.dense_grads.to_floats(), gb = b.dense_grads.to_floats();
-  for (size_t i = 0; i < ga.size(); ++i) diff += double(ga[i] - gb[i]) * double(ga[i] - gb[i]);
-  EXPECT_LT(std::sqrt(diff), 0.1 * norm);
+  for (DType half : {DType::BF16, DType::F16}) {
+    SCOPED_TRACE(std::string(dtype_name(half)));
+    ParameterStore fp32_store(DType::F32), half_store(half);
+    GPTModel fp32(c, comm::single_process_state(), fp32_store);
+    GPTModel low(c, comm::single_process_state(), half_store);
+    fp32_store.allocate();
+    half_store.allocate();
+    low.init_parameters(7);
+    for (ParamGroup group : {ParamGroup::kDense, ParamGroup::kExpert}) {
+      fp32_store.flat_params(group).copy_from(half_store.flat_params(group));  // same weights
+    }
+    Step a = run_step(fp32, batch, 1), b = run_step(low, batch, 1);
+    ASSERT_TRUE(std::isfinite(b.loss));
+    EXPECT_NEAR(b.loss, a.loss, 0.01 * a.loss);
+    // Gradients agree to a few percent of their norm (fp32 accumulation, half activations).
+    std::vector<float> ga = a.dense_grads.to_floats(), gb = b.dense_grads.to_floats();
+    double norm = 0, diff = 0;
+    for (size_t i = 0; i < ga.size(); ++i) {
+      norm += double(ga[i]) * ga[i];
+      diff += double(ga[i] - gb[i]) * double(ga[i] - gb[i]);
+    }
+    EXPECT_LT(std::sqrt(diff), 0.05 * std::sqrt(norm));
+  }
 }
 
 TEST(GPTModel, InitUsesScaledStdForOutputProjections) {

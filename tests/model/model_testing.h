@@ -42,6 +42,16 @@ inline void randomize(ParameterStore& store, uint64_t seed, float std = 0.3f) {
   }
 }
 
+// Token ids [batch, seq] (I64) uniform in [0, vocab).
+inline Tensor random_tokens(int64_t batch, int64_t seq, int64_t vocab, uint64_t seed) {
+  Rng rng(seed);
+  Tensor t({batch, seq}, DType::I64);
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    t.data<int64_t>()[i] = int64_t(rng.below(uint64_t(vocab)));
+  }
+  return t;
+}
+
 // sum(out * probe) in double.
 inline double dot(const Tensor& out, const Tensor& probe) {
   double total = 0;

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <string>
 
+#include "model_testing.h"
 #include "moe/comm/parallel_state.h"
 #include "moe/model/gpt_model.h"
 #include "moe/model/tensor_parallel.h"
@@ -53,14 +54,6 @@ TransformerConfig equivalence_config() {
   return c;
 }
 
-Tensor random_tokens(int64_t batch, int64_t seq, int64_t vocab, uint64_t seed) {
-  Rng rng(seed);
-  Tensor t({batch, seq}, DType::I64);
-  for (int64_t i = 0; i < t.numel(); ++i)
-    t.data<int64_t>()[i] = int64_t(rng.below(uint64_t(vocab)));
-  return t;
-}
-
 void check_layout(const Layout& layout, TokenDispatcherType dispatcher) {
   comm::ParallelState state = comm::initialize_model_parallel({layout.tp, 1, layout.ep, 1, 1});
   TransformerConfig config = equivalence_config();
@@ -75,8 +68,10 @@ void check_layout(const Layout& layout, TokenDispatcherType dispatcher) {
   config.moe.moe_aux_loss_coeff = one_batch ? 0.01 : 0.0;
   if (one_batch) config.moe.moe_z_loss_coeff = 0.001;
   const int64_t local_batch = 2, global_batch = local_batch * state.dp;
-  Tensor tokens = random_tokens(global_batch, config.seq_length, config.padded_vocab_size, 11);
-  Tensor labels = random_tokens(global_batch, config.seq_length, config.padded_vocab_size, 12);
+  Tensor tokens =
+      testing::random_tokens(global_batch, config.seq_length, config.padded_vocab_size, 11);
+  Tensor labels =
+      testing::random_tokens(global_batch, config.seq_length, config.padded_vocab_size, 12);
 
   ParameterStore reference_store;
   TransformerConfig single = config;
