@@ -164,6 +164,25 @@ TEST_F(Failures, MpiErrorsBecomeErrorsNamingCollectiveGroupAndRank) {
                   "'errors'");
 }
 
+TEST_F(Failures, UntakenLargeSendTimesOutTheSender) {
+  // The header goes through, but a message beyond MPI's eager limit waits for a receive that
+  // never comes: the data exchange itself times out.
+  ProcessGroup pair = ProcessGroup::from_ranks(
+      world, rank < 2 ? std::vector<int>{0, 1} : std::vector<int>{rank}, "untaken");
+  const double before = collective_timeout();
+  set_collective_timeout(1);
+  if (rank == 0) {
+    Tensor outgoing({1000, 100});
+    EXPECT_EQ(error_text([&] { send(outgoing, 1, 4, pair); }),
+              where("send", "untaken", pair) +
+                  "timed out after 1 s in the data exchange: rank 1 (world rank 1) has not taken "
+                  "its 400000 bytes (this rank's call: send of [1000, 100] fp32 to rank 1 with "
+                  "tag 4)");
+  }
+  set_collective_timeout(before);
+  barrier(world);
+}
+
 TEST_F(Failures, SendRecvShapeMismatchFailsTheReceiverAndKeepsTheChannel) {
   if (rank > 1) return;
   Tensor sent({2, 3}, DType::F32);
