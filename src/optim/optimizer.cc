@@ -2,7 +2,6 @@
 
 #include <cmath>
 #include <cstdio>
-#include <limits>
 
 #include "moe/tensor/ops.h"
 #include "update_kernels.h"
@@ -48,7 +47,7 @@ bool megatron_decays(const ParamSpec& spec) {
 }
 
 // Balanced contiguous split of n elements over `parts` ranks: rank r owns [n r / p, n (r+1) / p).
-std::vector<int64_t> shard_sizes(int64_t n, int parts) {
+std::vector<int64_t> balanced_split(int64_t n, int parts) {
   std::vector<int64_t> sizes(parts);
   for (int r = 0; r < parts; ++r) sizes[r] = n * (r + 1) / parts - n * r / parts;
   return sizes;
@@ -124,7 +123,7 @@ void Optimizer::Impl::build_group(Group& g, ParamGroup kind) {
   g.distributed = config.use_distributed_optimizer;
   int replicas = g.reduce->size();
   if (g.distributed) {
-    g.shard_sizes = shard_sizes(g.numel, replicas);
+    g.shard_sizes = balanced_split(g.numel, replicas);
     g.shard_begin = g.numel * g.reduce->rank() / replicas;
     g.shard_end = g.shard_begin + g.shard_sizes[g.reduce->rank()];
   } else {
@@ -217,7 +216,7 @@ void Optimizer::Impl::publish(Group& g) {
     mine.copy_from(g.main);
     return;
   }
-  Tensor local = g.main.to(store.param_dtype());
+  Tensor local = store.param_dtype() == DType::F32 ? g.main : g.main.to(store.param_dtype());
   comm::all_gather_v(local, flat, g.shard_sizes, *g.reduce);
 }
 
