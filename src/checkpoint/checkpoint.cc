@@ -1,5 +1,6 @@
 #include "moe/checkpoint/checkpoint.h"
 
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -333,6 +334,16 @@ fs::path with_suffix(const fs::path& dir, const char* suffix) {
   return out;
 }
 
+// Makes renames inside `dir` durable.
+void sync_directory(const fs::path& dir) {
+  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY);
+  MOE_CHECK(fd >= 0, "cannot open directory ", dir, ": ", std::strerror(errno));
+  bool ok = ::fsync(fd) == 0;
+  int error = errno;
+  ::close(fd);
+  MOE_CHECK(ok, "syncing directory ", dir, " failed: ", std::strerror(error));
+}
+
 // Removes the temporary directories that interrupted saves left (iter_NNNNNNN.tmp).
 void remove_stale_temporaries(const fs::path& root) {
   for (const fs::directory_entry& entry : fs::directory_iterator(root)) {
@@ -354,9 +365,11 @@ void commit(const fs::path& root, const fs::path& tmp, const fs::path& final_dir
   if (fs::exists(final_dir)) fs::rename(final_dir, old);
   fs::rename(tmp, final_dir);
   fs::remove_all(old);
+  sync_directory(root);  // the directory is in place before the tracker names it
   fs::path tracker_tmp = root / (std::string(kTrackerName) + ".tmp");
   write_text(tracker_tmp, std::to_string(iteration));
   fs::rename(tracker_tmp, root / kTrackerName);
+  sync_directory(root);
 }
 
 }  // namespace
@@ -450,8 +463,9 @@ class Catalog {
       MOE_CHECK(fs::exists(data_path), "missing checkpoint file ", data_path);
       int64_t size = int64_t(fs::file_size(data_path));
       int64_t expected = rank.at("data_bytes").get<int64_t>();
-      MOE_CHECK(size == expected, "checkpoint file ", data_path, " is truncated: ", size,
-                " bytes, its index says ", expected);
+      MOE_CHECK(size == expected, "checkpoint file ", data_path,
+                size < expected ? " is truncated: " : " has the wrong size: ", size,
+                " bytes, the metadata says ", expected);
       for (const json& entry : index.at("tensors")) {
         Piece piece = piece_from_json(entry, data_path.string());
         by_name_[piece.name].push_back(std::move(piece));
