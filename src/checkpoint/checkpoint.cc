@@ -359,6 +359,7 @@ void remove_stale_temporaries(const fs::path& root) {
 // loading falls back to it if a crash came in between.
 void commit(const fs::path& root, const fs::path& tmp, const fs::path& final_dir,
             int64_t iteration) {
+  sync_directory(tmp);  // every rank's files (fsync'ed by their writers) are listed
   fs::path old = with_suffix(final_dir, ".old");
   if (!fs::exists(final_dir) && fs::exists(old)) fs::rename(old, final_dir);
   fs::remove_all(old);
