@@ -550,6 +550,10 @@ void finalize_arguments(TrainingArguments& a, int world_size) {
     a.sequence_parallel = false;
     a.notes.push_back("--sequence-parallel disabled because --tensor-model-parallel-size is 1");
   }
+  MOE_CHECK(pp == 1 || a.untie_embeddings_and_output_weights, "--pipeline-model-parallel-size (",
+            pp,
+            ") > 1 needs --untie-embeddings-and-output-weights (the tied output layer would live "
+            "on another stage than the embedding)");
   MOE_CHECK(*a.num_layers % pp == 0, "--num-layers (", *a.num_layers,
             ") is not divisible by --pipeline-model-parallel-size (", pp, ")");
 

@@ -5,7 +5,6 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
-#include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <ostream>
@@ -227,8 +226,15 @@ void build_model_and_optimizer(Job& job) {
           return make_token_dispatcher(moe, parallel);
         });
   }
-  job.model = std::make_unique<model::GPTModel>(config, job.parallel, *job.store, model::GPTStage{},
-                                                dispatchers);
+  // Pipeline stage p of pp builds layers [p * L / pp, (p + 1) * L / pp).
+  model::GPTStage stage;
+  const int layers_per_stage = *a.num_layers / a.pipeline_model_parallel_size;
+  stage.pre_process = job.parallel.is_pipeline_first();
+  stage.post_process = job.parallel.is_pipeline_last();
+  stage.first_layer = job.parallel.pp.rank() * layers_per_stage;
+  stage.num_layers = layers_per_stage;
+  job.model =
+      std::make_unique<model::GPTModel>(config, job.parallel, *job.store, stage, dispatchers);
   job.store->allocate();
   job.model->init_parameters(uint64_t(a.seed));
   job.say(concat(" > number of parameters on (tensor, pipeline, expert) model parallel rank (",
@@ -300,33 +306,113 @@ uint64_t micro_batch_seed(uint64_t seed, int64_t iteration, int64_t first_sample
   return rng.next_u64();
 }
 
-// Sums `values` over the data-parallel group and divides by its size.
-void average_over_data_parallel(std::vector<double>& values, const comm::ParallelState& parallel) {
-  if (values.empty()) return;
+// Losses of a set of micro-batches, summed on this rank: the lm loss (last pipeline stage only)
+// and each MoE loss with the number of (layer, micro-batch) reports behind it.
+struct LossSums {
+  double lm = 0;
+  double load_balancing = 0, load_balancing_reports = 0;
+  double z = 0, z_reports = 0;
+
+  void add_moe(const std::vector<model::MoELossReport>& reports) {
+    for (const model::MoELossReport& report : reports) {
+      if (report.name == "load_balancing_loss") {
+        load_balancing += report.value;
+        ++load_balancing_reports;
+      } else if (report.name == "z_loss") {
+        z += report.value;
+        ++z_reports;
+      }
+    }
+  }
+};
+
+// Means over micro-batches, MoE layers, pipeline stages and data-parallel replicas:
+// {lm loss, load-balancing loss, z loss}. Collective over the pp and dp groups.
+std::vector<double> reduce_losses(const LossSums& sums, int micro_batches,
+                                  const comm::ParallelState& parallel) {
+  const std::vector<double> values = {sums.lm, sums.load_balancing, sums.load_balancing_reports,
+                                      sums.z, sums.z_reports};
   Tensor buffer({int64_t(values.size())}, DType::F64);
   std::copy(values.begin(), values.end(), buffer.data<double>());
+  comm::all_reduce(buffer, parallel.pp);  // stages hold different layers (and one the lm loss)
   comm::all_reduce(buffer, parallel.dp_group);
-  for (size_t i = 0; i < values.size(); ++i) {
-    values[i] = buffer.data<double>()[i] / parallel.dp_group.size();
-  }
+  const double* t = buffer.data<double>();
+  const double replicas = parallel.dp_group.size();
+  return {t[0] / (micro_batches * replicas), t[2] > 0 ? t[1] / t[2] : 0.0,
+          t[4] > 0 ? t[3] / t[4] : 0.0};
 }
 
-// The MoE losses of one forward, averaged over the layers that reported them.
-struct MoeLossMeans {
-  double load_balancing = 0, z = 0;
-};
-MoeLossMeans moe_loss_means(const std::vector<model::MoELossReport>& reports) {
-  std::map<std::string, std::pair<double, int>> sums;
-  for (const auto& report : reports) {
-    auto& [sum, count] = sums[report.name];
-    sum += report.value;
-    ++count;
+// Forward (and, when training, backward with d(loss) = loss_grad) of `batches` on this rank's
+// pipeline stage. With one stage the model runs whole; with several, in GPipe order: every
+// micro-batch's forward passes down the stages, then every backward passes up, in micro-batch
+// order, so parameter gradients accumulate in the same order as on one stage.
+LossSums run_micro_batches(Job& job, const std::vector<data::MicroBatch>& batches, bool training,
+                           double loss_grad) {
+  const TrainingArguments& a = job.args;
+  LossSums sums;
+  std::vector<model::GPTContext> contexts(batches.size());
+  for (size_t m = 0; m < batches.size(); ++m) {
+    contexts[m].training = training;
+    contexts[m].dropout_seed =
+        micro_batch_seed(uint64_t(a.seed), job.iteration, batches[m].sample_indices[0]);
   }
-  auto mean = [&](const char* name) {
-    auto found = sums.find(name);
-    return found == sums.end() ? 0.0 : found->second.first / found->second.second;
-  };
-  return {mean("load_balancing_loss"), mean("z_loss")};
+  model::GPTModel& model = *job.model;
+  const comm::ProcessGroup& pp = job.parallel.pp;
+  if (pp.size() == 1) {
+    for (size_t m = 0; m < batches.size(); ++m) {
+      sums.lm +=
+          model.forward(batches[m].tokens, batches[m].labels, contexts[m], batches[m].loss_mask);
+      sums.add_moe(contexts[m].moe_losses);
+      if (training) {
+        model.backward(contexts[m], float(loss_grad));
+      } else {
+        contexts[m].release();
+      }
+    }
+    return sums;
+  }
+  const bool first = job.parallel.is_pipeline_first(), last = job.parallel.is_pipeline_last();
+  const int64_t micro_batch = *a.micro_batch_size;
+  const Shape hidden_shape = {model.local_rows(micro_batch), int64_t(*a.hidden_size)};
+  const DType hidden_dtype = job.store->param_dtype();
+  constexpr int kForwardTag = 1, kBackwardTag = 2;
+  for (size_t m = 0; m < batches.size(); ++m) {
+    Tensor input = batches[m].tokens;
+    if (!first) {
+      input = Tensor::empty(hidden_shape, hidden_dtype);
+      comm::recv(input, pp.rank() - 1, kForwardTag, pp);
+    }
+    Tensor output = model.forward_step(input, batches[m].labels, contexts[m], batches[m].loss_mask,
+                                       micro_batch);
+    if (last) {
+      sums.lm += contexts[m].lm_loss;
+    } else {
+      comm::send(output, pp.rank() + 1, kForwardTag, pp);
+    }
+    sums.add_moe(contexts[m].moe_losses);
+    if (!training) contexts[m].release();
+  }
+  if (!training) return sums;
+  for (size_t m = 0; m < batches.size(); ++m) {
+    Tensor output_grad;
+    if (last) {
+      output_grad = Tensor::full({1}, float(loss_grad), DType::F64);
+    } else {
+      output_grad = Tensor::empty(hidden_shape, hidden_dtype);
+      comm::recv(output_grad, pp.rank() + 1, kBackwardTag, pp);
+    }
+    contexts[m].moe_aux_loss_grad_scale = loss_grad;
+    Tensor input_grad = model.backward_step(contexts[m], output_grad);
+    if (!first) comm::send(input_grad, pp.rank() - 1, kBackwardTag, pp);
+  }
+  return sums;
+}
+
+std::vector<data::MicroBatch> next_micro_batches(data::PretrainingDataIterator& data, int count) {
+  std::vector<data::MicroBatch> batches;
+  batches.reserve(size_t(count));
+  for (int m = 0; m < count; ++m) batches.push_back(data.next());
+  return batches;
 }
 
 IterationStats train_step(Job& job, data::PretrainingDataIterator& data) {
@@ -335,26 +421,14 @@ IterationStats train_step(Job& job, data::PretrainingDataIterator& data) {
   const int micro_batches = a.num_micro_batches;
   job.store->zero_grads();
   if (job.expert_load) job.expert_load->reset();
-  const double loss_grad = job.optimizer->loss_scale() / micro_batches;
-  double lm_loss = 0, load_balancing = 0, z_loss = 0;
-  for (int micro = 0; micro < micro_batches; ++micro) {
-    data::MicroBatch batch = data.next();
-    model::GPTContext ctx;
-    ctx.dropout_seed = micro_batch_seed(uint64_t(a.seed), job.iteration, batch.sample_indices[0]);
-    lm_loss += job.model->forward(batch.tokens, batch.labels, ctx, batch.loss_mask);
-    MoeLossMeans moe = moe_loss_means(ctx.moe_losses);
-    load_balancing += moe.load_balancing;
-    z_loss += moe.z;
-    job.model->backward(ctx, float(loss_grad));
-  }
+  LossSums sums = run_micro_batches(job, next_micro_batches(data, micro_batches), true,
+                                    job.optimizer->loss_scale() / micro_batches);
   optim::StepResult step = job.optimizer->step();
   ++job.iteration;
   job.consumed_train_samples += *a.global_batch_size;
   if (!step.skipped) job.scheduler->step(*a.global_batch_size);
 
-  std::vector<double> losses = {lm_loss / micro_batches, load_balancing / micro_batches,
-                                z_loss / micro_batches};
-  average_over_data_parallel(losses, job.parallel);
+  std::vector<double> losses = reduce_losses(sums, micro_batches, job.parallel);
   IterationStats stats;
   stats.iteration = job.iteration;
   stats.consumed_samples = job.consumed_train_samples;
@@ -375,22 +449,12 @@ IterationStats train_step(Job& job, data::PretrainingDataIterator& data) {
 // Megatron's evaluate(): eval_iters global batches of the validation split, no backward.
 double evaluate(Job& job, data::PretrainingDataIterator& data) {
   const TrainingArguments& a = job.args;
-  double total = 0;
-  int64_t batches = 0;
+  LossSums sums;
   for (int step = 0; step < a.eval_iters; ++step) {
-    for (int micro = 0; micro < a.num_micro_batches; ++micro) {
-      data::MicroBatch batch = data.next();
-      model::GPTContext ctx;
-      ctx.training = false;
-      total += job.model->forward(batch.tokens, batch.labels, ctx, batch.loss_mask);
-      ctx.release();
-      ++batches;
-    }
+    sums.lm += run_micro_batches(job, next_micro_batches(data, a.num_micro_batches), false, 0).lm;
     job.consumed_valid_samples += *a.global_batch_size;
   }
-  std::vector<double> mean = {batches ? total / double(batches) : 0.0};
-  average_over_data_parallel(mean, job.parallel);
-  return mean[0];
+  return reduce_losses(sums, a.eval_iters * a.num_micro_batches, job.parallel)[0];
 }
 
 void log_validation(Job& job, ScalarLog* scalars, double loss) {
@@ -482,9 +546,6 @@ std::string format_log_line(const std::vector<IterationStats>& window, int64_t t
 
 TrainingReport pretrain(const TrainingArguments& args, std::ostream& log,
                         const TrainingHooks& hooks) {
-  MOE_CHECK(args.pipeline_model_parallel_size == 1, "--pipeline-model-parallel-size ",
-            args.pipeline_model_parallel_size,
-            ": moe-train's loop does not run pipeline schedules yet; use 1");
   comm::set_collective_timeout(60.0 * args.distributed_timeout_minutes);
   Job job(args, log);
   comm::ParallelSizes sizes;

@@ -255,7 +255,11 @@ TEST(Arguments, ConflictingAndNonDivisibleFlags) {
        3,
        "world size (3) is not divisible by --tensor-model-parallel-size (1) x "
        "--pipeline-model-parallel-size (2)"},
-      {{"--pipeline-model-parallel-size", "4"},
+      {{"--pipeline-model-parallel-size", "2"},
+       2,
+       "--pipeline-model-parallel-size (2) > 1 needs --untie-embeddings-and-output-weights (the "
+       "tied output layer would live on another stage than the embedding)"},
+      {{"--pipeline-model-parallel-size", "4", "--untie-embeddings-and-output-weights"},
        4,
        "--num-layers (2) is not divisible by --pipeline-model-parallel-size (4)"},
       {{"--global-batch-size", "6"},

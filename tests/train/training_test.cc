@@ -237,6 +237,35 @@ TEST(TrainingLoop, ExpertParallelMatchesReplicatedExperts) {
   }
 }
 
+// Two pipeline stages (GPipe order, 2 accumulated micro-batches) against one stage with 2
+// data-parallel replicas: the same first loss bitwise, then agreement to fp32 rounding; and a
+// pipelined run resumed from its checkpoint repeats its own losses bitwise.
+TEST(TrainingLoop, PipelineMatchesOneStageAndResumes) {
+  if (world_size() != 2) GTEST_SKIP() << "needs 2 ranks";
+  const Args flags = with(tiny_moe_flags(4), {"--num-layers", "4"});
+  const Args pipelined = with(flags, {"--pipeline-model-parallel-size", "2"});
+  TrainingReport one_stage = run(flags);
+  TrainingReport two_stages = run(pipelined);
+  ASSERT_EQ(two_stages.iterations.size(), 4u);
+  EXPECT_EQ(two_stages.iterations[0].lm_loss, one_stage.iterations[0].lm_loss);
+  for (size_t i = 0; i < 4; ++i) {
+    const IterationStats &got = two_stages.iterations[i], &want = one_stage.iterations[i];
+    EXPECT_NEAR(got.lm_loss, want.lm_loss, 1e-5 * want.lm_loss) << "iteration " << i + 1;
+    EXPECT_NEAR(got.load_balancing_loss, want.load_balancing_loss, 1e-5 * want.load_balancing_loss);
+    EXPECT_NEAR(got.grad_norm, want.grad_norm, 1e-5 * want.grad_norm) << "iteration " << i + 1;
+  }
+  fs::path dir = shared_dir("pipeline_resume");
+  const std::string save_dir = (dir / "ckpt").string();
+  run(with(pipelined, {"--save", save_dir, "--save-interval", "2", "--exit-interval", "2"}));
+  TrainingReport resumed = run(with(pipelined, {"--load", save_dir}));
+  ASSERT_EQ(resumed.iterations.size(), 2u);
+  for (size_t i = 0; i < 2; ++i) {
+    EXPECT_EQ(resumed.iterations[i].lm_loss, two_stages.iterations[2 + i].lm_loss);
+    EXPECT_EQ(resumed.iterations[i].grad_norm, two_stages.iterations[2 + i].grad_norm);
+  }
+  if (world_rank() == 0) fs::remove_all(dir);
+}
+
 TEST(TrainingLoop, DenseModelTrains) {
   Args flags = tiny_moe_flags(6);
   for (const char* moe_flag :
