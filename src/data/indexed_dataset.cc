@@ -33,7 +33,7 @@ T load_le(const unsigned char* bytes) {
 template <class T>
 void copy_array(const unsigned char* bytes, uint64_t count, std::vector<T>& out) {
   out.resize(size_t(count));
-  std::memcpy(out.data(), bytes, size_t(count) * sizeof(T));
+  if (count > 0) std::memcpy(out.data(), bytes, size_t(count) * sizeof(T));
 }
 
 std::string errno_text() {
