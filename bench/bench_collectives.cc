@@ -2,7 +2,8 @@
 // size 1024 (fp32, bf16) split evenly over the ranks. Three ways to move the same bytes, measured
 // side by side in one run: moecore's all_to_all_v (announced and checked counts, deadline,
 // point-to-point messages), raw MPI_Alltoallv on the same buffers, and a plain memcpy of the
-// send buffer into the receive buffer (the single-process lower bound).
+// send buffer into the receive buffer (the single-process lower bound). Also moecore's
+// deterministic all_reduce against MPI_Allreduce on the same fp32 bytes.
 //
 //   mpirun -np 2 build/bench/bench_collectives
 //
@@ -77,6 +78,27 @@ void BM_AllToAllV_MPI(benchmark::State& state) {
   finish(state, exchange);
 }
 
+// The data-parallel gradient reduction: an fp32 sum of the same bytes (in place; zeros, so the
+// values stay finite). moecore sums in rank order; MPI picks its own algorithm and order.
+void BM_AllReduce_moecore(benchmark::State& state) {
+  moe::comm::ProcessGroup world = moe::comm::ProcessGroup::world();
+  Exchange exchange = make_exchange(state, world);
+  moe::comm::barrier(world);
+  for (auto _ : state) moe::comm::all_reduce(exchange.recv, world);
+  finish(state, exchange);
+}
+
+void BM_AllReduce_MPI(benchmark::State& state) {
+  moe::comm::ProcessGroup world = moe::comm::ProcessGroup::world();
+  Exchange exchange = make_exchange(state, world);
+  MPI_Barrier(MPI_COMM_WORLD);
+  for (auto _ : state) {
+    MPI_Allreduce(MPI_IN_PLACE, exchange.recv.raw(), int(exchange.recv.numel()), MPI_FLOAT, MPI_SUM,
+                  MPI_COMM_WORLD);
+  }
+  finish(state, exchange);
+}
+
 void BM_Memcpy(benchmark::State& state) {
   moe::comm::ProcessGroup world = moe::comm::ProcessGroup::world();
   Exchange exchange = make_exchange(state, world);
@@ -100,16 +122,18 @@ class RatioReporter : public benchmark::ConsoleReporter {
   }
   void Finalize() override {
     ConsoleReporter::Finalize();
-    std::printf("\nmedian time ratios (lower is better for the first):\n");
+    std::printf("\nmedian time ratios (moecore / other, same sizes, same run):\n");
     for (const auto& [name, seconds] : medians_) {
-      const std::string moecore = "BM_AllToAllV_moecore";
-      if (name.rfind(moecore, 0) != 0) continue;
-      const std::string sizes = name.substr(moecore.size());
-      for (const char* other : {"BM_AllToAllV_MPI", "BM_Memcpy"}) {
+      const size_t marker = name.find("_moecore");
+      if (marker == std::string::npos) continue;
+      const std::string operation = name.substr(0, marker);  // "BM_AllToAllV"
+      const std::string sizes = name.substr(marker + std::string("_moecore").size());
+      for (const std::string& other : {operation + "_MPI", std::string("BM_Memcpy")}) {
+        if (other == "BM_Memcpy" && operation != "BM_AllToAllV") continue;
         auto found = medians_.find(other + sizes);
         if (found == medians_.end()) continue;
-        std::printf("  moecore / %-16s %-40s %.2f\n", other + 3, sizes.c_str(),
-                    seconds / found->second);
+        std::printf("  %-22s / %-18s %-40s %.2f\n", name.substr(3, marker - 3).c_str(),
+                    other.c_str() + 3, sizes.c_str(), seconds / found->second);
       }
     }
   }
@@ -124,14 +148,22 @@ class SilentReporter : public benchmark::BenchmarkReporter {
   void ReportRuns(const std::vector<Run>&) override {}
 };
 
-// For each size, the three ways one after the other (so they see the same machine load), each
-// a fixed number of iterations repeated five times.
+// For each size, the ways to move the same bytes one after the other (so they see the same
+// machine load), each a fixed number of iterations repeated five times. Memcpy is compared with
+// the all-to-all-v only; the all-reduce runs for fp32, the dtype MPI can sum.
 void register_benchmarks() {
+  using Function = void (*)(benchmark::State&);
   for (int64_t tokens : {256, 4096}) {
     for (int64_t bf16 : {0, 1}) {
-      for (auto [name, function] :
-           {std::pair{"BM_AllToAllV_moecore", &BM_AllToAllV_moecore},
-            std::pair{"BM_AllToAllV_MPI", &BM_AllToAllV_MPI}, std::pair{"BM_Memcpy", &BM_Memcpy}}) {
+      std::vector<std::pair<const char*, Function>> ways = {
+          {"BM_AllToAllV_moecore", BM_AllToAllV_moecore},
+          {"BM_AllToAllV_MPI", BM_AllToAllV_MPI},
+          {"BM_Memcpy", BM_Memcpy}};
+      if (bf16 == 0) {
+        ways.push_back({"BM_AllReduce_moecore", BM_AllReduce_moecore});
+        ways.push_back({"BM_AllReduce_MPI", BM_AllReduce_MPI});
+      }
+      for (auto [name, function] : ways) {
         benchmark::RegisterBenchmark(name, function)
             ->ArgNames({"tokens", "bf16"})
             ->Args({tokens, bf16})
