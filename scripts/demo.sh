@@ -3,7 +3,7 @@
 # routing with aux and z losses, SwiGLU experts in a grouped GEMM, RMSNorm, rope, GQA) in bf16
 # with the distributed optimizer on the default corpus (the Debian fortunes, tokenized with the
 # SentencePiece model that scripts/prepare_data.sh trains), on 2 MPI ranks with expert
-# parallelism 2, for a few minutes. The loss falls from ~8.3 (ln 4096) to well under 6; a
+# parallelism 2, for a few minutes. The loss falls from ~8.3 (ln 4096) to about 6; a
 # checkpoint, a TensorBoard event file and a CSV of the scalars are written under
 # ${MOE_DEMO_DIR:-build/demo}/.
 #

@@ -266,6 +266,51 @@ TEST(TrainingLoop, PipelineMatchesOneStageAndResumes) {
   if (world_rank() == 0) fs::remove_all(dir);
 }
 
+// fp16 with a loss scale far beyond fp16's range: every step overflows, is skipped (the learning
+// rate schedule does not advance) and the dynamic scale halves (hysteresis 1); the log says so.
+TEST(TrainingLoop, Fp16OverflowSkipsStepsAndLowersTheScale) {
+  std::string log;
+  TrainingReport report =
+      run(with(tiny_moe_flags(3), {"--fp16", "--initial-loss-scale", "1e30", "--hysteresis", "1",
+                                   "--log-interval", "1", "--lr-warmup-iters", "0"}),
+          &log);
+  ASSERT_EQ(report.iterations.size(), 3u);
+  double scale = 1e30;
+  for (const IterationStats& s : report.iterations) {
+    EXPECT_TRUE(s.skipped);
+    scale /= 2;
+    EXPECT_DOUBLE_EQ(s.loss_scale, scale);
+    EXPECT_DOUBLE_EQ(s.lr, 3e-3);  // still at step 0 of the schedule
+    EXPECT_EQ(s.consumed_samples, 8 * s.iteration);
+  }
+  if (world_rank() == 0) {
+    EXPECT_NE(log.find("number of skipped iterations:   1 | (inf/NaN gradients: step skipped, "
+                       "loss scale lowered) |"),
+              std::string::npos)
+        << log;
+  }
+}
+
+// Megatron's --no-load-optim: the model comes from the checkpoint, the optimizer and the
+// learning-rate schedule start fresh, the iteration and data position continue.
+TEST(TrainingLoop, NoLoadOptimLoadsTheModelOnly) {
+  fs::path dir = shared_dir("no_load_optim");
+  const std::string save_dir = (dir / "ckpt").string();
+  const Args flags = with(tiny_moe_flags(4), {"--lr-warmup-iters", "2"});
+  TrainingReport whole = run(flags);
+  run(with(flags, {"--save", save_dir, "--save-interval", "2", "--exit-interval", "2"}));
+  TrainingReport fresh_optimizer =
+      run(with(flags, {"--load", save_dir, "--no-load-optim", "--no-load-rng"}));
+  ASSERT_EQ(fresh_optimizer.start_iteration, 2);
+  ASSERT_EQ(fresh_optimizer.iterations.size(), 2u);
+  // Same weights and data at iteration 3, so the same forward loss; a restarted warmup then
+  // gives a different learning rate than the uninterrupted run.
+  EXPECT_EQ(fresh_optimizer.iterations[0].lm_loss, whole.iterations[2].lm_loss);
+  EXPECT_EQ(fresh_optimizer.iterations[0].consumed_samples, 24);
+  EXPECT_NE(fresh_optimizer.iterations[0].lr, whole.iterations[2].lr);
+  if (world_rank() == 0) fs::remove_all(dir);
+}
+
 TEST(TrainingLoop, DenseModelTrains) {
   Args flags = tiny_moe_flags(6);
   for (const char* moe_flag :
