@@ -2,6 +2,8 @@
 // (dense and MoE), recomputation, pipeline stages chained by hand, bf16, init, refusals.
 #include <gtest/gtest.h>
 
+#include <omp.h>
+
 #include <cmath>
 
 #include "model_testing.h"
@@ -122,6 +124,27 @@ TEST(GPTModel, FullRecomputationGivesBitwiseTheSameGradients) {
   EXPECT_EQ(a.loss, b.loss);
   EXPECT_TENSORS_CLOSE(b.dense_grads, a.dense_grads, 0, 0);
   EXPECT_TENSORS_CLOSE(b.expert_grads, a.expert_grads, 0, 0);
+}
+
+TEST(GPTModel, ThreadCountDoesNotChangeAnyBit) {
+  TransformerConfig c = tiny_moe_config();
+  c.hidden_size = 64;  // large enough for the kernels' threaded paths
+  c.ffn_hidden_size = 48;
+  c.seq_length = 32;
+  Batch batch = make_batch(c, 4, 50);
+  ParameterStore store;
+  GPTModel model(c, comm::single_process_state(), store);
+  store.allocate();
+  model.init_parameters(8);
+  int threads = omp_get_max_threads();
+  omp_set_num_threads(1);
+  Step one = run_step(model, batch, 3);
+  omp_set_num_threads(2);
+  Step two = run_step(model, batch, 3);
+  omp_set_num_threads(threads);
+  EXPECT_EQ(one.loss, two.loss);
+  EXPECT_TENSORS_CLOSE(two.dense_grads, one.dense_grads, 0, 0);
+  EXPECT_TENSORS_CLOSE(two.expert_grads, one.expert_grads, 0, 0);
 }
 
 TEST(GPTModel, TwoPipelineStagesChainedEqualTheWholeModel) {

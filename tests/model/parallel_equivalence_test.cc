@@ -24,11 +24,12 @@ struct Layout {
   int tp;
   bool sp;
   int ep;
+  bool recompute = false;  // --recompute-granularity full
 };
 
 std::string describe(const Layout& l) {
   return "(tp " + std::to_string(l.tp) + ", sp " + (l.sp ? "on" : "off") + ", ep " +
-         std::to_string(l.ep) + ")";
+         std::to_string(l.ep) + (l.recompute ? ", full recomputation)" : ")");
 }
 
 TransformerConfig equivalence_config() {
@@ -59,6 +60,7 @@ void check_layout(const Layout& layout, TokenDispatcherType dispatcher) {
   TransformerConfig config = equivalence_config();
   config.sequence_parallel = layout.sp;
   config.moe.moe_token_dispatcher_type = dispatcher;
+  if (layout.recompute) config.recompute_granularity = "full";
   // Dropout masks follow global (row, head) indices; with dp > 1 the row indices of a rank's
   // sequences differ from the single-process batch, so dropout is on only when dp == 1. The
   // aux and z losses are per micro-batch (as Megatron's): with dp > 1 the global batch is
@@ -147,6 +149,9 @@ TEST(ParallelEquivalence, Tp2SpOffEp1) {
 }
 TEST(ParallelEquivalence, Tp2SpOnEp1) {
   run_on_world(2, {2, true, 1});
+}
+TEST(ParallelEquivalence, Tp2SpOnEp1WithRecomputation) {
+  run_on_world(2, {2, true, 1, true});
 }
 TEST(ParallelEquivalence, Tp1SpOffEp2Dp2) {
   run_on_world(2, {1, false, 2});
