@@ -111,6 +111,28 @@ TEST(Checkpoint, NoLoadOptimAndNoLoadRngKeepTheirState) {
   }
 }
 
+TEST(Checkpoint, Bf16CheckpointLoadsIntoAnFp32Run) {
+  ScratchDir dir("dtypes");
+  TrainingRun bf16_run(single(), DType::BF16, false);
+  bf16_run.train(2);
+  bf16_run.save(dir.str());
+  TrainingRun fp32_run(single(), DType::F32, false);
+  fp32_run.load(dir.str());
+  for (ParamGroup g : {ParamGroup::kDense, ParamGroup::kExpert}) {
+    EXPECT_TENSORS_CLOSE(fp32_run.model.store.flat_params(g),
+                         bf16_run.model.store.flat_params(g).to(DType::F32), 0, 0);
+  }
+  std::vector<optim::StateTensor> from = bf16_run.optimizer->state_tensors();
+  for (const optim::StateTensor& s : fp32_run.optimizer->state_tensors()) {
+    for (const optim::StateTensor& t : from) {
+      if (t.kind == s.kind && t.param.index == s.param.index) {
+        EXPECT_TENSORS_CLOSE(s.data, t.data, 0, 0) << s.kind;
+      }
+    }
+  }
+  EXPECT_EQ(fp32_run.optimizer->scalars().step, 2);
+}
+
 TEST(Checkpoint, FailedSaveLeavesThePreviousCheckpointLatestAndLoadable) {
   ScratchDir dir("failed");
   TrainingRun run(single(), DType::F32, false);
