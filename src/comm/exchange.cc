@@ -10,8 +10,6 @@
 
 namespace moe::comm::detail {
 
-void record_communication_failure();  // process_group.cc
-
 Call::Call(const char* collective, const ProcessGroup& group)
     : collective_(collective), group_(group), state_(GroupAccess::state(group)) {
   if (!state_.failure.empty()) {

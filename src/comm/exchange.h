@@ -31,6 +31,9 @@ struct GroupAccess {
                            std::vector<int> world_ranks);
 };
 
+// Marks this process as failed: the exit handler then aborts the MPI job instead of finalising.
+void record_communication_failure();
+
 // This process's rank in MPI_COMM_WORLD (0 when MPI is not initialised).
 int world_rank_or_zero();
 

@@ -146,9 +146,7 @@ ProcessGroup ProcessGroup::from_ranks(const ProcessGroup& parent, std::vector<in
   detail::Announcement mine;
   mine.kind = detail::Kind::kFromRanks;
   mine.rows = int64_t(world_ranks.size());
-  mine.first.assign(
-      world_ranks.begin(),
-      world_ranks.begin() + std::min<long>(long(world_ranks.size()), long(parent.size())));
+  mine.first.assign(world_ranks.begin(), world_ranks.end());  // sent truncated to parent's size
   std::vector<detail::Announcement> all = detail::announce(call, mine, false);
   // Every rank checks every rank's list, so all of them raise the same error: each list must be
   // distinct ranks of parent including the caller, and every member must pass the same list.
@@ -160,6 +158,7 @@ ProcessGroup ProcessGroup::from_ranks(const ProcessGroup& parent, std::vector<in
     const std::vector<int64_t>& list = all[size_t(peer)].first;
     const int their_world_rank = parent.world_ranks()[size_t(peer)];
     std::set<int64_t> distinct(list.begin(), list.end());
+    // A list longer than parent arrives truncated (rows keeps its length): invalid anyway.
     bool valid = !list.empty() && all[size_t(peer)].rows == int64_t(list.size()) &&
                  distinct.size() == list.size() && distinct.count(their_world_rank) > 0;
     for (int64_t member : list) {
@@ -183,14 +182,12 @@ ProcessGroup ProcessGroup::from_ranks(const ProcessGroup& parent, std::vector<in
       }
     }
   }
-  const std::set<int> members(world_ranks.begin(), world_ranks.end());
-
   const int group_rank =
       int(std::find(world_ranks.begin(), world_ranks.end(), me) - world_ranks.begin());
   auto state = std::make_shared<detail::GroupState>();
   if (parent.size() > 1) {
     // Every rank of parent has announced, so the blocking split below cannot hang.
-    int color = *members.begin();
+    const int color = *std::min_element(world_ranks.begin(), world_ranks.end());
     call.check_mpi(MPI_Comm_split(call.comm(), color, group_rank, &state->comm), "MPI_Comm_split");
     state->owns_comm = true;
     call.check_mpi(MPI_Comm_set_errhandler(state->comm, MPI_ERRORS_RETURN),

@@ -106,6 +106,21 @@ TEST_F(Failures, DisagreeingRowListsFailOnEveryRank) {
   EXPECT_CONTAINS(text, "rank 1 (world rank 1) passes [1, 2");
 }
 
+TEST_F(Failures, InconsistentSubgroupListsFailOnEveryRank) {
+  // Rank 0 claims {0, 1}, rank 1 claims {1}: every rank sees the disagreement.
+  std::vector<int> claimed = rank == 0 ? std::vector<int>{0, 1} : std::vector<int>{rank};
+  EXPECT_EQ(error_text([&] { ProcessGroup::from_ranks(world, claimed, "bad"); }),
+            where("from_ranks", "world", world) +
+                "group 'bad': ranks disagree on its members: world rank 0 passes [0, 1], world "
+                "rank 1 passes [1]");
+  // Rank 1 leaves itself out.
+  std::vector<int> without_self = rank == 1 ? std::vector<int>{0} : std::vector<int>{rank};
+  EXPECT_EQ(error_text([&] { ProcessGroup::from_ranks(world, without_self, "bad"); }),
+            where("from_ranks", "world", world) +
+                "group 'bad': world rank 1 passes [0], which is not a list of distinct ranks of "
+                "group 'world' including itself");
+}
+
 TEST_F(Failures, SkippedCollectiveTimesOutOnEveryWaitingRank) {
   std::vector<int> everyone;
   for (int r = 0; r < size; ++r) everyone.push_back(r);
