@@ -141,6 +141,7 @@ const std::vector<IndexCase> kIndexCases = {
     {20, 180, 32, 7, 327, Split::Train, true},              // 3 epochs, final one separate
     {20, 180, 32, 7, 400, Split::Train, true},              // 3 epochs, final one not separate
     {150, 200, 16, 99, std::nullopt, Split::Valid, false},  // partial last sample kept (padded)
+    {0, 3, 50, 3, 7, Split::Train, true},                   // 50-token epochs: 8 of them
 };
 
 TEST_F(GptIndices, MatchMegatronAlgorithmRunWithNumpy) {

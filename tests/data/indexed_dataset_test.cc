@@ -302,6 +302,27 @@ TEST_F(DamagedIndex, TruncatedData) {
                {"data file " + prefix_ + ".bin is truncated", "the file has 11 bytes"});
 }
 
+// Any single corrupted byte of the index either still describes a readable dataset or is
+// rejected with moe::Error when opening; it never crashes (the sanitizer builds check this).
+TEST_F(DamagedIndex, EveryCorruptedByteIsRejectedOrReadable) {
+  int rejected = 0;
+  for (size_t at = 0; at < index_.size(); ++at) {
+    for (unsigned char value : {0x00, 0x01, 0x7F, 0x80, 0xFF}) {
+      std::string bytes = index_;
+      if (uint8_t(bytes[at]) == value) continue;
+      bytes[at] = char(value);
+      testing::write_bytes(prefix_ + ".idx", bytes);
+      try {
+        const IndexedDataset dataset(prefix_);
+        for (int64_t s = 0; s < dataset.sequence_count(); ++s) dataset.sequence(s);
+      } catch (const Error&) {
+        ++rejected;
+      }
+    }
+  }
+  EXPECT_GT(rejected, int(index_.size()));  // most corruptions are caught at open
+}
+
 TEST(TokenDTypes, NamesCodesAndOptimalChoice) {
   EXPECT_EQ(parse_token_dtype("uint16"), TokenDType::U16);
   EXPECT_EQ(parse_token_dtype("4"), TokenDType::I32);
