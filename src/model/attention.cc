@@ -74,48 +74,52 @@ std::vector<C> attention_dropout_mask(const AttentionDropout& dropout, const Hea
   return mask;
 }
 
+// The causal softmax of one head into p [s, s] (zeros above the diagonal), from q k^T. With
+// lse_out the row log-sum-exps (of the scaled scores) are computed into it; otherwise lse_in's
+// are used, so backward rebuilds exactly the forward's probabilities.
 template <class C>
-void attention_forward_typed(const HeadDims& d, const C* q, const C* k, const C* v,
-                             const AttentionDropout& dropout, C* probs, C* context) {
-  int64_t heads_per_group = d.heads / d.groups;
-  C scale = C(1) / std::sqrt(C(d.dim));
-  int64_t s = d.seq, block = s * d.dim;
-#pragma omp parallel for schedule(dynamic)
-  for (int64_t bh = 0; bh < d.batch * d.heads; ++bh) {
-    int64_t b = bh / d.heads, h = bh % d.heads, g = h / heads_per_group;
-    const C* qh = q + bh * block;
-    const C* kg = k + (b * d.groups + g) * block;
-    const C* vg = v + (b * d.groups + g) * block;
-    C* p = probs + bh * s * s;
-    // scores = q k^T (the grad-input form: [s, d] x [s, d]^T).
-    product<C>(GemmForm::kGradInput, s, s, d.dim, qh, kg, p, false);
-    for (int64_t i = 0; i < s; ++i) {
-      C* row = p + i * s;
+void causal_softmax(int64_t s, int64_t dim, const C* qh, const C* kg, C* lse_out, const C* lse_in,
+                    C* p) {
+  C scale = C(1) / std::sqrt(C(dim));
+  // scores = q k^T (the grad-input form: [s, d] x [s, d]^T).
+  product<C>(GemmForm::kGradInput, s, s, dim, qh, kg, p, false);
+  for (int64_t i = 0; i < s; ++i) {
+    C* row = p + i * s;
+    if (lse_out != nullptr) {
       C max_score = row[0] * scale;
       for (int64_t j = 1; j <= i; ++j) max_score = std::max(max_score, row[j] * scale);
       C total = 0;
-      for (int64_t j = 0; j <= i; ++j) {
-        row[j] = std::exp(row[j] * scale - max_score);
-        total += row[j];
-      }
-      for (int64_t j = 0; j <= i; ++j) row[j] /= total;
-      std::fill(row + i + 1, row + s, C(0));  // causal: no attention to later positions
+      for (int64_t j = 0; j <= i; ++j) total += std::exp(row[j] * scale - max_score);
+      lse_out[i] = max_score + std::log(total);
     }
-    std::vector<C> mask = attention_dropout_mask<C>(dropout, d, b, h);
-    if (mask.empty()) {
-      product<C>(GemmForm::kForward, s, s, d.dim, p, vg, context + bh * block, false);
-    } else {
-      std::vector<C> dropped(size_t(s * s));
-      for (int64_t i = 0; i < s * s; ++i) dropped[size_t(i)] = p[i] * mask[size_t(i)];
-      product<C>(GemmForm::kForward, s, s, d.dim, dropped.data(), vg, context + bh * block, false);
-    }
+    C lse = lse_out != nullptr ? lse_out[i] : lse_in[i];
+    for (int64_t j = 0; j <= i; ++j) row[j] = std::exp(row[j] * scale - lse);
+    std::fill(row + i + 1, row + s, C(0));  // causal: no attention to later positions
   }
 }
 
 template <class C>
-void attention_backward_typed(const HeadDims& d, const C* q, const C* k, const C* v, const C* probs,
-                              const AttentionDropout& dropout, const C* dcontext, C* dq, C* dk,
-                              C* dv) {
+void attention_forward_typed(const HeadDims& d, const C* q, const C* k, const C* v,
+                             const AttentionDropout& dropout, C* logsumexp, C* context) {
+  int64_t heads_per_group = d.heads / d.groups;
+  int64_t s = d.seq, block = s * d.dim;
+#pragma omp parallel for schedule(dynamic)
+  for (int64_t bh = 0; bh < d.batch * d.heads; ++bh) {
+    int64_t b = bh / d.heads, h = bh % d.heads, g = h / heads_per_group;
+    const C* kg = k + (b * d.groups + g) * block;
+    const C* vg = v + (b * d.groups + g) * block;
+    std::vector<C> p(size_t(s * s));
+    causal_softmax<C>(s, d.dim, q + bh * block, kg, logsumexp + bh * s, nullptr, p.data());
+    std::vector<C> mask = attention_dropout_mask<C>(dropout, d, b, h);
+    for (size_t i = 0; i < mask.size(); ++i) p[i] *= mask[i];
+    product<C>(GemmForm::kForward, s, s, d.dim, p.data(), vg, context + bh * block, false);
+  }
+}
+
+template <class C>
+void attention_backward_typed(const HeadDims& d, const C* q, const C* k, const C* v,
+                              const C* logsumexp, const AttentionDropout& dropout,
+                              const C* dcontext, C* dq, C* dk, C* dv) {
   int64_t heads_per_group = d.heads / d.groups;
   C scale = C(1) / std::sqrt(C(d.dim));
   int64_t s = d.seq, block = s * d.dim;
@@ -129,26 +133,29 @@ void attention_backward_typed(const HeadDims& d, const C* q, const C* k, const C
     C* dvg = dv + bg * block;
     std::fill(dkg, dkg + block, C(0));
     std::fill(dvg, dvg + block, C(0));
-    std::vector<C> dprobs(size_t(s * s)), dropped(size_t(s * s));
+    std::vector<C> p(size_t(s * s)), dprobs(size_t(s * s)), dropped(size_t(s * s));
     for (int64_t h = g * heads_per_group; h < (g + 1) * heads_per_group; ++h) {
       int64_t bh = b * d.heads + h;
-      const C* p = probs + bh * s * s;
       const C* dctx = dcontext + bh * block;
+      // The probabilities are recomputed from the saved log-sum-exps instead of stored.
+      causal_softmax<C>(s, d.dim, q + bh * block, kg, nullptr, logsumexp + bh * s, p.data());
       std::vector<C> mask = attention_dropout_mask<C>(dropout, d, b, h);
-      for (int64_t i = 0; i < s * s; ++i)
-        dropped[size_t(i)] = mask.empty() ? p[i] : p[i] * mask[size_t(i)];
+      for (int64_t i = 0; i < s * s; ++i) {
+        dropped[size_t(i)] = mask.empty() ? p[size_t(i)] : p[size_t(i)] * mask[size_t(i)];
+      }
       // dv += dropped^T dcontext; d(dropped) = dcontext v^T.
       product<C>(GemmForm::kGradWeight, s, s, d.dim, dropped.data(), dctx, dvg, true);
       product<C>(GemmForm::kGradInput, s, s, d.dim, dctx, vg, dprobs.data(), false);
       // Through dropout and softmax: dscore_ij = p_ij (dp_ij - sum_j' p_ij' dp_ij') * scale.
       for (int64_t i = 0; i < s; ++i) {
         C* row = dprobs.data() + i * s;
+        const C* prow = p.data() + i * s;
         if (!mask.empty()) {
           for (int64_t j = 0; j <= i; ++j) row[j] *= mask[size_t(i * s + j)];
         }
         C weighted = 0;
-        for (int64_t j = 0; j <= i; ++j) weighted += p[i * s + j] * row[j];
-        for (int64_t j = 0; j <= i; ++j) row[j] = p[i * s + j] * (row[j] - weighted) * scale;
+        for (int64_t j = 0; j <= i; ++j) weighted += prow[j] * row[j];
+        for (int64_t j = 0; j <= i; ++j) row[j] = prow[j] * (row[j] - weighted) * scale;
         std::fill(row + i + 1, row + s, C(0));
       }
       // dq = dscores k; dk += dscores^T q.
@@ -245,42 +252,41 @@ void apply_rope(Tensor& x, float rotary_base, bool backward) {
 }
 
 void causal_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
-                              const AttentionDropout& dropout, Tensor& probs_softmax,
-                              Tensor& context) {
+                              const AttentionDropout& dropout, Tensor& logsumexp, Tensor& context) {
   HeadDims d = check_attention_inputs(q, k, v, "causal_attention_forward");
-  check_shape(probs_softmax, {d.batch, d.heads, d.seq, d.seq}, "attention probs");
+  check_shape(logsumexp, {d.batch, d.heads, d.seq}, "attention log-sum-exp");
   check_shape(context, q.shape(), "attention context");
-  check_dtype(probs_softmax, q.dtype(), "attention probs");
+  check_dtype(logsumexp, q.dtype(), "attention log-sum-exp");
   check_dtype(context, q.dtype(), "attention context");
   if (q.dtype() == DType::F64) {
     attention_forward_typed<double>(d, q.data<double>(), k.data<double>(), v.data<double>(),
-                                    dropout, probs_softmax.data<double>(), context.data<double>());
+                                    dropout, logsumexp.data<double>(), context.data<double>());
   } else {
     attention_forward_typed<float>(d, q.data<float>(), k.data<float>(), v.data<float>(), dropout,
-                                   probs_softmax.data<float>(), context.data<float>());
+                                   logsumexp.data<float>(), context.data<float>());
   }
 }
 
 void causal_attention_backward(const Tensor& q, const Tensor& k, const Tensor& v,
-                               const Tensor& probs_softmax, const AttentionDropout& dropout,
+                               const Tensor& logsumexp, const AttentionDropout& dropout,
                                const Tensor& dcontext, Tensor& dq, Tensor& dk, Tensor& dv) {
   HeadDims d = check_attention_inputs(q, k, v, "causal_attention_backward");
-  check_shape(probs_softmax, {d.batch, d.heads, d.seq, d.seq}, "attention probs");
+  check_shape(logsumexp, {d.batch, d.heads, d.seq}, "attention log-sum-exp");
   for (const Tensor* t : {&dcontext, static_cast<const Tensor*>(&dq)})
     check_shape(*t, q.shape(), "attention gradient");
   for (const Tensor* t : {static_cast<const Tensor*>(&dk), static_cast<const Tensor*>(&dv)})
     check_shape(*t, k.shape(), "attention gradient");
-  for (const Tensor* t : {&probs_softmax, &dcontext, static_cast<const Tensor*>(&dq),
+  for (const Tensor* t : {&logsumexp, &dcontext, static_cast<const Tensor*>(&dq),
                           static_cast<const Tensor*>(&dk), static_cast<const Tensor*>(&dv)}) {
     check_dtype(*t, q.dtype(), "attention gradient");
   }
   if (q.dtype() == DType::F64) {
     attention_backward_typed<double>(d, q.data<double>(), k.data<double>(), v.data<double>(),
-                                     probs_softmax.data<double>(), dropout, dcontext.data<double>(),
+                                     logsumexp.data<double>(), dropout, dcontext.data<double>(),
                                      dq.data<double>(), dk.data<double>(), dv.data<double>());
   } else {
     attention_backward_typed<float>(d, q.data<float>(), k.data<float>(), v.data<float>(),
-                                    probs_softmax.data<float>(), dropout, dcontext.data<float>(),
+                                    logsumexp.data<float>(), dropout, dcontext.data<float>(),
                                     dq.data<float>(), dk.data<float>(), dv.data<float>());
   }
 }
@@ -289,8 +295,7 @@ namespace reference {
 
 // Loops over every (query, key) pair with an explicit causal mask and double sums.
 void causal_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
-                              const AttentionDropout& dropout, Tensor& probs_softmax,
-                              Tensor& context) {
+                              const AttentionDropout& dropout, Tensor& logsumexp, Tensor& context) {
   HeadDims d = check_attention_inputs(q, k, v, "reference::causal_attention_forward");
   int64_t per_group = d.heads / d.groups;
   double scale = 1.0 / std::sqrt(double(d.dim));
@@ -317,11 +322,8 @@ void causal_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
           weights[size_t(j)] = std::exp(weights[size_t(j)] - max_score);
           total += weights[size_t(j)];
         }
-        int64_t row = ((b * d.heads + h) * d.seq + i) * d.seq;
-        for (int64_t j = 0; j < d.seq; ++j) {
-          weights[size_t(j)] = j <= i ? weights[size_t(j)] / total : 0.0;
-          probs_softmax.set(row + j, float(weights[size_t(j)]));
-        }
+        logsumexp.set((b * d.heads + h) * d.seq + i, float(max_score + std::log(total)));
+        for (int64_t j = 0; j <= i; ++j) weights[size_t(j)] /= total;
         for (int64_t c = 0; c < d.dim; ++c) {
           double value = 0;
           for (int64_t j = 0; j <= i; ++j) {
@@ -376,9 +378,9 @@ Tensor SelfAttention::forward(const ParameterStore& store, const Tensor& x, Batc
   }
   AttentionDropout dropout{training ? attention_dropout_ : 0.0f, attention_dropout_key,
                            int64_t(tp_.rank()) * heads_local_, int64_t(tp_.size()) * heads_local_};
-  saved.probs = Tensor::empty({B, heads_local_, S, S}, compute);
+  saved.logsumexp = Tensor::empty({B, heads_local_, S}, compute);
   Tensor context = Tensor::empty({B, heads_local_, S, d}, compute);
-  causal_attention_forward(saved.q, saved.k, saved.v, dropout, saved.probs, context);
+  causal_attention_forward(saved.q, saved.k, saved.v, dropout, saved.logsumexp, context);
   saved.attention_dropout = dropout.p;
   Tensor context_rows = Tensor::empty({S * B, heads_local_ * d}, compute);
   move_context(context_rows, context, /*to_heads=*/false);
@@ -404,7 +406,8 @@ Tensor SelfAttention::backward(const ParameterStore& store, const Saved& saved,
   Tensor dq = Tensor::empty(saved.q.shape(), compute);
   Tensor dk = Tensor::empty(saved.k.shape(), compute);
   Tensor dv = Tensor::empty(saved.v.shape(), compute);
-  causal_attention_backward(saved.q, saved.k, saved.v, saved.probs, dropout, dcontext, dq, dk, dv);
+  causal_attention_backward(saved.q, saved.k, saved.v, saved.logsumexp, dropout, dcontext, dq, dk,
+                            dv);
   if (rope_) {
     apply_rope(dq, rotary_base_, true);
     apply_rope(dk, rotary_base_, true);

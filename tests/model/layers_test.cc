@@ -139,11 +139,11 @@ TEST(CausalAttention, MatchesNaiveReference) {
     Tensor k = random_normal({c.batch, c.groups, c.seq, c.dim}, 2, 1.0f);
     Tensor v = random_normal({c.batch, c.groups, c.seq, c.dim}, 3, 1.0f);
     AttentionDropout dropout{c.dropout, 99, 0, 0};
-    Tensor probs({c.batch, c.heads, c.seq, c.seq}), context(q.shape());
-    Tensor probs_ref(probs.shape()), context_ref(q.shape());
-    causal_attention_forward(q, k, v, dropout, probs, context);
-    reference::causal_attention_forward(q, k, v, dropout, probs_ref, context_ref);
-    EXPECT_TENSORS_CLOSE(probs, probs_ref, 1e-6, 1e-5);
+    Tensor lse({c.batch, c.heads, c.seq}), context(q.shape());
+    Tensor lse_ref(lse.shape()), context_ref(q.shape());
+    causal_attention_forward(q, k, v, dropout, lse, context);
+    reference::causal_attention_forward(q, k, v, dropout, lse_ref, context_ref);
+    EXPECT_TENSORS_CLOSE(lse, lse_ref, 1e-5, 1e-5);
     EXPECT_TENSORS_CLOSE(context, context_ref, 1e-5, 1e-5);
   }
 }
@@ -156,14 +156,14 @@ TEST(CausalAttention, GradientsMatchFiniteDifferences) {
     Tensor probe = random_normal(q.shape(), 4, 1.0f, DType::F64);
     AttentionDropout dropout{p, 5, 0, 0};
     auto objective = [&] {
-      Tensor probs({2, 4, 6, 6}, DType::F64), context(q.shape(), DType::F64);
-      causal_attention_forward(q, k, v, dropout, probs, context);
+      Tensor lse({2, 4, 6}, DType::F64), context(q.shape(), DType::F64);
+      causal_attention_forward(q, k, v, dropout, lse, context);
       return dot(context, probe);
     };
-    Tensor probs({2, 4, 6, 6}, DType::F64), context(q.shape(), DType::F64);
-    causal_attention_forward(q, k, v, dropout, probs, context);
+    Tensor lse({2, 4, 6}, DType::F64), context(q.shape(), DType::F64);
+    causal_attention_forward(q, k, v, dropout, lse, context);
     Tensor dq(q.shape(), DType::F64), dk(k.shape(), DType::F64), dv(v.shape(), DType::F64);
-    causal_attention_backward(q, k, v, probs, dropout, probe, dq, dk, dv);
+    causal_attention_backward(q, k, v, lse, dropout, probe, dq, dk, dv);
     EXPECT_TRUE(check_gradient(q, dq, objective, "q", 40));
     EXPECT_TRUE(check_gradient(k, dk, objective, "k", 40));
     EXPECT_TRUE(check_gradient(v, dv, objective, "v", 40));

@@ -108,8 +108,9 @@ void apply_rope(Tensor& x, float rotary_base, bool backward);
 // ---------------------------------------------------------------------------------------------
 // Causal scaled-dot-product attention with grouped queries, in fp32 (fp64 for F64 inputs).
 // q [b, n, s, d], k and v [b, g, s, d] with n % g == 0: query head i reads group i / (n / g).
-// probs [b, n, s, s] and context [b, n, s, d] are written (probs after dropout is what context
-// used; probs_softmax before dropout is kept for backward). Scale 1 / sqrt(d).
+// Scale 1 / sqrt(d). forward writes context [b, n, s, d] and the row log-sum-exps of the scaled
+// scores, logsumexp [b, n, s]; backward rebuilds the probabilities from them (two GEMMs more
+// than keeping them, but O(s) memory per head instead of O(s^2)).
 // Dropout index of probs element (b, i, q, k) is ((b * total_heads + head_offset + i) * s + q) * s
 // + k, so tensor parallelism over heads keeps the global mask.
 struct AttentionDropout {
@@ -119,16 +120,14 @@ struct AttentionDropout {
   int64_t total_heads = 0;  // 0: the local head count
 };
 void causal_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
-                              const AttentionDropout& dropout, Tensor& probs_softmax,
-                              Tensor& context);
+                              const AttentionDropout& dropout, Tensor& logsumexp, Tensor& context);
 // dq [b, n, s, d], dk, dv [b, g, s, d] are overwritten.
 void causal_attention_backward(const Tensor& q, const Tensor& k, const Tensor& v,
-                               const Tensor& probs_softmax, const AttentionDropout& dropout,
+                               const Tensor& logsumexp, const AttentionDropout& dropout,
                                const Tensor& dcontext, Tensor& dq, Tensor& dk, Tensor& dv);
 namespace reference {
 void causal_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
-                              const AttentionDropout& dropout, Tensor& probs_softmax,
-                              Tensor& context);
+                              const AttentionDropout& dropout, Tensor& logsumexp, Tensor& context);
 }  // namespace reference
 
 // Self-attention block: linear_qkv (column-parallel, Megatron's per-group [q..., k, v] layout),
@@ -136,10 +135,10 @@ void causal_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
 class SelfAttention {
  public:
   struct Saved {
-    Tensor input;    // [rows_full, h] (gathered with sequence parallelism)
-    Tensor q, k, v;  // [b, n_local, s, d], [b, g_local, s, d] (after rope), compute dtype
-    Tensor probs;    // [b, n_local, s, s] softmax before dropout, compute dtype
-    Tensor context;  // [rows_full, n_local * d] in the activation dtype
+    Tensor input;      // [rows_full, h] (gathered with sequence parallelism)
+    Tensor q, k, v;    // [b, n_local, s, d], [b, g_local, s, d] (after rope), compute dtype
+    Tensor logsumexp;  // [b, n_local, s] of the scaled scores, compute dtype
+    Tensor context;    // [rows_full, n_local * d] in the activation dtype
     BatchShape shape;
     uint64_t dropout_key = 0;
     float attention_dropout = 0;  // the probability forward used (0 when not training)
