@@ -3,6 +3,7 @@
 // its column, so a row in the wrong place or a sum in the wrong order shows up as a wrong value.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <numeric>
 
 #include "moe/comm/process_group.h"
@@ -256,6 +257,19 @@ TEST(CollectivesDeterminism, LargeAllReduceSpansSeveralRoundsOfReceiveSpace) {
   int64_t wrong = 0;
   for (int64_t i = 0; i < n; ++i) wrong += data[i] != float(2 * (i % 97) + 1);
   EXPECT_EQ(wrong, 0);
+}
+
+TEST(CollectivesDeterminism, MaxPropagatesNaNFromAnyRank) {
+  ProcessGroup world = ProcessGroup::world();
+  const int last = world.size() - 1;
+  for (DType dtype : {DType::F32, DType::BF16}) {
+    Tensor values = Tensor::full({3}, float(world.rank()), dtype);
+    if (world.rank() == last / 2) values.set(1, std::nanf(""));
+    all_reduce(values, world, ReduceOp::kMax);
+    EXPECT_EQ(values.get(0), float(last));
+    EXPECT_TRUE(std::isnan(values.get(1)));
+    EXPECT_EQ(values.get(2), float(last));
+  }
 }
 
 TEST(CollectivesGroups, SubgroupsReduceOnlyTheirMembers) {

@@ -22,7 +22,9 @@ namespace moe::comm {
 // Initialises MPI (once; safe if already initialised, e.g. by mpirun's test main) and registers
 // an exit handler that finalises it, or, if a collective failed (timeout or MPI error), calls
 // MPI_Abort so that peers stuck in the failed exchange are brought down instead of hanging.
-// Programs should therefore not call MPI_Finalize themselves after a failure.
+// Programs should therefore not call MPI_Finalize themselves after a failure. Sets
+// MPI_ERRORS_RETURN on MPI_COMM_WORLD (and the groups' communicators inherit it), so raw MPI
+// calls on them return error codes instead of aborting: check them.
 void ensure_mpi_initialized(int* argc = nullptr, char*** argv = nullptr);
 // True once a collective on any group timed out or hit an MPI error in this process.
 bool communication_failed();
