@@ -4,9 +4,10 @@
 // work is cut into tiles (group, up to kMaxTileRows rows, a column range) that threads take from
 // one shared list, so a group with few rows still spreads over every core. Inside a tile, for each
 // depth chunk of kDepthChunk: the tile's A rows are packed once into 6-row panels (they stay in
-// L2 while every column panel passes over them), and each 16-column B panel is packed just before
-// use into a buffer that stays in L1 while every A panel passes over it. Packing converts
-// bf16/fp16 to fp32, so one fp32 6x16 register-tile micro-kernel serves every dtype and form.
+// L2 for every column of the tile); then, block by block of kBlockCols columns, the weight block
+// is packed into 16-column panels (L2) that every A panel passes over, while the next block's
+// source lines are prefetched. Packing converts bf16/fp16 to fp32, so one fp32 register-tile
+// micro-kernel (6x16, with 1..5-row variants for a group's last rows) serves every dtype and form.
 //
 // Determinism: each output element is computed by one thread, from depth chunks that always start
 // at multiples of kDepthChunk, each accumulated in depth order by the same instruction sequence.
@@ -39,7 +40,8 @@ namespace {
 constexpr int64_t kPanelRows = 6;      // MR: rows of the register tile
 constexpr int64_t kPanelCols = 16;     // NR: columns of the register tile (two 8-float vectors)
 constexpr int64_t kDepthChunk = 256;   // KC: a 16-column B panel of this depth is 16 KiB (L1)
-constexpr int64_t kMaxTileRows = 528;  // A block of kMaxTileRows x kDepthChunk fp32: 528 KiB (L2)
+constexpr int64_t kMaxTileRows = 528;  // an A block of 528 x KC fp32 is 528 KiB (L2)
+constexpr int64_t kBlockCols = 256;    // a B block of KC x 256 fp32 is 256 KiB (L2)
 constexpr int64_t kMaxTileCols = 2048;
 constexpr int64_t kMinTileCols = 128;
 
@@ -109,95 +111,198 @@ inline void transpose8x8(__m256 v[8]) {
   }
 }
 
-// Packs depth [p0, p0 + depth) x columns [j0, j0 + cols) of op(B), cols <= 16, into one panel:
-// for each p, 16 values (zeros past `cols`).
+// Packs depth [p0, p0 + depth) x columns [j0, j0 + cols) of op(B) into 16-column panels, panel q at
+// out + q * depth * 16 holding, for each p, 16 values (zeros past `cols`).
 template <class T>
-void pack_b_panel(const Operand<T>& b, int64_t p0, int64_t depth, int64_t j0, int64_t cols,
-                  float* out) {
-  int64_t p = 0;
-  if (cols == kPanelCols && !b.transposed) {  // each row of the panel is contiguous
-    for (; p < depth; ++p) {
+void pack_b(const Operand<T>& b, int64_t p0, int64_t depth, int64_t j0, int64_t cols, float* out) {
+  const int64_t full_panels = cols / kPanelCols, panel_size = depth * kPanelCols;
+  if (!b.transposed) {
+    // Row by row, so the source streams through memory in order (reading a panel's rows would
+    // jump by the row stride, and those lines collide in the same cache sets).
+    for (int64_t p = 0; p < depth; ++p) {
       const T* row = b.at(p0 + p, j0);
-      _mm256_store_ps(out + p * kPanelCols, load8(row));
-      _mm256_store_ps(out + p * kPanelCols + 8, load8(row + 8));
+      float* target = out + p * kPanelCols;
+      for (int64_t q = 0; q < full_panels; ++q, row += kPanelCols, target += panel_size) {
+        _mm256_store_ps(target, load8(row));
+        _mm256_store_ps(target + 8, load8(row + 8));
+      }
     }
-  } else if (cols == kPanelCols) {  // 16 source rows, contiguous in p: 8x8 transposes
-    for (; p + 8 <= depth; p += 8) {
-      for (int64_t half = 0; half < 2; ++half) {
-        __m256 v[8];
-        for (int r = 0; r < 8; ++r) v[r] = load8(b.at(p0 + p, j0 + 8 * half + r));
-        transpose8x8(v);
-        for (int r = 0; r < 8; ++r) _mm256_store_ps(out + (p + r) * kPanelCols + 8 * half, v[r]);
+  } else {
+    // A panel reads 16 source rows, each contiguous in p: 8x8 transposes.
+    for (int64_t q = 0; q < full_panels; ++q) {
+      float* panel = out + q * panel_size;
+      int64_t p = 0;
+      for (; p + 8 <= depth; p += 8) {
+        for (int64_t half = 0; half < 2; ++half) {
+          __m256 v[8];
+          for (int r = 0; r < 8; ++r)
+            v[r] = load8(b.at(p0 + p, j0 + q * kPanelCols + 8 * half + r));
+          transpose8x8(v);
+          for (int r = 0; r < 8; ++r) {
+            _mm256_store_ps(panel + (p + r) * kPanelCols + 8 * half, v[r]);
+          }
+        }
+      }
+      for (; p < depth; ++p) {
+        for (int64_t c = 0; c < kPanelCols; ++c) {
+          panel[p * kPanelCols + c] = load1(*b.at(p0 + p, j0 + q * kPanelCols + c));
+        }
       }
     }
   }
-  for (; p < depth; ++p) {  // remainder path: partial panels and the last depth steps
-    for (int64_t c = 0; c < cols; ++c) out[p * kPanelCols + c] = load1(*b.at(p0 + p, j0 + c));
-    for (int64_t c = cols; c < kPanelCols; ++c) out[p * kPanelCols + c] = 0.0f;
+  int64_t done = full_panels * kPanelCols, rest = cols - done;
+  if (rest == 0) return;
+  float* panel = out + full_panels * panel_size;  // remainder path: a partial last panel
+  for (int64_t p = 0; p < depth; ++p) {
+    for (int64_t c = 0; c < rest; ++c)
+      panel[p * kPanelCols + c] = load1(*b.at(p0 + p, j0 + done + c));
+    for (int64_t c = rest; c < kPanelCols; ++c) panel[p * kPanelCols + c] = 0.0f;
   }
 }
 
-// Asks for the source lines of a B panel ahead of packing it, so the loads overlap compute.
+// The source memory that pack_b reads for one B block: `segments` runs of `length` contiguous
+// elements, `stride` elements apart.
 template <class T>
-void prefetch_b_panel(const Operand<T>& b, int64_t p0, int64_t depth, int64_t j0) {
-  if (!b.transposed) {
-    for (int64_t p = 0; p < depth; ++p) _mm_prefetch(b.at(p0 + p, j0), _MM_HINT_T0);
-  } else {
-    constexpr int64_t kLine = 64 / sizeof(T);
-    for (int64_t c = 0; c < kPanelCols; ++c)
-      for (int64_t p = 0; p < depth; p += kLine) _mm_prefetch(b.at(p0 + p, j0 + c), _MM_HINT_T0);
+struct BlockSource {
+  const T* first = nullptr;
+  int64_t stride = 0, segments = 0, length = 0;
+};
+
+template <class T>
+BlockSource<T> block_source(const Operand<T>& b, int64_t p0, int64_t depth, int64_t j0,
+                            int64_t cols) {
+  if (b.transposed) return {b.at(p0, j0), b.ld, cols, depth};
+  return {b.at(p0, j0), b.ld, depth, cols};
+}
+
+// Cache lines in one segment of a block's source.
+template <class T>
+int64_t lines_per_segment(const BlockSource<T>& source) {
+  return (source.length * int64_t(sizeof(T)) + 63) / 64;
+}
+
+// Requests lines [begin, end) of a block's source (numbered segment by segment), so that the
+// weights of the next block stream in from memory while the current block computes.
+template <class T>
+void prefetch_lines(const BlockSource<T>& source, int64_t begin, int64_t end) {
+  if (begin >= end) return;
+  const int64_t per_segment = lines_per_segment(source);
+  int64_t segment = begin / per_segment, line = begin % per_segment;
+  const char* base = reinterpret_cast<const char*>(source.first + segment * source.stride);
+  for (int64_t count = end - begin; count > 0; --count) {
+    _mm_prefetch(base + line * 64, _MM_HINT_T0);
+    if (++line == per_segment) {
+      line = 0;
+      base += source.stride * int64_t(sizeof(T));
+    }
   }
 }
 
-// C[6, 16] = (kLoadC ? C : 0) + A_panel * B_panel over `depth`, accumulated in depth order. The
-// twelve accumulators are named variables: an array of them ends up spilled to the stack.
-template <bool kLoadC>
+// C[kRows, 16] = (kLoadC ? C : 0) + A_panel * B_panel over `depth`, accumulated in depth order
+// (A panels always hold 6 rows; a kRows < 6 kernel serves a group's last rows without wasted
+// FMAs). The accumulators are named variables: an array of them ends up spilled to the stack.
+template <int kRows, bool kLoadC>
 void micro_kernel(int64_t depth, const float* a, const float* b, float* c, int64_t ldc) {
+  static_assert(kRows >= 1 && kRows <= kPanelRows);
   __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
+  c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_ps();
   if constexpr (kLoadC) {
     c00 = _mm256_loadu_ps(c), c01 = _mm256_loadu_ps(c + 8);
-    c10 = _mm256_loadu_ps(c + ldc), c11 = _mm256_loadu_ps(c + ldc + 8);
-    c20 = _mm256_loadu_ps(c + 2 * ldc), c21 = _mm256_loadu_ps(c + 2 * ldc + 8);
-    c30 = _mm256_loadu_ps(c + 3 * ldc), c31 = _mm256_loadu_ps(c + 3 * ldc + 8);
-    c40 = _mm256_loadu_ps(c + 4 * ldc), c41 = _mm256_loadu_ps(c + 4 * ldc + 8);
-    c50 = _mm256_loadu_ps(c + 5 * ldc), c51 = _mm256_loadu_ps(c + 5 * ldc + 8);
-  } else {
-    c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_ps();
+    if constexpr (kRows > 1) c10 = _mm256_loadu_ps(c + ldc), c11 = _mm256_loadu_ps(c + ldc + 8);
+    if constexpr (kRows > 2)
+      c20 = _mm256_loadu_ps(c + 2 * ldc), c21 = _mm256_loadu_ps(c + 2 * ldc + 8);
+    if constexpr (kRows > 3)
+      c30 = _mm256_loadu_ps(c + 3 * ldc), c31 = _mm256_loadu_ps(c + 3 * ldc + 8);
+    if constexpr (kRows > 4)
+      c40 = _mm256_loadu_ps(c + 4 * ldc), c41 = _mm256_loadu_ps(c + 4 * ldc + 8);
+    if constexpr (kRows > 5)
+      c50 = _mm256_loadu_ps(c + 5 * ldc), c51 = _mm256_loadu_ps(c + 5 * ldc + 8);
   }
 #pragma GCC unroll 4
   for (int64_t p = 0; p < depth; ++p) {
     __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
-    __m256 a0 = _mm256_broadcast_ss(a), a1 = _mm256_broadcast_ss(a + 1);
+    __m256 a0 = _mm256_broadcast_ss(a);
     c00 = _mm256_fmadd_ps(a0, b0, c00), c01 = _mm256_fmadd_ps(a0, b1, c01);
-    c10 = _mm256_fmadd_ps(a1, b0, c10), c11 = _mm256_fmadd_ps(a1, b1, c11);
-    a0 = _mm256_broadcast_ss(a + 2), a1 = _mm256_broadcast_ss(a + 3);
-    c20 = _mm256_fmadd_ps(a0, b0, c20), c21 = _mm256_fmadd_ps(a0, b1, c21);
-    c30 = _mm256_fmadd_ps(a1, b0, c30), c31 = _mm256_fmadd_ps(a1, b1, c31);
-    a0 = _mm256_broadcast_ss(a + 4), a1 = _mm256_broadcast_ss(a + 5);
-    c40 = _mm256_fmadd_ps(a0, b0, c40), c41 = _mm256_fmadd_ps(a0, b1, c41);
-    c50 = _mm256_fmadd_ps(a1, b0, c50), c51 = _mm256_fmadd_ps(a1, b1, c51);
+    if constexpr (kRows > 1) {
+      __m256 a1 = _mm256_broadcast_ss(a + 1);
+      c10 = _mm256_fmadd_ps(a1, b0, c10), c11 = _mm256_fmadd_ps(a1, b1, c11);
+    }
+    if constexpr (kRows > 2) {
+      __m256 a2 = _mm256_broadcast_ss(a + 2);
+      c20 = _mm256_fmadd_ps(a2, b0, c20), c21 = _mm256_fmadd_ps(a2, b1, c21);
+    }
+    if constexpr (kRows > 3) {
+      __m256 a3 = _mm256_broadcast_ss(a + 3);
+      c30 = _mm256_fmadd_ps(a3, b0, c30), c31 = _mm256_fmadd_ps(a3, b1, c31);
+    }
+    if constexpr (kRows > 4) {
+      __m256 a4 = _mm256_broadcast_ss(a + 4);
+      c40 = _mm256_fmadd_ps(a4, b0, c40), c41 = _mm256_fmadd_ps(a4, b1, c41);
+    }
+    if constexpr (kRows > 5) {
+      __m256 a5 = _mm256_broadcast_ss(a + 5);
+      c50 = _mm256_fmadd_ps(a5, b0, c50), c51 = _mm256_fmadd_ps(a5, b1, c51);
+    }
     a += kPanelRows;
     b += kPanelCols;
   }
   _mm256_storeu_ps(c, c00), _mm256_storeu_ps(c + 8, c01);
-  _mm256_storeu_ps(c + ldc, c10), _mm256_storeu_ps(c + ldc + 8, c11);
-  _mm256_storeu_ps(c + 2 * ldc, c20), _mm256_storeu_ps(c + 2 * ldc + 8, c21);
-  _mm256_storeu_ps(c + 3 * ldc, c30), _mm256_storeu_ps(c + 3 * ldc + 8, c31);
-  _mm256_storeu_ps(c + 4 * ldc, c40), _mm256_storeu_ps(c + 4 * ldc + 8, c41);
-  _mm256_storeu_ps(c + 5 * ldc, c50), _mm256_storeu_ps(c + 5 * ldc + 8, c51);
+  if constexpr (kRows > 1) _mm256_storeu_ps(c + ldc, c10), _mm256_storeu_ps(c + ldc + 8, c11);
+  if constexpr (kRows > 2)
+    _mm256_storeu_ps(c + 2 * ldc, c20), _mm256_storeu_ps(c + 2 * ldc + 8, c21);
+  if constexpr (kRows > 3)
+    _mm256_storeu_ps(c + 3 * ldc, c30), _mm256_storeu_ps(c + 3 * ldc + 8, c31);
+  if constexpr (kRows > 4)
+    _mm256_storeu_ps(c + 4 * ldc, c40), _mm256_storeu_ps(c + 4 * ldc + 8, c41);
+  if constexpr (kRows > 5)
+    _mm256_storeu_ps(c + 5 * ldc, c50), _mm256_storeu_ps(c + 5 * ldc + 8, c51);
 }
 
-// The micro-kernel on a tile that may be cut by the matrix edge: runs it on a full 6x16 copy.
-void edge_kernel(int64_t depth, const float* a, const float* b, float* c, int64_t ldc, int64_t rows,
-                 int64_t cols, bool load_c) {
-  alignas(32) float tile[kPanelRows * kPanelCols] = {};
+template <int kRows>
+void kernel_for_rows(int64_t depth, const float* a, const float* b, float* c, int64_t ldc,
+                     bool load_c) {
   if (load_c) {
-    for (int64_t r = 0; r < rows; ++r) std::copy_n(c + r * ldc, cols, tile + r * kPanelCols);
-    micro_kernel<true>(depth, a, b, tile, kPanelCols);
+    micro_kernel<kRows, true>(depth, a, b, c, ldc);
   } else {
-    micro_kernel<false>(depth, a, b, tile, kPanelCols);
+    micro_kernel<kRows, false>(depth, a, b, c, ldc);
   }
-  for (int64_t r = 0; r < rows; ++r) std::copy_n(tile + r * kPanelCols, cols, c + r * ldc);
+}
+
+// C[rows, cols] (rows <= 6, cols <= 16) from one A panel and one B panel. Full-width tiles run in
+// place; a tile cut by the last column runs on a 16-wide copy (the remainder path).
+void run_kernel(int64_t depth, const float* a, const float* b, float* c, int64_t ldc, int64_t rows,
+                int64_t cols, bool load_c) {
+  alignas(32) float edge[kPanelRows * kPanelCols] = {};
+  float* target = c;
+  int64_t ld = ldc;
+  if (cols < kPanelCols) {
+    target = edge;
+    ld = kPanelCols;
+    if (load_c)
+      for (int64_t r = 0; r < rows; ++r) std::copy_n(c + r * ldc, cols, edge + r * kPanelCols);
+  }
+  switch (rows) {
+    case 6:
+      kernel_for_rows<6>(depth, a, b, target, ld, load_c);
+      break;
+    case 5:
+      kernel_for_rows<5>(depth, a, b, target, ld, load_c);
+      break;
+    case 4:
+      kernel_for_rows<4>(depth, a, b, target, ld, load_c);
+      break;
+    case 3:
+      kernel_for_rows<3>(depth, a, b, target, ld, load_c);
+      break;
+    case 2:
+      kernel_for_rows<2>(depth, a, b, target, ld, load_c);
+      break;
+    default:
+      kernel_for_rows<1>(depth, a, b, target, ld, load_c);
+      break;
+  }
+  if (cols < kPanelCols)
+    for (int64_t r = 0; r < rows; ++r) std::copy_n(edge + r * kPanelCols, cols, c + r * ldc);
 }
 
 struct Tile {
@@ -259,7 +364,7 @@ struct Scratch {
 };
 
 struct ThreadScratch {
-  Scratch a_block, b_panel, c_tile;
+  Scratch a_block, b_block, c_tile;
 };
 thread_local ThreadScratch scratch;
 
@@ -275,27 +380,35 @@ void run_tile(const Operand<T>& a, const Operand<T>& b, int64_t depth, const Til
   }
   int64_t padded_rows = (t.rows + kPanelRows - 1) / kPanelRows * kPanelRows;
   float* a_block = scratch.a_block.get(size_t(padded_rows * kDepthChunk));
-  float* b_panel = scratch.b_panel.get(size_t(kDepthChunk * kPanelCols));
+  float* b_block = scratch.b_block.get(size_t(kDepthChunk * kBlockCols));
   for (int64_t p0 = 0; p0 < depth; p0 += kDepthChunk) {
     int64_t chunk = std::min(kDepthChunk, depth - p0);
     bool load_c = accumulate || p0 > 0;
     pack_a(a, t.row0, t.rows, p0, chunk, a_block);
-    for (int64_t j = 0; j < t.cols; j += kPanelCols) {
-      int64_t cols = std::min(kPanelCols, t.cols - j);
-      pack_b_panel(b, p0, chunk, t.col0 + j, cols, b_panel);
-      if (j + 2 * kPanelCols <= t.cols) prefetch_b_panel(b, p0, chunk, t.col0 + j + kPanelCols);
-      for (int64_t i = 0; i < t.rows; i += kPanelRows) {
-        const float* a_panel = a_block + i * chunk;
-        float* c_ij = c + i * ldc + j;
-        int64_t rows = std::min(kPanelRows, t.rows - i);
-        if (rows == kPanelRows && cols == kPanelCols) {
-          if (load_c) {
-            micro_kernel<true>(chunk, a_panel, b_panel, c_ij, ldc);
-          } else {
-            micro_kernel<false>(chunk, a_panel, b_panel, c_ij, ldc);
-          }
-        } else {
-          edge_kernel(chunk, a_panel, b_panel, c_ij, ldc, rows, cols, load_c);
+    for (int64_t j0 = 0; j0 < t.cols; j0 += kBlockCols) {
+      int64_t block_cols = std::min(kBlockCols, t.cols - j0);
+      pack_b(b, p0, chunk, j0, block_cols, b_block);
+      // The block after this one (next columns, else the next depth chunk's first columns).
+      BlockSource<T> next;
+      if (j0 + kBlockCols < t.cols) {
+        next = block_source(b, p0, chunk, j0 + kBlockCols,
+                            std::min(kBlockCols, t.cols - j0 - kBlockCols));
+      } else if (p0 + kDepthChunk < depth) {
+        next = block_source(b, p0 + kDepthChunk, std::min(kDepthChunk, depth - p0 - kDepthChunk), 0,
+                            std::min(kBlockCols, t.cols));
+      }
+      // Spread the prefetches evenly over this block's kernel calls: bunched together they
+      // would wait for free miss buffers instead of overlapping with the arithmetic.
+      int64_t calls =
+          (block_cols + kPanelCols - 1) / kPanelCols * ((t.rows + kPanelRows - 1) / kPanelRows);
+      int64_t lines = next.segments * lines_per_segment(next), call = 0;
+      for (int64_t j = 0; j < block_cols; j += kPanelCols) {
+        const float* b_panel = b_block + j * chunk;
+        int64_t cols = std::min(kPanelCols, block_cols - j);
+        for (int64_t i = 0; i < t.rows; i += kPanelRows, ++call) {
+          prefetch_lines(next, call * lines / calls, (call + 1) * lines / calls);
+          run_kernel(chunk, a_block + i * chunk, b_panel, c + i * ldc + j0 + j, ldc,
+                     std::min(kPanelRows, t.rows - i), cols, load_c);
         }
       }
     }

@@ -79,7 +79,8 @@ struct GroupedCase {
 };
 
 // Empty group lists, empty groups between full ones, the awkward row counts, widths of 1 and odd
-// widths, and one case large enough to cross every blocking boundary of the packed kernel.
+// widths; the last three cross every blocking boundary of the packed kernel in each form (row
+// tiles of up to 528, depth chunks of 256, several column tiles) while staying cheap.
 const std::vector<GroupedCase> kGroupedCases = {
     {{}, 5, 7},
     {{0}, 7, 5},
@@ -88,7 +89,9 @@ const std::vector<GroupedCase> kGroupedCases = {
     {{17, 0, 129, 0}, 5, 33},
     {{5, 1}, 1, 19},
     {{129}, 37, 21},
-    {{3, 0, 290, 7}, 263, 270},
+    {{0, 600, 3}, 9, 37},
+    {{2, 270}, 530, 20},
+    {{1, 30}, 20, 600},
 };
 
 using GroupedParam = std::tuple<GemmForm, DType, bool, bool>;  // form, input, fp32 out, accumulate
