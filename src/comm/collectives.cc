@@ -210,6 +210,9 @@ void reduce_scatter_blocks(const Call& call, const Tensor& in, void* out,
   }
 }
 
+// Broadcasts of at least this many bytes to more than 2 ranks go as scatter + all-gather.
+constexpr size_t kScatterBroadcastBytes = size_t(1) << 20;
+
 Announcement announcement(Kind kind, const Tensor& tensor, int64_t rows, int64_t option = 0) {
   Announcement a;
   a.kind = kind;
@@ -376,16 +379,35 @@ void broadcast(Tensor& tensor, int root, const ProcessGroup& group) {
     mine = announcement(Kind::kBroadcast, tensor, tensor.numel(), root);
     mine.row_elems = 1;
   });
+  const int size = call.size();
+  const size_t element_bytes = dtype_size(tensor.dtype());
+  const std::string text = describe(mine);
   std::vector<Transfer> sends, receives;
-  if (call.rank() == root) {
-    for (int peer = 0; peer < call.size(); ++peer) {
-      if (peer != root) sends.push_back({peer, tensor.raw(), tensor.numel()});
+  if (size <= 2 || tensor.nbytes() < kScatterBroadcastBytes) {
+    // Small: the root sends the whole tensor to every rank.
+    for (int peer = 0; peer < size; ++peer) {
+      if (call.rank() == root && peer != root)
+        sends.push_back({peer, tensor.raw(), tensor.numel()});
     }
-  } else {
-    receives.push_back({root, tensor.raw(), tensor.numel()});
+    if (call.rank() != root) receives.push_back({root, tensor.raw(), tensor.numel()});
+    detail::exchange(call, sends, receives, element_bytes, "elements", text, {tensor});
+    return;
   }
-  detail::exchange(call, sends, receives, dtype_size(tensor.dtype()), "elements", describe(mine),
-                   {tensor});
+  // Large: the root scatters one slice to each rank, then every rank gathers every slice, so the
+  // root sends the tensor about once instead of size - 1 times.
+  const int64_t n = tensor.numel();
+  std::vector<int64_t> slice(static_cast<size_t>(size));
+  for (int r = 0; r < size; ++r) slice[size_t(r)] = n * (r + 1) / size - n * r / size;
+  auto slice_start = [&](int r) { return byte_at(tensor.raw(), n * r / size, element_bytes); };
+  for (int peer = 0; peer < size; ++peer) {
+    if (call.rank() == root && peer != root) {
+      sends.push_back({peer, slice_start(peer), slice[size_t(peer)]});
+    }
+  }
+  if (call.rank() != root)
+    receives.push_back({root, slice_start(call.rank()), slice[size_t(call.rank())]});
+  detail::exchange(call, sends, receives, element_bytes, "elements", text, {tensor});
+  gather_blocks(call, slice_start(call.rank()), tensor.raw(), slice, element_bytes, text, {tensor});
 }
 
 void barrier(const ProcessGroup& group) {

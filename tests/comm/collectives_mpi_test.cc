@@ -191,6 +191,16 @@ TEST_P(Collectives, BroadcastFromEveryRoot) {
   }
 }
 
+TEST_P(Collectives, LargeBroadcastGoesAsSlicesAndArrivesWhole) {
+  // 1 MiB and more to more than 2 ranks is scattered and re-gathered; odd sizes leave uneven
+  // slices.
+  const int64_t rows = (int64_t(1) << 20) / (kCols * int64_t(dtype_size(dtype))) + 7;
+  const int root = size - 1;
+  Tensor tensor = rank == root ? tagged(dtype, root, rows) : Tensor({rows, kCols}, dtype);
+  broadcast(tensor, root, world);
+  EXPECT_TRUE(bitwise_equal(tensor, tagged(dtype, root, rows)));
+}
+
 TEST_P(Collectives, SendRecvAroundTheRing) {
   const int next = (rank + 1) % size, previous = (rank + size - 1) % size;
   Tensor outgoing = tagged(dtype, rank, 3);
