@@ -48,13 +48,15 @@ AllToAllTokenDispatcher::AllToAllTokenDispatcher(const MoEConfig& config,
                                                  const comm::ParallelState& parallel)
     : config_(config),
       placement_(ep_detail::expert_parallel_setup("AllToAllTokenDispatcher", config, parallel)),
-      ep_(parallel.ep_group) {}
+      tp_ep_(parallel.tp_ep) {}
 
 Tensor AllToAllTokenDispatcher::dispatch(const Tensor& hidden, const Routing& routing,
                                          DispatchContext& ctx) {
   const char* who = "AllToAllTokenDispatcher::dispatch";
-  const ep_detail::GroupBatch batch = ep_detail::agree_on_batch(who, hidden, routing, config_, ep_);
-  const CapacityDecision capacity = ep_detail::decide_group_capacity(config_, routing, batch, ep_);
+  const ep_detail::GroupBatch batch =
+      ep_detail::agree_on_batch(who, hidden, routing, config_, tp_ep_);
+  const CapacityDecision capacity =
+      ep_detail::decide_group_capacity(config_, routing, batch, tp_ep_);
   ctx = DispatchContext{};
   ctx.routing = routing;
   ctx.hidden_size = hidden.dim(1);
@@ -65,8 +67,8 @@ Tensor AllToAllTokenDispatcher::dispatch(const Tensor& hidden, const Routing& ro
   ctx.plan = build_dispatch_plan(routing.experts, E, 0, E, capacity.keep);
 
   // counts[g * E + e]: rows rank g sends to expert e (Megatron all-gathers them over tp-ep).
-  const std::vector<int64_t> counts = comm::all_gather_values(ctx.plan.rows_per_expert, ep_);
-  const int ep = ep_.size(), me = ep_.rank();
+  const std::vector<int64_t> counts = comm::all_gather_values(ctx.plan.rows_per_expert, tp_ep_);
+  const int ep = tp_ep_.size(), me = tp_ep_.rank();
   auto state = std::make_unique<AllToAllState>();
   state->send_rows.assign(size_t(ep), 0);
   state->recv_rows.assign(size_t(ep), 0);
@@ -107,7 +109,7 @@ Tensor AllToAllTokenDispatcher::dispatch(const Tensor& hidden, const Routing& ro
 
   Tensor home_rows = Tensor::empty({ctx.plan.num_rows(), ctx.hidden_size}, ctx.dtype);
   permute_rows(hidden, ctx.plan, Tensor(), home_rows);
-  Tensor rows = home_to_experts(home_rows, *state, ep_);
+  Tensor rows = home_to_experts(home_rows, *state, tp_ep_);
   ctx.state = std::move(state);
   return rows;
 }
@@ -116,7 +118,7 @@ Tensor AllToAllTokenDispatcher::combine(const Tensor& expert_output, DispatchCon
   const char* who = "AllToAllTokenDispatcher::combine expert output";
   const auto& state = ep_detail::saved_state<AllToAllState>(ctx, who);
   ep_detail::check_expert_rows(expert_output, int64_t(state.expert_row_source.size()), ctx, who);
-  Tensor home = experts_to_home(expert_output, state, ctx.plan.num_rows(), ep_);
+  Tensor home = experts_to_home(expert_output, state, ctx.plan.num_rows(), tp_ep_);
   Tensor out = Tensor::empty({ctx.plan.num_tokens, ctx.hidden_size}, ctx.dtype);  // [T, H]
   unpermute_rows(home, ctx.plan, ctx.routing.probs, out);
   ctx.combine_rows = home;  // d(probs) needs the rows that were combined
@@ -135,7 +137,7 @@ Tensor AllToAllTokenDispatcher::combine_backward(const Tensor& grad_output, Disp
   unpermute_rows_backward(ctx.combine_rows, grad_output, ctx.plan, ctx.routing.probs, grad_home,
                           grad_probs);
   ctx.combine_rows = Tensor();
-  return home_to_experts(grad_home, state, ep_);
+  return home_to_experts(grad_home, state, tp_ep_);
 }
 
 Tensor AllToAllTokenDispatcher::dispatch_backward(const Tensor& grad_expert_input,
@@ -144,7 +146,7 @@ Tensor AllToAllTokenDispatcher::dispatch_backward(const Tensor& grad_expert_inpu
   const auto& state = ep_detail::saved_state<AllToAllState>(ctx, who);
   ep_detail::check_expert_rows(grad_expert_input, int64_t(state.expert_row_source.size()), ctx,
                                who);
-  Tensor home = experts_to_home(grad_expert_input, state, ctx.plan.num_rows(), ep_);
+  Tensor home = experts_to_home(grad_expert_input, state, ctx.plan.num_rows(), tp_ep_);
   Tensor grad_hidden = Tensor::empty({ctx.plan.num_tokens, ctx.hidden_size}, ctx.dtype);
   unpermute_rows(home, ctx.plan, Tensor(), grad_hidden);
   ctx = DispatchContext{};  // the micro-batch is done with the dispatcher

@@ -1,7 +1,8 @@
 #include "moe/dispatcher_common.h"
 
 #include <cstring>
-#include <functional>
+#include <iterator>
+#include <optional>
 #include <string>
 
 #include "moe/internal.h"
@@ -10,18 +11,36 @@
 namespace moe::ep_detail {
 namespace {
 
-// "rank 0: 8, rank 1: 12" when the ranks' values differ; empty when they agree.
-std::string disagreement(const std::vector<int64_t>& header, size_t fields, size_t field,
-                         const std::function<std::string(int64_t)>& show) {
-  const size_t ranks = header.size() / fields;
-  bool differ = false;
-  for (size_t r = 1; r < ranks; ++r) differ |= header[r * fields + field] != header[field];
-  if (!differ) return {};
-  std::string text;
-  for (size_t r = 0; r < ranks; ++r) {
-    text += detail::concat(r ? ", " : "", "rank ", r, ": ", show(header[r * fields + field]));
-  }
-  return text;
+// A value every rank of the group must agree on, and how a message shows it.
+struct AgreedField {
+  const char* name;
+  int64_t value;
+  std::string (*show)(int64_t);
+};
+
+std::string show_number(int64_t value) {
+  return std::to_string(value);
+}
+std::string show_dtype(int64_t value) {
+  return std::string(dtype_name(DType(value)));
+}
+std::string show_dispatcher(int64_t value) {
+  return std::string(name_of(TokenDispatcherType(value)));
+}
+std::string show_policy(int64_t value) {
+  return std::string(name_of(TokenDropPolicy(value)));
+}
+// Capacity factors travel as the bits of the double; -1 bits stand for "dropless".
+int64_t capacity_bits(const std::optional<double>& factor) {
+  int64_t bits = -1;
+  if (factor) std::memcpy(&bits, &*factor, sizeof(bits));
+  return bits;
+}
+std::string show_capacity(int64_t bits) {
+  if (bits == -1) return "none";
+  double factor = 0;
+  std::memcpy(&factor, &bits, sizeof(factor));
+  return detail::concat(factor);
 }
 
 }  // namespace
@@ -31,39 +50,74 @@ ExpertPlacement expert_parallel_setup(const char* who, const MoEConfig& config,
   config.validate();
   MOE_CHECK(parallel.sizes.etp == 1, who, ": expert tensor parallelism (etp = ", parallel.sizes.etp,
             ") is not supported: the experts are not split over the etp group; use etp = 1");
-  MOE_CHECK(parallel.tp_ep.size() == parallel.ep_group.size(), who, ": the tp-ep group has ",
-            parallel.tp_ep.size(), " ranks but the ep group has ", parallel.ep_group.size());
+  MOE_CHECK(parallel.tp_ep.world_ranks() == parallel.ep_group.world_ranks(), who,
+            ": with etp = 1 the tp-ep group must be the ep group");
   return expert_parallel_placement(config.num_experts, parallel.ep_group.size(),
                                    parallel.ep_group.rank());
 }
 
 GroupBatch agree_on_batch(const char* who, const Tensor& hidden, const Routing& routing,
                           const MoEConfig& config, const comm::ProcessGroup& group) {
-  check_ndim(hidden, 2, detail::concat(who, " hidden"));
-  MOE_CHECK(hidden.dim(0) == routing.num_tokens, who, ": hidden ", shape_string(hidden.shape()),
-            " has ", hidden.dim(0), " tokens but the routing has ", routing.num_tokens);
-  check_shape(routing.experts, {routing.num_tokens, config.moe_router_topk},
-              detail::concat(who, " routing experts"));
-  check_shape(routing.probs, {routing.num_tokens, config.moe_router_topk},
-              detail::concat(who, " routing probs"));
-  check_dtype(routing.probs, internal::compute_dtype_for(hidden.dtype()),
-              detail::concat(who, " routing probs"));
-  constexpr size_t kFields = 4;  // tokens, hidden size, topk, dtype
-  const int64_t local[kFields] = {hidden.dim(0), hidden.dim(1), routing.topk,
-                                  int64_t(hidden.dtype())};
+  // The local checks' verdict travels with the header, so a bad argument on one rank raises an
+  // error on every rank instead of leaving the others waiting in the next exchange.
+  std::string local_error;
+  try {
+    check_ndim(hidden, 2, detail::concat(who, " hidden"));
+    MOE_CHECK(hidden.dim(0) == routing.num_tokens, who, ": hidden ", shape_string(hidden.shape()),
+              " has ", hidden.dim(0), " tokens but the routing has ", routing.num_tokens);
+    MOE_CHECK(routing.topk == config.moe_router_topk, who, ": the routing has top-k ", routing.topk,
+              " but moe_router_topk is ", config.moe_router_topk);
+    check_shape(routing.experts, {routing.num_tokens, config.moe_router_topk},
+                detail::concat(who, " routing experts"));
+    check_shape(routing.probs, {routing.num_tokens, config.moe_router_topk},
+                detail::concat(who, " routing probs"));
+    check_dtype(routing.probs, internal::compute_dtype_for(hidden.dtype()),
+                detail::concat(who, " routing probs"));
+  } catch (const Error& error) {
+    local_error = error.what();
+  }
+  const bool valid = local_error.empty();
+  // Field 0: the arguments passed the local checks; 1: token count (may differ); then the values
+  // that must agree.
+  const AgreedField agreed[] = {
+      {"hidden size", valid ? hidden.dim(1) : 0, show_number},
+      {"activation dtype", int64_t(hidden.dtype()), show_dtype},
+      {"token dispatcher", int64_t(config.moe_token_dispatcher_type), show_dispatcher},
+      {"num_experts", config.num_experts, show_number},
+      {"moe_router_topk", config.moe_router_topk, show_number},
+      {"moe_expert_capacity_factor", capacity_bits(config.moe_expert_capacity_factor),
+       show_capacity},
+      {"moe_pad_expert_input_to_capacity", config.moe_pad_expert_input_to_capacity, show_number},
+      {"moe_token_drop_policy", int64_t(config.moe_token_drop_policy), show_policy},
+  };
+  constexpr size_t kLeading = 2, kFields = kLeading + std::size(agreed);
+  std::vector<int64_t> local = {valid, valid ? hidden.dim(0) : 0};
+  for (const AgreedField& field : agreed) local.push_back(field.value);
   const std::vector<int64_t> header = comm::all_gather_values(local, group);
-  const auto number = [](int64_t value) { return std::to_string(value); };
-  const auto dtype = [](int64_t value) { return std::string(dtype_name(DType(value))); };
-  const std::pair<const char*, std::function<std::string(int64_t)>> checked[] = {
-      {"hidden size", number}, {"top-k", number}, {"activation dtype", dtype}};
-  for (size_t field = 1; field < kFields; ++field) {
-    const std::string text = disagreement(header, kFields, field, checked[field - 1].second);
-    MOE_CHECK(text.empty(), who, ": the ranks of group '", group.name(), "' disagree on the ",
-              checked[field - 1].first, " (", text, ")");
+  if (!valid) throw Error(local_error);
+  for (int r = 0; r < group.size(); ++r) {
+    MOE_CHECK(header[size_t(r) * kFields] == 1, who, ": rank ", r, " of group '", group.name(),
+              "' (world rank ", group.world_ranks()[size_t(r)],
+              ") rejected its arguments; see its error");
+  }
+  for (size_t i = 0; i < std::size(agreed); ++i) {
+    const size_t column = kLeading + i;
+    bool differ = false;
+    for (int r = 1; r < group.size(); ++r) {
+      differ |= header[size_t(r) * kFields + column] != header[column];
+    }
+    if (!differ) continue;
+    std::string values;
+    for (int r = 0; r < group.size(); ++r) {
+      values += detail::concat(r ? ", " : "", "rank ", r, ": ",
+                               agreed[i].show(header[size_t(r) * kFields + column]));
+    }
+    throw Error(detail::concat(who, ": the ranks of group '", group.name(), "' disagree on the ",
+                               agreed[i].name, " (", values, ")"));
   }
   GroupBatch batch;
   for (int r = 0; r < group.size(); ++r) {
-    const int64_t tokens = header[size_t(r) * kFields];
+    const int64_t tokens = header[size_t(r) * kFields + 1];
     if (r == group.rank()) batch.first_token = batch.total_tokens;
     batch.tokens_per_rank.push_back(tokens);
     batch.total_tokens += tokens;

@@ -56,7 +56,9 @@ class AllToAllTokenDispatcher final : public TokenDispatcher {
  private:
   MoEConfig config_;
   ExpertPlacement placement_;
-  comm::ProcessGroup ep_;
+  // With etp = 1 the tp-ep group is the ep group; every exchange runs on this one communicator,
+  // so ranks that get out of step meet a mismatched announcement, not a wait on another group.
+  comm::ProcessGroup tp_ep_;
 };
 
 // Megatron's MoEAllGatherTokenDispatcher. dispatch: all-gather tokens and routing over tp-ep and

@@ -1,0 +1,69 @@
+// Shared helpers of the expert-parallel tests: one ParallelState per ep size (built once per
+// program), the layout's global token order, and comparisons.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <map>
+#include <string>
+
+#include "moe/comm/parallel_state.h"
+#include "moe/tensor/tensor.h"
+
+namespace moe::testing {
+
+// The ep sizes this world can run: 1, 2, 4, 8 that divide the world size.
+inline std::vector<int> ep_sizes(int world_size) {
+  std::vector<int> sizes;
+  for (int ep : {1, 2, 4, 8}) {
+    if (world_size % ep == 0) sizes.push_back(ep);
+  }
+  return sizes;
+}
+
+// initialize_model_parallel({ep}) once per ep size (group creation is collective).
+inline const comm::ParallelState& parallel_state(int ep) {
+  static std::map<int, comm::ParallelState> states;
+  auto found = states.find(ep);
+  if (found != states.end()) return found->second;
+  comm::ParallelSizes sizes;
+  sizes.ep = ep;
+  return states.emplace(ep, comm::initialize_model_parallel(sizes)).first->second;
+}
+
+// Tokens held by a world rank: uneven on purpose (Megatron's are equal; ours may differ).
+inline int64_t tokens_of_rank(int world_rank) {
+  return 6 + world_rank % 5;
+}
+
+// The group's batch: this rank's first token and the total, in group-rank order.
+struct GroupTokens {
+  int64_t first = 0;
+  int64_t total = 0;
+};
+inline GroupTokens group_tokens(const comm::ProcessGroup& group) {
+  GroupTokens tokens;
+  for (int r = 0; r < group.size(); ++r) {
+    if (r == group.rank()) tokens.first = tokens.total;
+    tokens.total += tokens_of_rank(group.world_ranks()[size_t(r)]);
+  }
+  return tokens;
+}
+
+inline void expect_bitwise_equal(const Tensor& actual, const Tensor& expected,
+                                 const std::string& what) {
+  ASSERT_EQ(actual.shape(), expected.shape()) << what;
+  ASSERT_EQ(actual.dtype(), expected.dtype()) << what;
+  if (std::memcmp(actual.raw(), expected.raw(), actual.nbytes()) == 0) return;
+  for (int64_t i = 0; i < actual.numel(); ++i) {
+    if (actual.get(i) != expected.get(i)) {
+      ADD_FAILURE() << what << " differs first at element " << i << ": " << actual.get(i) << " vs "
+                    << expected.get(i);
+      return;
+    }
+  }
+  ADD_FAILURE() << what << " differs in bits (signed zeros or NaN payloads) but not in value";
+}
+
+}  // namespace moe::testing

@@ -1,0 +1,181 @@
+// For the same global batch and weights, the MoE layer with its experts spread over ep = 1, 2, 4,
+// 8 ranks (all-to-all and all-gather dispatchers) gives bitwise the single-process layer's output,
+// input gradient and expert-weight gradients on every rank's slice, and the single-process router
+// gradient and aux loss once summed over the ranks (fp32 reduction order). Every rank builds the
+// whole reference layer from the same seed and checks its own part.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <functional>
+#include <string>
+
+#include "ep_test_util.h"
+#include "moe/comm/process_group.h"
+#include "moe/moe/ep_dispatchers.h"
+#include "moe/moe/moe_layer.h"
+#include "support/testing.h"
+
+namespace moe {
+namespace {
+
+using testing::expect_bitwise_equal;
+
+struct LayerCase {
+  std::string name;
+  std::function<void(MoEConfig&)> change;
+  DType dtype = DType::F32;
+  bool skewed = false;  // experts 2, 3, 6, 7 are never chosen
+};
+
+std::vector<LayerCase> layer_cases() {
+  return {
+      {"dropless_gelu_sequential", [](MoEConfig&) {}},
+      {"dropless_swiglu_grouped_top3",
+       [](MoEConfig& c) {
+         c.moe_router_topk = 3;
+         c.activation = ExpertActivation::kSwiGLU;
+         c.moe_grouped_gemm = true;
+       }},
+      {"capacity_probs_padded_sigmoid",
+       [](MoEConfig& c) {
+         c.moe_router_score_function = ScoreFunction::kSigmoid;
+         c.moe_expert_capacity_factor = 0.7;
+         c.moe_pad_expert_input_to_capacity = true;
+       }},
+      {"capacity_position_swiglu",
+       [](MoEConfig& c) {
+         c.activation = ExpertActivation::kSwiGLU;
+         c.moe_expert_capacity_factor = 0.9;
+         c.moe_token_drop_policy = TokenDropPolicy::kPosition;
+       }},
+      {"skewed_dropless_grouped", [](MoEConfig& c) { c.moe_grouped_gemm = true; }, DType::F32,
+       true},
+      {"bf16_dropless_swiglu", [](MoEConfig& c) { c.activation = ExpertActivation::kSwiGLU; },
+       DType::BF16},
+  };
+}
+
+MoEConfig case_config(const LayerCase& entry, TokenDispatcherType type) {
+  MoEConfig config;
+  config.hidden_size = 8;
+  config.num_experts = 8;
+  config.ffn_hidden_size = 6;
+  config.moe_router_topk = 2;
+  config.moe_aux_loss_coeff = 0.1;
+  config.moe_token_dispatcher_type = type;
+  entry.change(config);
+  config.validate();
+  return config;
+}
+
+struct Layer {
+  Layer(const MoEConfig& config, DType dtype, std::unique_ptr<TokenDispatcher> dispatcher)
+      : store(dtype), layer(config, store, "decoder.layers.0.mlp", std::move(dispatcher)) {
+    store.allocate();
+  }
+  Tensor param(const std::string& name) const { return store.param(store.find(name)); }
+  Tensor grad(const std::string& name) const { return store.grad(store.find(name)); }
+  ParameterStore store;
+  MoELayer layer;
+};
+
+// This rank's part of a global parameter (expert parameters: rows [offset, offset + local)).
+Tensor local_part(const Tensor& global, const ParamSpec& spec) {
+  if (spec.global_offset.empty() || spec.global_shape == spec.shape) return global;
+  return global.rows(spec.global_offset[0], spec.global_offset[0] + spec.shape[0]);
+}
+
+void run_case(const LayerCase& entry, TokenDispatcherType type, int ep) {
+  const comm::ParallelState& parallel = testing::parallel_state(ep);
+  const MoEConfig config = case_config(entry, type);
+  const testing::GroupTokens tokens = testing::group_tokens(parallel.tp_ep);
+  const int64_t local_tokens = testing::tokens_of_rank(parallel.world_rank);
+  const uint64_t seed = 11 + uint64_t(parallel.tp_ep.world_ranks()[0]);
+
+  // The reference: one process, all experts, the group's whole batch.
+  Layer reference(config, entry.dtype, nullptr);
+  reference.layer.init_parameters(7, 0.5f, 0.4f);
+  for (int i = 0; i < reference.store.count(); ++i) {
+    const ParamSpec& spec = reference.store.spec(ParamHandle{i});
+    if (!spec.name.ends_with(".bias")) continue;
+    Tensor bias = reference.store.param(ParamHandle{i});
+    bias.copy_from(testing::random_normal(bias.shape(), 100 + uint64_t(i), 0.2f));
+  }
+  if (entry.skewed) {
+    Tensor router_bias = reference.param("decoder.layers.0.mlp.router.bias");
+    for (int64_t e : {2, 3, 6, 7}) router_bias.set(e, -1e4f);
+  }
+  Layer distributed(config, entry.dtype, make_token_dispatcher(config, parallel));
+  distributed.layer.router().set_aux_count_reducer(make_aux_count_reducer(parallel.tp_ep));
+  for (int i = 0; i < distributed.store.count(); ++i) {
+    const ParamSpec& spec = distributed.store.spec(ParamHandle{i});
+    distributed.store.param(ParamHandle{i}).copy_from(local_part(reference.param(spec.name), spec));
+  }
+
+  const Tensor input =
+      testing::random_normal({tokens.total, config.hidden_size}, seed, 1.0f, entry.dtype);
+  const Tensor grad_output =
+      testing::random_normal({tokens.total, config.hidden_size}, seed + 1, 1.0f, entry.dtype);
+  const int64_t begin = tokens.first, end = tokens.first + local_tokens;
+
+  MoEContext reference_ctx, ctx;
+  const Tensor reference_out = reference.layer.forward(input, reference_ctx);
+  const Tensor out = distributed.layer.forward(input.rows(begin, end).clone(), ctx);
+  expect_bitwise_equal(out, reference_out.rows(begin, end), "output");
+  if (config.moe_expert_capacity_factor) {  // the case must really drop slots
+    const std::vector<int64_t>& slots = reference_ctx.dispatch.plan.row_of_slot;
+    EXPECT_GT(std::count(slots.begin(), slots.end(), -1), 0) << "no slot dropped";
+  }
+  if (entry.skewed) {
+    for (int64_t e = 0; e < distributed.layer.experts().placement().count; ++e) {
+      const int64_t global = distributed.layer.experts().placement().first + e;
+      const bool starved = global == 2 || global == 3 || global == 6 || global == 7;
+      if (starved) {
+        EXPECT_EQ(ctx.dispatch.tokens_per_local_expert[size_t(e)], 0) << global;
+      }
+    }
+  }
+
+  const Tensor reference_grad_input = reference.layer.backward(reference_ctx, grad_output);
+  const Tensor grad_input = distributed.layer.backward(ctx, grad_output.rows(begin, end).clone());
+  expect_bitwise_equal(grad_input, reference_grad_input.rows(begin, end), "input gradient");
+
+  for (int i = 0; i < distributed.store.count(); ++i) {
+    const ParamSpec& spec = distributed.store.spec(ParamHandle{i});
+    const Tensor expected = local_part(reference.grad(spec.name), spec);
+    Tensor actual = distributed.store.grad(ParamHandle{i}).clone();
+    if (spec.group == ParamGroup::kExpert) {
+      expect_bitwise_equal(actual, expected, spec.name + " gradient");
+    } else {  // the router: each rank holds its tokens' share
+      comm::all_reduce(actual, parallel.tp_ep);
+      EXPECT_TENSORS_CLOSE(actual, expected, 2e-6, 2e-5) << spec.name << " gradient";
+    }
+  }
+
+  Tensor loss = Tensor::full({1}, 0.0f, DType::F64);
+  loss.data<double>()[0] = MoELayer::losses(ctx).load_balancing_loss;
+  comm::all_reduce(loss, parallel.tp_ep);
+  const double expected_loss = MoELayer::losses(reference_ctx).load_balancing_loss;
+  EXPECT_GT(expected_loss, 0.0);
+  EXPECT_NEAR(loss.data<double>()[0], expected_loss, 1e-6 * expected_loss) << "aux loss";
+}
+
+class ExpertParallelLayer : public ::testing::TestWithParam<TokenDispatcherType> {};
+
+TEST_P(ExpertParallelLayer, MatchesTheSingleProcessLayerForEveryEpSize) {
+  const int world_size = comm::ProcessGroup::world().size();
+  for (int ep : testing::ep_sizes(world_size)) {
+    for (const LayerCase& entry : layer_cases()) {
+      SCOPED_TRACE(entry.name + " ep " + std::to_string(ep));
+      run_case(entry, GetParam(), ep);
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Dispatchers, ExpertParallelLayer,
+                         ::testing::Values(TokenDispatcherType::kAllToAll,
+                                           TokenDispatcherType::kAllGather),
+                         [](const auto& info) { return std::string(name_of(info.param)); });
+
+}  // namespace
+}  // namespace moe
