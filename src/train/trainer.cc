@@ -216,10 +216,6 @@ void build_model_and_optimizer(Job& job) {
   job.store = std::make_unique<ParameterStore>(parameter_dtype(a));
   model::DispatcherFactory dispatchers;
   if (a.is_moe()) {
-    MOE_CHECK(*a.expert_tensor_parallel_size == 1, "--expert-tensor-parallel-size ",
-              *a.expert_tensor_parallel_size,
-              ": expert tensor parallelism is not supported yet (it defaults to "
-              "--tensor-model-parallel-size); pass --expert-tensor-parallel-size 1");
     job.expert_load = std::make_shared<ExpertLoadCounter>(*a.num_experts);
     dispatchers = counting_dispatcher_factory(
         job.expert_load, [](const MoEConfig& moe, const comm::ParallelState& parallel, int) {
@@ -546,6 +542,11 @@ std::string format_log_line(const std::vector<IterationStats>& window, int64_t t
 
 TrainingReport pretrain(const TrainingArguments& args, std::ostream& log,
                         const TrainingHooks& hooks) {
+  // The expert-parallel dispatchers keep every expert whole on its rank.
+  MOE_CHECK(!args.is_moe() || *args.expert_tensor_parallel_size == 1,
+            "--expert-tensor-parallel-size ", *args.expert_tensor_parallel_size,
+            ": expert tensor parallelism is not supported yet (it defaults to "
+            "--tensor-model-parallel-size); pass --expert-tensor-parallel-size 1");
   comm::set_collective_timeout(60.0 * args.distributed_timeout_minutes);
   Job job(args, log);
   comm::ParallelSizes sizes;
