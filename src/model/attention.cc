@@ -358,10 +358,10 @@ SelfAttention::SelfAttention(ParameterStore& store, const std::string& prefix,
 
 Tensor SelfAttention::forward(const ParameterStore& store, const Tensor& x, BatchShape shape,
                               uint64_t attention_dropout_key, bool training, Saved& saved) const {
-  saved.input = enter_tp_region(x, tp_);
+  saved.input = x;  // this rank's rows: backward gathers them again (sequence parallelism)
   saved.shape = shape;
   saved.dropout_key = attention_dropout_key;
-  const Tensor& input = saved.input;
+  Tensor input = enter_tp_region(x, tp_);
   MOE_CHECK(input.dim(0) == shape.rows(), "attention input has ", input.dim(0),
             " rows but the micro-batch has seq ", shape.seq, " x batch ", shape.batch);
   Tensor mixed = qkv_.forward(store, input);  // [rows, groups_local * (per_group + 2) * d]
@@ -415,7 +415,8 @@ Tensor SelfAttention::backward(const ParameterStore& store, const Saved& saved,
   Tensor dmixed_c = Tensor::empty({S * B, groups_local_ * (per_group + 2) * d}, compute);
   move_qkv(dmixed_c, dq, dk, dv, /*to_heads=*/false);
   Tensor dmixed = dmixed_c.to(saved.input.dtype());
-  return enter_tp_region_backward(qkv_.backward(store, saved.input, dmixed), tp_);
+  Tensor input = enter_tp_region(saved.input, tp_);
+  return enter_tp_region_backward(qkv_.backward(store, input, dmixed), tp_);
 }
 
 }  // namespace moe::model

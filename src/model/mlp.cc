@@ -21,9 +21,10 @@ MLP::MLP(ParameterStore& store, const std::string& prefix, const TransformerConf
            config.add_bias_linear, tp) {}
 
 Tensor MLP::forward(const ParameterStore& store, const Tensor& x, Saved& saved) const {
-  saved.input = enter_tp_region(x, tp_);
-  saved.fc1_output = fc1_.forward(store, saved.input);
-  saved.activation = Tensor::empty({saved.input.dim(0), fc2_.in_local()}, x.dtype());
+  saved.input = x;  // this rank's rows: backward gathers them again (sequence parallelism)
+  Tensor input = enter_tp_region(x, tp_);
+  saved.fc1_output = fc1_.forward(store, input);
+  saved.activation = Tensor::empty({input.dim(0), fc2_.in_local()}, x.dtype());
   if (swiglu_) {
     swiglu(saved.fc1_output, saved.activation);
   } else {
@@ -43,7 +44,8 @@ Tensor MLP::backward(const ParameterStore& store, const Saved& saved, const Tens
   } else {
     gelu_backward(saved.fc1_output, dactivation, dfc1);
   }
-  return enter_tp_region_backward(fc1_.backward(store, saved.input, dfc1), tp_);
+  Tensor input = enter_tp_region(saved.input, tp_);
+  return enter_tp_region_backward(fc1_.backward(store, input, dfc1), tp_);
 }
 
 }  // namespace moe::model

@@ -127,28 +127,30 @@ OutputLayer::OutputLayer(ParameterStore& store, const std::string& name, int64_t
 }
 
 Tensor OutputLayer::forward(const ParameterStore& store, const Tensor& x, Saved& saved) const {
-  saved.input = enter_tp_region(x, tp_);
+  saved.input = x;  // this rank's rows: backward gathers them again (sequence parallelism)
+  Tensor input = enter_tp_region(x, tp_);
   DType logits_dtype = x.dtype() == DType::F64 ? DType::F64 : DType::F32;
-  Tensor logits = Tensor::empty({saved.input.dim(0), vocab_local_}, logits_dtype);
+  Tensor logits = Tensor::empty({input.dim(0), vocab_local_}, logits_dtype);
   if (tied_) {
-    linear_grad_input(saved.input, store.param(weight_), logits);  // x E^T, E [V_local, h]
+    linear_grad_input(input, store.param(weight_), logits);  // x E^T, E [V_local, h]
   } else {
-    linear_forward(saved.input, store.param(weight_), logits);
+    linear_forward(input, store.param(weight_), logits);
   }
   return logits;
 }
 
 Tensor OutputLayer::backward(const ParameterStore& store, const Saved& saved,
                              const Tensor& dlogits) const {
-  check_shape(dlogits, {saved.input.dim(0), vocab_local_}, "output layer gradient");
-  Tensor dlogits_act = dlogits.to(saved.input.dtype());
+  Tensor input = enter_tp_region(saved.input, tp_);
+  check_shape(dlogits, {input.dim(0), vocab_local_}, "output layer gradient");
+  Tensor dlogits_act = dlogits.to(input.dtype());
   Tensor dweight = store.grad(weight_);
-  Tensor dx = Tensor::empty(saved.input.shape(), saved.input.dtype());
+  Tensor dx = Tensor::empty(input.shape(), input.dtype());
   if (tied_) {
-    accumulate_weight_grad(dlogits_act, saved.input, dweight);  // dE += dlogits^T x
-    linear_forward(dlogits_act, store.param(weight_), dx);      // dx = dlogits E
+    accumulate_weight_grad(dlogits_act, input, dweight);    // dE += dlogits^T x
+    linear_forward(dlogits_act, store.param(weight_), dx);  // dx = dlogits E
   } else {
-    accumulate_weight_grad(saved.input, dlogits_act, dweight);
+    accumulate_weight_grad(input, dlogits_act, dweight);
     linear_grad_input(dlogits_act, store.param(weight_), dx);
   }
   return enter_tp_region_backward(dx, tp_);

@@ -135,7 +135,7 @@ void causal_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
 class SelfAttention {
  public:
   struct Saved {
-    Tensor input;      // [rows_full, h] (gathered with sequence parallelism)
+    Tensor input;      // [rows_local, h]: backward all-gathers it again with sequence parallelism
     Tensor q, k, v;    // [b, n_local, s, d], [b, g_local, s, d] (after rope), compute dtype
     Tensor logsumexp;  // [b, n_local, s] of the scaled scores, compute dtype
     Tensor context;    // [rows_full, n_local * d] in the activation dtype
@@ -169,7 +169,7 @@ class SelfAttention {
 class MLP {
  public:
   struct Saved {
-    Tensor input;       // [rows_full, h]
+    Tensor input;       // [rows_local, h]: re-gathered in backward with sequence parallelism
     Tensor fc1_output;  // [rows_full, fc1_local]
     Tensor activation;  // [rows_full, ffn_local]
   };
@@ -205,7 +205,7 @@ Tensor vocab_parallel_cross_entropy_backward(const Tensor& softmax, const Tensor
 class OutputLayer {
  public:
   struct Saved {
-    Tensor input;  // [rows_full, h]
+    Tensor input;  // [rows_local, h]: re-gathered in backward with sequence parallelism
   };
   // tied_embedding: the embedding weight when the output layer shares it, else nullptr.
   OutputLayer(ParameterStore& store, const std::string& name, int64_t hidden, int64_t vocab,
