@@ -85,79 +85,124 @@ Tensor local_part(const Tensor& global, const ParamSpec& spec) {
   return global.rows(spec.global_offset[0], spec.global_offset[0] + spec.shape[0]);
 }
 
+// The single-process reference layer (all experts, the group's whole batch) and the
+// expert-parallel layer with the same weights, and this rank's slice of the batch.
+struct LayerPair {
+  LayerPair(const LayerCase& entry, TokenDispatcherType type, int ep)
+      : parallel(testing::parallel_state(ep)),
+        config(case_config(entry, type)),
+        dtype(entry.dtype),
+        reference(config, dtype, nullptr),
+        distributed(config, dtype, make_token_dispatcher(config, parallel)) {
+    const testing::GroupTokens tokens = testing::group_tokens(parallel.tp_ep);
+    group_tokens = tokens.total;
+    begin = tokens.first;
+    end = tokens.first + testing::tokens_of_rank(parallel.world_rank);
+    reference.layer.init_parameters(7, 0.5f, 0.4f);
+    for (int i = 0; i < reference.store.count(); ++i) {
+      const ParamSpec& spec = reference.store.spec(ParamHandle{i});
+      if (!spec.name.ends_with(".bias")) continue;
+      Tensor bias = reference.store.param(ParamHandle{i});
+      bias.copy_from(testing::random_normal(bias.shape(), 100 + uint64_t(i), 0.2f));
+    }
+    if (entry.skewed) {
+      Tensor router_bias = reference.param("decoder.layers.0.mlp.router.bias");
+      for (int64_t e : {2, 3, 6, 7}) router_bias.set(e, -1e4f);
+    }
+    distributed.layer.router().set_aux_count_reducer(make_aux_count_reducer(parallel.tp_ep));
+    for (int i = 0; i < distributed.store.count(); ++i) {
+      const ParamSpec& spec = distributed.store.spec(ParamHandle{i});
+      distributed.store.param(ParamHandle{i})
+          .copy_from(local_part(reference.param(spec.name), spec));
+    }
+  }
+
+  // A global [group tokens, H] tensor from a seed shared by the group.
+  Tensor global_tensor(uint64_t stream) const {
+    const uint64_t seed = 11 + stream + 1000 * uint64_t(parallel.tp_ep.world_ranks()[0]);
+    return testing::random_normal({group_tokens, config.hidden_size}, seed, 1.0f, dtype);
+  }
+  Tensor mine(const Tensor& global) const { return global.rows(begin, end).clone(); }
+
+  // Expert-weight gradients bitwise; router gradients summed over the group within fp32
+  // rounding (each rank holds its tokens' share).
+  void compare_gradients() const {
+    for (int i = 0; i < distributed.store.count(); ++i) {
+      const ParamSpec& spec = distributed.store.spec(ParamHandle{i});
+      const Tensor expected = local_part(reference.grad(spec.name), spec);
+      Tensor actual = distributed.store.grad(ParamHandle{i}).clone();
+      if (spec.group == ParamGroup::kExpert) {
+        expect_bitwise_equal(actual, expected, spec.name + " gradient");
+      } else {
+        comm::all_reduce(actual, parallel.tp_ep);
+        EXPECT_TENSORS_CLOSE(actual, expected, 2e-6, 2e-5) << spec.name << " gradient";
+      }
+    }
+  }
+
+  const comm::ParallelState& parallel;
+  const MoEConfig config;
+  const DType dtype;
+  int64_t group_tokens = 0, begin = 0, end = 0;
+  Layer reference, distributed;
+};
+
 void run_case(const LayerCase& entry, TokenDispatcherType type, int ep) {
-  const comm::ParallelState& parallel = testing::parallel_state(ep);
-  const MoEConfig config = case_config(entry, type);
-  const testing::GroupTokens tokens = testing::group_tokens(parallel.tp_ep);
-  const int64_t local_tokens = testing::tokens_of_rank(parallel.world_rank);
-  const uint64_t seed = 11 + uint64_t(parallel.tp_ep.world_ranks()[0]);
-
-  // The reference: one process, all experts, the group's whole batch.
-  Layer reference(config, entry.dtype, nullptr);
-  reference.layer.init_parameters(7, 0.5f, 0.4f);
-  for (int i = 0; i < reference.store.count(); ++i) {
-    const ParamSpec& spec = reference.store.spec(ParamHandle{i});
-    if (!spec.name.ends_with(".bias")) continue;
-    Tensor bias = reference.store.param(ParamHandle{i});
-    bias.copy_from(testing::random_normal(bias.shape(), 100 + uint64_t(i), 0.2f));
-  }
-  if (entry.skewed) {
-    Tensor router_bias = reference.param("decoder.layers.0.mlp.router.bias");
-    for (int64_t e : {2, 3, 6, 7}) router_bias.set(e, -1e4f);
-  }
-  Layer distributed(config, entry.dtype, make_token_dispatcher(config, parallel));
-  distributed.layer.router().set_aux_count_reducer(make_aux_count_reducer(parallel.tp_ep));
-  for (int i = 0; i < distributed.store.count(); ++i) {
-    const ParamSpec& spec = distributed.store.spec(ParamHandle{i});
-    distributed.store.param(ParamHandle{i}).copy_from(local_part(reference.param(spec.name), spec));
-  }
-
-  const Tensor input =
-      testing::random_normal({tokens.total, config.hidden_size}, seed, 1.0f, entry.dtype);
-  const Tensor grad_output =
-      testing::random_normal({tokens.total, config.hidden_size}, seed + 1, 1.0f, entry.dtype);
-  const int64_t begin = tokens.first, end = tokens.first + local_tokens;
+  LayerPair pair(entry, type, ep);
+  const Tensor input = pair.global_tensor(0), grad_output = pair.global_tensor(1);
 
   MoEContext reference_ctx, ctx;
-  const Tensor reference_out = reference.layer.forward(input, reference_ctx);
-  const Tensor out = distributed.layer.forward(input.rows(begin, end).clone(), ctx);
-  expect_bitwise_equal(out, reference_out.rows(begin, end), "output");
-  if (config.moe_expert_capacity_factor) {  // the case must really drop slots
+  const Tensor reference_out = pair.reference.layer.forward(input, reference_ctx);
+  const Tensor out = pair.distributed.layer.forward(pair.mine(input), ctx);
+  expect_bitwise_equal(out, reference_out.rows(pair.begin, pair.end), "output");
+  if (pair.config.moe_expert_capacity_factor) {  // the case must really drop slots
     const std::vector<int64_t>& slots = reference_ctx.dispatch.plan.row_of_slot;
     EXPECT_GT(std::count(slots.begin(), slots.end(), -1), 0) << "no slot dropped";
   }
   if (entry.skewed) {
-    for (int64_t e = 0; e < distributed.layer.experts().placement().count; ++e) {
-      const int64_t global = distributed.layer.experts().placement().first + e;
-      const bool starved = global == 2 || global == 3 || global == 6 || global == 7;
-      if (starved) {
+    const ExpertPlacement& placement = pair.distributed.layer.experts().placement();
+    for (int64_t e = 0; e < placement.count; ++e) {
+      const int64_t global = placement.first + e;
+      if (global == 2 || global == 3 || global == 6 || global == 7) {
         EXPECT_EQ(ctx.dispatch.tokens_per_local_expert[size_t(e)], 0) << global;
       }
     }
   }
 
-  const Tensor reference_grad_input = reference.layer.backward(reference_ctx, grad_output);
-  const Tensor grad_input = distributed.layer.backward(ctx, grad_output.rows(begin, end).clone());
-  expect_bitwise_equal(grad_input, reference_grad_input.rows(begin, end), "input gradient");
-
-  for (int i = 0; i < distributed.store.count(); ++i) {
-    const ParamSpec& spec = distributed.store.spec(ParamHandle{i});
-    const Tensor expected = local_part(reference.grad(spec.name), spec);
-    Tensor actual = distributed.store.grad(ParamHandle{i}).clone();
-    if (spec.group == ParamGroup::kExpert) {
-      expect_bitwise_equal(actual, expected, spec.name + " gradient");
-    } else {  // the router: each rank holds its tokens' share
-      comm::all_reduce(actual, parallel.tp_ep);
-      EXPECT_TENSORS_CLOSE(actual, expected, 2e-6, 2e-5) << spec.name << " gradient";
-    }
-  }
+  const Tensor reference_grad_input = pair.reference.layer.backward(reference_ctx, grad_output);
+  const Tensor grad_input = pair.distributed.layer.backward(ctx, pair.mine(grad_output));
+  expect_bitwise_equal(grad_input, reference_grad_input.rows(pair.begin, pair.end),
+                       "input gradient");
+  pair.compare_gradients();
 
   Tensor loss = Tensor::full({1}, 0.0f, DType::F64);
   loss.data<double>()[0] = MoELayer::losses(ctx).load_balancing_loss;
-  comm::all_reduce(loss, parallel.tp_ep);
+  comm::all_reduce(loss, pair.parallel.tp_ep);
   const double expected_loss = MoELayer::losses(reference_ctx).load_balancing_loss;
   EXPECT_GT(expected_loss, 0.0);
   EXPECT_NEAR(loss.data<double>()[0], expected_loss, 1e-6 * expected_loss) << "aux loss";
+}
+
+// Two micro-batches in flight (forward A, forward B, backward B, backward A): each context keeps
+// its own exchange plan.
+void run_interleaved(TokenDispatcherType type, int ep) {
+  LayerPair pair(layer_cases()[2], type, ep);  // capacity with padding: the richest state
+  const Tensor input_a = pair.global_tensor(0), input_b = pair.global_tensor(2);
+  const Tensor grad_a = pair.global_tensor(1), grad_b = pair.global_tensor(3);
+  MoEContext reference_a, reference_b, ctx_a, ctx_b;
+  const Tensor reference_out_a = pair.reference.layer.forward(input_a, reference_a);
+  const Tensor reference_out_b = pair.reference.layer.forward(input_b, reference_b);
+  const Tensor out_a = pair.distributed.layer.forward(pair.mine(input_a), ctx_a);
+  const Tensor out_b = pair.distributed.layer.forward(pair.mine(input_b), ctx_b);
+  expect_bitwise_equal(out_a, reference_out_a.rows(pair.begin, pair.end), "output A");
+  expect_bitwise_equal(out_b, reference_out_b.rows(pair.begin, pair.end), "output B");
+  const Tensor reference_din_b = pair.reference.layer.backward(reference_b, grad_b);
+  const Tensor reference_din_a = pair.reference.layer.backward(reference_a, grad_a);
+  const Tensor din_b = pair.distributed.layer.backward(ctx_b, pair.mine(grad_b));
+  const Tensor din_a = pair.distributed.layer.backward(ctx_a, pair.mine(grad_a));
+  expect_bitwise_equal(din_a, reference_din_a.rows(pair.begin, pair.end), "input gradient A");
+  expect_bitwise_equal(din_b, reference_din_b.rows(pair.begin, pair.end), "input gradient B");
+  pair.compare_gradients();
 }
 
 class ExpertParallelLayer : public ::testing::TestWithParam<TokenDispatcherType> {};
@@ -169,6 +214,14 @@ TEST_P(ExpertParallelLayer, MatchesTheSingleProcessLayerForEveryEpSize) {
       SCOPED_TRACE(entry.name + " ep " + std::to_string(ep));
       run_case(entry, GetParam(), ep);
     }
+  }
+}
+
+TEST_P(ExpertParallelLayer, MicroBatchesInFlightKeepTheirOwnExchanges) {
+  const int world_size = comm::ProcessGroup::world().size();
+  for (int ep : testing::ep_sizes(world_size)) {
+    SCOPED_TRACE("ep " + std::to_string(ep));
+    run_interleaved(GetParam(), ep);
   }
 }
 

@@ -57,7 +57,8 @@ Routing routing_of(const std::vector<Token>& tokens) {
   return routing;
 }
 
-void run_tagged(TokenDispatcherType type, int ep, bool capacity) {
+// empty_rank: world rank 1 brings no tokens at all.
+void run_tagged(TokenDispatcherType type, int ep, bool capacity, bool empty_rank) {
   const comm::ParallelState& parallel = testing::parallel_state(ep);
   const comm::ProcessGroup& group = parallel.tp_ep;
   MoEConfig config;
@@ -74,8 +75,12 @@ void run_tagged(TokenDispatcherType type, int ep, bool capacity) {
   const ExpertPlacement placement = dispatcher->placement();
 
   std::vector<Token> all, mine;
+  size_t my_first = 0;  // my first token's index in the group's batch
   for (int g = 0; g < group.size(); ++g) {
-    for (int64_t t = 0; t < testing::tokens_of_rank(group.world_ranks()[size_t(g)]); ++t) {
+    const int world_rank = group.world_ranks()[size_t(g)];
+    const int64_t tokens = empty_rank && world_rank == 1 ? 0 : testing::tokens_of_rank(world_rank);
+    if (g == group.rank()) my_first = all.size();
+    for (int64_t t = 0; t < tokens; ++t) {
       all.push_back({g, t});
       if (g == group.rank()) mine.push_back({g, t});
     }
@@ -85,8 +90,6 @@ void run_tagged(TokenDispatcherType type, int ep, bool capacity) {
   const auto kept = [&](size_t token, int64_t slot) {
     return decision.keep.empty() || decision.keep[token * kTopk + size_t(slot)] != 0;
   };
-  size_t my_first = 0;
-  while (all[my_first].group_rank != group.rank()) ++my_first;
 
   const int64_t T = int64_t(mine.size());
   Tensor hidden({T, kHidden});
@@ -203,8 +206,11 @@ class TaggedRows : public ::testing::TestWithParam<TokenDispatcherType> {};
 TEST_P(TaggedRows, EveryRowArrivesWhereItShouldForEveryEpSize) {
   for (int ep : testing::ep_sizes(comm::ProcessGroup::world().size())) {
     for (bool capacity : {false, true}) {
-      SCOPED_TRACE("ep " + std::to_string(ep) + (capacity ? " capacity" : " dropless"));
-      run_tagged(GetParam(), ep, capacity);
+      for (bool empty_rank : {false, true}) {
+        SCOPED_TRACE("ep " + std::to_string(ep) + (capacity ? " capacity" : " dropless") +
+                     (empty_rank ? ", world rank 1 without tokens" : ""));
+        run_tagged(GetParam(), ep, capacity, empty_rank);
+      }
     }
   }
 }
