@@ -19,6 +19,7 @@
 #include <cstdlib>
 #include <memory>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "tensor/grouped_gemm_internal.h"
@@ -200,62 +201,30 @@ void prefetch_lines(const BlockSource<T>& source, int64_t begin, int64_t end) {
 
 // C[kRows, 16] = (kLoadC ? C : 0) + A_panel * B_panel over `depth`, accumulated in depth order
 // (A panels always hold 6 rows; a kRows < 6 kernel serves a group's last rows without wasted
-// FMAs). The accumulators are named variables: an array of them ends up spilled to the stack.
+// FMAs). Rows are unrolled by a parameter pack, so every accumulator index is a constant and the
+// 2 x kRows accumulators live in registers.
 template <int kRows, bool kLoadC>
 void micro_kernel(int64_t depth, const float* a, const float* b, float* c, int64_t ldc) {
   static_assert(kRows >= 1 && kRows <= kPanelRows);
-  __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
-  c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_ps();
-  if constexpr (kLoadC) {
-    c00 = _mm256_loadu_ps(c), c01 = _mm256_loadu_ps(c + 8);
-    if constexpr (kRows > 1) c10 = _mm256_loadu_ps(c + ldc), c11 = _mm256_loadu_ps(c + ldc + 8);
-    if constexpr (kRows > 2)
-      c20 = _mm256_loadu_ps(c + 2 * ldc), c21 = _mm256_loadu_ps(c + 2 * ldc + 8);
-    if constexpr (kRows > 3)
-      c30 = _mm256_loadu_ps(c + 3 * ldc), c31 = _mm256_loadu_ps(c + 3 * ldc + 8);
-    if constexpr (kRows > 4)
-      c40 = _mm256_loadu_ps(c + 4 * ldc), c41 = _mm256_loadu_ps(c + 4 * ldc + 8);
-    if constexpr (kRows > 5)
-      c50 = _mm256_loadu_ps(c + 5 * ldc), c51 = _mm256_loadu_ps(c + 5 * ldc + 8);
-  }
+  [&]<int... R>(std::integer_sequence<int, R...>) {
+    __m256 low[kRows], high[kRows];  // columns 0..7 and 8..15 of each row
+    if constexpr (kLoadC) {
+      ((low[R] = _mm256_loadu_ps(c + R * ldc), high[R] = _mm256_loadu_ps(c + R * ldc + 8)), ...);
+    } else {
+      ((low[R] = _mm256_setzero_ps(), high[R] = _mm256_setzero_ps()), ...);
+    }
 #pragma GCC unroll 4
-  for (int64_t p = 0; p < depth; ++p) {
-    __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
-    __m256 a0 = _mm256_broadcast_ss(a);
-    c00 = _mm256_fmadd_ps(a0, b0, c00), c01 = _mm256_fmadd_ps(a0, b1, c01);
-    if constexpr (kRows > 1) {
-      __m256 a1 = _mm256_broadcast_ss(a + 1);
-      c10 = _mm256_fmadd_ps(a1, b0, c10), c11 = _mm256_fmadd_ps(a1, b1, c11);
+    for (int64_t p = 0; p < depth; ++p) {
+      __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
+      ((low[R] = _mm256_fmadd_ps(_mm256_broadcast_ss(a + R), b0, low[R]),
+        high[R] = _mm256_fmadd_ps(_mm256_broadcast_ss(a + R), b1, high[R])),
+       ...);
+      a += kPanelRows;
+      b += kPanelCols;
     }
-    if constexpr (kRows > 2) {
-      __m256 a2 = _mm256_broadcast_ss(a + 2);
-      c20 = _mm256_fmadd_ps(a2, b0, c20), c21 = _mm256_fmadd_ps(a2, b1, c21);
-    }
-    if constexpr (kRows > 3) {
-      __m256 a3 = _mm256_broadcast_ss(a + 3);
-      c30 = _mm256_fmadd_ps(a3, b0, c30), c31 = _mm256_fmadd_ps(a3, b1, c31);
-    }
-    if constexpr (kRows > 4) {
-      __m256 a4 = _mm256_broadcast_ss(a + 4);
-      c40 = _mm256_fmadd_ps(a4, b0, c40), c41 = _mm256_fmadd_ps(a4, b1, c41);
-    }
-    if constexpr (kRows > 5) {
-      __m256 a5 = _mm256_broadcast_ss(a + 5);
-      c50 = _mm256_fmadd_ps(a5, b0, c50), c51 = _mm256_fmadd_ps(a5, b1, c51);
-    }
-    a += kPanelRows;
-    b += kPanelCols;
+    ((_mm256_storeu_ps(c + R * ldc, low[R]), _mm256_storeu_ps(c + R * ldc + 8, high[R])), ...);
   }
-  _mm256_storeu_ps(c, c00), _mm256_storeu_ps(c + 8, c01);
-  if constexpr (kRows > 1) _mm256_storeu_ps(c + ldc, c10), _mm256_storeu_ps(c + ldc + 8, c11);
-  if constexpr (kRows > 2)
-    _mm256_storeu_ps(c + 2 * ldc, c20), _mm256_storeu_ps(c + 2 * ldc + 8, c21);
-  if constexpr (kRows > 3)
-    _mm256_storeu_ps(c + 3 * ldc, c30), _mm256_storeu_ps(c + 3 * ldc + 8, c31);
-  if constexpr (kRows > 4)
-    _mm256_storeu_ps(c + 4 * ldc, c40), _mm256_storeu_ps(c + 4 * ldc + 8, c41);
-  if constexpr (kRows > 5)
-    _mm256_storeu_ps(c + 5 * ldc, c50), _mm256_storeu_ps(c + 5 * ldc + 8, c51);
+  (std::make_integer_sequence<int, kRows>{});
 }
 
 template <int kRows>
