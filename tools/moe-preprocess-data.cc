@@ -12,9 +12,7 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
-#include <iostream>
 #include <nlohmann/json.hpp>
-#include <optional>
 #include <string>
 #include <vector>
 
@@ -153,7 +151,11 @@ int run(const Options& options) {
     encoded.assign(lines.size(), {});
 #pragma omp parallel for num_threads(options.workers) schedule(dynamic, 8)
     for (size_t i = 0; i < lines.size(); ++i) {
-      encoded[i] = encode_line(lines[i], options, *tokenizer);
+      try {
+        encoded[i] = encode_line(lines[i], options, *tokenizer);
+      } catch (const std::exception& error) {  // nothing may escape the parallel region
+        encoded[i].error = error.what();
+      }
     }
     for (size_t i = 0; i < lines.size(); ++i) {
       ++line_number;

@@ -3,7 +3,7 @@
 #include <algorithm>
 #include <charconv>
 #include <cmath>
-#include <map>
+#include <limits>
 #include <numeric>
 #include <random>
 
@@ -246,7 +246,7 @@ GPTDataset::GPTDataset(std::shared_ptr<const IndexedDataset> dataset, int64_t se
   for (int64_t s = sequence_begin; s < sequence_end; ++s) tokens_per_epoch += sizes[size_t(s)];
 
   const int64_t requested_tokens = num_samples ? *num_samples * seq_length_ + extra_token_ : 0;
-  if (tokens_per_epoch <= extra_token_) {
+  if (tokens_per_epoch <= 1) {  // Megatron's build_sample_idx requires more than one token
     MOE_CHECK(!num_samples || *num_samples == 0, name, ": the ", split_name(split),
               " split (sequences [", sequence_begin, ", ", sequence_end, ")) holds ",
               tokens_per_epoch, " tokens, too few to draw ", num_samples.value_or(0),

@@ -7,7 +7,6 @@
 #include <charconv>
 #include <fstream>
 #include <limits>
-#include <map>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <unordered_map>
