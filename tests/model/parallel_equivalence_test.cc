@@ -25,11 +25,16 @@ struct Layout {
   bool sp;
   int ep;
   bool recompute = false;  // --recompute-granularity full
+  // LayerNorm, learned absolute positions, GeLU, biases, tied embeddings: the parameters whose
+  // gradients sequence parallelism must sum over tp (norm biases, row-parallel biases, position
+  // embeddings) and the tied output layer.
+  bool other_switches = false;
 };
 
 std::string describe(const Layout& l) {
   return "(tp " + std::to_string(l.tp) + ", sp " + (l.sp ? "on" : "off") + ", ep " +
-         std::to_string(l.ep) + (l.recompute ? ", full recomputation)" : ")");
+         std::to_string(l.ep) + (l.recompute ? ", full recomputation" : "") +
+         (l.other_switches ? ", LayerNorm/learned/GeLU/bias/tied" : "") + ")";
 }
 
 TransformerConfig equivalence_config() {
@@ -61,6 +66,13 @@ void check_layout(const Layout& layout, TokenDispatcherType dispatcher) {
   config.sequence_parallel = layout.sp;
   config.moe.moe_token_dispatcher_type = dispatcher;
   if (layout.recompute) config.recompute_granularity = "full";
+  if (layout.other_switches) {
+    config.normalization = "LayerNorm";
+    config.position_embedding_type = "learned_absolute";
+    config.swiglu = false;
+    config.add_bias_linear = true;
+    config.untie_embeddings_and_output_weights = false;
+  }
   // Dropout masks follow global (row, head) indices; with dp > 1 the row indices of a rank's
   // sequences differ from the single-process batch, so dropout is on only when dp == 1. The
   // aux and z losses are per micro-batch (as Megatron's): with dp > 1 the global batch is
@@ -152,6 +164,12 @@ TEST(ParallelEquivalence, Tp2SpOnEp1) {
 }
 TEST(ParallelEquivalence, Tp2SpOnEp1WithRecomputation) {
   run_on_world(2, {2, true, 1, true});
+}
+TEST(ParallelEquivalence, Tp2SpOnEp1OtherSwitches) {
+  run_on_world(2, {2, true, 1, false, true});
+}
+TEST(ParallelEquivalence, Tp2SpOnEp2OtherSwitches) {
+  run_on_world(4, {2, true, 2, false, true});
 }
 TEST(ParallelEquivalence, Tp1SpOffEp2Dp2) {
   run_on_world(2, {1, false, 2});
