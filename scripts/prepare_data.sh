@@ -4,7 +4,7 @@
 # dataset data/fortunes_text_document.{bin,idx} made by moe-preprocess-data. Each step is skipped
 # when its output exists; outputs are written under temporary names and moved into place, so an
 # interrupted run redoes only the unfinished step. Needs the built tools (MOE_BUILD_DIR, default
-# build) and /usr/bin/python3.
+# build; the program is <build>/tools/moe-preprocess-data) and /usr/bin/python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -66,7 +66,7 @@ if [[ ! -f $model ]]; then
   mv "$data_dir/tokenizer.tmp.model" "$model"
 fi
 
-preprocess=$build_dir/moe-preprocess-data
+preprocess=$build_dir/tools/moe-preprocess-data
 [[ -x $preprocess ]] || { echo "prepare_data: $preprocess not built" >&2; exit 1; }
 "$preprocess" --input "$jsonl" --output-prefix "$prefix" --json-keys text \
   --tokenizer-type Llama2Tokenizer --tokenizer-model "$model" --append-eod \
