@@ -306,7 +306,6 @@ class TransformerLayer {
 
 struct GPTModel::Impl {
   TensorParallel tp;
-  comm::ParallelState parallel;
   std::optional<VocabParallelEmbedding> embedding;
   ParamHandle position_embedding;
   std::vector<std::unique_ptr<TransformerLayer>> layers;
@@ -345,7 +344,6 @@ GPTModel::GPTModel(const TransformerConfig& config, const comm::ParallelState& p
   }
 
   Impl& m = *impl_;
-  m.parallel = parallel;
   m.tp = TensorParallel{parallel.tp, config_.sequence_parallel && sizes.tp > 1};
   m.sync.sequence_parallel = m.tp.sequence_parallel;
   m.sync.tensor_parallel = m.tp.size() > 1;
