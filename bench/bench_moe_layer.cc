@@ -5,9 +5,12 @@
 // experts, top-2, fp32, no biases, grouped GEMM. Each iteration runs the layer (timed), then the
 // same grouped GEMMs on the same group sizes (fc1 and fc2 forward, grad-input and grad-weight,
 // and the router's three products), timed right after it, so the ratio layer / GEMMs stays
-// meaningful on a loaded machine. Counters: gemm_ms, layer_over_gemm, non_gemm_fraction. "Time"
-// is the layer's wall time; "CPU" is the process CPU time of the whole iteration (layer and
-// GEMM-only run), all threads.
+// meaningful on a loaded machine. "Time" is the layer's wall time; counters: layer_cpu_ms (the
+// process CPU time of the layer, all threads, less sensitive to other programs than wall time),
+// gemm_ms, layer_over_gemm, non_gemm_fraction.
+//
+// moe_layer/permute_rows, moe_layer/unpermute_rows_weighted: the fused row kernels against a
+// memcpy of the same output bytes.
 //
 // moe_layer/peak_memory/<T>/<E>: resident-memory high-water mark of one forward+backward above
 // what was resident before it (inputs, weights and gradient buffers already allocated), in MiB
@@ -17,12 +20,15 @@
 
 #include <chrono>
 #include <cstdint>
+#include <cstring>
+#include <ctime>
 #include <fstream>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "moe/moe/moe_layer.h"
+#include "moe/moe/permutation.h"
 #include "moe/tensor/gemm.h"
 #include "moe/tensor/rng.h"
 
@@ -120,6 +126,12 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
+double process_cpu_seconds() {
+  timespec now;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &now);
+  return double(now.tv_sec) + 1e-9 * double(now.tv_nsec);
+}
+
 void BM_MoELayerForwardBackward(benchmark::State& state) {
   LayerSetup setup(4096, 1024, 2048, 8);
   MoEContext ctx;
@@ -128,11 +140,13 @@ void BM_MoELayerForwardBackward(benchmark::State& state) {
   std::vector<int64_t> groups = ctx.dispatch.tokens_per_local_expert;
   setup.layer.backward(ctx, setup.grad_output);
   GemmOnly gemms(setup, groups);
-  double layer_total = 0.0, gemm_total = 0.0;
+  double layer_total = 0.0, gemm_total = 0.0, layer_cpu = 0.0;
   for (auto _ : state) {
     auto start = std::chrono::steady_clock::now();
+    double cpu_start = process_cpu_seconds();
     setup.forward_backward(ctx);
     double layer_seconds = seconds_since(start);
+    layer_cpu += process_cpu_seconds() - cpu_start;
     start = std::chrono::steady_clock::now();
     gemms.run();
     double gemm_seconds = seconds_since(start);
@@ -141,6 +155,7 @@ void BM_MoELayerForwardBackward(benchmark::State& state) {
     gemm_total += gemm_seconds;
   }
   double iterations = double(state.iterations());
+  state.counters["layer_cpu_ms"] = 1e3 * layer_cpu / iterations;
   state.counters["gemm_ms"] = 1e3 * gemm_total / iterations;
   state.counters["layer_over_gemm"] = layer_total / gemm_total;
   state.counters["non_gemm_fraction"] = 1.0 - gemm_total / layer_total;
@@ -151,9 +166,64 @@ void BM_MoELayerForwardBackward(benchmark::State& state) {
 BENCHMARK(BM_MoELayerForwardBackward)
     ->Name("moe_layer/fwd_bwd/T4096_H1024_F2048_E8_top2_fp32")
     ->UseManualTime()
-    ->MeasureProcessCPUTime()
     ->Unit(benchmark::kMillisecond)
     ->Iterations(3);
+
+// The fused row kernels on the benchmark's shapes (8192 rows of 1024 fp32 from 4096 tokens),
+// next to one memcpy of the same output bytes timed in the same iteration: copy_ratio is the
+// kernel's time over memcpy's (1 would be a pure copy).
+void BM_PermuteKernels(benchmark::State& state) {
+  const bool unpermute = state.range(0) == 1;
+  const int64_t tokens = 4096, hidden = 1024, experts = 8;
+  Routing routing;
+  routing.num_tokens = tokens;
+  routing.topk = kTopk;
+  routing.experts = Tensor({tokens, kTopk}, DType::I32);
+  routing.probs = Tensor::full({tokens, kTopk}, 0.5f);
+  for (int64_t t = 0; t < tokens; ++t) {
+    routing.experts.data<int32_t>()[t * kTopk] = int32_t(t % experts);
+    routing.experts.data<int32_t>()[t * kTopk + 1] = int32_t((t * 7 + 3) % experts);
+    if (routing.experts.data<int32_t>()[t * kTopk + 1] == t % experts) {
+      routing.experts.data<int32_t>()[t * kTopk + 1] = int32_t((t + 1) % experts);
+    }
+  }
+  DispatchPlan plan = build_dispatch_plan(routing.experts, experts, 0, experts);
+  Tensor token_rows({tokens, hidden}), expert_rows({plan.num_rows(), hidden});
+  Rng(4).fill_normal(token_rows, 0.0f, 1.0f);
+  Rng(5).fill_normal(expert_rows, 0.0f, 1.0f);
+  Tensor& output = unpermute ? token_rows : expert_rows;
+  std::vector<float> copy_target(size_t(output.numel()));
+  double kernel_total = 0.0, copy_total = 0.0;
+  for (auto _ : state) {
+    auto start = std::chrono::steady_clock::now();
+    if (unpermute) {
+      unpermute_rows(expert_rows, plan, routing.probs, token_rows);
+    } else {
+      permute_rows(token_rows, plan, Tensor(), expert_rows);
+    }
+    double kernel_seconds = seconds_since(start);
+    start = std::chrono::steady_clock::now();
+    std::memcpy(copy_target.data(), output.raw(), output.nbytes());
+    benchmark::DoNotOptimize(copy_target.data());
+    copy_total += seconds_since(start);
+    kernel_total += kernel_seconds;
+    state.SetIterationTime(kernel_seconds);
+  }
+  state.counters["copy_ratio"] = kernel_total / copy_total;
+  state.counters["GB/s_read+written"] = double(state.iterations()) *
+                                        double(token_rows.nbytes() + expert_rows.nbytes()) /
+                                        kernel_total * 1e-9;
+}
+BENCHMARK(BM_PermuteKernels)
+    ->Name("moe_layer/permute_rows/T4096_top2_H1024_fp32")
+    ->Arg(0)
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_PermuteKernels)
+    ->Name("moe_layer/unpermute_rows_weighted/T4096_top2_H1024_fp32")
+    ->Arg(1)
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond);
 
 // Resident set size and its high-water mark, in bytes (Linux /proc/self/status).
 int64_t status_kib(const std::string& field) {
@@ -167,10 +237,6 @@ int64_t status_kib(const std::string& field) {
 
 void BM_MoELayerPeakMemory(benchmark::State& state) {
   const int64_t tokens = state.range(0), experts = state.range(1), hidden = 1024, ffn = 512;
-  // Every allocation of 1 MiB or more gets its own mapping, returned to the system when freed,
-  // so the resident high-water mark follows the live large buffers.
-  mallopt(M_MMAP_THRESHOLD, 1 << 20);
-  mallopt(M_TRIM_THRESHOLD, 1 << 20);
   LayerSetup setup(tokens, hidden, ffn, experts);
   double extra_bytes = 0.0;
   for (auto _ : state) {
@@ -197,4 +263,15 @@ BENCHMARK(BM_MoELayerPeakMemory)
 }  // namespace
 }  // namespace moe
 
-BENCHMARK_MAIN();
+int main(int argc, char** argv) {
+  // Every allocation of 1 MiB or more gets its own mapping, returned to the system when freed,
+  // so the resident high-water mark follows the live large buffers (set before any allocation,
+  // so no benchmark inherits reusable heap pages from another).
+  mallopt(M_MMAP_THRESHOLD, 1 << 20);
+  mallopt(M_TRIM_THRESHOLD, 1 << 20);
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

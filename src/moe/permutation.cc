@@ -186,19 +186,29 @@ void unpermute_rows(const Tensor& rows, const DispatchPlan& plan, const Tensor& 
     const W* weights = slot_weights.defined() ? slot_weights.data<W>() : nullptr;
 #pragma omp parallel if (T * H > 32768)
     {
-      std::vector<W> acc(static_cast<size_t>(H));
+      std::vector<W> acc_buffer(static_cast<size_t>(H));
+      W* __restrict acc = acc_buffer.data();
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < T; ++t) {
-        std::fill(acc.begin(), acc.end(), W(0));
+        bool first = true;
         for (int64_t j = 0; j < K; ++j) {  // slot order: a fixed summation order
           int64_t r = plan.row_of_slot[size_t(t * K + j)];
           if (r < 0) continue;
-          W w = weights ? weights[t * K + j] : W(1);
-          const S* source = in + r * H;
-          for (int64_t h = 0; h < H; ++h) acc[size_t(h)] += w * load(source[h]);
+          const W w = weights ? weights[t * K + j] : W(1);
+          const S* __restrict source = in + r * H;
+          if (first) {
+            for (int64_t h = 0; h < H; ++h) acc[h] = w * load(source[h]);
+          } else {
+            for (int64_t h = 0; h < H; ++h) acc[h] += w * load(source[h]);
+          }
+          first = false;
         }
-        S* target = result + t * H;
-        for (int64_t h = 0; h < H; ++h) target[h] = store<S>(acc[size_t(h)]);
+        S* __restrict target = result + t * H;
+        if (first) {  // no kept slot
+          std::memset(static_cast<void*>(target), 0, size_t(H) * sizeof(S));
+          continue;
+        }
+        for (int64_t h = 0; h < H; ++h) target[h] = store<S>(acc[h]);
       }
     }
   });
