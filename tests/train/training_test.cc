@@ -311,6 +311,28 @@ TEST(TrainingLoop, NoLoadOptimLoadsTheModelOnly) {
   if (world_rank() == 0) fs::remove_all(dir);
 }
 
+// A checkpoint saved with replicated experts resumes with the experts sharded over 2 ranks:
+// the resumed run continues the uninterrupted one (its first forward bitwise).
+TEST(TrainingLoop, ResumesIntoAnotherExpertLayout) {
+  if (world_size() != 2) GTEST_SKIP() << "needs 2 ranks";
+  fs::path dir = shared_dir("relayout");
+  const std::string save_dir = (dir / "ckpt").string();
+  const Args flags = tiny_moe_flags(4);
+  TrainingReport whole = run(flags);
+  run(with(flags, {"--save", save_dir, "--save-interval", "2", "--exit-interval", "2"}));
+  TrainingReport sharded = run(with(flags, {"--load", save_dir, "--expert-model-parallel-size", "2",
+                                            "--moe-token-dispatcher-type", "alltoall"}));
+  ASSERT_EQ(sharded.start_iteration, 2);
+  ASSERT_EQ(sharded.iterations.size(), 2u);
+  EXPECT_EQ(sharded.iterations[0].lm_loss, whole.iterations[2].lm_loss);
+  for (size_t i = 0; i < 2; ++i) {
+    const IterationStats &got = sharded.iterations[i], &want = whole.iterations[2 + i];
+    EXPECT_NEAR(got.lm_loss, want.lm_loss, 1e-5 * want.lm_loss) << "iteration " << got.iteration;
+    EXPECT_EQ(got.lr, want.lr);
+  }
+  if (world_rank() == 0) fs::remove_all(dir);
+}
+
 TEST(TrainingLoop, DenseModelTrains) {
   Args flags = tiny_moe_flags(6);
   for (const char* moe_flag :
