@@ -184,34 +184,39 @@ std::pair<int64_t, int64_t> split_sequence_range(const std::pair<double, double>
 }
 
 Blend parse_blend(const std::vector<std::string>& data_path) {
-  Blend blend;
-  bool weighted = data_path.size() % 2 == 0 && !data_path.empty();
-  if (weighted) {
-    for (size_t i = 0; i < data_path.size(); i += 2) {
-      const std::string& text = data_path[i];
-      double weight = 0;
-      const auto [end, error] = std::from_chars(text.data(), text.data() + text.size(), weight);
-      if (error != std::errc() || end != text.data() + text.size()) {
-        weighted = false;  // not all weights: the whole list is prefixes
-        break;
-      }
-      blend.weights.push_back(weight);
-    }
-  }
   const auto trim = [](const std::string& text) {
     const size_t begin = text.find_first_not_of(" \t\n");
     const size_t end = text.find_last_not_of(" \t\n");
     return begin == std::string::npos ? std::string() : text.substr(begin, end - begin + 1);
   };
-  if (!weighted) {
+  Blend blend;
+  // An even-length list whose every other entry is a number is "weight prefix" pairs; a list
+  // with no numbers there is all prefixes; a mixture is an error (Megatron asserts).
+  size_t numbers = 0;
+  if (data_path.size() % 2 == 0) {
+    for (size_t i = 0; i < data_path.size(); i += 2) {
+      const std::string text = trim(data_path[i]);
+      double weight = 0;
+      const auto [end, error] = std::from_chars(text.data(), text.data() + text.size(), weight);
+      if (error == std::errc() && end == text.data() + text.size() && !text.empty()) {
+        blend.weights.push_back(weight);
+        ++numbers;
+      }
+    }
+  }
+  if (numbers == 0) {
     blend.weights.clear();
     for (const std::string& prefix : data_path) blend.prefixes.push_back(trim(prefix));
-  } else {
-    for (size_t i = 1; i < data_path.size(); i += 2) blend.prefixes.push_back(trim(data_path[i]));
-    for (double weight : blend.weights) {
-      MOE_CHECK(std::isfinite(weight) && weight > 0, "--data-path: weight ", weight,
-                " must be positive");
-    }
+    return blend;
+  }
+  MOE_CHECK(numbers == data_path.size() / 2,
+            "--data-path mixes weights and prefixes: give either prefixes only or "
+            "\"weight prefix\" pairs (",
+            numbers, " of ", data_path.size() / 2, " weight positions hold numbers)");
+  for (size_t i = 1; i < data_path.size(); i += 2) blend.prefixes.push_back(trim(data_path[i]));
+  for (double weight : blend.weights) {
+    MOE_CHECK(std::isfinite(weight) && weight > 0, "--data-path: weight ", weight,
+              " must be positive");
   }
   return blend;
 }

@@ -116,6 +116,11 @@ TEST(Blend, ParsesDataPathLikeMegatron) {
   EXPECT_EQ(unweighted.prefixes, (std::vector<std::string>{"data/a", "data/b"}));
   EXPECT_TRUE(unweighted.weights.empty());
   expect_error([] { parse_blend({"-1", "data/a"}); }, "weight -1 must be positive");
+  expect_error(
+      [] {
+        parse_blend({"0.3", "data/a", "data/b", "data/c"});
+      },
+      "--data-path mixes weights and prefixes");
 }
 
 class GptIndices : public ::testing::Test {
