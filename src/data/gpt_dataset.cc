@@ -4,6 +4,7 @@
 #include <charconv>
 #include <cmath>
 #include <limits>
+#include <map>
 #include <numeric>
 #include <random>
 
@@ -401,69 +402,102 @@ void BlendedDataset::text(int64_t index, int64_t* out) const {
 // ------------------------------------------------------------------------------------------------
 // Builder
 
+namespace {
+
+// One split's dataset from a blend (BlendedMegatronDatasetBuilder): the GPTDataset itself when
+// `direct` (a lone prefix), else a BlendedDataset of one GPTDataset per prefix, drawn by the given
+// weights for `size` samples or, unweighted, by the datasets' lengths.
+std::shared_ptr<const SampleSource> build_split_dataset(
+    const Blend& blend, const std::vector<std::shared_ptr<const IndexedDataset>>& indexed,
+    Split split, const std::pair<double, double>& bookends, std::optional<int64_t> size,
+    bool direct, const GPTDatasetConfig& config, std::string_view flag) {
+  const auto build_mid_level = [&](size_t d, std::optional<int64_t> samples) {
+    const auto [begin, end] = split_sequence_range(bookends, indexed[d]->sequence_count());
+    return std::make_shared<const GPTDataset>(indexed[d], begin, end, samples, split, config);
+  };
+  if (direct) return build_mid_level(0, size);
+
+  const bool weighted = !blend.weights.empty();
+  MOE_CHECK(!weighted || size, "a weighted ", flag, " needs a sample count for the ",
+            split_name(split), " split");
+  const std::vector<double> weights = weighted ? normalize(blend.weights) : std::vector<double>{};
+  std::vector<std::shared_ptr<const SampleSource>> parts;
+  int64_t blend_size = 0;
+  for (size_t d = 0; d < blend.prefixes.size(); ++d) {
+    std::optional<int64_t> samples;
+    if (weighted) {
+      // _get_size_per_split_per_dataset: the target share, plus the surplus to build.
+      const double target = std::ceil(double(*size) * weights[d]);
+      blend_size += int64_t(target);
+      samples = int64_t(std::ceil(target * (1.0 + config.mid_level_dataset_surplus)));
+    }
+    parts.push_back(build_mid_level(d, samples));
+  }
+  if (weighted) return std::make_shared<const BlendedDataset>(parts, weights, blend_size);
+
+  std::vector<double> lengths;
+  int64_t total = 0;
+  for (size_t d = 0; d < parts.size(); ++d) {
+    MOE_CHECK(parts[d]->size() > 0, blend.prefixes[d], ": the ", split_name(split),
+              " split has no samples, so it cannot take part in a blend");
+    lengths.push_back(double(parts[d]->size()));
+    total += parts[d]->size();
+  }
+  const std::optional<int64_t> capped =
+      size ? std::optional<int64_t>(std::min(*size, total)) : std::nullopt;
+  return std::make_shared<const BlendedDataset>(parts, lengths, capped);
+}
+
+}  // namespace
+
 std::array<std::shared_ptr<const SampleSource>, kSplitCount> build_gpt_datasets(
     const GPTDatasetConfig& config) {
-  const Blend blend = parse_blend(config.data_path);
-  MOE_CHECK(!blend.prefixes.empty(),
-            "--data-path is required (one or more indexed dataset prefixes, optionally weighted)");
-  const SplitMatrix matrix = split_matrix(parse_split(config.split));
-  const auto& sizes = config.num_samples;
-  const bool weighted = !blend.weights.empty();
+  static constexpr std::array<std::string_view, kSplitCount> kPerSplitFlags = {
+      "--train-data-path", "--valid-data-path", "--test-data-path"};
+  const bool per_split =
+      std::any_of(config.per_split_data_path.begin(), config.per_split_data_path.end(),
+                  [](const auto& paths) { return !paths.empty(); });
+  MOE_CHECK(!per_split || config.data_path.empty(),
+            "--data-path cannot be combined with --train-data-path, --valid-data-path or "
+            "--test-data-path");
+  MOE_CHECK(per_split || !config.data_path.empty(),
+            "--data-path (or --train-data-path, --valid-data-path, --test-data-path) is required");
 
-  std::vector<std::shared_ptr<const IndexedDataset>> indexed;
-  for (const std::string& prefix : blend.prefixes) {
-    indexed.push_back(std::make_shared<const IndexedDataset>(prefix));
-  }
-  const auto build_mid_level = [&](size_t d, int split, std::optional<int64_t> samples) {
-    const auto [begin, end] =
-        split_sequence_range(*matrix[size_t(split)], indexed[d]->sequence_count());
-    return std::make_shared<const GPTDataset>(indexed[d], begin, end, samples, Split(split),
-                                              config);
+  // Each prefix is opened once, whichever splits use it.
+  std::map<std::string, std::shared_ptr<const IndexedDataset>> opened;
+  const auto open = [&](const Blend& blend) {
+    std::vector<std::shared_ptr<const IndexedDataset>> indexed;
+    for (const std::string& prefix : blend.prefixes) {
+      auto& dataset = opened[prefix];
+      if (!dataset) dataset = std::make_shared<const IndexedDataset>(prefix);
+      indexed.push_back(dataset);
+    }
+    return indexed;
   };
 
   std::array<std::shared_ptr<const SampleSource>, kSplitCount> result;
-  if (blend.prefixes.size() == 1 && !weighted) {
+  if (!per_split) {
+    // All splits cut from the same blend by --split.
+    const Blend blend = parse_blend(config.data_path);
+    const auto indexed = open(blend);
+    const SplitMatrix matrix = split_matrix(parse_split(config.split));
+    const bool direct = blend.prefixes.size() == 1 && blend.weights.empty();
     for (int split = 0; split < kSplitCount; ++split) {
-      if (matrix[size_t(split)])
-        result[size_t(split)] = build_mid_level(0, split, sizes[size_t(split)]);
+      if (!matrix[size_t(split)]) continue;
+      result[size_t(split)] =
+          build_split_dataset(blend, indexed, Split(split), *matrix[size_t(split)],
+                              config.num_samples[size_t(split)], direct, config, "--data-path");
     }
     return result;
   }
-
-  const std::vector<double> weights = weighted ? normalize(blend.weights) : std::vector<double>{};
+  // Each split from its own blend, using every sequence of its datasets.
   for (int split = 0; split < kSplitCount; ++split) {
-    if (!matrix[size_t(split)]) continue;
-    const std::optional<int64_t> size = sizes[size_t(split)];
-    MOE_CHECK(!weighted || size, "a weighted --data-path needs a sample count for the ",
-              split_name(Split(split)), " split");
-    std::vector<std::shared_ptr<const SampleSource>> parts;
-    int64_t blend_size = 0;
-    for (size_t d = 0; d < blend.prefixes.size(); ++d) {
-      std::optional<int64_t> samples;
-      if (weighted) {
-        // _get_size_per_split_per_dataset: the target share, plus the surplus to build.
-        const double target = std::ceil(double(*size) * weights[d]);
-        blend_size += int64_t(target);
-        samples = int64_t(std::ceil(target * (1.0 + config.mid_level_dataset_surplus)));
-      }
-      parts.push_back(build_mid_level(d, split, samples));
-    }
-    if (weighted) {
-      result[size_t(split)] = std::make_shared<const BlendedDataset>(parts, weights, blend_size);
-      continue;
-    }
-    // Unweighted: blend by dataset length, capped at the requested size.
-    std::vector<double> lengths;
-    int64_t total = 0;
-    for (size_t d = 0; d < parts.size(); ++d) {
-      MOE_CHECK(parts[d]->size() > 0, blend.prefixes[d], ": the ", split_name(Split(split)),
-                " split has no samples, so it cannot take part in a blend");
-      lengths.push_back(double(parts[d]->size()));
-      total += parts[d]->size();
-    }
-    const std::optional<int64_t> capped =
-        size ? std::optional<int64_t>(std::min(*size, total)) : std::nullopt;
-    result[size_t(split)] = std::make_shared<const BlendedDataset>(parts, lengths, capped);
+    const auto& paths = config.per_split_data_path[size_t(split)];
+    if (paths.empty()) continue;
+    const Blend blend = parse_blend(paths);
+    result[size_t(split)] = build_split_dataset(
+        blend, open(blend), Split(split), {0.0, 1.0}, config.num_samples[size_t(split)],
+        blend.prefixes.size() == 1, config, kPerSplitFlags[size_t(split)]);
   }
   return result;
 }

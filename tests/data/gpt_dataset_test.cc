@@ -231,7 +231,9 @@ TEST_F(GptIndices, EmptySplitsAndBadConfigsAreClearErrors) {
   GPTDatasetConfig missing = config_for(dir_.file("absent"), 8);
   expect_error([&] { build_gpt_datasets(missing); }, "cannot open index file");
   missing.data_path.clear();
-  expect_error([&] { build_gpt_datasets(missing); }, "--data-path is required");
+  expect_error(
+      [&] { build_gpt_datasets(missing); },
+      "--data-path (or --train-data-path, --valid-data-path, --test-data-path) is required");
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -283,6 +285,31 @@ TEST(Blending, UnweightedBlendUsesDatasetLengthsAndExhaustiveMode) {
   EXPECT_EQ(counts[0] + counts[1], train.size());
   EXPECT_GT(counts[1], counts[0]);
   EXPECT_EQ(datasets[1]->size(), 5);  // capped at the requested valid size
+}
+
+TEST(Blending, PerSplitDataPathsUseWholeDatasets) {
+  testing::TempDir dir;
+  write_dataset(dir.file("a"), 100, 1);
+  write_dataset(dir.file("b"), 50, 1000000);
+  GPTDatasetConfig config = config_for(dir.file("a"), 16);
+  config.data_path.clear();
+  config.per_split_data_path = {
+      std::vector<std::string>{dir.file("a")}, {"30", dir.file("a"), "70", dir.file("b")}, {}};
+  config.num_samples = {std::nullopt, 40, 7};
+  const auto datasets = build_gpt_datasets(config);
+  const auto& train = dynamic_cast<const GPTDataset&>(*datasets[0]);
+  const IndexedDataset a(dir.file("a"));
+  EXPECT_EQ(train.size(), (a.total_tokens() - 1) / 16);  // one epoch of every sequence
+  const auto& valid = dynamic_cast<const BlendedDataset&>(*datasets[1]);
+  EXPECT_EQ(valid.size(), 12 + 28);  // ceil(40 * 0.3) + ceil(40 * 0.7)
+  EXPECT_FALSE(datasets[2]);
+  config.data_path = {dir.file("a")};
+  expect_error([&] { build_gpt_datasets(config); },
+               "--data-path cannot be combined with --train-data-path");
+  config.data_path.clear();
+  config.num_samples[1] = std::nullopt;
+  expect_error([&] { build_gpt_datasets(config); },
+               "a weighted --valid-data-path needs a sample count for the valid split");
 }
 
 TEST(Blending, OversamplingIsAClearError) {

@@ -62,9 +62,12 @@ int64_t dataset_pad_token(const Tokenizer& tokenizer);
 
 struct GPTDatasetConfig {
   std::vector<std::string> data_path = {};  // --data-path (see parse_blend)
-  std::string split = "969, 30, 1";    // --split (Megatron's default)
-  int64_t seq_length = 0;              // --seq-length
-  uint32_t seed = 1234;                // --seed
+  // --train-data-path, --valid-data-path, --test-data-path: a blend per split instead of
+  // --data-path + --split (each split then uses every sequence of its datasets).
+  std::array<std::vector<std::string>, kSplitCount> per_split_data_path = {};
+  std::string split = "969, 30, 1";  // --split (Megatron's default)
+  int64_t seq_length = 0;            // --seq-length
+  uint32_t seed = 1234;              // --seed
   // Samples wanted per split (train, valid, test); nullopt builds exactly one epoch.
   std::array<std::optional<int64_t>, kSplitCount> num_samples = {};
   bool add_extra_token_to_sequence = true;            // samples hold seq_length + 1 tokens
@@ -144,7 +147,8 @@ class BlendedDataset final : public SampleSource {
 };
 
 // BlendedMegatronDatasetBuilder.build: the train, valid and test datasets (null for a split with
-// no share) from --data-path, --split and the sample counts. Throws moe::Error on bad input.
+// no share or no data) from --data-path and --split, or from the per-split paths, and the sample
+// counts. Throws moe::Error on bad input.
 std::array<std::shared_ptr<const SampleSource>, kSplitCount> build_gpt_datasets(
     const GPTDatasetConfig& config);
 
