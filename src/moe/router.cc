@@ -355,6 +355,15 @@ Tensor TopKRouter::bias_grad() const {
   return store_.grad(bias_);
 }
 
+void TopKRouter::set_z_loss_group_size(int64_t group_size) {
+  MOE_CHECK(group_size >= 1, "TopKRouter: z-loss group size (", group_size, ") must be >= 1");
+  z_loss_group_size_ = group_size;
+}
+
+double TopKRouter::z_loss_coeff() const {
+  return config_.moe_z_loss_coeff.value_or(0.0) / double(z_loss_group_size_);
+}
+
 void TopKRouter::init_parameters(uint64_t seed, float std) {
   Tensor w = weight();
   Rng rng = Rng::derived(seed, 0x7047e5u);
@@ -471,7 +480,7 @@ Routing TopKRouter::forward(const Tensor& hidden, RouterContext& ctx, bool train
         double lse = double(log_sum_exp(logits + t * E, E));
         total += lse * lse;
       }
-      ctx.losses.z_loss = *config_.moe_z_loss_coeff * total / double(T);
+      ctx.losses.z_loss = z_loss_coeff() * total / double(T);
     }
   });
   return ctx.routing;
@@ -497,8 +506,7 @@ void TopKRouter::backward(RouterContext& ctx, const Tensor& grad_probs, Tensor& 
     double aux_factor = ctx.aux_loss_active ? aux_loss_grad_scale *
                                                   aux_loss_factor(config_, aux, ctx.aux_token_count)
                                             : 0.0;
-    double z_factor =
-        ctx.z_loss_active ? aux_loss_grad_scale * *config_.moe_z_loss_coeff / double(T) : 0.0;
+    double z_factor = ctx.z_loss_active ? aux_loss_grad_scale * z_loss_coeff() / double(T) : 0.0;
     if (aux_factor != 0.0 || z_factor != 0.0) {
       loss_backward(aux, logits,
                     ctx.aux_loss_active ? ctx.aux_tokens_per_expert.data<C>() : nullptr,

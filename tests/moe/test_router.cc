@@ -143,6 +143,35 @@ TEST(Router, LossesOnlyInTrainingAndAccumulatingGradients) {
   EXPECT_GT(ctx.losses.load_balancing_loss, 0.0);  // losses stay readable after backward
 }
 
+TEST(Router, ZLossGroupSizeDividesTheCoefficient) {
+  MoEConfig config = testing::small_config(6, 5, 2, 4);
+  config.moe_z_loss_coeff = 0.02;
+  config.moe_router_load_balancing_type = LoadBalancingType::kNone;
+  Tensor hidden = testing::random_normal({7, 6}, 9);
+  // Only the z-loss reaches the weight: the probe on the probabilities is zero.
+  Tensor zero_probe({7, 2}), grad_hidden({7, 6});
+  double z[2];
+  Tensor grads[2];
+  for (int64_t size : {1, 2}) {
+    RouterFixture fixture(config, DType::F32);
+    fixture.router.set_z_loss_group_size(size);
+    RouterContext ctx;
+    fixture.router.forward(hidden, ctx);
+    fixture.router.backward(ctx, zero_probe, grad_hidden);
+    z[size - 1] = ctx.losses.z_loss;
+    grads[size - 1] = fixture.router.weight_grad().clone();
+  }
+  EXPECT_NEAR(z[1], z[0] / 2, 1e-9);
+  scale(grads[1], 2.0f);
+  EXPECT_TENSORS_CLOSE(grads[1], grads[0], 1e-7, 1e-5);
+  testing::expect_error_containing(
+      [&] {
+        RouterFixture fixture(config, DType::F32);
+        fixture.router.set_z_loss_group_size(0);
+      },
+      "z-loss group size (0) must be >= 1");
+}
+
 TEST(Router, TopKOrderAndTies) {
   MoEConfig config = testing::small_config(2, 4, 2, 4);
   config.add_bias_linear = false;

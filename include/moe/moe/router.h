@@ -83,6 +83,12 @@ class TopKRouter {
   using AuxCountReducer = std::function<void(Tensor& tokens_per_expert, double& token_count)>;
   void set_aux_count_reducer(AuxCountReducer reducer) { aux_count_reducer_ = std::move(reducer); }
 
+  // When the tokens of a sequence are split over a group (tensor / context parallel ranks, each
+  // routing its own share, router gradients summed over the group), the z-loss coefficient is
+  // divided by the group size, as Megatron divides moe_z_loss_coeff by the tp x cp size, so the
+  // summed gradient is that of the mean over all the group's tokens. Default 1.
+  void set_z_loss_group_size(int64_t group_size);
+
   // Normal(0, std) weight from a generator derived from seed; bias zero.
   void init_parameters(uint64_t seed, float std);
 
@@ -95,11 +101,14 @@ class TopKRouter {
   const MoEConfig& config() const { return config_; }
 
  private:
+  double z_loss_coeff() const;  // moe_z_loss_coeff / z-loss group size
+
   MoEConfig config_;
   ParameterStore& store_;
   ParamHandle weight_, bias_;
   Rng jitter_rng_;
   AuxCountReducer aux_count_reducer_;
+  int64_t z_loss_group_size_ = 1;
 };
 
 // Megatron's `sinkhorn` (S-BASE): exp(cost) scaled by row and column factors until the mean
