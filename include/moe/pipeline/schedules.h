@@ -1,0 +1,119 @@
+// Pipeline-parallel schedules over GPTModel stages (Megatron-Core's
+// pipeline_parallel/schedules.py): one training step's micro-batches on this rank's stage.
+//
+// With one stage (pp = 1) forward_backward is Megatron's forward_backward_no_pipelining: forward
+// then backward of each micro-batch in turn. With several it is 1F1B
+// (forward_backward_pipelining_without_interleaving): stage r of pp runs min(pp - r - 1, M)
+// warm-up forwards, then alternates one forward and one backward, then runs the remaining
+// backwards, so at most pp - r micro-batch contexts are alive on it at once. Backwards run in
+// micro-batch order 0..M-1 on every stage, so parameter gradients accumulate in the same order as
+// with one stage: pp only moves layers between ranks and changes no sum.
+//
+// Hidden states [local_rows(micro_batch_size), hidden_size] in the parameter dtype go down the
+// pp group (stage r to r + 1) and their gradients come back up, point to point with one tag
+// (kPipelineTag); each direction of a link carries one kind of tensor, in micro-batch order.
+// Transfers that cross in the steady phase are posted together (comm::send_recv), as Megatron's
+// batched p2p does, so no pair of stages waits on each other. A peer that fails or stalls turns
+// into moe::Error from the comm layer's timeout (comm::set_collective_timeout).
+//
+// Typical use, one training iteration on every rank:
+//   model::GPTStage stage = pipeline::pipeline_stage(config.num_layers, parallel);
+//   model::GPTModel model(config, parallel, store, stage);
+//   ...
+//   store.zero_grads();
+//   pipeline::ScheduleOptions options;
+//   options.num_micro_batches = M;  options.micro_batch_size = b;  options.loss_scale = scale;
+//   pipeline::StepResult step = pipeline::forward_backward(model, parallel, provider, options);
+//   // gradients of this stage's parameters += d(scale * mean over micro-batches of lm loss)
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "moe/comm/parallel_state.h"
+#include "moe/model/gpt_model.h"
+#include "moe/tensor/tensor.h"
+
+namespace moe::pipeline {
+
+// Tag of every pipeline transfer on the pp group (within [0, comm::kMaxUserTag]).
+constexpr int kPipelineTag = 20560;
+
+// Megatron's split of num_layers over pp stages: stage p owns layers [p * L / pp,
+// (p + 1) * L / pp); the first stage has the embedding (pre_process), the last the final norm,
+// output layer and loss (post_process). Throws moe::Error naming both numbers when num_layers is
+// not divisible by pipeline_size, or when the rank is outside [0, pipeline_size).
+model::GPTStage pipeline_stage(int num_layers, int pipeline_size, int pipeline_rank);
+// The stage of this rank in `parallel`'s pp group.
+model::GPTStage pipeline_stage(int num_layers, const comm::ParallelState& parallel);
+
+// One micro-batch's inputs. Tokens are read on the first stage, labels and loss_mask on the last
+// (middle stages may leave them undefined); every stage needs the dropout seed.
+struct MicroBatch {
+  Tensor tokens;              // [b, s] I32/I64 token ids
+  Tensor labels;              // [b, s] I32/I64 next-token ids
+  Tensor loss_mask;           // [b, s] any float dtype; undefined: every token counts
+  uint64_t dropout_seed = 0;  // dropout masks of this micro-batch (all stages and tp ranks agree)
+};
+// Gives micro-batch i. Called exactly once per micro-batch, in order 0, 1, ..., M - 1, on every
+// rank, when that micro-batch's forward starts (so it may pull from a data iterator).
+using MicroBatchProvider = std::function<MicroBatch(int micro_batch)>;
+
+struct ScheduleOptions {
+  int num_micro_batches = 1;     // M
+  int64_t micro_batch_size = 1;  // b: sequences per micro-batch
+  // Forwards only, contexts dropped at once, dropout off (evaluation). No gradients change.
+  bool forward_only = false;
+  // Each micro-batch's backward starts from d(objective)/d(its lm loss) = loss_scale / M,
+  // rounded to fp32 as GPTModel::backward takes it (Megatron divides the loss by
+  // num_microbatches and multiplies the fp16 loss scale in). The MoE aux and z losses get the
+  // same factor (Megatron's MoEAuxLossAutoScaler.set_loss_scale(loss_scale / num_microbatches)).
+  double loss_scale = 1.0;
+  // True: lm losses and the MoE loss summary are reduced over the pp group, so every rank of it
+  // returns the last stage's lm losses and the whole pipeline's MoE summary (one all_reduce of
+  // 2 M + 4 doubles). False: no collective; lm losses are zero except on the last stage and the
+  // MoE summary covers this stage's layers.
+  bool reduce_over_pipeline = true;
+};
+
+// MoE router losses summed over (MoE layer, micro-batch) reports.
+struct MoELossSummary {
+  double load_balancing_loss_sum = 0;
+  int64_t load_balancing_loss_reports = 0;
+  double z_loss_sum = 0;
+  int64_t z_loss_reports = 0;
+
+  // Means over the reports (0 when there are none), as Megatron logs them.
+  double load_balancing_loss() const;
+  double z_loss() const;
+};
+
+struct StepResult {
+  // Per micro-batch: mean lm loss over its loss-mask tokens, and that token count (see
+  // ScheduleOptions::reduce_over_pipeline for which ranks hold them).
+  std::vector<double> lm_losses;
+  std::vector<double> loss_tokens;
+  // The MoE losses this stage's layers reported, per micro-batch (empty for dense layers).
+  std::vector<std::vector<model::MoELossReport>> stage_moe_losses;
+  MoELossSummary moe;
+  // Most micro-batch contexts alive at once on this rank (forward done, backward not yet):
+  // min(pp - rank, M) when training, 1 with forward_only.
+  int peak_contexts_in_flight = 0;
+
+  double mean_lm_loss() const;  // mean of lm_losses (Megatron's reported lm loss)
+};
+
+// Runs one step's micro-batches on this rank's stage of `model` (collective over parallel.pp,
+// and over the tp/ep groups inside the model). Parameter gradients accumulate (+=) into the
+// model's store; zero them before the step. The model's stage must match this rank's pp
+// position (pre_process on the first stage, post_process on the last). Throws moe::Error for bad
+// options before any transfer, naming the values.
+StepResult forward_backward(model::GPTModel& model, const comm::ParallelState& parallel,
+                            const MicroBatchProvider& provider, const ScheduleOptions& options);
+
+// Evaluation: forward_backward with forward_only set.
+StepResult forward_only(model::GPTModel& model, const comm::ParallelState& parallel,
+                        const MicroBatchProvider& provider, ScheduleOptions options);
+
+}  // namespace moe::pipeline
