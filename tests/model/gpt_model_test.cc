@@ -9,6 +9,7 @@
 #include "model_testing.h"
 #include "moe/comm/parallel_state.h"
 #include "moe/model/gpt_model.h"
+#include "moe/tensor/ops.h"
 #include "support/testing.h"
 
 namespace moe::model {
@@ -208,6 +209,23 @@ TEST(GPTModel, HalfPrecisionTracksFp32) {
       diff += double(ga[i] - gb[i]) * double(ga[i] - gb[i]);
     }
     EXPECT_LT(std::sqrt(diff), 0.05 * std::sqrt(norm));
+  }
+}
+
+TEST(GPTModel, OneTokenAndOddLengthsRunForwardAndBackward) {
+  for (int64_t seq : {1, 5}) {
+    TransformerConfig c = tiny_moe_config();
+    c.seq_length = int(seq);
+    ParameterStore store;
+    GPTModel model(c, comm::single_process_state(), store);
+    store.allocate();
+    model.init_parameters(2);
+    Batch batch{testing::random_tokens(1, seq, c.padded_vocab_size, 60),
+                testing::random_tokens(1, seq, c.padded_vocab_size, 61),
+                Tensor::full({1, seq}, 1.0f)};
+    Step step = run_step(model, batch, 1);
+    EXPECT_TRUE(std::isfinite(step.loss)) << "seq " << seq;
+    EXPECT_NE(moe::sum(step.dense_grads), 0.0) << "seq " << seq;
   }
 }
 

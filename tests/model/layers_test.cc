@@ -133,7 +133,8 @@ TEST(CausalAttention, MatchesNaiveReference) {
     int64_t batch, heads, groups, seq, dim;
     float dropout;
   };
-  for (Case c : {Case{1, 1, 1, 1, 4, 0}, Case{2, 4, 2, 5, 3, 0}, Case{1, 6, 1, 17, 8, 0},
+  for (Case c : {Case{0, 2, 1, 3, 4, 0}, Case{1, 2, 2, 0, 4, 0}, Case{1, 1, 1, 1, 4, 0},
+                 Case{2, 4, 2, 5, 3, 0}, Case{1, 6, 1, 17, 8, 0}, Case{1, 2, 1, 129, 4, 0},
                  Case{2, 4, 4, 7, 5, 0.3f}}) {
     Tensor q = random_normal({c.batch, c.heads, c.seq, c.dim}, 1, 1.0f);
     Tensor k = random_normal({c.batch, c.groups, c.seq, c.dim}, 2, 1.0f);
