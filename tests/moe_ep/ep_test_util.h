@@ -63,7 +63,16 @@ inline void expect_bitwise_equal(const Tensor& actual, const Tensor& expected,
       return;
     }
   }
-  ADD_FAILURE() << what << " differs in bits (signed zeros or NaN payloads) but not in value";
+  const size_t element = actual.nbytes() / size_t(actual.numel());
+  for (int64_t i = 0; i < actual.numel(); ++i) {
+    if (std::memcmp(static_cast<const char*>(actual.raw()) + size_t(i) * element,
+                    static_cast<const char*>(expected.raw()) + size_t(i) * element, element) != 0) {
+      ADD_FAILURE() << what << " differs in bits but not in value (signed zero or NaN payload) "
+                    << "first at element " << i << ": " << actual.get(i) << " vs "
+                    << expected.get(i);
+      return;
+    }
+  }
 }
 
 }  // namespace moe::testing

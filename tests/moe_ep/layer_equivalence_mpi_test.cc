@@ -52,6 +52,12 @@ std::vector<LayerCase> layer_cases() {
        true},
       {"bf16_dropless_swiglu", [](MoEConfig& c) { c.activation = ExpertActivation::kSwiGLU; },
        DType::BF16},
+      {"fp64_capacity_grouped",
+       [](MoEConfig& c) {
+         c.moe_grouped_gemm = true;
+         c.moe_expert_capacity_factor = 0.8;
+       },
+       DType::F64},
   };
 }
 
@@ -171,8 +177,14 @@ void run_case(const LayerCase& entry, TokenDispatcherType type, int ep) {
 
   const Tensor reference_grad_input = pair.reference.layer.backward(reference_ctx, grad_output);
   const Tensor grad_input = pair.distributed.layer.backward(ctx, pair.mine(grad_output));
-  expect_bitwise_equal(grad_input, reference_grad_input.rows(pair.begin, pair.end),
-                       "input gradient");
+  if (entry.dtype == DType::F64) {
+    // The router's input gradient (dlogits x W^T) goes through OpenBLAS dgemm on the fp64 path,
+    // whose result for a row depends on where the row sits in the call (edge-row kernels).
+    EXPECT_TENSORS_CLOSE(grad_input, reference_grad_input.rows(pair.begin, pair.end), 1e-14, 1e-12);
+  } else {
+    expect_bitwise_equal(grad_input, reference_grad_input.rows(pair.begin, pair.end),
+                         "input gradient");
+  }
   pair.compare_gradients();
 
   Tensor loss = Tensor::full({1}, 0.0f, DType::F64);
