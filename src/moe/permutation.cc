@@ -197,7 +197,8 @@ void unpermute_rows(const Tensor& rows, const DispatchPlan& plan, const Tensor& 
           const W w = weights ? weights[t * K + j] : W(1);
           const S* __restrict source = in + r * H;
           if (first) {
-            for (int64_t h = 0; h < H; ++h) acc[h] = w * load(source[h]);
+            // 0 + x, not x: a -0 product becomes +0, exactly as a sum from zero would.
+            for (int64_t h = 0; h < H; ++h) acc[h] = W(0) + w * load(source[h]);
           } else {
             for (int64_t h = 0; h < H; ++h) acc[h] += w * load(source[h]);
           }
