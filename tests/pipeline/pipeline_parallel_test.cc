@@ -35,21 +35,24 @@ struct Layout {
   bool sp = false;
   int pp = 1;
   int ep = 1;
+  DType params = DType::F32;  // parameter (and activation) dtype
 };
 
 std::string describe(const Layout& l, int micro_batches) {
   return "(tp " + std::to_string(l.tp) + (l.sp ? " sp" : "") + ", pp " + std::to_string(l.pp) +
-         ", ep " + std::to_string(l.ep) + ", " + std::to_string(micro_batches) + " micro-batches)";
+         ", ep " + std::to_string(l.ep) + ", " + std::string(dtype_name(l.params)) + ", " +
+         std::to_string(micro_batches) + " micro-batches)";
 }
 
 struct Reference {
+  explicit Reference(DType params) : store(params) {}
   ParameterStore store;
   StepResult result;
 };
 
 // The whole model on this process over `micro_batches` global micro-batches.
 void run_reference(const model::TransformerConfig& config, int micro_batches, bool training,
-                   Reference& reference) {
+                   Reference& reference) {  // reference.store already in the layout's dtype
   model::GPTModel model(config, comm::single_process_state(), reference.store);
   reference.store.allocate();
   model.init_parameters(7);
@@ -105,11 +108,11 @@ void check_layout(const Layout& layout, int micro_batches, bool training = true)
   comm::ParallelState state = comm::initialize_model_parallel({layout.tp, layout.pp, layout.ep});
   model::TransformerConfig config = tiny_moe_config();
   const int dp = state.dp, replica = state.dp_group.rank();
-  Reference reference;
+  Reference reference(layout.params);
   run_reference(config, dp * micro_batches, training, reference);
 
   config.sequence_parallel = layout.sp;
-  ParameterStore store;
+  ParameterStore store(layout.params);
   model::GPTModel model(config, state, store, pipeline_stage(config.num_layers, state));
   store.allocate();
   model.init_parameters(7);
@@ -173,6 +176,11 @@ TEST(OneFOneB, Pp2) {
   check_layout({.pp = 2}, 1);  // every micro-batch in warm-up on stage 0
 }
 
+TEST(OneFOneB, Pp2Bf16) {
+  if (!on_world(2)) GTEST_SKIP() << "runs on 2 ranks";
+  check_layout({.pp = 2, .params = DType::BF16}, 3);
+}
+
 TEST(OneFOneB, Pp2ForwardOnly) {
   if (!on_world(2)) GTEST_SKIP() << "runs on 2 ranks";
   check_layout({.pp = 2}, 3, false);
@@ -226,6 +234,45 @@ TEST(OneFOneB, RefusesAModelBuiltForAnotherStage) {
                                "build it)";
     EXPECT_EQ(std::string(e.what()), expected);
   }
+}
+
+// The last stage fails on micro-batch 1 (no labels): it raises that error, and the first stage,
+// waiting for that micro-batch's gradient, raises the comm layer's timeout instead of hanging.
+TEST(OneFOneB, AFailingStageBecomesAnErrorOnItsPeer) {
+  if (!on_world(2)) GTEST_SKIP() << "runs on 2 ranks";
+  comm::ParallelState state = comm::initialize_model_parallel({1, 2, 1});
+  model::TransformerConfig config = tiny_moe_config();
+  ParameterStore store;
+  model::GPTModel model(config, state, store, pipeline_stage(config.num_layers, state));
+  store.allocate();
+  ScheduleOptions options;
+  options.num_micro_batches = 2;
+  options.micro_batch_size = kMicroBatchSize;
+  MicroBatchProvider all = replica_provider(config, 0, 2);
+  const double timeout = comm::collective_timeout();
+  comm::set_collective_timeout(1);
+  std::string text = "no error";
+  try {
+    forward_backward(
+        model, state,
+        [&](int i) {
+          MicroBatch batch = all(i);
+          if (i == 1) batch.labels = Tensor();
+          return batch;
+        },
+        options);
+  } catch (const Error& e) {
+    text = e.what();
+  }
+  comm::set_collective_timeout(timeout);
+  if (state.is_pipeline_last()) {
+    EXPECT_EQ(text, "micro-batch 1 needs labels on the last pipeline stage");
+  } else {
+    EXPECT_NE(text.find("timed out after 1 s"), std::string::npos) << text;
+    EXPECT_NE(text.find("recv of [16, 16] fp32 from rank 1 with tag 20560"), std::string::npos)
+        << text;
+  }
+  comm::barrier(comm::ProcessGroup::world());
 }
 
 }  // namespace
