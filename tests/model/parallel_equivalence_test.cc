@@ -102,10 +102,14 @@ void check_layout(const Layout& layout, TokenDispatcherType dispatcher) {
   ParameterStore store;
   auto model = std::make_unique<GPTModel>(config, state, store);
   store.allocate();
+  // The same seed initialises every layout to the same global weights.
+  model->init_parameters(21);
   for (int i = 0; i < store.count(); ++i) {
     const ParamSpec& spec = store.spec(ParamHandle{i});
-    Tensor local = store.param(ParamHandle{i});
-    copy_global_block(reference_store.param(reference_store.find(spec.name)), spec, local);
+    Tensor expected(spec.shape);
+    copy_global_block(reference_store.param(reference_store.find(spec.name)), spec, expected);
+    EXPECT_TENSORS_CLOSE(store.param(ParamHandle{i}), expected, 0, 0)
+        << describe(layout) << " initial " << spec.name;
   }
   int64_t first = state.dp_group.rank() * local_batch;
   GPTContext ctx;
