@@ -1,6 +1,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <numeric>
 #include <set>
 
@@ -122,6 +123,18 @@ TEST(Permutation, RoundTripRestoresTokens) {
   Tensor twice = hidden.clone();
   scale(twice, float(K));  // every token comes back once per slot
   EXPECT_TENSORS_CLOSE(back, twice, 1e-6, 1e-6);
+}
+
+TEST(Permutation, UnpermuteSumsFromPositiveZero) {
+  // One kept slot whose product is -0 must give +0, as a sum that starts from zero does; the
+  // expert-parallel dispatchers rely on the same bits.
+  Routing routing = random_routing(2, 3, 2, 1);
+  DispatchPlan plan = build_dispatch_plan(routing.experts, 3, 0, 3, {1, 0, 1, 0});
+  Tensor rows = Tensor::from_floats({-0.0f, 0.0f}, {2, 1});
+  Tensor out({2, 1});
+  unpermute_rows(rows, plan, Tensor(), out);
+  EXPECT_FALSE(std::signbit(out.get(0)));
+  EXPECT_FALSE(std::signbit(out.get(1)));
 }
 
 TEST(Permutation, GradientsMatchFiniteDifferences) {
