@@ -4,6 +4,8 @@
 #include <memory>
 #include <numeric>
 
+#include <omp.h>
+
 #include "moe/moe/moe_layer.h"
 #include "moe/tensor/ops.h"
 #include "moe_test_util.h"
@@ -206,6 +208,30 @@ TEST(MoELayer, SameSeedGivesBitwiseIdenticalResults) {
   expect_bitwise_equal(outputs[0], outputs[1], "output");
   expect_bitwise_equal(grads[0], grads[2], "input gradient");
   expect_bitwise_equal(grads[1], grads[3], "expert gradients");
+}
+
+TEST(MoELayer, ThreadCountDoesNotChangeTheBits) {
+  MoEConfig config = layer_config(layer_cases()[0]);
+  config.hidden_size = 64;  // 4500 tokens: large enough for every kernel's parallel path
+  config.ffn_hidden_size = 96;
+  Tensor hidden = testing::random_normal({4500, 64}, 18),
+         grad = testing::random_normal({4500, 64}, 19);
+  std::vector<Tensor> results;
+  const int threads_before = omp_get_max_threads();
+  for (int threads : {1, 2, 3}) {
+    omp_set_num_threads(threads);
+    LayerFixture fixture(config, DType::F32);
+    MoEContext ctx;
+    results.push_back(fixture.layer.forward(hidden, ctx));
+    results.push_back(fixture.layer.backward(ctx, grad));
+    results.push_back(fixture.store.flat_grads(ParamGroup::kExpert).clone());
+    results.push_back(fixture.store.flat_grads(ParamGroup::kDense).clone());
+  }
+  omp_set_num_threads(threads_before);
+  const char* names[4] = {"output", "input gradient", "expert gradients", "router gradients"};
+  for (size_t i = 4; i < results.size(); ++i) {
+    expect_bitwise_equal(results[i % 4], results[i], names[i % 4]);
+  }
 }
 
 TEST(MoELayer, HalfPrecisionTracksFp32) {
