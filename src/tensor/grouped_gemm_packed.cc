@@ -280,7 +280,7 @@ struct Tile {
 };
 
 // Cuts every group's product into tiles: rows evenly into blocks of at most kMaxTileRows, columns
-// into as many ranges as it takes for about 4 tiles per thread (for load balance), largest first.
+// into as many ranges as it takes for about 8 tiles per thread (for load balance), largest first.
 std::vector<Tile> plan_tiles(const GroupedGemmArgs& args, const GroupedGemmLayout& layout,
                              int threads) {
   int64_t row_tiles = 0, widest = 0;
@@ -289,7 +289,7 @@ std::vector<Tile> plan_tiles(const GroupedGemmArgs& args, const GroupedGemmLayou
     if (p.m > 0 && p.n > 0) row_tiles += (p.m + kMaxTileRows - 1) / kMaxTileRows;
     widest = std::max(widest, p.n);
   }
-  int64_t wanted = 4 * int64_t(threads);
+  int64_t wanted = 8 * int64_t(threads);
   int64_t column_splits = row_tiles ? (wanted + row_tiles - 1) / row_tiles : 1;
   int64_t tile_cols = (widest + column_splits - 1) / column_splits;
   tile_cols = std::clamp((tile_cols + kPanelCols - 1) / kPanelCols * kPanelCols, kMinTileCols,

@@ -46,7 +46,8 @@ void grouped_gemm(const GroupedGemmArgs& args);
 void grouped_gemm_reference(const GroupedGemmArgs& args);
 
 // The implementations behind grouped_gemm, selectable so that tests cover each one and
-// benchmarks compare them. grouped_gemm(args) runs kAuto.
+// benchmarks compare them. grouped_gemm(args) runs kAuto. kPackedAvx2 gives bitwise the same
+// result for any thread count; per_group_blas is reproducible for a fixed OpenBLAS thread count.
 enum class GroupedGemmKernel {
   kAuto,          // the fastest one available for the dtype on this CPU
   kPerGroupBlas,  // one OpenBLAS call per group (half inputs widened to fp32 first); any CPU
