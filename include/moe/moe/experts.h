@@ -11,8 +11,9 @@
 // SequentialMLP) and GroupedMLP (one grouped GEMM over all local experts, --moe-grouped-gemm).
 //
 // Precision: activations and weights share the dtype (fp32, bf16, fp16 or fp64); products
-// accumulate in fp32 (fp64), each stored result is rounded once to the activation dtype; weight
-// and bias gradients accumulate (+=) in the store's fp32 buffers.
+// accumulate in fp32 (fp64) and are rounded once to the activation dtype (a bias is then added to
+// the stored product in fp32 and rounded again, as a bias-add after a half-precision GEMM does);
+// weight and bias gradients accumulate (+=) in the store's fp32 buffers.
 #pragma once
 
 #include <cstdint>
