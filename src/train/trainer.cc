@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <ctime>
 #include <filesystem>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -485,6 +486,16 @@ void log_scalars(ScalarLog& scalars, const IterationStats& s, bool is_moe) {
   }
 }
 
+// Megatron's " [YYYY-MM-DD HH:MM:SS]" prefix of a log line (local time).
+std::string timestamp() {
+  std::time_t now = std::time(nullptr);
+  std::tm local{};
+  localtime_r(&now, &local);
+  char text[32];
+  std::strftime(text, sizeof(text), " [%Y-%m-%d %H:%M:%S]", &local);
+  return text;
+}
+
 }  // namespace
 
 std::string format_log_line(const std::vector<IterationStats>& window, int64_t train_iters,
@@ -492,7 +503,7 @@ std::string format_log_line(const std::vector<IterationStats>& window, int64_t t
   MOE_CHECK(!window.empty(), "format_log_line needs at least one iteration");
   const IterationStats& last = window.back();
   double elapsed = 0, lm = 0, balance = 0, z = 0, tokens_per_second = 0;
-  int skipped = 0, counted = 0;
+  int skipped = 0, counted = 0, nan_iterations = 0;
   double load_min = 0, load_max = 0;
   bool has_load = false;
   for (const IterationStats& s : window) {
@@ -500,6 +511,10 @@ std::string format_log_line(const std::vector<IterationStats>& window, int64_t t
     tokens_per_second += s.tokens_per_second;
     if (s.skipped) {
       ++skipped;
+      continue;
+    }
+    if (!std::isfinite(s.lm_loss)) {
+      ++nan_iterations;
       continue;
     }
     ++counted;
@@ -529,14 +544,17 @@ std::string format_log_line(const std::vector<IterationStats>& window, int64_t t
   append(" global batch size: %5lld |", static_cast<long long>(global_batch_size));
   if (counted > 0) {
     append(" lm loss: %.6E |", lm / counted);
-    append(" load_balancing_loss: %.6E |", balance / counted);
-    append(" z_loss: %.6E |", z / counted);
+    if (has_load) {  // MoE model: its losses, as the routers report them
+      append(" load_balancing_loss: %.6E |", balance / counted);
+      if (z != 0) append(" z_loss: %.6E |", z / counted);
+    }
   }
   append(" loss scale: %.1f |", last.loss_scale);
   append(" grad norm: %.3f |", last.grad_norm);
   if (has_load) append(" expert load min/max: %.2f/%.2f |", load_min, load_max);
   append(" number of skipped iterations: %3d |", skipped);
   if (skipped > 0) append(" (inf/NaN gradients: step skipped, loss scale lowered) |");
+  append(" number of nan iterations: %3d |", nan_iterations);
   return line;
 }
 
@@ -604,7 +622,7 @@ TrainingReport pretrain(const TrainingArguments& args, std::ostream& log,
       log_scalars(*scalars, stats, args.is_moe());
     }
     if (stats.iteration % args.log_interval == 0) {
-      job.say(format_log_line(window, *args.train_iters, *args.global_batch_size));
+      job.say(timestamp() + format_log_line(window, *args.train_iters, *args.global_batch_size));
       if (scalars) scalars->flush();
       window.clear();
     }
@@ -623,7 +641,9 @@ TrainingReport pretrain(const TrainingArguments& args, std::ostream& log,
       break;
     }
   }
-  if (!window.empty()) job.say(format_log_line(window, *args.train_iters, *args.global_batch_size));
+  if (!window.empty()) {
+    job.say(timestamp() + format_log_line(window, *args.train_iters, *args.global_batch_size));
+  }
   if (args.save && !saved_last && job.iteration > report.start_iteration) save(job, report);
   if (scalars) scalars->flush();
   report.final_iteration = job.iteration;
