@@ -74,27 +74,43 @@ std::vector<C> attention_dropout_mask(const AttentionDropout& dropout, const Hea
   return mask;
 }
 
-// The causal softmax of one head into p [s, s] (zeros above the diagonal), from q k^T. With
-// lse_out the row log-sum-exps (of the scaled scores) are computed into it; otherwise lse_in's
-// are used, so backward rebuilds exactly the forward's probabilities.
+constexpr int64_t kQueryBlock = 64;  // query rows per block; block r reads keys [0, r_end)
+
+// The causal softmax of query rows [i0, i0 + rows) of one head against keys [0, i0 + rows), into
+// p [rows, i0 + rows] (zeros right of the diagonal). Keys after the block's last query are never
+// touched, which halves the work of a full s x s product. With lse_out the row log-sum-exps of
+// the scaled scores are computed into it ([rows]); otherwise lse_in's are used, so backward
+// rebuilds exactly the forward's probabilities.
 template <class C>
-void causal_softmax(int64_t s, int64_t dim, const C* qh, const C* kg, C* lse_out, const C* lse_in,
-                    C* p) {
+void causal_softmax_block(int64_t i0, int64_t rows, int64_t dim, const C* q, const C* k, C* lse_out,
+                          const C* lse_in, C* p) {
   C scale = C(1) / std::sqrt(C(dim));
-  // scores = q k^T (the grad-input form: [s, d] x [s, d]^T).
-  product<C>(GemmForm::kGradInput, s, s, dim, qh, kg, p, false);
-  for (int64_t i = 0; i < s; ++i) {
-    C* row = p + i * s;
+  int64_t keys = i0 + rows;
+  // scores = q_block k^T (the grad-input form: [rows, d] x [keys, d]^T).
+  product<C>(GemmForm::kGradInput, rows, keys, dim, q + i0 * dim, k, p, false);
+  for (int64_t r = 0; r < rows; ++r) {
+    C* row = p + r * keys;
+    int64_t last = i0 + r;  // the query's own position
     if (lse_out != nullptr) {
       C max_score = row[0] * scale;
-      for (int64_t j = 1; j <= i; ++j) max_score = std::max(max_score, row[j] * scale);
+      for (int64_t j = 1; j <= last; ++j) max_score = std::max(max_score, row[j] * scale);
       C total = 0;
-      for (int64_t j = 0; j <= i; ++j) total += std::exp(row[j] * scale - max_score);
-      lse_out[i] = max_score + std::log(total);
+      for (int64_t j = 0; j <= last; ++j) total += std::exp(row[j] * scale - max_score);
+      lse_out[r] = max_score + std::log(total);
     }
-    C lse = lse_out != nullptr ? lse_out[i] : lse_in[i];
-    for (int64_t j = 0; j <= i; ++j) row[j] = std::exp(row[j] * scale - lse);
-    std::fill(row + i + 1, row + s, C(0));  // causal: no attention to later positions
+    C lse = lse_out != nullptr ? lse_out[r] : lse_in[r];
+    for (int64_t j = 0; j <= last; ++j) row[j] = std::exp(row[j] * scale - lse);
+    std::fill(row + last + 1, row + keys, C(0));  // causal: no attention to later positions
+  }
+}
+
+// Multiplies p [rows, keys] of query rows [i0, ...) by the head's dropout mask [s, s].
+template <class C>
+void apply_mask_block(const std::vector<C>& mask, int64_t s, int64_t i0, int64_t rows, int64_t keys,
+                      C* p) {
+  if (mask.empty()) return;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < keys; ++j) p[r * keys + j] *= mask[size_t((i0 + r) * s + j)];
   }
 }
 
@@ -108,11 +124,17 @@ void attention_forward_typed(const HeadDims& d, const C* q, const C* k, const C*
     int64_t b = bh / d.heads, h = bh % d.heads, g = h / heads_per_group;
     const C* kg = k + (b * d.groups + g) * block;
     const C* vg = v + (b * d.groups + g) * block;
-    std::vector<C> p(size_t(s * s));
-    causal_softmax<C>(s, d.dim, q + bh * block, kg, logsumexp + bh * s, nullptr, p.data());
     std::vector<C> mask = attention_dropout_mask<C>(dropout, d, b, h);
-    for (size_t i = 0; i < mask.size(); ++i) p[i] *= mask[i];
-    product<C>(GemmForm::kForward, s, s, d.dim, p.data(), vg, context + bh * block, false);
+    std::vector<C> p(size_t(std::min(s, kQueryBlock) * s));
+    for (int64_t i0 = 0; i0 < s; i0 += kQueryBlock) {
+      int64_t rows = std::min(kQueryBlock, s - i0), keys = i0 + rows;
+      causal_softmax_block<C>(i0, rows, d.dim, q + bh * block, kg, logsumexp + bh * s + i0, nullptr,
+                              p.data());
+      apply_mask_block<C>(mask, s, i0, rows, keys, p.data());
+      // context rows = p v[0:keys].
+      product<C>(GemmForm::kForward, rows, keys, d.dim, p.data(), vg,
+                 context + bh * block + i0 * d.dim, false);
+    }
   }
 }
 
@@ -133,34 +155,37 @@ void attention_backward_typed(const HeadDims& d, const C* q, const C* k, const C
     C* dvg = dv + bg * block;
     std::fill(dkg, dkg + block, C(0));
     std::fill(dvg, dvg + block, C(0));
-    std::vector<C> p(size_t(s * s)), dprobs(size_t(s * s)), dropped(size_t(s * s));
+    size_t scratch = size_t(std::min(s, kQueryBlock) * s);
+    std::vector<C> p(scratch), dropped(scratch), dscores(scratch);
     for (int64_t h = g * heads_per_group; h < (g + 1) * heads_per_group; ++h) {
       int64_t bh = b * d.heads + h;
-      const C* dctx = dcontext + bh * block;
-      // The probabilities are recomputed from the saved log-sum-exps instead of stored.
-      causal_softmax<C>(s, d.dim, q + bh * block, kg, nullptr, logsumexp + bh * s, p.data());
       std::vector<C> mask = attention_dropout_mask<C>(dropout, d, b, h);
-      for (int64_t i = 0; i < s * s; ++i) {
-        dropped[size_t(i)] = mask.empty() ? p[size_t(i)] : p[size_t(i)] * mask[size_t(i)];
-      }
-      // dv += dropped^T dcontext; d(dropped) = dcontext v^T.
-      product<C>(GemmForm::kGradWeight, s, s, d.dim, dropped.data(), dctx, dvg, true);
-      product<C>(GemmForm::kGradInput, s, s, d.dim, dctx, vg, dprobs.data(), false);
-      // Through dropout and softmax: dscore_ij = p_ij (dp_ij - sum_j' p_ij' dp_ij') * scale.
-      for (int64_t i = 0; i < s; ++i) {
-        C* row = dprobs.data() + i * s;
-        const C* prow = p.data() + i * s;
-        if (!mask.empty()) {
-          for (int64_t j = 0; j <= i; ++j) row[j] *= mask[size_t(i * s + j)];
+      for (int64_t i0 = 0; i0 < s; i0 += kQueryBlock) {
+        int64_t rows = std::min(kQueryBlock, s - i0), keys = i0 + rows;
+        const C* dctx = dcontext + bh * block + i0 * d.dim;
+        // The probabilities are rebuilt from the saved log-sum-exps instead of stored.
+        causal_softmax_block<C>(i0, rows, d.dim, q + bh * block, kg, nullptr,
+                                logsumexp + bh * s + i0, p.data());
+        std::copy_n(p.data(), rows * keys, dropped.data());
+        apply_mask_block<C>(mask, s, i0, rows, keys, dropped.data());
+        // dv[0:keys] += dropped^T dcontext_rows; d(dropped) = dcontext_rows v[0:keys]^T.
+        product<C>(GemmForm::kGradWeight, rows, keys, d.dim, dropped.data(), dctx, dvg, true);
+        product<C>(GemmForm::kGradInput, rows, keys, d.dim, dctx, vg, dscores.data(), false);
+        apply_mask_block<C>(mask, s, i0, rows, keys, dscores.data());
+        // Through softmax: dscore_ij = p_ij (dp_ij - sum_j' p_ij' dp_ij') * scale.
+        for (int64_t r = 0; r < rows; ++r) {
+          C* row = dscores.data() + r * keys;
+          const C* prow = p.data() + r * keys;
+          C weighted = 0;
+          for (int64_t j = 0; j < keys; ++j) weighted += prow[j] * row[j];
+          for (int64_t j = 0; j < keys; ++j) row[j] = prow[j] * (row[j] - weighted) * scale;
         }
-        C weighted = 0;
-        for (int64_t j = 0; j <= i; ++j) weighted += prow[j] * row[j];
-        for (int64_t j = 0; j <= i; ++j) row[j] = prow[j] * (row[j] - weighted) * scale;
-        std::fill(row + i + 1, row + s, C(0));
+        // dq rows = dscores k[0:keys]; dk[0:keys] += dscores^T q rows.
+        product<C>(GemmForm::kForward, rows, keys, d.dim, dscores.data(), kg,
+                   dq + bh * block + i0 * d.dim, false);
+        product<C>(GemmForm::kGradWeight, rows, keys, d.dim, dscores.data(),
+                   q + bh * block + i0 * d.dim, dkg, true);
       }
-      // dq = dscores k; dk += dscores^T q.
-      product<C>(GemmForm::kForward, s, s, d.dim, dprobs.data(), kg, dq + bh * block, false);
-      product<C>(GemmForm::kGradWeight, s, s, d.dim, dprobs.data(), q + bh * block, dkg, true);
     }
   }
 }

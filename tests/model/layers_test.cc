@@ -150,24 +150,28 @@ TEST(CausalAttention, MatchesNaiveReference) {
 }
 
 TEST(CausalAttention, GradientsMatchFiniteDifferences) {
-  for (float p : {0.0f, 0.25f}) {
-    Tensor q = random_normal({2, 4, 6, 3}, 1, 1.0f, DType::F64);
-    Tensor k = random_normal({2, 2, 6, 3}, 2, 1.0f, DType::F64);
-    Tensor v = random_normal({2, 2, 6, 3}, 3, 1.0f, DType::F64);
-    Tensor probe = random_normal(q.shape(), 4, 1.0f, DType::F64);
-    AttentionDropout dropout{p, 5, 0, 0};
-    auto objective = [&] {
-      Tensor lse({2, 4, 6}, DType::F64), context(q.shape(), DType::F64);
+  // seq 70 spans two query blocks (64 + 6 rows), seq 6 one.
+  for (int64_t seq : {6, 70}) {
+    for (float p : {0.0f, 0.25f}) {
+      Tensor q = random_normal({2, 4, seq, 3}, 1, 1.0f, DType::F64);
+      Tensor k = random_normal({2, 2, seq, 3}, 2, 1.0f, DType::F64);
+      Tensor v = random_normal({2, 2, seq, 3}, 3, 1.0f, DType::F64);
+      Tensor probe = random_normal(q.shape(), 4, 1.0f, DType::F64);
+      AttentionDropout dropout{p, 5, 0, 0};
+      int samples = seq > 64 ? 12 : 40;
+      auto objective = [&] {
+        Tensor lse({2, 4, seq}, DType::F64), context(q.shape(), DType::F64);
+        causal_attention_forward(q, k, v, dropout, lse, context);
+        return dot(context, probe);
+      };
+      Tensor lse({2, 4, seq}, DType::F64), context(q.shape(), DType::F64);
       causal_attention_forward(q, k, v, dropout, lse, context);
-      return dot(context, probe);
-    };
-    Tensor lse({2, 4, 6}, DType::F64), context(q.shape(), DType::F64);
-    causal_attention_forward(q, k, v, dropout, lse, context);
-    Tensor dq(q.shape(), DType::F64), dk(k.shape(), DType::F64), dv(v.shape(), DType::F64);
-    causal_attention_backward(q, k, v, lse, dropout, probe, dq, dk, dv);
-    EXPECT_TRUE(check_gradient(q, dq, objective, "q", 40));
-    EXPECT_TRUE(check_gradient(k, dk, objective, "k", 40));
-    EXPECT_TRUE(check_gradient(v, dv, objective, "v", 40));
+      Tensor dq(q.shape(), DType::F64), dk(k.shape(), DType::F64), dv(v.shape(), DType::F64);
+      causal_attention_backward(q, k, v, lse, dropout, probe, dq, dk, dv);
+      EXPECT_TRUE(check_gradient(q, dq, objective, "q", samples));
+      EXPECT_TRUE(check_gradient(k, dk, objective, "k", samples));
+      EXPECT_TRUE(check_gradient(v, dv, objective, "v", samples));
+    }
   }
 }
 
