@@ -8,8 +8,8 @@
 // its order, and losses and gradients must be bitwise equal; with tp > 1 (dp = ep = 1) it must
 // equal the same tp layout without pipelining bitwise. Against the single process with tp, dp or ep
 // (fp32, other reduction orders): losses |diff| <= 1e-5 * |loss| and gradients |diff| <=
-// 1e-4 * (max |reference| of that tensor + |reference|) (observed about 5e-8 absolute on fc
-// gradients whose largest element is 1e-3).
+// 1e-4 * (max |reference| of that tensor + |reference|) (observed: worst |diff| <= 1.4e-6 *
+// max |reference| over all layouts).
 #include <gtest/gtest.h>
 
 #include <algorithm>
