@@ -96,8 +96,9 @@ std::unique_ptr<TokenDispatcher> make_token_dispatcher(const MoEConfig& config,
 // the aux-loss tokens-per-expert counts and the token count over `group` (one all-reduce), so
 // each rank's loss is its tokens' share of the loss of the group's whole batch and the ranks'
 // losses add up to it. Megatron reduces over the tensor x context parallel group (the shards of
-// one micro-batch); reducing over tp_ep instead makes the ep ranks' batches one batch. Every
-// rank of the group must run the router's aux loss (training, at least one token).
+// one micro-batch); reducing over tp_ep instead makes the ep ranks' batches one batch. With
+// seq_aux_loss (per-sequence counts) the group must hold shards of the same sequences (tp x cp),
+// never tp_ep. Every rank of the group must run the router's aux loss (training, >= 1 token).
 TopKRouter::AuxCountReducer make_aux_count_reducer(comm::ProcessGroup group);
 
 }  // namespace moe
