@@ -1,6 +1,6 @@
 // Dense SGEMM and grouped GEMM throughput (GFLOP/s). Each grouped case also reports its rate as a
 // fraction of one dense OpenBLAS SGEMM with the same total FLOPs, timed right after it in the same
-// process, so the ratio stays meaningful on a machine whose load changes.
+// process: vs_dense from wall time, vs_dense_cpu from the process's CPU time (all threads).
 //
 // Cases: grouped/<shape>/<form>/<dtype>/<kernel>, with MoE-like K = 1024 (hidden), N = 2048 (ffn):
 //   even        8 groups of 512 rows
@@ -12,6 +12,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <ctime>
 #include <memory>
 #include <string>
 #include <vector>
@@ -109,15 +110,29 @@ GroupedGemmArgs args_for(Operands& o, GemmForm form) {
   return args;
 }
 
-using Clock = std::chrono::steady_clock;
+// Wall time and the CPU time of the whole process (all threads). On a shared machine the CPU
+// time ratio is the steadier one: time slices taken by other jobs do not count in it.
+struct Stopwatch {
+  std::chrono::steady_clock::time_point wall = std::chrono::steady_clock::now();
+  double cpu = process_cpu_seconds();
+  static double process_cpu_seconds() {
+    timespec now;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &now);
+    return double(now.tv_sec) + 1e-9 * double(now.tv_nsec);
+  }
+  double wall_seconds() const {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - wall).count();
+  }
+  double cpu_seconds() const { return process_cpu_seconds() - cpu; }
+};
 
-double seconds_since(Clock::time_point start) {
-  return std::chrono::duration<double>(Clock::now() - start).count();
-}
+struct Seconds {
+  double wall, cpu;  // per call
+};
 
 // Mean seconds of one dense SGEMM [m, K] x [K, N] over at least 3 calls and 0.2 s, after a
 // warm-up call.
-double dense_sgemm_seconds(int64_t m) {
+Seconds dense_sgemm_seconds(int64_t m) {
   static int64_t cached_m = -1;
   static Tensor a, b, c;
   if (cached_m != m) {
@@ -132,22 +147,23 @@ double dense_sgemm_seconds(int64_t m) {
   };
   run();
   int calls = 0;
-  Clock::time_point start = Clock::now();
-  while (calls < 3 || seconds_since(start) < 0.2) {
+  Stopwatch watch;
+  while (calls < 3 || watch.wall_seconds() < 0.2) {
     run();
     ++calls;
   }
-  return seconds_since(start) / calls;
+  return {watch.wall_seconds() / calls, watch.cpu_seconds() / calls};
 }
 
 // Times `body` in the benchmark loop and sets GFLOP/s for `flops` per call.
 template <class Body>
-double timed_loop(benchmark::State& state, double flops, Body body) {
+Seconds timed_loop(benchmark::State& state, double flops, Body body) {
   body();  // warm-up: page faults, first-touch, thread start
-  Clock::time_point start = Clock::now();
+  Stopwatch watch;
   for (auto _ : state) body();
-  double seconds = seconds_since(start) / double(state.iterations());
-  state.counters["GFLOP/s"] = flops / seconds * 1e-9;
+  double calls = double(state.iterations());
+  Seconds seconds{watch.wall_seconds() / calls, watch.cpu_seconds() / calls};
+  state.counters["GFLOP/s"] = flops / seconds.wall * 1e-9;
   return seconds;
 }
 
@@ -160,10 +176,12 @@ void grouped_case(benchmark::State& state, const GroupShape& shape, GemmForm for
   Operands& o = operands_for(shape.rows, dtype);
   GroupedGemmArgs args = args_for(o, form);
   double flops = grouped_gemm_flops(shape.rows, kHidden, kFfn);
-  double seconds = timed_loop(state, flops, [&] { grouped_gemm(args, kernel); });
-  double dense_seconds = dense_sgemm_seconds(total_rows(shape.rows));
-  state.counters["dense_GFLOP/s"] = flops / dense_seconds * 1e-9;
-  state.counters["vs_dense"] = dense_seconds / seconds;
+  Seconds seconds = timed_loop(state, flops, [&] { grouped_gemm(args, kernel); });
+  Seconds dense = dense_sgemm_seconds(total_rows(shape.rows));
+  state.counters["dense_GFLOP/s"] = flops / dense.wall * 1e-9;
+  state.counters["vs_dense"] = dense.wall / seconds.wall;
+  state.counters["vs_dense_cpu"] = dense.cpu / seconds.cpu;
+  state.counters["process_cpu_s"] = seconds.cpu;  // per call, for CPU-time comparisons
 }
 
 void dense_case(benchmark::State& state, int64_t m) {

@@ -1,0 +1,177 @@
+#!/usr/bin/python3
+"""Tabulates and plots the GEMM benchmarks: bench_gemm's JSON against the PyTorch peer's.
+
+Writes a markdown report (one row per grouped case: our time, the per-expert OpenBLAS time, the
+PyTorch time, PyTorch / ours, our GFLOP/s and our rate as a percentage of one dense OpenBLAS
+SGEMM of equal FLOPs timed in the same run) and a PNG of GFLOP/s against rows per expert for
+ours, per-expert OpenBLAS calls and PyTorch.
+
+Usage: /usr/bin/python3 bench/plot_gemm.py --ours gemm.json --peer gemm_torch.json
+           --markdown docs/benchmarks/gemm.md --png docs/benchmarks/grouped_gemm.png
+           [--command "how the figures were produced"] [--machine "cores, load"]
+"""
+import argparse
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
+
+OURS = "packed_avx2"
+PER_GROUP_BLAS = "per_group_blas"
+FLOPS_PER_SWEEP_ROW = 2.0 * 8 * 1024 * 2048  # 8 experts, K = 1024, N = 2048
+SHAPES = ("even", "skewed", "many_small")
+FORMS = ("forward", "grad_input", "grad_weight")
+DTYPES = ("fp32", "bf16", "fp16")
+SWEEP_ROWS = (8, 16, 32, 64, 128, 256, 512)
+
+
+def load_ours(path):
+    """bench_gemm JSON -> {name without the /min_time.../real_time suffix: benchmark entry}."""
+    with open(path) as source:
+        report = json.load(source)
+    entries = {}
+    for entry in report["benchmarks"]:
+        if entry.get("error_occurred"):
+            continue
+        name = entry["name"].split("/min_time")[0]
+        scale = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}[entry["time_unit"]]
+        entry["seconds"] = entry["real_time"] * scale
+        entries[name] = entry
+    return report.get("context", {}), entries
+
+
+def milliseconds(seconds):
+    return "n/a" if seconds is None else f"{seconds * 1e3:.1f}"
+
+
+def times(peer_seconds, our_seconds):
+    if peer_seconds is None or our_seconds is None:
+        return "n/a"
+    return f"{peer_seconds / our_seconds:.2f}x"
+
+
+def percent(ratio):
+    return "n/a" if ratio is None else f"{100 * ratio:.0f}%"
+
+
+def table(ours, peer):
+    lines = [
+        "| case | ours (ms) | per-expert OpenBLAS (ms) | PyTorch (ms) | PyTorch / ours "
+        "| PyTorch / ours (CPU time) | ours GFLOP/s | % of dense SGEMM "
+        "| % of dense SGEMM (CPU time) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for shape in SHAPES:
+        for form in FORMS:
+            for dtype in DTYPES:
+                case = f"grouped/{shape}/{form}/{dtype}"
+                mine = ours.get(f"{case}/{OURS}")
+                if mine is None:
+                    continue
+                blas = ours.get(f"{case}/{PER_GROUP_BLAS}")
+                torch = peer.get(case) or {}
+                lines.append(
+                    f"| {shape} {form} {dtype} | {milliseconds(mine['seconds'])} "
+                    f"| {milliseconds(blas['seconds'] if blas else None)} "
+                    f"| {milliseconds(torch.get('wall'))} "
+                    f"| {times(torch.get('wall'), mine['seconds'])} "
+                    f"| {times(torch.get('cpu'), mine.get('process_cpu_s'))} | {mine['GFLOP/s']:.1f} "
+                    f"| {percent(mine.get('vs_dense'))} | {percent(mine.get('vs_dense_cpu'))} |"
+                )
+    return "\n".join(lines)
+
+
+def sweep_rates(seconds_by_rows, dtype_rows):
+    """GFLOP/s of the 8-expert forward sweep from seconds per rows-per-expert."""
+    rates = []
+    for rows in dtype_rows:
+        seconds = seconds_by_rows.get(rows)
+        flops = FLOPS_PER_SWEEP_ROW * rows
+        rates.append(None if seconds is None else flops / seconds * 1e-9)
+    return rates
+
+
+def plot(ours, peer, path):
+    figure, axis = plt.subplots(figsize=(8, 5))
+    styles = {"fp32": "-", "bf16": "--"}
+    for dtype, style in styles.items():
+        series = {
+            "ours (packed AVX2)": {r: ours.get(f"rows_per_expert/{dtype}/{OURS}/{r}") for r in SWEEP_ROWS},
+            "per-expert OpenBLAS": {
+                r: ours.get(f"rows_per_expert/{dtype}/{PER_GROUP_BLAS}/{r}") for r in SWEEP_ROWS
+            },
+        }
+        for label, entries in series.items():
+            seconds = {r: e["seconds"] for r, e in entries.items() if e is not None}
+            axis.plot(SWEEP_ROWS, sweep_rates(seconds, SWEEP_ROWS), style, marker="o",
+                      label=f"{label}, {dtype}")
+        torch_seconds = {}
+        for r in SWEEP_ROWS:
+            entry = peer.get(f"rows_per_expert/{dtype}/{r}")
+            torch_seconds[r] = entry["wall"] if entry else None
+        axis.plot(SWEEP_ROWS, sweep_rates(torch_seconds, SWEEP_ROWS), style, marker="s",
+                  label=f"PyTorch per-expert matmul, {dtype}")
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(SWEEP_ROWS)
+    axis.set_xticklabels([str(r) for r in SWEEP_ROWS])
+    axis.set_xlabel("rows per expert (8 experts, K=1024, N=2048, forward)")
+    axis.set_ylabel("GFLOP/s")
+    axis.set_title("Grouped GEMM throughput against rows per expert")
+    axis.grid(True, alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ours", required=True)
+    parser.add_argument("--peer", required=True)
+    parser.add_argument("--markdown", required=True)
+    parser.add_argument("--png", required=True)
+    parser.add_argument("--command", default="bench/run.sh")
+    parser.add_argument("--machine", default="")
+    args = parser.parse_args()
+    context, ours = load_ours(args.ours)
+    with open(args.peer) as source:
+        peer_report = json.load(source)
+    peer = peer_report["seconds"]
+    plot(ours, peer, args.png)
+    dense = [e for name, e in sorted(ours.items()) if name.startswith("dense_sgemm/")]
+    dense_lines = "\n".join(f"- `{e['name'].split('/min_time')[0]}`: {e['GFLOP/s']:.1f} GFLOP/s"
+                            for e in dense)
+    png_name = args.png.split("/")[-1]
+    text = f"""# GEMM and grouped GEMM benchmarks
+
+Produced by `{args.command}` on {context.get('date', 'an unknown date')}
+({context.get('num_cpus', '?')} CPUs at {context.get('mhz_per_cpu', '?')} MHz{', ' + args.machine if args.machine else ''};
+PyTorch {peer_report.get('torch', '?')} with {peer_report.get('threads', '?')} threads).
+The machine is shared: other jobs were running, so absolute times are noisy. The ratios to dense
+SGEMM are steadier, because that SGEMM (same total FLOPs) is timed right after each case in the
+same process; the CPU-time ratio (CPU seconds of the whole process, all threads) also ignores the
+time slices other jobs took, so on a loaded machine it is the figure to read.
+
+Shapes (K = 1024 hidden, N = 2048 ffn, as an MoE expert's first linear layer): **even** 8 experts
+x 512 rows; **skewed** 8 experts, one with 2048 of the 4096 rows; **many_small** 64 experts of
+24..40 rows (2048 rows). forward: y = x w; grad_input: dx = dy w^T; grad_weight: dw += x^T dy
+into fp32. bf16/fp16 inputs accumulate in fp32. "ours" is the packed AVX2/FMA kernel
+(`GroupedGemmKernel::kPackedAvx2`, what `grouped_gemm` runs on AVX2 CPUs); "per-expert OpenBLAS"
+is one `cblas_sgemm` per expert (half inputs widened first); PyTorch runs one matmul per expert
+(its CPU build has no fp16 matmul: n/a).
+
+{table(ours, peer)}
+
+Dense OpenBLAS SGEMM in the same run:
+
+{dense_lines}
+
+![GFLOP/s against rows per expert]({png_name})
+"""
+    with open(args.markdown, "w") as out:
+        out.write(text)
+
+
+if __name__ == "__main__":
+    main()
