@@ -2,6 +2,7 @@
 #include <limits>
 
 #include "moe/tensor/tensor.h"
+#include "moe/tensor/threads.h"
 #include "support/testing.h"
 
 namespace moe {
@@ -101,6 +102,22 @@ TEST(Tensor, ConversionsRoundTrip) {
   EXPECT_TENSORS_CLOSE(back, x, 0.0, 1.0 / 256);
   EXPECT_TENSORS_CLOSE(x.to(DType::F16).to(DType::F32), x, 1e-4, 1.0 / 2048);
   EXPECT_FALSE(testing::tensors_close(x.to(DType::BF16).to(DType::F32), x, 0.0, 1e-6));
+}
+
+TEST(Threads, SetNumThreadsIsReadBackAndRejectsZero) {
+  int saved = num_threads();
+  set_num_threads(1);
+  EXPECT_EQ(num_threads(), 1);
+  set_num_threads(3);
+  EXPECT_EQ(num_threads(), 3);
+  try {
+    set_num_threads(0);
+    FAIL() << "expected an exception";
+  } catch (const Error& error) {
+    EXPECT_STREQ(error.what(), "set_num_threads: thread count must be at least 1, got 0");
+  }
+  EXPECT_EQ(num_threads(), 3);
+  set_num_threads(saved);
 }
 
 }  // namespace
