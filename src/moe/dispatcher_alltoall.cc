@@ -8,37 +8,57 @@ namespace {
 
 using ep_detail::gather_rows;
 
-// What combine and the backwards need from one dispatch.
+// What combine and the backwards need from one dispatch. "Received" rows are those of the
+// all-to-all over ep, laid out [source ep rank q][local expert l]; "gathered" rows are the etp
+// group's received rows, [etp rank s][q][l] (the received rows themselves when etp = 1).
 struct AllToAllState final : DispatcherState {
   std::vector<int64_t> send_rows;  // [ep] home rows sent to each ep rank
   std::vector<int64_t> recv_rows;  // [ep] rows received from each ep rank
-  // [expert rows R]: the received row feeding each expert row, -1 for a padding row.
+  std::vector<int64_t> etp_rows;   // [etp] rows each etp rank received
+  // [expert rows R]: the gathered row feeding each expert row, -1 for a padding row.
   std::vector<int64_t> expert_row_source;
-  // [received rows]: the expert row each received row became (the reverse map).
-  std::vector<int64_t> received_row_source;
+  // [gathered rows]: the expert row each gathered row became (the reverse map).
+  std::vector<int64_t> gathered_row_source;
 };
 
-// Home rows (grouped by global expert) -> the local experts' rows [R, H].
-Tensor home_to_experts(const Tensor& home_rows, const AllToAllState& state,
-                       const comm::ProcessGroup& ep) {
+struct Groups {
+  const comm::ProcessGroup& ep;
+  const comm::ProcessGroup& etp;
+};
+
+// Home rows (grouped by global expert) -> the local experts' rows [R, H]: all-to-all over ep,
+// all-gather over etp, regroup by local expert.
+Tensor home_to_experts(const Tensor& home_rows, const AllToAllState& state, const Groups& groups) {
   const int64_t H = home_rows.dim(1);
-  Tensor received = Tensor::empty({int64_t(state.received_row_source.size()), H},
-                                  home_rows.dtype());  // [received, H]
-  comm::all_to_all_v(home_rows, state.send_rows, received, state.recv_rows, ep);
-  Tensor rows = Tensor::empty({int64_t(state.expert_row_source.size()), H}, home_rows.dtype());
-  gather_rows(received, state.expert_row_source, rows);
+  const DType dtype = home_rows.dtype();
+  const int64_t gathered_rows = int64_t(state.gathered_row_source.size());
+  Tensor received = Tensor::empty({state.etp_rows[size_t(groups.etp.rank())], H}, dtype);
+  comm::all_to_all_v(home_rows, state.send_rows, received, state.recv_rows, groups.ep);
+  Tensor gathered = received;  // [gathered rows, H]
+  if (groups.etp.size() > 1) {
+    gathered = Tensor::empty({gathered_rows, H}, dtype);
+    comm::all_gather_v(received, gathered, state.etp_rows, groups.etp);
+  }
+  Tensor rows = Tensor::empty({int64_t(state.expert_row_source.size()), H}, dtype);
+  gather_rows(gathered, state.expert_row_source, rows);
   return rows;
 }
 
-// The exact reverse: the local experts' rows [R, H] -> home rows [plan rows, H].
+// The exact reverse: the local experts' rows [R, H] -> home rows [home_rows, H]. Over etp the
+// reverse of the all-gather is a reduce-scatter: it sums the etp ranks' partial outputs.
 Tensor experts_to_home(const Tensor& expert_rows, const AllToAllState& state, int64_t home_rows,
-                       const comm::ProcessGroup& ep) {
+                       const Groups& groups) {
   const int64_t H = expert_rows.dim(1);
-  Tensor received = Tensor::empty({int64_t(state.received_row_source.size()), H},
-                                  expert_rows.dtype());  // [received, H]
-  gather_rows(expert_rows, state.received_row_source, received);
-  Tensor home = Tensor::empty({home_rows, H}, expert_rows.dtype());
-  comm::all_to_all_v(received, state.recv_rows, home, state.send_rows, ep);
+  const DType dtype = expert_rows.dtype();
+  Tensor gathered = Tensor::empty({int64_t(state.gathered_row_source.size()), H}, dtype);
+  gather_rows(expert_rows, state.gathered_row_source, gathered);
+  Tensor received = gathered;  // [received rows, H]
+  if (groups.etp.size() > 1) {
+    received = Tensor::empty({state.etp_rows[size_t(groups.etp.rank())], H}, dtype);
+    comm::reduce_scatter_v(gathered, received, state.etp_rows, groups.etp);
+  }
+  Tensor home = Tensor::empty({home_rows, H}, dtype);
+  comm::all_to_all_v(received, state.recv_rows, home, state.send_rows, groups.ep);
   return home;
 }
 
@@ -48,7 +68,9 @@ AllToAllTokenDispatcher::AllToAllTokenDispatcher(const MoEConfig& config,
                                                  const comm::ParallelState& parallel)
     : config_(config),
       placement_(ep_detail::expert_parallel_setup("AllToAllTokenDispatcher", config, parallel)),
-      tp_ep_(parallel.tp_ep) {}
+      tp_ep_(parallel.tp_ep),
+      ep_(parallel.sizes.etp == 1 ? parallel.tp_ep : parallel.ep_group),
+      etp_(parallel.etp_group) {}
 
 Tensor AllToAllTokenDispatcher::dispatch(const Tensor& hidden, const Routing& routing,
                                          DispatchContext& ctx) {
@@ -66,34 +88,46 @@ Tensor AllToAllTokenDispatcher::dispatch(const Tensor& hidden, const Routing& ro
   const int64_t E = config_.num_experts, L = placement_.count, first = placement_.first;
   ctx.plan = build_dispatch_plan(routing.experts, E, 0, E, capacity.keep);
 
-  // counts[g * E + e]: rows rank g sends to expert e (Megatron all-gathers them over tp-ep).
+  // counts[g * E + e]: rows tp-ep rank g = s + etp * q sends to expert e (Megatron all-gathers
+  // them over tp-ep too).
   const std::vector<int64_t> counts = comm::all_gather_values(ctx.plan.rows_per_expert, tp_ep_);
-  const int ep = tp_ep_.size(), me = tp_ep_.rank();
+  const int ep = ep_.size(), etp = etp_.size(), me = tp_ep_.rank();
+  const auto count = [&](int s, int q, int64_t l) {
+    return counts[size_t((s + etp * q) * E + first + l)];
+  };
   auto state = std::make_unique<AllToAllState>();
   state->send_rows.assign(size_t(ep), 0);
   state->recv_rows.assign(size_t(ep), 0);
-  std::vector<int64_t> chunk_start(size_t(ep * L));  // received layout: [source q][local expert l]
-  int64_t received = 0;
-  for (int q = 0; q < ep; ++q) {
-    for (int64_t l = 0; l < L; ++l) {
-      state->send_rows[size_t(q)] += counts[size_t(me * E + q * L + l)];
-      const int64_t incoming = counts[size_t(q * E + first + l)];
-      state->recv_rows[size_t(q)] += incoming;
-      chunk_start[size_t(q * L + l)] = received;
-      received += incoming;
+  state->etp_rows.assign(size_t(etp), 0);
+  // Where chunk (s, q, l) starts among the gathered rows [s][q][l].
+  std::vector<int64_t> chunk_start(size_t(etp * ep * L));
+  int64_t gathered = 0;
+  for (int s = 0; s < etp; ++s) {
+    for (int q = 0; q < ep; ++q) {
+      for (int64_t l = 0; l < L; ++l) {
+        chunk_start[size_t((s * ep + q) * L + l)] = gathered;
+        gathered += count(s, q, l);
+        state->etp_rows[size_t(s)] += count(s, q, l);
+        if (s == etp_.rank()) state->recv_rows[size_t(q)] += count(s, q, l);
+      }
     }
   }
-  // Permutation 2 (Megatron's sort_chunks_by_idxs): [q][l] -> [l][q], i.e. global token order
-  // inside each expert, then the expert's padding rows.
+  for (int q = 0; q < ep; ++q) {
+    for (int64_t l = 0; l < L; ++l)
+      state->send_rows[size_t(q)] += counts[size_t(me * E + q * L + l)];
+  }
+  // Permutation 2 (Megatron's sort_chunks_by_idxs): [s][q][l] -> [l][q][s], i.e. source tp-ep
+  // rank s + etp * q ascending (global token order) inside each expert, then the expert's
+  // padding rows.
   ctx.tokens_per_local_expert.assign(size_t(L), 0);
   for (int64_t l = 0; l < L; ++l) {
     int64_t kept = 0;
     for (int q = 0; q < ep; ++q) {
-      const int64_t n = counts[size_t(q * E + first + l)];
-      for (int64_t i = 0; i < n; ++i) {
-        state->expert_row_source.push_back(chunk_start[size_t(q * L + l)] + i);
+      for (int s = 0; s < etp; ++s) {
+        const int64_t start = chunk_start[size_t((s * ep + q) * L + l)];
+        for (int64_t i = 0; i < count(s, q, l); ++i) state->expert_row_source.push_back(start + i);
+        kept += count(s, q, l);
       }
-      kept += n;
     }
     const int64_t rows = capacity.pad_rows_to > 0 ? capacity.pad_rows_to : kept;
     MOE_CHECK(kept <= rows, who, ": expert ", first + l, " keeps ", kept,
@@ -101,15 +135,15 @@ Tensor AllToAllTokenDispatcher::dispatch(const Tensor& hidden, const Routing& ro
     state->expert_row_source.insert(state->expert_row_source.end(), size_t(rows - kept), -1);
     ctx.tokens_per_local_expert[size_t(l)] = rows;
   }
-  state->received_row_source.assign(size_t(received), -1);
+  state->gathered_row_source.assign(size_t(gathered), -1);
   for (size_t r = 0; r < state->expert_row_source.size(); ++r) {
     const int64_t source = state->expert_row_source[r];
-    if (source >= 0) state->received_row_source[size_t(source)] = int64_t(r);
+    if (source >= 0) state->gathered_row_source[size_t(source)] = int64_t(r);
   }
 
   Tensor home_rows = Tensor::empty({ctx.plan.num_rows(), ctx.hidden_size}, ctx.dtype);
   permute_rows(hidden, ctx.plan, Tensor(), home_rows);
-  Tensor rows = home_to_experts(home_rows, *state, tp_ep_);
+  Tensor rows = home_to_experts(home_rows, *state, {ep_, etp_});
   ctx.state = std::move(state);
   return rows;
 }
@@ -118,7 +152,7 @@ Tensor AllToAllTokenDispatcher::combine(const Tensor& expert_output, DispatchCon
   const char* who = "AllToAllTokenDispatcher::combine expert output";
   const auto& state = ep_detail::saved_state<AllToAllState>(ctx, who);
   ep_detail::check_expert_rows(expert_output, int64_t(state.expert_row_source.size()), ctx, who);
-  Tensor home = experts_to_home(expert_output, state, ctx.plan.num_rows(), tp_ep_);
+  Tensor home = experts_to_home(expert_output, state, ctx.plan.num_rows(), {ep_, etp_});
   Tensor out = Tensor::empty({ctx.plan.num_tokens, ctx.hidden_size}, ctx.dtype);  // [T, H]
   unpermute_rows(home, ctx.plan, ctx.routing.probs, out);
   ctx.combine_rows = home;  // d(probs) needs the rows that were combined
@@ -137,7 +171,7 @@ Tensor AllToAllTokenDispatcher::combine_backward(const Tensor& grad_output, Disp
   unpermute_rows_backward(ctx.combine_rows, grad_output, ctx.plan, ctx.routing.probs, grad_home,
                           grad_probs);
   ctx.combine_rows = Tensor();
-  return home_to_experts(grad_home, state, tp_ep_);
+  return home_to_experts(grad_home, state, {ep_, etp_});
 }
 
 Tensor AllToAllTokenDispatcher::dispatch_backward(const Tensor& grad_expert_input,
@@ -146,7 +180,7 @@ Tensor AllToAllTokenDispatcher::dispatch_backward(const Tensor& grad_expert_inpu
   const auto& state = ep_detail::saved_state<AllToAllState>(ctx, who);
   ep_detail::check_expert_rows(grad_expert_input, int64_t(state.expert_row_source.size()), ctx,
                                who);
-  Tensor home = experts_to_home(grad_expert_input, state, ctx.plan.num_rows(), tp_ep_);
+  Tensor home = experts_to_home(grad_expert_input, state, ctx.plan.num_rows(), {ep_, etp_});
   Tensor grad_hidden = Tensor::empty({ctx.plan.num_tokens, ctx.hidden_size}, ctx.dtype);
   unpermute_rows(home, ctx.plan, Tensor(), grad_hidden);
   ctx = DispatchContext{};  // the micro-batch is done with the dispatcher

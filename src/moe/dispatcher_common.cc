@@ -48,10 +48,9 @@ std::string show_capacity(int64_t bits) {
 ExpertPlacement expert_parallel_setup(const char* who, const MoEConfig& config,
                                       const comm::ParallelState& parallel) {
   config.validate();
-  MOE_CHECK(parallel.sizes.etp == 1, who, ": expert tensor parallelism (etp = ", parallel.sizes.etp,
-            ") is not supported: the experts are not split over the etp group; use etp = 1");
-  MOE_CHECK(parallel.tp_ep.world_ranks() == parallel.ep_group.world_ranks(), who,
-            ": with etp = 1 the tp-ep group must be the ep group");
+  MOE_CHECK(parallel.tp_ep.size() == parallel.ep_group.size() * parallel.etp_group.size(), who,
+            ": the tp-ep group has ", parallel.tp_ep.size(), " ranks, not ep (",
+            parallel.ep_group.size(), ") x etp (", parallel.etp_group.size(), ")");
   return expert_parallel_placement(config.num_experts, parallel.ep_group.size(),
                                    parallel.ep_group.rank());
 }

@@ -22,14 +22,15 @@ inline std::vector<int> ep_sizes(int world_size) {
   return sizes;
 }
 
-// initialize_model_parallel({ep}) once per ep size (group creation is collective).
-inline const comm::ParallelState& parallel_state(int ep) {
-  static std::map<int, comm::ParallelState> states;
-  auto found = states.find(ep);
+// initialize_model_parallel({ep, etp}) once per layout (group creation is collective).
+inline const comm::ParallelState& parallel_state(int ep, int etp = 1) {
+  static std::map<std::pair<int, int>, comm::ParallelState> states;
+  auto found = states.find({ep, etp});
   if (found != states.end()) return found->second;
   comm::ParallelSizes sizes;
   sizes.ep = ep;
-  return states.emplace(ep, comm::initialize_model_parallel(sizes)).first->second;
+  sizes.etp = etp;
+  return states.emplace(std::pair{ep, etp}, comm::initialize_model_parallel(sizes)).first->second;
 }
 
 // Tokens held by a world rank: uneven on purpose (Megatron's are equal; ours may differ).

@@ -142,8 +142,8 @@ TEST(ExpertParallelFailures, LayoutsTheDispatchersCannotServe) {
   EXPECT_EQ(error_text([&] {
               make_token_dispatcher(small_config(TokenDispatcherType::kAllGather), with_etp);
             }),
-            "AllGatherTokenDispatcher: expert tensor parallelism (etp = 2) is not supported: the "
-            "experts are not split over the etp group; use etp = 1");
+            "make_token_dispatcher: expert tensor parallelism (etp = 2) needs the experts split "
+            "over the etp group, which the MoE layer's experts do not do yet; use etp = 1");
 }
 
 TEST(ExpertParallelFailures, CombineWithoutDispatchIsRefused) {

@@ -4,6 +4,7 @@
 // capacity padding.
 #include <gtest/gtest.h>
 
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -57,9 +58,22 @@ Routing routing_of(const std::vector<Token>& tokens) {
   return routing;
 }
 
-// empty_rank: world rank 1 brings no tokens at all.
-void run_tagged(TokenDispatcherType type, int ep, bool capacity, bool empty_rank) {
-  const comm::ParallelState& parallel = testing::parallel_state(ep);
+// The dispatcher of `type` for a layout. The factory refuses etp > 1 until the experts are split,
+// so expert tensor parallel layouts build the dispatchers directly.
+std::unique_ptr<TokenDispatcher> dispatcher_for(const MoEConfig& config,
+                                                const comm::ParallelState& parallel) {
+  if (parallel.sizes.etp == 1) return make_token_dispatcher(config, parallel);
+  if (config.moe_token_dispatcher_type == TokenDispatcherType::kAllToAll) {
+    return std::make_unique<AllToAllTokenDispatcher>(config, parallel);
+  }
+  return std::make_unique<AllGatherTokenDispatcher>(config, parallel);
+}
+
+// empty_rank: world rank 1 brings no tokens at all. With etp > 1 every etp rank of an expert
+// gets all its rows and the fake experts return 1/etp of their output and input gradient (what a
+// split expert's partial is), which the dispatcher must sum back to the whole.
+void run_tagged(TokenDispatcherType type, const comm::ParallelState& parallel, bool capacity,
+                bool empty_rank) {
   const comm::ProcessGroup& group = parallel.tp_ep;
   MoEConfig config;
   config.hidden_size = kHidden;
@@ -71,7 +85,8 @@ void run_tagged(TokenDispatcherType type, int ep, bool capacity, bool empty_rank
     config.moe_expert_capacity_factor = 0.75;
     config.moe_pad_expert_input_to_capacity = true;
   }
-  std::unique_ptr<TokenDispatcher> dispatcher = make_token_dispatcher(config, parallel);
+  std::unique_ptr<TokenDispatcher> dispatcher = dispatcher_for(config, parallel);
+  const float partial = 1.0f / float(parallel.sizes.etp);
   const ExpertPlacement placement = dispatcher->placement();
 
   std::vector<Token> all, mine;
@@ -139,7 +154,7 @@ void run_tagged(TokenDispatcherType type, int ep, bool capacity, bool empty_rank
   for (size_t r = 0; r < expert_of_row.size(); ++r) {
     for (int64_t h = 0; h < kHidden; ++h) {
       const int64_t at = int64_t(r) * kHidden + h;
-      expert_output.set(at, expert_output.get(at) + expert_offset(expert_of_row[r]));
+      expert_output.set(at, (expert_output.get(at) + expert_offset(expert_of_row[r])) * partial);
     }
   }
   const Tensor out = dispatcher->combine(expert_output, ctx);
@@ -184,7 +199,7 @@ void run_tagged(TokenDispatcherType type, int ep, bool capacity, bool empty_rank
   Tensor expert_grads(rows.shape());
   for (size_t r = 0; r < expert_of_row.size(); ++r) {
     for (int64_t h = 0; h < kHidden; ++h) {
-      expert_grads.set(int64_t(r) * kHidden + h, float(100 * (expert_of_row[r] + 1) + h));
+      expert_grads.set(int64_t(r) * kHidden + h, float(100 * (expert_of_row[r] + 1) + h) * partial);
     }
   }
   const Tensor grad_hidden = dispatcher->dispatch_backward(expert_grads, ctx);
@@ -204,12 +219,19 @@ void run_tagged(TokenDispatcherType type, int ep, bool capacity, bool empty_rank
 class TaggedRows : public ::testing::TestWithParam<TokenDispatcherType> {};
 
 TEST_P(TaggedRows, EveryRowArrivesWhereItShouldForEveryEpSize) {
-  for (int ep : testing::ep_sizes(comm::ProcessGroup::world().size())) {
+  const int world_size = comm::ProcessGroup::world().size();
+  std::vector<std::pair<int, int>> layouts;  // (ep, etp)
+  for (int ep : testing::ep_sizes(world_size)) layouts.push_back({ep, 1});
+  for (int ep : {2, 4}) {
+    if (world_size % (2 * ep) == 0) layouts.push_back({ep, 2});
+  }
+  for (const auto& [ep, etp] : layouts) {
     for (bool capacity : {false, true}) {
       for (bool empty_rank : {false, true}) {
-        SCOPED_TRACE("ep " + std::to_string(ep) + (capacity ? " capacity" : " dropless") +
+        SCOPED_TRACE("ep " + std::to_string(ep) + " etp " + std::to_string(etp) +
+                     (capacity ? " capacity" : " dropless") +
                      (empty_rank ? ", world rank 1 without tokens" : ""));
-        run_tagged(GetParam(), ep, capacity, empty_rank);
+        run_tagged(GetParam(), testing::parallel_state(ep, etp), capacity, empty_rank);
       }
     }
   }

@@ -19,7 +19,10 @@
 // are bitwise those of one process (given GEMMs whose rows do not depend on the call's other
 // rows). See docs/expert_parallel.md.
 //
-// Expert tensor parallelism (etp > 1) is refused: the experts are not split over the etp group.
+// Expert tensor parallelism (etp > 1): the dispatchers give every etp rank of an expert all of its
+// rows and sum the etp ranks' partial outputs (and input gradients) on the way back, as
+// Megatron's; the experts must then be split over etp (fc1 by columns, fc2 by rows, fc2 bias
+// once). The MoE layer's experts are not split yet, so make_token_dispatcher refuses etp > 1.
 #pragma once
 
 #include <memory>
@@ -40,7 +43,8 @@ ExpertPlacement expert_parallel_placement(int64_t num_experts, int ep_size, int 
 // Megatron's MoEAlltoAllTokenDispatcher. dispatch: permute the local tokens by expert,
 // all-gather the tokens-per-expert counts over tp-ep, all-to-all-v the rows over ep, regroup the
 // received chunks from [source rank][local expert] to [local expert][source rank]
-// (sort_chunks_by_idxs) and pad to capacity. combine is the exact reverse, then the weighted
+// (sort_chunks_by_idxs) and pad to capacity; with etp > 1 an all-gather over etp after the
+// all-to-all (a reduce-scatter on the way back). combine is the exact reverse, then the weighted
 // top-k sum on the home rank. ctx.plan maps the home tokens' slots to the home rows (the rows
 // this rank sends, grouped by global expert).
 class AllToAllTokenDispatcher final : public TokenDispatcher {
@@ -56,9 +60,12 @@ class AllToAllTokenDispatcher final : public TokenDispatcher {
  private:
   MoEConfig config_;
   ExpertPlacement placement_;
-  // With etp = 1 the tp-ep group is the ep group; every exchange runs on this one communicator,
-  // so ranks that get out of step meet a mismatched announcement, not a wait on another group.
-  comm::ProcessGroup tp_ep_;
+  comm::ProcessGroup tp_ep_;  // agreement and counts
+  // The all-to-all's group: ep, or, with etp = 1, tp-ep itself (the same ranks), so that every
+  // exchange runs on one communicator and ranks that get out of step meet a mismatched
+  // announcement rather than a wait on another group.
+  comm::ProcessGroup ep_;
+  comm::ProcessGroup etp_;
 };
 
 // Megatron's MoEAllGatherTokenDispatcher. dispatch: all-gather tokens and routing over tp-ep and
@@ -85,8 +92,8 @@ class AllGatherTokenDispatcher final : public TokenDispatcher {
 };
 
 // The dispatcher for a layout: LocalTokenDispatcher when ep = etp = 1, else the one named by
-// config.moe_token_dispatcher_type. Throws for etp > 1 and for an ep size that does not divide
-// num_experts. Fits model::DispatcherFactory as
+// config.moe_token_dispatcher_type. Throws for etp > 1 (the experts are not split yet) and for an
+// ep size that does not divide num_experts. Fits model::DispatcherFactory as
 //   [](const MoEConfig& c, const comm::ParallelState& p, int) { return make_token_dispatcher(c, p);
 //   }
 std::unique_ptr<TokenDispatcher> make_token_dispatcher(const MoEConfig& config,
