@@ -109,6 +109,12 @@ class GPTModel {
   double forward(const Tensor& tokens, const Tensor& labels, GPTContext& ctx,
                  const Tensor& loss_mask = Tensor());
   // Backward of forward; d(loss) = loss_grad (1 / micro-batches, times a loss scale).
+  // Gradients accumulate (+=) into the store. Inside backward, the gradients of parameters that
+  // are replicated over tp but see only this rank's rows (norms, row-parallel biases and position
+  // embeddings with sequence parallelism; MoE routers whenever tp > 1) are summed over tp, so
+  // every tp rank holds the same full gradient. Reductions over dp (dense) and expert-dp
+  // (expert weights: each rank's gradient covers the tokens its experts received) are the
+  // optimizer's.
   void backward(GPTContext& ctx, float loss_grad = 1.0f);
 
   // One pipeline stage. input: tokens [b, s] on the first stage, else the previous stage's output
