@@ -10,6 +10,7 @@
 #include "moe/tensor/ops.h"
 #include "moe_test_util.h"
 #include "support/testing.h"
+#include "torch_reference.h"
 
 namespace moe {
 namespace {
@@ -272,6 +273,56 @@ TEST(MoELayer, GradientsAccumulateAcrossBackwardCalls) {
   fixture.layer.backward(ctx, grad, 0.5);
   scale(once, 2.0f);
   EXPECT_TENSORS_CLOSE(fixture.store.flat_grads(ParamGroup::kDense), once, 1e-6, 1e-5);
+}
+
+// The whole layer against an independent PyTorch float64 implementation of Megatron's dropless
+// MoE layer: output, losses and every gradient.
+TEST(MoELayer, MatchesPyTorchReference) {
+  if (!testing::torch_available()) GTEST_SKIP() << "/usr/bin/python3 has no torch";
+  MoEConfig config = testing::small_config(6, 5, 2, 4);
+  config.activation = ExpertActivation::kSwiGLU;
+  config.moe_aux_loss_coeff = 0.3;
+  config.moe_z_loss_coeff = 0.02;
+  LayerFixture fixture(config, DType::F64, 7);
+  const int64_t T = 11, H = 6;
+  Tensor hidden = testing::random_normal({T, H}, 20, 1.0f, DType::F64);
+  Tensor probe = testing::random_normal({T, H}, 21, 1.0f, DType::F64);
+  MoEContext ctx;
+  Tensor out = fixture.layer.forward(hidden, ctx);
+  RouterLosses losses = MoELayer::losses(ctx);
+  Tensor grad_hidden = fixture.layer.backward(ctx, probe);
+
+  nlohmann::json input = {{"T", T},    {"H", H},           {"E", 5},         {"F", 4},
+                          {"topk", 2}, {"aux_coeff", 0.3}, {"z_coeff", 0.02}};
+  input["hidden"] = testing::json_values(hidden);
+  input["probe"] = testing::json_values(probe);
+  const std::string prefix = "decoder.layers.0.mlp.";
+  for (int i = 0; i < fixture.store.count(); ++i) {
+    ParamHandle handle{i};
+    input[fixture.store.spec(handle).name.substr(prefix.size())] =
+        testing::json_values(fixture.store.param(handle));
+  }
+  nlohmann::json expected = testing::run_torch_reference(MOE_LAYER_REFERENCE_SCRIPT, input);
+  ASSERT_FALSE(expected.is_null());
+  auto expect_matches = [](const Tensor& ours, const nlohmann::json& theirs, double tolerance,
+                           const std::string& what) {
+    std::vector<double> values = theirs;
+    ASSERT_EQ(int64_t(values.size()), ours.numel()) << what;
+    Tensor wide = ours.to(DType::F64);
+    for (size_t i = 0; i < values.size(); ++i) {
+      EXPECT_NEAR(wide.data<double>()[i], values[i], tolerance * std::max(1.0, std::abs(values[i])))
+          << what << " element " << i;
+    }
+  };
+  expect_matches(out, expected["output"], 1e-12, "output");
+  expect_matches(grad_hidden, expected["grad.hidden"], 1e-12, "input gradient");
+  EXPECT_NEAR(losses.load_balancing_loss, double(expected["load_balancing_loss"]), 1e-12);
+  EXPECT_NEAR(losses.z_loss, double(expected["z_loss"]), 1e-12);
+  for (int i = 0; i < fixture.store.count(); ++i) {  // fp32 gradient buffers
+    ParamHandle handle{i};
+    const std::string name = fixture.store.spec(handle).name.substr(prefix.size());
+    expect_matches(fixture.store.grad(handle), expected["grad." + name], 1e-6, name);
+  }
 }
 
 TEST(MoELayer, BadUseNamesTheProblem) {

@@ -1,10 +1,5 @@
 #include <gtest/gtest.h>
 
-#include <unistd.h>
-#include <cstdio>
-#include <cstdlib>
-#include <filesystem>
-#include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
 
@@ -12,6 +7,7 @@
 #include "moe/tensor/ops.h"
 #include "moe_test_util.h"
 #include "support/testing.h"
+#include "torch_reference.h"
 
 namespace moe {
 namespace {
@@ -248,16 +244,11 @@ TEST(Sinkhorn, SpreadsTrainingTrafficOverExperts) {
 class TorchReference : public ::testing::Test {
  protected:
   void SetUp() override {
-    if (std::system("/usr/bin/python3 -c 'import torch' >/dev/null 2>&1") != 0) {
+    if (!testing::torch_available()) {
       GTEST_SKIP() << "/usr/bin/python3 has no torch";
     }
   }
 };
-
-nlohmann::json floats(const Tensor& tensor) {
-  Tensor wide = tensor.to(DType::F64);
-  return std::vector<double>(wide.data<double>(), wide.data<double>() + wide.numel());
-}
 
 // One router evaluation to compare: its settings and inputs as JSON, and our results.
 struct TorchCase {
@@ -279,9 +270,10 @@ TorchCase run_case(const MoEConfig& config, DType dtype, double tolerance,
   TorchCase result{name + " " + std::string(dtype_name(dtype)), config, tolerance, {}, {}, {}};
   nlohmann::json& input = result.input;
   input["shape"] = {S, B, H};
-  input["hidden"] = floats(hidden);
-  input["weight"] = floats(fixture.router.weight());
-  input["bias"] = fixture.router.has_bias() ? floats(fixture.router.bias()) : nlohmann::json();
+  input["hidden"] = testing::json_values(hidden);
+  input["weight"] = testing::json_values(fixture.router.weight());
+  input["bias"] =
+      fixture.router.has_bias() ? testing::json_values(fixture.router.bias()) : nlohmann::json();
   input["topk"] = config.moe_router_topk;
   input["score_function"] = std::string(name_of(config.moe_router_score_function));
   input["pre_softmax"] = config.moe_router_pre_softmax;
@@ -302,25 +294,6 @@ TorchCase run_case(const MoEConfig& config, DType dtype, double tolerance,
   return result;
 }
 
-// Runs the PyTorch reference once on every case.
-nlohmann::json run_torch(const std::vector<TorchCase>& cases) {
-  nlohmann::json input = nlohmann::json::array();
-  for (const TorchCase& entry : cases) input.push_back(entry.input);
-  auto dir = std::filesystem::temp_directory_path();
-  std::string stem = "moe_router_ref_" + std::to_string(::getpid());
-  std::filesystem::path in_path = dir / (stem + "_in.json"), out_path = dir / (stem + "_out.json");
-  std::ofstream(in_path) << input.dump();
-  std::string command = "/usr/bin/python3 " + std::string(MOE_ROUTER_REFERENCE_SCRIPT) + " " +
-                        in_path.string() + " " + out_path.string();
-  int status = std::system(command.c_str());
-  nlohmann::json output;
-  if (status == 0) std::ifstream(out_path) >> output;
-  std::filesystem::remove(in_path);
-  std::filesystem::remove(out_path);
-  EXPECT_EQ(status, 0) << command;
-  return output;
-}
-
 TEST_F(TorchReference, ProbabilitiesAuxAndZLossMatch) {
   std::vector<TorchCase> cases;
   for (const Variant& variant : router_variants()) {
@@ -334,7 +307,9 @@ TEST_F(TorchReference, ProbabilitiesAuxAndZLossMatch) {
     cases.push_back(run_case(config, DType::F64, 1e-12, variant.name));
     cases.push_back(run_case(config, DType::F32, 1e-6, variant.name));
   }
-  nlohmann::json expected = run_torch(cases);
+  nlohmann::json input_list = nlohmann::json::array();
+  for (const TorchCase& entry : cases) input_list.push_back(entry.input);
+  nlohmann::json expected = testing::run_torch_reference(MOE_ROUTER_REFERENCE_SCRIPT, input_list);
   ASSERT_EQ(expected.size(), cases.size());
   for (size_t c = 0; c < cases.size(); ++c) {
     const TorchCase& ours = cases[c];
