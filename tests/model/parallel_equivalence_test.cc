@@ -29,12 +29,14 @@ struct Layout {
   // gradients sequence parallelism must sum over tp (norm biases, row-parallel biases, position
   // embeddings) and the tied output layer.
   bool other_switches = false;
+  DType dtype = DType::F32;  // BF16: compared to a bf16 single process, loosely (see below)
 };
 
 std::string describe(const Layout& l) {
   return "(tp " + std::to_string(l.tp) + ", sp " + (l.sp ? "on" : "off") + ", ep " +
          std::to_string(l.ep) + (l.recompute ? ", full recomputation" : "") +
-         (l.other_switches ? ", LayerNorm/learned/GeLU/bias/tied" : "") + ")";
+         (l.other_switches ? ", LayerNorm/learned/GeLU/bias/tied" : "") +
+         (l.dtype != DType::F32 ? ", " + std::string(dtype_name(l.dtype)) : "") + ")";
 }
 
 TransformerConfig equivalence_config() {
@@ -87,7 +89,8 @@ void check_layout(const Layout& layout, TokenDispatcherType dispatcher) {
   Tensor labels =
       testing::random_tokens(global_batch, config.seq_length, config.padded_vocab_size, 12);
 
-  ParameterStore reference_store;
+  bool half = layout.dtype != DType::F32;
+  ParameterStore reference_store(layout.dtype);
   TransformerConfig single = config;
   single.sequence_parallel = false;
   GPTModel reference(single, comm::single_process_state(), reference_store);
@@ -99,7 +102,7 @@ void check_layout(const Layout& layout, TokenDispatcherType dispatcher) {
   std::vector<MoELossReport> reference_ctx_losses = reference_ctx.moe_losses;
   reference.backward(reference_ctx);
 
-  ParameterStore store;
+  ParameterStore store(layout.dtype);
   auto model = std::make_unique<GPTModel>(config, state, store);
   store.allocate();
   // The same seed initialises every layout to the same global weights.
@@ -128,7 +131,9 @@ void check_layout(const Layout& layout, TokenDispatcherType dispatcher) {
   Tensor mean_loss = Tensor::full({1}, 0.0f, DType::F64);
   mean_loss.data<double>()[0] = loss / state.dp;
   comm::all_reduce(mean_loss, state.dp_group);
-  EXPECT_NEAR(mean_loss.data<double>()[0], reference_loss, 1e-5 * reference_loss)
+  // bf16 activations round differently when the reductions and GEMM shapes change: 1% of the
+  // loss, and each gradient block within 5% of its norm.
+  EXPECT_NEAR(mean_loss.data<double>()[0], reference_loss, (half ? 1e-2 : 1e-5) * reference_loss)
       << describe(layout);
   Tensor dense = store.flat_grads(ParamGroup::kDense);
   Tensor expert = store.flat_grads(ParamGroup::kExpert);
@@ -138,6 +143,17 @@ void check_layout(const Layout& layout, TokenDispatcherType dispatcher) {
     const ParamSpec& spec = store.spec(ParamHandle{i});
     Tensor expected(spec.shape);
     copy_global_block(reference_store.grad(reference_store.find(spec.name)), spec, expected);
+    if (half) {
+      std::vector<float> got = store.grad(ParamHandle{i}).to_floats(), want = expected.to_floats();
+      double error = 0, norm = 0;
+      for (size_t j = 0; j < got.size(); ++j) {
+        error += double(got[j] - want[j]) * double(got[j] - want[j]);
+        norm += double(want[j]) * double(want[j]);
+      }
+      EXPECT_LE(std::sqrt(error), 0.05 * std::sqrt(norm) + 1e-6)
+          << describe(layout) << " gradient of " << spec.name;
+      continue;
+    }
     EXPECT_TENSORS_CLOSE(store.grad(ParamHandle{i}), expected, 1e-8, 1e-4)
         << describe(layout) << " gradient of " << spec.name << " on world rank "
         << state.world_rank;
@@ -174,6 +190,9 @@ TEST(ParallelEquivalence, Tp2SpOnEp1OtherSwitches) {
 }
 TEST(ParallelEquivalence, Tp2SpOnEp2OtherSwitches) {
   run_on_world(4, {2, true, 2, false, true});
+}
+TEST(ParallelEquivalence, Tp2SpOnEp2Bf16) {
+  run_on_world(4, {2, true, 2, false, false, DType::BF16});
 }
 TEST(ParallelEquivalence, Tp1SpOffEp2Dp2) {
   run_on_world(2, {1, false, 2});
