@@ -7,6 +7,9 @@
 #include <numeric>
 #include <set>
 #include <sstream>
+#include <utility>
+
+#include "moe/data/gpt_dataset.h"
 
 namespace moe::train {
 namespace {
@@ -243,8 +246,17 @@ void register_arguments(CLI::App& app, TrainingArguments& a) {
                    "'prefix' or 'w1 prefix1 w2 prefix2 ...'.")
         ->expected(1, -1)
         ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+    for (auto [flag, field] : {std::pair{"--train-data-path", &a.train_data_path},
+                               std::pair{"--valid-data-path", &a.valid_data_path},
+                               std::pair{"--test-data-path", &a.test_data_path}}) {
+      app.add_option(flag, *field, "Dataset prefix(es) of this split only, as --data-path.")
+          ->expected(1, -1)
+          ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+    }
     app.add_option("--split", a.split, "Comma-separated train,valid,test weights of the documents.")
         ->capture_default_str();
+    app.add_flag("--eod-mask-loss", a.eod_mask_loss,
+                 "Leave end-of-document target tokens out of the loss.");
     app.add_flag("--mock-data", a.mock_data,
                  "Train on deterministic random tokens instead of --data-path.");
     optional_int("--seq-length", a.seq_length, "Tokens per training sequence.");
@@ -448,56 +460,6 @@ ParseOutcome parse_arguments(const std::vector<std::string>& argv) {
   if (!app.remaining().empty()) refuse_extra(app.remaining());
   outcome.args.command_line = argv;
   return outcome;
-}
-
-std::vector<DataPathEntry> TrainingArguments::data_path_entries() const {
-  std::vector<DataPathEntry> entries;
-  if (data_path.size() == 1) {
-    entries.push_back({1.0, data_path[0]});
-    return entries;
-  }
-  MOE_CHECK(data_path.size() % 2 == 0,
-            "--data-path with several datasets takes 'weight prefix' "
-            "pairs; got ",
-            data_path.size(), " values");
-  for (size_t i = 0; i < data_path.size(); i += 2) {
-    double weight = 0;
-    try {
-      size_t used = 0;
-      weight = std::stod(data_path[i], &used);
-      MOE_CHECK(used == data_path[i].size(), "");
-    } catch (const std::exception&) {
-      throw Error(concat("--data-path: expected a weight before prefix '", data_path[i + 1],
-                         "' but got '", data_path[i], "'"));
-    }
-    MOE_CHECK(weight > 0 && std::isfinite(weight), "--data-path: weight ", data_path[i], " of '",
-              data_path[i + 1], "' must be positive");
-    entries.push_back({weight, data_path[i + 1]});
-  }
-  return entries;
-}
-
-std::vector<double> TrainingArguments::split_fractions() const {
-  std::vector<double> weights;
-  std::stringstream parts(split);
-  for (std::string part; std::getline(parts, part, ',');) {
-    try {
-      size_t used = 0;
-      double weight = std::stod(part, &used);
-      MOE_CHECK(part.find_first_not_of(' ', used) == std::string::npos, "");
-      MOE_CHECK(weight >= 0 && std::isfinite(weight), "");
-      weights.push_back(weight);
-    } catch (const std::exception&) {
-      throw Error(concat("--split '", split, "': '", part, "' is not a non-negative number"));
-    }
-  }
-  MOE_CHECK(!weights.empty() && weights.size() <= 3, "--split '", split,
-            "' must have one to three comma-separated weights");
-  weights.resize(3, 0.0);
-  double total = weights[0] + weights[1] + weights[2];
-  MOE_CHECK(total > 0, "--split '", split, "' weights sum to zero");
-  for (double& weight : weights) weight /= total;
-  return weights;
 }
 
 void finalize_arguments(TrainingArguments& a, int world_size) {
@@ -714,13 +676,22 @@ void finalize_arguments(TrainingArguments& a, int world_size) {
   }
   if (a.exit_interval) require_positive(*a.exit_interval, "--exit-interval");
 
-  // ---- data
-  if (a.mock_data) {
-    MOE_CHECK(a.data_path.empty(), "--mock-data and --data-path cannot be used together");
-  } else {
-    MOE_CHECK(!a.data_path.empty(), "argument --data-path is required (or --mock-data)");
-    a.data_path_entries();
-    a.split_fractions();
+  // ---- data: exactly one source; blends and the split parsed as the data module will
+  const bool per_split =
+      !a.train_data_path.empty() || !a.valid_data_path.empty() || !a.test_data_path.empty();
+  MOE_CHECK(int(a.mock_data) + int(!a.data_path.empty()) + int(per_split) == 1,
+            "give exactly one data source: --data-path (with --split), "
+            "--train-data-path/--valid-data-path/--test-data-path, or --mock-data");
+  if (!a.data_path.empty()) {
+    data::parse_blend(a.data_path);
+    data::parse_split(a.split);
+  }
+  if (per_split) {
+    MOE_CHECK(!a.train_data_path.empty(),
+              "--valid-data-path/--test-data-path need --train-data-path");
+    for (const auto* paths : {&a.train_data_path, &a.valid_data_path, &a.test_data_path}) {
+      if (!paths->empty()) data::parse_blend(*paths);
+    }
   }
   require(a.tokenizer_type.has_value(), "--tokenizer-type");
   const std::string& tokenizer = *a.tokenizer_type;

@@ -174,6 +174,7 @@ void build_tokenizer(Job& job) {
   job.tokenizer = data::make_tokenizer(options);
   job.sample_options.eod_token = job.tokenizer->eod();
   job.sample_options.pad_token = data::dataset_pad_token(*job.tokenizer);
+  job.sample_options.eod_mask_loss = a.eod_mask_loss;
   const int64_t vocab = job.tokenizer->vocab_size();
   job.padded_vocab =
       data::padded_vocab_size(vocab, a.make_vocab_size_divisible_by, a.tensor_model_parallel_size);
@@ -195,6 +196,7 @@ void build_datasets(Job& job) {
   } else {
     data::GPTDatasetConfig config;
     config.data_path = a.data_path;
+    config.per_split_data_path = {a.train_data_path, a.valid_data_path, a.test_data_path};
     config.split = a.split;
     config.seq_length = *a.seq_length;
     config.seed = uint32_t(a.seed);

@@ -122,9 +122,6 @@ TEST(Arguments, MixtralSeedScriptValidatesAtSixteenRanks) {
   EXPECT_EQ(a.lr_decay_style, "cosine");
   EXPECT_TRUE(a.no_load_optim && a.no_load_rng);
   EXPECT_EQ(*a.tensorboard_dir, "/ckpt/tensorboard");
-  std::vector<double> split = a.split_fractions();
-  EXPECT_NEAR(split[0], 0.9999, 1e-12);
-  EXPECT_NEAR(split[2], 0.00002, 1e-12);
   // The wandb flags are accepted and the user is told they do nothing.
   EXPECT_TRUE(std::any_of(a.notes.begin(), a.notes.end(),
                           [](const std::string& n) { return n.find("--wandb") == 0; }));
@@ -312,7 +309,6 @@ TEST(Arguments, ConflictingAndNonDivisibleFlags) {
        2,
        "--expert-model-parallel-size (2) needs --num-experts",
        true},
-      {{"--data-path", "x"}, 1, "--mock-data and --data-path cannot be used together"},
       {{"--tokenizer-type", "Llama2Tokenizer"},
        1,
        "argument --tokenizer-model is required with --tokenizer-type Llama2Tokenizer"},
@@ -323,18 +319,26 @@ TEST(Arguments, ConflictingAndNonDivisibleFlags) {
   }
 }
 
-TEST(Arguments, DataPathBlend) {
-  TrainingArguments a = parse_arguments({"--data-path", "0.3", "a", "0.7", "b"}).args;
-  auto entries = a.data_path_entries();
-  ASSERT_EQ(entries.size(), 2u);
-  EXPECT_DOUBLE_EQ(entries[1].weight, 0.7);
-  EXPECT_EQ(entries[1].prefix, "b");
-  a.data_path = {"a", "0.7"};
-  EXPECT_EQ(error_of([&] { a.data_path_entries(); }),
-            "--data-path: expected a weight before prefix '0.7' but got 'a'");
-  a.split = "90,x";
-  EXPECT_EQ(error_of([&] { a.split_fractions(); }),
-            "--split '90,x': 'x' is not a non-negative number");
+TEST(Arguments, DataSources) {
+  Args no_data = small_flags();
+  no_data.erase(std::find(no_data.begin(), no_data.end(), "--mock-data"));
+  EXPECT_NO_THROW(finalized(with(no_data, {"--data-path", "0.3", "a", "0.7", "b"}), 1));
+  EXPECT_NO_THROW(
+      finalized(with(no_data, {"--train-data-path", "a", "--valid-data-path", "b"}), 1));
+  const std::string one_source =
+      "give exactly one data source: --data-path (with --split), "
+      "--train-data-path/--valid-data-path/--test-data-path, or --mock-data";
+  EXPECT_EQ(validation_error(no_data, 1), one_source);
+  EXPECT_EQ(validation_error(with(no_data, {"--data-path", "a", "--train-data-path", "b"}), 1),
+            one_source);
+  EXPECT_EQ(validation_error(with(no_data, {"--valid-data-path", "b"}), 1),
+            "--valid-data-path/--test-data-path need --train-data-path");
+  // Blends and splits are read by the data module's parsers, with their messages.
+  EXPECT_NE(validation_error(with(no_data, {"--data-path", "0.3", "a", "b", "c"}), 1)
+                .find("--data-path mixes weights and prefixes"),
+            std::string::npos);
+  EXPECT_EQ(validation_error(with(no_data, {"--data-path", "a", "--split", "0,0"}), 1),
+            "--split '0,0' gives every split zero weight");
 }
 
 TEST(Arguments, HelpIsGroupedLikeMegatron) {

@@ -333,6 +333,15 @@ TEST(TrainingLoop, ResumesIntoAnotherExpertLayout) {
   if (world_rank() == 0) fs::remove_all(dir);
 }
 
+// --eod-mask-loss reaches the data pipeline: with end-of-document targets masked out the first
+// loss (same weights, same samples) averages over fewer tokens and so differs.
+TEST(TrainingLoop, EodMaskLossChangesTheAveragedTokens) {
+  TrainingReport all_tokens = run(tiny_moe_flags(1));
+  TrainingReport masked = run(with(tiny_moe_flags(1), {"--eod-mask-loss"}));
+  EXPECT_NE(all_tokens.iterations[0].lm_loss, masked.iterations[0].lm_loss);
+  EXPECT_TRUE(std::isfinite(masked.iterations[0].lm_loss));
+}
+
 TEST(TrainingLoop, DenseModelTrains) {
   Args flags = tiny_moe_flags(6);
   for (const char* moe_flag :

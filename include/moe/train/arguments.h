@@ -18,12 +18,6 @@
 
 namespace moe::train {
 
-// One blended-dataset entry of --data-path: "[weight] prefix" (weight 1 when a single prefix).
-struct DataPathEntry {
-  double weight = 1.0;
-  std::string prefix;
-};
-
 struct TrainingArguments {
   // ---- network size
   std::optional<int> num_layers;
@@ -118,9 +112,12 @@ struct TrainingArguments {
   std::optional<std::string> tokenizer_model;
 
   // ---- data and dataloader
-  std::vector<std::string> data_path;  // raw tokens; see data_path_entries()
-  std::string split = "969, 30, 1";    // train, valid, test weights
+  std::vector<std::string> data_path;  // "prefix ..." or "weight prefix ..." (a blend)
+  std::string split = "969, 30, 1";    // train, valid, test weights of --data-path
+  // A blend per split instead of --data-path + --split.
+  std::vector<std::string> train_data_path, valid_data_path, test_data_path;
   bool mock_data = false;
+  bool eod_mask_loss = false;  // exclude end-of-document targets from the loss
   std::optional<int> seq_length;
 
   // ---- logging
@@ -160,10 +157,6 @@ struct TrainingArguments {
   // The arguments as given, for checkpoint metadata.
   std::vector<std::string> command_line;
 
-  // --data-path as (weight, prefix) pairs; throws when weights and prefixes do not alternate.
-  std::vector<DataPathEntry> data_path_entries() const;
-  // --split as three non-negative weights normalised to sum 1 (train, valid, test).
-  std::vector<double> split_fractions() const;
   bool is_moe() const { return num_experts.has_value(); }
 };
 
