@@ -237,6 +237,25 @@ TEST(TrainingLoop, ExpertParallelMatchesReplicatedExperts) {
   }
 }
 
+// Tensor parallelism with sequence parallelism (experts whole on each rank) against 2
+// data-parallel replicas, with the vocabulary padded alike (64 rows) in both layouts.
+TEST(TrainingLoop, TensorParallelMatchesDataParallel) {
+  if (world_size() != 2) GTEST_SKIP() << "needs 2 ranks";
+  const Args flags = with(tiny_moe_flags(4), {"--make-vocab-size-divisible-by", "32"});
+  TrainingReport replicated = run(flags);
+  TrainingReport sharded =
+      run(with(flags, {"--tensor-model-parallel-size", "2", "--sequence-parallel",
+                       "--expert-tensor-parallel-size", "1"}));
+  ASSERT_EQ(sharded.iterations.size(), 4u);
+  for (size_t i = 0; i < 4; ++i) {
+    const IterationStats &got = sharded.iterations[i], &want = replicated.iterations[i];
+    EXPECT_NEAR(got.lm_loss, want.lm_loss, 1e-5 * want.lm_loss) << "iteration " << i + 1;
+    EXPECT_NEAR(got.load_balancing_loss, want.load_balancing_loss, 1e-5 * want.load_balancing_loss)
+        << "iteration " << i + 1;
+    EXPECT_NEAR(got.grad_norm, want.grad_norm, 1e-4 * want.grad_norm) << "iteration " << i + 1;
+  }
+}
+
 // Two pipeline stages (GPipe order, 2 accumulated micro-batches) against one stage with 2
 // data-parallel replicas: the same first loss bitwise, then agreement to fp32 rounding; and a
 // pipelined run resumed from its checkpoint repeats its own losses bitwise.
