@@ -98,7 +98,7 @@ struct GemmOnly {
     router_grad = Tensor({H, E});
   }
   void run() {
-    Tensor fc1 = experts.fc1_weight(), fc2 = experts.fc2_weight();
+    Tensor fc1 = experts.fc1_weight().reshape(fc1_grad.shape()), fc2 = experts.fc2_weight();
     // forward
     linear_forward(tokens, router_weight, logits);
     grouped_gemm(GemmForm::kForward, x, fc1, groups, fc1_out, false);

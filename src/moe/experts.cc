@@ -1,5 +1,6 @@
 #include "moe/moe/experts.h"
 
+#include <cstring>
 #include <numeric>
 
 #include "moe/internal.h"
@@ -11,16 +12,16 @@ namespace moe {
 namespace {
 
 ParamHandle declare_expert_param(ParameterStore& store, const std::string& name, Shape local,
-                                 int64_t num_experts, int64_t first, bool weight_decay) {
+                                 Shape global, Shape offset, bool weight_decay,
+                                 bool tensor_parallel_duplicate = false) {
   ParamSpec spec;
   spec.name = name;
-  spec.shape = local;
+  spec.shape = std::move(local);
   spec.group = ParamGroup::kExpert;
   spec.weight_decay = weight_decay;
-  spec.global_shape = local;
-  spec.global_shape[0] = num_experts;
-  spec.global_offset.assign(local.size(), 0);
-  spec.global_offset[0] = first;
+  spec.global_shape = std::move(global);
+  spec.global_offset = std::move(offset);
+  spec.tensor_parallel_duplicate = tensor_parallel_duplicate;
   return store.declare(std::move(spec));
 }
 
@@ -66,18 +67,45 @@ Experts::Experts(const MoEConfig& config, ParameterStore& store, const std::stri
                 placement.count >= 0 && placement.first + placement.count <= config.num_experts,
             "Experts: local experts [", placement.first, ", ", placement.first + placement.count,
             ") of ", placement.num_experts, " do not fit num_experts (", config.num_experts, ")");
-  const int64_t E = placement.count, H = config.hidden_size, F = config.expert_ffn_hidden_size();
-  const int64_t N1 = config.fc1_output_size();
-  fc1_weight_ = declare_expert_param(store, prefix + ".linear_fc1.weight", {E, H, N1},
-                                     config.num_experts, placement.first, true);
-  fc2_weight_ = declare_expert_param(store, prefix + ".linear_fc2.weight", {E, F, H},
-                                     config.num_experts, placement.first, true);
-  if (config.add_bias_linear) {
-    fc1_bias_ = declare_expert_param(store, prefix + ".linear_fc1.bias", {E, N1},
-                                     config.num_experts, placement.first, false);
-    fc2_bias_ = declare_expert_param(store, prefix + ".linear_fc2.bias", {E, H}, config.num_experts,
-                                     placement.first, false);
+  MOE_CHECK(
+      placement.tp_size >= 1 && placement.tp_rank >= 0 && placement.tp_rank < placement.tp_size,
+      "Experts: expert tensor parallel rank ", placement.tp_rank, " of size ", placement.tp_size,
+      " is out of range");
+  const int64_t full_ffn = config.expert_ffn_hidden_size();
+  MOE_CHECK(full_ffn % placement.tp_size == 0, "Experts: the expert ffn size (", full_ffn,
+            ") is not divisible by the expert tensor parallel size (", placement.tp_size, ")");
+  const int64_t E = placement.count, all = config.num_experts, H = config.hidden_size;
+  const int64_t F = ffn_local(), first = placement.first, slice = placement.tp_rank * F;
+  const std::string fc1 = prefix + ".linear_fc1", fc2 = prefix + ".linear_fc2";
+  if (config.activation == ExpertActivation::kSwiGLU) {  // [gate | up], each half sliced
+    fc1_weight_ = declare_expert_param(store, fc1 + ".weight", {E, H, 2, F}, {all, H, 2, full_ffn},
+                                       {first, 0, 0, slice}, true);
+    if (config.add_bias_linear) {
+      fc1_bias_ = declare_expert_param(store, fc1 + ".bias", {E, 2, F}, {all, 2, full_ffn},
+                                       {first, 0, slice}, false);
+    }
+  } else {
+    fc1_weight_ = declare_expert_param(store, fc1 + ".weight", {E, H, F}, {all, H, full_ffn},
+                                       {first, 0, slice}, true);
+    if (config.add_bias_linear) {
+      fc1_bias_ = declare_expert_param(store, fc1 + ".bias", {E, F}, {all, full_ffn},
+                                       {first, slice}, false);
+    }
   }
+  fc2_weight_ = declare_expert_param(store, fc2 + ".weight", {E, F, H}, {all, full_ffn, H},
+                                     {first, slice, 0}, true);
+  if (config.add_bias_linear) {
+    fc2_bias_ = declare_expert_param(store, fc2 + ".bias", {E, H}, {all, H}, {first, 0}, false,
+                                     /*tensor_parallel_duplicate=*/placement.tp_size > 1);
+  }
+}
+
+int64_t Experts::ffn_local() const {
+  return config_.expert_ffn_hidden_size() / placement_.tp_size;
+}
+
+int64_t Experts::fc1_local() const {
+  return config_.activation == ExpertActivation::kSwiGLU ? 2 * ffn_local() : ffn_local();
 }
 
 Tensor Experts::fc1_weight() const {
@@ -106,14 +134,29 @@ Tensor Experts::fc2_bias_grad() const {
 }
 
 void Experts::init_parameters(uint64_t seed, float std, float output_std) {
+  // Each expert is drawn whole, then this rank keeps its ffn slice: the values do not depend on
+  // the expert or tensor parallel layout.
+  const int64_t H = config_.hidden_size, full_ffn = config_.expert_ffn_hidden_size();
+  const int64_t F = ffn_local(), slice = placement_.tp_rank * F;
+  const int64_t halves = config_.activation == ExpertActivation::kSwiGLU ? 2 : 1;
+  const DType dtype = store_.param_dtype();
+  const size_t element = dtype_size(dtype);
   Tensor fc1 = fc1_weight(), fc2 = fc2_weight();
+  Tensor whole_fc1({H, halves * full_ffn}, dtype), whole_fc2({full_ffn, H}, dtype);
   for (int64_t e = 0; e < placement_.count; ++e) {
     uint64_t global = uint64_t(placement_.first + e);
-    Tensor fc1_e = fc1.rows(e, e + 1), fc2_e = fc2.rows(e, e + 1);
-    Rng fc1_rng = Rng::derived(seed, (uint64_t(1) << 32) + 2 * global);
-    Rng fc2_rng = Rng::derived(seed, (uint64_t(1) << 32) + 2 * global + 1);
-    fc1_rng.fill_normal(fc1_e, 0.0f, std);
-    fc2_rng.fill_normal(fc2_e, 0.0f, output_std);
+    Rng::derived(seed, (uint64_t(1) << 32) + 2 * global).fill_normal(whole_fc1, 0.0f, std);
+    Rng::derived(seed, (uint64_t(1) << 32) + 2 * global + 1)
+        .fill_normal(whole_fc2, 0.0f, output_std);
+    const auto* source1 = static_cast<const char*>(whole_fc1.raw());
+    auto* target1 = static_cast<char*>(fc1.raw()) + size_t(e * H * halves * F) * element;
+    for (int64_t run = 0; run < H * halves; ++run) {  // one (row, half) run of F columns
+      std::memcpy(target1 + size_t(run * F) * element,
+                  source1 + size_t(run * full_ffn + slice) * element, size_t(F) * element);
+    }
+    std::memcpy(static_cast<char*>(fc2.raw()) + size_t(e * F * H) * element,
+                static_cast<const char*>(whole_fc2.raw()) + size_t(slice * H) * element,
+                size_t(F * H) * element);
   }
   if (config_.add_bias_linear) {
     fc1_bias().zero();
@@ -134,8 +177,7 @@ void Experts::accumulate_weight_grad(const Tensor& a, const Tensor& b,
 
 Tensor Experts::forward(const Tensor& rows, std::span<const int64_t> tokens_per_expert,
                         ExpertsContext& ctx) const {
-  const int64_t H = config_.hidden_size, F = config_.expert_ffn_hidden_size();
-  const int64_t N1 = config_.fc1_output_size();
+  const int64_t H = config_.hidden_size, F = ffn_local(), N1 = fc1_local();
   check_ndim(rows, 2, "Experts::forward rows");
   MOE_CHECK(rows.dim(1) == H, "Experts::forward: rows ", shape_string(rows.shape()),
             " do not have hidden_size ", H, " columns");
@@ -153,8 +195,12 @@ Tensor Experts::forward(const Tensor& rows, std::span<const int64_t> tokens_per_
   ctx.tokens_per_expert.assign(tokens_per_expert.begin(), tokens_per_expert.end());
   ctx.input = rows;
   ctx.fc1_output = Tensor::empty({R, N1}, dtype);
-  expert_gemm(GemmForm::kForward, rows, fc1_weight(), tokens_per_expert, ctx.fc1_output, false);
-  if (config_.add_bias_linear) add_group_bias(ctx.fc1_output, fc1_bias(), tokens_per_expert);
+  const int64_t E = placement_.count;
+  expert_gemm(GemmForm::kForward, rows, fc1_weight().reshape({E, H, N1}), tokens_per_expert,
+              ctx.fc1_output, false);
+  if (config_.add_bias_linear) {
+    add_group_bias(ctx.fc1_output, fc1_bias().reshape({E, N1}), tokens_per_expert);
+  }
   ctx.activation = Tensor::empty({R, F}, dtype);
   if (config_.activation == ExpertActivation::kSwiGLU) {
     swiglu(ctx.fc1_output, ctx.activation);
@@ -163,7 +209,10 @@ Tensor Experts::forward(const Tensor& rows, std::span<const int64_t> tokens_per_
   }
   Tensor output = Tensor::empty({R, H}, dtype);
   expert_gemm(GemmForm::kForward, ctx.activation, fc2_weight(), tokens_per_expert, output, false);
-  if (config_.add_bias_linear) add_group_bias(output, fc2_bias(), tokens_per_expert);
+  // With expert tensor parallelism the outputs are partial sums: one rank adds the bias.
+  if (config_.add_bias_linear && placement_.tp_rank == 0) {
+    add_group_bias(output, fc2_bias(), tokens_per_expert);
+  }
   return output;
 }
 
@@ -193,14 +242,16 @@ Tensor Experts::backward(ExpertsContext& ctx, const Tensor& grad_output) const {
   ctx.fc1_output = Tensor();
   grad_activation = Tensor();
 
-  Tensor fc1_grad = fc1_weight_grad();
+  const int64_t E = placement_.count, N1 = fc1_local();
+  Tensor fc1_grad = fc1_weight_grad().reshape({E, H, N1});
   accumulate_weight_grad(ctx.input, grad_fc1, groups, fc1_grad);
   if (config_.add_bias_linear) {
-    Tensor bias_grad = fc1_bias_grad();
+    Tensor bias_grad = fc1_bias_grad().reshape({E, N1});
     accumulate_group_bias_grad(grad_fc1, groups, bias_grad);
   }
   Tensor grad_input = Tensor::empty({R, H}, dtype);
-  expert_gemm(GemmForm::kGradInput, grad_fc1, fc1_weight(), groups, grad_input, false);
+  expert_gemm(GemmForm::kGradInput, grad_fc1, fc1_weight().reshape({E, H, N1}), groups, grad_input,
+              false);
   ctx = ExpertsContext{};
   return grad_input;
 }

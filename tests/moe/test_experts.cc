@@ -162,15 +162,94 @@ TEST(Experts, BadInputsNameTheProblem) {
   EXPECT_THROW(fixture.experts->backward(ctx, Tensor({4, 6})), Error);
 }
 
+// Copies the block of `whole` (the global tensor) that `spec` describes into `local`.
+void copy_global_block(const Tensor& whole, const ParamSpec& spec, Tensor local) {
+  const size_t dims = spec.shape.size();
+  std::vector<int64_t> index(dims, 0);
+  for (int64_t i = 0; i < local.numel(); ++i) {
+    int64_t flat = 0, rest = i;
+    for (size_t d = dims; d-- > 0;) {
+      index[d] = rest % spec.shape[d];
+      rest /= spec.shape[d];
+    }
+    for (size_t d = 0; d < dims; ++d)
+      flat = flat * spec.global_shape[d] + index[d] + spec.global_offset[d];
+    local.set(i, whole.get(flat));
+  }
+}
+
+// Expert tensor parallelism: the ffn slices' outputs and input gradients sum to the whole
+// expert's, and each slice's weight gradients are the whole expert's gradients at its slice.
+TEST(Experts, TensorParallelSlicesSumToTheWholeExpert) {
+  for (ExpertActivation activation : {ExpertActivation::kSwiGLU, ExpertActivation::kGeLU}) {
+    for (int64_t slices : {2, 3}) {
+      SCOPED_TRACE(std::string(name_of(activation)) + " x" + std::to_string(slices));
+      MoEConfig config = experts_config(activation);
+      config.ffn_hidden_size = 6;
+      ExpertsFixture whole(config, DType::F64, true);
+      const std::vector<int64_t> groups = {3, 0, 4, 2};
+      Tensor rows = testing::random_normal({9, 6}, 30, 1.0f, DType::F64);
+      Tensor grad_output = testing::random_normal({9, 6}, 31, 1.0f, DType::F64);
+      auto [out, grad_rows] = run(*whole.experts, rows, groups, grad_output);
+      Tensor out_sum({9, 6}, DType::F64), grad_rows_sum({9, 6}, DType::F64);
+      for (int64_t rank = 0; rank < slices; ++rank) {
+        ParameterStore store(DType::F64);
+        ExpertPlacement placement = ExpertPlacement::all(4);
+        placement.tp_rank = rank;
+        placement.tp_size = slices;
+        GroupedMLP part(config, store, "experts", placement);
+        store.allocate();
+        for (int i = 0; i < store.count(); ++i) {  // this slice of the whole expert's values
+          const ParamSpec& spec = store.spec(ParamHandle{i});
+          copy_global_block(whole.store.param(whole.store.find(spec.name)), spec,
+                            store.param(ParamHandle{i}));
+        }
+        auto [part_out, part_grad_rows] = run(part, rows, groups, grad_output);
+        add(out_sum, part_out, out_sum);
+        add(grad_rows_sum, part_grad_rows, grad_rows_sum);
+        for (int i = 0; i < store.count(); ++i) {
+          const ParamSpec& spec = store.spec(ParamHandle{i});
+          Tensor expected(spec.shape);
+          copy_global_block(whole.store.grad(whole.store.find(spec.name)), spec, expected);
+          EXPECT_TENSORS_CLOSE(store.grad(ParamHandle{i}), expected, 1e-6, 1e-5) << spec.name;
+        }
+        // Initialisation slices the whole expert too.
+        ParameterStore init_store(DType::F32), whole_init_store(DType::F32);
+        GroupedMLP init_part(config, init_store, "experts", placement);
+        GroupedMLP init_whole(config, whole_init_store, "experts", ExpertPlacement::all(4));
+        init_store.allocate();
+        whole_init_store.allocate();
+        init_part.init_parameters(9, 0.1f, 0.2f);
+        init_whole.init_parameters(9, 0.1f, 0.2f);
+        for (int i = 0; i < init_store.count(); ++i) {
+          const ParamSpec& spec = init_store.spec(ParamHandle{i});
+          Tensor expected(spec.shape);
+          copy_global_block(whole_init_store.param(whole_init_store.find(spec.name)), spec,
+                            expected);
+          EXPECT_TENSORS_CLOSE(init_store.param(ParamHandle{i}), expected, 0, 0) << spec.name;
+        }
+      }
+      EXPECT_TENSORS_CLOSE(out_sum, out, 1e-12, 1e-12);
+      EXPECT_TENSORS_CLOSE(grad_rows_sum, grad_rows, 1e-12, 1e-12);
+    }
+  }
+  ParameterStore store;
+  ExpertPlacement placement = ExpertPlacement::all(4);
+  placement.tp_size = 4;  // ffn 5 does not split in four
+  testing::expect_error_containing(
+      [&] { GroupedMLP bad(experts_config(ExpertActivation::kGeLU), store, "bad", placement); },
+      "the expert ffn size (5) is not divisible by the expert tensor parallel size (4)");
+}
+
 TEST(Experts, ParametersDeclaredWithGlobalShapes) {
   MoEConfig config = experts_config(ExpertActivation::kSwiGLU);
   ParameterStore store;
   GroupedMLP experts(config, store, "layer.experts", ExpertPlacement{4, 2, 2});
   store.allocate();
   const ParamSpec& fc1 = store.spec(store.find("layer.experts.linear_fc1.weight"));
-  EXPECT_EQ(fc1.shape, (Shape{2, 6, 10}));
-  EXPECT_EQ(fc1.global_shape, (Shape{4, 6, 10}));
-  EXPECT_EQ(fc1.global_offset, (Shape{2, 0, 0}));
+  EXPECT_EQ(fc1.shape, (Shape{2, 6, 2, 5}));  // [E_local, H, gate|up, ffn]
+  EXPECT_EQ(fc1.global_shape, (Shape{4, 6, 2, 5}));
+  EXPECT_EQ(fc1.global_offset, (Shape{2, 0, 0, 0}));
   EXPECT_EQ(fc1.group, ParamGroup::kExpert);
   EXPECT_EQ(store.spec(store.find("layer.experts.linear_fc2.weight")).shape, (Shape{2, 5, 6}));
   EXPECT_FALSE(store.spec(store.find("layer.experts.linear_fc2.bias")).weight_decay);

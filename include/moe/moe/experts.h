@@ -1,11 +1,17 @@
 // The local experts: one MLP per expert, fc1 (hidden -> fc1_output_size) then the activation
 // (GeLU, or SwiGLU on [gate | up]) then fc2 (ffn -> hidden), with optional biases. The weights
-// of all local experts are one tensor per kind, in the ParameterStore's kExpert group:
-//   "<prefix>.linear_fc1.weight" [E_local, H, N1]   N1 = 2 * ffn (SwiGLU) or ffn (GeLU)
-//   "<prefix>.linear_fc1.bias"   [E_local, N1]      (add_bias_linear)
-//   "<prefix>.linear_fc2.weight" [E_local, ffn, H]
-//   "<prefix>.linear_fc2.bias"   [E_local, H]       (add_bias_linear)
-// each with global shape [num_experts, ...] and offset [placement.first, 0, ...].
+// of all local experts are one tensor per kind, in the ParameterStore's kExpert group (F = ffn /
+// placement.tp_size, this rank's slice of the ffn axis):
+//   "<prefix>.linear_fc1.weight" [E_local, H, 2, F] (SwiGLU: [gate | up]) or [E_local, H, F]
+//   "<prefix>.linear_fc1.bias"   [E_local, 2, F] or [E_local, F]            (add_bias_linear)
+//   "<prefix>.linear_fc2.weight" [E_local, F, H]
+//   "<prefix>.linear_fc2.bias"   [E_local, H]                              (add_bias_linear)
+// each with global shape [num_experts, ..., ffn, ...] and offset placement.first on the expert
+// axis and placement.tp_rank * F on the ffn axis (SwiGLU's gate and up halves are split alike,
+// as the dense MLP's). With expert tensor parallelism (tp_size > 1) each rank's output is a
+// partial sum over its ffn slice; the fc2 bias is added by tp_rank 0 only, and every rank's fc2
+// bias gradient is the full one (the dispatcher gives each etp rank the same output gradient),
+// so the replicas stay equal without communication.
 //
 // Two implementations with identical results: SequentialMLP (a GEMM per expert, Megatron's
 // SequentialMLP) and GroupedMLP (one grouped GEMM over all local experts, --moe-grouped-gemm).
@@ -34,8 +40,8 @@ namespace moe {
 struct ExpertsContext {
   std::vector<int64_t> tokens_per_expert;  // [E_local]
   Tensor input;                            // [R, H]
-  Tensor fc1_output;                       // [R, N1] (bias added), before the activation
-  Tensor activation;                       // [R, ffn]
+  Tensor fc1_output;                       // [R, 2F or F] (bias added), before the activation
+  Tensor activation;                       // [R, F]
 };
 
 class Experts {
@@ -58,9 +64,9 @@ class Experts {
   // output_std) (Megatron's init_method / output_layer_init_method); biases zero.
   void init_parameters(uint64_t seed, float std, float output_std);
 
-  Tensor fc1_weight() const;       // [E_local, H, N1]
-  Tensor fc2_weight() const;       // [E_local, ffn, H]
-  Tensor fc1_bias() const;         // [E_local, N1], undefined without biases
+  Tensor fc1_weight() const;       // as declared above
+  Tensor fc2_weight() const;       // [E_local, F, H]
+  Tensor fc1_bias() const;         // as declared above, undefined without biases
   Tensor fc2_bias() const;         // [E_local, H]
   Tensor fc1_weight_grad() const;  // F32, accumulates
   Tensor fc2_weight_grad() const;
@@ -76,6 +82,8 @@ class Experts {
                            bool accumulate) const = 0;
 
  private:
+  int64_t ffn_local() const;  // F: this rank's slice of the expert ffn size
+  int64_t fc1_local() const;  // fc1's local output width: 2F (SwiGLU) or F
   // Weight gradient dw (+)= a^T b per expert into an fp32 buffer, whatever the operand dtype.
   void accumulate_weight_grad(const Tensor& a, const Tensor& b, std::span<const int64_t> group_rows,
                               Tensor& grad) const;

@@ -29,6 +29,10 @@ struct ExpertPlacement {
   int64_t num_experts = 0;
   int64_t first = 0;
   int64_t count = 0;
+  // Expert tensor parallelism: this rank holds ffn slice tp_rank of tp_size of every local
+  // expert (fc1 columns, fc2 rows); the dispatcher sums the slices' outputs over the etp group.
+  int64_t tp_rank = 0;
+  int64_t tp_size = 1;
   static ExpertPlacement all(int64_t num_experts) { return {num_experts, 0, num_experts}; }
 };
 
