@@ -22,6 +22,7 @@
 #include "moe/moe/ep_dispatchers.h"
 #include "moe/optim/lr_scheduler.h"
 #include "moe/optim/optimizer.h"
+#include "moe/pipeline/schedules.h"
 #include "moe/tensor/rng.h"
 #include "moe/train/scalar_log.h"
 
@@ -225,13 +226,7 @@ void build_model_and_optimizer(Job& job) {
           return make_token_dispatcher(moe, parallel);
         });
   }
-  // Pipeline stage p of pp builds layers [p * L / pp, (p + 1) * L / pp).
-  model::GPTStage stage;
-  const int layers_per_stage = *a.num_layers / a.pipeline_model_parallel_size;
-  stage.pre_process = job.parallel.is_pipeline_first();
-  stage.post_process = job.parallel.is_pipeline_last();
-  stage.first_layer = job.parallel.pp.rank() * layers_per_stage;
-  stage.num_layers = layers_per_stage;
+  const model::GPTStage stage = pipeline::pipeline_stage(*a.num_layers, job.parallel);
   job.model =
       std::make_unique<model::GPTModel>(config, job.parallel, *job.store, stage, dispatchers);
   job.store->allocate();
@@ -305,129 +300,57 @@ uint64_t micro_batch_seed(uint64_t seed, int64_t iteration, int64_t first_sample
   return rng.next_u64();
 }
 
-// Losses of a set of micro-batches, summed on this rank: the lm loss (last pipeline stage only)
-// and each MoE loss with the number of (layer, micro-batch) reports behind it.
-struct LossSums {
-  double lm = 0;
-  double load_balancing = 0, load_balancing_reports = 0;
-  double z = 0, z_reports = 0;
-
-  void add_moe(const std::vector<model::MoELossReport>& reports) {
-    for (const model::MoELossReport& report : reports) {
-      if (report.name == "load_balancing_loss") {
-        load_balancing += report.value;
-        ++load_balancing_reports;
-      } else if (report.name == "z_loss") {
-        z += report.value;
-        ++z_reports;
-      }
-    }
-  }
-};
-
-// Means over micro-batches, MoE layers, pipeline stages and data-parallel replicas:
-// {lm loss, load-balancing loss, z loss}. Collective over the pp and dp groups.
-std::vector<double> reduce_losses(const LossSums& sums, int micro_batches,
-                                  const comm::ParallelState& parallel) {
-  const std::vector<double> values = {sums.lm, sums.load_balancing, sums.load_balancing_reports,
-                                      sums.z, sums.z_reports};
+// Sums `values` over the data-parallel group and divides by its size.
+void average_over_data_parallel(std::vector<double>& values, const comm::ParallelState& parallel) {
   Tensor buffer({int64_t(values.size())}, DType::F64);
   std::copy(values.begin(), values.end(), buffer.data<double>());
-  comm::all_reduce(buffer, parallel.pp);  // stages hold different layers (and one the lm loss)
   comm::all_reduce(buffer, parallel.dp_group);
-  const double* t = buffer.data<double>();
-  const double replicas = parallel.dp_group.size();
-  return {t[0] / (micro_batches * replicas), t[2] > 0 ? t[1] / t[2] : 0.0,
-          t[4] > 0 ? t[3] / t[4] : 0.0};
+  for (size_t i = 0; i < values.size(); ++i) {
+    values[i] = buffer.data<double>()[i] / parallel.dp_group.size();
+  }
 }
 
-// Forward (and, when training, backward with d(loss) = loss_grad) of `batches` on this rank's
-// pipeline stage. With one stage the model runs whole; with several, in GPipe order: every
-// micro-batch's forward passes down the stages, then every backward passes up, in micro-batch
-// order, so parameter gradients accumulate in the same order as on one stage.
-LossSums run_micro_batches(Job& job, const std::vector<data::MicroBatch>& batches, bool training,
-                           double loss_grad) {
-  const TrainingArguments& a = job.args;
-  LossSums sums;
-  std::vector<model::GPTContext> contexts(batches.size());
-  for (size_t m = 0; m < batches.size(); ++m) {
-    contexts[m].training = training;
-    contexts[m].dropout_seed =
-        micro_batch_seed(uint64_t(a.seed), job.iteration, batches[m].sample_indices[0]);
-  }
-  model::GPTModel& model = *job.model;
-  const comm::ProcessGroup& pp = job.parallel.pp;
-  if (pp.size() == 1) {
-    for (size_t m = 0; m < batches.size(); ++m) {
-      sums.lm +=
-          model.forward(batches[m].tokens, batches[m].labels, contexts[m], batches[m].loss_mask);
-      sums.add_moe(contexts[m].moe_losses);
-      if (training) {
-        model.backward(contexts[m], float(loss_grad));
-      } else {
-        contexts[m].release();
-      }
-    }
-    return sums;
-  }
-  const bool first = job.parallel.is_pipeline_first(), last = job.parallel.is_pipeline_last();
-  const int64_t micro_batch = *a.micro_batch_size;
-  const Shape hidden_shape = {model.local_rows(micro_batch), int64_t(*a.hidden_size)};
-  const DType hidden_dtype = job.store->param_dtype();
-  constexpr int kForwardTag = 1, kBackwardTag = 2;
-  for (size_t m = 0; m < batches.size(); ++m) {
-    Tensor input = batches[m].tokens;
-    if (!first) {
-      input = Tensor::empty(hidden_shape, hidden_dtype);
-      comm::recv(input, pp.rank() - 1, kForwardTag, pp);
-    }
-    Tensor output = model.forward_step(input, batches[m].labels, contexts[m], batches[m].loss_mask,
-                                       micro_batch);
-    if (last) {
-      sums.lm += contexts[m].lm_loss;
-    } else {
-      comm::send(output, pp.rank() + 1, kForwardTag, pp);
-    }
-    sums.add_moe(contexts[m].moe_losses);
-    if (!training) contexts[m].release();
-  }
-  if (!training) return sums;
-  for (size_t m = 0; m < batches.size(); ++m) {
-    Tensor output_grad;
-    if (last) {
-      output_grad = Tensor::full({1}, float(loss_grad), DType::F64);
-    } else {
-      output_grad = Tensor::empty(hidden_shape, hidden_dtype);
-      comm::recv(output_grad, pp.rank() + 1, kBackwardTag, pp);
-    }
-    contexts[m].moe_aux_loss_grad_scale = loss_grad;
-    Tensor input_grad = model.backward_step(contexts[m], output_grad);
-    if (!first) comm::send(input_grad, pp.rank() - 1, kBackwardTag, pp);
-  }
-  return sums;
+// Feeds the pipeline schedule this data-parallel rank's next micro-batches, each with the
+// dropout seed of its first sample.
+pipeline::MicroBatchProvider micro_batches_from(Job& job, data::PretrainingDataIterator& data) {
+  return [&job, &data](int) {
+    data::MicroBatch batch = data.next();
+    pipeline::MicroBatch micro;
+    micro.tokens = batch.tokens;
+    micro.labels = batch.labels;
+    micro.loss_mask = batch.loss_mask;
+    micro.dropout_seed =
+        micro_batch_seed(uint64_t(job.args.seed), job.iteration, batch.sample_indices[0]);
+    return micro;
+  };
 }
 
-std::vector<data::MicroBatch> next_micro_batches(data::PretrainingDataIterator& data, int count) {
-  std::vector<data::MicroBatch> batches;
-  batches.reserve(size_t(count));
-  for (int m = 0; m < count; ++m) batches.push_back(data.next());
-  return batches;
+pipeline::ScheduleOptions schedule_options(const TrainingArguments& a, double loss_scale) {
+  pipeline::ScheduleOptions options;
+  options.num_micro_batches = a.num_micro_batches;
+  options.micro_batch_size = *a.micro_batch_size;
+  options.loss_scale = loss_scale;
+  return options;
 }
 
 IterationStats train_step(Job& job, data::PretrainingDataIterator& data) {
   const TrainingArguments& a = job.args;
   const auto start = Clock::now();
-  const int micro_batches = a.num_micro_batches;
   job.store->zero_grads();
   if (job.expert_load) job.expert_load->reset();
-  LossSums sums = run_micro_batches(job, next_micro_batches(data, micro_batches), true,
-                                    job.optimizer->loss_scale() / micro_batches);
+  // 1F1B over the pipeline stages (plain forward-backward per micro-batch with one stage); lm
+  // and MoE losses come back reduced over the stages.
+  pipeline::StepResult result =
+      pipeline::forward_backward(*job.model, job.parallel, micro_batches_from(job, data),
+                                 schedule_options(a, job.optimizer->loss_scale()));
   optim::StepResult step = job.optimizer->step();
   ++job.iteration;
   job.consumed_train_samples += *a.global_batch_size;
   if (!step.skipped) job.scheduler->step(*a.global_batch_size);
 
-  std::vector<double> losses = reduce_losses(sums, micro_batches, job.parallel);
+  std::vector<double> losses = {result.mean_lm_loss(), result.moe.load_balancing_loss(),
+                                result.moe.z_loss()};
+  average_over_data_parallel(losses, job.parallel);
   IterationStats stats;
   stats.iteration = job.iteration;
   stats.consumed_samples = job.consumed_train_samples;
@@ -445,15 +368,19 @@ IterationStats train_step(Job& job, data::PretrainingDataIterator& data) {
   return stats;
 }
 
-// Megatron's evaluate(): eval_iters global batches of the validation split, no backward.
+// Megatron's evaluate(): eval_iters global batches of the validation split, forward only.
 double evaluate(Job& job, data::PretrainingDataIterator& data) {
   const TrainingArguments& a = job.args;
-  LossSums sums;
+  double total = 0;
   for (int step = 0; step < a.eval_iters; ++step) {
-    sums.lm += run_micro_batches(job, next_micro_batches(data, a.num_micro_batches), false, 0).lm;
+    total += pipeline::forward_only(*job.model, job.parallel, micro_batches_from(job, data),
+                                    schedule_options(a, 1.0))
+                 .mean_lm_loss();
     job.consumed_valid_samples += *a.global_batch_size;
   }
-  return reduce_losses(sums, a.eval_iters * a.num_micro_batches, job.parallel)[0];
+  std::vector<double> mean = {total / a.eval_iters};
+  average_over_data_parallel(mean, job.parallel);
+  return mean[0];
 }
 
 void log_validation(Job& job, ScalarLog* scalars, double loss) {

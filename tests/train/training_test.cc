@@ -256,7 +256,7 @@ TEST(TrainingLoop, TensorParallelMatchesDataParallel) {
   }
 }
 
-// Two pipeline stages (GPipe order, 2 accumulated micro-batches) against one stage with 2
+// Two pipeline stages (1F1B, 2 accumulated micro-batches) against one stage with 2
 // data-parallel replicas: the same first loss bitwise, then agreement to fp32 rounding; and a
 // pipelined run resumed from its checkpoint repeats its own losses bitwise.
 TEST(TrainingLoop, PipelineMatchesOneStageAndResumes) {
