@@ -489,11 +489,6 @@ std::string format_log_line(const std::vector<IterationStats>& window, int64_t t
 
 TrainingReport pretrain(const TrainingArguments& args, std::ostream& log,
                         const TrainingHooks& hooks) {
-  // The expert-parallel dispatchers keep every expert whole on its rank.
-  MOE_CHECK(!args.is_moe() || *args.expert_tensor_parallel_size == 1,
-            "--expert-tensor-parallel-size ", *args.expert_tensor_parallel_size,
-            ": expert tensor parallelism is not supported yet (it defaults to "
-            "--tensor-model-parallel-size); pass --expert-tensor-parallel-size 1");
   comm::set_collective_timeout(60.0 * args.distributed_timeout_minutes);
   Job job(args, log);
   comm::ParallelSizes sizes;
