@@ -89,20 +89,6 @@ void register_arguments(CLI::App& app, TrainingArguments& a) {
                  "Separate output-layer weights instead of reusing the word embedding.");
   });
 
-  group("logging", [&] {
-    app.add_option("--tensorboard-log-interval", a.tensorboard_log_interval,
-                   "Iterations between TensorBoard scalar writes.")
-        ->capture_default_str();
-    app.add_option("--wandb-project", a.wandb_project,
-                   "Accepted for script compatibility and ignored (moecore has no network "
-                   "logging; use --tensorboard-dir or --log-file).");
-    app.add_option("--wandb-exp-name", a.wandb_exp_name, "Accepted and ignored (see above).");
-    app.add_option("--wandb-entity", a.wandb_entity, "Accepted and ignored (see above).");
-    app.add_option("--wandb-save-dir", a.wandb_save_dir, "Accepted and ignored (see above).");
-    optional_string("--log-file", a.log_file,
-                    "moecore extension: write every logged scalar as CSV rows to this file.");
-  });
-
   group("regularization", [&] {
     app.add_option("--attention-dropout", a.attention_dropout,
                    "Dropout probability on attention weights.")
@@ -230,16 +216,6 @@ void register_arguments(CLI::App& app, TrainingArguments& a) {
         ->capture_default_str();
   });
 
-  group("tokenizer", [&] {
-    optional_int("--vocab-size", a.vocab_size, "Vocabulary size of the NullTokenizer.");
-    optional_string("--vocab-file", a.vocab_file, "GPT-2 BPE vocabulary (vocab.json).");
-    optional_string("--merge-file", a.merge_file, "GPT-2 BPE merges (merges.txt).");
-    optional_string("--tokenizer-type", a.tokenizer_type, "Tokenizer.")
-        ->check(CLI::IsMember({"GPT2BPETokenizer", "SentencePieceTokenizer",
-                               "GPTSentencePieceTokenizer", "Llama2Tokenizer", "NullTokenizer"}));
-    optional_string("--tokenizer-model", a.tokenizer_model, "SentencePiece model file.");
-  });
-
   group("data and dataloader", [&] {
     app.add_option("--data-path", a.data_path,
                    "Dataset prefix(es) of .bin/.idx pairs, optionally weighted: "
@@ -260,6 +236,16 @@ void register_arguments(CLI::App& app, TrainingArguments& a) {
     app.add_flag("--mock-data", a.mock_data,
                  "Train on deterministic random tokens instead of --data-path.");
     optional_int("--seq-length", a.seq_length, "Tokens per training sequence.");
+  });
+
+  group("tokenizer", [&] {
+    optional_int("--vocab-size", a.vocab_size, "Vocabulary size of the NullTokenizer.");
+    optional_string("--vocab-file", a.vocab_file, "GPT-2 BPE vocabulary (vocab.json).");
+    optional_string("--merge-file", a.merge_file, "GPT-2 BPE merges (merges.txt).");
+    optional_string("--tokenizer-type", a.tokenizer_type, "Tokenizer.")
+        ->check(CLI::IsMember({"GPT2BPETokenizer", "SentencePieceTokenizer",
+                               "GPTSentencePieceTokenizer", "Llama2Tokenizer", "NullTokenizer"}));
+    optional_string("--tokenizer-model", a.tokenizer_model, "SentencePiece model file.");
   });
 
   group("moe", [&] {
@@ -310,6 +296,20 @@ void register_arguments(CLI::App& app, TrainingArguments& a) {
                    "Which tokens an over-capacity expert drops.")
         ->check(CLI::IsMember({"probs", "position"}))
         ->capture_default_str();
+  });
+
+  group("logging", [&] {
+    app.add_option("--tensorboard-log-interval", a.tensorboard_log_interval,
+                   "Iterations between TensorBoard scalar writes.")
+        ->capture_default_str();
+    app.add_option("--wandb-project", a.wandb_project,
+                   "Accepted for script compatibility and ignored (moecore has no network "
+                   "logging; use --tensorboard-dir or --log-file).");
+    app.add_option("--wandb-exp-name", a.wandb_exp_name, "Accepted and ignored (see above).");
+    app.add_option("--wandb-entity", a.wandb_entity, "Accepted and ignored (see above).");
+    app.add_option("--wandb-save-dir", a.wandb_save_dir, "Accepted and ignored (see above).");
+    optional_string("--log-file", a.log_file,
+                    "moecore extension: write every logged scalar as CSV rows to this file.");
   });
   app.option_defaults()->group("Options");
 }

@@ -352,7 +352,17 @@ TEST(Arguments, HelpIsGroupedLikeMegatron) {
   EXPECT_LT(network, layers);
   EXPECT_LT(moe, topk);
   EXPECT_LT(layers, moe);
-  EXPECT_NE(help.find("mixed precision:"), std::string::npos);
+  // Megatron's parse_args adds its groups in this order.
+  size_t previous = 0;
+  for (const char* title :
+       {"network size:", "regularization:", "training:", "initialization:", "learning rate:",
+        "checkpointing:", "mixed precision:", "distributed:", "validation:", "data and dataloader:",
+        "tokenizer:", "moe:", "logging:"}) {
+    size_t at = help.find(std::string("\n") + title);
+    ASSERT_NE(at, std::string::npos) << title;
+    EXPECT_GT(at, previous) << title << " out of Megatron's order";
+    previous = at;
+  }
 }
 
 TEST(Arguments, SupportedNamesAreMegatronNames) {
