@@ -1,0 +1,49 @@
+// Scratch directories and error-text assertions shared by the converter tests.
+#pragma once
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+#include "moe/tensor/error.h"
+
+namespace moe::testing {
+
+// A fresh directory under the system temp dir, removed with its contents on destruction.
+struct ScratchDir {
+  std::filesystem::path path;
+  explicit ScratchDir(const std::string& tag) {
+    path = std::filesystem::temp_directory_path() /
+           ("moe_convert_" + tag + "_" + std::to_string(::getpid()));
+    std::filesystem::remove_all(path);
+    std::filesystem::create_directories(path);
+  }
+  ~ScratchDir() {
+    std::error_code ignored;
+    std::filesystem::remove_all(path, ignored);
+  }
+  std::string operator/(const std::string& name) const { return (path / name).string(); }
+};
+
+inline void write_text(const std::string& path, const std::string& text) {
+  std::ofstream(path, std::ios::binary | std::ios::trunc) << text;
+}
+
+// Runs `body`, expecting a moe::Error whose message contains every one of `parts`.
+template <class Body>
+void expect_error(Body body, std::initializer_list<std::string> parts) {
+  try {
+    body();
+    ADD_FAILURE() << "no error thrown; expected one mentioning '" << *parts.begin() << "'";
+  } catch (const moe::Error& e) {
+    for (const std::string& part : parts) {
+      EXPECT_NE(std::string(e.what()).find(part), std::string::npos)
+          << "message: " << e.what() << "\nmissing: " << part;
+    }
+  }
+}
+
+}  // namespace moe::testing

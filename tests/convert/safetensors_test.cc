@@ -1,0 +1,160 @@
+#include "moe/checkpoint/safetensors.h"
+
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+
+#include "convert/convert_testing.h"
+#include "support/testing.h"
+
+namespace moe::checkpoint::safetensors {
+namespace {
+
+using moe::testing::expect_error;
+using moe::testing::ScratchDir;
+using moe::testing::write_text;
+
+bool same_bytes(const Tensor& a, const Tensor& b) {
+  return a.dtype() == b.dtype() && a.shape() == b.shape() &&
+         std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
+}
+
+// One tensor of every supported dtype and some awkward shapes (empty, scalar-like, odd sizes).
+std::vector<NamedTensor> sample_tensors() {
+  std::vector<NamedTensor> tensors;
+  tensors.push_back({"layers.0.weight", moe::testing::random_normal({17, 5}, 1)});
+  tensors.push_back({"layers.0.bf16", moe::testing::random_normal({3, 1, 7}, 2).to(DType::BF16)});
+  tensors.push_back({"f16", moe::testing::random_normal({129}, 3).to(DType::F16)});
+  tensors.push_back({"f64", moe::testing::random_normal({1, 5}, 4).to(DType::F64)});
+  tensors.push_back({"empty", Tensor({0, 4})});
+  Tensor i32({5}, DType::I32), i64({2, 3}, DType::I64);
+  for (int i = 0; i < 5; ++i) i32.data<int32_t>()[i] = -1000 * i + 7;
+  for (int i = 0; i < 6; ++i) i64.data<int64_t>()[i] = (int64_t(1) << 50) - i;
+  tensors.push_back({"ids32", i32});
+  tensors.push_back({"ids64", i64});
+  return tensors;
+}
+
+TEST(Safetensors, FileRoundTripIsBitwise) {
+  ScratchDir dir("file_round_trip");
+  auto tensors = sample_tensors();
+  write_file(dir / "x.safetensors", tensors, {{"format", "pt"}});
+  EXPECT_FALSE(std::filesystem::exists(dir / "x.safetensors.tmp"));
+  File file(dir / "x.safetensors");
+  EXPECT_EQ(file.metadata().at("format"), "pt");
+  ASSERT_EQ(file.tensors().size(), tensors.size());
+  for (const auto& [name, tensor] : tensors) {
+    EXPECT_TRUE(same_bytes(file.read(name), tensor)) << name;
+  }
+}
+
+TEST(Safetensors, ShardedCheckpointRoundTrip) {
+  ScratchDir dir("sharded");
+  auto tensors = sample_tensors();
+  write_checkpoint(dir.path.string(), tensors, {}, /*max_shard_bytes=*/400);
+  ASSERT_TRUE(std::filesystem::exists(dir / "model.safetensors.index.json"));
+  EXPECT_FALSE(std::filesystem::exists(dir / "model.safetensors"));
+  Checkpoint checkpoint(dir.path.string());
+  EXPECT_EQ(checkpoint.names().size(), tensors.size());
+  std::set<std::string> files;
+  for (const auto& [name, tensor] : tensors) {
+    EXPECT_TRUE(same_bytes(checkpoint.read(name), tensor)) << name;
+    files.insert(checkpoint.file_of(name));
+  }
+  EXPECT_GT(files.size(), 1u);
+
+  ScratchDir single("single");
+  write_checkpoint(single.path.string(), tensors);
+  EXPECT_TRUE(std::filesystem::exists(single / "model.safetensors"));
+  EXPECT_TRUE(same_bytes(Checkpoint(single.path.string()).read("f16"), tensors[2].second));
+}
+
+TEST(Safetensors, ReadsFileWrittenByIndependentPythonScript) {
+  if (!std::filesystem::exists("/usr/bin/python3")) GTEST_SKIP() << "no /usr/bin/python3";
+  ScratchDir dir("python_fixture");
+  const std::string path = dir / "fixture.safetensors";
+  const std::string command =
+      std::string("/usr/bin/python3 ") + MOE_CONVERT_TEST_DIR "/write_fixture.py " + path;
+  ASSERT_EQ(std::system(command.c_str()), 0) << command;
+  File file(path);
+  EXPECT_EQ(file.metadata().at("writer"), "write_fixture.py");
+  Tensor a = file.read("a"), b = file.read("b"), c = file.read("c"), d = file.read("d"),
+         e = file.read("e"), f = file.read("f");
+  ASSERT_EQ(a.shape(), (Shape{2, 3}));
+  for (int i = 0; i < 6; ++i) EXPECT_EQ(a.data<float>()[i], i * 0.5f - 1);
+  for (int i = 0; i < 5; ++i) EXPECT_EQ(b.data<double>()[i], i / 3.0);
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(c.data<int32_t>()[i], i - 2);
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(d.data<int64_t>()[i], (int64_t(1) << 40) + i);
+  ASSERT_EQ(e.dtype(), DType::BF16);
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(e.get(i), i + 0.25f);  // exact in bf16
+  ASSERT_EQ(f.dtype(), DType::F16);
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(f.get(i), i - 1.0f);
+}
+
+// Writes an 8-byte length plus `header` plus `data_bytes` zero bytes.
+void write_raw(const std::string& path, const std::string& header, size_t data_bytes) {
+  std::string bytes(8, '\0');
+  for (int i = 0; i < 8; ++i) bytes[size_t(i)] = char(uint8_t(header.size() >> (8 * i)));
+  bytes += header;
+  bytes.append(data_bytes, '\0');
+  write_text(path, bytes);
+}
+
+TEST(Safetensors, BadFilesNameFileAndTensor) {
+  ScratchDir dir("bad");
+  const std::string path = dir / "bad.safetensors";
+  write_raw(path, R"({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}})", 10);
+  expect_error([&] { File{path}; }, {"'w'", path, "outside the 10-byte data section"});
+
+  write_raw(path, R"({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]})", 16);
+  expect_error([&] { File{path}; }, {path, "malformed JSON header"});
+
+  write_raw(path,
+            R"({"u": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},)"
+            R"( "v": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}})",
+            12);
+  expect_error([&] { File{path}; }, {"'u' and 'v' overlap", path});
+
+  write_raw(path, R"({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}})", 8);
+  expect_error([&] { File{path}; }, {"'w'", "has 8 bytes", "[3]", "needs 12"});
+
+  write_raw(path, R"({"w": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]}})", 3);
+  expect_error([&] { File{path}; }, {"'w'", "'U8' is not supported"});
+
+  write_text(path, std::string("\x40\0\0", 3));
+  expect_error([&] { File{path}; }, {path, "truncated", "header length"});
+
+  write_raw(path, "{}", 0);
+  std::string bytes(8, '\0');
+  bytes[0] = char(200);  // claims a 200-byte header, has 2
+  write_text(path, bytes + "{}");
+  expect_error([&] { File{path}; }, {path, "truncated", "JSON header"});
+
+  write_raw(path, R"({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})", 4);
+  expect_error([&] { File(path).read("x"); }, {path, "no tensor 'x'"});
+}
+
+TEST(Safetensors, BadIndexIsReported) {
+  ScratchDir dir("bad_index");
+  write_file(dir / "a.safetensors", {{"w", Tensor({2})}});
+  write_text(dir / "model.safetensors.index.json",
+             R"({"weight_map": {"w": "a.safetensors", "missing": "a.safetensors"}})");
+  expect_error([&] { Checkpoint{dir.path.string()}; },
+               {"maps 'missing' to 'a.safetensors'", "does not hold it"});
+  write_text(dir / "model.safetensors.index.json", R"({"weight_map": {"w": "b.safetensors"}})");
+  expect_error([&] { Checkpoint{dir.path.string()}; }, {"b.safetensors", "cannot open"});
+
+  ScratchDir empty("empty");
+  expect_error([&] { Checkpoint{empty.path.string()}; }, {"nor any .safetensors file"});
+  expect_error(
+      [&] {
+        write_file(empty / "x.safetensors", {{"w", Tensor({1})}, {"w", Tensor({1})}});
+      },
+      {"'w' appears twice"});
+  EXPECT_FALSE(std::filesystem::exists(empty / "x.safetensors.tmp"));
+}
+
+}  // namespace
+}  // namespace moe::checkpoint::safetensors
