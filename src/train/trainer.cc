@@ -487,8 +487,7 @@ std::string format_log_line(const std::vector<IterationStats>& window, int64_t t
   return line;
 }
 
-TrainingReport pretrain(const TrainingArguments& args, std::ostream& log,
-                        const TrainingHooks& hooks) {
+TrainingReport pretrain(const TrainingArguments& args, std::ostream& log) {
   comm::set_collective_timeout(60.0 * args.distributed_timeout_minutes);
   Job job(args, log);
   comm::ParallelSizes sizes;
@@ -550,7 +549,6 @@ TrainingReport pretrain(const TrainingArguments& args, std::ostream& log,
       if (scalars) scalars->flush();
       window.clear();
     }
-    if (hooks.after_iteration) hooks.after_iteration(stats);
     if (valid_data && job.iteration % args.eval_interval == 0) {
       double loss = evaluate(job, *valid_data);
       report.validation_losses.emplace_back(job.iteration, loss);

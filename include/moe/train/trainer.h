@@ -9,7 +9,6 @@
 #pragma once
 
 #include <cstdint>
-#include <functional>
 #include <iosfwd>
 #include <optional>
 #include <string>
@@ -46,16 +45,10 @@ struct TrainingReport {
   std::optional<std::string> last_checkpoint;                 // directory of the latest save
 };
 
-struct TrainingHooks {
-  // Called on every rank after each iteration (tests inject failures or stop early here).
-  std::function<void(const IterationStats&)> after_iteration;
-};
-
 // Runs the job on every rank of MPI_COMM_WORLD (collective). `args` must be finalized for the
 // world size. Rank 0 writes the log to `log`. Throws moe::Error on bad input (missing files,
 // unsupported combinations), naming the file or flag.
-TrainingReport pretrain(const TrainingArguments& args, std::ostream& log,
-                        const TrainingHooks& hooks = {});
+TrainingReport pretrain(const TrainingArguments& args, std::ostream& log);
 
 // Megatron's log line for the iterations since the last one (averages over `window`).
 std::string format_log_line(const std::vector<IterationStats>& window, int64_t train_iters,
