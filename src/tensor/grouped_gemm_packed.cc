@@ -43,6 +43,8 @@ constexpr int64_t kPanelCols = 16;     // NR: columns of the register tile (two 
 constexpr int64_t kDepthChunk = 256;   // KC: a 16-column B panel of this depth is 16 KiB (L1)
 constexpr int64_t kMaxTileRows = 528;  // an A block of 528 x KC fp32 is 528 KiB (L2)
 constexpr int64_t kBlockCols = 256;    // a B block of KC x 256 fp32 is 256 KiB (L2)
+// Tile widths: wide tiles pack each A block once for many columns; narrower ones (never below
+// kMinTileCols) are cut only when there are too few row tiles to keep every thread busy.
 constexpr int64_t kMaxTileCols = 2048;
 constexpr int64_t kMinTileCols = 128;
 
@@ -332,6 +334,8 @@ struct Scratch {
   }
 };
 
+// Per thread at most: A block 528 KiB, B block 256 KiB, and for half outputs an fp32 copy of
+// one tile (up to 528 x 2048 x 4 bytes); the sizes do not grow with the number of rows.
 struct ThreadScratch {
   Scratch a_block, b_block, c_tile;
 };
