@@ -1,0 +1,177 @@
+#include "moe/checkpoint/hf_mixtral.h"
+
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <fstream>
+
+#include "convert/convert_testing.h"
+#include "moe/comm/parallel_state.h"
+#include "moe/model/gpt_model.h"
+#include "support/testing.h"
+
+namespace moe::checkpoint::hf_mixtral {
+namespace {
+
+using moe::testing::expect_error;
+using moe::testing::ScratchDir;
+
+// Odd sizes everywhere: 3 query heads per kv group, 3 experts, vocab 37.
+MixtralConfig tiny_config() {
+  MixtralConfig c;
+  c.vocab_size = 37;
+  c.hidden_size = 24;
+  c.intermediate_size = 10;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 6;
+  c.num_key_value_heads = 2;
+  c.num_local_experts = 3;
+  c.num_experts_per_tok = 2;
+  c.max_position_embeddings = 64;
+  c.rope_theta = 10000;
+  c.rms_norm_eps = 1e-6;
+  return c;
+}
+
+struct TinyModel {
+  ParameterStore store;
+  std::unique_ptr<model::GPTModel> model;
+  TinyModel(const MixtralConfig& c, DType dtype, uint64_t seed) : store(dtype) {
+    model::TransformerConfig t = c.transformer_config();
+    t.seq_length = 8;
+    model = std::make_unique<model::GPTModel>(t, comm::single_process_state(), store);
+    store.allocate();
+    model->init_parameters(seed);
+  }
+};
+
+void declare_all(ParameterStore& store, const MixtralConfig& c) {
+  for (const ParamSpec& spec : moecore_param_specs(c)) store.declare(spec);
+  store.allocate();
+}
+
+void expect_same_parameters(const ParameterStore& a, const ParameterStore& b) {
+  ASSERT_EQ(a.count(), b.count());
+  for (int i = 0; i < a.count(); ++i) {
+    const std::string& name = a.spec(ParamHandle{i}).name;
+    Tensor x = a.param(ParamHandle{i}), y = b.param(b.find(name));
+    ASSERT_EQ(x.shape(), y.shape()) << name;
+    ASSERT_EQ(x.dtype(), y.dtype()) << name;
+    EXPECT_EQ(std::memcmp(x.raw(), y.raw(), x.nbytes()), 0) << name;
+  }
+}
+
+TEST(HfMixtral, SpecsMatchWhatGPTModelDeclares) {
+  for (bool tied : {false, true}) {
+    MixtralConfig c = tiny_config();
+    c.tie_word_embeddings = tied;
+    TinyModel model(c, DType::F32, 1);
+    std::vector<ParamSpec> specs = moecore_param_specs(c);
+    ASSERT_EQ(int(specs.size()), model.store.count()) << "tied " << tied;
+    for (const ParamSpec& spec : specs) {
+      ParamHandle handle = model.store.find(spec.name);
+      ASSERT_GE(handle.index, 0) << spec.name;
+      const ParamSpec& declared = model.store.spec(handle);
+      EXPECT_EQ(declared.global_shape, spec.global_shape) << spec.name;
+      EXPECT_EQ(declared.group, spec.group) << spec.name;
+      EXPECT_EQ(declared.tensor_parallel_duplicate, spec.tensor_parallel_duplicate) << spec.name;
+      EXPECT_EQ(declared.weight_decay, spec.weight_decay) << spec.name;
+    }
+  }
+}
+
+TEST(HfMixtral, RoundTripThroughSafetensorsIsBitwise) {
+  for (DType dtype : {DType::F32, DType::BF16}) {
+    MixtralConfig c = tiny_config();
+    TinyModel original(c, dtype, 7);
+    ScratchDir dir("hf_round_trip");
+    safetensors::write_checkpoint(dir.path.string(), moecore_to_hf(c, original.store, dtype), {},
+                                  /*max_shard_bytes=*/4096);
+    safetensors::Checkpoint hf(dir.path.string());
+    EXPECT_EQ(hf.names().size(), hf_tensor_shapes(c).size());
+    ParameterStore loaded(dtype);
+    declare_all(loaded, c);
+    hf_to_moecore(
+        c, [&](const std::string& name) { return hf.read(name); }, loaded);
+    expect_same_parameters(original.store, loaded);
+  }
+}
+
+// Checks the layout itself on hand-picked elements (a round trip alone would pass for any
+// bijection).
+TEST(HfMixtral, ElementsLandWhereMegatronPutsThem) {
+  MixtralConfig c = tiny_config();
+  TinyModel model(c, DType::F32, 3);
+  std::map<std::string, Tensor> hf;
+  for (auto& [name, tensor] : moecore_to_hf(c, model.store, DType::F32)) hf[name] = tensor;
+  auto param = [&](const std::string& name) { return model.store.param(model.store.find(name)); };
+  const int64_t H = 24, d = 4, F = 10, E = 3, V = 37;
+  // qkv [H, G=2, 3 + 2, d]: query head 4 is the second head of group 1; k/v of group 1.
+  Tensor qkv = param("decoder.layers.1.self_attention.linear_qkv.weight");
+  const Tensor& q = hf.at("model.layers.1.self_attn.q_proj.weight");
+  const Tensor& k = hf.at("model.layers.1.self_attn.k_proj.weight");
+  const Tensor& v = hf.at("model.layers.1.self_attn.v_proj.weight");
+  for (int64_t i : {int64_t(0), int64_t(5), H - 1}) {
+    for (int64_t j = 0; j < d; ++j) {
+      EXPECT_EQ(q.get((4 * d + j) * H + i), qkv.get(((i * 2 + 1) * 5 + 1) * d + j));
+      EXPECT_EQ(k.get((1 * d + j) * H + i), qkv.get(((i * 2 + 1) * 5 + 3) * d + j));
+      EXPECT_EQ(v.get((0 * d + j) * H + i), qkv.get(((i * 2 + 0) * 5 + 4) * d + j));
+    }
+  }
+  Tensor fc1 = param("decoder.layers.0.mlp.experts.linear_fc1.weight");  // [E, H, 2, F]
+  Tensor fc2 = param("decoder.layers.0.mlp.experts.linear_fc2.weight");  // [E, F, H]
+  const Tensor& w1 = hf.at("model.layers.0.block_sparse_moe.experts.2.w1.weight");
+  const Tensor& w3 = hf.at("model.layers.0.block_sparse_moe.experts.2.w3.weight");
+  const Tensor& w2 = hf.at("model.layers.0.block_sparse_moe.experts.2.w2.weight");
+  EXPECT_EQ(w1.get(7 * H + 3), fc1.get(((2 * H + 3) * 2 + 0) * F + 7));
+  EXPECT_EQ(w3.get(7 * H + 3), fc1.get(((2 * H + 3) * 2 + 1) * F + 7));
+  EXPECT_EQ(w2.get(3 * F + 7), fc2.get((2 * F + 7) * H + 3));
+  Tensor router = param("decoder.layers.0.mlp.router.weight");  // [H, E]
+  EXPECT_EQ(hf.at("model.layers.0.block_sparse_moe.gate.weight").get(1 * H + 5),
+            router.get(5 * E + 1));
+  EXPECT_EQ(hf.at("lm_head.weight").get(30 * H + 2), param("output_layer.weight").get(2 * V + 30));
+  EXPECT_EQ(hf.at("model.embed_tokens.weight").get(30 * H + 2),
+            param("embedding.word_embeddings.weight").get(30 * H + 2));
+}
+
+TEST(HfMixtral, BadTensorsAndConfigsAreNamed) {
+  MixtralConfig c = tiny_config();
+  ParameterStore store(DType::F32);
+  declare_all(store, c);
+  auto zeros_of_hf_shape = [&](const std::string& name) {
+    for (const auto& [hf_name, shape] : hf_tensor_shapes(c)) {
+      if (hf_name == name) return Tensor(shape);
+    }
+    return Tensor();
+  };
+  auto wrong_gate = [&](const std::string& name) {
+    return name == "model.layers.1.block_sparse_moe.gate.weight" ? Tensor({4, 24})
+                                                                 : zeros_of_hf_shape(name);
+  };
+  expect_error([&] { hf_to_moecore(c, wrong_gate, store); },
+               {"model.layers.1.block_sparse_moe.gate.weight", "[4, 24]", "[3, 24]"});
+  auto missing = [&](const std::string& name) {
+    return name == "lm_head.weight" ? Tensor() : zeros_of_hf_shape(name);
+  };
+  expect_error([&] { hf_to_moecore(c, missing, store); }, {"'lm_head.weight' is missing"});
+
+  nlohmann::json json = c.to_json();
+  EXPECT_EQ(MixtralConfig::from_json(json, "cfg").to_json(), json);
+  json.erase("num_local_experts");
+  expect_error([&] { MixtralConfig::from_json(json, "my/config.json"); },
+               {"my/config.json", "'num_local_experts' is missing"});
+  json = c.to_json();
+  json["num_key_value_heads"] = 4;
+  expect_error([&] { MixtralConfig::from_json(json, "cfg"); },
+               {"num_attention_heads (6)", "num_key_value_heads (4)"});
+  json = c.to_json();
+  json["hidden_size"] = "24";
+  expect_error([&] { MixtralConfig::from_json(json, "cfg"); },
+               {"'hidden_size' must be a positive integer", "\"24\""});
+  json = c.to_json();
+  json["model_type"] = "llama";
+  expect_error([&] { MixtralConfig::from_json(json, "cfg"); }, {"\"llama\"", "not \"mixtral\""});
+}
+
+}  // namespace
+}  // namespace moe::checkpoint::hf_mixtral
