@@ -71,5 +71,5 @@ echo "demo: checkpoint:  $run_dir/checkpoints/$(printf 'iter_%07d' "$latest") (i
 echo "demo: TensorBoard: tensorboard --logdir $run_dir/tensorboard"
 echo "demo: scalars:     $run_dir/train.csv"
 echo "demo: lm loss by logged iteration:"
-awk -F, '$2 == "lm loss" && $1 % 10 == 0 { printf "  iteration %4d  lm loss %.3f\n", $1, $3 }' \
+awk -F, '$2 == "lm loss" && ($1 == 1 || $1 % 10 == 0) { printf "  iteration %4d  lm loss %.3f\n", $1, $3 }' \
   "$run_dir/train.csv"
