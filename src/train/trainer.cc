@@ -368,7 +368,7 @@ IterationStats train_step(Job& job, data::PretrainingDataIterator& data) {
   return stats;
 }
 
-// Megatron's evaluate(): eval_iters global batches of the validation split, forward only.
+// Megatron's evaluate(): eval_iters global batches of `data`, forward only.
 double evaluate(Job& job, data::PretrainingDataIterator& data) {
   const TrainingArguments& a = job.args;
   double total = 0;
@@ -376,24 +376,35 @@ double evaluate(Job& job, data::PretrainingDataIterator& data) {
     total += pipeline::forward_only(*job.model, job.parallel, micro_batches_from(job, data),
                                     schedule_options(a, 1.0))
                  .mean_lm_loss();
-    job.consumed_valid_samples += *a.global_batch_size;
   }
   std::vector<double> mean = {total / a.eval_iters};
   average_over_data_parallel(mean, job.parallel);
   return mean[0];
 }
 
-void log_validation(Job& job, ScalarLog* scalars, double loss) {
-  const std::string line =
-      concat(" validation loss at iteration ", job.iteration, " | lm loss value: ", loss,
-             " | lm loss PPL: ", std::exp(std::min(loss, 20.0)), " |");
+// Megatron's evaluation banner; `what` says which split and when ("iteration 100 on validation
+// data"). The scalars go under `tag` ("lm loss validation").
+void log_evaluation(Job& job, ScalarLog* scalars, const std::string& what, const std::string& tag,
+                    double loss) {
+  const double perplexity = std::exp(std::min(loss, 20.0));
+  const std::string line = concat(" validation loss at ", what, " | lm loss value: ", loss,
+                                  " | lm loss PPL: ", perplexity, " |");
   const std::string rule(line.size() + 1, '-');
   job.say(rule + "\n" + line + "\n" + rule);
   if (scalars) {
-    scalars->add("lm loss validation", loss, job.iteration);
-    scalars->add("lm loss validation ppl", std::exp(std::min(loss, 20.0)), job.iteration);
+    scalars->add(tag, loss, job.iteration);
+    scalars->add(tag + " ppl", perplexity, job.iteration);
     scalars->flush();
   }
+}
+
+// One evaluation of the validation split at the current iteration, advancing its position.
+void validate(Job& job, data::PretrainingDataIterator& data, ScalarLog* scalars,
+              TrainingReport& report, const std::string& when) {
+  double loss = evaluate(job, data);
+  job.consumed_valid_samples += int64_t(job.args.eval_iters) * *job.args.global_batch_size;
+  report.validation_losses.emplace_back(job.iteration, loss);
+  log_evaluation(job, scalars, when + " on validation data", "lm loss validation", loss);
 }
 
 void log_scalars(ScalarLog& scalars, const IterationStats& s, bool is_moe) {
@@ -550,9 +561,7 @@ TrainingReport pretrain(const TrainingArguments& args, std::ostream& log) {
       window.clear();
     }
     if (valid_data && job.iteration % args.eval_interval == 0) {
-      double loss = evaluate(job, *valid_data);
-      report.validation_losses.emplace_back(job.iteration, loss);
-      log_validation(job, scalars.get(), loss);
+      validate(job, *valid_data, scalars.get(), report, concat("iteration ", job.iteration));
     }
     if (args.save && job.iteration % *args.save_interval == 0) {
       save(job, report);
@@ -567,6 +576,17 @@ TrainingReport pretrain(const TrainingArguments& args, std::ostream& log) {
     job.say(timestamp() + format_log_line(window, *args.train_iters, *args.global_batch_size));
   }
   if (args.save && !saved_last && job.iteration > report.start_iteration) save(job, report);
+  // As Megatron, a run that reaches --train-iters ends with the validation and test splits.
+  if (job.iteration >= *args.train_iters && args.eval_iters > 0) {
+    const std::string when = concat("the end of training (iteration ", job.iteration, ")");
+    if (valid_data) validate(job, *valid_data, scalars.get(), report, when);
+    if (job.datasets[2]) {
+      data::PretrainingDataIterator test_data(job.datasets[2], 0, *args.micro_batch_size, dp_rank,
+                                              dp, job.sample_options);
+      report.test_loss = evaluate(job, test_data);
+      log_evaluation(job, scalars.get(), when + " on test data", "lm loss test", *report.test_loss);
+    }
+  }
   if (scalars) scalars->flush();
   report.final_iteration = job.iteration;
   return report;

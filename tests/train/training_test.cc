@@ -180,9 +180,15 @@ TEST(TrainingLoop, ResumeRepeatsTheUninterruptedLossesBitwise) {
     EXPECT_EQ(resumed.lr, original.lr) << "iteration " << resumed.iteration;
     EXPECT_EQ(resumed.consumed_samples, original.consumed_samples);
   }
-  // Validation at iterations 8 and 12 reads the same validation samples in both runs.
-  ASSERT_EQ(second_half.validation_losses.size(), 2u);
-  EXPECT_EQ(second_half.validation_losses[1], whole.validation_losses[2]);
+  // Validation at iterations 8 and 12 and at the end reads the same validation samples in both
+  // runs (the position is in the checkpoint); the test split is evaluated at the end.
+  ASSERT_EQ(whole.validation_losses.size(), 4u);
+  ASSERT_EQ(second_half.validation_losses.size(), 3u);
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(second_half.validation_losses[i], whole.validation_losses[1 + i]);
+  }
+  ASSERT_TRUE(whole.test_loss.has_value() && second_half.test_loss.has_value());
+  EXPECT_EQ(*second_half.test_loss, *whole.test_loss);
   if (world_rank() == 0) fs::remove_all(dir);
 }
 
@@ -193,14 +199,16 @@ TEST(TrainingLoop, LogFileAndTensorBoardRecordEveryIteration) {
   if (world_rank() == 0) {
     std::ifstream csv(dir / "train.csv");
     std::string line;
-    int lm_rows = 0, validation_rows = 0, load_rows = 0;
+    int lm_rows = 0, validation_rows = 0, test_rows = 0, load_rows = 0;
     while (std::getline(csv, line)) {
       lm_rows += line.find(",lm loss,") != std::string::npos;
       validation_rows += line.find(",lm loss validation,") != std::string::npos;
+      test_rows += line.find(",lm loss test,") != std::string::npos;
       load_rows += line.find(",expert-load-max,") != std::string::npos;
     }
     EXPECT_EQ(lm_rows, 4);
-    EXPECT_EQ(validation_rows, 2);
+    EXPECT_EQ(validation_rows, 3);  // iterations 2 and 4, and the end of training
+    EXPECT_EQ(test_rows, 1);
     EXPECT_EQ(load_rows, 4);
     int event_files = 0;
     for (const auto& entry : fs::directory_iterator(dir / "tb")) {

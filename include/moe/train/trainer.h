@@ -40,9 +40,11 @@ struct IterationStats {
 struct TrainingReport {
   int64_t start_iteration = 0;  // 0, or the loaded checkpoint's iteration
   int64_t final_iteration = 0;
-  std::vector<IterationStats> iterations;                     // every iteration this run trained
-  std::vector<std::pair<int64_t, double>> validation_losses;  // (iteration, lm loss)
-  std::optional<std::string> last_checkpoint;                 // directory of the latest save
+  std::vector<IterationStats> iterations;  // every iteration this run trained
+  // (iteration, lm loss) of every validation, the one at the end of training included.
+  std::vector<std::pair<int64_t, double>> validation_losses;
+  std::optional<double> test_loss;             // at the end of training, when there is a test split
+  std::optional<std::string> last_checkpoint;  // directory of the latest save
 };
 
 // Runs the job on every rank of MPI_COMM_WORLD (collective). `args` must be finalized for the
