@@ -6,8 +6,7 @@
 #include <fstream>
 
 #include "convert/convert_testing.h"
-#include "moe/comm/parallel_state.h"
-#include "moe/model/gpt_model.h"
+#include "convert/mixtral_testing.h"
 #include "support/testing.h"
 
 namespace moe::checkpoint::hf_mixtral {
@@ -15,35 +14,8 @@ namespace {
 
 using moe::testing::expect_error;
 using moe::testing::ScratchDir;
-
-// Odd sizes everywhere: 3 query heads per kv group, 3 experts, vocab 37.
-MixtralConfig tiny_config() {
-  MixtralConfig c;
-  c.vocab_size = 37;
-  c.hidden_size = 24;
-  c.intermediate_size = 10;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 6;
-  c.num_key_value_heads = 2;
-  c.num_local_experts = 3;
-  c.num_experts_per_tok = 2;
-  c.max_position_embeddings = 64;
-  c.rope_theta = 10000;
-  c.rms_norm_eps = 1e-6;
-  return c;
-}
-
-struct TinyModel {
-  ParameterStore store;
-  std::unique_ptr<model::GPTModel> model;
-  TinyModel(const MixtralConfig& c, DType dtype, uint64_t seed) : store(dtype) {
-    model::TransformerConfig t = c.transformer_config();
-    t.seq_length = 8;
-    model = std::make_unique<model::GPTModel>(t, comm::single_process_state(), store);
-    store.allocate();
-    model->init_parameters(seed);
-  }
-};
+using moe::testing::tiny_config;
+using moe::testing::TinyModel;
 
 void declare_all(ParameterStore& store, const MixtralConfig& c) {
   for (const ParamSpec& spec : moecore_param_specs(c)) store.declare(spec);

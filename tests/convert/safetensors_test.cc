@@ -13,13 +13,9 @@ namespace moe::checkpoint::safetensors {
 namespace {
 
 using moe::testing::expect_error;
+using moe::testing::same_bytes;
 using moe::testing::ScratchDir;
 using moe::testing::write_text;
-
-bool same_bytes(const Tensor& a, const Tensor& b) {
-  return a.dtype() == b.dtype() && a.shape() == b.shape() &&
-         std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
-}
 
 // One tensor of every supported dtype and some awkward shapes (empty, scalar-like, odd sizes).
 std::vector<NamedTensor> sample_tensors() {

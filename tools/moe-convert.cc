@@ -1,0 +1,180 @@
+// moe-convert: Hugging Face Mixtral safetensors <-> moecore checkpoints, on one process.
+//   moe-convert --from hf --to moecore --input HF_DIR --output CKPT_DIR [--dtype bf16]
+//   moe-convert --from moecore --to hf --input CKPT_DIR --output HF_DIR [--hf-config FILE]
+// The whole model is held in memory once (plus one tensor in flight). docs/convert.md.
+#include <CLI/CLI.hpp>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "moe/checkpoint/checkpoint.h"
+#include "moe/checkpoint/hf_mixtral.h"
+#include "moe/checkpoint/safetensors.h"
+#include "moe/comm/parallel_state.h"
+#include "moe/tensor/error.h"
+
+namespace {
+
+namespace fs = std::filesystem;
+using namespace moe;
+using checkpoint::hf_mixtral::MixtralConfig;
+
+struct Options {
+  std::string from, to, input, output, dtype, hf_config;
+  int64_t iteration = 0;
+  uint64_t max_shard_bytes = uint64_t(5) << 30;
+};
+
+nlohmann::json read_json(const std::string& path) {
+  std::ifstream in(path);
+  MOE_CHECK(in.is_open(), "cannot open '", path, "'");
+  try {
+    return nlohmann::json::parse(in);
+  } catch (const nlohmann::json::exception& e) {
+    MOE_CHECK(false, "'", path, "' is not valid JSON: ", e.what());
+  }
+  return {};
+}
+
+void allocate_model(ParameterStore& store, const MixtralConfig& config) {
+  for (const ParamSpec& spec : checkpoint::hf_mixtral::moecore_param_specs(config)) {
+    store.declare(spec);
+  }
+  store.allocate();
+}
+
+void hf_to_moecore(const Options& options) {
+  const std::string config_path = (fs::path(options.input) / "config.json").string();
+  MOE_CHECK(fs::exists(config_path), "'", options.input,
+            "' has no config.json: not a Hugging Face model directory");
+  MixtralConfig config = MixtralConfig::from_json(read_json(config_path), config_path);
+  checkpoint::safetensors::Checkpoint hf(options.input);
+
+  std::set<std::string> expected;
+  for (const auto& [name, shape] : checkpoint::hf_mixtral::hf_tensor_shapes(config)) {
+    expected.insert(name);
+    MOE_CHECK(hf.contains(name), "'", options.input, "' has no tensor '", name,
+              "' that a Mixtral model with this config.json needs");
+  }
+  for (const std::string& name : hf.names()) {
+    // Older exports carry the rotary frequencies as a buffer; they follow from rope_theta.
+    if (name.ends_with(".rotary_emb.inv_freq")) continue;
+    MOE_CHECK(expected.count(name), "'", hf.file_of(name), "' holds tensor '", name,
+              "' that a Mixtral model has no place for (a different architecture?)");
+  }
+  const DType dtype = options.dtype.empty() ? hf.info("model.embed_tokens.weight").dtype
+                                            : parse_dtype(options.dtype);
+  ParameterStore store(dtype);
+  allocate_model(store, config);
+  checkpoint::hf_mixtral::hf_to_moecore(
+      config, [&](const std::string& name) { return hf.read(name); }, store);
+
+  checkpoint::TrainingState state;
+  state.iteration = options.iteration;
+  state.extra["hf_config"] = config.to_json();
+  state.extra["converted_from"] = options.input;
+  checkpoint::save_checkpoint(options.output, state, store, nullptr, nullptr,
+                              comm::single_process_state());
+  std::cout << "wrote " << checkpoint::iteration_dir_name(options.iteration) << " ("
+            << dtype_name(dtype) << ") under " << options.output
+            << "\nmoe-train flags for this model: " << config.megatron_flags() << "\n";
+}
+
+void moecore_to_hf(const Options& options) {
+  std::optional<int64_t> iteration = options.iteration > 0
+                                         ? std::optional<int64_t>(options.iteration)
+                                         : checkpoint::read_tracker(options.input);
+  MOE_CHECK(iteration.has_value(), "'", options.input,
+            "' has no latest_checkpointed_iteration.txt: not a moecore checkpoint directory");
+  const std::string metadata_path =
+      (fs::path(options.input) / checkpoint::iteration_dir_name(*iteration) / "metadata.json")
+          .string();
+  nlohmann::json metadata = read_json(metadata_path);
+  MixtralConfig config;
+  if (!options.hf_config.empty()) {
+    config = MixtralConfig::from_json(read_json(options.hf_config), options.hf_config);
+  } else {
+    MOE_CHECK(metadata.contains("extra") && metadata["extra"].contains("hf_config"), "'",
+              metadata_path,
+              "' does not record the model's HF config (it was not made by "
+              "moe-convert): pass --hf-config with the Mixtral config.json describing it");
+    config = MixtralConfig::from_json(metadata["extra"]["hf_config"], metadata_path);
+  }
+  ParameterStore store(parse_dtype(metadata.at("param_dtype").get<std::string>()));
+  allocate_model(store, config);
+  checkpoint::LoadOptions load;
+  load.load_optim = false;
+  load.load_rng = false;
+  load.iteration = iteration;
+  checkpoint::load_checkpoint(options.input, store, nullptr, nullptr, comm::single_process_state(),
+                              load);
+
+  const DType dtype = options.dtype.empty() ? store.param_dtype() : parse_dtype(options.dtype);
+  checkpoint::safetensors::write_checkpoint(
+      options.output, checkpoint::hf_mixtral::moecore_to_hf(config, store, dtype),
+      {{"format", "pt"}}, options.max_shard_bytes);
+  nlohmann::json hf_config = config.to_json();
+  hf_config["torch_dtype"] = dtype == DType::BF16  ? "bfloat16"
+                             : dtype == DType::F16 ? "float16"
+                                                   : "float32";
+  const fs::path config_path = fs::path(options.output) / "config.json";
+  {
+    std::ofstream out(config_path.string() + ".tmp", std::ios::trunc);
+    out << hf_config.dump(2) << "\n";
+    MOE_CHECK(out.good(), "writing '", config_path.string(), ".tmp' failed");
+  }
+  fs::rename(config_path.string() + ".tmp", config_path);
+  std::cout << "wrote a Hugging Face Mixtral model (" << dtype_name(dtype) << ") from iteration "
+            << *iteration << " to " << options.output << "\n";
+}
+
+void convert(const Options& options) {
+  MOE_CHECK(options.from != options.to, "--from and --to are both '", options.from,
+            "': convert hf -> moecore or moecore -> hf");
+  MOE_CHECK(fs::is_directory(options.input), "--input '", options.input, "' is not a directory");
+  MOE_CHECK(!fs::exists(options.output) || fs::is_empty(options.output), "--output '",
+            options.output, "' exists and is not empty: choose a new or empty directory");
+  if (!options.dtype.empty()) {
+    DType dtype = parse_dtype(options.dtype);
+    MOE_CHECK(dtype == DType::F32 || dtype == DType::BF16 || dtype == DType::F16,
+              "--dtype must be fp32, bf16 or fp16, got '", options.dtype, "'");
+  }
+  if (options.from == "hf") {
+    hf_to_moecore(options);
+  } else {
+    moecore_to_hf(options);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"Convert Hugging Face Mixtral safetensors <-> moecore checkpoints"};
+  Options options;
+  const std::set<std::string> formats = {"hf", "moecore"};
+  app.add_option("--from", options.from, "input format")->required()->check(CLI::IsMember(formats));
+  app.add_option("--to", options.to, "output format")->required()->check(CLI::IsMember(formats));
+  app.add_option("--input", options.input, "input directory")->required();
+  app.add_option("--output", options.output, "output directory (new or empty)")->required();
+  app.add_option("--dtype", options.dtype, "output dtype: fp32, bf16, fp16 (default: the input's)");
+  app.add_option("--iteration", options.iteration,
+                 "hf->moecore: iteration to save as (default 0); moecore->hf: iteration to "
+                 "read (default: the tracker's)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--hf-config", options.hf_config,
+                 "moecore->hf: the Mixtral config.json describing the checkpoint (default: the "
+                 "one moe-convert recorded in it)");
+  app.add_option("--max-shard-bytes", options.max_shard_bytes,
+                 "moecore->hf: largest safetensors shard (default 5 GiB)")
+      ->check(CLI::PositiveNumber);
+  CLI11_PARSE(app, argc, argv);
+  try {
+    convert(options);
+  } catch (const std::exception& error) {
+    std::cerr << "moe-convert: error: " << error.what() << "\n";
+    return 1;
+  }
+  return 0;
+}
