@@ -51,8 +51,14 @@ ExpertPlacement expert_parallel_setup(const char* who, const MoEConfig& config,
   MOE_CHECK(parallel.tp_ep.size() == parallel.ep_group.size() * parallel.etp_group.size(), who,
             ": the tp-ep group has ", parallel.tp_ep.size(), " ranks, not ep (",
             parallel.ep_group.size(), ") x etp (", parallel.etp_group.size(), ")");
-  return expert_parallel_placement(config.num_experts, parallel.ep_group.size(),
-                                   parallel.ep_group.rank());
+  MOE_CHECK(config.expert_ffn_hidden_size() % parallel.etp_group.size() == 0, who,
+            ": the expert ffn size (", config.expert_ffn_hidden_size(),
+            ") is not divisible by expert_tensor_parallel_size (", parallel.etp_group.size(), ")");
+  ExpertPlacement placement = expert_parallel_placement(
+      config.num_experts, parallel.ep_group.size(), parallel.ep_group.rank());
+  placement.tp_rank = parallel.etp_group.rank();
+  placement.tp_size = parallel.etp_group.size();
+  return placement;
 }
 
 GroupBatch agree_on_batch(const char* who, const Tensor& hidden, const Routing& routing,

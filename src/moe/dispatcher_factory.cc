@@ -17,10 +17,6 @@ std::unique_ptr<TokenDispatcher> make_token_dispatcher(const MoEConfig& config,
   if (parallel.sizes.ep == 1 && parallel.sizes.etp == 1) {
     return std::make_unique<LocalTokenDispatcher>(config);
   }
-  MOE_CHECK(parallel.sizes.etp == 1,
-            "make_token_dispatcher: expert tensor parallelism (etp = ", parallel.sizes.etp,
-            ") needs the experts split over the etp group, which the MoE "
-            "layer's experts do not do yet; use etp = 1");
   switch (config.moe_token_dispatcher_type) {
     case TokenDispatcherType::kAllToAll:
       return std::make_unique<AllToAllTokenDispatcher>(config, parallel);

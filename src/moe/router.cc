@@ -454,9 +454,9 @@ Routing TopKRouter::forward(const Tensor& hidden, RouterContext& ctx, bool train
     route_tokens(spec, logits, balanced.defined() ? balanced.data<C>() : nullptr,
                  ctx.routing.experts.data<int32_t>(), ctx.routing.probs.data<C>());
 
-    if (training && config_.aux_loss_enabled() && T > 0) {
+    // Runs with T = 0 too: the count reducer is a collective the group's other ranks enter.
+    if (training && config_.aux_loss_enabled()) {
       AuxSpec aux = aux_spec(config_, T, ctx.batch_size);
-      ctx.aux_loss_active = true;
       Tensor counts = Tensor::empty({aux.groups, E}, cdt);
       Tensor score_sums = Tensor::empty({aux.groups, E}, cdt);
       aux_loss_statistics(aux, logits, counts.data<C>(), score_sums.data<C>());
@@ -464,14 +464,18 @@ Routing TopKRouter::forward(const Tensor& hidden, RouterContext& ctx, bool train
       double token_count = double(T / aux.groups);
       Tensor reduced = aux.groups == 1 ? counts.reshape({E}) : counts;
       if (aux_count_reducer_) aux_count_reducer_(reduced, token_count);
-      MOE_CHECK(token_count > 0, "TopKRouter: aux-loss token count is ", token_count);
+      MOE_CHECK(token_count >= 0, "TopKRouter: aux-loss token count is ", token_count);
+      // No token anywhere in the group: no loss and no gradient.
+      ctx.aux_loss_active = token_count > 0;
       double total = 0.0;
       for (int64_t i = 0; i < aux.groups * E; ++i) {
         total += double(score_sums.data<C>()[i]) * double(counts.data<C>()[i]);
       }
       ctx.aux_tokens_per_expert = counts;
       ctx.aux_token_count = token_count;
-      ctx.losses.load_balancing_loss = total * aux_loss_factor(config_, aux, token_count);
+      if (ctx.aux_loss_active) {
+        ctx.losses.load_balancing_loss = total * aux_loss_factor(config_, aux, token_count);
+      }
     }
     if (training && config_.z_loss_enabled() && T > 0) {
       ctx.z_loss_active = true;

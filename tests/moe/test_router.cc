@@ -139,6 +139,37 @@ TEST(Router, LossesOnlyInTrainingAndAccumulatingGradients) {
   EXPECT_GT(ctx.losses.load_balancing_loss, 0.0);  // losses stay readable after backward
 }
 
+// The aux-loss count reducer is a collective in expert-parallel runs: a rank with no tokens must
+// still call it (once per forward), else its peers wait for it. Alone with no tokens (the
+// reducer's group has none either) there is no loss and no gradient.
+TEST(Router, AuxCountReducerRunsWithZeroTokens) {
+  MoEConfig config = testing::small_config(6, 5, 2, 4);
+  config.moe_aux_loss_coeff = 0.1;
+  RouterFixture fixture(config, DType::F32);
+  int calls = 0;
+  double peer_tokens = 0;
+  fixture.router.set_aux_count_reducer([&](Tensor& tokens_per_expert, double& token_count) {
+    ++calls;
+    EXPECT_EQ(tokens_per_expert.numel(), 5);
+    EXPECT_EQ(token_count, 0.0);
+    token_count += peer_tokens;
+  });
+  const Tensor empty = Tensor::zeros({0, 6});
+  RouterContext ctx;
+  for (double peers : {0.0, 8.0}) {
+    SCOPED_TRACE(peers);
+    peer_tokens = peers;
+    fixture.router.forward(empty, ctx);
+    EXPECT_EQ(ctx.losses.load_balancing_loss, 0.0);  // no local scores: no local share
+    Tensor grad_hidden({0, 6});
+    fixture.router.backward(ctx, Tensor::zeros({0, 2}), grad_hidden);
+    EXPECT_TENSORS_CLOSE(fixture.router.weight_grad(), Tensor::zeros({6, 5}), 0.0, 0.0);
+  }
+  EXPECT_EQ(calls, 2);
+  fixture.router.forward(empty, ctx, /*training=*/false);
+  EXPECT_EQ(calls, 2);  // evaluation computes no aux loss
+}
+
 TEST(Router, ZLossGroupSizeDividesTheCoefficient) {
   MoEConfig config = testing::small_config(6, 5, 2, 4);
   config.moe_z_loss_coeff = 0.02;

@@ -38,16 +38,20 @@ inline int64_t tokens_of_rank(int world_rank) {
   return 6 + world_rank % 5;
 }
 
+// How many tokens each world rank holds.
+using TokensOfRank = int64_t (*)(int world_rank);
+
 // The group's batch: this rank's first token and the total, in group-rank order.
 struct GroupTokens {
   int64_t first = 0;
   int64_t total = 0;
 };
-inline GroupTokens group_tokens(const comm::ProcessGroup& group) {
+inline GroupTokens group_tokens(const comm::ProcessGroup& group,
+                                TokensOfRank tokens_of = tokens_of_rank) {
   GroupTokens tokens;
   for (int r = 0; r < group.size(); ++r) {
     if (r == group.rank()) tokens.first = tokens.total;
-    tokens.total += tokens_of_rank(group.world_ranks()[size_t(r)]);
+    tokens.total += tokens_of(group.world_ranks()[size_t(r)]);
   }
   return tokens;
 }

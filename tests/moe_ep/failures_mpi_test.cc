@@ -139,11 +139,20 @@ TEST(ExpertParallelFailures, LayoutsTheDispatchersCannotServe) {
   sizes.ep = 2;
   sizes.etp = 2;
   const comm::ParallelState with_etp = comm::initialize_model_parallel(sizes);
-  EXPECT_EQ(error_text([&] {
-              make_token_dispatcher(small_config(TokenDispatcherType::kAllGather), with_etp);
-            }),
-            "make_token_dispatcher: expert tensor parallelism (etp = 2) needs the experts split "
-            "over the etp group, which the MoE layer's experts do not do yet; use etp = 1");
+  MoEConfig odd_ffn = small_config(TokenDispatcherType::kAllGather);
+  odd_ffn.ffn_hidden_size = 5;
+  EXPECT_EQ(error_text([&] { make_token_dispatcher(odd_ffn, with_etp); }),
+            "AllGatherTokenDispatcher: the expert ffn size (5) is not divisible by "
+            "expert_tensor_parallel_size (2)");
+  // A layout it serves: the placement names this rank's ffn slice from the etp group.
+  for (TokenDispatcherType type : kTypes) {
+    const ExpertPlacement placement =
+        make_token_dispatcher(small_config(type), with_etp)->placement();
+    EXPECT_EQ(placement.tp_rank, with_etp.etp_group.rank());
+    EXPECT_EQ(placement.tp_size, 2);
+    EXPECT_EQ(placement.first, 4 * with_etp.ep_group.rank());
+    EXPECT_EQ(placement.count, 4);
+  }
 }
 
 TEST(ExpertParallelFailures, CombineWithoutDispatchIsRefused) {

@@ -21,8 +21,9 @@
 //
 // Expert tensor parallelism (etp > 1): the dispatchers give every etp rank of an expert all of its
 // rows and sum the etp ranks' partial outputs (and input gradients) on the way back, as
-// Megatron's; the experts must then be split over etp (fc1 by columns, fc2 by rows, fc2 bias
-// once). The MoE layer's experts are not split yet, so make_token_dispatcher refuses etp > 1.
+// Megatron's; the placement names this rank's ffn slice (tp_rank / tp_size from the etp group),
+// so the layer's experts split fc1 by columns and fc2 by rows and add the fc2 bias once. The
+// partial outputs' sum rounds differently from the whole expert's: see docs/expert_parallel.md.
 #pragma once
 
 #include <memory>
@@ -92,8 +93,8 @@ class AllGatherTokenDispatcher final : public TokenDispatcher {
 };
 
 // The dispatcher for a layout: LocalTokenDispatcher when ep = etp = 1, else the one named by
-// config.moe_token_dispatcher_type. Throws for etp > 1 (the experts are not split yet) and for an
-// ep size that does not divide num_experts. Fits model::DispatcherFactory as
+// config.moe_token_dispatcher_type. Throws for an ep size that does not divide num_experts and
+// an etp size that does not divide the expert ffn size. Fits model::DispatcherFactory as
 //   [](const MoEConfig& c, const comm::ParallelState& p, int) { return make_token_dispatcher(c, p);
 //   }
 std::unique_ptr<TokenDispatcher> make_token_dispatcher(const MoEConfig& config,
@@ -105,7 +106,8 @@ std::unique_ptr<TokenDispatcher> make_token_dispatcher(const MoEConfig& config,
 // losses add up to it. Megatron reduces over the tensor x context parallel group (the shards of
 // one micro-batch); reducing over tp_ep instead makes the ep ranks' batches one batch. With
 // seq_aux_loss (per-sequence counts) the group must hold shards of the same sequences (tp x cp),
-// never tp_ep. Every rank of the group must run the router's aux loss (training, >= 1 token).
+// never tp_ep. Every rank of the group must run the router's aux loss (training; the router
+// calls the reducer with zero tokens too, so a rank with an empty micro-batch still joins).
 TopKRouter::AuxCountReducer make_aux_count_reducer(comm::ProcessGroup group);
 
 }  // namespace moe

@@ -79,7 +79,9 @@ class TopKRouter {
   // With expert or data parallelism the aux loss counts tokens over a group: this hook gets
   // the local per-expert counts ([E], or [B, E] for seq_aux_loss) and token count, and may
   // replace them in place with the reduced ones (Megatron's
-  // get_tokens_per_expert_and_token_count). Unset: the local counts are used.
+  // get_tokens_per_expert_and_token_count). Unset: the local counts are used. Called on every
+  // training forward with the aux loss on, also with zero local tokens (zero counts), since a
+  // reducer is a collective the group's other ranks enter.
   using AuxCountReducer = std::function<void(Tensor& tokens_per_expert, double& token_count)>;
   void set_aux_count_reducer(AuxCountReducer reducer) { aux_count_reducer_ = std::move(reducer); }
 
