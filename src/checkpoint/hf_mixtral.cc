@@ -1,5 +1,6 @@
 #include "moe/checkpoint/hf_mixtral.h"
 
+#include <cmath>
 #include <cstring>
 #include <map>
 #include <sstream>
@@ -308,8 +309,14 @@ std::string MixtralConfig::megatron_flags() const {
   }
   flags << " --max-position-embeddings " << max_position_embeddings
         << " --normalization RMSNorm --norm-epsilon " << rms_norm_eps
-        << " --position-embedding-type rope --rotary-base " << rope_theta
-        << " --swiglu --disable-bias-linear";
+        << " --position-embedding-type rope --rotary-base ";
+  // Megatron's --rotary-base is an integer; Mixtral's rope_theta (1e6) is one written as a float.
+  if (rope_theta == std::floor(rope_theta)) {
+    flags << int64_t(rope_theta);
+  } else {
+    flags << rope_theta;
+  }
+  flags << " --swiglu --disable-bias-linear";
   if (!tie_word_embeddings) flags << " --untie-embeddings-and-output-weights";
   flags << " --hidden-dropout 0 --attention-dropout 0 --num-experts " << num_local_experts
         << " --moe-router-topk " << num_experts_per_tok;

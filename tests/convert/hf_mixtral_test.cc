@@ -6,10 +6,12 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 
 #include "convert/convert_testing.h"
 #include "convert/mixtral_testing.h"
 #include "model/model_testing.h"
+#include "moe/train/arguments.h"
 #include "support/testing.h"
 
 namespace moe::checkpoint::hf_mixtral {
@@ -146,6 +148,30 @@ TEST(HfMixtral, BadTensorsAndConfigsAreNamed) {
   json = c.to_json();
   json["model_type"] = "llama";
   expect_error([&] { MixtralConfig::from_json(json, "cfg"); }, {"\"llama\"", "not \"mixtral\""});
+}
+
+TEST(HfMixtral, MegatronFlagsParseIntoTheSameModel) {
+  MixtralConfig c = tiny_config();
+  c.rope_theta = 1e6;
+  c.num_experts_per_tok = 1;
+  std::vector<std::string> argv;
+  std::istringstream words(c.megatron_flags());
+  for (std::string word; words >> word;) argv.push_back(word);
+  train::TrainingArguments args = train::parse_arguments(argv).args;
+  EXPECT_EQ(args.num_layers, 2);
+  EXPECT_EQ(args.hidden_size, 24);
+  EXPECT_EQ(args.ffn_hidden_size, 10);
+  EXPECT_EQ(args.num_attention_heads, 6);
+  EXPECT_EQ(args.kv_channels, 4);
+  EXPECT_TRUE(args.group_query_attention);
+  EXPECT_EQ(args.num_query_groups, 2);
+  EXPECT_EQ(args.rotary_base, 1000000);
+  EXPECT_EQ(args.normalization, "RMSNorm");
+  EXPECT_EQ(args.position_embedding_type, "rope");
+  EXPECT_TRUE(args.swiglu);
+  EXPECT_TRUE(args.untie_embeddings_and_output_weights);
+  EXPECT_EQ(args.num_experts, 3);
+  EXPECT_EQ(args.moe_router_topk, 1);
 }
 
 std::string json_of(const Tensor& ids) {  // [b, s] I64 -> "[[..], [..]]"
