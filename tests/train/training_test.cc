@@ -369,6 +369,39 @@ TEST(TrainingLoop, EodMaskLossChangesTheAveragedTokens) {
   EXPECT_TRUE(std::isfinite(masked.iterations[0].lm_loss));
 }
 
+// The log line averages losses over the interval's iterations that were not skipped, time and
+// throughput over all of them, and takes the expert-load extremes over the whole interval.
+TEST(TrainingLog, AveragesTheInterval) {
+  IterationStats a, b, skipped;
+  a.iteration = 9;
+  a.lm_loss = 4.0;
+  a.load_balancing_loss = 0.01;
+  a.elapsed_ms = 100;
+  a.tokens_per_second = 1000;
+  a.expert_load = {0.5, 1.5};
+  b = a;
+  b.iteration = 10;
+  b.lm_loss = 2.0;
+  b.load_balancing_loss = 0.03;
+  b.expert_load = {0.8, 1.2};
+  skipped = b;
+  skipped.iteration = 11;
+  skipped.skipped = true;
+  skipped.lm_loss = 1e9;  // not averaged
+  skipped.elapsed_ms = 400;
+  skipped.consumed_samples = 88;
+  skipped.lr = 1e-4;
+  skipped.grad_norm = 0.5;
+  skipped.loss_scale = 512;
+  EXPECT_EQ(format_log_line({a, b, skipped}, 20, 8),
+            " iteration       11/      20 | consumed samples:           88 | elapsed time per "
+            "iteration (ms): 200.0 | tokens/s: 1000 | learning rate: 1.000000E-04 | global batch "
+            "size:     8 | lm loss: 3.000000E+00 | load_balancing_loss: 2.000000E-02 | loss "
+            "scale: 512.0 | grad norm: 0.500 | expert load min/max: 0.50/1.50 | number of "
+            "skipped iterations:   1 | (inf/NaN gradients: step skipped, loss scale lowered) | "
+            "number of nan iterations:   0 |");
+}
+
 TEST(TrainingLoop, DenseModelTrains) {
   Args flags = tiny_moe_flags(6);
   for (const char* moe_flag :
