@@ -13,6 +13,7 @@
 #include "moe/checkpoint/hf_mixtral.h"
 #include "moe/checkpoint/safetensors.h"
 #include "moe/comm/parallel_state.h"
+#include "moe/model/config.h"
 #include "moe/tensor/error.h"
 
 namespace {
@@ -24,6 +25,8 @@ using checkpoint::hf_mixtral::MixtralConfig;
 struct Options {
   std::string from, to, input, output, dtype, hf_config;
   int64_t iteration = 0;
+  int64_t make_vocab_size_divisible_by = 128;
+  int tensor_model_parallel_size = 1;
   uint64_t max_shard_bytes = uint64_t(5) << 30;
 };
 
@@ -50,6 +53,8 @@ void hf_to_moecore(const Options& options) {
   MOE_CHECK(fs::exists(config_path), "'", options.input,
             "' has no config.json: not a Hugging Face model directory");
   MixtralConfig config = MixtralConfig::from_json(read_json(config_path), config_path);
+  config.padded_vocab_size = model::padded_vocab_size(
+      config.vocab_size, options.make_vocab_size_divisible_by, options.tensor_model_parallel_size);
   checkpoint::safetensors::Checkpoint hf(options.input);
 
   std::set<std::string> expected;
@@ -78,8 +83,26 @@ void hf_to_moecore(const Options& options) {
   checkpoint::save_checkpoint(options.output, state, store, nullptr, nullptr,
                               comm::single_process_state());
   std::cout << "wrote " << checkpoint::iteration_dir_name(options.iteration) << " ("
-            << dtype_name(dtype) << ") under " << options.output
-            << "\nmoe-train flags for this model: " << config.megatron_flags() << "\n";
+            << dtype_name(dtype) << ") under " << options.output << ", vocabulary padded from "
+            << config.vocab_size << " to " << config.padded_vocab_size
+            << " rows\nmoe-train flags for this model: " << config.megatron_flags()
+            << " --make-vocab-size-divisible-by " << options.make_vocab_size_divisible_by << "\n";
+}
+
+// The embedding's rows as saved (the padded vocabulary), from the rank index files.
+int64_t saved_vocab_rows(const fs::path& iteration_dir, const nlohmann::json& metadata) {
+  for (const auto& rank : metadata.at("ranks")) {
+    const std::string index_path = (iteration_dir / rank.at("index").get<std::string>()).string();
+    const nlohmann::json index = read_json(index_path);
+    for (const auto& piece : index.at("tensors")) {
+      if (piece.at("name") == "embedding.word_embeddings.weight") {
+        return piece.at("global_shape").at(0).get<int64_t>();
+      }
+    }
+  }
+  MOE_CHECK(false, "'", iteration_dir.string(),
+            "' holds no embedding.word_embeddings.weight: not a GPT model checkpoint");
+  return 0;
 }
 
 void moecore_to_hf(const Options& options) {
@@ -88,9 +111,9 @@ void moecore_to_hf(const Options& options) {
                                          : checkpoint::read_tracker(options.input);
   MOE_CHECK(iteration.has_value(), "'", options.input,
             "' has no latest_checkpointed_iteration.txt: not a moecore checkpoint directory");
-  const std::string metadata_path =
-      (fs::path(options.input) / checkpoint::iteration_dir_name(*iteration) / "metadata.json")
-          .string();
+  const fs::path iteration_dir =
+      fs::path(options.input) / checkpoint::iteration_dir_name(*iteration);
+  const std::string metadata_path = (iteration_dir / "metadata.json").string();
   nlohmann::json metadata = read_json(metadata_path);
   MixtralConfig config;
   if (!options.hf_config.empty()) {
@@ -102,6 +125,10 @@ void moecore_to_hf(const Options& options) {
               "moe-convert): pass --hf-config with the Mixtral config.json describing it");
     config = MixtralConfig::from_json(metadata["extra"]["hf_config"], metadata_path);
   }
+  config.padded_vocab_size = saved_vocab_rows(iteration_dir, metadata);
+  MOE_CHECK(config.padded_vocab_size >= config.vocab_size, "'", options.input, "' holds ",
+            config.padded_vocab_size, " vocabulary rows, fewer than the config's vocab_size (",
+            config.vocab_size, ")");
   ParameterStore store(parse_dtype(metadata.at("param_dtype").get<std::string>()));
   allocate_model(store, config);
   checkpoint::LoadOptions load;
@@ -163,6 +190,12 @@ int main(int argc, char** argv) {
                  "hf->moecore: iteration to save as (default 0); moecore->hf: iteration to "
                  "read (default: the tracker's)")
       ->check(CLI::NonNegativeNumber);
+  app.add_option("--make-vocab-size-divisible-by", options.make_vocab_size_divisible_by,
+                 "hf->moecore: pad the vocabulary as moe-train will (default 128)")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--tensor-model-parallel-size", options.tensor_model_parallel_size,
+                 "hf->moecore: the tp size the vocabulary padding must divide by (default 1)")
+      ->check(CLI::PositiveNumber);
   app.add_option("--hf-config", options.hf_config,
                  "moecore->hf: the Mixtral config.json describing the checkpoint (default: the "
                  "one moe-convert recorded in it)");

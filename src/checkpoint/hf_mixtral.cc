@@ -33,7 +33,8 @@ struct Mapping {
 
 Mapping build_mapping(const MixtralConfig& c) {
   c.validate();
-  const int64_t H = c.hidden_size, V = c.vocab_size, F = c.intermediate_size;
+  const int64_t H = c.hidden_size, V = c.vocab_size, Vp = c.moecore_vocab_rows();
+  const int64_t F = c.intermediate_size;
   const int64_t E = c.num_local_experts, G = c.num_key_value_heads, d = c.head_size();
   const int64_t per_group = c.num_attention_heads / G;
   Mapping m;
@@ -65,7 +66,7 @@ Mapping build_mapping(const MixtralConfig& c) {
   };
 
   m.hf_shapes.push_back({"model.embed_tokens.weight", {V, H}});
-  add("embedding.word_embeddings.weight", {V, H}, ParamGroup::kDense, true, false,
+  add("embedding.word_embeddings.weight", {Vp, H}, ParamGroup::kDense, true, false,
       whole("model.embed_tokens.weight"));
   for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) {
     const std::string hf = "model.layers." + std::to_string(layer) + ".";
@@ -115,8 +116,8 @@ Mapping build_mapping(const MixtralConfig& c) {
   norm("decoder.final_layernorm.weight", "model.norm.weight");
   if (!c.tie_word_embeddings) {
     m.hf_shapes.push_back({"lm_head.weight", {V, H}});
-    add("output_layer.weight", {H, V}, ParamGroup::kDense, true, false,
-        {transposed("lm_head.weight", 0, V, 0, V)});
+    add("output_layer.weight", {H, Vp}, ParamGroup::kDense, true, false,
+        {transposed("lm_head.weight", 0, V, 0, Vp)});
   }
   return m;
 }
@@ -208,6 +209,9 @@ void MixtralConfig::validate() const {
             head_size());
   MOE_CHECK(num_experts_per_tok <= num_local_experts, "Mixtral config: num_experts_per_tok (",
             num_experts_per_tok, ") exceeds num_local_experts (", num_local_experts, ")");
+  MOE_CHECK(padded_vocab_size == 0 || padded_vocab_size >= vocab_size,
+            "Mixtral config: padded_vocab_size (", padded_vocab_size,
+            ") is smaller than vocab_size (", vocab_size, ")");
   MOE_CHECK(rope_theta > 0 && rms_norm_eps > 0,
             "Mixtral config: rope_theta and rms_norm_eps must be positive, got ", rope_theta,
             " and ", rms_norm_eps);
@@ -282,7 +286,7 @@ model::TransformerConfig MixtralConfig::transformer_config() const {
   t.kv_channels = int(head_size());
   t.group_query_attention = num_key_value_heads != num_attention_heads;
   t.num_query_groups = int(num_key_value_heads);
-  t.padded_vocab_size = vocab_size;
+  t.padded_vocab_size = moecore_vocab_rows();
   t.max_position_embeddings = int(max_position_embeddings);
   t.normalization = "RMSNorm";
   t.norm_epsilon = float(rms_norm_eps);

@@ -40,8 +40,9 @@ TEST(MoeConvert, HfToMoecoreToHfIsBitwise) {
   const std::string hf = scratch / "hf", ckpt = scratch / "ckpt", back = scratch / "hf_back";
   write_hf_model(hf, c, original.store);
 
-  RunResult to_moecore = run_convert(
-      scratch, "--from hf --to moecore --input " + hf + " --output " + ckpt + " --iteration 5");
+  RunResult to_moecore =
+      run_convert(scratch, "--from hf --to moecore --input " + hf + " --output " + ckpt +
+                               " --iteration 5 --make-vocab-size-divisible-by 1");
   ASSERT_EQ(to_moecore.exit_code, 0) << to_moecore.output;
   EXPECT_NE(to_moecore.output.find("--num-experts 3 --moe-router-topk 2"), std::string::npos)
       << to_moecore.output;
@@ -79,8 +80,8 @@ TEST(MoeConvert, DtypeOptionConverts) {
   TinyModel original(c, DType::F32, 12);
   const std::string hf = scratch / "hf", ckpt = scratch / "ckpt", back = scratch / "hf_back";
   write_hf_model(hf, c, original.store, uint64_t(1) << 30);
-  ASSERT_EQ(run_convert(scratch,
-                        "--from hf --to moecore --dtype bf16 --input " + hf + " --output " + ckpt)
+  ASSERT_EQ(run_convert(scratch, "--from hf --to moecore --dtype bf16 --input " + hf +
+                                     " --output " + ckpt + " --make-vocab-size-divisible-by 1")
                 .exit_code,
             0);
   RunResult to_hf =
@@ -90,6 +91,73 @@ TEST(MoeConvert, DtypeOptionConverts) {
   for (const std::string& name : before.names()) {
     EXPECT_TRUE(same_bytes(before.read(name).to(DType::BF16), after.read(name))) << name;
   }
+}
+
+// Megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by * tp: 37 -> 64.
+TEST(MoeConvert, PadsTheVocabularyAsMoeTrainWill) {
+  ScratchDir scratch("tool_padding");
+  const MixtralConfig c = tiny_config();
+  TinyModel original(c, DType::F32, 14);
+  const std::string hf = scratch / "hf", ckpt = scratch / "ckpt", back = scratch / "hf_back";
+  write_hf_model(hf, c, original.store);
+  RunResult to_moecore =
+      run_convert(scratch, "--from hf --to moecore --input " + hf + " --output " + ckpt +
+                               " --make-vocab-size-divisible-by 16 --tensor-model-parallel-size 4");
+  ASSERT_EQ(to_moecore.exit_code, 0) << to_moecore.output;
+  EXPECT_NE(to_moecore.output.find("padded from 37 to 64 rows"), std::string::npos)
+      << to_moecore.output;
+
+  MixtralConfig padded = c;
+  padded.padded_vocab_size = 64;
+  TinyModel loaded(padded, DType::F32, 99);
+  checkpoint::LoadOptions options;
+  options.load_rng = false;
+  checkpoint::load_checkpoint(ckpt, loaded.store, nullptr, nullptr, comm::single_process_state(),
+                              options);
+  Tensor embedding = loaded.store.param(loaded.store.find("embedding.word_embeddings.weight"));
+  Tensor output = loaded.store.param(loaded.store.find("output_layer.weight"));  // [H, 64]
+  Tensor original_embedding =
+      original.store.param(original.store.find("embedding.word_embeddings.weight"));
+  for (int64_t i = 0; i < 37 * 24; ++i) ASSERT_EQ(embedding.get(i), original_embedding.get(i));
+  for (int64_t i = 37 * 24; i < 64 * 24; ++i) ASSERT_EQ(embedding.get(i), 0.0f) << i;
+  for (int64_t h = 0; h < 24; ++h) {
+    for (int64_t v = 37; v < 64; ++v) ASSERT_EQ(output.get(h * 64 + v), 0.0f);
+  }
+
+  ASSERT_EQ(run_convert(scratch, "--from moecore --to hf --input " + ckpt + " --output " + back)
+                .exit_code,
+            0);
+  Checkpoint before(hf), after(back);
+  for (const std::string& name : before.names()) {
+    EXPECT_TRUE(same_bytes(before.read(name), after.read(name))) << name;
+  }
+}
+
+// A checkpoint saved by training (no HF config recorded) converts with --hf-config.
+TEST(MoeConvert, TrainingCheckpointNeedsHfConfig) {
+  ScratchDir scratch("tool_training_ckpt");
+  MixtralConfig c = tiny_config();
+  c.padded_vocab_size = 40;
+  TinyModel trained(c, DType::F32, 15);
+  const std::string ckpt = scratch / "ckpt", back = scratch / "hf", config = scratch / "c.json";
+  checkpoint::TrainingState state;
+  state.iteration = 3;
+  checkpoint::save_checkpoint(ckpt, state, trained.store, nullptr, nullptr,
+                              comm::single_process_state());
+  RunResult without =
+      run_convert(scratch, "--from moecore --to hf --input " + ckpt + " --output " + back);
+  EXPECT_NE(without.exit_code, 0);
+  EXPECT_NE(without.output.find("pass --hf-config"), std::string::npos) << without.output;
+
+  std::ofstream(config) << c.to_json().dump();
+  RunResult with = run_convert(scratch, "--from moecore --to hf --input " + ckpt + " --output " +
+                                            back + " --hf-config " + config);
+  ASSERT_EQ(with.exit_code, 0) << with.output;
+  Checkpoint hf(back);
+  EXPECT_TRUE(same_bytes(
+      hf.read("lm_head.weight"),
+      checkpoint::hf_mixtral::moecore_to_hf(c, trained.store, DType::F32).back().second));
+  EXPECT_EQ(hf.read("model.embed_tokens.weight").shape(), (Shape{37, 24}));  // padding dropped
 }
 
 TEST(MoeConvert, BadInvocationsExplainThemselves) {

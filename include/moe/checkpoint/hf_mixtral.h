@@ -1,8 +1,8 @@
 // Hugging Face Mixtral <-> moecore parameter mapping (moe-convert uses it; docs/convert.md).
 //
-// Both sides name global (single-process) tensors. HF stores linear weights [out, in]; moecore
-// stores them [in, out], so every linear is transposed:
-//   model.embed_tokens.weight [V, H]                  -> embedding.word_embeddings.weight [V, H]
+// Both sides name global (single-process) tensors; Vp >= V is moecore's padded vocabulary. HF
+// stores linear weights [out, in]; moecore stores them [in, out], so every linear is transposed:
+//   model.embed_tokens.weight [V, H]                  -> embedding.word_embeddings.weight [Vp, H]
 //   model.layers.N.input_layernorm.weight [H]         -> decoder.layers.N.input_layernorm.weight
 //   self_attn.{q,k,v}_proj.weight [heads*d | G*d, H]  -> self_attention.linear_qkv.weight
 //       [H, G, heads/G + 2, d]: per query group g, its heads/G query heads, then k_g, then v_g
@@ -13,7 +13,7 @@
 //       [E, H, 2, F] (expert M, [:, 0, :] = w1^T, [:, 1, :] = w3^T)
 //   block_sparse_moe.experts.M.w2.weight [H, F]       -> mlp.experts.linear_fc2.weight [E, F, H]
 //   model.norm.weight [H]                             -> decoder.final_layernorm.weight [H]
-//   lm_head.weight [V, H]                             -> output_layer.weight [H, V] (absent when
+//   lm_head.weight [V, H]                             -> output_layer.weight [H, Vp] (absent when
 //                                                        tie_word_embeddings)
 // Query head h uses kv head h / (heads / G) on both sides (HF's repeat_kv, Megatron's query
 // groups), and both apply rotary embeddings to the pairs (i, i + d/2) with frequencies
@@ -48,7 +48,14 @@ struct MixtralConfig {
   double rope_theta = 1e6;
   double rms_norm_eps = 1e-5;
   bool tie_word_embeddings = false;
+  // Not HF's: the vocabulary rows of moecore's embedding and output layer (Megatron pads the
+  // vocabulary to a multiple of make_vocab_size_divisible_by * tp). 0: vocab_size. Rows past
+  // vocab_size are zero when converting from HF and dropped when converting to HF.
+  int64_t padded_vocab_size = 0;
 
+  int64_t moecore_vocab_rows() const {
+    return padded_vocab_size > 0 ? padded_vocab_size : vocab_size;
+  }
   int64_t head_size() const { return head_dim > 0 ? head_dim : hidden_size / num_attention_heads; }
   // Throws naming the field when a value is missing, non-positive or inconsistent.
   void validate() const;
@@ -71,8 +78,8 @@ std::vector<std::pair<std::string, Shape>> hf_tensor_shapes(const MixtralConfig&
 
 // Fills every parameter of `store` (allocated, holding moecore_param_specs' names with their
 // global shapes) from HF tensors returned by `read_hf` (called once per HF name). Checks each HF
-// tensor's shape and dtype (all HF tensors must share one dtype; the store's dtype is converted
-// to when they differ) and names the tensor in errors.
+// tensor's shape, converts it to the store's dtype when they differ, and names the tensor in
+// errors. Padded vocabulary rows are left as they are (zero in a freshly allocated store).
 void hf_to_moecore(const MixtralConfig& config,
                    const std::function<Tensor(const std::string&)>& read_hf, ParameterStore& store);
 // The HF tensors of the model held in `store` (global shapes, one process), in the store's dtype
