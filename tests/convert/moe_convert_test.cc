@@ -33,104 +33,97 @@ RunResult run_convert(const ScratchDir& scratch, const std::string& arguments) {
   return result;
 }
 
-TEST(MoeConvert, HfToMoecoreToHfIsBitwise) {
-  ScratchDir scratch("tool_round_trip");
-  const MixtralConfig c = tiny_config();
-  TinyModel original(c, DType::BF16, 11);
-  const std::string hf = scratch / "hf", ckpt = scratch / "ckpt", back = scratch / "hf_back";
-  write_hf_model(hf, c, original.store);
+// A tiny model written as an HF directory `hf`, with `ckpt` and `back` for the conversions.
+struct ConvertCase {
+  ScratchDir scratch;
+  MixtralConfig config = tiny_config();
+  TinyModel original;
+  std::string hf = scratch / "hf", ckpt = scratch / "ckpt", back = scratch / "hf_back";
+  ConvertCase(const std::string& tag, DType dtype, uint64_t seed)
+      : scratch(tag), original(config, dtype, seed) {
+    write_hf_model(hf, config, original.store);
+  }
+  RunResult run(const std::string& arguments) const { return run_convert(scratch, arguments); }
+  // Every tensor of `back` equals the same tensor of `hf` converted to `dtype`.
+  void expect_back_equals_hf(DType dtype) const {
+    Checkpoint before(hf), after(back);
+    ASSERT_EQ(before.names(), after.names());
+    for (const std::string& name : before.names()) {
+      EXPECT_TRUE(same_bytes(before.read(name).to(dtype), after.read(name))) << name;
+    }
+  }
+};
 
-  RunResult to_moecore =
-      run_convert(scratch, "--from hf --to moecore --input " + hf + " --output " + ckpt +
+void load_strictly(const std::string& ckpt, ParameterStore& store) {
+  checkpoint::LoadOptions options;
+  options.load_rng = false;
+  checkpoint::load_checkpoint(ckpt, store, nullptr, nullptr, comm::single_process_state(), options);
+}
+
+TEST(MoeConvert, HfToMoecoreToHfIsBitwise) {
+  ConvertCase t("tool_round_trip", DType::BF16, 11);
+  RunResult to_moecore = t.run("--from hf --to moecore --input " + t.hf + " --output " + t.ckpt +
                                " --iteration 5 --make-vocab-size-divisible-by 1");
   ASSERT_EQ(to_moecore.exit_code, 0) << to_moecore.output;
   EXPECT_NE(to_moecore.output.find("--num-experts 3 --moe-router-topk 2"), std::string::npos)
       << to_moecore.output;
-  EXPECT_EQ(checkpoint::read_tracker(ckpt), 5);
+  EXPECT_EQ(checkpoint::read_tracker(t.ckpt), 5);
 
   // The checkpoint loads into the real model, strictly, with the original weights.
-  TinyModel loaded(c, DType::BF16, 99);
-  checkpoint::LoadOptions options;
-  options.load_rng = false;
-  checkpoint::load_checkpoint(ckpt, loaded.store, nullptr, nullptr, comm::single_process_state(),
-                              options);
-  for (int i = 0; i < original.store.count(); ++i) {
+  TinyModel loaded(t.config, DType::BF16, 99);
+  load_strictly(t.ckpt, loaded.store);
+  for (int i = 0; i < t.original.store.count(); ++i) {
     EXPECT_TRUE(
-        same_bytes(original.store.param(ParamHandle{i}), loaded.store.param(ParamHandle{i})))
-        << original.store.spec(ParamHandle{i}).name;
+        same_bytes(t.original.store.param(ParamHandle{i}), loaded.store.param(ParamHandle{i})))
+        << t.original.store.spec(ParamHandle{i}).name;
   }
 
-  RunResult to_hf = run_convert(scratch, "--from moecore --to hf --input " + ckpt + " --output " +
-                                             back + " --max-shard-bytes 3000");
+  RunResult to_hf = t.run("--from moecore --to hf --input " + t.ckpt + " --output " + t.back +
+                          " --max-shard-bytes 3000");
   ASSERT_EQ(to_hf.exit_code, 0) << to_hf.output;
-  Checkpoint before(hf), after(back);
-  ASSERT_EQ(before.names(), after.names());
-  for (const std::string& name : before.names()) {
-    EXPECT_TRUE(same_bytes(before.read(name), after.read(name))) << name;
-  }
-  EXPECT_EQ(MixtralConfig::from_json(nlohmann::json::parse(std::ifstream(back + "/config.json")),
+  t.expect_back_equals_hf(DType::BF16);
+  EXPECT_EQ(MixtralConfig::from_json(nlohmann::json::parse(std::ifstream(t.back + "/config.json")),
                                      "config")
                 .to_json(),
-            c.to_json());
+            t.config.to_json());
 }
 
 TEST(MoeConvert, DtypeOptionConverts) {
-  ScratchDir scratch("tool_dtype");
-  const MixtralConfig c = tiny_config();
-  TinyModel original(c, DType::F32, 12);
-  const std::string hf = scratch / "hf", ckpt = scratch / "ckpt", back = scratch / "hf_back";
-  write_hf_model(hf, c, original.store, uint64_t(1) << 30);
-  ASSERT_EQ(run_convert(scratch, "--from hf --to moecore --dtype bf16 --input " + hf +
-                                     " --output " + ckpt + " --make-vocab-size-divisible-by 1")
+  ConvertCase t("tool_dtype", DType::F32, 12);
+  ASSERT_EQ(t.run("--from hf --to moecore --dtype bf16 --input " + t.hf + " --output " + t.ckpt +
+                  " --make-vocab-size-divisible-by 1")
                 .exit_code,
             0);
-  RunResult to_hf =
-      run_convert(scratch, "--from moecore --to hf --input " + ckpt + " --output " + back);
+  RunResult to_hf = t.run("--from moecore --to hf --input " + t.ckpt + " --output " + t.back);
   ASSERT_EQ(to_hf.exit_code, 0) << to_hf.output;
-  Checkpoint before(hf), after(back);
-  for (const std::string& name : before.names()) {
-    EXPECT_TRUE(same_bytes(before.read(name).to(DType::BF16), after.read(name))) << name;
-  }
+  t.expect_back_equals_hf(DType::BF16);
 }
 
 // Megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by * tp: 37 -> 64.
 TEST(MoeConvert, PadsTheVocabularyAsMoeTrainWill) {
-  ScratchDir scratch("tool_padding");
-  const MixtralConfig c = tiny_config();
-  TinyModel original(c, DType::F32, 14);
-  const std::string hf = scratch / "hf", ckpt = scratch / "ckpt", back = scratch / "hf_back";
-  write_hf_model(hf, c, original.store);
-  RunResult to_moecore =
-      run_convert(scratch, "--from hf --to moecore --input " + hf + " --output " + ckpt +
+  ConvertCase t("tool_padding", DType::F32, 14);
+  RunResult to_moecore = t.run("--from hf --to moecore --input " + t.hf + " --output " + t.ckpt +
                                " --make-vocab-size-divisible-by 16 --tensor-model-parallel-size 4");
   ASSERT_EQ(to_moecore.exit_code, 0) << to_moecore.output;
   EXPECT_NE(to_moecore.output.find("padded from 37 to 64 rows"), std::string::npos)
       << to_moecore.output;
 
-  MixtralConfig padded = c;
+  MixtralConfig padded = t.config;
   padded.padded_vocab_size = 64;
   TinyModel loaded(padded, DType::F32, 99);
-  checkpoint::LoadOptions options;
-  options.load_rng = false;
-  checkpoint::load_checkpoint(ckpt, loaded.store, nullptr, nullptr, comm::single_process_state(),
-                              options);
+  load_strictly(t.ckpt, loaded.store);
   Tensor embedding = loaded.store.param(loaded.store.find("embedding.word_embeddings.weight"));
   Tensor output = loaded.store.param(loaded.store.find("output_layer.weight"));  // [H, 64]
   Tensor original_embedding =
-      original.store.param(original.store.find("embedding.word_embeddings.weight"));
+      t.original.store.param(t.original.store.find("embedding.word_embeddings.weight"));
   for (int64_t i = 0; i < 37 * 24; ++i) ASSERT_EQ(embedding.get(i), original_embedding.get(i));
   for (int64_t i = 37 * 24; i < 64 * 24; ++i) ASSERT_EQ(embedding.get(i), 0.0f) << i;
   for (int64_t h = 0; h < 24; ++h) {
     for (int64_t v = 37; v < 64; ++v) ASSERT_EQ(output.get(h * 64 + v), 0.0f);
   }
 
-  ASSERT_EQ(run_convert(scratch, "--from moecore --to hf --input " + ckpt + " --output " + back)
-                .exit_code,
-            0);
-  Checkpoint before(hf), after(back);
-  for (const std::string& name : before.names()) {
-    EXPECT_TRUE(same_bytes(before.read(name), after.read(name))) << name;
-  }
+  ASSERT_EQ(t.run("--from moecore --to hf --input " + t.ckpt + " --output " + t.back).exit_code, 0);
+  t.expect_back_equals_hf(DType::F32);
 }
 
 // A checkpoint saved by training (no HF config recorded) converts with --hf-config.
