@@ -3,7 +3,9 @@
 namespace moe {
 
 namespace {
-int group_index(ParamGroup group) { return int(group); }
+int group_index(ParamGroup group) {
+  return int(group);
+}
 }  // namespace
 
 ParamHandle ParameterStore::declare(ParamSpec spec) {
@@ -18,11 +20,11 @@ ParamHandle ParameterStore::declare(ParamSpec spec) {
             ", global shape ", shape_string(spec.global_shape), " and offset ",
             shape_string(spec.global_offset), " must have the same rank");
   for (size_t d = 0; d < spec.shape.size(); ++d) {
-    MOE_CHECK(spec.global_offset[d] >= 0 &&
-                  spec.global_offset[d] + spec.shape[d] <= spec.global_shape[d],
-              "parameter '", spec.name, "': local shape ", shape_string(spec.shape),
-              " at offset ", shape_string(spec.global_offset), " does not fit global shape ",
-              shape_string(spec.global_shape));
+    MOE_CHECK(
+        spec.global_offset[d] >= 0 && spec.global_offset[d] + spec.shape[d] <= spec.global_shape[d],
+        "parameter '", spec.name, "': local shape ", shape_string(spec.shape), " at offset ",
+        shape_string(spec.global_offset), " does not fit global shape ",
+        shape_string(spec.global_shape));
   }
   int g = group_index(spec.group);
   offsets_.push_back(group_sizes_[g]);
@@ -41,8 +43,8 @@ void ParameterStore::allocate() {
 }
 
 const ParamSpec& ParameterStore::spec(ParamHandle handle) const {
-  MOE_CHECK(handle.index >= 0 && handle.index < count(), "invalid parameter handle ",
-            handle.index, " (store has ", count(), " parameters)");
+  MOE_CHECK(handle.index >= 0 && handle.index < count(), "invalid parameter handle ", handle.index,
+            " (store has ", count(), " parameters)");
   return specs_[handle.index];
 }
 

@@ -11,8 +11,8 @@ double value_at(const Tensor& t, int64_t i) {
 }
 }  // namespace
 
-::testing::AssertionResult tensors_close(const Tensor& actual, const Tensor& expected,
-                                         double atol, double rtol) {
+::testing::AssertionResult tensors_close(const Tensor& actual, const Tensor& expected, double atol,
+                                         double rtol) {
   if (actual.shape() != expected.shape()) {
     return ::testing::AssertionFailure() << "shapes differ: actual " << shape_string(actual.shape())
                                          << " vs expected " << shape_string(expected.shape());
@@ -23,8 +23,8 @@ double value_at(const Tensor& t, int64_t i) {
     double a = value_at(actual, i), e = value_at(expected, i);
     double allowed = atol + rtol * std::fabs(e);
     double error = std::fabs(a - e);
-    bool bad = !(error <= allowed) && !(std::isnan(a) && std::isnan(e)) &&
-               !(std::isinf(a) && a == e);
+    bool bad =
+        !(error <= allowed) && !(std::isnan(a) && std::isnan(e)) && !(std::isinf(a) && a == e);
     if (bad) {
       ++failures;
       double excess = std::isnan(error) ? INFINITY : error - allowed;
@@ -45,10 +45,10 @@ double value_at(const Tensor& t, int64_t i) {
   }
   double a = value_at(actual, worst), e = value_at(expected, worst);
   return ::testing::AssertionFailure()
-         << failures << " of " << actual.numel() << " elements differ (atol " << atol
-         << ", rtol " << rtol << ", shape " << shape_string(actual.shape())
-         << "); worst at index " << shape_string(position) << ": actual " << a << ", expected "
-         << e << ", |error| " << std::fabs(a - e);
+         << failures << " of " << actual.numel() << " elements differ (atol " << atol << ", rtol "
+         << rtol << ", shape " << shape_string(actual.shape()) << "); worst at index "
+         << shape_string(position) << ": actual " << a << ", expected " << e << ", |error| "
+         << std::fabs(a - e);
 }
 
 Tensor random_normal(const Shape& shape, uint64_t seed, float std, DType dtype) {

@@ -13,12 +13,11 @@ namespace moe::testing {
 
 // Passes when |actual - expected| <= atol + rtol * |expected| everywhere (shapes must match).
 // On failure the message names the worst element: its index, both values and the error.
-::testing::AssertionResult tensors_close(const Tensor& actual, const Tensor& expected,
-                                         double atol, double rtol);
+::testing::AssertionResult tensors_close(const Tensor& actual, const Tensor& expected, double atol,
+                                         double rtol);
 
 // A tensor of the given shape and dtype filled with N(0, std) (or U[low, high)) from `seed`.
-Tensor random_normal(const Shape& shape, uint64_t seed, float std = 1.0f,
-                     DType dtype = DType::F32);
+Tensor random_normal(const Shape& shape, uint64_t seed, float std = 1.0f, DType dtype = DType::F32);
 Tensor random_uniform(const Shape& shape, uint64_t seed, float low, float high,
                       DType dtype = DType::F32);
 

@@ -26,7 +26,7 @@ std::string concat(const Parts&... parts) {
 }  // namespace moe
 
 // MOE_CHECK(condition, message parts...): throws moe::Error with the parts streamed together.
-#define MOE_CHECK(condition, ...)                                  \
-  do {                                                             \
+#define MOE_CHECK(condition, ...)                                             \
+  do {                                                                        \
     if (!(condition)) throw ::moe::Error(::moe::detail::concat(__VA_ARGS__)); \
   } while (0)

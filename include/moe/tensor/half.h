@@ -62,10 +62,18 @@ void convert_from_float(const float* source, bf16* target, size_t count);
 void convert_from_float(const float* source, f16* target, size_t count);
 
 // Load/store used by kernels that are templated over the storage type.
-inline float to_float(float value) { return value; }
-inline float to_float(double value) { return float(value); }
-inline float to_float(bf16 value) { return bf16_to_float(value); }
-inline float to_float(f16 value) { return f16_to_float(value); }
+inline float to_float(float value) {
+  return value;
+}
+inline float to_float(double value) {
+  return float(value);
+}
+inline float to_float(bf16 value) {
+  return bf16_to_float(value);
+}
+inline float to_float(f16 value) {
+  return f16_to_float(value);
+}
 
 template <class T>
 T from_float(float value);

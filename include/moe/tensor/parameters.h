@@ -23,10 +23,10 @@ constexpr int kParamGroupCount = 2;
 
 // How a parameter's local tensor relates to the full (global) tensor a checkpoint stores.
 struct ParamSpec {
-  std::string name;            // global, stable name ("decoder.layers.0.mlp.experts.fc1")
-  Shape shape;                 // local shape on this rank
+  std::string name;  // global, stable name ("decoder.layers.0.mlp.experts.fc1")
+  Shape shape;       // local shape on this rank
   ParamGroup group = ParamGroup::kDense;
-  bool weight_decay = true;    // false for norms and biases
+  bool weight_decay = true;  // false for norms and biases
   // Global shape and this rank's offset in it, per dim (defaults: the local shape, offset 0).
   Shape global_shape;
   Shape global_offset;

@@ -19,10 +19,10 @@ class Rng {
   static Rng derived(uint64_t seed, uint64_t stream);
 
   uint64_t next_u64();
-  float uniform();                          // [0, 1)
-  float uniform(float low, float high);     // [low, high)
-  float normal();                           // mean 0, std 1
-  uint64_t below(uint64_t bound);           // [0, bound), unbiased
+  float uniform();                       // [0, 1)
+  float uniform(float low, float high);  // [low, high)
+  float normal();                        // mean 0, std 1
+  uint64_t below(uint64_t bound);        // [0, bound), unbiased
 
   // Fill any floating tensor (converted to its dtype).
   void fill_normal(Tensor& tensor, float mean, float std);

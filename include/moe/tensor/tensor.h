@@ -24,17 +24,29 @@ DType parse_dtype(std::string_view name);
 template <class T>
 constexpr DType dtype_of();
 template <>
-constexpr DType dtype_of<float>() { return DType::F32; }
+constexpr DType dtype_of<float>() {
+  return DType::F32;
+}
 template <>
-constexpr DType dtype_of<bf16>() { return DType::BF16; }
+constexpr DType dtype_of<bf16>() {
+  return DType::BF16;
+}
 template <>
-constexpr DType dtype_of<f16>() { return DType::F16; }
+constexpr DType dtype_of<f16>() {
+  return DType::F16;
+}
 template <>
-constexpr DType dtype_of<double>() { return DType::F64; }
+constexpr DType dtype_of<double>() {
+  return DType::F64;
+}
 template <>
-constexpr DType dtype_of<int32_t>() { return DType::I32; }
+constexpr DType dtype_of<int32_t>() {
+  return DType::I32;
+}
 template <>
-constexpr DType dtype_of<int64_t>() { return DType::I64; }
+constexpr DType dtype_of<int64_t>() {
+  return DType::I64;
+}
 
 using Shape = std::vector<int64_t>;
 std::string shape_string(const Shape& shape);  // "[4, 17]"
@@ -49,7 +61,9 @@ class Tensor {
   Tensor(Shape shape, DType dtype = DType::F32);
   // Owned storage left uninitialised (for outputs that are fully overwritten).
   static Tensor empty(Shape shape, DType dtype = DType::F32);
-  static Tensor zeros(Shape shape, DType dtype = DType::F32) { return Tensor(std::move(shape), dtype); }
+  static Tensor zeros(Shape shape, DType dtype = DType::F32) {
+    return Tensor(std::move(shape), dtype);
+  }
   static Tensor full(Shape shape, float value, DType dtype = DType::F32);
   // Copies float values into a new tensor of the given dtype (rounded for bf16/fp16).
   static Tensor from_floats(const std::vector<float>& values, Shape shape,
@@ -84,13 +98,13 @@ class Tensor {
   std::vector<float> to_floats() const;
 
   // Views sharing this tensor's storage.
-  Tensor reshape(Shape shape) const;                 // same numel; one dim may be -1
-  Tensor rows(int64_t begin, int64_t end) const;     // rows [begin, end) of dim 0
-  Tensor flatten_rows() const;                       // [prod(all but last), last]
+  Tensor reshape(Shape shape) const;              // same numel; one dim may be -1
+  Tensor rows(int64_t begin, int64_t end) const;  // rows [begin, end) of dim 0
+  Tensor flatten_rows() const;                    // [prod(all but last), last]
 
   // New storage.
   Tensor clone() const;
-  Tensor to(DType dtype) const;  // converted copy (a clone when the dtype is the same)
+  Tensor to(DType dtype) const;          // converted copy (a clone when the dtype is the same)
   void copy_from(const Tensor& source);  // same shape; converts dtype if they differ
 
   void zero();
