@@ -248,10 +248,19 @@ Tensor Checkpoint::read(const std::string& name) const {
 
 void write_file(const std::string& path, const std::vector<NamedTensor>& tensors,
                 const std::map<std::string, std::string>& metadata) {
+  // Widest elements first (stable), as the reference writer does: with the 8-byte aligned data
+  // section every tensor then starts at a multiple of its element size, so readers can map it.
+  std::vector<const NamedTensor*> order;
+  for (const NamedTensor& named : tensors) order.push_back(&named);
+  std::stable_sort(order.begin(), order.end(), [](const NamedTensor* a, const NamedTensor* b) {
+    return a->second.defined() && b->second.defined() &&
+           dtype_size(a->second.dtype()) > dtype_size(b->second.dtype());
+  });
   nlohmann::json header = nlohmann::json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
   uint64_t offset = 0;
-  for (const auto& [name, tensor] : tensors) {
+  for (const NamedTensor* named : order) {
+    const auto& [name, tensor] = *named;
     MOE_CHECK(!name.empty() && name != "__metadata__", "safetensors: cannot write '", path,
               "': invalid tensor name '", name, "'");
     MOE_CHECK(!header.contains(name), "safetensors: cannot write '", path, "': tensor '", name,
@@ -275,8 +284,9 @@ void write_file(const std::string& path, const std::vector<NamedTensor>& tensors
               "': ", std::strerror(errno));
     write_all(out, temporary, length_bytes, 8);
     write_all(out, temporary, text.data(), text.size());
-    for (const auto& [name, tensor] : tensors)
-      write_all(out, temporary, tensor.raw(), tensor.nbytes());
+    for (const NamedTensor* named : order) {
+      write_all(out, temporary, named->second.raw(), named->second.nbytes());
+    }
     out.close();
     MOE_CHECK(out.good(), "safetensors: closing '", temporary, "' failed");
     fs::rename(temporary, path);

@@ -43,6 +43,8 @@ TEST(Safetensors, FileRoundTripIsBitwise) {
   ASSERT_EQ(file.tensors().size(), tensors.size());
   for (const auto& [name, tensor] : tensors) {
     EXPECT_TRUE(same_bytes(file.read(name), tensor)) << name;
+    // 8-byte header padding plus widest-first order: every tensor aligned to its element size.
+    EXPECT_EQ(file.info(name).begin % dtype_size(tensor.dtype()), 0u) << name;
   }
 }
 
