@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -24,6 +25,8 @@ namespace {
 
 using moe::data::IndexedDatasetBuilder;
 using moe::data::Tokenizer;
+
+constexpr int kUsageError = 2;
 
 struct Options {
   std::string input;
@@ -104,18 +107,17 @@ EncodedLine encode_line(const std::string& line, const Options& options,
   return out;
 }
 
-int run(const Options& options) {
+int run(const Options& options, const Tokenizer& tokenizer) {
   using Clock = std::chrono::steady_clock;
   const auto start = Clock::now();
-  const std::unique_ptr<Tokenizer> tokenizer = moe::data::make_tokenizer(options.tokenizer);
-  const moe::data::TokenDType dtype = moe::data::optimal_token_dtype(tokenizer->vocab_size());
+  const moe::data::TokenDType dtype = moe::data::optimal_token_dtype(tokenizer.vocab_size());
 
   std::ifstream input(options.input, std::ios::binary);
   MOE_CHECK(input.good(), "cannot open --input ", options.input);
   std::printf("Opening %s\n", options.input.c_str());
   std::printf("Tokenizer %s: vocabulary %lld, eod %lld; token dtype %s; %d worker(s)\n",
-              std::string(tokenizer->type()).c_str(), (long long)tokenizer->vocab_size(),
-              (long long)tokenizer->eod(), std::string(moe::data::token_dtype_name(dtype)).c_str(),
+              std::string(tokenizer.type()).c_str(), (long long)tokenizer.vocab_size(),
+              (long long)tokenizer.eod(), std::string(moe::data::token_dtype_name(dtype)).c_str(),
               options.workers);
   std::fflush(stdout);  // keep the header before the progress lines on stderr
 
@@ -152,7 +154,7 @@ int run(const Options& options) {
 #pragma omp parallel for num_threads(options.workers) schedule(dynamic, 8)
     for (size_t i = 0; i < lines.size(); ++i) {
       try {
-        encoded[i] = encode_line(lines[i], options, *tokenizer);
+        encoded[i] = encode_line(lines[i], options, tokenizer);
       } catch (const std::exception& error) {  // nothing may escape the parallel region
         encoded[i].error = error.what();
       }
@@ -227,11 +229,30 @@ int main(int argc, char** argv) {
   app.add_option("--vocab-file", options.tokenizer.vocab_file, "GPT-2 vocab.json");
   app.add_option("--merge-file", options.tokenizer.merge_file, "GPT-2 merges.txt");
   app.add_option("--vocab-size", options.tokenizer.vocab_size, "NullTokenizer vocabulary size");
-  CLI11_PARSE(app, argc, argv);
+  // Exit status: 2 for a bad command line (flags, or tokenizer flags that build no tokenizer),
+  // as moe-train and Megatron's argparse use; 1 for a failure while reading or writing data.
+  const auto fail = [](int status, const char* what) {
+    std::fprintf(stderr, "moe-preprocess-data: error: %s\n", what);
+    if (status == kUsageError) std::fprintf(stderr, "Run with --help for the flags.\n");
+    return status;
+  };
   try {
-    return run(options);
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp&) {
+    std::printf("%s", app.help().c_str());
+    return 0;
+  } catch (const CLI::ParseError& error) {
+    return fail(kUsageError, error.what());
+  }
+  std::unique_ptr<Tokenizer> tokenizer;
+  try {
+    tokenizer = moe::data::make_tokenizer(options.tokenizer);
   } catch (const std::exception& error) {
-    std::fprintf(stderr, "moe-preprocess-data: error: %s\n", error.what());
-    return 1;
+    return fail(kUsageError, error.what());
+  }
+  try {
+    return run(options, *tokenizer);
+  } catch (const std::exception& error) {
+    return fail(1, error.what());
   }
 }

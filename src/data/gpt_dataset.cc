@@ -141,21 +141,27 @@ std::string_view split_name(Split split) {
 }
 
 std::array<double, kSplitCount> parse_split(std::string_view split) {
+  // Megatron reads the fields with Python's float(), separated by ',' or else '/'.
+  const char separator = split.find(',') != std::string_view::npos ? ',' : '/';
   std::vector<double> values;
-  const auto is_number_char = [](char c) { return c == '.' || (c >= '0' && c <= '9'); };
-  for (size_t at = 0; at < split.size();) {
-    if (!is_number_char(split[at])) {
-      ++at;
-      continue;
-    }
-    size_t end = at;
-    while (end < split.size() && is_number_char(split[end])) ++end;
+  for (size_t begin = 0;;) {
+    const size_t end = std::min(split.find(separator, begin), split.size());
+    std::string_view field = split.substr(begin, end - begin);
+    const size_t first = field.find_first_not_of(" \t");
+    field = first == std::string_view::npos
+                ? std::string_view()
+                : field.substr(first, field.find_last_not_of(" \t") - first + 1);
     double value = 0;
-    const auto [parsed_end, error] = std::from_chars(split.data() + at, split.data() + end, value);
-    MOE_CHECK(error == std::errc() && parsed_end == split.data() + end, "--split '", split, "': '",
-              split.substr(at, end - at), "' is not a number");
+    const auto [parsed_end, error] =
+        std::from_chars(field.data(), field.data() + field.size(), value);
+    MOE_CHECK(!field.empty() && error == std::errc() && parsed_end == field.data() + field.size(),
+              "--split '", split, "': field ", values.size() + 1, " ('", field,
+              "') is not a number");
+    MOE_CHECK(std::isfinite(value) && value >= 0, "--split '", split, "': field ",
+              values.size() + 1, " (", field, ") must be a finite weight >= 0");
     values.push_back(value);
-    at = end;
+    if (end == split.size()) break;
+    begin = end + 1;
   }
   MOE_CHECK(values.size() <= size_t(kSplitCount), "--split '", split, "' has ", values.size(),
             " weights; at most 3 (train, valid, test) are allowed");
@@ -237,7 +243,8 @@ GPTDataset::GPTDataset(std::shared_ptr<const IndexedDataset> dataset, int64_t se
       split_(split),
       seq_length_(config.seq_length),
       extra_token_(config.add_extra_token_to_sequence ? 1 : 0),
-      pad_token_(config.sample.pad_token) {
+      pad_token_(config.sample.pad_token),
+      vocab_size_(config.sample.vocab_size) {
   const std::string& name = dataset_->path_prefix();
   MOE_CHECK(seq_length_ > 1, "--seq-length must be greater than 1, got ", seq_length_);
   MOE_CHECK(0 <= sequence_begin && sequence_begin <= sequence_end &&
@@ -304,7 +311,15 @@ void GPTDataset::text(int64_t index, int64_t* out) const {
   const auto copy = [&](int64_t position, int64_t offset, int64_t length) {
     MOE_CHECK(filled + length <= wanted, dataset_->path_prefix(), ": sample ", index,
               " would hold more than ", wanted, " tokens");
-    dataset_->read(document_index_[size_t(position)], offset, length, out + filled);
+    const int64_t sequence = document_index_[size_t(position)];
+    dataset_->read(sequence, offset, length, out + filled);
+    for (int64_t t = 0; vocab_size_ > 0 && t < length; ++t) {
+      const int64_t id = out[filled + t];
+      MOE_CHECK(id >= 0 && id < vocab_size_, dataset_->path_prefix(), ": token id ", id,
+                " (sequence ", sequence, ", token ", offset + t,
+                ") is outside the model's vocabulary [0, ", vocab_size_,
+                "); was the data made with another tokenizer or --vocab-size?");
+    }
     filled += length;
   };
   if (first == last) {

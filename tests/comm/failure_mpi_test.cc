@@ -137,8 +137,9 @@ TEST_F(Failures, SkippedCollectiveTimesOutOnEveryWaitingRank) {
                                             " (world rank ", last,
                                             ") to join (this rank's call: all_reduce of 4 fp32 "
                                             "elements (sum))"));
+    // Not before the timeout. No upper bound: how much later the error comes depends on the
+    // machine's load, and the ctest timeout catches a hang.
     EXPECT_GE(waited, 2.0);
-    EXPECT_LT(waited, 10.0) << "the error must come soon after the timeout";
     EXPECT_TRUE(communication_failed());
     EXPECT_CONTAINS(error_text([&] { barrier(victim); }),
                     "group 'victim' is unusable after an earlier failure: all_reduce on group "

@@ -90,7 +90,29 @@ TEST(Split, ParsesAndNormalizesLikeMegatron) {
   EXPECT_EQ(parse_split("1"), (std::array<double, 3>{1.0, 0.0, 0.0}));
   expect_error([] { parse_split("1,2,3,4"); }, "has 4 weights; at most 3");
   expect_error([] { parse_split("0,0,0"); }, "gives every split zero weight");
-  expect_error([] { parse_split("1.2.3,1"); }, "'1.2.3' is not a number");
+  expect_error([] { parse_split("1.2.3,1"); },
+               "--split '1.2.3,1': field 1 ('1.2.3') is not a number");
+}
+
+TEST(Split, EveryFieldIsReadWholeAsANumber) {
+  // Each field is one float, so exponents work and '/' separates as ',' does.
+  const auto tiny = parse_split("1e-3,5,5");
+  EXPECT_DOUBLE_EQ(tiny[0], 0.001 / 10.001);
+  EXPECT_DOUBLE_EQ(tiny[1], 5 / 10.001);
+  EXPECT_DOUBLE_EQ(tiny[2], 5 / 10.001);
+  EXPECT_EQ(parse_split("98/2/0"), (std::array<double, 3>{0.98, 0.02, 0.0}));
+  EXPECT_EQ(parse_split(" 3 , 1 "), (std::array<double, 3>{0.75, 0.25, 0.0}));
+  expect_error([] { parse_split("99,-1,2"); },
+               "--split '99,-1,2': field 2 (-1) must be a finite weight >= 0");
+  expect_error([] { parse_split("a,b,c"); }, "--split 'a,b,c': field 1 ('a') is not a number");
+  expect_error([] { parse_split("99,1x,0"); }, "--split '99,1x,0': field 2 ('1x') is not a number");
+  expect_error([] { parse_split("99,,1"); }, "--split '99,,1': field 2 ('') is not a number");
+  expect_error([] { parse_split(""); }, "--split '': field 1 ('') is not a number");
+  expect_error([] { parse_split("98/2,0"); }, "--split '98/2,0': field 1 ('98/2') is not a number");
+  expect_error([] { parse_split("inf,1"); },
+               "--split 'inf,1': field 1 (inf) must be a finite weight >= 0");
+  expect_error([] { parse_split("1,nan"); },
+               "--split '1,nan': field 2 (nan) must be a finite weight >= 0");
 }
 
 TEST(Split, SequenceRangesRoundHalfToEven) {
@@ -445,6 +467,30 @@ TEST(MicroBatch, ShiftsLabelsAndAppliesMegatronMasks) {
       EXPECT_EQ(tokens[size_t(6 + t)], 0) << t;
     }
   }
+}
+
+// Data made with a larger vocabulary than the model's: the id is refused naming the file.
+TEST(GPTDataset, RefusesTokenIdsOutsideTheVocabularyNamingTheFile) {
+  testing::TempDir dir;
+  {
+    IndexedDatasetBuilder builder(dir.file("big_vocab"), TokenDType::I32);
+    builder.add_document(Ids{10, 11, 12, 2, 20, 21, 152, 2}, std::vector<int32_t>{8});
+    builder.finalize();
+  }
+  const auto indexed = std::make_shared<const IndexedDataset>(dir.file("big_vocab"));
+  GPTDatasetConfig config = config_for(dir.file("big_vocab"), 6);
+  const GPTDataset unchecked(indexed, 0, 1, std::nullopt, Split::Train, config);
+  ASSERT_EQ(unchecked.size(), 1);
+  EXPECT_EQ(sample_text(unchecked, 0), (Ids{10, 11, 12, 2, 20, 21, 152}));
+  config.sample.vocab_size = 153;
+  const GPTDataset fits(indexed, 0, 1, std::nullopt, Split::Train, config);
+  EXPECT_EQ(sample_text(fits, 0), (Ids{10, 11, 12, 2, 20, 21, 152}));
+  config.sample.vocab_size = 128;
+  const GPTDataset too_small(indexed, 0, 1, std::nullopt, Split::Train, config);
+  expect_error([&] { sample_text(too_small, 0); },
+               dir.file("big_vocab") +
+                   ": token id 152 (sequence 0, token 6) is outside the model's vocabulary [0, "
+                   "128); was the data made with another tokenizer or --vocab-size?");
 }
 
 TEST(NumSamples, MatchesMegatronTrainValidTest) {

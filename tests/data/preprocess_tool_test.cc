@@ -98,7 +98,7 @@ TEST_F(PreprocessTool, WorkersDoNotChangeTheOutputAndKeysGetTheirOwnFiles) {
 
 TEST_F(PreprocessTool, BadFlagsAndFilesAreClearErrors) {
   auto result = run("{\"text\": \"a\"}\n", "--tokenizer-type Nope");
-  EXPECT_EQ(result.exit_code, 1);
+  EXPECT_EQ(result.exit_code, 2);
   expect_contains(result.output, "unknown --tokenizer-type 'Nope'");
   result = testing::run_command(std::string(MOE_PREPROCESS_TOOL) + " --input " +
                                 dir_.file("absent.jsonl") + " --output-prefix " + dir_.file("out") +
@@ -108,6 +108,30 @@ TEST_F(PreprocessTool, BadFlagsAndFilesAreClearErrors) {
   result = run("{\"text\": \"1 x\"}\n", "--tokenizer-type NullTokenizer --vocab-size 10");
   EXPECT_EQ(result.exit_code, 1);
   expect_contains(result.output, "line 1: \"text\" cannot be tokenized: NullTokenizer: 'x'");
+}
+
+// Every bad command line exits 2 (as moe-train and argparse do) with a message and a pointer to
+// --help; failures while processing the data exit 1 (above).
+TEST_F(PreprocessTool, UsageErrorsExitTwo) {
+  const std::string tool = MOE_PREPROCESS_TOOL;
+  auto result = testing::run_command(tool);
+  EXPECT_EQ(result.exit_code, 2) << result.output;
+  expect_contains(result.output, "moe-preprocess-data: error: --input is required");
+  expect_contains(result.output, "Run with --help for the flags.");
+  result = run("{\"text\": \"a\"}\n", "--tokenizer-type ByteTokenizer --bogus 3");
+  EXPECT_EQ(result.exit_code, 2) << result.output;
+  expect_contains(result.output,
+                  "moe-preprocess-data: error: The following arguments were not "
+                  "expected: 3 --bogus");
+  result = run("{\"text\": \"a\"}\n", "--tokenizer-type ByteTokenizer --workers 0");
+  EXPECT_EQ(result.exit_code, 2) << result.output;
+  expect_contains(result.output, "--workers");
+  result = run("{\"text\": \"a\"}\n", "--tokenizer-type NullTokenizer");
+  EXPECT_EQ(result.exit_code, 2) << result.output;
+  expect_contains(result.output, "--vocab-size");
+  result = testing::run_command(tool + " --help");
+  EXPECT_EQ(result.exit_code, 0) << result.output;
+  expect_contains(result.output, "--output-prefix");
 }
 
 }  // namespace

@@ -29,8 +29,9 @@ enum class Split : int { Train = 0, Valid = 1, Test = 2 };
 constexpr int kSplitCount = 3;
 std::string_view split_name(Split split);  // "train", "valid", "test"
 
-// Megatron's parse_and_normalize_split: "99,1,0" -> {0.99, 0.01, 0.0}; missing trailing entries
-// are 0; the weights are normalised to sum 1.
+// --split: "99,1,0" (or "99/1/0") -> {0.99, 0.01, 0.0}. Each field is one whole number (as
+// Python's float() reads it, "1e-3" included) and a finite weight >= 0; missing trailing entries
+// are 0; the weights are normalised to sum 1. A bad field is an error naming the string and it.
 std::array<double, kSplitCount> parse_split(std::string_view split);
 // Megatron's convert_split_vector_to_split_matrix: [begin, end) fractions per split, or nullopt
 // for a split with no share.
@@ -56,6 +57,9 @@ struct SampleOptions {
   int64_t pad_token = kNoToken;
   bool reset_position_ids = false;  // --reset-position-ids
   bool eod_mask_loss = false;       // --eod-mask-loss
+  // The model's (padded) vocabulary size: a GPTDataset refuses a token id outside [0, vocab_size),
+  // naming the data file, since such data was made with another tokenizer. 0 checks nothing.
+  int64_t vocab_size = 0;
 };
 // Megatron's choice of pad id for a tokenizer: pad, unless undefined or equal to eod.
 int64_t dataset_pad_token(const Tokenizer& tokenizer);
@@ -115,6 +119,7 @@ class GPTDataset final : public SampleSource {
   int64_t seq_length_;
   int64_t extra_token_;
   int64_t pad_token_;
+  int64_t vocab_size_;
   int64_t num_epochs_ = 0;
   std::vector<int32_t> document_index_;
   std::vector<int64_t> sample_index_;
