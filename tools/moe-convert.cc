@@ -86,7 +86,10 @@ void hf_to_moecore(const Options& options) {
             << dtype_name(dtype) << ") under " << options.output << ", vocabulary padded from "
             << config.vocab_size << " to " << config.padded_vocab_size
             << " rows\nmoe-train flags for this model: " << config.megatron_flags()
-            << " --make-vocab-size-divisible-by " << options.make_vocab_size_divisible_by << "\n";
+            << " --make-vocab-size-divisible-by " << options.make_vocab_size_divisible_by
+            << "\nload it with: moe-train <those flags> --load " << options.output
+            << " --finetune (it holds no optimizer state) --tensor-model-parallel-size "
+            << options.tensor_model_parallel_size << " (another tp needs another padding)\n";
 }
 
 // The embedding's rows as saved (the padded vocabulary), from the rank index files.
