@@ -52,7 +52,13 @@ void hf_to_moecore(const Options& options) {
   const std::string config_path = (fs::path(options.input) / "config.json").string();
   MOE_CHECK(fs::exists(config_path), "'", options.input,
             "' has no config.json: not a Hugging Face model directory");
-  MixtralConfig config = MixtralConfig::from_json(read_json(config_path), config_path);
+  const nlohmann::json hf_config = read_json(config_path);
+  MixtralConfig config = MixtralConfig::from_json(hf_config, config_path);
+  if (hf_config.contains("sliding_window") && hf_config["sliding_window"].is_number_integer()) {
+    std::cout
+        << "note: config.json sets sliding_window " << hf_config["sliding_window"]
+        << "; moecore's attention is fully causal, the same for sequences up to that length\n";
+  }
   config.padded_vocab_size = model::padded_vocab_size(
       config.vocab_size, options.make_vocab_size_divisible_by, options.tensor_model_parallel_size);
   checkpoint::safetensors::Checkpoint hf(options.input);
