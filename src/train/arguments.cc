@@ -244,7 +244,8 @@ void register_arguments(CLI::App& app, TrainingArguments& a) {
     optional_string("--merge-file", a.merge_file, "GPT-2 BPE merges (merges.txt).");
     optional_string("--tokenizer-type", a.tokenizer_type, "Tokenizer.")
         ->check(CLI::IsMember({"GPT2BPETokenizer", "SentencePieceTokenizer",
-                               "GPTSentencePieceTokenizer", "Llama2Tokenizer", "NullTokenizer"}));
+                               "GPTSentencePieceTokenizer", "Llama2Tokenizer", "NullTokenizer",
+                               "ByteTokenizer"}));
     optional_string("--tokenizer-model", a.tokenizer_model, "SentencePiece model file.");
   });
 
@@ -400,6 +401,49 @@ void require_positive(long value, const char* flag) {
   MOE_CHECK(value > 0, "argument ", flag, " must be positive (got ", value, ")");
 }
 
+// NaN and inf pass or fail the range checks by accident, so every real-valued flag is checked
+// for finiteness first.
+void require_finite(double value, const char* flag) {
+  MOE_CHECK(std::isfinite(value), "argument ", flag, " must be a finite number (got ", value, ")");
+}
+
+void require_finite_positive(double value, const char* flag) {
+  require_finite(value, flag);
+  MOE_CHECK(value > 0, "argument ", flag, " must be positive (got ", value, ")");
+}
+
+// Every real-valued argument, present or defaulted, with its flag.
+void require_finite_reals(const TrainingArguments& a) {
+  const std::pair<const char*, double> always[] = {{"--lr", *a.lr},
+                                                   {"--min-lr", a.min_lr},
+                                                   {"--lr-warmup-init", a.lr_warmup_init},
+                                                   {"--weight-decay", a.weight_decay},
+                                                   {"--clip-grad", a.clip_grad},
+                                                   {"--adam-beta1", a.adam_beta1},
+                                                   {"--adam-beta2", a.adam_beta2},
+                                                   {"--adam-eps", a.adam_eps},
+                                                   {"--sgd-momentum", a.sgd_momentum},
+                                                   {"--attention-dropout", a.attention_dropout},
+                                                   {"--hidden-dropout", a.hidden_dropout},
+                                                   {"--init-method-std", a.init_method_std},
+                                                   {"--norm-epsilon", a.norm_epsilon},
+                                                   {"--rotary-base", a.rotary_base},
+                                                   {"--initial-loss-scale", a.initial_loss_scale},
+                                                   {"--min-loss-scale", a.min_loss_scale},
+                                                   {"--moe-aux-loss-coeff", a.moe_aux_loss_coeff}};
+  for (const auto& [flag, value] : always) require_finite(value, flag);
+  const std::pair<const char*, const std::optional<double>*> optional[] = {
+      {"--lr-warmup-fraction", &a.lr_warmup_fraction},
+      {"--loss-scale", &a.loss_scale},
+      {"--moe-router-topk-scaling-factor", &a.moe_router_topk_scaling_factor},
+      {"--moe-z-loss-coeff", &a.moe_z_loss_coeff},
+      {"--moe-input-jitter-eps", &a.moe_input_jitter_eps},
+      {"--moe-expert-capacity-factor", &a.moe_expert_capacity_factor}};
+  for (const auto& [flag, value] : optional) {
+    if (*value) require_finite(**value, flag);
+  }
+}
+
 }  // namespace
 
 int edit_distance(const std::string& a, const std::string& b) {
@@ -490,6 +534,9 @@ void finalize_arguments(TrainingArguments& a, int world_size) {
   require_positive(a.expert_model_parallel_size, "--expert-model-parallel-size");
   require_positive(a.make_vocab_size_divisible_by, "--make-vocab-size-divisible-by");
   require_positive(a.distributed_timeout_minutes, "--distributed-timeout-minutes");
+  require_finite_reals(a);
+  require_finite_positive(a.init_method_std, "--init-method-std");
+  require_finite_positive(a.norm_epsilon, "--norm-epsilon");
 
   // ---- precision
   MOE_CHECK(!(a.fp16 && a.bf16), "--fp16 and --bf16 cannot be used together");
@@ -541,6 +588,7 @@ void finalize_arguments(TrainingArguments& a, int world_size) {
   }
 
   // ---- positions
+  require_finite_positive(a.rotary_base, "--rotary-base");
   if (a.position_embedding_type == "learned_absolute" && a.add_position_embedding) {
     require(a.max_position_embeddings.has_value(), "--max-position-embeddings");
   }
@@ -607,8 +655,14 @@ void finalize_arguments(TrainingArguments& a, int world_size) {
               ") must not be negative");
     MOE_CHECK(a.moe_z_loss_coeff.value_or(0) >= 0, "--moe-z-loss-coeff (",
               a.moe_z_loss_coeff.value_or(0), ") must not be negative");
-    MOE_CHECK(a.moe_input_jitter_eps.value_or(0) >= 0, "--moe-input-jitter-eps (",
-              a.moe_input_jitter_eps.value_or(0), ") must not be negative");
+    if (a.moe_input_jitter_eps) {
+      MOE_CHECK(*a.moe_input_jitter_eps > 0 && *a.moe_input_jitter_eps < 1,
+                "--moe-input-jitter-eps (", *a.moe_input_jitter_eps, ") must be in (0, 1)");
+    }
+    if (a.moe_router_topk_scaling_factor) {
+      require_finite_positive(*a.moe_router_topk_scaling_factor,
+                              "--moe-router-topk-scaling-factor");
+    }
     if (a.moe_expert_capacity_factor) {
       MOE_CHECK(*a.moe_expert_capacity_factor > 0, "--moe-expert-capacity-factor (",
                 *a.moe_expert_capacity_factor, ") must be positive");
@@ -701,7 +755,7 @@ void finalize_arguments(TrainingArguments& a, int world_size) {
   } else if (tokenizer == "GPT2BPETokenizer") {
     require(a.vocab_file.has_value(), "--vocab-file (with --tokenizer-type GPT2BPETokenizer)");
     require(a.merge_file.has_value(), "--merge-file (with --tokenizer-type GPT2BPETokenizer)");
-  } else {
+  } else if (tokenizer != "ByteTokenizer") {  // ByteTokenizer needs no file or size
     MOE_CHECK(a.tokenizer_model.has_value(),
               "argument --tokenizer-model is required with "
               "--tokenizer-type ",

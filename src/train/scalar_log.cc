@@ -9,18 +9,22 @@
 namespace moe::train {
 
 ScalarLog::ScalarLog(const std::optional<std::string>& tensorboard_dir,
-                     const std::optional<std::string>& csv_path) {
+                     const std::optional<std::string>& csv_path, bool append_csv) {
   if (tensorboard_dir) tensorboard_ = std::make_unique<TensorBoardWriter>(*tensorboard_dir);
   if (csv_path) {
     csv_path_ = *csv_path;
     std::filesystem::path parent = std::filesystem::path(csv_path_).parent_path();
     std::error_code error;
     if (!parent.empty()) std::filesystem::create_directories(parent, error);
-    csv_ = std::fopen(csv_path_.c_str(), "w");
+    const bool continues = append_csv && std::filesystem::exists(csv_path_, error) &&
+                           std::filesystem::file_size(csv_path_, error) > 0;
+    csv_ = std::fopen(csv_path_.c_str(), continues ? "a" : "w");
     MOE_CHECK(csv_ != nullptr, "--log-file: cannot open '", csv_path_,
               "' for writing: ", std::strerror(errno));
-    MOE_CHECK(std::fputs("iteration,tag,value\n", csv_) >= 0, "--log-file: cannot write '",
-              csv_path_, "'");
+    if (!continues) {
+      MOE_CHECK(std::fputs("iteration,tag,value\n", csv_) >= 0, "--log-file: cannot write '",
+                csv_path_, "'");
+    }
   }
 }
 

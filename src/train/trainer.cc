@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <numeric>
 #include <ostream>
 #include <sstream>
 
@@ -43,6 +44,7 @@ model::TransformerConfig model_config(const TrainingArguments& a, int64_t padded
   c.num_query_groups = a.num_query_groups;
   c.padded_vocab_size = padded_vocab;
   c.seq_length = *a.seq_length;
+  c.max_position_embeddings = *a.max_position_embeddings;
   c.normalization = a.normalization;
   c.norm_epsilon = float(a.norm_epsilon);
   c.position_embedding_type = a.position_embedding_type;
@@ -151,6 +153,9 @@ struct Job {
   std::unique_ptr<optim::Optimizer> optimizer;
   std::unique_ptr<optim::OptimizerParamScheduler> scheduler;
   std::array<std::shared_ptr<const data::SampleSource>, data::kSplitCount> datasets;
+  // The base of every micro-batch's random streams: Rng(--seed)'s state, or the loaded
+  // checkpoint's (Megatron restores its generators on load unless --no-load-rng).
+  Rng::State random_streams{};
   int64_t iteration = 0;
   int64_t consumed_train_samples = 0;
   int64_t consumed_valid_samples = 0;
@@ -242,6 +247,9 @@ void build_model_and_optimizer(Job& job) {
   job.say(concat(" > ", job.optimizer->memory_summary(), " (world rank 0)"));
 }
 
+// The name of the trainer's one RNG state in a checkpoint's per-rank "rng" map.
+constexpr const char* kRandomStreamsKey = "micro_batch_streams";
+
 void load_checkpoint_if_any(Job& job) {
   const TrainingArguments& a = job.args;
   if (!a.load) {
@@ -258,11 +266,19 @@ void load_checkpoint_if_any(Job& job) {
   }
   checkpoint::LoadOptions options;
   options.load_optim = !a.no_load_optim && !a.finetune;
-  options.load_rng = !a.no_load_rng;
+  // As Megatron, --finetune does not restore the random state either.
+  options.load_rng = !a.no_load_rng && !a.finetune;
   checkpoint::TrainingState state = checkpoint::load_checkpoint(
       *a.load, *job.store, options.load_optim ? job.optimizer.get() : nullptr,
       options.load_optim ? job.scheduler.get() : nullptr, job.parallel, options);
   if (!options.load_optim) job.optimizer->reload_main_params();
+  if (options.load_rng) {
+    auto saved = state.rng.find(kRandomStreamsKey);
+    MOE_CHECK(saved != state.rng.end(), "checkpoint '", *a.load, "' at iteration ", state.iteration,
+              " holds no random state (saved with --no-save-rng, or converted); use "
+              "--no-load-rng (random streams from --seed) or --finetune");
+    job.random_streams = saved->second;
+  }
   if (!a.finetune) {
     job.iteration = state.iteration;
     job.consumed_train_samples = state.consumed_train_samples;
@@ -280,6 +296,7 @@ void save(Job& job, TrainingReport& report) {
   state.consumed_train_samples = job.consumed_train_samples;
   state.consumed_valid_samples = job.consumed_valid_samples;
   state.args = arguments_json(a);
+  if (!a.no_save_rng) state.rng[kRandomStreamsKey] = job.random_streams;
   auto start = Clock::now();
   checkpoint::save_checkpoint(*a.save, state, *job.store,
                               a.no_save_optim ? nullptr : job.optimizer.get(), job.scheduler.get(),
@@ -291,12 +308,12 @@ void save(Job& job, TrainingReport& report) {
                  std::chrono::duration<double>(Clock::now() - start).count(), " s)"));
 }
 
-// Every random choice of one micro-batch (dropout masks, router jitter) derives from the seed,
-// the iteration and the global index of the micro-batch's first sample: the same in every
-// layout and again after a resume.
-uint64_t micro_batch_seed(uint64_t seed, int64_t iteration, int64_t first_sample) {
-  Rng rng =
-      Rng::derived(seed ^ (uint64_t(iteration) * 0x9E3779B97F4A7C15ull), uint64_t(first_sample));
+// Every random choice of one micro-batch (dropout masks, router jitter) derives from the run's
+// random streams (from --seed or the checkpoint), the iteration and the global index of the
+// micro-batch's first sample: the same in every layout and again after a resume.
+uint64_t micro_batch_seed(const Rng::State& streams, int64_t iteration, int64_t first_sample) {
+  Rng rng = Rng::derived(streams[0] ^ (uint64_t(iteration) * 0x9E3779B97F4A7C15ull),
+                         uint64_t(first_sample));
   return rng.next_u64();
 }
 
@@ -320,7 +337,7 @@ pipeline::MicroBatchProvider micro_batches_from(Job& job, data::PretrainingDataI
     micro.labels = batch.labels;
     micro.loss_mask = batch.loss_mask;
     micro.dropout_seed =
-        micro_batch_seed(uint64_t(job.args.seed), job.iteration, batch.sample_indices[0]);
+        micro_batch_seed(job.random_streams, job.iteration, batch.sample_indices[0]);
     return micro;
   };
 }
@@ -348,8 +365,10 @@ IterationStats train_step(Job& job, data::PretrainingDataIterator& data) {
   job.consumed_train_samples += *a.global_batch_size;
   if (!step.skipped) job.scheduler->step(*a.global_batch_size);
 
+  const double loss_tokens =
+      std::accumulate(result.loss_tokens.begin(), result.loss_tokens.end(), 0.0);
   std::vector<double> losses = {result.mean_lm_loss(), result.moe.load_balancing_loss(),
-                                result.moe.z_loss()};
+                                result.moe.z_loss(), loss_tokens};
   average_over_data_parallel(losses, job.parallel);
   IterationStats stats;
   stats.iteration = job.iteration;
@@ -358,6 +377,7 @@ IterationStats train_step(Job& job, data::PretrainingDataIterator& data) {
   stats.lm_loss = losses[0];
   stats.load_balancing_loss = losses[1];
   stats.z_loss = losses[2];
+  stats.loss_tokens = losses[3] * double(job.parallel.dp_group.size());
   stats.grad_norm = step.grad_norm;
   stats.loss_scale = step.loss_scale;
   stats.skipped = step.skipped;
@@ -520,6 +540,7 @@ TrainingReport pretrain(const TrainingArguments& args, std::ostream& log) {
                  *args.micro_batch_size, " x data-parallel size ", args.data_parallel_size, " x ",
                  args.num_micro_batches, " accumulated micro-batches"));
 
+  job.random_streams = Rng(uint64_t(args.seed)).state();
   build_tokenizer(job);
   build_model_and_optimizer(job);
   load_checkpoint_if_any(job);
@@ -527,7 +548,9 @@ TrainingReport pretrain(const TrainingArguments& args, std::ostream& log) {
 
   std::unique_ptr<ScalarLog> scalars;
   if (job.is_logger && (args.tensorboard_dir || args.log_file)) {
-    scalars = std::make_unique<ScalarLog>(args.tensorboard_dir, args.log_file);
+    // A resumed run continues the earlier run's --log-file instead of overwriting it.
+    const bool resumed = job.iteration > 0;
+    scalars = std::make_unique<ScalarLog>(args.tensorboard_dir, args.log_file, resumed);
     if (auto path = scalars->tensorboard_path()) job.say("> TensorBoard event file: " + *path);
   }
 

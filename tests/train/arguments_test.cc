@@ -312,11 +312,61 @@ TEST(Arguments, ConflictingAndNonDivisibleFlags) {
       {{"--tokenizer-type", "Llama2Tokenizer"},
        1,
        "argument --tokenizer-model is required with --tokenizer-type Llama2Tokenizer"},
+      // Values the model, router and optimizer would refuse only after setup, and NaN/inf,
+      // which would slip through (or be misnamed by) the range checks.
+      {{"--init-method-std", "-1"}, 1, "argument --init-method-std must be positive (got -1)"},
+      {{"--init-method-std", "0"}, 1, "argument --init-method-std must be positive (got 0)"},
+      {{"--norm-epsilon", "-1"}, 1, "argument --norm-epsilon must be positive (got -1)"},
+      {{"--rotary-base", "0", "--position-embedding-type", "rope"},
+       1,
+       "argument --rotary-base must be positive (got 0)"},
+      {{"--moe-router-topk-scaling-factor", "-2"},
+       1,
+       "argument --moe-router-topk-scaling-factor must be positive (got -2)"},
+      {{"--moe-input-jitter-eps", "5"}, 1, "--moe-input-jitter-eps (5) must be in (0, 1)"},
+      {{"--moe-input-jitter-eps", "0"}, 1, "--moe-input-jitter-eps (0) must be in (0, 1)"},
+      {{"--lr", "nan"}, 1, "argument --lr must be a finite number (got nan)"},
+      {{"--lr", "inf"}, 1, "argument --lr must be a finite number (got inf)"},
+      {{"--min-lr", "-inf"}, 1, "argument --min-lr must be a finite number (got -inf)"},
+      {{"--adam-eps", "inf"}, 1, "argument --adam-eps must be a finite number (got inf)"},
+      {{"--weight-decay", "nan"}, 1, "argument --weight-decay must be a finite number (got nan)"},
+      {{"--clip-grad", "inf"}, 1, "argument --clip-grad must be a finite number (got inf)"},
+      {{"--norm-epsilon", "nan"}, 1, "argument --norm-epsilon must be a finite number (got nan)"},
+      {{"--init-method-std", "inf"},
+       1,
+       "argument --init-method-std must be a finite number (got inf)"},
+      {{"--fp16", "--loss-scale", "inf"},
+       1,
+       "argument --loss-scale must be a finite number (got inf)"},
+      {{"--moe-aux-loss-coeff", "nan"},
+       1,
+       "argument --moe-aux-loss-coeff must be a finite number (got nan)"},
+      {{"--moe-router-topk-scaling-factor", "inf"},
+       1,
+       "argument --moe-router-topk-scaling-factor must be a finite number (got inf)"},
   };
   for (const ConflictCase& c : cases) {
     EXPECT_EQ(validation_error(c.alone ? c.flags : with(small_flags(), c.flags), c.world_size),
               c.message);
   }
+}
+
+// The data module's ByteTokenizer (ids = UTF-8 bytes, eod 256) needs neither a file nor a size.
+TEST(Arguments, ByteTokenizerNeedsNoFile) {
+  Args flags = small_flags();
+  flags.erase(std::find(flags.begin(), flags.end(), "--vocab-size"), flags.end());
+  EXPECT_NO_THROW(finalized(with(flags, {"--tokenizer-type", "ByteTokenizer"}), 1));
+}
+
+// With tp 2 and MoE, --expert-tensor-parallel-size defaults to tp (as in Megatron) and is
+// accepted: the experts are split over the etp group (the seed layout).
+TEST(Arguments, ExpertTensorParallelDefaultsToTensorParallel) {
+  TrainingArguments a =
+      finalized(with(small_flags(), {"--tensor-model-parallel-size", "2", "--sequence-parallel",
+                                     "--expert-model-parallel-size", "2"}),
+                4);
+  EXPECT_EQ(*a.expert_tensor_parallel_size, 2);
+  EXPECT_EQ(a.expert_data_parallel_size, 1);
 }
 
 TEST(Arguments, DataSources) {

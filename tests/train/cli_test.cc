@@ -72,6 +72,10 @@ TEST(MoeTrainProgram, BadArgumentsExitWithTheirMessage) {
                  "world size (1) is not divisible by --tensor-model-parallel-size (2) x "
                  "--pipeline-model-parallel-size (1)");
   expect_refused(kTinyJob + "--mock-data", "argument --train-iters is required");
+  expect_refused(kTinyJob + "--train-iters 1 --mock-data --init-method-std -1",
+                 "argument --init-method-std must be positive (got -1)");
+  expect_refused(kTinyJob + "--train-iters 1 --mock-data --adam-eps nan",
+                 "argument --adam-eps must be a finite number (got nan)");
   expect_refused(kTinyJob + "--train-iters x --mock-data",
                  "bad argument: Could not convert: --train-iters = x");
 }
@@ -84,6 +88,34 @@ TEST(MoeTrainProgram, TrainsUnderMpirunAndPrintsMegatronLines) {
   EXPECT_NE(outcome.output.find(" iteration        3/       3 |"), std::string::npos)
       << outcome.output;
   EXPECT_NE(outcome.output.find("lm loss: "), std::string::npos);
+}
+
+// The seed layout's shape at 4 ranks: tp 2 with sequence parallelism, ep 2, and the expert
+// tensor-parallel size defaulting to tp (2), so each expert is split over 2 ranks.
+TEST(MoeTrainProgram, TrainsWithExpertTensorParallelismDefaultingToTensorParallel) {
+  Outcome outcome = mpirun_moe_train(4, kTinyJob +
+                                            "--train-iters 2 --mock-data "
+                                            "--tensor-model-parallel-size 2 --sequence-parallel "
+                                            "--expert-model-parallel-size 2");
+  EXPECT_EQ(outcome.status, 0) << outcome.output;
+  EXPECT_NE(outcome.output.find("tensor-model-parallel size: 2, pipeline-model-parallel size: 1, "
+                                "expert-model-parallel size: 2, expert-tensor-parallel size: 2"),
+            std::string::npos)
+      << outcome.output;
+  EXPECT_NE(outcome.output.find(" iteration        2/       2 |"), std::string::npos)
+      << outcome.output;
+}
+
+// A value the model or optimizer would refuse only after setup is refused during argument
+// validation: printed once (not once per rank), exit status 2.
+TEST(MoeTrainProgram, BadValueIsReportedOnceBeforeAnyWork) {
+  Outcome outcome = mpirun_moe_train(2, kTinyJob + "--train-iters 1 --mock-data --lr inf");
+  EXPECT_EQ(outcome.status, 2) << outcome.output;
+  const std::string message = "moe-train: error: argument --lr must be a finite number (got inf)";
+  const size_t first = outcome.output.find(message);
+  ASSERT_NE(first, std::string::npos) << outcome.output;
+  EXPECT_EQ(outcome.output.find(message, first + 1), std::string::npos) << outcome.output;
+  EXPECT_EQ(outcome.output.find("error on rank"), std::string::npos) << outcome.output;
 }
 
 TEST(MoeTrainProgram, ErrorDuringTheJobStopsEveryRank) {

@@ -15,6 +15,10 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
+#include "../../src/train/mock_dataset.h"
+#include "moe/data/gpt_dataset.h"
 #include "moe/tensor/error.h"
 #include "moe/train/arguments.h"
 #include "moe/train/trainer.h"
@@ -245,15 +249,7 @@ TEST(TrainingLoop, ExpertParallelMatchesReplicatedExperts) {
   }
 }
 
-// Tensor parallelism with sequence parallelism (experts whole on each rank) against 2
-// data-parallel replicas, with the vocabulary padded alike (64 rows) in both layouts.
-TEST(TrainingLoop, TensorParallelMatchesDataParallel) {
-  if (world_size() != 2) GTEST_SKIP() << "needs 2 ranks";
-  const Args flags = with(tiny_moe_flags(4), {"--make-vocab-size-divisible-by", "32"});
-  TrainingReport replicated = run(flags);
-  TrainingReport sharded =
-      run(with(flags, {"--tensor-model-parallel-size", "2", "--sequence-parallel",
-                       "--expert-tensor-parallel-size", "1"}));
+void expect_same_training(const TrainingReport& sharded, const TrainingReport& replicated) {
   ASSERT_EQ(sharded.iterations.size(), 4u);
   for (size_t i = 0; i < 4; ++i) {
     const IterationStats &got = sharded.iterations[i], &want = replicated.iterations[i];
@@ -261,6 +257,23 @@ TEST(TrainingLoop, TensorParallelMatchesDataParallel) {
     EXPECT_NEAR(got.load_balancing_loss, want.load_balancing_loss, 1e-5 * want.load_balancing_loss)
         << "iteration " << i + 1;
     EXPECT_NEAR(got.grad_norm, want.grad_norm, 1e-4 * want.grad_norm) << "iteration " << i + 1;
+  }
+}
+
+// Tensor parallelism with sequence parallelism against 2 data-parallel replicas, with the
+// vocabulary padded alike (64 rows) in both layouts: the experts whole on each rank (etp 1) and
+// split over the tp ranks (etp defaults to tp = 2, Megatron's default and the seed layout).
+TEST(TrainingLoop, TensorParallelMatchesDataParallel) {
+  if (world_size() != 2) GTEST_SKIP() << "needs 2 ranks";
+  const Args flags = with(tiny_moe_flags(4), {"--make-vocab-size-divisible-by", "32"});
+  const Args tensor_parallel =
+      with(flags, {"--tensor-model-parallel-size", "2", "--sequence-parallel"});
+  TrainingReport replicated = run(flags);
+  for (const Args& layout :
+       {with(tensor_parallel, {"--expert-tensor-parallel-size", "1"}), tensor_parallel}) {
+    SCOPED_TRACE(layout.back());
+    TrainingReport sharded = run(layout);
+    expect_same_training(sharded, replicated);
   }
 }
 
@@ -360,13 +373,137 @@ TEST(TrainingLoop, ResumesIntoAnotherExpertLayout) {
   if (world_rank() == 0) fs::remove_all(dir);
 }
 
-// --eod-mask-loss reaches the data pipeline: with end-of-document targets masked out the first
-// loss (same weights, same samples) averages over fewer tokens and so differs.
+// --eod-mask-loss reaches the data pipeline: the first iteration's loss averages over exactly
+// the tokens the data module's mask keeps for the global batch's samples 0..7 (every token
+// without the flag, fewer with it), and so differs.
 TEST(TrainingLoop, EodMaskLossChangesTheAveragedTokens) {
   TrainingReport all_tokens = run(tiny_moe_flags(1));
   TrainingReport masked = run(with(tiny_moe_flags(1), {"--eod-mask-loss"}));
+  // The same samples as the loop's mock data: NullTokenizer --vocab-size 63 (eod 63, 64 ids),
+  // --seed 7, 16 tokens.
+  data::SampleOptions options;
+  options.eod_token = 63;
+  options.eod_mask_loss = true;
+  MockGPTDataset samples(8, 16, 64, 63, 7, data::Split::Train);
+  const std::vector<int64_t> indices = {0, 1, 2, 3, 4, 5, 6, 7};
+  Tensor mask = data::make_micro_batch(samples, indices, options).loss_mask;  // [8, 16]
+  const double kept = std::accumulate(mask.data<float>(), mask.data<float>() + mask.numel(), 0.0);
+  ASSERT_LT(kept, 8 * 16) << "the mock samples should hold end-of-document tokens";
+  EXPECT_EQ(all_tokens.iterations[0].loss_tokens, 8 * 16);
+  EXPECT_EQ(masked.iterations[0].loss_tokens, kept);
   EXPECT_NE(all_tokens.iterations[0].lm_loss, masked.iterations[0].lm_loss);
   EXPECT_TRUE(std::isfinite(masked.iterations[0].lm_loss));
+}
+
+// The (global_shape) of a tensor in a rank's checkpoint index.
+std::vector<int64_t> saved_global_shape(const fs::path& iteration_dir, const std::string& name) {
+  std::ifstream index(iteration_dir / "rank_00000.json");
+  const nlohmann::json json = nlohmann::json::parse(index);
+  for (const auto& piece : json.at("tensors")) {
+    if (piece.at("name") == name) return piece.at("global_shape").get<std::vector<int64_t>>();
+  }
+  ADD_FAILURE() << name << " not in " << iteration_dir;
+  return {};
+}
+
+// The learned position table has --max-position-embeddings rows (not --seq-length), so a run
+// saved at one sequence length continues at a longer one within the table.
+TEST(TrainingLoop, LearnedPositionsCoverMaxPositionEmbeddingsAndResumeAtLongerSequences) {
+  Args flags = tiny_moe_flags(4);
+  flags.erase(std::find(flags.begin(), flags.end(), "--position-embedding-type"),
+              std::find(flags.begin(), flags.end(), "--position-embedding-type") + 2);
+  flags = with(flags, {"--max-position-embeddings", "32"});
+  fs::path dir = shared_dir("positions");
+  const std::string save_dir = (dir / "ckpt").string();
+  run(with(flags, {"--save", save_dir, "--save-interval", "2", "--exit-interval", "2"}));
+  if (world_rank() == 0) {
+    EXPECT_EQ(
+        saved_global_shape(dir / "ckpt" / "iter_0000002", "embedding.position_embeddings.weight"),
+        (std::vector<int64_t>{32, 32}));
+  }
+  TrainingReport longer = run(with(flags, {"--load", save_dir, "--seq-length", "24"}));
+  ASSERT_EQ(longer.start_iteration, 2);
+  ASSERT_EQ(longer.iterations.size(), 2u);
+  for (const IterationStats& s : longer.iterations) {
+    EXPECT_TRUE(std::isfinite(s.lm_loss));
+    EXPECT_EQ(s.loss_tokens, 8 * 24);
+  }
+  if (world_rank() == 0) fs::remove_all(dir);
+}
+
+// The checkpoint carries the run's random streams (Megatron's RNG state). Resumed with another
+// --seed (which also changes the mock data), the same weights and samples see the saved streams'
+// dropout masks, or --seed's with --no-load-rng, so the losses differ; the saved streams resumed
+// with the same seed repeat the uninterrupted run. A checkpoint saved with --no-save-rng holds
+// none, so loading it needs --no-load-rng (or --finetune).
+TEST(TrainingLoop, RandomStateIsSavedUnlessNoSaveRng) {
+  const Args flags = with(tiny_moe_flags(4), {"--hidden-dropout", "0.2"});
+  fs::path dir = shared_dir("rng");
+  const std::string with_rng = (dir / "with_rng").string(), without = (dir / "without").string();
+  TrainingReport whole = run(flags);
+  const Args first_half = {"--save-interval", "2", "--exit-interval", "2"};
+  run(with(with(flags, first_half), {"--save", with_rng}));
+  run(with(with(flags, first_half), {"--save", without, "--no-save-rng"}));
+  TrainingReport restored = run(with(flags, {"--load", with_rng, "--seed", "8"}));
+  TrainingReport reseeded = run(with(flags, {"--load", with_rng, "--seed", "8", "--no-load-rng"}));
+  ASSERT_EQ(restored.iterations.size(), 2u);
+  ASSERT_EQ(reseeded.iterations.size(), 2u);
+  EXPECT_NE(restored.iterations[0].lm_loss, reseeded.iterations[0].lm_loss);
+  TrainingReport resumed = run(with(flags, {"--load", with_rng}));
+  ASSERT_EQ(resumed.iterations.size(), 2u);
+  EXPECT_EQ(resumed.iterations[0].lm_loss, whole.iterations[2].lm_loss);
+  try {
+    run(with(flags, {"--load", without}));
+    FAIL() << "expected an error";
+  } catch (const Error& error) {
+    EXPECT_EQ(std::string(error.what()),
+              "checkpoint '" + without +
+                  "' at iteration 2 holds no random state (saved with --no-save-rng, or "
+                  "converted); use --no-load-rng (random streams from --seed) or --finetune");
+  }
+  TrainingReport from_seed = run(with(flags, {"--load", without, "--no-load-rng"}));
+  ASSERT_EQ(from_seed.iterations.size(), 2u);
+  EXPECT_EQ(from_seed.iterations[0].lm_loss, whole.iterations[2].lm_loss);
+  if (world_rank() == 0) fs::remove_all(dir);
+}
+
+// A resumed run appends to its --log-file: the earlier run's rows stay, one header.
+TEST(TrainingLoop, ResumedRunAppendsToTheLogFile) {
+  fs::path dir = shared_dir("log_append");
+  const std::string log_file = (dir / "train.csv").string(), save_dir = (dir / "ckpt").string();
+  const Args flags = with(tiny_moe_flags(4), {"--log-file", log_file});
+  run(with(flags, {"--save", save_dir, "--save-interval", "2", "--exit-interval", "2"}));
+  run(with(flags, {"--load", save_dir}));
+  if (world_rank() == 0) {
+    std::ifstream csv(log_file);
+    std::string line;
+    std::vector<int> lm_iterations;
+    int headers = 0;
+    while (std::getline(csv, line)) {
+      headers += line == "iteration,tag,value";
+      if (line.find(",lm loss,") != std::string::npos) lm_iterations.push_back(std::stoi(line));
+    }
+    EXPECT_EQ(headers, 1);
+    EXPECT_EQ(lm_iterations, (std::vector<int>{1, 2, 3, 4}));
+    fs::remove_all(dir);
+  }
+}
+
+// The data module's ByteTokenizer trains (vocab 257: bytes and eod, padded to 384).
+TEST(TrainingLoop, ByteTokenizerTrains) {
+  Args flags = tiny_moe_flags(1);
+  flags.erase(std::find(flags.begin(), flags.end(), "--vocab-size"),
+              std::find(flags.begin(), flags.end(), "--vocab-size") + 2);
+  std::string log;
+  TrainingReport report = run(with(flags, {"--tokenizer-type", "ByteTokenizer"}), &log);
+  ASSERT_EQ(report.iterations.size(), 1u);
+  EXPECT_NEAR(report.iterations[0].lm_loss, std::log(384.0), 0.3);
+  if (world_rank() == 0) {
+    EXPECT_NE(log.find("> building ByteTokenizer tokenizer ... padded vocab (size: 257) with 127 "
+                       "dummy tokens (new size: 384)"),
+              std::string::npos)
+        << log;
+  }
 }
 
 // The log line averages losses over the interval's iterations that were not skipped, time and

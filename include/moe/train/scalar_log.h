@@ -16,8 +16,10 @@ namespace moe::train {
 class ScalarLog {
  public:
   // Either destination may be absent. Throws moe::Error naming a path that cannot be created.
+  // append_csv: continue an existing CSV file (a resumed run) instead of starting it afresh; the
+  // header row is written only into an empty file.
   ScalarLog(const std::optional<std::string>& tensorboard_dir,
-            const std::optional<std::string>& csv_path);
+            const std::optional<std::string>& csv_path, bool append_csv = false);
   ~ScalarLog();
   ScalarLog(const ScalarLog&) = delete;
   ScalarLog& operator=(const ScalarLog&) = delete;

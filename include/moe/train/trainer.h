@@ -4,8 +4,9 @@
 // --global-batch-size samples (gradient accumulation over global / (micro x dp) micro-batches);
 // logs, evaluates and saves at their intervals.
 //
-// Randomness is a pure function of (--seed, iteration, sample index), so a run resumed from a
-// checkpoint produces bitwise the same losses as one that never stopped.
+// Randomness is a pure function of (the run's random streams, iteration, sample index); the
+// streams come from --seed and are the checkpoint's RNG state (unless --no-save-rng), so a run
+// resumed from a checkpoint produces bitwise the same losses as one that never stopped.
 #pragma once
 
 #include <cstdint>
@@ -26,6 +27,7 @@ struct IterationStats {
   double lm_loss = 0;              // mean over micro-batches and data-parallel ranks
   double load_balancing_loss = 0;  // mean over MoE layers (as the router computes it)
   double z_loss = 0;               // mean over MoE layers
+  double loss_tokens = 0;  // loss-mask tokens the lm loss averaged, summed over the global batch
   double grad_norm = 0;
   double loss_scale = 1;
   bool skipped = false;  // inf/NaN gradients: no update
