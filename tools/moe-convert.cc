@@ -149,8 +149,9 @@ void moecore_to_hf(const Options& options) {
 
   const DType dtype = options.dtype.empty() ? store.param_dtype() : parse_dtype(options.dtype);
   checkpoint::safetensors::write_checkpoint(
-      options.output, checkpoint::hf_mixtral::moecore_to_hf(config, store, dtype),
-      {{"format", "pt"}}, options.max_shard_bytes);
+      options.output, checkpoint::hf_mixtral::hf_tensor_entries(config, dtype),
+      checkpoint::hf_mixtral::hf_tensor_source(config, store, dtype), {{"format", "pt"}},
+      options.max_shard_bytes);
   nlohmann::json hf_config = config.to_json();
   hf_config["torch_dtype"] = dtype == DType::BF16  ? "bfloat16"
                              : dtype == DType::F16 ? "float16"

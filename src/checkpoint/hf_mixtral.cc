@@ -358,23 +358,46 @@ void hf_to_moecore(const MixtralConfig& config,
   }
 }
 
+std::vector<safetensors::TensorEntry> hf_tensor_entries(const MixtralConfig& config, DType dtype) {
+  std::vector<safetensors::TensorEntry> entries;
+  for (auto& [name, shape] : hf_tensor_shapes(config)) entries.push_back({name, dtype, shape});
+  return entries;
+}
+
+safetensors::TensorSource hf_tensor_source(const MixtralConfig& config, const ParameterStore& store,
+                                           DType dtype) {
+  struct Sources {
+    Mapping mapping;
+    std::map<std::string, Shape> shapes;
+    // HF name -> the (moecore tensor, piece) pairs that fill it.
+    std::map<std::string, std::vector<std::pair<const MappedTensor*, const Piece*>>> pieces;
+  };
+  auto sources = std::make_shared<Sources>();
+  sources->mapping = build_mapping(config);
+  for (const auto& [name, shape] : sources->mapping.hf_shapes) sources->shapes[name] = shape;
+  for (const MappedTensor& tensor : sources->mapping.tensors) {
+    for (const Piece& piece : tensor.pieces) {
+      sources->pieces[piece.hf_name].push_back({&tensor, &piece});
+    }
+  }
+  return [sources, &store, dtype](const std::string& name) {
+    auto shape = sources->shapes.find(name);
+    MOE_CHECK(shape != sources->shapes.end(), "hf_mixtral: a Mixtral model has no tensor '", name,
+              "'");
+    Tensor hf = Tensor::empty(shape->second, store.param_dtype());
+    for (const auto& [tensor, piece] : sources->pieces.at(name)) {
+      Tensor moe = store_tensor(store, tensor->spec);
+      move_piece(*piece, hf, moe, /*to_moecore=*/false);
+    }
+    return hf.dtype() == dtype ? hf : hf.to(dtype);
+  };
+}
+
 std::vector<safetensors::NamedTensor> moecore_to_hf(const MixtralConfig& config,
                                                     const ParameterStore& store, DType dtype) {
-  Mapping mapping = build_mapping(config);
-  std::map<std::string, Tensor> hf;
-  for (const auto& [name, shape] : mapping.hf_shapes) {
-    hf.emplace(name, Tensor::empty(shape, store.param_dtype()));
-  }
-  for (const MappedTensor& tensor : mapping.tensors) {
-    Tensor moe = store_tensor(store, tensor.spec);
-    for (const Piece& piece : tensor.pieces) move_piece(piece, hf.at(piece.hf_name), moe, false);
-  }
+  safetensors::TensorSource source = hf_tensor_source(config, store, dtype);
   std::vector<safetensors::NamedTensor> named;
-  for (const auto& [name, shape] : mapping.hf_shapes) {
-    Tensor& tensor = hf.at(name);
-    named.push_back({name, tensor.dtype() == dtype ? tensor : tensor.to(dtype)});
-    tensor = Tensor();  // frees the converted original early
-  }
+  for (const auto& [name, shape] : hf_tensor_shapes(config)) named.push_back({name, source(name)});
   return named;
 }
 

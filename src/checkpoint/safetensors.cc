@@ -246,31 +246,69 @@ Tensor Checkpoint::read(const std::string& name) const {
   return files_[where_.at(name)].read(name);
 }
 
+namespace {
+
+uint64_t entry_bytes(const TensorEntry& entry) {
+  return uint64_t(shape_numel(entry.shape)) * dtype_size(entry.dtype);
+}
+
+std::vector<TensorEntry> entries_of(const std::vector<NamedTensor>& tensors) {
+  std::vector<TensorEntry> entries;
+  for (const auto& [name, tensor] : tensors) {
+    entries.push_back({name, tensor.defined() ? tensor.dtype() : DType::F32,
+                       tensor.defined() ? tensor.shape() : Shape{}});
+  }
+  return entries;
+}
+
+// Serves stored tensors by name (the first of a repeated name; the header check rejects repeats).
+TensorSource source_of(const std::vector<NamedTensor>& tensors) {
+  return [&tensors](const std::string& name) {
+    for (const auto& [stored_name, tensor] : tensors) {
+      if (stored_name == name) return tensor;
+    }
+    return Tensor();
+  };
+}
+
+}  // namespace
+
 void write_file(const std::string& path, const std::vector<NamedTensor>& tensors,
                 const std::map<std::string, std::string>& metadata) {
+  for (const auto& [name, tensor] : tensors) {
+    MOE_CHECK(tensor.defined(), "safetensors: cannot write '", path, "': tensor '", name,
+              "' is undefined");
+  }
+  write_file(path, entries_of(tensors), source_of(tensors), metadata);
+}
+
+void write_checkpoint(const std::string& dir, const std::vector<NamedTensor>& tensors,
+                      const std::map<std::string, std::string>& metadata,
+                      uint64_t max_shard_bytes) {
+  write_checkpoint(dir, entries_of(tensors), source_of(tensors), metadata, max_shard_bytes);
+}
+
+void write_file(const std::string& path, const std::vector<TensorEntry>& entries,
+                const TensorSource& source, const std::map<std::string, std::string>& metadata) {
   // Widest elements first (stable), as the reference writer does: with the 8-byte aligned data
   // section every tensor then starts at a multiple of its element size, so readers can map it.
-  std::vector<const NamedTensor*> order;
-  for (const NamedTensor& named : tensors) order.push_back(&named);
-  std::stable_sort(order.begin(), order.end(), [](const NamedTensor* a, const NamedTensor* b) {
-    return a->second.defined() && b->second.defined() &&
-           dtype_size(a->second.dtype()) > dtype_size(b->second.dtype());
+  std::vector<const TensorEntry*> order;
+  for (const TensorEntry& entry : entries) order.push_back(&entry);
+  std::stable_sort(order.begin(), order.end(), [](const TensorEntry* a, const TensorEntry* b) {
+    return dtype_size(a->dtype) > dtype_size(b->dtype);
   });
   nlohmann::json header = nlohmann::json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
   uint64_t offset = 0;
-  for (const NamedTensor* named : order) {
-    const auto& [name, tensor] = *named;
-    MOE_CHECK(!name.empty() && name != "__metadata__", "safetensors: cannot write '", path,
-              "': invalid tensor name '", name, "'");
-    MOE_CHECK(!header.contains(name), "safetensors: cannot write '", path, "': tensor '", name,
-              "' appears twice");
-    MOE_CHECK(tensor.defined(), "safetensors: cannot write '", path, "': tensor '", name,
-              "' is undefined");
-    header[name] = {{"dtype", dtype_string(tensor.dtype())},
-                    {"shape", tensor.shape()},
-                    {"data_offsets", {offset, offset + tensor.nbytes()}}};
-    offset += tensor.nbytes();
+  for (const TensorEntry* entry : order) {
+    MOE_CHECK(!entry->name.empty() && entry->name != "__metadata__", "safetensors: cannot write '",
+              path, "': invalid tensor name '", entry->name, "'");
+    MOE_CHECK(!header.contains(entry->name), "safetensors: cannot write '", path, "': tensor '",
+              entry->name, "' appears twice");
+    header[entry->name] = {{"dtype", dtype_string(entry->dtype)},
+                           {"shape", entry->shape},
+                           {"data_offsets", {offset, offset + entry_bytes(*entry)}}};
+    offset += entry_bytes(*entry);
   }
   std::string text = header.dump();
   text.append((8 - text.size() % 8) % 8, ' ');  // keeps the data section 8-byte aligned
@@ -284,8 +322,15 @@ void write_file(const std::string& path, const std::vector<NamedTensor>& tensors
               "': ", std::strerror(errno));
     write_all(out, temporary, length_bytes, 8);
     write_all(out, temporary, text.data(), text.size());
-    for (const NamedTensor* named : order) {
-      write_all(out, temporary, named->second.raw(), named->second.nbytes());
+    for (const TensorEntry* entry : order) {
+      const Tensor tensor = source(entry->name);
+      MOE_CHECK(
+          tensor.defined() && tensor.dtype() == entry->dtype && tensor.shape() == entry->shape,
+          "safetensors: cannot write '", path, "': tensor '", entry->name, "' should be ",
+          dtype_string(entry->dtype), " ", shape_string(entry->shape), " but is ",
+          tensor.defined() ? dtype_string(tensor.dtype()) + " " + shape_string(tensor.shape())
+                           : std::string("undefined"));
+      write_all(out, temporary, tensor.raw(), tensor.nbytes());
     }
     out.close();
     MOE_CHECK(out.good(), "safetensors: closing '", temporary, "' failed");
@@ -297,24 +342,25 @@ void write_file(const std::string& path, const std::vector<NamedTensor>& tensors
   }
 }
 
-void write_checkpoint(const std::string& dir, const std::vector<NamedTensor>& tensors,
+void write_checkpoint(const std::string& dir, const std::vector<TensorEntry>& entries,
+                      const TensorSource& source,
                       const std::map<std::string, std::string>& metadata,
                       uint64_t max_shard_bytes) {
   fs::create_directories(dir);
-  std::vector<std::vector<NamedTensor>> shards(1);
+  std::vector<std::vector<TensorEntry>> shards(1);
   uint64_t shard_bytes = 0, total_bytes = 0;
-  for (const NamedTensor& named : tensors) {
-    const uint64_t bytes = named.second.nbytes();
+  for (const TensorEntry& entry : entries) {
+    const uint64_t bytes = entry_bytes(entry);
     if (!shards.back().empty() && shard_bytes + bytes > max_shard_bytes) {
       shards.emplace_back();
       shard_bytes = 0;
     }
-    shards.back().push_back(named);
+    shards.back().push_back(entry);
     shard_bytes += bytes;
     total_bytes += bytes;
   }
   if (shards.size() == 1) {
-    write_file((fs::path(dir) / "model.safetensors").string(), tensors, metadata);
+    write_file((fs::path(dir) / "model.safetensors").string(), entries, source, metadata);
     return;
   }
   nlohmann::json weight_map = nlohmann::json::object();
@@ -322,8 +368,8 @@ void write_checkpoint(const std::string& dir, const std::vector<NamedTensor>& te
   for (size_t i = 0; i < shards.size(); ++i) {
     std::snprintf(shard_name, sizeof(shard_name), "model-%05zu-of-%05zu.safetensors", i + 1,
                   shards.size());
-    write_file((fs::path(dir) / shard_name).string(), shards[i], metadata);
-    for (const auto& [name, tensor] : shards[i]) weight_map[name] = shard_name;
+    write_file((fs::path(dir) / shard_name).string(), shards[i], source, metadata);
+    for (const TensorEntry& entry : shards[i]) weight_map[entry.name] = shard_name;
   }
   nlohmann::json index = {{"metadata", {{"total_size", total_bytes}}}, {"weight_map", weight_map}};
   const fs::path index_path = fs::path(dir) / kIndexName;

@@ -91,6 +91,29 @@ TEST(Safetensors, ReadsFileWrittenByIndependentPythonScript) {
   for (int i = 0; i < 3; ++i) EXPECT_EQ(f.get(i), i - 1.0f);
 }
 
+TEST(Safetensors, StreamingWriterChecksEachTensorAndLeavesNothingOnError) {
+  ScratchDir dir("streaming");
+  std::vector<TensorEntry> entries = {{"a", DType::F32, {2, 3}}, {"b", DType::BF16, {5}}};
+  int calls = 0;
+  auto source = [&](const std::string& name) {
+    ++calls;
+    return name == "a" ? moe::testing::random_normal({2, 3}, 5) : Tensor({5}, DType::BF16);
+  };
+  write_checkpoint(dir.path.string(), entries, source);
+  EXPECT_EQ(calls, 2);
+  EXPECT_TRUE(same_bytes(File(dir / "model.safetensors").read("a"),
+                         moe::testing::random_normal({2, 3}, 5)));
+
+  ScratchDir bad("streaming_bad");
+  auto wrong = [&](const std::string& name) {
+    return name == "a" ? Tensor({3, 2}) : Tensor({5}, DType::BF16);
+  };
+  expect_error([&] { write_file(bad / "x.safetensors", entries, wrong); },
+               {"tensor 'a' should be F32 [2, 3] but is F32 [3, 2]"});
+  EXPECT_FALSE(std::filesystem::exists(bad / "x.safetensors"));
+  EXPECT_FALSE(std::filesystem::exists(bad / "x.safetensors.tmp"));
+}
+
 // Writes an 8-byte length plus `header` plus `data_bytes` zero bytes.
 void write_raw(const std::string& path, const std::string& header, size_t data_bytes) {
   std::string bytes(8, '\0');

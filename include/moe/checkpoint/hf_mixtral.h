@@ -87,4 +87,11 @@ void hf_to_moecore(const MixtralConfig& config,
 std::vector<safetensors::NamedTensor> moecore_to_hf(const MixtralConfig& config,
                                                     const ParameterStore& store, DType dtype);
 
+// The same one tensor at a time, for safetensors::write_checkpoint's streaming form: the
+// entries (HF order, `dtype`) and a source building each HF tensor from `store` on demand, so
+// only one HF tensor is alive at a time. `store` must outlive the source.
+std::vector<safetensors::TensorEntry> hf_tensor_entries(const MixtralConfig& config, DType dtype);
+safetensors::TensorSource hf_tensor_source(const MixtralConfig& config, const ParameterStore& store,
+                                           DType dtype);
+
 }  // namespace moe::checkpoint::hf_mixtral

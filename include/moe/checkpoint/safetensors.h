@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 #include <utility>
@@ -68,6 +69,15 @@ class Checkpoint {
 
 using NamedTensor = std::pair<std::string, Tensor>;
 
+// What a tensor will be, for writers that produce tensors one at a time.
+struct TensorEntry {
+  std::string name;
+  DType dtype = DType::F32;
+  Shape shape;
+};
+// Returns the tensor of that name (called once per entry, in writing order).
+using TensorSource = std::function<Tensor(const std::string& name)>;
+
 // Writes one file atomically (path.tmp, then rename). Names must be unique and non-empty, and
 // "__metadata__" is reserved.
 void write_file(const std::string& path, const std::vector<NamedTensor>& tensors,
@@ -77,6 +87,16 @@ void write_file(const std::string& path, const std::vector<NamedTensor>& tensors
 // max_shard_bytes, as model-0000i-of-0000n.safetensors shards plus model.safetensors.index.json
 // (written last). Tensors keep their order; a tensor larger than the limit gets its own shard.
 void write_checkpoint(const std::string& dir, const std::vector<NamedTensor>& tensors,
+                      const std::map<std::string, std::string>& metadata = {},
+                      uint64_t max_shard_bytes = uint64_t(5) << 30);
+
+// The same, streaming: only one tensor from `source` is alive at a time. Each must match its
+// entry's dtype and shape (an error names the tensor otherwise).
+void write_file(const std::string& path, const std::vector<TensorEntry>& entries,
+                const TensorSource& source,
+                const std::map<std::string, std::string>& metadata = {});
+void write_checkpoint(const std::string& dir, const std::vector<TensorEntry>& entries,
+                      const TensorSource& source,
                       const std::map<std::string, std::string>& metadata = {},
                       uint64_t max_shard_bytes = uint64_t(5) << 30);
 
