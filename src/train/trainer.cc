@@ -184,6 +184,8 @@ void build_tokenizer(Job& job) {
   const int64_t vocab = job.tokenizer->vocab_size();
   job.padded_vocab =
       data::padded_vocab_size(vocab, a.make_vocab_size_divisible_by, a.tensor_model_parallel_size);
+  // Samples with ids the embedding has no row for are refused, naming the data file.
+  job.sample_options.vocab_size = job.padded_vocab;
   job.say(concat("> building ", options.type, " tokenizer ... padded vocab (size: ", vocab,
                  ") with ", job.padded_vocab - vocab, " dummy tokens (new size: ", job.padded_vocab,
                  ")"));

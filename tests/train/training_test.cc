@@ -19,6 +19,7 @@
 
 #include "../../src/train/mock_dataset.h"
 #include "moe/data/gpt_dataset.h"
+#include "moe/data/indexed_dataset.h"
 #include "moe/tensor/error.h"
 #include "moe/train/arguments.h"
 #include "moe/train/trainer.h"
@@ -565,6 +566,34 @@ TEST(TrainingLoop, MissingDatasetIsNamedOnEveryRank) {
               std::string::npos)
         << error.what();
   }
+}
+
+TEST(TrainingLoop, TokenIdsOutsideTheVocabularyNameTheDataFile) {
+  const fs::path dir = shared_dir("out_of_vocab");
+  const std::string prefix = (dir / "wide_ids_text_document").string();
+  if (world_rank() == 0) {
+    fs::create_directories(dir);
+    data::IndexedDatasetBuilder builder(prefix, data::TokenDType::U16);
+    std::vector<int64_t> document(400);
+    for (size_t i = 0; i < document.size(); ++i) document[i] = int64_t(i % 500);  // vocab is 128
+    for (int d = 0; d < 20; ++d) builder.add_document(document, std::vector<int32_t>{400});
+    builder.finalize();
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+  Args flags = tiny_moe_flags(2);
+  flags.erase(std::find(flags.begin(), flags.end(), "--mock-data"));
+  flags = with(flags, {"--data-path", prefix, "--split", "1,1,1"});
+  try {
+    run(flags);
+    FAIL() << "expected an error";
+  } catch (const Error& error) {
+    const std::string message = error.what();
+    EXPECT_NE(message.find(prefix), std::string::npos) << message;
+    EXPECT_NE(message.find("is outside the model's vocabulary [0, 128)"), std::string::npos)
+        << message;
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+  if (world_rank() == 0) fs::remove_all(dir);
 }
 
 TEST(TrainingLoop, LoadWithoutCheckpointStartsFreshOrFailsWhenAsked) {
