@@ -126,6 +126,34 @@ TEST(MoeConvert, PadsTheVocabularyAsMoeTrainWill) {
   t.expect_back_equals_hf(DType::F32);
 }
 
+// What users do next: moe-train with the printed flags fine-tunes from the converted checkpoint.
+TEST(MoeConvert, MoeTrainFineTunesFromTheConvertedCheckpoint) {
+  ConvertCase t("tool_moe_train", DType::BF16, 16);
+  RunResult converted = t.run("--from hf --to moecore --input " + t.hf + " --output " + t.ckpt +
+                              " --make-vocab-size-divisible-by 1");
+  ASSERT_EQ(converted.exit_code, 0) << converted.output;
+  const std::string marker = "moe-train flags for this model: ";
+  const size_t at = converted.output.find(marker);
+  ASSERT_NE(at, std::string::npos) << converted.output;
+  const size_t begin = at + marker.size();
+  const std::string flags =
+      converted.output.substr(begin, converted.output.find('\n', begin) - begin);
+  // NullTokenizer adds an end-of-document token: 36 + 1 = the model's 37 rows.
+  const std::string command = std::string(MOE_TRAIN_PROGRAM) + " " + flags + " --load " + t.ckpt +
+                              " --finetune --mock-data --tokenizer-type NullTokenizer "
+                              "--vocab-size 36 --seq-length 8 --micro-batch-size 2 "
+                              "--global-batch-size 2 --train-iters 2 --lr 1e-4 --bf16 "
+                              "--log-interval 1 > " +
+                              (t.scratch / "train.log") + " 2>&1";
+  EXPECT_EQ(std::system(command.c_str()), 0) << command;
+  std::ifstream log(t.scratch / "train.log");
+  std::stringstream text;
+  text << log.rdbuf();
+  EXPECT_NE(text.str().find("loaded checkpoint from '" + t.ckpt + "' at iteration 0"),
+            std::string::npos)
+      << text.str();
+}
+
 // A checkpoint saved by training (no HF config recorded) converts with --hf-config.
 TEST(MoeConvert, TrainingCheckpointNeedsHfConfig) {
   ScratchDir scratch("tool_training_ckpt");
