@@ -143,7 +143,8 @@ TEST(MoeConvert, MoeTrainFineTunesFromTheConvertedCheckpoint) {
                               " --finetune --mock-data --tokenizer-type NullTokenizer "
                               "--vocab-size 36 --seq-length 8 --micro-batch-size 2 "
                               "--global-batch-size 2 --train-iters 2 --lr 1e-4 --bf16 "
-                              "--log-interval 1 > " +
+                              "--log-interval 1 --save " +
+                              (t.scratch / "trained") + " --save-interval 2 > " +
                               (t.scratch / "train.log") + " 2>&1";
   EXPECT_EQ(std::system(command.c_str()), 0) << command;
   std::ifstream log(t.scratch / "train.log");
@@ -152,6 +153,16 @@ TEST(MoeConvert, MoeTrainFineTunesFromTheConvertedCheckpoint) {
   EXPECT_NE(text.str().find("loaded checkpoint from '" + t.ckpt + "' at iteration 0"),
             std::string::npos)
       << text.str();
+
+  // The trained checkpoint (with optimizer state and the run's arguments) converts back to HF
+  // given the model's config.json (moe-train does not carry moe-convert's record along).
+  RunResult back = t.run("--from moecore --to hf --input " + (t.scratch / "trained") +
+                         " --output " + t.back + " --hf-config " + t.hf + "/config.json");
+  ASSERT_EQ(back.exit_code, 0) << back.output;
+  EXPECT_NE(back.output.find("from iteration 2"), std::string::npos) << back.output;
+  Checkpoint before(t.hf), after(t.back);
+  EXPECT_EQ(before.names(), after.names());
+  EXPECT_FALSE(same_bytes(before.read("lm_head.weight"), after.read("lm_head.weight")));
 }
 
 // A checkpoint saved by training (no HF config recorded) converts with --hf-config.
