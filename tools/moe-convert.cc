@@ -15,6 +15,7 @@
 #include "moe/comm/parallel_state.h"
 #include "moe/model/config.h"
 #include "moe/tensor/error.h"
+#include "moe/train/arguments.h"
 
 namespace {
 
@@ -114,6 +115,59 @@ int64_t saved_vocab_rows(const fs::path& iteration_dir, const nlohmann::json& me
   return 0;
 }
 
+// A moe-train checkpoint's model, from the command line its metadata records. vocab_rows (the
+// saved, padded vocabulary) becomes vocab_size: the tokenizer's own size is not recorded.
+MixtralConfig config_from_training_args(const nlohmann::json& metadata, int64_t vocab_rows,
+                                        const std::string& source) {
+  const std::string hint = ": pass --hf-config with the Mixtral config.json describing it";
+  MOE_CHECK(metadata.contains("args") && metadata["args"].contains("command_line"), source,
+            " records neither an HF config nor a moe-train command line", hint);
+  const train::TrainingArguments a =
+      train::parse_arguments(metadata["args"]["command_line"].get<std::vector<std::string>>()).args;
+  std::vector<std::string> problems;
+  if (!a.num_layers || !a.hidden_size || !a.num_attention_heads) {
+    problems.push_back("no --num-layers, --hidden-size or --num-attention-heads");
+  }
+  if (a.normalization != "RMSNorm") problems.push_back("--normalization " + a.normalization);
+  if (!a.swiglu) problems.push_back("no --swiglu");
+  if (a.position_embedding_type != "rope") {
+    problems.push_back("--position-embedding-type " + a.position_embedding_type);
+  }
+  if (a.add_bias_linear) problems.push_back("biases (no --disable-bias-linear)");
+  if (!a.num_experts) problems.push_back("no --num-experts");
+  if (a.moe_layer_freq != "1") problems.push_back("--moe-layer-freq " + a.moe_layer_freq);
+  if (a.moe_router_score_function != "softmax") {
+    problems.push_back("--moe-router-score-function " + a.moe_router_score_function);
+  }
+  if (!a.ffn_hidden_size) problems.push_back("no --ffn-hidden-size");
+  if (a.moe_ffn_hidden_size && a.moe_ffn_hidden_size != a.ffn_hidden_size) {
+    problems.push_back("--moe-ffn-hidden-size differing from --ffn-hidden-size");
+  }
+  std::string listed;
+  for (const std::string& problem : problems) listed += (listed.empty() ? "" : ", ") + problem;
+  MOE_CHECK(problems.empty(), source, " holds a model HF's Mixtral cannot express (", listed, ")",
+            hint);
+  MixtralConfig c;
+  c.vocab_size = vocab_rows;
+  c.hidden_size = *a.hidden_size;
+  c.intermediate_size = *a.ffn_hidden_size;
+  c.num_hidden_layers = *a.num_layers;
+  c.num_attention_heads = *a.num_attention_heads;
+  c.num_key_value_heads = a.group_query_attention ? a.num_query_groups : c.num_attention_heads;
+  // head_dim only when it differs from HF's default hidden_size / num_attention_heads.
+  if (a.kv_channels && int64_t(*a.kv_channels) * c.num_attention_heads != c.hidden_size) {
+    c.head_dim = *a.kv_channels;
+  }
+  c.num_local_experts = *a.num_experts;
+  c.num_experts_per_tok = a.moe_router_topk;
+  c.max_position_embeddings = a.max_position_embeddings.value_or(a.seq_length.value_or(4096));
+  c.rope_theta = a.rotary_base;
+  c.rms_norm_eps = a.norm_epsilon;
+  c.tie_word_embeddings = !a.untie_embeddings_and_output_weights;
+  c.validate();
+  return c;
+}
+
 void moecore_to_hf(const Options& options) {
   std::optional<int64_t> iteration = options.iteration > 0
                                          ? std::optional<int64_t>(options.iteration)
@@ -124,17 +178,19 @@ void moecore_to_hf(const Options& options) {
       fs::path(options.input) / checkpoint::iteration_dir_name(*iteration);
   const std::string metadata_path = (iteration_dir / "metadata.json").string();
   nlohmann::json metadata = read_json(metadata_path);
+  const int64_t vocab_rows = saved_vocab_rows(iteration_dir, metadata);
   MixtralConfig config;
   if (!options.hf_config.empty()) {
     config = MixtralConfig::from_json(read_json(options.hf_config), options.hf_config);
-  } else {
-    MOE_CHECK(metadata.contains("extra") && metadata["extra"].contains("hf_config"), "'",
-              metadata_path,
-              "' does not record the model's HF config (it was not made by "
-              "moe-convert): pass --hf-config with the Mixtral config.json describing it");
+  } else if (metadata.contains("extra") && metadata["extra"].contains("hf_config")) {
     config = MixtralConfig::from_json(metadata["extra"]["hf_config"], metadata_path);
+  } else {
+    config = config_from_training_args(metadata, vocab_rows, "'" + metadata_path + "'");
+    std::cout << "note: the model config comes from the moe-train command line in " << metadata_path
+              << "; vocab_size is the " << vocab_rows
+              << " saved (padded) rows: pass --hf-config to set the tokenizer's size\n";
   }
-  config.padded_vocab_size = saved_vocab_rows(iteration_dir, metadata);
+  config.padded_vocab_size = vocab_rows;
   MOE_CHECK(config.padded_vocab_size >= config.vocab_size, "'", options.input, "' holds ",
             config.padded_vocab_size, " vocabulary rows, fewer than the config's vocab_size (",
             config.vocab_size, ")");

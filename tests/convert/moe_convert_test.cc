@@ -154,8 +154,16 @@ TEST(MoeConvert, MoeTrainFineTunesFromTheConvertedCheckpoint) {
             std::string::npos)
       << text.str();
 
-  // The trained checkpoint (with optimizer state and the run's arguments) converts back to HF
-  // given the model's config.json (moe-train does not carry moe-convert's record along).
+  // The trained checkpoint (with optimizer state) converts back to HF from the moe-train command
+  // line it records (vocab_size = its 37 rows), or from a config.json given with --hf-config.
+  RunResult from_args = t.run("--from moecore --to hf --input " + (t.scratch / "trained") +
+                              " --output " + (t.scratch / "from_args"));
+  ASSERT_EQ(from_args.exit_code, 0) << from_args.output;
+  EXPECT_NE(from_args.output.find("comes from the moe-train command line"), std::string::npos);
+  EXPECT_EQ(MixtralConfig::from_json(
+                nlohmann::json::parse(std::ifstream(t.scratch / "from_args/config.json")), "c")
+                .to_json(),
+            t.config.to_json());
   RunResult back = t.run("--from moecore --to hf --input " + (t.scratch / "trained") +
                          " --output " + t.back + " --hf-config " + t.hf + "/config.json");
   ASSERT_EQ(back.exit_code, 0) << back.output;
@@ -165,8 +173,8 @@ TEST(MoeConvert, MoeTrainFineTunesFromTheConvertedCheckpoint) {
   EXPECT_FALSE(same_bytes(before.read("lm_head.weight"), after.read("lm_head.weight")));
 }
 
-// A checkpoint saved by training (no HF config recorded) converts with --hf-config.
-TEST(MoeConvert, TrainingCheckpointNeedsHfConfig) {
+// A checkpoint recording neither an HF config nor a command line converts with --hf-config.
+TEST(MoeConvert, CheckpointWithoutModelRecordNeedsHfConfig) {
   ScratchDir scratch("tool_training_ckpt");
   MixtralConfig c = tiny_config();
   c.padded_vocab_size = 40;
@@ -179,11 +187,28 @@ TEST(MoeConvert, TrainingCheckpointNeedsHfConfig) {
   RunResult without =
       run_convert(scratch, "--from moecore --to hf --input " + ckpt + " --output " + back);
   EXPECT_NE(without.exit_code, 0);
+  EXPECT_NE(without.output.find("records neither an HF config nor a moe-train command line"),
+            std::string::npos)
+      << without.output;
   EXPECT_NE(without.output.find("pass --hf-config"), std::string::npos) << without.output;
+
+  // A recorded command line of a model HF's Mixtral cannot express is refused, saying why.
+  state.iteration = 4;
+  state.args["command_line"] = {"--num-layers",          "2", "--hidden-size",   "24",
+                                "--num-attention-heads", "6", "--normalization", "LayerNorm"};
+  checkpoint::save_checkpoint(ckpt, state, trained.store, nullptr, nullptr,
+                              comm::single_process_state());
+  RunResult layer_norm =
+      run_convert(scratch, "--from moecore --to hf --input " + ckpt + " --output " + back);
+  EXPECT_NE(layer_norm.exit_code, 0);
+  EXPECT_NE(layer_norm.output.find("cannot express (--normalization LayerNorm, no --swiglu, "
+                                   "--position-embedding-type learned_absolute"),
+            std::string::npos)
+      << layer_norm.output;
 
   std::ofstream(config) << c.to_json().dump();
   RunResult with = run_convert(scratch, "--from moecore --to hf --input " + ckpt + " --output " +
-                                            back + " --hf-config " + config);
+                                            back + " --hf-config " + config + " --iteration 3");
   ASSERT_EQ(with.exit_code, 0) << with.output;
   Checkpoint hf(back);
   EXPECT_TRUE(same_bytes(
