@@ -237,10 +237,25 @@ void convert(const Options& options) {
     MOE_CHECK(dtype == DType::F32 || dtype == DType::BF16 || dtype == DType::F16,
               "--dtype must be fp32, bf16 or fp16, got '", options.dtype, "'");
   }
-  if (options.from == "hf") {
-    hf_to_moecore(options);
-  } else {
-    moecore_to_hf(options);
+  // The output was new or empty, so a failed conversion removes whatever it wrote there (a
+  // sharded HF model missing its later shards or its index must not look like a model).
+  const bool output_existed = fs::exists(options.output);
+  try {
+    if (options.from == "hf") {
+      hf_to_moecore(options);
+    } else {
+      moecore_to_hf(options);
+    }
+  } catch (...) {
+    std::error_code ignored;
+    if (output_existed) {
+      for (const auto& entry : fs::directory_iterator(options.output, ignored)) {
+        fs::remove_all(entry.path(), ignored);
+      }
+    } else {
+      fs::remove_all(options.output, ignored);
+    }
+    throw;
   }
 }
 

@@ -256,6 +256,22 @@ TEST(MoeConvert, BadInvocationsExplainThemselves) {
       "--from hf --to moecore --input " + extra.path.string() + " --output " + (scratch / "o"),
       "no tensor 'model.layers.2.input_layernorm.weight'");
   EXPECT_FALSE(std::filesystem::exists(scratch / "o"));
+
+  // A checkpoint that does not fit the given config: the error names the tensor, and the empty
+  // output directory stays empty.
+  const std::string ckpt = scratch / "ckpt", empty_output = scratch / "empty_output";
+  ASSERT_EQ(run_convert(scratch, "--from hf --to moecore --input " + hf + " --output " + ckpt +
+                                     " --make-vocab-size-divisible-by 1")
+                .exit_code,
+            0);
+  MixtralConfig more_experts = c;
+  more_experts.num_local_experts = 4;
+  std::ofstream(scratch / "more_experts.json") << more_experts.to_json().dump();
+  std::filesystem::create_directories(empty_output);
+  expect_failure("--from moecore --to hf --input " + ckpt + " --output " + empty_output +
+                     " --hf-config " + (scratch / "more_experts.json"),
+                 "decoder.layers.0.mlp");
+  EXPECT_TRUE(std::filesystem::is_empty(empty_output));
 }
 
 }  // namespace
