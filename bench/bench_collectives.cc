@@ -14,11 +14,11 @@
 
 #include <cstdio>
 #include <cstring>
-#include <map>
 #include <string>
 #include <vector>
 
 #include "moe/comm/process_group.h"
+#include "mpi_benchmark.h"
 
 namespace {
 
@@ -110,43 +110,23 @@ void BM_Memcpy(benchmark::State& state) {
   finish(state, exchange);
 }
 
-// Rank 0's console output, plus the median-time ratios of each pair of ways at equal sizes.
-class RatioReporter : public benchmark::ConsoleReporter {
- public:
-  RatioReporter() : ConsoleReporter(OO_Tabular) {}
-  void ReportRuns(const std::vector<Run>& runs) override {
-    ConsoleReporter::ReportRuns(runs);
-    for (const Run& run : runs) {
-      if (run.aggregate_name == "median") medians_[run.run_name.str()] = run.GetAdjustedRealTime();
+// The median-time ratios of each pair of ways at equal sizes.
+void print_ratios(const moe::bench::Medians& medians) {
+  std::printf("\nmedian time ratios (moecore / other, same sizes, same run):\n");
+  for (const auto& [name, seconds] : medians) {
+    const size_t marker = name.find("_moecore");
+    if (marker == std::string::npos) continue;
+    const std::string operation = name.substr(0, marker);  // "BM_AllToAllV"
+    const std::string sizes = name.substr(marker + std::string("_moecore").size());
+    for (const std::string& other : {operation + "_MPI", std::string("BM_Memcpy")}) {
+      if (other == "BM_Memcpy" && operation != "BM_AllToAllV") continue;
+      auto found = medians.find(other + sizes);
+      if (found == medians.end()) continue;
+      std::printf("  %-22s / %-18s %-40s %.2f\n", name.substr(3, marker - 3).c_str(),
+                  other.c_str() + 3, sizes.c_str(), seconds / found->second);
     }
   }
-  void Finalize() override {
-    ConsoleReporter::Finalize();
-    std::printf("\nmedian time ratios (moecore / other, same sizes, same run):\n");
-    for (const auto& [name, seconds] : medians_) {
-      const size_t marker = name.find("_moecore");
-      if (marker == std::string::npos) continue;
-      const std::string operation = name.substr(0, marker);  // "BM_AllToAllV"
-      const std::string sizes = name.substr(marker + std::string("_moecore").size());
-      for (const std::string& other : {operation + "_MPI", std::string("BM_Memcpy")}) {
-        if (other == "BM_Memcpy" && operation != "BM_AllToAllV") continue;
-        auto found = medians_.find(other + sizes);
-        if (found == medians_.end()) continue;
-        std::printf("  %-22s / %-18s %-40s %.2f\n", name.substr(3, marker - 3).c_str(),
-                    other.c_str() + 3, sizes.c_str(), seconds / found->second);
-      }
-    }
-  }
-
- private:
-  std::map<std::string, double> medians_;
-};
-
-class SilentReporter : public benchmark::BenchmarkReporter {
- public:
-  bool ReportContext(const Context&) override { return true; }
-  void ReportRuns(const std::vector<Run>&) override {}
-};
+}
 
 // For each size, the ways to move the same bytes one after the other (so they see the same
 // machine load), each a fixed number of iterations repeated five times. Memcpy is compared with
@@ -164,14 +144,8 @@ void register_benchmarks() {
         ways.push_back({"BM_AllReduce_MPI", BM_AllReduce_MPI});
       }
       for (auto [name, function] : ways) {
-        benchmark::RegisterBenchmark(name, function)
-            ->ArgNames({"tokens", "bf16"})
-            ->Args({tokens, bf16})
-            ->Iterations(tokens >= 4096 ? 40 : 300)
-            ->Repetitions(5)
-            ->ReportAggregatesOnly(true)
-            ->UseRealTime()
-            ->Unit(benchmark::kMicrosecond);
+        moe::bench::register_fixed_iterations(name, function, tokens, bf16,
+                                              tokens >= 4096 ? 40 : 300, benchmark::kMicrosecond);
       }
     }
   }
@@ -180,16 +154,5 @@ void register_benchmarks() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  moe::comm::ensure_mpi_initialized(&argc, &argv);
-  benchmark::Initialize(&argc, argv);
-  register_benchmarks();
-  if (moe::comm::ProcessGroup::world().rank() == 0) {
-    RatioReporter reporter;
-    benchmark::RunSpecifiedBenchmarks(&reporter);
-  } else {
-    SilentReporter silent;
-    benchmark::RunSpecifiedBenchmarks(&silent);
-  }
-  benchmark::Shutdown();
-  return 0;
+  return moe::bench::run_mpi_benchmarks(argc, argv, register_benchmarks, print_ratios);
 }

@@ -14,7 +14,6 @@
 #include <benchmark/benchmark.h>
 
 #include <cstdio>
-#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -22,6 +21,7 @@
 #include "moe/comm/parallel_state.h"
 #include "moe/moe/ep_dispatchers.h"
 #include "moe/tensor/rng.h"
+#include "mpi_benchmark.h"
 
 namespace {
 
@@ -125,46 +125,25 @@ void BM_ReduceScatter_partial_sums(benchmark::State& state) {
   reduce_scatter(state, 1);
 }
 
-// Rank 0's console output, then median-time ratios against the local round trip and between the
-// two reduce-scatters.
-class RatioReporter : public benchmark::ConsoleReporter {
- public:
-  RatioReporter() : ConsoleReporter(OO_Tabular) {}
-  void ReportRuns(const std::vector<Run>& runs) override {
-    ConsoleReporter::ReportRuns(runs);
-    for (const Run& run : runs) {
-      if (run.aggregate_name == "median") medians_[run.run_name.str()] = run.GetAdjustedRealTime();
+// Median-time ratios against the local round trip and between the two reduce-scatters.
+void print_ratios(const moe::bench::Medians& medians) {
+  std::printf("\nmedian time ratios (same sizes, same run):\n");
+  const std::pair<std::string, std::string> pairs[] = {
+      {"BM_RoundTrip_alltoall", "BM_RoundTrip_local"},
+      {"BM_RoundTrip_allgather", "BM_RoundTrip_local"},
+      {"BM_RoundTrip_allgather", "BM_RoundTrip_alltoall"},
+      {"BM_ReduceScatter_slot_rows", "BM_ReduceScatter_partial_sums"}};
+  for (const auto& [name, seconds] : medians) {
+    for (const auto& [numerator, denominator] : pairs) {
+      if (name.rfind(numerator + "/", 0) != 0) continue;
+      const std::string sizes = name.substr(numerator.size());
+      auto found = medians.find(denominator + sizes);
+      if (found == medians.end()) continue;
+      std::printf("  %-28s / %-30s %-22s %.2f\n", numerator.c_str() + 3, denominator.c_str() + 3,
+                  sizes.c_str(), seconds / found->second);
     }
   }
-  void Finalize() override {
-    ConsoleReporter::Finalize();
-    std::printf("\nmedian time ratios (same sizes, same run):\n");
-    const std::pair<std::string, std::string> pairs[] = {
-        {"BM_RoundTrip_alltoall", "BM_RoundTrip_local"},
-        {"BM_RoundTrip_allgather", "BM_RoundTrip_local"},
-        {"BM_RoundTrip_allgather", "BM_RoundTrip_alltoall"},
-        {"BM_ReduceScatter_slot_rows", "BM_ReduceScatter_partial_sums"}};
-    for (const auto& [name, seconds] : medians_) {
-      for (const auto& [numerator, denominator] : pairs) {
-        if (name.rfind(numerator + "/", 0) != 0) continue;
-        const std::string sizes = name.substr(numerator.size());
-        auto found = medians_.find(denominator + sizes);
-        if (found == medians_.end()) continue;
-        std::printf("  %-28s / %-30s %-22s %.2f\n", numerator.c_str() + 3, denominator.c_str() + 3,
-                    sizes.c_str(), seconds / found->second);
-      }
-    }
-  }
-
- private:
-  std::map<std::string, double> medians_;
-};
-
-class SilentReporter : public benchmark::BenchmarkReporter {
- public:
-  bool ReportContext(const Context&) override { return true; }
-  void ReportRuns(const std::vector<Run>&) override {}
-};
+}
 
 void register_benchmarks() {
   using Function = void (*)(benchmark::State&);
@@ -177,14 +156,8 @@ void register_benchmarks() {
   for (int64_t tokens : {512, 2048}) {
     for (int64_t bf16 : {0, 1}) {
       for (auto [name, function] : ways) {
-        benchmark::RegisterBenchmark(name, function)
-            ->ArgNames({"tokens", "bf16"})
-            ->Args({tokens, bf16})
-            ->Iterations(tokens >= 2048 ? 10 : 40)
-            ->Repetitions(5)
-            ->ReportAggregatesOnly(true)
-            ->UseRealTime()
-            ->Unit(benchmark::kMillisecond);
+        moe::bench::register_fixed_iterations(name, function, tokens, bf16,
+                                              tokens >= 2048 ? 10 : 40, benchmark::kMillisecond);
       }
     }
   }
@@ -193,16 +166,5 @@ void register_benchmarks() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  moe::comm::ensure_mpi_initialized(&argc, &argv);
-  benchmark::Initialize(&argc, argv);
-  register_benchmarks();
-  if (moe::comm::ProcessGroup::world().rank() == 0) {
-    RatioReporter reporter;
-    benchmark::RunSpecifiedBenchmarks(&reporter);
-  } else {
-    SilentReporter silent;
-    benchmark::RunSpecifiedBenchmarks(&silent);
-  }
-  benchmark::Shutdown();
-  return 0;
+  return moe::bench::run_mpi_benchmarks(argc, argv, register_benchmarks, print_ratios);
 }
