@@ -81,24 +81,15 @@ Tensor AllGatherTokenDispatcher::combine(const Tensor& expert_output, DispatchCo
   const auto& state = ep_detail::saved_state<AllGatherState>(ctx, who);
   ep_detail::check_expert_rows(expert_output, state.expert_plan.num_rows(), ctx, who);
   Tensor home = expert_rows_to_home_slots(expert_output, state, ctx.plan.num_rows(), tp_ep_);
-  Tensor out = Tensor::empty({ctx.plan.num_tokens, ctx.hidden_size}, ctx.dtype);  // [T, H]
-  unpermute_rows(home, ctx.plan, ctx.routing.probs, out);
-  ctx.combine_rows = home;  // d(probs) needs the rows that were combined
-  return out;
+  return ep_detail::combine_home_rows(home, ctx);
 }
 
 Tensor AllGatherTokenDispatcher::combine_backward(const Tensor& grad_output, DispatchContext& ctx,
                                                   Tensor& grad_probs) {
   const char* who = "AllGatherTokenDispatcher::combine_backward";
   const auto& state = ep_detail::saved_state<AllGatherState>(ctx, who);
-  MOE_CHECK(ctx.combine_rows.defined(), who, ": combine has not run for this micro-batch");
-  check_shape(grad_output, {ctx.plan.num_tokens, ctx.hidden_size},
-              "AllGatherTokenDispatcher::combine_backward grad_output");
-  check_dtype(grad_output, ctx.dtype, "AllGatherTokenDispatcher::combine_backward grad_output");
-  Tensor grad_home = Tensor::empty(ctx.combine_rows.shape(), ctx.dtype);  // [T * topk, H]
-  unpermute_rows_backward(ctx.combine_rows, grad_output, ctx.plan, ctx.routing.probs, grad_home,
-                          grad_probs);
-  ctx.combine_rows = Tensor();
+  const Tensor grad_home =  // [plan rows, H]
+      ep_detail::combine_backward_home_rows(who, grad_output, ctx, grad_probs);
   // The reverse of the reduce-scatter: every rank gets the group's slot gradients and keeps its
   // experts' rows.
   Tensor group_grads = Tensor::empty({state.group_slots, ctx.hidden_size}, ctx.dtype);
@@ -114,10 +105,7 @@ Tensor AllGatherTokenDispatcher::dispatch_backward(const Tensor& grad_expert_inp
   const auto& state = ep_detail::saved_state<AllGatherState>(ctx, who);
   ep_detail::check_expert_rows(grad_expert_input, state.expert_plan.num_rows(), ctx, who);
   Tensor home = expert_rows_to_home_slots(grad_expert_input, state, ctx.plan.num_rows(), tp_ep_);
-  Tensor grad_hidden = Tensor::empty({ctx.plan.num_tokens, ctx.hidden_size}, ctx.dtype);
-  unpermute_rows(home, ctx.plan, Tensor(), grad_hidden);
-  ctx = DispatchContext{};  // the micro-batch is done with the dispatcher
-  return grad_hidden;
+  return ep_detail::home_rows_to_grad_hidden(home, ctx);
 }
 
 }  // namespace moe

@@ -153,24 +153,15 @@ Tensor AllToAllTokenDispatcher::combine(const Tensor& expert_output, DispatchCon
   const auto& state = ep_detail::saved_state<AllToAllState>(ctx, who);
   ep_detail::check_expert_rows(expert_output, int64_t(state.expert_row_source.size()), ctx, who);
   Tensor home = experts_to_home(expert_output, state, ctx.plan.num_rows(), {ep_, etp_});
-  Tensor out = Tensor::empty({ctx.plan.num_tokens, ctx.hidden_size}, ctx.dtype);  // [T, H]
-  unpermute_rows(home, ctx.plan, ctx.routing.probs, out);
-  ctx.combine_rows = home;  // d(probs) needs the rows that were combined
-  return out;
+  return ep_detail::combine_home_rows(home, ctx);
 }
 
 Tensor AllToAllTokenDispatcher::combine_backward(const Tensor& grad_output, DispatchContext& ctx,
                                                  Tensor& grad_probs) {
   const char* who = "AllToAllTokenDispatcher::combine_backward";
   const auto& state = ep_detail::saved_state<AllToAllState>(ctx, who);
-  MOE_CHECK(ctx.combine_rows.defined(), who, ": combine has not run for this micro-batch");
-  check_shape(grad_output, {ctx.plan.num_tokens, ctx.hidden_size},
-              "AllToAllTokenDispatcher::combine_backward grad_output");
-  check_dtype(grad_output, ctx.dtype, "AllToAllTokenDispatcher::combine_backward grad_output");
-  Tensor grad_home = Tensor::empty(ctx.combine_rows.shape(), ctx.dtype);  // [plan rows, H]
-  unpermute_rows_backward(ctx.combine_rows, grad_output, ctx.plan, ctx.routing.probs, grad_home,
-                          grad_probs);
-  ctx.combine_rows = Tensor();
+  const Tensor grad_home =  // [plan rows, H]
+      ep_detail::combine_backward_home_rows(who, grad_output, ctx, grad_probs);
   return home_to_experts(grad_home, state, {ep_, etp_});
 }
 
@@ -181,10 +172,7 @@ Tensor AllToAllTokenDispatcher::dispatch_backward(const Tensor& grad_expert_inpu
   ep_detail::check_expert_rows(grad_expert_input, int64_t(state.expert_row_source.size()), ctx,
                                who);
   Tensor home = experts_to_home(grad_expert_input, state, ctx.plan.num_rows(), {ep_, etp_});
-  Tensor grad_hidden = Tensor::empty({ctx.plan.num_tokens, ctx.hidden_size}, ctx.dtype);
-  unpermute_rows(home, ctx.plan, Tensor(), grad_hidden);
-  ctx = DispatchContext{};  // the micro-batch is done with the dispatcher
-  return grad_hidden;
+  return ep_detail::home_rows_to_grad_hidden(home, ctx);
 }
 
 }  // namespace moe

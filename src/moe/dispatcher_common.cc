@@ -7,6 +7,7 @@
 
 #include "moe/internal.h"
 #include "moe/moe/ep_dispatchers.h"
+#include "moe/moe/permutation.h"
 
 namespace moe::ep_detail {
 namespace {
@@ -179,6 +180,33 @@ void check_expert_rows(const Tensor& rows, int64_t num_rows, const DispatchConte
                        const char* what) {
   check_shape(rows, {num_rows, ctx.hidden_size}, what);
   check_dtype(rows, ctx.dtype, what);
+}
+
+Tensor combine_home_rows(const Tensor& home, DispatchContext& ctx) {
+  Tensor out = Tensor::empty({ctx.plan.num_tokens, ctx.hidden_size}, ctx.dtype);  // [T, H]
+  unpermute_rows(home, ctx.plan, ctx.routing.probs, out);
+  ctx.combine_rows = home;  // d(probs) needs the rows that were combined
+  return out;
+}
+
+Tensor combine_backward_home_rows(const char* who, const Tensor& grad_output, DispatchContext& ctx,
+                                  Tensor& grad_probs) {
+  MOE_CHECK(ctx.combine_rows.defined(), who, ": combine has not run for this micro-batch");
+  const std::string what = std::string(who) + " grad_output";
+  check_shape(grad_output, {ctx.plan.num_tokens, ctx.hidden_size}, what);
+  check_dtype(grad_output, ctx.dtype, what);
+  Tensor grad_home = Tensor::empty(ctx.combine_rows.shape(), ctx.dtype);  // [plan rows, H]
+  unpermute_rows_backward(ctx.combine_rows, grad_output, ctx.plan, ctx.routing.probs, grad_home,
+                          grad_probs);
+  ctx.combine_rows = Tensor();
+  return grad_home;
+}
+
+Tensor home_rows_to_grad_hidden(const Tensor& grad_home, DispatchContext& ctx) {
+  Tensor grad_hidden = Tensor::empty({ctx.plan.num_tokens, ctx.hidden_size}, ctx.dtype);
+  unpermute_rows(grad_home, ctx.plan, Tensor(), grad_hidden);
+  ctx = DispatchContext{};  // the micro-batch is done with the dispatcher
+  return grad_hidden;
 }
 
 }  // namespace moe::ep_detail

@@ -59,4 +59,18 @@ State& saved_state(DispatchContext& ctx, const char* what) {
 void check_expert_rows(const Tensor& rows, int64_t num_rows, const DispatchContext& ctx,
                        const char* what);
 
+// The end of combine: this rank's home slot rows [plan rows, H] weighted and summed into the
+// output [T, H]. Keeps the rows in ctx, since d(probs) needs them.
+Tensor combine_home_rows(const Tensor& home, DispatchContext& ctx);
+
+// The start of combine_backward (`who` names it; its saved state already checked): checks
+// grad_output [T, H], writes d(probs) into grad_probs and returns the gradient of the home slot
+// rows [plan rows, H].
+Tensor combine_backward_home_rows(const char* who, const Tensor& grad_output, DispatchContext& ctx,
+                                  Tensor& grad_probs);
+
+// The end of dispatch_backward: the home slot-row gradients [plan rows, H] summed into the
+// gradient of hidden [T, H]. Clears ctx: the micro-batch is done with the dispatcher.
+Tensor home_rows_to_grad_hidden(const Tensor& grad_home, DispatchContext& ctx);
+
 }  // namespace moe::ep_detail
