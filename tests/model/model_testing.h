@@ -1,4 +1,5 @@
-// Finite-difference gradient checks and parameter set-up shared by the model tests.
+// Finite-difference gradient checks, parameter set-up and the data-parallel gradient comparison
+// shared by the model (and pipeline) tests.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -8,6 +9,9 @@
 #include <functional>
 #include <string>
 
+#include "moe/comm/parallel_state.h"
+#include "moe/comm/process_group.h"
+#include "moe/model/tensor_parallel.h"
 #include "moe/tensor/parameters.h"
 #include "moe/tensor/rng.h"
 #include "moe/tensor/tensor.h"
@@ -99,6 +103,25 @@ inline ::testing::AssertionResult check_all_params(ParameterStore& store,
     if (!result) return result;
   }
   return ::testing::AssertionSuccess();
+}
+
+// Sums this rank's gradients over data parallelism as the optimizer does (dense ones over dp,
+// expert ones over expert-dp, in place), then hands compare each parameter's spec, its reduced
+// gradient and the matching block of the single-process reference's gradient.
+inline void compare_reduced_gradients(const ParameterStore& store, const comm::ParallelState& state,
+                                      const ParameterStore& reference,
+                                      const std::function<void(const ParamSpec&, const Tensor& got,
+                                                               const Tensor& expected)>& compare) {
+  Tensor dense = store.flat_grads(ParamGroup::kDense);
+  Tensor expert = store.flat_grads(ParamGroup::kExpert);
+  comm::all_reduce(dense, state.dp_group);
+  comm::all_reduce(expert, state.expert_dp);
+  for (int i = 0; i < store.count(); ++i) {
+    const ParamSpec& spec = store.spec(ParamHandle{i});
+    Tensor expected(spec.shape);
+    copy_global_block(reference.grad(reference.find(spec.name)), spec, expected);
+    compare(spec, store.grad(ParamHandle{i}), expected);
+  }
 }
 
 }  // namespace moe::model::testing

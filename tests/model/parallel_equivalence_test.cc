@@ -135,29 +135,24 @@ void check_layout(const Layout& layout, TokenDispatcherType dispatcher) {
   // loss, and each gradient block within 5% of its norm.
   EXPECT_NEAR(mean_loss.data<double>()[0], reference_loss, (half ? 1e-2 : 1e-5) * reference_loss)
       << describe(layout);
-  Tensor dense = store.flat_grads(ParamGroup::kDense);
-  Tensor expert = store.flat_grads(ParamGroup::kExpert);
-  comm::all_reduce(dense, state.dp_group);
-  comm::all_reduce(expert, state.expert_dp);
-  for (int i = 0; i < store.count(); ++i) {
-    const ParamSpec& spec = store.spec(ParamHandle{i});
-    Tensor expected(spec.shape);
-    copy_global_block(reference_store.grad(reference_store.find(spec.name)), spec, expected);
-    if (half) {
-      std::vector<float> got = store.grad(ParamHandle{i}).to_floats(), want = expected.to_floats();
-      double error = 0, norm = 0;
-      for (size_t j = 0; j < got.size(); ++j) {
-        error += double(got[j] - want[j]) * double(got[j] - want[j]);
-        norm += double(want[j]) * double(want[j]);
-      }
-      EXPECT_LE(std::sqrt(error), 0.05 * std::sqrt(norm) + 1e-6)
-          << describe(layout) << " gradient of " << spec.name;
-      continue;
-    }
-    EXPECT_TENSORS_CLOSE(store.grad(ParamHandle{i}), expected, 1e-8, 1e-4)
-        << describe(layout) << " gradient of " << spec.name << " on world rank "
-        << state.world_rank;
-  }
+  testing::compare_reduced_gradients(
+      store, state, reference_store,
+      [&](const ParamSpec& spec, const Tensor& got, const Tensor& expected) {
+        if (half) {
+          std::vector<float> got_values = got.to_floats(), want = expected.to_floats();
+          double error = 0, norm = 0;
+          for (size_t j = 0; j < got_values.size(); ++j) {
+            error += double(got_values[j] - want[j]) * double(got_values[j] - want[j]);
+            norm += double(want[j]) * double(want[j]);
+          }
+          EXPECT_LE(std::sqrt(error), 0.05 * std::sqrt(norm) + 1e-6)
+              << describe(layout) << " gradient of " << spec.name;
+          return;
+        }
+        EXPECT_TENSORS_CLOSE(got, expected, 1e-8, 1e-4)
+            << describe(layout) << " gradient of " << spec.name << " on world rank "
+            << state.world_rank;
+      });
 }
 
 // Each layout runs on the world size it was written for (the ctest entries np1, np2, np4, np8).

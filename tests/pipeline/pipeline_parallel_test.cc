@@ -16,9 +16,9 @@
 #include <cmath>
 #include <string>
 
+#include "../model/model_testing.h"
 #include "moe/comm/parallel_state.h"
 #include "moe/model/gpt_model.h"
-#include "moe/model/tensor_parallel.h"
 #include "moe/pipeline/schedules.h"
 #include "pipeline_testing.h"
 #include "support/testing.h"
@@ -153,18 +153,13 @@ void check_layout(const Layout& layout, int micro_batches, bool training = true)
   if (layout.tp > 1 && layout.ep == 1 && dp == 1 && training) {
     check_against_same_tp_without_pipeline(layout, result, store);
   }
-  Tensor dense = store.flat_grads(ParamGroup::kDense);
-  Tensor expert = store.flat_grads(ParamGroup::kExpert);
-  comm::all_reduce(dense, state.dp_group);
-  comm::all_reduce(expert, state.expert_dp);
-  for (int i = 0; i < store.count(); ++i) {
-    const ParamSpec& spec = store.spec(ParamHandle{i});
-    Tensor expected(spec.shape);
-    model::copy_global_block(reference.store.grad(reference.store.find(spec.name)), spec, expected);
-    EXPECT_TENSORS_CLOSE(store.grad(ParamHandle{i}), expected,
-                         bitwise ? 0.0 : 1e-4 * max_abs(expected), bitwise ? 0.0 : 1e-4)
-        << name << " gradient of " << spec.name << " on world rank " << state.world_rank;
-  }
+  model::testing::compare_reduced_gradients(
+      store, state, reference.store,
+      [&](const ParamSpec& spec, const Tensor& got, const Tensor& expected) {
+        EXPECT_TENSORS_CLOSE(got, expected, bitwise ? 0.0 : 1e-4 * max_abs(expected),
+                             bitwise ? 0.0 : 1e-4)
+            << name << " gradient of " << spec.name << " on world rank " << state.world_rank;
+      });
 }
 
 // Each layout runs on the world size it was written for (the ctest entries np2, np4, np8).

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 
+#include "../model/model_testing.h"
 #include "moe/model/config.h"
 #include "moe/pipeline/schedules.h"
 #include "moe/tensor/rng.h"
@@ -36,20 +37,15 @@ inline model::TransformerConfig tiny_moe_config() {
 
 constexpr int64_t kMicroBatchSize = 2;
 
-inline Tensor random_ids(int64_t batch, int64_t seq, int64_t vocab, uint64_t seed) {
-  Rng rng(seed);
-  Tensor ids({batch, seq}, DType::I64);
-  for (int64_t i = 0; i < ids.numel(); ++i) ids.data<int64_t>()[i] = int64_t(rng.below(vocab));
-  return ids;
-}
-
 // Global micro-batch g: its own tokens, labels, a loss mask with some tokens masked out, and
 // dropout seed, so every layout that runs micro-batch g sees the same data.
 inline MicroBatch global_micro_batch(const model::TransformerConfig& config, int global_index) {
   const uint64_t g = uint64_t(global_index);
   MicroBatch batch;
-  batch.tokens = random_ids(kMicroBatchSize, config.seq_length, config.padded_vocab_size, 100 + g);
-  batch.labels = random_ids(kMicroBatchSize, config.seq_length, config.padded_vocab_size, 200 + g);
+  batch.tokens = model::testing::random_tokens(kMicroBatchSize, config.seq_length,
+                                               config.padded_vocab_size, 100 + g);
+  batch.labels = model::testing::random_tokens(kMicroBatchSize, config.seq_length,
+                                               config.padded_vocab_size, 200 + g);
   batch.loss_mask = Tensor({kMicroBatchSize, config.seq_length});
   Rng rng(300 + g);
   for (int64_t i = 0; i < batch.loss_mask.numel(); ++i) {
