@@ -1,5 +1,6 @@
 #include "moe/checkpoint/hf_mixtral.h"
 
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <map>
@@ -183,20 +184,23 @@ int64_t positive_field(const nlohmann::json& json, const char* field, const std:
   return json.at(field).get<int64_t>();
 }
 
+// The sizes config.json always holds (head_dim only when set), each required to be positive.
+std::array<std::pair<const char*, int64_t>, 9> size_fields(const MixtralConfig& c) {
+  return {{{"vocab_size", c.vocab_size},
+           {"hidden_size", c.hidden_size},
+           {"intermediate_size", c.intermediate_size},
+           {"num_hidden_layers", c.num_hidden_layers},
+           {"num_attention_heads", c.num_attention_heads},
+           {"num_key_value_heads", c.num_key_value_heads},
+           {"num_local_experts", c.num_local_experts},
+           {"num_experts_per_tok", c.num_experts_per_tok},
+           {"max_position_embeddings", c.max_position_embeddings}}};
+}
+
 }  // namespace
 
 void MixtralConfig::validate() const {
-  const std::pair<const char*, int64_t> sizes[] = {
-      {"vocab_size", vocab_size},
-      {"hidden_size", hidden_size},
-      {"intermediate_size", intermediate_size},
-      {"num_hidden_layers", num_hidden_layers},
-      {"num_attention_heads", num_attention_heads},
-      {"num_key_value_heads", num_key_value_heads},
-      {"num_local_experts", num_local_experts},
-      {"num_experts_per_tok", num_experts_per_tok},
-      {"max_position_embeddings", max_position_embeddings}};
-  for (const auto& [field, value] : sizes) {
+  for (const auto& [field, value] : size_fields(*this)) {
     MOE_CHECK(value > 0, "Mixtral config: ", field, " must be positive, got ", value);
   }
   MOE_CHECK(num_attention_heads % num_key_value_heads == 0, "Mixtral config: num_attention_heads (",
@@ -259,19 +263,11 @@ MixtralConfig MixtralConfig::from_json(const nlohmann::json& json, const std::st
 nlohmann::json MixtralConfig::to_json() const {
   nlohmann::json json = {{"architectures", {"MixtralForCausalLM"}},
                          {"model_type", "mixtral"},
-                         {"vocab_size", vocab_size},
-                         {"hidden_size", hidden_size},
-                         {"intermediate_size", intermediate_size},
-                         {"num_hidden_layers", num_hidden_layers},
-                         {"num_attention_heads", num_attention_heads},
-                         {"num_key_value_heads", num_key_value_heads},
-                         {"num_local_experts", num_local_experts},
-                         {"num_experts_per_tok", num_experts_per_tok},
-                         {"max_position_embeddings", max_position_embeddings},
                          {"rope_theta", rope_theta},
                          {"rms_norm_eps", rms_norm_eps},
                          {"tie_word_embeddings", tie_word_embeddings},
                          {"hidden_act", "silu"}};
+  for (const auto& [field, value] : size_fields(*this)) json[field] = value;
   if (head_dim > 0) json["head_dim"] = head_dim;
   return json;
 }
