@@ -10,15 +10,14 @@
 // rows_per_expert/<dtype>/<kernel>/<rows> sweeps the rows per expert (8 experts, forward).
 #include <benchmark/benchmark.h>
 
-#include <chrono>
 #include <cstdint>
-#include <ctime>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "moe/tensor/gemm.h"
 #include "moe/tensor/rng.h"
+#include "stopwatch.h"
 
 namespace moe {
 namespace {
@@ -110,21 +109,7 @@ GroupedGemmArgs args_for(Operands& o, GemmForm form) {
   return args;
 }
 
-// Wall time and the CPU time of the whole process (all threads). On a shared machine the CPU
-// time ratio is the steadier one: time slices taken by other jobs do not count in it.
-struct Stopwatch {
-  std::chrono::steady_clock::time_point wall = std::chrono::steady_clock::now();
-  double cpu = process_cpu_seconds();
-  static double process_cpu_seconds() {
-    timespec now;
-    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &now);
-    return double(now.tv_sec) + 1e-9 * double(now.tv_nsec);
-  }
-  double wall_seconds() const {
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - wall).count();
-  }
-  double cpu_seconds() const { return process_cpu_seconds() - cpu; }
-};
+using bench::Stopwatch;
 
 struct Seconds {
   double wall, cpu;  // per call

@@ -18,10 +18,8 @@
 #include <benchmark/benchmark.h>
 #include <malloc.h>
 
-#include <chrono>
 #include <cstdint>
 #include <cstring>
-#include <ctime>
 #include <fstream>
 #include <memory>
 #include <string>
@@ -31,6 +29,7 @@
 #include "moe/moe/permutation.h"
 #include "moe/tensor/gemm.h"
 #include "moe/tensor/rng.h"
+#include "stopwatch.h"
 
 namespace moe {
 namespace {
@@ -122,15 +121,7 @@ struct GemmOnly {
   Tensor fc1_grad, fc2_grad, router_grad;
 };
 
-double seconds_since(std::chrono::steady_clock::time_point start) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-}
-
-double process_cpu_seconds() {
-  timespec now;
-  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &now);
-  return double(now.tv_sec) + 1e-9 * double(now.tv_nsec);
-}
+using bench::Stopwatch;
 
 void BM_MoELayerForwardBackward(benchmark::State& state) {
   LayerSetup setup(4096, 1024, 2048, 8);
@@ -142,14 +133,13 @@ void BM_MoELayerForwardBackward(benchmark::State& state) {
   GemmOnly gemms(setup, groups);
   double layer_total = 0.0, gemm_total = 0.0, layer_cpu = 0.0;
   for (auto _ : state) {
-    auto start = std::chrono::steady_clock::now();
-    double cpu_start = process_cpu_seconds();
+    Stopwatch layer_watch;
     setup.forward_backward(ctx);
-    double layer_seconds = seconds_since(start);
-    layer_cpu += process_cpu_seconds() - cpu_start;
-    start = std::chrono::steady_clock::now();
+    double layer_seconds = layer_watch.wall_seconds();
+    layer_cpu += layer_watch.cpu_seconds();
+    Stopwatch gemm_watch;
     gemms.run();
-    double gemm_seconds = seconds_since(start);
+    double gemm_seconds = gemm_watch.wall_seconds();
     state.SetIterationTime(layer_seconds);
     layer_total += layer_seconds;
     gemm_total += gemm_seconds;
@@ -195,17 +185,17 @@ void BM_PermuteKernels(benchmark::State& state) {
   std::vector<float> copy_target(size_t(output.numel()));
   double kernel_total = 0.0, copy_total = 0.0;
   for (auto _ : state) {
-    auto start = std::chrono::steady_clock::now();
+    Stopwatch kernel_watch;
     if (unpermute) {
       unpermute_rows(expert_rows, plan, routing.probs, token_rows);
     } else {
       permute_rows(token_rows, plan, Tensor(), expert_rows);
     }
-    double kernel_seconds = seconds_since(start);
-    start = std::chrono::steady_clock::now();
+    double kernel_seconds = kernel_watch.wall_seconds();
+    Stopwatch copy_watch;
     std::memcpy(copy_target.data(), output.raw(), output.nbytes());
     benchmark::DoNotOptimize(copy_target.data());
-    copy_total += seconds_since(start);
+    copy_total += copy_watch.wall_seconds();
     kernel_total += kernel_seconds;
     state.SetIterationTime(kernel_seconds);
   }
