@@ -81,14 +81,14 @@ struct Operand {
   }
 };
 
-// Packs rows [i0, i0 + rows) x depth [p0, p0 + depth) of op(A) into 6-row panels: panel q holds,
-// for each p, the 6 values of rows i0 + 6q .. i0 + 6q + 5 (zeros past `rows`).
+// Packs rows [0, rows) x depth [p0, p0 + depth) of op(A) into 6-row panels: panel q holds, for
+// each p, the 6 values of rows 6q .. 6q + 5 (zeros past `rows`).
 template <class T>
-void pack_a(const Operand<T>& a, int64_t i0, int64_t rows, int64_t p0, int64_t depth, float* out) {
+void pack_a(const Operand<T>& a, int64_t rows, int64_t p0, int64_t depth, float* out) {
   for (int64_t q = 0; q < rows; q += kPanelRows) {
     int64_t valid = std::min(kPanelRows, rows - q);
     for (int64_t p = 0; p < depth; ++p) {
-      for (int64_t r = 0; r < valid; ++r) out[r] = load1(*a.at(i0 + q + r, p0 + p));
+      for (int64_t r = 0; r < valid; ++r) out[r] = load1(*a.at(q + r, p0 + p));
       for (int64_t r = valid; r < kPanelRows; ++r) out[r] = 0.0f;
       out += kPanelRows;
     }
@@ -341,8 +341,9 @@ struct ThreadScratch {
 };
 thread_local ThreadScratch scratch;
 
-// One tile: C_tile (+)= op(A)[tile rows, :] op(B)[:, tile cols]. `c` points at the tile's first
-// element with row stride ldc, in fp32 (the caller provides a converted copy for half outputs).
+// One tile: C_tile (+)= op(A)[tile rows, :] op(B)[:, tile cols]. `a`, `b` and `c` start at the
+// tile's corner (row0, col0), so only t.rows and t.cols are read here; `c` has row stride ldc, in
+// fp32 (the caller provides a converted copy for half outputs).
 template <class T>
 void run_tile(const Operand<T>& a, const Operand<T>& b, int64_t depth, const Tile& t, float* c,
               int64_t ldc, bool accumulate) {
@@ -357,7 +358,7 @@ void run_tile(const Operand<T>& a, const Operand<T>& b, int64_t depth, const Til
   for (int64_t p0 = 0; p0 < depth; p0 += kDepthChunk) {
     int64_t chunk = std::min(kDepthChunk, depth - p0);
     bool load_c = accumulate || p0 > 0;
-    pack_a(a, t.row0, t.rows, p0, chunk, a_block);
+    pack_a(a, t.rows, p0, chunk, a_block);
     for (int64_t j0 = 0; j0 < t.cols; j0 += kBlockCols) {
       int64_t block_cols = std::min(kBlockCols, t.cols - j0);
       pack_b(b, p0, chunk, j0, block_cols, b_block);
@@ -417,19 +418,16 @@ void run_all_tiles(const GroupedGemmArgs& args, const GroupedGemmLayout& layout)
     // Move the operands to the tile's corner: A rows start at row0, B columns at col0.
     a.data = a.at(t.row0, 0);
     b.data = b.at(0, t.col0);
-    Tile local = t;
-    local.row0 = 0;
-    local.col0 = 0;
     int64_t c_offset = p.c_offset + t.row0 * p.ldc + t.col0;
     if (fp32_out) {
-      run_tile(a, b, p.k, local, static_cast<float*>(args.c) + c_offset, p.ldc, args.accumulate);
+      run_tile(a, b, p.k, t, static_cast<float*>(args.c) + c_offset, p.ldc, args.accumulate);
       continue;
     }
     if constexpr (!std::is_same_v<T, float>) {  // half output: accumulate in an fp32 copy
       T* c = static_cast<T*>(args.c) + c_offset;
       float* c_tile = scratch.c_tile.get(size_t(t.rows * t.cols));
       if (args.accumulate) tile_to_float(c, p.ldc, t, c_tile);
-      run_tile(a, b, p.k, local, c_tile, t.cols, args.accumulate);
+      run_tile(a, b, p.k, t, c_tile, t.cols, args.accumulate);
       tile_from_float(c_tile, t, c, p.ldc);
     }
   }
