@@ -6,6 +6,12 @@ namespace {
 int group_index(ParamGroup group) {
   return int(group);
 }
+
+// One parameter's elements [begin, begin + numel(shape)) of a group's flat buffer, viewed in its
+// local shape.
+Tensor view_in(const Tensor& flat, int64_t begin, const Shape& shape) {
+  return flat.rows(begin, begin + shape_numel(shape)).reshape(shape);
+}
 }  // namespace
 
 ParamHandle ParameterStore::declare(ParamSpec spec) {
@@ -56,15 +62,13 @@ int64_t ParameterStore::offset(ParamHandle handle) const {
 Tensor ParameterStore::param(ParamHandle handle) const {
   const ParamSpec& s = spec(handle);
   MOE_CHECK(allocated_, "parameter '", s.name, "' read before the store was allocated");
-  int64_t begin = offsets_[handle.index];
-  return params_[group_index(s.group)].rows(begin, begin + shape_numel(s.shape)).reshape(s.shape);
+  return view_in(params_[group_index(s.group)], offsets_[handle.index], s.shape);
 }
 
 Tensor ParameterStore::grad(ParamHandle handle) const {
   const ParamSpec& s = spec(handle);
   MOE_CHECK(allocated_, "gradient of '", s.name, "' read before the store was allocated");
-  int64_t begin = offsets_[handle.index];
-  return grads_[group_index(s.group)].rows(begin, begin + shape_numel(s.shape)).reshape(s.shape);
+  return view_in(grads_[group_index(s.group)], offsets_[handle.index], s.shape);
 }
 
 ParamHandle ParameterStore::find(const std::string& name) const {
