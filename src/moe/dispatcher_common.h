@@ -1,4 +1,5 @@
-// Pieces shared by the expert-parallel dispatchers (not part of the public API).
+// Pieces shared by the expert-parallel dispatchers; the home-side combine and backward ends
+// serve the local dispatcher too (not part of the public API).
 #pragma once
 
 #include <cstdint>

@@ -1,6 +1,6 @@
 #include "moe/moe/token_dispatcher.h"
 
-#include "moe/internal.h"
+#include "moe/dispatcher_common.h"
 
 namespace moe {
 
@@ -49,31 +49,20 @@ Tensor LocalTokenDispatcher::dispatch(const Tensor& hidden, const Routing& routi
 
 Tensor LocalTokenDispatcher::combine(const Tensor& expert_output, DispatchContext& ctx) {
   check_dispatch_rows(expert_output, ctx, "LocalTokenDispatcher::combine expert output");
-  Tensor out = Tensor::empty({ctx.plan.num_tokens, ctx.hidden_size}, ctx.dtype);
-  unpermute_rows(expert_output, ctx.plan, ctx.routing.probs, out);
-  ctx.combine_rows = expert_output;  // d(probs) needs the rows that were combined
-  return out;
+  return ep_detail::combine_home_rows(expert_output, ctx);
 }
 
 Tensor LocalTokenDispatcher::combine_backward(const Tensor& grad_output, DispatchContext& ctx,
                                               Tensor& grad_probs) {
   check_dispatch_rows(ctx.combine_rows, ctx, "LocalTokenDispatcher::combine_backward saved rows");
-  check_shape(grad_output, {ctx.plan.num_tokens, ctx.hidden_size},
-              "LocalTokenDispatcher::combine_backward grad_output");
-  Tensor grad_rows = Tensor::empty(ctx.combine_rows.shape(), ctx.dtype);
-  unpermute_rows_backward(ctx.combine_rows, grad_output, ctx.plan, ctx.routing.probs, grad_rows,
-                          grad_probs);
-  ctx.combine_rows = Tensor();
-  return grad_rows;
+  return ep_detail::combine_backward_home_rows("LocalTokenDispatcher::combine_backward",
+                                               grad_output, ctx, grad_probs);
 }
 
 Tensor LocalTokenDispatcher::dispatch_backward(const Tensor& grad_expert_input,
                                                DispatchContext& ctx) {
   check_dispatch_rows(grad_expert_input, ctx, "LocalTokenDispatcher::dispatch_backward gradient");
-  Tensor grad_hidden = Tensor::empty({ctx.plan.num_tokens, ctx.hidden_size}, ctx.dtype);
-  unpermute_rows(grad_expert_input, ctx.plan, Tensor(), grad_hidden);
-  ctx = DispatchContext{};  // the micro-batch is done with the dispatcher
-  return grad_hidden;
+  return ep_detail::home_rows_to_grad_hidden(grad_expert_input, ctx);
 }
 
 }  // namespace moe
