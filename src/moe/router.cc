@@ -383,6 +383,18 @@ RouteSpec route_spec(const MoEConfig& config, int64_t tokens) {
                    config.moe_router_topk_scaling_factor.value_or(1.0)};
 }
 
+// x *= noise elementwise (both [T, H] of the compute dtype): the jitter on the router input in
+// forward, and its chain-rule factor on the input gradient in backward.
+void apply_jitter(const Tensor& noise, Tensor& x) {
+  internal::with_compute_type(x.dtype(), [&](auto tag) {
+    using C = decltype(tag);
+    C* values = x.data<C>();
+    const C* factors = noise.data<C>();
+    const int64_t count = x.numel();
+    for (int64_t i = 0; i < count; ++i) values[i] *= factors[i];
+  });
+}
+
 AuxSpec aux_spec(const MoEConfig& config, int64_t tokens, int64_t batch_size) {
   bool per_sequence = config.moe_router_load_balancing_type == LoadBalancingType::kSeqAuxLoss;
   return AuxSpec{tokens, config.num_experts, config.moe_router_topk, per_sequence ? batch_size : 1,
@@ -418,12 +430,7 @@ Routing TopKRouter::forward(const Tensor& hidden, RouterContext& ctx, bool train
     ctx.jitter_noise = Tensor::empty({T, H}, cdt);
     jitter_rng_.fill_uniform(ctx.jitter_noise, 1.0f - eps, 1.0f + eps);
     ctx.router_input = x.to(cdt);
-    internal::with_compute_type(cdt, [&](auto tag) {
-      using C = decltype(tag);
-      C* in = ctx.router_input.data<C>();
-      const C* noise = ctx.jitter_noise.data<C>();
-      for (int64_t i = 0; i < T * H; ++i) in[i] *= noise[i];
-    });
+    apply_jitter(ctx.jitter_noise, ctx.router_input);
   } else {
     ctx.router_input = x.dtype() == cdt ? x : x.to(cdt);
   }
@@ -536,14 +543,7 @@ void TopKRouter::backward(RouterContext& ctx, const Tensor& grad_probs, Tensor& 
 
   Tensor dinput = Tensor::empty({T, H}, cdt);
   linear_grad_input(dlogits, weight().to(cdt), dinput);
-  if (ctx.jitter_noise.defined()) {
-    internal::with_compute_type(cdt, [&](auto tag) {
-      using C = decltype(tag);
-      C* d = dinput.data<C>();
-      const C* noise = ctx.jitter_noise.data<C>();
-      for (int64_t i = 0; i < T * H; ++i) d[i] *= noise[i];
-    });
-  }
+  if (ctx.jitter_noise.defined()) apply_jitter(ctx.jitter_noise, dinput);
   Tensor grad_hidden_rows = grad_hidden.reshape({T, H});
   internal::accumulate_into(dinput, grad_hidden_rows);
   RouterLosses losses = ctx.losses;  // backward frees the saved tensors, keeps the losses
