@@ -311,11 +311,10 @@ Tensor sinkhorn(const Tensor& cost, double tol) {
   MOE_CHECK(tol > 0.0, "sinkhorn: tol (", tol, ") must be positive");
   Tensor out = Tensor::empty(cost.shape(), cost.dtype());
   if (cost.numel() == 0) return out;
-  if (cost.dtype() == DType::F32) {
-    sinkhorn_kernel(cost.data<float>(), cost.dim(0), cost.dim(1), tol, out.data<float>());
-  } else {
-    sinkhorn_kernel(cost.data<double>(), cost.dim(0), cost.dim(1), tol, out.data<double>());
-  }
+  internal::with_compute_type(cost.dtype(), [&](auto tag) {
+    using C = decltype(tag);
+    sinkhorn_kernel(cost.data<C>(), cost.dim(0), cost.dim(1), tol, out.data<C>());
+  });
   return out;
 }
 
