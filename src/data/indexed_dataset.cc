@@ -40,12 +40,12 @@ std::string errno_text() {
 
 // Converts int64 ids to the dtype's bytes, checking each fits exactly.
 template <class T>
-void encode_tokens(std::span<const int64_t> tokens, unsigned char* out, const std::string& path,
-                   TokenDType dtype) {
+void encode_tokens(std::span<const int64_t> tokens, unsigned char* out,
+                   const std::string& path_prefix, TokenDType dtype) {
   for (size_t i = 0; i < tokens.size(); ++i) {
     const int64_t id = tokens[i];
     const T value = static_cast<T>(id);
-    MOE_CHECK(static_cast<int64_t>(value) == id, path, ": token id ", id,
+    MOE_CHECK(static_cast<int64_t>(value) == id, data_file_path(path_prefix), ": token id ", id,
               " does not fit the dataset dtype ", token_dtype_name(dtype));
     std::memcpy(out + i * sizeof(T), &value, sizeof(T));
   }
@@ -310,18 +310,20 @@ std::string temp_path(const std::string& path) {
 
 IndexedDatasetBuilder::IndexedDatasetBuilder(std::string path_prefix, TokenDType dtype,
                                              bool multimodal)
-    : path_prefix_(std::move(path_prefix)), dtype_(dtype), multimodal_(multimodal) {
+    : path_prefix_(std::move(path_prefix)),
+      data_temp_path_(temp_path(data_file_path(path_prefix_))),
+      dtype_(dtype),
+      multimodal_(multimodal) {
   MOE_CHECK(is_valid_token_dtype_code(uint8_t(dtype)), "unknown token dtype code ", int(dtype));
-  const std::string bin_tmp = temp_path(data_file_path(path_prefix_));
-  data_file_ = std::fopen(bin_tmp.c_str(), "wb");
-  MOE_CHECK(data_file_ != nullptr, "cannot create data file ", bin_tmp, ": ", errno_text());
+  data_file_ = std::fopen(data_temp_path_.c_str(), "wb");
+  MOE_CHECK(data_file_ != nullptr, "cannot create data file ", data_temp_path_, ": ", errno_text());
 }
 
 IndexedDatasetBuilder::~IndexedDatasetBuilder() {
   if (data_file_ != nullptr) std::fclose(data_file_);
   if (!finalized_) {
     std::error_code ignored;
-    std::filesystem::remove(temp_path(data_file_path(path_prefix_)), ignored);
+    std::filesystem::remove(data_temp_path_, ignored);
     std::filesystem::remove(temp_path(index_file_path(path_prefix_)), ignored);
   }
 }
@@ -330,11 +332,10 @@ void IndexedDatasetBuilder::write_tokens(std::span<const int64_t> tokens) {
   MOE_CHECK(!finalized_, path_prefix_, ": dataset already finalized");
   const size_t item = token_dtype_size(dtype_);
   staging_.resize(tokens.size() * item);
-  const std::string path = data_file_path(path_prefix_);
   visit_token_type(dtype_, [&](auto tag) {
-    encode_tokens<decltype(tag)>(tokens, staging_.data(), path, dtype_);
+    encode_tokens<decltype(tag)>(tokens, staging_.data(), path_prefix_, dtype_);
   });
-  write_all(data_file_, staging_.data(), staging_.size(), temp_path(path));
+  write_all(data_file_, staging_.data(), staging_.size(), data_temp_path_);
   token_count_ += int64_t(tokens.size());
 }
 
@@ -373,9 +374,10 @@ void IndexedDatasetBuilder::add_index(const std::string& other_prefix) {
             token_dtype_name(other.dtype()), ") to ", path_prefix_, " (dtype ",
             token_dtype_name(dtype_), ")");
   const int64_t offset = sequence_count();
-  std::vector<int64_t> tokens;
+  std::vector<int64_t> tokens;  // reused for every sequence
   for (int64_t s = 0; s < other.sequence_count(); ++s) {
-    tokens = other.sequence(s);
+    tokens.resize(size_t(other.sequence_lengths()[size_t(s)]));
+    other.read(s, 0, int64_t(tokens.size()), tokens.data());
     add_item(tokens, other.sequence_modes().empty() ? 0 : other.sequence_modes()[size_t(s)]);
   }
   const auto documents = other.document_indices();
@@ -388,7 +390,7 @@ void IndexedDatasetBuilder::finalize() {
   const std::string idx_path = index_file_path(path_prefix_);
   const int closed = std::fclose(data_file_);
   data_file_ = nullptr;
-  MOE_CHECK(closed == 0, "cannot write ", temp_path(bin_path), ": ", errno_text());
+  MOE_CHECK(closed == 0, "cannot write ", data_temp_path_, ": ", errno_text());
 
   std::vector<int64_t> pointers(sequence_lengths_.size());
   const int64_t item = int64_t(token_dtype_size(dtype_));
@@ -418,8 +420,8 @@ void IndexedDatasetBuilder::finalize() {
   MOE_CHECK(std::fclose(file) == 0, "cannot write ", idx_tmp, ": ", errno_text());
 
   std::error_code error;
-  std::filesystem::rename(temp_path(bin_path), bin_path, error);
-  MOE_CHECK(!error, "cannot rename ", temp_path(bin_path), " to ", bin_path, ": ", error.message());
+  std::filesystem::rename(data_temp_path_, bin_path, error);
+  MOE_CHECK(!error, "cannot rename ", data_temp_path_, " to ", bin_path, ": ", error.message());
   std::filesystem::rename(idx_tmp, idx_path, error);
   MOE_CHECK(!error, "cannot rename ", idx_tmp, " to ", idx_path, ": ", error.message());
   finalized_ = true;

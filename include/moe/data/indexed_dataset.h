@@ -119,6 +119,7 @@ class IndexedDatasetBuilder {
   void write_tokens(std::span<const int64_t> tokens);
 
   std::string path_prefix_;
+  std::string data_temp_path_;  // prefix.bin.tmp, renamed to prefix.bin by finalize()
   TokenDType dtype_;
   bool multimodal_;
   std::FILE* data_file_ = nullptr;
