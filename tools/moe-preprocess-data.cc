@@ -15,6 +15,7 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "moe/data/indexed_dataset.h"
@@ -67,9 +68,9 @@ EncodedLine encode_line(const std::string& line, const Options& options,
       out.error = "no key \"" + key + "\"";
       return out;
     }
-    std::vector<std::string> sentences;
+    std::vector<std::string_view> sentences;  // into `record`, not copied
     if (value->is_string()) {
-      sentences.push_back(value->get<std::string>());
+      sentences.push_back(value->get_ref<const std::string&>());
     } else if (value->is_array()) {
       for (const auto& sentence : *value) {
         if (!sentence.is_string()) {
@@ -77,7 +78,7 @@ EncodedLine encode_line(const std::string& line, const Options& options,
                       " element; expected strings";
           return out;
         }
-        sentences.push_back(sentence.get<std::string>());
+        sentences.push_back(sentence.get_ref<const std::string&>());
       }
     } else {
       out.error =
@@ -87,7 +88,7 @@ EncodedLine encode_line(const std::string& line, const Options& options,
     std::vector<int64_t> document;
     std::vector<int32_t> lengths;
     try {
-      for (const std::string& sentence : sentences) {
+      for (std::string_view sentence : sentences) {
         const std::vector<int64_t> ids = tokenizer.tokenize(sentence);
         if (ids.empty()) continue;
         document.insert(document.end(), ids.begin(), ids.end());
