@@ -40,8 +40,6 @@ struct Piece {
   int64_t file_offset = 0, nbytes = 0;
   uint32_t crc = 0;
   std::string file;  // the data file's path (set when loading)
-
-  bool whole_box() const { return flat_begin == 0 && flat_end == shape_numel(shape); }
 };
 
 json to_json(const Piece& p) {
@@ -574,7 +572,8 @@ Tensor assemble_box(const std::vector<const Piece*>& pieces, const std::string& 
   Tensor flat = box.reshape({-1});
   int64_t covered = 0;
   for (const Piece* piece : pieces) {
-    flat.rows(piece->flat_begin, piece->flat_end).copy_from(read_piece(*piece).to(first.dtype));
+    flat.rows(piece->flat_begin, piece->flat_end)
+        .copy_from(read_piece(*piece));  // converts a differing dtype
     covered += piece->flat_end - piece->flat_begin;
   }
   MOE_CHECK(covered == box.numel(), "checkpoint ", dir, " holds ", covered, " of the ", box.numel(),
