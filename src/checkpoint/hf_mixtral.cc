@@ -165,6 +165,18 @@ void move_piece(const Piece& piece, Tensor& hf, Tensor& moe, bool to_moecore) {
   }
 }
 
+// HF name -> the (moecore tensor, piece) pairs it feeds or is filled from.
+using PiecesByHfName =
+    std::map<std::string, std::vector<std::pair<const MappedTensor*, const Piece*>>>;
+
+PiecesByHfName pieces_by_hf_name(const Mapping& mapping) {
+  PiecesByHfName pieces;
+  for (const MappedTensor& tensor : mapping.tensors) {
+    for (const Piece& piece : tensor.pieces) pieces[piece.hf_name].push_back({&tensor, &piece});
+  }
+  return pieces;
+}
+
 Tensor store_tensor(const ParameterStore& store, const ParamSpec& spec) {
   ParamHandle handle = store.find(spec.name);
   MOE_CHECK(handle.index >= 0, "hf_mixtral: the moecore model has no parameter '", spec.name, "'");
@@ -337,11 +349,7 @@ void hf_to_moecore(const MixtralConfig& config,
                    const std::function<Tensor(const std::string&)>& read_hf,
                    ParameterStore& store) {
   Mapping mapping = build_mapping(config);
-  // HF name -> the (moecore tensor, piece) pairs it feeds, so each HF tensor is read once.
-  std::map<std::string, std::vector<std::pair<const MappedTensor*, const Piece*>>> users;
-  for (const MappedTensor& tensor : mapping.tensors) {
-    for (const Piece& piece : tensor.pieces) users[piece.hf_name].push_back({&tensor, &piece});
-  }
+  const PiecesByHfName users = pieces_by_hf_name(mapping);  // each HF tensor is read once
   for (const auto& [hf_name, hf_shape] : mapping.hf_shapes) {
     Tensor hf = read_hf(hf_name);
     MOE_CHECK(hf.defined(), "hf_mixtral: HF tensor '", hf_name, "' is missing");
@@ -365,17 +373,12 @@ safetensors::TensorSource hf_tensor_source(const MixtralConfig& config, const Pa
   struct Sources {
     Mapping mapping;
     std::map<std::string, Shape> shapes;
-    // HF name -> the (moecore tensor, piece) pairs that fill it.
-    std::map<std::string, std::vector<std::pair<const MappedTensor*, const Piece*>>> pieces;
+    PiecesByHfName pieces;
   };
   auto sources = std::make_shared<Sources>();
   sources->mapping = build_mapping(config);
   for (const auto& [name, shape] : sources->mapping.hf_shapes) sources->shapes[name] = shape;
-  for (const MappedTensor& tensor : sources->mapping.tensors) {
-    for (const Piece& piece : tensor.pieces) {
-      sources->pieces[piece.hf_name].push_back({&tensor, &piece});
-    }
-  }
+  sources->pieces = pieces_by_hf_name(sources->mapping);
   return [sources, &store, dtype](const std::string& name) {
     auto shape = sources->shapes.find(name);
     MOE_CHECK(shape != sources->shapes.end(), "hf_mixtral: a Mixtral model has no tensor '", name,
