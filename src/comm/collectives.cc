@@ -152,6 +152,13 @@ std::vector<int64_t> offsets_of(const std::vector<int64_t>& counts) {
   return offsets;
 }
 
+// The sizes of `parts` near-equal slices of n elements, slice r being [n*r/parts, n*(r+1)/parts).
+std::vector<int64_t> even_split(int64_t n, int parts) {
+  std::vector<int64_t> sizes(static_cast<size_t>(parts));
+  for (int r = 0; r < parts; ++r) sizes[size_t(r)] = n * (r + 1) / parts - n * r / parts;
+  return sizes;
+}
+
 char* byte_at(void* base, int64_t units, size_t unit_bytes) {
   return static_cast<char*>(base) + size_t(units) * unit_bytes;
 }
@@ -237,8 +244,7 @@ void all_reduce(Tensor& tensor, const ProcessGroup& group, ReduceOp op) {
   if (size == 1 || tensor.numel() == 0) return;
   // Rank r owns elements [n*r/size, n*(r+1)/size): it reduces them, then everyone gathers.
   const int64_t n = tensor.numel();
-  std::vector<int64_t> chunk(static_cast<size_t>(size));
-  for (int r = 0; r < size; ++r) chunk[size_t(r)] = n * (r + 1) / size - n * r / size;
+  const std::vector<int64_t> chunk = even_split(n, size);
   const size_t element_bytes = dtype_size(tensor.dtype());
   const int64_t my_offset = n * call.rank() / size;
   void* my_chunk = byte_at(tensor.raw(), my_offset, element_bytes);
@@ -396,8 +402,7 @@ void broadcast(Tensor& tensor, int root, const ProcessGroup& group) {
   // Large: the root scatters one slice to each rank, then every rank gathers every slice, so the
   // root sends the tensor about once instead of size - 1 times.
   const int64_t n = tensor.numel();
-  std::vector<int64_t> slice(static_cast<size_t>(size));
-  for (int r = 0; r < size; ++r) slice[size_t(r)] = n * (r + 1) / size - n * r / size;
+  const std::vector<int64_t> slice = even_split(n, size);
   auto slice_start = [&](int r) { return byte_at(tensor.raw(), n * r / size, element_bytes); };
   for (int peer = 0; peer < size; ++peer) {
     if (call.rank() == root && peer != root) {
