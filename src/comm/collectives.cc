@@ -256,7 +256,7 @@ void all_reduce(Tensor& tensor, const ProcessGroup& group, ReduceOp op) {
 void all_gather(const Tensor& local, Tensor& out, const ProcessGroup& group) {
   Call call("all_gather", group);
   Announcement mine;
-  auto all = checked_announce(call, mine, true, [&] {
+  checked_announce(call, mine, true, [&] {
     check_rows_tensor(local, "local");
     check_rows_tensor(out, "out");
     check_dtype(out, local.dtype(), "all_gather out");
