@@ -92,6 +92,7 @@ struct GemmOnly {
     Rng rng(3);
     for (Tensor* t : {&x, &fc1_out, &act, &y, &router_weight}) rng.fill_normal(*t, 0.0f, 1.0f);
     tokens = setup.hidden_states;
+    tokens_grad = Tensor(tokens.shape());
     fc1_grad = Tensor({E, H, N1});
     fc2_grad = Tensor({E, F, H});
     router_grad = Tensor({H, E});
@@ -108,16 +109,12 @@ struct GemmOnly {
     grouped_gemm(GemmForm::kGradWeight, x, fc1_out, groups, fc1_grad, true);
     grouped_gemm(GemmForm::kGradInput, fc1_out, fc1, groups, x, false);
     linear_grad_weight(tokens, logits, router_grad, true);
-    linear_grad_input(logits, router_weight, tokens_grad(), false);
+    linear_grad_input(logits, router_weight, tokens_grad, false);
     benchmark::DoNotOptimize(x.raw());
-  }
-  Tensor& tokens_grad() {
-    if (!grad_tokens.defined()) grad_tokens = Tensor(tokens.shape());
-    return grad_tokens;
   }
   std::vector<int64_t> groups;
   const Experts& experts;
-  Tensor x, fc1_out, act, y, router_weight, logits, tokens, grad_tokens;
+  Tensor x, fc1_out, act, y, router_weight, logits, tokens, tokens_grad;
   Tensor fc1_grad, fc2_grad, router_grad;
 };
 
