@@ -367,19 +367,22 @@ class Gpt2BpeTokenizer final : public Tokenizer {
     }
   }
 
-  int64_t rank_of(const std::string& first, const std::string& second) const {
-    const auto found = merge_ranks_.find(first + ' ' + second);
+  // `key` is the caller's scratch buffer, so a merge pass allocates no string per pair.
+  int64_t rank_of(const std::string& first, const std::string& second, std::string& key) const {
+    key.assign(first).append(1, ' ').append(second);
+    const auto found = merge_ranks_.find(key);
     return found == merge_ranks_.end() ? std::numeric_limits<int64_t>::max() : found->second;
   }
 
   // Repeatedly merges every occurrence of the lowest-ranked adjacent pair, as GPT-2's bpe().
   void merge(std::vector<std::string>& word) const {
     std::vector<std::string> merged;
+    std::string key;
     while (word.size() > 1) {
       int64_t best_rank = std::numeric_limits<int64_t>::max();
       size_t best = 0;
       for (size_t i = 0; i + 1 < word.size(); ++i) {
-        const int64_t rank = rank_of(word[i], word[i + 1]);
+        const int64_t rank = rank_of(word[i], word[i + 1], key);
         if (rank < best_rank) best_rank = rank, best = i;
       }
       if (best_rank == std::numeric_limits<int64_t>::max()) break;
