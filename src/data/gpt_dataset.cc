@@ -558,9 +558,8 @@ MicroBatch make_micro_batch(const SampleSource& dataset, std::span<const int64_t
       positions[t] = t - document_start;
       if (options.reset_position_ids && is_eod) document_start = t + 1;
       // Padding: no loss on it, and id 0 so the embedding can look it up.
-      if (labels[t] == options.pad_token) loss_mask[t] = 0.0f;
+      if (labels[t] == options.pad_token) loss_mask[t] = 0.0f, labels[t] = 0;
       if (tokens[t] == options.pad_token) tokens[t] = 0;
-      if (labels[t] == options.pad_token) labels[t] = 0;
     }
   }
   return out;
