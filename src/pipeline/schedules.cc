@@ -133,20 +133,19 @@ class StageRunner {
     }
     MOE_CHECK(!last_ || batch.labels.defined(), "micro-batch ", index,
               " needs labels on the last pipeline stage");
-    InFlight& slot = in_flight_.emplace_back();
-    slot.index = index;
-    slot.context.training = !options_.forward_only;
-    slot.context.dropout_seed = batch.dropout_seed;
-    Tensor output = model_.forward_step(first_ ? batch.tokens : input, batch.labels, slot.context,
+    model::GPTContext& context = in_flight_.emplace_back();
+    context.training = !options_.forward_only;
+    context.dropout_seed = batch.dropout_seed;
+    Tensor output = model_.forward_step(first_ ? batch.tokens : input, batch.labels, context,
                                         batch.loss_mask, options_.micro_batch_size);
     result_.peak_contexts_in_flight =
         std::max(result_.peak_contexts_in_flight, int(in_flight_.size()));
     if (last_) {
-      result_.lm_losses[size_t(index)] = slot.context.lm_loss;
-      result_.loss_tokens[size_t(index)] = slot.context.loss_tokens;
+      result_.lm_losses[size_t(index)] = context.lm_loss;
+      result_.loss_tokens[size_t(index)] = context.loss_tokens;
     }
-    add_moe_reports(slot.context.moe_losses, result_.moe);
-    result_.stage_moe_losses[size_t(index)] = std::move(slot.context.moe_losses);
+    add_moe_reports(context.moe_losses, result_.moe);
+    result_.stage_moe_losses[size_t(index)] = std::move(context.moe_losses);
     if (options_.forward_only) in_flight_.pop_front();  // frees the saved activations
     return output;
   }
@@ -154,7 +153,7 @@ class StageRunner {
   // Backward of the oldest micro-batch in flight; returns the gradient of its stage input.
   Tensor backward(const Tensor& output_grad) {
     MOE_CHECK(!in_flight_.empty(), "pipeline schedule: backward with no micro-batch in flight");
-    model::GPTContext context = std::move(in_flight_.front().context);
+    model::GPTContext context = std::move(in_flight_.front());
     in_flight_.pop_front();
     context.moe_aux_loss_grad_scale = loss_grad_;
     return model_.backward_step(context, output_grad);
@@ -168,11 +167,6 @@ class StageRunner {
   }
 
  private:
-  struct InFlight {
-    int index = 0;
-    model::GPTContext context;
-  };
-
   Tensor loss_gradient() const { return Tensor::full({1}, loss_grad_, DType::F64); }
 
   // Sums over the pp group in rank order: lm losses are zero except on the last stage, so the
@@ -207,7 +201,7 @@ class StageRunner {
   const DType hidden_dtype_;
   const float loss_grad_;  // d(objective)/d(lm loss of one micro-batch)
   int next_forward_ = 0;
-  std::deque<InFlight> in_flight_;
+  std::deque<model::GPTContext> in_flight_;
   StepResult result_;
 };
 
