@@ -65,9 +65,6 @@ DispatchPlan make_plan(const Tensor& experts, int64_t first_expert,
   return plan;
 }
 
-template <class T>
-using weight_t = compute_t<T>;
-
 void check_rows_kernel_args(const Tensor& token_side, const Tensor& row_side,
                             const DispatchPlan& plan, const Tensor& slot_weights,
                             const char* what) {
@@ -151,7 +148,7 @@ void permute_rows(const Tensor& hidden, const DispatchPlan& plan, const Tensor& 
   const int64_t H = hidden.dim(1), K = plan.topk, R = plan.num_rows();
   dispatch_floating(hidden.dtype(), "permute_rows", [&](auto tag) {
     using T = decltype(tag);
-    using W = weight_t<T>;
+    using W = compute_t<T>;
     const T* in = hidden.data<T>();
     T* out = rows.data<T>();
     const W* weights = slot_weights.defined() ? slot_weights.data<W>() : nullptr;
@@ -180,7 +177,7 @@ void unpermute_rows(const Tensor& rows, const DispatchPlan& plan, const Tensor& 
   const int64_t H = rows.dim(1), K = plan.topk, T = plan.num_tokens;
   dispatch_floating(rows.dtype(), "unpermute_rows", [&](auto tag) {
     using S = decltype(tag);
-    using W = weight_t<S>;
+    using W = compute_t<S>;
     const S* in = rows.data<S>();
     S* result = out.data<S>();
     const W* weights = slot_weights.defined() ? slot_weights.data<W>() : nullptr;
@@ -228,7 +225,7 @@ void unpermute_rows_backward(const Tensor& rows, const Tensor& grad_out, const D
   const int64_t H = rows.dim(1), K = plan.topk, T = plan.num_tokens, R = plan.num_rows();
   dispatch_floating(rows.dtype(), what, [&](auto tag) {
     using S = decltype(tag);
-    using W = weight_t<S>;
+    using W = compute_t<S>;
     const S* y = rows.data<S>();
     const S* dout = grad_out.data<S>();
     S* dy = grad_rows.data<S>();
