@@ -60,18 +60,11 @@ Groups groups_along(const std::vector<int>& sizes, const std::vector<bool>& sele
 enum DenseAxis { kTp, kCp, kDp, kDensePp };
 enum ExpertAxis { kEtp, kEp, kEdp, kExpertPp };
 
-Groups dense_groups(const RankLayout& layout, std::initializer_list<DenseAxis> axes) {
-  std::vector<bool> selected(4, false);
-  for (DenseAxis axis : axes) selected[axis] = true;
-  const ParallelSizes& s = layout.sizes;
-  return groups_along({s.tp, s.cp, layout.dp, s.pp}, selected);
-}
-
-Groups expert_groups(const RankLayout& layout, std::initializer_list<ExpertAxis> axes) {
-  std::vector<bool> selected(4, false);
-  for (ExpertAxis axis : axes) selected[axis] = true;
-  const ParallelSizes& s = layout.sizes;
-  return groups_along({s.etp, s.ep, layout.edp, s.pp}, selected);
+// The groups along `axes` (DenseAxis or ExpertAxis values) of the 4-axis grid `sizes`.
+Groups groups_along_axes(const std::vector<int>& sizes, std::initializer_list<int> axes) {
+  std::vector<bool> selected(sizes.size(), false);
+  for (int axis : axes) selected[size_t(axis)] = true;
+  return groups_along(sizes, selected);
 }
 
 // The kinds of group, in the order they are built and printed.
@@ -121,20 +114,22 @@ RankLayout compute_rank_layout(int world_size, const ParallelSizes& sizes) {
   layout.dp = world_size / model_size;
   layout.edp = world_size / expert_model_size;
 
-  layout.tp = dense_groups(layout, {kTp});
-  layout.cp_group = dense_groups(layout, {kCp});
-  layout.dp_group = dense_groups(layout, {kDp});
-  layout.dp_cp = dense_groups(layout, {kCp, kDp});
-  layout.pp = dense_groups(layout, {kDensePp});
-  layout.model_parallel = dense_groups(layout, {kTp, kDensePp});
+  const std::vector<int> dense = {sizes.tp, sizes.cp, layout.dp, sizes.pp};
+  const std::vector<int> expert = {sizes.etp, sizes.ep, layout.edp, sizes.pp};
+  layout.tp = groups_along_axes(dense, {kTp});
+  layout.cp_group = groups_along_axes(dense, {kCp});
+  layout.dp_group = groups_along_axes(dense, {kDp});
+  layout.dp_cp = groups_along_axes(dense, {kCp, kDp});
+  layout.pp = groups_along_axes(dense, {kDensePp});
+  layout.model_parallel = groups_along_axes(dense, {kTp, kDensePp});
   for (const std::vector<int>& stages : layout.pp) {  // first and last pipeline stage
     layout.embedding.push_back(
         stages.size() == 1 ? stages : std::vector<int>{stages.front(), stages.back()});
   }
-  layout.ep_group = expert_groups(layout, {kEp});
-  layout.etp_group = expert_groups(layout, {kEtp});
-  layout.tp_ep = expert_groups(layout, {kEtp, kEp});
-  layout.expert_dp = expert_groups(layout, {kEdp});
+  layout.ep_group = groups_along_axes(expert, {kEp});
+  layout.etp_group = groups_along_axes(expert, {kEtp});
+  layout.tp_ep = groups_along_axes(expert, {kEtp, kEp});
+  layout.expert_dp = groups_along_axes(expert, {kEdp});
   return layout;
 }
 
