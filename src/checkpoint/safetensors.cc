@@ -230,20 +230,22 @@ std::vector<std::string> Checkpoint::names() const {
   return names;
 }
 
-const std::string& Checkpoint::file_of(const std::string& name) const {
+const File& Checkpoint::shard_of(const std::string& name) const {
   auto it = where_.find(name);
   MOE_CHECK(it != where_.end(), "safetensors: no tensor '", name, "' in '", dir_, "'");
-  return files_[it->second].path();
+  return files_[it->second];
+}
+
+const std::string& Checkpoint::file_of(const std::string& name) const {
+  return shard_of(name).path();
 }
 
 const TensorInfo& Checkpoint::info(const std::string& name) const {
-  file_of(name);
-  return files_[where_.at(name)].info(name);
+  return shard_of(name).info(name);
 }
 
 Tensor Checkpoint::read(const std::string& name) const {
-  file_of(name);
-  return files_[where_.at(name)].read(name);
+  return shard_of(name).read(name);
 }
 
 namespace {

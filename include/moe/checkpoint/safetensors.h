@@ -62,6 +62,8 @@ class Checkpoint {
   const std::string& file_of(const std::string& name) const;  // path of its shard
 
  private:
+  const File& shard_of(const std::string& name) const;  // throws naming an absent tensor
+
   std::string dir_;
   std::vector<File> files_;
   std::map<std::string, size_t> where_;  // tensor name -> index in files_
