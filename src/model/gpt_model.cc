@@ -41,13 +41,18 @@ class TensorParallelGradSync {
   }
   bool sequence_parallel = false, tensor_parallel = false;
   bool empty() const { return handles_.empty(); }
+  // F32 [sum of the gradients' sizes]: the gradients back to back, in handle order.
   Tensor snapshot(const ParameterStore& store) const {
-    std::vector<float> values;
+    int64_t total = 0;
+    for (ParamHandle h : handles_) total += store.grad(h).numel();
+    Tensor values = Tensor::empty({total}, DType::F32);
+    int64_t offset = 0;
     for (ParamHandle h : handles_) {
-      std::vector<float> grad = store.grad(h).to_floats();
-      values.insert(values.end(), grad.begin(), grad.end());
+      Tensor grad = store.grad(h);
+      values.rows(offset, offset + grad.numel()).copy_from(grad.reshape({grad.numel()}));
+      offset += grad.numel();
     }
-    return Tensor::from_floats(values, {int64_t(values.size())});
+    return values;
   }
   // Replaces each gradient g by before + allreduce_tp(g - before).
   void reduce(const ParameterStore& store, const Tensor& before, const TensorParallel& tp) const {
