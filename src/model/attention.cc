@@ -3,6 +3,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "dropout_hash.h"
 #include "moe/model/layers.h"
 #include "moe/tensor/gemm.h"
 #include "tensor/dispatch.h"
@@ -49,13 +50,6 @@ void product(GemmForm form, int64_t rows, int64_t k, int64_t n, const C* a, cons
   grouped_gemm(args);
 }
 
-uint64_t mix64(uint64_t value) {
-  value += 0x9e3779b97f4a7c15ull;
-  value = (value ^ (value >> 30)) * 0xbf58476d1ce4e5b9ull;
-  value = (value ^ (value >> 27)) * 0x94d049bb133111ebull;
-  return value ^ (value >> 31);
-}
-
 // Dropout multipliers of one [s, s] probability block (0 or 1 / (1 - p)); empty when p = 0.
 // The same hash as apply_dropout, over the global element index.
 template <class C>
@@ -64,12 +58,11 @@ std::vector<C> attention_dropout_mask(const AttentionDropout& dropout, const Hea
   if (dropout.p == 0) return {};
   int64_t total_heads = dropout.total_heads > 0 ? dropout.total_heads : d.heads;
   int64_t base = ((b * total_heads + dropout.head_offset + head) * d.seq) * d.seq;
-  uint32_t threshold = uint32_t(double(dropout.p) * double(1u << 24));
+  uint32_t threshold = dropout_threshold(dropout.p);
   C keep = C(1) / (C(1) - C(dropout.p));
   std::vector<C> mask(size_t(d.seq * d.seq));
   for (int64_t i = 0; i < d.seq * d.seq; ++i) {
-    uint32_t draw = uint32_t(mix64(dropout.key ^ mix64(uint64_t(base + i))) >> 40);
-    mask[size_t(i)] = draw >= threshold ? keep : C(0);
+    mask[size_t(i)] = dropout_keeps(dropout.key, base + i, threshold) ? keep : C(0);
   }
   return mask;
 }

@@ -1,5 +1,6 @@
 #include <algorithm>
 
+#include "dropout_hash.h"
 #include "moe/model/layers.h"
 #include "moe/tensor/ops.h"
 #include "tensor/dispatch.h"
@@ -7,13 +8,6 @@
 namespace moe::model {
 
 namespace {
-
-uint64_t mix64(uint64_t value) {  // splitmix64's finaliser: a bijective 64-bit hash
-  value += 0x9e3779b97f4a7c15ull;
-  value = (value ^ (value >> 30)) * 0xbf58476d1ce4e5b9ull;
-  value = (value ^ (value >> 27)) * 0x94d049bb133111ebull;
-  return value ^ (value >> 31);
-}
 
 // Token ids as int64 in Megatron's [s, b] row order: row s * B + b holds tokens[b, s].
 std::vector<int64_t> tokens_in_row_order(const Tensor& tokens, int64_t vocab) {
@@ -45,8 +39,7 @@ void apply_dropout(Tensor& x, float p, uint64_t key, int64_t first_index) {
   MOE_CHECK(p >= 0 && p < 1, "dropout probability ", p, " must be in [0, 1)");
   if (p == 0 || x.numel() == 0) return;
   int64_t count = x.numel();
-  // Keep when a 24-bit uniform from hash(key, index) is >= p.
-  uint32_t threshold = uint32_t(double(p) * double(1u << 24));
+  uint32_t threshold = dropout_threshold(p);
   dispatch_floating(x.dtype(), "dropout", [&](auto tag) {
     using T = decltype(tag);
     using C = compute_t<T>;
@@ -54,8 +47,9 @@ void apply_dropout(Tensor& x, float p, uint64_t key, int64_t first_index) {
     C keep_scale = C(1) / (C(1) - C(p));
 #pragma omp parallel for schedule(static) if (count > 65536)
     for (int64_t i = 0; i < count; ++i) {
-      uint32_t draw = uint32_t(mix64(key ^ mix64(uint64_t(first_index + i))) >> 40);
-      values[i] = draw >= threshold ? store<T>(load(values[i]) * keep_scale) : store<T>(C(0));
+      values[i] = dropout_keeps(key, first_index + i, threshold)
+                      ? store<T>(load(values[i]) * keep_scale)
+                      : store<T>(C(0));
     }
   });
 }
