@@ -179,7 +179,8 @@ void dense_case(benchmark::State& state, int64_t m) {
   });
 }
 
-const GroupedGemmKernel kKernels[] = {GroupedGemmKernel::kPackedAvx2,
+const GroupedGemmKernel kKernels[] = {GroupedGemmKernel::kPackedAvx512,
+                                      GroupedGemmKernel::kPackedAvx2,
                                       GroupedGemmKernel::kPerGroupBlas};
 const DType kDtypes[] = {DType::F32, DType::BF16, DType::F16};
 

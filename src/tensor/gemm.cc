@@ -171,6 +171,8 @@ const char* grouped_gemm_kernel_name(GroupedGemmKernel kernel) {
       return "per_group_blas";
     case GroupedGemmKernel::kPackedAvx2:
       return "packed_avx2";
+    case GroupedGemmKernel::kPackedAvx512:
+      return "packed_avx512";
   }
   return "unknown";
 }
@@ -183,7 +185,8 @@ bool grouped_gemm_kernel_available(GroupedGemmKernel kernel, DType input_dtype) 
     case GroupedGemmKernel::kPerGroupBlas:
       return supported_dtype;
     case GroupedGemmKernel::kPackedAvx2:
-      return input_dtype != DType::F64 && supported_dtype && packed_gemm_supported();
+    case GroupedGemmKernel::kPackedAvx512:
+      return input_dtype != DType::F64 && supported_dtype && packed_gemm_supported(kernel);
   }
   return false;
 }
@@ -194,13 +197,19 @@ void grouped_gemm(const GroupedGemmArgs& args, GroupedGemmKernel kernel) {
             grouped_gemm_kernel_name(kernel), " is not available for input dtype ",
             dtype_name(args.input_dtype), " on this CPU");
   if (kernel == GroupedGemmKernel::kAuto) {
-    bool packed = grouped_gemm_kernel_available(GroupedGemmKernel::kPackedAvx2, args.input_dtype);
-    kernel = packed ? GroupedGemmKernel::kPackedAvx2 : GroupedGemmKernel::kPerGroupBlas;
+    kernel = GroupedGemmKernel::kPerGroupBlas;
+    for (GroupedGemmKernel fastest_first :
+         {GroupedGemmKernel::kPackedAvx512, GroupedGemmKernel::kPackedAvx2}) {
+      if (grouped_gemm_kernel_available(fastest_first, args.input_dtype)) {
+        kernel = fastest_first;
+        break;
+      }
+    }
   }
-  if (kernel == GroupedGemmKernel::kPackedAvx2) {
-    grouped_gemm_packed(args, layout);
-  } else {
+  if (kernel == GroupedGemmKernel::kPerGroupBlas) {
     grouped_gemm_blas(args, layout);
+  } else {
+    grouped_gemm_packed(args, layout, kernel);
   }
 }
 

@@ -23,10 +23,12 @@ struct GroupedGemmLayout {
 // The first implementation: one BLAS call per group (half inputs widened to fp32 first).
 void grouped_gemm_blas(const GroupedGemmArgs& args, const GroupedGemmLayout& layout);
 
-// Whether this CPU runs the packed kernel (AVX2, FMA and F16C).
-bool packed_gemm_supported();
-// The packed AVX2/FMA kernel (grouped_gemm_packed.cc): F32, BF16 and F16 inputs. Call only when
-// packed_gemm_supported().
-void grouped_gemm_packed(const GroupedGemmArgs& args, const GroupedGemmLayout& layout);
+// Whether this CPU runs `kernel` (kPackedAvx2: AVX2, FMA and F16C; kPackedAvx512: those and
+// AVX-512F); false for the other kernels.
+bool packed_gemm_supported(GroupedGemmKernel kernel);
+// The packed kernels (grouped_gemm_packed.cc): F32, BF16 and F16 inputs. Call only when
+// packed_gemm_supported(kernel).
+void grouped_gemm_packed(const GroupedGemmArgs& args, const GroupedGemmLayout& layout,
+                         GroupedGemmKernel kernel);
 
 }  // namespace moe

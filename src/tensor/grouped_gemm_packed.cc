@@ -1,13 +1,15 @@
-// Packed AVX2/FMA grouped GEMM (fp32, bf16 and fp16 inputs, fp32 accumulation).
+// Packed grouped GEMM (fp32, bf16 and fp16 inputs, fp32 accumulation) with two register-tile
+// micro-kernels: AVX2/FMA (6 rows x 16 columns) and AVX-512 (8 rows x 32 columns, twice the FMA
+// width; on CPUs with full-width AVX-512 units it runs at about twice the rate).
 //
 // Every group's product is C[m, n] (+)= op(A)[m, depth] op(B)[depth, n] (see GroupProduct). The
 // work is cut into tiles (group, up to kMaxTileRows rows, a column range) that threads take from
 // one shared list, so a group with few rows still spreads over every core. Inside a tile, for each
-// depth chunk of kDepthChunk: the tile's A rows are packed once into 6-row panels (they stay in
-// L2 for every column of the tile); then, block by block of kBlockCols columns, the weight block
-// is packed into 16-column panels (L2) that every A panel passes over, while the next block's
-// source lines are prefetched. Packing converts bf16/fp16 to fp32, so one fp32 register-tile
-// micro-kernel (6x16, with 1..5-row variants for a group's last rows) serves every dtype and form.
+// depth chunk of kDepthChunk: the tile's A rows are packed once into row panels (they stay in L2
+// for every column of the tile); then, block by block of kBlockCols columns, the weight block is
+// packed into column panels (L2) that every A panel passes over, while the next block's source
+// lines are prefetched. Packing converts bf16/fp16 to fp32, so one fp32 micro-kernel per
+// instruction set serves every dtype and form.
 //
 // Determinism: each output element is computed by one thread, from depth chunks that always start
 // at multiples of kDepthChunk, each accumulated in depth order by the same instruction sequence.
@@ -16,6 +18,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <memory>
 #include <type_traits>
@@ -26,22 +29,30 @@
 
 namespace moe {
 
-bool packed_gemm_supported() {
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                                __builtin_cpu_supports("f16c");
-  return supported;
+bool packed_gemm_supported(GroupedGemmKernel kernel) {
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                           __builtin_cpu_supports("f16c");
+  static const bool avx512 = avx2 && __builtin_cpu_supports("avx512f");
+  switch (kernel) {
+    case GroupedGemmKernel::kPackedAvx2:
+      return avx2;
+    case GroupedGemmKernel::kPackedAvx512:
+      return avx512;
+    default:
+      return false;
+  }
 }
 
-// Everything below uses AVX2/FMA/F16C instructions and runs only after packed_gemm_supported().
+// Everything below runs only after packed_gemm_supported(): the shared code (packing, tiling)
+// uses AVX2/FMA/F16C; each micro-kernel is compiled for its own instruction set.
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 
 namespace {
 
-constexpr int64_t kPanelRows = 6;      // MR: rows of the register tile
-constexpr int64_t kPanelCols = 16;     // NR: columns of the register tile (two 8-float vectors)
-constexpr int64_t kDepthChunk = 256;   // KC: a 16-column B panel of this depth is 16 KiB (L1)
-constexpr int64_t kMaxTileRows = 528;  // an A block of 528 x KC fp32 is 528 KiB (L2)
+constexpr int64_t kDepthChunk = 256;   // KC: a 32-column B panel of this depth is 32 KiB (L1)
+constexpr int64_t kMaxTileRows = 528;  // an A block of 528 x KC fp32 is 528 KiB (L2); 528 = 6 * 88
+                                       // = 8 * 66, whole panels for both kernels
 constexpr int64_t kBlockCols = 256;    // a B block of KC x 256 fp32 is 256 KiB (L2)
 // Tile widths: wide tiles pack each A block once for many columns; narrower ones (never below
 // kMinTileCols) are cut only when there are too few row tiles to keep every thread busy.
@@ -81,9 +92,9 @@ struct Operand {
   }
 };
 
-// Packs rows [0, rows) x depth [p0, p0 + depth) of op(A) into 6-row panels: panel q holds, for
-// each p, the 6 values of rows 6q .. 6q + 5 (zeros past `rows`).
-template <class T>
+// Packs rows [0, rows) x depth [p0, p0 + depth) of op(A) into panels of kRows rows: panel q
+// holds, for each p, the kRows values of rows kRows * q ... (zeros past `rows`).
+template <int64_t kPanelRows, class T>
 void pack_a(const Operand<T>& a, int64_t rows, int64_t p0, int64_t depth, float* out) {
   for (int64_t q = 0; q < rows; q += kPanelRows) {
     int64_t valid = std::min(kPanelRows, rows - q);
@@ -114,9 +125,10 @@ inline void transpose8x8(__m256 v[8]) {
   }
 }
 
-// Packs depth [p0, p0 + depth) x columns [j0, j0 + cols) of op(B) into 16-column panels, panel q at
-// out + q * depth * 16 holding, for each p, 16 values (zeros past `cols`).
-template <class T>
+// Packs depth [p0, p0 + depth) x columns [j0, j0 + cols) of op(B) into panels of kPanelCols (a
+// multiple of 8) columns, panel q at out + q * depth * kPanelCols holding, for each p, kPanelCols
+// values (zeros past `cols`).
+template <int64_t kPanelCols, class T>
 void pack_b(const Operand<T>& b, int64_t p0, int64_t depth, int64_t j0, int64_t cols, float* out) {
   const int64_t full_panels = cols / kPanelCols, panel_size = depth * kPanelCols;
   if (!b.transposed) {
@@ -126,24 +138,20 @@ void pack_b(const Operand<T>& b, int64_t p0, int64_t depth, int64_t j0, int64_t 
       const T* row = b.at(p0 + p, j0);
       float* target = out + p * kPanelCols;
       for (int64_t q = 0; q < full_panels; ++q, row += kPanelCols, target += panel_size) {
-        _mm256_store_ps(target, load8(row));
-        _mm256_store_ps(target + 8, load8(row + 8));
+        for (int64_t v = 0; v < kPanelCols; v += 8) _mm256_store_ps(target + v, load8(row + v));
       }
     }
   } else {
-    // A panel reads 16 source rows, each contiguous in p: 8x8 transposes.
+    // A panel reads kPanelCols source rows, each contiguous in p: 8x8 transposes.
     for (int64_t q = 0; q < full_panels; ++q) {
       float* panel = out + q * panel_size;
       int64_t p = 0;
       for (; p + 8 <= depth; p += 8) {
-        for (int64_t half = 0; half < 2; ++half) {
+        for (int64_t eighth = 0; eighth < kPanelCols; eighth += 8) {
           __m256 v[8];
-          for (int r = 0; r < 8; ++r)
-            v[r] = load8(b.at(p0 + p, j0 + q * kPanelCols + 8 * half + r));
+          for (int r = 0; r < 8; ++r) v[r] = load8(b.at(p0 + p, j0 + q * kPanelCols + eighth + r));
           transpose8x8(v);
-          for (int r = 0; r < 8; ++r) {
-            _mm256_store_ps(panel + (p + r) * kPanelCols + 8 * half, v[r]);
-          }
+          for (int r = 0; r < 8; ++r) _mm256_store_ps(panel + (p + r) * kPanelCols + eighth, v[r]);
         }
       }
       for (; p < depth; ++p) {
@@ -201,79 +209,75 @@ void prefetch_lines(const BlockSource<T>& source, int64_t begin, int64_t end) {
   }
 }
 
-// C[kRows, 16] = (kLoadC ? C : 0) + A_panel * B_panel over `depth`, accumulated in depth order
-// (A panels always hold 6 rows; a kRows < 6 kernel serves a group's last rows without wasted
-// FMAs). Rows are unrolled by a parameter pack, so every accumulator index is a constant and the
-// 2 x kRows accumulators live in registers.
-template <int kRows, bool kLoadC>
-void micro_kernel(int64_t depth, const float* a, const float* b, float* c, int64_t ldc) {
-  static_assert(kRows >= 1 && kRows <= kPanelRows);
-  [&]<int... R>(std::integer_sequence<int, R...>) {
-    __m256 low[kRows], high[kRows];  // columns 0..7 and 8..15 of each row
-    if constexpr (kLoadC) {
-      ((low[R] = _mm256_loadu_ps(c + R * ldc), high[R] = _mm256_loadu_ps(c + R * ldc + 8)), ...);
-    } else {
-      ((low[R] = _mm256_setzero_ps(), high[R] = _mm256_setzero_ps()), ...);
-    }
-#pragma GCC unroll 4
-    for (int64_t p = 0; p < depth; ++p) {
-      __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
-      ((low[R] = _mm256_fmadd_ps(_mm256_broadcast_ss(a + R), b0, low[R]),
-        high[R] = _mm256_fmadd_ps(_mm256_broadcast_ss(a + R), b1, high[R])),
-       ...);
-      a += kPanelRows;
-      b += kPanelCols;
-    }
-    ((_mm256_storeu_ps(c + R * ldc, low[R]), _mm256_storeu_ps(c + R * ldc + 8, high[R])), ...);
+// A micro-kernel for 1 .. kRows rows of C (see packed_micro_kernel.inc).
+using MicroKernel = void (*)(int64_t depth, const float* a, const float* b, float* c, int64_t ldc,
+                             bool load_c);
+
+// The table of kernels for 1 .. kRows rows (entry 0 unused).
+template <int kRows, template <int> class Kernel>
+constexpr std::array<MicroKernel, kRows + 1> kernels_by_rows() {
+  return []<int... R>(std::integer_sequence<int, R...>) {
+    return std::array<MicroKernel, kRows + 1>{nullptr, &Kernel<R + 1>::run...};
   }
   (std::make_integer_sequence<int, kRows>{});
 }
 
-template <int kRows>
-void kernel_for_rows(int64_t depth, const float* a, const float* b, float* c, int64_t ldc,
-                     bool load_c) {
-  if (load_c) {
-    micro_kernel<kRows, true>(depth, a, b, c, ldc);
-  } else {
-    micro_kernel<kRows, false>(depth, a, b, c, ldc);
-  }
-}
+// AVX2: 6 rows x 16 columns (two 8-float vectors), 12 accumulators.
+namespace avx2 {
+struct Simd {
+  using V = __m256;
+  static constexpr int64_t kLanes = 8;
+  static constexpr int kTileRows = 6;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const float* p) { return _mm256_load_ps(p); }
+  static V loadu(const float* p) { return _mm256_loadu_ps(p); }
+  static void storeu(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+};
+#include "tensor/packed_micro_kernel.inc"
+}  // namespace avx2
 
-// C[rows, cols] (rows <= 6, cols <= 16) from one A panel and one B panel. Full-width tiles run in
-// place; a tile cut by the last column runs on a 16-wide copy (the remainder path).
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma,f16c")
+
+// AVX-512: 8 rows x 32 columns (two 16-float vectors), 16 accumulators: each B vector load and
+// A broadcast feeds more FMAs than in the AVX2 tile.
+namespace avx512 {
+struct Simd {
+  using V = __m512;
+  static constexpr int64_t kLanes = 16;
+  static constexpr int kTileRows = 8;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V load(const float* p) { return _mm512_load_ps(p); }
+  static V loadu(const float* p) { return _mm512_loadu_ps(p); }
+  static void storeu(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V broadcast(const float* p) { return _mm512_set1_ps(*p); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+};
+#include "tensor/packed_micro_kernel.inc"
+}  // namespace avx512
+
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+
+// C[rows, cols] (rows <= kRows, cols <= kCols) from one A panel and one B panel. Full-width tiles
+// run in place; a tile cut by the last column runs on a full-width copy (the remainder path).
+template <class Micro>
 void run_kernel(int64_t depth, const float* a, const float* b, float* c, int64_t ldc, int64_t rows,
                 int64_t cols, bool load_c) {
-  alignas(32) float edge[kPanelRows * kPanelCols] = {};
-  float* target = c;
-  int64_t ld = ldc;
-  if (cols < kPanelCols) {
-    target = edge;
-    ld = kPanelCols;
-    if (load_c)
-      for (int64_t r = 0; r < rows; ++r) std::copy_n(c + r * ldc, cols, edge + r * kPanelCols);
+  constexpr int64_t kCols = Micro::kCols;
+  if (cols == kCols) {
+    Micro::kKernels[rows](depth, a, b, c, ldc, load_c);
+    return;
   }
-  switch (rows) {
-    case 6:
-      kernel_for_rows<6>(depth, a, b, target, ld, load_c);
-      break;
-    case 5:
-      kernel_for_rows<5>(depth, a, b, target, ld, load_c);
-      break;
-    case 4:
-      kernel_for_rows<4>(depth, a, b, target, ld, load_c);
-      break;
-    case 3:
-      kernel_for_rows<3>(depth, a, b, target, ld, load_c);
-      break;
-    case 2:
-      kernel_for_rows<2>(depth, a, b, target, ld, load_c);
-      break;
-    default:
-      kernel_for_rows<1>(depth, a, b, target, ld, load_c);
-      break;
-  }
-  if (cols < kPanelCols)
-    for (int64_t r = 0; r < rows; ++r) std::copy_n(edge + r * kPanelCols, cols, c + r * ldc);
+  alignas(64) float edge[Micro::kRows * kCols];
+  if (load_c)
+    for (int64_t r = 0; r < rows; ++r) std::copy_n(c + r * ldc, cols, edge + r * kCols);
+  Micro::kKernels[rows](depth, a, b, edge, kCols, load_c);
+  for (int64_t r = 0; r < rows; ++r) std::copy_n(edge + r * kCols, cols, c + r * ldc);
 }
 
 struct Tile {
@@ -283,6 +287,7 @@ struct Tile {
 
 // Cuts every group's product into tiles: rows evenly into blocks of at most kMaxTileRows, columns
 // into as many ranges as it takes for about 8 tiles per thread (for load balance), largest first.
+template <class Micro>
 std::vector<Tile> plan_tiles(const GroupedGemmArgs& args, const GroupedGemmLayout& layout,
                              int threads) {
   int64_t row_tiles = 0, widest = 0;
@@ -294,7 +299,7 @@ std::vector<Tile> plan_tiles(const GroupedGemmArgs& args, const GroupedGemmLayou
   int64_t wanted = 8 * int64_t(threads);
   int64_t column_splits = row_tiles ? (wanted + row_tiles - 1) / row_tiles : 1;
   int64_t tile_cols = (widest + column_splits - 1) / column_splits;
-  tile_cols = std::clamp((tile_cols + kPanelCols - 1) / kPanelCols * kPanelCols, kMinTileCols,
+  tile_cols = std::clamp((tile_cols + Micro::kCols - 1) / Micro::kCols * Micro::kCols, kMinTileCols,
                          kMaxTileCols);
   std::vector<Tile> tiles;
   for (int64_t g = 0; g < args.groups; ++g) {
@@ -302,7 +307,7 @@ std::vector<Tile> plan_tiles(const GroupedGemmArgs& args, const GroupedGemmLayou
     if (p.m == 0 || p.n == 0) continue;
     int64_t blocks = (p.m + kMaxTileRows - 1) / kMaxTileRows;
     int64_t rows = (p.m + blocks - 1) / blocks;
-    rows = (rows + kPanelRows - 1) / kPanelRows * kPanelRows;
+    rows = (rows + Micro::kRows - 1) / Micro::kRows * Micro::kRows;
     for (int64_t row0 = 0; row0 < p.m; row0 += rows) {
       for (int64_t col0 = 0; col0 < p.n; col0 += tile_cols) {
         Tile t{g, row0, std::min(rows, p.m - row0), col0, std::min(tile_cols, p.n - col0), 0};
@@ -341,10 +346,29 @@ struct ThreadScratch {
 };
 thread_local ThreadScratch scratch;
 
+// C tiles are requested this many kernel calls before their turn: with a short depth chunk
+// (grad_weight of a group with few rows) a call is too short to wait for its C lines from memory.
+constexpr int64_t kCallsAhead = 2;
+
+// Requests the C lines of kernel call `call` of a block (calls run column panel by column panel,
+// row panel by row panel within each); `c` is the block's corner, `rows` x `cols` its size.
+template <class Micro>
+void prefetch_c_tile(const float* c, int64_t ldc, int64_t rows, int64_t cols, int64_t call) {
+  const int64_t row_panels = (rows + Micro::kRows - 1) / Micro::kRows;
+  const int64_t i = call % row_panels * Micro::kRows, j = call / row_panels * Micro::kCols;
+  if (j >= cols) return;
+  const int64_t tile_rows = std::min(Micro::kRows, rows - i);
+  const int64_t bytes = std::min(Micro::kCols, cols - j) * int64_t(sizeof(float));
+  for (int64_t r = 0; r < tile_rows; ++r) {
+    const char* line = reinterpret_cast<const char*>(c + (i + r) * ldc + j);
+    for (int64_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(line + offset, _MM_HINT_T0);
+  }
+}
+
 // One tile: C_tile (+)= op(A)[tile rows, :] op(B)[:, tile cols]. `a`, `b` and `c` start at the
 // tile's corner (row0, col0), so only t.rows and t.cols are read here; `c` has row stride ldc, in
 // fp32 (the caller provides a converted copy for half outputs).
-template <class T>
+template <class Micro, class T>
 void run_tile(const Operand<T>& a, const Operand<T>& b, int64_t depth, const Tile& t, float* c,
               int64_t ldc, bool accumulate) {
   if (depth == 0) {
@@ -352,16 +376,16 @@ void run_tile(const Operand<T>& a, const Operand<T>& b, int64_t depth, const Til
       for (int64_t r = 0; r < t.rows; ++r) std::fill_n(c + r * ldc, t.cols, 0.0f);
     return;
   }
-  int64_t padded_rows = (t.rows + kPanelRows - 1) / kPanelRows * kPanelRows;
+  int64_t padded_rows = (t.rows + Micro::kRows - 1) / Micro::kRows * Micro::kRows;
   float* a_block = scratch.a_block.get(size_t(padded_rows * kDepthChunk));
   float* b_block = scratch.b_block.get(size_t(kDepthChunk * kBlockCols));
   for (int64_t p0 = 0; p0 < depth; p0 += kDepthChunk) {
     int64_t chunk = std::min(kDepthChunk, depth - p0);
     bool load_c = accumulate || p0 > 0;
-    pack_a(a, t.rows, p0, chunk, a_block);
+    pack_a<Micro::kRows>(a, t.rows, p0, chunk, a_block);
     for (int64_t j0 = 0; j0 < t.cols; j0 += kBlockCols) {
       int64_t block_cols = std::min(kBlockCols, t.cols - j0);
-      pack_b(b, p0, chunk, j0, block_cols, b_block);
+      pack_b<Micro::kCols>(b, p0, chunk, j0, block_cols, b_block);
       // The block after this one (next columns, else the next depth chunk's first columns).
       BlockSource<T> next;
       if (j0 + kBlockCols < t.cols) {
@@ -373,16 +397,17 @@ void run_tile(const Operand<T>& a, const Operand<T>& b, int64_t depth, const Til
       }
       // Spread the prefetches evenly over this block's kernel calls: bunched together they
       // would wait for free miss buffers instead of overlapping with the arithmetic.
-      int64_t calls =
-          (block_cols + kPanelCols - 1) / kPanelCols * ((t.rows + kPanelRows - 1) / kPanelRows);
+      int64_t calls = (block_cols + Micro::kCols - 1) / Micro::kCols *
+                      ((t.rows + Micro::kRows - 1) / Micro::kRows);
       int64_t lines = next.segments * lines_per_segment(next), call = 0;
-      for (int64_t j = 0; j < block_cols; j += kPanelCols) {
+      for (int64_t j = 0; j < block_cols; j += Micro::kCols) {
         const float* b_panel = b_block + j * chunk;
-        int64_t cols = std::min(kPanelCols, block_cols - j);
-        for (int64_t i = 0; i < t.rows; i += kPanelRows, ++call) {
+        int64_t cols = std::min(Micro::kCols, block_cols - j);
+        for (int64_t i = 0; i < t.rows; i += Micro::kRows, ++call) {
           prefetch_lines(next, call * lines / calls, (call + 1) * lines / calls);
-          run_kernel(chunk, a_block + i * chunk, b_panel, c + i * ldc + j0 + j, ldc,
-                     std::min(kPanelRows, t.rows - i), cols, load_c);
+          prefetch_c_tile<Micro>(c + j0, ldc, t.rows, block_cols, call + kCallsAhead);
+          run_kernel<Micro>(chunk, a_block + i * chunk, b_panel, c + i * ldc + j0 + j, ldc,
+                            std::min(Micro::kRows, t.rows - i), cols, load_c);
         }
       }
     }
@@ -401,10 +426,10 @@ void tile_from_float(const float* in, const Tile& t, Out* c, int64_t ldc) {
     convert_from_float(in + r * t.cols, c + r * ldc, size_t(t.cols));
 }
 
-template <class T>
+template <class Micro, class T>
 void run_all_tiles(const GroupedGemmArgs& args, const GroupedGemmLayout& layout) {
   int threads = omp_in_parallel() ? 1 : omp_get_max_threads();
-  std::vector<Tile> tiles = plan_tiles(args, layout, threads);
+  std::vector<Tile> tiles = plan_tiles<Micro>(args, layout, threads);
   double total_work = 0;
   for (const Tile& t : tiles) total_work += t.work;
   bool fp32_out = args.output_dtype == DType::F32;
@@ -420,32 +445,42 @@ void run_all_tiles(const GroupedGemmArgs& args, const GroupedGemmLayout& layout)
     b.data = b.at(0, t.col0);
     int64_t c_offset = p.c_offset + t.row0 * p.ldc + t.col0;
     if (fp32_out) {
-      run_tile(a, b, p.k, t, static_cast<float*>(args.c) + c_offset, p.ldc, args.accumulate);
+      run_tile<Micro>(a, b, p.k, t, static_cast<float*>(args.c) + c_offset, p.ldc, args.accumulate);
       continue;
     }
     if constexpr (!std::is_same_v<T, float>) {  // half output: accumulate in an fp32 copy
       T* c = static_cast<T*>(args.c) + c_offset;
       float* c_tile = scratch.c_tile.get(size_t(t.rows * t.cols));
       if (args.accumulate) tile_to_float(c, p.ldc, t, c_tile);
-      run_tile(a, b, p.k, t, c_tile, t.cols, args.accumulate);
+      run_tile<Micro>(a, b, p.k, t, c_tile, t.cols, args.accumulate);
       tile_from_float(c_tile, t, c, p.ldc);
     }
   }
 }
 
-}  // namespace
-
-void grouped_gemm_packed(const GroupedGemmArgs& args, const GroupedGemmLayout& layout) {
+template <class Micro>
+void run_micro(const GroupedGemmArgs& args, const GroupedGemmLayout& layout) {
   switch (args.input_dtype) {
     case DType::F32:
-      return run_all_tiles<float>(args, layout);
+      return run_all_tiles<Micro, float>(args, layout);
     case DType::BF16:
-      return run_all_tiles<bf16>(args, layout);
+      return run_all_tiles<Micro, bf16>(args, layout);
     case DType::F16:
-      return run_all_tiles<f16>(args, layout);
+      return run_all_tiles<Micro, f16>(args, layout);
     default:
       throw Error(detail::concat("grouped_gemm: the packed kernel has no ",
                                  dtype_name(args.input_dtype), " path"));
+  }
+}
+
+}  // namespace
+
+void grouped_gemm_packed(const GroupedGemmArgs& args, const GroupedGemmLayout& layout,
+                         GroupedGemmKernel kernel) {
+  if (kernel == GroupedGemmKernel::kPackedAvx512) {
+    run_micro<avx512::Micro>(args, layout);
+  } else {
+    run_micro<avx2::Micro>(args, layout);
   }
 }
 

@@ -180,7 +180,10 @@ GroupedGemmArgs args_for(GemmForm form, const GroupedCase& gc, Operands& o, bool
 }
 
 const GroupedGemmKernel kAllKernels[] = {GroupedGemmKernel::kAuto, GroupedGemmKernel::kPerGroupBlas,
-                                         GroupedGemmKernel::kPackedAvx2};
+                                         GroupedGemmKernel::kPackedAvx2,
+                                         GroupedGemmKernel::kPackedAvx512};
+const GroupedGemmKernel kPackedKernels[] = {GroupedGemmKernel::kPackedAvx2,
+                                            GroupedGemmKernel::kPackedAvx512};
 
 TEST_P(GroupedGemmHarness, EveryKernelMatchesReference) {
   uint64_t seed = 100;
@@ -223,34 +226,57 @@ INSTANTIATE_TEST_SUITE_P(AllForms, GroupedGemmHarness, ::testing::ValuesIn(group
                                   (std::get<3>(p) ? "_accumulate" : "_overwrite");
                          });
 
-// The packed kernel computes each output element in one thread in a fixed depth order, so its
+// A packed kernel computes each output element in one thread in a fixed depth order, so its
 // results are bitwise the same whatever the thread count (and whatever tiling the planner picks
 // for it). (OpenBLAS, behind per_group_blas, is reproducible only for a fixed thread count.)
-TEST(GroupedGemmDeterminism, PackedKernelIsBitwiseIdenticalForAnyThreadCount) {
-  const GroupedGemmKernel kernel = GroupedGemmKernel::kPackedAvx2;
-  if (!grouped_gemm_kernel_available(kernel, DType::F32)) {
-    GTEST_SKIP() << "no AVX2/FMA/F16C on this CPU";
-  }
+TEST(GroupedGemmDeterminism, PackedKernelsAreBitwiseIdenticalForAnyThreadCount) {
   GroupedCase gc{{40, 0, 300, 7, 1}, 300, 200};
   int saved_threads = omp_get_max_threads();
-  for (GemmForm form : {GemmForm::kForward, GemmForm::kGradInput, GemmForm::kGradWeight}) {
-    for (DType dtype : {DType::F32, DType::BF16}) {
-      Tensor first;
-      for (int threads : {1, 2, 3}) {
-        omp_set_num_threads(threads);
-        Operands o = make_operands(form, gc, dtype, dtype, true, 5);
-        grouped_gemm(args_for(form, gc, o, true), kernel);
-        if (!first.defined()) {
-          first = o.c;
-          continue;
+  int tested = 0;
+  for (GroupedGemmKernel kernel : kPackedKernels) {
+    if (!grouped_gemm_kernel_available(kernel, DType::F32)) continue;
+    ++tested;
+    for (GemmForm form : {GemmForm::kForward, GemmForm::kGradInput, GemmForm::kGradWeight}) {
+      for (DType dtype : {DType::F32, DType::BF16}) {
+        Tensor first;
+        for (int threads : {1, 2, 3}) {
+          omp_set_num_threads(threads);
+          Operands o = make_operands(form, gc, dtype, dtype, true, 5);
+          grouped_gemm(args_for(form, gc, o, true), kernel);
+          if (!first.defined()) {
+            first = o.c;
+            continue;
+          }
+          EXPECT_EQ(std::memcmp(first.raw(), o.c.raw(), first.nbytes()), 0)
+              << grouped_gemm_kernel_name(kernel) << " " << gemm_form_name(form) << " "
+              << dtype_name(dtype) << " with " << threads << " threads";
         }
-        EXPECT_EQ(std::memcmp(first.raw(), o.c.raw(), first.nbytes()), 0)
-            << gemm_form_name(form) << " " << dtype_name(dtype) << " with " << threads
-            << " threads";
       }
     }
   }
   omp_set_num_threads(saved_threads);
+  if (tested == 0) GTEST_SKIP() << "no packed kernel runs on this CPU";
+}
+
+// Each output element is one fp32 FMA chain in depth order in every packed kernel, whatever its
+// vector width or tile shape, so a CPU with AVX-512 gives bitwise the results of one without.
+TEST(GroupedGemmDeterminism, PackedKernelsAgreeBitwise) {
+  if (!grouped_gemm_kernel_available(GroupedGemmKernel::kPackedAvx512, DType::F32)) {
+    GTEST_SKIP() << "no AVX-512F on this CPU";
+  }
+  for (const GroupedCase& gc : kGroupedCases) {
+    for (GemmForm form : {GemmForm::kForward, GemmForm::kGradInput, GemmForm::kGradWeight}) {
+      for (DType dtype : {DType::F32, DType::BF16, DType::F16}) {
+        Operands avx2 = make_operands(form, gc, dtype, DType::F32, true, 9);
+        Operands avx512 = make_operands(form, gc, dtype, DType::F32, true, 9);
+        grouped_gemm(args_for(form, gc, avx2, true), GroupedGemmKernel::kPackedAvx2);
+        grouped_gemm(args_for(form, gc, avx512, true), GroupedGemmKernel::kPackedAvx512);
+        EXPECT_EQ(std::memcmp(avx2.c.raw(), avx512.c.raw(), avx2.c.nbytes()), 0)
+            << gemm_form_name(form) << " " << dtype_name(dtype) << " on groups of "
+            << shape_string(gc.group_rows) << ", K=" << gc.k << ", N=" << gc.n;
+      }
+    }
+  }
 }
 
 TEST(LinearProducts, AreOneGroupOfTheGroupedForms) {
