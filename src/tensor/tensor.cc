@@ -1,7 +1,12 @@
 #include "moe/tensor/tensor.h"
 
+#include <sys/mman.h>
+
+#include <bit>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
+#include <mutex>
 
 namespace moe {
 
@@ -71,29 +76,149 @@ int64_t shape_numel(const Shape& shape) {
 }
 
 namespace {
-std::shared_ptr<void> allocate(size_t bytes) {
+
+// Freed large blocks by size class, oldest first (see kCachedStorageMinBytes in tensor.h).
+class StorageCache {
+ public:
+  struct Block {
+    void* memory = nullptr;
+    size_t bytes = 0;  // the size class: the mapping's length
+  };
+
+  // A block of `bytes` (a size class): a kept one (fresh = false) or a new zero-filled mapping.
+  Block take(size_t bytes, bool& fresh) {
+    {
+      std::lock_guard lock(mutex_);
+      for (auto it = kept_.rbegin(); it != kept_.rend(); ++it) {  // the most recently freed
+        if (it->bytes != bytes) continue;
+        Block block = *it;
+        kept_.erase(std::next(it).base());
+        kept_bytes_ -= bytes;
+        ++reused_;
+        fresh = false;
+        return block;
+      }
+      ++mapped_;
+    }
+    fresh = true;
+    void* memory = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    MOE_CHECK(memory != MAP_FAILED, "out of memory mapping ", bytes, " bytes for a tensor");
+    return {memory, bytes};
+  }
+
+  void give(Block block) {
+    std::vector<Block> evicted;
+    {
+      std::lock_guard lock(mutex_);
+      kept_.push_back(block);
+      kept_bytes_ += block.bytes;
+      evict_over_limit(evicted);
+    }
+    unmap(evicted);
+  }
+
+  void set_limit(size_t bytes) {
+    std::vector<Block> evicted;
+    {
+      std::lock_guard lock(mutex_);
+      limit_ = bytes;
+      evict_over_limit(evicted);
+    }
+    unmap(evicted);
+  }
+
+  void release() {
+    std::vector<Block> evicted;
+    {
+      std::lock_guard lock(mutex_);
+      evicted.swap(kept_);
+      kept_bytes_ = 0;
+    }
+    unmap(evicted);
+  }
+
+  TensorCacheStats stats() {
+    std::lock_guard lock(mutex_);
+    return {kept_bytes_, limit_, reused_, mapped_};
+  }
+
+ private:
+  void evict_over_limit(std::vector<Block>& evicted) {
+    size_t count = 0;
+    while (kept_bytes_ > limit_) kept_bytes_ -= kept_[count++].bytes;
+    evicted.assign(kept_.begin(), kept_.begin() + std::ptrdiff_t(count));
+    kept_.erase(kept_.begin(), kept_.begin() + std::ptrdiff_t(count));
+  }
+  static void unmap(const std::vector<Block>& blocks) {
+    for (const Block& block : blocks) munmap(block.memory, block.bytes);
+  }
+
+  std::mutex mutex_;
+  std::vector<Block> kept_;  // oldest first
+  size_t kept_bytes_ = 0;
+  size_t limit_ = size_t(2) << 30;
+  int64_t reused_ = 0, mapped_ = 0;
+};
+
+// Never destroyed: tensors held by other static objects may be freed after it would have been.
+StorageCache& storage_cache() {
+  static StorageCache* cache = new StorageCache;
+  return *cache;
+}
+
+// Rounds up to an eighth of the largest power of two not above `bytes` (a page multiple, since
+// bytes >= kCachedStorageMinBytes).
+size_t size_class(size_t bytes) {
+  size_t step = std::bit_floor(bytes) / 8;
+  return (bytes + step - 1) / step * step;
+}
+
+// Storage for `bytes`; `fresh` tells whether it is known to be zero-filled.
+std::shared_ptr<void> allocate(size_t bytes, bool& fresh) {
+  fresh = false;
+  if (bytes >= kCachedStorageMinBytes) {
+    StorageCache::Block block = storage_cache().take(size_class(bytes), fresh);
+    return std::shared_ptr<void>(block.memory, [block](void*) { storage_cache().give(block); });
+  }
   size_t rounded = (bytes + kTensorAlignment - 1) / kTensorAlignment * kTensorAlignment;
   if (rounded == 0) return nullptr;
   void* memory = std::aligned_alloc(kTensorAlignment, rounded);
   MOE_CHECK(memory != nullptr, "out of memory allocating ", bytes, " bytes");
   return std::shared_ptr<void>(memory, std::free);
 }
+
 }  // namespace
 
-Tensor Tensor::empty(Shape shape, DType dtype) {
+TensorCacheStats tensor_cache_stats() {
+  return storage_cache().stats();
+}
+
+void set_tensor_cache_limit(size_t bytes) {
+  storage_cache().set_limit(bytes);
+}
+
+void release_tensor_cache() {
+  storage_cache().release();
+}
+
+Tensor Tensor::allocated(Shape shape, DType dtype, bool zero_filled) {
   Tensor tensor;
   tensor.numel_ = shape_numel(shape);
   tensor.shape_ = std::move(shape);
   tensor.dtype_ = dtype;
-  tensor.owner_ = allocate(tensor.nbytes());
+  bool fresh = false;
+  tensor.owner_ = allocate(tensor.nbytes(), fresh);
   tensor.data_ = tensor.owner_.get();
   tensor.defined_ = true;
+  if (zero_filled && !fresh) tensor.zero();
   return tensor;
 }
 
-Tensor::Tensor(Shape shape, DType dtype) : Tensor(empty(std::move(shape), dtype)) {
-  zero();
+Tensor Tensor::empty(Shape shape, DType dtype) {
+  return allocated(std::move(shape), dtype, false);
 }
+
+Tensor::Tensor(Shape shape, DType dtype) : Tensor(allocated(std::move(shape), dtype, true)) {}
 
 Tensor Tensor::full(Shape shape, float value, DType dtype) {
   Tensor tensor = empty(std::move(shape), dtype);

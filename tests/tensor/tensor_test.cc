@@ -104,6 +104,79 @@ TEST(Tensor, ConversionsRoundTrip) {
   EXPECT_FALSE(testing::tensors_close(x.to(DType::BF16).to(DType::F32), x, 0.0, 1e-6));
 }
 
+// 2 MiB of fp32: large enough for the storage cache.
+constexpr int64_t kCachedRows = 512, kRowFloats = 1024;
+
+TEST(TensorStorageCache, FreedLargeBlockIsReusedAndZeroFilledWhenAskedFor) {
+  release_tensor_cache();
+  const TensorCacheStats before = tensor_cache_stats();
+  EXPECT_EQ(before.cached_bytes, 0u);
+  const void* first = nullptr;
+  {
+    Tensor t = Tensor::full({kCachedRows, kRowFloats}, 3.0f);
+    first = t.raw();
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(first) % kTensorAlignment, 0u);
+  }
+  EXPECT_EQ(tensor_cache_stats().cached_bytes, size_t(2) << 20);
+  // A slightly smaller request shares the size class (2 MiB rounds in steps of 256 KiB).
+  Tensor again({kCachedRows - 12, kRowFloats});
+  EXPECT_EQ(again.raw(), first);
+  EXPECT_EQ(tensor_cache_stats().reused, before.reused + 1);
+  EXPECT_EQ(tensor_cache_stats().mapped, before.mapped + 1);
+  EXPECT_EQ(tensor_cache_stats().cached_bytes, 0u);
+  for (int64_t i = 0; i < again.numel(); i += 1021) ASSERT_EQ(again.get(i), 0.0f) << i;
+  EXPECT_EQ(again.get(again.numel() - 1), 0.0f);
+}
+
+TEST(TensorStorageCache, OtherSizeClassesAndSmallTensorsGetTheirOwnStorage) {
+  release_tensor_cache();
+  const void* freed = Tensor::empty({kCachedRows, kRowFloats}).raw();
+  Tensor larger = Tensor::empty({2 * kCachedRows, kRowFloats});
+  EXPECT_NE(larger.raw(), freed);
+  EXPECT_EQ(tensor_cache_stats().cached_bytes, size_t(2) << 20);
+  { Tensor small({kCachedStorageMinBytes / 4 - 1}); }  // just under the cached size
+  EXPECT_EQ(tensor_cache_stats().cached_bytes, size_t(2) << 20);
+  release_tensor_cache();
+  EXPECT_EQ(tensor_cache_stats().cached_bytes, 0u);
+}
+
+TEST(TensorStorageCache, LimitUnmapsTheOldestBlocksFirst) {
+  release_tensor_cache();
+  const size_t limit = tensor_cache_stats().limit_bytes;
+  set_tensor_cache_limit(size_t(3) << 20);  // room for one 2 MiB block
+  const void* older = Tensor::empty({kCachedRows, kRowFloats}).raw();
+  {
+    Tensor held = Tensor::empty({kCachedRows, kRowFloats});  // takes the kept block
+    EXPECT_EQ(held.raw(), older);
+    Tensor other = Tensor::empty({kCachedRows, kRowFloats});
+  }  // `other` is freed first, then `held`: the older entry, `other`, goes over the limit
+  EXPECT_EQ(tensor_cache_stats().cached_bytes, size_t(2) << 20);
+  EXPECT_EQ(Tensor::empty({kCachedRows, kRowFloats}).raw(), older);
+  set_tensor_cache_limit(0);
+  EXPECT_EQ(tensor_cache_stats().cached_bytes, 0u);
+  { Tensor dropped = Tensor::empty({kCachedRows, kRowFloats}); }
+  EXPECT_EQ(tensor_cache_stats().cached_bytes, 0u);
+  set_tensor_cache_limit(limit);
+  EXPECT_EQ(tensor_cache_stats().limit_bytes, limit);
+}
+
+TEST(TensorStorageCache, ConcurrentAllocationsGetDistinctBlocks) {
+  release_tensor_cache();
+  constexpr int kThreads = 4, kRounds = 20;
+  bool overlapping = false;
+#pragma omp parallel for num_threads(kThreads) schedule(static, 1) reduction(|| : overlapping)
+  for (int thread = 0; thread < kThreads; ++thread) {
+    for (int round = 0; round < kRounds; ++round) {
+      Tensor t = Tensor::full({kCachedRows, kRowFloats}, float(thread));
+      // Another thread writing into the same block would change these.
+      for (int64_t i = 0; i < t.numel(); i += 4093) overlapping |= t.get(i) != float(thread);
+    }
+  }
+  EXPECT_FALSE(overlapping);
+  EXPECT_LE(tensor_cache_stats().cached_bytes, size_t(kThreads) * (size_t(2) << 20));
+  release_tensor_cache();
+}
+
 TEST(Threads, SetNumThreadsIsReadBackAndRejectsZero) {
   int saved = num_threads();
   set_num_threads(1);

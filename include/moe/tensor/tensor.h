@@ -54,6 +54,26 @@ int64_t shape_numel(const Shape& shape);
 
 constexpr size_t kTensorAlignment = 64;
 
+// Large tensor storage (kCachedStorageMinBytes and up) gets its own anonymous mapping, and a
+// freed one is kept for the next tensor of its size class instead of being unmapped: a fresh
+// mapping is faulted in page by page on first touch, which for a layer's 100 MiB activations costs
+// more than the elementwise work on them. Size classes round a request up to an eighth of the
+// largest power of two not above it (pages never touched never become resident), so sizes that
+// differ a little from step to step share blocks. Blocks kept beyond the limit are unmapped, oldest
+// first. Thread-safe.
+constexpr size_t kCachedStorageMinBytes = size_t(1) << 20;
+struct TensorCacheStats {
+  size_t cached_bytes = 0;  // freed blocks kept for reuse
+  size_t limit_bytes = 0;
+  int64_t reused = 0;  // large allocations served from the cache (since the process started)
+  int64_t mapped = 0;  // large allocations that needed a new mapping
+};
+TensorCacheStats tensor_cache_stats();
+// The most bytes of freed blocks kept (2 GiB to start with); lowering it unmaps the excess now.
+void set_tensor_cache_limit(size_t bytes);
+// Unmaps every kept block (e.g. before measuring memory); the limit stays.
+void release_tensor_cache();
+
 class Tensor {
  public:
   Tensor() = default;  // an undefined tensor: defined() is false
@@ -112,6 +132,8 @@ class Tensor {
 
  private:
   void check_element_type(DType requested) const;
+  // Owned storage; zero-filled when zero_filled (memory fresh from the system already is).
+  static Tensor allocated(Shape shape, DType dtype, bool zero_filled);
 
   std::shared_ptr<void> owner_;  // keeps the allocation alive; null for foreign views
   void* data_ = nullptr;
