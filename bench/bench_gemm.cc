@@ -179,9 +179,10 @@ void dense_case(benchmark::State& state, int64_t m) {
   });
 }
 
-const GroupedGemmKernel kKernels[] = {GroupedGemmKernel::kPackedAvx512,
-                                      GroupedGemmKernel::kPackedAvx2,
-                                      GroupedGemmKernel::kPerGroupBlas};
+// Every packed kernel (the fastest one available is what grouped_gemm runs), then per-group BLAS.
+const GroupedGemmKernel kKernels[] = {
+    GroupedGemmKernel::kPackedAvx512Bf16, GroupedGemmKernel::kPackedAvx512,
+    GroupedGemmKernel::kPackedAvx2, GroupedGemmKernel::kPerGroupBlas};
 const DType kDtypes[] = {DType::F32, DType::BF16, DType::F16};
 
 void register_benchmarks() {
@@ -194,6 +195,7 @@ void register_benchmarks() {
     for (DType dtype : kDtypes) {
       for (GemmForm form : {GemmForm::kForward, GemmForm::kGradInput, GemmForm::kGradWeight}) {
         for (GroupedGemmKernel kernel : kKernels) {
+          if (!grouped_gemm_kernel_available(kernel, dtype)) continue;
           std::string name = "grouped/" + shape.name + "/" + gemm_form_name(form) + "/" +
                              std::string(dtype_name(dtype)) + "/" +
                              grouped_gemm_kernel_name(kernel);
@@ -207,6 +209,7 @@ void register_benchmarks() {
   for (DType dtype : {DType::F32, DType::BF16}) {
     for (int64_t rows : {8, 16, 32, 64, 128, 256, 512}) {
       for (GroupedGemmKernel kernel : kKernels) {
+        if (!grouped_gemm_kernel_available(kernel, dtype)) continue;
         GroupShape shape{"rows_per_expert", std::vector<int64_t>(8, rows)};
         std::string name = "rows_per_expert/" + std::string(dtype_name(dtype)) + "/" +
                            grouped_gemm_kernel_name(kernel) + "/" + std::to_string(rows);

@@ -173,6 +173,8 @@ const char* grouped_gemm_kernel_name(GroupedGemmKernel kernel) {
       return "packed_avx2";
     case GroupedGemmKernel::kPackedAvx512:
       return "packed_avx512";
+    case GroupedGemmKernel::kPackedAvx512Bf16:
+      return "packed_avx512_bf16";
   }
   return "unknown";
 }
@@ -187,6 +189,8 @@ bool grouped_gemm_kernel_available(GroupedGemmKernel kernel, DType input_dtype) 
     case GroupedGemmKernel::kPackedAvx2:
     case GroupedGemmKernel::kPackedAvx512:
       return input_dtype != DType::F64 && supported_dtype && packed_gemm_supported(kernel);
+    case GroupedGemmKernel::kPackedAvx512Bf16:
+      return input_dtype == DType::BF16 && packed_gemm_supported(kernel);
   }
   return false;
 }
@@ -199,7 +203,8 @@ void grouped_gemm(const GroupedGemmArgs& args, GroupedGemmKernel kernel) {
   if (kernel == GroupedGemmKernel::kAuto) {
     kernel = GroupedGemmKernel::kPerGroupBlas;
     for (GroupedGemmKernel fastest_first :
-         {GroupedGemmKernel::kPackedAvx512, GroupedGemmKernel::kPackedAvx2}) {
+         {GroupedGemmKernel::kPackedAvx512Bf16, GroupedGemmKernel::kPackedAvx512,
+          GroupedGemmKernel::kPackedAvx2}) {
       if (grouped_gemm_kernel_available(fastest_first, args.input_dtype)) {
         kernel = fastest_first;
         break;

@@ -24,10 +24,10 @@ struct GroupedGemmLayout {
 void grouped_gemm_blas(const GroupedGemmArgs& args, const GroupedGemmLayout& layout);
 
 // Whether this CPU runs `kernel` (kPackedAvx2: AVX2, FMA and F16C; kPackedAvx512: those and
-// AVX-512F); false for the other kernels.
+// AVX-512F; kPackedAvx512Bf16: those and AVX512-BF16); false for the other kernels.
 bool packed_gemm_supported(GroupedGemmKernel kernel);
-// The packed kernels (grouped_gemm_packed.cc): F32, BF16 and F16 inputs. Call only when
-// packed_gemm_supported(kernel).
+// The packed kernels (grouped_gemm_packed.cc): F32, BF16 and F16 inputs (BF16 only for
+// kPackedAvx512Bf16). Call only when packed_gemm_supported(kernel).
 void grouped_gemm_packed(const GroupedGemmArgs& args, const GroupedGemmLayout& layout,
                          GroupedGemmKernel kernel);
 

@@ -33,11 +33,14 @@ bool packed_gemm_supported(GroupedGemmKernel kernel) {
   static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                            __builtin_cpu_supports("f16c");
   static const bool avx512 = avx2 && __builtin_cpu_supports("avx512f");
+  static const bool avx512_bf16 = avx512 && __builtin_cpu_supports("avx512bf16");
   switch (kernel) {
     case GroupedGemmKernel::kPackedAvx2:
       return avx2;
     case GroupedGemmKernel::kPackedAvx512:
       return avx512;
+    case GroupedGemmKernel::kPackedAvx512Bf16:
+      return avx512_bf16;
     default:
       return false;
   }
@@ -50,10 +53,11 @@ bool packed_gemm_supported(GroupedGemmKernel kernel) {
 
 namespace {
 
-constexpr int64_t kDepthChunk = 256;   // KC: a 32-column B panel of this depth is 32 KiB (L1)
-constexpr int64_t kMaxTileRows = 528;  // an A block of 528 x KC fp32 is 528 KiB (L2); 528 = 6 * 88
-                                       // = 8 * 66, whole panels for both kernels
-constexpr int64_t kBlockCols = 256;    // a B block of KC x 256 fp32 is 256 KiB (L2)
+// Each micro-kernel sets its depth chunk KC (Micro::kDepthChunk) so that one depth step of a
+// panel row is one 32-bit word and a 32-column B panel is 32 KiB (L1).
+constexpr int64_t kMaxTileRows = 528;  // an A block of 528 x KC words is 528 KiB (L2); 528 = 6 * 88
+                                       // = 8 * 66, whole panels for every kernel
+constexpr int64_t kBlockCols = 256;    // a B block of KC x 256 words is 256 KiB (L2)
 // Tile widths: wide tiles pack each A block once for many columns; narrower ones (never below
 // kMinTileCols) are cut only when there are too few row tiles to keep every thread busy.
 constexpr int64_t kMaxTileCols = 2048;
@@ -125,6 +129,19 @@ inline void transpose8x8(__m256 v[8]) {
   }
 }
 
+// Fills 8 depth steps x kPanelCols columns of a panel (`out`, row stride kPanelCols) from the
+// columns' source rows: source_row(c) gives the 8 words of column c, an 8x8 transpose per 8
+// columns. (Words are fp32 values or bf16 pairs; the transpose only moves them.)
+template <int64_t kPanelCols, class SourceRow>
+void transpose_into_panel(SourceRow source_row, float* out) {
+  for (int64_t eighth = 0; eighth < kPanelCols; eighth += 8) {
+    __m256 v[8];
+    for (int r = 0; r < 8; ++r) v[r] = source_row(eighth + r);
+    transpose8x8(v);
+    for (int r = 0; r < 8; ++r) _mm256_store_ps(out + r * kPanelCols + eighth, v[r]);
+  }
+}
+
 // Packs depth [p0, p0 + depth) x columns [j0, j0 + cols) of op(B) into panels of kPanelCols (a
 // multiple of 8) columns, panel q at out + q * depth * kPanelCols holding, for each p, kPanelCols
 // values (zeros past `cols`).
@@ -147,12 +164,9 @@ void pack_b(const Operand<T>& b, int64_t p0, int64_t depth, int64_t j0, int64_t 
       float* panel = out + q * panel_size;
       int64_t p = 0;
       for (; p + 8 <= depth; p += 8) {
-        for (int64_t eighth = 0; eighth < kPanelCols; eighth += 8) {
-          __m256 v[8];
-          for (int r = 0; r < 8; ++r) v[r] = load8(b.at(p0 + p, j0 + q * kPanelCols + eighth + r));
-          transpose8x8(v);
-          for (int r = 0; r < 8; ++r) _mm256_store_ps(panel + (p + r) * kPanelCols + eighth, v[r]);
-        }
+        transpose_into_panel<kPanelCols>(
+            [&](int64_t c) { return load8(b.at(p0 + p, j0 + q * kPanelCols + c)); },
+            panel + p * kPanelCols);
       }
       for (; p < depth; ++p) {
         for (int64_t c = 0; c < kPanelCols; ++c) {
@@ -168,6 +182,95 @@ void pack_b(const Operand<T>& b, int64_t p0, int64_t depth, int64_t j0, int64_t 
     for (int64_t c = 0; c < rest; ++c)
       panel[p * kPanelCols + c] = load1(*b.at(p0 + p, j0 + done + c));
     for (int64_t c = rest; c < kPanelCols; ++c) panel[p * kPanelCols + c] = 0.0f;
+  }
+}
+
+// ---- bf16 pairs for the AVX512-BF16 kernel: the values at depths p and p + 1 share one 32-bit
+// word (p in the low half), the operand layout of the dot-product instruction; the last word of
+// an odd depth has a zero high half ----
+
+constexpr int64_t pair_steps(int64_t depth) {
+  return (depth + 1) / 2;
+}
+
+inline uint32_t pair_word(uint16_t low, uint16_t high) {
+  return uint32_t(low) | uint32_t(high) << 16;
+}
+
+// The word of depths (p, p + 1) of row i of op(M); `depth_end` bounds p + 1.
+inline uint32_t pair_at(const Operand<bf16>& m, int64_t i, int64_t p, int64_t depth_end) {
+  return pair_word(m.at(i, p)->bits, p + 1 < depth_end ? m.at(i, p + 1)->bits : uint16_t(0));
+}
+
+// pack_a for pairs: panel q holds, for each depth step, the words of rows kRows * q ... (zeros
+// past `rows`).
+template <int64_t kPanelRows>
+void pack_a_pairs(const Operand<bf16>& a, int64_t rows, int64_t p0, int64_t depth, uint32_t* out) {
+  const int64_t steps = pair_steps(depth);
+  for (int64_t q = 0; q < rows; q += kPanelRows) {
+    int64_t valid = std::min(kPanelRows, rows - q);
+    for (int64_t s = 0; s < steps; ++s) {
+      for (int64_t r = 0; r < valid; ++r) out[r] = pair_at(a, q + r, p0 + 2 * s, p0 + depth);
+      for (int64_t r = valid; r < kPanelRows; ++r) out[r] = 0;
+      out += kPanelRows;
+    }
+  }
+}
+
+// pack_b for pairs: panel q at out + q * steps * kPanelCols holds, for each depth step, the words
+// of kPanelCols columns (zeros past `cols`). op(B)(p, j) is B's element (j, p) when transposed.
+template <int64_t kPanelCols>
+void pack_b_pairs(const Operand<bf16>& b, int64_t p0, int64_t depth, int64_t j0, int64_t cols,
+                  uint32_t* out) {
+  const int64_t steps = pair_steps(depth), full_steps = depth / 2;
+  const int64_t full_panels = cols / kPanelCols, panel_size = steps * kPanelCols;
+  // The transpose of op(B), so that pair_at reads op(B)(p, j) as row j, depth p.
+  const Operand<bf16> columns{b.data, b.ld, !b.transposed};
+  if (!b.transposed) {
+    // Source rows p and p + 1, interleaved 16 bits at a time.
+    for (int64_t s = 0; s < steps; ++s) {
+      const bf16* low = b.at(p0 + 2 * s, j0);
+      const bf16* high = s < full_steps ? b.at(p0 + 2 * s + 1, j0) : nullptr;
+      uint32_t* target = out + s * kPanelCols;
+      for (int64_t q = 0; q < full_panels; ++q, target += panel_size) {
+        for (int64_t v = 0; v < kPanelCols; v += 8) {
+          int64_t column = q * kPanelCols + v;
+          __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(low + column));
+          __m128i y = high ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(high + column))
+                           : _mm_setzero_si128();
+          _mm_store_si128(reinterpret_cast<__m128i*>(target + v), _mm_unpacklo_epi16(x, y));
+          _mm_store_si128(reinterpret_cast<__m128i*>(target + v + 4), _mm_unpackhi_epi16(x, y));
+        }
+      }
+    }
+  } else {
+    // Each source row (a column of op(B)) holds its words contiguously: 8x8 word transposes.
+    for (int64_t q = 0; q < full_panels; ++q) {
+      uint32_t* panel = out + q * panel_size;
+      int64_t s = 0;
+      for (; s + 8 <= full_steps; s += 8) {
+        transpose_into_panel<kPanelCols>(
+            [&](int64_t c) {  // 8 words (16 bf16) of source row c, as float lanes
+              return _mm256_loadu_ps(
+                  reinterpret_cast<const float*>(b.at(p0 + 2 * s, j0 + q * kPanelCols + c)));
+            },
+            reinterpret_cast<float*>(panel + s * kPanelCols));
+      }
+      for (; s < steps; ++s) {
+        for (int64_t c = 0; c < kPanelCols; ++c) {
+          panel[s * kPanelCols + c] =
+              pair_at(columns, j0 + q * kPanelCols + c, p0 + 2 * s, p0 + depth);
+        }
+      }
+    }
+  }
+  int64_t done = full_panels * kPanelCols, rest = cols - done;
+  if (rest == 0) return;
+  uint32_t* panel = out + full_panels * panel_size;  // remainder path: a partial last panel
+  for (int64_t s = 0; s < steps; ++s) {
+    for (int64_t c = 0; c < rest; ++c)
+      panel[s * kPanelCols + c] = pair_at(columns, j0 + done + c, p0 + 2 * s, p0 + depth);
+    for (int64_t c = rest; c < kPanelCols; ++c) panel[s * kPanelCols + c] = 0;
   }
 }
 
@@ -209,15 +312,18 @@ void prefetch_lines(const BlockSource<T>& source, int64_t begin, int64_t end) {
   }
 }
 
-// A micro-kernel for 1 .. kRows rows of C (see packed_micro_kernel.inc).
-using MicroKernel = void (*)(int64_t depth, const float* a, const float* b, float* c, int64_t ldc,
+// A micro-kernel for 1 .. kRows rows of C over `steps` depth steps of packed panels (see
+// packed_micro_kernel.inc). A Micro type describes one: Packed (the panel word: float, or a bf16
+// pair), kRows x kCols (register tile), kDepthPerStep, kDepthChunk and kKernels.
+template <class Packed>
+using MicroKernel = void (*)(int64_t steps, const Packed* a, const Packed* b, float* c, int64_t ldc,
                              bool load_c);
 
 // The table of kernels for 1 .. kRows rows (entry 0 unused).
-template <int kRows, template <int> class Kernel>
-constexpr std::array<MicroKernel, kRows + 1> kernels_by_rows() {
+template <int kRows, template <int> class Kernel, class Packed>
+constexpr std::array<MicroKernel<Packed>, kRows + 1> kernels_by_rows() {
   return []<int... R>(std::integer_sequence<int, R...>) {
-    return std::array<MicroKernel, kRows + 1>{nullptr, &Kernel<R + 1>::run...};
+    return std::array<MicroKernel<Packed>, kRows + 1>{nullptr, &Kernel<R + 1>::run...};
   }
   (std::make_integer_sequence<int, kRows>{});
 }
@@ -261,22 +367,68 @@ struct Simd {
 
 #pragma GCC pop_options
 #pragma GCC push_options
+#pragma GCC target("avx512f,avx512bf16,avx2,fma,f16c")
+
+// AVX512-BF16: 8 rows x 32 columns like the AVX-512 tile, but each instruction multiplies bf16
+// pairs and adds both products to the fp32 accumulator (two depths per FMA slot: twice the
+// rate of widening to fp32). The products are exact; the hardware adds them in its own order,
+// flushes subnormals and rounds to nearest even, so the bits differ from the fp32 kernels.
+namespace avx512_bf16 {
+template <int kRows>
+struct RowKernel {
+  template <bool kLoadC>
+  static void body(int64_t steps, const uint32_t* a, const uint32_t* b, float* c, int64_t ldc) {
+    [&]<int... R>(std::integer_sequence<int, R...>) {
+      __m512 low[kRows], high[kRows];  // columns 0..15 and 16..31 of each row
+      if constexpr (kLoadC) {
+        ((low[R] = _mm512_loadu_ps(c + R * ldc), high[R] = _mm512_loadu_ps(c + R * ldc + 16)), ...);
+      } else {
+        ((low[R] = _mm512_setzero_ps(), high[R] = _mm512_setzero_ps()), ...);
+      }
+#pragma GCC unroll 4
+      for (int64_t s = 0; s < steps; ++s) {
+        __m512bh b0 = (__m512bh)_mm512_load_si512(b), b1 = (__m512bh)_mm512_load_si512(b + 16);
+        ((low[R] = _mm512_dpbf16_ps(low[R], (__m512bh)_mm512_set1_epi32(int(a[R])), b0),
+          high[R] = _mm512_dpbf16_ps(high[R], (__m512bh)_mm512_set1_epi32(int(a[R])), b1)),
+         ...);
+        a += 8;
+        b += 32;
+      }
+      ((_mm512_storeu_ps(c + R * ldc, low[R]), _mm512_storeu_ps(c + R * ldc + 16, high[R])), ...);
+    }
+    (std::make_integer_sequence<int, kRows>{});
+  }
+  static void run(int64_t steps, const uint32_t* a, const uint32_t* b, float* c, int64_t ldc,
+                  bool load_c) {
+    load_c ? body<true>(steps, a, b, c, ldc) : body<false>(steps, a, b, c, ldc);
+  }
+};
+
+struct Micro {
+  using Packed = uint32_t;  // a bf16 pair
+  static constexpr int64_t kRows = 8, kCols = 32, kDepthPerStep = 2, kDepthChunk = 512;
+  static constexpr auto kKernels = kernels_by_rows<kRows, RowKernel, Packed>();
+};
+}  // namespace avx512_bf16
+
+#pragma GCC pop_options
+#pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 
 // C[rows, cols] (rows <= kRows, cols <= kCols) from one A panel and one B panel. Full-width tiles
 // run in place; a tile cut by the last column runs on a full-width copy (the remainder path).
-template <class Micro>
-void run_kernel(int64_t depth, const float* a, const float* b, float* c, int64_t ldc, int64_t rows,
-                int64_t cols, bool load_c) {
+template <class Micro, class Packed = typename Micro::Packed>
+void run_kernel(int64_t steps, const Packed* a, const Packed* b, float* c, int64_t ldc,
+                int64_t rows, int64_t cols, bool load_c) {
   constexpr int64_t kCols = Micro::kCols;
   if (cols == kCols) {
-    Micro::kKernels[rows](depth, a, b, c, ldc, load_c);
+    Micro::kKernels[rows](steps, a, b, c, ldc, load_c);
     return;
   }
   alignas(64) float edge[Micro::kRows * kCols];
   if (load_c)
     for (int64_t r = 0; r < rows; ++r) std::copy_n(c + r * ldc, cols, edge + r * kCols);
-  Micro::kKernels[rows](depth, a, b, edge, kCols, load_c);
+  Micro::kKernels[rows](steps, a, b, edge, kCols, load_c);
   for (int64_t r = 0; r < rows; ++r) std::copy_n(edge + r * kCols, cols, c + r * ldc);
 }
 
@@ -321,21 +473,24 @@ std::vector<Tile> plan_tiles(const GroupedGemmArgs& args, const GroupedGemmLayou
   return tiles;
 }
 
-// 64-byte aligned fp32 scratch that grows on demand and lives as long as its thread.
+// 64-byte aligned scratch of 4-byte words (fp32 or bf16 pairs) that grows on demand and lives as
+// long as its thread.
 struct Scratch {
   struct Free {
-    void operator()(float* p) const { std::free(p); }
+    void operator()(void* p) const { std::free(p); }
   };
-  std::unique_ptr<float, Free> memory;
-  size_t capacity = 0;
-  float* get(size_t count) {
-    if (count > capacity) {
-      size_t bytes = (count * sizeof(float) + 63) / 64 * 64;
-      memory.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
+  std::unique_ptr<void, Free> memory;
+  size_t capacity = 0;  // bytes
+  template <class Word>
+  Word* get(size_t count) {
+    static_assert(sizeof(Word) == 4);
+    size_t bytes = (count * sizeof(Word) + 63) / 64 * 64;
+    if (bytes > capacity) {
+      memory.reset(std::aligned_alloc(64, bytes));
       MOE_CHECK(memory != nullptr, "grouped_gemm: out of memory for ", bytes, " bytes of scratch");
-      capacity = count;
+      capacity = bytes;
     }
-    return memory.get();
+    return static_cast<Word*>(memory.get());
   }
 };
 
@@ -376,23 +531,34 @@ void run_tile(const Operand<T>& a, const Operand<T>& b, int64_t depth, const Til
       for (int64_t r = 0; r < t.rows; ++r) std::fill_n(c + r * ldc, t.cols, 0.0f);
     return;
   }
+  using Packed = typename Micro::Packed;
+  constexpr int64_t kChunk = Micro::kDepthChunk, kChunkSteps = kChunk / Micro::kDepthPerStep;
   int64_t padded_rows = (t.rows + Micro::kRows - 1) / Micro::kRows * Micro::kRows;
-  float* a_block = scratch.a_block.get(size_t(padded_rows * kDepthChunk));
-  float* b_block = scratch.b_block.get(size_t(kDepthChunk * kBlockCols));
-  for (int64_t p0 = 0; p0 < depth; p0 += kDepthChunk) {
-    int64_t chunk = std::min(kDepthChunk, depth - p0);
+  Packed* a_block = scratch.a_block.get<Packed>(size_t(padded_rows * kChunkSteps));
+  Packed* b_block = scratch.b_block.get<Packed>(size_t(kChunkSteps * kBlockCols));
+  for (int64_t p0 = 0; p0 < depth; p0 += kChunk) {
+    int64_t chunk = std::min(kChunk, depth - p0);
+    int64_t steps = (chunk + Micro::kDepthPerStep - 1) / Micro::kDepthPerStep;
     bool load_c = accumulate || p0 > 0;
-    pack_a<Micro::kRows>(a, t.rows, p0, chunk, a_block);
+    if constexpr (Micro::kDepthPerStep == 2) {
+      pack_a_pairs<Micro::kRows>(a, t.rows, p0, chunk, a_block);
+    } else {
+      pack_a<Micro::kRows>(a, t.rows, p0, chunk, a_block);
+    }
     for (int64_t j0 = 0; j0 < t.cols; j0 += kBlockCols) {
       int64_t block_cols = std::min(kBlockCols, t.cols - j0);
-      pack_b<Micro::kCols>(b, p0, chunk, j0, block_cols, b_block);
+      if constexpr (Micro::kDepthPerStep == 2) {
+        pack_b_pairs<Micro::kCols>(b, p0, chunk, j0, block_cols, b_block);
+      } else {
+        pack_b<Micro::kCols>(b, p0, chunk, j0, block_cols, b_block);
+      }
       // The block after this one (next columns, else the next depth chunk's first columns).
       BlockSource<T> next;
       if (j0 + kBlockCols < t.cols) {
         next = block_source(b, p0, chunk, j0 + kBlockCols,
                             std::min(kBlockCols, t.cols - j0 - kBlockCols));
-      } else if (p0 + kDepthChunk < depth) {
-        next = block_source(b, p0 + kDepthChunk, std::min(kDepthChunk, depth - p0 - kDepthChunk), 0,
+      } else if (p0 + kChunk < depth) {
+        next = block_source(b, p0 + kChunk, std::min(kChunk, depth - p0 - kChunk), 0,
                             std::min(kBlockCols, t.cols));
       }
       // Spread the prefetches evenly over this block's kernel calls: bunched together they
@@ -401,12 +567,12 @@ void run_tile(const Operand<T>& a, const Operand<T>& b, int64_t depth, const Til
                       ((t.rows + Micro::kRows - 1) / Micro::kRows);
       int64_t lines = next.segments * lines_per_segment(next), call = 0;
       for (int64_t j = 0; j < block_cols; j += Micro::kCols) {
-        const float* b_panel = b_block + j * chunk;
+        const Packed* b_panel = b_block + j * steps;
         int64_t cols = std::min(Micro::kCols, block_cols - j);
         for (int64_t i = 0; i < t.rows; i += Micro::kRows, ++call) {
           prefetch_lines(next, call * lines / calls, (call + 1) * lines / calls);
           prefetch_c_tile<Micro>(c + j0, ldc, t.rows, block_cols, call + kCallsAhead);
-          run_kernel<Micro>(chunk, a_block + i * chunk, b_panel, c + i * ldc + j0 + j, ldc,
+          run_kernel<Micro>(steps, a_block + i * steps, b_panel, c + i * ldc + j0 + j, ldc,
                             std::min(Micro::kRows, t.rows - i), cols, load_c);
         }
       }
@@ -450,7 +616,7 @@ void run_all_tiles(const GroupedGemmArgs& args, const GroupedGemmLayout& layout)
     }
     if constexpr (!std::is_same_v<T, float>) {  // half output: accumulate in an fp32 copy
       T* c = static_cast<T*>(args.c) + c_offset;
-      float* c_tile = scratch.c_tile.get(size_t(t.rows * t.cols));
+      float* c_tile = scratch.c_tile.get<float>(size_t(t.rows * t.cols));
       if (args.accumulate) tile_to_float(c, p.ldc, t, c_tile);
       run_tile<Micro>(a, b, p.k, t, c_tile, t.cols, args.accumulate);
       tile_from_float(c_tile, t, c, p.ldc);
@@ -477,10 +643,13 @@ void run_micro(const GroupedGemmArgs& args, const GroupedGemmLayout& layout) {
 
 void grouped_gemm_packed(const GroupedGemmArgs& args, const GroupedGemmLayout& layout,
                          GroupedGemmKernel kernel) {
-  if (kernel == GroupedGemmKernel::kPackedAvx512) {
-    run_micro<avx512::Micro>(args, layout);
-  } else {
-    run_micro<avx2::Micro>(args, layout);
+  switch (kernel) {
+    case GroupedGemmKernel::kPackedAvx512Bf16:  // bf16 inputs only (grouped_gemm checks)
+      return run_all_tiles<avx512_bf16::Micro, bf16>(args, layout);
+    case GroupedGemmKernel::kPackedAvx512:
+      return run_micro<avx512::Micro>(args, layout);
+    default:
+      return run_micro<avx2::Micro>(args, layout);
   }
 }
 

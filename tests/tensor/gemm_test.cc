@@ -179,11 +179,12 @@ GroupedGemmArgs args_for(GemmForm form, const GroupedCase& gc, Operands& o, bool
   return args;
 }
 
-const GroupedGemmKernel kAllKernels[] = {GroupedGemmKernel::kAuto, GroupedGemmKernel::kPerGroupBlas,
-                                         GroupedGemmKernel::kPackedAvx2,
-                                         GroupedGemmKernel::kPackedAvx512};
+const GroupedGemmKernel kAllKernels[] = {
+    GroupedGemmKernel::kAuto, GroupedGemmKernel::kPerGroupBlas, GroupedGemmKernel::kPackedAvx2,
+    GroupedGemmKernel::kPackedAvx512, GroupedGemmKernel::kPackedAvx512Bf16};
 const GroupedGemmKernel kPackedKernels[] = {GroupedGemmKernel::kPackedAvx2,
-                                            GroupedGemmKernel::kPackedAvx512};
+                                            GroupedGemmKernel::kPackedAvx512,
+                                            GroupedGemmKernel::kPackedAvx512Bf16};
 
 TEST_P(GroupedGemmHarness, EveryKernelMatchesReference) {
   uint64_t seed = 100;
@@ -234,10 +235,10 @@ TEST(GroupedGemmDeterminism, PackedKernelsAreBitwiseIdenticalForAnyThreadCount) 
   int saved_threads = omp_get_max_threads();
   int tested = 0;
   for (GroupedGemmKernel kernel : kPackedKernels) {
-    if (!grouped_gemm_kernel_available(kernel, DType::F32)) continue;
-    ++tested;
     for (GemmForm form : {GemmForm::kForward, GemmForm::kGradInput, GemmForm::kGradWeight}) {
       for (DType dtype : {DType::F32, DType::BF16}) {
+        if (!grouped_gemm_kernel_available(kernel, dtype)) continue;
+        ++tested;
         Tensor first;
         for (int threads : {1, 2, 3}) {
           omp_set_num_threads(threads);
@@ -357,6 +358,15 @@ TEST(GroupedGemmErrors, UnavailableKernelIsNamed) {
   args.c = c.data();
   EXPECT_EQ(error_text([&] { grouped_gemm(args, GroupedGemmKernel::kPackedAvx2); }),
             "grouped_gemm: kernel packed_avx2 is not available for input dtype fp64 on this CPU");
+  // The bf16 dot-product kernel takes bf16 inputs only, whatever the CPU.
+  std::vector<float> a32(6), b32(9), c32(6);
+  args.input_dtype = args.output_dtype = DType::F32;
+  args.a = a32.data();
+  args.b = b32.data();
+  args.c = c32.data();
+  EXPECT_EQ(error_text([&] { grouped_gemm(args, GroupedGemmKernel::kPackedAvx512Bf16); }),
+            "grouped_gemm: kernel packed_avx512_bf16 is not available for input dtype fp32 on this "
+            "CPU");
 }
 
 TEST(SgemmErrors, ShortLeadingDimensionIsReported) {

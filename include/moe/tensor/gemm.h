@@ -48,14 +48,17 @@ void grouped_gemm_reference(const GroupedGemmArgs& args);
 // The implementations behind grouped_gemm, selectable so that tests cover each one and
 // benchmarks compare them. grouped_gemm(args) runs kAuto. The packed kernels give bitwise the
 // same result for any thread count, and the same as each other (each element is one fp32 FMA
-// chain in depth order whatever the vector width), so results do not depend on whether the CPU
-// has AVX-512; per_group_blas is reproducible for a fixed OpenBLAS thread count.
+// chain in depth order whatever the vector width), so fp32 and fp16 results do not depend on
+// whether the CPU has AVX-512; bf16 inputs on a CPU with AVX512-BF16 take kPackedAvx512Bf16,
+// whose bits differ. per_group_blas is reproducible for a fixed OpenBLAS thread count.
 enum class GroupedGemmKernel {
   kAuto,          // the fastest one available for the dtype on this CPU (fixed per CPU, never
                   // per shape, so that results do not depend on how rows are grouped)
   kPerGroupBlas,  // one OpenBLAS call per group (half inputs widened to fp32 first); any CPU
   kPackedAvx2,    // packed AVX2/FMA micro-kernel, fp32/bf16/fp16 inputs; needs AVX2, FMA, F16C
   kPackedAvx512,  // packed AVX-512 micro-kernel, fp32/bf16/fp16 inputs; needs those and AVX-512F
+  kPackedAvx512Bf16,  // bf16 inputs only: AVX512-BF16 dot products of bf16 pairs into fp32 (twice
+                      // the rate; subnormals flushed, so not bitwise equal to the fp32 kernels)
 };
 const char* grouped_gemm_kernel_name(GroupedGemmKernel kernel);
 // Whether `kernel` can run on this CPU for this input dtype.
