@@ -1,10 +1,11 @@
 #!/usr/bin/python3
 """Tabulates and plots the GEMM benchmarks: bench_gemm's JSON against the PyTorch peer's.
 
-Writes a markdown report (one row per grouped case: our time, the per-expert OpenBLAS time, the
-PyTorch time, PyTorch / ours, our GFLOP/s and our rate as a percentage of one dense OpenBLAS
-SGEMM of equal FLOPs timed in the same run) and a PNG of GFLOP/s against rows per expert for
-ours, per-expert OpenBLAS calls and PyTorch.
+Writes a markdown report (one row per grouped case: the kernel grouped_gemm runs, its time, the
+packed AVX2 kernel's time, the per-expert OpenBLAS time, the PyTorch time, PyTorch / ours, our
+GFLOP/s and our rate as a percentage of one dense OpenBLAS SGEMM of equal FLOPs timed in the same
+run) and a PNG of GFLOP/s against rows per expert for ours, the AVX2 kernel, per-expert OpenBLAS
+calls and PyTorch.
 
 Usage: /usr/bin/python3 bench/plot_gemm.py --ours gemm.json --peer gemm_torch.json
            --markdown docs/benchmarks/gemm.md --png docs/benchmarks/grouped_gemm.png
@@ -18,7 +19,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
-OURS = "packed_avx2"
+# grouped_gemm runs the first of these that the CPU has for the dtype (bench_gemm registers only
+# the available ones), so "ours" is the first one present for a case.
+PACKED_FASTEST_FIRST = ("packed_avx512_bf16", "packed_avx512", "packed_avx2")
+AVX2 = "packed_avx2"
 PER_GROUP_BLAS = "per_group_blas"
 FLOPS_PER_SWEEP_ROW = 2.0 * 8 * 1024 * 2048  # 8 experts, K = 1024, N = 2048
 SHAPES = ("even", "skewed", "many_small")
@@ -42,6 +46,15 @@ def load_ours(path):
     return report.get("context", {}), entries
 
 
+def ours_for(ours, prefix):
+    """(kernel name, entry) of the fastest packed kernel measured under `prefix`, or (None, None)."""
+    for kernel in PACKED_FASTEST_FIRST:
+        entry = ours.get(f"{prefix}/{kernel}")
+        if entry is not None:
+            return kernel, entry
+    return None, None
+
+
 def milliseconds(seconds):
     return "n/a" if seconds is None else f"{seconds * 1e3:.1f}"
 
@@ -58,22 +71,24 @@ def percent(ratio):
 
 def table(ours, peer):
     lines = [
-        "| case | ours (ms) | per-expert OpenBLAS (ms) | PyTorch (ms) | PyTorch / ours "
-        "| PyTorch / ours (CPU time) | ours GFLOP/s | % of dense SGEMM "
-        "| % of dense SGEMM (CPU time) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| case | our kernel | ours (ms) | packed AVX2 (ms) | per-expert OpenBLAS (ms) "
+        "| PyTorch (ms) | PyTorch / ours | PyTorch / ours (CPU time) | ours GFLOP/s "
+        "| % of dense SGEMM | % of dense SGEMM (CPU time) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for shape in SHAPES:
         for form in FORMS:
             for dtype in DTYPES:
                 case = f"grouped/{shape}/{form}/{dtype}"
-                mine = ours.get(f"{case}/{OURS}")
+                kernel, mine = ours_for(ours, case)
                 if mine is None:
                     continue
+                avx2 = ours.get(f"{case}/{AVX2}")
                 blas = ours.get(f"{case}/{PER_GROUP_BLAS}")
                 torch = peer.get(case) or {}
                 lines.append(
-                    f"| {shape} {form} {dtype} | {milliseconds(mine['seconds'])} "
+                    f"| {shape} {form} {dtype} | {kernel} | {milliseconds(mine['seconds'])} "
+                    f"| {milliseconds(avx2['seconds'] if avx2 else None)} "
                     f"| {milliseconds(blas['seconds'] if blas else None)} "
                     f"| {milliseconds(torch.get('wall'))} "
                     f"| {times(torch.get('wall'), mine['seconds'])} "
@@ -97,8 +112,11 @@ def plot(ours, peer, path):
     figure, axis = plt.subplots(figsize=(8, 5))
     styles = {"fp32": "-", "bf16": "--"}
     for dtype, style in styles.items():
+        kernel = next(k for k in PACKED_FASTEST_FIRST
+                      if f"rows_per_expert/{dtype}/{k}/{SWEEP_ROWS[0]}" in ours)
         series = {
-            "ours (packed AVX2)": {r: ours.get(f"rows_per_expert/{dtype}/{OURS}/{r}") for r in SWEEP_ROWS},
+            f"ours ({kernel})": {r: ours.get(f"rows_per_expert/{dtype}/{kernel}/{r}") for r in SWEEP_ROWS},
+            "packed AVX2": {r: ours.get(f"rows_per_expert/{dtype}/{AVX2}/{r}") for r in SWEEP_ROWS},
             "per-expert OpenBLAS": {
                 r: ours.get(f"rows_per_expert/{dtype}/{PER_GROUP_BLAS}/{r}") for r in SWEEP_ROWS
             },
@@ -156,10 +174,12 @@ time slices other jobs took, so on a loaded machine it is the figure to read.
 Shapes (K = 1024 hidden, N = 2048 ffn, as an MoE expert's first linear layer): **even** 8 experts
 x 512 rows; **skewed** 8 experts, one with 2048 of the 4096 rows; **many_small** 64 experts of
 24..40 rows (2048 rows). forward: y = x w; grad_input: dx = dy w^T; grad_weight: dw += x^T dy
-into fp32. bf16/fp16 inputs accumulate in fp32. "ours" is the packed AVX2/FMA kernel
-(`GroupedGemmKernel::kPackedAvx2`, what `grouped_gemm` runs on AVX2 CPUs); "per-expert OpenBLAS"
-is one `cblas_sgemm` per expert (half inputs widened first); PyTorch runs one matmul per expert
-(its CPU build has no fp16 matmul: n/a).
+into fp32. bf16/fp16 inputs accumulate in fp32. "our kernel" is the one `grouped_gemm` runs on
+this CPU (the fastest available): `packed_avx512_bf16` (AVX512-BF16 dot products, bf16 inputs),
+`packed_avx512` (AVX-512 FMAs, inputs widened to fp32 while packing) or `packed_avx2`; the AVX2
+column is what a CPU without AVX-512 gets. "per-expert OpenBLAS" is one `cblas_sgemm` per expert
+(half inputs widened first; Debian's OpenBLAS runs its AVX2 "Haswell" kernels on this CPU);
+PyTorch runs one matmul per expert (its CPU build has no fp16 matmul: n/a).
 
 {table(ours, peer)}
 
@@ -171,18 +191,15 @@ Dense OpenBLAS SGEMM in the same run:
 
 ## Reading the figures
 
-- **Targets** (issue 8): grouped at >= 90% (fp32) and >= 85% (bf16/fp16) of the dense SGEMM rate.
-  Even and skewed groups reach it in every form and dtype. Many small groups (24..40 rows per
-  expert) fall short, at roughly 70-90% by CPU time: each weight element is used by only ~32
-  rows, so the kernel has to stream every expert's weights from memory (512 MiB in fp32 for 64
-  experts of 1024 x 2048), 16 FLOP per byte, where the dense SGEMM reuses one weight for every
-  row. Packing each 256 x 256 weight block stalls on those reads; prefetching the next block
-  while the current one computes recovers only part of it. Per-expert OpenBLAS calls do much
-  worse here (they also pack per call, and split small products poorly over threads).
-- **PyTorch bf16** runs oneDNN kernels that use the CPU's AVX512-BF16 dot-product instructions,
-  twice the fp32 FMA rate; our kernel targets AVX2 (bf16 converted to fp32 while packing), so for
-  large groups PyTorch's bf16 forward and grad_input can be faster. PyTorch fp16 matmul does not
-  exist on CPU in this torch build.
+- **Targets** (issue 8): grouped at >= 90% (fp32) and >= 85% (bf16/fp16) of the dense OpenBLAS
+  SGEMM rate. docs/BENCHMARKS.md says which cases meet them in the run it quotes.
+- **Many small groups** (24..40 rows per expert) are bound by memory, not arithmetic: each weight
+  element is used by only ~32 rows, so every expert's weights stream from memory (512 MiB in fp32
+  for 64 experts of 1024 x 2048, 16 FLOP per byte; grad_weight reads and writes 512 MiB of fp32
+  gradients), while the dense SGEMM reuses one weight for every row. The kernel prefetches the
+  next weight block and the next C tiles while the current ones compute.
+- **PyTorch bf16** runs oneDNN kernels with the same AVX512-BF16 dot-product instructions as
+  `packed_avx512_bf16`.
 - The figures are noisy when other jobs share the machine (see the load above); both ratios to
   dense SGEMM are taken in one process, case by case, and the CPU-time ratio is the robust one.
 """
