@@ -1,23 +1,43 @@
-// MoE layer forward+backward time next to the time of its GEMMs alone, and its peak extra
-// memory.
+// MoE layer forward+backward time, the time of its work outside GEMMs, and its peak extra memory.
 //
 // moe_layer/fwd_bwd: T = 4096 tokens, hidden 1024, ffn 2048 (SwiGLU, fc1 1024 -> 4096), 8
-// experts, top-2, fp32, no biases, grouped GEMM. Each iteration runs the layer (timed), then the
-// same grouped GEMMs on the same group sizes (fc1 and fc2 forward, grad-input and grad-weight,
-// and the router's three products), timed right after it, so the ratio layer / GEMMs stays
-// meaningful on a loaded machine. "Time" is the layer's wall time; counters: layer_cpu_ms (the
-// process CPU time of the layer, all threads, less sensitive to other programs than wall time),
-// gemm_ms, layer_over_gemm, non_gemm_fraction.
+// experts, top-2, fp32, no biases, grouped GEMM, aux loss on. Each iteration (a repetition) runs,
+// back to back:
+//   1. the layer's forward+backward: wall time (the reported "Time"), process CPU time, minor page
+//      faults;
+//   2. its GEMMs alone on the same shapes and group sizes, into buffers allocated once: the expert
+//      GEMMs (fc1 and fc2 forward, grad-input, grad-weight) and the router's three products;
+//   3. three times over, its work outside GEMMs phase by phase, through the public functions
+//      the layer calls, on the same shapes: router forward+backward (less its three products,
+//      timed right after), dispatch (plan + permute), allocating the experts' GEMM outputs (the
+//      cost of the first touch of their pages included), SwiGLU, combine, combine backward,
+//      SwiGLU backward, dispatch backward.
+// Counters are medians over the samples, so a time slice lost to another program in one sample
+// does not move them:
+//   non_gemm_ms         the sum of the phases' medians (phase_<name>_ms each): the headline;
+//   non_gemm_fraction   non_gemm_ms / layer_ms; layer_ms, gemm_ms, layer_over_gemm = their ratio;
+//   non_gemm_cpu_ms, non_gemm_cpu_fraction, layer_cpu_ms, gemm_cpu_ms: the same in process CPU
+//                       time (all threads);
+//   non_gemm_fastest_ms the sum of the phases' fastest samples: what the phases cost with the
+//                       machine to themselves, when another program keeps a core busy throughout;
+//   non_gemm_ms_by_difference (and _cpu_): layer - GEMMs, the cross-check that misses nothing the
+//                       phases might, but swings with the machine's load;
+//   layer_page_faults   minor page faults in one forward+backward.
 //
 // moe_layer/permute_rows, moe_layer/unpermute_rows_weighted: the fused row kernels against a
 // memcpy of the same output bytes.
 //
 // moe_layer/peak_memory/<T>/<E>: resident-memory high-water mark of one forward+backward above
-// what was resident before it (inputs, weights and gradient buffers already allocated), in MiB
-// and in units of T * topk * hidden * 4 bytes. It should not grow with the expert count.
+// what was resident before it (inputs, weights and gradient buffers already allocated), with the
+// tensor storage cache off, in MiB and in units of T * topk * hidden * 4 bytes; it should not grow
+// with the expert count. cache_kept_MiB: what the cache (on) keeps after a forward+backward for
+// the next one to reuse.
 #include <benchmark/benchmark.h>
 #include <malloc.h>
+#include <sys/resource.h>
 
+#include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <fstream>
@@ -28,6 +48,7 @@
 #include "moe/moe/moe_layer.h"
 #include "moe/moe/permutation.h"
 #include "moe/tensor/gemm.h"
+#include "moe/tensor/ops.h"
 #include "moe/tensor/rng.h"
 #include "stopwatch.h"
 
@@ -97,20 +118,21 @@ struct GemmOnly {
     fc2_grad = Tensor({E, F, H});
     router_grad = Tensor({H, E});
   }
-  void run() {
+  void run_experts() {
     Tensor fc1 = experts.fc1_weight().reshape(fc1_grad.shape()), fc2 = experts.fc2_weight();
-    // forward
-    linear_forward(tokens, router_weight, logits);
     grouped_gemm(GemmForm::kForward, x, fc1, groups, fc1_out, false);
     grouped_gemm(GemmForm::kForward, act, fc2, groups, y, false);
-    // backward
     grouped_gemm(GemmForm::kGradWeight, act, y, groups, fc2_grad, true);
     grouped_gemm(GemmForm::kGradInput, y, fc2, groups, act, false);
     grouped_gemm(GemmForm::kGradWeight, x, fc1_out, groups, fc1_grad, true);
     grouped_gemm(GemmForm::kGradInput, fc1_out, fc1, groups, x, false);
+    benchmark::DoNotOptimize(x.raw());
+  }
+  void run_router() {
+    linear_forward(tokens, router_weight, logits);
     linear_grad_weight(tokens, logits, router_grad, true);
     linear_grad_input(logits, router_weight, tokens_grad, false);
-    benchmark::DoNotOptimize(x.raw());
+    benchmark::DoNotOptimize(tokens_grad.raw());
   }
   std::vector<int64_t> groups;
   const Experts& experts;
@@ -120,6 +142,144 @@ struct GemmOnly {
 
 using bench::Stopwatch;
 
+int64_t minor_page_faults() {
+  rusage usage;
+  getrusage(RUSAGE_SELF, &usage);
+  return usage.ru_minflt;
+}
+
+// Writes one byte in every page, spread over the threads as the GEMM that fills the buffer
+// would.
+void touch_pages(Tensor& buffer) {
+  auto* bytes = static_cast<char*>(buffer.raw());
+  const int64_t pages = (int64_t(buffer.nbytes()) + 4095) / 4096;
+#pragma omp parallel for schedule(static)
+  for (int64_t page = 0; page < pages; ++page) bytes[page * 4096] = 0;
+}
+
+enum Phase {
+  kRouter,  // forward + backward, less the router's products
+  kDispatch,
+  kExpertBuffers,
+  kSwiGLU,
+  kCombine,
+  kCombineBackward,
+  kSwiGLUBackward,
+  kDispatchBackward,
+  kPhases
+};
+constexpr std::array<const char*, kPhases> kPhaseNames = {
+    "router",  "dispatch",         "expert_buffers",  "swiglu",
+    "combine", "combine_backward", "swiglu_backward", "dispatch_backward"};
+
+// Seconds per phase, wall and process CPU time.
+struct PhaseTimes {
+  std::array<double, kPhases> wall{}, cpu{};
+  void add(Phase phase, const Stopwatch& watch, double sign) {
+    wall[phase] += sign * watch.wall_seconds();
+    cpu[phase] += sign * watch.cpu_seconds();
+  }
+};
+
+// The layer's work outside GEMMs, phase by phase, with the calls MoELayer::forward/backward and
+// Experts::forward/backward make; operands the GEMMs would produce are random tensors of their
+// shapes.
+struct NonGemmPhases {
+  NonGemmPhases(const LayerSetup& setup, int64_t rows) {
+    const MoEConfig& c = setup.config;
+    const int64_t H = c.hidden_size, F = c.expert_ffn_hidden_size(), N1 = c.fc1_output_size();
+    fc1_output = Tensor({rows, N1});
+    grad_activation = Tensor({rows, F});
+    expert_output = Tensor({rows, H});
+    grad_rows = Tensor({rows, H});
+    Rng rng(6);
+    for (Tensor* t : {&fc1_output, &grad_activation, &expert_output, &grad_rows}) {
+      rng.fill_normal(*t, 0.0f, 1.0f);
+    }
+  }
+
+  // Times one pass over the phases into `times`; router_gemms runs (and is timed) right after the
+  // router's backward and its time is taken off the router phase.
+  void run(LayerSetup& setup, GemmOnly& router_gemms, PhaseTimes& times) {
+    const int64_t R = fc1_output.dim(0), H = setup.config.hidden_size;
+    const int64_t F = grad_activation.dim(1), N1 = fc1_output.dim(1);
+    TokenDispatcher& dispatcher = setup.layer.dispatcher();
+    TopKRouter& router = setup.layer.router();
+    auto timed = [&](Phase phase, auto&& body) {
+      Stopwatch watch;
+      body();
+      times.add(phase, watch, 1.0);
+    };
+    RouterContext router_ctx;
+    DispatchContext dispatch_ctx;
+    Routing routing;
+    Tensor rows, fc1_out, output, activation, combined, grad_probs, grad_output_rows;
+    Tensor grad_act, grad_input, grad_fc1, grad_hidden;
+    // forward
+    timed(kRouter, [&] { routing = router.forward(setup.hidden_states, router_ctx, true); });
+    timed(kDispatch,
+          [&] { rows = dispatcher.dispatch(setup.hidden_states, routing, dispatch_ctx); });
+    fresh_buffers(times, {R, N1}, fc1_out, {R, H}, output);
+    timed(kSwiGLU, [&] {
+      activation = Tensor::empty({R, F});
+      swiglu(fc1_output, activation);
+    });
+    timed(kCombine, [&] { combined = dispatcher.combine(expert_output, dispatch_ctx); });
+    // backward
+    timed(kCombineBackward, [&] {
+      grad_probs = Tensor::empty(routing.probs.shape());
+      grad_output_rows = dispatcher.combine_backward(setup.grad_output, dispatch_ctx, grad_probs);
+    });
+    fresh_buffers(times, {R, F}, grad_act, {R, H}, grad_input);
+    timed(kSwiGLUBackward, [&] {
+      grad_fc1 = Tensor::empty({R, N1});
+      swiglu_backward(fc1_output, grad_activation, grad_fc1);
+    });
+    timed(kDispatchBackward,
+          [&] { grad_hidden = dispatcher.dispatch_backward(grad_rows, dispatch_ctx); });
+    timed(kRouter, [&] { router.backward(router_ctx, grad_probs, grad_hidden); });
+    Stopwatch gemm_watch;
+    router_gemms.run_router();
+    times.add(kRouter, gemm_watch, -1.0);
+  }
+
+  // Allocates two GEMM outputs as the experts do and adds what their first touch costs beyond
+  // touching pages already resident (which the GEMM's own stores pay either way).
+  static void fresh_buffers(PhaseTimes& times, Shape first_shape, Tensor& first, Shape second_shape,
+                            Tensor& second) {
+    Stopwatch fresh_watch;
+    first = Tensor::empty(std::move(first_shape));
+    touch_pages(first);
+    second = Tensor::empty(std::move(second_shape));
+    touch_pages(second);
+    times.add(kExpertBuffers, fresh_watch, 1.0);
+    Stopwatch resident_watch;
+    touch_pages(first);
+    touch_pages(second);
+    times.add(kExpertBuffers, resident_watch, -1.0);
+  }
+
+  Tensor fc1_output, grad_activation, expert_output, grad_rows;
+};
+
+double median(std::vector<double> values) {
+  std::sort(values.begin(), values.end());
+  size_t n = values.size();
+  return n % 2 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
+}
+
+// Samples of one quantity in milliseconds, wall and process CPU time.
+struct Samples {
+  std::vector<double> wall, cpu;
+  void add(double wall_seconds, double cpu_seconds) {
+    wall.push_back(1e3 * wall_seconds);
+    cpu.push_back(1e3 * cpu_seconds);
+  }
+};
+
+// The phase sequence is short next to the layer: it runs this many times per repetition.
+constexpr int kPhaseRounds = 3;
+
 void BM_MoELayerForwardBackward(benchmark::State& state) {
   LayerSetup setup(4096, 1024, 2048, 8);
   MoEContext ctx;
@@ -128,33 +288,62 @@ void BM_MoELayerForwardBackward(benchmark::State& state) {
   std::vector<int64_t> groups = ctx.dispatch.tokens_per_local_expert;
   setup.layer.backward(ctx, setup.grad_output);
   GemmOnly gemms(setup, groups);
-  double layer_total = 0.0, gemm_total = 0.0, layer_cpu = 0.0;
+  NonGemmPhases phases(setup, gemms.x.dim(0));
+  Samples layer, gemm, difference;
+  std::array<Samples, kPhases> phase;
+  std::vector<double> faults;
   for (auto _ : state) {
+    int64_t faults_before = minor_page_faults();
     Stopwatch layer_watch;
     setup.forward_backward(ctx);
-    double layer_seconds = layer_watch.wall_seconds();
-    layer_cpu += layer_watch.cpu_seconds();
+    const double layer_wall = layer_watch.wall_seconds(), layer_cpu = layer_watch.cpu_seconds();
+    faults.push_back(double(minor_page_faults() - faults_before));
     Stopwatch gemm_watch;
-    gemms.run();
-    double gemm_seconds = gemm_watch.wall_seconds();
-    state.SetIterationTime(layer_seconds);
-    layer_total += layer_seconds;
-    gemm_total += gemm_seconds;
+    gemms.run_experts();
+    gemms.run_router();
+    const double gemm_wall = gemm_watch.wall_seconds(), gemm_cpu = gemm_watch.cpu_seconds();
+    for (int round = 0; round < kPhaseRounds; ++round) {
+      PhaseTimes times;
+      phases.run(setup, gemms, times);
+      for (int p = 0; p < kPhases; ++p) phase[size_t(p)].add(times.wall[p], times.cpu[p]);
+    }
+    state.SetIterationTime(layer_wall);
+    layer.add(layer_wall, layer_cpu);
+    gemm.add(gemm_wall, gemm_cpu);
+    difference.add(layer_wall - gemm_wall, layer_cpu - gemm_cpu);
   }
-  double iterations = double(state.iterations());
-  state.counters["layer_cpu_ms"] = 1e3 * layer_cpu / iterations;
-  state.counters["gemm_ms"] = 1e3 * gemm_total / iterations;
-  state.counters["layer_over_gemm"] = layer_total / gemm_total;
-  state.counters["non_gemm_fraction"] = 1.0 - gemm_total / layer_total;
+  double non_gemm = 0.0, non_gemm_cpu = 0.0, non_gemm_fastest = 0.0;
+  for (int p = 0; p < kPhases; ++p) {
+    const std::vector<double>& wall = phase[size_t(p)].wall;
+    double ms = median(wall);
+    state.counters[std::string("phase_") + kPhaseNames[size_t(p)] + "_ms"] = ms;
+    non_gemm += ms;
+    non_gemm_cpu += median(phase[size_t(p)].cpu);
+    non_gemm_fastest += *std::min_element(wall.begin(), wall.end());
+  }
+  const double layer_ms = median(layer.wall), gemm_ms = median(gemm.wall);
+  state.counters["layer_ms"] = layer_ms;
+  state.counters["layer_cpu_ms"] = median(layer.cpu);
+  state.counters["layer_page_faults"] = median(faults);
+  state.counters["gemm_ms"] = gemm_ms;
+  state.counters["gemm_cpu_ms"] = median(gemm.cpu);
+  state.counters["non_gemm_ms"] = non_gemm;
+  state.counters["non_gemm_cpu_ms"] = non_gemm_cpu;
+  state.counters["non_gemm_fastest_ms"] = non_gemm_fastest;
+  state.counters["non_gemm_fraction"] = non_gemm / layer_ms;
+  state.counters["non_gemm_cpu_fraction"] = non_gemm_cpu / median(layer.cpu);
+  state.counters["non_gemm_ms_by_difference"] = median(difference.wall);
+  state.counters["non_gemm_cpu_ms_by_difference"] = median(difference.cpu);
+  state.counters["layer_over_gemm"] = layer_ms / gemm_ms;
   double flops =
       3.0 * (grouped_gemm_flops(groups, 1024, 4096) + grouped_gemm_flops(groups, 2048, 1024));
-  state.counters["GFLOP/s"] = flops * iterations / layer_total * 1e-9;
+  state.counters["GFLOP/s"] = flops / layer_ms * 1e-6;
 }
 BENCHMARK(BM_MoELayerForwardBackward)
     ->Name("moe_layer/fwd_bwd/T4096_H1024_F2048_E8_top2_fp32")
     ->UseManualTime()
     ->Unit(benchmark::kMillisecond)
-    ->Iterations(3);
+    ->Iterations(5);
 
 // The fused row kernels on the benchmark's shapes (8192 rows of 1024 fp32 from 4096 tokens),
 // next to one memcpy of the same output bytes timed in the same iteration: copy_ratio is the
@@ -225,17 +414,29 @@ int64_t status_kib(const std::string& field) {
 void BM_MoELayerPeakMemory(benchmark::State& state) {
   const int64_t tokens = state.range(0), experts = state.range(1), hidden = 1024, ffn = 512;
   LayerSetup setup(tokens, hidden, ffn, experts);
-  double extra_bytes = 0.0;
+  double extra_bytes = 0.0, kept_bytes = 0.0;
   for (auto _ : state) {
     MoEContext ctx;
+    // The layer's own need: with the storage cache off, freed blocks go back to the system at
+    // once, as they do without it.
+    const size_t cache_limit = tensor_cache_stats().limit_bytes;
+    set_tensor_cache_limit(0);
+    // Fresh storage is zero pages until written: a first pass makes the gradient buffers resident.
+    setup.forward_backward(ctx);
     // Reset the high-water mark to the current resident size (writing 5 to clear_refs).
     std::ofstream("/proc/self/clear_refs") << "5";
     int64_t before = status_kib("VmRSS");
     setup.forward_backward(ctx);
     extra_bytes = double(status_kib("VmHWM") - before) * 1024.0;
+    // What the cache then keeps between steps for the next forward+backward to reuse.
+    set_tensor_cache_limit(cache_limit);
+    setup.forward_backward(ctx);
+    kept_bytes = double(tensor_cache_stats().cached_bytes);
+    release_tensor_cache();
   }
   state.counters["peak_extra_MiB"] = extra_bytes / (1 << 20);
   state.counters["per_T_topk_H_fp32"] = extra_bytes / (double(tokens * kTopk * hidden) * 4.0);
+  state.counters["cache_kept_MiB"] = kept_bytes / (1 << 20);
 }
 BENCHMARK(BM_MoELayerPeakMemory)
     ->Name("moe_layer/peak_memory/H1024_F512")
