@@ -501,19 +501,41 @@ struct ThreadScratch {
 };
 thread_local ThreadScratch scratch;
 
-// C tiles are requested this many kernel calls before their turn: with a short depth chunk
-// (grad_weight of a group with few rows) a call is too short to wait for its C lines from memory.
+// The kernel calls over one B block (rows x cols of C, from the block's corner) in the order
+// they run. Normally column panel by column panel, so each B panel stays in L1 while the A panels
+// pass over it; when the whole B block fits in L1 anyway (a shallow depth chunk: grad_weight of a
+// group with few rows), row panel by row panel, so C, the operand that streams from memory then,
+// is read and written along its rows.
+struct CallOrder {
+  int64_t rows, cols, row_panels, col_panels;
+  bool rows_outer;
+  template <class Micro>
+  static CallOrder of(int64_t rows, int64_t cols, int64_t steps) {
+    int64_t row_panels = (rows + Micro::kRows - 1) / Micro::kRows;
+    int64_t col_panels = (cols + Micro::kCols - 1) / Micro::kCols;
+    bool block_in_l1 = steps * col_panels * Micro::kCols * 4 <= 32 * 1024;
+    return {rows, cols, row_panels, col_panels, block_in_l1};
+  }
+  int64_t calls() const { return row_panels * col_panels; }
+  // The (row panel, column panel) of call `call`.
+  std::pair<int64_t, int64_t> panels(int64_t call) const {
+    if (rows_outer) return {call / col_panels, call % col_panels};
+    return {call % row_panels, call / row_panels};
+  }
+};
+
+// C tiles are requested this many kernel calls before their turn: with a short depth chunk a
+// call is too short to wait for its C lines from memory.
 constexpr int64_t kCallsAhead = 2;
 
-// Requests the C lines of kernel call `call` of a block (calls run column panel by column panel,
-// row panel by row panel within each); `c` is the block's corner, `rows` x `cols` its size.
+// Requests the C lines of kernel call `call` of a block; `c` is the block's corner.
 template <class Micro>
-void prefetch_c_tile(const float* c, int64_t ldc, int64_t rows, int64_t cols, int64_t call) {
-  const int64_t row_panels = (rows + Micro::kRows - 1) / Micro::kRows;
-  const int64_t i = call % row_panels * Micro::kRows, j = call / row_panels * Micro::kCols;
-  if (j >= cols) return;
-  const int64_t tile_rows = std::min(Micro::kRows, rows - i);
-  const int64_t bytes = std::min(Micro::kCols, cols - j) * int64_t(sizeof(float));
+void prefetch_c_tile(const float* c, int64_t ldc, const CallOrder& order, int64_t call) {
+  if (call >= order.calls()) return;
+  auto [row_panel, col_panel] = order.panels(call);
+  const int64_t i = row_panel * Micro::kRows, j = col_panel * Micro::kCols;
+  const int64_t tile_rows = std::min(Micro::kRows, order.rows - i);
+  const int64_t bytes = std::min(Micro::kCols, order.cols - j) * int64_t(sizeof(float));
   for (int64_t r = 0; r < tile_rows; ++r) {
     const char* line = reinterpret_cast<const char*>(c + (i + r) * ldc + j);
     for (int64_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(line + offset, _MM_HINT_T0);
@@ -563,18 +585,16 @@ void run_tile(const Operand<T>& a, const Operand<T>& b, int64_t depth, const Til
       }
       // Spread the prefetches evenly over this block's kernel calls: bunched together they
       // would wait for free miss buffers instead of overlapping with the arithmetic.
-      int64_t calls = (block_cols + Micro::kCols - 1) / Micro::kCols *
-                      ((t.rows + Micro::kRows - 1) / Micro::kRows);
-      int64_t lines = next.segments * lines_per_segment(next), call = 0;
-      for (int64_t j = 0; j < block_cols; j += Micro::kCols) {
-        const Packed* b_panel = b_block + j * steps;
-        int64_t cols = std::min(Micro::kCols, block_cols - j);
-        for (int64_t i = 0; i < t.rows; i += Micro::kRows, ++call) {
-          prefetch_lines(next, call * lines / calls, (call + 1) * lines / calls);
-          prefetch_c_tile<Micro>(c + j0, ldc, t.rows, block_cols, call + kCallsAhead);
-          run_kernel<Micro>(steps, a_block + i * steps, b_panel, c + i * ldc + j0 + j, ldc,
-                            std::min(Micro::kRows, t.rows - i), cols, load_c);
-        }
+      const CallOrder order = CallOrder::of<Micro>(t.rows, block_cols, steps);
+      const int64_t calls = order.calls(), lines = next.segments * lines_per_segment(next);
+      for (int64_t call = 0; call < calls; ++call) {
+        prefetch_lines(next, call * lines / calls, (call + 1) * lines / calls);
+        prefetch_c_tile<Micro>(c + j0, ldc, order, call + kCallsAhead);
+        auto [row_panel, col_panel] = order.panels(call);
+        const int64_t i = row_panel * Micro::kRows, j = col_panel * Micro::kCols;
+        run_kernel<Micro>(steps, a_block + i * steps, b_block + j * steps, c + i * ldc + j0 + j,
+                          ldc, std::min(Micro::kRows, t.rows - i),
+                          std::min(Micro::kCols, block_cols - j), load_c);
       }
     }
   }
