@@ -96,18 +96,11 @@ struct Operand {
   }
 };
 
-// Packs rows [0, rows) x depth [p0, p0 + depth) of op(A) into panels of kRows rows: panel q
-// holds, for each p, the kRows values of rows kRows * q ... (zeros past `rows`).
-template <int64_t kPanelRows, class T>
-void pack_a(const Operand<T>& a, int64_t rows, int64_t p0, int64_t depth, float* out) {
-  for (int64_t q = 0; q < rows; q += kPanelRows) {
-    int64_t valid = std::min(kPanelRows, rows - q);
-    for (int64_t p = 0; p < depth; ++p) {
-      for (int64_t r = 0; r < valid; ++r) out[r] = load1(*a.at(q + r, p0 + p));
-      for (int64_t r = valid; r < kPanelRows; ++r) out[r] = 0.0f;
-      out += kPanelRows;
-    }
-  }
+// The transpose of op(M): its element (p, i) is op(M)'s (i, p). Packing A's row panels is packing
+// B's column panels of this.
+template <class T>
+Operand<T> flipped(const Operand<T>& m) {
+  return {m.data, m.ld, !m.transposed};
 }
 
 // In-register transpose of 8 rows of 8 floats.
@@ -142,12 +135,15 @@ void transpose_into_panel(SourceRow source_row, float* out) {
   }
 }
 
-// Packs depth [p0, p0 + depth) x columns [j0, j0 + cols) of op(B) into panels of kPanelCols (a
-// multiple of 8) columns, panel q at out + q * depth * kPanelCols holding, for each p, kPanelCols
-// values (zeros past `cols`).
+// Packs depth [p0, p0 + depth) x columns [j0, j0 + cols) of op(B) into panels of kPanelCols
+// columns, panel q at out + q * depth * kPanelCols holding, for each p, kPanelCols values (zeros
+// past `cols`). A's row panels are packed by this too, from flipped(A). The vector paths fill whole
+// panels of whole 8-column groups; the rest (a partial last panel, or every panel when kPanelCols
+// is not a multiple of 8, as the AVX2 kernel's 6-row A panels) is the element-by-element path.
 template <int64_t kPanelCols, class T>
 void pack_b(const Operand<T>& b, int64_t p0, int64_t depth, int64_t j0, int64_t cols, float* out) {
-  const int64_t full_panels = cols / kPanelCols, panel_size = depth * kPanelCols;
+  const int64_t full_panels = kPanelCols % 8 == 0 ? cols / kPanelCols : 0;
+  const int64_t panel_size = depth * kPanelCols;
   if (!b.transposed) {
     // Row by row, so the source streams through memory in order (reading a panel's rows would
     // jump by the row stride, and those lines collide in the same cache sets).
@@ -175,13 +171,14 @@ void pack_b(const Operand<T>& b, int64_t p0, int64_t depth, int64_t j0, int64_t 
       }
     }
   }
-  int64_t done = full_panels * kPanelCols, rest = cols - done;
-  if (rest == 0) return;
-  float* panel = out + full_panels * panel_size;  // remainder path: a partial last panel
-  for (int64_t p = 0; p < depth; ++p) {
-    for (int64_t c = 0; c < rest; ++c)
-      panel[p * kPanelCols + c] = load1(*b.at(p0 + p, j0 + done + c));
-    for (int64_t c = rest; c < kPanelCols; ++c) panel[p * kPanelCols + c] = 0.0f;
+  for (int64_t done = full_panels * kPanelCols; done < cols; done += kPanelCols) {
+    float* panel = out + done * depth;
+    int64_t valid = std::min(kPanelCols, cols - done);
+    for (int64_t p = 0; p < depth; ++p) {
+      for (int64_t c = 0; c < valid; ++c)
+        panel[p * kPanelCols + c] = load1(*b.at(p0 + p, j0 + done + c));
+      for (int64_t c = valid; c < kPanelCols; ++c) panel[p * kPanelCols + c] = 0.0f;
+    }
   }
 }
 
@@ -202,30 +199,15 @@ inline uint32_t pair_at(const Operand<bf16>& m, int64_t i, int64_t p, int64_t de
   return pair_word(m.at(i, p)->bits, p + 1 < depth_end ? m.at(i, p + 1)->bits : uint16_t(0));
 }
 
-// pack_a for pairs: panel q holds, for each depth step, the words of rows kRows * q ... (zeros
-// past `rows`).
-template <int64_t kPanelRows>
-void pack_a_pairs(const Operand<bf16>& a, int64_t rows, int64_t p0, int64_t depth, uint32_t* out) {
-  const int64_t steps = pair_steps(depth);
-  for (int64_t q = 0; q < rows; q += kPanelRows) {
-    int64_t valid = std::min(kPanelRows, rows - q);
-    for (int64_t s = 0; s < steps; ++s) {
-      for (int64_t r = 0; r < valid; ++r) out[r] = pair_at(a, q + r, p0 + 2 * s, p0 + depth);
-      for (int64_t r = valid; r < kPanelRows; ++r) out[r] = 0;
-      out += kPanelRows;
-    }
-  }
-}
-
 // pack_b for pairs: panel q at out + q * steps * kPanelCols holds, for each depth step, the words
-// of kPanelCols columns (zeros past `cols`). op(B)(p, j) is B's element (j, p) when transposed.
+// of kPanelCols columns (zeros past `cols`); the same paths as pack_b.
 template <int64_t kPanelCols>
 void pack_b_pairs(const Operand<bf16>& b, int64_t p0, int64_t depth, int64_t j0, int64_t cols,
                   uint32_t* out) {
   const int64_t steps = pair_steps(depth), full_steps = depth / 2;
-  const int64_t full_panels = cols / kPanelCols, panel_size = steps * kPanelCols;
-  // The transpose of op(B), so that pair_at reads op(B)(p, j) as row j, depth p.
-  const Operand<bf16> columns{b.data, b.ld, !b.transposed};
+  const int64_t full_panels = kPanelCols % 8 == 0 ? cols / kPanelCols : 0;
+  const int64_t panel_size = steps * kPanelCols;
+  const Operand<bf16> columns = flipped(b);  // pair_at reads op(B)(p, j) as row j, depth p
   if (!b.transposed) {
     // Source rows p and p + 1, interleaved 16 bits at a time.
     for (int64_t s = 0; s < steps; ++s) {
@@ -264,13 +246,14 @@ void pack_b_pairs(const Operand<bf16>& b, int64_t p0, int64_t depth, int64_t j0,
       }
     }
   }
-  int64_t done = full_panels * kPanelCols, rest = cols - done;
-  if (rest == 0) return;
-  uint32_t* panel = out + full_panels * panel_size;  // remainder path: a partial last panel
-  for (int64_t s = 0; s < steps; ++s) {
-    for (int64_t c = 0; c < rest; ++c)
-      panel[s * kPanelCols + c] = pair_at(columns, j0 + done + c, p0 + 2 * s, p0 + depth);
-    for (int64_t c = rest; c < kPanelCols; ++c) panel[s * kPanelCols + c] = 0;
+  for (int64_t done = full_panels * kPanelCols; done < cols; done += kPanelCols) {
+    uint32_t* panel = out + done * steps;
+    int64_t valid = std::min(kPanelCols, cols - done);
+    for (int64_t s = 0; s < steps; ++s) {
+      for (int64_t c = 0; c < valid; ++c)
+        panel[s * kPanelCols + c] = pair_at(columns, j0 + done + c, p0 + 2 * s, p0 + depth);
+      for (int64_t c = valid; c < kPanelCols; ++c) panel[s * kPanelCols + c] = 0;
+    }
   }
 }
 
@@ -563,9 +546,9 @@ void run_tile(const Operand<T>& a, const Operand<T>& b, int64_t depth, const Til
     int64_t steps = (chunk + Micro::kDepthPerStep - 1) / Micro::kDepthPerStep;
     bool load_c = accumulate || p0 > 0;
     if constexpr (Micro::kDepthPerStep == 2) {
-      pack_a_pairs<Micro::kRows>(a, t.rows, p0, chunk, a_block);
+      pack_b_pairs<Micro::kRows>(flipped(a), p0, chunk, 0, t.rows, a_block);
     } else {
-      pack_a<Micro::kRows>(a, t.rows, p0, chunk, a_block);
+      pack_b<Micro::kRows>(flipped(a), p0, chunk, 0, t.rows, a_block);
     }
     for (int64_t j0 = 0; j0 < t.cols; j0 += kBlockCols) {
       int64_t block_cols = std::min(kBlockCols, t.cols - j0);
