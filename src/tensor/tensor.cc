@@ -86,7 +86,10 @@ class StorageCache {
   };
 
   // A block of `bytes` (a size class): a kept one (fresh = false) or a new zero-filled mapping.
+  // Before mapping, the oldest kept blocks are unmapped until as many bytes go as come: kept
+  // plus live storage then never exceeds the most live storage there has been.
   Block take(size_t bytes, bool& fresh) {
+    std::vector<Block> evicted;
     {
       std::lock_guard lock(mutex_);
       for (auto it = kept_.rbegin(); it != kept_.rend(); ++it) {  // the most recently freed
@@ -99,7 +102,9 @@ class StorageCache {
         return block;
       }
       ++mapped_;
+      evict_oldest(kept_bytes_ > bytes ? kept_bytes_ - bytes : 0, evicted);
     }
+    unmap(evicted);
     fresh = true;
     void* memory = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     MOE_CHECK(memory != MAP_FAILED, "out of memory mapping ", bytes, " bytes for a tensor");
@@ -112,7 +117,7 @@ class StorageCache {
       std::lock_guard lock(mutex_);
       kept_.push_back(block);
       kept_bytes_ += block.bytes;
-      evict_over_limit(evicted);
+      evict_oldest(limit_, evicted);
     }
     unmap(evicted);
   }
@@ -122,7 +127,7 @@ class StorageCache {
     {
       std::lock_guard lock(mutex_);
       limit_ = bytes;
-      evict_over_limit(evicted);
+      evict_oldest(limit_, evicted);
     }
     unmap(evicted);
   }
@@ -143,9 +148,10 @@ class StorageCache {
   }
 
  private:
-  void evict_over_limit(std::vector<Block>& evicted) {
+  // Moves the oldest kept blocks to `evicted` until at most `keep_bytes` stay kept.
+  void evict_oldest(size_t keep_bytes, std::vector<Block>& evicted) {
     size_t count = 0;
-    while (kept_bytes_ > limit_) kept_bytes_ -= kept_[count++].bytes;
+    while (kept_bytes_ > keep_bytes) kept_bytes_ -= kept_[count++].bytes;
     evicted.assign(kept_.begin(), kept_.begin() + std::ptrdiff_t(count));
     kept_.erase(kept_.begin(), kept_.begin() + std::ptrdiff_t(count));
   }

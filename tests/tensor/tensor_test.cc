@@ -128,14 +128,26 @@ TEST(TensorStorageCache, FreedLargeBlockIsReusedAndZeroFilledWhenAskedFor) {
   EXPECT_EQ(again.get(again.numel() - 1), 0.0f);
 }
 
-TEST(TensorStorageCache, OtherSizeClassesAndSmallTensorsGetTheirOwnStorage) {
+TEST(TensorStorageCache, AMissUnmapsTheOldestKeptBlocksAsManyBytesAsItMaps) {
   release_tensor_cache();
-  const void* freed = Tensor::empty({kCachedRows, kRowFloats}).raw();
-  Tensor larger = Tensor::empty({2 * kCachedRows, kRowFloats});
-  EXPECT_NE(larger.raw(), freed);
-  EXPECT_EQ(tensor_cache_stats().cached_bytes, size_t(2) << 20);
+  const void* newest = nullptr;
+  {
+    Tensor a = Tensor::empty({kCachedRows, kRowFloats});
+    Tensor b = Tensor::empty({kCachedRows, kRowFloats});
+    Tensor c = Tensor::empty({2 * kCachedRows, kRowFloats});
+    newest = c.raw();
+    a = Tensor();
+    b = Tensor();
+  }  // kept, oldest first: a (2 MiB), b (2 MiB), c (4 MiB)
+  EXPECT_EQ(tensor_cache_stats().cached_bytes, size_t(8) << 20);
+  {
+    // 2.5 MiB is a size class of its own: a and b go, so kept plus live stays at 8 MiB or less.
+    Tensor other = Tensor::empty({kCachedRows + kCachedRows / 4, kRowFloats});
+    EXPECT_EQ(tensor_cache_stats().cached_bytes, size_t(4) << 20);
+    EXPECT_EQ(Tensor::empty({2 * kCachedRows, kRowFloats}).raw(), newest);
+  }
   { Tensor small({kCachedStorageMinBytes / 4 - 1}); }  // just under the cached size
-  EXPECT_EQ(tensor_cache_stats().cached_bytes, size_t(2) << 20);
+  EXPECT_EQ(tensor_cache_stats().cached_bytes, (size_t(13) << 20) / 2);
   release_tensor_cache();
   EXPECT_EQ(tensor_cache_stats().cached_bytes, 0u);
 }

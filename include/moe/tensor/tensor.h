@@ -59,7 +59,9 @@ constexpr size_t kTensorAlignment = 64;
 // mapping is faulted in page by page on first touch, which for a layer's 100 MiB activations costs
 // more than the elementwise work on them. Size classes round a request up to an eighth of the
 // largest power of two not above it (pages never touched never become resident), so sizes that
-// differ a little from step to step share blocks. Blocks kept beyond the limit are unmapped, oldest
+// differ a little from step to step share blocks. When no kept block fits, the oldest kept blocks
+// are unmapped, as many bytes as the new mapping takes, so kept plus live storage never exceeds
+// the most live storage there has been; kept blocks beyond the limit are unmapped too, oldest
 // first. Thread-safe.
 constexpr size_t kCachedStorageMinBytes = size_t(1) << 20;
 struct TensorCacheStats {
