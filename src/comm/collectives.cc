@@ -8,6 +8,7 @@
 #include <type_traits>
 
 #include "comm/exchange.h"
+#include "tensor/dispatch.h"
 
 namespace moe::comm {
 
@@ -18,76 +19,35 @@ using detail::Transfer;
 
 namespace {
 
-// Accumulator of a storage type: fp32 for fp32/bf16/fp16, fp64 for fp64, int64 for integers.
-template <class T>
-using accumulator_t = std::conditional_t<std::is_same_v<T, double>, double,
-                                         std::conditional_t<std::is_integral_v<T>, int64_t, float>>;
-
-template <class T>
-accumulator_t<T> widen(T value) {
-  if constexpr (std::is_same_v<T, bf16> || std::is_same_v<T, f16>) {
-    return to_float(value);
-  } else {
-    return value;
-  }
-}
-
-template <class T>
-T narrow(accumulator_t<T> value) {
-  if constexpr (std::is_same_v<T, bf16> || std::is_same_v<T, f16>) {
-    return from_float<T>(value);
-  } else {
-    return T(value);  // integer sums wrap modulo 2^bits, as two's complement hardware does
-  }
-}
-
-template <class Body>
-void dispatch_dtype(DType dtype, Body&& body) {
-  switch (dtype) {
-    case DType::F32:
-      return body(float{});
-    case DType::BF16:
-      return body(bf16{});
-    case DType::F16:
-      return body(f16{});
-    case DType::F64:
-      return body(double{});
-    case DType::I32:
-      return body(int32_t{});
-    case DType::I64:
-      return body(int64_t{});
-  }
-  throw Error(moe::detail::concat("unsupported dtype code ", int(dtype)));
-}
-
-// out[i] = blocks[0][i] op blocks[1][i] op ... in block (rank) order, in the accumulator type.
+// out[i] = blocks[0][i] op blocks[1][i] op ... in block (rank) order, in the wide math type
+// compute_t<T> (int64 for integers).
 // blocks: [count, n] contiguous; out: [n].
 template <class T>
 void reduce_in_rank_order(const T* blocks, int count, int64_t n, ReduceOp op, T* out) {
-  using Acc = accumulator_t<T>;
+  using Acc = compute_t<T>;
   constexpr int64_t kTile = 256;
   Acc acc[kTile];
   for (int64_t start = 0; start < n; start += kTile) {
     const int64_t length = std::min(kTile, n - start);
-    for (int64_t i = 0; i < length; ++i) acc[i] = widen(blocks[start + i]);
+    for (int64_t i = 0; i < length; ++i) acc[i] = load(blocks[start + i]);
     for (int block = 1; block < count; ++block) {
       const T* source = blocks + int64_t(block) * n + start;
       if (op == ReduceOp::kSum) {
         for (int64_t i = 0; i < length; ++i) {
           if constexpr (std::is_integral_v<Acc>) {  // unsigned arithmetic: wraps, never UB
-            acc[i] = Acc(uint64_t(acc[i]) + uint64_t(widen(source[i])));
+            acc[i] = Acc(uint64_t(acc[i]) + uint64_t(load(source[i])));
           } else {
-            acc[i] += widen(source[i]);
+            acc[i] += load(source[i]);
           }
         }
       } else {
         for (int64_t i = 0; i < length; ++i) {
-          Acc value = widen(source[i]);
+          Acc value = load(source[i]);
           if (value > acc[i] || value != value) acc[i] = value;  // a NaN anywhere wins
         }
       }
     }
-    for (int64_t i = 0; i < length; ++i) out[start + i] = narrow<T>(acc[i]);
+    for (int64_t i = 0; i < length; ++i) out[start + i] = store<T>(acc[i]);
   }
 }
 
@@ -209,7 +169,7 @@ void reduce_scatter_blocks(const Call& call, const Tensor& in, void* out,
           {peer, byte_at(space.raw(), int64_t(peer) * my_part, element_bytes), my_part});
     }
     detail::exchange(call, sends, receives, element_bytes, "elements", call_text, {in, space});
-    dispatch_dtype(in.dtype(), [&](auto zero) {
+    dispatch_any(in.dtype(), "reduce_scatter", [&](auto zero) {
       using T = decltype(zero);
       reduce_in_rank_order(static_cast<const T*>(space.raw()), size, my_part, op,
                            static_cast<T*>(out) + begin);
