@@ -112,13 +112,6 @@ std::vector<int64_t> offsets_of(const std::vector<int64_t>& counts) {
   return offsets;
 }
 
-// The sizes of `parts` near-equal slices of n elements, slice r being [n*r/parts, n*(r+1)/parts).
-std::vector<int64_t> even_split(int64_t n, int parts) {
-  std::vector<int64_t> sizes(static_cast<size_t>(parts));
-  for (int r = 0; r < parts; ++r) sizes[size_t(r)] = n * (r + 1) / parts - n * r / parts;
-  return sizes;
-}
-
 char* byte_at(void* base, int64_t units, size_t unit_bytes) {
   return static_cast<char*>(base) + size_t(units) * unit_bytes;
 }
@@ -191,6 +184,12 @@ Announcement announcement(Kind kind, const Tensor& tensor, int64_t rows, int64_t
 }
 
 }  // namespace
+
+std::vector<int64_t> even_split(int64_t n, int parts) {
+  std::vector<int64_t> sizes(static_cast<size_t>(parts));
+  for (int r = 0; r < parts; ++r) sizes[size_t(r)] = n * (r + 1) / parts - n * r / parts;
+  return sizes;
+}
 
 void all_reduce(Tensor& tensor, const ProcessGroup& group, ReduceOp op) {
   Call call("all_reduce", group);

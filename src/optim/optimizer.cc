@@ -46,13 +46,6 @@ bool megatron_decays(const ParamSpec& spec) {
   return spec.weight_decay && spec.shape.size() > 1 && !is_bias;
 }
 
-// Balanced contiguous split of n elements over `parts` ranks: rank r owns [n r / p, n (r+1) / p).
-std::vector<int64_t> balanced_split(int64_t n, int parts) {
-  std::vector<int64_t> sizes(parts);
-  for (int r = 0; r < parts; ++r) sizes[r] = n * (r + 1) / parts - n * r / parts;
-  return sizes;
-}
-
 double mib(int64_t bytes) {
   return double(bytes) / (1024.0 * 1024.0);
 }
@@ -123,7 +116,7 @@ void Optimizer::Impl::build_group(Group& g, ParamGroup kind) {
   g.distributed = config.use_distributed_optimizer;
   int replicas = g.reduce->size();
   if (g.distributed) {
-    g.shard_sizes = balanced_split(g.numel, replicas);
+    g.shard_sizes = comm::even_split(g.numel, replicas);
     g.shard_begin = g.numel * g.reduce->rank() / replicas;
     g.shard_end = g.shard_begin + g.shard_sizes[g.reduce->rank()];
   } else {

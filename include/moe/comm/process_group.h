@@ -112,4 +112,9 @@ void barrier(const ProcessGroup& group);
 // (the same length on every rank; checked). Returns size * local.size() values in rank order.
 std::vector<int64_t> all_gather_values(std::span<const int64_t> local, const ProcessGroup& group);
 
+// The sizes of `parts` near-equal contiguous slices of n elements, slice r being
+// [n*r/parts, n*(r+1)/parts): how all_reduce and broadcast split their work, and how the
+// distributed optimizer shards its buffers.
+std::vector<int64_t> even_split(int64_t n, int parts);
+
 }  // namespace moe::comm
