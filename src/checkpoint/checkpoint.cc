@@ -11,6 +11,8 @@
 #include <fstream>
 #include <sstream>
 
+#include "moe/comm/boxes.h"
+
 namespace moe::checkpoint {
 
 namespace fs = std::filesystem;
@@ -510,57 +512,6 @@ Tensor read_piece(const Piece& piece) {
   return out;
 }
 
-bool boxes_overlap(const Shape& a_offset, const Shape& a_shape, const Shape& b_offset,
-                   const Shape& b_shape) {
-  for (size_t d = 0; d < a_offset.size(); ++d) {
-    if (std::max(a_offset[d], b_offset[d]) >=
-        std::min(a_offset[d] + a_shape[d], b_offset[d] + b_shape[d])) {
-      return false;
-    }
-  }
-  return true;
-}
-
-// Copies the overlap of two boxes (global coordinates) from `source` (laid out as box
-// source_offset + source_shape) into `target` (box target_offset + target.shape()). Returns the
-// number of elements copied.
-int64_t copy_box_overlap(const Tensor& source, const Shape& source_offset,
-                         const Shape& source_shape, Tensor& target, const Shape& target_offset) {
-  const Shape& target_shape = target.shape();
-  size_t ndim = target_shape.size();
-  Shape low(ndim), extent(ndim);
-  for (size_t d = 0; d < ndim; ++d) {
-    low[d] = std::max(source_offset[d], target_offset[d]);
-    int64_t high = std::min(source_offset[d] + source_shape[d], target_offset[d] + target_shape[d]);
-    if (high <= low[d]) return 0;
-    extent[d] = high - low[d];
-  }
-  int64_t row = ndim == 0 ? 1 : extent[ndim - 1];
-  int64_t rows = shape_numel(extent) / row;
-  size_t element = dtype_size(source.dtype());
-  const char* from = static_cast<const char*>(source.raw());
-  char* into = static_cast<char*>(target.raw());
-  Shape index(ndim, 0);  // over all dims but the last
-  for (int64_t r = 0; r < rows; ++r) {
-    int64_t s = 0, t = 0;
-    for (size_t d = 0; d < ndim; ++d) {
-      int64_t g = low[d] + index[d];
-      s = s * source_shape[d] + (g - source_offset[d]);
-      t = t * target_shape[d] + (g - target_offset[d]);
-    }
-    Tensor from_row =
-        Tensor::view_of(const_cast<char*>(from) + size_t(s) * element, {row}, source.dtype());
-    Tensor into_row =
-        Tensor::view_of(into + size_t(t) * dtype_size(target.dtype()), {row}, target.dtype());
-    into_row.copy_from(from_row);  // converts when the stored dtype differs
-    for (int d = int(ndim) - 2; d >= 0; --d) {
-      if (++index[size_t(d)] < extent[size_t(d)]) break;
-      index[size_t(d)] = 0;
-    }
-  }
-  return rows * row;
-}
-
 // The box a stored piece belongs to; pieces of one box tile it with their flat ranges.
 using Box = std::pair<Shape, Shape>;  // offset, shape
 
@@ -594,7 +545,7 @@ void load_tensor(const Catalog& catalog, const std::string& name, const ParamSpe
     MOE_CHECK(piece.global_shape == spec.global_shape, "tensor '", name, "' has global shape ",
               shape_string(piece.global_shape), " in checkpoint file ", piece.file,
               " but the model has ", shape_string(spec.global_shape));
-    if (boxes_overlap(piece.offset, piece.shape, spec.global_offset, spec.shape)) {
+    if (comm::boxes_overlap(piece.offset, piece.shape, spec.global_offset, spec.shape)) {
       boxes[{piece.offset, piece.shape}].push_back(&piece);
     }
   }
@@ -618,10 +569,10 @@ void load_tensor(const Catalog& catalog, const std::string& name, const ParamSpe
     Tensor stored = assemble_box(box_pieces, name, dir);
     if (whole_target) {
       Tensor into = target.reshape(spec.shape);
-      covered += copy_box_overlap(stored, box.first, box.second, into, spec.global_offset);
+      covered += comm::copy_box_overlap(stored, box.first, into, spec.global_offset);
     } else {
       if (!staging.defined()) staging = Tensor(spec.shape, target.dtype());
-      staged += copy_box_overlap(stored, box.first, box.second, staging, spec.global_offset);
+      staged += comm::copy_box_overlap(stored, box.first, staging, spec.global_offset);
     }
   }
   if (staging.defined()) {

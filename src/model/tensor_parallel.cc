@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "moe/comm/boxes.h"
 #include "moe/tensor/gemm.h"
 #include "moe/tensor/ops.h"
 #include "tensor/dispatch.h"
@@ -73,25 +74,7 @@ Tensor leave_tp_region_backward(const Tensor& dy, const TensorParallel& tp) {
 void copy_global_block(const Tensor& global, const ParamSpec& spec, Tensor& local) {
   check_shape(global, spec.global_shape, detail::concat("global tensor of '", spec.name, "'"));
   check_shape(local, spec.shape, detail::concat("local block of '", spec.name, "'"));
-  size_t dims = spec.shape.size();
-  std::vector<int64_t> global_strides(dims, 1);
-  for (size_t d = dims; d-- > 1;) global_strides[d - 1] = global_strides[d] * spec.global_shape[d];
-  Tensor block = Tensor::empty(spec.shape, global.dtype());
-  size_t element = dtype_size(global.dtype());
-  const char* source = static_cast<const char*>(global.raw());
-  char* target = static_cast<char*>(block.raw());
-  std::vector<int64_t> index(dims, 0);
-  for (int64_t i = 0; i < block.numel(); ++i) {
-    int64_t flat = 0;
-    for (size_t d = 0; d < dims; ++d)
-      flat += (index[d] + spec.global_offset[d]) * global_strides[d];
-    std::copy_n(source + size_t(flat) * element, element, target + size_t(i) * element);
-    for (size_t d = dims; d-- > 0;) {  // odometer over the local shape
-      if (++index[d] < spec.shape[d]) break;
-      index[d] = 0;
-    }
-  }
-  local.copy_from(block);
+  comm::copy_box_overlap(global, Shape(spec.shape.size(), 0), local, spec.global_offset);
 }
 
 void accumulate_weight_grad(const Tensor& x, const Tensor& dy, Tensor& grad) {
