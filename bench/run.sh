@@ -74,10 +74,10 @@ gflop = layer["GFLOP/s"] * layer["layer_ms"] * 1e-3
 phases = ["router", "dispatch", "expert_buffers", "swiglu", "combine", "combine_backward",
           "swiglu_backward", "dispatch_backward"]  # in the layer's order
 phase_text = ", ".join(f"{name} {layer[f'phase_{name}_ms']:.1f}" for name in phases)
-rows = [
-    ("T=4096, H=1024, F=2048, 8 experts, top-2, fp32: wall time", layer["layer_ms"], peer_wall,
+rows = [  # means over the steps on both sides, as the peer reports them
+    ("T=4096, H=1024, F=2048, 8 experts, top-2, fp32: wall time", layer["real_time"], peer_wall,
      layer["non_gemm_fraction"]),
-    ("the same, process CPU time (all threads)", layer["layer_cpu_ms"], peer_cpu,
+    ("the same, process CPU time (all threads)", layer["layer_cpu_mean_ms"], peer_cpu,
      layer["non_gemm_cpu_fraction"]),
 ]
 with open("/proc/loadavg") as f:
@@ -98,8 +98,8 @@ lines = [
     "dropless, grouped GEMM. Both sides run the same algorithm: gating product, top-k and softmax",
     "over the chosen logits, Switch aux loss, permutation grouped by expert, the expert MLPs,",
     "probability-weighted combine, then the full backward (input, router and expert weights).",
-    f"About {gflop:.0f} GFLOP per forward+backward. Ours: medians over the repetitions; PyTorch:",
-    "the mean of 5 steps after a warm-up.",
+    f"About {gflop:.0f} GFLOP per forward+backward. Times are means of 5 steps after a warm-up",
+    "on both sides; the non-GEMM share is from medians (below).",
     "",
     "| case | ours (ms) | PyTorch (ms) | PyTorch / ours | ours GFLOP/s | non-GEMM share |",
     "|---|---:|---:|---:|---:|---:|",
@@ -138,6 +138,11 @@ for peak in peaks:
                  f"{peak['per_T_topk_H_fp32']:.2f} units; cache keeps {peak['cache_kept_MiB']:.0f}"
                  " MiB")
 lines += [
+    "",
+    "The peak grows with T * topk and not with the number of experts (no T x num_experts x",
+    "hidden buffer exists). Per dispatched row it holds the saved expert input (H), fc1 output",
+    "(2 * ffn = H here), activation (ffn), expert output kept for the probability gradient (H),",
+    "half a row of layer output, and the backward's transient gradients of those rows.",
     "",
     "The machine is shared with other jobs: see the load above. When another program keeps a",
     "core busy, every OpenMP barrier waits for a time slice and all times grow, the short phases",
