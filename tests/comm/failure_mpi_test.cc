@@ -6,8 +6,8 @@
 #include <chrono>
 
 #include "comm/exchange.h"
-#include "error_text.h"
 #include "moe/comm/process_group.h"
+#include "support/testing.h"
 
 namespace moe::comm {
 namespace {
@@ -19,9 +19,6 @@ std::string where(const char* collective, const char* group_name, const ProcessG
                              " of ", group.size(), ", world rank ",
                              group.world_ranks()[size_t(group.rank())], "): ");
 }
-
-#define EXPECT_CONTAINS(text, part) \
-  EXPECT_NE((text).find(part), std::string::npos) << "missing: " << (part) << "\nin: " << (text)
 
 class Failures : public ::testing::Test {
  protected:

@@ -4,7 +4,6 @@
 
 #include <string>
 
-#include "error_text.h"
 #include "moe/comm/parallel_state.h"
 #include "support/testing.h"
 

@@ -1,4 +1,4 @@
-// Scratch directories and error-text assertions shared by the converter tests.
+// Scratch directories, file writes and byte comparison shared by the converter tests.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -38,20 +38,6 @@ inline void write_text(const std::string& path, const std::string& text) {
 inline bool same_bytes(const Tensor& a, const Tensor& b) {
   return a.dtype() == b.dtype() && a.shape() == b.shape() &&
          std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
-}
-
-// Runs `body`, expecting a moe::Error whose message contains every one of `parts`.
-template <class Body>
-void expect_error(Body body, std::initializer_list<std::string> parts) {
-  try {
-    body();
-    ADD_FAILURE() << "no error thrown; expected one mentioning '" << *parts.begin() << "'";
-  } catch (const moe::Error& e) {
-    for (const std::string& part : parts) {
-      EXPECT_NE(std::string(e.what()).find(part), std::string::npos)
-          << "message: " << e.what() << "\nmissing: " << part;
-    }
-  }
 }
 
 }  // namespace moe::testing

@@ -12,7 +12,7 @@
 namespace moe::checkpoint::safetensors {
 namespace {
 
-using moe::testing::expect_error;
+using moe::testing::expect_error_containing;
 using moe::testing::same_bytes;
 using moe::testing::ScratchDir;
 using moe::testing::write_text;
@@ -108,8 +108,8 @@ TEST(Safetensors, StreamingWriterChecksEachTensorAndLeavesNothingOnError) {
   auto wrong = [&](const std::string& name) {
     return name == "a" ? Tensor({3, 2}) : Tensor({5}, DType::BF16);
   };
-  expect_error([&] { write_file(bad / "x.safetensors", entries, wrong); },
-               {"tensor 'a' should be F32 [2, 3] but is F32 [3, 2]"});
+  expect_error_containing([&] { write_file(bad / "x.safetensors", entries, wrong); },
+                          {"tensor 'a' should be F32 [2, 3] but is F32 [3, 2]"});
   EXPECT_FALSE(std::filesystem::exists(bad / "x.safetensors"));
   EXPECT_FALSE(std::filesystem::exists(bad / "x.safetensors.tmp"));
 }
@@ -127,34 +127,34 @@ TEST(Safetensors, BadFilesNameFileAndTensor) {
   ScratchDir dir("bad");
   const std::string path = dir / "bad.safetensors";
   write_raw(path, R"({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}})", 10);
-  expect_error([&] { File{path}; }, {"'w'", path, "outside the 10-byte data section"});
+  expect_error_containing([&] { File{path}; }, {"'w'", path, "outside the 10-byte data section"});
 
   write_raw(path, R"({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]})", 16);
-  expect_error([&] { File{path}; }, {path, "malformed JSON header"});
+  expect_error_containing([&] { File{path}; }, {path, "malformed JSON header"});
 
   write_raw(path,
             R"({"u": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},)"
             R"( "v": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}})",
             12);
-  expect_error([&] { File{path}; }, {"'u' and 'v' overlap", path});
+  expect_error_containing([&] { File{path}; }, {"'u' and 'v' overlap", path});
 
   write_raw(path, R"({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}})", 8);
-  expect_error([&] { File{path}; }, {"'w'", "has 8 bytes", "[3]", "needs 12"});
+  expect_error_containing([&] { File{path}; }, {"'w'", "has 8 bytes", "[3]", "needs 12"});
 
   write_raw(path, R"({"w": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]}})", 3);
-  expect_error([&] { File{path}; }, {"'w'", "'U8' is not supported"});
+  expect_error_containing([&] { File{path}; }, {"'w'", "'U8' is not supported"});
 
   write_text(path, std::string("\x40\0\0", 3));
-  expect_error([&] { File{path}; }, {path, "truncated", "header length"});
+  expect_error_containing([&] { File{path}; }, {path, "truncated", "header length"});
 
   write_raw(path, "{}", 0);
   std::string bytes(8, '\0');
   bytes[0] = char(200);  // claims a 200-byte header, has 2
   write_text(path, bytes + "{}");
-  expect_error([&] { File{path}; }, {path, "truncated", "JSON header"});
+  expect_error_containing([&] { File{path}; }, {path, "truncated", "JSON header"});
 
   write_raw(path, R"({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})", 4);
-  expect_error([&] { File(path).read("x"); }, {path, "no tensor 'x'"});
+  expect_error_containing([&] { File(path).read("x"); }, {path, "no tensor 'x'"});
 }
 
 TEST(Safetensors, BadIndexIsReported) {
@@ -162,14 +162,14 @@ TEST(Safetensors, BadIndexIsReported) {
   write_file(dir / "a.safetensors", {{"w", Tensor({2})}});
   write_text(dir / "model.safetensors.index.json",
              R"({"weight_map": {"w": "a.safetensors", "missing": "a.safetensors"}})");
-  expect_error([&] { Checkpoint{dir.path.string()}; },
-               {"maps 'missing' to 'a.safetensors'", "does not hold it"});
+  expect_error_containing([&] { Checkpoint{dir.path.string()}; },
+                          {"maps 'missing' to 'a.safetensors'", "does not hold it"});
   write_text(dir / "model.safetensors.index.json", R"({"weight_map": {"w": "b.safetensors"}})");
-  expect_error([&] { Checkpoint{dir.path.string()}; }, {"b.safetensors", "cannot open"});
+  expect_error_containing([&] { Checkpoint{dir.path.string()}; }, {"b.safetensors", "cannot open"});
 
   ScratchDir empty("empty");
-  expect_error([&] { Checkpoint{empty.path.string()}; }, {"nor any .safetensors file"});
-  expect_error(
+  expect_error_containing([&] { Checkpoint{empty.path.string()}; }, {"nor any .safetensors file"});
+  expect_error_containing(
       [&] {
         write_file(empty / "x.safetensors", {{"w", Tensor({1})}, {"w", Tensor({1})}});
       },

@@ -10,6 +10,7 @@
 #include <set>
 
 #include "moe/tensor/error.h"
+#include "support/testing.h"
 #include "test_files.h"
 
 namespace moe::data {
@@ -17,7 +18,7 @@ namespace {
 
 using Ids = std::vector<int64_t>;
 
-using testing::expect_error;
+using moe::testing::expect_error_containing;
 
 // A dataset of `sequences` one-sequence documents with awkward lengths (zeros included) plus
 // some zero-sequence documents; token values are distinct (first_token, first_token + 1, ...).
@@ -88,10 +89,10 @@ TEST(Split, ParsesAndNormalizesLikeMegatron) {
   EXPECT_DOUBLE_EQ(split[2], 0.001);
   EXPECT_EQ(parse_split("99,1"), (std::array<double, 3>{0.99, 0.01, 0.0}));
   EXPECT_EQ(parse_split("1"), (std::array<double, 3>{1.0, 0.0, 0.0}));
-  expect_error([] { parse_split("1,2,3,4"); }, "has 4 weights; at most 3");
-  expect_error([] { parse_split("0,0,0"); }, "gives every split zero weight");
-  expect_error([] { parse_split("1.2.3,1"); },
-               "--split '1.2.3,1': field 1 ('1.2.3') is not a number");
+  expect_error_containing([] { parse_split("1,2,3,4"); }, "has 4 weights; at most 3");
+  expect_error_containing([] { parse_split("0,0,0"); }, "gives every split zero weight");
+  expect_error_containing([] { parse_split("1.2.3,1"); },
+                          "--split '1.2.3,1': field 1 ('1.2.3') is not a number");
 }
 
 TEST(Split, EveryFieldIsReadWholeAsANumber) {
@@ -102,17 +103,21 @@ TEST(Split, EveryFieldIsReadWholeAsANumber) {
   EXPECT_DOUBLE_EQ(tiny[2], 5 / 10.001);
   EXPECT_EQ(parse_split("98/2/0"), (std::array<double, 3>{0.98, 0.02, 0.0}));
   EXPECT_EQ(parse_split(" 3 , 1 "), (std::array<double, 3>{0.75, 0.25, 0.0}));
-  expect_error([] { parse_split("99,-1,2"); },
-               "--split '99,-1,2': field 2 (-1) must be a finite weight >= 0");
-  expect_error([] { parse_split("a,b,c"); }, "--split 'a,b,c': field 1 ('a') is not a number");
-  expect_error([] { parse_split("99,1x,0"); }, "--split '99,1x,0': field 2 ('1x') is not a number");
-  expect_error([] { parse_split("99,,1"); }, "--split '99,,1': field 2 ('') is not a number");
-  expect_error([] { parse_split(""); }, "--split '': field 1 ('') is not a number");
-  expect_error([] { parse_split("98/2,0"); }, "--split '98/2,0': field 1 ('98/2') is not a number");
-  expect_error([] { parse_split("inf,1"); },
-               "--split 'inf,1': field 1 (inf) must be a finite weight >= 0");
-  expect_error([] { parse_split("1,nan"); },
-               "--split '1,nan': field 2 (nan) must be a finite weight >= 0");
+  expect_error_containing([] { parse_split("99,-1,2"); },
+                          "--split '99,-1,2': field 2 (-1) must be a finite weight >= 0");
+  expect_error_containing([] { parse_split("a,b,c"); },
+                          "--split 'a,b,c': field 1 ('a') is not a number");
+  expect_error_containing([] { parse_split("99,1x,0"); },
+                          "--split '99,1x,0': field 2 ('1x') is not a number");
+  expect_error_containing([] { parse_split("99,,1"); },
+                          "--split '99,,1': field 2 ('') is not a number");
+  expect_error_containing([] { parse_split(""); }, "--split '': field 1 ('') is not a number");
+  expect_error_containing([] { parse_split("98/2,0"); },
+                          "--split '98/2,0': field 1 ('98/2') is not a number");
+  expect_error_containing([] { parse_split("inf,1"); },
+                          "--split 'inf,1': field 1 (inf) must be a finite weight >= 0");
+  expect_error_containing([] { parse_split("1,nan"); },
+                          "--split '1,nan': field 2 (nan) must be a finite weight >= 0");
 }
 
 TEST(Split, SequenceRangesRoundHalfToEven) {
@@ -137,8 +142,8 @@ TEST(Blend, ParsesDataPathLikeMegatron) {
   const Blend unweighted = parse_blend({"data/a", "data/b"});  // even count, but not weights
   EXPECT_EQ(unweighted.prefixes, (std::vector<std::string>{"data/a", "data/b"}));
   EXPECT_TRUE(unweighted.weights.empty());
-  expect_error([] { parse_blend({"-1", "data/a"}); }, "weight -1 must be positive");
-  expect_error(
+  expect_error_containing([] { parse_blend({"-1", "data/a"}); }, "weight -1 must be positive");
+  expect_error_containing(
       [] {
         parse_blend({"0.3", "data/a", "data/b", "data/c"});
       },
@@ -242,18 +247,21 @@ TEST_F(GptIndices, SameSeedSameSamplesOtherSeedOtherOrder) {
 
 TEST_F(GptIndices, EmptySplitsAndBadConfigsAreClearErrors) {
   const auto indexed = std::make_shared<const IndexedDataset>(prefix_);
-  expect_error([&] { GPTDataset(indexed, 0, 1, 10, Split::Valid, config_for(prefix_, 8)); },
-               "the valid split (sequences [0, 1)) holds 0 tokens, too few to draw 10 samples");
+  expect_error_containing(
+      [&] { GPTDataset(indexed, 0, 1, 10, Split::Valid, config_for(prefix_, 8)); },
+      "the valid split (sequences [0, 1)) holds 0 tokens, too few to draw 10 samples");
   const GPTDataset empty(indexed, 0, 1, std::nullopt, Split::Test, config_for(prefix_, 8));
   EXPECT_EQ(empty.size(), 0);
-  expect_error([&] { GPTDataset(indexed, 0, 300, 10, Split::Train, config_for(prefix_, 8)); },
-               "sequence range [0, 300) is outside the dataset's 200 sequences");
-  expect_error([&] { GPTDataset(indexed, 0, 10, 10, Split::Train, config_for(prefix_, 1)); },
-               "--seq-length must be greater than 1");
+  expect_error_containing(
+      [&] { GPTDataset(indexed, 0, 300, 10, Split::Train, config_for(prefix_, 8)); },
+      "sequence range [0, 300) is outside the dataset's 200 sequences");
+  expect_error_containing(
+      [&] { GPTDataset(indexed, 0, 10, 10, Split::Train, config_for(prefix_, 1)); },
+      "--seq-length must be greater than 1");
   GPTDatasetConfig missing = config_for(dir_.file("absent"), 8);
-  expect_error([&] { build_gpt_datasets(missing); }, "cannot open index file");
+  expect_error_containing([&] { build_gpt_datasets(missing); }, "cannot open index file");
   missing.data_path.clear();
-  expect_error(
+  expect_error_containing(
       [&] { build_gpt_datasets(missing); },
       "--data-path (or --train-data-path, --valid-data-path, --test-data-path) is required");
 }
@@ -326,12 +334,12 @@ TEST(Blending, PerSplitDataPathsUseWholeDatasets) {
   EXPECT_EQ(valid.size(), 12 + 28);  // ceil(40 * 0.3) + ceil(40 * 0.7)
   EXPECT_FALSE(datasets[2]);
   config.data_path = {dir.file("a")};
-  expect_error([&] { build_gpt_datasets(config); },
-               "--data-path cannot be combined with --train-data-path");
+  expect_error_containing([&] { build_gpt_datasets(config); },
+                          "--data-path cannot be combined with --train-data-path");
   config.data_path.clear();
   config.num_samples[1] = std::nullopt;
-  expect_error([&] { build_gpt_datasets(config); },
-               "a weighted --valid-data-path needs a sample count for the valid split");
+  expect_error_containing([&] { build_gpt_datasets(config); },
+                          "a weighted --valid-data-path needs a sample count for the valid split");
 }
 
 TEST(Blending, OversamplingIsAClearError) {
@@ -340,16 +348,16 @@ TEST(Blending, OversamplingIsAClearError) {
   const auto indexed = std::make_shared<const IndexedDataset>(dir.file("a"));
   const auto small = std::make_shared<const GPTDataset>(indexed, 0, 40, std::nullopt, Split::Train,
                                                         config_for(dir.file("a"), 16));
-  expect_error(
+  expect_error_containing(
       [&] {
         BlendedDataset({small, small}, {0.5, 0.5}, 4 * small->size());
       },
       "the train blend oversamples its datasets: it requests " + std::to_string(2 * small->size()));
-  expect_error([&] { BlendedDataset({small}, {0.0}, 4); }, "weights must be positive");
+  expect_error_containing([&] { BlendedDataset({small}, {0.0}, 4); }, "weights must be positive");
   GPTDatasetConfig config = config_for(dir.file("a"), 16);
   config.data_path = {"1", dir.file("a"), "1", dir.file("a")};
-  expect_error([&] { build_gpt_datasets(config); },
-               "a weighted --data-path needs a sample count for the train split");
+  expect_error_containing([&] { build_gpt_datasets(config); },
+                          "a weighted --data-path needs a sample count for the train split");
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -406,16 +414,17 @@ TEST(PretrainingDataIterator, RejectsBadPositionsAndStopsAtTheEnd) {
   const GPTDatasetConfig config = train_only_config(dir.file("a"), 30);
   const auto train = build_gpt_datasets(config)[0];
   const int64_t total = train->size();
-  expect_error([&] { PretrainingDataIterator(train, total + 1, 1, 0, 1, config.sample); },
-               "consumed_samples " + std::to_string(total + 1) + " is outside [0, " +
-                   std::to_string(total) + "]");
-  expect_error([&] { PretrainingDataIterator(train, 0, 1, 2, 2, config.sample); },
-               "data-parallel rank 2 is outside [0, 2)");
-  expect_error([&] { PretrainingDataIterator(train, 0, 0, 0, 1, config.sample); },
-               "micro batch size must be positive");
+  expect_error_containing(
+      [&] { PretrainingDataIterator(train, total + 1, 1, 0, 1, config.sample); },
+      "consumed_samples " + std::to_string(total + 1) + " is outside [0, " + std::to_string(total) +
+          "]");
+  expect_error_containing([&] { PretrainingDataIterator(train, 0, 1, 2, 2, config.sample); },
+                          "data-parallel rank 2 is outside [0, 2)");
+  expect_error_containing([&] { PretrainingDataIterator(train, 0, 0, 0, 1, config.sample); },
+                          "micro batch size must be positive");
   PretrainingDataIterator tail(train, total - 3, 2, 0, 2, config.sample);
   EXPECT_FALSE(tail.has_next());  // 3 samples left, a group needs 4: dropped as Megatron does
-  expect_error([&] { tail.next(); }, "dataset is exhausted");
+  expect_error_containing([&] { tail.next(); }, "dataset is exhausted");
 }
 
 // A two-document stream [10 11 12 EOD 20 21 EOD 30 ...] read back through make_micro_batch.
@@ -487,10 +496,11 @@ TEST(GPTDataset, RefusesTokenIdsOutsideTheVocabularyNamingTheFile) {
   EXPECT_EQ(sample_text(fits, 0), (Ids{10, 11, 12, 2, 20, 21, 152}));
   config.sample.vocab_size = 128;
   const GPTDataset too_small(indexed, 0, 1, std::nullopt, Split::Train, config);
-  expect_error([&] { sample_text(too_small, 0); },
-               dir.file("big_vocab") +
-                   ": token id 152 (sequence 0, token 6) is outside the model's vocabulary [0, "
-                   "128); was the data made with another tokenizer or --vocab-size?");
+  expect_error_containing(
+      [&] { sample_text(too_small, 0); },
+      dir.file("big_vocab") +
+          ": token id 152 (sequence 0, token 6) is outside the model's vocabulary [0, "
+          "128); was the data made with another tokenizer or --vocab-size?");
 }
 
 TEST(NumSamples, MatchesMegatronTrainValidTest) {

@@ -7,8 +7,11 @@
 
 #include <cstring>
 #include <filesystem>
+#include <source_location>
+#include <string_view>
 
 #include "moe/tensor/error.h"
+#include "support/testing.h"
 #include "test_files.h"
 
 namespace moe::data {
@@ -200,18 +203,12 @@ class DamagedIndex : public ::testing::Test {
     data_ = testing::read_bytes(prefix_ + ".bin");
   }
   void expect_error(const std::string& idx, const std::string& bin,
-                    const std::vector<std::string>& fragments) {
+                    std::initializer_list<std::string_view> fragments,
+                    std::source_location caller = std::source_location::current()) {
     testing::write_bytes(prefix_ + ".idx", idx);
     testing::write_bytes(prefix_ + ".bin", bin);
-    try {
-      IndexedDataset dataset(prefix_);
-      FAIL() << "expected an error containing '" << fragments.front() << "'";
-    } catch (const Error& error) {
-      for (const std::string& fragment : fragments) {
-        EXPECT_NE(std::string(error.what()).find(fragment), std::string::npos)
-            << "message: " << error.what() << "\nmissing: " << fragment;
-      }
-    }
+    moe::testing::expect_error_containing([&] { IndexedDataset dataset(prefix_); }, fragments,
+                                          caller);
   }
   template <class T>
   std::string patched(size_t offset, T value) const {

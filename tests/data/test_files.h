@@ -4,29 +4,16 @@
 
 #include <unistd.h>
 
-#include <gtest/gtest.h>
 #include <sys/wait.h>
 
 #include <atomic>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <functional>
 #include <sstream>
 #include <string>
 
 namespace moe::data::testing {
-
-// Runs `action` and checks it throws an exception whose message contains `fragment`.
-inline void expect_error(const std::function<void()>& action, const std::string& fragment) {
-  try {
-    action();
-    ADD_FAILURE() << "expected an error containing '" << fragment << "'";
-  } catch (const std::exception& error) {
-    EXPECT_NE(std::string(error.what()).find(fragment), std::string::npos)
-        << "message: " << error.what() << "\nmissing: " << fragment;
-  }
-}
 
 class TempDir {
  public:

@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "moe/tensor/error.h"
+#include "support/testing.h"
 #include "test_files.h"
 
 namespace moe::data {
@@ -18,7 +19,7 @@ namespace {
 
 using Ids = std::vector<int64_t>;
 
-using testing::expect_error;
+using moe::testing::expect_error_containing;
 
 // ------------------------------------------------------------------------------------------------
 // SentencePiece
@@ -64,7 +65,7 @@ TEST_F(SentencePieceTokenizers, Llama2PrependsBosAndUsesEosAsEod) {
   EXPECT_EQ(tokenizer->tokenize("the mat"), (Ids{1, 6, 17, 29, 3}));
   EXPECT_EQ(tokenizer->tokenize("xyz"), (Ids{1, 17, 0}));  // unknown characters -> <unk>
   EXPECT_EQ(tokenizer->detokenize(Ids{1, 6, 14, 16, 2}), "the cat sat");
-  expect_error([&] { tokenizer->detokenize(Ids{30}); }, "token id 30 is outside");
+  expect_error_containing([&] { tokenizer->detokenize(Ids{30}); }, "token id 30 is outside");
 }
 
 TEST_F(SentencePieceTokenizers, GptSentencePieceAddsNothing) {
@@ -88,10 +89,11 @@ TEST_F(SentencePieceTokenizers, SentencePieceTokenizerAddsMegatronSpecialTokens)
 
 TEST_F(SentencePieceTokenizers, MissingModelIsAClearError) {
   TokenizerOptions options{.type = "Llama2Tokenizer", .model = dir_->file("absent.model")};
-  expect_error([&] { make_tokenizer(options); },
-               "cannot load SentencePiece model " + dir_->file("absent.model"));
+  expect_error_containing([&] { make_tokenizer(options); },
+                          "cannot load SentencePiece model " + dir_->file("absent.model"));
   options.model.clear();
-  expect_error([&] { make_tokenizer(options); }, "Llama2Tokenizer needs --tokenizer-model");
+  expect_error_containing([&] { make_tokenizer(options); },
+                          "Llama2Tokenizer needs --tokenizer-model");
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -175,16 +177,18 @@ TEST_F(Gpt2Bpe, DecodesBytesBackToText) {
   EXPECT_EQ(tokenizer->detokenize(Ids{0xE2, 0x82, 'a'}),
             "\xEF\xBF\xBD"
             "a");  // one U+FFFD
-  expect_error([&] { tokenizer->detokenize(Ids{999}); }, "token id 999 is not in the GPT-2");
+  expect_error_containing([&] { tokenizer->detokenize(Ids{999}); },
+                          "token id 999 is not in the GPT-2");
 }
 
 TEST_F(Gpt2Bpe, BadFilesAreClearErrors) {
   std::ofstream(dir_.file("broken.json")) << "{\"a\": 1,";
-  expect_error([&] { make("broken.json"); }, dir_.file("broken.json") + " is not valid JSON");
+  expect_error_containing([&] { make("broken.json"); },
+                          dir_.file("broken.json") + " is not valid JSON");
   std::ofstream(dir_.file("no_eod.json")) << "{\"a\": 0}";
-  expect_error([&] { make("no_eod.json"); }, "has no <|endoftext|> token");
-  expect_error([&] { make("absent.json"); },
-               "cannot open GPT-2 vocabulary " + dir_.file("absent.json"));
+  expect_error_containing([&] { make("no_eod.json"); }, "has no <|endoftext|> token");
+  expect_error_containing([&] { make("absent.json"); },
+                          "cannot open GPT-2 vocabulary " + dir_.file("absent.json"));
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -196,8 +200,10 @@ TEST(NullTokenizer, IdsAreTheText) {
   EXPECT_EQ(tokenizer->eod(), 100);
   EXPECT_EQ(tokenizer->tokenize("5 17 0 99"), (Ids{5, 17, 0, 99}));
   EXPECT_EQ(tokenizer->detokenize(Ids{5, 17, 0}), "5 17 0");
-  expect_error([&] { tokenizer->tokenize("5 x 7"); }, "NullTokenizer: 'x' is not an integer");
-  expect_error([&] { make_tokenizer({.type = "NullTokenizer"}); }, "needs --vocab-size > 0");
+  expect_error_containing([&] { tokenizer->tokenize("5 x 7"); },
+                          "NullTokenizer: 'x' is not an integer");
+  expect_error_containing([&] { make_tokenizer({.type = "NullTokenizer"}); },
+                          "needs --vocab-size > 0");
 }
 
 TEST(ByteTokenizer, IdsAreUtf8Bytes) {
@@ -206,13 +212,15 @@ TEST(ByteTokenizer, IdsAreUtf8Bytes) {
   EXPECT_EQ(tokenizer->eod(), 256);
   EXPECT_EQ(tokenizer->tokenize("hé"), (Ids{'h', 0xC3, 0xA9}));
   EXPECT_EQ(tokenizer->detokenize(Ids{'h', 0xC3, 0xA9, 256}), "hé");
-  expect_error([&] { tokenizer->detokenize(Ids{300}); }, "token id 300 is outside [0, 256]");
+  expect_error_containing([&] { tokenizer->detokenize(Ids{300}); },
+                          "token id 300 is outside [0, 256]");
 }
 
 TEST(TokenizerFactory, UnknownTypeListsTheSupportedOnes) {
-  expect_error([&] { make_tokenizer({.type = "BertWordPieceCase"}); },
-               "unknown --tokenizer-type 'BertWordPieceCase' (supported: Llama2Tokenizer, "
-               "SentencePieceTokenizer");
+  expect_error_containing(
+      [&] { make_tokenizer({.type = "BertWordPieceCase"}); },
+      "unknown --tokenizer-type 'BertWordPieceCase' (supported: Llama2Tokenizer, "
+      "SentencePieceTokenizer");
 }
 
 TEST(PaddedVocabSize, MatchesMegatron) {
@@ -221,7 +229,8 @@ TEST(PaddedVocabSize, MatchesMegatron) {
   EXPECT_EQ(padded_vocab_size(32000, 128, 1), 32000);  // Llama 2
   EXPECT_EQ(padded_vocab_size(257, 128, 2), 512);
   EXPECT_EQ(padded_vocab_size(1, 1, 1), 1);
-  expect_error([] { padded_vocab_size(100, 0, 1); }, "--make-vocab-size-divisible-by (0)");
+  expect_error_containing([] { padded_vocab_size(100, 0, 1); },
+                          "--make-vocab-size-divisible-by (0)");
 }
 
 }  // namespace

@@ -12,9 +12,9 @@
 namespace moe::model {
 namespace {
 
+using moe::testing::check_gradient;
 using moe::testing::random_normal;
 using testing::check_all_params;
-using testing::check_gradient;
 using testing::dot;
 
 TransformerConfig small_config() {

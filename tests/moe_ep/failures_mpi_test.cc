@@ -3,18 +3,15 @@
 
 #include <string>
 
-#include "comm/error_text.h"
 #include "ep_test_util.h"
 #include "moe/comm/process_group.h"
 #include "moe/moe/ep_dispatchers.h"
+#include "support/testing.h"
 
 namespace moe {
 namespace {
 
 using testing::error_text;
-
-#define EXPECT_CONTAINS(text, part) \
-  EXPECT_NE((text).find(part), std::string::npos) << "missing: " << (part) << "\nin: " << (text)
 
 MoEConfig small_config(TokenDispatcherType type) {
   MoEConfig config;

@@ -14,6 +14,7 @@
 namespace moe::optim {
 namespace {
 
+using moe::testing::expect_error_containing;
 using moe::testing::param_spec;
 using moe::testing::random_normal;
 using moe::testing::without_decay;
@@ -21,15 +22,6 @@ using moe::testing::without_decay;
 comm::ParallelState& single() {
   static comm::ParallelState state = comm::single_process_state();
   return state;
-}
-
-void expect_error_contains(const std::function<void()>& action, const std::string& text) {
-  try {
-    action();
-    ADD_FAILURE() << "expected an error containing '" << text << "'";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(text), std::string::npos) << e.what();
-  }
 }
 
 // SGD without momentum, weight decay or clipping: each step is p -= lr * g.
@@ -254,29 +246,29 @@ TEST(Config, BadFlagsAreRefusedWithTheirNames) {
   store.allocate();
   OptimizerConfig config;
   config.optimizer = "lamb";
-  expect_error_contains([&] { Optimizer o(store, single(), config); },
-                        "--optimizer 'lamb' is not one of adam, sgd");
+  expect_error_containing([&] { Optimizer o(store, single(), config); },
+                          "--optimizer 'lamb' is not one of adam, sgd");
   config = {};
   config.bf16 = true;
   config.fp16 = true;
-  expect_error_contains([&] { Optimizer o(store, single(), config); },
-                        "--bf16 and --fp16 conflict");
+  expect_error_containing([&] { Optimizer o(store, single(), config); },
+                          "--bf16 and --fp16 conflict");
   config = {};
   config.bf16 = true;
-  expect_error_contains([&] { Optimizer o(store, single(), config); },
-                        "model parameters are fp32 but the flags");
+  expect_error_containing([&] { Optimizer o(store, single(), config); },
+                          "model parameters are fp32 but the flags");
   config = {};
   config.fp16 = true;
   config.hysteresis = 0;
   ParameterStore half(DType::F16);
   half.declare(param_spec("w", {2}));
   half.allocate();
-  expect_error_contains([&] { Optimizer o(half, single(), config); },
-                        "--hysteresis must be positive, got 0");
+  expect_error_containing([&] { Optimizer o(half, single(), config); },
+                          "--hysteresis must be positive, got 0");
   config = {};
   config.adam_beta2 = 1.0;
-  expect_error_contains([&] { Optimizer o(store, single(), config); },
-                        "--adam-beta2 must be in [0, 1), got 1");
+  expect_error_containing([&] { Optimizer o(store, single(), config); },
+                          "--adam-beta2 must be in [0, 1), got 1");
 }
 
 TEST(Memory, SummaryNamesEveryBuffer) {

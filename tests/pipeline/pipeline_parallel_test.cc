@@ -228,19 +228,16 @@ TEST(OneFOneB, RefusesAModelBuiltForAnotherStage) {
   store.allocate();
   ScheduleOptions options;
   options.micro_batch_size = kMicroBatchSize;
-  try {
-    forward_backward(whole, state, replica_provider(config, 0, 1), options);
-    FAIL() << "accepted the whole model on a pipeline stage";
-  } catch (const Error& e) {
-    const std::string expected =
-        state.pp.rank() == 0 ? "the model's stage (pre_process true, post_process true) does not "
-                               "match pipeline rank 0 of 2 (use pipeline::pipeline_stage to "
-                               "build it)"
-                             : "the model's stage (pre_process true, post_process true) does not "
-                               "match pipeline rank 1 of 2 (use pipeline::pipeline_stage to "
-                               "build it)";
-    EXPECT_EQ(std::string(e.what()), expected);
-  }
+  const std::string expected =
+      state.pp.rank() == 0 ? "the model's stage (pre_process true, post_process true) does not "
+                             "match pipeline rank 0 of 2 (use pipeline::pipeline_stage to "
+                             "build it)"
+                           : "the model's stage (pre_process true, post_process true) does not "
+                             "match pipeline rank 1 of 2 (use pipeline::pipeline_stage to "
+                             "build it)";
+  EXPECT_EQ(moe::testing::error_text(
+                [&] { forward_backward(whole, state, replica_provider(config, 0, 1), options); }),
+            expected);
 }
 
 // The last stage fails on micro-batch 0 (no labels): it raises that error, and the first stage,
@@ -261,8 +258,7 @@ TEST(OneFOneB, AFailingStageBecomesAnErrorOnItsPeer) {
   MicroBatchProvider all = replica_provider(config, 0, 2);
   const double timeout = comm::collective_timeout();
   comm::set_collective_timeout(60);
-  std::string text = "no error";
-  try {
+  const std::string text = moe::testing::error_text([&] {
     forward_backward(
         model, state,
         [&](int i) {
@@ -272,9 +268,7 @@ TEST(OneFOneB, AFailingStageBecomesAnErrorOnItsPeer) {
           return batch;
         },
         options);
-  } catch (const Error& e) {
-    text = e.what();
-  }
+  });
   comm::set_collective_timeout(timeout);
   if (state.is_pipeline_last()) {
     EXPECT_EQ(text, "micro-batch 0 needs labels on the last pipeline stage");

@@ -33,20 +33,11 @@ TEST(PipelineStage, SplitsLayersEvenlyAsMegatron) {
 }
 
 TEST(PipelineStage, RefusesLayersNotDivisibleByStages) {
-  try {
-    pipeline_stage(6, 4, 1);
-    FAIL() << "accepted 6 layers on 4 stages";
-  } catch (const Error& e) {
-    EXPECT_STREQ(e.what(),
-                 "num_layers (6) must be divisible by pipeline_model_parallel_size (4): every "
-                 "pipeline stage holds the same number of layers");
-  }
-  try {
-    pipeline_stage(8, 4, 4);
-    FAIL() << "accepted rank 4 of 4";
-  } catch (const Error& e) {
-    EXPECT_STREQ(e.what(), "pipeline rank 4 is outside [0, 4)");
-  }
+  EXPECT_EQ(moe::testing::error_text([] { pipeline_stage(6, 4, 1); }),
+            "num_layers (6) must be divisible by pipeline_model_parallel_size (4): every "
+            "pipeline stage holds the same number of layers");
+  EXPECT_EQ(moe::testing::error_text([] { pipeline_stage(8, 4, 4); }),
+            "pipeline rank 4 is outside [0, 4)");
 }
 
 struct WholeModel {
@@ -143,12 +134,8 @@ TEST(NoPipelining, CallsTheProviderOncePerMicroBatchInOrder) {
 
 std::string schedule_error(model::GPTModel& model, const MicroBatchProvider& provider,
                            const ScheduleOptions& options) {
-  try {
-    forward_backward(model, comm::single_process_state(), provider, options);
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "no error";
+  return moe::testing::error_text(
+      [&] { forward_backward(model, comm::single_process_state(), provider, options); });
 }
 
 TEST(ScheduleErrors, NameTheBadValue) {

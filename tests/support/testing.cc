@@ -1,15 +1,14 @@
 #include "support/testing.h"
 
+#include <algorithm>
 #include <cmath>
 #include <sstream>
 
 namespace moe::testing {
 
-namespace {
-double value_at(const Tensor& t, int64_t i) {
-  return t.dtype() == DType::F64 ? t.data<double>()[i] : double(t.get(i));
+double value_at(const Tensor& tensor, int64_t i) {
+  return tensor.dtype() == DType::F64 ? tensor.data<double>()[i] : double(tensor.get(i));
 }
-}  // namespace
 
 ::testing::AssertionResult tensors_close(const Tensor& actual, const Tensor& expected, double atol,
                                          double rtol) {
@@ -68,6 +67,72 @@ Tensor random_uniform(const Shape& shape, uint64_t seed, float low, float high, 
   Rng rng(seed);
   rng.fill_uniform(tensor, low, high);
   return tensor;
+}
+
+::testing::AssertionResult contains_all(std::string_view text,
+                                        std::initializer_list<std::string_view> parts) {
+  for (std::string_view part : parts) {
+    if (text.find(part) == std::string_view::npos) {
+      return ::testing::AssertionFailure() << "missing: " << part << "\nin: " << text;
+    }
+  }
+  return ::testing::AssertionSuccess();
+}
+
+void expect_error_containing(const std::function<void()>& body,
+                             std::initializer_list<std::string_view> parts,
+                             std::source_location caller) {
+  const std::string text = error_text(body);
+  ::testing::AssertionResult found = contains_all(text, parts);
+  if (!found) ADD_FAILURE_AT(caller.file_name(), int(caller.line())) << found.message();
+}
+
+void expect_error_containing(const std::function<void()>& body, std::string_view part,
+                             std::source_location caller) {
+  expect_error_containing(body, {part}, caller);
+}
+
+namespace {
+// Writes `value` into element i, rounded to the tensor's dtype.
+void set_value(Tensor& tensor, int64_t i, double value) {
+  if (tensor.dtype() == DType::F64) {
+    tensor.data<double>()[i] = value;
+  } else {
+    tensor.set(i, float(value));
+  }
+}
+}  // namespace
+
+::testing::AssertionResult check_gradient(Tensor values, const Tensor& grad,
+                                          const std::function<double()>& objective,
+                                          const std::string& what, int samples, double rtol,
+                                          double atol, double step) {
+  int64_t n = values.numel();
+  if (grad.numel() != n) {
+    return ::testing::AssertionFailure()
+           << what << ": gradient has " << grad.numel() << " elements, values " << n;
+  }
+  if (n == 0) return ::testing::AssertionSuccess();
+  double scale = 0;
+  for (int64_t i = 0; i < n; ++i) scale = std::max(scale, std::fabs(value_at(grad, i)));
+  int64_t stride = std::max<int64_t>(1, n / samples);
+  for (int64_t i = (n - 1) % stride; i < n; i += stride) {
+    const double saved = value_at(values, i);
+    set_value(values, i, saved + step);
+    double plus = objective();
+    set_value(values, i, saved - step);
+    double minus = objective();
+    set_value(values, i, saved);
+    double numeric = (plus - minus) / (2 * step);
+    double analytic = value_at(grad, i);
+    double allowed = atol + rtol * std::max(std::fabs(numeric), scale);
+    if (!(std::fabs(numeric - analytic) <= allowed)) {
+      return ::testing::AssertionFailure()
+             << what << "[" << i << "]: analytic " << analytic << ", finite difference " << numeric
+             << " (allowed error " << allowed << ", largest gradient " << scale << ")";
+    }
+  }
+  return ::testing::AssertionSuccess();
 }
 
 }  // namespace moe::testing

@@ -1,11 +1,17 @@
-// Helpers shared by every test: tensor comparison that reports the worst element, and seeded
-// random tensors.
+// Helpers shared by every test: tensor comparison that reports the worst element, seeded random
+// tensors, error-text checks and finite-difference gradient checks.
 #pragma once
 
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <functional>
+#include <initializer_list>
+#include <source_location>
+#include <string>
+#include <string_view>
 
+#include "moe/tensor/error.h"
 #include "moe/tensor/rng.h"
 #include "moe/tensor/tensor.h"
 
@@ -21,7 +27,50 @@ Tensor random_normal(const Shape& shape, uint64_t seed, float std = 1.0f, DType 
 Tensor random_uniform(const Shape& shape, uint64_t seed, float low, float high,
                       DType dtype = DType::F32);
 
+// Element i of a floating tensor as a double (exact for fp64 and for fp32/bf16/fp16).
+double value_at(const Tensor& tensor, int64_t i);
+
+// The message of the moe::Error that `body` throws, or "(no error)" when it throws none.
+template <class Body>
+std::string error_text(Body&& body) {
+  try {
+    body();
+  } catch (const Error& error) {
+    return error.what();
+  }
+  return "(no error)";
+}
+
+// Passes when `text` contains every one of `parts`; the failure names the missing part.
+::testing::AssertionResult contains_all(std::string_view text,
+                                        std::initializer_list<std::string_view> parts);
+
+// Fails, at the caller's line, unless `body` throws a moe::Error whose message contains every one
+// of `parts` (or `part`).
+void expect_error_containing(const std::function<void()>& body,
+                             std::initializer_list<std::string_view> parts,
+                             std::source_location caller = std::source_location::current());
+void expect_error_containing(const std::function<void()>& body, std::string_view part,
+                             std::source_location caller = std::source_location::current());
+
+// Power-of-two step: values drawn as fp32 numbers in [0.5, 2) stay exact when perturbed, so
+// kernels that widen to fp32 see the same perturbation as fp64 ones.
+constexpr double kFiniteDifferenceStep = 1.0 / 16384.0;
+
+// Compares `grad`, the analytic gradient of `objective` with respect to `values` (an fp64 or fp32
+// tensor that objective reads; perturbed in place and restored), with central differences at up
+// to `samples` evenly spread elements. Each must agree within
+// atol + rtol * max(|difference|, largest |grad|); the failure names `what` and the element.
+::testing::AssertionResult check_gradient(Tensor values, const Tensor& grad,
+                                          const std::function<double()>& objective,
+                                          const std::string& what, int samples = 12,
+                                          double rtol = 1e-4, double atol = 1e-6,
+                                          double step = kFiniteDifferenceStep);
+
 }  // namespace moe::testing
+
+// EXPECT_CONTAINS(text, part, ...): text contains every part.
+#define EXPECT_CONTAINS(text, ...) EXPECT_TRUE(::moe::testing::contains_all((text), {__VA_ARGS__}))
 
 #define EXPECT_TENSORS_CLOSE(actual, expected, atol, rtol) \
   EXPECT_TRUE(::moe::testing::tensors_close((actual), (expected), (atol), (rtol)))

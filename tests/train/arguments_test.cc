@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "support/testing.h"
+
 namespace moe::train {
 namespace {
 
@@ -83,22 +85,11 @@ TrainingArguments finalized(const Args& flags, int world_size) {
   return args;
 }
 
-// The message of the moe::Error that `action` throws (fails the test when it throws nothing).
-template <class Action>
-std::string error_of(Action&& action) {
-  try {
-    action();
-  } catch (const Error& error) {
-    return error.what();
-  }
-  ADD_FAILURE() << "expected a moe::Error";
-  return "";
-}
 std::string parse_error(const Args& flags) {
-  return error_of([&] { parse_arguments(flags); });
+  return moe::testing::error_text([&] { parse_arguments(flags); });
 }
 std::string validation_error(const Args& flags, int world_size) {
-  return error_of([&] { finalized(flags, world_size); });
+  return moe::testing::error_text([&] { finalized(flags, world_size); });
 }
 
 TEST(Arguments, MixtralSeedScriptValidatesAtSixteenRanks) {
