@@ -195,22 +195,21 @@ bool grouped_gemm_kernel_available(GroupedGemmKernel kernel, DType input_dtype) 
   return false;
 }
 
+GroupedGemmKernel grouped_gemm_auto_kernel(DType input_dtype) {
+  for (GroupedGemmKernel fastest_first :
+       {GroupedGemmKernel::kPackedAvx512Bf16, GroupedGemmKernel::kPackedAvx512,
+        GroupedGemmKernel::kPackedAvx2}) {
+    if (grouped_gemm_kernel_available(fastest_first, input_dtype)) return fastest_first;
+  }
+  return GroupedGemmKernel::kPerGroupBlas;
+}
+
 void grouped_gemm(const GroupedGemmArgs& args, GroupedGemmKernel kernel) {
   GroupedGemmLayout layout(args);  // validates args first, so their errors come before ours
   MOE_CHECK(grouped_gemm_kernel_available(kernel, args.input_dtype), "grouped_gemm: kernel ",
             grouped_gemm_kernel_name(kernel), " is not available for input dtype ",
             dtype_name(args.input_dtype), " on this CPU");
-  if (kernel == GroupedGemmKernel::kAuto) {
-    kernel = GroupedGemmKernel::kPerGroupBlas;
-    for (GroupedGemmKernel fastest_first :
-         {GroupedGemmKernel::kPackedAvx512Bf16, GroupedGemmKernel::kPackedAvx512,
-          GroupedGemmKernel::kPackedAvx2}) {
-      if (grouped_gemm_kernel_available(fastest_first, args.input_dtype)) {
-        kernel = fastest_first;
-        break;
-      }
-    }
-  }
+  if (kernel == GroupedGemmKernel::kAuto) kernel = grouped_gemm_auto_kernel(args.input_dtype);
   if (kernel == GroupedGemmKernel::kPerGroupBlas) {
     grouped_gemm_blas(args, layout);
   } else {

@@ -24,7 +24,9 @@
 #include "moe/optim/lr_scheduler.h"
 #include "moe/optim/optimizer.h"
 #include "moe/pipeline/schedules.h"
+#include "moe/tensor/gemm.h"
 #include "moe/tensor/rng.h"
+#include "moe/tensor/threads.h"
 #include "moe/train/scalar_log.h"
 
 namespace moe::train {
@@ -243,6 +245,8 @@ void build_model_and_optimizer(Job& job) {
                  job.parallel.ep_group.rank(), "): dense ",
                  job.store->flat_params(ParamGroup::kDense).numel(), ", expert ",
                  job.store->flat_params(ParamGroup::kExpert).numel()));
+  job.say(concat(" > compute: ", num_threads(), " threads per rank, grouped GEMM kernel ",
+                 grouped_gemm_kernel_name(grouped_gemm_auto_kernel(parameter_dtype(a)))));
   job.optimizer = std::make_unique<optim::Optimizer>(*job.store, job.parallel, optimizer_config(a));
   job.scheduler =
       std::make_unique<optim::OptimizerParamScheduler>(scheduler_config(a), job.optimizer.get());

@@ -280,6 +280,24 @@ TEST(GroupedGemmDeterminism, PackedKernelsAgreeBitwise) {
   }
 }
 
+TEST(GroupedGemmKernels, AutoRunsTheFastestAvailable) {
+  EXPECT_EQ(grouped_gemm_auto_kernel(DType::F64), GroupedGemmKernel::kPerGroupBlas);
+  for (DType dtype : {DType::F32, DType::BF16, DType::F16}) {
+    GroupedGemmKernel chosen = grouped_gemm_auto_kernel(dtype);
+    EXPECT_TRUE(grouped_gemm_kernel_available(chosen, dtype)) << dtype_name(dtype);
+    if (grouped_gemm_kernel_available(GroupedGemmKernel::kPackedAvx2, dtype)) {
+      EXPECT_NE(chosen, GroupedGemmKernel::kPerGroupBlas) << dtype_name(dtype);
+    }
+    if (grouped_gemm_kernel_available(GroupedGemmKernel::kPackedAvx512, dtype) &&
+        dtype != DType::BF16) {
+      EXPECT_EQ(chosen, GroupedGemmKernel::kPackedAvx512) << dtype_name(dtype);
+    }
+  }
+  if (grouped_gemm_kernel_available(GroupedGemmKernel::kPackedAvx512Bf16, DType::BF16)) {
+    EXPECT_EQ(grouped_gemm_auto_kernel(DType::BF16), GroupedGemmKernel::kPackedAvx512Bf16);
+  }
+}
+
 TEST(LinearProducts, AreOneGroupOfTheGroupedForms) {
   Tensor x = random_normal({5, 3}, 1), w = random_normal({3, 4}, 2), dy = random_normal({5, 4}, 3);
   Tensor y({5, 4}), dx({5, 3}), dw = random_normal({3, 4}, 4);

@@ -61,6 +61,8 @@ enum class GroupedGemmKernel {
                       // the rate; subnormals flushed, so not bitwise equal to the fp32 kernels)
 };
 const char* grouped_gemm_kernel_name(GroupedGemmKernel kernel);
+// The kernel kAuto runs for this input dtype on this CPU.
+GroupedGemmKernel grouped_gemm_auto_kernel(DType input_dtype);
 // Whether `kernel` can run on this CPU for this input dtype.
 bool grouped_gemm_kernel_available(GroupedGemmKernel kernel, DType input_dtype);
 // Throws moe::Error naming the kernel when it is not available.
