@@ -3,7 +3,6 @@
 #pragma once
 
 #include <cstdint>
-#include <functional>
 #include <string>
 #include <vector>
 
@@ -36,16 +35,6 @@ inline Tolerance elementwise_tolerance(DType output) {
     default:
       return {0, 0};
   }
-}
-
-// The message of the moe::Error that `body` throws, or "(no error)".
-inline std::string error_text(const std::function<void()>& body) {
-  try {
-    body();
-  } catch (const Error& error) {
-    return error.what();
-  }
-  return "(no error)";
 }
 
 inline std::string dtype_label(DType dtype) {
