@@ -9,7 +9,11 @@ calls and PyTorch.
 
 Usage: /usr/bin/python3 bench/plot_gemm.py --ours gemm.json --peer gemm_torch.json
            --markdown docs/benchmarks/gemm.md --png docs/benchmarks/grouped_gemm.png
-           [--command "how the figures were produced"] [--machine "cores, load"]
+           [--summary docs/BENCHMARKS.md] [--command "how the figures were produced"]
+           [--machine "cores, load"]
+
+With --summary, the table also replaces the text between the SUMMARY_BEGIN and SUMMARY_END
+marker lines of that file.
 """
 import argparse
 import json
@@ -24,6 +28,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only bac
 PACKED_FASTEST_FIRST = ("packed_avx512_bf16", "packed_avx512", "packed_avx2")
 AVX2 = "packed_avx2"
 PER_GROUP_BLAS = "per_group_blas"
+SUMMARY_BEGIN = "<!-- bench/run.sh gemm: table begin -->"
+SUMMARY_END = "<!-- bench/run.sh gemm: table end -->"
 FLOPS_PER_SWEEP_ROW = 2.0 * 8 * 1024 * 2048  # 8 experts, K = 1024, N = 2048
 SHAPES = ("even", "skewed", "many_small")
 FORMS = ("forward", "grad_input", "grad_weight")
@@ -149,6 +155,7 @@ def main():
     parser.add_argument("--peer", required=True)
     parser.add_argument("--markdown", required=True)
     parser.add_argument("--png", required=True)
+    parser.add_argument("--summary")
     parser.add_argument("--command", default="bench/run.sh")
     parser.add_argument("--machine", default="")
     args = parser.parse_args()
@@ -205,6 +212,22 @@ Dense OpenBLAS SGEMM in the same run:
 """
     with open(args.markdown, "w") as out:
         out.write(text)
+    if args.summary:
+        write_summary(args.summary, f"Produced by `{args.command}` on "
+                      f"{context.get('date', 'an unknown date')} ({args.machine}).\n\n"
+                      f"{table(ours, peer)}\n")
+
+
+def write_summary(path, block):
+    """Replaces the lines between the gemm table markers of `path` with `block`."""
+    with open(path) as source:
+        text = source.read()
+    begin, end = text.find(SUMMARY_BEGIN), text.find(SUMMARY_END)
+    if begin < 0 or end < begin:
+        raise SystemExit(f"plot_gemm.py: {path} has no '{SUMMARY_BEGIN}' ... '{SUMMARY_END}' lines")
+    head = text[: begin + len(SUMMARY_BEGIN)]
+    with open(path, "w") as out:
+        out.write(f"{head}\n{block}{text[end:]}")
 
 
 if __name__ == "__main__":

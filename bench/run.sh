@@ -41,9 +41,10 @@ step_gemm() {
   "$peer_python" "$root/bench/torch_grouped_gemm.py" --out "$out/gemm_torch.json" \
     --threads "$threads"
   "$peer_python" "$root/bench/plot_gemm.py" --ours "$out/gemm.json" --peer "$out/gemm_torch.json" \
-    --markdown "$docs/gemm.md" --png "$docs/grouped_gemm.png" \
+    --markdown "$docs/gemm.md" --png "$docs/grouped_gemm.png" --summary "$root/docs/BENCHMARKS.md" \
     --command "BENCH_THREADS=$threads bench/run.sh gemm" --machine "$started"
-  echo "== gemm: wrote docs/benchmarks/gemm.md and docs/benchmarks/grouped_gemm.png"
+  echo "== gemm: wrote docs/benchmarks/gemm.md, docs/benchmarks/grouped_gemm.png and the table in" \
+    "docs/BENCHMARKS.md"
 }
 
 # MoE layer forward+backward (ours and the PyTorch peer), its time outside GEMMs, peak memory.
