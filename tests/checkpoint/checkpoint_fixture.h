@@ -1,17 +1,12 @@
 // A small training run (model, optimizer, scheduler, RNG) that the checkpoint tests save, load
-// and resume, plus helpers to compare runs bitwise and to create scratch directories.
+// and resume, and a bitwise comparison of two runs.
 #pragma once
 
-#include <unistd.h>
-
-#include <cstring>
-#include <filesystem>
-#include <fstream>
 #include <memory>
-#include <sstream>
 
 #include "moe/checkpoint/checkpoint.h"
 #include "optim/test_model.h"
+#include "support/testing.h"
 
 namespace moe::testing {
 
@@ -72,10 +67,6 @@ struct TrainingRun {
   }
 };
 
-inline bool same_bytes(const Tensor& a, const Tensor& b) {
-  return a.nbytes() == b.nbytes() && std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
-}
-
 // Parameters, optimizer state and scalars are bitwise equal.
 inline ::testing::AssertionResult runs_identical(TrainingRun& a, TrainingRun& b) {
   for (ParamGroup g : {ParamGroup::kDense, ParamGroup::kExpert}) {
@@ -99,34 +90,6 @@ inline ::testing::AssertionResult runs_identical(TrainingRun& a, TrainingRun& b)
     return ::testing::AssertionFailure() << "scalars differ";
   }
   return ::testing::AssertionSuccess();
-}
-
-// A fresh directory under the system temp dir, removed with the object. Under MPI every rank
-// passes the same `unique` value and only the owner (rank 0) creates and removes it; callers put
-// a barrier after construction and before destruction.
-struct ScratchDir {
-  std::filesystem::path path;
-  bool owner = true;
-  explicit ScratchDir(const std::string& name, int64_t unique = ::getpid(), bool is_owner = true)
-      : owner(is_owner) {
-    path = std::filesystem::temp_directory_path() /
-           ("moe_ckpt_" + name + "_" + std::to_string(unique));
-    if (!owner) return;
-    std::filesystem::remove_all(path);
-    std::filesystem::create_directories(path);
-  }
-  ~ScratchDir() {
-    std::error_code ignored;
-    if (owner) std::filesystem::remove_all(path, ignored);
-  }
-  std::string str() const { return path.string(); }
-};
-
-inline std::string file_text(const std::filesystem::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::ostringstream text;
-  text << in.rdbuf();
-  return text.str();
 }
 
 }  // namespace moe::testing

@@ -18,8 +18,8 @@ namespace {
 
 namespace fs = std::filesystem;
 using moe::testing::expect_error_containing;
-using moe::testing::file_text;
 using moe::testing::param_spec;
+using moe::testing::read_bytes;
 using moe::testing::runs_identical;
 using moe::testing::ScratchDir;
 using moe::testing::TrainingRun;
@@ -37,18 +37,18 @@ TEST(Checkpoint, MegatronDirectoryNamesAndTracker) {
   TrainingRun run(single(), DType::F32, false);
   run.train(3);
   run.save(dir.str());
-  EXPECT_EQ(file_text(dir.path / "latest_checkpointed_iteration.txt"), "3");
+  EXPECT_EQ(read_bytes(dir.path / "latest_checkpointed_iteration.txt"), "3");
   EXPECT_EQ(read_tracker(dir.str()), 3);
   for (const char* file : {"metadata.json", "rank_00000.json", "rank_00000.bin"}) {
     EXPECT_TRUE(fs::exists(dir.path / "iter_0000003" / file)) << file;
   }
   EXPECT_FALSE(fs::exists(dir.path / "iter_0000003.tmp"));
-  nlohmann::json meta = nlohmann::json::parse(file_text(dir.path / "iter_0000003/metadata.json"));
+  nlohmann::json meta = nlohmann::json::parse(read_bytes(dir.path / "iter_0000003/metadata.json"));
   EXPECT_EQ(meta["iteration"], 3);
   EXPECT_EQ(meta["layout"]["world_size"], 1);
   EXPECT_EQ(meta["args"]["seed"], 42);
   nlohmann::json index =
-      nlohmann::json::parse(file_text(dir.path / "iter_0000003/rank_00000.json"));
+      nlohmann::json::parse(read_bytes(dir.path / "iter_0000003/rank_00000.json"));
   const nlohmann::json& first = index["tensors"][0];
   EXPECT_EQ(first["name"], "norm.weight");
   EXPECT_EQ(first["global_shape"], nlohmann::json::array({5}));
@@ -209,11 +209,11 @@ TEST_F(BrokenCheckpoint, CorruptedTensorBytes) {
 }
 
 TEST_F(BrokenCheckpoint, CorruptedIndexAndMetadata) {
-  std::string index = file_text(ckpt() / "rank_00000.json");
+  std::string index = read_bytes(ckpt() / "rank_00000.json");
   index[index.find("fc.bias")] = 'F';
   std::ofstream(ckpt() / "rank_00000.json", std::ios::binary) << index;
   expect_load_error({"checkpoint index", "rank_00000.json", "is corrupted"});
-  std::string meta = file_text(ckpt() / "metadata.json");
+  std::string meta = read_bytes(ckpt() / "metadata.json");
   std::ofstream(ckpt() / "metadata.json", std::ios::binary) << meta.substr(0, meta.size() / 2);
   expect_load_error({"metadata.json", "is not valid JSON"});
 }

@@ -8,7 +8,6 @@
 #include <fstream>
 #include <sstream>
 
-#include "convert/convert_testing.h"
 #include "convert/mixtral_testing.h"
 #include "model/model_testing.h"
 #include "moe/train/arguments.h"

@@ -2,12 +2,12 @@
 // checkpoint loads into a real GPTModel and that both directions are bitwise exact.
 #include <gtest/gtest.h>
 
-#include <cstring>
-#include <sstream>
+#include <cstdlib>
+#include <string>
 
-#include "convert/convert_testing.h"
 #include "convert/mixtral_testing.h"
 #include "moe/checkpoint/checkpoint.h"
+#include "support/testing.h"
 
 namespace moe::testing {
 namespace {
@@ -20,16 +20,13 @@ struct RunResult {
 };
 
 RunResult run_convert(const ScratchDir& scratch, const std::string& arguments) {
-  const std::string log = scratch / "convert.log";
+  const std::string log = scratch.file("convert.log");
   const std::string command =
       std::string(MOE_CONVERT_PROGRAM) + " " + arguments + " > " + log + " 2>&1";
   RunResult result;
   int status = std::system(command.c_str());
   result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  std::ifstream in(log);
-  std::stringstream text;
-  text << in.rdbuf();
-  result.output = text.str();
+  result.output = read_bytes(log);
   return result;
 }
 
@@ -38,7 +35,7 @@ struct ConvertCase {
   ScratchDir scratch;
   MixtralConfig config = tiny_config();
   TinyModel original;
-  std::string hf = scratch / "hf", ckpt = scratch / "ckpt", back = scratch / "hf_back";
+  std::string hf = scratch.file("hf"), ckpt = scratch.file("ckpt"), back = scratch.file("hf_back");
   ConvertCase(const std::string& tag, DType dtype, uint64_t seed)
       : scratch(tag), original(config, dtype, seed) {
     write_hf_model(hf, config, original.store);
@@ -144,10 +141,10 @@ TEST(MoeConvert, MoeTrainFineTunesFromTheConvertedCheckpoint) {
                               "--vocab-size 36 --seq-length 8 --micro-batch-size 2 "
                               "--global-batch-size 2 --train-iters 2 --lr 1e-4 --bf16 "
                               "--log-interval 1 --save " +
-                              (t.scratch / "trained") + " --save-interval 2 > " +
-                              (t.scratch / "train.log") + " 2>&1";
+                              (t.scratch.file("trained")) + " --save-interval 2 > " +
+                              (t.scratch.file("train.log")) + " 2>&1";
   EXPECT_EQ(std::system(command.c_str()), 0) << command;
-  std::ifstream log(t.scratch / "train.log");
+  std::ifstream log(t.scratch.file("train.log"));
   std::stringstream text;
   text << log.rdbuf();
   EXPECT_NE(text.str().find("loaded checkpoint from '" + t.ckpt + "' at iteration 0"),
@@ -156,15 +153,15 @@ TEST(MoeConvert, MoeTrainFineTunesFromTheConvertedCheckpoint) {
 
   // The trained checkpoint (with optimizer state) converts back to HF from the moe-train command
   // line it records (vocab_size = its 37 rows), or from a config.json given with --hf-config.
-  RunResult from_args = t.run("--from moecore --to hf --input " + (t.scratch / "trained") +
-                              " --output " + (t.scratch / "from_args"));
+  RunResult from_args = t.run("--from moecore --to hf --input " + (t.scratch.file("trained")) +
+                              " --output " + (t.scratch.file("from_args")));
   ASSERT_EQ(from_args.exit_code, 0) << from_args.output;
   EXPECT_NE(from_args.output.find("comes from the moe-train command line"), std::string::npos);
   EXPECT_EQ(MixtralConfig::from_json(
-                nlohmann::json::parse(std::ifstream(t.scratch / "from_args/config.json")), "c")
+                nlohmann::json::parse(std::ifstream(t.scratch.file("from_args/config.json"))), "c")
                 .to_json(),
             t.config.to_json());
-  RunResult back = t.run("--from moecore --to hf --input " + (t.scratch / "trained") +
+  RunResult back = t.run("--from moecore --to hf --input " + (t.scratch.file("trained")) +
                          " --output " + t.back + " --hf-config " + t.hf + "/config.json");
   ASSERT_EQ(back.exit_code, 0) << back.output;
   EXPECT_NE(back.output.find("from iteration 2"), std::string::npos) << back.output;
@@ -179,7 +176,8 @@ TEST(MoeConvert, CheckpointWithoutModelRecordNeedsHfConfig) {
   MixtralConfig c = tiny_config();
   c.padded_vocab_size = 40;
   TinyModel trained(c, DType::F32, 15);
-  const std::string ckpt = scratch / "ckpt", back = scratch / "hf", config = scratch / "c.json";
+  const std::string ckpt = scratch.file("ckpt"), back = scratch.file("hf"),
+                    config = scratch.file("c.json");
   checkpoint::TrainingState state;
   state.iteration = 3;
   checkpoint::save_checkpoint(ckpt, state, trained.store, nullptr, nullptr,
@@ -221,7 +219,7 @@ TEST(MoeConvert, BadInvocationsExplainThemselves) {
   ScratchDir scratch("tool_errors");
   const MixtralConfig c = tiny_config();
   TinyModel original(c, DType::F32, 13);
-  const std::string hf = scratch / "hf";
+  const std::string hf = scratch.file("hf");
   write_hf_model(hf, c, original.store);
   auto expect_failure = [&](const std::string& arguments, const std::string& text) {
     RunResult result = run_convert(scratch, arguments);
@@ -231,45 +229,48 @@ TEST(MoeConvert, BadInvocationsExplainThemselves) {
   };
   expect_failure("--from hf --to moecore --input " + hf + " --output " + hf,
                  "exists and is not empty");
-  expect_failure("--from hf --to hf --input " + hf + " --output " + (scratch / "o"),
+  expect_failure("--from hf --to hf --input " + hf + " --output " + (scratch.file("o")),
                  "--from and --to are both 'hf'");
-  expect_failure("--from gguf --to moecore --input " + hf + " --output " + (scratch / "o"), "gguf");
-  expect_failure(
-      "--from hf --to moecore --input " + (scratch / "none") + " --output " + (scratch / "o"),
-      "is not a directory");
-  expect_failure("--from moecore --to hf --input " + hf + " --output " + (scratch / "o"),
+  expect_failure("--from gguf --to moecore --input " + hf + " --output " + (scratch.file("o")),
+                 "gguf");
+  expect_failure("--from hf --to moecore --input " + (scratch.file("none")) + " --output " +
+                     (scratch.file("o")),
+                 "is not a directory");
+  expect_failure("--from moecore --to hf --input " + hf + " --output " + (scratch.file("o")),
                  "not a moecore checkpoint directory");
   expect_failure(
-      "--from hf --to moecore --dtype int8 --input " + hf + " --output " + (scratch / "o"), "int8");
+      "--from hf --to moecore --dtype int8 --input " + hf + " --output " + (scratch.file("o")),
+      "int8");
 
   // A tensor the config does not account for, and a missing one.
   ScratchDir extra("tool_extra");
   write_hf_model(extra.path.string(), c, original.store, uint64_t(1) << 30);
-  checkpoint::safetensors::write_file(extra / "more.safetensors", {{"vision.proj", Tensor({2})}});
+  checkpoint::safetensors::write_file(extra.file("more.safetensors"),
+                                      {{"vision.proj", Tensor({2})}});
   expect_failure(
-      "--from hf --to moecore --input " + extra.path.string() + " --output " + (scratch / "o"),
+      "--from hf --to moecore --input " + extra.path.string() + " --output " + (scratch.file("o")),
       "'vision.proj' that a Mixtral model has no place for");
   MixtralConfig bigger = c;
   bigger.num_hidden_layers = 3;
-  std::ofstream(extra / "config.json") << bigger.to_json().dump();
+  std::ofstream(extra.file("config.json")) << bigger.to_json().dump();
   expect_failure(
-      "--from hf --to moecore --input " + extra.path.string() + " --output " + (scratch / "o"),
+      "--from hf --to moecore --input " + extra.path.string() + " --output " + (scratch.file("o")),
       "no tensor 'model.layers.2.input_layernorm.weight'");
-  EXPECT_FALSE(std::filesystem::exists(scratch / "o"));
+  EXPECT_FALSE(std::filesystem::exists(scratch.file("o")));
 
   // A checkpoint that does not fit the given config: the error names the tensor, and the empty
   // output directory stays empty.
-  const std::string ckpt = scratch / "ckpt", empty_output = scratch / "empty_output";
+  const std::string ckpt = scratch.file("ckpt"), empty_output = scratch.file("empty_output");
   ASSERT_EQ(run_convert(scratch, "--from hf --to moecore --input " + hf + " --output " + ckpt +
                                      " --make-vocab-size-divisible-by 1")
                 .exit_code,
             0);
   MixtralConfig more_experts = c;
   more_experts.num_local_experts = 4;
-  std::ofstream(scratch / "more_experts.json") << more_experts.to_json().dump();
+  std::ofstream(scratch.file("more_experts.json")) << more_experts.to_json().dump();
   std::filesystem::create_directories(empty_output);
   expect_failure("--from moecore --to hf --input " + ckpt + " --output " + empty_output +
-                     " --hf-config " + (scratch / "more_experts.json"),
+                     " --hf-config " + (scratch.file("more_experts.json")),
                  "decoder.layers.0.mlp");
   EXPECT_TRUE(std::filesystem::is_empty(empty_output));
 }

@@ -6,7 +6,6 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
-#include "convert/convert_testing.h"
 #include "support/testing.h"
 
 namespace moe::checkpoint::safetensors {
@@ -15,7 +14,7 @@ namespace {
 using moe::testing::expect_error_containing;
 using moe::testing::same_bytes;
 using moe::testing::ScratchDir;
-using moe::testing::write_text;
+using moe::testing::write_bytes;
 
 // One tensor of every supported dtype and some awkward shapes (empty, scalar-like, odd sizes).
 std::vector<NamedTensor> sample_tensors() {
@@ -36,9 +35,9 @@ std::vector<NamedTensor> sample_tensors() {
 TEST(Safetensors, FileRoundTripIsBitwise) {
   ScratchDir dir("file_round_trip");
   auto tensors = sample_tensors();
-  write_file(dir / "x.safetensors", tensors, {{"format", "pt"}});
-  EXPECT_FALSE(std::filesystem::exists(dir / "x.safetensors.tmp"));
-  File file(dir / "x.safetensors");
+  write_file(dir.file("x.safetensors"), tensors, {{"format", "pt"}});
+  EXPECT_FALSE(std::filesystem::exists(dir.file("x.safetensors.tmp")));
+  File file(dir.file("x.safetensors"));
   EXPECT_EQ(file.metadata().at("format"), "pt");
   ASSERT_EQ(file.tensors().size(), tensors.size());
   for (const auto& [name, tensor] : tensors) {
@@ -52,8 +51,8 @@ TEST(Safetensors, ShardedCheckpointRoundTrip) {
   ScratchDir dir("sharded");
   auto tensors = sample_tensors();
   write_checkpoint(dir.path.string(), tensors, {}, /*max_shard_bytes=*/400);
-  ASSERT_TRUE(std::filesystem::exists(dir / "model.safetensors.index.json"));
-  EXPECT_FALSE(std::filesystem::exists(dir / "model.safetensors"));
+  ASSERT_TRUE(std::filesystem::exists(dir.file("model.safetensors.index.json")));
+  EXPECT_FALSE(std::filesystem::exists(dir.file("model.safetensors")));
   Checkpoint checkpoint(dir.path.string());
   EXPECT_EQ(checkpoint.names().size(), tensors.size());
   std::set<std::string> files;
@@ -65,14 +64,14 @@ TEST(Safetensors, ShardedCheckpointRoundTrip) {
 
   ScratchDir single("single");
   write_checkpoint(single.path.string(), tensors);
-  EXPECT_TRUE(std::filesystem::exists(single / "model.safetensors"));
+  EXPECT_TRUE(std::filesystem::exists(single.file("model.safetensors")));
   EXPECT_TRUE(same_bytes(Checkpoint(single.path.string()).read("f16"), tensors[2].second));
 }
 
 TEST(Safetensors, ReadsFileWrittenByIndependentPythonScript) {
   if (!std::filesystem::exists("/usr/bin/python3")) GTEST_SKIP() << "no /usr/bin/python3";
   ScratchDir dir("python_fixture");
-  const std::string path = dir / "fixture.safetensors";
+  const std::string path = dir.file("fixture.safetensors");
   const std::string command =
       std::string("/usr/bin/python3 ") + MOE_CONVERT_TEST_DIR "/write_fixture.py " + path;
   ASSERT_EQ(std::system(command.c_str()), 0) << command;
@@ -101,17 +100,17 @@ TEST(Safetensors, StreamingWriterChecksEachTensorAndLeavesNothingOnError) {
   };
   write_checkpoint(dir.path.string(), entries, source);
   EXPECT_EQ(calls, 2);
-  EXPECT_TRUE(same_bytes(File(dir / "model.safetensors").read("a"),
+  EXPECT_TRUE(same_bytes(File(dir.file("model.safetensors")).read("a"),
                          moe::testing::random_normal({2, 3}, 5)));
 
   ScratchDir bad("streaming_bad");
   auto wrong = [&](const std::string& name) {
     return name == "a" ? Tensor({3, 2}) : Tensor({5}, DType::BF16);
   };
-  expect_error_containing([&] { write_file(bad / "x.safetensors", entries, wrong); },
+  expect_error_containing([&] { write_file(bad.file("x.safetensors"), entries, wrong); },
                           {"tensor 'a' should be F32 [2, 3] but is F32 [3, 2]"});
-  EXPECT_FALSE(std::filesystem::exists(bad / "x.safetensors"));
-  EXPECT_FALSE(std::filesystem::exists(bad / "x.safetensors.tmp"));
+  EXPECT_FALSE(std::filesystem::exists(bad.file("x.safetensors")));
+  EXPECT_FALSE(std::filesystem::exists(bad.file("x.safetensors.tmp")));
 }
 
 // Writes an 8-byte length plus `header` plus `data_bytes` zero bytes.
@@ -120,12 +119,12 @@ void write_raw(const std::string& path, const std::string& header, size_t data_b
   for (int i = 0; i < 8; ++i) bytes[size_t(i)] = char(uint8_t(header.size() >> (8 * i)));
   bytes += header;
   bytes.append(data_bytes, '\0');
-  write_text(path, bytes);
+  write_bytes(path, bytes);
 }
 
 TEST(Safetensors, BadFilesNameFileAndTensor) {
   ScratchDir dir("bad");
-  const std::string path = dir / "bad.safetensors";
+  const std::string path = dir.file("bad.safetensors");
   write_raw(path, R"({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}})", 10);
   expect_error_containing([&] { File{path}; }, {"'w'", path, "outside the 10-byte data section"});
 
@@ -144,13 +143,13 @@ TEST(Safetensors, BadFilesNameFileAndTensor) {
   write_raw(path, R"({"w": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]}})", 3);
   expect_error_containing([&] { File{path}; }, {"'w'", "'U8' is not supported"});
 
-  write_text(path, std::string("\x40\0\0", 3));
+  write_bytes(path, std::string("\x40\0\0", 3));
   expect_error_containing([&] { File{path}; }, {path, "truncated", "header length"});
 
   write_raw(path, "{}", 0);
   std::string bytes(8, '\0');
   bytes[0] = char(200);  // claims a 200-byte header, has 2
-  write_text(path, bytes + "{}");
+  write_bytes(path, bytes + "{}");
   expect_error_containing([&] { File{path}; }, {path, "truncated", "JSON header"});
 
   write_raw(path, R"({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})", 4);
@@ -159,22 +158,23 @@ TEST(Safetensors, BadFilesNameFileAndTensor) {
 
 TEST(Safetensors, BadIndexIsReported) {
   ScratchDir dir("bad_index");
-  write_file(dir / "a.safetensors", {{"w", Tensor({2})}});
-  write_text(dir / "model.safetensors.index.json",
-             R"({"weight_map": {"w": "a.safetensors", "missing": "a.safetensors"}})");
+  write_file(dir.file("a.safetensors"), {{"w", Tensor({2})}});
+  write_bytes(dir.file("model.safetensors.index.json"),
+              R"({"weight_map": {"w": "a.safetensors", "missing": "a.safetensors"}})");
   expect_error_containing([&] { Checkpoint{dir.path.string()}; },
                           {"maps 'missing' to 'a.safetensors'", "does not hold it"});
-  write_text(dir / "model.safetensors.index.json", R"({"weight_map": {"w": "b.safetensors"}})");
+  write_bytes(dir.file("model.safetensors.index.json"),
+              R"({"weight_map": {"w": "b.safetensors"}})");
   expect_error_containing([&] { Checkpoint{dir.path.string()}; }, {"b.safetensors", "cannot open"});
 
   ScratchDir empty("empty");
   expect_error_containing([&] { Checkpoint{empty.path.string()}; }, {"nor any .safetensors file"});
   expect_error_containing(
       [&] {
-        write_file(empty / "x.safetensors", {{"w", Tensor({1})}, {"w", Tensor({1})}});
+        write_file(empty.file("x.safetensors"), {{"w", Tensor({1})}, {"w", Tensor({1})}});
       },
       {"'w' appears twice"});
-  EXPECT_FALSE(std::filesystem::exists(empty / "x.safetensors.tmp"));
+  EXPECT_FALSE(std::filesystem::exists(empty.file("x.safetensors.tmp")));
 }
 
 }  // namespace

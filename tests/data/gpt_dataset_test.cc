@@ -16,6 +16,8 @@
 namespace moe::data {
 namespace {
 
+using moe::testing::ScratchDir;
+
 using Ids = std::vector<int64_t>;
 
 using moe::testing::expect_error_containing;
@@ -153,7 +155,7 @@ TEST(Blend, ParsesDataPathLikeMegatron) {
 class GptIndices : public ::testing::Test {
  protected:
   void SetUp() override { write_dataset(prefix_, 200); }
-  testing::TempDir dir_;
+  ScratchDir dir_{"data"};
   std::string prefix_ = dir_.file("corpus");
 };
 
@@ -270,7 +272,7 @@ TEST_F(GptIndices, EmptySplitsAndBadConfigsAreClearErrors) {
 // Blending
 
 TEST(Blending, ProportionsTrackWeightsAtEveryPrefix) {
-  testing::TempDir dir;
+  ScratchDir dir{"data"};
   write_dataset(dir.file("a"), 100, 1);
   write_dataset(dir.file("b"), 100, 1000000);
   GPTDatasetConfig config = config_for(dir.file("a"), 16);
@@ -294,7 +296,7 @@ TEST(Blending, ProportionsTrackWeightsAtEveryPrefix) {
 }
 
 TEST(Blending, UnweightedBlendUsesDatasetLengthsAndExhaustiveMode) {
-  testing::TempDir dir;
+  ScratchDir dir{"data"};
   write_dataset(dir.file("a"), 60, 1);
   write_dataset(dir.file("b"), 120, 1000000);
   GPTDatasetConfig config = config_for(dir.file("a"), 16);
@@ -318,7 +320,7 @@ TEST(Blending, UnweightedBlendUsesDatasetLengthsAndExhaustiveMode) {
 }
 
 TEST(Blending, PerSplitDataPathsUseWholeDatasets) {
-  testing::TempDir dir;
+  ScratchDir dir{"data"};
   write_dataset(dir.file("a"), 100, 1);
   write_dataset(dir.file("b"), 50, 1000000);
   GPTDatasetConfig config = config_for(dir.file("a"), 16);
@@ -343,7 +345,7 @@ TEST(Blending, PerSplitDataPathsUseWholeDatasets) {
 }
 
 TEST(Blending, OversamplingIsAClearError) {
-  testing::TempDir dir;
+  ScratchDir dir{"data"};
   write_dataset(dir.file("a"), 40);
   const auto indexed = std::make_shared<const IndexedDataset>(dir.file("a"));
   const auto small = std::make_shared<const GPTDataset>(indexed, 0, 40, std::nullopt, Split::Train,
@@ -364,7 +366,7 @@ TEST(Blending, OversamplingIsAClearError) {
 // Sampler and micro-batches
 
 TEST(PretrainingDataIterator, EveryLayoutSeesTheSameGlobalBatches) {
-  testing::TempDir dir;
+  ScratchDir dir{"data"};
   GPTDatasetConfig config = train_only_config(dir.file("a"), 100);
   config.num_samples = {64, std::nullopt, std::nullopt};
   const auto train = build_gpt_datasets(config)[0];
@@ -392,7 +394,7 @@ TEST(PretrainingDataIterator, EveryLayoutSeesTheSameGlobalBatches) {
 }
 
 TEST(PretrainingDataIterator, ResumesWithTheNextSample) {
-  testing::TempDir dir;
+  ScratchDir dir{"data"};
   const GPTDatasetConfig config = train_only_config(dir.file("a"), 100);
   const auto train = build_gpt_datasets(config)[0];
   PretrainingDataIterator uninterrupted(train, 0, 2, 1, 3, config.sample);
@@ -410,7 +412,7 @@ TEST(PretrainingDataIterator, ResumesWithTheNextSample) {
 }
 
 TEST(PretrainingDataIterator, RejectsBadPositionsAndStopsAtTheEnd) {
-  testing::TempDir dir;
+  ScratchDir dir{"data"};
   const GPTDatasetConfig config = train_only_config(dir.file("a"), 30);
   const auto train = build_gpt_datasets(config)[0];
   const int64_t total = train->size();
@@ -429,7 +431,7 @@ TEST(PretrainingDataIterator, RejectsBadPositionsAndStopsAtTheEnd) {
 
 // A two-document stream [10 11 12 EOD 20 21 EOD 30 ...] read back through make_micro_batch.
 TEST(MicroBatch, ShiftsLabelsAndAppliesMegatronMasks) {
-  testing::TempDir dir;
+  ScratchDir dir{"data"};
   {
     IndexedDatasetBuilder builder(dir.file("eod"), TokenDType::I32);
     builder.add_document(Ids{10, 11, 12, 2}, std::vector<int32_t>{4});
@@ -480,7 +482,7 @@ TEST(MicroBatch, ShiftsLabelsAndAppliesMegatronMasks) {
 
 // Data made with a larger vocabulary than the model's: the id is refused naming the file.
 TEST(GPTDataset, RefusesTokenIdsOutsideTheVocabularyNamingTheFile) {
-  testing::TempDir dir;
+  ScratchDir dir{"data"};
   {
     IndexedDatasetBuilder builder(dir.file("big_vocab"), TokenDType::I32);
     builder.add_document(Ids{10, 11, 12, 2, 20, 21, 152, 2}, std::vector<int32_t>{8});

@@ -17,7 +17,9 @@
 namespace moe::data {
 namespace {
 
-using testing::TempDir;
+using moe::testing::read_bytes;
+using moe::testing::ScratchDir;
+using moe::testing::write_bytes;
 
 // documents -> sequences -> token ids
 using Layout = std::vector<std::vector<std::vector<int64_t>>>;
@@ -68,7 +70,7 @@ const std::vector<Layout> kLayouts = {
 };
 
 TEST(IndexedDataset, RoundTripsEveryDTypeAndLayout) {
-  TempDir dir;
+  ScratchDir dir{"data"};
   for (TokenDType dtype : kAllDTypes) {
     for (size_t l = 0; l < kLayouts.size(); ++l) {
       SCOPED_TRACE(std::string(token_dtype_name(dtype)) + " layout " + std::to_string(l));
@@ -89,7 +91,7 @@ TEST(IndexedDataset, RoundTripsEveryDTypeAndLayout) {
 }
 
 TEST(IndexedDataset, PartialReadsAndFullRangeValues) {
-  TempDir dir;
+  ScratchDir dir{"data"};
   const std::string prefix = dir.file("values");
   const Layout layout = {{{65535, 0, 1, 2, 65534}}, {{7, 8}}};
   write_dataset(prefix, TokenDType::U16, layout);
@@ -111,7 +113,7 @@ TEST(IndexedDataset, PartialReadsAndFullRangeValues) {
 }
 
 TEST(IndexedDataset, BuilderRejectsIdsOutsideTheDTypeAndLeavesNoFiles) {
-  TempDir dir;
+  ScratchDir dir{"data"};
   const std::string prefix = dir.file("overflow");
   {
     IndexedDatasetBuilder builder(prefix, TokenDType::U16);
@@ -133,7 +135,7 @@ TEST(IndexedDataset, BuilderRejectsIdsOutsideTheDTypeAndLeavesNoFiles) {
 }
 
 TEST(IndexedDataset, AddDocumentAndAddIndexConcatenate) {
-  TempDir dir;
+  ScratchDir dir{"data"};
   const Layout first = {{{1, 2}, {3}}, {}, {{4, 5, 6}}};
   const Layout second = {{{7}}, {{8, 9}, {}}};
   write_dataset(dir.file("first"), TokenDType::I32, first);
@@ -161,7 +163,7 @@ TEST(IndexedDataset, AddDocumentAndAddIndexConcatenate) {
 // The same documents written here and by the independent Python writer give identical bytes.
 TEST(IndexedDataset, MatchesPythonMegatronWriterByteForByte) {
   if (!testing::python_with_numpy_available()) GTEST_SKIP() << "/usr/bin/python3 with numpy";
-  TempDir dir;
+  ScratchDir dir{"data"};
   const Layout layout = {{{1, 2, 3}, {4, 5}}, {}, {{120, 0, 7}}, {{9}}};
   for (TokenDType dtype : {TokenDType::U16, TokenDType::I32, TokenDType::I64, TokenDType::U8}) {
     SCOPED_TRACE(std::string(token_dtype_name(dtype)));
@@ -170,8 +172,8 @@ TEST(IndexedDataset, MatchesPythonMegatronWriterByteForByte) {
         "/usr/bin/python3 " + testing::megatron_format_script() + " write-index " + dir.file("py") +
         " " + std::to_string(int(dtype)) + " '[[[1,2,3],[4,5]],[],[[120,0,7]],[[9]]]'");
     ASSERT_EQ(result.exit_code, 0) << result.output;
-    EXPECT_EQ(testing::read_bytes(dir.file("cpp.idx")), testing::read_bytes(dir.file("py.idx")));
-    EXPECT_EQ(testing::read_bytes(dir.file("cpp.bin")), testing::read_bytes(dir.file("py.bin")));
+    EXPECT_EQ(read_bytes(dir.file("cpp.idx")), read_bytes(dir.file("py.idx")));
+    EXPECT_EQ(read_bytes(dir.file("cpp.bin")), read_bytes(dir.file("py.bin")));
   }
 }
 
@@ -199,14 +201,14 @@ class DamagedIndex : public ::testing::Test {
   void SetUp() override {
     prefix_ = dir_.file("damaged");
     write_dataset(prefix_, TokenDType::U16, {{{1, 2, 3}, {4}}, {{5, 6}}});
-    index_ = testing::read_bytes(prefix_ + ".idx");
-    data_ = testing::read_bytes(prefix_ + ".bin");
+    index_ = read_bytes(prefix_ + ".idx");
+    data_ = read_bytes(prefix_ + ".bin");
   }
   void expect_error(const std::string& idx, const std::string& bin,
                     std::initializer_list<std::string_view> fragments,
                     std::source_location caller = std::source_location::current()) {
-    testing::write_bytes(prefix_ + ".idx", idx);
-    testing::write_bytes(prefix_ + ".bin", bin);
+    write_bytes(prefix_ + ".idx", idx);
+    write_bytes(prefix_ + ".bin", bin);
     moe::testing::expect_error_containing([&] { IndexedDataset dataset(prefix_); }, fragments,
                                           caller);
   }
@@ -217,7 +219,7 @@ class DamagedIndex : public ::testing::Test {
     return bytes;
   }
 
-  TempDir dir_;
+  ScratchDir dir_{"data"};
   std::string prefix_, index_, data_;
 };
 
@@ -308,7 +310,7 @@ TEST_F(DamagedIndex, EveryCorruptedByteIsRejectedOrReadable) {
       std::string bytes = index_;
       if (uint8_t(bytes[at]) == value) continue;
       bytes[at] = char(value);
-      testing::write_bytes(prefix_ + ".idx", bytes);
+      write_bytes(prefix_ + ".idx", bytes);
       try {
         const IndexedDataset dataset(prefix_);
         for (int64_t s = 0; s < dataset.sequence_count(); ++s) dataset.sequence(s);

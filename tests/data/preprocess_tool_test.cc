@@ -7,10 +7,15 @@
 #include <fstream>
 
 #include "moe/data/indexed_dataset.h"
+#include "support/testing.h"
 #include "test_files.h"
 
 namespace moe::data {
 namespace {
+
+using moe::testing::read_bytes;
+using moe::testing::ScratchDir;
+using moe::testing::write_bytes;
 
 using Ids = std::vector<int64_t>;
 
@@ -28,7 +33,7 @@ const char* const kMixedInput =
 class PreprocessTool : public ::testing::Test {
  protected:
   testing::CommandResult run(const std::string& input, const std::string& flags) {
-    testing::write_bytes(dir_.file("input.jsonl"), input);
+    write_bytes(dir_.file("input.jsonl"), input);
     return testing::run_command(std::string(MOE_PREPROCESS_TOOL) + " --input " +
                                 dir_.file("input.jsonl") + " --output-prefix " + dir_.file("out") +
                                 " " + flags);
@@ -37,7 +42,7 @@ class PreprocessTool : public ::testing::Test {
     EXPECT_NE(output.find(fragment), std::string::npos) << "missing: " << fragment << "\noutput:\n"
                                                         << output;
   }
-  testing::TempDir dir_;
+  ScratchDir dir_{"data"};
 };
 
 TEST_F(PreprocessTool, MalformedLineIsFatalByDefaultAndLeavesNoOutput) {
@@ -83,15 +88,15 @@ TEST_F(PreprocessTool, WorkersDoNotChangeTheOutputAndKeysGetTheirOwnFiles) {
                  "\", \"title\": \"" + std::to_string(i % 5) + "\"}\n";
   }
   ASSERT_EQ(run(ids_input, flags + "--json-keys text title --workers 1").exit_code, 0);
-  const std::string text_bin = testing::read_bytes(dir_.file("out_text_document.bin"));
-  const std::string text_idx = testing::read_bytes(dir_.file("out_text_document.idx"));
+  const std::string text_bin = read_bytes(dir_.file("out_text_document.bin"));
+  const std::string text_idx = read_bytes(dir_.file("out_text_document.idx"));
   const IndexedDataset titles(dir_.file("out_title_document"));
   EXPECT_EQ(titles.dtype(), TokenDType::I32);  // vocabulary 70001 >= 65500
   EXPECT_EQ(titles.sequence(7), (Ids{2}));
   const auto result = run(ids_input, flags + "--json-keys text title --workers 3");
   ASSERT_EQ(result.exit_code, 0) << result.output;
-  EXPECT_EQ(testing::read_bytes(dir_.file("out_text_document.bin")), text_bin);
-  EXPECT_EQ(testing::read_bytes(dir_.file("out_text_document.idx")), text_idx);
+  EXPECT_EQ(read_bytes(dir_.file("out_text_document.bin")), text_bin);
+  EXPECT_EQ(read_bytes(dir_.file("out_text_document.idx")), text_idx);
   EXPECT_EQ(IndexedDataset(dir_.file("out_text_document")).sequence(2999),
             (Ids{2999, 2999 * 7 % 69999}));
 }

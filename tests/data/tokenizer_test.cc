@@ -17,6 +17,8 @@
 namespace moe::data {
 namespace {
 
+using moe::testing::ScratchDir;
+
 using Ids = std::vector<int64_t>;
 
 using moe::testing::expect_error_containing;
@@ -27,7 +29,7 @@ using moe::testing::expect_error_containing;
 class SentencePieceTokenizers : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    dir_ = new testing::TempDir();
+    dir_ = new ScratchDir("data");
     {
       std::ofstream corpus(dir_->file("corpus.txt"));
       for (int i = 0; i < 20; ++i) {
@@ -50,9 +52,9 @@ class SentencePieceTokenizers : public ::testing::Test {
 
   // Pieces of the trained model: 0 <unk>, 1 <s>, 2 </s>, 6 "▁the", 8 "▁a", 14 "▁cat",
   // 15 "▁dog", 16 "▁sat", 17 "▁", 29 "m", 3 "at".
-  static testing::TempDir* dir_;
+  static ScratchDir* dir_;
 };
-testing::TempDir* SentencePieceTokenizers::dir_ = nullptr;
+ScratchDir* SentencePieceTokenizers::dir_ = nullptr;
 
 TEST_F(SentencePieceTokenizers, Llama2PrependsBosAndUsesEosAsEod) {
   const auto tokenizer = make("Llama2Tokenizer");
@@ -146,7 +148,7 @@ class Gpt2Bpe : public ::testing::Test {
                            .vocab_file = dir_.file(vocab),
                            .merge_file = dir_.file("merges.txt")});
   }
-  testing::TempDir dir_;
+  ScratchDir dir_{"data"};
 };
 
 // Merged ids: he 256, ll 257, hell 258, hello 259, Ġw 260, or 261, Ġwor 262, ld 263,

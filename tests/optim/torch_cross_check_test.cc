@@ -4,8 +4,6 @@
 #include <sys/wait.h>
 
 #include <cstdlib>
-#include <filesystem>
-#include <fstream>
 #include <memory>
 #include <nlohmann/json.hpp>
 
@@ -86,20 +84,19 @@ TEST(TorchCrossCheck, AdamWAndSgdStepsWithClippingMatchPyTorch) {
     cases.push_back(run_case(name));
     input.push_back(cases.back().input);
   }
-  namespace fs = std::filesystem;
-  fs::path dir = fs::temp_directory_path() / ("moe_torch_optim_" + std::to_string(::getpid()));
-  fs::create_directories(dir);
-  std::ofstream(dir / "in.json") << input.dump();
-  std::string command = "/usr/bin/python3 " + std::string(MOE_OPTIM_TORCH_REFERENCE) + " " +
-                        (dir / "in.json").string() + " " + (dir / "out.json").string();
-  int status = std::system(command.c_str());
-  if (WIFEXITED(status) && WEXITSTATUS(status) == 77) {
-    fs::remove_all(dir);
-    GTEST_SKIP() << "/usr/bin/python3 has no torch";
+  nlohmann::json output;
+  {
+    moe::testing::ScratchDir dir("torch_optim");
+    moe::testing::write_bytes(dir.file("in.json"), input.dump());
+    std::string command = "/usr/bin/python3 " + std::string(MOE_OPTIM_TORCH_REFERENCE) + " " +
+                          dir.file("in.json") + " " + dir.file("out.json");
+    int status = std::system(command.c_str());
+    if (WIFEXITED(status) && WEXITSTATUS(status) == 77) {
+      GTEST_SKIP() << "/usr/bin/python3 has no torch";
+    }
+    ASSERT_EQ(status, 0) << command;
+    output = nlohmann::json::parse(moe::testing::read_bytes(dir.file("out.json")));
   }
-  ASSERT_EQ(status, 0) << command;
-  nlohmann::json output = nlohmann::json::parse(std::ifstream(dir / "out.json"));
-  fs::remove_all(dir);
 
   for (size_t k = 0; k < cases.size(); ++k) {
     const Case& c = cases[k];

@@ -1,10 +1,20 @@
 #include "support/testing.h"
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstring>
+#include <fstream>
 #include <sstream>
 
 namespace moe::testing {
+
+bool same_bytes(const Tensor& a, const Tensor& b) {
+  return a.dtype() == b.dtype() && a.shape() == b.shape() &&
+         std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
+}
 
 double value_at(const Tensor& tensor, int64_t i) {
   return tensor.dtype() == DType::F64 ? tensor.data<double>()[i] : double(tensor.get(i));
@@ -133,6 +143,42 @@ void set_value(Tensor& tensor, int64_t i, double value) {
     }
   }
   return ::testing::AssertionSuccess();
+}
+
+ScratchDir::ScratchDir(const std::string& tag, int64_t shared_id, bool is_owner)
+    : path(std::filesystem::temp_directory_path() /
+           ("moe_" + tag + "_" + std::to_string(shared_id))),
+      owner(is_owner) {
+  if (!owner) return;
+  std::filesystem::remove_all(path);
+  std::filesystem::create_directories(path);
+}
+
+namespace {
+int64_t next_scratch_number() {
+  static std::atomic<int64_t> made{0};
+  return made++;
+}
+}  // namespace
+
+ScratchDir::ScratchDir(const std::string& tag)
+    : ScratchDir(tag + "_" + std::to_string(::getpid()), next_scratch_number(), true) {}
+
+ScratchDir::~ScratchDir() {
+  std::error_code ignored;
+  if (owner) std::filesystem::remove_all(path, ignored);
+}
+
+std::string read_bytes(const std::filesystem::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::ostringstream bytes;
+  bytes << in.rdbuf();
+  return bytes.str();
+}
+
+void write_bytes(const std::filesystem::path& path, std::string_view bytes) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out.write(bytes.data(), std::streamsize(bytes.size()));
 }
 
 }  // namespace moe::testing

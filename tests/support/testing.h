@@ -1,10 +1,11 @@
 // Helpers shared by every test: tensor comparison that reports the worst element, seeded random
-// tensors, error-text checks and finite-difference gradient checks.
+// tensors, error-text checks, finite-difference gradient checks and scratch directories.
 #pragma once
 
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <filesystem>
 #include <functional>
 #include <initializer_list>
 #include <source_location>
@@ -26,6 +27,9 @@ namespace moe::testing {
 Tensor random_normal(const Shape& shape, uint64_t seed, float std = 1.0f, DType dtype = DType::F32);
 Tensor random_uniform(const Shape& shape, uint64_t seed, float low, float high,
                       DType dtype = DType::F32);
+
+// Same dtype, shape and bytes.
+bool same_bytes(const Tensor& a, const Tensor& b);
 
 // Element i of a floating tensor as a double (exact for fp64 and for fp32/bf16/fp16).
 double value_at(const Tensor& tensor, int64_t i);
@@ -66,6 +70,29 @@ constexpr double kFiniteDifferenceStep = 1.0 / 16384.0;
                                           const std::string& what, int samples = 12,
                                           double rtol = 1e-4, double atol = 1e-6,
                                           double step = kFiniteDifferenceStep);
+
+// A fresh directory under the system temp dir, emptied first and removed with its contents when
+// the object goes: moe_<tag>_<pid>_<n>, n counting this process's scratch directories so two
+// alive at once never share one. MPI tests whose ranks share a directory use the second form:
+// every rank passes the same `shared_id` (e.g. rank 0's pid) and only the `owner` rank creates
+// and removes it; they put a barrier after construction and before destruction.
+struct ScratchDir {
+  explicit ScratchDir(const std::string& tag);
+  ScratchDir(const std::string& tag, int64_t shared_id, bool owner);
+  ~ScratchDir();
+  ScratchDir(const ScratchDir&) = delete;
+  ScratchDir& operator=(const ScratchDir&) = delete;
+
+  std::string str() const { return path.string(); }
+  std::string file(const std::string& name) const { return (path / name).string(); }
+
+  std::filesystem::path path;
+  bool owner = true;
+};
+
+// A whole file's bytes ("" when it cannot be read), and a file replaced by `bytes`.
+std::string read_bytes(const std::filesystem::path& path);
+void write_bytes(const std::filesystem::path& path, std::string_view bytes);
 
 }  // namespace moe::testing
 
