@@ -102,13 +102,8 @@ TEST(IndexedDataset, PartialReadsAndFullRangeValues) {
   dataset.read(0, 4, 1, out.data());
   EXPECT_EQ(out[0], 65534);
   expect_layout(dataset, layout);
-  try {
-    dataset.read(1, 1, 2, out.data());
-    FAIL() << "reading past a sequence must fail";
-  } catch (const Error& error) {
-    EXPECT_NE(std::string(error.what()).find("outside sequence 1 of length 2"), std::string::npos)
-        << error.what();
-  }
+  EXPECT_CONTAINS(moe::testing::error_text([&] { dataset.read(1, 1, 2, out.data()); }),
+                  "outside sequence 1 of length 2");
   EXPECT_THROW(dataset.read(2, 0, 0, out.data()), Error);
 }
 
@@ -118,15 +113,9 @@ TEST(IndexedDataset, BuilderRejectsIdsOutsideTheDTypeAndLeavesNoFiles) {
   {
     IndexedDatasetBuilder builder(prefix, TokenDType::U16);
     builder.add_item(std::vector<int64_t>{1, 2});
-    try {
-      builder.add_item(std::vector<int64_t>{70000});
-      FAIL() << "70000 does not fit uint16";
-    } catch (const Error& error) {
-      EXPECT_NE(
-          std::string(error.what()).find("token id 70000 does not fit the dataset dtype uint16"),
-          std::string::npos)
-          << error.what();
-    }
+    EXPECT_CONTAINS(
+        moe::testing::error_text([&] { builder.add_item(std::vector<int64_t>{70000}); }),
+        "token id 70000 does not fit the dataset dtype uint16");
     EXPECT_THROW(builder.add_item(std::vector<int64_t>{-1}), Error);
   }  // destroyed without finalize
   EXPECT_FALSE(std::filesystem::exists(prefix + ".bin"));
@@ -151,12 +140,8 @@ TEST(IndexedDataset, AddDocumentAndAddIndexConcatenate) {
   expect_layout(IndexedDataset(dir.file("merged")), expected);
 
   IndexedDatasetBuilder wrong(dir.file("wrong"), TokenDType::U16);
-  try {
-    wrong.add_index(dir.file("first"));
-    FAIL() << "dtype mismatch must fail";
-  } catch (const Error& error) {
-    EXPECT_NE(std::string(error.what()).find("(dtype int32)"), std::string::npos) << error.what();
-  }
+  EXPECT_CONTAINS(moe::testing::error_text([&] { wrong.add_index(dir.file("first")); }),
+                  "(dtype int32)");
   EXPECT_THROW(wrong.add_document(std::vector<int64_t>{1, 2}, std::vector<int32_t>{3}), Error);
 }
 
@@ -228,23 +213,11 @@ TEST_F(DamagedIndex, IntactFileOpens) {
 }
 
 TEST_F(DamagedIndex, MissingFiles) {
-  try {
-    IndexedDataset dataset(dir_.file("absent"));
-    FAIL();
-  } catch (const Error& error) {
-    EXPECT_NE(std::string(error.what()).find("cannot open index file " + dir_.file("absent.idx")),
-              std::string::npos)
-        << error.what();
-  }
+  EXPECT_CONTAINS(moe::testing::error_text([&] { IndexedDataset dataset(dir_.file("absent")); }),
+                  "cannot open index file " + dir_.file("absent.idx"));
   std::filesystem::remove(prefix_ + ".bin");
-  try {
-    IndexedDataset dataset(prefix_);
-    FAIL();
-  } catch (const Error& error) {
-    EXPECT_NE(std::string(error.what()).find("cannot open data file " + prefix_ + ".bin"),
-              std::string::npos)
-        << error.what();
-  }
+  EXPECT_CONTAINS(moe::testing::error_text([&] { IndexedDataset dataset(prefix_); }),
+                  "cannot open data file " + prefix_ + ".bin");
 }
 
 TEST_F(DamagedIndex, TruncatedHeader) {

@@ -97,17 +97,8 @@ TEST(Norm, GradientsMatchFiniteDifferences) {
     EXPECT_TRUE(check_all_params(store, objective, 9));
   }
   ParameterStore store;
-  EXPECT_THROW(
-      {
-        try {
-          Norm(store, "n", 4, "BatchNorm", 1e-5f);
-        } catch (const Error& e) {
-          EXPECT_STREQ(e.what(),
-                       "normalization 'BatchNorm' is not supported (LayerNorm or RMSNorm)");
-          throw;
-        }
-      },
-      Error);
+  EXPECT_EQ(moe::testing::error_text([&] { Norm(store, "n", 4, "BatchNorm", 1e-5f); }),
+            "normalization 'BatchNorm' is not supported (LayerNorm or RMSNorm)");
 }
 
 TEST(Rope, RotatesPairsAndBackwardIsTheInverse) {
@@ -311,12 +302,8 @@ TEST(Embedding, LooksUpRowsAndAccumulatesGradients) {
   auto objective = [&] { return dot(embedding.forward(store, tokens), probe); };
   EXPECT_TRUE(check_all_params(store, objective, 44));
   Tensor bad = Tensor::from_floats({3, 11}, {1, 2}, DType::I64);
-  try {
-    embedding.forward(store, bad);
-    FAIL() << "token 11 accepted";
-  } catch (const Error& e) {
-    EXPECT_STREQ(e.what(), "token id 11 at [0, 1] is outside the vocabulary [0, 11)");
-  }
+  EXPECT_EQ(moe::testing::error_text([&] { embedding.forward(store, bad); }),
+            "token id 11 at [0, 1] is outside the vocabulary [0, 11)");
 }
 
 TEST(CrossEntropy, MatchesLogSoftmaxAndFiniteDifferences) {
@@ -338,12 +325,9 @@ TEST(CrossEntropy, MatchesLogSoftmaxAndFiniteDifferences) {
   };
   EXPECT_TRUE(check_gradient(logits, dlogits, objective, "logits", 54));
   Tensor bad = Tensor::from_floats({0, 9, 0, 0, 0, 0}, {6}, DType::I64);
-  try {
-    vocab_parallel_cross_entropy(logits, bad, 0, TensorParallel{}, softmax);
-    FAIL() << "label 9 accepted";
-  } catch (const Error& e) {
-    EXPECT_STREQ(e.what(), "label 9 (row 1) is outside the vocabulary [0, 9)");
-  }
+  EXPECT_EQ(moe::testing::error_text(
+                [&] { vocab_parallel_cross_entropy(logits, bad, 0, TensorParallel{}, softmax); }),
+            "label 9 (row 1) is outside the vocabulary [0, 9)");
 }
 
 TEST(OutputLayer, TiedAndUntiedGradientsMatchFiniteDifferences) {
@@ -369,16 +353,11 @@ TEST(OutputLayer, TiedAndUntiedGradientsMatchFiniteDifferences) {
 }
 
 TEST(Config, RefusesWhatCannotBeSplit) {
-  auto message = [](const TransformerConfig& c, int tp) -> std::string {
-    try {
-      c.validate(tp);
-    } catch (const Error& e) {
-      return e.what();
-    }
-    return "accepted";
+  auto message = [](const TransformerConfig& c, int tp) {
+    return moe::testing::error_text([&] { c.validate(tp); });
   };
   TransformerConfig c = small_config();
-  EXPECT_EQ(message(c, 1), "accepted");
+  EXPECT_EQ(message(c, 1), "(no error)");
   c.num_attention_heads = 6;
   EXPECT_EQ(message(c, 4),
             "num_attention_heads (6) must be divisible by tensor_model_parallel_size (4)");

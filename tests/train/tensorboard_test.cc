@@ -15,6 +15,7 @@
 #include "moe/tensor/error.h"
 #include "moe/train/scalar_log.h"
 #include "moe/train/tensorboard.h"
+#include "support/testing.h"
 
 namespace moe::train {
 namespace {
@@ -178,16 +179,9 @@ TEST(TensorBoard, EventFileDecodesToTheWrittenScalars) {
 TEST(TensorBoard, UnwritableDirectoryIsNamed) {
   fs::path dir = fresh_dir("tb_file");
   { std::ofstream(dir.string()) << "a file, not a directory"; }
-  try {
-    TensorBoardWriter writer((dir / "sub").string());
-    FAIL() << "expected an error";
-  } catch (const Error& error) {
-    EXPECT_NE(
-        std::string(error.what())
-            .find("--tensorboard-dir: cannot create directory '" + (dir / "sub").string() + "'"),
-        std::string::npos)
-        << error.what();
-  }
+  EXPECT_CONTAINS(
+      moe::testing::error_text([&] { TensorBoardWriter writer((dir / "sub").string()); }),
+      "--tensorboard-dir: cannot create directory '" + (dir / "sub").string() + "'");
   fs::remove(dir);
 }
 

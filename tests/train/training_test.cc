@@ -23,6 +23,7 @@
 #include "moe/tensor/error.h"
 #include "moe/train/arguments.h"
 #include "moe/train/trainer.h"
+#include "support/testing.h"
 
 namespace moe::train {
 namespace {
@@ -453,15 +454,12 @@ TEST(TrainingLoop, RandomStateIsSavedUnlessNoSaveRng) {
   TrainingReport resumed = run(with(flags, {"--load", with_rng}));
   ASSERT_EQ(resumed.iterations.size(), 2u);
   EXPECT_EQ(resumed.iterations[0].lm_loss, whole.iterations[2].lm_loss);
-  try {
-    run(with(flags, {"--load", without}));
-    FAIL() << "expected an error";
-  } catch (const Error& error) {
-    EXPECT_EQ(std::string(error.what()),
-              "checkpoint '" + without +
-                  "' at iteration 2 holds no random state (saved with --no-save-rng, or "
-                  "converted); use --no-load-rng (random streams from --seed) or --finetune");
-  }
+  EXPECT_EQ(moe::testing::error_text([&] {
+              run(with(flags, {"--load", without}));
+            }),
+            "checkpoint '" + without +
+                "' at iteration 2 holds no random state (saved with --no-save-rng, or "
+                "converted); use --no-load-rng (random streams from --seed) or --finetune");
   TrainingReport from_seed = run(with(flags, {"--load", without, "--no-load-rng"}));
   ASSERT_EQ(from_seed.iterations.size(), 2u);
   EXPECT_EQ(from_seed.iterations[0].lm_loss, whole.iterations[2].lm_loss);
@@ -558,14 +556,8 @@ TEST(TrainingLoop, MissingDatasetIsNamedOnEveryRank) {
   Args flags = tiny_moe_flags(2);
   flags.erase(std::find(flags.begin(), flags.end(), "--mock-data"));
   flags = with(flags, {"--data-path", "/nonexistent/corpus_text_document"});
-  try {
-    run(flags);
-    FAIL() << "expected an error";
-  } catch (const Error& error) {
-    EXPECT_NE(std::string(error.what()).find("/nonexistent/corpus_text_document"),
-              std::string::npos)
-        << error.what();
-  }
+  EXPECT_CONTAINS(moe::testing::error_text([&] { run(flags); }),
+                  "/nonexistent/corpus_text_document");
 }
 
 TEST(TrainingLoop, TokenIdsOutsideTheVocabularyNameTheDataFile) {
@@ -583,15 +575,8 @@ TEST(TrainingLoop, TokenIdsOutsideTheVocabularyNameTheDataFile) {
   Args flags = tiny_moe_flags(2);
   flags.erase(std::find(flags.begin(), flags.end(), "--mock-data"));
   flags = with(flags, {"--data-path", prefix, "--split", "1,1,1"});
-  try {
-    run(flags);
-    FAIL() << "expected an error";
-  } catch (const Error& error) {
-    const std::string message = error.what();
-    EXPECT_NE(message.find(prefix), std::string::npos) << message;
-    EXPECT_NE(message.find("is outside the model's vocabulary [0, 128)"), std::string::npos)
-        << message;
-  }
+  EXPECT_CONTAINS(moe::testing::error_text([&] { run(flags); }), prefix,
+                  "is outside the model's vocabulary [0, 128)");
   MPI_Barrier(MPI_COMM_WORLD);
   if (world_rank() == 0) fs::remove_all(dir);
 }
@@ -604,15 +589,13 @@ TEST(TrainingLoop, LoadWithoutCheckpointStartsFreshOrFailsWhenAsked) {
   if (world_rank() == 0) {
     EXPECT_NE(log.find("no checkpoint found"), std::string::npos) << log;
   }
-  try {
-    run(with(tiny_moe_flags(1), {"--load", dir.string(), "--exit-on-missing-checkpoint"}));
-    FAIL() << "expected an error";
-  } catch (const Error& error) {
-    EXPECT_EQ(std::string(error.what()),
-              "--load '" + dir.string() +
-                  "' holds no checkpoint (no latest_checkpointed_iteration.txt) and "
-                  "--exit-on-missing-checkpoint is set");
-  }
+  EXPECT_EQ(
+      moe::testing::error_text([&] {
+        run(with(tiny_moe_flags(1), {"--load", dir.string(), "--exit-on-missing-checkpoint"}));
+      }),
+      "--load '" + dir.string() +
+          "' holds no checkpoint (no latest_checkpointed_iteration.txt) and "
+          "--exit-on-missing-checkpoint is set");
 }
 
 }  // namespace
