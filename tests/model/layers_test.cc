@@ -78,6 +78,25 @@ TEST(LayerNormKernel, MatchesReferenceOnAwkwardShapes) {
   }
 }
 
+// Input and parameter gradients of `layer` against finite differences of probe . forward(saved),
+// where `forward` runs the layer on x and fills its Saved context.
+template <class Layer, class Forward>
+::testing::AssertionResult layer_gradients_match(const Layer& layer, ParameterStore& store,
+                                                 Tensor x, const Tensor& probe, Forward forward,
+                                                 const std::string& what, int input_samples,
+                                                 int param_samples) {
+  auto objective = [&] {
+    typename Layer::Saved saved;
+    return dot(forward(saved), probe);
+  };
+  typename Layer::Saved saved;
+  forward(saved);
+  Tensor dx = layer.backward(store, saved, probe);
+  ::testing::AssertionResult input = check_gradient(x, dx, objective, what, input_samples);
+  if (!input) return input;
+  return check_all_params(store, objective, param_samples);
+}
+
 TEST(Norm, GradientsMatchFiniteDifferences) {
   for (const char* kind : {"RMSNorm", "LayerNorm"}) {
     ParameterStore store(DType::F64);
@@ -86,15 +105,9 @@ TEST(Norm, GradientsMatchFiniteDifferences) {
     testing::randomize(store, 5);
     Tensor x = random_normal({6, 9}, 6, 1.5f, DType::F64);
     Tensor probe = random_normal({6, 9}, 7, 1.0f, DType::F64);
-    auto objective = [&] {
-      Norm::Saved saved;
-      return dot(norm.forward(store, x, saved), probe);
-    };
-    Norm::Saved saved;
-    norm.forward(store, x, saved);
-    Tensor dx = norm.backward(store, saved, probe);
-    EXPECT_TRUE(check_gradient(x, dx, objective, std::string(kind) + " input", 54));
-    EXPECT_TRUE(check_all_params(store, objective, 9));
+    auto forward = [&](Norm::Saved& saved) { return norm.forward(store, x, saved); };
+    EXPECT_TRUE(
+        layer_gradients_match(norm, store, x, probe, forward, std::string(kind) + " input", 54, 9));
   }
   ParameterStore store;
   EXPECT_EQ(moe::testing::error_text([&] { Norm(store, "n", 4, "BatchNorm", 1e-5f); }),
@@ -193,13 +206,11 @@ TEST(SelfAttention, GradientsMatchFiniteDifferences) {
       BatchShape shape{5, 2};
       Tensor x = random_normal({10, 12}, 9, 1.0f, DType::F64);
       Tensor probe = random_normal({10, 12}, 10, 1.0f, DType::F64);
-      auto objective = [&] {
-        SelfAttention::Saved saved;
-        return dot(attention.forward(store, x, shape, 3, true, saved), probe);
+      auto forward = [&](SelfAttention::Saved& saved) {
+        return attention.forward(store, x, shape, 3, true, saved);
       };
-      BlockRun run = run_attention(attention, store, x, probe, shape);
-      EXPECT_TRUE(check_gradient(x, run.dx, objective, "attention input", 30));
-      EXPECT_TRUE(check_all_params(store, objective, 10));
+      EXPECT_TRUE(
+          layer_gradients_match(attention, store, x, probe, forward, "attention input", 30, 10));
     }
   }
 }
@@ -273,15 +284,8 @@ TEST(MLP, GradientsMatchFiniteDifferences) {
       testing::randomize(store, 20);
       Tensor x = random_normal({7, 12}, 21, 1.0f, DType::F64);
       Tensor probe = random_normal({7, 12}, 22, 1.0f, DType::F64);
-      auto objective = [&] {
-        MLP::Saved saved;
-        return dot(mlp.forward(store, x, saved), probe);
-      };
-      MLP::Saved saved;
-      mlp.forward(store, x, saved);
-      Tensor dx = mlp.backward(store, saved, probe);
-      EXPECT_TRUE(check_gradient(x, dx, objective, "mlp input", 30));
-      EXPECT_TRUE(check_all_params(store, objective, 10));
+      auto forward = [&](MLP::Saved& saved) { return mlp.forward(store, x, saved); };
+      EXPECT_TRUE(layer_gradients_match(mlp, store, x, probe, forward, "mlp input", 30, 10));
     }
   }
 }
@@ -339,16 +343,10 @@ TEST(OutputLayer, TiedAndUntiedGradientsMatchFiniteDifferences) {
     testing::randomize(store, 50);
     Tensor x = random_normal({5, 6}, 51, 1.0f, DType::F64);
     Tensor probe = random_normal({5, 11}, 52, 1.0f, DType::F64);
-    auto objective = [&] {
-      OutputLayer::Saved saved;
-      return dot(output.forward(store, x, saved), probe);
-    };
+    auto forward = [&](OutputLayer::Saved& saved) { return output.forward(store, x, saved); };
     OutputLayer::Saved saved;
-    Tensor logits = output.forward(store, x, saved);
-    EXPECT_EQ(logits.dtype(), DType::F64);
-    Tensor dx = output.backward(store, saved, probe);
-    EXPECT_TRUE(check_gradient(x, dx, objective, "output input", 30));
-    EXPECT_TRUE(check_all_params(store, objective, 20));
+    EXPECT_EQ(forward(saved).dtype(), DType::F64);
+    EXPECT_TRUE(layer_gradients_match(output, store, x, probe, forward, "output input", 30, 20));
   }
 }
 
