@@ -7,6 +7,7 @@
 #include <filesystem>
 
 #include "checkpoint_fixture.h"
+#include "support/mpi_testing.h"
 #include "support/testing.h"
 
 namespace moe::checkpoint {
@@ -16,8 +17,8 @@ namespace fs = std::filesystem;
 using moe::testing::param_spec;
 using moe::testing::random_normal;
 using moe::testing::runs_identical;
-using moe::testing::ScratchDir;
 using moe::testing::shard_of;
+using moe::testing::SharedScratchDir;
 using moe::testing::TrainingRun;
 
 comm::ParallelState expert_parallel_layout() {
@@ -26,20 +27,9 @@ comm::ParallelState expert_parallel_layout() {
   return comm::initialize_model_parallel(sizes);
 }
 
-// A scratch directory every rank names alike (rank 0's process id), created by rank 0.
-std::unique_ptr<ScratchDir> shared_dir(const std::string& name) {
-  const comm::ProcessGroup world = comm::ProcessGroup::world();
-  int64_t pid = ::getpid();
-  int64_t id = comm::all_gather_values({&pid, 1}, world)[0];
-  auto dir = std::make_unique<ScratchDir>(name, id, world.rank() == 0);
-  comm::barrier(world);
-  return dir;
-}
-
 TEST(CheckpointMpi, DistributedOptimizerRoundTripAndResumeAreBitwise) {
   comm::ParallelState p = expert_parallel_layout();
-  std::unique_ptr<ScratchDir> scratch = shared_dir("mpi_roundtrip");
-  const ScratchDir& dir = *scratch;
+  SharedScratchDir dir("mpi_roundtrip");
   for (bool distributed : {true, false}) {
     TrainingRun original(p, DType::BF16, distributed);
     original.train(3);
@@ -57,8 +47,7 @@ TEST(CheckpointMpi, DistributedOptimizerRoundTripAndResumeAreBitwise) {
 
 TEST(CheckpointMpi, SaveFailingOnOneRankKeepsThePreviousCheckpoint) {
   comm::ParallelState p = expert_parallel_layout();
-  std::unique_ptr<ScratchDir> scratch = shared_dir("mpi_failed");
-  const ScratchDir& dir = *scratch;
+  SharedScratchDir dir("mpi_failed");
   TrainingRun run(p, DType::F32, true);
   run.train(2);
   run.save(dir.str());
@@ -80,18 +69,16 @@ TEST(CheckpointMpi, SaveFailingOnOneRankKeepsThePreviousCheckpoint) {
   TrainingRun fresh(p, DType::F32, true);
   EXPECT_EQ(fresh.load(dir.str()).iteration, 2);
   EXPECT_TRUE(moe::testing::same_bytes(fresh.model.store.flat_params(ParamGroup::kExpert), saved));
-  comm::barrier(p.world);
 }
 
 TEST(CheckpointMpi, RanksSavingDifferentIterationsAreRefused) {
   comm::ParallelState p = expert_parallel_layout();
-  std::unique_ptr<ScratchDir> scratch = shared_dir("mpi_iterations");
+  SharedScratchDir scratch("mpi_iterations");
   TrainingRun run(p, DType::F32, false);
   run.iteration = p.world_rank == 1 ? 6 : 5;
-  EXPECT_CONTAINS(moe::testing::error_text([&] { run.save(scratch->str()); }),
+  EXPECT_CONTAINS(moe::testing::error_text([&] { run.save(scratch.str()); }),
                   "ranks disagree on the iteration to save", "rank 0 has 5, rank 1 has 6");
-  EXPECT_FALSE(read_tracker(scratch->str()).has_value());
-  comm::barrier(p.world);
+  EXPECT_FALSE(read_tracker(scratch.str()).has_value());
 }
 
 // This rank's optimizer state `kind` of parameter `name` (a plain optimizer holds it whole).
@@ -105,8 +92,7 @@ Tensor state_of(TrainingRun& run, const std::string& kind, const std::string& na
 TEST(CheckpointMpi, ModelAndOptimizerStateLoadIntoOtherLayouts) {
   comm::ParallelState p = expert_parallel_layout();
   for (bool distributed : {false, true}) {
-    std::unique_ptr<ScratchDir> scratch = shared_dir("mpi_layout");
-    const ScratchDir& dir = *scratch;
+    SharedScratchDir dir("mpi_layout");
     TrainingRun saved(p, DType::F32, distributed);
     saved.train(3);
     saved.save(dir.str());
@@ -163,7 +149,6 @@ TEST(CheckpointMpi, ModelAndOptimizerStateLoadIntoOtherLayouts) {
       EXPECT_TENSORS_CLOSE(switched.model.store.flat_params(g), saved.model.store.flat_params(g),
                            1e-6, 1e-6);
     }
-    comm::barrier(p.world);
   }
 }
 

@@ -3,7 +3,6 @@
 // scalar logs carry every iteration, and bad inputs stop every rank with a named error.
 #include <gtest/gtest.h>
 #include <mpi.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -23,6 +22,7 @@
 #include "moe/tensor/error.h"
 #include "moe/train/arguments.h"
 #include "moe/train/trainer.h"
+#include "support/mpi_testing.h"
 #include "support/testing.h"
 
 namespace moe::train {
@@ -30,6 +30,7 @@ namespace {
 
 namespace fs = std::filesystem;
 using Args = std::vector<std::string>;
+using moe::testing::SharedScratchDir;
 
 int world_size() {
   int size = 1;
@@ -40,16 +41,6 @@ int world_rank() {
   int rank = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   return rank;
-}
-
-// A directory name every rank agrees on (rank 0's pid), removed first.
-fs::path shared_dir(const std::string& name) {
-  long pid = long(getpid());
-  MPI_Bcast(&pid, 1, MPI_LONG, 0, MPI_COMM_WORLD);
-  fs::path dir = fs::temp_directory_path() / ("moe_train_" + name + "_" + std::to_string(pid));
-  if (world_rank() == 0) fs::remove_all(dir);
-  MPI_Barrier(MPI_COMM_WORLD);
-  return dir;
 }
 
 // 2 layers of 4 experts (top-2, aux and z losses), hidden 32, global batch 8 of 16 tokens.
@@ -166,7 +157,8 @@ TEST(TrainingLoop, ResumeRepeatsTheUninterruptedLossesBitwise) {
   const Args flags = with(tiny_moe_flags(12), {"--bf16", "--use-distributed-optimizer",
                                                "--hidden-dropout", "0.1", "--attention-dropout",
                                                "0.1", "--eval-interval", "4", "--eval-iters", "1"});
-  fs::path dir = shared_dir("resume");
+  SharedScratchDir scratch("resume");
+  const fs::path& dir = scratch.path;
   const std::string save_dir = (dir / "ckpt").string();
   TrainingReport whole = run(flags);
   TrainingReport first_half =
@@ -195,11 +187,11 @@ TEST(TrainingLoop, ResumeRepeatsTheUninterruptedLossesBitwise) {
   }
   ASSERT_TRUE(whole.test_loss.has_value() && second_half.test_loss.has_value());
   EXPECT_EQ(*second_half.test_loss, *whole.test_loss);
-  if (world_rank() == 0) fs::remove_all(dir);
 }
 
 TEST(TrainingLoop, LogFileAndTensorBoardRecordEveryIteration) {
-  fs::path dir = shared_dir("logs");
+  SharedScratchDir scratch("logs");
+  const fs::path& dir = scratch.path;
   run(with(tiny_moe_flags(4), {"--log-file", (dir / "train.csv").string(), "--tensorboard-dir",
                                (dir / "tb").string(), "--eval-interval", "2"}));
   if (world_rank() == 0) {
@@ -222,7 +214,6 @@ TEST(TrainingLoop, LogFileAndTensorBoardRecordEveryIteration) {
       EXPECT_GT(fs::file_size(entry.path()), 100u);
     }
     EXPECT_EQ(event_files, 1);
-    fs::remove_all(dir);
   }
 }
 
@@ -296,7 +287,8 @@ TEST(TrainingLoop, PipelineMatchesOneStageAndResumes) {
     EXPECT_NEAR(got.load_balancing_loss, want.load_balancing_loss, 1e-5 * want.load_balancing_loss);
     EXPECT_NEAR(got.grad_norm, want.grad_norm, 1e-5 * want.grad_norm) << "iteration " << i + 1;
   }
-  fs::path dir = shared_dir("pipeline_resume");
+  SharedScratchDir scratch("pipeline_resume");
+  const fs::path& dir = scratch.path;
   const std::string save_dir = (dir / "ckpt").string();
   run(with(pipelined, {"--save", save_dir, "--save-interval", "2", "--exit-interval", "2"}));
   TrainingReport resumed = run(with(pipelined, {"--load", save_dir}));
@@ -305,7 +297,6 @@ TEST(TrainingLoop, PipelineMatchesOneStageAndResumes) {
     EXPECT_EQ(resumed.iterations[i].lm_loss, two_stages.iterations[2 + i].lm_loss);
     EXPECT_EQ(resumed.iterations[i].grad_norm, two_stages.iterations[2 + i].grad_norm);
   }
-  if (world_rank() == 0) fs::remove_all(dir);
 }
 
 // fp16 with a loss scale far beyond fp16's range: every step overflows, is skipped (the learning
@@ -336,7 +327,8 @@ TEST(TrainingLoop, Fp16OverflowSkipsStepsAndLowersTheScale) {
 // Megatron's --no-load-optim: the model comes from the checkpoint, the optimizer and the
 // learning-rate schedule start fresh, the iteration and data position continue.
 TEST(TrainingLoop, NoLoadOptimLoadsTheModelOnly) {
-  fs::path dir = shared_dir("no_load_optim");
+  SharedScratchDir scratch("no_load_optim");
+  const fs::path& dir = scratch.path;
   const std::string save_dir = (dir / "ckpt").string();
   const Args flags = with(tiny_moe_flags(4), {"--lr-warmup-iters", "2"});
   TrainingReport whole = run(flags);
@@ -350,14 +342,14 @@ TEST(TrainingLoop, NoLoadOptimLoadsTheModelOnly) {
   EXPECT_EQ(fresh_optimizer.iterations[0].lm_loss, whole.iterations[2].lm_loss);
   EXPECT_EQ(fresh_optimizer.iterations[0].consumed_samples, 24);
   EXPECT_NE(fresh_optimizer.iterations[0].lr, whole.iterations[2].lr);
-  if (world_rank() == 0) fs::remove_all(dir);
 }
 
 // A checkpoint saved with replicated experts resumes with the experts sharded over 2 ranks:
 // the resumed run continues the uninterrupted one (its first forward bitwise).
 TEST(TrainingLoop, ResumesIntoAnotherExpertLayout) {
   if (world_size() != 2) GTEST_SKIP() << "needs 2 ranks";
-  fs::path dir = shared_dir("relayout");
+  SharedScratchDir scratch("relayout");
+  const fs::path& dir = scratch.path;
   const std::string save_dir = (dir / "ckpt").string();
   const Args flags = tiny_moe_flags(4);
   TrainingReport whole = run(flags);
@@ -372,7 +364,6 @@ TEST(TrainingLoop, ResumesIntoAnotherExpertLayout) {
     EXPECT_NEAR(got.lm_loss, want.lm_loss, 1e-5 * want.lm_loss) << "iteration " << got.iteration;
     EXPECT_EQ(got.lr, want.lr);
   }
-  if (world_rank() == 0) fs::remove_all(dir);
 }
 
 // --eod-mask-loss reaches the data pipeline: the first iteration's loss averages over exactly
@@ -415,7 +406,8 @@ TEST(TrainingLoop, LearnedPositionsCoverMaxPositionEmbeddingsAndResumeAtLongerSe
   flags.erase(std::find(flags.begin(), flags.end(), "--position-embedding-type"),
               std::find(flags.begin(), flags.end(), "--position-embedding-type") + 2);
   flags = with(flags, {"--max-position-embeddings", "32"});
-  fs::path dir = shared_dir("positions");
+  SharedScratchDir scratch("positions");
+  const fs::path& dir = scratch.path;
   const std::string save_dir = (dir / "ckpt").string();
   run(with(flags, {"--save", save_dir, "--save-interval", "2", "--exit-interval", "2"}));
   if (world_rank() == 0) {
@@ -430,7 +422,6 @@ TEST(TrainingLoop, LearnedPositionsCoverMaxPositionEmbeddingsAndResumeAtLongerSe
     EXPECT_TRUE(std::isfinite(s.lm_loss));
     EXPECT_EQ(s.loss_tokens, 8 * 24);
   }
-  if (world_rank() == 0) fs::remove_all(dir);
 }
 
 // The checkpoint carries the run's random streams (Megatron's RNG state). Resumed with another
@@ -440,7 +431,8 @@ TEST(TrainingLoop, LearnedPositionsCoverMaxPositionEmbeddingsAndResumeAtLongerSe
 // none, so loading it needs --no-load-rng (or --finetune).
 TEST(TrainingLoop, RandomStateIsSavedUnlessNoSaveRng) {
   const Args flags = with(tiny_moe_flags(4), {"--hidden-dropout", "0.2"});
-  fs::path dir = shared_dir("rng");
+  SharedScratchDir scratch("rng");
+  const fs::path& dir = scratch.path;
   const std::string with_rng = (dir / "with_rng").string(), without = (dir / "without").string();
   TrainingReport whole = run(flags);
   const Args first_half = {"--save-interval", "2", "--exit-interval", "2"};
@@ -463,12 +455,12 @@ TEST(TrainingLoop, RandomStateIsSavedUnlessNoSaveRng) {
   TrainingReport from_seed = run(with(flags, {"--load", without, "--no-load-rng"}));
   ASSERT_EQ(from_seed.iterations.size(), 2u);
   EXPECT_EQ(from_seed.iterations[0].lm_loss, whole.iterations[2].lm_loss);
-  if (world_rank() == 0) fs::remove_all(dir);
 }
 
 // A resumed run appends to its --log-file: the earlier run's rows stay, one header.
 TEST(TrainingLoop, ResumedRunAppendsToTheLogFile) {
-  fs::path dir = shared_dir("log_append");
+  SharedScratchDir scratch("log_append");
+  const fs::path& dir = scratch.path;
   const std::string log_file = (dir / "train.csv").string(), save_dir = (dir / "ckpt").string();
   const Args flags = with(tiny_moe_flags(4), {"--log-file", log_file});
   run(with(flags, {"--save", save_dir, "--save-interval", "2", "--exit-interval", "2"}));
@@ -484,7 +476,6 @@ TEST(TrainingLoop, ResumedRunAppendsToTheLogFile) {
     }
     EXPECT_EQ(headers, 1);
     EXPECT_EQ(lm_iterations, (std::vector<int>{1, 2, 3, 4}));
-    fs::remove_all(dir);
   }
 }
 
@@ -561,10 +552,10 @@ TEST(TrainingLoop, MissingDatasetIsNamedOnEveryRank) {
 }
 
 TEST(TrainingLoop, TokenIdsOutsideTheVocabularyNameTheDataFile) {
-  const fs::path dir = shared_dir("out_of_vocab");
+  SharedScratchDir scratch("out_of_vocab");
+  const fs::path& dir = scratch.path;
   const std::string prefix = (dir / "wide_ids_text_document").string();
   if (world_rank() == 0) {
-    fs::create_directories(dir);
     data::IndexedDatasetBuilder builder(prefix, data::TokenDType::U16);
     std::vector<int64_t> document(400);
     for (size_t i = 0; i < document.size(); ++i) document[i] = int64_t(i % 500);  // vocab is 128
@@ -577,12 +568,11 @@ TEST(TrainingLoop, TokenIdsOutsideTheVocabularyNameTheDataFile) {
   flags = with(flags, {"--data-path", prefix, "--split", "1,1,1"});
   EXPECT_CONTAINS(moe::testing::error_text([&] { run(flags); }), prefix,
                   "is outside the model's vocabulary [0, 128)");
-  MPI_Barrier(MPI_COMM_WORLD);
-  if (world_rank() == 0) fs::remove_all(dir);
 }
 
 TEST(TrainingLoop, LoadWithoutCheckpointStartsFreshOrFailsWhenAsked) {
-  fs::path dir = shared_dir("empty_load");
+  SharedScratchDir scratch("empty_load");
+  const fs::path& dir = scratch.path;
   std::string log;
   TrainingReport report = run(with(tiny_moe_flags(1), {"--load", dir.string()}), &log);
   EXPECT_EQ(report.start_iteration, 0);
