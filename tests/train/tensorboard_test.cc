@@ -2,13 +2,10 @@
 // descriptions (TFRecord framing, masked CRC-32C, protobuf wire format of Event/Summary), and
 // the CSV scalar log.
 #include <gtest/gtest.h>
-#include <unistd.h>
 
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <map>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -21,6 +18,7 @@ namespace moe::train {
 namespace {
 
 namespace fs = std::filesystem;
+using moe::testing::ScratchDir;
 
 // Bit-at-a-time CRC-32C, deliberately unlike the writer's table version.
 uint32_t slow_crc32c(const std::string& bytes) {
@@ -102,8 +100,7 @@ struct Scalar {
 
 // Reads every record, checking both CRCs, and returns the file version and the scalars.
 std::pair<std::string, std::vector<Scalar>> read_event_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::string file((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const std::string file = moe::testing::read_bytes(path);
   std::string version;
   std::vector<Scalar> scalars;
   size_t at = 0;
@@ -137,12 +134,6 @@ std::pair<std::string, std::vector<Scalar>> read_event_file(const std::string& p
   return {version, scalars};
 }
 
-fs::path fresh_dir(const std::string& name) {
-  fs::path dir = fs::temp_directory_path() / ("moe_train_" + name + "_" + std::to_string(getpid()));
-  fs::remove_all(dir);
-  return dir;
-}
-
 TEST(TensorBoard, Crc32cKnownValue) {
   EXPECT_EQ(crc32c("123456789", 9), 0xE3069283u);  // the standard check value
   EXPECT_EQ(crc32c("", 0), 0u);
@@ -151,10 +142,10 @@ TEST(TensorBoard, Crc32cKnownValue) {
 }
 
 TEST(TensorBoard, EventFileDecodesToTheWrittenScalars) {
-  fs::path dir = fresh_dir("tb");
+  ScratchDir dir("tb");
   std::string path;
   {
-    TensorBoardWriter writer((dir / "nested").string());
+    TensorBoardWriter writer(dir.file("nested"));
     path = writer.path();
     writer.add_scalar("lm loss", 7.25, 1, 1.7e9);
     writer.add_scalar("learning-rate", 1e-4, 1, 1.7e9 + 1);
@@ -173,37 +164,33 @@ TEST(TensorBoard, EventFileDecodesToTheWrittenScalars) {
   EXPECT_EQ(scalars[3].tag, std::string(200, 'x'));
   EXPECT_EQ(scalars[3].step, 1LL << 40);
   EXPECT_DOUBLE_EQ(scalars[3].wall_time, 1.7e9 + 3);
-  fs::remove_all(dir);
 }
 
 TEST(TensorBoard, UnwritableDirectoryIsNamed) {
-  fs::path dir = fresh_dir("tb_file");
-  { std::ofstream(dir.string()) << "a file, not a directory"; }
+  ScratchDir dir("tb_file");
+  const fs::path file = dir.path / "file";
+  moe::testing::write_bytes(file, "a file, not a directory");
   EXPECT_CONTAINS(
-      moe::testing::error_text([&] { TensorBoardWriter writer((dir / "sub").string()); }),
-      "--tensorboard-dir: cannot create directory '" + (dir / "sub").string() + "'");
-  fs::remove(dir);
+      moe::testing::error_text([&] { TensorBoardWriter writer((file / "sub").string()); }),
+      "--tensorboard-dir: cannot create directory '" + (file / "sub").string() + "'");
 }
 
 TEST(ScalarLog, CsvAndEventFileCarryTheSameScalars) {
-  fs::path dir = fresh_dir("scalars");
+  ScratchDir dir("scalars");
   std::string event_path;
   {
-    ScalarLog log((dir / "tb").string(), (dir / "logs" / "train.csv").string());
+    ScalarLog log(dir.file("tb"), (dir.path / "logs" / "train.csv").string());
     event_path = *log.tensorboard_path();
     log.add("lm loss", 5.5, 10);
     log.add("grad-norm", 0.125, 10);
     log.flush();
   }
-  std::ifstream csv(dir / "logs" / "train.csv");
-  std::stringstream text;
-  text << csv.rdbuf();
-  EXPECT_EQ(text.str(), "iteration,tag,value\n10,lm loss,5.5\n10,grad-norm,0.125\n");
+  EXPECT_EQ(moe::testing::read_bytes(dir.path / "logs" / "train.csv"),
+            "iteration,tag,value\n10,lm loss,5.5\n10,grad-norm,0.125\n");
   auto [version, scalars] = read_event_file(event_path);
   ASSERT_EQ(scalars.size(), 2u);
   EXPECT_EQ(scalars[1].tag, "grad-norm");
   EXPECT_EQ(scalars[1].value, 0.125f);
-  fs::remove_all(dir);
 }
 
 }  // namespace
