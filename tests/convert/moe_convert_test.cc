@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdlib>
+#include <fstream>
 #include <string>
 
 #include "convert/mixtral_testing.h"
@@ -141,27 +142,23 @@ TEST(MoeConvert, MoeTrainFineTunesFromTheConvertedCheckpoint) {
                               "--vocab-size 36 --seq-length 8 --micro-batch-size 2 "
                               "--global-batch-size 2 --train-iters 2 --lr 1e-4 --bf16 "
                               "--log-interval 1 --save " +
-                              (t.scratch.file("trained")) + " --save-interval 2 > " +
-                              (t.scratch.file("train.log")) + " 2>&1";
+                              t.scratch.file("trained") + " --save-interval 2 > " +
+                              t.scratch.file("train.log") + " 2>&1";
   EXPECT_EQ(std::system(command.c_str()), 0) << command;
-  std::ifstream log(t.scratch.file("train.log"));
-  std::stringstream text;
-  text << log.rdbuf();
-  EXPECT_NE(text.str().find("loaded checkpoint from '" + t.ckpt + "' at iteration 0"),
-            std::string::npos)
-      << text.str();
+  EXPECT_CONTAINS(read_bytes(t.scratch.file("train.log")),
+                  "loaded checkpoint from '" + t.ckpt + "' at iteration 0");
 
   // The trained checkpoint (with optimizer state) converts back to HF from the moe-train command
   // line it records (vocab_size = its 37 rows), or from a config.json given with --hf-config.
-  RunResult from_args = t.run("--from moecore --to hf --input " + (t.scratch.file("trained")) +
-                              " --output " + (t.scratch.file("from_args")));
+  RunResult from_args = t.run("--from moecore --to hf --input " + t.scratch.file("trained") +
+                              " --output " + t.scratch.file("from_args"));
   ASSERT_EQ(from_args.exit_code, 0) << from_args.output;
   EXPECT_NE(from_args.output.find("comes from the moe-train command line"), std::string::npos);
   EXPECT_EQ(MixtralConfig::from_json(
                 nlohmann::json::parse(std::ifstream(t.scratch.file("from_args/config.json"))), "c")
                 .to_json(),
             t.config.to_json());
-  RunResult back = t.run("--from moecore --to hf --input " + (t.scratch.file("trained")) +
+  RunResult back = t.run("--from moecore --to hf --input " + t.scratch.file("trained") +
                          " --output " + t.back + " --hf-config " + t.hf + "/config.json");
   ASSERT_EQ(back.exit_code, 0) << back.output;
   EXPECT_NE(back.output.find("from iteration 2"), std::string::npos) << back.output;
@@ -229,17 +226,17 @@ TEST(MoeConvert, BadInvocationsExplainThemselves) {
   };
   expect_failure("--from hf --to moecore --input " + hf + " --output " + hf,
                  "exists and is not empty");
-  expect_failure("--from hf --to hf --input " + hf + " --output " + (scratch.file("o")),
+  expect_failure("--from hf --to hf --input " + hf + " --output " + scratch.file("o"),
                  "--from and --to are both 'hf'");
-  expect_failure("--from gguf --to moecore --input " + hf + " --output " + (scratch.file("o")),
+  expect_failure("--from gguf --to moecore --input " + hf + " --output " + scratch.file("o"),
                  "gguf");
-  expect_failure("--from hf --to moecore --input " + (scratch.file("none")) + " --output " +
-                     (scratch.file("o")),
-                 "is not a directory");
-  expect_failure("--from moecore --to hf --input " + hf + " --output " + (scratch.file("o")),
+  expect_failure(
+      "--from hf --to moecore --input " + scratch.file("none") + " --output " + scratch.file("o"),
+      "is not a directory");
+  expect_failure("--from moecore --to hf --input " + hf + " --output " + scratch.file("o"),
                  "not a moecore checkpoint directory");
   expect_failure(
-      "--from hf --to moecore --dtype int8 --input " + hf + " --output " + (scratch.file("o")),
+      "--from hf --to moecore --dtype int8 --input " + hf + " --output " + scratch.file("o"),
       "int8");
 
   // A tensor the config does not account for, and a missing one.
@@ -248,13 +245,13 @@ TEST(MoeConvert, BadInvocationsExplainThemselves) {
   checkpoint::safetensors::write_file(extra.file("more.safetensors"),
                                       {{"vision.proj", Tensor({2})}});
   expect_failure(
-      "--from hf --to moecore --input " + extra.path.string() + " --output " + (scratch.file("o")),
+      "--from hf --to moecore --input " + extra.path.string() + " --output " + scratch.file("o"),
       "'vision.proj' that a Mixtral model has no place for");
   MixtralConfig bigger = c;
   bigger.num_hidden_layers = 3;
   std::ofstream(extra.file("config.json")) << bigger.to_json().dump();
   expect_failure(
-      "--from hf --to moecore --input " + extra.path.string() + " --output " + (scratch.file("o")),
+      "--from hf --to moecore --input " + extra.path.string() + " --output " + scratch.file("o"),
       "no tensor 'model.layers.2.input_layernorm.weight'");
   EXPECT_FALSE(std::filesystem::exists(scratch.file("o")));
 
@@ -270,7 +267,7 @@ TEST(MoeConvert, BadInvocationsExplainThemselves) {
   std::ofstream(scratch.file("more_experts.json")) << more_experts.to_json().dump();
   std::filesystem::create_directories(empty_output);
   expect_failure("--from moecore --to hf --input " + ckpt + " --output " + empty_output +
-                     " --hf-config " + (scratch.file("more_experts.json")),
+                     " --hf-config " + scratch.file("more_experts.json"),
                  "decoder.layers.0.mlp");
   EXPECT_TRUE(std::filesystem::is_empty(empty_output));
 }
