@@ -63,8 +63,7 @@ TEST(MoeConvert, HfToMoecoreToHfIsBitwise) {
   RunResult to_moecore = t.run("--from hf --to moecore --input " + t.hf + " --output " + t.ckpt +
                                " --iteration 5 --make-vocab-size-divisible-by 1");
   ASSERT_EQ(to_moecore.exit_code, 0) << to_moecore.output;
-  EXPECT_NE(to_moecore.output.find("--num-experts 3 --moe-router-topk 2"), std::string::npos)
-      << to_moecore.output;
+  EXPECT_CONTAINS(to_moecore.output, "--num-experts 3 --moe-router-topk 2");
   EXPECT_EQ(checkpoint::read_tracker(t.ckpt), 5);
 
   // The checkpoint loads into the real model, strictly, with the original weights.
@@ -103,8 +102,7 @@ TEST(MoeConvert, PadsTheVocabularyAsMoeTrainWill) {
   RunResult to_moecore = t.run("--from hf --to moecore --input " + t.hf + " --output " + t.ckpt +
                                " --make-vocab-size-divisible-by 16 --tensor-model-parallel-size 4");
   ASSERT_EQ(to_moecore.exit_code, 0) << to_moecore.output;
-  EXPECT_NE(to_moecore.output.find("padded from 37 to 64 rows"), std::string::npos)
-      << to_moecore.output;
+  EXPECT_CONTAINS(to_moecore.output, "padded from 37 to 64 rows");
 
   MixtralConfig padded = t.config;
   padded.padded_vocab_size = 64;
@@ -153,7 +151,7 @@ TEST(MoeConvert, MoeTrainFineTunesFromTheConvertedCheckpoint) {
   RunResult from_args = t.run("--from moecore --to hf --input " + t.scratch.file("trained") +
                               " --output " + t.scratch.file("from_args"));
   ASSERT_EQ(from_args.exit_code, 0) << from_args.output;
-  EXPECT_NE(from_args.output.find("comes from the moe-train command line"), std::string::npos);
+  EXPECT_CONTAINS(from_args.output, "comes from the moe-train command line");
   EXPECT_EQ(MixtralConfig::from_json(
                 nlohmann::json::parse(std::ifstream(t.scratch.file("from_args/config.json"))), "c")
                 .to_json(),
@@ -161,7 +159,7 @@ TEST(MoeConvert, MoeTrainFineTunesFromTheConvertedCheckpoint) {
   RunResult back = t.run("--from moecore --to hf --input " + t.scratch.file("trained") +
                          " --output " + t.back + " --hf-config " + t.hf + "/config.json");
   ASSERT_EQ(back.exit_code, 0) << back.output;
-  EXPECT_NE(back.output.find("from iteration 2"), std::string::npos) << back.output;
+  EXPECT_CONTAINS(back.output, "from iteration 2");
   Checkpoint before(t.hf), after(t.back);
   EXPECT_EQ(before.names(), after.names());
   EXPECT_FALSE(same_bytes(before.read("lm_head.weight"), after.read("lm_head.weight")));
@@ -182,10 +180,8 @@ TEST(MoeConvert, CheckpointWithoutModelRecordNeedsHfConfig) {
   RunResult without =
       run_convert(scratch, "--from moecore --to hf --input " + ckpt + " --output " + back);
   EXPECT_NE(without.exit_code, 0);
-  EXPECT_NE(without.output.find("records neither an HF config nor a moe-train command line"),
-            std::string::npos)
-      << without.output;
-  EXPECT_NE(without.output.find("pass --hf-config"), std::string::npos) << without.output;
+  EXPECT_CONTAINS(without.output, "records neither an HF config nor a moe-train command line");
+  EXPECT_CONTAINS(without.output, "pass --hf-config");
 
   // A recorded command line of a model HF's Mixtral cannot express is refused, saying why.
   state.iteration = 4;
@@ -221,8 +217,7 @@ TEST(MoeConvert, BadInvocationsExplainThemselves) {
   auto expect_failure = [&](const std::string& arguments, const std::string& text) {
     RunResult result = run_convert(scratch, arguments);
     EXPECT_NE(result.exit_code, 0) << arguments;
-    EXPECT_NE(result.output.find(text), std::string::npos)
-        << arguments << "\noutput: " << result.output << "\nmissing: " << text;
+    EXPECT_CONTAINS(result.output, text) << "arguments: " << arguments;
   };
   expect_failure("--from hf --to moecore --input " + hf + " --output " + hf,
                  "exists and is not empty");

@@ -39,8 +39,7 @@ class PreprocessTool : public ::testing::Test {
                                 " " + flags);
   }
   static void expect_contains(const std::string& output, const std::string& fragment) {
-    EXPECT_NE(output.find(fragment), std::string::npos) << "missing: " << fragment << "\noutput:\n"
-                                                        << output;
+    EXPECT_CONTAINS(output, fragment);
   }
   ScratchDir dir_{"data"};
 };

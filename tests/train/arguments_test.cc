@@ -195,10 +195,9 @@ TEST(Arguments, UnknownArgumentSuggestsClosest) {
 }
 
 TEST(Arguments, BadValuesAndStrayTokens) {
-  EXPECT_NE(parse_error({"--num-layers", "two"}).find("--num-layers"), std::string::npos);
-  EXPECT_NE(parse_error({"--normalization", "BatchNorm"}).find("--normalization"),
-            std::string::npos);
-  EXPECT_NE(parse_error({"--moe-token-dispatcher-type", "flex"}).find("flex"), std::string::npos);
+  EXPECT_CONTAINS(parse_error({"--num-layers", "two"}), "--num-layers");
+  EXPECT_CONTAINS(parse_error({"--normalization", "BatchNorm"}), "--normalization");
+  EXPECT_CONTAINS(parse_error({"--moe-token-dispatcher-type", "flex"}), "flex");
   EXPECT_EQ(parse_error({"--bf16", "true"}),
             "unexpected value 'true': moe-train takes no positional arguments (presence flags "
             "such as --bf16 take no value)");
@@ -375,9 +374,8 @@ TEST(Arguments, DataSources) {
   EXPECT_EQ(validation_error(with(no_data, {"--valid-data-path", "b"}), 1),
             "--valid-data-path/--test-data-path need --train-data-path");
   // Blends and splits are read by the data module's parsers, with their messages.
-  EXPECT_NE(validation_error(with(no_data, {"--data-path", "0.3", "a", "b", "c"}), 1)
-                .find("--data-path mixes weights and prefixes"),
-            std::string::npos);
+  EXPECT_CONTAINS(validation_error(with(no_data, {"--data-path", "0.3", "a", "b", "c"}), 1),
+                  "--data-path mixes weights and prefixes");
   EXPECT_EQ(validation_error(with(no_data, {"--data-path", "a", "--split", "0,0"}), 1),
             "--split '0,0' gives every split zero weight");
 }

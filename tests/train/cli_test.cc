@@ -6,6 +6,8 @@
 #include <cstdio>
 #include <string>
 
+#include "support/testing.h"
+
 namespace {
 
 struct Outcome {
@@ -44,9 +46,7 @@ const std::string kTinyJob =
 void expect_refused(const std::string& arguments, const std::string& message) {
   Outcome outcome = moe_train(arguments);
   EXPECT_EQ(outcome.status, 2) << outcome.output;
-  EXPECT_NE(outcome.output.find("moe-train: error: " + message), std::string::npos)
-      << "arguments: " << arguments << "\noutput:\n"
-      << outcome.output;
+  EXPECT_CONTAINS(outcome.output, "moe-train: error: " + message) << "arguments: " << arguments;
 }
 
 TEST(MoeTrainProgram, HelpListsMegatronGroups) {
@@ -54,7 +54,7 @@ TEST(MoeTrainProgram, HelpListsMegatronGroups) {
   EXPECT_EQ(outcome.status, 0);
   for (const char* text : {"network size:", "moe:", "mixed precision:", "learning rate:",
                            "checkpointing:", "--moe-router-topk", "--use-distributed-optimizer"}) {
-    EXPECT_NE(outcome.output.find(text), std::string::npos) << text;
+    EXPECT_CONTAINS(outcome.output, text);
   }
 }
 
@@ -83,11 +83,9 @@ TEST(MoeTrainProgram, BadArgumentsExitWithTheirMessage) {
 TEST(MoeTrainProgram, TrainsUnderMpirunAndPrintsMegatronLines) {
   Outcome outcome = mpirun_moe_train(2, kTinyJob + "--train-iters 3 --mock-data");
   EXPECT_EQ(outcome.status, 0) << outcome.output;
-  EXPECT_NE(outcome.output.find("using world size: 2, data-parallel size: 2"), std::string::npos)
-      << outcome.output;
-  EXPECT_NE(outcome.output.find(" iteration        3/       3 |"), std::string::npos)
-      << outcome.output;
-  EXPECT_NE(outcome.output.find("lm loss: "), std::string::npos);
+  EXPECT_CONTAINS(outcome.output, "using world size: 2, data-parallel size: 2");
+  EXPECT_CONTAINS(outcome.output, " iteration        3/       3 |");
+  EXPECT_CONTAINS(outcome.output, "lm loss: ");
 }
 
 // The seed layout's shape at 4 ranks: tp 2 with sequence parallelism, ep 2, and the expert
@@ -98,12 +96,10 @@ TEST(MoeTrainProgram, TrainsWithExpertTensorParallelismDefaultingToTensorParalle
                                             "--tensor-model-parallel-size 2 --sequence-parallel "
                                             "--expert-model-parallel-size 2");
   EXPECT_EQ(outcome.status, 0) << outcome.output;
-  EXPECT_NE(outcome.output.find("tensor-model-parallel size: 2, pipeline-model-parallel size: 1, "
-                                "expert-model-parallel size: 2, expert-tensor-parallel size: 2"),
-            std::string::npos)
-      << outcome.output;
-  EXPECT_NE(outcome.output.find(" iteration        2/       2 |"), std::string::npos)
-      << outcome.output;
+  EXPECT_CONTAINS(outcome.output,
+                  "tensor-model-parallel size: 2, pipeline-model-parallel size: 1, "
+                  "expert-model-parallel size: 2, expert-tensor-parallel size: 2");
+  EXPECT_CONTAINS(outcome.output, " iteration        2/       2 |");
 }
 
 // A value the model or optimizer would refuse only after setup is refused during argument
@@ -122,9 +118,8 @@ TEST(MoeTrainProgram, ErrorDuringTheJobStopsEveryRank) {
   Outcome outcome = mpirun_moe_train(
       2, kTinyJob + "--train-iters 3 --data-path /nonexistent/corpus_text_document");
   EXPECT_NE(outcome.status, 0) << outcome.output;
-  EXPECT_NE(outcome.output.find("moe-train: error on rank "), std::string::npos) << outcome.output;
-  EXPECT_NE(outcome.output.find("/nonexistent/corpus_text_document"), std::string::npos)
-      << outcome.output;
+  EXPECT_CONTAINS(outcome.output, "moe-train: error on rank ");
+  EXPECT_CONTAINS(outcome.output, "/nonexistent/corpus_text_document");
 }
 
 }  // namespace

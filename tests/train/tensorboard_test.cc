@@ -152,7 +152,7 @@ TEST(TensorBoard, EventFileDecodesToTheWrittenScalars) {
     writer.add_scalar("lm loss", 6.5, 300, 1.7e9 + 2);
     writer.add_scalar(std::string(200, 'x'), -3.0, 1LL << 40, 1.7e9 + 3);  // multi-byte varints
   }
-  EXPECT_NE(fs::path(path).filename().string().find("events.out.tfevents."), std::string::npos);
+  EXPECT_CONTAINS(fs::path(path).filename().string(), "events.out.tfevents.");
   auto [version, scalars] = read_event_file(path);
   EXPECT_EQ(version, "brain.Event:2");
   ASSERT_EQ(scalars.size(), 4u);

@@ -144,11 +144,9 @@ TEST(TrainingLoop, TinyMoeModelLearnsInFiftyIterations) {
   }
   EXPECT_EQ(report.iterations.back().consumed_samples, 400);
   if (world_rank() == 0) {
-    EXPECT_NE(log.find(" iteration       50/      50 | consumed samples:          400 |"),
-              std::string::npos)
-        << log;
-    EXPECT_NE(log.find("expert load min/max: "), std::string::npos);
-    EXPECT_NE(log.find("load_balancing_loss: "), std::string::npos);
+    EXPECT_CONTAINS(log, " iteration       50/      50 | consumed samples:          400 |");
+    EXPECT_CONTAINS(log, "expert load min/max: ");
+    EXPECT_CONTAINS(log, "load_balancing_loss: ");
   }
 }
 
@@ -317,10 +315,9 @@ TEST(TrainingLoop, Fp16OverflowSkipsStepsAndLowersTheScale) {
     EXPECT_EQ(s.consumed_samples, 8 * s.iteration);
   }
   if (world_rank() == 0) {
-    EXPECT_NE(log.find("number of skipped iterations:   1 | (inf/NaN gradients: step skipped, "
-                       "loss scale lowered) |"),
-              std::string::npos)
-        << log;
+    EXPECT_CONTAINS(log,
+                    "number of skipped iterations:   1 | (inf/NaN gradients: step skipped, "
+                    "loss scale lowered) |");
   }
 }
 
@@ -489,10 +486,9 @@ TEST(TrainingLoop, ByteTokenizerTrains) {
   ASSERT_EQ(report.iterations.size(), 1u);
   EXPECT_NEAR(report.iterations[0].lm_loss, std::log(384.0), 0.3);
   if (world_rank() == 0) {
-    EXPECT_NE(log.find("> building ByteTokenizer tokenizer ... padded vocab (size: 257) with 127 "
-                       "dummy tokens (new size: 384)"),
-              std::string::npos)
-        << log;
+    EXPECT_CONTAINS(log,
+                    "> building ByteTokenizer tokenizer ... padded vocab (size: 257) with 127 "
+                    "dummy tokens (new size: 384)");
   }
 }
 
@@ -577,7 +573,7 @@ TEST(TrainingLoop, LoadWithoutCheckpointStartsFreshOrFailsWhenAsked) {
   TrainingReport report = run(with(tiny_moe_flags(1), {"--load", dir.string()}), &log);
   EXPECT_EQ(report.start_iteration, 0);
   if (world_rank() == 0) {
-    EXPECT_NE(log.find("no checkpoint found"), std::string::npos) << log;
+    EXPECT_CONTAINS(log, "no checkpoint found");
   }
   EXPECT_EQ(
       moe::testing::error_text([&] {
