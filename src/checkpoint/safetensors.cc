@@ -10,6 +10,8 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <string_view>
+#include <utility>
 
 #include "moe/tensor/error.h"
 
@@ -49,35 +51,25 @@ void write_all(std::ofstream& out, const std::string& path, const void* data, si
   MOE_CHECK(out.good(), "safetensors: writing '", path, "' failed");
 }
 
+// Each dtype and its safetensors name, in the order the error text lists them.
+constexpr std::pair<DType, std::string_view> kDTypeNames[] = {
+    {DType::F32, "F32"}, {DType::BF16, "BF16"}, {DType::F16, "F16"},
+    {DType::F64, "F64"}, {DType::I32, "I32"},   {DType::I64, "I64"}};
 }  // namespace
 
 DType parse_dtype(const std::string& name) {
-  static const std::map<std::string, DType> kDTypes = {{"F32", DType::F32}, {"BF16", DType::BF16},
-                                                       {"F16", DType::F16}, {"F64", DType::F64},
-                                                       {"I32", DType::I32}, {"I64", DType::I64}};
-  auto it = kDTypes.find(name);
-  MOE_CHECK(it != kDTypes.end(), "safetensors dtype '", name,
-            "' is not supported (F32, BF16, F16, F64, I32, I64)");
-  return it->second;
+  for (const auto& [dtype, text] : kDTypeNames) {
+    if (text == name) return dtype;
+  }
+  throw Error(moe::detail::concat("safetensors dtype '", name,
+                                  "' is not supported (F32, BF16, F16, F64, I32, I64)"));
 }
 
 std::string dtype_string(DType dtype) {
-  switch (dtype) {
-    case DType::F32:
-      return "F32";
-    case DType::BF16:
-      return "BF16";
-    case DType::F16:
-      return "F16";
-    case DType::F64:
-      return "F64";
-    case DType::I32:
-      return "I32";
-    case DType::I64:
-      return "I64";
+  for (const auto& [known, text] : kDTypeNames) {
+    if (known == dtype) return std::string(text);
   }
-  MOE_CHECK(false, "safetensors: unknown dtype ", int(dtype));
-  return {};
+  throw Error(moe::detail::concat("safetensors: unknown dtype ", int(dtype)));
 }
 
 File::File(std::string path) : path_(std::move(path)) {

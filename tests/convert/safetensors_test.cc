@@ -32,6 +32,15 @@ std::vector<NamedTensor> sample_tensors() {
   return tensors;
 }
 
+TEST(Safetensors, DTypeNamesRoundTripAndUnknownOnesAreNamed) {
+  for (DType dtype : {DType::F32, DType::BF16, DType::F16, DType::F64, DType::I32, DType::I64}) {
+    EXPECT_EQ(parse_dtype(dtype_string(dtype)), dtype) << dtype_name(dtype);
+  }
+  EXPECT_EQ(dtype_string(DType::BF16), "BF16");
+  EXPECT_EQ(moe::testing::error_text([] { parse_dtype("F8_E4M3"); }),
+            "safetensors dtype 'F8_E4M3' is not supported (F32, BF16, F16, F64, I32, I64)");
+}
+
 TEST(Safetensors, FileRoundTripIsBitwise) {
   ScratchDir dir("file_round_trip");
   auto tensors = sample_tensors();
