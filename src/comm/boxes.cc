@@ -20,6 +20,11 @@ int64_t copy_box_overlap(const Tensor& source, const Shape& source_offset, Tenso
   const Shape& source_shape = source.shape();
   const Shape& target_shape = target.shape();
   size_t ndim = target_shape.size();
+  MOE_CHECK(
+      source_shape.size() == ndim && source_offset.size() == ndim && target_offset.size() == ndim,
+      "copy_box_overlap: source ", shape_string(source_shape), " at offset ",
+      shape_string(source_offset), " and target ", shape_string(target_shape), " at offset ",
+      shape_string(target_offset), " must have the same number of dimensions");
   Shape low(ndim), extent(ndim);
   for (size_t d = 0; d < ndim; ++d) {
     low[d] = std::max(source_offset[d], target_offset[d]);

@@ -15,8 +15,8 @@ bool boxes_overlap(const Shape& a_offset, const Shape& a_shape, const Shape& b_o
 
 // Copies the overlap of two boxes from `source` (the box at source_offset, of source's shape)
 // into `target` (the box at target_offset, of target's shape), converting the dtype if they
-// differ. The offsets have one entry per dimension of both tensors (not checked: an inner
-// helper). Returns the number of elements copied (0 when the boxes do not overlap).
+// differ; the rest of target is left as it is. Both tensors and both offsets must have the same
+// number of dimensions. Returns the number of elements copied (0 when the boxes do not overlap).
 int64_t copy_box_overlap(const Tensor& source, const Shape& source_offset, Tensor& target,
                          const Shape& target_offset);
 
