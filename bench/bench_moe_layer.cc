@@ -19,8 +19,9 @@
 //   non_gemm_fraction   non_gemm_ms / layer_ms; layer_ms, gemm_ms, layer_over_gemm = their ratio;
 //   non_gemm_cpu_ms, non_gemm_cpu_fraction, layer_cpu_ms, gemm_cpu_ms: the same in process CPU
 //                       time (all threads); layer_cpu_mean_ms: the mean, as the PyTorch peer's;
-//   non_gemm_fastest_ms the sum of the phases' fastest samples: what the phases cost with the
-//                       machine to themselves, when another program keeps a core busy throughout;
+//   non_gemm_fastest_ms the same sum with each phase's fastest sample (less the fastest of what is
+//                       taken off it): nearer what the phases cost with the machine to themselves
+//                       when other programs come and go;
 //   non_gemm_ms_by_difference (and _cpu_): layer - GEMMs, the cross-check that misses nothing the
 //                       phases might, but swings with the machine's load;
 //   layer_page_faults   minor page faults in one forward+backward.
@@ -160,7 +161,7 @@ void touch_pages(Tensor& buffer) {
 }
 
 enum Phase {
-  kRouter,  // forward + backward, less the router's products
+  kRouter,  // forward + backward, less the router's products (timed in kRouterProducts)
   kDispatch,
   kExpertBuffers,
   kSwiGLU,
@@ -168,7 +169,11 @@ enum Phase {
   kCombineBackward,
   kSwiGLUBackward,
   kDispatchBackward,
-  kPhases
+  kPhases,
+  // Not phases: timed beside one and taken off it.
+  kRouterProducts = kPhases,  // the router's GEMMs, off kRouter
+  kResidentTouch,             // touching the expert buffers again, off kExpertBuffers
+  kTimedSlots
 };
 constexpr std::array<const char*, kPhases> kPhaseNames = {
     "router",  "dispatch",         "expert_buffers",  "swiglu",
@@ -176,10 +181,10 @@ constexpr std::array<const char*, kPhases> kPhaseNames = {
 
 // Seconds per phase, wall and process CPU time.
 struct PhaseTimes {
-  std::array<double, kPhases> wall{}, cpu{};
-  void add(Phase phase, const Stopwatch& watch, double sign) {
-    wall[phase] += sign * watch.wall_seconds();
-    cpu[phase] += sign * watch.cpu_seconds();
+  std::array<double, kTimedSlots> wall{}, cpu{};
+  void add(Phase phase, const Stopwatch& watch) {
+    wall[phase] += watch.wall_seconds();
+    cpu[phase] += watch.cpu_seconds();
   }
 };
 
@@ -200,8 +205,8 @@ struct NonGemmPhases {
     }
   }
 
-  // Times one pass over the phases into `times`; router_gemms runs (and is timed) right after the
-  // router's backward and its time is taken off the router phase.
+  // Times one pass over the phases into `times`; router_gemms runs (timed as kRouterProducts)
+  // right after the router's backward.
   void run(LayerSetup& setup, GemmOnly& router_gemms, PhaseTimes& times) {
     const int64_t R = fc1_output.dim(0), H = setup.config.hidden_size;
     const int64_t F = grad_activation.dim(1), N1 = fc1_output.dim(1);
@@ -210,7 +215,7 @@ struct NonGemmPhases {
     auto timed = [&](Phase phase, auto&& body) {
       Stopwatch watch;
       body();
-      times.add(phase, watch, 1.0);
+      times.add(phase, watch);
     };
     RouterContext router_ctx;
     DispatchContext dispatch_ctx;
@@ -242,11 +247,12 @@ struct NonGemmPhases {
     timed(kRouter, [&] { router.backward(router_ctx, grad_probs, grad_hidden); });
     Stopwatch gemm_watch;
     router_gemms.run_router();
-    times.add(kRouter, gemm_watch, -1.0);
+    times.add(kRouterProducts, gemm_watch);
   }
 
-  // Allocates two GEMM outputs as the experts do and adds what their first touch costs beyond
-  // touching pages already resident (which the GEMM's own stores pay either way).
+  // Allocates two GEMM outputs as the experts do and touches their pages (kExpertBuffers), then
+  // touches them again (kResidentTouch, taken off): the phase is what the first touch costs beyond
+  // touching resident pages, which the GEMM's own stores pay either way.
   static void fresh_buffers(PhaseTimes& times, Shape first_shape, Tensor& first, Shape second_shape,
                             Tensor& second) {
     Stopwatch fresh_watch;
@@ -254,11 +260,11 @@ struct NonGemmPhases {
     touch_pages(first);
     second = Tensor::empty(std::move(second_shape));
     touch_pages(second);
-    times.add(kExpertBuffers, fresh_watch, 1.0);
+    times.add(kExpertBuffers, fresh_watch);
     Stopwatch resident_watch;
     touch_pages(first);
     touch_pages(second);
-    times.add(kExpertBuffers, resident_watch, -1.0);
+    times.add(kResidentTouch, resident_watch);
   }
 
   Tensor fc1_output, grad_activation, expert_output, grad_rows;
@@ -292,7 +298,7 @@ void BM_MoELayerForwardBackward(benchmark::State& state) {
   GemmOnly gemms(setup, groups);
   NonGemmPhases phases(setup, gemms.x.dim(0));
   Samples layer, gemm, difference;
-  std::array<Samples, kPhases> phase;
+  std::array<Samples, kTimedSlots> phase;
   std::vector<double> faults;
   for (auto _ : state) {
     int64_t faults_before = minor_page_faults();
@@ -307,21 +313,34 @@ void BM_MoELayerForwardBackward(benchmark::State& state) {
     for (int round = 0; round < kPhaseRounds; ++round) {
       PhaseTimes times;
       phases.run(setup, gemms, times);
-      for (int p = 0; p < kPhases; ++p) phase[size_t(p)].add(times.wall[p], times.cpu[p]);
+      for (int p = 0; p < kTimedSlots; ++p) phase[size_t(p)].add(times.wall[p], times.cpu[p]);
     }
     state.SetIterationTime(layer_wall);
     layer.add(layer_wall, layer_cpu);
     gemm.add(gemm_wall, gemm_cpu);
     difference.add(layer_wall - gemm_wall, layer_cpu - gemm_cpu);
   }
+  // A statistic of a phase's samples, less the same statistic of what is taken off it; at least
+  // 0: a phase costs no less than nothing.
+  auto estimate = [&](int p, bool cpu, double (*statistic)(std::vector<double>)) {
+    auto samples = [&](int slot) {
+      return cpu ? phase[size_t(slot)].cpu : phase[size_t(slot)].wall;
+    };
+    double ms = statistic(samples(p));
+    if (p == kRouter) ms -= statistic(samples(kRouterProducts));
+    if (p == kExpertBuffers) ms -= statistic(samples(kResidentTouch));
+    return std::max(0.0, ms);
+  };
+  auto fastest = [](std::vector<double> values) {
+    return *std::min_element(values.begin(), values.end());
+  };
   double non_gemm = 0.0, non_gemm_cpu = 0.0, non_gemm_fastest = 0.0;
   for (int p = 0; p < kPhases; ++p) {
-    const std::vector<double>& wall = phase[size_t(p)].wall;
-    double ms = std::max(0.0, median(wall));  // a phase costs no less than nothing
+    double ms = estimate(p, false, median);
     state.counters[std::string("phase_") + kPhaseNames[size_t(p)] + "_ms"] = ms;
     non_gemm += ms;
-    non_gemm_cpu += median(phase[size_t(p)].cpu);
-    non_gemm_fastest += *std::min_element(wall.begin(), wall.end());
+    non_gemm_cpu += estimate(p, true, median);
+    non_gemm_fastest += estimate(p, false, fastest);
   }
   const double layer_ms = median(layer.wall), gemm_ms = median(gemm.wall);
   state.counters["layer_ms"] = layer_ms;
