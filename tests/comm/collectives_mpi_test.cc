@@ -34,23 +34,6 @@ Tensor tagged(DType dtype, int rank, int64_t rows, int64_t first_row = 0) {
   return Tensor::from_floats(values, {rows, kCols}, dtype);
 }
 
-// Bitwise comparison through the raw bytes, with the first differing element in the message.
-::testing::AssertionResult bitwise_equal(const Tensor& actual, const Tensor& expected) {
-  if (actual.shape() != expected.shape() || actual.dtype() != expected.dtype()) {
-    return ::testing::AssertionFailure() << "shape/dtype " << shape_string(actual.shape()) << " vs "
-                                         << shape_string(expected.shape());
-  }
-  const size_t element = dtype_size(actual.dtype());
-  for (int64_t i = 0; i < actual.numel(); ++i) {
-    if (std::memcmp(static_cast<const char*>(actual.raw()) + i * element,
-                    static_cast<const char*>(expected.raw()) + i * element, element) != 0) {
-      return ::testing::AssertionFailure()
-             << "element " << i << ": " << actual.get(i) << " != expected " << expected.get(i);
-    }
-  }
-  return ::testing::AssertionSuccess();
-}
-
 class Collectives : public ::testing::TestWithParam<DType> {
  protected:
   ProcessGroup world = ProcessGroup::world();
@@ -80,8 +63,10 @@ TEST_P(Collectives, AllReduceSumAndMaxInRankOrder) {
       }
     }
     // The exact sum rounded once to the dtype (fp32 accumulation for bf16/fp16).
-    EXPECT_TRUE(bitwise_equal(sum, Tensor::from_floats(expected_sum, {rows, kCols}, dtype)));
-    EXPECT_TRUE(bitwise_equal(max, Tensor::from_floats(expected_max, {rows, kCols}, dtype)));
+    EXPECT_TRUE(
+        moe::testing::same_bytes(sum, Tensor::from_floats(expected_sum, {rows, kCols}, dtype)));
+    EXPECT_TRUE(
+        moe::testing::same_bytes(max, Tensor::from_floats(expected_max, {rows, kCols}, dtype)));
   }
 }
 
@@ -90,7 +75,8 @@ TEST_P(Collectives, AllGatherPutsRowsInRankOrder) {
   Tensor out({2 * size, kCols}, dtype);
   all_gather(local, out, world);
   for (int source = 0; source < size; ++source) {
-    EXPECT_TRUE(bitwise_equal(out.rows(2 * source, 2 * source + 2), tagged(dtype, source, 2)));
+    EXPECT_TRUE(
+        moe::testing::same_bytes(out.rows(2 * source, 2 * source + 2), tagged(dtype, source, 2)));
   }
 }
 
@@ -104,7 +90,7 @@ TEST_P(Collectives, AllGatherVWithZeroRowRanks) {
   int64_t offset = 0;
   for (int source = 0; source < size; ++source) {
     const int64_t n = rows_per_rank[size_t(source)];
-    EXPECT_TRUE(bitwise_equal(out.rows(offset, offset + n), tagged(dtype, source, n)));
+    EXPECT_TRUE(moe::testing::same_bytes(out.rows(offset, offset + n), tagged(dtype, source, n)));
     offset += n;
   }
 }
@@ -126,7 +112,7 @@ TEST_P(Collectives, ReduceScatterEqualAndUneven) {
   Tensor in = tagged(dtype, rank, 2 * size);
   Tensor out({2, kCols}, dtype);
   reduce_scatter(in, out, world);
-  EXPECT_TRUE(bitwise_equal(out, expected_reduction(dtype, size, 2 * rank, 2)));
+  EXPECT_TRUE(moe::testing::same_bytes(out, expected_reduction(dtype, size, 2 * rank, 2)));
 
   std::vector<int64_t> rows_per_rank(static_cast<size_t>(size));
   for (int r = 0; r < size; ++r) rows_per_rank[size_t(r)] = r % 3;  // rank 0 and 3: no rows
@@ -135,8 +121,9 @@ TEST_P(Collectives, ReduceScatterEqualAndUneven) {
   Tensor uneven_in = tagged(dtype, rank, offsets.back());
   Tensor uneven_out({rows_per_rank[size_t(rank)], kCols}, dtype);
   reduce_scatter_v(uneven_in, uneven_out, rows_per_rank, world);
-  EXPECT_TRUE(bitwise_equal(uneven_out, expected_reduction(dtype, size, offsets[size_t(rank)],
-                                                           rows_per_rank[size_t(rank)])));
+  EXPECT_TRUE(moe::testing::same_bytes(
+      uneven_out,
+      expected_reduction(dtype, size, offsets[size_t(rank)], rows_per_rank[size_t(rank)])));
 }
 
 TEST_P(Collectives, InPlaceAllGatherAndReduceScatterOnOwnShard) {
@@ -146,12 +133,13 @@ TEST_P(Collectives, InPlaceAllGatherAndReduceScatterOnOwnShard) {
   shard.copy_from(tagged(dtype, rank, 2));
   all_gather(shard, buffer, world);
   for (int source = 0; source < size; ++source) {
-    EXPECT_TRUE(bitwise_equal(buffer.rows(2 * source, 2 * source + 2), tagged(dtype, source, 2)));
+    EXPECT_TRUE(moe::testing::same_bytes(buffer.rows(2 * source, 2 * source + 2),
+                                         tagged(dtype, source, 2)));
   }
   Tensor gradients = tagged(dtype, rank, 2 * size);
   Tensor own = gradients.rows(2 * rank, 2 * rank + 2);
   reduce_scatter(gradients, own, world);
-  EXPECT_TRUE(bitwise_equal(own, expected_reduction(dtype, size, 2 * rank, 2)));
+  EXPECT_TRUE(moe::testing::same_bytes(own, expected_reduction(dtype, size, 2 * rank, 2)));
 }
 
 TEST_P(Collectives, AllToAllVDeliversEveryRowToItsDestination) {
@@ -177,7 +165,8 @@ TEST_P(Collectives, AllToAllVDeliversEveryRowToItsDestination) {
   offset = 0;
   for (int peer = 0; peer < size; ++peer) {
     const int64_t n = recv_rows[size_t(peer)];
-    EXPECT_TRUE(bitwise_equal(recv.rows(offset, offset + n), tagged(dtype, peer, n, 10 * rank)))
+    EXPECT_TRUE(
+        moe::testing::same_bytes(recv.rows(offset, offset + n), tagged(dtype, peer, n, 10 * rank)))
         << "rows from rank " << peer;
     offset += n;
   }
@@ -187,7 +176,7 @@ TEST_P(Collectives, BroadcastFromEveryRoot) {
   for (int root = 0; root < size; ++root) {
     Tensor tensor = rank == root ? tagged(dtype, root, 4) : Tensor({4, kCols}, dtype);
     broadcast(tensor, root, world);
-    EXPECT_TRUE(bitwise_equal(tensor, tagged(dtype, root, 4))) << "root " << root;
+    EXPECT_TRUE(moe::testing::same_bytes(tensor, tagged(dtype, root, 4))) << "root " << root;
   }
 }
 
@@ -198,7 +187,7 @@ TEST_P(Collectives, LargeBroadcastGoesAsSlicesAndArrivesWhole) {
   const int root = size - 1;
   Tensor tensor = rank == root ? tagged(dtype, root, rows) : Tensor({rows, kCols}, dtype);
   broadcast(tensor, root, world);
-  EXPECT_TRUE(bitwise_equal(tensor, tagged(dtype, root, rows)));
+  EXPECT_TRUE(moe::testing::same_bytes(tensor, tagged(dtype, root, rows)));
 }
 
 TEST_P(Collectives, SendRecvAroundTheRing) {
@@ -213,7 +202,7 @@ TEST_P(Collectives, SendRecvAroundTheRing) {
     recv(incoming, previous, 5, world);
     send(outgoing, next, 5, world);
   }
-  EXPECT_TRUE(bitwise_equal(incoming, tagged(dtype, previous, 3)));
+  EXPECT_TRUE(moe::testing::same_bytes(incoming, tagged(dtype, previous, 3)));
 }
 
 TEST_P(Collectives, SendRecvShiftsALargeTensorAroundTheRingAtOnce) {
@@ -223,7 +212,7 @@ TEST_P(Collectives, SendRecvShiftsALargeTensorAroundTheRingAtOnce) {
   Tensor outgoing = tagged(dtype, rank, 700);
   Tensor incoming({700, kCols}, dtype);
   send_recv(outgoing, next, incoming, previous, 9, world);
-  EXPECT_TRUE(bitwise_equal(incoming, tagged(dtype, previous, 700)));
+  EXPECT_TRUE(moe::testing::same_bytes(incoming, tagged(dtype, previous, 700)));
 }
 
 INSTANTIATE_TEST_SUITE_P(AllDtypes, Collectives,
@@ -243,14 +232,14 @@ TEST(CollectivesDeterminism, RandomSumsEqualTheRankOrderReferenceBitwise) {
     Tensor second = input_of(world.rank());
     all_reduce(first, world);
     all_reduce(second, world);
-    EXPECT_TRUE(bitwise_equal(first, second)) << "two runs differ";
+    EXPECT_TRUE(moe::testing::same_bytes(first, second)) << "two runs differ";
     // Every rank rebuilds all inputs and sums them in rank order in fp32, rounding once.
     std::vector<float> reference(size_t(shape_numel(shape)), 0.0f);
     for (int r = 0; r < world.size(); ++r) {
       std::vector<float> values = input_of(r).to_floats();
       for (size_t i = 0; i < values.size(); ++i) reference[i] += values[i];
     }
-    EXPECT_TRUE(bitwise_equal(first, Tensor::from_floats(reference, shape, dtype)));
+    EXPECT_TRUE(moe::testing::same_bytes(first, Tensor::from_floats(reference, shape, dtype)));
   }
 }
 

@@ -1,12 +1,8 @@
 // Shared helpers of the expert-parallel tests: one ParallelState per ep size (built once per
-// program), the layout's global token order, and comparisons.
+// program) and the layout's global token order.
 #pragma once
 
-#include <gtest/gtest.h>
-
-#include <cstring>
 #include <map>
-#include <string>
 
 #include "moe/comm/parallel_state.h"
 #include "moe/tensor/tensor.h"
@@ -54,30 +50,6 @@ inline GroupTokens group_tokens(const comm::ProcessGroup& group,
     tokens.total += tokens_of(group.world_ranks()[size_t(r)]);
   }
   return tokens;
-}
-
-inline void expect_bitwise_equal(const Tensor& actual, const Tensor& expected,
-                                 const std::string& what) {
-  ASSERT_EQ(actual.shape(), expected.shape()) << what;
-  ASSERT_EQ(actual.dtype(), expected.dtype()) << what;
-  if (std::memcmp(actual.raw(), expected.raw(), actual.nbytes()) == 0) return;
-  for (int64_t i = 0; i < actual.numel(); ++i) {
-    if (actual.get(i) != expected.get(i)) {
-      ADD_FAILURE() << what << " differs first at element " << i << ": " << actual.get(i) << " vs "
-                    << expected.get(i);
-      return;
-    }
-  }
-  const size_t element = actual.nbytes() / size_t(actual.numel());
-  for (int64_t i = 0; i < actual.numel(); ++i) {
-    if (std::memcmp(static_cast<const char*>(actual.raw()) + size_t(i) * element,
-                    static_cast<const char*>(expected.raw()) + size_t(i) * element, element) != 0) {
-      ADD_FAILURE() << what << " differs in bits but not in value (signed zero or NaN payload) "
-                    << "first at element " << i << ": " << actual.get(i) << " vs "
-                    << expected.get(i);
-      return;
-    }
-  }
 }
 
 }  // namespace moe::testing

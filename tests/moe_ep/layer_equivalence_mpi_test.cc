@@ -64,7 +64,7 @@ void expect_same(const Tensor& actual, const Tensor& expected, const std::string
   if (etp > 1) {
     expect_etp_close(actual, expected, what, path);
   } else if (path != DType::F64) {
-    testing::expect_bitwise_equal(actual, expected, what);
+    EXPECT_TRUE(moe::testing::same_bytes(actual, expected)) << what;
   } else if (actual.dtype() == DType::F64) {
     EXPECT_TENSORS_CLOSE(actual, expected, 1e-13, 1e-12) << what;
   } else {

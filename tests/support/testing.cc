@@ -11,9 +11,26 @@
 
 namespace moe::testing {
 
-bool same_bytes(const Tensor& a, const Tensor& b) {
-  return a.dtype() == b.dtype() && a.shape() == b.shape() &&
-         std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
+::testing::AssertionResult same_bytes(const Tensor& a, const Tensor& b) {
+  if (a.dtype() != b.dtype() || a.shape() != b.shape()) {
+    return ::testing::AssertionFailure()
+           << dtype_name(a.dtype()) << " " << shape_string(a.shape()) << " vs "
+           << dtype_name(b.dtype()) << " " << shape_string(b.shape());
+  }
+  if (std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0) return ::testing::AssertionSuccess();
+  const size_t element = dtype_size(a.dtype());
+  const char* a_bytes = static_cast<const char*>(a.raw());
+  const char* b_bytes = static_cast<const char*>(b.raw());
+  int64_t i = 0;
+  while (std::memcmp(a_bytes + size_t(i) * element, b_bytes + size_t(i) * element, element) == 0) {
+    ++i;
+  }
+  const double a_value = value_at(a, i), b_value = value_at(b, i);
+  ::testing::AssertionResult failure = ::testing::AssertionFailure();
+  failure << "element " << i << " differs: " << a_value << " vs " << b_value;
+  if (a_value == 0 && b_value == 0) failure << " (signed zeros)";
+  if (std::isnan(a_value) && std::isnan(b_value)) failure << " (NaN payloads differ)";
+  return failure;
 }
 
 double value_at(const Tensor& tensor, int64_t i) {

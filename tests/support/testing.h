@@ -28,8 +28,9 @@ Tensor random_normal(const Shape& shape, uint64_t seed, float std = 1.0f, DType 
 Tensor random_uniform(const Shape& shape, uint64_t seed, float low, float high,
                       DType dtype = DType::F32);
 
-// Same dtype, shape and bytes.
-bool same_bytes(const Tensor& a, const Tensor& b);
+// Passes when a and b have the same dtype, shape and bytes; the failure names the first element
+// that differs and both values (noting signed zeros and differing NaN payloads).
+::testing::AssertionResult same_bytes(const Tensor& a, const Tensor& b);
 
 // Element i of a floating tensor as a double (exact for fp64 and for fp32/bf16/fp16).
 double value_at(const Tensor& tensor, int64_t i);

@@ -85,14 +85,17 @@ TEST(ScratchDirectory, FreshPerObjectAndRemovedAfter) {
   EXPECT_FALSE(std::filesystem::exists(second));
 }
 
-TEST(SameBytes, ComparesDtypeShapeAndBytes) {
-  Tensor a = random_normal({2, 3}, 1);
+TEST(SameBytes, ComparesDtypeShapeAndBytesAndNamesTheFirstDifference) {
+  Tensor a = Tensor::from_floats({1, 2, 3, 4, 5, 6}, {2, 3});
   EXPECT_TRUE(same_bytes(a, a.clone()));
-  EXPECT_FALSE(same_bytes(a, a.reshape({3, 2})));
+  EXPECT_EQ(std::string(same_bytes(a, a.reshape({3, 2})).message()), "fp32 [2, 3] vs fp32 [3, 2]");
   EXPECT_FALSE(same_bytes(a, a.to(DType::F64)));
   Tensor b = a.clone();
-  b.set(5, b.get(5) + 1.0f);
-  EXPECT_FALSE(same_bytes(a, b));
+  b.set(4, 7.5f);
+  EXPECT_EQ(std::string(same_bytes(a, b).message()), "element 4 differs: 5 vs 7.5");
+  Tensor zero = Tensor::from_floats({0.0f}, {1}), negative_zero = Tensor::from_floats({-0.0f}, {1});
+  EXPECT_EQ(std::string(same_bytes(zero, negative_zero).message()),
+            "element 0 differs: 0 vs -0 (signed zeros)");
 }
 
 TEST(TensorsClose, ReportsTheWorstElement) {
