@@ -118,8 +118,8 @@ lines += [
     "",
     f"- outside GEMMs: {layer['non_gemm_ms']:.1f} ms wall ({layer['non_gemm_cpu_ms']:.1f} ms CPU);"
     f" by phase (ms): {phase_text};",
-    f"- the fastest samples of each phase add up to {layer['non_gemm_fastest_ms']:.1f} ms (the"
-    " cost with the machine to itself);",
+    f"- the fastest samples of each phase add up to {layer['non_gemm_fastest_ms']:.1f} ms (nearer"
+    " the cost on a quiet machine);",
     f"- cross-check, the layer less its GEMMs run alone right after it: "
     f"{layer['non_gemm_ms_by_difference']:.1f} ms wall, "
     f"{layer['non_gemm_cpu_ms_by_difference']:.1f} ms CPU; GEMMs alone {layer['gemm_ms']:.1f} ms,"
