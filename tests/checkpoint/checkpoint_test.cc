@@ -22,12 +22,8 @@ using moe::testing::param_spec;
 using moe::testing::read_bytes;
 using moe::testing::runs_identical;
 using moe::testing::ScratchDir;
+using moe::testing::single;
 using moe::testing::TrainingRun;
-
-const comm::ParallelState& single() {
-  static comm::ParallelState state = comm::single_process_state();
-  return state;
-}
 
 TEST(Checkpoint, MegatronDirectoryNamesAndTracker) {
   EXPECT_EQ(iteration_dir_name(100), "iter_0000100");

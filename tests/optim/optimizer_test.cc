@@ -17,12 +17,8 @@ namespace {
 using moe::testing::expect_error_containing;
 using moe::testing::param_spec;
 using moe::testing::random_normal;
+using moe::testing::single;
 using moe::testing::without_decay;
-
-comm::ParallelState& single() {
-  static comm::ParallelState state = comm::single_process_state();
-  return state;
-}
 
 // SGD without momentum, weight decay or clipping: each step is p -= lr * g.
 OptimizerConfig plain_sgd(double lr) {

@@ -1,5 +1,5 @@
-// Parameter stores shared by the optimizer and checkpoint tests: spec builders and a small model
-// with awkward sizes in both parameter groups.
+// Parameter stores shared by the optimizer and checkpoint tests: the one-process layout, spec
+// builders and a small model with awkward sizes in both parameter groups.
 #pragma once
 
 #include <string>
@@ -10,6 +10,12 @@
 #include "support/testing.h"
 
 namespace moe::testing {
+
+// The one-process layout (built once per program).
+inline const comm::ParallelState& single() {
+  static const comm::ParallelState state = comm::single_process_state();
+  return state;
+}
 
 inline ParamSpec param_spec(std::string name, Shape shape, ParamGroup group = ParamGroup::kDense) {
   ParamSpec spec;
