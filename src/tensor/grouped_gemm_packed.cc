@@ -58,6 +58,9 @@ namespace {
 constexpr int64_t kMaxTileRows = 528;  // an A block of 528 x KC words is 528 KiB (L2); 528 = 6 * 88
                                        // = 8 * 66, whole panels for every kernel
 constexpr int64_t kBlockCols = 256;    // a B block of KC x 256 words is 256 KiB (L2)
+// A tile's A stays packed for every depth chunk when it holds at most this many words (8 MiB: in
+// L3), so that C blocks stay in L2 (see run_tile).
+constexpr int64_t kMaxResidentAWords = int64_t(2) << 20;
 // Tile widths: wide tiles pack each A block once for many columns; narrower ones (never below
 // kMinTileCols) are cut only when there are too few row tiles to keep every thread busy.
 constexpr int64_t kMaxTileCols = 2048;
@@ -538,47 +541,61 @@ void run_tile(const Operand<T>& a, const Operand<T>& b, int64_t depth, const Til
   }
   using Packed = typename Micro::Packed;
   constexpr int64_t kChunk = Micro::kDepthChunk, kChunkSteps = kChunk / Micro::kDepthPerStep;
-  int64_t padded_rows = (t.rows + Micro::kRows - 1) / Micro::kRows * Micro::kRows;
-  Packed* a_block = scratch.a_block.get<Packed>(size_t(padded_rows * kChunkSteps));
+  const int64_t padded_rows = (t.rows + Micro::kRows - 1) / Micro::kRows * Micro::kRows;
+  const int64_t chunks = (depth + kChunk - 1) / kChunk;
+  const int64_t col_blocks = (t.cols + kBlockCols - 1) / kBlockCols;
+  // Blocks (depth chunk x column block) run column block by column block, so that each C block
+  // stays in L2 over the whole depth instead of going to memory and back once per chunk; that
+  // needs the tile's A packed for every chunk at once. When that is too big (a very deep
+  // product), they run chunk by chunk with one packed A chunk.
+  const bool a_resident = padded_rows * chunks * kChunkSteps <= kMaxResidentAWords;
+  Packed* a_block =
+      scratch.a_block.get<Packed>(size_t(padded_rows * kChunkSteps * (a_resident ? chunks : 1)));
   Packed* b_block = scratch.b_block.get<Packed>(size_t(kChunkSteps * kBlockCols));
-  for (int64_t p0 = 0; p0 < depth; p0 += kChunk) {
-    int64_t chunk = std::min(kChunk, depth - p0);
-    int64_t steps = (chunk + Micro::kDepthPerStep - 1) / Micro::kDepthPerStep;
-    bool load_c = accumulate || p0 > 0;
-    if constexpr (Micro::kDepthPerStep == 2) {
-      pack_b_pairs<Micro::kRows>(flipped(a), p0, chunk, 0, t.rows, a_block);
-    } else {
-      pack_b<Micro::kRows>(flipped(a), p0, chunk, 0, t.rows, a_block);
-    }
-    for (int64_t j0 = 0; j0 < t.cols; j0 += kBlockCols) {
-      int64_t block_cols = std::min(kBlockCols, t.cols - j0);
+  auto block_at = [&](int64_t n) -> std::pair<int64_t, int64_t> {  // (chunk, column block)
+    if (a_resident) return {n % chunks, n / chunks};
+    return {n / col_blocks, n % col_blocks};
+  };
+  for (int64_t n = 0; n < chunks * col_blocks; ++n) {
+    auto [chunk_index, col_block] = block_at(n);
+    const int64_t p0 = chunk_index * kChunk, j0 = col_block * kBlockCols;
+    const int64_t chunk = std::min(kChunk, depth - p0);
+    const int64_t steps = (chunk + Micro::kDepthPerStep - 1) / Micro::kDepthPerStep;
+    const int64_t block_cols = std::min(kBlockCols, t.cols - j0);
+    const bool load_c = accumulate || p0 > 0;
+    Packed* a_chunk = a_block + (a_resident ? chunk_index * padded_rows * kChunkSteps : 0);
+    if (col_block == 0) {  // the first block of this chunk: pack its A
       if constexpr (Micro::kDepthPerStep == 2) {
-        pack_b_pairs<Micro::kCols>(b, p0, chunk, j0, block_cols, b_block);
+        pack_b_pairs<Micro::kRows>(flipped(a), p0, chunk, 0, t.rows, a_chunk);
       } else {
-        pack_b<Micro::kCols>(b, p0, chunk, j0, block_cols, b_block);
+        pack_b<Micro::kRows>(flipped(a), p0, chunk, 0, t.rows, a_chunk);
       }
-      // The block after this one (next columns, else the next depth chunk's first columns).
-      BlockSource<T> next;
-      if (j0 + kBlockCols < t.cols) {
-        next = block_source(b, p0, chunk, j0 + kBlockCols,
-                            std::min(kBlockCols, t.cols - j0 - kBlockCols));
-      } else if (p0 + kChunk < depth) {
-        next = block_source(b, p0 + kChunk, std::min(kChunk, depth - p0 - kChunk), 0,
-                            std::min(kBlockCols, t.cols));
-      }
-      // Spread the prefetches evenly over this block's kernel calls: bunched together they
-      // would wait for free miss buffers instead of overlapping with the arithmetic.
-      const CallOrder order = CallOrder::of<Micro>(t.rows, block_cols, steps);
-      const int64_t calls = order.calls(), lines = next.segments * lines_per_segment(next);
-      for (int64_t call = 0; call < calls; ++call) {
-        prefetch_lines(next, call * lines / calls, (call + 1) * lines / calls);
-        prefetch_c_tile<Micro>(c + j0, ldc, order, call + kCallsAhead);
-        auto [row_panel, col_panel] = order.panels(call);
-        const int64_t i = row_panel * Micro::kRows, j = col_panel * Micro::kCols;
-        run_kernel<Micro>(steps, a_block + i * steps, b_block + j * steps, c + i * ldc + j0 + j,
-                          ldc, std::min(Micro::kRows, t.rows - i),
-                          std::min(Micro::kCols, block_cols - j), load_c);
-      }
+    }
+    if constexpr (Micro::kDepthPerStep == 2) {
+      pack_b_pairs<Micro::kCols>(b, p0, chunk, j0, block_cols, b_block);
+    } else {
+      pack_b<Micro::kCols>(b, p0, chunk, j0, block_cols, b_block);
+    }
+    // The next block's source lines are requested while this one computes.
+    BlockSource<T> next;
+    if (n + 1 < chunks * col_blocks) {
+      auto [next_chunk, next_block] = block_at(n + 1);
+      const int64_t next_p0 = next_chunk * kChunk, next_j0 = next_block * kBlockCols;
+      next = block_source(b, next_p0, std::min(kChunk, depth - next_p0), next_j0,
+                          std::min(kBlockCols, t.cols - next_j0));
+    }
+    // Spread the prefetches evenly over this block's kernel calls: bunched together they
+    // would wait for free miss buffers instead of overlapping with the arithmetic.
+    const CallOrder order = CallOrder::of<Micro>(t.rows, block_cols, steps);
+    const int64_t calls = order.calls(), lines = next.segments * lines_per_segment(next);
+    for (int64_t call = 0; call < calls; ++call) {
+      prefetch_lines(next, call * lines / calls, (call + 1) * lines / calls);
+      prefetch_c_tile<Micro>(c + j0, ldc, order, call + kCallsAhead);
+      auto [row_panel, col_panel] = order.panels(call);
+      const int64_t i = row_panel * Micro::kRows, j = col_panel * Micro::kCols;
+      run_kernel<Micro>(steps, a_chunk + i * steps, b_block + j * steps, c + i * ldc + j0 + j, ldc,
+                        std::min(Micro::kRows, t.rows - i), std::min(Micro::kCols, block_cols - j),
+                        load_c);
     }
   }
 }

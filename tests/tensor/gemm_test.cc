@@ -280,6 +280,25 @@ TEST(GroupedGemmDeterminism, PackedKernelsAgreeBitwise) {
   }
 }
 
+// A product deep enough that a tile's packed A exceeds what the fp32 packed kernels keep for every
+// depth chunk at once (2 Mi words; here 300 rows x 7300 depth): they then pack A one chunk at a
+// time, reusing one buffer. The results must not change.
+TEST(GroupedGemmKernels, DeepProductsMatchReference) {
+  GroupedCase gc{{300, 3}, 7300, 5};
+  for (DType dtype : {DType::F32, DType::BF16}) {
+    Operands expected = make_operands(GemmForm::kForward, gc, dtype, DType::F32, true, 21);
+    grouped_gemm_reference(args_for(GemmForm::kForward, gc, expected, true));
+    for (GroupedGemmKernel kernel : kPackedKernels) {
+      if (!grouped_gemm_kernel_available(kernel, dtype)) continue;
+      Operands actual = make_operands(GemmForm::kForward, gc, dtype, DType::F32, true, 21);
+      grouped_gemm(args_for(GemmForm::kForward, gc, actual, true), kernel);
+      testing::Tolerance tol = grouped_tolerance(DType::F32, gc.k);
+      EXPECT_TRUE(tensors_close(actual.c, expected.c, tol.atol, tol.rtol))
+          << grouped_gemm_kernel_name(kernel) << " " << dtype_name(dtype);
+    }
+  }
+}
+
 TEST(GroupedGemmKernels, AutoRunsTheFastestAvailable) {
   EXPECT_EQ(grouped_gemm_auto_kernel(DType::F64), GroupedGemmKernel::kPerGroupBlas);
   for (DType dtype : {DType::F32, DType::BF16, DType::F16}) {
