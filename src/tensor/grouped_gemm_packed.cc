@@ -1,19 +1,22 @@
-// Packed grouped GEMM (fp32, bf16 and fp16 inputs, fp32 accumulation) with two register-tile
-// micro-kernels: AVX2/FMA (6 rows x 16 columns) and AVX-512 (8 rows x 32 columns, twice the FMA
-// width; on CPUs with full-width AVX-512 units it runs at about twice the rate).
+// Packed grouped GEMM (fp32, bf16 and fp16 inputs, fp32 accumulation) with three register-tile
+// micro-kernels: AVX2/FMA (6 rows x 16 columns), AVX-512 (8 x 32: twice the FMA width, about twice
+// the rate on CPUs with full-width AVX-512 units) and, for bf16 inputs, AVX512-BF16 (8 x 32 with
+// dot products of bf16 pairs: twice the AVX-512 rate again).
 //
 // Every group's product is C[m, n] (+)= op(A)[m, depth] op(B)[depth, n] (see GroupProduct). The
 // work is cut into tiles (group, up to kMaxTileRows rows, a column range) that threads take from
-// one shared list, so a group with few rows still spreads over every core. Inside a tile, for each
-// depth chunk of kDepthChunk: the tile's A rows are packed once into row panels (they stay in L2
-// for every column of the tile); then, block by block of kBlockCols columns, the weight block is
-// packed into column panels (L2) that every A panel passes over, while the next block's source
-// lines are prefetched. Packing converts bf16/fp16 to fp32, so one fp32 micro-kernel per
-// instruction set serves every dtype and form.
+// one shared list, so a group with few rows still spreads over every core. A tile's A rows are
+// packed once per depth chunk (KC) into row panels; B is packed block by block (KC deep,
+// kBlockCols wide) into column panels (L2) that every A panel passes over, while the next block's
+// source lines and the next kernel calls' C lines are prefetched. Blocks run column block by
+// column block when the tile's packed A fits kMaxResidentAWords, so each C block stays in L2 over
+// the whole depth. Packing converts fp16 (and bf16 for the fp32 kernels) to fp32, or pairs bf16
+// values for the dot-product kernel, so one micro-kernel per instruction set serves every form.
 //
-// Determinism: each output element is computed by one thread, from depth chunks that always start
-// at multiples of kDepthChunk, each accumulated in depth order by the same instruction sequence.
-// The tiling (which may depend on the thread count) therefore never changes a result bit.
+// Determinism: each output element is computed by one thread, depth chunk after depth chunk in
+// order, each accumulated in depth order by the same instruction sequence (C is reloaded exactly
+// between chunks). The tiling (which may depend on the thread count) therefore never changes a
+// result bit, and the AVX2 and AVX-512 kernels (one fp32 FMA chain per element) agree bitwise.
 #include <immintrin.h>
 #include <omp.h>
 
