@@ -10,6 +10,7 @@
 
 #include "moe/moe/config.h"
 #include "moe/tensor/tensor.h"
+#include "support/testing.h"
 
 namespace moe::testing {
 
@@ -18,18 +19,6 @@ struct ConfigVariant {
   std::string name;
   std::function<void(MoEConfig&)> change;
 };
-
-// Passes when action() throws moe::Error whose message contains `fragment`.
-template <class Action>
-void expect_error_containing(Action&& action, const std::string& fragment) {
-  try {
-    action();
-    ADD_FAILURE() << "no error; expected one containing: " << fragment;
-  } catch (const Error& error) {
-    EXPECT_NE(std::string(error.what()).find(fragment), std::string::npos)
-        << "message: " << error.what() << "\nexpected to contain: " << fragment;
-  }
-}
 
 inline MoEConfig small_config(int64_t hidden = 6, int64_t experts = 4, int64_t topk = 2,
                               int64_t ffn = 5) {
