@@ -245,8 +245,9 @@ void build_model_and_optimizer(Job& job) {
                  job.parallel.ep_group.rank(), "): dense ",
                  job.store->flat_params(ParamGroup::kDense).numel(), ", expert ",
                  job.store->flat_params(ParamGroup::kExpert).numel()));
-  job.say(concat(" > compute: ", num_threads(), " threads per rank, grouped GEMM kernel ",
-                 grouped_gemm_kernel_name(grouped_gemm_auto_kernel(parameter_dtype(a)))));
+  job.say(concat(" > compute: grouped GEMM kernel ",
+                 grouped_gemm_kernel_name(grouped_gemm_auto_kernel(parameter_dtype(a))),
+                 ", threads per rank: ", num_threads()));
   job.optimizer = std::make_unique<optim::Optimizer>(*job.store, job.parallel, optimizer_config(a));
   job.scheduler =
       std::make_unique<optim::OptimizerParamScheduler>(scheduler_config(a), job.optimizer.get());
