@@ -6,6 +6,11 @@ namespace moe::comm {
 
 bool boxes_overlap(const Shape& a_offset, const Shape& a_shape, const Shape& b_offset,
                    const Shape& b_shape) {
+  MOE_CHECK(a_shape.size() == a_offset.size() && b_offset.size() == a_offset.size() &&
+                b_shape.size() == a_offset.size(),
+            "boxes_overlap: boxes ", shape_string(a_shape), " at ", shape_string(a_offset), " and ",
+            shape_string(b_shape), " at ", shape_string(b_offset),
+            " must have the same number of dimensions");
   for (size_t d = 0; d < a_offset.size(); ++d) {
     if (std::max(a_offset[d], b_offset[d]) >=
         std::min(a_offset[d] + a_shape[d], b_offset[d] + b_shape[d])) {

@@ -74,7 +74,11 @@ Tensor leave_tp_region_backward(const Tensor& dy, const TensorParallel& tp) {
 void copy_global_block(const Tensor& global, const ParamSpec& spec, Tensor& local) {
   check_shape(global, spec.global_shape, detail::concat("global tensor of '", spec.name, "'"));
   check_shape(local, spec.shape, detail::concat("local block of '", spec.name, "'"));
-  comm::copy_box_overlap(global, Shape(spec.shape.size(), 0), local, spec.global_offset);
+  int64_t copied =
+      comm::copy_box_overlap(global, Shape(spec.shape.size(), 0), local, spec.global_offset);
+  MOE_CHECK(copied == local.numel(), "local block of '", spec.name, "' at offset ",
+            shape_string(spec.global_offset), " lies partly outside the global tensor ",
+            shape_string(spec.global_shape));
 }
 
 void accumulate_weight_grad(const Tensor& x, const Tensor& dy, Tensor& grad) {

@@ -91,5 +91,15 @@ TEST(Boxes, DimensionMismatchIsNamed) {
             "have the same number of dimensions");
 }
 
+TEST(Boxes, OverlapTestNamesADimensionMismatch) {
+  EXPECT_FALSE(boxes_overlap({0, 0}, {2, 3}, {2, 0}, {1, 3}));
+  EXPECT_TRUE(boxes_overlap({0, 0}, {2, 3}, {1, 2}, {1, 3}));
+  EXPECT_EQ(moe::testing::error_text([&] {
+              boxes_overlap({0, 0}, {2, 3}, {1}, {4});
+            }),
+            "boxes_overlap: boxes [2, 3] at [0, 0] and [4] at [1] must have the same number of "
+            "dimensions");
+}
+
 }  // namespace
 }  // namespace moe::comm

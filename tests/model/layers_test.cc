@@ -350,6 +350,19 @@ TEST(OutputLayer, TiedAndUntiedGradientsMatchFiniteDifferences) {
   }
 }
 
+TEST(GlobalBlock, CopiesThisRanksBlockAndRefusesOneOutsideTheTensor) {
+  Tensor global = random_normal({4, 6}, 3);
+  ParamSpec spec{.name = "w", .shape = {2, 3}, .global_shape = {4, 6}, .global_offset = {2, 3}};
+  Tensor local({2, 3});
+  copy_global_block(global, spec, local);
+  for (int64_t r = 0; r < 2; ++r)
+    for (int64_t c = 0; c < 3; ++c)
+      EXPECT_EQ(local.data<float>()[r * 3 + c], global.data<float>()[(2 + r) * 6 + 3 + c]);
+  spec.global_offset = {3, 3};
+  EXPECT_EQ(moe::testing::error_text([&] { copy_global_block(global, spec, local); }),
+            "local block of 'w' at offset [3, 3] lies partly outside the global tensor [4, 6]");
+}
+
 TEST(Config, RefusesWhatCannotBeSplit) {
   auto message = [](const TransformerConfig& c, int tp) {
     return moe::testing::error_text([&] { c.validate(tp); });
