@@ -475,16 +475,18 @@ struct Scratch {
     static_assert(sizeof(Word) == 4);
     size_t bytes = (count * sizeof(Word) + 63) / 64 * 64;
     if (bytes > capacity) {
-      memory.reset(std::aligned_alloc(64, bytes));
-      MOE_CHECK(memory != nullptr, "grouped_gemm: out of memory for ", bytes, " bytes of scratch");
+      void* grown = std::aligned_alloc(64, bytes);
+      MOE_CHECK(grown != nullptr, "grouped_gemm: out of memory for ", bytes, " bytes of scratch");
+      memory.reset(grown);
       capacity = bytes;
     }
     return static_cast<Word*>(memory.get());
   }
 };
 
-// Per thread at most: A block 528 KiB, B block 256 KiB, and for half outputs an fp32 copy of
-// one tile (up to 528 x 2048 x 4 bytes); the sizes do not grow with the number of rows.
+// Per thread at most: the packed A of a tile (8 MiB when it stays resident for every depth
+// chunk, else 528 KiB), a B block (256 KiB) and, for half outputs, an fp32 copy of one tile (up
+// to 528 x 2048 x 4 bytes); the sizes do not grow with the number of rows.
 struct ThreadScratch {
   Scratch a_block, b_block, c_tile;
 };
