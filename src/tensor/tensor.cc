@@ -111,13 +111,21 @@ class StorageCache {
     return {memory, bytes};
   }
 
-  void give(Block block) {
+  // Runs in a storage deleter, so it must not throw: a block it cannot keep goes back to the
+  // system, and a failed eviction leaves the cache over its limit until the next call.
+  void give(Block block) noexcept {
     std::vector<Block> evicted;
-    {
+    try {
       std::lock_guard lock(mutex_);
       kept_.push_back(block);
       kept_bytes_ += block.bytes;
-      evict_oldest(limit_, evicted);
+      try {
+        evict_oldest(limit_, evicted);
+      } catch (...) {
+      }
+    } catch (...) {
+      munmap(block.memory, block.bytes);
+      return;
     }
     unmap(evicted);
   }
@@ -149,11 +157,13 @@ class StorageCache {
 
  private:
   // Moves the oldest kept blocks to `evicted` until at most `keep_bytes` stay kept.
+  // Changes nothing when it throws (only the copy into `evicted` can).
   void evict_oldest(size_t keep_bytes, std::vector<Block>& evicted) {
-    size_t count = 0;
-    while (kept_bytes_ > keep_bytes) kept_bytes_ -= kept_[count++].bytes;
+    size_t count = 0, bytes = kept_bytes_;
+    while (bytes > keep_bytes) bytes -= kept_[count++].bytes;
     evicted.assign(kept_.begin(), kept_.begin() + std::ptrdiff_t(count));
     kept_.erase(kept_.begin(), kept_.begin() + std::ptrdiff_t(count));
+    kept_bytes_ = bytes;
   }
   static void unmap(const std::vector<Block>& blocks) {
     for (const Block& block : blocks) munmap(block.memory, block.bytes);
