@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <numeric>
 
 #include "moe/tensor/ops.h"
 #include "update_kernels.h"
@@ -117,8 +118,9 @@ void Optimizer::Impl::build_group(Group& g, ParamGroup kind) {
   int replicas = g.reduce->size();
   if (g.distributed) {
     g.shard_sizes = comm::even_split(g.numel, replicas);
-    g.shard_begin = g.numel * g.reduce->rank() / replicas;
-    g.shard_end = g.shard_begin + g.shard_sizes[g.reduce->rank()];
+    g.shard_begin = std::accumulate(g.shard_sizes.begin(), g.shard_sizes.begin() + g.reduce->rank(),
+                                    int64_t(0));
+    g.shard_end = g.shard_begin + g.shard_sizes[size_t(g.reduce->rank())];
   } else {
     g.shard_begin = 0;
     g.shard_end = g.numel;
