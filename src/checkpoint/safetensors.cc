@@ -51,7 +51,7 @@ void write_all(std::ofstream& out, const std::string& path, const void* data, si
   MOE_CHECK(out.good(), "safetensors: writing '", path, "' failed");
 }
 
-// Each dtype and its safetensors name, in the order the error text lists them.
+// Each dtype and its safetensors name (the unsupported-dtype error lists them in this order).
 constexpr std::pair<DType, std::string_view> kDTypeNames[] = {
     {DType::F32, "F32"}, {DType::BF16, "BF16"}, {DType::F16, "F16"},
     {DType::F64, "F64"}, {DType::I32, "I32"},   {DType::I64, "I64"}};
@@ -61,8 +61,10 @@ DType parse_dtype(const std::string& name) {
   for (const auto& [dtype, text] : kDTypeNames) {
     if (text == name) return dtype;
   }
-  throw Error(moe::detail::concat("safetensors dtype '", name,
-                                  "' is not supported (F32, BF16, F16, F64, I32, I64)"));
+  std::string known;
+  for (const auto& [dtype, text] : kDTypeNames)
+    known += (known.empty() ? "" : ", ") + std::string(text);
+  throw Error(moe::detail::concat("safetensors dtype '", name, "' is not supported (", known, ")"));
 }
 
 std::string dtype_string(DType dtype) {
