@@ -101,13 +101,14 @@ class StorageCache {
         fresh = false;
         return block;
       }
-      ++mapped_;
       evict_oldest(kept_bytes_ > bytes ? kept_bytes_ - bytes : 0, evicted);
     }
     unmap(evicted);
     fresh = true;
     void* memory = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     MOE_CHECK(memory != MAP_FAILED, "out of memory mapping ", bytes, " bytes for a tensor");
+    std::lock_guard lock(mutex_);
+    ++mapped_;
     return {memory, bytes};
   }
 
