@@ -5,7 +5,6 @@
 #include <omp.h>
 
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <string>
 #include <tuple>
@@ -248,7 +247,7 @@ TEST(GroupedGemmDeterminism, PackedKernelsAreBitwiseIdenticalForAnyThreadCount) 
             first = o.c;
             continue;
           }
-          EXPECT_EQ(std::memcmp(first.raw(), o.c.raw(), first.nbytes()), 0)
+          EXPECT_TRUE(testing::same_bytes(first, o.c))
               << grouped_gemm_kernel_name(kernel) << " " << gemm_form_name(form) << " "
               << dtype_name(dtype) << " with " << threads << " threads";
         }
@@ -272,7 +271,7 @@ TEST(GroupedGemmDeterminism, PackedKernelsAgreeBitwise) {
         Operands avx512 = make_operands(form, gc, dtype, DType::F32, true, 9);
         grouped_gemm(args_for(form, gc, avx2, true), GroupedGemmKernel::kPackedAvx2);
         grouped_gemm(args_for(form, gc, avx512, true), GroupedGemmKernel::kPackedAvx512);
-        EXPECT_EQ(std::memcmp(avx2.c.raw(), avx512.c.raw(), avx2.c.nbytes()), 0)
+        EXPECT_TRUE(testing::same_bytes(avx2.c, avx512.c))
             << gemm_form_name(form) << " " << dtype_name(dtype) << " on groups of "
             << shape_string(gc.group_rows) << ", K=" << gc.k << ", N=" << gc.n;
       }
@@ -288,11 +287,11 @@ TEST(GroupedGemmKernels, DeepProductsMatchReference) {
   for (DType dtype : {DType::F32, DType::BF16}) {
     Operands expected = make_operands(GemmForm::kForward, gc, dtype, DType::F32, true, 21);
     grouped_gemm_reference(args_for(GemmForm::kForward, gc, expected, true));
+    const testing::Tolerance tol = grouped_tolerance(DType::F32, gc.k);
     for (GroupedGemmKernel kernel : kPackedKernels) {
       if (!grouped_gemm_kernel_available(kernel, dtype)) continue;
       Operands actual = make_operands(GemmForm::kForward, gc, dtype, DType::F32, true, 21);
       grouped_gemm(args_for(GemmForm::kForward, gc, actual, true), kernel);
-      testing::Tolerance tol = grouped_tolerance(DType::F32, gc.k);
       EXPECT_TRUE(tensors_close(actual.c, expected.c, tol.atol, tol.rtol))
           << grouped_gemm_kernel_name(kernel) << " " << dtype_name(dtype);
     }
