@@ -44,9 +44,11 @@ bool packed_gemm_supported(GroupedGemmKernel kernel) {
       return avx512;
     case GroupedGemmKernel::kPackedAvx512Bf16:
       return avx512_bf16;
-    default:
+    case GroupedGemmKernel::kAuto:
+    case GroupedGemmKernel::kPerGroupBlas:
       return false;
   }
+  return false;
 }
 
 // Everything below runs only after packed_gemm_supported(): the shared code (packing, tiling)
@@ -61,6 +63,7 @@ namespace {
 constexpr int64_t kMaxTileRows = 528;  // an A block of 528 x KC words is 528 KiB (L2); 528 = 6 * 88
                                        // = 8 * 66, whole panels for every kernel
 constexpr int64_t kBlockCols = 256;    // a B block of KC x 256 words is 256 KiB (L2)
+constexpr int64_t kL1Bytes = 32 << 10;  // the L1 data cache the blocking plans for
 // A tile's A stays packed for every depth chunk when it holds at most this many words (8 MiB: in
 // L3), so that C blocks stay in L2 (see run_tile).
 constexpr int64_t kMaxResidentAWords = int64_t(2) << 20;
@@ -192,8 +195,9 @@ void pack_b(const Operand<T>& b, int64_t p0, int64_t depth, int64_t j0, int64_t 
 // word (p in the low half), the operand layout of the dot-product instruction; the last word of
 // an odd depth has a zero high half ----
 
-constexpr int64_t pair_steps(int64_t depth) {
-  return (depth + 1) / 2;
+// Depth steps (panel words per row) of `depth` values, `per_step` values to a word.
+constexpr int64_t steps_of(int64_t depth, int64_t per_step) {
+  return (depth + per_step - 1) / per_step;
 }
 
 inline uint32_t pair_word(uint16_t low, uint16_t high) {
@@ -210,7 +214,7 @@ inline uint32_t pair_at(const Operand<bf16>& m, int64_t i, int64_t p, int64_t de
 template <int64_t kPanelCols>
 void pack_b_pairs(const Operand<bf16>& b, int64_t p0, int64_t depth, int64_t j0, int64_t cols,
                   uint32_t* out) {
-  const int64_t steps = pair_steps(depth), full_steps = depth / 2;
+  const int64_t steps = steps_of(depth, 2), full_steps = depth / 2;
   const int64_t full_panels = kPanelCols % 8 == 0 ? cols / kPanelCols : 0;
   const int64_t panel_size = steps * kPanelCols;
   const Operand<bf16> columns = flipped(b);  // pair_at reads op(B)(p, j) as row j, depth p
@@ -504,7 +508,8 @@ struct CallOrder {
   static CallOrder of(int64_t rows, int64_t cols, int64_t steps) {
     int64_t row_panels = (rows + Micro::kRows - 1) / Micro::kRows;
     int64_t col_panels = (cols + Micro::kCols - 1) / Micro::kCols;
-    bool block_in_l1 = steps * col_panels * Micro::kCols * 4 <= 32 * 1024;
+    bool block_in_l1 =
+        steps * col_panels * Micro::kCols * int64_t(sizeof(typename Micro::Packed)) <= kL1Bytes;
     return {rows, cols, row_panels, col_panels, block_in_l1};
   }
   int64_t calls() const { return row_panels * col_panels; }
@@ -514,6 +519,17 @@ struct CallOrder {
     return {call % row_panels, call / row_panels};
   }
 };
+
+// pack_b or pack_b_pairs, whichever makes the panel words of Micro.
+template <class Micro, int64_t kPanelCols, class T>
+void pack_panels(const Operand<T>& m, int64_t p0, int64_t depth, int64_t j0, int64_t cols,
+                 typename Micro::Packed* out) {
+  if constexpr (Micro::kDepthPerStep == 2) {
+    pack_b_pairs<kPanelCols>(m, p0, depth, j0, cols, out);
+  } else {
+    pack_b<kPanelCols>(m, p0, depth, j0, cols, out);
+  }
+}
 
 // C tiles are requested this many kernel calls before their turn: with a short depth chunk a
 // call is too short to wait for its C lines from memory.
@@ -565,22 +581,14 @@ void run_tile(const Operand<T>& a, const Operand<T>& b, int64_t depth, const Til
     auto [chunk_index, col_block] = block_at(n);
     const int64_t p0 = chunk_index * kChunk, j0 = col_block * kBlockCols;
     const int64_t chunk = std::min(kChunk, depth - p0);
-    const int64_t steps = (chunk + Micro::kDepthPerStep - 1) / Micro::kDepthPerStep;
+    const int64_t steps = steps_of(chunk, Micro::kDepthPerStep);
     const int64_t block_cols = std::min(kBlockCols, t.cols - j0);
     const bool load_c = accumulate || p0 > 0;
     Packed* a_chunk = a_block + (a_resident ? chunk_index * padded_rows * kChunkSteps : 0);
     if (col_block == 0) {  // the first block of this chunk: pack its A
-      if constexpr (Micro::kDepthPerStep == 2) {
-        pack_b_pairs<Micro::kRows>(flipped(a), p0, chunk, 0, t.rows, a_chunk);
-      } else {
-        pack_b<Micro::kRows>(flipped(a), p0, chunk, 0, t.rows, a_chunk);
-      }
+      pack_panels<Micro, Micro::kRows>(flipped(a), p0, chunk, 0, t.rows, a_chunk);
     }
-    if constexpr (Micro::kDepthPerStep == 2) {
-      pack_b_pairs<Micro::kCols>(b, p0, chunk, j0, block_cols, b_block);
-    } else {
-      pack_b<Micro::kCols>(b, p0, chunk, j0, block_cols, b_block);
-    }
+    pack_panels<Micro, Micro::kCols>(b, p0, chunk, j0, block_cols, b_block);
     // The next block's source lines are requested while this one computes.
     BlockSource<T> next;
     if (n + 1 < chunks * col_blocks) {
@@ -673,9 +681,14 @@ void grouped_gemm_packed(const GroupedGemmArgs& args, const GroupedGemmLayout& l
       return run_all_tiles<avx512_bf16::Micro, bf16>(args, layout);
     case GroupedGemmKernel::kPackedAvx512:
       return run_micro<avx512::Micro>(args, layout);
-    default:
+    case GroupedGemmKernel::kPackedAvx2:
       return run_micro<avx2::Micro>(args, layout);
+    case GroupedGemmKernel::kAuto:
+    case GroupedGemmKernel::kPerGroupBlas:
+      break;
   }
+  throw Error(detail::concat("grouped_gemm: ", grouped_gemm_kernel_name(kernel),
+                             " is not a packed kernel"));
 }
 
 #pragma GCC pop_options
