@@ -52,10 +52,11 @@ def load_ours(path):
     return report.get("context", {}), entries
 
 
-def ours_for(ours, prefix):
-    """(kernel name, entry) of the fastest packed kernel measured under `prefix`, or (None, None)."""
+def ours_for(ours, prefix, suffix=""):
+    """(kernel name, entry) of the fastest packed kernel measured as prefix/kernel/suffix, or
+    (None, None)."""
     for kernel in PACKED_FASTEST_FIRST:
-        entry = ours.get(f"{prefix}/{kernel}")
+        entry = ours.get(f"{prefix}/{kernel}{suffix}")
         if entry is not None:
             return kernel, entry
     return None, None
@@ -118,8 +119,9 @@ def plot(ours, peer, path):
     figure, axis = plt.subplots(figsize=(8, 5))
     styles = {"fp32": "-", "bf16": "--"}
     for dtype, style in styles.items():
-        kernel = next(k for k in PACKED_FASTEST_FIRST
-                      if f"rows_per_expert/{dtype}/{k}/{SWEEP_ROWS[0]}" in ours)
+        kernel, _ = ours_for(ours, f"rows_per_expert/{dtype}", suffix=f"/{SWEEP_ROWS[0]}")
+        if kernel is None:
+            continue  # no packed kernel measured for this dtype
         series = {
             f"ours ({kernel})": {r: ours.get(f"rows_per_expert/{dtype}/{kernel}/{r}") for r in SWEEP_ROWS},
             "packed AVX2": {r: ours.get(f"rows_per_expert/{dtype}/{AVX2}/{r}") for r in SWEEP_ROWS},
