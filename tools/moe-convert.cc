@@ -10,9 +10,9 @@
 #include <set>
 
 #include "moe/checkpoint/checkpoint.h"
+#include "moe/comm/parallel_state.h"
 #include "moe/convert/hf_mixtral.h"
 #include "moe/convert/safetensors.h"
-#include "moe/comm/parallel_state.h"
 #include "moe/model/config.h"
 #include "moe/tensor/error.h"
 #include "moe/train/arguments.h"

@@ -5,8 +5,8 @@
 #include <memory>
 #include <string>
 
-#include "moe/convert/hf_mixtral.h"
 #include "moe/comm/parallel_state.h"
+#include "moe/convert/hf_mixtral.h"
 #include "moe/model/gpt_model.h"
 
 namespace moe::testing {
@@ -48,8 +48,7 @@ struct TinyModel {
 inline void write_hf_model(const std::string& dir, const MixtralConfig& c,
                            const ParameterStore& store, uint64_t max_shard_bytes = 4096) {
   convert::safetensors::write_checkpoint(
-      dir, convert::hf_mixtral::moecore_to_hf(c, store, store.param_dtype()), {},
-      max_shard_bytes);
+      dir, convert::hf_mixtral::moecore_to_hf(c, store, store.param_dtype()), {}, max_shard_bytes);
   std::ofstream(dir + "/config.json") << c.to_json().dump(2);
 }
 
