@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Sets everything up, checks the C++ formatting, then runs the whole default CTest suite (labels unit and mpi; tests
-# labelled 'long' run only with MOE_TEST_LONG=1). Exits non-zero on any failure.
+# Sets everything up, checks the C++ formatting, then runs the whole default CTest suite (labels
+# unit and mpi; tests labelled 'long' run only with MOE_TEST_LONG=1). Exits non-zero on any
+# failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
