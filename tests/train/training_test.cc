@@ -141,6 +141,14 @@ TEST(TrainingLoop, TinyMoeModelLearnsInFiftyIterations) {
     EXPECT_GT(s.z_loss, 0.0);
     ASSERT_EQ(s.expert_load.size(), 4u);
     EXPECT_NEAR(std::accumulate(s.expert_load.begin(), s.expert_load.end(), 0.0), 4.0, 1e-9);
+    // Both layers route the same number of slots, so the overall load is their mean.
+    ASSERT_EQ(s.layer_expert_load.size(), 2u);
+    for (size_t e = 0; e < 4; ++e) {
+      ASSERT_EQ(s.layer_expert_load[0].size(), 4u);
+      ASSERT_EQ(s.layer_expert_load[1].size(), 4u);
+      EXPECT_NEAR(s.expert_load[e], (s.layer_expert_load[0][e] + s.layer_expert_load[1][e]) / 2,
+                  1e-12);
+    }
   }
   EXPECT_EQ(report.iterations.back().consumed_samples, 400);
   if (world_rank() == 0) {
@@ -523,6 +531,19 @@ TEST(TrainingLog, AveragesTheInterval) {
             "scale: 512.0 | grad norm: 0.500 | expert load min/max: 0.50/1.50 | number of "
             "skipped iterations:   1 | (inf/NaN gradients: step skipped, loss scale lowered) | "
             "number of nan iterations:   0 |");
+}
+
+// Padding every expert to its capacity must not make the logged load look perfectly even: the
+// load counts tokens, not padding rows.
+TEST(TrainingLoop, ExpertLoadIgnoresCapacityPadding) {
+  TrainingReport report = run(with(tiny_moe_flags(2), {"--moe-expert-capacity-factor", "1.5",
+                                                       "--moe-pad-expert-input-to-capacity"}));
+  ASSERT_EQ(report.iterations.size(), 2u);
+  const std::vector<double>& load = report.iterations[0].expert_load;
+  ASSERT_EQ(load.size(), 4u);
+  EXPECT_NEAR(std::accumulate(load.begin(), load.end(), 0.0), 4.0, 1e-9);
+  EXPECT_FALSE(std::all_of(load.begin(), load.end(), [](double l) { return l == 1.0; }))
+      << "every expert at 1.0: the padding rows were counted";
 }
 
 TEST(TrainingLoop, DenseModelTrains) {
