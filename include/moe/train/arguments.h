@@ -129,7 +129,7 @@ struct TrainingArguments {
   int expert_model_parallel_size = 1;
   std::optional<int> expert_tensor_parallel_size;  // default tensor_model_parallel_size
   std::optional<int> num_experts;
-  std::string moe_layer_freq = "1";  // N (every Nth layer is MoE) or a list "[1,0,1,0]" / "[1,0]*2"
+  std::string moe_layer_freq = "1";  // N or a list expression such as "[0]+[1]*3" (layer_pattern.h)
   std::optional<int> moe_ffn_hidden_size;  // default ffn_hidden_size
   bool moe_grouped_gemm = false;
   std::string moe_router_load_balancing_type =
