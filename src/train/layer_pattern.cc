@@ -3,6 +3,7 @@
 #include <cctype>
 #include <cstdint>
 #include <string>
+#include <utility>
 
 #include "moe/tensor/error.h"
 
@@ -16,7 +17,7 @@ constexpr int64_t kMaxInteger = 2147483647;  // Megatron's int flags are 32-bit
 constexpr int64_t kMaxEntries = int64_t{1} << 20;
 constexpr int kMaxNesting = 64;  // brackets and parentheses; bounds the parser's recursion
 
-// One list entry and the text position (0-based) of the integer it came from, for messages.
+// One list entry and the text position (0-based) of the list element it came from, for messages.
 struct Entry {
   int64_t value;
   size_t position;
