@@ -13,7 +13,7 @@ namespace {
 using detail::concat;
 
 // Bounds that keep hostile input cheap: no layer count comes near them.
-constexpr int64_t kMaxInteger = 2147483647;  // Megatron's int flags are 32-bit
+constexpr int64_t kMaxInteger = 2147483647;  // int32 max; sums and products stay in int64
 constexpr int64_t kMaxEntries = int64_t{1} << 20;
 constexpr int kMaxNesting = 64;  // brackets and parentheses; bounds the parser's recursion
 
