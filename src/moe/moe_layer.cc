@@ -1,6 +1,7 @@
 #include "moe/moe/moe_layer.h"
 
 #include "moe/internal.h"
+#include "moe/moe/expert_choice_router.h"
 
 namespace moe {
 namespace {
@@ -18,7 +19,10 @@ MoELayer::MoELayer(const MoEConfig& config, ParameterStore& store, const std::st
                    std::unique_ptr<TokenDispatcher> dispatcher, uint64_t jitter_seed)
     : config_(config),
       dispatcher_(local_if_null(std::move(dispatcher), config)),
-      router_(config, store, prefix + ".router", jitter_seed),
+      router_(config.moe_router_type == RouterType::kExpertChoice
+                  ? expert_choice_scoring_config(config)
+                  : config,
+              store, prefix + ".router", jitter_seed),
       experts_(make_experts(config, store, prefix + ".experts", dispatcher_->placement())) {}
 
 void MoELayer::init_parameters(uint64_t seed, float std, float output_std) {
