@@ -23,9 +23,8 @@
 // Choosing inside the router instead would need the router to all-gather over the ep group,
 // which the dispatchers already do for capacity.
 //
-// Cost: the all-gather dispatcher moves a token's slots home as rows ([T x num_experts, H] on
-// the reduce-scatter, dropped slots as zero rows); the local and all-to-all dispatchers move
-// only the chosen rows.
+// Cost: the dispatchers move only the chosen rows; the routing all-gathered for the choice is
+// [T, num_experts] ids and scores.
 #pragma once
 
 #include <cstdint>
