@@ -297,6 +297,11 @@ void register_arguments(CLI::App& app, TrainingArguments& a) {
                    "Which tokens an over-capacity expert drops.")
         ->check(CLI::IsMember({"probs", "position"}))
         ->capture_default_str();
+    app.add_option("--moe-router-type", a.moe_router_type,
+                   "moecore's own: topk (Megatron's router) or expert_choice (each expert takes "
+                   "its highest-scoring tokens; needs --moe-expert-capacity-factor).")
+        ->check(CLI::IsMember({"topk", "expert_choice"}))
+        ->capture_default_str();
   });
 
   group("logging", [&] {
@@ -367,6 +372,27 @@ void require_finite(double value, const char* flag) {
 void require_finite_positive(double value, const char* flag) {
   require_finite(value, flag);
   MOE_CHECK(value > 0, "argument ", flag, " must be positive (got ", value, ")");
+}
+
+// --moe-router-type expert_choice: each expert takes ceil(tokens x --moe-expert-capacity-factor
+// / --num-experts) tokens, so the factor is required, and the per-token top-k settings and a
+// load-balancing loss (the load is even by construction) are refused.
+void check_expert_choice_flags(const TrainingArguments& a) {
+  const char* with = " with --moe-router-type expert_choice";
+  MOE_CHECK(a.moe_expert_capacity_factor,
+            "--moe-router-type expert_choice needs --moe-expert-capacity-factor (each expert "
+            "takes ceil(tokens x factor / --num-experts) tokens)");
+  MOE_CHECK(a.moe_router_topk == 2, "--moe-router-topk (", a.moe_router_topk, ") has no meaning",
+            with, " (experts pick their tokens; leave it at its default)");
+  MOE_CHECK(a.moe_router_score_function == "softmax", "--moe-router-score-function ",
+            a.moe_router_score_function, " is not supported", with, " (scores are a softmax)");
+  MOE_CHECK(!a.moe_router_pre_softmax, "--moe-router-pre-softmax has no meaning", with);
+  MOE_CHECK(!a.moe_router_topk_scaling_factor, "--moe-router-topk-scaling-factor has no meaning",
+            with);
+  MOE_CHECK(a.moe_token_drop_policy == "probs", "--moe-token-drop-policy ", a.moe_token_drop_policy,
+            " has no meaning", with, " (experts take their highest-scoring tokens)");
+  MOE_CHECK(a.moe_aux_loss_coeff == 0, "--moe-aux-loss-coeff (", a.moe_aux_loss_coeff,
+            ") must be 0", with, " (every expert takes the same number of tokens)");
 }
 
 // Every real-valued argument, present or defaulted, with its flag.
@@ -636,6 +662,7 @@ void finalize_arguments(TrainingArguments& a, int world_size) {
     }
     MOE_CHECK(!a.moe_pad_expert_input_to_capacity || a.moe_expert_capacity_factor,
               "--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor");
+    if (a.moe_router_type == "expert_choice") check_expert_choice_flags(a);
     a.moe_layer_pattern = layer_pattern("--moe-layer-freq", a.moe_layer_freq, *a.num_layers);
   }
   if (a.moe_grouped_gemm && !a.is_moe())

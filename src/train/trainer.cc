@@ -77,6 +77,7 @@ model::TransformerConfig model_config(const TrainingArguments& a, int64_t padded
     m.moe_token_drop_policy = parse_token_drop_policy(a.moe_token_drop_policy);
     m.moe_grouped_gemm = a.moe_grouped_gemm;
     m.moe_token_dispatcher_type = parse_token_dispatcher_type(a.moe_token_dispatcher_type);
+    m.moe_router_type = parse_router_type(a.moe_router_type);
   }
   return c;
 }

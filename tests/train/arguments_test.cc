@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -367,6 +368,47 @@ TEST(Arguments, TopOneNeedsPreSoftmaxWithSoftmaxScores) {
       "use --moe-router-pre-softmax");
 }
 
+// moecore's --moe-router-type: expert_choice needs a capacity factor and refuses the per-token
+// top-k settings and the load-balancing loss, naming the flag.
+TEST(Arguments, ExpertChoiceRouterFlags) {
+  EXPECT_EQ(finalized(small_flags(), 1).moe_router_type, "topk");
+  const Args expert_choice = {"--moe-router-type", "expert_choice", "--moe-expert-capacity-factor",
+                              "1.5"};
+  EXPECT_EQ(finalized(with(small_flags(), expert_choice), 1).moe_router_type, "expert_choice");
+  EXPECT_NO_THROW(finalized(with(small_flags(), with(expert_choice, {"--moe-z-loss-coeff", "1e-3",
+                                                                     "--moe-router-topk", "2"})),
+                            1));
+  EXPECT_CONTAINS(parse_error({"--moe-router-type", "expert"}), "expert");
+  const std::vector<ConflictCase> cases = {
+      {{"--moe-router-type", "expert_choice"},
+       1,
+       "--moe-router-type expert_choice needs --moe-expert-capacity-factor (each expert takes "
+       "ceil(tokens x factor / --num-experts) tokens)"},
+      {with(expert_choice, {"--moe-router-topk", "3"}), 1,
+       "--moe-router-topk (3) has no meaning with --moe-router-type expert_choice (experts pick "
+       "their tokens; leave it at its default)"},
+      {with(expert_choice, {"--moe-router-score-function", "sigmoid"}), 1,
+       "--moe-router-score-function sigmoid is not supported with --moe-router-type "
+       "expert_choice (scores are a softmax)"},
+      {with(expert_choice, {"--moe-router-pre-softmax"}), 1,
+       "--moe-router-pre-softmax has no meaning with --moe-router-type expert_choice"},
+      {with(expert_choice, {"--moe-router-topk-scaling-factor", "2"}), 1,
+       "--moe-router-topk-scaling-factor has no meaning with --moe-router-type expert_choice"},
+      {with(expert_choice, {"--moe-token-drop-policy", "position"}), 1,
+       "--moe-token-drop-policy position has no meaning with --moe-router-type expert_choice "
+       "(experts take their highest-scoring tokens)"},
+      {with(expert_choice, {"--moe-aux-loss-coeff", "0.01"}), 1,
+       "--moe-aux-loss-coeff (0.01) must be 0 with --moe-router-type expert_choice (every expert "
+       "takes the same number of tokens)"},
+      {with(expert_choice, {"--moe-router-load-balancing-type", "sinkhorn"}), 1,
+       "--moe-expert-capacity-factor works only with --moe-router-load-balancing-type aux_loss, "
+       "seq_aux_loss or none"},
+  };
+  for (const ConflictCase& c : cases) {
+    EXPECT_EQ(validation_error(with(small_flags(), c.flags), c.world_size), c.message);
+  }
+}
+
 // The data module's ByteTokenizer (ids = UTF-8 bytes, eod 256) needs neither a file nor a size.
 TEST(Arguments, ByteTokenizerNeedsNoFile) {
   Args flags = small_flags();
@@ -430,11 +472,15 @@ TEST(Arguments, HelpIsGroupedLikeMegatron) {
   }
 }
 
+// The names moe-train accepts that Megatron-LM does not define (--help, which argparse adds
+// without add_argument, included).
+const std::set<std::string> kMoecoreOwnNames = {"--help", "--log-file", "--moe-router-type"};
+
 TEST(Arguments, SupportedNamesAreMegatronNames) {
   const auto& megatron = megatron_argument_names();
   EXPECT_TRUE(std::is_sorted(megatron.begin(), megatron.end()));
   for (const std::string& name : supported_argument_names()) {
-    if (name == "--log-file" || name == "--help") continue;  // moecore's own
+    if (kMoecoreOwnNames.count(name)) continue;
     EXPECT_TRUE(std::binary_search(megatron.begin(), megatron.end(), name))
         << name << " is not a Megatron-LM argument name";
   }
@@ -459,9 +505,8 @@ TEST(Arguments, EveryUnacceptedMegatronNameIsRefusedByName) {
     refused += refused_by_name;
   }
   EXPECT_EQ(refused, megatron.size() - accepted);
-  // Only moecore's own names (and --help, which argparse adds without add_argument) are not on
-  // the list, so every other accepted name was counted above.
-  EXPECT_EQ(accepted, supported.size() - 2);
+  // Only moecore's own names are not on the list, so every other accepted name was counted above.
+  EXPECT_EQ(accepted, supported.size() - kMoecoreOwnNames.size());
 }
 
 TEST(Arguments, EditDistance) {

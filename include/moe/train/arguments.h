@@ -145,6 +145,7 @@ struct TrainingArguments {
   std::optional<double> moe_expert_capacity_factor;
   bool moe_pad_expert_input_to_capacity = false;
   std::string moe_token_drop_policy = "probs";  // probs | position
+  std::string moe_router_type = "topk";         // moecore's own: topk | expert_choice
 
   // ---- derived by finalize_arguments
   int world_size = 1;
