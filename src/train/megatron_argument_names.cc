@@ -1,5 +1,6 @@
-// The argument names Megatron-LM defines in megatron/training/arguments.py (tag core_v0.15.0),
-// so moe-train can tell "a Megatron argument moecore does not support yet" from a typo.
+// The argument names Megatron-LM defines in megatron/training/arguments.py (tag core_v0.15.0, and
+// the later --yarn-* ones), so moe-train can tell "a Megatron argument moecore does not support
+// yet" from a typo.
 #include <string>
 #include <vector>
 
@@ -372,6 +373,7 @@ const std::vector<std::string>& megatron_argument_names() {
       "--no-scatter-gather-tensors-in-pipeline",
       "--no-strict-fsdp-dtensor-load",
       "--no-use-tokenizer-model-from-checkpoint-args",
+      "--no-yarn-correction-range-round-to-int",
       "--non-persistent-ckpt-type",
       "--non-persistent-global-ckpt-dir",
       "--non-persistent-local-ckpt-algo",
@@ -577,6 +579,10 @@ const std::vector<std::string>& megatron_argument_names() {
       "--window-attn-skip-freq",
       "--window-size",
       "--yaml-cfg",
+      "--yarn-beta-fast",
+      "--yarn-beta-slow",
+      "--yarn-correction-range-round-to-int",
+      "--yarn-original-max-position-embeddings",
   };
   return names;
 }
