@@ -451,6 +451,17 @@ SelfAttention::SelfAttention(ParameterStore& store, const std::string& prefix,
   }
 }
 
+std::vector<ParamHandle> SelfAttention::tensor_parallel_partial_params() const {
+  std::vector<ParamHandle> partial;
+  if (tp_.size() == 1) return partial;
+  for (const std::optional<Norm>* norm : {&q_norm_, &k_norm_}) {
+    if (!*norm) continue;
+    partial.push_back((*norm)->weight());
+    if ((*norm)->bias().index >= 0) partial.push_back((*norm)->bias());
+  }
+  return partial;
+}
+
 Tensor SelfAttention::forward(const ParameterStore& store, const Tensor& x, BatchShape shape,
                               uint64_t attention_dropout_key, bool training, Saved& saved) const {
   saved.input = x;  // this rank's rows: backward gathers them again (sequence parallelism)

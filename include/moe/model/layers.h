@@ -168,7 +168,8 @@ void causal_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
 // the config's normalization over each head's d values, one [d] weight shared by all heads),
 // rope or YaRN, core attention, linear_proj (row-parallel). Heads and query groups split over tp.
 // The q/k norm weights are replicated over tp but each rank's gradient covers only its own
-// heads: the caller sums it over tp whenever tp > 1 (Megatron's finalize_model_grads does so for
+// heads (every row of them, even with sequence parallelism): the caller sums it over tp whenever
+// tp > 1 (tensor_parallel_partial_params; Megatron's finalize_model_grads does the same for
 // q_layernorm / k_layernorm), with or without sequence parallelism.
 class SelfAttention {
  public:
@@ -189,6 +190,8 @@ class SelfAttention {
   // q_layernorm and k_layernorm; nullptr without qk_layernorm.
   const Norm* q_layernorm() const { return q_norm_ ? &*q_norm_ : nullptr; }
   const Norm* k_layernorm() const { return k_norm_ ? &*k_norm_ : nullptr; }
+  // The q/k norm parameters when tp > 1 (their gradients cover this rank's heads), else empty.
+  std::vector<ParamHandle> tensor_parallel_partial_params() const;
 
   // x [rows_local, h] -> [rows_local, h] (reduced over tp, bias added; no hidden dropout).
   // attention_dropout_key is used when the config's attention_dropout > 0 and training.
