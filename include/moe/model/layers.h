@@ -167,10 +167,10 @@ void causal_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
 // a bias with add_bias_linear or add_qkv_bias), q_layernorm / k_layernorm (with qk_layernorm:
 // the config's normalization over each head's d values, one [d] weight shared by all heads),
 // rope or YaRN, core attention, linear_proj (row-parallel). Heads and query groups split over tp.
-// The q/k norm weights are replicated over tp but each rank's gradient covers only its own
-// heads (every row of them, even with sequence parallelism): the caller sums it over tp whenever
-// tp > 1 (tensor_parallel_partial_params; Megatron's finalize_model_grads does the same for
-// q_layernorm / k_layernorm), with or without sequence parallelism.
+// The q/k norm weights are replicated over tp but each rank's gradient covers only its own heads
+// (all their rows, even with sequence parallelism), so the caller sums it over tp whenever
+// tp > 1 (tensor_parallel_partial_params), as Megatron's finalize_model_grads does for
+// q_layernorm / k_layernorm.
 class SelfAttention {
  public:
   struct Saved {
