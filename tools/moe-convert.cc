@@ -134,6 +134,8 @@ MixtralConfig config_from_training_args(const nlohmann::json& metadata, int64_t 
     problems.push_back("--position-embedding-type " + a.position_embedding_type);
   }
   if (a.add_bias_linear) problems.push_back("biases (no --disable-bias-linear)");
+  if (a.qk_layernorm) problems.push_back("--qk-layernorm");
+  if (a.add_qkv_bias) problems.push_back("--add-qkv-bias");
   if (!a.num_experts) problems.push_back("no --num-experts");
   if (a.moe_layer_freq != "1") problems.push_back("--moe-layer-freq " + a.moe_layer_freq);
   if (a.moe_router_score_function != "softmax") {

@@ -48,6 +48,14 @@ void TransformerLayer::register_params(ParamRegistry& registry) const {
              false);
   add_linear(attention_.linear_proj().weight(), attention_.linear_proj().bias(),
              InitKind::kScaledNormal, true);
+  for (const Norm* qk_norm : {attention_.q_layernorm(), attention_.k_layernorm()}) {
+    if (qk_norm == nullptr) continue;
+    registry.add(qk_norm->weight(), InitKind::kOnes);
+    if (qk_norm->bias().index >= 0) registry.add(qk_norm->bias(), InitKind::kZeros);
+  }
+  for (ParamHandle handle : attention_.tensor_parallel_partial_params()) {
+    registry.tensor_parallel_partial.push_back(handle);
+  }
   if (mlp_) {
     add_linear(mlp_->linear_fc1().weight(), mlp_->linear_fc1().bias(), InitKind::kNormal, false);
     add_linear(mlp_->linear_fc2().weight(), mlp_->linear_fc2().bias(), InitKind::kScaledNormal,

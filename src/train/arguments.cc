@@ -66,7 +66,7 @@ void register_arguments(CLI::App& app, TrainingArguments& a) {
                  "Maximum sequence length the position embedding covers.");
     app.add_option("--position-embedding-type", a.position_embedding_type,
                    "Position embedding type.")
-        ->check(CLI::IsMember({"learned_absolute", "rope", "none"}))
+        ->check(CLI::IsMember({"learned_absolute", "rope", "yarn", "none"}))
         ->capture_default_str();
     app.add_option("--rotary-base", a.rotary_base, "Base of the rotary position embedding.")
         ->capture_default_str();
@@ -76,6 +76,35 @@ void register_arguments(CLI::App& app, TrainingArguments& a) {
     clear_flag("--no-position-embedding", a.add_position_embedding,
                "Disable the learned position embedding (only with rope; deprecated in "
                "Megatron in favour of --position-embedding-type).");
+    optional_int("--yarn-original-max-position-embeddings", a.yarn_original_max_position_embeddings,
+                 "Context length the YaRN frequency correction starts from (default 4096).");
+    optional_double("--yarn-beta-fast", a.yarn_beta_fast,
+                    "YaRN: pairs turning more often than this keep their frequency (default 32).");
+    optional_double("--yarn-beta-slow", a.yarn_beta_slow,
+                    "YaRN: pairs turning less often than this are fully interpolated (default 1).");
+    app.add_flag_callback(
+        "--yarn-correction-range-round-to-int",
+        [&a] { a.yarn_correction_range_round_to_int = true; },
+        "Round the YaRN correction range to whole pairs (the default).");
+    app.add_flag_callback(
+        "--no-yarn-correction-range-round-to-int",
+        [&a] { a.yarn_correction_range_round_to_int = false; },
+        "Do not round the YaRN correction range.");
+    app.add_option("--rotary-scaling-factor", a.rotary_scaling_factor,
+                   "YaRN's context extension factor.")
+        ->capture_default_str();
+    app.add_option("--mscale", a.mscale, "YaRN attention-factor coefficient.")
+        ->capture_default_str();
+    app.add_option("--mscale-all-dim", a.mscale_all_dim,
+                   "YaRN attention-factor coefficient the factor is divided by.")
+        ->capture_default_str();
+    optional_string("--rope-type", a.rope_type,
+                    "Rotary kind of multi-latent attention; common attention takes only rope.")
+        ->check(CLI::IsMember({"rope", "yarn"}));
+    app.add_flag("--qk-layernorm", a.qk_layernorm,
+                 "Normalise each query and key head (q_layernorm, k_layernorm).");
+    app.add_flag("--add-qkv-bias", a.add_qkv_bias,
+                 "A bias on linear_qkv even with --disable-bias-linear.");
     app.add_option("--make-vocab-size-divisible-by", a.make_vocab_size_divisible_by,
                    "Pad the vocabulary to a multiple of this value (times tensor parallel size).")
         ->capture_default_str();
@@ -572,6 +601,23 @@ void finalize_arguments(TrainingArguments& a, int world_size) {
 
   // ---- positions
   require_finite_positive(a.rotary_base, "--rotary-base");
+  require_finite_positive(a.rotary_scaling_factor, "--rotary-scaling-factor");
+  require_finite(a.mscale, "--mscale");
+  require_finite(a.mscale_all_dim, "--mscale-all-dim");
+  if (a.yarn_original_max_position_embeddings) {
+    require_positive(*a.yarn_original_max_position_embeddings,
+                     "--yarn-original-max-position-embeddings");
+  }
+  if (a.yarn_beta_fast) require_finite_positive(*a.yarn_beta_fast, "--yarn-beta-fast");
+  if (a.yarn_beta_slow) require_finite_positive(*a.yarn_beta_slow, "--yarn-beta-slow");
+  MOE_CHECK(!a.rope_type || *a.rope_type == "rope", "--rope-type ", a.rope_type.value_or(""),
+            ": common attention supports only --rope-type rope (as Megatron); use "
+            "--position-embedding-type yarn for YaRN");
+  if (a.position_embedding_type == "rope" || a.position_embedding_type == "yarn") {
+    MOE_CHECK(*a.kv_channels % 2 == 0, "--position-embedding-type ", a.position_embedding_type,
+              " needs an even --kv-channels (got ", *a.kv_channels, ")");
+  }
+  if (a.add_bias_linear) a.add_qkv_bias = true;  // Megatron keeps the two in sync
   if (a.position_embedding_type == "learned_absolute" && a.add_position_embedding) {
     require(a.max_position_embeddings.has_value(), "--max-position-embeddings");
   }

@@ -51,6 +51,16 @@ model::TransformerConfig model_config(const TrainingArguments& a, int64_t padded
   c.norm_epsilon = float(a.norm_epsilon);
   c.position_embedding_type = a.position_embedding_type;
   c.rotary_base = float(a.rotary_base);
+  c.rotary_scaling_factor = a.rotary_scaling_factor;
+  c.mscale = a.mscale;
+  c.mscale_all_dim = a.mscale_all_dim;
+  c.yarn_original_max_position_embeddings = a.yarn_original_max_position_embeddings.value_or(4096);
+  c.yarn_beta_fast = a.yarn_beta_fast.value_or(32.0);
+  c.yarn_beta_slow = a.yarn_beta_slow.value_or(1.0);
+  c.yarn_correction_range_round_to_int = a.yarn_correction_range_round_to_int.value_or(true);
+  c.rope_type = a.rope_type.value_or("");
+  c.add_qkv_bias = a.add_qkv_bias;
+  c.qk_layernorm = a.qk_layernorm;
   c.swiglu = a.swiglu;
   c.add_bias_linear = a.add_bias_linear;
   c.untie_embeddings_and_output_weights = a.untie_embeddings_and_output_weights;

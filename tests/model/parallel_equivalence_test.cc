@@ -30,13 +30,17 @@ struct Layout {
   // embeddings) and the tied output layer.
   bool other_switches = false;
   DType dtype = DType::F32;  // BF16: compared to a bf16 single process, loosely (see below)
+  // Qwen / DeepSeek attention: q_layernorm and k_layernorm (replicated, each tp rank's gradient
+  // covers its own heads only), a linear_qkv bias without the other biases, and YaRN.
+  bool qk_norm_qkv_bias_yarn = false;
 };
 
 std::string describe(const Layout& l) {
   return "(tp " + std::to_string(l.tp) + ", sp " + (l.sp ? "on" : "off") + ", ep " +
          std::to_string(l.ep) + (l.recompute ? ", full recomputation" : "") +
          (l.other_switches ? ", LayerNorm/learned/GeLU/bias/tied" : "") +
-         (l.dtype != DType::F32 ? ", " + std::string(dtype_name(l.dtype)) : "") + ")";
+         (l.dtype != DType::F32 ? ", " + std::string(dtype_name(l.dtype)) : "") +
+         (l.qk_norm_qkv_bias_yarn ? ", qk-layernorm/qkv-bias/yarn" : "") + ")";
 }
 
 TransformerConfig equivalence_config() {
@@ -74,6 +78,14 @@ void check_layout(const Layout& layout, TokenDispatcherType dispatcher) {
     config.swiglu = false;
     config.add_bias_linear = true;
     config.untie_embeddings_and_output_weights = false;
+  }
+  if (layout.qk_norm_qkv_bias_yarn) {
+    config.qk_layernorm = true;
+    config.add_qkv_bias = true;  // matters when add_bias_linear is off (not other_switches)
+    config.position_embedding_type = "yarn";
+    config.rotary_scaling_factor = 4;
+    config.yarn_original_max_position_embeddings = 4;  // shorter than seq_length 8
+    config.mscale_all_dim = 0.5;                       // an attention factor other than 1
   }
   // Dropout masks follow global (row, head) indices; with dp > 1 the row indices of a rank's
   // sequences differ from the single-process batch, so dropout is on only when dp == 1. The
@@ -211,6 +223,19 @@ TEST(ParallelEquivalence, Tp2SpOffEp1Dp2) {
 }
 TEST(ParallelEquivalence, Tp4SpOnEp2) {
   run_on_world(8, {4, true, 2});
+}
+
+TEST(ParallelEquivalence, Tp2SpOffEp1QkNormQkvBiasYarn) {
+  run_on_world(2, {2, false, 1, false, false, DType::F32, true});
+}
+TEST(ParallelEquivalence, Tp2SpOnEp1QkNormQkvBiasYarn) {
+  run_on_world(2, {2, true, 1, false, false, DType::F32, true});
+}
+TEST(ParallelEquivalence, Tp2SpOnEp1OtherSwitchesQkNormYarn) {  // LayerNorm q/k norms with biases
+  run_on_world(2, {2, true, 1, false, true, DType::F32, true});
+}
+TEST(ParallelEquivalence, Tp4SpOnEp1QkNormQkvBiasYarn) {
+  run_on_world(4, {4, true, 1, false, false, DType::F32, true});
 }
 
 TEST(ParallelEquivalence, RefusesMoEWithExpertAndTensorParallelismWithoutSequenceParallelism) {

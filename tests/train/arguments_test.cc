@@ -486,6 +486,74 @@ TEST(Arguments, SupportedNamesAreMegatronNames) {
   }
 }
 
+// Qwen2/Qwen3 and YaRN attention flags: Megatron's names, defaults and None-defaults, and the
+// values that are refused with the flag named.
+TEST(Arguments, QwenAndYarnAttentionFlags) {
+  TrainingArguments plain = finalized(small_flags(), 1);
+  EXPECT_FALSE(plain.qk_layernorm);
+  EXPECT_EQ(plain.rotary_scaling_factor, 1.0);
+  EXPECT_EQ(plain.mscale, 1.0);
+  EXPECT_EQ(plain.mscale_all_dim, 0.0);
+  EXPECT_FALSE(plain.yarn_original_max_position_embeddings || plain.yarn_beta_fast ||
+               plain.yarn_beta_slow || plain.yarn_correction_range_round_to_int || plain.rope_type);
+  EXPECT_TRUE(plain.add_qkv_bias);  // Megatron: --add-bias-linear (the default) implies it
+  TrainingArguments qwen = finalized(with(small_flags(), {"--disable-bias-linear",
+                                                          "--add-qkv-bias",
+                                                          "--qk-layernorm",
+                                                          "--position-embedding-type",
+                                                          "yarn",
+                                                          "--rotary-scaling-factor",
+                                                          "4",
+                                                          "--mscale",
+                                                          "0.707",
+                                                          "--mscale-all-dim",
+                                                          "0.707",
+                                                          "--yarn-original-max-position-embeddings",
+                                                          "32",
+                                                          "--yarn-beta-fast",
+                                                          "16",
+                                                          "--yarn-beta-slow",
+                                                          "2",
+                                                          "--no-yarn-correction-range-round-to-int",
+                                                          "--rope-type",
+                                                          "rope"}),
+                                     1);
+  EXPECT_FALSE(qwen.add_bias_linear);
+  EXPECT_TRUE(qwen.add_qkv_bias);
+  EXPECT_TRUE(qwen.qk_layernorm);
+  EXPECT_EQ(qwen.position_embedding_type, "yarn");
+  EXPECT_EQ(qwen.rotary_scaling_factor, 4.0);
+  EXPECT_EQ(qwen.mscale, 0.707);
+  EXPECT_EQ(qwen.mscale_all_dim, 0.707);
+  EXPECT_EQ(qwen.yarn_original_max_position_embeddings, 32);
+  EXPECT_EQ(qwen.yarn_beta_fast, 16.0);
+  EXPECT_EQ(qwen.yarn_beta_slow, 2.0);
+  EXPECT_EQ(qwen.yarn_correction_range_round_to_int, false);
+  EXPECT_EQ(qwen.rope_type, "rope");
+  EXPECT_FALSE(finalized(with(small_flags(), {"--disable-bias-linear"}), 1).add_qkv_bias);
+
+  const std::pair<Args, std::string> refused[] = {
+      {{"--rotary-scaling-factor", "0"},
+       "argument --rotary-scaling-factor must be positive (got 0)"},
+      {{"--rotary-scaling-factor", "-1.5"},
+       "argument --rotary-scaling-factor must be positive (got -1.5)"},
+      {{"--mscale", "nan"}, "argument --mscale must be a finite number (got nan)"},
+      {{"--mscale-all-dim", "inf"}, "argument --mscale-all-dim must be a finite number (got inf)"},
+      {{"--yarn-original-max-position-embeddings", "0"},
+       "argument --yarn-original-max-position-embeddings must be positive (got 0)"},
+      {{"--yarn-beta-fast", "0"}, "argument --yarn-beta-fast must be positive (got 0)"},
+      {{"--yarn-beta-slow", "-1"}, "argument --yarn-beta-slow must be positive (got -1)"},
+      {{"--rope-type", "yarn"},
+       "--rope-type yarn: common attention supports only --rope-type rope (as Megatron); use "
+       "--position-embedding-type yarn for YaRN"},
+      {{"--position-embedding-type", "yarn", "--kv-channels", "5"},
+       "--position-embedding-type yarn needs an even --kv-channels (got 5)"},
+  };
+  for (const auto& [flags, message] : refused) {
+    EXPECT_EQ(validation_error(with(small_flags(), flags), 1), message);
+  }
+}
+
 // The Megatron-LM name list is generated (scripts/megatron_argument_names.py; the release is in
 // src/train/megatron_argument_names.cc). Every name on it that moe-train does not accept is
 // refused by name, never reported as unknown: the refused ones are the list minus the accepted.

@@ -299,6 +299,29 @@ TEST(TrainingLoop, TensorParallelMatchesDataParallel) {
   }
 }
 
+// Qwen / DeepSeek attention flags through moe-train: on one rank the model learns; on two, tp 2
+// with sequence parallelism matches 2 data-parallel replicas (q_layernorm / k_layernorm
+// gradients summed over tp and counted once in the gradient norm).
+TEST(TrainingLoop, QkLayernormQkvBiasAndYarnTrainAndMatchAcrossTensorParallelism) {
+  auto flags = [](int iterations) {
+    return with(tiny_moe_flags(iterations),
+                {"--make-vocab-size-divisible-by", "32", "--qk-layernorm", "--add-qkv-bias",
+                 "--position-embedding-type", "yarn", "--rotary-scaling-factor", "4",
+                 "--yarn-original-max-position-embeddings", "8"});
+  };
+  if (world_size() == 1) {
+    TrainingReport report = run(flags(6));
+    ASSERT_EQ(report.iterations.size(), 6u);
+    EXPECT_LT(report.iterations.back().lm_loss, report.iterations.front().lm_loss);
+    return;
+  }
+  if (world_size() != 2) GTEST_SKIP() << "needs 1 or 2 ranks";
+  TrainingReport replicated = run(flags(4));
+  TrainingReport sharded =
+      run(with(flags(4), {"--tensor-model-parallel-size", "2", "--sequence-parallel"}));
+  expect_same_training(sharded, replicated);
+}
+
 // Two pipeline stages (1F1B, 2 accumulated micro-batches) against one stage with 2
 // data-parallel replicas: the same first loss bitwise, then agreement to fp32 rounding; and a
 // pipelined run resumed from its checkpoint repeats its own losses bitwise.

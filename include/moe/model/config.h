@@ -25,7 +25,7 @@ struct TransformerConfig {
 
   std::string normalization = "LayerNorm";  // "LayerNorm" | "RMSNorm"
   float norm_epsilon = 1e-5f;
-  std::string position_embedding_type = "learned_absolute";  // | "rope" | "none"
+  std::string position_embedding_type = "learned_absolute";  // | "rope" | "yarn" | "none"
   float rotary_base = 10000.0f;
   bool swiglu = false;          // SwiGLU MLP (fc1 is [gate | up]); GeLU otherwise
   bool add_bias_linear = true;  // false with --disable-bias-linear
@@ -35,6 +35,23 @@ struct TransformerConfig {
   float init_method_std = 0.02f;
   // Output projections (attention linear_proj, MLP linear_fc2) use std / sqrt(2 * num_layers).
   bool apply_scaled_init = true;
+
+  // Qwen / DeepSeek attention options. add_qkv_bias: linear_qkv has a bias even without
+  // add_bias_linear (Qwen2). qk_layernorm: q_layernorm / k_layernorm over each head (Qwen3).
+  bool add_qkv_bias = false;
+  bool qk_layernorm = false;
+  // position_embedding_type "yarn": rope with YaRN's frequencies and attention factor (see
+  // YarnScaling in layers.h; Megatron's --rotary-scaling-factor, --mscale, --mscale-all-dim and
+  // --yarn-* arguments, with its defaults). rope_type ("" when unset): Megatron's --rope-type,
+  // which only multi-latent attention reads; common attention accepts only "rope".
+  std::string rope_type;
+  double rotary_scaling_factor = 1.0;
+  int yarn_original_max_position_embeddings = 4096;
+  double yarn_beta_fast = 32.0;
+  double yarn_beta_slow = 1.0;
+  double mscale = 1.0;
+  double mscale_all_dim = 0.0;
+  bool yarn_correction_range_round_to_int = true;
 
   // MoE: num_experts = 0 builds a dense model. moe_layer_freq as Megatron: N makes layer i an
   // MoE layer when i % N == 0; a non-empty moe_layer_pattern (Megatron's "([1]*3+[0])" form

@@ -28,9 +28,20 @@ struct TrainingArguments {
   bool group_query_attention = false;
   int num_query_groups = 1;
   std::optional<int> max_position_embeddings;
-  std::string position_embedding_type = "learned_absolute";  // learned_absolute | rope | none
+  std::string position_embedding_type = "learned_absolute";  // learned_absolute|rope|yarn|none
   int rotary_base = 10000;
   bool add_position_embedding = true;  // --no-position-embedding clears it
+  // YaRN (--position-embedding-type yarn); Megatron keeps the first three in its "mla" group.
+  double rotary_scaling_factor = 1.0;
+  double mscale = 1.0;
+  double mscale_all_dim = 0.0;
+  std::optional<int> yarn_original_max_position_embeddings;  // None: 4096
+  std::optional<double> yarn_beta_fast;                      // None: 32
+  std::optional<double> yarn_beta_slow;                      // None: 1
+  std::optional<bool> yarn_correction_range_round_to_int;    // None: true
+  std::optional<std::string> rope_type;  // rope | yarn; common attention accepts only rope
+  bool add_qkv_bias = false;             // set by finalize_arguments with add_bias_linear
+  bool qk_layernorm = false;
   int make_vocab_size_divisible_by = 128;
   std::string normalization = "LayerNorm";  // LayerNorm | RMSNorm
   double norm_epsilon = 1e-5;
