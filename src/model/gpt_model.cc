@@ -118,8 +118,8 @@ GPTModel::GPTModel(const TransformerConfig& config, const comm::ParallelState& p
     if (!m.output->tied()) m.params.add(m.output->weight(), InitKind::kNormal);
     if (c.mtp_num_layers > 0) {
       // Megatron keeps a copy of the embedding on the last stage for MTP; moecore does not.
-      MOE_CHECK(m.embedding.has_value(), "multi-token prediction (mtp_num_layers = ",
-                c.mtp_num_layers,
+      MOE_CHECK(m.embedding.has_value(),
+                "multi-token prediction (mtp_num_layers = ", c.mtp_num_layers,
                 ") needs the word embedding on the last pipeline stage; --mtp-num-layers is "
                 "not supported with --pipeline-model-parallel-size > 1");
       m.mtp.emplace(store, config_, m.tp, parallel, dispatcher_factory);
@@ -336,8 +336,8 @@ Tensor GPTModel::backward_step(GPTContext& ctx, const Tensor& output_grad) {
     Tensor dnormed = m.output->backward(store_, state.output, dlogits);
     if (m.mtp) {
       add(dnormed,
-          m.mtp->backward(store_, *m.embedding, *m.output, loss_grad, shape, state.row_offset,
-                          ctx, state.mtp),
+          m.mtp->backward(store_, *m.embedding, *m.output, loss_grad, shape, state.row_offset, ctx,
+                          state.mtp),
           dnormed);
     }
     dhidden = m.final_norm->backward(store_, state.final_norm, dnormed);

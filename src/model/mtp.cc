@@ -144,8 +144,8 @@ void MultiTokenPrediction::forward(const ParameterStore& store,
         gather_columns(d.eh_proj.forward(store, state.projection_input), tp_);  // [rows_full, h]
     // Megatron scatters the gathered projection back to this rank's sequence block.
     if (tp_.sequence_parallel) projected = projected.rows(row_offset, row_offset + rows_local);
-    Tensor layer_out = layers_[k]->forward(store, projected, shape, row_offset, ctx, state.layer,
-                                           &ctx.moe_losses);
+    Tensor layer_out =
+        layers_[k]->forward(store, projected, shape, row_offset, ctx, state.layer, &ctx.moe_losses);
     previous = d.final_norm.forward(store, layer_out, state.final_norm);
 
     Tensor logits = output.forward(store, previous, state.output);
@@ -203,8 +203,8 @@ Tensor MultiTokenPrediction::backward(const ParameterStore& store,
     Tensor dfull = leave_tp_region_backward(dprojected, tp_);
     const int64_t cols = d.eh_proj.out_local();
     Tensor dlocal = columns(dfull, tp_.rank() * cols, (tp_.rank() + 1) * cols);
-    Tensor dconcatenated = enter_tp_region_backward(
-        d.eh_proj.backward(store, state.projection_input, dlocal), tp_);
+    Tensor dconcatenated =
+        enter_tp_region_backward(d.eh_proj.backward(store, state.projection_input, dlocal), tp_);
     state.projection_input = Tensor();
 
     Tensor dembedded = d.enorm.backward(store, state.enorm, columns(dconcatenated, 0, h));

@@ -9,9 +9,9 @@
 // as the last decoder layer (dense or MoE), numbered num_layers + k - 1 for its dropout keys and
 // loss reports. The shared output layer turns h_k into logits; their cross-entropy against the
 // labels shifted left by k, masked by the loss mask shifted left by k (shifted-in positions: token
-// 0, mask 0), averaged over the shifted mask's tokens, is depth k's loss. The objective adds
-// mtp_loss_scaling_factor / D times each depth's loss (Megatron's MTPLossAutoScaler); the lm loss
-// is unchanged.
+// 0, mask 0), summed and divided by the shifted mask's token count (at least 1, as Megatron's
+// process_mtp_loss), is depth k's loss. The objective adds mtp_loss_scaling_factor / D times each
+// depth's loss (Megatron's MTPLossAutoScaler); the lm loss is unchanged.
 //
 // Parameters: "mtp.layers.<k-1>.enorm", ".hnorm", ".eh_proj.weight", ".transformer_layer.*",
 // ".final_layernorm" (Megatron-Core 0.15's names).

@@ -290,9 +290,8 @@ TEST(MultiTokenPrediction, BadValuesAreRefusedNamingTheField) {
   TransformerConfig config = tiny_config();
   config.mtp_num_layers = 1;
   GPTStage last_stage{false, true, 1, 1};
-  EXPECT_EQ(moe::testing::error_text([&] {
-              GPTModel model(config, comm::single_process_state(), store, last_stage);
-            }),
+  EXPECT_EQ(moe::testing::error_text(
+                [&] { GPTModel model(config, comm::single_process_state(), store, last_stage); }),
             "multi-token prediction (mtp_num_layers = 1) needs the word embedding on the last "
             "pipeline stage; --mtp-num-layers is not supported with "
             "--pipeline-model-parallel-size > 1");

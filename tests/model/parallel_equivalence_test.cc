@@ -1,8 +1,9 @@
 // Layout equivalence under mpirun: the same 2-layer model (layer 0 MoE, layer 1 dense; with
-// multi-token prediction layer 1 and the MTP layers MoE) and the same global batch give the same loss and the same (reduced) gradients in every (tp, sp, ep)
-// layout as on one process. Each rank also runs the single-process model and compares its own
-// parameter blocks. Data parallelism splits the global batch's sequences; dense gradients are
-// summed over dp and expert gradients over expert-dp, as the optimizer does.
+// multi-token prediction, layer 1 and the MTP layers MoE) and the same global batch give the same
+// loss and the same (reduced) gradients in every (tp, sp, ep) layout as on one process. Each rank
+// also runs the single-process model and compares its own parameter blocks. Data parallelism
+// splits the global batch's sequences; dense gradients are summed over dp and expert gradients
+// over expert-dp, as the optimizer does.
 //
 // Tolerance (fp32, different reduction orders): loss |diff| <= 1e-5 * loss; every gradient
 // element |diff| <= 1e-8 + 1e-4 * |reference| (observed: <= 4e-8 absolute, about 1e-6 relative).

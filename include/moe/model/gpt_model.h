@@ -117,10 +117,12 @@ class GPTModel {
   void init_parameters(uint64_t seed);
 
   // Whole model on one pipeline stage: tokens, labels [b, s] (I32/I64), loss_mask [b, s] (any
-  // float dtype; undefined = all ones). Returns the mean loss over masked-in tokens.
+  // float dtype; undefined = all ones). Returns the mean loss over masked-in tokens (the lm loss;
+  // the MTP losses go to ctx.mtp_losses).
   double forward(const Tensor& tokens, const Tensor& labels, GPTContext& ctx,
                  const Tensor& loss_mask = Tensor());
-  // Backward of forward; d(loss) = loss_grad (1 / micro-batches, times a loss scale).
+  // Backward of forward; d(loss) = loss_grad (1 / micro-batches, times a loss scale), and each
+  // MTP loss gets loss_grad * mtp_loss_scaling_factor / mtp_num_layers.
   // Gradients accumulate (+=) into the store; call finalize_grads() after the step's last
   // backward.
   void backward(GPTContext& ctx, float loss_grad = 1.0f);
