@@ -575,6 +575,26 @@ TEST(TrainingLoop, MultiTokenPredictionTrainsAndLogsItsLoss) {
   }
 }
 
+// The MTP modules' parameters and optimizer state round-trip through a checkpoint: a resumed run
+// repeats the uninterrupted run's lm and MTP losses bitwise.
+TEST(TrainingLoop, MultiTokenPredictionResumesBitwise) {
+  const Args flags =
+      with(tiny_moe_flags(8), {"--mtp-num-layers", "2", "--bf16", "--use-distributed-optimizer"});
+  SharedScratchDir scratch("mtp_resume");
+  const std::string save_dir = (scratch.path / "ckpt").string();
+  const TrainingReport whole = run(flags);
+  run(with(flags, {"--save", save_dir, "--save-interval", "4", "--exit-interval", "4"}));
+  const TrainingReport resumed = run(with(flags, {"--load", save_dir}));
+  ASSERT_EQ(resumed.iterations.size(), 4u);
+  for (size_t i = 0; i < 4; ++i) {
+    const IterationStats& original = whole.iterations[4 + i];
+    EXPECT_EQ(resumed.iterations[i].lm_loss, original.lm_loss)
+        << "iteration " << original.iteration;
+    EXPECT_EQ(resumed.iterations[i].mtp_losses, original.mtp_losses)
+        << "iteration " << original.iteration;
+  }
+}
+
 TEST(TrainingLoop, DenseModelTrains) {
   Args flags = tiny_moe_flags(6);
   for (const char* moe_flag :
