@@ -30,7 +30,7 @@ class MultiTokenPrediction {
   struct DepthState {
     Tensor tokens;                     // [b, s] the input tokens shifted left by the depth
     Tensor labels;                     // [rows] I64: the labels shifted left by the depth
-    std::vector<double> loss_weights;  // [rows] shifted mask / its sum (0 when the sum is 0)
+    std::vector<double> loss_weights;  // [rows] shifted mask / max(its sum, 1)
     Norm::Saved enorm, hnorm, final_norm;
     Tensor projection_input;  // [rows_full, 2h]: eh_proj's input inside the tp region
     LayerState layer;
