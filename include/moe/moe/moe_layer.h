@@ -60,6 +60,12 @@ class MoELayer {
   // seed and independent of expert placement.
   void init_parameters(uint64_t seed, float std, float output_std);
 
+  // Once per global batch, after the step's last backward: the router's aux-loss-free bias
+  // update with the loads summed over `group` (Megatron: the tensor x data x context parallel
+  // ranks of this pipeline stage; collective) and the global_aux_loss reset. See router.h.
+  void update_expert_bias(const comm::ProcessGroup& group) { router_.update_expert_bias(group); }
+  void reset_global_aux_loss_tracker() { router_.reset_global_aux_loss_tracker(); }
+
   TopKRouter& router() { return router_; }
   const Experts& experts() const { return *experts_; }
   TokenDispatcher& dispatcher() { return *dispatcher_; }
