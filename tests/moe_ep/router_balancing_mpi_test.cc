@@ -3,11 +3,15 @@
 // counts reduced over the world (as over Megatron's tensor x data x context parallel group).
 #include <gtest/gtest.h>
 
+#include <memory>
+
 #include "ep_test_util.h"
+#include "moe/checkpoint/checkpoint.h"
 #include "moe/comm/process_group.h"
 #include "moe/moe/ep_dispatchers.h"
 #include "moe/moe/router.h"
 #include "moe/moe_test_util.h"
+#include "support/mpi_testing.h"
 #include "support/testing.h"
 
 namespace moe {
@@ -60,6 +64,46 @@ TEST(RouterBalancingMpi, ExpertBiasUpdateEqualsTheUpdateOnTheUnionOfTokens) {
   }
   // The updates did something: some expert's bias moved.
   EXPECT_FALSE(testing::same_bytes(single.router.expert_bias(), Tensor::zeros({E})));
+}
+
+// The expert bias saved by an expert-parallel layout (replicated: stored once) loads bitwise into
+// the same layout and into one process.
+TEST(RouterBalancingMpi, ExpertBiasCheckpointLoadsIntoAnotherLayout) {
+  const int64_t H = 5, E = 8, K = 2;
+  MoEConfig config = testing::small_config(H, E, K, 4);
+  config.moe_router_score_function = ScoreFunction::kSigmoid;
+  config.moe_router_enable_expert_bias = true;
+  const comm::ProcessGroup world = comm::ProcessGroup::world();
+  const comm::ParallelState& layout = testing::parallel_state(world.size());
+  const std::string prefix = "decoder.layers.3.mlp.router";
+  auto make = [&](ParameterStore& store) {
+    auto router = std::make_unique<TopKRouter>(config, store, prefix);
+    store.allocate();
+    return router;
+  };
+  ParameterStore saved_store(DType::BF16);
+  std::unique_ptr<TopKRouter> saved = make(saved_store);
+  saved->init_parameters(43, 1.0f);
+  // Values bf16 could not hold; the same on every rank, as the replicated update keeps them.
+  saved->expert_bias().copy_from(testing::random_normal({E}, 44, 0.01f));
+  testing::SharedScratchDir dir("expert_bias_layouts");
+  checkpoint::TrainingState state;
+  state.iteration = 2;
+  checkpoint::save_checkpoint(dir.str(), state, saved_store, nullptr, nullptr, layout);
+
+  ParameterStore same_store(DType::BF16);
+  std::unique_ptr<TopKRouter> same = make(same_store);
+  checkpoint::LoadOptions no_rng;
+  no_rng.load_rng = false;
+  checkpoint::load_checkpoint(dir.str(), same_store, nullptr, nullptr, layout, no_rng);
+  EXPECT_TRUE(testing::same_bytes(same->expert_bias(), saved->expert_bias()));
+  if (world.rank() == 0) {
+    ParameterStore one_store(DType::F32);
+    std::unique_ptr<TopKRouter> one = make(one_store);
+    checkpoint::load_checkpoint(dir.str(), one_store, nullptr, nullptr,
+                                comm::single_process_state(), no_rng);
+    EXPECT_TRUE(testing::same_bytes(one->expert_bias(), saved->expert_bias()));
+  }
 }
 
 // Over two micro-batches, the ranks' global_aux_loss values add up to the single process's and
