@@ -496,10 +496,9 @@ void apply_jitter(const Tensor& noise, Tensor& x) {
 }
 
 // sum_i a[i] * b[i] over n elements, in order.
-template <class A, class B>
-double dot_in_order(const A* a, const B* b, int64_t n) {
+double dot_in_order(const double* a, const double* b, int64_t n) {
   double total = 0.0;
-  for (int64_t i = 0; i < n; ++i) total += double(a[i]) * double(b[i]);
+  for (int64_t i = 0; i < n; ++i) total += a[i] * b[i];
   return total;
 }
 
@@ -562,8 +561,9 @@ void TopKRouter::add_balancing_losses(const C* logits, int64_t T, RouterContext&
     double tokens = double(T);
     reduce(aux_count_reducer_, reduced, tokens);
     // No token anywhere in the group: no loss and no gradient.
-    if (tokens > 0)
+    if (tokens > 0) {
       losses.aux_loss = add_term(reduced, batch_scores, coeff_aux * per_count / (tokens * tokens));
+    }
   }
   if (coeff_seq > 0.0) {
     // Each sequence's S tokens (Megatron's reshape to [S, B*E]).

@@ -93,10 +93,9 @@ class TopKRouter {
 
   // grad_probs [T, topk] (routing.probs' dtype): d(objective)/d(routing.probs). Adds (+=) the
   // router's contribution to grad_hidden (same shape and dtype as the forward input) and
-  // accumulates
-  // (+=) the weight and bias gradients in the store. aux_loss_grad_scale is the gradient of
-  // the objective with respect to each aux/z loss (Megatron's main_loss_backward_scale,
-  // e.g. 1 / num_micro_batches).
+  // accumulates (+=) the weight and bias gradients in the store. aux_loss_grad_scale is the
+  // gradient of the objective with respect to each aux/z loss (Megatron's
+  // main_loss_backward_scale, e.g. 1 / num_micro_batches).
   void backward(RouterContext& ctx, const Tensor& grad_probs, Tensor& grad_hidden,
                 double aux_loss_grad_scale = 1.0);
 
