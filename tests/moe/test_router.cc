@@ -345,8 +345,19 @@ TorchCase run_case(const MoEConfig& config, DType dtype, double tolerance,
   input["scaling_factor"] = config.moe_router_topk_scaling_factor
                                 ? nlohmann::json(*config.moe_router_topk_scaling_factor)
                                 : nlohmann::json();
-  input["load_balancing_type"] = std::string(name_of(config.moe_router_load_balancing_type[0]));
-  input["aux_coeff"] = config.moe_aux_loss_coeff[0];
+  input["load_balancing_type"] = nlohmann::json::array();
+  for (LoadBalancingType type : config.moe_router_load_balancing_type) {
+    input["load_balancing_type"].push_back(std::string(name_of(type)));
+  }
+  input["aux_coeff"] = std::vector<double>(config.moe_aux_loss_coeff);
+  auto optional_json = [](const std::optional<int64_t>& value) {
+    return value ? nlohmann::json(*value) : nlohmann::json();
+  };
+  input["num_groups"] = optional_json(config.moe_router_num_groups);
+  input["group_topk"] = optional_json(config.moe_router_group_topk);
+  input["expert_bias"] = fixture.router.has_expert_bias()
+                             ? testing::json_values(fixture.router.expert_bias())
+                             : nlohmann::json();
   input["z_coeff"] =
       config.moe_z_loss_coeff ? nlohmann::json(*config.moe_z_loss_coeff) : nlohmann::json();
   result.dense_probs.assign(size_t(S * B * E), 0.0);
@@ -364,11 +375,8 @@ TEST_F(TorchReference, ProbabilitiesAuxAndZLossMatch) {
   for (const Variant& variant : router_variants()) {
     MoEConfig config = testing::small_config(8, 6, 2, 4);
     variant.change(config);
-    if (config.uses(LoadBalancingType::kSinkhorn) || config.moe_input_jitter_eps ||
-        config.group_limited_routing() || config.moe_router_enable_expert_bias ||
-        config.moe_router_load_balancing_type.size() > 1 ||
-        config.uses(LoadBalancingType::kGlobalAuxLoss)) {
-      continue;  // tested above and in test_router_balancing.cc
+    if (config.uses(LoadBalancingType::kSinkhorn) || config.moe_input_jitter_eps) {
+      continue;  // Sinkhorn's selection and the jitter noise are tested above
     }
     config.validate();
     cases.push_back(run_case(config, DType::F64, 1e-12, variant.name));
