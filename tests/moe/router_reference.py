@@ -3,8 +3,9 @@ PyTorch (Debian's python3-torch), in float64.
 
 usage: router_reference.py INPUT.json OUTPUT.json
 The input is a list of cases, each with the router's input, weight [H, E], bias [E], expert
-bias [E] and routing settings (group-limited routing, several balancing types); the output is a list with, per case, the dense routing probabilities [T, E], the
-load-balancing loss and the z-loss (coefficients included), as the C++ test compares them.
+bias [E] and routing settings (group-limited routing, several balancing types); the output is a
+list with, per case, the dense routing probabilities [T, E], the load-balancing loss (the sum
+over the listed types) and the z-loss (coefficients included), as the C++ test compares them.
 """
 import json
 import sys
