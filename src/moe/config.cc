@@ -98,6 +98,10 @@ void validate_expert_bias_and_groups(const MoEConfig& c) {
     MOE_CHECK(!sinkhorn,
               "MoEConfig: moe_router_enable_expert_bias does not work with "
               "moe_router_load_balancing_type sinkhorn (Sinkhorn chooses the experts itself)");
+    // Megatron counts the padded capacity map then, the same for every expert: no update.
+    MOE_CHECK(!c.moe_pad_expert_input_to_capacity,
+              "MoEConfig: moe_router_enable_expert_bias does not work with "
+              "moe_pad_expert_input_to_capacity (every expert's load is its capacity)");
   }
   MOE_CHECK(std::isfinite(c.moe_router_bias_update_rate) && c.moe_router_bias_update_rate >= 0.0,
             "MoEConfig: moe_router_bias_update_rate (", c.moe_router_bias_update_rate,

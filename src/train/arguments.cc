@@ -463,6 +463,9 @@ void check_router_arguments(const TrainingArguments& a, int experts) {
     MOE_CHECK(!uses_sinkhorn(a),
               "--moe-router-enable-expert-bias does not work with "
               "--moe-router-load-balancing-type sinkhorn");
+    MOE_CHECK(!a.moe_pad_expert_input_to_capacity,
+              "--moe-router-enable-expert-bias does not work with "
+              "--moe-pad-expert-input-to-capacity (every expert's load is its capacity)");
   }
   MOE_CHECK(a.moe_router_bias_update_rate >= 0, "--moe-router-bias-update-rate (",
             a.moe_router_bias_update_rate, ") must not be negative");

@@ -119,6 +119,13 @@ TEST(MoEConfig, RejectsImpossibleCombinations) {
        },
        "moe_router_enable_expert_bias does not work with moe_router_load_balancing_type "
        "sinkhorn"},
+      {[](MoEConfig& c) {
+         c.moe_router_enable_expert_bias = true;
+         c.moe_router_score_function = ScoreFunction::kSigmoid;
+         c.moe_expert_capacity_factor = 1.0;
+         c.moe_pad_expert_input_to_capacity = true;
+       },
+       "moe_router_enable_expert_bias does not work with moe_pad_expert_input_to_capacity"},
       {[](MoEConfig& c) { c.moe_router_bias_update_rate = -1e-3; },
        "moe_router_bias_update_rate (-0.001) must be >= 0"},
       // Group-limited routing (8 experts, topk 2).

@@ -313,6 +313,11 @@ TEST(Arguments, ConflictingAndNonDivisibleFlags) {
        1,
        "--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid (got "
        "softmax)"},
+      {{"--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+        "--moe-expert-capacity-factor", "1", "--moe-pad-expert-input-to-capacity"},
+       1,
+       "--moe-router-enable-expert-bias does not work with --moe-pad-expert-input-to-capacity "
+       "(every expert's load is its capacity)"},
       {{"--moe-router-bias-update-rate", "-0.1"},
        1,
        "--moe-router-bias-update-rate (-0.1) must not be negative"},
