@@ -1,6 +1,8 @@
 #include "moe/moe/config.h"
 
+#include <algorithm>
 #include <array>
+#include <cmath>
 #include <utility>
 
 #include "moe/moe/expert_choice_router.h"
@@ -12,9 +14,10 @@ namespace {
 template <class Enum, size_t N>
 using NameTable = std::array<std::pair<Enum, std::string_view>, N>;
 
-constexpr NameTable<LoadBalancingType, 4> kLoadBalancingNames{{
+constexpr NameTable<LoadBalancingType, 5> kLoadBalancingNames{{
     {LoadBalancingType::kAuxLoss, "aux_loss"},
     {LoadBalancingType::kSeqAuxLoss, "seq_aux_loss"},
+    {LoadBalancingType::kGlobalAuxLoss, "global_aux_loss"},
     {LoadBalancingType::kSinkhorn, "sinkhorn"},
     {LoadBalancingType::kNone, "none"},
 }};
@@ -39,6 +42,11 @@ constexpr NameTable<RouterType, 2> kRouterTypeNames{{
     {RouterType::kExpertChoice, "expert_choice"},
 }};
 
+constexpr NameTable<RouterDType, 2> kRouterDTypeNames{{
+    {RouterDType::kFP32, "fp32"},
+    {RouterDType::kFP64, "fp64"},
+}};
+
 template <class Enum, size_t N>
 Enum parse_named(const NameTable<Enum, N>& table, std::string_view text, const char* field) {
   std::string choices;
@@ -56,6 +64,75 @@ std::string_view name_in(const NameTable<Enum, N>& table, Enum value) {
     if (entry == value) return name;
   }
   return "?";
+}
+
+// The balancing types and their coefficients: one type with one coefficient, or a list of
+// distinct aux-loss types with a coefficient each (Megatron's list form).
+void validate_load_balancing(const MoEConfig& c) {
+  const auto& types = c.moe_router_load_balancing_type;
+  const auto& coeffs = c.moe_aux_loss_coeff;
+  MOE_CHECK(!types.empty(), "MoEConfig: moe_router_load_balancing_type is empty");
+  MOE_CHECK(coeffs.size() == types.size(), "MoEConfig: moe_aux_loss_coeff has ", coeffs.size(),
+            " value(s) but moe_router_load_balancing_type has ", types.size(),
+            " (one coefficient per type)");
+  for (double coeff : coeffs) {
+    MOE_CHECK(std::isfinite(coeff) && coeff >= 0.0, "MoEConfig: moe_aux_loss_coeff (", coeff,
+              ") must be >= 0");
+  }
+  for (size_t i = 0; i < types.size() && types.size() > 1; ++i) {
+    bool aux_type = types[i] == LoadBalancingType::kAuxLoss ||
+                    types[i] == LoadBalancingType::kSeqAuxLoss ||
+                    types[i] == LoadBalancingType::kGlobalAuxLoss;
+    MOE_CHECK(aux_type, "MoEConfig: moe_router_load_balancing_type lists ", name_of(types[i]),
+              ": a list may only hold aux_loss, seq_aux_loss and global_aux_loss");
+    MOE_CHECK(std::count(types.begin(), types.end(), types[i]) == 1,
+              "MoEConfig: moe_router_load_balancing_type lists ", name_of(types[i]), " twice");
+  }
+  MOE_CHECK(!(types[0] == LoadBalancingType::kSinkhorn && coeffs[0] > 0.0),
+            "MoEConfig: moe_router_load_balancing_type sinkhorn does not support an aux loss "
+            "(moe_aux_loss_coeff is ",
+            coeffs[0], ", must be 0)");
+}
+
+void validate_expert_bias_and_groups(const MoEConfig& c) {
+  bool sinkhorn = c.uses(LoadBalancingType::kSinkhorn);
+  if (c.moe_router_enable_expert_bias) {
+    MOE_CHECK(c.moe_router_score_function == ScoreFunction::kSigmoid,
+              "MoEConfig: moe_router_enable_expert_bias needs moe_router_score_function sigmoid "
+              "(got ",
+              name_of(c.moe_router_score_function), ")");
+    MOE_CHECK(!sinkhorn,
+              "MoEConfig: moe_router_enable_expert_bias does not work with "
+              "moe_router_load_balancing_type sinkhorn (Sinkhorn chooses the experts itself)");
+    // Megatron counts the padded capacity map then, the same for every expert: no update.
+    MOE_CHECK(!c.moe_pad_expert_input_to_capacity,
+              "MoEConfig: moe_router_enable_expert_bias does not work with "
+              "moe_pad_expert_input_to_capacity (every expert's load is its capacity)");
+  }
+  MOE_CHECK(std::isfinite(c.moe_router_bias_update_rate) && c.moe_router_bias_update_rate >= 0.0,
+            "MoEConfig: moe_router_bias_update_rate (", c.moe_router_bias_update_rate,
+            ") must be >= 0");
+  const auto& groups = c.moe_router_num_groups;
+  const auto& group_topk = c.moe_router_group_topk;
+  MOE_CHECK(groups.has_value() == group_topk.has_value(),
+            "MoEConfig: group-limited routing needs both moe_router_num_groups and "
+            "moe_router_group_topk (got ",
+            groups ? "moe_router_num_groups only" : "moe_router_group_topk only", ")");
+  if (!groups) return;
+  MOE_CHECK(*groups >= 1 && c.num_experts % *groups == 0, "MoEConfig: moe_router_num_groups (",
+            *groups, ") must be >= 1 and divide num_experts (", c.num_experts, ")");
+  MOE_CHECK(*group_topk >= 1 && *group_topk <= *groups, "MoEConfig: moe_router_group_topk (",
+            *group_topk, ") must be between 1 and moe_router_num_groups (", *groups, ")");
+  MOE_CHECK(c.moe_router_topk % *group_topk == 0, "MoEConfig: moe_router_topk (", c.moe_router_topk,
+            ") must be divisible by moe_router_group_topk (", *group_topk,
+            "): each group is scored by its top moe_router_topk / moe_router_group_topk experts");
+  MOE_CHECK(c.moe_router_topk / *group_topk <= c.num_experts / *groups,
+            "MoEConfig: moe_router_topk / moe_router_group_topk (", c.moe_router_topk / *group_topk,
+            ") must be <= the experts per group (num_experts ", c.num_experts,
+            " / moe_router_num_groups ", *groups, ")");
+  MOE_CHECK(!sinkhorn,
+            "MoEConfig: moe_router_num_groups does not work with moe_router_load_balancing_type "
+            "sinkhorn");
 }
 
 }  // namespace
@@ -78,6 +155,11 @@ ExpertActivation parse_expert_activation(std::string_view text) {
 RouterType parse_router_type(std::string_view text) {
   return parse_named(kRouterTypeNames, text, "moe_router_type");
 }
+
+RouterDType parse_router_dtype(std::string_view text) {
+  return parse_named(kRouterDTypeNames, text, "moe_router_dtype");
+}
+
 std::string_view name_of(LoadBalancingType value) {
   return name_in(kLoadBalancingNames, value);
 }
@@ -97,6 +179,10 @@ std::string_view name_of(RouterType value) {
   return name_in(kRouterTypeNames, value);
 }
 
+std::string_view name_of(RouterDType value) {
+  return name_in(kRouterDTypeNames, value);
+}
+
 int64_t MoEConfig::expert_ffn_hidden_size() const {
   return moe_ffn_hidden_size.value_or(ffn_hidden_size);
 }
@@ -106,10 +192,24 @@ int64_t MoEConfig::fc1_output_size() const {
                                                  : expert_ffn_hidden_size();
 }
 
+double MoEConfig::aux_loss_coeff(LoadBalancingType type) const {
+  for (size_t i = 0; i < moe_router_load_balancing_type.size(); ++i) {
+    if (moe_router_load_balancing_type[i] == type && i < moe_aux_loss_coeff.size()) {
+      return moe_aux_loss_coeff[i];
+    }
+  }
+  return 0.0;
+}
+
+bool MoEConfig::uses(LoadBalancingType type) const {
+  const auto& types = moe_router_load_balancing_type;
+  return std::find(types.begin(), types.end(), type) != types.end();
+}
+
 bool MoEConfig::aux_loss_enabled() const {
-  bool aux_type = moe_router_load_balancing_type == LoadBalancingType::kAuxLoss ||
-                  moe_router_load_balancing_type == LoadBalancingType::kSeqAuxLoss;
-  return aux_type && moe_aux_loss_coeff > 0.0;
+  return aux_loss_coeff(LoadBalancingType::kAuxLoss) > 0.0 ||
+         aux_loss_coeff(LoadBalancingType::kSeqAuxLoss) > 0.0 ||
+         aux_loss_coeff(LoadBalancingType::kGlobalAuxLoss) > 0.0;
 }
 
 bool MoEConfig::z_loss_enabled() const {
@@ -132,8 +232,6 @@ void MoEConfig::validate() const {
             ") must be >= 1");
   MOE_CHECK(moe_router_topk <= num_experts, "MoEConfig: moe_router_topk (", moe_router_topk,
             ") must be <= num_experts (", num_experts, ")");
-  MOE_CHECK(moe_aux_loss_coeff >= 0.0, "MoEConfig: moe_aux_loss_coeff (", moe_aux_loss_coeff,
-            ") must be >= 0");
   MOE_CHECK(!moe_z_loss_coeff || *moe_z_loss_coeff >= 0.0, "MoEConfig: moe_z_loss_coeff (",
             moe_z_loss_coeff.value_or(0), ") must be >= 0");
   MOE_CHECK(!moe_input_jitter_eps || (*moe_input_jitter_eps > 0.0 && *moe_input_jitter_eps < 1.0),
@@ -142,17 +240,16 @@ void MoEConfig::validate() const {
   MOE_CHECK(!moe_router_topk_scaling_factor || *moe_router_topk_scaling_factor > 0.0,
             "MoEConfig: moe_router_topk_scaling_factor (",
             moe_router_topk_scaling_factor.value_or(0), ") must be positive");
-  bool sinkhorn = moe_router_load_balancing_type == LoadBalancingType::kSinkhorn;
-  MOE_CHECK(!(sinkhorn && moe_aux_loss_coeff > 0.0),
-            "MoEConfig: moe_router_load_balancing_type sinkhorn does not support an aux loss "
-            "(moe_aux_loss_coeff is ",
-            moe_aux_loss_coeff, ", must be 0)");
+  validate_load_balancing(*this);
+  validate_expert_bias_and_groups(*this);
+  bool sinkhorn = uses(LoadBalancingType::kSinkhorn);
   if (moe_expert_capacity_factor) {
     MOE_CHECK(*moe_expert_capacity_factor > 0.0, "MoEConfig: moe_expert_capacity_factor (",
               *moe_expert_capacity_factor, ") must be positive (leave it unset for dropless)");
     MOE_CHECK(!sinkhorn,
-              "MoEConfig: moe_expert_capacity_factor only works with aux_loss, seq_aux_loss or "
-              "none load balancing, not moe_router_load_balancing_type sinkhorn");
+              "MoEConfig: moe_expert_capacity_factor only works with aux_loss, seq_aux_loss, "
+              "global_aux_loss or none load balancing, not moe_router_load_balancing_type "
+              "sinkhorn");
   }
   MOE_CHECK(!moe_pad_expert_input_to_capacity || moe_expert_capacity_factor,
             "MoEConfig: moe_pad_expert_input_to_capacity needs moe_expert_capacity_factor to be "

@@ -62,9 +62,10 @@ void validate_expert_choice(const MoEConfig& config) {
   MOE_CHECK(config.moe_token_drop_policy == TokenDropPolicy::kProbs,
             "MoEConfig: moe_token_drop_policy ", name_of(config.moe_token_drop_policy),
             " has no meaning", with, " (experts take their highest-scoring tokens)");
-  MOE_CHECK(!config.aux_loss_enabled(), "MoEConfig: moe_aux_loss_coeff (",
-            config.moe_aux_loss_coeff, ") must be 0", with,
-            " (every expert takes the same number of tokens; there is no load to balance)");
+  for (double coeff : config.moe_aux_loss_coeff) {
+    MOE_CHECK(coeff == 0, "MoEConfig: moe_aux_loss_coeff (", coeff, ") must be 0", with,
+              " (every expert takes the same number of tokens; there is no load to balance)");
+  }
 }
 
 }  // namespace moe

@@ -1,5 +1,8 @@
 #include "moe/moe/moe_layer.h"
 
+#include <algorithm>
+#include <array>
+
 #include "moe/comm/process_group.h"
 #include "moe/internal.h"
 #include "moe/moe/ep_dispatchers.h"
@@ -82,11 +85,12 @@ Tensor MoELayer::forward(const Tensor& hidden, MoEContext& ctx, bool training) {
   Tensor output = dispatcher_->combine(expert_output, ctx.dispatch);
   ctx.losses = ctx.router.losses;
   if (tp_.size() > 1) {  // each tp rank's losses are its tokens' share of the micro-batch's
-    Tensor values({2}, DType::F64);
-    values.data<double>()[0] = ctx.losses.load_balancing_loss;
-    values.data<double>()[1] = ctx.losses.z_loss;
-    comm::all_reduce(values, tp_.group);
-    ctx.losses = {values.data<double>()[0], values.data<double>()[1]};
+    std::array<double, RouterLosses::kCount> values = ctx.losses.values();
+    Tensor buffer({int64_t(values.size())}, DType::F64);
+    std::copy(values.begin(), values.end(), buffer.data<double>());
+    comm::all_reduce(buffer, tp_.group);
+    std::copy_n(buffer.data<double>(), values.size(), values.begin());
+    ctx.losses = RouterLosses::from_values(values);
   }
   ctx.has_saved_state = true;
   return gather_blocks(output.reshape(own.shape())).reshape(hidden.shape());

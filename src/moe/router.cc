@@ -6,10 +6,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <vector>
 
 #include "moe/internal.h"
+#include "moe/moe/token_dispatcher.h"
 #include "moe/tensor/gemm.h"
 
 namespace moe {
@@ -86,7 +88,51 @@ struct RouteSpec {
   bool pre_softmax;
   bool sinkhorn;  // Sinkhorn's activation: sigmoid for top-1, softmax otherwise
   double scale;   // topk scaling factor (1 when unset; not applied by Sinkhorn)
+  int64_t groups = 0, group_topk = 0;  // group-limited routing; 0: off
+  const float* expert_bias = nullptr;  // [E] added to the sigmoid scores for selection
 };
+
+// Per-thread scratch of select_experts.
+template <class C>
+struct SelectScratch {
+  std::vector<C> biased, group_scores, masked;
+  std::vector<int32_t> order, best_in_group, best_groups;
+};
+
+// Chooses spec.topk experts (best first) from one token's selection scores [E], plus the expert
+// bias when given: plain top-k, or Megatron's group_limited_topk. Ties: lower index first.
+template <class C>
+void select_experts(const RouteSpec& spec, const C* scores, const float* expert_bias,
+                    int32_t* chosen, SelectScratch<C>& s) {
+  const int64_t E = spec.experts, K = spec.topk;
+  if (expert_bias != nullptr) {
+    s.biased.resize(size_t(E));
+    for (int64_t e = 0; e < E; ++e) s.biased[size_t(e)] = scores[e] + C(expert_bias[e]);
+    scores = s.biased.data();
+  }
+  if (spec.group_topk == 0) {
+    top_k(scores, E, K, chosen, s.order);
+    return;
+  }
+  const int64_t G = spec.groups, per_group = E / G, picks = K / spec.group_topk;
+  s.group_scores.resize(size_t(G));
+  s.best_in_group.resize(size_t(picks));
+  for (int64_t g = 0; g < G; ++g) {
+    const C* group = scores + g * per_group;
+    top_k(group, per_group, picks, s.best_in_group.data(), s.order);
+    C total = 0;
+    for (int32_t e : s.best_in_group) total += group[e];
+    s.group_scores[size_t(g)] = total;
+  }
+  s.best_groups.resize(size_t(spec.group_topk));
+  top_k(s.group_scores.data(), G, spec.group_topk, s.best_groups.data(), s.order);
+  // Experts outside the chosen groups can never be picked: validation keeps topk within them.
+  s.masked.assign(size_t(E), -std::numeric_limits<C>::infinity());
+  for (int32_t g : s.best_groups) {
+    std::copy_n(scores + g * per_group, per_group, s.masked.begin() + g * per_group);
+  }
+  top_k(s.masked.data(), E, K, chosen, s.order);
+}
 
 // Forward for token rows: experts/probs from logits. select [T, E] (Sinkhorn-balanced scores
 // in training) replaces the scores used for choosing when given.
@@ -97,7 +143,7 @@ void route_tokens(const RouteSpec& spec, const C* logits, const C* select, int32
 #pragma omp parallel if (spec.tokens * E > 16384)
   {
     std::vector<C> scores(static_cast<size_t>(E)), picked(static_cast<size_t>(K));
-    std::vector<int32_t> order;
+    SelectScratch<C> scratch;
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < spec.tokens; ++t) {
       const C* row = logits + t * E;
@@ -110,22 +156,22 @@ void route_tokens(const RouteSpec& spec, const C* logits, const C* select, int32
         } else {
           softmax_inplace(scores.data(), E);
         }
-        top_k(select ? select + t * E : scores.data(), E, K, chosen, order);
+        top_k(select ? select + t * E : scores.data(), E, K, chosen, scratch.order);
         for (int64_t j = 0; j < K; ++j) p[j] = scores[size_t(chosen[j])];
         continue;  // Megatron applies no scaling factor to Sinkhorn probabilities
       }
       if (spec.function == ScoreFunction::kSoftmax && !spec.pre_softmax) {
-        top_k(row, E, K, chosen, order);
+        select_experts(spec, row, nullptr, chosen, scratch);
         for (int64_t j = 0; j < K; ++j) picked[size_t(j)] = row[chosen[j]];
         softmax_inplace(picked.data(), K);
       } else if (spec.function == ScoreFunction::kSoftmax) {
         std::copy_n(row, E, scores.data());
         softmax_inplace(scores.data(), E);
-        top_k(scores.data(), E, K, chosen, order);
+        select_experts(spec, scores.data(), nullptr, chosen, scratch);
         for (int64_t j = 0; j < K; ++j) picked[size_t(j)] = scores[size_t(chosen[j])];
       } else {
         for (int64_t e = 0; e < E; ++e) scores[size_t(e)] = sigmoid(row[e]);
-        top_k(scores.data(), E, K, chosen, order);
+        select_experts(spec, scores.data(), spec.expert_bias, chosen, scratch);
         C total = 0;
         for (int64_t j = 0; j < K; ++j) {
           picked[size_t(j)] = scores[size_t(chosen[j])];
@@ -235,7 +281,7 @@ void sinkhorn_kernel(const C* cost_in, int64_t rows, int64_t cols, double tol, C
   }
 }
 
-// The aux-loss configuration: `groups` is 1 (aux_loss) or the batch size B (seq_aux_loss, token
+// The aux-loss configuration: `groups` is 1 or, with seq_aux_loss on, the batch size B (token
 // t = s * B + b belongs to sequence b).
 struct AuxSpec {
   int64_t tokens, experts, topk, groups;
@@ -261,10 +307,11 @@ void aux_loss_statistics(const AuxSpec& spec, const C* logits, C* counts, C* sco
   }
 }
 
-// Adds the aux and z losses' gradients to dlogits. aux_factor: d(loss)/d(score[t, e]) per
-// count (0 when the aux loss is off); z_factor: d(loss)/d(lse_t^2) (0 when off).
+// Adds the balancing and z losses' gradients to dlogits: d(loss)/d(score[t, e]) is aux_factor *
+// weights[t % groups, e] (aux_factor 0 when no balancing loss is active); z_factor:
+// d(loss)/d(lse_t^2) (0 when off).
 template <class C>
-void loss_backward(const AuxSpec& spec, const C* logits, const C* counts, C aux_factor, C z_factor,
+void loss_backward(const AuxSpec& spec, const C* logits, const C* weights, C aux_factor, C z_factor,
                    C* dlogits) {
   int64_t E = spec.experts;
 #pragma omp parallel if (spec.tokens * E > 16384)
@@ -277,8 +324,8 @@ void loss_backward(const AuxSpec& spec, const C* logits, const C* counts, C aux_
       C* dl = dlogits + t * E;
       if (aux_factor != C(0)) {
         aux_scores(row, E, spec.function, scores.data(), sig.data());
-        const C* group_counts = counts + (t % spec.groups) * E;
-        for (int64_t e = 0; e < E; ++e) dscores[size_t(e)] = aux_factor * group_counts[e];
+        const C* group_weights = weights + (t % spec.groups) * E;
+        for (int64_t e = 0; e < E; ++e) dscores[size_t(e)] = aux_factor * group_weights[e];
         if (spec.function == ScoreFunction::kSoftmax) {
           softmax_backward_add(scores.data(), dscores.data(), E, dl);
         } else {  // scores = sig / (sum(sig) + eps)
@@ -337,6 +384,20 @@ TopKRouter::TopKRouter(const MoEConfig& config, ParameterStore& store, const std
     bias.tensor_parallel_duplicate = true;
     bias_ = store_.declare(bias);
   }
+  if (config_.moe_router_enable_expert_bias) {
+    ParamSpec expert_bias;
+    expert_bias.name = prefix + ".expert_bias";
+    expert_bias.shape = {config_.num_experts};
+    expert_bias.group = ParamGroup::kDense;
+    expert_bias.weight_decay = false;
+    expert_bias.tensor_parallel_duplicate = true;
+    expert_bias.trainable = false;
+    expert_bias_ = store_.declare(expert_bias);
+    tokens_per_expert_ = Tensor({config_.num_experts}, DType::I64);
+  }
+  if (config_.aux_loss_coeff(LoadBalancingType::kGlobalAuxLoss) > 0.0) {
+    global_tokens_per_expert_ = Tensor({config_.num_experts}, DType::F64);
+  }
 }
 
 Tensor TopKRouter::weight() const {
@@ -353,6 +414,11 @@ Tensor TopKRouter::bias_grad() const {
   MOE_CHECK(has_bias(), "TopKRouter: no bias (add_bias_linear is false)");
   return store_.grad(bias_);
 }
+Tensor TopKRouter::expert_bias() const {
+  MOE_CHECK(has_expert_bias(),
+            "TopKRouter: no expert bias (moe_router_enable_expert_bias is false)");
+  return store_.param(expert_bias_);
+}
 
 std::vector<ParamHandle> TopKRouter::params() const {
   if (has_bias()) return {weight_, bias_};
@@ -368,23 +434,58 @@ double TopKRouter::z_loss_coeff() const {
   return config_.moe_z_loss_coeff.value_or(0.0) / double(z_loss_group_size_);
 }
 
+DType TopKRouter::router_dtype(DType activation) const {
+  if (!config_.moe_router_dtype) return internal::compute_dtype_for(activation);
+  return *config_.moe_router_dtype == RouterDType::kFP64 ? DType::F64 : DType::F32;
+}
+
 void TopKRouter::init_parameters(uint64_t seed, float std) {
   Tensor w = weight();
   Rng rng = Rng::derived(seed, 0x7047e5u);
   rng.fill_normal(w, 0.0f, std);
   if (has_bias()) bias().zero();
+  if (has_expert_bias()) expert_bias().zero();
+}
+
+void TopKRouter::reset_global_aux_loss_tracker() {
+  if (global_tokens_per_expert_.defined()) global_tokens_per_expert_.zero();
+  global_aux_micro_batches_ = 0;
+}
+
+void TopKRouter::update_expert_bias(const comm::ProcessGroup& group) {
+  MOE_CHECK(has_expert_bias(),
+            "TopKRouter::update_expert_bias: moe_router_enable_expert_bias is false");
+  const int64_t E = config_.num_experts;
+  Tensor loads = tokens_per_expert_.clone();
+  if (group.size() > 1) comm::all_reduce(loads, group);
+  const int64_t* load = loads.data<int64_t>();
+  double mean = 0.0;
+  for (int64_t e = 0; e < E; ++e) mean += double(load[e]);
+  mean /= double(E);
+  float* bias = expert_bias().data<float>();
+  const float rate = float(config_.moe_router_bias_update_rate);
+  for (int64_t e = 0; e < E; ++e) {
+    double offset = mean - double(load[e]);
+    float sign = offset > 0.0 ? 1.0f : offset < 0.0 ? -1.0f : 0.0f;
+    bias[e] = bias[e] + sign * rate;
+  }
+  tokens_per_expert_.zero();
 }
 
 namespace {
 
-RouteSpec route_spec(const MoEConfig& config, int64_t tokens) {
-  return RouteSpec{tokens,
-                   config.num_experts,
-                   config.moe_router_topk,
-                   config.moe_router_score_function,
-                   config.moe_router_pre_softmax,
-                   config.moe_router_load_balancing_type == LoadBalancingType::kSinkhorn,
-                   config.moe_router_topk_scaling_factor.value_or(1.0)};
+RouteSpec route_spec(const MoEConfig& config, int64_t tokens, const float* expert_bias) {
+  RouteSpec spec{tokens,
+                 config.num_experts,
+                 config.moe_router_topk,
+                 config.moe_router_score_function,
+                 config.moe_router_pre_softmax,
+                 config.uses(LoadBalancingType::kSinkhorn),
+                 config.moe_router_topk_scaling_factor.value_or(1.0)};
+  spec.groups = config.moe_router_num_groups.value_or(0);
+  spec.group_topk = config.moe_router_group_topk.value_or(0);
+  spec.expert_bias = expert_bias;
+  return spec;
 }
 
 // x *= noise elementwise (both [T, H] of the compute dtype): the jitter on the router input in
@@ -399,20 +500,114 @@ void apply_jitter(const Tensor& noise, Tensor& x) {
   });
 }
 
-AuxSpec aux_spec(const MoEConfig& config, int64_t tokens, int64_t batch_size) {
-  bool per_sequence = config.moe_router_load_balancing_type == LoadBalancingType::kSeqAuxLoss;
-  return AuxSpec{tokens, config.num_experts, config.moe_router_topk, per_sequence ? batch_size : 1,
-                 config.moe_router_score_function};
-}
-
-// d(aux loss)/d(score[t, e]) per routed count: coeff * E / (topk * N^2), divided by B for the
-// per-sequence loss (Megatron averages it over the batch).
-double aux_loss_factor(const MoEConfig& config, const AuxSpec& spec, double token_count) {
-  return config.moe_aux_loss_coeff * double(config.num_experts) /
-         (double(config.moe_router_topk) * token_count * token_count) / double(spec.groups);
+// sum_i a[i] * b[i] over n elements, in order.
+double dot_in_order(const double* a, const double* b, int64_t n) {
+  double total = 0.0;
+  for (int64_t i = 0; i < n; ++i) total += a[i] * b[i];
+  return total;
 }
 
 }  // namespace
+
+// The balancing losses (Megatron's switch_load_balancing_loss_func per type): with counts c_e
+// of the type's level and N its token count, loss = coeff * E / (topk * N^2) * sum_e c_e * P_e
+// where P_e sums this rank's aux scores; seq_aux_loss does so per sequence and divides by B.
+// Their gradients with respect to the aux scores are gathered in ctx.aux_score_weights.
+template <class C>
+void TopKRouter::add_balancing_losses(const C* logits, int64_t T, RouterContext& ctx) {
+  const int64_t E = config_.num_experts, B = ctx.batch_size;
+  const double coeff_aux = config_.aux_loss_coeff(LoadBalancingType::kAuxLoss);
+  const double coeff_seq = config_.aux_loss_coeff(LoadBalancingType::kSeqAuxLoss);
+  const double coeff_global = config_.aux_loss_coeff(LoadBalancingType::kGlobalAuxLoss);
+  const double per_count = double(E) / double(config_.moe_router_topk);
+  // Statistics per sequence when seq_aux_loss is on; the other types use their sums.
+  AuxSpec aux{T, E, config_.moe_router_topk, coeff_seq > 0.0 ? B : 1,
+              config_.moe_router_score_function};
+  const int64_t G = aux.groups;
+  Tensor counts = Tensor::empty({G, E}, DType::F64);
+  Tensor score_sums = Tensor::empty({G, E}, DType::F64);
+  {
+    Tensor c = Tensor::empty({G, E}, ctx.logits.dtype()), p = Tensor::empty({G, E}, c.dtype());
+    aux_loss_statistics(aux, logits, c.data<C>(), p.data<C>());
+    counts.copy_from(c);
+    score_sums.copy_from(p);
+  }
+  Tensor batch_counts({E}, DType::F64), batch_scores({E}, DType::F64);
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t e = 0; e < E; ++e) {
+      batch_counts.data<double>()[e] += counts.data<double>()[g * E + e];
+      batch_scores.data<double>()[e] += score_sums.data<double>()[g * E + e];
+    }
+  }
+  Tensor weights({G, E}, DType::F64);
+  bool active = false;
+  // Adds factor * reduced counts (one row, or one per sequence) to the weights; the loss is
+  // factor * <counts, score sums>.
+  auto add_term = [&](const Tensor& level_counts, const Tensor& level_scores, double factor) {
+    const int64_t rows = level_counts.numel() / E;
+    for (int64_t g = 0; g < G; ++g) {
+      for (int64_t e = 0; e < E; ++e) {
+        weights.data<double>()[g * E + e] +=
+            factor * level_counts.data<double>()[(g % rows) * E + e];
+      }
+    }
+    active = true;
+    return factor * dot_in_order(level_counts.data<double>(), level_scores.data<double>(),
+                                 level_counts.numel());
+  };
+  // Runs with T = 0 too: the count reducers are collectives the group's other ranks enter.
+  auto reduce = [](const AuxCountReducer& reducer, Tensor& level_counts, double& token_count) {
+    if (reducer) reducer(level_counts, token_count);
+    MOE_CHECK(token_count >= 0, "TopKRouter: aux-loss token count is ", token_count);
+  };
+  RouterLosses& losses = ctx.losses;
+  if (coeff_aux > 0.0) {
+    Tensor reduced = batch_counts.clone();
+    double tokens = double(T);
+    reduce(aux_count_reducer_, reduced, tokens);
+    // No token anywhere in the group: no loss and no gradient.
+    if (tokens > 0) {
+      losses.aux_loss = add_term(reduced, batch_scores, coeff_aux * per_count / (tokens * tokens));
+    }
+  }
+  if (coeff_seq > 0.0) {
+    // Each sequence's S tokens (Megatron's reshape to [S, B*E]).
+    Tensor reduced = counts.clone();
+    double tokens = double(T / B);
+    reduce(aux_count_reducer_, reduced, tokens);
+    if (tokens > 0) {
+      losses.seq_aux_loss =
+          add_term(reduced, score_sums, coeff_seq * per_count / (tokens * tokens) / double(B));
+    }
+  }
+  if (coeff_global > 0.0) {
+    Tensor reduced = batch_counts.clone();
+    double tokens = double(T);
+    reduce(global_aux_count_reducer_, reduced, tokens);
+    internal::accumulate_into(reduced, global_tokens_per_expert_);
+    ++global_aux_micro_batches_;
+    Tensor mean_counts = global_tokens_per_expert_.clone();
+    for (int64_t e = 0; e < E; ++e) {
+      mean_counts.data<double>()[e] /= double(global_aux_micro_batches_);
+    }
+    if (tokens > 0) {
+      losses.global_aux_loss =
+          add_term(mean_counts, batch_scores, coeff_global * per_count / (tokens * tokens));
+    }
+  }
+  losses.load_balancing_loss = losses.aux_loss + losses.seq_aux_loss + losses.global_aux_loss;
+  if (active) ctx.aux_score_weights = weights.to(ctx.logits.dtype());
+}
+
+// Megatron counts the routing map after capacity dropping: only the slots an expert keeps.
+void TopKRouter::count_routed_tokens(const Routing& routing) {
+  CapacityDecision capacity = decide_capacity(config_, routing);
+  const int32_t* experts = routing.experts.data<int32_t>();
+  int64_t* counts = tokens_per_expert_.data<int64_t>();
+  for (int64_t slot = 0; slot < routing.experts.numel(); ++slot) {
+    if (capacity.keep.empty() || capacity.keep[size_t(slot)] != 0) ++counts[experts[slot]];
+  }
+}
 
 Routing TopKRouter::forward(const Tensor& hidden, RouterContext& ctx, bool training) {
   MOE_CHECK(hidden.ndim() == 2 || hidden.ndim() == 3,
@@ -422,7 +617,7 @@ Routing TopKRouter::forward(const Tensor& hidden, RouterContext& ctx, bool train
             " has hidden size ", hidden.dim(-1), " but hidden_size is ", H);
   const Tensor x = hidden.reshape({-1, H});
   const int64_t T = x.dim(0);
-  const DType cdt = internal::compute_dtype_for(hidden.dtype());
+  const DType cdt = router_dtype(hidden.dtype());
   ctx = RouterContext{};
   ctx.input_shape = hidden.shape();
   ctx.batch_size = hidden.ndim() == 3 ? hidden.dim(1) : 1;
@@ -444,7 +639,7 @@ Routing TopKRouter::forward(const Tensor& hidden, RouterContext& ctx, bool train
   ctx.routing.num_tokens = T;
   ctx.routing.topk = K;
   ctx.routing.experts = Tensor::empty({T, K}, DType::I32);
-  ctx.routing.probs = Tensor::empty({T, K}, cdt);
+  Tensor probs = Tensor::empty({T, K}, cdt);
   internal::with_compute_type(cdt, [&](auto tag) {
     using C = decltype(tag);
     C* logits = ctx.logits.data<C>();
@@ -459,35 +654,14 @@ Routing TopKRouter::forward(const Tensor& hidden, RouterContext& ctx, bool train
       MOE_CHECK(std::isfinite(logits[i]), "TopKRouter: logit of token ", i / E, " for expert ",
                 i % E, " is ", double(logits[i]), " (non-finite input or router weight)");
     }
-    RouteSpec spec = route_spec(config_, T);
+    RouteSpec spec =
+        route_spec(config_, T, has_expert_bias() ? expert_bias().data<float>() : nullptr);
     Tensor balanced;  // Sinkhorn picks experts on balanced scores in training only
     if (spec.sinkhorn && training && T > 0) balanced = sinkhorn(ctx.logits);
     route_tokens(spec, logits, balanced.defined() ? balanced.data<C>() : nullptr,
-                 ctx.routing.experts.data<int32_t>(), ctx.routing.probs.data<C>());
+                 ctx.routing.experts.data<int32_t>(), probs.data<C>());
 
-    // Runs with T = 0 too: the count reducer is a collective the group's other ranks enter.
-    if (training && config_.aux_loss_enabled()) {
-      AuxSpec aux = aux_spec(config_, T, ctx.batch_size);
-      Tensor counts = Tensor::empty({aux.groups, E}, cdt);
-      Tensor score_sums = Tensor::empty({aux.groups, E}, cdt);
-      aux_loss_statistics(aux, logits, counts.data<C>(), score_sums.data<C>());
-      // The per-sequence loss counts each sequence's S tokens (Megatron's reshape to [S, B*E]).
-      double token_count = double(T / aux.groups);
-      Tensor reduced = aux.groups == 1 ? counts.reshape({E}) : counts;
-      if (aux_count_reducer_) aux_count_reducer_(reduced, token_count);
-      MOE_CHECK(token_count >= 0, "TopKRouter: aux-loss token count is ", token_count);
-      // No token anywhere in the group: no loss and no gradient.
-      ctx.aux_loss_active = token_count > 0;
-      double total = 0.0;
-      for (int64_t i = 0; i < aux.groups * E; ++i) {
-        total += double(score_sums.data<C>()[i]) * double(counts.data<C>()[i]);
-      }
-      ctx.aux_tokens_per_expert = counts;
-      ctx.aux_token_count = token_count;
-      if (ctx.aux_loss_active) {
-        ctx.losses.load_balancing_loss = total * aux_loss_factor(config_, aux, token_count);
-      }
-    }
+    if (training && config_.aux_loss_enabled()) add_balancing_losses(logits, T, ctx);
     if (training && config_.z_loss_enabled() && T > 0) {
       ctx.z_loss_active = true;
       double total = 0.0;
@@ -498,6 +672,9 @@ Routing TopKRouter::forward(const Tensor& hidden, RouterContext& ctx, bool train
       ctx.losses.z_loss = z_loss_coeff() * total / double(T);
     }
   });
+  const DType probs_dtype = internal::compute_dtype_for(hidden.dtype());
+  ctx.routing.probs = probs_dtype == cdt ? probs : probs.to(probs_dtype);
+  if (training && has_expert_bias()) count_routed_tokens(ctx.routing);
   return ctx.routing;
 }
 
@@ -508,23 +685,24 @@ void TopKRouter::backward(RouterContext& ctx, const Tensor& grad_probs, Tensor& 
   const int64_t T = ctx.routing.num_tokens;
   const DType cdt = ctx.logits.dtype();
   check_shape(grad_probs, {T, K}, "TopKRouter::backward grad_probs");
-  check_dtype(grad_probs, cdt, "TopKRouter::backward grad_probs");
+  check_dtype(grad_probs, ctx.routing.probs.dtype(), "TopKRouter::backward grad_probs");
   check_shape(grad_hidden, ctx.input_shape, "TopKRouter::backward grad_hidden");
+  const Tensor grad_scores = grad_probs.dtype() == cdt ? grad_probs : grad_probs.to(cdt);
 
   Tensor dlogits({T, E}, cdt);
   internal::with_compute_type(cdt, [&](auto tag) {
     using C = decltype(tag);
     const C* logits = ctx.logits.data<C>();
-    route_tokens_backward(route_spec(config_, T), logits, ctx.routing.experts.data<int32_t>(),
-                          grad_probs.data<C>(), dlogits.data<C>());
-    AuxSpec aux = aux_spec(config_, T, ctx.batch_size);
-    double aux_factor = ctx.aux_loss_active ? aux_loss_grad_scale *
-                                                  aux_loss_factor(config_, aux, ctx.aux_token_count)
-                                            : 0.0;
+    route_tokens_backward(route_spec(config_, T, nullptr), logits,
+                          ctx.routing.experts.data<int32_t>(), grad_scores.data<C>(),
+                          dlogits.data<C>());
+    const bool aux_active = ctx.aux_score_weights.defined();
+    AuxSpec aux{T, E, K, aux_active ? ctx.aux_score_weights.dim(0) : 1,
+                config_.moe_router_score_function};
+    double aux_factor = aux_active ? aux_loss_grad_scale : 0.0;
     double z_factor = ctx.z_loss_active ? aux_loss_grad_scale * z_loss_coeff() / double(T) : 0.0;
     if (aux_factor != 0.0 || z_factor != 0.0) {
-      loss_backward(aux, logits,
-                    ctx.aux_loss_active ? ctx.aux_tokens_per_expert.data<C>() : nullptr,
+      loss_backward(aux, logits, aux_active ? ctx.aux_score_weights.data<C>() : nullptr,
                     C(aux_factor), C(z_factor), dlogits.data<C>());
     }
   });

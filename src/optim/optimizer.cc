@@ -129,7 +129,7 @@ void Optimizer::Impl::build_group(Group& g, ParamGroup kind) {
   bool replica_counts = g.distributed || g.reduce->rank() == 0;
   for (int i = 0; i < store.count(); ++i) {
     const ParamSpec& spec = store.spec(ParamHandle{i});
-    if (spec.group != kind) continue;
+    if (spec.group != kind || !spec.trainable) continue;  // buffers are not in the flat buffers
     int64_t begin = store.offset(ParamHandle{i});
     int64_t end = begin + shape_numel(spec.shape);
     begin = std::max(begin, g.shard_begin);

@@ -1,6 +1,7 @@
 #include "moe/pipeline/schedules.h"
 
 #include <algorithm>
+#include <array>
 #include <deque>
 #include <numeric>
 #include <string>
@@ -55,8 +56,7 @@ namespace {
 
 void add_moe_reports(const std::vector<model::MoELossReport>& reports, MoELossSummary& summary) {
   for (const model::MoELossReport& report : reports) {
-    summary.sum.load_balancing_loss += report.losses.load_balancing_loss;
-    summary.sum.z_loss += report.losses.z_loss;
+    summary.sum += report.losses;
     ++summary.reports;
   }
 }
@@ -175,22 +175,25 @@ class StageRunner {
   void reduce_losses() {
     const size_t micro_batches = result_.lm_losses.size();
     const size_t depths = result_.mtp_loss_sums.size();
-    Tensor buffer({int64_t(2 * micro_batches + 3 + depths)}, DType::F64);  // [2 M + 3 + D]
+    constexpr size_t kMoE = RouterLosses::kCount + 1;  // the loss sums and the report count
+    // [2 M + kMoE + D]
+    Tensor buffer({int64_t(2 * micro_batches + kMoE + depths)}, DType::F64);
     double* values = buffer.data<double>();
     std::copy(result_.lm_losses.begin(), result_.lm_losses.end(), values);
     std::copy(result_.loss_tokens.begin(), result_.loss_tokens.end(), values + micro_batches);
     double* moe = values + 2 * micro_batches;
     MoELossSummary& summary = result_.moe;
-    moe[0] = summary.sum.load_balancing_loss;
-    moe[1] = summary.sum.z_loss;
-    moe[2] = double(summary.reports);
-    double* mtp = moe + 3;
+    std::array<double, RouterLosses::kCount> sums = summary.sum.values();
+    std::copy(sums.begin(), sums.end(), moe);
+    moe[RouterLosses::kCount] = double(summary.reports);
+    double* mtp = moe + kMoE;
     std::copy(result_.mtp_loss_sums.begin(), result_.mtp_loss_sums.end(), mtp);
     comm::all_reduce(buffer, pp_);
     std::copy(values, values + micro_batches, result_.lm_losses.begin());
     std::copy(values + micro_batches, values + 2 * micro_batches, result_.loss_tokens.begin());
-    summary.sum = {moe[0], moe[1]};
-    summary.reports = int64_t(moe[2]);
+    std::copy_n(moe, sums.size(), sums.begin());
+    summary.sum = RouterLosses::from_values(sums);
+    summary.reports = int64_t(moe[RouterLosses::kCount]);
     std::copy(mtp, mtp + depths, result_.mtp_loss_sums.begin());
   }
 

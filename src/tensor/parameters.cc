@@ -32,9 +32,9 @@ ParamHandle ParameterStore::declare(ParamSpec spec) {
         shape_string(spec.global_offset), " does not fit global shape ",
         shape_string(spec.global_shape));
   }
-  int g = group_index(spec.group);
-  offsets_.push_back(group_sizes_[g]);
-  group_sizes_[g] += shape_numel(spec.shape);
+  int64_t& size = spec.trainable ? group_sizes_[group_index(spec.group)] : buffers_size_;
+  offsets_.push_back(size);
+  size += shape_numel(spec.shape);
   specs_.push_back(std::move(spec));
   return ParamHandle{int(specs_.size()) - 1};
 }
@@ -45,6 +45,7 @@ void ParameterStore::allocate() {
     params_[g] = Tensor({group_sizes_[g]}, param_dtype_);
     grads_[g] = Tensor({group_sizes_[g]}, DType::F32);
   }
+  buffers_ = Tensor({buffers_size_}, DType::F32);
   allocated_ = true;
 }
 
@@ -62,12 +63,15 @@ int64_t ParameterStore::offset(ParamHandle handle) const {
 Tensor ParameterStore::param(ParamHandle handle) const {
   const ParamSpec& s = spec(handle);
   MOE_CHECK(allocated_, "parameter '", s.name, "' read before the store was allocated");
-  return view_in(params_[group_index(s.group)], offsets_[handle.index], s.shape);
+  const Tensor& flat = s.trainable ? params_[group_index(s.group)] : buffers_;
+  return view_in(flat, offsets_[handle.index], s.shape);
 }
 
 Tensor ParameterStore::grad(ParamHandle handle) const {
   const ParamSpec& s = spec(handle);
   MOE_CHECK(allocated_, "gradient of '", s.name, "' read before the store was allocated");
+  MOE_CHECK(s.trainable, "'", s.name,
+            "' is a persistent buffer, not trainable: it has no gradient");
   return view_in(grads_[group_index(s.group)], offsets_[handle.index], s.shape);
 }
 

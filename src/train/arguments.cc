@@ -6,6 +6,7 @@
 #include <functional>
 #include <numeric>
 #include <set>
+#include <type_traits>
 #include <utility>
 
 #include "moe/data/gpt_dataset.h"
@@ -42,6 +43,16 @@ void register_arguments(CLI::App& app, TrainingArguments& a) {
                                 const char* help) {
     return app.add_option_function<std::string>(
         name, [&field](const std::string& v) { field = v; }, help);
+  };
+  // argparse's nargs='+': one or more values, and a repeated flag replaces the earlier list
+  // (CLI11 would append to it).
+  auto list_option = [&app](const char* name, auto& field, const char* help) {
+    using List = std::decay_t<decltype(field)>;
+    return app
+        .add_option_function<List>(
+            name, [&field](const List& values) { field = values; }, help)
+        ->trigger_on_parse()
+        ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
   };
   auto clear_flag = [&app](const char* name, bool& field, const char* help) {
     app.add_flag_callback(
@@ -300,10 +311,10 @@ void register_arguments(CLI::App& app, TrainingArguments& a) {
                  "Expert feed-forward size (default ffn-hidden-size).");
     app.add_flag("--moe-grouped-gemm", a.moe_grouped_gemm,
                  "Run a rank's local experts as one grouped GEMM.");
-    app.add_option("--moe-router-load-balancing-type", a.moe_router_load_balancing_type,
-                   "Load-balancing strategy of the router.")
-        ->check(CLI::IsMember({"aux_loss", "seq_aux_loss", "sinkhorn", "none"}))
-        ->capture_default_str();
+    list_option("--moe-router-load-balancing-type", a.moe_router_load_balancing_type,
+                "Load-balancing strategy of the router (default aux_loss); several aux-loss "
+                "types may be listed, each with its --moe-aux-loss-coeff.")
+        ->check(CLI::IsMember({"aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"}));
     app.add_option("--moe-router-score-function", a.moe_router_score_function,
                    "Router score function.")
         ->check(CLI::IsMember({"softmax", "sigmoid"}))
@@ -314,9 +325,22 @@ void register_arguments(CLI::App& app, TrainingArguments& a) {
                  "Softmax over all experts before top-k (instead of after).");
     optional_double("--moe-router-topk-scaling-factor", a.moe_router_topk_scaling_factor,
                     "Scale applied to the top-k routing probabilities.");
-    app.add_option("--moe-aux-loss-coeff", a.moe_aux_loss_coeff,
-                   "Coefficient of the load-balancing loss (1e-2 is a good start).")
+    list_option("--moe-aux-loss-coeff", a.moe_aux_loss_coeff,
+                "Coefficient of the load-balancing loss (default 0; 1e-2 is a good start), one "
+                "per --moe-router-load-balancing-type.");
+    app.add_flag("--moe-router-enable-expert-bias", a.moe_router_enable_expert_bias,
+                 "Aux-loss-free balancing: a per-expert bias on the selection scores, updated "
+                 "every step (needs --moe-router-score-function sigmoid).");
+    app.add_option("--moe-router-bias-update-rate", a.moe_router_bias_update_rate,
+                   "Step of the expert-bias update.")
         ->capture_default_str();
+    optional_int("--moe-router-num-groups", a.moe_router_num_groups,
+                 "Group-limited routing: the number of expert groups.");
+    optional_int("--moe-router-group-topk", a.moe_router_group_topk,
+                 "Group-limited routing: the groups each token may use.");
+    optional_string("--moe-router-dtype", a.moe_router_dtype,
+                    "Precision of the router's logits, scores and losses (default fp32).")
+        ->check(CLI::IsMember({"fp32", "fp64"}));
     optional_double("--moe-z-loss-coeff", a.moe_z_loss_coeff,
                     "Coefficient of the router z-loss (1e-3 is a good start).");
     optional_double("--moe-input-jitter-eps", a.moe_input_jitter_eps,
@@ -427,30 +451,95 @@ void check_expert_choice_flags(const TrainingArguments& a) {
             with);
   MOE_CHECK(a.moe_token_drop_policy == "probs", "--moe-token-drop-policy ", a.moe_token_drop_policy,
             " has no meaning", with, " (experts take their highest-scoring tokens)");
-  MOE_CHECK(a.moe_aux_loss_coeff == 0, "--moe-aux-loss-coeff (", a.moe_aux_loss_coeff,
-            ") must be 0", with, " (every expert takes the same number of tokens)");
+  for (double coeff : a.moe_aux_loss_coeff) {
+    MOE_CHECK(coeff == 0, "--moe-aux-loss-coeff (", coeff, ") must be 0", with,
+              " (every expert takes the same number of tokens)");
+  }
+}
+
+bool uses_sinkhorn(const TrainingArguments& a) {
+  const auto& types = a.moe_router_load_balancing_type;
+  return std::find(types.begin(), types.end(), "sinkhorn") != types.end();
+}
+
+// The router's balancing, expert-bias and group-limited routing flags (Megatron's rules).
+void check_router_arguments(const TrainingArguments& a, int experts) {
+  const auto& types = a.moe_router_load_balancing_type;
+  const auto& coeffs = a.moe_aux_loss_coeff;
+  MOE_CHECK(coeffs.size() == types.size(), "--moe-aux-loss-coeff has ", coeffs.size(),
+            " value(s) but --moe-router-load-balancing-type has ", types.size(),
+            " (one coefficient per type)");
+  for (double coeff : coeffs) {
+    MOE_CHECK(coeff >= 0, "--moe-aux-loss-coeff (", coeff, ") must not be negative");
+  }
+  for (const std::string& type : types) {
+    MOE_CHECK(types.size() == 1 || type.ends_with("aux_loss"), "--moe-router-load-balancing-type ",
+              type,
+              " cannot be listed with other types (only aux_loss, seq_aux_loss and "
+              "global_aux_loss can)");
+    MOE_CHECK(std::count(types.begin(), types.end(), type) == 1,
+              "--moe-router-load-balancing-type lists ", type, " twice");
+  }
+  MOE_CHECK(!(uses_sinkhorn(a) && coeffs[0] > 0),
+            "--moe-router-load-balancing-type sinkhorn "
+            "does not support an aux loss (--moe-aux-loss-coeff is ",
+            coeffs[0], ")");
+  if (a.moe_router_enable_expert_bias) {
+    MOE_CHECK(a.moe_router_score_function == "sigmoid",
+              "--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid (got ",
+              a.moe_router_score_function, ")");
+    MOE_CHECK(!uses_sinkhorn(a),
+              "--moe-router-enable-expert-bias does not work with "
+              "--moe-router-load-balancing-type sinkhorn");
+    MOE_CHECK(!a.moe_pad_expert_input_to_capacity,
+              "--moe-router-enable-expert-bias does not work with "
+              "--moe-pad-expert-input-to-capacity (every expert's load is its capacity)");
+  }
+  MOE_CHECK(a.moe_router_bias_update_rate >= 0, "--moe-router-bias-update-rate (",
+            a.moe_router_bias_update_rate, ") must not be negative");
+  const auto& groups = a.moe_router_num_groups;
+  const auto& group_topk = a.moe_router_group_topk;
+  MOE_CHECK(groups.has_value() == group_topk.has_value(),
+            "group-limited routing needs both --moe-router-num-groups and "
+            "--moe-router-group-topk");
+  if (!groups) return;
+  MOE_CHECK(*groups >= 1 && experts % *groups == 0, "--moe-router-num-groups (", *groups,
+            ") must be positive and divide --num-experts (", experts, ")");
+  MOE_CHECK(*group_topk >= 1 && *group_topk <= *groups, "--moe-router-group-topk (", *group_topk,
+            ") must be between 1 and --moe-router-num-groups (", *groups, ")");
+  MOE_CHECK(a.moe_router_topk % *group_topk == 0, "--moe-router-topk (", a.moe_router_topk,
+            ") must be divisible by --moe-router-group-topk (", *group_topk, ")");
+  MOE_CHECK(a.moe_router_topk / *group_topk <= experts / *groups,
+            "--moe-router-topk / --moe-router-group-topk (", a.moe_router_topk / *group_topk,
+            ") must not exceed the experts per group (--num-experts / --moe-router-num-groups = ",
+            experts / *groups, ")");
+  MOE_CHECK(!uses_sinkhorn(a),
+            "--moe-router-num-groups does not work with "
+            "--moe-router-load-balancing-type sinkhorn");
 }
 
 // Every real-valued argument, present or defaulted, with its flag.
 void require_finite_reals(const TrainingArguments& a) {
-  const std::pair<const char*, double> always[] = {{"--lr", *a.lr},
-                                                   {"--min-lr", a.min_lr},
-                                                   {"--lr-warmup-init", a.lr_warmup_init},
-                                                   {"--weight-decay", a.weight_decay},
-                                                   {"--clip-grad", a.clip_grad},
-                                                   {"--adam-beta1", a.adam_beta1},
-                                                   {"--adam-beta2", a.adam_beta2},
-                                                   {"--adam-eps", a.adam_eps},
-                                                   {"--sgd-momentum", a.sgd_momentum},
-                                                   {"--attention-dropout", a.attention_dropout},
-                                                   {"--hidden-dropout", a.hidden_dropout},
-                                                   {"--init-method-std", a.init_method_std},
-                                                   {"--norm-epsilon", a.norm_epsilon},
-                                                   {"--rotary-base", a.rotary_base},
-                                                   {"--initial-loss-scale", a.initial_loss_scale},
-                                                   {"--min-loss-scale", a.min_loss_scale},
-                                                   {"--moe-aux-loss-coeff", a.moe_aux_loss_coeff}};
+  const std::pair<const char*, double> always[] = {
+      {"--lr", *a.lr},
+      {"--min-lr", a.min_lr},
+      {"--lr-warmup-init", a.lr_warmup_init},
+      {"--weight-decay", a.weight_decay},
+      {"--clip-grad", a.clip_grad},
+      {"--adam-beta1", a.adam_beta1},
+      {"--adam-beta2", a.adam_beta2},
+      {"--adam-eps", a.adam_eps},
+      {"--sgd-momentum", a.sgd_momentum},
+      {"--attention-dropout", a.attention_dropout},
+      {"--hidden-dropout", a.hidden_dropout},
+      {"--init-method-std", a.init_method_std},
+      {"--norm-epsilon", a.norm_epsilon},
+      {"--rotary-base", a.rotary_base},
+      {"--initial-loss-scale", a.initial_loss_scale},
+      {"--min-loss-scale", a.min_loss_scale},
+      {"--moe-router-bias-update-rate", a.moe_router_bias_update_rate}};
   for (const auto& [flag, value] : always) require_finite(value, flag);
+  for (double coeff : a.moe_aux_loss_coeff) require_finite(coeff, "--moe-aux-loss-coeff");
   const std::pair<const char*, const std::optional<double>*> optional[] = {
       {"--lr-warmup-fraction", &a.lr_warmup_fraction},
       {"--loss-scale", &a.loss_scale},
@@ -703,7 +792,7 @@ void finalize_arguments(TrainingArguments& a, int world_size) {
     // Megatron-Core's rule: the softmax of the one selected score is always 1, so the router would
     // get a zero gradient (sinkhorn trains the router through its own path).
     MOE_CHECK(a.moe_router_topk != 1 || a.moe_router_score_function != "softmax" ||
-                  a.moe_router_pre_softmax || a.moe_router_load_balancing_type == "sinkhorn",
+                  a.moe_router_pre_softmax || uses_sinkhorn(a),
               "--moe-router-topk 1 with --moe-router-score-function softmax after top-k gives "
               "the router a zero gradient; use --moe-router-pre-softmax (as Megatron-LM requires "
               "when topk is 1)");
@@ -711,8 +800,7 @@ void finalize_arguments(TrainingArguments& a, int world_size) {
     require_positive(*a.moe_ffn_hidden_size, "--moe-ffn-hidden-size");
     MOE_CHECK(*a.moe_ffn_hidden_size % etp == 0, "--moe-ffn-hidden-size (", *a.moe_ffn_hidden_size,
               ") is not divisible by --expert-tensor-parallel-size (", etp, ")");
-    MOE_CHECK(a.moe_aux_loss_coeff >= 0, "--moe-aux-loss-coeff (", a.moe_aux_loss_coeff,
-              ") must not be negative");
+    check_router_arguments(a, experts);
     MOE_CHECK(a.moe_z_loss_coeff.value_or(0) >= 0, "--moe-z-loss-coeff (",
               a.moe_z_loss_coeff.value_or(0), ") must not be negative");
     if (a.moe_input_jitter_eps) {
@@ -726,9 +814,10 @@ void finalize_arguments(TrainingArguments& a, int world_size) {
     if (a.moe_expert_capacity_factor) {
       MOE_CHECK(*a.moe_expert_capacity_factor > 0, "--moe-expert-capacity-factor (",
                 *a.moe_expert_capacity_factor, ") must be positive");
-      MOE_CHECK(a.moe_router_load_balancing_type != "sinkhorn",
+      MOE_CHECK(!uses_sinkhorn(a),
                 "--moe-expert-capacity-factor works only with "
-                "--moe-router-load-balancing-type aux_loss, seq_aux_loss or none");
+                "--moe-router-load-balancing-type aux_loss, seq_aux_loss, global_aux_loss or "
+                "none");
     }
     MOE_CHECK(!a.moe_pad_expert_input_to_capacity || a.moe_expert_capacity_factor,
               "--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor");

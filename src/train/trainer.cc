@@ -77,8 +77,17 @@ model::TransformerConfig model_config(const TrainingArguments& a, int64_t padded
     MoEConfig& m = c.moe;
     m.moe_ffn_hidden_size = *a.moe_ffn_hidden_size;
     m.moe_router_topk = a.moe_router_topk;
-    m.moe_router_load_balancing_type = parse_load_balancing_type(a.moe_router_load_balancing_type);
-    m.moe_aux_loss_coeff = a.moe_aux_loss_coeff;
+    std::vector<LoadBalancingType> balancing;
+    for (const std::string& type : a.moe_router_load_balancing_type) {
+      balancing.push_back(parse_load_balancing_type(type));
+    }
+    m.moe_router_load_balancing_type = OneOrMore<LoadBalancingType>(std::move(balancing));
+    m.moe_aux_loss_coeff = OneOrMore<double>(a.moe_aux_loss_coeff);
+    m.moe_router_enable_expert_bias = a.moe_router_enable_expert_bias;
+    m.moe_router_bias_update_rate = a.moe_router_bias_update_rate;
+    m.moe_router_num_groups = a.moe_router_num_groups;
+    m.moe_router_group_topk = a.moe_router_group_topk;
+    if (a.moe_router_dtype) m.moe_router_dtype = parse_router_dtype(*a.moe_router_dtype);
     m.moe_z_loss_coeff = a.moe_z_loss_coeff;
     m.moe_input_jitter_eps = a.moe_input_jitter_eps;
     m.moe_router_pre_softmax = a.moe_router_pre_softmax;

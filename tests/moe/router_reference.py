@@ -2,9 +2,10 @@
 PyTorch (Debian's python3-torch), in float64.
 
 usage: router_reference.py INPUT.json OUTPUT.json
-The input is a list of cases, each with the router's input, weight [H, E], bias [E] and routing
-settings; the output is a list with, per case, the dense routing probabilities [T, E], the
-load-balancing loss and the z-loss (coefficients included), as the C++ test compares them.
+The input is a list of cases, each with the router's input, weight [H, E], bias [E], expert
+bias [E] and routing settings (group-limited routing, several balancing types); the output is a
+list with, per case, the dense routing probabilities [T, E], the load-balancing loss (the sum
+over the listed types) and the z-loss (coefficients included), as the C++ test compares them.
 """
 import json
 import sys
@@ -12,16 +13,36 @@ import sys
 import torch
 
 
+def select(scores, case):
+    """Megatron's top-k, or group_limited_topk when groups are set: (values, indices)."""
+    topk, groups, group_topk = case["topk"], case["num_groups"], case["group_topk"]
+    if group_topk is None:
+        return torch.topk(scores, k=topk, dim=1)
+    tokens, experts = scores.shape
+    group_scores = scores.view(tokens, groups, -1).topk(topk // group_topk, dim=-1)[0].sum(dim=-1)
+    group_idx = torch.topk(group_scores, k=group_topk, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores).scatter(1, group_idx, 1)
+    score_mask = group_mask.unsqueeze(-1).expand(tokens, groups, experts // groups)
+    masked = scores.masked_fill(~score_mask.reshape(tokens, -1).bool(), float("-inf"))
+    return torch.topk(masked, k=topk, dim=-1)
+
+
 def route(logits, case):
     topk = case["topk"]
     if case["score_function"] == "softmax":
         if case["pre_softmax"]:
-            probs, indices = torch.topk(torch.softmax(logits, dim=-1), k=topk, dim=1)
+            probs, indices = select(torch.softmax(logits, dim=-1), case)
         else:
-            values, indices = torch.topk(logits, k=topk, dim=1)
+            values, indices = select(logits, case)
             probs = torch.softmax(values, dim=-1)
     else:
-        probs, indices = torch.topk(torch.sigmoid(logits), k=topk, dim=1)
+        scores = torch.sigmoid(logits)
+        if case["expert_bias"] is not None:
+            bias = torch.tensor(case["expert_bias"], dtype=torch.float64)
+            _, indices = select(scores + bias, case)
+            probs = torch.gather(scores, 1, indices)
+        else:
+            probs, indices = select(scores, case)
         if topk > 1:
             probs = probs / (probs.sum(dim=-1, keepdim=True) + 1e-20)
     if case["scaling_factor"] is not None:
@@ -30,7 +51,8 @@ def route(logits, case):
 
 
 def load_balancing_loss(logits, case, seq_length, batch):
-    num_experts, topk, coeff = logits.shape[1], case["topk"], case["aux_coeff"]
+    """The sum over the listed types; global_aux_loss on one micro-batch uses its own counts."""
+    num_experts, topk = logits.shape[1], case["topk"]
     if case["score_function"] == "softmax":
         scores = torch.softmax(logits, dim=-1)
     else:
@@ -38,19 +60,21 @@ def load_balancing_loss(logits, case, seq_length, batch):
         scores = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
     _, indices = torch.topk(scores, k=topk, dim=1)
     routing_map = torch.zeros_like(logits).scatter(1, indices, 1.0)
-    if case["load_balancing_type"] == "aux_loss":
-        tokens = logits.shape[0]
-        per_expert = routing_map.sum(dim=0)
-        return float((scores.sum(dim=0) * per_expert).sum() * num_experts * coeff /
-                     (topk * tokens * tokens))
-    if case["load_balancing_type"] == "seq_aux_loss":
-        # tokens are sequence-major (t = s * B + b): [S, B * E] puts each sequence in a column
-        scores = scores.reshape(seq_length, -1)
-        per_expert = routing_map.reshape(seq_length, -1).sum(dim=0)
-        loss = (scores.sum(dim=0) * per_expert).sum() * num_experts * coeff / (
-            topk * seq_length * seq_length)
-        return float(loss / batch)
-    return 0.0
+    total = 0.0
+    for kind, coeff in zip(case["load_balancing_type"], case["aux_coeff"]):
+        if kind in ("aux_loss", "global_aux_loss"):
+            tokens = logits.shape[0]
+            per_expert = routing_map.sum(dim=0)
+            total += float((scores.sum(dim=0) * per_expert).sum() * num_experts * coeff /
+                           (topk * tokens * tokens))
+        elif kind == "seq_aux_loss":
+            # tokens are sequence-major (t = s * B + b): [S, B * E] puts each sequence in a column
+            seq_scores = scores.reshape(seq_length, -1)
+            per_expert = routing_map.reshape(seq_length, -1).sum(dim=0)
+            loss = (seq_scores.sum(dim=0) * per_expert).sum() * num_experts * coeff / (
+                topk * seq_length * seq_length)
+            total += float(loss / batch)
+    return total
 
 
 def evaluate(case):

@@ -219,7 +219,8 @@ TEST(ExpertChoice, SettingsWithoutAMeaningAreRefusedByName) {
        "moe_aux_loss_coeff (0.01) must be 0 with moe_router_type expert_choice"},
       {{"sinkhorn",
         [](MoEConfig& c) { c.moe_router_load_balancing_type = LoadBalancingType::kSinkhorn; }},
-       "moe_expert_capacity_factor only works with aux_loss, seq_aux_loss or none"},
+       "moe_expert_capacity_factor only works with aux_loss, seq_aux_loss, global_aux_loss or "
+       "none"},
   };
   for (const auto& [variant, message] : cases) {
     SCOPED_TRACE(variant.name);

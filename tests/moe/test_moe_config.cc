@@ -17,8 +17,9 @@ void expect_invalid(const MoEConfig& config, const std::string& fragment) {
 TEST(MoEConfig, MegatronDefaults) {
   MoEConfig config;
   EXPECT_EQ(config.moe_router_topk, 2);
-  EXPECT_EQ(config.moe_router_load_balancing_type, LoadBalancingType::kAuxLoss);
-  EXPECT_EQ(config.moe_aux_loss_coeff, 0.0);
+  EXPECT_EQ(config.moe_router_load_balancing_type,
+            std::vector<LoadBalancingType>{LoadBalancingType::kAuxLoss});
+  EXPECT_EQ(config.moe_aux_loss_coeff, std::vector<double>{0.0});
   EXPECT_FALSE(config.moe_z_loss_coeff.has_value());
   EXPECT_FALSE(config.moe_input_jitter_eps.has_value());
   EXPECT_FALSE(config.moe_router_pre_softmax);
@@ -30,6 +31,11 @@ TEST(MoEConfig, MegatronDefaults) {
   EXPECT_FALSE(config.moe_grouped_gemm);
   EXPECT_EQ(config.moe_token_dispatcher_type, TokenDispatcherType::kAllGather);
   EXPECT_TRUE(config.add_bias_linear);
+  EXPECT_FALSE(config.moe_router_enable_expert_bias);
+  EXPECT_EQ(config.moe_router_bias_update_rate, 1e-3);
+  EXPECT_FALSE(config.moe_router_num_groups.has_value());
+  EXPECT_FALSE(config.moe_router_group_topk.has_value());
+  EXPECT_FALSE(config.moe_router_dtype.has_value());
   EXPECT_FALSE(config.aux_loss_enabled());  // coefficient 0
 }
 
@@ -74,13 +80,93 @@ TEST(MoEConfig, RejectsImpossibleCombinations) {
          c.moe_router_load_balancing_type = LB::kSinkhorn;
          c.moe_expert_capacity_factor = 1.0;
        },
-       "moe_expert_capacity_factor only works with aux_loss, seq_aux_loss or none"},
+       "moe_expert_capacity_factor only works with aux_loss, seq_aux_loss, global_aux_loss or "
+       "none"},
       {[](MoEConfig& c) { c.moe_aux_loss_coeff = -0.1; }, "moe_aux_loss_coeff (-0.1) must be >= 0"},
       {[](MoEConfig& c) { c.moe_z_loss_coeff = -1e-3; }, "moe_z_loss_coeff (-0.001) must be >= 0"},
       {[](MoEConfig& c) { c.moe_input_jitter_eps = 1.5; },
        "moe_input_jitter_eps (1.5) must be in (0, 1)"},
       {[](MoEConfig& c) { c.moe_router_topk_scaling_factor = 0.0; },
        "moe_router_topk_scaling_factor (0) must be positive"},
+      // Several balancing types at once.
+      {[](MoEConfig& c) {
+         c.moe_router_load_balancing_type = {LB::kAuxLoss, LB::kSeqAuxLoss};
+         c.moe_aux_loss_coeff = 0.01;
+       },
+       "moe_aux_loss_coeff has 1 value(s) but moe_router_load_balancing_type has 2"},
+      {[](MoEConfig& c) {
+         c.moe_router_load_balancing_type = {LB::kAuxLoss, LB::kSinkhorn};
+         c.moe_aux_loss_coeff = {0.01, 0.0};
+       },
+       "lists sinkhorn: a list may only hold aux_loss, seq_aux_loss and global_aux_loss"},
+      {[](MoEConfig& c) {
+         c.moe_router_load_balancing_type = {LB::kAuxLoss, LB::kAuxLoss};
+         c.moe_aux_loss_coeff = {0.01, 0.02};
+       },
+       "lists aux_loss twice"},
+      {[](MoEConfig& c) {
+         c.moe_router_load_balancing_type = {LB::kAuxLoss, LB::kGlobalAuxLoss};
+         c.moe_aux_loss_coeff = {0.01, -2.0};
+       },
+       "moe_aux_loss_coeff (-2) must be >= 0"},
+      // Expert bias.
+      {[](MoEConfig& c) { c.moe_router_enable_expert_bias = true; },
+       "moe_router_enable_expert_bias needs moe_router_score_function sigmoid (got softmax)"},
+      {[](MoEConfig& c) {
+         c.moe_router_enable_expert_bias = true;
+         c.moe_router_score_function = ScoreFunction::kSigmoid;
+         c.moe_router_load_balancing_type = LB::kSinkhorn;
+       },
+       "moe_router_enable_expert_bias does not work with moe_router_load_balancing_type "
+       "sinkhorn"},
+      {[](MoEConfig& c) {
+         c.moe_router_enable_expert_bias = true;
+         c.moe_router_score_function = ScoreFunction::kSigmoid;
+         c.moe_expert_capacity_factor = 1.0;
+         c.moe_pad_expert_input_to_capacity = true;
+       },
+       "moe_router_enable_expert_bias does not work with moe_pad_expert_input_to_capacity"},
+      {[](MoEConfig& c) { c.moe_router_bias_update_rate = -1e-3; },
+       "moe_router_bias_update_rate (-0.001) must be >= 0"},
+      // Group-limited routing (8 experts, topk 2).
+      {[](MoEConfig& c) { c.moe_router_num_groups = 4; },
+       "needs both moe_router_num_groups and moe_router_group_topk (got moe_router_num_groups "
+       "only)"},
+      {[](MoEConfig& c) { c.moe_router_group_topk = 1; }, "(got moe_router_group_topk only)"},
+      {[](MoEConfig& c) {
+         c.moe_router_num_groups = 3;
+         c.moe_router_group_topk = 1;
+       },
+       "moe_router_num_groups (3) must be >= 1 and divide num_experts (8)"},
+      {[](MoEConfig& c) {
+         c.moe_router_num_groups = 0;
+         c.moe_router_group_topk = 1;
+       },
+       "moe_router_num_groups (0) must be >= 1"},
+      {[](MoEConfig& c) {
+         c.moe_router_num_groups = 2;
+         c.moe_router_group_topk = 4;
+       },
+       "moe_router_group_topk (4) must be between 1 and moe_router_num_groups (2)"},
+      {[](MoEConfig& c) {
+         c.moe_router_topk = 3;
+         c.moe_router_num_groups = 4;
+         c.moe_router_group_topk = 2;
+       },
+       "moe_router_topk (3) must be divisible by moe_router_group_topk (2)"},
+      {[](MoEConfig& c) {
+         c.moe_router_topk = 6;
+         c.moe_router_num_groups = 4;
+         c.moe_router_group_topk = 2;
+       },
+       "moe_router_topk / moe_router_group_topk (3) must be <= the experts per group "
+       "(num_experts 8 / moe_router_num_groups 4)"},
+      {[](MoEConfig& c) {
+         c.moe_router_load_balancing_type = LB::kSinkhorn;
+         c.moe_router_num_groups = 4;
+         c.moe_router_group_topk = 2;
+       },
+       "moe_router_num_groups does not work with moe_router_load_balancing_type sinkhorn"},
   };
   for (const Case& entry : cases) {
     MoEConfig config = testing::small_config(8, 8, 2, 16);
@@ -96,6 +182,11 @@ TEST(MoEConfig, ParsesMegatronSpellings) {
   EXPECT_EQ(parse_token_drop_policy("position"), TokenDropPolicy::kPosition);
   EXPECT_EQ(parse_token_dispatcher_type("alltoall"), TokenDispatcherType::kAllToAll);
   EXPECT_EQ(parse_expert_activation("swiglu"), ExpertActivation::kSwiGLU);
+  EXPECT_EQ(parse_load_balancing_type("global_aux_loss"), LoadBalancingType::kGlobalAuxLoss);
+  EXPECT_EQ(parse_router_dtype("fp64"), RouterDType::kFP64);
+  EXPECT_EQ(name_of(RouterDType::kFP32), "fp32");
+  testing::expect_error_containing([] { parse_router_dtype("bf16"); },
+                                   "moe_router_dtype: unknown value 'bf16' (choices: fp32, fp64)");
   EXPECT_EQ(name_of(LoadBalancingType::kNone), "none");
   testing::expect_error_containing(
       [] { parse_score_function("relu"); },

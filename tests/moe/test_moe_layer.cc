@@ -68,6 +68,16 @@ std::vector<LayerCase> layer_cases() {
          c.add_bias_linear = false;
          c.moe_grouped_gemm = true;
        }},
+      {"sigmoid_expert_bias_groups_seq_and_global_aux",
+       [](MoEConfig& c) {
+         c.moe_router_score_function = ScoreFunction::kSigmoid;
+         c.moe_router_enable_expert_bias = true;
+         c.moe_router_num_groups = 2;
+         c.moe_router_group_topk = 1;
+         c.moe_router_load_balancing_type = {LoadBalancingType::kSeqAuxLoss,
+                                             LoadBalancingType::kGlobalAuxLoss};
+         c.moe_aux_loss_coeff = {0.2, 0.3};
+       }},
   };
 }
 
@@ -89,6 +99,7 @@ TEST(MoELayer, GradientsMatchFiniteDifferences) {
     const Rng::State jitter_state = layer.router().jitter_rng().state();
     auto objective = [&] {
       layer.router().jitter_rng().set_state(jitter_state);
+      layer.reset_global_aux_loss_tracker();  // global_aux_loss on this batch only
       MoEContext ctx;
       Tensor out = layer.forward(hidden, ctx);
       const RouterLosses& losses = MoELayer::losses(ctx);
@@ -101,10 +112,35 @@ TEST(MoELayer, GradientsMatchFiniteDifferences) {
     testing::expect_gradient_matches(objective, hidden, grad_hidden, "input");
     for (int i = 0; i < fixture.store.count(); ++i) {
       ParamHandle handle{i};
+      if (!fixture.store.spec(handle).trainable) continue;  // the expert bias: no gradient
       testing::expect_gradient_matches(objective, fixture.store.param(handle),
                                        fixture.store.grad(handle), fixture.store.spec(handle).name);
     }
   }
+}
+
+// --moe-router-dtype fp64 under fp32 activations: the layer runs forward and backward with the
+// router in fp64 and agrees with the fp32 router to fp32 rounding; the expert-bias update goes
+// through the layer.
+TEST(MoELayer, Fp64RouterUnderFp32Activations) {
+  MoEConfig config = layer_config(layer_cases()[4]);
+  Tensor hidden = testing::random_normal({4, 3, 6}, 2);
+  Tensor probe = testing::random_normal({4, 3, 6}, 3);
+  Tensor outputs[2], grads[2];
+  for (int fp64 = 0; fp64 < 2; ++fp64) {
+    if (fp64 == 1) config.moe_router_dtype = RouterDType::kFP64;
+    LayerFixture fixture(config, DType::F32);
+    MoEContext ctx;
+    outputs[fp64] = fixture.layer.forward(hidden, ctx);
+    EXPECT_EQ(ctx.router.logits.dtype(), fp64 == 1 ? DType::F64 : DType::F32);
+    grads[fp64] = fixture.layer.backward(ctx, probe);
+    Tensor before = fixture.layer.router().expert_bias().clone();
+    fixture.layer.update_expert_bias(comm::ProcessGroup());
+    EXPECT_FALSE(testing::same_bytes(fixture.layer.router().expert_bias(), before));
+  }
+  // The same routing; the probabilities differ by fp32 rounding of fp64 values (~1e-7 relative).
+  EXPECT_TENSORS_CLOSE(outputs[1], outputs[0], 1e-5, 1e-5);
+  EXPECT_TENSORS_CLOSE(grads[1], grads[0], 1e-5, 1e-5);
 }
 
 TEST(MoELayer, DroplessTokensPerExpertSumToTokensTimesTopk) {

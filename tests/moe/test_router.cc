@@ -22,6 +22,10 @@ struct RouterFixture {
       Tensor bias = router.bias();
       bias.copy_from(testing::random_normal(bias.shape(), seed + 7, 0.3f));
     }
+    if (router.has_expert_bias()) {
+      Tensor expert_bias = router.expert_bias();
+      expert_bias.copy_from(testing::random_normal(expert_bias.shape(), seed + 8, 0.2f));
+    }
   }
   ParameterStore store;
   TopKRouter router;
@@ -71,6 +75,35 @@ std::vector<Variant> router_variants() {
          c.moe_input_jitter_eps = 0.1;
          c.moe_aux_loss_coeff = 0.1;
        }},
+      {"sigmoid_expert_bias_groups_seq_aux",
+       [](MoEConfig& c) {
+         c.num_experts = 6;
+         c.moe_router_score_function = ScoreFunction::kSigmoid;
+         c.moe_router_enable_expert_bias = true;
+         c.moe_router_num_groups = 3;
+         c.moe_router_group_topk = 2;
+         c.moe_router_load_balancing_type = LB::kSeqAuxLoss;
+         c.moe_aux_loss_coeff = 0.3;
+       }},
+      {"pre_softmax_groups_aux_seq_global",
+       [](MoEConfig& c) {
+         c.num_experts = 8;
+         c.moe_router_topk = 4;
+         c.moe_router_pre_softmax = true;
+         c.moe_router_num_groups = 4;
+         c.moe_router_group_topk = 2;
+         c.moe_router_load_balancing_type = {LB::kAuxLoss, LB::kSeqAuxLoss, LB::kGlobalAuxLoss};
+         c.moe_aux_loss_coeff = {0.2, 0.3, 0.4};
+       }},
+      {"softmax_groups_global_z",
+       [](MoEConfig& c) {
+         c.num_experts = 6;
+         c.moe_router_num_groups = 2;
+         c.moe_router_group_topk = 1;
+         c.moe_router_load_balancing_type = LB::kGlobalAuxLoss;
+         c.moe_aux_loss_coeff = 0.5;
+         c.moe_z_loss_coeff = 0.02;
+       }},
   };
 }
 
@@ -86,6 +119,7 @@ void check_router_gradients(const MoEConfig& config, bool training, const std::s
   const Rng::State jitter_state = router.jitter_rng().state();
   auto objective = [&] {
     router.jitter_rng().set_state(jitter_state);  // the same noise on every evaluation
+    router.reset_global_aux_loss_tracker();       // and global_aux_loss on this batch only
     RouterContext ctx;
     Routing routing = router.forward(hidden, ctx, training);
     return testing::dot(routing.probs, probe) + ctx.losses.load_balancing_loss + ctx.losses.z_loss;
@@ -311,8 +345,19 @@ TorchCase run_case(const MoEConfig& config, DType dtype, double tolerance,
   input["scaling_factor"] = config.moe_router_topk_scaling_factor
                                 ? nlohmann::json(*config.moe_router_topk_scaling_factor)
                                 : nlohmann::json();
-  input["load_balancing_type"] = std::string(name_of(config.moe_router_load_balancing_type));
-  input["aux_coeff"] = config.moe_aux_loss_coeff;
+  input["load_balancing_type"] = nlohmann::json::array();
+  for (LoadBalancingType type : config.moe_router_load_balancing_type) {
+    input["load_balancing_type"].push_back(std::string(name_of(type)));
+  }
+  input["aux_coeff"] = std::vector<double>(config.moe_aux_loss_coeff);
+  auto optional_json = [](const std::optional<int64_t>& value) {
+    return value ? nlohmann::json(*value) : nlohmann::json();
+  };
+  input["num_groups"] = optional_json(config.moe_router_num_groups);
+  input["group_topk"] = optional_json(config.moe_router_group_topk);
+  input["expert_bias"] = fixture.router.has_expert_bias()
+                             ? testing::json_values(fixture.router.expert_bias())
+                             : nlohmann::json();
   input["z_coeff"] =
       config.moe_z_loss_coeff ? nlohmann::json(*config.moe_z_loss_coeff) : nlohmann::json();
   result.dense_probs.assign(size_t(S * B * E), 0.0);
@@ -330,8 +375,7 @@ TEST_F(TorchReference, ProbabilitiesAuxAndZLossMatch) {
   for (const Variant& variant : router_variants()) {
     MoEConfig config = testing::small_config(8, 6, 2, 4);
     variant.change(config);
-    if (config.moe_router_load_balancing_type == LoadBalancingType::kSinkhorn ||
-        config.moe_input_jitter_eps) {
+    if (config.uses(LoadBalancingType::kSinkhorn) || config.moe_input_jitter_eps) {
       continue;  // Sinkhorn's selection and the jitter noise are tested above
     }
     config.validate();

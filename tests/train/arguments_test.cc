@@ -109,7 +109,7 @@ TEST(Arguments, MixtralSeedScriptValidatesAtSixteenRanks) {
   EXPECT_EQ(a.position_embedding_type, "rope");
   EXPECT_EQ(a.normalization, "RMSNorm");
   EXPECT_EQ(a.moe_layer_pattern, std::vector<bool>(32, true));
-  EXPECT_DOUBLE_EQ(a.moe_aux_loss_coeff, 1e-2);
+  EXPECT_EQ(a.moe_aux_loss_coeff, std::vector<double>{1e-2});
   EXPECT_EQ(*a.lr_decay_iters, 320000);
   EXPECT_EQ(a.lr_decay_style, "cosine");
   EXPECT_TRUE(a.no_load_optim && a.no_load_rng);
@@ -138,9 +138,12 @@ TEST(Arguments, MegatronDefaults) {
   EXPECT_EQ(*a.ffn_hidden_size, 256);  // 4 * hidden
   EXPECT_EQ(*a.global_batch_size, 2);  // micro x dp
   EXPECT_EQ(a.moe_router_topk, 2);
-  EXPECT_EQ(a.moe_router_load_balancing_type, "aux_loss");
+  EXPECT_EQ(a.moe_router_load_balancing_type, std::vector<std::string>{"aux_loss"});
   EXPECT_EQ(a.moe_token_dispatcher_type, "allgather");
-  EXPECT_DOUBLE_EQ(a.moe_aux_loss_coeff, 0.0);
+  EXPECT_EQ(a.moe_aux_loss_coeff, std::vector<double>{0.0});
+  EXPECT_FALSE(a.moe_router_enable_expert_bias);
+  EXPECT_DOUBLE_EQ(a.moe_router_bias_update_rate, 1e-3);
+  EXPECT_FALSE(a.moe_router_num_groups || a.moe_router_group_topk || a.moe_router_dtype);
   EXPECT_DOUBLE_EQ(a.weight_decay, 0.01);
   EXPECT_DOUBLE_EQ(a.initial_loss_scale, 4294967296.0);
   EXPECT_DOUBLE_EQ(a.hidden_dropout, 0.1);
@@ -198,6 +201,27 @@ TEST(Arguments, UnknownArgumentSuggestsClosest) {
   EXPECT_EQ(parse_error({"--completely-unrelated-thing"}),
             "unknown argument --completely-unrelated-thing; see moe-train --help for the "
             "arguments");
+}
+
+// Megatron's list form and the DeepSeek-style router flags reach the model's MoE config.
+TEST(Arguments, RouterFlagsParse) {
+  TrainingArguments a =
+      finalized(with(small_flags(),
+                     {"--moe-router-load-balancing-type", "aux_loss", "seq_aux_loss",
+                      "global_aux_loss", "--moe-aux-loss-coeff", "1e-2", "1e-3", "1e-4",
+                      "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+                      "--moe-router-bias-update-rate", "2e-3", "--moe-router-num-groups", "2",
+                      "--moe-router-group-topk", "1", "--moe-router-dtype", "fp64"}),
+                1);
+  EXPECT_EQ(a.moe_router_load_balancing_type,
+            (std::vector<std::string>{"aux_loss", "seq_aux_loss", "global_aux_loss"}));
+  EXPECT_EQ(a.moe_aux_loss_coeff, (std::vector<double>{1e-2, 1e-3, 1e-4}));
+  EXPECT_TRUE(a.moe_router_enable_expert_bias);
+  EXPECT_DOUBLE_EQ(a.moe_router_bias_update_rate, 2e-3);
+  EXPECT_EQ(a.moe_router_num_groups, 2);
+  EXPECT_EQ(a.moe_router_group_topk, 1);
+  EXPECT_EQ(a.moe_router_dtype, "fp64");
+  EXPECT_CONTAINS(parse_error({"--moe-router-dtype", "bf16"}), "--moe-router-dtype");
 }
 
 TEST(Arguments, BadValuesAndStrayTokens) {
@@ -284,6 +308,49 @@ TEST(Arguments, ConflictingAndNonDivisibleFlags) {
       {{"--moe-pad-expert-input-to-capacity"},
        1,
        "--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor"},
+      // Router: several balancing types, expert bias, group-limited routing.
+      {{"--moe-router-load-balancing-type", "aux_loss", "seq_aux_loss", "--moe-aux-loss-coeff",
+        "1e-2"},
+       1,
+       "--moe-aux-loss-coeff has 1 value(s) but --moe-router-load-balancing-type has 2 (one "
+       "coefficient per type)"},
+      {{"--moe-router-load-balancing-type", "aux_loss", "sinkhorn", "--moe-aux-loss-coeff", "0",
+        "0"},
+       1,
+       "--moe-router-load-balancing-type sinkhorn cannot be listed with other types (only "
+       "aux_loss, seq_aux_loss and global_aux_loss can)"},
+      {{"--moe-aux-loss-coeff", "-1"}, 1, "--moe-aux-loss-coeff (-1) must not be negative"},
+      {{"--moe-router-enable-expert-bias"},
+       1,
+       "--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid (got "
+       "softmax)"},
+      {{"--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+        "--moe-expert-capacity-factor", "1", "--moe-pad-expert-input-to-capacity"},
+       1,
+       "--moe-router-enable-expert-bias does not work with --moe-pad-expert-input-to-capacity "
+       "(every expert's load is its capacity)"},
+      {{"--moe-router-bias-update-rate", "-0.1"},
+       1,
+       "--moe-router-bias-update-rate (-0.1) must not be negative"},
+      {{"--moe-router-bias-update-rate", "nan"},
+       1,
+       "argument --moe-router-bias-update-rate must be a finite number (got nan)"},
+      {{"--moe-router-num-groups", "2"},
+       1,
+       "group-limited routing needs both --moe-router-num-groups and --moe-router-group-topk"},
+      {{"--moe-router-num-groups", "3", "--moe-router-group-topk", "1"},
+       1,
+       "--moe-router-num-groups (3) must be positive and divide --num-experts (4)"},
+      {{"--moe-router-num-groups", "2", "--moe-router-group-topk", "3"},
+       1,
+       "--moe-router-group-topk (3) must be between 1 and --moe-router-num-groups (2)"},
+      {{"--moe-router-num-groups", "4", "--moe-router-group-topk", "2", "--moe-router-topk", "3"},
+       1,
+       "--moe-router-topk (3) must be divisible by --moe-router-group-topk (2)"},
+      {{"--moe-router-num-groups", "4", "--moe-router-group-topk", "1"},
+       1,
+       "--moe-router-topk / --moe-router-group-topk (2) must not exceed the experts per group "
+       "(--num-experts / --moe-router-num-groups = 1)"},
       {{"--num-layers",
         "2",
         "--hidden-size",
@@ -370,6 +437,18 @@ TEST(Arguments, TopOneNeedsPreSoftmaxWithSoftmaxScores) {
 
 // moecore's --moe-router-type: expert_choice needs a capacity factor and refuses the per-token
 // top-k settings and the load-balancing loss, naming the flag.
+// Megatron's list flags (nargs='+') as argparse reads them: a repeated flag replaces the list.
+TEST(Arguments, RepeatedListFlagReplacesTheList) {
+  TrainingArguments a =
+      finalized(with(small_flags(),
+                     {"--moe-router-load-balancing-type", "aux_loss", "seq_aux_loss",
+                      "--moe-aux-loss-coeff", "1e-2", "1e-3", "--moe-router-load-balancing-type",
+                      "aux_loss", "--moe-aux-loss-coeff", "0.5"}),
+                1);
+  EXPECT_EQ(a.moe_router_load_balancing_type, std::vector<std::string>{"aux_loss"});
+  EXPECT_EQ(a.moe_aux_loss_coeff, std::vector<double>{0.5});
+}
+
 TEST(Arguments, ExpertChoiceRouterFlags) {
   EXPECT_EQ(finalized(small_flags(), 1).moe_router_type, "topk");
   const Args expert_choice = {"--moe-router-type", "expert_choice", "--moe-expert-capacity-factor",
@@ -402,7 +481,7 @@ TEST(Arguments, ExpertChoiceRouterFlags) {
        "takes the same number of tokens)"},
       {with(expert_choice, {"--moe-router-load-balancing-type", "sinkhorn"}), 1,
        "--moe-expert-capacity-factor works only with --moe-router-load-balancing-type aux_loss, "
-       "seq_aux_loss or none"},
+       "seq_aux_loss, global_aux_loss or none"},
   };
   for (const ConflictCase& c : cases) {
     EXPECT_EQ(validation_error(with(small_flags(), c.flags), c.world_size), c.message);

@@ -80,6 +80,11 @@ class MoELayer {
   // Parameters whose gradient on a tp rank covers only that rank's tokens whenever tp > 1 (the
   // router's), to be summed over tp once per step; empty without tensor parallelism.
   std::vector<ParamHandle> tensor_parallel_partial_params() const;
+  // Once per global batch, after the step's last backward: the router's aux-loss-free bias
+  // update with the loads summed over `group` (Megatron: the tensor x data x context parallel
+  // ranks of this pipeline stage; collective) and the global_aux_loss reset. See router.h.
+  void update_expert_bias(const comm::ProcessGroup& group) { router_.update_expert_bias(group); }
+  void reset_global_aux_loss_tracker() { router_.reset_global_aux_loss_tracker(); }
 
   TopKRouter& router() { return router_; }
   const Experts& experts() const { return *experts_; }

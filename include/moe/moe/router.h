@@ -4,22 +4,42 @@
 // layer's output: as Megatron's MoEAuxLossAutoScaler does, their gradients are added to the
 // logits' gradient in backward, scaled by the caller's aux-loss backward scale.
 //
-// Precision: logits, scores, probabilities and losses are fp32 (fp64 when the activations are
-// fp64, the gradient-check path), whatever the activation dtype; the weight is stored in the
-// parameter dtype and widened (exactly) for the product, as Megatron's --moe-router-dtype fp32.
+// Precision (moe_router_dtype): logits, scores, probabilities and losses are computed in fp32
+// or fp64 as set; unset means fp32 (fp64 when the activations are fp64, the gradient-check path)
+// whatever the activation dtype, i.e. Megatron's --moe-router-dtype fp32 (Megatron's unset would
+// route in bf16). The weight is stored in the parameter dtype and widened (exactly) for the
+// product. The returned probabilities are in the activations' compute dtype (fp32, fp64 for fp64
+// activations), which the dispatchers combine in.
+//
+// Group-limited routing (moe_router_num_groups G, moe_router_group_topk g): Megatron's
+// group_limited_topk. The experts form G equal groups of consecutive ids; a group's score is
+// the sum of its top (topk / g) selection scores; each token picks its g best groups and then
+// its topk experts from those groups only. Selection scores are the logits (softmax after top-k),
+// the softmax over all experts (pre-softmax) or the sigmoid scores (plus the expert bias).
+//
+// Aux-loss-free balancing (moe_router_enable_expert_bias, sigmoid scores only): a per-expert
+// fp32 bias, a persistent buffer "<prefix>.expert_bias" (Megatron's name and checkpoint entry;
+// no gradient, no optimizer update), is added to the sigmoid scores for choosing experts only;
+// the probabilities come from the unbiased scores. Every training forward adds the experts'
+// token counts (after capacity dropping, as Megatron counts routing_map) to tokens_per_expert();
+// update_expert_bias, once per global batch, adds rate * sign(mean load - load) per expert with
+// the loads summed over a process group, then clears the counts.
 //
 // Input jitter (moe_input_jitter_eps): the router input is multiplied by uniform noise in
 // [1 - eps, 1 + eps) from the router's own seeded generator, in training AND evaluation (as
 // Megatron does). Only the router sees the jittered input; the experts get the original.
 //
-// Ties: top-k orders equal scores by lower expert index first.
+// Ties: top-k orders equal scores by lower expert index first, and group-limited routing orders
+// equal group scores by lower group index first.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <functional>
 #include <string>
 #include <vector>
 
+#include "moe/comm/process_group.h"
 #include "moe/moe/config.h"
 #include "moe/tensor/parameters.h"
 #include "moe/tensor/rng.h"
@@ -35,26 +55,44 @@ struct Routing {
   Tensor probs;    // [T, topk] F32 (F64 on the fp64 path): combine weight of each slot
 };
 
-// The losses of one micro-batch, coefficients included (what the training objective adds).
-// Megatron logs load_balancing_loss / moe_aux_loss_coeff and z_loss / moe_z_loss_coeff.
+// The losses of one micro-batch, coefficients included (what the training objective adds), 0
+// when disabled or not training. Megatron logs each divided by its coefficient, as
+// load_balancing_loss, seq_load_balancing_loss, global_load_balancing_loss and z_loss.
 struct RouterLosses {
-  double load_balancing_loss = 0.0;  // aux_loss or seq_aux_loss; 0 when disabled
-  double z_loss = 0.0;               // 0 when disabled or not training
+  double load_balancing_loss = 0.0;  // the sum of the three balancing losses below
+  double aux_loss = 0.0;             // "aux_loss"
+  double seq_aux_loss = 0.0;         // "seq_aux_loss"
+  double global_aux_loss = 0.0;      // "global_aux_loss"
+  double z_loss = 0.0;
+
+  // The fields in declaration order, so sums and reductions treat every loss alike.
+  static constexpr size_t kCount = 5;
+  std::array<double, kCount> values() const {
+    return {load_balancing_loss, aux_loss, seq_aux_loss, global_aux_loss, z_loss};
+  }
+  static RouterLosses from_values(const std::array<double, kCount>& v) {
+    return {v[0], v[1], v[2], v[3], v[4]};
+  }
+  RouterLosses& operator+=(const RouterLosses& other) {
+    std::array<double, kCount> sum = values(), add = other.values();
+    for (size_t i = 0; i < kCount; ++i) sum[i] += add[i];
+    return *this = from_values(sum);
+  }
 };
 
 // What backward needs from one forward (one per micro-batch in flight).
 struct RouterContext {
   Shape input_shape;       // [T, H] or [S, B, H]
   int64_t batch_size = 1;  // B (sequences); tokens are ordered t = s * B + b as in Megatron
-  Tensor router_input;     // [T, H] F32/F64: the (jittered) input the gating product saw
-  Tensor jitter_noise;     // [T, H] F32/F64 noise factors, undefined without jitter
-  Tensor logits;           // [T, E] F32/F64
+  Tensor router_input;     // [T, H] router dtype: the (jittered) input the gating product saw
+  Tensor jitter_noise;     // [T, H] router dtype noise factors, undefined without jitter
+  Tensor logits;           // [T, E] router dtype
   Routing routing;
   bool training = true;
-  bool aux_loss_active = false;
   bool z_loss_active = false;
-  Tensor aux_tokens_per_expert;  // [E] (aux_loss) or [B, E] (seq_aux_loss) counts, F32/F64
-  double aux_token_count = 0.0;  // the T of the loss formula (global count when reduced)
+  // d(balancing losses)/d(aux score[t, e]) = aux_score_weights[t % G, e]: [G, E] router dtype,
+  // G = B with seq_aux_loss on, else 1; undefined when no balancing loss is active.
+  Tensor aux_score_weights;
   RouterLosses losses;
 };
 
@@ -69,11 +107,11 @@ class TopKRouter {
   // the losses are in ctx.losses. The aux and z losses are computed only when training.
   Routing forward(const Tensor& hidden, RouterContext& ctx, bool training = true);
 
-  // grad_probs [T, topk] (F32/F64): d(objective)/d(routing.probs). Adds (+=) the router's
-  // contribution to grad_hidden (same shape and dtype as the forward input) and accumulates
-  // (+=) the weight and bias gradients in the store. aux_loss_grad_scale is the gradient of
-  // the objective with respect to each aux/z loss (Megatron's main_loss_backward_scale,
-  // e.g. 1 / num_micro_batches).
+  // grad_probs [T, topk] (routing.probs' dtype): d(objective)/d(routing.probs). Adds (+=) the
+  // router's contribution to grad_hidden (same shape and dtype as the forward input) and
+  // accumulates (+=) the weight and bias gradients in the store. aux_loss_grad_scale is the
+  // gradient of the objective with respect to each aux/z loss (Megatron's
+  // main_loss_backward_scale, e.g. 1 / num_micro_batches).
   void backward(RouterContext& ctx, const Tensor& grad_probs, Tensor& grad_hidden,
                 double aux_loss_grad_scale = 1.0);
 
@@ -85,6 +123,22 @@ class TopKRouter {
   // reducer is a collective the group's other ranks enter.
   using AuxCountReducer = std::function<void(Tensor& tokens_per_expert, double& token_count)>;
   void set_aux_count_reducer(AuxCountReducer reducer) { aux_count_reducer_ = std::move(reducer); }
+  // global_aux_loss's reducer, called the same way: Megatron sums its counts over the tensor x
+  // data x context parallel group. The reduced counts add up over the micro-batches of a step
+  // and each micro-batch's loss uses their mean so far, until reset_global_aux_loss_tracker.
+  void set_global_aux_count_reducer(AuxCountReducer reducer) {
+    global_aux_count_reducer_ = std::move(reducer);
+  }
+  // Once per global batch (Megatron's reset_model_temporary_tensors).
+  void reset_global_aux_loss_tracker();
+
+  // Aux-loss-free balancing, once per global batch after the step's last backward (Megatron's
+  // _update_router_expert_bias in finalize_model_grads): sums tokens_per_expert over `group`
+  // (Megatron: tensor x data x context parallel ranks of the stage; a collective, every rank of
+  // the group calls it), adds moe_router_bias_update_rate * sign(mean - load) to each expert's
+  // bias (fp32 arithmetic, sign 0 for an expert at the mean) and clears the counts. Needs
+  // moe_router_enable_expert_bias.
+  void update_expert_bias(const comm::ProcessGroup& group);
 
   // When the tokens of a sequence are split over a group (tensor / context parallel ranks, each
   // routing its own share, router gradients summed over the group), the z-loss coefficient is
@@ -92,7 +146,7 @@ class TopKRouter {
   // summed gradient is that of the mean over all the group's tokens. Default 1.
   void set_z_loss_group_size(int64_t group_size);
 
-  // Normal(0, std) weight from a generator derived from seed; bias zero.
+  // Normal(0, std) weight from a generator derived from seed; bias and expert bias zero.
   void init_parameters(uint64_t seed, float std);
 
   // The router's parameters (weight, and bias when present), e.g. for gradient reductions.
@@ -103,17 +157,28 @@ class TopKRouter {
   Tensor bias() const;                       // [E]
   Tensor bias_grad() const;                  // [E] F32, accumulates
   Rng& jitter_rng() { return jitter_rng_; }  // its state belongs in checkpoints
+  bool has_expert_bias() const { return expert_bias_.index >= 0; }
+  Tensor expert_bias() const;  // [E] F32 persistent buffer
+  // [E] I64: tokens routed to each expert by the training forwards since the last update.
+  const Tensor& tokens_per_expert() const { return tokens_per_expert_; }
   const MoEConfig& config() const { return config_; }
 
  private:
   double z_loss_coeff() const;  // moe_z_loss_coeff / z-loss group size
+  DType router_dtype(DType activation) const;
+  template <class C>
+  void add_balancing_losses(const C* logits, int64_t tokens, RouterContext& ctx);
+  void count_routed_tokens(const Routing& routing);
 
   MoEConfig config_;
   ParameterStore& store_;
-  ParamHandle weight_, bias_;
+  ParamHandle weight_, bias_, expert_bias_;
   Rng jitter_rng_;
-  AuxCountReducer aux_count_reducer_;
+  AuxCountReducer aux_count_reducer_, global_aux_count_reducer_;
   int64_t z_loss_group_size_ = 1;
+  Tensor tokens_per_expert_;         // [E] I64 (expert bias on)
+  Tensor global_tokens_per_expert_;  // [E] F64: reduced global_aux_loss counts of this step
+  int64_t global_aux_micro_batches_ = 0;
 };
 
 // Megatron's `sinkhorn` (S-BASE): exp(cost) scaled by row and column factors until the mean

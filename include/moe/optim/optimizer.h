@@ -20,7 +20,8 @@
 // backward, as Megatron does; step() averages over data-parallel ranks itself.
 //
 // Weight decay applies to a parameter when its ParamSpec says so AND it is neither 1-D nor a
-// ".bias" (Megatron's default no-decay rule for norms and biases).
+// ".bias" (Megatron's default no-decay rule for norms and biases). Persistent buffers
+// (ParamSpec::trainable false) are neither updated, decayed nor counted in the norm.
 //
 // Every rank of the world must call step() (it runs collectives over the world).
 #pragma once

@@ -72,7 +72,7 @@ struct ScheduleOptions {
   double loss_scale = 1.0;
   // True: lm losses and the MoE loss summary are reduced over the pp group, so every rank of it
   // returns the last stage's lm losses and the whole pipeline's MoE summary (one all_reduce of
-  // 2 M + 3 + mtp_num_layers doubles). False: no collective; lm losses are zero except on the last
+  // 2 M + 6 + mtp_num_layers doubles). False: no collective; lm losses are zero except on the last
   // stage and the MoE summary covers this stage's layers.
   bool reduce_over_pipeline = true;
 };

@@ -5,6 +5,12 @@
 //
 // Gradient buffers are fp32 and ACCUMULATE: every backward adds (+=) into them, so several
 // micro-batches sum before the optimizer step; zero_grads() clears them.
+//
+// Persistent buffers (ParamSpec::trainable false, Megatron's register_buffer state such as the
+// router's expert_bias) live in one more flat buffer, fp32 whatever the store's dtype, outside
+// both groups' flat parameters and gradients: they have no gradient (grad() refuses them), so the
+// optimizer, weight decay, gradient reductions and the gradient norm never see them, while
+// checkpoints save, reshard and load them by name like the parameters of their group.
 #pragma once
 
 #include <cstdint>
@@ -33,6 +39,9 @@ struct ParamSpec {
   // True for parameters that are replicated across tensor-parallel ranks (norm weights, router),
   // so the global gradient norm counts them once.
   bool tensor_parallel_duplicate = false;
+  // false: a persistent buffer (see the top of this file); `group` then only says how it is
+  // replicated, for checkpoints.
+  bool trainable = true;
 };
 
 struct ParamHandle {
@@ -51,10 +60,12 @@ class ParameterStore {
   void allocate();
   bool allocated() const { return allocated_; }
 
-  Tensor param(ParamHandle handle) const;  // view, param dtype, local shape
-  Tensor grad(ParamHandle handle) const;   // view, fp32, local shape
+  Tensor param(ParamHandle handle) const;  // view, local shape: param dtype (fp32 for buffers)
+  Tensor grad(ParamHandle handle) const;   // view, fp32, local shape; trainable ones only
   const ParamSpec& spec(ParamHandle handle) const;
-  int64_t offset(ParamHandle handle) const;  // element offset inside its group's flat buffers
+  // Element offset inside its group's flat buffers (inside the buffers' flat tensor for a
+  // persistent buffer).
+  int64_t offset(ParamHandle handle) const;
   int count() const { return int(specs_.size()); }
   ParamHandle find(const std::string& name) const;  // index -1 when absent
 
@@ -70,8 +81,10 @@ class ParameterStore {
   std::vector<ParamSpec> specs_;
   std::vector<int64_t> offsets_;
   int64_t group_sizes_[kParamGroupCount] = {0, 0};
+  int64_t buffers_size_ = 0;
   Tensor params_[kParamGroupCount];
   Tensor grads_[kParamGroupCount];
+  Tensor buffers_;  // F32: every persistent buffer
   bool allocated_ = false;
 };
 

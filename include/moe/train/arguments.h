@@ -145,13 +145,18 @@ struct TrainingArguments {
   std::string moe_layer_freq = "1";  // N or a list expression such as "[0]+[1]*3" (layer_pattern.h)
   std::optional<int> moe_ffn_hidden_size;  // default ffn_hidden_size
   bool moe_grouped_gemm = false;
-  std::string moe_router_load_balancing_type =
-      "aux_loss";                                     // aux_loss | seq_aux_loss | sinkhorn | none
+  // aux_loss | seq_aux_loss | global_aux_loss | sinkhorn | none, or several aux-loss types
+  std::vector<std::string> moe_router_load_balancing_type = {"aux_loss"};
   std::string moe_router_score_function = "softmax";  // softmax | sigmoid
   int moe_router_topk = 2;
   bool moe_router_pre_softmax = false;
   std::optional<double> moe_router_topk_scaling_factor;
-  double moe_aux_loss_coeff = 0.0;
+  std::vector<double> moe_aux_loss_coeff = {0.0};  // one per load-balancing type
+  bool moe_router_enable_expert_bias = false;
+  double moe_router_bias_update_rate = 1e-3;
+  std::optional<int> moe_router_num_groups;
+  std::optional<int> moe_router_group_topk;
+  std::optional<std::string> moe_router_dtype;  // fp32 | fp64
   std::optional<double> moe_z_loss_coeff;
   std::optional<double> moe_input_jitter_eps;
   std::string moe_token_dispatcher_type = "allgather";  // allgather | alltoall
