@@ -65,6 +65,13 @@ void TransformerConfig::validate(int tp, int ep) const {
       }
     }
     moe_config().validate();
+    const int shared = moe_shared_expert_intermediate_size;
+    MOE_CHECK(shared >= 0, "moe_shared_expert_intermediate_size (", shared, ") must be >= 0");
+    MOE_CHECK(shared % tp == 0, "moe_shared_expert_intermediate_size (", shared,
+              ") must be divisible by tensor_model_parallel_size (", tp, ")");
+    MOE_CHECK(shared == 0 || !add_bias_linear,
+              "shared experts have no biases (as Megatron's): moe_shared_expert_intermediate_size "
+              "needs add_bias_linear = false (--disable-bias-linear)");
   }
   MOE_CHECK(!(num_experts > 0 && ep > 1 && tp > 1 && !sequence_parallel),
             "MoE layers with expert parallelism (expert_model_parallel_size = ", ep,

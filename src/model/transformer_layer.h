@@ -12,6 +12,7 @@
 
 #include "moe/model/gpt_model.h"
 #include "moe/model/layers.h"
+#include "moe/model/shared_experts.h"
 #include "moe/moe/moe_layer.h"
 
 namespace moe::model {
@@ -50,6 +51,7 @@ struct LayerState {
   SelfAttention::Saved attention;
   MLP::Saved mlp;
   MoEContext moe;
+  SharedExperts::Saved shared_experts;
 };
 
 class TransformerLayer {
@@ -86,6 +88,7 @@ class TransformerLayer {
   Norm pre_mlp_norm_;
   std::optional<MLP> mlp_;
   std::unique_ptr<MoELayer> moe_;
+  std::optional<SharedExperts> shared_experts_;  // MoE layers with shared experts only
 };
 
 }  // namespace moe::model
