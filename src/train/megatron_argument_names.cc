@@ -320,6 +320,7 @@ const std::vector<std::string>& megatron_argument_names() {
       "--moe-router-score-function",
       "--moe-router-topk",
       "--moe-router-topk-scaling-factor",
+      "--moe-shared-expert-gate",  // since core_v0.16.0 (a TransformerConfig field)
       "--moe-shared-expert-intermediate-size",
       "--moe-shared-expert-overlap",
       "--moe-token-dispatcher-type",

@@ -144,7 +144,12 @@ struct TrainingArguments {
   std::string moe_token_dispatcher_type = "allgather";  // allgather | alltoall
   std::optional<double> moe_expert_capacity_factor;
   bool moe_pad_expert_input_to_capacity = false;
-  std::string moe_token_drop_policy = "probs";  // probs | position
+  std::string moe_token_drop_policy = "probs";             // probs | position
+  std::optional<int> moe_shared_expert_intermediate_size;  // unset: no shared experts
+  bool moe_shared_expert_gate = false;
+  bool moe_shared_expert_overlap = false;  // accepted; nothing to overlap on this backend
+  bool moe_use_upcycling = false;          // --load holds a dense checkpoint to upcycle
+  int moe_upcycling_granularity = 1;       // dense ffn size / expert ffn size
 
   // ---- derived by finalize_arguments
   int world_size = 1;
