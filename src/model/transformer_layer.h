@@ -1,6 +1,7 @@
 // Megatron's TransformerLayer (pre-norm): x + attention(norm(x)), then + mlp(norm(.)), each
-// residual branch with hidden dropout. The MLP is dense or an MoE layer; the MoE layer applies its
-// own tensor-parallel policy (moe_layer.h). Private to src/model: GPTModel stacks these.
+// residual branch with hidden dropout. The MLP is dense or an MoE layer (with shared experts when
+// configured, shared_experts.h); the MoE layer applies its own tensor-parallel policy
+// (moe_layer.h). Private to src/model: GPTModel stacks these.
 #pragma once
 
 #include <cstdint>

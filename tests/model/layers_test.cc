@@ -316,8 +316,8 @@ TEST(SharedExperts, GradientsMatchFiniteDifferences) {
   }
 }
 
-// The gate scales each token's MLP output by sigmoid(x . gate_weight), checked by hand on one
-// row; zero rows (none here) and a single row are the awkward shapes.
+// The gate scales each token's MLP output by sigmoid(x . gate_weight), checked by hand per row
+// on 0, 1 and 3 rows.
 TEST(SharedExperts, GateScalesEachRowBySigmoidOfItsScore) {
   TransformerConfig c = small_config();
   c.add_bias_linear = false;
