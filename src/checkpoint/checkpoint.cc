@@ -12,6 +12,7 @@
 #include <sstream>
 
 #include "moe/comm/boxes.h"
+#include "upcycling.h"
 
 namespace moe::checkpoint {
 
@@ -611,6 +612,37 @@ void load_optimizer_state(const Catalog& catalog, const json& meta, const Parame
   optimizer.set_scalars(scalars);
 }
 
+// One MoE model parameter from a dense checkpoint (Upcycling in checkpoint.h). Returns the name
+// of the checkpoint tensor it came from, "" when it keeps its initial value.
+std::string load_upcycled(const Catalog& catalog, const ParamSpec& spec, const Upcycling& settings,
+                          Tensor param, const fs::path& dir) {
+  const upcycling::UpcycledSource source = upcycling::upcycled_source(spec.name);
+  switch (source.kind) {
+    case upcycling::UpcycledSource::kSameName:
+      load_tensor(catalog, spec.name, spec, 0, shape_numel(spec.shape), param, dir);
+      return spec.name;
+    case upcycling::UpcycledSource::kKeepInitialised:
+      return "";
+    case upcycling::UpcycledSource::kRouter:
+      upcycling::repeat_router_columns(spec, settings, param);
+      return "";
+    case upcycling::UpcycledSource::kExpert:
+      break;
+  }
+  const std::vector<Piece>& pieces = catalog.pieces(source.dense_name);
+  MOE_CHECK(!pieces.empty(), "--moe-use-upcycling: checkpoint ", dir, " has no '",
+            source.dense_name, "' to make the experts '", spec.name,
+            "' from (is it a dense model's checkpoint?)");
+  ParamSpec whole;  // the dense tensor, whole
+  whole.name = source.dense_name;
+  whole.shape = whole.global_shape = pieces.front().global_shape;
+  whole.global_offset = Shape(whole.shape.size(), 0);
+  Tensor dense(whole.shape, DType::F64);
+  load_tensor(catalog, whole.name, whole, 0, shape_numel(whole.shape), dense, dir);
+  upcycling::fill_expert_from_dense(spec, dense, source, settings, param);
+  return source.dense_name;
+}
+
 struct LocalLoad {
   TrainingState state;
   fs::path dir;
@@ -621,6 +653,8 @@ struct LocalLoad {
 LocalLoad load_on_this_rank(const std::string& load_dir, ParameterStore& model,
                             optim::Optimizer* optimizer, optim::OptimizerParamScheduler* scheduler,
                             const comm::ParallelState& p, const LoadOptions& options) {
+  MOE_CHECK(!options.upcycling || (!options.load_optim && !options.load_rng),
+            "upcycling a dense checkpoint loads the model only (load_optim and load_rng false)");
   std::optional<int64_t> iteration = options.iteration;
   if (!iteration) iteration = read_tracker(load_dir);
   MOE_CHECK(iteration.has_value(), "no checkpoint to load: tracker file ",
@@ -661,9 +695,15 @@ LocalLoad load_on_this_rank(const std::string& load_dir, ParameterStore& model,
   local.loaded.assign(local.stored.size(), 0);
   for (int i = 0; i < model.count(); ++i) {
     const ParamSpec& spec = model.spec(ParamHandle{i});
-    load_tensor(catalog, spec.name, spec, 0, shape_numel(spec.shape), model.param(ParamHandle{i}),
-                dir);
-    auto at = std::lower_bound(local.stored.begin(), local.stored.end(), spec.name);
+    Tensor param = model.param(ParamHandle{i});
+    std::string source = spec.name;  // the checkpoint tensor it comes from ("": none)
+    if (options.upcycling) {
+      source = load_upcycled(catalog, spec, *options.upcycling, param, dir);
+    } else {
+      load_tensor(catalog, spec.name, spec, 0, shape_numel(spec.shape), param, dir);
+    }
+    if (source.empty()) continue;
+    auto at = std::lower_bound(local.stored.begin(), local.stored.end(), source);
     local.loaded[size_t(at - local.stored.begin())] = 1;
   }
   if (optimizer != nullptr) optimizer->reload_main_params();

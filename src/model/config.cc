@@ -100,6 +100,13 @@ void TransformerConfig::validate(int tp, int ep) const {
       }
     }
     moe_config().validate();
+    const int shared = moe_shared_expert_intermediate_size;
+    MOE_CHECK(shared >= 0, "moe_shared_expert_intermediate_size (", shared, ") must be >= 0");
+    MOE_CHECK(shared % tp == 0, "moe_shared_expert_intermediate_size (", shared,
+              ") must be divisible by tensor_model_parallel_size (", tp, ")");
+    MOE_CHECK(shared == 0 || !add_bias_linear,
+              "shared experts have no biases (as Megatron's): moe_shared_expert_intermediate_size "
+              "needs add_bias_linear = false (--disable-bias-linear)");
   }
   MOE_CHECK(mtp_num_layers >= 0, "mtp_num_layers (", mtp_num_layers, ") must be >= 0");
   MOE_CHECK(std::isfinite(mtp_loss_scaling_factor) && mtp_loss_scaling_factor >= 0,

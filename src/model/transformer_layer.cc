@@ -28,6 +28,9 @@ TransformerLayer::TransformerLayer(ParameterStore& store, const TransformerConfi
   if (config.is_moe_layer(number)) {
     moe_ = std::make_unique<MoELayer>(config.moe_config(), store, prefix_ + ".mlp",
                                       std::move(dispatcher), jitter_seed, tp);
+    if (config.moe_shared_expert_intermediate_size > 0) {
+      shared_experts_.emplace(store, prefix_ + ".mlp.shared_experts", config, tp);
+    }
   } else {
     mlp_.emplace(store, prefix_ + ".mlp", config, tp);
   }
@@ -64,6 +67,18 @@ void TransformerLayer::register_params(ParamRegistry& registry) const {
     for (ParamHandle handle : moe_->tensor_parallel_partial_params()) {
       registry.tensor_parallel_partial.push_back(handle);
     }
+    if (shared_experts_) {
+      const MLP& shared = shared_experts_->mlp();
+      add_linear(shared.linear_fc1().weight(), shared.linear_fc1().bias(), InitKind::kNormal,
+                 false);
+      add_linear(shared.linear_fc2().weight(), shared.linear_fc2().bias(), InitKind::kScaledNormal,
+                 true);
+      // Replicated over tp; applied to this rank's rows only with sequence parallelism.
+      if (shared_experts_->gate_weight().index >= 0) {
+        registry.add(shared_experts_->gate_weight(), InitKind::kNormal);
+        registry.add_sequence_parallel_partial(shared_experts_->gate_weight());
+      }
+    }
   }
 }
 
@@ -98,6 +113,9 @@ Tensor TransformerLayer::backward(const ParameterStore& store, const Tensor& dy,
     dmlp_in = moe_->backward(state.moe, dmlp.reshape({local_seq, shape.batch, dmlp.dim(1)}),
                              ctx.moe_aux_loss_grad_scale)
                   .reshape(dmlp.shape());
+    if (shared_experts_) {
+      add(dmlp_in, shared_experts_->backward(store, state.shared_experts, dmlp), dmlp_in);
+    }
   } else {
     dmlp_in = mlp_->backward(store, state.mlp, dmlp);
   }
@@ -135,11 +153,15 @@ Tensor TransformerLayer::run_forward(const ParameterStore& store, const Tensor& 
   Tensor mlp_in = pre_mlp_norm_.forward(store, residual, saved.pre_mlp_norm);
   Tensor mlp_out;
   if (moe_) {
+    // Megatron runs the shared experts before the router; their output joins the routed one.
+    Tensor shared_out;
+    if (shared_experts_) shared_out = shared_experts_->forward(store, mlp_in, saved.shared_experts);
     const int64_t local_seq = mlp_in.dim(0) / shape.batch;
     mlp_out = moe_->forward(mlp_in.reshape({local_seq, shape.batch, mlp_in.dim(1)}), saved.moe,
                             ctx.training)
                   .reshape(mlp_in.shape());
     if (losses != nullptr) losses->push_back({number_, MoELayer::losses(saved.moe)});
+    if (shared_experts_) add(mlp_out, shared_out, mlp_out);
   } else {
     mlp_out = mlp_->forward(store, mlp_in, saved.mlp);
   }

@@ -1,6 +1,7 @@
 // Megatron's TransformerLayer (pre-norm): x + attention(norm(x)), then + mlp(norm(.)), each
-// residual branch with hidden dropout. The MLP is dense or an MoE layer; the MoE layer applies its
-// own tensor-parallel policy (moe_layer.h). Private to src/model: GPTModel stacks these.
+// residual branch with hidden dropout. The MLP is dense or an MoE layer (with shared experts when
+// configured, shared_experts.h); the MoE layer applies its own tensor-parallel policy
+// (moe_layer.h). Private to src/model: GPTModel stacks these.
 #pragma once
 
 #include <cstdint>
@@ -12,6 +13,7 @@
 
 #include "moe/model/gpt_model.h"
 #include "moe/model/layers.h"
+#include "moe/model/shared_experts.h"
 #include "moe/moe/moe_layer.h"
 
 namespace moe::model {
@@ -50,6 +52,7 @@ struct LayerState {
   SelfAttention::Saved attention;
   MLP::Saved mlp;
   MoEContext moe;
+  SharedExperts::Saved shared_experts;
 };
 
 class TransformerLayer {
@@ -88,6 +91,7 @@ class TransformerLayer {
   Norm pre_mlp_norm_;
   std::optional<MLP> mlp_;
   std::unique_ptr<MoELayer> moe_;
+  std::optional<SharedExperts> shared_experts_;  // MoE layers with shared experts only
 };
 
 }  // namespace moe::model

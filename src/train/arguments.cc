@@ -362,6 +362,21 @@ void register_arguments(CLI::App& app, TrainingArguments& a) {
                    "its highest-scoring tokens; needs --moe-expert-capacity-factor).")
         ->check(CLI::IsMember({"topk", "expert_choice"}))
         ->capture_default_str();
+    optional_int("--moe-shared-expert-intermediate-size", a.moe_shared_expert_intermediate_size,
+                 "Width of the shared experts' MLP (number of shared experts x the ffn size of "
+                 "each), which every token passes through beside the routed experts.");
+    app.add_flag("--moe-shared-expert-gate", a.moe_shared_expert_gate,
+                 "Scale the shared experts' output by sigmoid(x . gate_weight) (Qwen2-MoE).");
+    app.add_flag("--moe-shared-expert-overlap", a.moe_shared_expert_overlap,
+                 "Accepted; collectives block on this CPU backend, so there is nothing to "
+                 "overlap the shared experts with.");
+    app.add_flag("--moe-use-upcycling", a.moe_use_upcycling,
+                 "--load holds a dense model's checkpoint: each expert starts as a copy of its "
+                 "layer's dense MLP (docs/moe-train.md).");
+    app.add_option("--moe-upcycling-granularity", a.moe_upcycling_granularity,
+                   "How many times the dense ffn size is the expert ffn size: each expert takes "
+                   "one of that many slices of the dense MLP.")
+        ->capture_default_str();
   });
 
   group("logging", [&] {
@@ -549,6 +564,50 @@ void require_finite_reals(const TrainingArguments& a) {
       {"--moe-expert-capacity-factor", &a.moe_expert_capacity_factor}};
   for (const auto& [flag, value] : optional) {
     if (*value) require_finite(**value, flag);
+  }
+}
+
+void check_shared_experts_and_upcycling(TrainingArguments& a, int experts) {
+  const int tp = a.tensor_model_parallel_size;
+  if (a.moe_shared_expert_intermediate_size) {
+    const int shared = *a.moe_shared_expert_intermediate_size;
+    MOE_CHECK(shared > 0,
+              "--moe-shared-expert-intermediate-size must be the number of shared "
+              "experts times the ffn size of each, a positive number (got ",
+              shared, ")");
+    MOE_CHECK(shared % tp == 0, "--moe-shared-expert-intermediate-size (", shared,
+              ") is not divisible by --tensor-model-parallel-size (", tp, ")");
+    MOE_CHECK(!a.add_bias_linear,
+              "--moe-shared-expert-intermediate-size needs "
+              "--disable-bias-linear (shared experts have no biases, as in Megatron-LM)");
+    MOE_CHECK(!a.moe_shared_expert_overlap || a.moe_token_dispatcher_type == "alltoall",
+              "--moe-shared-expert-overlap only works with --moe-token-dispatcher-type alltoall "
+              "(as in Megatron-LM)");
+    if (a.moe_shared_expert_overlap) {
+      a.notes.push_back(
+          "--moe-shared-expert-overlap has no effect: collectives block on this CPU backend, so "
+          "the shared experts run before the router as without it");
+    }
+  } else if (a.moe_shared_expert_gate || a.moe_shared_expert_overlap) {
+    a.notes.push_back(
+        "--moe-shared-expert-gate and --moe-shared-expert-overlap are ignored without "
+        "--moe-shared-expert-intermediate-size");
+  }
+  require_positive(a.moe_upcycling_granularity, "--moe-upcycling-granularity");
+  if (!a.moe_use_upcycling) return;
+  const int granularity = a.moe_upcycling_granularity;
+  MOE_CHECK(experts % granularity == 0, "--num-experts (", experts,
+            ") must be divisible by --moe-upcycling-granularity (", granularity,
+            "): each group of that many experts holds one copy of the dense MLP");
+  require(a.load.has_value(), "--load (the dense checkpoint, with --moe-use-upcycling)");
+  // As Megatron: the dense run's optimizer state and random streams do not fit the MoE model.
+  if (!a.no_load_optim) {
+    a.no_load_optim = true;
+    a.notes.push_back("enabling --no-load-optim for upcycling");
+  }
+  if (!a.no_load_rng) {
+    a.no_load_rng = true;
+    a.notes.push_back("enabling --no-load-rng for upcycling");
   }
 }
 
@@ -823,7 +882,12 @@ void finalize_arguments(TrainingArguments& a, int world_size) {
               "--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor");
     if (a.moe_router_type == "expert_choice") check_expert_choice_flags(a);
     a.moe_layer_pattern = layer_pattern("--moe-layer-freq", a.moe_layer_freq, *a.num_layers);
+    check_shared_experts_and_upcycling(a, experts);
   }
+  MOE_CHECK(a.is_moe() || !a.moe_use_upcycling,
+            "--moe-use-upcycling needs --num-experts (the MoE model to upcycle into)");
+  MOE_CHECK(a.is_moe() || !a.moe_shared_expert_intermediate_size,
+            "--moe-shared-expert-intermediate-size needs --num-experts");
   if (a.moe_grouped_gemm && !a.is_moe())
     a.notes.push_back("--moe-grouped-gemm ignored: no --num-experts");
 

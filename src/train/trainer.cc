@@ -99,6 +99,8 @@ model::TransformerConfig model_config(const TrainingArguments& a, int64_t padded
     m.moe_grouped_gemm = a.moe_grouped_gemm;
     m.moe_token_dispatcher_type = parse_token_dispatcher_type(a.moe_token_dispatcher_type);
     m.moe_router_type = parse_router_type(a.moe_router_type);
+    c.moe_shared_expert_intermediate_size = a.moe_shared_expert_intermediate_size.value_or(0);
+    c.moe_shared_expert_gate = a.moe_shared_expert_gate;
   }
   return c;
 }
@@ -285,6 +287,13 @@ void load_checkpoint_if_any(Job& job) {
     return;
   }
   std::optional<int64_t> tracked = checkpoint::read_tracker(*a.load);
+  MOE_CHECK(!a.moe_use_upcycling || tracked, "--moe-use-upcycling: --load '", *a.load,
+            "' holds no checkpoint (no latest_checkpointed_iteration.txt) to upcycle");
+  // As Megatron: upcycling is the first run of the MoE model; a later run resumes its checkpoint.
+  MOE_CHECK(!a.moe_use_upcycling || !a.save || !checkpoint::read_tracker(*a.save),
+            "--moe-use-upcycling: --save '", a.save.value_or(""),
+            "' already holds a checkpoint; upcycling is only for the first run from the dense "
+            "checkpoint (resume the MoE run without --moe-use-upcycling)");
   if (!tracked) {
     MOE_CHECK(!a.exit_on_missing_checkpoint, "--load '", *a.load,
               "' holds no checkpoint (no latest_checkpointed_iteration.txt) and "
@@ -296,6 +305,11 @@ void load_checkpoint_if_any(Job& job) {
   options.load_optim = !a.no_load_optim && !a.finetune;
   // As Megatron, --finetune does not restore the random state either.
   options.load_rng = !a.no_load_rng && !a.finetune;
+  if (a.moe_use_upcycling) {  // finalize_arguments set --no-load-optim and --no-load-rng
+    options.upcycling =
+        checkpoint::Upcycling{a.moe_upcycling_granularity, *a.num_experts, a.moe_router_topk,
+                              a.moe_router_pre_softmax, a.swiglu};
+  }
   checkpoint::TrainingState state = checkpoint::load_checkpoint(
       *a.load, *job.store, options.load_optim ? job.optimizer.get() : nullptr,
       options.load_optim ? job.scheduler.get() : nullptr, job.parallel, options);
@@ -311,6 +325,11 @@ void load_checkpoint_if_any(Job& job) {
     job.iteration = state.iteration;
     job.consumed_train_samples = state.consumed_train_samples;
     job.consumed_valid_samples = state.consumed_valid_samples;
+  }
+  if (a.moe_use_upcycling) {
+    job.say(concat("> upcycled the dense checkpoint into ", *a.num_experts,
+                   " experts per MoE layer (--moe-upcycling-granularity ",
+                   a.moe_upcycling_granularity, ")"));
   }
   job.say(concat("> loaded checkpoint from '", *a.load, "' at iteration ", state.iteration,
                  options.load_optim ? "" : " (model only: optimizer and schedule start fresh)",

@@ -96,6 +96,40 @@ TEST(GPTModel, TwoLayerMoEGradientsMatchFiniteDifferences) {
   check_model_gradients(tiny_moe_config());
 }
 
+// DeepSeek-style blocks: the first layer dense, then MoE layers with shared experts (gated as
+// Qwen2-MoE, and not).
+TEST(GPTModel, SharedExpertsAndFirstLayerDenseGradientsMatchFiniteDifferences) {
+  for (bool gate : {false, true}) {
+    TransformerConfig c = tiny_moe_config();
+    c.num_layers = 3;
+    c.moe_layer_pattern = {0, 1, 1};
+    c.add_bias_linear = false;
+    c.moe_shared_expert_intermediate_size = 8;
+    c.moe_shared_expert_gate = gate;
+    SCOPED_TRACE(gate ? "gated shared experts" : "shared experts");
+    check_model_gradients(c);
+  }
+}
+
+TEST(GPTModel, RefusesSharedExpertsThatCannotBeBuilt) {
+  TransformerConfig c = tiny_moe_config();
+  c.moe_shared_expert_intermediate_size = 8;
+  ParameterStore store;
+  EXPECT_EQ(
+      moe::testing::error_text([&] { GPTModel model(c, comm::single_process_state(), store); }),
+      "shared experts have no biases (as Megatron's): moe_shared_expert_intermediate_size "
+      "needs add_bias_linear = false (--disable-bias-linear)");
+  c.add_bias_linear = false;
+  c.moe_shared_expert_intermediate_size = -2;
+  EXPECT_EQ(moe::testing::error_text([&] { c.validate(1); }),
+            "moe_shared_expert_intermediate_size (-2) must be >= 0");
+  c.moe_shared_expert_intermediate_size = 9;
+  c.padded_vocab_size = 14;
+  EXPECT_EQ(moe::testing::error_text([&] { c.validate(2); }),
+            "moe_shared_expert_intermediate_size (9) must be divisible by "
+            "tensor_model_parallel_size (2)");
+}
+
 // Runs one forward and backward; returns the loss and a copy of every gradient.
 struct Step {
   double loss;

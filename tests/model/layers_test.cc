@@ -8,6 +8,7 @@
 
 #include "model_testing.h"
 #include "moe/model/layers.h"
+#include "moe/model/shared_experts.h"
 #include "moe/tensor/ops.h"
 #include "support/testing.h"
 
@@ -514,6 +515,62 @@ TEST(MLP, GradientsMatchFiniteDifferences) {
       Tensor probe = random_normal({7, 12}, 22, 1.0f, DType::F64);
       auto forward = [&](MLP::Saved& saved) { return mlp.forward(store, x, saved); };
       EXPECT_TRUE(layer_gradients_match(mlp, store, x, probe, forward, "mlp input", 30, 10));
+    }
+  }
+}
+
+TEST(SharedExperts, GradientsMatchFiniteDifferences) {
+  for (bool gate : {false, true}) {
+    for (bool swiglu : {false, true}) {
+      TransformerConfig c = small_config();
+      c.swiglu = swiglu;
+      c.add_bias_linear = false;
+      c.moe_shared_expert_intermediate_size = 6;
+      c.moe_shared_expert_gate = gate;
+      ParameterStore store(DType::F64);
+      SharedExperts shared(store, "shared_experts", c, TensorParallel{});
+      store.allocate();
+      testing::randomize(store, 23);
+      EXPECT_EQ(store.spec(store.find("shared_experts.linear_fc1.weight")).shape,
+                swiglu ? Shape({12, 2, 6}) : Shape({12, 6}));
+      EXPECT_EQ(store.find("shared_experts.gate_weight").index >= 0, gate);
+      Tensor x = random_normal({5, 12}, 24, 1.0f, DType::F64);
+      Tensor probe = random_normal({5, 12}, 25, 1.0f, DType::F64);
+      auto forward = [&](SharedExperts::Saved& saved) { return shared.forward(store, x, saved); };
+      EXPECT_TRUE(
+          layer_gradients_match(shared, store, x, probe, forward, "shared experts input", 30, 10))
+          << (gate ? "gated" : "ungated") << (swiglu ? " swiglu" : " gelu");
+    }
+  }
+}
+
+// The gate scales each token's MLP output by sigmoid(x . gate_weight), checked by hand per row
+// on 0, 1 and 3 rows.
+TEST(SharedExperts, GateScalesEachRowBySigmoidOfItsScore) {
+  TransformerConfig c = small_config();
+  c.add_bias_linear = false;
+  c.moe_shared_expert_intermediate_size = 4;
+  c.moe_shared_expert_gate = true;
+  ParameterStore store(DType::F64);
+  SharedExperts shared(store, "s", c, TensorParallel{});
+  store.allocate();
+  testing::randomize(store, 26);
+  for (int64_t rows : {0, 1, 3}) {
+    Tensor x = random_normal({rows, 12}, 27, 1.0f, DType::F64);
+    SharedExperts::Saved gated_saved;
+    MLP::Saved plain_saved;
+    Tensor gated = shared.forward(store, x, gated_saved);
+    Tensor plain = shared.mlp().forward(store, x, plain_saved);
+    Tensor w = store.param(shared.gate_weight());
+    for (int64_t r = 0; r < rows; ++r) {
+      double logit = 0;
+      for (int64_t k = 0; k < 12; ++k) logit += x.data<double>()[r * 12 + k] * w.data<double>()[k];
+      double gate = 1 / (1 + std::exp(-logit));
+      for (int64_t k = 0; k < 12; ++k) {
+        EXPECT_NEAR(gated.data<double>()[r * 12 + k], plain.data<double>()[r * 12 + k] * gate,
+                    1e-14)  // fp64 rounding of one dot product and one product
+            << "row " << r;
+      }
     }
   }
 }

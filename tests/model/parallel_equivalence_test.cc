@@ -1,9 +1,10 @@
 // Layout equivalence under mpirun: the same 2-layer model (layer 0 MoE, layer 1 dense; with
-// multi-token prediction, layer 1 and the MTP layers MoE) and the same global batch give the same
-// loss and the same (reduced) gradients in every (tp, sp, ep) layout as on one process. Each rank
-// also runs the single-process model and compares its own parameter blocks. Data parallelism
-// splits the global batch's sequences; dense gradients are summed over dp and expert gradients
-// over expert-dp, as the optimizer does.
+// multi-token prediction, layer 1 and the MTP layers MoE; or 3 layers {dense, MoE, MoE}, with
+// shared experts) and the same global batch give the same loss and
+// the same (reduced) gradients in every (tp, sp, ep) layout as on one process. Each rank also runs
+// the single-process model and compares its own parameter blocks. Data parallelism splits the
+// global batch's sequences; dense gradients are summed over dp and expert gradients over expert-dp,
+// as the optimizer does.
 //
 // Tolerance (fp32, different reduction orders): loss |diff| <= 1e-5 * loss; every gradient
 // element |diff| <= 1e-8 + 1e-4 * |reference| (observed: <= 4e-8 absolute, about 1e-6 relative).
@@ -36,6 +37,10 @@ struct Layout {
   bool qk_norm_qkv_bias_yarn = false;
   // Multi-token prediction depths; with MTP, layer 1 (and so every MTP layer) is the MoE one.
   int mtp_num_layers = 0;
+  // Shared experts in the MoE layers (width 8, split over tp like the dense MLP), with or without
+  // the sigmoid gate, and DeepSeek's first-k-dense pattern: 3 layers {dense, MoE, MoE}.
+  enum SharedExperts { kNone, kUngated, kGated } shared_experts = kNone;
+  bool first_layer_dense = false;
 };
 
 std::string describe(const Layout& l) {
@@ -44,7 +49,11 @@ std::string describe(const Layout& l) {
          (l.other_switches ? ", LayerNorm/learned/GeLU/bias/tied" : "") +
          (l.dtype != DType::F32 ? ", " + std::string(dtype_name(l.dtype)) : "") +
          (l.qk_norm_qkv_bias_yarn ? ", qk-layernorm/qkv-bias/yarn" : "") +
-         (l.mtp_num_layers > 0 ? ", mtp " + std::to_string(l.mtp_num_layers) : "") + ")";
+         (l.mtp_num_layers > 0 ? ", mtp " + std::to_string(l.mtp_num_layers) : "") +
+         (l.shared_experts == Layout::kUngated ? ", shared experts"
+          : l.shared_experts == Layout::kGated ? ", gated shared experts"
+                                               : "") +
+         (l.first_layer_dense ? ", layers {dense, MoE, MoE}" : "") + ")";
 }
 
 TransformerConfig equivalence_config() {
@@ -94,6 +103,14 @@ void check_layout(const Layout& layout, TokenDispatcherType dispatcher) {
     config.rotary_scaling_factor = 4;
     config.yarn_original_max_position_embeddings = 4;  // shorter than seq_length 8
     config.mscale_all_dim = 0.5;                       // an attention factor other than 1
+  }
+  if (layout.shared_experts != Layout::kNone) {
+    config.moe_shared_expert_intermediate_size = 8;
+    config.moe_shared_expert_gate = layout.shared_experts == Layout::kGated;
+  }
+  if (layout.first_layer_dense) {
+    config.num_layers = 3;
+    config.moe_layer_pattern = {0, 1, 1};
   }
   // Dropout masks follow global (row, head) indices; with dp > 1 the row indices of a rank's
   // sequences differ from the single-process batch, so dropout is on only when dp == 1. The
@@ -266,6 +283,40 @@ TEST(ParallelEquivalence, Tp2SpOnEp2Mtp1) {
 }
 TEST(ParallelEquivalence, Tp4SpOnEp1Mtp2) {
   run_on_world(4, {4, true, 1, false, false, DType::F32, false, 2});
+}
+
+// Shared experts: ungated and gated (the gate weight is replicated over tp; with sequence
+// parallelism its gradient is summed over tp), with and without the first layer dense.
+TEST(ParallelEquivalence, Tp1SpOffEp1GatedSharedExpertsFirstLayerDense) {
+  run_on_world(
+      1,
+      {.tp = 1, .sp = false, .ep = 1, .shared_experts = Layout::kGated, .first_layer_dense = true});
+}
+TEST(ParallelEquivalence, Tp2SpOffEp1GatedSharedExperts) {
+  run_on_world(2, {.tp = 2, .sp = false, .ep = 1, .shared_experts = Layout::kGated});
+}
+TEST(ParallelEquivalence, Tp2SpOnEp1GatedSharedExperts) {
+  run_on_world(2, {.tp = 2, .sp = true, .ep = 1, .shared_experts = Layout::kGated});
+}
+TEST(ParallelEquivalence, Tp1SpOffEp2Dp2SharedExpertsFirstLayerDense) {
+  run_on_world(2, {.tp = 1,
+                   .sp = false,
+                   .ep = 2,
+                   .shared_experts = Layout::kUngated,
+                   .first_layer_dense = true});
+}
+TEST(ParallelEquivalence, Tp2SpOnEp2GatedSharedExpertsFirstLayerDense) {
+  run_on_world(
+      4,
+      {.tp = 2, .sp = true, .ep = 2, .shared_experts = Layout::kGated, .first_layer_dense = true});
+}
+TEST(ParallelEquivalence, Tp2SpOffEp1Dp2SharedExperts) {
+  run_on_world(4, {.tp = 2, .sp = false, .ep = 1, .shared_experts = Layout::kUngated});
+}
+TEST(ParallelEquivalence, Tp4SpOnEp2GatedSharedExpertsFirstLayerDense) {
+  run_on_world(
+      8,
+      {.tp = 4, .sp = true, .ep = 2, .shared_experts = Layout::kGated, .first_layer_dense = true});
 }
 
 TEST(ParallelEquivalence, RefusesMoEWithExpertAndTensorParallelismWithoutSequenceParallelism) {

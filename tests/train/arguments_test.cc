@@ -514,6 +514,69 @@ TEST(Arguments, MultiTokenPrediction) {
             "MTP modules share the word embedding, which lives on the first pipeline stage only");
 }
 
+// Shared experts and upcycling: accepted values, the notes for flags that do nothing here, and an
+// error naming the flag for every bad value or combination.
+TEST(Arguments, SharedExpertsAndUpcycling) {
+  const Args shared =
+      with(small_flags(), {"--disable-bias-linear", "--moe-shared-expert-intermediate-size", "48",
+                           "--moe-shared-expert-gate"});
+  TrainingArguments a = finalized(with(shared, {"--tensor-model-parallel-size", "2"}), 2);
+  EXPECT_EQ(*a.moe_shared_expert_intermediate_size, 48);
+  EXPECT_TRUE(a.moe_shared_expert_gate);
+  a = finalized(
+      with(shared, {"--moe-shared-expert-overlap", "--moe-token-dispatcher-type", "alltoall"}), 1);
+  EXPECT_TRUE(std::any_of(a.notes.begin(), a.notes.end(), [](const std::string& n) {
+    return n.find("--moe-shared-expert-overlap has no effect") == 0;
+  }));
+  a = finalized(with(small_flags(), {"--moe-shared-expert-gate"}), 1);
+  EXPECT_EQ(a.notes.back(),
+            "--moe-shared-expert-gate and --moe-shared-expert-overlap are ignored without "
+            "--moe-shared-expert-intermediate-size");
+
+  a = finalized(with(small_flags(), {"--moe-use-upcycling", "--load", "dense",
+                                     "--moe-upcycling-granularity", "2"}),
+                1);
+  EXPECT_TRUE(a.moe_use_upcycling && a.no_load_optim && a.no_load_rng);
+  EXPECT_EQ(a.moe_upcycling_granularity, 2);
+  EXPECT_CONTAINS(a.notes.back(), "enabling --no-load-rng for upcycling");
+
+  struct Case {
+    Args flags;
+    std::string message;
+  };
+  const Case cases[] = {
+      {with(shared, {"--moe-shared-expert-intermediate-size", "0"}),
+       "--moe-shared-expert-intermediate-size must be the number of shared experts times the "
+       "ffn size of each, a positive number (got 0)"},
+      {with(shared,
+            {"--tensor-model-parallel-size", "2", "--moe-shared-expert-intermediate-size", "33"}),
+       "--moe-shared-expert-intermediate-size (33) is not divisible by "
+       "--tensor-model-parallel-size (2)"},
+      {with(small_flags(), {"--moe-shared-expert-intermediate-size", "48"}),
+       "--moe-shared-expert-intermediate-size needs --disable-bias-linear (shared experts have "
+       "no biases, as in Megatron-LM)"},
+      {with(shared, {"--moe-shared-expert-overlap"}),
+       "--moe-shared-expert-overlap only works with --moe-token-dispatcher-type alltoall (as in "
+       "Megatron-LM)"},
+      {with(small_flags(), {"--moe-use-upcycling"}),
+       "argument --load (the dense checkpoint, with --moe-use-upcycling) is required"},
+      {with(small_flags(), {"--moe-upcycling-granularity", "0"}),
+       "argument --moe-upcycling-granularity must be positive (got 0)"},
+      {with(small_flags(),
+            {"--moe-use-upcycling", "--load", "d", "--moe-upcycling-granularity", "3"}),
+       "--num-experts (4) must be divisible by --moe-upcycling-granularity (3): each group of "
+       "that many experts holds one copy of the dense MLP"},
+  };
+  for (const Case& c : cases) EXPECT_EQ(validation_error(c.flags, 2), c.message);
+  Args dense = small_flags();
+  dense.erase(std::find(dense.begin(), dense.end(), "--num-experts"),
+              std::find(dense.begin(), dense.end(), "--num-experts") + 2);
+  EXPECT_EQ(validation_error(with(dense, {"--moe-use-upcycling", "--load", "d"}), 1),
+            "--moe-use-upcycling needs --num-experts (the MoE model to upcycle into)");
+  EXPECT_EQ(validation_error(with(dense, {"--moe-shared-expert-intermediate-size", "8"}), 1),
+            "--moe-shared-expert-intermediate-size needs --num-experts");
+}
+
 // The data module's ByteTokenizer (ids = UTF-8 bytes, eod 256) needs neither a file nor a size.
 TEST(Arguments, ByteTokenizerNeedsNoFile) {
   Args flags = small_flags();

@@ -728,6 +728,83 @@ TEST(TrainingLoop, TokenIdsOutsideTheVocabularyNameTheDataFile) {
                   "is outside the model's vocabulary [0, 128)");
 }
 
+// DeepSeek/Qwen-style blocks through moe-train: the first layer dense, gated shared experts in the
+// MoE layer, experts sharded over every rank; the loss falls and the checkpoint holds the shared
+// experts under Megatron's names.
+TEST(TrainingLoop, SharedExpertsWithFirstLayerDenseTrain) {
+  SharedScratchDir scratch("shared_experts");
+  const std::string save_dir = (scratch.path / "ckpt").string();
+  TrainingReport report =
+      run(with(tiny_moe_flags(20),
+               {"--moe-layer-freq", "[0,1]", "--moe-shared-expert-intermediate-size", "32",
+                "--moe-shared-expert-gate", "--expert-model-parallel-size",
+                std::to_string(world_size()), "--hidden-dropout", "0", "--attention-dropout", "0",
+                "--save", save_dir, "--save-interval", "20"}));
+  ASSERT_EQ(report.iterations.size(), 20u);
+  const double first = mean_loss(report.iterations, 0, 3);
+  const double last = mean_loss(report.iterations, 17, 20);
+  // The mock documents count upward: 20 iterations take the loss well below its start.
+  EXPECT_LT(last, first - 0.5) << "first 3 iterations " << first << ", last 3 " << last;
+  const std::string index =
+      moe::testing::read_bytes(scratch.path / "ckpt" / "iter_0000020" / "rank_00000.json");
+  EXPECT_CONTAINS(index, "\"decoder.layers.1.mlp.shared_experts.linear_fc1.weight\"",
+                  "\"decoder.layers.1.mlp.shared_experts.linear_fc2.weight\"",
+                  "\"decoder.layers.1.mlp.shared_experts.gate_weight\"",
+                  "\"decoder.layers.0.mlp.linear_fc1.weight\"");
+}
+
+// Flags of the tiny model without its MoE flags: the dense model to upcycle.
+Args tiny_dense_flags(int train_iters) {
+  Args flags = tiny_moe_flags(train_iters);
+  for (const char* flag : {"--num-experts", "--moe-router-topk", "--moe-aux-loss-coeff",
+                           "--moe-z-loss-coeff", "--moe-grouped-gemm"}) {
+    auto at = std::find(flags.begin(), flags.end(), flag);
+    const bool has_value = std::string(flag) != "--moe-grouped-gemm";
+    flags.erase(at, at + (has_value ? 2 : 1));
+  }
+  return flags;
+}
+
+// --moe-use-upcycling from a checkpoint moe-train saved of the dense model: the MoE run continues
+// at the dense run's iteration and data position (fresh optimizer and random streams, as Megatron
+// enables --no-load-optim and --no-load-rng), and its first forward gives the loss the dense
+// model gives on that batch (top-2 probabilities summing to 1 over copies of the dense MLP; fp32
+// rounding of the weighted sum only, as in checkpoint_upcycling_tests: 1e-6 of the loss). A
+// second run with the flag into the same --save is refused; without it the MoE run resumes.
+TEST(TrainingLoop, UpcyclingFromADenseCheckpointKeepsItsLoss) {
+  SharedScratchDir scratch("upcycling");
+  const std::string dense_dir = (scratch.path / "dense").string();
+  const std::string moe_dir = (scratch.path / "moe").string();
+  run(with(tiny_dense_flags(3),
+           {"--save", dense_dir, "--save-interval", "2", "--exit-interval", "2"}));
+  TrainingReport dense = run(with(tiny_dense_flags(3), {"--load", dense_dir}));
+  const Args upcycle =
+      with(tiny_moe_flags(3),
+           {"--moe-use-upcycling", "--load", dense_dir, "--save", moe_dir, "--save-interval", "3",
+            "--expert-model-parallel-size", std::to_string(world_size())});
+  std::string log;
+  TrainingReport upcycled = run(upcycle, &log);
+  ASSERT_EQ(dense.start_iteration, 2);
+  ASSERT_EQ(upcycled.start_iteration, 2);
+  ASSERT_EQ(upcycled.iterations.size(), 1u);
+  EXPECT_EQ(upcycled.iterations[0].consumed_samples, dense.iterations[0].consumed_samples);
+  EXPECT_NEAR(upcycled.iterations[0].lm_loss, dense.iterations[0].lm_loss,
+              1e-6 * dense.iterations[0].lm_loss);
+  EXPECT_GT(upcycled.iterations[0].load_balancing_loss, 0.0);
+  if (world_rank() == 0) {
+    EXPECT_CONTAINS(log, "note: enabling --no-load-optim for upcycling",
+                    "> upcycled the dense checkpoint into 4 experts per MoE layer");
+  }
+  EXPECT_EQ(moe::testing::error_text([&] { run(upcycle); }),
+            "--moe-use-upcycling: --save '" + moe_dir +
+                "' already holds a checkpoint; upcycling is only for the first run from the "
+                "dense checkpoint (resume the MoE run without --moe-use-upcycling)");
+  TrainingReport resumed =
+      run(with(tiny_moe_flags(3),
+               {"--load", moe_dir, "--expert-model-parallel-size", std::to_string(world_size())}));
+  EXPECT_EQ(resumed.start_iteration, 3);
+}
+
 TEST(TrainingLoop, LoadWithoutCheckpointStartsFreshOrFailsWhenAsked) {
   SharedScratchDir scratch("empty_load");
   const fs::path& dir = scratch.path;

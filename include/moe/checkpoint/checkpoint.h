@@ -48,12 +48,32 @@ void save_checkpoint(const std::string& save_dir, const TrainingState& state,
                      const optim::OptimizerParamScheduler* scheduler,
                      const comm::ParallelState& parallel, const SaveOptions& options = {});
 
+// Megatron's upcycling (--moe-use-upcycling, core/transformer/moe/upcycling_utils.py): a dense
+// model's checkpoint loaded into an MoE model. Every tensor the two models share loads by name;
+// in each MoE layer, expert e is slice e % granularity of the layer's dense MLP (fc1's columns and
+// fc2's rows; SwiGLU slices gate and up alike), fc1 (weights and bias) and fc2 weights scaled by
+// s = a^(1/3) with SwiGLU, a^(1/2) otherwise, where a = granularity, or num_experts *
+// granularity / topk with softmax before top-k; the fc2 bias is copied unscaled. The router keeps
+// the model's initial weights, with expert e's column replaced by column e / granularity (the
+// experts that make up one copy of the dense MLP score alike); shared experts keep their
+// initial weights.
+struct Upcycling {
+  int granularity = 1;  // dense ffn size / expert ffn size
+  int num_experts = 0;
+  int topk = 1;
+  bool pre_softmax = false;  // --moe-router-pre-softmax
+  bool swiglu = false;
+};
+
 struct LoadOptions {
   bool load_optim = true;  // false: --no-load-optim (optimizer and scheduler keep their state)
   bool load_rng = true;    // false: --no-load-rng (state.rng comes back empty)
   std::optional<int64_t> iteration;  // default: the tracker's iteration
   // Every model tensor in the checkpoint must go into some rank's model (false: load a part).
   bool strict = true;
+  // Set: the checkpoint is a dense model's, upcycled into this MoE model (model tensors only;
+  // load_optim and load_rng must be false).
+  std::optional<Upcycling> upcycling;
 };
 
 // Collective over parallel.world. Loads the model and, unless disabled, the optimizer state and

@@ -63,6 +63,10 @@ struct TransformerConfig {
   // ffn_hidden_size, activation and add_bias_linear are overwritten from the fields above
   // (moe.moe_ffn_hidden_size still sets the experts' own width).
   MoEConfig moe;
+  // Shared experts of every MoE layer (shared_experts.h): the width of their dense MLP (Megatron's
+  // num_shared_experts * ffn size of each; 0: none), and the Qwen2-MoE sigmoid gate.
+  int moe_shared_expert_intermediate_size = 0;
+  bool moe_shared_expert_gate = false;
 
   // DeepSeek-V3 multi-token prediction (Megatron's mtp_num_layers; 0: off): that many MTP
   // modules after the decoder, each predicting one token further ahead. The objective adds

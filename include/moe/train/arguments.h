@@ -164,6 +164,11 @@ struct TrainingArguments {
   bool moe_pad_expert_input_to_capacity = false;
   std::string moe_token_drop_policy = "probs";  // probs | position
   std::string moe_router_type = "topk";         // moecore's own: topk | expert_choice
+  std::optional<int> moe_shared_expert_intermediate_size;  // unset: no shared experts
+  bool moe_shared_expert_gate = false;
+  bool moe_shared_expert_overlap = false;  // accepted; nothing to overlap on this backend
+  bool moe_use_upcycling = false;          // --load holds a dense checkpoint to upcycle
+  int moe_upcycling_granularity = 1;       // dense ffn size / expert ffn size
 
   // ---- derived by finalize_arguments
   int world_size = 1;

@@ -1,0 +1,116 @@
+#include "moe/model/shared_experts.h"
+
+#include <cmath>
+#include <vector>
+
+#include "moe/tensor/ops.h"
+
+namespace moe::model {
+
+namespace {
+
+TransformerConfig shared_mlp_config(const TransformerConfig& config) {
+  TransformerConfig shared = config;
+  shared.ffn_hidden_size = config.moe_shared_expert_intermediate_size;
+  return shared;
+}
+
+// The gate's arithmetic in the compute type C (float, or double for F64 activations), on plain
+// pointers. Forward: gate[r] = sigmoid(x[r] . w), out[r] = y[r] * gate[r] (x, y, out [rows, h]).
+template <class C>
+void gate_forward(const C* x, const C* w, const C* y, int64_t rows, int64_t h, C* gate, C* out) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    C logit = 0;
+    for (int64_t k = 0; k < h; ++k) logit += x[r * h + k] * w[k];
+    gate[r] = C(1) / (C(1) + std::exp(-logit));
+    for (int64_t k = 0; k < h; ++k) out[r * h + k] = y[r * h + k] * gate[r];
+  }
+}
+
+// Backward from dy: dy_mlp = dy * gate; dlogit[r] = (dy[r] . y[r]) gate (1 - gate);
+// dx_gate[r] = dlogit[r] * w; dw += sum over rows of dlogit[r] * x[r], in row order so the sum
+// does not depend on the thread count.
+template <class C>
+void gate_backward(const C* x, const C* w, const C* y, const C* gate, const C* dy, int64_t rows,
+                   int64_t h, C* dy_mlp, C* dx_gate, C* dw) {
+  std::vector<C> dlogit(size_t(rows), C(0));
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    C dgate = 0;
+    for (int64_t k = 0; k < h; ++k) {
+      dgate += dy[r * h + k] * y[r * h + k];
+      dy_mlp[r * h + k] = dy[r * h + k] * gate[r];
+    }
+    dlogit[size_t(r)] = dgate * gate[r] * (C(1) - gate[r]);
+    for (int64_t k = 0; k < h; ++k) dx_gate[r * h + k] = dlogit[size_t(r)] * w[k];
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t k = 0; k < h; ++k) dw[k] += dlogit[size_t(r)] * x[r * h + k];
+  }
+}
+
+// Runs body(C{}) with C = double for F64 activations, float otherwise.
+template <class Body>
+void with_compute_type(DType activations, Body&& body) {
+  if (activations == DType::F64) {
+    body(double{});
+  } else {
+    body(float{});
+  }
+}
+
+DType compute_dtype(DType activations) {
+  return activations == DType::F64 ? DType::F64 : DType::F32;
+}
+
+}  // namespace
+
+SharedExperts::SharedExperts(ParameterStore& store, const std::string& prefix,
+                             const TransformerConfig& config, const TensorParallel& tp)
+    : mlp_(store, prefix, shared_mlp_config(config), tp) {
+  if (!config.moe_shared_expert_gate) return;
+  ParamSpec spec;
+  spec.name = prefix + ".gate_weight";
+  spec.shape = {config.hidden_size, 1};
+  spec.tensor_parallel_duplicate = true;
+  gate_weight_ = store.declare(spec);
+}
+
+Tensor SharedExperts::forward(const ParameterStore& store, const Tensor& x, Saved& saved) const {
+  Tensor out = mlp_.forward(store, x, saved.mlp);
+  if (gate_weight_.index < 0) return out;
+  saved.mlp_output = out;
+  const DType cdt = compute_dtype(x.dtype());
+  const int64_t rows = x.dim(0), h = x.dim(1);
+  Tensor xc = x.to(cdt), w = store.param(gate_weight_).to(cdt), y = out.to(cdt);
+  Tensor gated = Tensor::empty({rows, h}, cdt);
+  saved.gate = Tensor::empty({rows}, cdt);
+  with_compute_type(x.dtype(), [&]<class C>(C) {
+    gate_forward(xc.data<C>(), w.data<C>(), y.data<C>(), rows, h, saved.gate.data<C>(),
+                 gated.data<C>());
+  });
+  return gated.to(x.dtype());
+}
+
+Tensor SharedExperts::backward(const ParameterStore& store, const Saved& saved,
+                               const Tensor& dy) const {
+  if (gate_weight_.index < 0) return mlp_.backward(store, saved.mlp, dy);
+  const DType cdt = compute_dtype(dy.dtype());
+  const int64_t rows = dy.dim(0), h = dy.dim(1);
+  Tensor x = saved.mlp.input.to(cdt), w = store.param(gate_weight_).to(cdt);
+  Tensor y = saved.mlp_output.to(cdt), dyc = dy.to(cdt);
+  Tensor dy_mlp = Tensor::empty({rows, h}, cdt), dx_gate = Tensor::empty({rows, h}, cdt);
+  Tensor dw = Tensor::zeros({h, 1}, cdt);
+  with_compute_type(dy.dtype(), [&]<class C>(C) {
+    gate_backward(x.data<C>(), w.data<C>(), y.data<C>(), saved.gate.data<C>(), dyc.data<C>(), rows,
+                  h, dy_mlp.data<C>(), dx_gate.data<C>(), dw.data<C>());
+  });
+  Tensor dx = mlp_.backward(store, saved.mlp, dy_mlp.to(dy.dtype())).to(cdt);
+  add(dx, dx_gate, dx);
+  Tensor grad = store.grad(gate_weight_);
+  add(grad, dw.to(DType::F32), grad);
+  return dx.to(dy.dtype());
+}
+
+}  // namespace moe::model
