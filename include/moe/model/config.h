@@ -27,6 +27,19 @@ struct TransformerConfig {
   float norm_epsilon = 1e-5f;
   std::string position_embedding_type = "learned_absolute";  // | "rope" | "none"
   float rotary_base = 10000.0f;
+  // Multi-latent attention (DeepSeek-V2/V3, Megatron's MLATransformerConfig; see mla.h):
+  // low-rank query (q_lora_rank; 0 is Megatron's None: no compression, linear_q_proj) and
+  // key/value (kv_lora_rank) projections, per-head query/key size qk_head_dim plus a rotary part
+  // of qk_pos_emb_head_dim, value size v_head_dim. Its rotary part is always rotated (with
+  // rotary_base), whatever position_embedding_type says. qk_layernorm adds q_layernorm and
+  // kv_layernorm on the latents, as Megatron's --qk-layernorm does for MLA.
+  bool multi_latent_attention = false;
+  int q_lora_rank = 0;
+  int kv_lora_rank = 32;
+  int qk_head_dim = 128;
+  int qk_pos_emb_head_dim = 64;
+  int v_head_dim = 128;
+  bool qk_layernorm = false;
   bool swiglu = false;          // SwiGLU MLP (fc1 is [gate | up]); GeLU otherwise
   bool add_bias_linear = true;  // false with --disable-bias-linear
   bool untie_embeddings_and_output_weights = false;
