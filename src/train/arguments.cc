@@ -87,6 +87,11 @@ void register_arguments(CLI::App& app, TrainingArguments& a) {
     app.add_flag("--swiglu", a.swiglu, "Use the SwiGLU (gated SiLU) MLP instead of GeLU.");
     app.add_flag("--untie-embeddings-and-output-weights", a.untie_embeddings_and_output_weights,
                  "Separate output-layer weights instead of reusing the word embedding.");
+    app.add_flag("--multi-latent-attention", a.multi_latent_attention,
+                 "Use DeepSeek's multi-latent attention (see the mla group).");
+    app.add_flag("--qk-layernorm", a.qk_layernorm,
+                 "Normalise the query and key/value latents (only with --multi-latent-attention "
+                 "so far).");
   });
 
   group("regularization", [&] {
@@ -297,6 +302,22 @@ void register_arguments(CLI::App& app, TrainingArguments& a) {
                    "Which tokens an over-capacity expert drops.")
         ->check(CLI::IsMember({"probs", "position"}))
         ->capture_default_str();
+  });
+
+  group("mla", [&] {
+    optional_int("--q-lora-rank", a.q_lora_rank,
+                 "Rank of the query's low-rank projection (unset: no query compression).");
+    app.add_option("--kv-lora-rank", a.kv_lora_rank,
+                   "Rank of the keys' and values' low-rank projection.")
+        ->capture_default_str();
+    app.add_option("--qk-head-dim", a.qk_head_dim,
+                   "Query/key head size without the rotary part (query head size = qk-head-dim + "
+                   "qk-pos-emb-head-dim).")
+        ->capture_default_str();
+    app.add_option("--qk-pos-emb-head-dim", a.qk_pos_emb_head_dim,
+                   "Size of the rotary part of each query/key head.")
+        ->capture_default_str();
+    app.add_option("--v-head-dim", a.v_head_dim, "Value head size.")->capture_default_str();
   });
 
   group("logging", [&] {
@@ -586,6 +607,21 @@ void finalize_arguments(TrainingArguments& a, int world_size) {
   } else {
     a.num_query_groups = heads;  // plain multi-head attention: one key/value head per head
   }
+
+  // ---- multi-latent attention
+  if (a.multi_latent_attention) {
+    MOE_CHECK(!a.group_query_attention,
+              "--group-query-attention and --multi-latent-attention are mutually exclusive");
+    if (a.q_lora_rank) require_positive(*a.q_lora_rank, "--q-lora-rank");
+    require_positive(a.kv_lora_rank, "--kv-lora-rank");
+    require_positive(a.qk_head_dim, "--qk-head-dim");
+    require_positive(a.v_head_dim, "--v-head-dim");
+    MOE_CHECK(a.qk_pos_emb_head_dim >= 2 && a.qk_pos_emb_head_dim % 2 == 0,
+              "--qk-pos-emb-head-dim (", a.qk_pos_emb_head_dim,
+              ") must be even and >= 2 (rope rotates pairs)");
+  }
+  MOE_CHECK(!a.qk_layernorm || a.multi_latent_attention,
+            "--qk-layernorm is supported only with --multi-latent-attention so far");
 
   // ---- positions
   require_finite_positive(a.rotary_base, "--rotary-base");

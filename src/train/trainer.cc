@@ -51,6 +51,13 @@ model::TransformerConfig model_config(const TrainingArguments& a, int64_t padded
   c.norm_epsilon = float(a.norm_epsilon);
   c.position_embedding_type = a.position_embedding_type;
   c.rotary_base = float(a.rotary_base);
+  c.multi_latent_attention = a.multi_latent_attention;
+  c.q_lora_rank = a.q_lora_rank.value_or(0);
+  c.kv_lora_rank = a.kv_lora_rank;
+  c.qk_head_dim = a.qk_head_dim;
+  c.qk_pos_emb_head_dim = a.qk_pos_emb_head_dim;
+  c.v_head_dim = a.v_head_dim;
+  c.qk_layernorm = a.qk_layernorm;
   c.swiglu = a.swiglu;
   c.add_bias_linear = a.add_bias_linear;
   c.untie_embeddings_and_output_weights = a.untie_embeddings_and_output_weights;

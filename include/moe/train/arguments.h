@@ -36,6 +36,15 @@ struct TrainingArguments {
   double norm_epsilon = 1e-5;
   bool swiglu = false;
   bool untie_embeddings_and_output_weights = false;
+  bool qk_layernorm = false;  // with --multi-latent-attention: q_layernorm and kv_layernorm
+
+  // ---- multi-latent attention (Megatron's "mla" group)
+  bool multi_latent_attention = false;
+  std::optional<int> q_lora_rank;  // None: queries are not compressed (linear_q_proj)
+  int kv_lora_rank = 32;
+  int qk_head_dim = 128;
+  int qk_pos_emb_head_dim = 64;
+  int v_head_dim = 128;
 
   // ---- regularization
   double attention_dropout = 0.1;
