@@ -4,7 +4,7 @@
 
 namespace moe::model {
 
-void TransformerConfig::validate(int tp) const {
+void TransformerConfig::validate(int tp, int ep) const {
   MOE_CHECK(tp >= 1, "tensor_model_parallel_size (", tp, ") must be >= 1");
   MOE_CHECK(num_layers >= 1, "num_layers (", num_layers, ") must be >= 1");
   MOE_CHECK(hidden_size >= 1, "hidden_size (", hidden_size, ") must be >= 1");
@@ -78,6 +78,10 @@ void TransformerConfig::validate(int tp) const {
     }
     moe_config().validate();
   }
+  MOE_CHECK(!(num_experts > 0 && ep > 1 && tp > 1 && !sequence_parallel),
+            "MoE layers with expert parallelism (expert_model_parallel_size = ", ep,
+            ") and tensor parallelism (tensor_model_parallel_size = ", tp,
+            ") require sequence parallelism: add --sequence-parallel (as Megatron-Core does)");
 }
 
 bool TransformerConfig::is_moe_layer(int layer) const {

@@ -56,6 +56,7 @@ Tensor AllGatherTokenDispatcher::dispatch(const Tensor& hidden, const Routing& r
       build_dispatch_plan(group_routing.experts, config_.num_experts, placement_.first,
                           placement_.count, capacity.keep, capacity.pad_rows_to);
   ctx.tokens_per_local_expert = state->expert_plan.rows_per_expert;
+  ctx.unpadded_tokens_per_local_expert = unpadded_rows_per_expert(state->expert_plan);
 
   // The home plan: slot s of the home tokens <-> home slot row s (-1 when dropped).
   ctx.plan.num_tokens = T;

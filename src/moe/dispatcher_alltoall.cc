@@ -120,6 +120,7 @@ Tensor AllToAllTokenDispatcher::dispatch(const Tensor& hidden, const Routing& ro
   // rank s + etp * q ascending (global token order) inside each expert, then the expert's
   // padding rows.
   ctx.tokens_per_local_expert.assign(size_t(L), 0);
+  ctx.unpadded_tokens_per_local_expert.assign(size_t(L), 0);
   for (int64_t l = 0; l < L; ++l) {
     int64_t kept = 0;
     for (int q = 0; q < ep; ++q) {
@@ -134,6 +135,7 @@ Tensor AllToAllTokenDispatcher::dispatch(const Tensor& hidden, const Routing& ro
               " rows, more than its capacity ", rows);
     state->expert_row_source.insert(state->expert_row_source.end(), size_t(rows - kept), -1);
     ctx.tokens_per_local_expert[size_t(l)] = rows;
+    ctx.unpadded_tokens_per_local_expert[size_t(l)] = kept;
   }
   state->gathered_row_source.assign(size_t(gathered), -1);
   for (size_t r = 0; r < state->expert_row_source.size(); ++r) {

@@ -1,6 +1,8 @@
 #include "moe/moe/moe_layer.h"
 
+#include "moe/comm/process_group.h"
 #include "moe/internal.h"
+#include "moe/moe/ep_dispatchers.h"
 
 namespace moe {
 namespace {
@@ -15,11 +17,41 @@ std::unique_ptr<TokenDispatcher> local_if_null(std::unique_ptr<TokenDispatcher> 
 }  // namespace
 
 MoELayer::MoELayer(const MoEConfig& config, ParameterStore& store, const std::string& prefix,
-                   std::unique_ptr<TokenDispatcher> dispatcher, uint64_t jitter_seed)
+                   std::unique_ptr<TokenDispatcher> dispatcher, uint64_t jitter_seed,
+                   comm::TensorParallel tp)
     : config_(config),
+      tp_(std::move(tp)),
       dispatcher_(local_if_null(std::move(dispatcher), config)),
       router_(config, store, prefix + ".router", jitter_seed),
-      experts_(make_experts(config, store, prefix + ".experts", dispatcher_->placement())) {}
+      experts_(make_experts(config, store, prefix + ".experts", dispatcher_->placement())) {
+  if (tp_.size() > 1) {
+    router_.set_aux_count_reducer(make_aux_count_reducer(tp_.group));
+    router_.set_z_loss_group_size(tp_.size());
+  }
+}
+
+std::vector<ParamHandle> MoELayer::tensor_parallel_partial_params() const {
+  if (tp_.size() == 1) return {};
+  return router_.params();
+}
+
+Tensor MoELayer::own_block(const Tensor& full) const {
+  if (!splits_tokens()) return full;
+  MOE_CHECK(full.dim(0) % tp_.size() == 0, "MoE layers with tensor parallelism split the ",
+            "sequence over tp ranks: sequence length ", full.dim(0),
+            " must be divisible by tensor_model_parallel_size (", tp_.size(), ")");
+  const int64_t block = full.dim(0) / tp_.size();
+  return full.rows(tp_.rank() * block, (tp_.rank() + 1) * block);
+}
+
+Tensor MoELayer::gather_blocks(const Tensor& own) const {
+  if (!splits_tokens()) return own;
+  Shape shape = own.shape();
+  shape[0] *= tp_.size();
+  Tensor full = Tensor::empty(shape, own.dtype());
+  comm::all_gather(own, full, tp_.group);
+  return full;
+}
 
 void MoELayer::init_parameters(uint64_t seed, float std, float output_std) {
   router_.init_parameters(seed, std);
@@ -38,13 +70,22 @@ Tensor MoELayer::forward(const Tensor& hidden, MoEContext& ctx, bool training) {
   ctx.input_shape = hidden.shape();
   ctx.dtype = hidden.dtype();
   ctx.training = training;
-  const Tensor tokens = hidden.reshape({-1, config_.hidden_size});
-  Routing routing = router_.forward(hidden, ctx.router, training);
+  const Tensor own = own_block(hidden);
+  const Tensor tokens = own.reshape({-1, config_.hidden_size});
+  Routing routing = router_.forward(own, ctx.router, training);
   Tensor rows = dispatcher_->dispatch(tokens, routing, ctx.dispatch);
   Tensor expert_output = experts_->forward(rows, ctx.dispatch.tokens_per_local_expert, ctx.experts);
   Tensor output = dispatcher_->combine(expert_output, ctx.dispatch);
+  ctx.losses = ctx.router.losses;
+  if (tp_.size() > 1) {  // each tp rank's losses are its tokens' share of the micro-batch's
+    Tensor values({2}, DType::F64);
+    values.data<double>()[0] = ctx.losses.load_balancing_loss;
+    values.data<double>()[1] = ctx.losses.z_loss;
+    comm::all_reduce(values, tp_.group);
+    ctx.losses = {values.data<double>()[0], values.data<double>()[1]};
+  }
   ctx.has_saved_state = true;
-  return output.reshape(hidden.shape());
+  return gather_blocks(output.reshape(own.shape())).reshape(hidden.shape());
 }
 
 Tensor MoELayer::backward(MoEContext& ctx, const Tensor& grad_output, double aux_loss_grad_scale) {
@@ -53,17 +94,19 @@ Tensor MoELayer::backward(MoEContext& ctx, const Tensor& grad_output, double aux
             "backward already consumed it)");
   check_shape(grad_output, ctx.input_shape, "MoELayer::backward grad_output");
   check_dtype(grad_output, ctx.dtype, "MoELayer::backward grad_output");
-  const Tensor grad_tokens = grad_output.reshape({-1, config_.hidden_size});
+  // Every tp rank holds the same grad_output when the layer splits tokens: its block is its share.
+  const Tensor grad_own = own_block(grad_output);
+  const Tensor grad_tokens = grad_own.reshape({-1, config_.hidden_size});
   Tensor grad_probs = Tensor::empty(ctx.router.routing.probs.shape(),
                                     internal::compute_dtype_for(grad_output.dtype()));
   Tensor grad_expert_output = dispatcher_->combine_backward(grad_tokens, ctx.dispatch, grad_probs);
   Tensor grad_rows = experts_->backward(ctx.experts, grad_expert_output);
   grad_expert_output = Tensor();
   Tensor grad_hidden =
-      dispatcher_->dispatch_backward(grad_rows, ctx.dispatch).reshape(ctx.input_shape);
+      dispatcher_->dispatch_backward(grad_rows, ctx.dispatch).reshape(grad_own.shape());
   router_.backward(ctx.router, grad_probs, grad_hidden, aux_loss_grad_scale);
   ctx.has_saved_state = false;
-  return grad_hidden;
+  return gather_blocks(grad_hidden).reshape(ctx.input_shape);
 }
 
 }  // namespace moe

@@ -126,6 +126,17 @@ std::vector<uint8_t> select_within_capacity(const Routing& routing, int64_t num_
   return keep;
 }
 
+std::vector<int64_t> unpadded_rows_per_expert(const DispatchPlan& plan) {
+  std::vector<int64_t> counts(plan.rows_per_expert.size(), 0);
+  int64_t row = 0;
+  for (size_t e = 0; e < counts.size(); ++e) {
+    for (int64_t end = row + plan.rows_per_expert[e]; row < end; ++row) {
+      counts[e] += plan.slot_of_row[size_t(row)] >= 0 ? 1 : 0;
+    }
+  }
+  return counts;
+}
+
 DispatchPlan build_dispatch_plan(const Tensor& experts, int64_t num_experts, int64_t first_expert,
                                  int64_t num_local_experts, const std::vector<uint8_t>& keep,
                                  int64_t pad_rows_to) {

@@ -354,6 +354,11 @@ Tensor TopKRouter::bias_grad() const {
   return store_.grad(bias_);
 }
 
+std::vector<ParamHandle> TopKRouter::params() const {
+  if (has_bias()) return {weight_, bias_};
+  return {weight_};
+}
+
 void TopKRouter::set_z_loss_group_size(int64_t group_size) {
   MOE_CHECK(group_size >= 1, "TopKRouter: z-loss group size (", group_size, ") must be >= 1");
   z_loss_group_size_ = group_size;

@@ -42,6 +42,7 @@ Tensor LocalTokenDispatcher::dispatch(const Tensor& hidden, const Routing& routi
   ctx.plan = build_dispatch_plan(routing.experts, config_.num_experts, 0, config_.num_experts,
                                  capacity.keep, capacity.pad_rows_to);
   ctx.tokens_per_local_expert = ctx.plan.rows_per_expert;
+  ctx.unpadded_tokens_per_local_expert = unpadded_rows_per_expert(ctx.plan);
   Tensor rows = Tensor::empty({ctx.plan.num_rows(), ctx.hidden_size}, hidden.dtype());
   permute_rows(hidden, ctx.plan, Tensor(), rows);
   return rows;

@@ -33,13 +33,11 @@ model::GPTStage pipeline_stage(int num_layers, const comm::ParallelState& parall
 }
 
 double MoELossSummary::load_balancing_loss() const {
-  return load_balancing_loss_reports > 0
-             ? load_balancing_loss_sum / double(load_balancing_loss_reports)
-             : 0.0;
+  return reports > 0 ? sum.load_balancing_loss / double(reports) : 0.0;
 }
 
 double MoELossSummary::z_loss() const {
-  return z_loss_reports > 0 ? z_loss_sum / double(z_loss_reports) : 0.0;
+  return reports > 0 ? sum.z_loss / double(reports) : 0.0;
 }
 
 double StepResult::mean_lm_loss() const {
@@ -51,16 +49,9 @@ namespace {
 
 void add_moe_reports(const std::vector<model::MoELossReport>& reports, MoELossSummary& summary) {
   for (const model::MoELossReport& report : reports) {
-    if (report.name == "load_balancing_loss") {
-      summary.load_balancing_loss_sum += report.value;
-      ++summary.load_balancing_loss_reports;
-    } else if (report.name == "z_loss") {
-      summary.z_loss_sum += report.value;
-      ++summary.z_loss_reports;
-    } else {
-      throw Error(detail::concat("the pipeline schedule does not know MoE loss '", report.name,
-                                 "' of layer ", report.layer));
-    }
+    summary.sum.load_balancing_loss += report.losses.load_balancing_loss;
+    summary.sum.z_loss += report.losses.z_loss;
+    ++summary.reports;
   }
 }
 
@@ -173,23 +164,20 @@ class StageRunner {
   // sum is that stage's values exactly; MoE sums add up the stages' disjoint layers.
   void reduce_losses() {
     const size_t micro_batches = result_.lm_losses.size();
-    Tensor buffer({int64_t(2 * micro_batches + 4)}, DType::F64);  // [2 M + 4]
+    Tensor buffer({int64_t(2 * micro_batches + 3)}, DType::F64);  // [2 M + 3]
     double* values = buffer.data<double>();
     std::copy(result_.lm_losses.begin(), result_.lm_losses.end(), values);
     std::copy(result_.loss_tokens.begin(), result_.loss_tokens.end(), values + micro_batches);
     double* moe = values + 2 * micro_batches;
     MoELossSummary& summary = result_.moe;
-    moe[0] = summary.load_balancing_loss_sum;
-    moe[1] = double(summary.load_balancing_loss_reports);
-    moe[2] = summary.z_loss_sum;
-    moe[3] = double(summary.z_loss_reports);
+    moe[0] = summary.sum.load_balancing_loss;
+    moe[1] = summary.sum.z_loss;
+    moe[2] = double(summary.reports);
     comm::all_reduce(buffer, pp_);
     std::copy(values, values + micro_batches, result_.lm_losses.begin());
     std::copy(values + micro_batches, values + 2 * micro_batches, result_.loss_tokens.begin());
-    summary.load_balancing_loss_sum = moe[0];
-    summary.load_balancing_loss_reports = int64_t(moe[1]);
-    summary.z_loss_sum = moe[2];
-    summary.z_loss_reports = int64_t(moe[3]);
+    summary.sum = {moe[0], moe[1]};
+    summary.reports = int64_t(moe[2]);
   }
 
   model::GPTModel& model_;
@@ -250,7 +238,9 @@ StepResult forward_backward(model::GPTModel& model, const comm::ParallelState& p
     }
   }
   for (int m = 0; m < warmup; ++m) stage.send_backward(stage.backward(stage.recv_backward()));
-  return stage.finish();
+  StepResult result = stage.finish();
+  model.finalize_grads();
+  return result;
 }
 
 StepResult forward_only(model::GPTModel& model, const comm::ParallelState& parallel,

@@ -17,7 +17,7 @@ class CountingDispatcher final : public TokenDispatcher {
   const ExpertPlacement& placement() const override { return inner_->placement(); }
   Tensor dispatch(const Tensor& hidden, const Routing& routing, DispatchContext& ctx) override {
     Tensor rows = inner_->dispatch(hidden, routing, ctx);
-    counter_->add(inner_->placement(), ctx.tokens_per_local_expert);
+    counter_->add(inner_->placement(), ctx.unpadded_tokens_per_local_expert);
     return rows;
   }
   Tensor combine(const Tensor& expert_output, DispatchContext& ctx) override {

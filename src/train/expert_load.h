@@ -14,7 +14,8 @@
 
 namespace moe::train {
 
-// Rows dispatched to each expert since the last reset(), counted on this rank.
+// Tokens dispatched to each expert since the last reset() (capacity padding not counted),
+// counted on this rank.
 class ExpertLoadCounter {
  public:
   explicit ExpertLoadCounter(int64_t num_experts) : counts_(size_t(num_experts), 0) {}

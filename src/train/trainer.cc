@@ -237,10 +237,7 @@ void build_model_and_optimizer(Job& job) {
   model::DispatcherFactory dispatchers;
   if (a.is_moe()) {
     job.expert_load = std::make_shared<ExpertLoadCounter>(*a.num_experts);
-    dispatchers = counting_dispatcher_factory(
-        job.expert_load, [](const MoEConfig& moe, const comm::ParallelState& parallel, int) {
-          return make_token_dispatcher(moe, parallel);
-        });
+    dispatchers = counting_dispatcher_factory(job.expert_load, model::default_dispatcher_factory());
   }
   const model::GPTStage stage = pipeline::pipeline_stage(*a.num_layers, job.parallel);
   job.model =

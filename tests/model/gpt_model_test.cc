@@ -68,7 +68,9 @@ void check_model_gradients(const TransformerConfig& config) {
     GPTContext ctx;
     ctx.dropout_seed = 77;
     double loss = model.forward(batch.tokens, batch.labels, ctx, batch.mask);
-    for (const MoELossReport& r : ctx.moe_losses) loss += r.value;
+    for (const MoELossReport& r : ctx.moe_losses) {
+      loss += r.losses.load_balancing_loss + r.losses.z_loss;
+    }
     return loss;
   };
   GPTContext ctx;

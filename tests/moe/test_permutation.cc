@@ -227,6 +227,13 @@ TEST(Capacity, DispatcherRespectsCapacityAndPads) {
   EXPECT_EQ(decision.pad_rows_to, 3);
   plan = build_dispatch_plan(routing.experts, 4, 0, 4, decision.keep, decision.pad_rows_to);
   EXPECT_EQ(plan.rows_per_expert, (std::vector<int64_t>{3, 3, 3, 3}));
+  // The expert load to log counts tokens, not padding: expert 3 keeps tokens 2 and 5 only.
+  EXPECT_EQ(unpadded_rows_per_expert(plan), (std::vector<int64_t>{3, 3, 3, 2}));
+  LocalTokenDispatcher dispatcher(config);
+  DispatchContext ctx;
+  dispatcher.dispatch(testing::random_normal({8, 4}, 5), routing, ctx);
+  EXPECT_EQ(ctx.tokens_per_local_expert, (std::vector<int64_t>{3, 3, 3, 3}));
+  EXPECT_EQ(ctx.unpadded_tokens_per_local_expert, (std::vector<int64_t>{3, 3, 3, 2}));
   // Padding rows are zero and dropped slots have no row.
   Tensor hidden = testing::random_normal({8, 4}, 4);
   Tensor rows({plan.num_rows(), 4});

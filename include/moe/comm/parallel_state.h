@@ -18,6 +18,16 @@ struct ParallelSizes {
   int cp = 1;   // context parallel
 };
 
+// A rank's place in a tensor-parallel region: the tp group (the self group without tensor
+// parallelism) and whether activations outside the region are split by sequence.
+struct TensorParallel {
+  ProcessGroup group;
+  bool sequence_parallel = false;
+
+  int size() const { return group.size(); }
+  int rank() const { return group.rank(); }
+};
+
 struct ParallelState {
   ParallelSizes sizes;
   int world_size = 1;

@@ -63,8 +63,9 @@ struct TransformerConfig {
   bool sequence_parallel = false;
   std::string recompute_granularity;  // "" (off) | "full": every layer recomputes in backward
 
-  // Throws moe::Error naming the fields when the values cannot build a model on `tp` ranks.
-  void validate(int tp) const;
+  // Throws moe::Error naming the fields when the values cannot build a model with tensor
+  // parallel size `tp` and expert parallel size `ep`.
+  void validate(int tp, int ep = 1) const;
 
   int ffn_size() const { return ffn_hidden_size > 0 ? ffn_hidden_size : 4 * hidden_size; }
   int head_dim() const { return kv_channels > 0 ? kv_channels : hidden_size / num_attention_heads; }

@@ -40,19 +40,20 @@ struct GPTStage {
   int num_layers = -1;  // -1: all layers from first_layer on
 };
 
-// A loss the MoE layers report for logging (they do not enter the returned lm loss; their
-// gradients are applied inside the MoE layers' backward). Values are those of the micro-batch
-// (summed over the tp ranks that share its tokens).
+// The router losses one MoE layer reports for logging (they do not enter the returned lm loss;
+// their gradients are applied inside the MoE layers' backward): the micro-batch's values,
+// summed over the tp ranks that share its tokens.
 struct MoELossReport {
   int layer = 0;
-  std::string name;  // "load_balancing_loss", "z_loss", ...
-  double value = 0;
+  RouterLosses losses;
 };
 
-// Builds the token dispatcher of each MoE layer. Unset: make_token_dispatcher (ep_dispatchers.h):
-// all experts local when ep = etp = 1, else the config's all-to-all or all-gather dispatcher.
+// Builds the token dispatcher of each MoE layer.
 using DispatcherFactory = std::function<std::unique_ptr<TokenDispatcher>(
     const MoEConfig& config, const comm::ParallelState& parallel, int layer)>;
+// make_token_dispatcher (ep_dispatchers.h): all experts local when ep = etp = 1, else the
+// config's all-to-all or all-gather dispatcher. What GPTModel uses when given none.
+DispatcherFactory default_dispatcher_factory();
 
 namespace detail {
 struct GPTContextState;
@@ -109,13 +110,17 @@ class GPTModel {
   double forward(const Tensor& tokens, const Tensor& labels, GPTContext& ctx,
                  const Tensor& loss_mask = Tensor());
   // Backward of forward; d(loss) = loss_grad (1 / micro-batches, times a loss scale).
-  // Gradients accumulate (+=) into the store. Inside backward, the gradients of parameters that
-  // are replicated over tp but see only this rank's rows (norms, row-parallel biases and position
-  // embeddings with sequence parallelism; MoE routers whenever tp > 1) are summed over tp, so
-  // every tp rank holds the same full gradient. Reductions over dp (dense) and expert-dp
-  // (expert weights: each rank's gradient covers the tokens its experts received) are the
-  // optimizer's.
+  // Gradients accumulate (+=) into the store; call finalize_grads() after the step's last
+  // backward.
   void backward(GPTContext& ctx, float loss_grad = 1.0f);
+
+  // Once per step, after every micro-batch's backward (the pipeline schedule calls it), as
+  // Megatron's finalize_model_grads: the gradients of parameters that are replicated over tp but
+  // see only this rank's rows (norms, row-parallel biases and position embeddings with sequence
+  // parallelism; the MoE layers' tensor_parallel_partial_params) are summed over tp, so every tp
+  // rank holds the same full gradient. Reductions over dp (dense) and expert-dp (expert weights:
+  // each rank's gradient covers the tokens its experts received) are the optimizer's.
+  void finalize_grads();
 
   // One pipeline stage. input: tokens [b, s] on the first stage, else the previous stage's output
   // [rows_local, h]; labels and loss_mask are read on the last stage only (pass batch_shape-sized

@@ -9,19 +9,13 @@
 #include <string>
 #include <vector>
 
-#include "moe/comm/process_group.h"
+#include "moe/comm/parallel_state.h"
 #include "moe/tensor/parameters.h"
 #include "moe/tensor/tensor.h"
 
 namespace moe::model {
 
-struct TensorParallel {
-  comm::ProcessGroup group;  // the tp group; the self group without tensor parallelism
-  bool sequence_parallel = false;
-
-  int size() const { return group.size(); }
-  int rank() const { return group.rank(); }
-};
+using comm::TensorParallel;
 
 // Entering a tensor-parallel region (before a column-parallel product).
 // forward: all-gather rows with sequence parallelism, else identity.

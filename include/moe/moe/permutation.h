@@ -40,6 +40,9 @@ struct DispatchPlan {
   int64_t num_local_experts() const { return int64_t(rows_per_expert.size()); }
 };
 
+// [plan.num_local_experts()] the rows of each expert that carry a token (padding excluded).
+std::vector<int64_t> unpadded_rows_per_expert(const DispatchPlan& plan);
+
 // experts: [T, topk] I32 ids in [0, num_experts). keep: T*topk flags or empty (keep all).
 // pad_rows_to > 0: every local expert gets exactly that many rows (its kept tokens first, then
 // zero padding rows); an expert keeping more rows than that is an error.

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <vector>
 
 #include "moe/moe/config.h"
 #include "moe/tensor/parameters.h"
@@ -94,6 +95,8 @@ class TopKRouter {
   // Normal(0, std) weight from a generator derived from seed; bias zero.
   void init_parameters(uint64_t seed, float std);
 
+  // The router's parameters (weight, and bias when present), e.g. for gradient reductions.
+  std::vector<ParamHandle> params() const;
   Tensor weight() const;       // [H, E] param dtype
   Tensor weight_grad() const;  // [H, E] F32, accumulates
   bool has_bias() const { return bias_.index >= 0; }

@@ -45,6 +45,8 @@ struct DispatchContext {
   Routing routing;    // the home tokens' routing; routing.probs are the combine weights
   DispatchPlan plan;  // home tokens' slots <-> rows in home permutation order
   std::vector<int64_t> tokens_per_local_expert;  // [placement.count] rows each local expert gets
+  // [placement.count] the tokens among them, without the padding rows (the expert load to log)
+  std::vector<int64_t> unpadded_tokens_per_local_expert;
   Tensor combine_rows;  // [plan rows, H]: expert outputs as combined (for d probs)
   int64_t hidden_size = 0;
   DType dtype = DType::F32;

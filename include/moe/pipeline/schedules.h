@@ -72,17 +72,15 @@ struct ScheduleOptions {
   double loss_scale = 1.0;
   // True: lm losses and the MoE loss summary are reduced over the pp group, so every rank of it
   // returns the last stage's lm losses and the whole pipeline's MoE summary (one all_reduce of
-  // 2 M + 4 doubles). False: no collective; lm losses are zero except on the last stage and the
+  // 2 M + 3 doubles). False: no collective; lm losses are zero except on the last stage and the
   // MoE summary covers this stage's layers.
   bool reduce_over_pipeline = true;
 };
 
 // MoE router losses summed over (MoE layer, micro-batch) reports.
 struct MoELossSummary {
-  double load_balancing_loss_sum = 0;
-  int64_t load_balancing_loss_reports = 0;
-  double z_loss_sum = 0;
-  int64_t z_loss_reports = 0;
+  RouterLosses sum;
+  int64_t reports = 0;
 
   // Means over the reports (0 when there are none), as Megatron logs them.
   double load_balancing_loss() const;
@@ -105,10 +103,10 @@ struct StepResult {
 };
 
 // Runs one step's micro-batches on this rank's stage of `model` (collective over parallel.pp,
-// and over the tp/ep groups inside the model). Parameter gradients accumulate (+=) into the
-// model's store; zero them before the step. The model's stage must match this rank's pp
-// position (pre_process on the first stage, post_process on the last). Throws moe::Error for bad
-// options before any transfer, naming the values.
+// and over the tp/ep groups inside the model), then the model's finalize_grads. Parameter
+// gradients accumulate (+=) into the model's store; zero them before the step. The model's stage
+// must match this rank's pp position (pre_process on the first stage, post_process on the last).
+// Throws moe::Error for bad options before any transfer, naming the values.
 StepResult forward_backward(model::GPTModel& model, const comm::ParallelState& parallel,
                             const MicroBatchProvider& provider, const ScheduleOptions& options);
 

@@ -1,0 +1,144 @@
+#include "transformer_layer.h"
+
+#include "moe/tensor/ops.h"
+
+namespace moe::model {
+
+void ParamRegistry::add_norm(const Norm& norm) {
+  add(norm.weight(), InitKind::kOnes);
+  add_sequence_parallel_partial(norm.weight());
+  if (norm.bias().index >= 0) {
+    add(norm.bias(), InitKind::kZeros);
+    add_sequence_parallel_partial(norm.bias());
+  }
+}
+
+TransformerLayer::TransformerLayer(ParameterStore& store, const TransformerConfig& config,
+                                   int number, const TensorParallel& tp,
+                                   std::unique_ptr<TokenDispatcher> dispatcher,
+                                   uint64_t jitter_seed)
+    : number_(number),
+      config_(config),
+      prefix_("decoder.layers." + std::to_string(number)),
+      input_norm_(store, prefix_ + ".input_layernorm", config.hidden_size, config.normalization,
+                  config.norm_epsilon),
+      attention_(store, prefix_ + ".self_attention", config, tp),
+      pre_mlp_norm_(store, prefix_ + ".pre_mlp_layernorm", config.hidden_size, config.normalization,
+                    config.norm_epsilon) {
+  if (config.is_moe_layer(number)) {
+    moe_ = std::make_unique<MoELayer>(config.moe_config(), store, prefix_ + ".mlp",
+                                      std::move(dispatcher), jitter_seed, tp);
+  } else {
+    mlp_.emplace(store, prefix_ + ".mlp", config, tp);
+  }
+}
+
+void TransformerLayer::register_params(ParamRegistry& registry) const {
+  registry.add_norm(input_norm_);
+  registry.add_norm(pre_mlp_norm_);
+  // Column-parallel biases are split with their columns; row-parallel ones are replicated and
+  // added to this rank's rows only.
+  auto add_linear = [&](ParamHandle weight, ParamHandle bias, InitKind kind, bool row_parallel) {
+    registry.add(weight, kind);
+    if (bias.index < 0) return;
+    registry.add(bias, InitKind::kZeros);
+    if (row_parallel) registry.add_sequence_parallel_partial(bias);
+  };
+  add_linear(attention_.linear_qkv().weight(), attention_.linear_qkv().bias(), InitKind::kNormal,
+             false);
+  add_linear(attention_.linear_proj().weight(), attention_.linear_proj().bias(),
+             InitKind::kScaledNormal, true);
+  if (mlp_) {
+    add_linear(mlp_->linear_fc1().weight(), mlp_->linear_fc1().bias(), InitKind::kNormal, false);
+    add_linear(mlp_->linear_fc2().weight(), mlp_->linear_fc2().bias(), InitKind::kScaledNormal,
+               true);
+  } else {
+    for (ParamHandle handle : moe_->tensor_parallel_partial_params()) {
+      registry.tensor_parallel_partial.push_back(handle);
+    }
+  }
+}
+
+Tensor TransformerLayer::forward(const ParameterStore& store, const Tensor& x,
+                                 const BatchShape& shape, int64_t row_offset, const GPTContext& ctx,
+                                 LayerState& state, std::vector<MoELossReport>* losses) const {
+  if (config_.recompute_granularity != "full") {
+    return run_forward(store, x, shape, row_offset, ctx, state, losses);
+  }
+  LayerState discarded;
+  Tensor out = run_forward(store, x, shape, row_offset, ctx, discarded, losses);
+  state = LayerState();
+  state.input = x;
+  return out;
+}
+
+Tensor TransformerLayer::backward(const ParameterStore& store, const Tensor& dy,
+                                  const BatchShape& shape, int64_t row_offset,
+                                  const GPTContext& ctx, LayerState& state) const {
+  if (!state.materialized) {  // full recomputation: the same dropout keys give the same masks
+    Tensor input = state.input;
+    run_forward(store, input, shape, row_offset, ctx, state, nullptr);
+  }
+  float hidden_p = ctx.training ? config_.hidden_dropout : 0.0f;
+  int64_t first_index = row_offset * dy.dim(1);
+
+  Tensor dmlp = dy.clone();
+  apply_dropout(dmlp, hidden_p, dropout_key(ctx.dropout_seed, number_, kMlpOutput), first_index);
+  Tensor dmlp_in;
+  if (moe_) {
+    const int64_t local_seq = dmlp.dim(0) / shape.batch;
+    dmlp_in = moe_->backward(state.moe, dmlp.reshape({local_seq, shape.batch, dmlp.dim(1)}),
+                             ctx.moe_aux_loss_grad_scale)
+                  .reshape(dmlp.shape());
+  } else {
+    dmlp_in = mlp_->backward(store, state.mlp, dmlp);
+  }
+  Tensor dresidual = pre_mlp_norm_.backward(store, state.pre_mlp_norm, dmlp_in);
+  add(dresidual, dy, dresidual);
+
+  Tensor dattention = dresidual.clone();
+  apply_dropout(dattention, hidden_p, dropout_key(ctx.dropout_seed, number_, kAttentionOutput),
+                first_index);
+  Tensor dnormed = attention_.backward(store, state.attention, dattention);
+  Tensor dx = input_norm_.backward(store, state.input_norm, dnormed);
+  add(dx, dresidual, dx);
+  state = LayerState();  // the activations are no longer needed
+  return dx;
+}
+
+Tensor TransformerLayer::run_forward(const ParameterStore& store, const Tensor& x,
+                                     const BatchShape& shape, int64_t row_offset,
+                                     const GPTContext& ctx, LayerState& saved,
+                                     std::vector<MoELossReport>* losses) const {
+  saved.input = x;
+  saved.materialized = true;
+  float hidden_p = ctx.training ? config_.hidden_dropout : 0.0f;
+  int64_t first_index = row_offset * x.dim(1);
+
+  Tensor normed = input_norm_.forward(store, x, saved.input_norm);
+  Tensor attention_out = attention_.forward(store, normed, shape,
+                                            dropout_key(ctx.dropout_seed, number_, kAttentionProbs),
+                                            ctx.training, saved.attention);
+  apply_dropout(attention_out, hidden_p, dropout_key(ctx.dropout_seed, number_, kAttentionOutput),
+                first_index);
+  Tensor residual = Tensor::empty(x.shape(), x.dtype());
+  add(x, attention_out, residual);
+
+  Tensor mlp_in = pre_mlp_norm_.forward(store, residual, saved.pre_mlp_norm);
+  Tensor mlp_out;
+  if (moe_) {
+    const int64_t local_seq = mlp_in.dim(0) / shape.batch;
+    mlp_out = moe_->forward(mlp_in.reshape({local_seq, shape.batch, mlp_in.dim(1)}), saved.moe,
+                            ctx.training)
+                  .reshape(mlp_in.shape());
+    if (losses != nullptr) losses->push_back({number_, MoELayer::losses(saved.moe)});
+  } else {
+    mlp_out = mlp_->forward(store, mlp_in, saved.mlp);
+  }
+  apply_dropout(mlp_out, hidden_p, dropout_key(ctx.dropout_seed, number_, kMlpOutput), first_index);
+  Tensor out = Tensor::empty(x.shape(), x.dtype());  // residual is saved by pre_mlp_norm
+  add(residual, mlp_out, out);
+  return out;
+}
+
+}  // namespace moe::model

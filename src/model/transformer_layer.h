@@ -1,0 +1,91 @@
+// Megatron's TransformerLayer (pre-norm): x + attention(norm(x)), then + mlp(norm(.)), each
+// residual branch with hidden dropout. The MLP is dense or an MoE layer; the MoE layer applies its
+// own tensor-parallel policy (moe_layer.h). Private to src/model: GPTModel stacks these.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "moe/model/gpt_model.h"
+#include "moe/model/layers.h"
+#include "moe/moe/moe_layer.h"
+
+namespace moe::model {
+
+// Dropout sites (the third component of dropout_key).
+enum DropoutSite : int64_t { kEmbeddingDropout, kAttentionProbs, kAttentionOutput, kMlpOutput };
+// The layer number the embedding's dropout key uses.
+constexpr int64_t kEmbeddingLayer = -1;
+
+// How init_parameters fills a parameter that is not an MoE layer's (those draw their own).
+enum class InitKind { kNormal, kScaledNormal, kOnes, kZeros };
+
+// What a model module declares besides its parameters: how each is initialised, and which
+// gradients cover only this tp rank's rows and so are summed over tp once per step (Megatron's
+// finalize_model_grads does this for sequence-parallel parameters).
+struct ParamRegistry {
+  std::vector<std::pair<ParamHandle, InitKind>> init;
+  std::vector<ParamHandle> tensor_parallel_partial;
+  bool sequence_parallel = false;
+
+  void add(ParamHandle handle, InitKind kind) { init.push_back({handle, kind}); }
+  // A parameter replicated over tp whose gradient covers only this rank's rows with sequence
+  // parallelism (norms, row-parallel biases, position embeddings).
+  void add_sequence_parallel_partial(ParamHandle handle) {
+    if (sequence_parallel && handle.index >= 0) tensor_parallel_partial.push_back(handle);
+  }
+  // A norm: weight ones, bias (LayerNorm) zeros, both sequence-parallel partial.
+  void add_norm(const Norm& norm);
+};
+
+// Everything one layer's forward saves for its backward.
+struct LayerState {
+  Tensor input;               // [rows_local, h]: kept even when recomputing
+  bool materialized = false;  // false: only `input` is kept (full recomputation)
+  Norm::Saved input_norm, pre_mlp_norm;
+  SelfAttention::Saved attention;
+  MLP::Saved mlp;
+  MoEContext moe;
+};
+
+class TransformerLayer {
+ public:
+  // dispatcher: the MoE layer's token dispatcher when config.is_moe_layer(number), else null.
+  TransformerLayer(ParameterStore& store, const TransformerConfig& config, int number,
+                   const TensorParallel& tp, std::unique_ptr<TokenDispatcher> dispatcher,
+                   uint64_t jitter_seed);
+
+  const std::string& prefix() const { return prefix_; }
+  MoELayer* moe() const { return moe_.get(); }
+
+  void register_params(ParamRegistry& registry) const;
+
+  // x [rows_local, h] -> [rows_local, h]. Saves what backward needs in `state`, or, with full
+  // recomputation, only the input. Appends the MoE layer's losses to `losses` when given.
+  Tensor forward(const ParameterStore& store, const Tensor& x, const BatchShape& shape,
+                 int64_t row_offset, const GPTContext& ctx, LayerState& state,
+                 std::vector<MoELossReport>* losses) const;
+  // dy [rows_local, h] -> dx; consumes `state`.
+  Tensor backward(const ParameterStore& store, const Tensor& dy, const BatchShape& shape,
+                  int64_t row_offset, const GPTContext& ctx, LayerState& state) const;
+
+ private:
+  Tensor run_forward(const ParameterStore& store, const Tensor& x, const BatchShape& shape,
+                     int64_t row_offset, const GPTContext& ctx, LayerState& saved,
+                     std::vector<MoELossReport>* losses) const;
+
+  int number_;
+  const TransformerConfig& config_;
+  std::string prefix_;
+  Norm input_norm_;
+  SelfAttention attention_;
+  Norm pre_mlp_norm_;
+  std::optional<MLP> mlp_;
+  std::unique_ptr<MoELayer> moe_;
+};
+
+}  // namespace moe::model
