@@ -12,6 +12,7 @@
 
 #include "moe/model/gpt_model.h"
 #include "moe/model/layers.h"
+#include "moe/model/mla.h"
 #include "moe/moe/moe_layer.h"
 
 namespace moe::model {
@@ -48,6 +49,7 @@ struct LayerState {
   bool materialized = false;  // false: only `input` is kept (full recomputation)
   Norm::Saved input_norm, pre_mlp_norm;
   SelfAttention::Saved attention;
+  MultiLatentAttention::Saved latent_attention;  // with multi_latent_attention
   MLP::Saved mlp;
   MoEContext moe;
 };
@@ -82,7 +84,9 @@ class TransformerLayer {
   const TransformerConfig& config_;
   std::string prefix_;
   Norm input_norm_;
-  SelfAttention attention_;
+  // Exactly one of them: multi-latent attention with config.multi_latent_attention.
+  std::optional<SelfAttention> attention_;
+  std::optional<MultiLatentAttention> latent_attention_;
   Norm pre_mlp_norm_;
   std::optional<MLP> mlp_;
   std::unique_ptr<MoELayer> moe_;

@@ -30,13 +30,17 @@ struct Layout {
   // embeddings) and the tied output layer.
   bool other_switches = false;
   DType dtype = DType::F32;  // BF16: compared to a bf16 single process, loosely (see below)
+  // Multi-latent attention (compressed queries, qk_layernorm) instead of GQA: replicated down
+  // projections and latent norms whose gradients sequence parallelism must sum over tp.
+  bool mla = false;
 };
 
 std::string describe(const Layout& l) {
   return "(tp " + std::to_string(l.tp) + ", sp " + (l.sp ? "on" : "off") + ", ep " +
          std::to_string(l.ep) + (l.recompute ? ", full recomputation" : "") +
          (l.other_switches ? ", LayerNorm/learned/GeLU/bias/tied" : "") +
-         (l.dtype != DType::F32 ? ", " + std::string(dtype_name(l.dtype)) : "") + ")";
+         (l.dtype != DType::F32 ? ", " + std::string(dtype_name(l.dtype)) : "") +
+         (l.mla ? ", multi-latent attention" : "") + ")";
 }
 
 TransformerConfig equivalence_config() {
@@ -74,6 +78,16 @@ void check_layout(const Layout& layout, TokenDispatcherType dispatcher) {
     config.swiglu = false;
     config.add_bias_linear = true;
     config.untie_embeddings_and_output_weights = false;
+  }
+  if (layout.mla) {
+    config.group_query_attention = false;
+    config.multi_latent_attention = true;
+    config.q_lora_rank = 6;
+    config.kv_lora_rank = 5;
+    config.qk_head_dim = 2;
+    config.qk_pos_emb_head_dim = 2;
+    config.v_head_dim = 3;
+    config.qk_layernorm = true;
   }
   // Dropout masks follow global (row, head) indices; with dp > 1 the row indices of a rank's
   // sequences differ from the single-process batch, so dropout is on only when dp == 1. The
@@ -211,6 +225,19 @@ TEST(ParallelEquivalence, Tp2SpOffEp1Dp2) {
 }
 TEST(ParallelEquivalence, Tp4SpOnEp2) {
   run_on_world(8, {4, true, 2});
+}
+
+TEST(ParallelEquivalence, Tp2SpOffEp1MultiLatentAttention) {
+  run_on_world(2, {2, false, 1, false, false, DType::F32, true});
+}
+TEST(ParallelEquivalence, Tp2SpOnEp1MultiLatentAttention) {
+  run_on_world(2, {2, true, 1, false, false, DType::F32, true});
+}
+TEST(ParallelEquivalence, Tp2SpOnEp2MultiLatentAttentionOtherSwitches) {
+  run_on_world(4, {2, true, 2, false, true, DType::F32, true});
+}
+TEST(ParallelEquivalence, Tp4SpOnEp2MultiLatentAttention) {
+  run_on_world(8, {4, true, 2, false, false, DType::F32, true});
 }
 
 TEST(ParallelEquivalence, RefusesMoEWithExpertAndTensorParallelismWithoutSequenceParallelism) {
