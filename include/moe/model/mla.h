@@ -11,9 +11,9 @@
 //           every head's key is [k_nope | rotated k_pe].
 //   core:   causal softmax((q . k) / sqrt(qk + pe)) v -> n x [dv] -> linear_proj -> [h].
 // q_layernorm and kv_layernorm (the config's normalization, norm_epsilon) exist only with
-// qk_layernorm, as in Megatron, and q_layernorm only with q_lora_rank (Megatron's local spec
-// refuses a query norm without it). No projection has a bias except linear_proj
-// (add_bias_linear), as in Megatron.
+// qk_layernorm, as in Megatron, and q_layernorm only with q_lora_rank: without a query latent
+// there is nothing to normalise (DeepSeek-V2-Lite; Megatron's unfused spec refuses a query norm
+// there). No projection has a bias except linear_proj (add_bias_linear), as in Megatron.
 //
 // Parameter names (prefix "...self_attention"): Megatron's state-dict names of its unfused
 // (non-Transformer-Engine) modules, which name each norm on its own (the TE spec fuses them into
