@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Sets everything up, then runs the whole default CTest suite (labels unit and mpi; tests
-# labelled 'long' run only with MOE_TEST_LONG=1). Exits non-zero on any failure.
+# Sets everything up, checks the C++ formatting, then runs the whole default CTest suite (labels
+# unit and mpi; tests labelled 'long' run only with MOE_TEST_LONG=1). Exits non-zero on any
+# failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+scripts/check_format.sh
 build_dir=${MOE_BUILD_DIR:-build}
 exclude=(-LE long)
 if [[ ${MOE_TEST_LONG:-0} == 1 ]]; then exclude=(); fi

@@ -10,9 +10,9 @@
 #include <set>
 
 #include "moe/checkpoint/checkpoint.h"
-#include "moe/checkpoint/hf_mixtral.h"
-#include "moe/checkpoint/safetensors.h"
 #include "moe/comm/parallel_state.h"
+#include "moe/convert/hf_mixtral.h"
+#include "moe/convert/safetensors.h"
 #include "moe/model/config.h"
 #include "moe/tensor/error.h"
 #include "moe/train/arguments.h"
@@ -21,7 +21,7 @@ namespace {
 
 namespace fs = std::filesystem;
 using namespace moe;
-using checkpoint::hf_mixtral::MixtralConfig;
+using convert::hf_mixtral::MixtralConfig;
 
 struct Options {
   std::string from, to, input, output, dtype, hf_config;
@@ -43,7 +43,7 @@ nlohmann::json read_json(const std::string& path) {
 }
 
 void allocate_model(ParameterStore& store, const MixtralConfig& config) {
-  for (const ParamSpec& spec : checkpoint::hf_mixtral::moecore_param_specs(config)) {
+  for (const ParamSpec& spec : convert::hf_mixtral::moecore_param_specs(config)) {
     store.declare(spec);
   }
   store.allocate();
@@ -62,10 +62,10 @@ void hf_to_moecore(const Options& options) {
   }
   config.padded_vocab_size = model::padded_vocab_size(
       config.vocab_size, options.make_vocab_size_divisible_by, options.tensor_model_parallel_size);
-  checkpoint::safetensors::Checkpoint hf(options.input);
+  convert::safetensors::Checkpoint hf(options.input);
 
   std::set<std::string> expected;
-  for (const auto& [name, shape] : checkpoint::hf_mixtral::hf_tensor_shapes(config)) {
+  for (const auto& [name, shape] : convert::hf_mixtral::hf_tensor_shapes(config)) {
     expected.insert(name);
     MOE_CHECK(hf.contains(name), "'", options.input, "' has no tensor '", name,
               "' that a Mixtral model with this config.json needs");
@@ -80,7 +80,7 @@ void hf_to_moecore(const Options& options) {
                                             : parse_dtype(options.dtype);
   ParameterStore store(dtype);
   allocate_model(store, config);
-  checkpoint::hf_mixtral::hf_to_moecore(
+  convert::hf_mixtral::hf_to_moecore(
       config, [&](const std::string& name) { return hf.read(name); }, store);
 
   checkpoint::TrainingState state;
@@ -207,9 +207,9 @@ void moecore_to_hf(const Options& options) {
                               load);
 
   const DType dtype = options.dtype.empty() ? store.param_dtype() : parse_dtype(options.dtype);
-  checkpoint::safetensors::write_checkpoint(
-      options.output, checkpoint::hf_mixtral::hf_tensor_entries(config, dtype),
-      checkpoint::hf_mixtral::hf_tensor_source(config, store, dtype), {{"format", "pt"}},
+  convert::safetensors::write_checkpoint(
+      options.output, convert::hf_mixtral::hf_tensor_entries(config, dtype),
+      convert::hf_mixtral::hf_tensor_source(config, store, dtype), {{"format", "pt"}},
       options.max_shard_bytes);
   nlohmann::json hf_config = config.to_json();
   hf_config["torch_dtype"] = dtype == DType::BF16  ? "bfloat16"
@@ -226,7 +226,7 @@ void moecore_to_hf(const Options& options) {
             << *iteration << " to " << options.output << "\n";
 }
 
-void convert(const Options& options) {
+void run_conversion(const Options& options) {
   MOE_CHECK(options.from != options.to, "--from and --to are both '", options.from,
             "': convert hf -> moecore or moecore -> hf");
   MOE_CHECK(fs::is_directory(options.input), "--input '", options.input, "' is not a directory");
@@ -288,7 +288,7 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   CLI11_PARSE(app, argc, argv);
   try {
-    convert(options);
+    run_conversion(options);
   } catch (const std::exception& error) {
     std::cerr << "moe-convert: error: " << error.what() << "\n";
     return 1;

@@ -8,7 +8,7 @@
 #include <type_traits>
 
 #include "comm/exchange.h"
-#include "tensor/dispatch.h"
+#include "tensor/dtype_switch.h"
 
 namespace moe::comm {
 

@@ -6,7 +6,7 @@
 #include "dropout_hash.h"
 #include "moe/model/layers.h"
 #include "moe/tensor/gemm.h"
-#include "tensor/dispatch.h"
+#include "tensor/dtype_switch.h"
 
 namespace moe::model {
 

@@ -3,7 +3,7 @@
 #include "dropout_hash.h"
 #include "moe/model/layers.h"
 #include "moe/tensor/ops.h"
-#include "tensor/dispatch.h"
+#include "tensor/dtype_switch.h"
 
 namespace moe::model {
 

@@ -4,7 +4,7 @@
 
 #include "moe/model/layers.h"
 #include "moe/tensor/ops.h"
-#include "tensor/dispatch.h"
+#include "tensor/dtype_switch.h"
 
 namespace moe::model {
 

@@ -6,7 +6,7 @@
 #include "moe/comm/boxes.h"
 #include "moe/tensor/gemm.h"
 #include "moe/tensor/ops.h"
-#include "tensor/dispatch.h"
+#include "tensor/dtype_switch.h"
 
 namespace moe::model {
 

@@ -6,7 +6,7 @@
 #include "moe/internal.h"
 #include "moe/tensor/ops.h"
 #include "moe/tensor/rng.h"
-#include "tensor/dispatch.h"
+#include "tensor/dtype_switch.h"
 
 namespace moe {
 namespace {

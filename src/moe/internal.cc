@@ -2,7 +2,7 @@
 
 #include <algorithm>
 
-#include "tensor/dispatch.h"
+#include "tensor/dtype_switch.h"
 
 namespace moe::internal {
 

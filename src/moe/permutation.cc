@@ -8,7 +8,7 @@
 #include <cstring>
 
 #include "moe/internal.h"
-#include "tensor/dispatch.h"
+#include "tensor/dtype_switch.h"
 
 namespace moe {
 namespace {

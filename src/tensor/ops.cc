@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "moe/tensor/ops.h"
-#include "tensor/dispatch.h"
+#include "tensor/dtype_switch.h"
 
 namespace moe {
 

@@ -6,10 +6,10 @@
 #include <functional>
 #include <numeric>
 #include <set>
-#include <sstream>
 #include <utility>
 
 #include "moe/data/gpt_dataset.h"
+#include "moe/train/layer_pattern.h"
 
 namespace moe::train {
 namespace {
@@ -262,8 +262,8 @@ void register_arguments(CLI::App& app, TrainingArguments& a) {
                  "Tensor parallel degree of the experts (default tensor-model-parallel-size).");
     optional_int("--num-experts", a.num_experts, "Experts per MoE layer (unset: dense model).");
     app.add_option("--moe-layer-freq", a.moe_layer_freq,
-                   "MoE layer pattern: N for every Nth layer, or a 0/1 list such as "
-                   "'[1,0,1,0]' or '[1,0]*2'.")
+                   "MoE layer pattern: N (layer i is MoE when i % N == 0) or a Python-style "
+                   "0/1 list expression such as '[0]*3+[1]*58' or '([1]*3+[0])*8'.")
         ->capture_default_str();
     optional_int("--moe-ffn-hidden-size", a.moe_ffn_hidden_size,
                  "Expert feed-forward size (default ffn-hidden-size).");
@@ -369,49 +369,6 @@ std::string strip_dashes(const std::string& name) {
     throw Error(concat("unknown argument ", name, "; did you mean ", best, "?"));
   }
   throw Error(concat("unknown argument ", name, "; see moe-train --help for the arguments"));
-}
-
-// --moe-layer-freq: "N", "[1,0,1]" or "[1,0]*k" -> one bool per layer.
-std::vector<bool> moe_layer_pattern(const std::string& text, int num_layers) {
-  auto bad = [&](const std::string& why) {
-    return Error(concat("--moe-layer-freq '", text, "': ", why,
-                        " (expected N, a list like [1,0,1,0], or [1,0]*2)"));
-  };
-  std::vector<bool> pattern;
-  if (!text.empty() && text.front() == '[') {
-    size_t close = text.find(']');
-    if (close == std::string::npos) throw bad("missing ']'");
-    std::vector<bool> unit;
-    std::stringstream items(text.substr(1, close - 1));
-    for (std::string item; std::getline(items, item, ',');) {
-      item.erase(std::remove(item.begin(), item.end(), ' '), item.end());
-      if (item != "0" && item != "1") throw bad(concat("entry '", item, "' is not 0 or 1"));
-      unit.push_back(item == "1");
-    }
-    std::string rest = text.substr(close + 1);
-    rest.erase(std::remove(rest.begin(), rest.end(), ' '), rest.end());
-    int repeat = 1;
-    if (!rest.empty()) {
-      if (rest[0] != '*' || rest.size() < 2 ||
-          !std::all_of(rest.begin() + 1, rest.end(), ::isdigit)) {
-        throw bad(concat("cannot read '", rest, "' after the list"));
-      }
-      repeat = std::stoi(rest.substr(1));
-    }
-    for (int r = 0; r < repeat; ++r) pattern.insert(pattern.end(), unit.begin(), unit.end());
-    if (int(pattern.size()) != num_layers) {
-      throw bad(
-          concat("the list has ", pattern.size(), " entries but --num-layers is ", num_layers));
-    }
-    return pattern;
-  }
-  if (text.empty() || !std::all_of(text.begin(), text.end(), ::isdigit)) {
-    throw bad("not an integer or list");
-  }
-  int every = std::stoi(text);
-  if (every < 1) throw bad("the frequency must be at least 1");
-  for (int layer = 0; layer < num_layers; ++layer) pattern.push_back(layer % every == 0);
-  return pattern;
 }
 
 void require(bool present, const char* flag) {
@@ -683,6 +640,13 @@ void finalize_arguments(TrainingArguments& a, int world_size) {
               "Megatron-LM); use --bf16");
     MOE_CHECK(a.moe_router_topk >= 1 && a.moe_router_topk <= experts, "--moe-router-topk (",
               a.moe_router_topk, ") must be between 1 and --num-experts (", experts, ")");
+    // Megatron-Core's rule: the softmax of the one selected score is always 1, so the router would
+    // get a zero gradient (sinkhorn trains the router through its own path).
+    MOE_CHECK(a.moe_router_topk != 1 || a.moe_router_score_function != "softmax" ||
+                  a.moe_router_pre_softmax || a.moe_router_load_balancing_type == "sinkhorn",
+              "--moe-router-topk 1 with --moe-router-score-function softmax after top-k gives "
+              "the router a zero gradient; use --moe-router-pre-softmax (as Megatron-LM requires "
+              "when topk is 1)");
     if (!a.moe_ffn_hidden_size) a.moe_ffn_hidden_size = *a.ffn_hidden_size;
     require_positive(*a.moe_ffn_hidden_size, "--moe-ffn-hidden-size");
     MOE_CHECK(*a.moe_ffn_hidden_size % etp == 0, "--moe-ffn-hidden-size (", *a.moe_ffn_hidden_size,
@@ -708,7 +672,7 @@ void finalize_arguments(TrainingArguments& a, int world_size) {
     }
     MOE_CHECK(!a.moe_pad_expert_input_to_capacity || a.moe_expert_capacity_factor,
               "--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor");
-    a.moe_layer_pattern = moe_layer_pattern(a.moe_layer_freq, *a.num_layers);
+    a.moe_layer_pattern = layer_pattern("--moe-layer-freq", a.moe_layer_freq, *a.num_layers);
   }
   if (a.moe_grouped_gemm && !a.is_moe())
     a.notes.push_back("--moe-grouped-gemm ignored: no --num-experts");

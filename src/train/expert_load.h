@@ -14,20 +14,29 @@
 
 namespace moe::train {
 
-// Tokens dispatched to each expert since the last reset() (capacity padding not counted),
-// counted on this rank.
+// Tokens dispatched to each expert of each layer since the last reset() (capacity padding not
+// counted), counted on this rank.
 class ExpertLoadCounter {
  public:
-  explicit ExpertLoadCounter(int64_t num_experts) : counts_(size_t(num_experts), 0) {}
-  void add(const ExpertPlacement& placement, const std::vector<int64_t>& tokens_per_local_expert);
+  ExpertLoadCounter(int num_layers, int64_t num_experts)
+      : num_experts_(num_experts), counts_(size_t(num_layers) * size_t(num_experts), 0) {}
+  void add(int layer, const ExpertPlacement& placement,
+           const std::vector<int64_t>& tokens_per_local_expert);
   void reset() { std::fill(counts_.begin(), counts_.end(), 0); }
-  // Counts summed over every rank of `world`, each divided by their mean (1.0 = even share);
-  // empty when no token was dispatched. Collective over `world`. Ranks that hold a copy of the
-  // same expert (tensor-parallel shards) scale every count alike, which the division cancels.
-  std::vector<double> relative_load(const comm::ProcessGroup& world) const;
+
+  // Counts summed over every rank of `world` (so every pipeline stage's layers are in), each
+  // divided by the mean of what it is compared with (1.0 = an even share). Ranks that hold a copy
+  // of the same expert (tensor-parallel shards) scale every count alike, which the division
+  // cancels. Collective over `world`.
+  struct Loads {
+    std::vector<double> overall;                 // [E] summed over layers; empty if no tokens
+    std::vector<std::vector<double>> per_layer;  // [layers][E]; a layer without tokens: empty
+  };
+  Loads relative_loads(const comm::ProcessGroup& world) const;
 
  private:
-  std::vector<int64_t> counts_;  // [num_experts]
+  int64_t num_experts_;
+  std::vector<int64_t> counts_;  // [layers * num_experts]
 };
 
 // Wraps every MoE layer's dispatcher (made by `inner`) so it reports to `counter`.

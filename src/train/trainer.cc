@@ -236,7 +236,7 @@ void build_model_and_optimizer(Job& job) {
   job.store = std::make_unique<ParameterStore>(parameter_dtype(a));
   model::DispatcherFactory dispatchers;
   if (a.is_moe()) {
-    job.expert_load = std::make_shared<ExpertLoadCounter>(*a.num_experts);
+    job.expert_load = std::make_shared<ExpertLoadCounter>(*a.num_layers, *a.num_experts);
     dispatchers = counting_dispatcher_factory(job.expert_load, model::default_dispatcher_factory());
   }
   const model::GPTStage stage = pipeline::pipeline_stage(*a.num_layers, job.parallel);
@@ -392,7 +392,11 @@ IterationStats train_step(Job& job, data::PretrainingDataIterator& data) {
   stats.grad_norm = step.grad_norm;
   stats.loss_scale = step.loss_scale;
   stats.skipped = step.skipped;
-  if (job.expert_load) stats.expert_load = job.expert_load->relative_load(job.parallel.world);
+  if (job.expert_load) {
+    ExpertLoadCounter::Loads loads = job.expert_load->relative_loads(job.parallel.world);
+    stats.expert_load = std::move(loads.overall);
+    stats.layer_expert_load = std::move(loads.per_layer);
+  }
   stats.elapsed_ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
   stats.tokens_per_second =
       double(*a.global_batch_size) * double(*a.seq_length) / (stats.elapsed_ms / 1000.0);
@@ -438,6 +442,13 @@ void validate(Job& job, data::PretrainingDataIterator& data, ScalarLog* scalars,
   log_evaluation(job, scalars, when + " on validation data", "lm loss validation", loss);
 }
 
+// Standard deviation over mean of relative loads (whose mean is 1): 0 for a perfectly even load.
+double coefficient_of_variation(const std::vector<double>& load) {
+  double squares = 0;
+  for (double value : load) squares += (value - 1.0) * (value - 1.0);
+  return std::sqrt(squares / double(load.size()));
+}
+
 void log_scalars(ScalarLog& scalars, const IterationStats& s, bool is_moe) {
   scalars.add("learning-rate", s.lr, s.iteration);
   scalars.add("lm loss", s.lm_loss, s.iteration);
@@ -454,6 +465,15 @@ void log_scalars(ScalarLog& scalars, const IterationStats& s, bool is_moe) {
     auto [low, high] = std::minmax_element(s.expert_load.begin(), s.expert_load.end());
     scalars.add("expert-load-min", *low, s.iteration);
     scalars.add("expert-load-max", *high, s.iteration);
+  }
+  for (size_t layer = 0; layer < s.layer_expert_load.size(); ++layer) {
+    const std::vector<double>& load = s.layer_expert_load[layer];
+    if (load.empty()) continue;
+    const std::string tag = "expert-load/layer-" + std::to_string(layer);
+    auto [low, high] = std::minmax_element(load.begin(), load.end());
+    scalars.add(tag + "-min", *low, s.iteration);
+    scalars.add(tag + "-max", *high, s.iteration);
+    scalars.add(tag + "-cv", coefficient_of_variation(load), s.iteration);
   }
 }
 

@@ -1,4 +1,4 @@
-#include "moe/checkpoint/hf_mixtral.h"
+#include "moe/convert/hf_mixtral.h"
 
 #include <gtest/gtest.h>
 
@@ -12,7 +12,7 @@
 #include "moe/train/arguments.h"
 #include "support/testing.h"
 
-namespace moe::checkpoint::hf_mixtral {
+namespace moe::convert::hf_mixtral {
 namespace {
 
 using moe::testing::expect_error_containing;
@@ -218,4 +218,4 @@ TEST(HfMixtral, ForwardMatchesTorchMixtralOnConvertedWeights) {
 }
 
 }  // namespace
-}  // namespace moe::checkpoint::hf_mixtral
+}  // namespace moe::convert::hf_mixtral

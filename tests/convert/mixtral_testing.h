@@ -5,13 +5,13 @@
 #include <memory>
 #include <string>
 
-#include "moe/checkpoint/hf_mixtral.h"
 #include "moe/comm/parallel_state.h"
+#include "moe/convert/hf_mixtral.h"
 #include "moe/model/gpt_model.h"
 
 namespace moe::testing {
 
-using checkpoint::hf_mixtral::MixtralConfig;
+using convert::hf_mixtral::MixtralConfig;
 
 // Odd sizes everywhere: 3 query heads per kv group, 3 experts, vocab 37.
 inline MixtralConfig tiny_config() {
@@ -47,9 +47,8 @@ struct TinyModel {
 // max_shard_bytes (small values give several shards and an index).
 inline void write_hf_model(const std::string& dir, const MixtralConfig& c,
                            const ParameterStore& store, uint64_t max_shard_bytes = 4096) {
-  checkpoint::safetensors::write_checkpoint(
-      dir, checkpoint::hf_mixtral::moecore_to_hf(c, store, store.param_dtype()), {},
-      max_shard_bytes);
+  convert::safetensors::write_checkpoint(
+      dir, convert::hf_mixtral::moecore_to_hf(c, store, store.param_dtype()), {}, max_shard_bytes);
   std::ofstream(dir + "/config.json") << c.to_json().dump(2);
 }
 

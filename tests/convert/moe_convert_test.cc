@@ -13,7 +13,7 @@
 namespace moe::testing {
 namespace {
 
-using checkpoint::safetensors::Checkpoint;
+using convert::safetensors::Checkpoint;
 
 struct RunResult {
   int exit_code = 0;
@@ -202,9 +202,9 @@ TEST(MoeConvert, CheckpointWithoutModelRecordNeedsHfConfig) {
                                             back + " --hf-config " + config + " --iteration 3");
   ASSERT_EQ(with.exit_code, 0) << with.output;
   Checkpoint hf(back);
-  EXPECT_TRUE(same_bytes(
-      hf.read("lm_head.weight"),
-      checkpoint::hf_mixtral::moecore_to_hf(c, trained.store, DType::F32).back().second));
+  EXPECT_TRUE(
+      same_bytes(hf.read("lm_head.weight"),
+                 convert::hf_mixtral::moecore_to_hf(c, trained.store, DType::F32).back().second));
   EXPECT_EQ(hf.read("model.embed_tokens.weight").shape(), (Shape{37, 24}));  // padding dropped
 }
 
@@ -237,8 +237,7 @@ TEST(MoeConvert, BadInvocationsExplainThemselves) {
   // A tensor the config does not account for, and a missing one.
   ScratchDir extra("tool_extra");
   write_hf_model(extra.path.string(), c, original.store, uint64_t(1) << 30);
-  checkpoint::safetensors::write_file(extra.file("more.safetensors"),
-                                      {{"vision.proj", Tensor({2})}});
+  convert::safetensors::write_file(extra.file("more.safetensors"), {{"vision.proj", Tensor({2})}});
   expect_failure(
       "--from hf --to moecore --input " + extra.path.string() + " --output " + scratch.file("o"),
       "'vision.proj' that a Mixtral model has no place for");

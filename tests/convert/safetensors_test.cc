@@ -1,4 +1,4 @@
-#include "moe/checkpoint/safetensors.h"
+#include "moe/convert/safetensors.h"
 
 #include <gtest/gtest.h>
 
@@ -8,7 +8,7 @@
 
 #include "support/testing.h"
 
-namespace moe::checkpoint::safetensors {
+namespace moe::convert::safetensors {
 namespace {
 
 using moe::testing::expect_error_containing;
@@ -187,4 +187,4 @@ TEST(Safetensors, BadIndexIsReported) {
 }
 
 }  // namespace
-}  // namespace moe::checkpoint::safetensors
+}  // namespace moe::convert::safetensors

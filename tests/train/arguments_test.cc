@@ -156,19 +156,24 @@ TEST(Arguments, MegatronDefaults) {
   EXPECT_EQ(*swiglu.ffn_hidden_size, 10880);
 }
 
+// The expression language itself is tested in layer_pattern_test.cc; here, that the flag reaches
+// it with --num-layers, and only for MoE models.
 TEST(Arguments, MoeLayerFrequency) {
   TrainingArguments every_other =
       finalized(with(small_flags(), {"--num-layers", "4", "--moe-layer-freq", "2"}), 1);
   EXPECT_EQ(every_other.moe_layer_pattern, (std::vector<bool>{true, false, true, false}));
-  TrainingArguments listed =
-      finalized(with(small_flags(), {"--num-layers", "4", "--moe-layer-freq", "[0,1]*2"}), 1);
-  EXPECT_EQ(listed.moe_layer_pattern, (std::vector<bool>{false, true, false, true}));
+  TrainingArguments first_dense =
+      finalized(with(small_flags(), {"--num-layers", "4", "--moe-layer-freq", "[0]+[1]*3"}), 1);
+  EXPECT_EQ(first_dense.moe_layer_pattern, (std::vector<bool>{false, true, true, true}));
   EXPECT_EQ(validation_error(with(small_flags(), {"--moe-layer-freq", "[1,0,1]"}), 1),
-            "--moe-layer-freq '[1,0,1]': the list has 3 entries but --num-layers is 2 (expected "
-            "N, a list like [1,0,1,0], or [1,0]*2)");
-  EXPECT_NE(validation_error(with(small_flags(), {"--moe-layer-freq", "[1,2]"}), 1)
-                .find("entry '2' is not 0 or 1"),
-            std::string::npos);
+            "--moe-layer-freq '[1,0,1]': the pattern has 3 entries but --num-layers is 2 (one "
+            "0/1 entry per layer)");
+  // A dense model has no MoE layer whatever the flag says (Megatron ignores it there too).
+  Args dense = small_flags();
+  auto experts = std::find(dense.begin(), dense.end(), "--num-experts");
+  dense.erase(experts, experts + 2);
+  EXPECT_EQ(finalized(with(dense, {"--moe-layer-freq", "[1,1]"}), 1).moe_layer_pattern,
+            (std::vector<bool>{false, false}));
 }
 
 TEST(Arguments, UnsupportedMegatronArgumentIsNamed) {
@@ -256,6 +261,11 @@ TEST(Arguments, ConflictingAndNonDivisibleFlags) {
       {{"--moe-router-topk", "5"},
        1,
        "--moe-router-topk (5) must be between 1 and --num-experts (4)"},
+      {{"--moe-router-topk", "1"},
+       1,
+       "--moe-router-topk 1 with --moe-router-score-function softmax after top-k gives the "
+       "router a zero gradient; use --moe-router-pre-softmax (as Megatron-LM requires when topk "
+       "is 1)"},
       {{"--num-layers", "2"}, 1, "argument --hidden-size is required", true},
       {{"--lr-warmup-iters", "10"},
        1,
@@ -339,6 +349,22 @@ TEST(Arguments, ConflictingAndNonDivisibleFlags) {
     EXPECT_EQ(validation_error(c.alone ? c.flags : with(small_flags(), c.flags), c.world_size),
               c.message);
   }
+}
+
+// Top-1 is refused only where Megatron refuses it: softmax applied after the selection.
+TEST(Arguments, TopOneNeedsPreSoftmaxWithSoftmaxScores) {
+  for (const Args& accepted :
+       {Args{"--moe-router-pre-softmax"}, Args{"--moe-router-score-function", "sigmoid"},
+        Args{"--moe-router-load-balancing-type", "sinkhorn"}}) {
+    TrainingArguments a =
+        finalized(with(with(small_flags(), {"--moe-router-topk", "1"}), accepted), 1);
+    EXPECT_EQ(a.moe_router_topk, 1) << accepted.front();
+  }
+  EXPECT_CONTAINS(
+      validation_error(with(small_flags(), {"--moe-router-topk", "1",
+                                            "--moe-router-load-balancing-type", "seq_aux_loss"}),
+                       1),
+      "use --moe-router-pre-softmax");
 }
 
 // The data module's ByteTokenizer (ids = UTF-8 bytes, eod 256) needs neither a file nor a size.
@@ -456,6 +482,30 @@ TEST(Arguments, SupportedNamesAreMegatronNames) {
     EXPECT_TRUE(std::binary_search(megatron.begin(), megatron.end(), name))
         << name << " is not a Megatron-LM argument name";
   }
+}
+
+// The Megatron-LM name list is generated (scripts/megatron_argument_names.py; the release is in
+// src/train/megatron_argument_names.cc). Every name on it that moe-train does not accept is
+// refused by name, never reported as unknown: the refused ones are the list minus the accepted.
+TEST(Arguments, EveryUnacceptedMegatronNameIsRefusedByName) {
+  const auto& megatron = megatron_argument_names();
+  EXPECT_EQ(megatron.size(), 834u);  // core_v0.19.0; docs/moe-train.md states the number
+  const std::vector<std::string> supported = supported_argument_names();
+  size_t accepted = 0, refused = 0;
+  for (const std::string& name : megatron) {
+    const bool accepts = std::binary_search(supported.begin(), supported.end(), name);
+    const std::string error = parse_error({name});
+    const bool refused_by_name =
+        error ==
+        "argument " + name + " is a Megatron-LM argument that moecore does not support yet";
+    EXPECT_NE(accepts, refused_by_name) << name << ": " << error;
+    accepted += accepts;
+    refused += refused_by_name;
+  }
+  EXPECT_EQ(refused, megatron.size() - accepted);
+  // Only moecore's own names (and --help, which argparse adds without add_argument) are not on
+  // the list, so every other accepted name was counted above.
+  EXPECT_EQ(accepted, supported.size() - 2);
 }
 
 TEST(Arguments, EditDistance) {

@@ -141,6 +141,14 @@ TEST(TrainingLoop, TinyMoeModelLearnsInFiftyIterations) {
     EXPECT_GT(s.z_loss, 0.0);
     ASSERT_EQ(s.expert_load.size(), 4u);
     EXPECT_NEAR(std::accumulate(s.expert_load.begin(), s.expert_load.end(), 0.0), 4.0, 1e-9);
+    // Both layers route the same number of slots, so the overall load is their mean.
+    ASSERT_EQ(s.layer_expert_load.size(), 2u);
+    for (size_t e = 0; e < 4; ++e) {
+      ASSERT_EQ(s.layer_expert_load[0].size(), 4u);
+      ASSERT_EQ(s.layer_expert_load[1].size(), 4u);
+      EXPECT_NEAR(s.expert_load[e], (s.layer_expert_load[0][e] + s.layer_expert_load[1][e]) / 2,
+                  1e-12);
+    }
   }
   EXPECT_EQ(report.iterations.back().consumed_samples, 400);
   if (world_rank() == 0) {
@@ -550,6 +558,19 @@ TEST(TrainingLog, AveragesTheInterval) {
             "number of nan iterations:   0 |");
 }
 
+// Padding every expert to its capacity must not make the logged load look perfectly even: the
+// load counts tokens, not padding rows.
+TEST(TrainingLoop, ExpertLoadIgnoresCapacityPadding) {
+  TrainingReport report = run(with(tiny_moe_flags(2), {"--moe-expert-capacity-factor", "1.5",
+                                                       "--moe-pad-expert-input-to-capacity"}));
+  ASSERT_EQ(report.iterations.size(), 2u);
+  const std::vector<double>& load = report.iterations[0].expert_load;
+  ASSERT_EQ(load.size(), 4u);
+  EXPECT_NEAR(std::accumulate(load.begin(), load.end(), 0.0), 4.0, 1e-9);
+  EXPECT_FALSE(std::all_of(load.begin(), load.end(), [](double l) { return l == 1.0; }))
+      << "every expert at 1.0: the padding rows were counted";
+}
+
 TEST(TrainingLoop, DenseModelTrains) {
   Args flags = tiny_moe_flags(6);
   for (const char* moe_flag :
@@ -562,6 +583,31 @@ TEST(TrainingLoop, DenseModelTrains) {
   ASSERT_EQ(report.iterations.size(), 6u);
   EXPECT_TRUE(report.iterations.back().expert_load.empty());
   EXPECT_LT(report.iterations.back().lm_loss, report.iterations.front().lm_loss);
+}
+
+// DeepSeek-style blocks: --moe-layer-freq '[0]+[1]*3' makes layer 0 dense with --ffn-hidden-size
+// and layers 1-3 MoE with a different --moe-ffn-hidden-size; the parameter counts in the log show
+// which layer got which size, and the model learns.
+TEST(TrainingLoop, FirstLayerDenseWithItsOwnFfnSize) {
+  std::string log;
+  TrainingReport report =
+      run(with(tiny_moe_flags(20), {"--num-layers", "4", "--moe-layer-freq", "[0]+[1]*3",
+                                    "--ffn-hidden-size", "48", "--moe-ffn-hidden-size", "24",
+                                    "--hidden-dropout", "0", "--attention-dropout", "0"}),
+          &log);
+  ASSERT_EQ(report.iterations.size(), 20u);
+  const double first = mean_loss(report.iterations, 0, 5);
+  const double last = mean_loss(report.iterations, 15, 20);
+  EXPECT_LT(last, first - 1.0) << "first 5 iterations " << first << ", last 5 " << last;
+  for (const IterationStats& s : report.iterations) ASSERT_EQ(s.expert_load.size(), 4u);
+  if (world_rank() == 0) {
+    // hidden 32, swiglu (fc1 is 2 x ffn rows), no biases, 128 padded vocabulary rows, untied:
+    // expert = 3 MoE layers x 4 experts x 3 x 24 x 32 = 27648;
+    // dense = embedding and output 2 x 128 x 32 + final norm 32 + 4 layers x (2 norms x 32 +
+    //         qkv 3 x 32 x 32 + projection 32 x 32) + layer 0's MLP 3 x 48 x 32 + 3 routers
+    //         x 4 x 32 = 8224 + 16640 + 4608 + 384 = 29856.
+    EXPECT_CONTAINS(log, "): dense 29856, expert 27648\n");
+  }
 }
 
 TEST(TrainingLoop, MissingDatasetIsNamedOnEveryRank) {

@@ -37,6 +37,9 @@ struct IterationStats {
   // ranks, divided by the even share: 1.0 means perfectly balanced. Empty for dense models or
   // when the model does not report loads.
   std::vector<double> expert_load;
+  // The same per layer ([num_layers][experts], each relative to its layer's even share); empty
+  // for dense layers. Logged per layer as min, max and coefficient of variation.
+  std::vector<std::vector<double>> layer_expert_load;
 };
 
 struct TrainingReport {

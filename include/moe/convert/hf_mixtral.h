@@ -27,11 +27,11 @@
 #include <string>
 #include <vector>
 
-#include "moe/checkpoint/safetensors.h"
+#include "moe/convert/safetensors.h"
 #include "moe/model/config.h"
 #include "moe/tensor/parameters.h"
 
-namespace moe::checkpoint::hf_mixtral {
+namespace moe::convert::hf_mixtral {
 
 // The fields of HF's MixtralConfig (config.json) that shape the weights or the forward.
 struct MixtralConfig {
@@ -94,4 +94,4 @@ std::vector<safetensors::TensorEntry> hf_tensor_entries(const MixtralConfig& con
 safetensors::TensorSource hf_tensor_source(const MixtralConfig& config, const ParameterStore& store,
                                            DType dtype);
 
-}  // namespace moe::checkpoint::hf_mixtral
+}  // namespace moe::convert::hf_mixtral

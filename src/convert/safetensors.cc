@@ -1,4 +1,4 @@
-#include "moe/checkpoint/safetensors.h"
+#include "moe/convert/safetensors.h"
 
 #include <fcntl.h>
 #include <unistd.h>
@@ -15,7 +15,7 @@
 
 #include "moe/tensor/error.h"
 
-namespace moe::checkpoint::safetensors {
+namespace moe::convert::safetensors {
 namespace fs = std::filesystem;
 namespace {
 
@@ -378,4 +378,4 @@ void write_checkpoint(const std::string& dir, const std::vector<TensorEntry>& en
   fs::rename(temporary, index_path);
 }
 
-}  // namespace moe::checkpoint::safetensors
+}  // namespace moe::convert::safetensors

@@ -1,4 +1,4 @@
-#include "moe/checkpoint/hf_mixtral.h"
+#include "moe/convert/hf_mixtral.h"
 
 #include <array>
 #include <cmath>
@@ -8,7 +8,7 @@
 
 #include "moe/tensor/error.h"
 
-namespace moe::checkpoint::hf_mixtral {
+namespace moe::convert::hf_mixtral {
 namespace {
 
 // A block of an HF tensor and where it lies in a moecore tensor. Transposed blocks are rows
@@ -400,4 +400,4 @@ std::vector<safetensors::NamedTensor> moecore_to_hf(const MixtralConfig& config,
   return named;
 }
 
-}  // namespace moe::checkpoint::hf_mixtral
+}  // namespace moe::convert::hf_mixtral

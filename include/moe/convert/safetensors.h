@@ -19,7 +19,7 @@
 
 #include "moe/tensor/tensor.h"
 
-namespace moe::checkpoint::safetensors {
+namespace moe::convert::safetensors {
 
 struct TensorInfo {
   DType dtype = DType::F32;
@@ -102,4 +102,4 @@ void write_checkpoint(const std::string& dir, const std::vector<TensorEntry>& en
                       const std::map<std::string, std::string>& metadata = {},
                       uint64_t max_shard_bytes = uint64_t(5) << 30);
 
-}  // namespace moe::checkpoint::safetensors
+}  // namespace moe::convert::safetensors
