@@ -134,6 +134,8 @@ MixtralConfig config_from_training_args(const nlohmann::json& metadata, int64_t 
     problems.push_back("--position-embedding-type " + a.position_embedding_type);
   }
   if (a.add_bias_linear) problems.push_back("biases (no --disable-bias-linear)");
+  if (a.qk_layernorm) problems.push_back("--qk-layernorm");
+  if (a.add_qkv_bias) problems.push_back("--add-qkv-bias");
   if (!a.num_experts) problems.push_back("no --num-experts");
   if (a.moe_layer_freq != "1") problems.push_back("--moe-layer-freq " + a.moe_layer_freq);
   if (a.moe_router_score_function != "softmax") {
@@ -142,6 +144,7 @@ MixtralConfig config_from_training_args(const nlohmann::json& metadata, int64_t 
   // Mixtral renormalises the top-k of a softmax over all experts: Megatron's default order.
   if (a.moe_router_pre_softmax) problems.push_back("--moe-router-pre-softmax");
   if (a.moe_router_topk_scaling_factor) problems.push_back("--moe-router-topk-scaling-factor");
+  if (a.moe_router_type != "topk") problems.push_back("--moe-router-type " + a.moe_router_type);
   if (!a.ffn_hidden_size) problems.push_back("no --ffn-hidden-size");
   if (a.moe_ffn_hidden_size && a.moe_ffn_hidden_size != a.ffn_hidden_size) {
     problems.push_back("--moe-ffn-hidden-size differing from --ffn-hidden-size");

@@ -1,5 +1,6 @@
 #include <algorithm>
 #include <cmath>
+#include <numbers>
 #include <type_traits>
 #include <vector>
 
@@ -236,17 +237,70 @@ void move_context(Tensor& rows, Tensor& heads, bool to_heads) {
 
 }  // namespace
 
-void apply_rope(Tensor& x, float rotary_base, bool backward) {
+RotaryFrequencies rope_frequencies(int64_t dim, double rotary_base) {
+  MOE_CHECK(dim >= 2 && dim % 2 == 0, "rope needs an even head dimension, got ", dim);
+  MOE_CHECK(rotary_base > 0, "rotary_base (", rotary_base, ") must be > 0");
+  RotaryFrequencies frequencies;
+  for (int64_t i = 0; i < dim / 2; ++i) {
+    frequencies.inv_freq.push_back(std::pow(rotary_base, -double(2 * i) / double(dim)));
+  }
+  return frequencies;
+}
+
+double yarn_get_mscale(double scale, double mscale) {
+  return scale <= 1 ? 1.0 : 0.1 * mscale * std::log(scale) + 1.0;
+}
+
+RotaryFrequencies yarn_frequencies(int64_t dim, double rotary_base, const YarnScaling& yarn) {
+  MOE_CHECK(yarn.scaling_factor > 0, "rotary_scaling_factor (", yarn.scaling_factor,
+            ") must be > 0");
+  MOE_CHECK(yarn.original_max_position_embeddings >= 1, "yarn_original_max_position_embeddings (",
+            yarn.original_max_position_embeddings, ") must be >= 1");
+  MOE_CHECK(yarn.beta_fast > 0 && yarn.beta_slow > 0, "yarn_beta_fast (", yarn.beta_fast,
+            ") and yarn_beta_slow (", yarn.beta_slow, ") must be > 0");
+  RotaryFrequencies frequencies = rope_frequencies(dim, rotary_base);
+  // The pair index that makes `turns` rotations over the original context.
+  auto index_of = [&](double turns) {
+    return double(dim) *
+           std::log(double(yarn.original_max_position_embeddings) /
+                    (turns * 2 * std::numbers::pi)) /
+           (2 * std::log(rotary_base));
+  };
+  double low = index_of(yarn.beta_fast), high = index_of(yarn.beta_slow);
+  if (yarn.correction_range_round_to_int) {
+    low = std::floor(low);
+    high = std::ceil(high);
+  }
+  low = std::max(low, 0.0);
+  high = std::min(high, double(dim - 1));
+  if (low == high) high += 0.001;  // a step instead of a division by zero
+  for (size_t i = 0; i < frequencies.inv_freq.size(); ++i) {
+    // ramp 0: the original frequency (extrapolation); 1: divided by the factor (interpolation).
+    double ramp = std::clamp((double(i) - low) / (high - low), 0.0, 1.0);
+    double original = frequencies.inv_freq[i];
+    frequencies.inv_freq[i] = original / yarn.scaling_factor * ramp + original * (1 - ramp);
+  }
+  frequencies.concentration = yarn_get_mscale(yarn.scaling_factor, yarn.mscale) /
+                              yarn_get_mscale(yarn.scaling_factor, yarn.mscale_all_dim);
+  return frequencies;
+}
+
+void apply_rotary(Tensor& x, const RotaryFrequencies& frequencies, bool backward) {
   check_ndim(x, 4, "rope input");
   int64_t outer = x.dim(0) * x.dim(1), seq = x.dim(2), dim = x.dim(3), half = dim / 2;
   MOE_CHECK(dim % 2 == 0, "rope needs an even head dimension, got ", dim);
-  // Angles in double: pos * base^(-2i/d), Megatron's inv_freq layout (pairs i, i + d/2).
+  MOE_CHECK(size_t(half) == frequencies.inv_freq.size(), "rope input head dimension ", dim,
+            " does not match the ", frequencies.inv_freq.size(), " rotary frequencies");
+  MOE_CHECK(x.dtype() == DType::F32 || x.dtype() == DType::F64,
+            "rope input must be F32 or F64, got ", dtype_name(x.dtype()));
+  // cos and sin in double (Megatron's layout: pairs i, i + d/2), times the concentration.
   std::vector<double> cosines(size_t(seq * half)), sines(size_t(seq * half));
   for (int64_t pos = 0; pos < seq; ++pos) {
     for (int64_t i = 0; i < half; ++i) {
-      double angle = double(pos) * std::pow(double(rotary_base), -double(2 * i) / double(dim));
-      cosines[size_t(pos * half + i)] = std::cos(angle);
-      sines[size_t(pos * half + i)] = backward ? -std::sin(angle) : std::sin(angle);
+      double angle = double(pos) * frequencies.inv_freq[size_t(i)];
+      double sine = frequencies.concentration * std::sin(angle);
+      cosines[size_t(pos * half + i)] = frequencies.concentration * std::cos(angle);
+      sines[size_t(pos * half + i)] = backward ? -sine : sine;
     }
   }
   auto rotate = [&](auto* values) {
@@ -269,6 +323,11 @@ void apply_rope(Tensor& x, float rotary_base, bool backward) {
   } else {
     rotate(x.data<float>());
   }
+}
+
+void apply_rope(Tensor& x, float rotary_base, bool backward) {
+  check_ndim(x, 4, "rope input");
+  apply_rotary(x, rope_frequencies(x.dim(3), rotary_base), backward);
 }
 
 void causal_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -368,16 +427,45 @@ SelfAttention::SelfAttention(ParameterStore& store, const std::string& prefix,
       heads_local_(divide_over_tp(config.num_attention_heads, tp.size(), "num_attention_heads")),
       groups_local_(divide_over_tp(config.query_groups(), tp.size(), "num_query_groups")),
       head_dim_(config.head_dim()),
-      rotary_base_(config.rotary_base),
       attention_dropout_(config.attention_dropout),
-      rope_(config.position_embedding_type == "rope"),
       qkv_(store, prefix + ".linear_qkv", config.hidden_size,
            ColumnLayout{{config.query_groups(),
                          config.num_attention_heads / config.query_groups() + 2, config.head_dim()},
                         0},
-           config.add_bias_linear, tp),
+           config.add_bias_linear || config.add_qkv_bias, tp),
       proj_(store, prefix + ".linear_proj", int64_t(config.num_attention_heads) * config.head_dim(),
-            config.hidden_size, config.add_bias_linear, tp) {}
+            config.hidden_size, config.add_bias_linear, tp) {
+  if (config.position_embedding_type == "rope") {
+    rotary_ = rope_frequencies(head_dim_, config.rotary_base);
+  } else if (config.position_embedding_type == "yarn") {
+    YarnScaling yarn;
+    yarn.scaling_factor = config.rotary_scaling_factor;
+    yarn.original_max_position_embeddings = config.yarn_original_max_position_embeddings;
+    yarn.beta_fast = config.yarn_beta_fast;
+    yarn.beta_slow = config.yarn_beta_slow;
+    yarn.mscale = config.mscale;
+    yarn.mscale_all_dim = config.mscale_all_dim;
+    yarn.correction_range_round_to_int = config.yarn_correction_range_round_to_int;
+    rotary_ = yarn_frequencies(head_dim_, config.rotary_base, yarn);
+  }
+  if (config.qk_layernorm) {
+    q_norm_.emplace(store, prefix + ".q_layernorm", head_dim_, config.normalization,
+                    config.norm_epsilon);
+    k_norm_.emplace(store, prefix + ".k_layernorm", head_dim_, config.normalization,
+                    config.norm_epsilon);
+  }
+}
+
+std::vector<ParamHandle> SelfAttention::tensor_parallel_partial_params() const {
+  std::vector<ParamHandle> partial;
+  if (tp_.size() == 1) return partial;
+  for (const std::optional<Norm>* norm : {&q_norm_, &k_norm_}) {
+    if (!*norm) continue;
+    partial.push_back((*norm)->weight());
+    if ((*norm)->bias().index >= 0) partial.push_back((*norm)->bias());
+  }
+  return partial;
+}
 
 Tensor SelfAttention::forward(const ParameterStore& store, const Tensor& x, BatchShape shape,
                               uint64_t attention_dropout_key, bool training, Saved& saved) const {
@@ -395,9 +483,15 @@ Tensor SelfAttention::forward(const ParameterStore& store, const Tensor& x, Batc
   saved.k = Tensor::empty({B, groups_local_, S, d}, compute);
   saved.v = Tensor::empty({B, groups_local_, S, d}, compute);
   move_qkv(mixed_c, saved.q, saved.k, saved.v, /*to_heads=*/true);
-  if (rope_) {
-    apply_rope(saved.q, rotary_base_, false);
-    apply_rope(saved.k, rotary_base_, false);
+  if (q_norm_) {  // each head vector is one norm row; the layout stays [b, n, s, d]
+    saved.q =
+        q_norm_->forward(store, saved.q.reshape({-1, d}), saved.q_norm).reshape(saved.q.shape());
+    saved.k =
+        k_norm_->forward(store, saved.k.reshape({-1, d}), saved.k_norm).reshape(saved.k.shape());
+  }
+  if (rotary_) {
+    apply_rotary(saved.q, *rotary_, false);
+    apply_rotary(saved.k, *rotary_, false);
   }
   AttentionDropout dropout{training ? attention_dropout_ : 0.0f, attention_dropout_key,
                            int64_t(tp_.rank()) * heads_local_, int64_t(tp_.size()) * heads_local_};
@@ -431,9 +525,13 @@ Tensor SelfAttention::backward(const ParameterStore& store, const Saved& saved,
   Tensor dv = Tensor::empty(saved.v.shape(), compute);
   causal_attention_backward(saved.q, saved.k, saved.v, saved.logsumexp, dropout, dcontext, dq, dk,
                             dv);
-  if (rope_) {
-    apply_rope(dq, rotary_base_, true);
-    apply_rope(dk, rotary_base_, true);
+  if (rotary_) {
+    apply_rotary(dq, *rotary_, true);
+    apply_rotary(dk, *rotary_, true);
+  }
+  if (q_norm_) {
+    dq = q_norm_->backward(store, saved.q_norm, dq.reshape({-1, d})).reshape(dq.shape());
+    dk = k_norm_->backward(store, saved.k_norm, dk.reshape({-1, d})).reshape(dk.shape());
   }
   Tensor dmixed_c = Tensor::empty({S * B, groups_local_ * (per_group + 2) * d}, compute);
   move_qkv(dmixed_c, dq, dk, dv, /*to_heads=*/false);

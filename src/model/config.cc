@@ -1,8 +1,37 @@
 #include "moe/model/config.h"
 
+#include <cmath>
+#include <utility>
+
 #include "moe/tensor/error.h"
 
 namespace moe::model {
+
+namespace {
+
+// The YaRN fields' ranges, checked whatever the position embedding type is (bad values are
+// refused even where they would be ignored).
+void validate_yarn(const TransformerConfig& c) {
+  // The finiteness checks come first: NaN passes or fails the range checks by accident.
+  const std::pair<const char*, double> reals[] = {
+      {"rotary_scaling_factor", c.rotary_scaling_factor},
+      {"yarn_beta_fast", c.yarn_beta_fast},
+      {"yarn_beta_slow", c.yarn_beta_slow},
+      {"mscale", c.mscale},
+      {"mscale_all_dim", c.mscale_all_dim}};
+  for (const auto& [field, value] : reals) {
+    MOE_CHECK(std::isfinite(value), field, " (", value, ") must be a finite number");
+  }
+  MOE_CHECK(c.rotary_scaling_factor > 0, "rotary_scaling_factor (", c.rotary_scaling_factor,
+            ") must be > 0");
+  MOE_CHECK(c.yarn_original_max_position_embeddings >= 1, "yarn_original_max_position_embeddings (",
+            c.yarn_original_max_position_embeddings, ") must be >= 1");
+  // The correction range is ln(L / (2 pi beta)): each beta must be positive.
+  MOE_CHECK(c.yarn_beta_fast > 0 && c.yarn_beta_slow > 0, "yarn_beta_fast (", c.yarn_beta_fast,
+            ") and yarn_beta_slow (", c.yarn_beta_slow, ") must be > 0");
+}
+
+}  // namespace
 
 void TransformerConfig::validate(int tp, int ep) const {
   MOE_CHECK(tp >= 1, "tensor_model_parallel_size (", tp, ") must be >= 1");
@@ -35,15 +64,17 @@ void TransformerConfig::validate(int tp, int ep) const {
             normalization, "' is not supported (LayerNorm or RMSNorm)");
   MOE_CHECK(norm_epsilon > 0, "norm_epsilon (", norm_epsilon, ") must be > 0");
   MOE_CHECK(position_embedding_type == "learned_absolute" || position_embedding_type == "rope" ||
-                position_embedding_type == "none",
+                position_embedding_type == "yarn" || position_embedding_type == "none",
             "position_embedding_type '", position_embedding_type,
-            "' is not supported (learned_absolute, rope or none)");
+            "' is not supported (learned_absolute, rope, yarn or none)");
   MOE_CHECK(position_embedding_type != "learned_absolute" || max_position_embeddings == 0 ||
                 max_position_embeddings >= seq_length,
             "max_position_embeddings (", max_position_embeddings, ") must be >= seq_length (",
             seq_length, ")");
-  MOE_CHECK(position_embedding_type != "rope" || head_dim() % 2 == 0,
-            "rope needs an even head dimension (kv_channels = ", head_dim(), ")");
+  MOE_CHECK((position_embedding_type != "rope" && position_embedding_type != "yarn") ||
+                head_dim() % 2 == 0,
+            position_embedding_type, " needs an even head dimension (kv_channels = ", head_dim(),
+            ")");
   MOE_CHECK(rotary_base > 0, "rotary_base (", rotary_base, ") must be > 0");
   if (multi_latent_attention) {
     MOE_CHECK(!group_query_attention,
@@ -54,9 +85,14 @@ void TransformerConfig::validate(int tp, int ep) const {
     MOE_CHECK(qk_pos_emb_head_dim >= 2 && qk_pos_emb_head_dim % 2 == 0, "qk_pos_emb_head_dim (",
               qk_pos_emb_head_dim, ") must be even and >= 2 (rope rotates pairs)");
     MOE_CHECK(v_head_dim >= 1, "v_head_dim (", v_head_dim, ") must be >= 1");
+    MOE_CHECK(rope_type.empty() || rope_type == "rope" || rope_type == "yarn", "rope_type '",
+              rope_type, "' is not supported (rope or yarn)");
+  } else {
+    MOE_CHECK(rope_type.empty() || rope_type == "rope", "rope_type '", rope_type,
+              "': common attention supports only rope_type 'rope' (Megatron); use "
+              "position_embedding_type 'yarn' for YaRN");
   }
-  MOE_CHECK(!qk_layernorm || multi_latent_attention,
-            "qk_layernorm is supported only with multi_latent_attention");
+  validate_yarn(*this);
   MOE_CHECK(hidden_dropout >= 0 && hidden_dropout < 1, "hidden_dropout (", hidden_dropout,
             ") must be in [0, 1)");
   MOE_CHECK(attention_dropout >= 0 && attention_dropout < 1, "attention_dropout (",

@@ -1,6 +1,7 @@
 #include "moe/model/mla.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "moe/tensor/ops.h"
@@ -102,6 +103,28 @@ Tensor sum_head_part(const Tensor& src, int64_t offset, int64_t size) {
   return dst;
 }
 
+// x *= factor in x's compute type (ops' scale takes a float factor, which would round the fp64
+// one that gradient checks and references use).
+void multiply(Tensor& x, double factor) {
+  with_compute_type(x.dtype(), [&](auto tag) {
+    using C = decltype(tag);
+    C* values = x.data<C>();
+    for (int64_t i = 0; i < x.numel(); ++i) values[i] *= C(factor);
+  });
+}
+
+// Megatron's MLA rotary frequencies (see mla.h).
+RotaryFrequencies mla_rotary(const TransformerConfig& config) {
+  if (config.rope_type == "rope") {
+    return rope_frequencies(config.qk_pos_emb_head_dim, config.rotary_base);
+  }
+  YarnScaling yarn;  // its defaults are Megatron's MLATransformerConfig's
+  yarn.scaling_factor = config.rotary_scaling_factor;
+  yarn.mscale = config.mscale;
+  yarn.mscale_all_dim = config.mscale_all_dim;
+  return yarn_frequencies(config.qk_pos_emb_head_dim, config.rotary_base, yarn);
+}
+
 // Columns [first, first + count) of a 2-D tensor, as a new tensor.
 Tensor columns(const Tensor& t, int64_t first, int64_t count) {
   int64_t rows = t.dim(0), width = t.dim(1);
@@ -139,8 +162,10 @@ MultiLatentAttention::MultiLatentAttention(ParameterStore& store, const std::str
       qk_head_dim_(config.qk_head_dim),
       pos_dim_(config.qk_pos_emb_head_dim),
       v_head_dim_(config.v_head_dim),
-      rotary_base_(config.rotary_base),
       attention_dropout_(config.attention_dropout),
+      rotary_(mla_rotary(config)),
+      score_factor_(
+          std::pow(yarn_get_mscale(config.rotary_scaling_factor, config.mscale_all_dim), 2)),
       kv_down_(store, prefix + ".linear_kv_down_proj", config.hidden_size,
                ColumnLayout{{config.kv_lora_rank + config.qk_pos_emb_head_dim},
                             ColumnLayout::kReplicated},
@@ -172,10 +197,6 @@ MultiLatentAttention::MultiLatentAttention(ParameterStore& store, const std::str
     kv_norm_.emplace(store, prefix + ".kv_layernorm", config.kv_lora_rank, config.normalization,
                      config.norm_epsilon);
   }
-}
-
-void MultiLatentAttention::rotate(Tensor& x, bool backward) const {
-  apply_rope(x, rotary_base_, backward);
 }
 
 Tensor MultiLatentAttention::forward(const ParameterStore& store, const Tensor& x, BatchShape shape,
@@ -216,19 +237,21 @@ Tensor MultiLatentAttention::forward(const ParameterStore& store, const Tensor& 
   move_part(q_rows, saved.q, {q_dim, 0, 0, qk}, /*to_heads=*/true);
   Tensor q_pos = Tensor::empty({B, n, S, pe}, compute);
   move_part(q_rows, q_pos, {q_dim, qk, 0, pe, /*deinterleave=*/true}, true);
-  rotate(q_pos, false);
+  apply_rotary(q_pos, rotary_, false);
   copy_head_part(q_pos, 0, saved.q, qk, pe);
 
   saved.k = Tensor::empty({B, n, S, q_dim}, compute);
   move_part(kv_rows, saved.k, {qk + dv, 0, 0, qk}, true);
   Tensor k_pos = Tensor::empty({B, 1, S, pe}, compute);
   move_part(k_pos_rows, k_pos, {pe, 0, 0, pe, /*deinterleave=*/true}, true);
-  rotate(k_pos, false);
+  apply_rotary(k_pos, rotary_, false);
   copy_head_part(k_pos, 0, saved.k, qk, pe);  // every head shares the rotary key
   saved.v = Tensor::empty({B, n, S, dv}, compute);
   move_part(kv_rows, saved.v, {qk + dv, qk, 0, dv}, true);
 
-  // The kernel's 1 / sqrt(head size) is Megatron's 1 / sqrt(qk_head_dim + qk_pos_emb_head_dim).
+  // The kernel's 1 / sqrt(head size) is Megatron's 1 / sqrt(qk_head_dim + qk_pos_emb_head_dim);
+  // YaRN's m^2 goes into the queries (the saved q is the scaled one).
+  if (score_factor_ != 1.0) multiply(saved.q, score_factor_);
   AttentionDropout dropout{training ? attention_dropout_ : 0.0f, attention_dropout_key,
                            int64_t(tp_.rank()) * n, int64_t(tp_.size()) * n};
   saved.logsumexp = Tensor::empty({B, n, S}, compute);
@@ -261,18 +284,19 @@ Tensor MultiLatentAttention::backward(const ParameterStore& store, const Saved& 
   causal_attention_backward(saved.q, saved.k, saved.v, saved.logsumexp, dropout, dcontext, dq, dk,
                             dv_heads);
 
+  if (score_factor_ != 1.0) multiply(dq, score_factor_);
   Tensor dq_rows = Tensor::empty({S * B, n * q_dim}, compute);
   move_part(dq_rows, dq, {q_dim, 0, 0, qk}, /*to_heads=*/false);
   Tensor dq_pos = Tensor::empty({B, n, S, pe}, compute);
   copy_head_part(dq, qk, dq_pos, 0, pe);
-  rotate(dq_pos, true);
+  apply_rotary(dq_pos, rotary_, true);
   move_part(dq_rows, dq_pos, {q_dim, qk, 0, pe, /*deinterleave=*/true}, false);
 
   Tensor dkv_rows = Tensor::empty({S * B, n * (qk + dv)}, compute);
   move_part(dkv_rows, dk, {qk + dv, 0, 0, qk}, false);
   move_part(dkv_rows, dv_heads, {qk + dv, qk, 0, dv}, false);
   Tensor dk_pos = sum_head_part(dk, qk, pe);
-  rotate(dk_pos, true);
+  apply_rotary(dk_pos, rotary_, true);
   Tensor dk_pos_rows = Tensor::empty({S * B, pe}, compute);
   move_part(dk_pos_rows, dk_pos, {pe, 0, 0, pe, /*deinterleave=*/true}, false);
 

@@ -54,6 +54,14 @@ void TransformerLayer::register_params(ParamRegistry& registry) const {
   if (attention_) {
     add_linear(attention_->linear_qkv().weight(), attention_->linear_qkv().bias(),
                InitKind::kNormal, false);
+    for (const Norm* qk_norm : {attention_->q_layernorm(), attention_->k_layernorm()}) {
+      if (qk_norm == nullptr) continue;
+      registry.add(qk_norm->weight(), InitKind::kOnes);
+      if (qk_norm->bias().index >= 0) registry.add(qk_norm->bias(), InitKind::kZeros);
+    }
+    for (ParamHandle handle : attention_->tensor_parallel_partial_params()) {
+      registry.tensor_parallel_partial.push_back(handle);
+    }
   } else {
     // Megatron: every projection init_method, the latent norms ones. The replicated down
     // projections and norms see only this rank's rows with sequence parallelism.

@@ -3,6 +3,7 @@
 #include <array>
 #include <utility>
 
+#include "moe/moe/expert_choice_router.h"
 #include "moe/tensor/error.h"
 
 namespace moe {
@@ -32,6 +33,10 @@ constexpr NameTable<TokenDispatcherType, 2> kDispatcherNames{{
 constexpr NameTable<ExpertActivation, 2> kActivationNames{{
     {ExpertActivation::kGeLU, "gelu"},
     {ExpertActivation::kSwiGLU, "swiglu"},
+}};
+constexpr NameTable<RouterType, 2> kRouterTypeNames{{
+    {RouterType::kTopK, "topk"},
+    {RouterType::kExpertChoice, "expert_choice"},
 }};
 
 template <class Enum, size_t N>
@@ -70,6 +75,9 @@ TokenDispatcherType parse_token_dispatcher_type(std::string_view text) {
 ExpertActivation parse_expert_activation(std::string_view text) {
   return parse_named(kActivationNames, text, "activation");
 }
+RouterType parse_router_type(std::string_view text) {
+  return parse_named(kRouterTypeNames, text, "moe_router_type");
+}
 std::string_view name_of(LoadBalancingType value) {
   return name_in(kLoadBalancingNames, value);
 }
@@ -84,6 +92,9 @@ std::string_view name_of(TokenDispatcherType value) {
 }
 std::string_view name_of(ExpertActivation value) {
   return name_in(kActivationNames, value);
+}
+std::string_view name_of(RouterType value) {
+  return name_in(kRouterTypeNames, value);
 }
 
 int64_t MoEConfig::expert_ffn_hidden_size() const {
@@ -103,6 +114,10 @@ bool MoEConfig::aux_loss_enabled() const {
 
 bool MoEConfig::z_loss_enabled() const {
   return moe_z_loss_coeff.has_value();
+}
+
+int64_t MoEConfig::routing_slots() const {
+  return moe_router_type == RouterType::kExpertChoice ? num_experts : moe_router_topk;
 }
 
 void MoEConfig::validate() const {
@@ -142,6 +157,7 @@ void MoEConfig::validate() const {
   MOE_CHECK(!moe_pad_expert_input_to_capacity || moe_expert_capacity_factor,
             "MoEConfig: moe_pad_expert_input_to_capacity needs moe_expert_capacity_factor to be "
             "set");
+  if (moe_router_type == RouterType::kExpertChoice) validate_expert_choice(*this);
 }
 
 }  // namespace moe

@@ -8,24 +8,29 @@ namespace {
 
 using ep_detail::gather_rows;
 
-// What combine and the backwards need from one dispatch.
+// What combine and the backwards need from one dispatch. Only kept slots travel home: the
+// "kept rows" are the group's kept slots in global slot order, each rank's a contiguous block.
 struct AllGatherState final : DispatcherState {
-  std::vector<int64_t> slot_rows_per_rank;  // [tp-ep] each rank's tokens * topk
-  int64_t group_slots = 0;                  // the group's tokens * topk
+  std::vector<int64_t> kept_rows_per_rank;  // [tp-ep] each rank's kept slots
+  // [group kept rows]: the local expert row serving each kept row, -1 for another rank's expert.
+  std::vector<int64_t> expert_row_of_kept;
+  // [R]: the kept row each local expert row serves, -1 for a padding row.
+  std::vector<int64_t> kept_of_expert_row;
   // The group's slots <-> this rank's expert rows (global token order inside each expert).
   DispatchPlan expert_plan;
 };
 
-// The local experts' rows [R, H] placed at their (token, slot) positions of the group's batch
-// [group slots, H] (zero elsewhere), summed over the group and scattered: each rank gets its own
-// tokens' slot rows [T * topk, H]. Only one rank writes each slot, so the sum is exact.
+// The local experts' rows [R, H] placed at their kept rows of the group's batch (zero
+// elsewhere), summed over the group and scattered: each rank gets its own tokens' kept slot
+// rows. Only one rank writes each kept row, so the sum is exact.
 Tensor expert_rows_to_home_slots(const Tensor& expert_rows, const AllGatherState& state,
-                                 int64_t home_slots, const comm::ProcessGroup& group) {
+                                 int64_t home_rows, const comm::ProcessGroup& group) {
   const int64_t H = expert_rows.dim(1);
-  Tensor group_slot_rows = Tensor::empty({state.group_slots, H}, expert_rows.dtype());
-  gather_rows(expert_rows, state.expert_plan.row_of_slot, group_slot_rows);
-  Tensor home = Tensor::empty({home_slots, H}, expert_rows.dtype());
-  comm::reduce_scatter_v(group_slot_rows, home, state.slot_rows_per_rank, group);
+  Tensor group_kept_rows =
+      Tensor::empty({int64_t(state.expert_row_of_kept.size()), H}, expert_rows.dtype());
+  gather_rows(expert_rows, state.expert_row_of_kept, group_kept_rows);
+  Tensor home = Tensor::empty({home_rows, H}, expert_rows.dtype());
+  comm::reduce_scatter_v(group_kept_rows, home, state.kept_rows_per_rank, group);
   return home;
 }
 
@@ -50,24 +55,40 @@ Tensor AllGatherTokenDispatcher::dispatch(const Tensor& hidden, const Routing& r
   ctx.dtype = hidden.dtype();
 
   auto state = std::make_unique<AllGatherState>();
-  for (int64_t tokens : batch.tokens_per_rank) state->slot_rows_per_rank.push_back(tokens * K);
-  state->group_slots = batch.total_tokens * K;
   state->expert_plan =
       build_dispatch_plan(group_routing.experts, config_.num_experts, placement_.first,
                           placement_.count, capacity.keep, capacity.pad_rows_to);
   ctx.tokens_per_local_expert = state->expert_plan.rows_per_expert;
   ctx.unpadded_tokens_per_local_expert = unpadded_rows_per_expert(state->expert_plan);
 
-  // The home plan: slot s of the home tokens <-> home slot row s (-1 when dropped).
+  // Number the group's kept slots in global slot order, rank by rank.
+  std::vector<int64_t> kept_of_slot(size_t(batch.total_tokens * K), -1);
+  int64_t slot = 0, my_first_kept = 0;
+  for (size_t rank = 0; rank < batch.tokens_per_rank.size(); ++rank) {
+    if (int64_t(rank) == tp_ep_.rank()) my_first_kept = int64_t(state->expert_row_of_kept.size());
+    int64_t kept = 0;
+    for (const int64_t end = slot + batch.tokens_per_rank[rank] * K; slot < end; ++slot) {
+      if (!capacity.keep.empty() && !capacity.keep[size_t(slot)]) continue;
+      kept_of_slot[size_t(slot)] = int64_t(state->expert_row_of_kept.size());
+      state->expert_row_of_kept.push_back(state->expert_plan.row_of_slot[size_t(slot)]);
+      ++kept;
+    }
+    state->kept_rows_per_rank.push_back(kept);
+  }
+  for (int64_t group_slot : state->expert_plan.slot_of_row) {
+    state->kept_of_expert_row.push_back(group_slot < 0 ? -1 : kept_of_slot[size_t(group_slot)]);
+  }
+
+  // The home plan: slot s of the home tokens <-> its kept row (-1 when dropped).
   ctx.plan.num_tokens = T;
   ctx.plan.topk = K;
-  ctx.plan.rows_per_expert = {T * K};
+  ctx.plan.rows_per_expert = {state->kept_rows_per_rank[size_t(tp_ep_.rank())]};
   ctx.plan.row_of_slot.resize(size_t(T * K));
   for (int64_t s = 0; s < T * K; ++s) {
-    const bool kept = capacity.keep.empty() || capacity.keep[size_t(batch.first_token * K + s)];
-    ctx.plan.row_of_slot[size_t(s)] = kept ? s : -1;
+    const int64_t kept = kept_of_slot[size_t(batch.first_token * K + s)];
+    ctx.plan.row_of_slot[size_t(s)] = kept < 0 ? -1 : kept - my_first_kept;
+    if (kept >= 0) ctx.plan.slot_of_row.push_back(s);
   }
-  ctx.plan.slot_of_row = ctx.plan.row_of_slot;
 
   Tensor group_hidden = Tensor::empty({batch.total_tokens, H}, ctx.dtype);  // [group T, H]
   comm::all_gather_v(hidden, group_hidden, batch.tokens_per_rank, tp_ep_);
@@ -93,10 +114,11 @@ Tensor AllGatherTokenDispatcher::combine_backward(const Tensor& grad_output, Dis
       ep_detail::combine_backward_home_rows(who, grad_output, ctx, grad_probs);
   // The reverse of the reduce-scatter: every rank gets the group's slot gradients and keeps its
   // experts' rows.
-  Tensor group_grads = Tensor::empty({state.group_slots, ctx.hidden_size}, ctx.dtype);
-  comm::all_gather_v(grad_home, group_grads, state.slot_rows_per_rank, tp_ep_);
+  Tensor group_grads =
+      Tensor::empty({int64_t(state.expert_row_of_kept.size()), ctx.hidden_size}, ctx.dtype);
+  comm::all_gather_v(grad_home, group_grads, state.kept_rows_per_rank, tp_ep_);
   Tensor grad_rows = Tensor::empty({state.expert_plan.num_rows(), ctx.hidden_size}, ctx.dtype);
-  gather_rows(group_grads, state.expert_plan.slot_of_row, grad_rows);
+  gather_rows(group_grads, state.kept_of_expert_row, grad_rows);
   return grad_rows;
 }
 

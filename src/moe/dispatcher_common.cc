@@ -28,6 +28,9 @@ std::string show_dtype(int64_t value) {
 std::string show_dispatcher(int64_t value) {
   return std::string(name_of(TokenDispatcherType(value)));
 }
+std::string show_router_type(int64_t value) {
+  return std::string(name_of(RouterType(value)));
+}
 std::string show_policy(int64_t value) {
   return std::string(name_of(TokenDropPolicy(value)));
 }
@@ -71,11 +74,12 @@ GroupBatch agree_on_batch(const char* who, const Tensor& hidden, const Routing& 
     check_ndim(hidden, 2, detail::concat(who, " hidden"));
     MOE_CHECK(hidden.dim(0) == routing.num_tokens, who, ": hidden ", shape_string(hidden.shape()),
               " has ", hidden.dim(0), " tokens but the routing has ", routing.num_tokens);
-    MOE_CHECK(routing.topk == config.moe_router_topk, who, ": the routing has top-k ", routing.topk,
-              " but moe_router_topk is ", config.moe_router_topk);
-    check_shape(routing.experts, {routing.num_tokens, config.moe_router_topk},
+    MOE_CHECK(routing.topk == config.routing_slots(), who, ": the routing has ", routing.topk,
+              " slots per token but the ", name_of(config.moe_router_type), " router gives ",
+              config.routing_slots());
+    check_shape(routing.experts, {routing.num_tokens, config.routing_slots()},
                 detail::concat(who, " routing experts"));
-    check_shape(routing.probs, {routing.num_tokens, config.moe_router_topk},
+    check_shape(routing.probs, {routing.num_tokens, config.routing_slots()},
                 detail::concat(who, " routing probs"));
     check_dtype(routing.probs, internal::compute_dtype_for(hidden.dtype()),
                 detail::concat(who, " routing probs"));
@@ -90,6 +94,7 @@ GroupBatch agree_on_batch(const char* who, const Tensor& hidden, const Routing& 
       {"activation dtype", int64_t(hidden.dtype()), show_dtype},
       {"token dispatcher", int64_t(config.moe_token_dispatcher_type), show_dispatcher},
       {"num_experts", config.num_experts, show_number},
+      {"moe_router_type", int64_t(config.moe_router_type), show_router_type},
       {"moe_router_topk", config.moe_router_topk, show_number},
       {"moe_expert_capacity_factor", capacity_bits(config.moe_expert_capacity_factor),
        show_capacity},

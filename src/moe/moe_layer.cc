@@ -3,6 +3,7 @@
 #include "moe/comm/process_group.h"
 #include "moe/internal.h"
 #include "moe/moe/ep_dispatchers.h"
+#include "moe/moe/expert_choice_router.h"
 
 namespace moe {
 namespace {
@@ -22,7 +23,10 @@ MoELayer::MoELayer(const MoEConfig& config, ParameterStore& store, const std::st
     : config_(config),
       tp_(std::move(tp)),
       dispatcher_(local_if_null(std::move(dispatcher), config)),
-      router_(config, store, prefix + ".router", jitter_seed),
+      router_(config.moe_router_type == RouterType::kExpertChoice
+                  ? expert_choice_scoring_config(config)
+                  : config,
+              store, prefix + ".router", jitter_seed),
       experts_(make_experts(config, store, prefix + ".experts", dispatcher_->placement())) {
   if (tp_.size() > 1) {
     router_.set_aux_count_reducer(make_aux_count_reducer(tp_.group));

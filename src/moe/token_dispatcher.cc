@@ -1,12 +1,16 @@
 #include "moe/moe/token_dispatcher.h"
 
 #include "moe/dispatcher_common.h"
+#include "moe/moe/expert_choice_router.h"
 
 namespace moe {
 
 CapacityDecision decide_capacity(const MoEConfig& config, const Routing& routing) {
   CapacityDecision decision;
   if (!config.moe_expert_capacity_factor) return decision;
+  if (config.moe_router_type == RouterType::kExpertChoice) {
+    return decide_expert_choice(config, routing);
+  }
   int64_t capacity = expert_capacity(routing.num_tokens, routing.topk, config.num_experts,
                                      *config.moe_expert_capacity_factor);
   decision.keep =
@@ -32,7 +36,7 @@ Tensor LocalTokenDispatcher::dispatch(const Tensor& hidden, const Routing& routi
   MOE_CHECK(hidden.dim(0) == routing.num_tokens, "LocalTokenDispatcher::dispatch: hidden ",
             shape_string(hidden.shape()), " has ", hidden.dim(0), " tokens but the routing has ",
             routing.num_tokens);
-  check_shape(routing.experts, {routing.num_tokens, config_.moe_router_topk},
+  check_shape(routing.experts, {routing.num_tokens, config_.routing_slots()},
               "LocalTokenDispatcher::dispatch routing experts");
   ctx = DispatchContext{};
   ctx.routing = routing;

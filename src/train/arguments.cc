@@ -66,7 +66,7 @@ void register_arguments(CLI::App& app, TrainingArguments& a) {
                  "Maximum sequence length the position embedding covers.");
     app.add_option("--position-embedding-type", a.position_embedding_type,
                    "Position embedding type.")
-        ->check(CLI::IsMember({"learned_absolute", "rope", "none"}))
+        ->check(CLI::IsMember({"learned_absolute", "rope", "yarn", "none"}))
         ->capture_default_str();
     app.add_option("--rotary-base", a.rotary_base, "Base of the rotary position embedding.")
         ->capture_default_str();
@@ -76,6 +76,36 @@ void register_arguments(CLI::App& app, TrainingArguments& a) {
     clear_flag("--no-position-embedding", a.add_position_embedding,
                "Disable the learned position embedding (only with rope; deprecated in "
                "Megatron in favour of --position-embedding-type).");
+    optional_int("--yarn-original-max-position-embeddings", a.yarn_original_max_position_embeddings,
+                 "Context length the YaRN frequency correction starts from (default 4096).");
+    optional_double("--yarn-beta-fast", a.yarn_beta_fast,
+                    "YaRN: pairs turning more often than this keep their frequency (default 32).");
+    optional_double("--yarn-beta-slow", a.yarn_beta_slow,
+                    "YaRN: pairs turning less often than this are fully interpolated (default 1).");
+    app.add_flag_callback(
+        "--yarn-correction-range-round-to-int",
+        [&a] { a.yarn_correction_range_round_to_int = true; },
+        "Round the YaRN correction range to whole pairs (the default).");
+    app.add_flag_callback(
+        "--no-yarn-correction-range-round-to-int",
+        [&a] { a.yarn_correction_range_round_to_int = false; },
+        "Do not round the YaRN correction range.");
+    app.add_option("--rotary-scaling-factor", a.rotary_scaling_factor,
+                   "YaRN's context extension factor.")
+        ->capture_default_str();
+    app.add_option("--mscale", a.mscale, "YaRN attention-factor coefficient.")
+        ->capture_default_str();
+    app.add_option("--mscale-all-dim", a.mscale_all_dim,
+                   "YaRN attention-factor coefficient the factor is divided by.")
+        ->capture_default_str();
+    optional_string("--rope-type", a.rope_type,
+                    "Rotary kind of multi-latent attention; common attention takes only rope.")
+        ->check(CLI::IsMember({"rope", "yarn"}));
+    app.add_flag("--qk-layernorm", a.qk_layernorm,
+                 "Normalise each query and key head (q_layernorm, k_layernorm); with "
+                 "--multi-latent-attention the latents (q_layernorm, kv_layernorm).");
+    app.add_flag("--add-qkv-bias", a.add_qkv_bias,
+                 "A bias on linear_qkv even with --disable-bias-linear.");
     app.add_option("--make-vocab-size-divisible-by", a.make_vocab_size_divisible_by,
                    "Pad the vocabulary to a multiple of this value (times tensor parallel size).")
         ->capture_default_str();
@@ -89,9 +119,6 @@ void register_arguments(CLI::App& app, TrainingArguments& a) {
                  "Separate output-layer weights instead of reusing the word embedding.");
     app.add_flag("--multi-latent-attention", a.multi_latent_attention,
                  "Use DeepSeek's multi-latent attention (see the mla group).");
-    app.add_flag("--qk-layernorm", a.qk_layernorm,
-                 "Normalise the query and key/value latents (only with --multi-latent-attention "
-                 "so far).");
   });
 
   group("regularization", [&] {
@@ -302,6 +329,11 @@ void register_arguments(CLI::App& app, TrainingArguments& a) {
                    "Which tokens an over-capacity expert drops.")
         ->check(CLI::IsMember({"probs", "position"}))
         ->capture_default_str();
+    app.add_option("--moe-router-type", a.moe_router_type,
+                   "moecore's own: topk (Megatron's router) or expert_choice (each expert takes "
+                   "its highest-scoring tokens; needs --moe-expert-capacity-factor).")
+        ->check(CLI::IsMember({"topk", "expert_choice"}))
+        ->capture_default_str();
   });
 
   group("mla", [&] {
@@ -388,6 +420,27 @@ void require_finite(double value, const char* flag) {
 void require_finite_positive(double value, const char* flag) {
   require_finite(value, flag);
   MOE_CHECK(value > 0, "argument ", flag, " must be positive (got ", value, ")");
+}
+
+// --moe-router-type expert_choice: each expert takes ceil(tokens x --moe-expert-capacity-factor
+// / --num-experts) tokens, so the factor is required, and the per-token top-k settings and a
+// load-balancing loss (the load is even by construction) are refused.
+void check_expert_choice_flags(const TrainingArguments& a) {
+  const char* with = " with --moe-router-type expert_choice";
+  MOE_CHECK(a.moe_expert_capacity_factor,
+            "--moe-router-type expert_choice needs --moe-expert-capacity-factor (each expert "
+            "takes ceil(tokens x factor / --num-experts) tokens)");
+  MOE_CHECK(a.moe_router_topk == 2, "--moe-router-topk (", a.moe_router_topk, ") has no meaning",
+            with, " (experts pick their tokens; leave it at its default)");
+  MOE_CHECK(a.moe_router_score_function == "softmax", "--moe-router-score-function ",
+            a.moe_router_score_function, " is not supported", with, " (scores are a softmax)");
+  MOE_CHECK(!a.moe_router_pre_softmax, "--moe-router-pre-softmax has no meaning", with);
+  MOE_CHECK(!a.moe_router_topk_scaling_factor, "--moe-router-topk-scaling-factor has no meaning",
+            with);
+  MOE_CHECK(a.moe_token_drop_policy == "probs", "--moe-token-drop-policy ", a.moe_token_drop_policy,
+            " has no meaning", with, " (experts take their highest-scoring tokens)");
+  MOE_CHECK(a.moe_aux_loss_coeff == 0, "--moe-aux-loss-coeff (", a.moe_aux_loss_coeff,
+            ") must be 0", with, " (every expert takes the same number of tokens)");
 }
 
 // Every real-valued argument, present or defaulted, with its flag.
@@ -577,11 +630,27 @@ void finalize_arguments(TrainingArguments& a, int world_size) {
               "--qk-pos-emb-head-dim (", a.qk_pos_emb_head_dim,
               ") must be even and >= 2 (rope rotates pairs)");
   }
-  MOE_CHECK(!a.qk_layernorm || a.multi_latent_attention,
-            "--qk-layernorm is supported only with --multi-latent-attention so far");
 
   // ---- positions
   require_finite_positive(a.rotary_base, "--rotary-base");
+  require_finite_positive(a.rotary_scaling_factor, "--rotary-scaling-factor");
+  require_finite(a.mscale, "--mscale");
+  require_finite(a.mscale_all_dim, "--mscale-all-dim");
+  if (a.yarn_original_max_position_embeddings) {
+    require_positive(*a.yarn_original_max_position_embeddings,
+                     "--yarn-original-max-position-embeddings");
+  }
+  if (a.yarn_beta_fast) require_finite_positive(*a.yarn_beta_fast, "--yarn-beta-fast");
+  if (a.yarn_beta_slow) require_finite_positive(*a.yarn_beta_slow, "--yarn-beta-slow");
+  MOE_CHECK(!a.rope_type || *a.rope_type == "rope" || a.multi_latent_attention, "--rope-type ",
+            a.rope_type.value_or(""),
+            ": common attention supports only --rope-type rope (as Megatron); use "
+            "--position-embedding-type yarn for YaRN");
+  if (a.position_embedding_type == "rope" || a.position_embedding_type == "yarn") {
+    MOE_CHECK(*a.kv_channels % 2 == 0, "--position-embedding-type ", a.position_embedding_type,
+              " needs an even --kv-channels (got ", *a.kv_channels, ")");
+  }
+  if (a.add_bias_linear) a.add_qkv_bias = true;  // Megatron keeps the two in sync
   if (a.position_embedding_type == "learned_absolute" && a.add_position_embedding) {
     require(a.max_position_embeddings.has_value(), "--max-position-embeddings");
   }
@@ -672,6 +741,7 @@ void finalize_arguments(TrainingArguments& a, int world_size) {
     }
     MOE_CHECK(!a.moe_pad_expert_input_to_capacity || a.moe_expert_capacity_factor,
               "--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor");
+    if (a.moe_router_type == "expert_choice") check_expert_choice_flags(a);
     a.moe_layer_pattern = layer_pattern("--moe-layer-freq", a.moe_layer_freq, *a.num_layers);
   }
   if (a.moe_grouped_gemm && !a.is_moe())

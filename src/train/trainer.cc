@@ -51,6 +51,15 @@ model::TransformerConfig model_config(const TrainingArguments& a, int64_t padded
   c.norm_epsilon = float(a.norm_epsilon);
   c.position_embedding_type = a.position_embedding_type;
   c.rotary_base = float(a.rotary_base);
+  c.rotary_scaling_factor = a.rotary_scaling_factor;
+  c.mscale = a.mscale;
+  c.mscale_all_dim = a.mscale_all_dim;
+  c.yarn_original_max_position_embeddings = a.yarn_original_max_position_embeddings.value_or(4096);
+  c.yarn_beta_fast = a.yarn_beta_fast.value_or(32.0);
+  c.yarn_beta_slow = a.yarn_beta_slow.value_or(1.0);
+  c.yarn_correction_range_round_to_int = a.yarn_correction_range_round_to_int.value_or(true);
+  c.rope_type = a.rope_type.value_or("");
+  c.add_qkv_bias = a.add_qkv_bias;
   c.multi_latent_attention = a.multi_latent_attention;
   c.q_lora_rank = a.q_lora_rank.value_or(0);
   c.kv_lora_rank = a.kv_lora_rank;
@@ -84,6 +93,7 @@ model::TransformerConfig model_config(const TrainingArguments& a, int64_t padded
     m.moe_token_drop_policy = parse_token_drop_policy(a.moe_token_drop_policy);
     m.moe_grouped_gemm = a.moe_grouped_gemm;
     m.moe_token_dispatcher_type = parse_token_dispatcher_type(a.moe_token_dispatcher_type);
+    m.moe_router_type = parse_router_type(a.moe_router_type);
   }
   return c;
 }

@@ -185,8 +185,11 @@ TEST(MoeConvert, CheckpointWithoutModelRecordNeedsHfConfig) {
 
   // A recorded command line of a model HF's Mixtral cannot express is refused, saying why.
   state.iteration = 4;
-  state.args["command_line"] = {"--num-layers",          "2", "--hidden-size",   "24",
-                                "--num-attention-heads", "6", "--normalization", "LayerNorm"};
+  state.args["command_line"] = {"--num-layers",          "2",
+                                "--hidden-size",         "24",
+                                "--num-attention-heads", "6",
+                                "--normalization",       "LayerNorm",
+                                "--qk-layernorm",        "--add-qkv-bias"};
   checkpoint::save_checkpoint(ckpt, state, trained.store, nullptr, nullptr,
                               comm::single_process_state());
   RunResult layer_norm =
@@ -196,6 +199,7 @@ TEST(MoeConvert, CheckpointWithoutModelRecordNeedsHfConfig) {
                                    "--position-embedding-type learned_absolute"),
             std::string::npos)
       << layer_norm.output;
+  EXPECT_CONTAINS(layer_norm.output, "--qk-layernorm, --add-qkv-bias");
 
   std::ofstream(config) << c.to_json().dump();
   RunResult with = run_convert(scratch, "--from moecore --to hf --input " + ckpt + " --output " +

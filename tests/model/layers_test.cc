@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <numbers>
+#include <vector>
 
 #include "model_testing.h"
 #include "moe/model/layers.h"
@@ -114,6 +116,117 @@ TEST(Rope, RotatesPairsAndBackwardIsTheInverse) {
   EXPECT_THROW(apply_rope(odd, 10000.0f, false), Error);
 }
 
+// YaRN written out from its definition, independently of yarn_frequencies: pair i has the
+// wavelength 2 pi base^(2i/d), so it turns r_i = L / wavelength times over the original context
+// L; the boundaries are the (fractional) pair indices where r equals beta_fast and beta_slow,
+// floored / ceiled, and the frequency moves linearly in i from theta_i to theta_i / s between
+// them. The attention factor is 0.1 * m * ln(s) + 1 for each of mscale and mscale_all_dim.
+struct YarnCase {
+  int64_t dim;
+  double base, factor;
+  int64_t original;
+  double beta_fast, beta_slow, mscale, mscale_all_dim;
+  bool round;
+};
+std::vector<double> yarn_by_definition(const YarnCase& c, double& concentration) {
+  int64_t half = c.dim / 2;
+  auto index_of_turns = [&](double turns) {
+    // r = L / (2 pi base^(2i/d))  <=>  i = (d / 2) log_base(L / (2 pi r)).
+    return 0.5 * double(c.dim) * std::log(double(c.original) / (2 * std::numbers::pi * turns)) /
+           std::log(c.base);
+  };
+  double low = index_of_turns(c.beta_fast), high = index_of_turns(c.beta_slow);
+  if (c.round) low = std::floor(low), high = std::ceil(high);
+  low = std::max(low, 0.0);
+  high = std::min(high, double(c.dim - 1));
+  if (low == high) high += 0.001;
+  std::vector<double> inv_freq(static_cast<size_t>(half));
+  for (int64_t i = 0; i < half; ++i) {
+    double theta = 1.0 / std::pow(c.base, double(2 * i) / double(c.dim));
+    double blend = std::min(1.0, std::max(0.0, (double(i) - low) / (high - low)));
+    inv_freq[size_t(i)] = (1 - blend) * theta + blend * theta / c.factor;
+  }
+  auto attention_factor = [&](double m) {
+    return c.factor > 1 ? 1 + 0.1 * m * std::log(c.factor) : 1.0;
+  };
+  concentration = attention_factor(c.mscale) / attention_factor(c.mscale_all_dim);
+  return inv_freq;
+}
+
+TEST(Yarn, FrequenciesAndAttentionFactorMatchTheDefinition) {
+  // DeepSeek-V3 (d 64, s 40, mscale = mscale_all_dim), Megatron's defaults (mscale 1,
+  // mscale_all_dim 0), no rounding, a factor below 1 (no attention factor) and a tiny head.
+  for (YarnCase c : {YarnCase{64, 10000, 40, 4096, 32, 1, 0.707, 0.707, true},
+                     YarnCase{64, 10000, 40, 4096, 32, 1, 1.0, 0.0, true},
+                     YarnCase{128, 1e6, 4, 32768, 32, 1, 1.0, 0.8, false},
+                     YarnCase{16, 500, 0.5, 64, 8, 2, 2.0, 0.0, true},
+                     YarnCase{2, 10000, 8, 16, 32, 1, 1.0, 0.0, true}}) {
+    SCOPED_TRACE("dim " + std::to_string(c.dim) + " factor " + std::to_string(c.factor));
+    YarnScaling yarn{c.factor, c.original,       c.beta_fast, c.beta_slow,
+                     c.mscale, c.mscale_all_dim, c.round};
+    RotaryFrequencies got = yarn_frequencies(c.dim, c.base, yarn);
+    double concentration = 0;
+    std::vector<double> want = yarn_by_definition(c, concentration);
+    ASSERT_EQ(got.inv_freq.size(), want.size());
+    // Both are a few double operations from the same inputs: 1e-14 relative.
+    for (size_t i = 0; i < want.size(); ++i) {
+      EXPECT_NEAR(got.inv_freq[i], want[i], 1e-14 * want[i]) << "pair " << i;
+    }
+    EXPECT_NEAR(got.concentration, concentration, 1e-14);
+  }
+  // The paper's regimes, on DeepSeek-V3's sizes: a pair that turns more than beta_fast times over
+  // the original context keeps its frequency; one that turns less than beta_slow times is
+  // interpolated by the full factor. Known boundaries for these sizes: pairs 0..10 kept, 23..31
+  // divided by 40.
+  YarnScaling deepseek{40, 4096, 32, 1, 0.707, 0.707, true};
+  RotaryFrequencies got = yarn_frequencies(64, 10000, deepseek);
+  RotaryFrequencies plain = rope_frequencies(64, 10000);
+  for (size_t i = 0; i < 32; ++i) {
+    double turns = 4096 * plain.inv_freq[i] / (2 * std::numbers::pi);
+    if (turns > 32 || i <= 10) {
+      EXPECT_DOUBLE_EQ(got.inv_freq[i], plain.inv_freq[i]) << i;
+    }
+    if (turns < 1 || i >= 23) {
+      EXPECT_DOUBLE_EQ(got.inv_freq[i], plain.inv_freq[i] / 40) << i;
+    }
+    if (i > 10 && i < 23) {
+      EXPECT_LT(got.inv_freq[i], plain.inv_freq[i]) << i;
+      EXPECT_GT(got.inv_freq[i], plain.inv_freq[i] / 40) << i;
+    }
+  }
+  EXPECT_DOUBLE_EQ(got.concentration, 1.0);
+  // DeepSeek-V3's mscale_all_dim factor (multi-latent attention squares it into the softmax
+  // scale): 0.1 * 0.707 * ln 40 + 1, by hand.
+  EXPECT_NEAR(yarn_get_mscale(40, 0.707), 1.2608037774, 1e-10);
+  EXPECT_EQ(yarn_get_mscale(1, 5), 1.0);
+  // A factor of 1 is plain rope.
+  RotaryFrequencies unscaled = yarn_frequencies(8, 10000, YarnScaling{});
+  EXPECT_EQ(unscaled.inv_freq, rope_frequencies(8, 10000).inv_freq);
+  EXPECT_EQ(unscaled.concentration, 1.0);
+  EXPECT_EQ(moe::testing::error_text([] { yarn_frequencies(8, 10000, YarnScaling{0.0}); }),
+            "rotary_scaling_factor (0) must be > 0");
+}
+
+TEST(Rope, ConcentrationScalesAndBackwardIsTheTranspose) {
+  // y = c R x, so <y, g> = <x, c R^T g>: backward applied to g gives the input gradient.
+  RotaryFrequencies frequencies =
+      yarn_frequencies(6, 100, YarnScaling{3.0, 8, 4, 1, 1.0, 0.0, true});
+  ASSERT_GT(frequencies.concentration, 1.0);
+  Tensor x = random_normal({2, 3, 5, 6}, 21, 1.0f, DType::F64);
+  Tensor g = random_normal(x.shape(), 22, 1.0f, DType::F64);
+  Tensor y = x.clone(), back = g.clone();
+  apply_rotary(y, frequencies, false);
+  apply_rotary(back, frequencies, true);
+  EXPECT_NEAR(dot(y, g), dot(x, back), 1e-12 * std::abs(dot(y, g)) + 1e-12);
+  // Position 0 is only scaled.
+  for (int64_t i = 0; i < 6; ++i) {
+    EXPECT_NEAR(y.data<double>()[i], frequencies.concentration * x.data<double>()[i], 1e-15);
+  }
+  Tensor wrong({1, 1, 2, 8}, DType::F64);
+  EXPECT_EQ(moe::testing::error_text([&] { apply_rotary(wrong, frequencies, false); }),
+            "rope input head dimension 8 does not match the 3 rotary frequencies");
+}
+
 TEST(CausalAttention, MatchesNaiveReference) {
   struct Case {
     int64_t batch, heads, groups, seq, dim, value_dim;
@@ -200,6 +313,121 @@ TEST(SelfAttention, GradientsMatchFiniteDifferences) {
           layer_gradients_match(attention, store, x, probe, forward, "attention input", 30, 10));
     }
   }
+}
+
+// Qwen's and DeepSeek's options, one at a time and together, with and without GQA.
+TEST(SelfAttention, QkLayernormQkvBiasAndYarnGradientsMatchFiniteDifferences) {
+  struct Option {
+    const char* name;
+    void (*apply)(TransformerConfig&);
+  };
+  const Option options[] = {
+      {"qk_layernorm RMSNorm", [](TransformerConfig& c) { c.qk_layernorm = true; }},
+      {"qk_layernorm LayerNorm",
+       [](TransformerConfig& c) {
+         c.qk_layernorm = true;
+         c.normalization = "LayerNorm";
+       }},
+      {"add_qkv_bias", [](TransformerConfig& c) { c.add_qkv_bias = true; }},
+      {"yarn",
+       [](TransformerConfig& c) {
+         c.position_embedding_type = "yarn";
+         c.rotary_scaling_factor = 4;
+         c.yarn_original_max_position_embeddings = 4;
+         c.yarn_beta_fast = 2;
+         c.mscale_all_dim = 0.5;
+       }},
+      {"all",
+       [](TransformerConfig& c) {
+         c.qk_layernorm = true;
+         c.add_qkv_bias = true;
+         c.position_embedding_type = "yarn";
+         c.rotary_scaling_factor = 4;
+         c.yarn_original_max_position_embeddings = 4;
+       }},
+  };
+  for (const Option& option : options) {
+    for (bool gqa : {false, true}) {
+      SCOPED_TRACE(std::string(option.name) + (gqa ? ", gqa" : ""));
+      TransformerConfig c = small_config();
+      c.group_query_attention = gqa;
+      c.num_query_groups = 2;
+      c.kv_channels = 4;
+      c.position_embedding_type = "rope";
+      c.add_bias_linear = false;  // --disable-bias-linear, as Qwen2
+      c.attention_dropout = 0.2f;
+      option.apply(c);
+      c.validate(1);
+      ParameterStore store(DType::F64);
+      SelfAttention attention(store, "attn", c, TensorParallel{});
+      store.allocate();
+      testing::randomize(store, 8);
+      EXPECT_EQ(attention.linear_qkv().bias().index >= 0, c.add_qkv_bias);
+      EXPECT_LT(attention.linear_proj().bias().index, 0);  // add_qkv_bias adds no other bias
+      if (c.qk_layernorm) {
+        for (const char* name : {"attn.q_layernorm.weight", "attn.k_layernorm.weight"}) {
+          ParamHandle h = store.find(name);
+          ASSERT_GE(h.index, 0) << name;
+          EXPECT_EQ(store.spec(h).shape, Shape({4}));
+          EXPECT_TRUE(store.spec(h).tensor_parallel_duplicate);
+          EXPECT_FALSE(store.spec(h).weight_decay);
+        }
+        EXPECT_EQ(store.find("attn.q_layernorm.bias").index >= 0, c.normalization == "LayerNorm");
+      } else {
+        EXPECT_EQ(attention.q_layernorm(), nullptr);
+      }
+      BatchShape shape{5, 2};
+      Tensor x = random_normal({10, 12}, 9, 1.0f, DType::F64);
+      Tensor probe = random_normal({10, 12}, 10, 1.0f, DType::F64);
+      auto forward = [&](SelfAttention::Saved& saved) {
+        return attention.forward(store, x, shape, 3, true, saved);
+      };
+      EXPECT_TRUE(
+          layer_gradients_match(attention, store, x, probe, forward, "attention input", 30, 10));
+    }
+  }
+}
+
+TEST(SelfAttention, QkLayernormNormalisesEachHeadOnItsOwn) {
+  // With RMSNorm on q and k, scaling one query head's columns of linear_qkv (and one key
+  // group's) leaves the output unchanged: each head vector is normalised over its own d values.
+  TransformerConfig c = small_config();
+  c.qk_layernorm = true;
+  c.normalization = "RMSNorm";
+  c.norm_epsilon = 1e-12f;  // eps is the only thing that makes RMSNorm scale-dependent
+  c.add_bias_linear = false;
+  c.group_query_attention = true;
+  c.num_query_groups = 2;
+  ParameterStore store(DType::F64);
+  SelfAttention attention(store, "attn", c, TensorParallel{});
+  store.allocate();
+  testing::randomize(store, 31);
+  Tensor x = random_normal({10, 12}, 32, 1.0f, DType::F64);
+  SelfAttention::Saved saved;
+  Tensor before = attention.forward(store, x, {5, 2}, 3, false, saved);
+  // Columns per group: [q, q, k, v] x d = 3; scale group 1's second query and its key.
+  Tensor w = store.param(attention.linear_qkv().weight()).reshape({12, 2, 4, 3});
+  for (int64_t in = 0; in < 12; ++in) {
+    for (int64_t slot : {1, 2}) {
+      for (int64_t d = 0; d < 3; ++d) {
+        int64_t i = ((in * 2 + 1) * 4 + slot) * 3 + d;
+        w.set(i, w.get(i) * (slot == 1 ? 7.0 : 0.25));
+      }
+    }
+  }
+  Tensor after = attention.forward(store, x, {5, 2}, 3, false, saved);
+  // The norm keeps 1 / rms in fp32 even for fp64 inputs (6e-8 relative per head vector); eps =
+  // 1e-12 adds ~1e-11. Outputs of order 1: 1e-7 absolute and relative.
+  EXPECT_TENSORS_CLOSE(after, before, 1e-7, 1e-7);
+  // Scaling a value column does change it (the check can fail).
+  for (int64_t in = 0; in < 12; ++in)
+    w.set(((in * 2 + 1) * 4 + 3) * 3, 3.0 * w.get(((in * 2 + 1) * 4 + 3) * 3));
+  Tensor changed = attention.forward(store, x, {5, 2}, 3, false, saved);
+  double difference = 0;
+  for (int64_t i = 0; i < changed.numel(); ++i) {
+    difference = std::max(difference, std::abs(double(changed.get(i)) - before.get(i)));
+  }
+  EXPECT_GT(difference, 1e-3);
 }
 
 TEST(SelfAttention, GroupsEqualToHeadsIsMultiHead) {
@@ -385,6 +613,42 @@ TEST(Config, RefusesWhatCannotBeSplit) {
       message(c, 2),
       "seq_length (5) must be divisible by tensor_model_parallel_size (2) with sequence_parallel");
   EXPECT_EQ(padded_vocab_size(50257, 128, 4), 50688);
+}
+
+TEST(Config, RefusesBadYarnValuesAndYarnRopeTypeOnCommonAttention) {
+  auto message = [](const TransformerConfig& c) {
+    return moe::testing::error_text([&] { c.validate(1); });
+  };
+  TransformerConfig c = small_config();
+  c.position_embedding_type = "yarn";
+  c.kv_channels = 4;
+  EXPECT_EQ(message(c), "(no error)");
+  for (double bad : {0.0, -2.0}) {
+    c.rotary_scaling_factor = bad;
+    EXPECT_EQ(message(c), "rotary_scaling_factor (" + moe::detail::concat(bad) + ") must be > 0");
+  }
+  c.rotary_scaling_factor = NAN;
+  EXPECT_EQ(message(c), "rotary_scaling_factor (nan) must be a finite number");
+  c = small_config();
+  c.yarn_beta_slow = 0;
+  EXPECT_EQ(message(c), "yarn_beta_fast (32) and yarn_beta_slow (0) must be > 0");
+  c = small_config();
+  c.yarn_original_max_position_embeddings = 0;
+  EXPECT_EQ(message(c), "yarn_original_max_position_embeddings (0) must be >= 1");
+  c = small_config();
+  c.mscale = INFINITY;
+  EXPECT_EQ(message(c), "mscale (inf) must be a finite number");
+  c = small_config();
+  c.position_embedding_type = "yarn";
+  c.kv_channels = 3;
+  EXPECT_EQ(message(c), "yarn needs an even head dimension (kv_channels = 3)");
+  c = small_config();
+  c.rope_type = "yarn";
+  EXPECT_EQ(message(c),
+            "rope_type 'yarn': common attention supports only rope_type 'rope' (Megatron); use "
+            "position_embedding_type 'yarn' for YaRN");
+  c.rope_type = "rope";
+  EXPECT_EQ(message(c), "(no error)");
 }
 
 }  // namespace

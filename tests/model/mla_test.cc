@@ -17,7 +17,8 @@ namespace {
 using moe::testing::random_normal;
 
 // Heads of 3 + 4 (query/key) and 5 (value): the value head size differs on purpose.
-TransformerConfig mla_config(int q_lora_rank, bool qk_layernorm, const char* normalization) {
+TransformerConfig mla_config(int q_lora_rank, bool qk_layernorm, const char* normalization,
+                             bool yarn = false) {
   TransformerConfig c;
   c.hidden_size = 12;
   c.num_attention_heads = 4;
@@ -34,6 +35,14 @@ TransformerConfig mla_config(int q_lora_rank, bool qk_layernorm, const char* nor
   c.v_head_dim = 5;
   c.qk_layernorm = qk_layernorm;
   c.normalization = normalization;
+  // Unset rope_type is YaRN (Megatron's MLA default), with factor 1 plain rope. The YaRN case
+  // has an attention factor on the rotated parts and a softmax factor m^2 other than 1.
+  c.rope_type = yarn ? "yarn" : "rope";
+  if (yarn) {
+    c.rotary_scaling_factor = 4;
+    c.mscale = 1.0;
+    c.mscale_all_dim = 0.5;
+  }
   return c;
 }
 
@@ -41,23 +50,24 @@ struct Variant {
   int q_lora_rank;
   bool qk_layernorm;
   const char* normalization;
+  bool yarn = false;
 };
-const Variant kVariants[] = {{0, false, "RMSNorm"},
-                             {7, false, "RMSNorm"},
-                             {7, true, "RMSNorm"},
-                             {7, true, "LayerNorm"},
-                             {0, true, "RMSNorm"}};
+const Variant kVariants[] = {{0, false, "RMSNorm"},        {7, false, "RMSNorm"},
+                             {7, true, "RMSNorm"},         {7, true, "LayerNorm"},
+                             {0, true, "RMSNorm"},         {7, true, "RMSNorm", true},
+                             {0, false, "LayerNorm", true}};
 
 std::string describe(const Variant& v) {
   return "q_lora_rank " + std::to_string(v.q_lora_rank) +
-         (v.qk_layernorm ? std::string(", qk_layernorm ") + v.normalization : "");
+         (v.qk_layernorm ? std::string(", qk_layernorm ") + v.normalization : "") +
+         (v.yarn ? ", yarn" : "");
 }
 
 TEST(MultiLatentAttention, GradientsMatchFiniteDifferences) {
   for (const Variant& variant : kVariants) {
     SCOPED_TRACE(describe(variant));
     TransformerConfig c =
-        mla_config(variant.q_lora_rank, variant.qk_layernorm, variant.normalization);
+        mla_config(variant.q_lora_rank, variant.qk_layernorm, variant.normalization, variant.yarn);
     c.attention_dropout = 0.2f;
     ParameterStore store(DType::F64);
     MultiLatentAttention attention(store, "attn", c, TensorParallel{});
@@ -106,14 +116,27 @@ std::vector<double> normalized(std::vector<double> v, const TransformerConfig& c
   return v;
 }
 
-// Rotates v[first : first + d] at position pos: pair (2i, 2i + 1) by pos * base^(-2i / d).
+// Rotates v[first : first + d] at position pos: pair (2i, 2i + 1) by pos * inv_freq[i], scaled
+// by the concentration. Plain rope: inv_freq[i] = base^(-2i / d), concentration 1; YaRN's
+// frequencies come from yarn_frequencies (tested against Megatron's formulas in layers_test).
 void rotate_adjacent_pairs(std::vector<double>& v, size_t first, size_t d, int64_t pos,
-                           double base) {
+                           const TransformerConfig& c) {
+  RotaryFrequencies yarn;
+  if (c.rope_type == "yarn") {
+    YarnScaling scaling;
+    scaling.scaling_factor = c.rotary_scaling_factor;
+    scaling.mscale = c.mscale;
+    scaling.mscale_all_dim = c.mscale_all_dim;
+    yarn = yarn_frequencies(int64_t(d), c.rotary_base, scaling);
+  }
   for (size_t i = 0; i < d / 2; ++i) {
-    double angle = double(pos) * std::pow(base, -double(2 * i) / double(d));
+    double inv_freq = c.rope_type == "yarn" ? yarn.inv_freq[i]
+                                            : std::pow(c.rotary_base, -double(2 * i) / double(d));
+    double concentration = c.rope_type == "yarn" ? yarn.concentration : 1.0;
+    double angle = double(pos) * inv_freq;
     double a = v[first + 2 * i], b = v[first + 2 * i + 1];
-    v[first + 2 * i] = a * std::cos(angle) - b * std::sin(angle);
-    v[first + 2 * i + 1] = b * std::cos(angle) + a * std::sin(angle);
+    v[first + 2 * i] = (a * std::cos(angle) - b * std::sin(angle)) * concentration;
+    v[first + 2 * i + 1] = (b * std::cos(angle) + a * std::sin(angle)) * concentration;
   }
 }
 
@@ -141,18 +164,23 @@ Tensor reference_forward(const TransformerConfig& c, const ParameterStore& store
       q = times(token, weight("linear_q_proj.weight"));
     }
     for (size_t head = 0; head < n; ++head) {
-      rotate_adjacent_pairs(q, head * q_dim + qk, pe, pos, c.rotary_base);
+      rotate_adjacent_pairs(q, head * q_dim + qk, pe, pos, c);
     }
     std::vector<double> down = times(token, weight("linear_kv_down_proj.weight"));
     std::vector<double> latent(down.begin(), down.begin() + int64_t(lora));
     std::vector<double> k_pe(down.begin() + int64_t(lora), down.end());
     if (c.qk_layernorm) latent = normalized(latent, c, store, p + "kv_layernorm");
-    rotate_adjacent_pairs(k_pe, 0, pe, pos, c.rotary_base);
+    rotate_adjacent_pairs(k_pe, 0, pe, pos, c);
     queries.push_back(q);
     keys_values.push_back(times(latent, weight("linear_kv_up_proj.weight")));
     rotary_keys.push_back(k_pe);
   }
-  double scale = 1.0 / std::sqrt(double(q_dim));
+  // Megatron's softmax scale m^2 / sqrt(qk + pe), m = 0.1 mscale_all_dim ln(factor) + 1 (1 for a
+  // factor <= 1).
+  double m = c.rotary_scaling_factor > 1
+                 ? 0.1 * c.mscale_all_dim * std::log(c.rotary_scaling_factor) + 1
+                 : 1.0;
+  double scale = m * m / std::sqrt(double(q_dim));
   Tensor out = Tensor::zeros({rows, int64_t(h)}, DType::F64);
   for (int64_t r = 0; r < rows; ++r) {
     int64_t pos = r / shape.batch, b = r % shape.batch;
@@ -193,8 +221,8 @@ TEST(MultiLatentAttention, ForwardMatchesPlainLoopReference) {
     for (BatchShape shape : {BatchShape{5, 2}, BatchShape{1, 1}, BatchShape{17, 1}}) {
       SCOPED_TRACE(describe(variant) + ", seq " + std::to_string(shape.seq) + " x batch " +
                    std::to_string(shape.batch));
-      TransformerConfig c =
-          mla_config(variant.q_lora_rank, variant.qk_layernorm, variant.normalization);
+      TransformerConfig c = mla_config(variant.q_lora_rank, variant.qk_layernorm,
+                                       variant.normalization, variant.yarn);
       ParameterStore store(DType::F64);
       MultiLatentAttention attention(store, "attn", c, TensorParallel{});
       store.allocate();
@@ -266,9 +294,11 @@ TEST(MultiLatentAttention, ConfigErrorsNameTheField) {
   EXPECT_EQ(message(bad, 1), "qk_pos_emb_head_dim (5) must be even and >= 2 (rope rotates pairs)");
   EXPECT_EQ(message(c, 3),
             "num_attention_heads (4) must be divisible by tensor_model_parallel_size (3)");
-  TransformerConfig plain = c;
-  plain.multi_latent_attention = false;
-  EXPECT_EQ(message(plain, 1), "qk_layernorm is supported only with multi_latent_attention");
+  bad = c;
+  bad.rope_type = "linear";
+  EXPECT_EQ(message(bad, 1), "rope_type 'linear' is not supported (rope or yarn)");
+  bad.rope_type = "yarn";
+  EXPECT_EQ(message(bad, 1), "(no error)");
 }
 
 }  // namespace

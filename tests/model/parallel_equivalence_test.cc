@@ -30,6 +30,9 @@ struct Layout {
   // embeddings) and the tied output layer.
   bool other_switches = false;
   DType dtype = DType::F32;  // BF16: compared to a bf16 single process, loosely (see below)
+  // Qwen / DeepSeek attention: q_layernorm and k_layernorm (replicated, each tp rank's gradient
+  // covers its own heads only), a linear_qkv bias without the other biases, and YaRN.
+  bool qk_norm_qkv_bias_yarn = false;
   // Multi-latent attention (compressed queries, qk_layernorm) instead of GQA: replicated down
   // projections and latent norms whose gradients sequence parallelism must sum over tp.
   bool mla = false;
@@ -40,6 +43,7 @@ std::string describe(const Layout& l) {
          std::to_string(l.ep) + (l.recompute ? ", full recomputation" : "") +
          (l.other_switches ? ", LayerNorm/learned/GeLU/bias/tied" : "") +
          (l.dtype != DType::F32 ? ", " + std::string(dtype_name(l.dtype)) : "") +
+         (l.qk_norm_qkv_bias_yarn ? ", qk-layernorm/qkv-bias/yarn" : "") +
          (l.mla ? ", multi-latent attention" : "") + ")";
 }
 
@@ -79,6 +83,14 @@ void check_layout(const Layout& layout, TokenDispatcherType dispatcher) {
     config.add_bias_linear = true;
     config.untie_embeddings_and_output_weights = false;
   }
+  if (layout.qk_norm_qkv_bias_yarn) {
+    config.qk_layernorm = true;
+    config.add_qkv_bias = true;  // matters when add_bias_linear is off (not other_switches)
+    config.position_embedding_type = "yarn";
+    config.rotary_scaling_factor = 4;
+    config.yarn_original_max_position_embeddings = 4;  // shorter than seq_length 8
+    config.mscale_all_dim = 0.5;                       // an attention factor other than 1
+  }
   if (layout.mla) {
     config.group_query_attention = false;
     config.multi_latent_attention = true;
@@ -88,6 +100,9 @@ void check_layout(const Layout& layout, TokenDispatcherType dispatcher) {
     config.qk_pos_emb_head_dim = 2;
     config.v_head_dim = 3;
     config.qk_layernorm = true;
+    config.rope_type = "yarn";  // Megatron's MLA default, here with an attention factor
+    config.rotary_scaling_factor = 4;
+    config.mscale_all_dim = 0.5;
   }
   // Dropout masks follow global (row, head) indices; with dp > 1 the row indices of a rank's
   // sequences differ from the single-process batch, so dropout is on only when dp == 1. The
@@ -228,16 +243,28 @@ TEST(ParallelEquivalence, Tp4SpOnEp2) {
 }
 
 TEST(ParallelEquivalence, Tp2SpOffEp1MultiLatentAttention) {
-  run_on_world(2, {2, false, 1, false, false, DType::F32, true});
+  run_on_world(2, {2, false, 1, false, false, DType::F32, false, true});
 }
 TEST(ParallelEquivalence, Tp2SpOnEp1MultiLatentAttention) {
-  run_on_world(2, {2, true, 1, false, false, DType::F32, true});
+  run_on_world(2, {2, true, 1, false, false, DType::F32, false, true});
 }
 TEST(ParallelEquivalence, Tp2SpOnEp2MultiLatentAttentionOtherSwitches) {
-  run_on_world(4, {2, true, 2, false, true, DType::F32, true});
+  run_on_world(4, {2, true, 2, false, true, DType::F32, false, true});
 }
 TEST(ParallelEquivalence, Tp4SpOnEp2MultiLatentAttention) {
-  run_on_world(8, {4, true, 2, false, false, DType::F32, true});
+  run_on_world(8, {4, true, 2, false, false, DType::F32, false, true});
+}
+TEST(ParallelEquivalence, Tp2SpOffEp1QkNormQkvBiasYarn) {
+  run_on_world(2, {2, false, 1, false, false, DType::F32, true});
+}
+TEST(ParallelEquivalence, Tp2SpOnEp1QkNormQkvBiasYarn) {
+  run_on_world(2, {2, true, 1, false, false, DType::F32, true});
+}
+TEST(ParallelEquivalence, Tp2SpOnEp1OtherSwitchesQkNormYarn) {  // LayerNorm q/k norms with biases
+  run_on_world(2, {2, true, 1, false, true, DType::F32, true});
+}
+TEST(ParallelEquivalence, Tp4SpOnEp1QkNormQkvBiasYarn) {
+  run_on_world(4, {4, true, 1, false, false, DType::F32, true});
 }
 
 TEST(ParallelEquivalence, RefusesMoEWithExpertAndTensorParallelismWithoutSequenceParallelism) {

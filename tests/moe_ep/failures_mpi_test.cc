@@ -98,6 +98,17 @@ TEST(ExpertParallelFailures, RanksWithDifferentMoESettingsFailOnEveryRank) {
   EXPECT_CONTAINS(text,
                   "AllToAllTokenDispatcher::dispatch: the ranks of group 'tp_ep' disagree "
                   "on the moe_expert_capacity_factor (rank 0: none, rank 1: 1.5");
+
+  // Rank 1 routes by expert choice (a slot per expert), the others by top-2.
+  config.moe_expert_capacity_factor = 1.5;
+  if (odd) config.moe_router_type = RouterType::kExpertChoice;
+  text = error_text([&] {
+    make_token_dispatcher(config, parallel)
+        ->dispatch(Tensor({3, 4}), simple_routing(3, config.routing_slots()), ctx);
+  });
+  EXPECT_CONTAINS(text,
+                  "AllToAllTokenDispatcher::dispatch: the ranks of group 'tp_ep' disagree "
+                  "on the moe_router_type (rank 0: topk, rank 1: expert_choice");
 }
 
 // Ranks out of step (rank 0 combines while the others dispatch again): the collectives layer's

@@ -1,11 +1,12 @@
 // For the same global batch and weights, the MoE layer with its experts spread over ep = 1, 2, 4,
-// 8 ranks (all-to-all and all-gather dispatchers) gives bitwise the single-process layer's output,
-// input gradient and expert-weight gradients on every rank's slice, and the single-process router
-// gradient and aux loss once summed over the ranks (fp32 reduction order). With expert tensor
-// parallelism ((ep, etp) = (1, 2), (2, 2), (4, 2)) the same holds within the tolerances of
-// etp_tolerance (the etp ranks' partial fc2 sums round apart), and the expert-weight gradients
-// assembled from every rank's slice by the global offsets match the whole reference gradients.
-// Every rank builds the whole reference layer from the same seed and checks its own part.
+// 8 ranks (all-to-all and all-gather dispatchers; top-k and expert-choice routers) gives bitwise
+// the single-process layer's output, input gradient and expert-weight gradients on every rank's
+// slice, and the single-process router gradient and aux loss once summed over the ranks (fp32
+// reduction order). With expert tensor parallelism ((ep, etp) = (1, 2), (2, 2), (4, 2)) the same
+// holds within the tolerances of etp_tolerance (the etp ranks' partial fc2 sums round apart), and
+// the expert-weight gradients assembled from every rank's slice by the global offsets match the
+// whole reference gradients. Every rank builds the whole reference layer from the same seed and
+// checks its own part.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -17,6 +18,7 @@
 #include "ep_test_util.h"
 #include "moe/comm/process_group.h"
 #include "moe/moe/ep_dispatchers.h"
+#include "moe/moe/expert_choice_router.h"
 #include "moe/moe/moe_layer.h"
 #include "support/testing.h"
 
@@ -110,6 +112,24 @@ std::vector<LayerCase> layer_cases() {
          c.moe_expert_capacity_factor = 0.8;
        },
        DType::F64},
+      // Expert choice over the group's batch (ceil(tokens x 1.3 / 8) each, not integral for
+      // the seeded token counts), so the experts' picks do not depend on ep.
+      {"expert_choice_swiglu",
+       [](MoEConfig& c) {
+         c.moe_router_type = RouterType::kExpertChoice;
+         c.moe_aux_loss_coeff = 0.0;
+         c.moe_expert_capacity_factor = 1.3;
+         c.activation = ExpertActivation::kSwiGLU;
+       }},
+      {"bf16_expert_choice_padded_grouped",
+       [](MoEConfig& c) {
+         c.moe_router_type = RouterType::kExpertChoice;
+         c.moe_aux_loss_coeff = 0.0;
+         c.moe_expert_capacity_factor = 0.7;
+         c.moe_pad_expert_input_to_capacity = true;
+         c.moe_grouped_gemm = true;
+       },
+       DType::BF16},
   };
 }
 
@@ -292,6 +312,13 @@ void run_case(const LayerCase& entry, TokenDispatcherType type, const Layout& la
     const std::vector<int64_t>& slots = reference_ctx.dispatch.plan.row_of_slot;
     EXPECT_GT(std::count(slots.begin(), slots.end(), -1), 0) << "no slot dropped";
   }
+  if (pair.config.moe_router_type == RouterType::kExpertChoice) {
+    const int64_t capacity = expert_choice_capacity(pair.group_tokens, pair.config.num_experts,
+                                                    *pair.config.moe_expert_capacity_factor);
+    EXPECT_EQ(
+        ctx.dispatch.tokens_per_local_expert,
+        std::vector<int64_t>(size_t(pair.distributed.layer.experts().placement().count), capacity));
+  }
   if (entry.skewed) {
     const ExpertPlacement& placement = pair.distributed.layer.experts().placement();
     for (int64_t e = 0; e < placement.count; ++e) {
@@ -318,7 +345,7 @@ void run_case(const LayerCase& entry, TokenDispatcherType type, const Layout& la
   loss.data<double>()[0] = MoELayer::losses(ctx).load_balancing_loss;
   comm::all_reduce(loss, pair.parallel.tp_ep);
   const double expected_loss = MoELayer::losses(reference_ctx).load_balancing_loss;
-  EXPECT_GT(expected_loss, 0.0);
+  EXPECT_EQ(expected_loss > 0.0, pair.config.aux_loss_enabled());
   EXPECT_NEAR(loss.data<double>()[0], expected_loss, 1e-6 * expected_loss) << "aux loss";
 }
 

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -367,6 +368,47 @@ TEST(Arguments, TopOneNeedsPreSoftmaxWithSoftmaxScores) {
       "use --moe-router-pre-softmax");
 }
 
+// moecore's --moe-router-type: expert_choice needs a capacity factor and refuses the per-token
+// top-k settings and the load-balancing loss, naming the flag.
+TEST(Arguments, ExpertChoiceRouterFlags) {
+  EXPECT_EQ(finalized(small_flags(), 1).moe_router_type, "topk");
+  const Args expert_choice = {"--moe-router-type", "expert_choice", "--moe-expert-capacity-factor",
+                              "1.5"};
+  EXPECT_EQ(finalized(with(small_flags(), expert_choice), 1).moe_router_type, "expert_choice");
+  EXPECT_NO_THROW(finalized(with(small_flags(), with(expert_choice, {"--moe-z-loss-coeff", "1e-3",
+                                                                     "--moe-router-topk", "2"})),
+                            1));
+  EXPECT_CONTAINS(parse_error({"--moe-router-type", "expert"}), "expert");
+  const std::vector<ConflictCase> cases = {
+      {{"--moe-router-type", "expert_choice"},
+       1,
+       "--moe-router-type expert_choice needs --moe-expert-capacity-factor (each expert takes "
+       "ceil(tokens x factor / --num-experts) tokens)"},
+      {with(expert_choice, {"--moe-router-topk", "3"}), 1,
+       "--moe-router-topk (3) has no meaning with --moe-router-type expert_choice (experts pick "
+       "their tokens; leave it at its default)"},
+      {with(expert_choice, {"--moe-router-score-function", "sigmoid"}), 1,
+       "--moe-router-score-function sigmoid is not supported with --moe-router-type "
+       "expert_choice (scores are a softmax)"},
+      {with(expert_choice, {"--moe-router-pre-softmax"}), 1,
+       "--moe-router-pre-softmax has no meaning with --moe-router-type expert_choice"},
+      {with(expert_choice, {"--moe-router-topk-scaling-factor", "2"}), 1,
+       "--moe-router-topk-scaling-factor has no meaning with --moe-router-type expert_choice"},
+      {with(expert_choice, {"--moe-token-drop-policy", "position"}), 1,
+       "--moe-token-drop-policy position has no meaning with --moe-router-type expert_choice "
+       "(experts take their highest-scoring tokens)"},
+      {with(expert_choice, {"--moe-aux-loss-coeff", "0.01"}), 1,
+       "--moe-aux-loss-coeff (0.01) must be 0 with --moe-router-type expert_choice (every expert "
+       "takes the same number of tokens)"},
+      {with(expert_choice, {"--moe-router-load-balancing-type", "sinkhorn"}), 1,
+       "--moe-expert-capacity-factor works only with --moe-router-load-balancing-type aux_loss, "
+       "seq_aux_loss or none"},
+  };
+  for (const ConflictCase& c : cases) {
+    EXPECT_EQ(validation_error(with(small_flags(), c.flags), c.world_size), c.message);
+  }
+}
+
 // The data module's ByteTokenizer (ids = UTF-8 bytes, eod 256) needs neither a file nor a size.
 TEST(Arguments, ByteTokenizerNeedsNoFile) {
   Args flags = small_flags();
@@ -446,8 +488,8 @@ TEST(Arguments, MultiLatentAttention) {
                                         "--num-attention-heads", "3", "--kv-channels", "16"}),
                              2),
             "--num-attention-heads (3) is not divisible by --tensor-model-parallel-size (2)");
-  EXPECT_EQ(validation_error(with(small_flags(), {"--qk-layernorm"}), 1),
-            "--qk-layernorm is supported only with --multi-latent-attention so far");
+  // Multi-latent attention reads --rope-type (common attention refuses yarn there).
+  EXPECT_EQ(finalized(with(mla, {"--rope-type", "yarn"}), 1).rope_type, "yarn");
 }
 
 TEST(Arguments, HelpIsGroupedLikeMegatron) {
@@ -474,13 +516,85 @@ TEST(Arguments, HelpIsGroupedLikeMegatron) {
   }
 }
 
+// The names moe-train accepts that Megatron-LM does not define (--help, which argparse adds
+// without add_argument, included).
+const std::set<std::string> kMoecoreOwnNames = {"--help", "--log-file", "--moe-router-type"};
+
 TEST(Arguments, SupportedNamesAreMegatronNames) {
   const auto& megatron = megatron_argument_names();
   EXPECT_TRUE(std::is_sorted(megatron.begin(), megatron.end()));
   for (const std::string& name : supported_argument_names()) {
-    if (name == "--log-file" || name == "--help") continue;  // moecore's own
+    if (kMoecoreOwnNames.count(name)) continue;
     EXPECT_TRUE(std::binary_search(megatron.begin(), megatron.end(), name))
         << name << " is not a Megatron-LM argument name";
+  }
+}
+
+// Qwen2/Qwen3 and YaRN attention flags: Megatron's names, defaults and None-defaults, and the
+// values that are refused with the flag named.
+TEST(Arguments, QwenAndYarnAttentionFlags) {
+  TrainingArguments plain = finalized(small_flags(), 1);
+  EXPECT_FALSE(plain.qk_layernorm);
+  EXPECT_EQ(plain.rotary_scaling_factor, 1.0);
+  EXPECT_EQ(plain.mscale, 1.0);
+  EXPECT_EQ(plain.mscale_all_dim, 0.0);
+  EXPECT_FALSE(plain.yarn_original_max_position_embeddings || plain.yarn_beta_fast ||
+               plain.yarn_beta_slow || plain.yarn_correction_range_round_to_int || plain.rope_type);
+  EXPECT_TRUE(plain.add_qkv_bias);  // Megatron: --add-bias-linear (the default) implies it
+  TrainingArguments qwen = finalized(with(small_flags(), {"--disable-bias-linear",
+                                                          "--add-qkv-bias",
+                                                          "--qk-layernorm",
+                                                          "--position-embedding-type",
+                                                          "yarn",
+                                                          "--rotary-scaling-factor",
+                                                          "4",
+                                                          "--mscale",
+                                                          "0.707",
+                                                          "--mscale-all-dim",
+                                                          "0.707",
+                                                          "--yarn-original-max-position-embeddings",
+                                                          "32",
+                                                          "--yarn-beta-fast",
+                                                          "16",
+                                                          "--yarn-beta-slow",
+                                                          "2",
+                                                          "--no-yarn-correction-range-round-to-int",
+                                                          "--rope-type",
+                                                          "rope"}),
+                                     1);
+  EXPECT_FALSE(qwen.add_bias_linear);
+  EXPECT_TRUE(qwen.add_qkv_bias);
+  EXPECT_TRUE(qwen.qk_layernorm);
+  EXPECT_EQ(qwen.position_embedding_type, "yarn");
+  EXPECT_EQ(qwen.rotary_scaling_factor, 4.0);
+  EXPECT_EQ(qwen.mscale, 0.707);
+  EXPECT_EQ(qwen.mscale_all_dim, 0.707);
+  EXPECT_EQ(qwen.yarn_original_max_position_embeddings, 32);
+  EXPECT_EQ(qwen.yarn_beta_fast, 16.0);
+  EXPECT_EQ(qwen.yarn_beta_slow, 2.0);
+  EXPECT_EQ(qwen.yarn_correction_range_round_to_int, false);
+  EXPECT_EQ(qwen.rope_type, "rope");
+  EXPECT_FALSE(finalized(with(small_flags(), {"--disable-bias-linear"}), 1).add_qkv_bias);
+
+  const std::pair<Args, std::string> refused[] = {
+      {{"--rotary-scaling-factor", "0"},
+       "argument --rotary-scaling-factor must be positive (got 0)"},
+      {{"--rotary-scaling-factor", "-1.5"},
+       "argument --rotary-scaling-factor must be positive (got -1.5)"},
+      {{"--mscale", "nan"}, "argument --mscale must be a finite number (got nan)"},
+      {{"--mscale-all-dim", "inf"}, "argument --mscale-all-dim must be a finite number (got inf)"},
+      {{"--yarn-original-max-position-embeddings", "0"},
+       "argument --yarn-original-max-position-embeddings must be positive (got 0)"},
+      {{"--yarn-beta-fast", "0"}, "argument --yarn-beta-fast must be positive (got 0)"},
+      {{"--yarn-beta-slow", "-1"}, "argument --yarn-beta-slow must be positive (got -1)"},
+      {{"--rope-type", "yarn"},
+       "--rope-type yarn: common attention supports only --rope-type rope (as Megatron); use "
+       "--position-embedding-type yarn for YaRN"},
+      {{"--position-embedding-type", "yarn", "--kv-channels", "5"},
+       "--position-embedding-type yarn needs an even --kv-channels (got 5)"},
+  };
+  for (const auto& [flags, message] : refused) {
+    EXPECT_EQ(validation_error(with(small_flags(), flags), 1), message);
   }
 }
 
@@ -503,9 +617,8 @@ TEST(Arguments, EveryUnacceptedMegatronNameIsRefusedByName) {
     refused += refused_by_name;
   }
   EXPECT_EQ(refused, megatron.size() - accepted);
-  // Only moecore's own names (and --help, which argparse adds without add_argument) are not on
-  // the list, so every other accepted name was counted above.
-  EXPECT_EQ(accepted, supported.size() - 2);
+  // Only moecore's own names are not on the list, so every other accepted name was counted above.
+  EXPECT_EQ(accepted, supported.size() - kMoecoreOwnNames.size());
 }
 
 TEST(Arguments, EditDistance) {

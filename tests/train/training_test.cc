@@ -158,6 +158,29 @@ TEST(TrainingLoop, TinyMoeModelLearnsInFiftyIterations) {
   }
 }
 
+// --moe-router-type expert_choice end to end (with ep = 2 on two ranks): every expert takes the
+// same number of tokens, so the relative load is exactly 1; there is no aux loss; the loss falls.
+TEST(TrainingLoop, ExpertChoiceRouterTrains) {
+  Args flags =
+      with(tiny_moe_flags(30),
+           {"--moe-router-type", "expert_choice", "--moe-expert-capacity-factor", "1.5",
+            "--moe-aux-loss-coeff", "0", "--hidden-dropout", "0", "--attention-dropout", "0"});
+  if (world_size() == 2) flags = with(flags, {"--expert-model-parallel-size", "2"});
+  const TrainingReport report = run(flags);
+  ASSERT_EQ(report.iterations.size(), 30u);
+  const double first = mean_loss(report.iterations, 0, 5);
+  const double last = mean_loss(report.iterations, 25, 30);
+  // The same predictable mock corpus as above: at least 1.5 nats in 30 iterations.
+  EXPECT_LT(last, first - 1.5) << "first 5 iterations " << first << ", last 5 " << last;
+  std::printf("[ lm loss ] expert choice: first 5 iterations %.4f, last 5 %.4f\n", first, last);
+  for (const IterationStats& s : report.iterations) {
+    EXPECT_FALSE(s.skipped);
+    EXPECT_EQ(s.load_balancing_loss, 0.0);
+    EXPECT_GT(s.z_loss, 0.0);
+    EXPECT_EQ(s.expert_load, std::vector<double>(4, 1.0));
+  }
+}
+
 TEST(TrainingLoop, ResumeRepeatsTheUninterruptedLossesBitwise) {
   // Dropout on, bf16 with the distributed optimizer: every piece of state must round-trip.
   const Args flags = with(tiny_moe_flags(12), {"--bf16", "--use-distributed-optimizer",
@@ -276,17 +299,34 @@ TEST(TrainingLoop, TensorParallelMatchesDataParallel) {
   }
 }
 
-// Multi-latent attention (compressed queries, latent norms) trains the same with tensor and
-// sequence parallelism as with 2 data-parallel replicas, and its tp checkpoint resumes on the
-// data-parallel layout where the uninterrupted run went.
+// Multi-latent attention (compressed queries, latent norms, YaRN with an attention factor and a
+// softmax factor) trains the same with tensor and sequence parallelism as with 2 data-parallel
+// replicas, and its tp checkpoint resumes on the data-parallel layout where the uninterrupted
+// run went.
 TEST(TrainingLoop, MultiLatentAttentionTensorParallelMatchesDataParallelAndResumes) {
   if (world_size() != 2) GTEST_SKIP() << "needs 2 ranks";
   SharedScratchDir scratch("mla");
   const std::string save_dir = (scratch.path / "ckpt").string();
-  const Args flags = with(tiny_moe_flags(4),
-                          {"--make-vocab-size-divisible-by", "32", "--multi-latent-attention",
-                           "--q-lora-rank", "12", "--kv-lora-rank", "8", "--qk-head-dim", "4",
-                           "--qk-pos-emb-head-dim", "4", "--v-head-dim", "6", "--qk-layernorm"});
+  const Args flags = with(tiny_moe_flags(4), {"--make-vocab-size-divisible-by",
+                                              "32",
+                                              "--multi-latent-attention",
+                                              "--q-lora-rank",
+                                              "12",
+                                              "--kv-lora-rank",
+                                              "8",
+                                              "--qk-head-dim",
+                                              "4",
+                                              "--qk-pos-emb-head-dim",
+                                              "4",
+                                              "--v-head-dim",
+                                              "6",
+                                              "--qk-layernorm",
+                                              "--rope-type",
+                                              "yarn",
+                                              "--rotary-scaling-factor",
+                                              "4",
+                                              "--mscale-all-dim",
+                                              "0.5"});
   const Args tensor_parallel =
       with(flags, {"--tensor-model-parallel-size", "2", "--sequence-parallel"});
   TrainingReport replicated = run(flags);
@@ -299,6 +339,29 @@ TEST(TrainingLoop, MultiLatentAttentionTensorParallelMatchesDataParallelAndResum
     const IterationStats &got = resumed.iterations[i], &want = replicated.iterations[2 + i];
     EXPECT_NEAR(got.lm_loss, want.lm_loss, 1e-5 * want.lm_loss) << "iteration " << got.iteration;
   }
+}
+
+// Qwen / DeepSeek attention flags through moe-train: on one rank the model learns; on two, tp 2
+// with sequence parallelism matches 2 data-parallel replicas (q_layernorm / k_layernorm
+// gradients summed over tp and counted once in the gradient norm).
+TEST(TrainingLoop, QkLayernormQkvBiasAndYarnTrainAndMatchAcrossTensorParallelism) {
+  auto flags = [](int iterations) {
+    return with(tiny_moe_flags(iterations),
+                {"--make-vocab-size-divisible-by", "32", "--qk-layernorm", "--add-qkv-bias",
+                 "--position-embedding-type", "yarn", "--rotary-scaling-factor", "4",
+                 "--yarn-original-max-position-embeddings", "8"});
+  };
+  if (world_size() == 1) {
+    TrainingReport report = run(flags(6));
+    ASSERT_EQ(report.iterations.size(), 6u);
+    EXPECT_LT(report.iterations.back().lm_loss, report.iterations.front().lm_loss);
+    return;
+  }
+  if (world_size() != 2) GTEST_SKIP() << "needs 1 or 2 ranks";
+  TrainingReport replicated = run(flags(4));
+  TrainingReport sharded =
+      run(with(flags(4), {"--tensor-model-parallel-size", "2", "--sequence-parallel"}));
+  expect_same_training(sharded, replicated);
 }
 
 // Two pipeline stages (1F1B, 2 accumulated micro-batches) against one stage with 2

@@ -11,7 +11,9 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "moe/model/config.h"
 #include "moe/model/tensor_parallel.h"
@@ -99,10 +101,41 @@ void layernorm_backward(const Tensor& x, const Tensor& weight, const Tensor& mea
 }  // namespace reference
 
 // ---------------------------------------------------------------------------------------------
-// Rotary position embedding as Megatron's (non-interleaved): for a head vector of size d, pairs
-// (i, i + d/2) rotate by angle pos * base^(-2i/d). backward applies the inverse rotation, which
-// is the transpose, to a gradient.
-// x: [b, n, s, d] (F32 or F64), positions 0..s-1 along dim 2.
+// Rotary position embedding as Megatron's (non-interleaved): for a head vector of size d, pair
+// (i, i + d/2) rotates by angle pos * inv_freq[i], and both halves are multiplied by
+// `concentration` (YaRN's attention factor, 1 for plain rope), so the scores of a rotated query
+// and key carry its square. Plain rope: inv_freq[i] = base^(-2i/d).
+struct RotaryFrequencies {
+  std::vector<double> inv_freq;  // [d / 2]
+  double concentration = 1.0;
+};
+RotaryFrequencies rope_frequencies(int64_t dim, double rotary_base);
+
+// YaRN (Peng et al. 2023) as Megatron's YarnRotaryEmbedding and DeepSeek-V3's Hugging Face code
+// compute it. Pair i of the original frequencies makes r_i = original_max_position_embeddings *
+// inv_freq[i] / (2 pi) turns over the original context; its index for r turns is
+// d * ln(L / (2 pi r)) / (2 ln base). Between low = index(beta_fast) and high = index(beta_slow)
+// (floored / ceiled when correction_range_round_to_int, clamped to [0, d - 1]) the frequency
+// blends linearly in i from the original one (i <= low) to the original one / scaling_factor
+// (i >= high). concentration = yarn_get_mscale(s, mscale) / yarn_get_mscale(s, mscale_all_dim).
+struct YarnScaling {
+  double scaling_factor = 1.0;                      // --rotary-scaling-factor
+  int64_t original_max_position_embeddings = 4096;  // --yarn-original-max-position-embeddings
+  double beta_fast = 32.0;                          // --yarn-beta-fast
+  double beta_slow = 1.0;                           // --yarn-beta-slow
+  double mscale = 1.0;                              // --mscale
+  double mscale_all_dim = 0.0;                      // --mscale-all-dim
+  bool correction_range_round_to_int = true;        // --[no-]yarn-correction-range-round-to-int
+};
+RotaryFrequencies yarn_frequencies(int64_t dim, double rotary_base, const YarnScaling& yarn);
+// 0.1 * mscale * ln(scale) + 1 for scale > 1, else 1. Multi-latent attention also scales its
+// softmax by yarn_get_mscale(s, mscale_all_dim)^2 (Megatron, DeepSeek-V3).
+double yarn_get_mscale(double scale, double mscale);
+
+// x: [b, n, s, d] (F32 or F64), positions 0..s-1 along dim 2, d == 2 * inv_freq.size().
+// backward applies the transposed map (inverse rotation, same concentration) to a gradient.
+void apply_rotary(Tensor& x, const RotaryFrequencies& frequencies, bool backward);
+// apply_rotary with rope_frequencies(x.dim(3), rotary_base).
 void apply_rope(Tensor& x, float rotary_base, bool backward);
 
 // ---------------------------------------------------------------------------------------------
@@ -131,12 +164,19 @@ void causal_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
                               const AttentionDropout& dropout, Tensor& logsumexp, Tensor& context);
 }  // namespace reference
 
-// Self-attention block: linear_qkv (column-parallel, Megatron's per-group [q..., k, v] layout),
-// rope, core attention, linear_proj (row-parallel). Heads and query groups split over tp.
+// Self-attention block: linear_qkv (column-parallel, Megatron's per-group [q..., k, v] layout;
+// a bias with add_bias_linear or add_qkv_bias), q_layernorm / k_layernorm (with qk_layernorm:
+// the config's normalization over each head's d values, one [d] weight shared by all heads),
+// rope or YaRN, core attention, linear_proj (row-parallel). Heads and query groups split over tp.
+// The q/k norm weights are replicated over tp but each rank's gradient covers only its own heads
+// (all their rows, even with sequence parallelism), so the caller sums it over tp whenever
+// tp > 1 (tensor_parallel_partial_params), as Megatron's finalize_model_grads does for
+// q_layernorm / k_layernorm.
 class SelfAttention {
  public:
   struct Saved {
-    Tensor input;      // [rows_local, h]: backward all-gathers it again with sequence parallelism
+    Tensor input;  // [rows_local, h]: backward all-gathers it again with sequence parallelism
+    Norm::Saved q_norm, k_norm;  // over [b * n_local * s, d] / [b * g_local * s, d] (qk_layernorm)
     Tensor q, k, v;    // [b, n_local, s, d], [b, g_local, s, d] (after rope), compute dtype
     Tensor logsumexp;  // [b, n_local, s] of the scaled scores, compute dtype
     Tensor context;    // [rows_full, n_local * d] in the activation dtype
@@ -148,6 +188,11 @@ class SelfAttention {
                 const TensorParallel& tp);
   const ColumnParallelLinear& linear_qkv() const { return qkv_; }
   const RowParallelLinear& linear_proj() const { return proj_; }
+  // q_layernorm and k_layernorm; nullptr without qk_layernorm.
+  const Norm* q_layernorm() const { return q_norm_ ? &*q_norm_ : nullptr; }
+  const Norm* k_layernorm() const { return k_norm_ ? &*k_norm_ : nullptr; }
+  // The q/k norm parameters when tp > 1 (their gradients cover this rank's heads), else empty.
+  std::vector<ParamHandle> tensor_parallel_partial_params() const;
 
   // x [rows_local, h] -> [rows_local, h] (reduced over tp, bias added; no hidden dropout).
   // attention_dropout_key is used when the config's attention_dropout > 0 and training.
@@ -158,10 +203,11 @@ class SelfAttention {
  private:
   TensorParallel tp_;
   int64_t heads_local_, groups_local_, head_dim_;
-  float rotary_base_, attention_dropout_;
-  bool rope_;
+  float attention_dropout_;
+  std::optional<RotaryFrequencies> rotary_;  // empty without rope / YaRN
   ColumnParallelLinear qkv_;
   RowParallelLinear proj_;
+  std::optional<Norm> q_norm_, k_norm_;
 };
 
 // ---------------------------------------------------------------------------------------------

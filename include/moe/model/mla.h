@@ -7,9 +7,13 @@
 //   key/value: [c_kv | k_pe] = linear_kv_down_proj(x)                     -> [kv_lora_rank | pe]
 //           [k_nope | v] = linear_kv_up_proj(kv_layernorm(c_kv))          -> n x [qk | dv]
 //   rotary: the pe part of each query head and the one shared k_pe are rotated (Megatron's
-//           mla_rotary_interleaved rope: adjacent elements (2i, 2i + 1) form the pairs);
-//           every head's key is [k_nope | rotated k_pe].
-//   core:   causal softmax((q . k) / sqrt(qk + pe)) v -> n x [dv] -> linear_proj -> [h].
+//           mla_rotary_interleaved rope: adjacent elements (2i, 2i + 1) form the pairs), with
+//           rope_type's frequencies: "rope" plain, "yarn" or unset (Megatron's MLA default) YaRN
+//           from rotary_scaling_factor, mscale, mscale_all_dim (YaRN's other settings at
+//           Megatron's MLA defaults); every head's key is [k_nope | rotated k_pe].
+//   core:   causal softmax(m^2 (q . k) / sqrt(qk + pe)) v -> n x [dv] -> linear_proj -> [h],
+//           m = yarn_get_mscale(rotary_scaling_factor, mscale_all_dim) whatever rope_type (as
+//           Megatron; 1 with the default factor 1).
 // q_layernorm and kv_layernorm (the config's normalization, norm_epsilon) exist only with
 // qk_layernorm, as in Megatron, and q_layernorm only with q_lora_rank: without a query latent
 // there is nothing to normalise (DeepSeek-V2-Lite; Megatron's unfused spec refuses a query norm
@@ -84,13 +88,11 @@ class MultiLatentAttention {
   static const T* pointer(const std::optional<T>& module) {
     return module ? &*module : nullptr;
   }
-  // Rotates the rotary parts [b, heads, s, pe] (backward: by the inverse rotation). The one
-  // place MLA applies its rope.
-  void rotate(Tensor& x, bool backward) const;
-
   TensorParallel tp_;
   int64_t heads_local_, kv_lora_rank_, qk_head_dim_, pos_dim_, v_head_dim_;
-  float rotary_base_, attention_dropout_;
+  float attention_dropout_;
+  RotaryFrequencies rotary_;  // of the pe parts
+  double score_factor_;       // m^2: multiplies the kernel's 1 / sqrt(qk + pe)
   std::optional<ColumnParallelLinear> q_proj_, q_down_, q_up_;
   std::optional<Norm> q_norm_, kv_norm_;
   ColumnParallelLinear kv_down_, kv_up_;

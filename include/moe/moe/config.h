@@ -25,6 +25,9 @@ enum class TokenDispatcherType : uint8_t { kAllGather, kAllToAll };
 // kGeLU: fc1 hidden -> ffn, gelu. kSwiGLU (Megatron's --swiglu): fc1 hidden -> 2*ffn as
 // [gate | up], silu(gate) * up.
 enum class ExpertActivation : uint8_t { kGeLU, kSwiGLU };
+// moecore's own --moe-router-type: kTopK (Megatron's router) or kExpertChoice (each expert picks
+// its tokens, Zhou et al. 2022; see expert_choice_router.h).
+enum class RouterType : uint8_t { kTopK, kExpertChoice };
 
 // Parsers accept Megatron's spellings and throw moe::Error naming the field and the choices.
 LoadBalancingType parse_load_balancing_type(std::string_view text);
@@ -32,11 +35,13 @@ ScoreFunction parse_score_function(std::string_view text);
 TokenDropPolicy parse_token_drop_policy(std::string_view text);
 TokenDispatcherType parse_token_dispatcher_type(std::string_view text);
 ExpertActivation parse_expert_activation(std::string_view text);  // "gelu" | "swiglu"
+RouterType parse_router_type(std::string_view text);              // "topk" | "expert_choice"
 std::string_view name_of(LoadBalancingType value);
 std::string_view name_of(ScoreFunction value);
 std::string_view name_of(TokenDropPolicy value);
 std::string_view name_of(TokenDispatcherType value);
 std::string_view name_of(ExpertActivation value);
+std::string_view name_of(RouterType value);
 
 struct MoEConfig {
   int64_t hidden_size = 0;
@@ -60,6 +65,7 @@ struct MoEConfig {
   TokenDispatcherType moe_token_dispatcher_type = TokenDispatcherType::kAllGather;
   ExpertActivation activation = ExpertActivation::kGeLU;  // Megatron's default without --swiglu
   bool add_bias_linear = true;  // biases on the router and on both expert linears
+  RouterType moe_router_type = RouterType::kTopK;  // moecore's own field (no Megatron twin)
 
   // The expert intermediate size actually used: moe_ffn_hidden_size, else ffn_hidden_size.
   int64_t expert_ffn_hidden_size() const;
@@ -67,6 +73,9 @@ struct MoEConfig {
   int64_t fc1_output_size() const;
   bool aux_loss_enabled() const;  // aux_loss or seq_aux_loss with a positive coefficient
   bool z_loss_enabled() const;    // moe_z_loss_coeff set and positive
+  // Slots per token in a Routing: moe_router_topk, or num_experts with expert choice (a slot
+  // per expert; the unpicked ones are dropped by the capacity step).
+  int64_t routing_slots() const;
   // Throws moe::Error naming the offending fields, e.g.
   // "moe_router_topk (9) must be <= num_experts (8)".
   void validate() const;

@@ -71,11 +71,12 @@ class AllToAllTokenDispatcher final : public TokenDispatcher {
 
 // Megatron's MoEAllGatherTokenDispatcher. dispatch: all-gather tokens and routing over tp-ep and
 // take the local experts' rows. combine: every rank places its experts' output rows at their
-// (token, slot) positions and a reduce-scatter over tp-ep brings each token's top-k rows home,
-// where they are weighted and summed in slot order. Megatron reduce-scatters the partial sums
-// instead ([T, H] rather than [T * topk, H]): a sum over ranks would not round like the slot-order
-// sum, so this dispatcher moves top-k times the bytes to keep the numbers layout-independent.
-// ctx.plan maps the home tokens' slots to the home slot rows [T * topk, H].
+// kept (token, slot) positions and a reduce-scatter over tp-ep brings each token's kept rows
+// home, where they are weighted and summed in slot order. Megatron reduce-scatters the partial
+// sums instead ([T, H] rather than [kept slots, H], up to [T * topk, H]): a sum over ranks would
+// not round like the slot-order sum, so this dispatcher moves up to top-k times the bytes to keep
+// the numbers layout-independent. Dropped slots do not travel. ctx.plan maps the home tokens'
+// slots to the home kept slot rows.
 class AllGatherTokenDispatcher final : public TokenDispatcher {
  public:
   AllGatherTokenDispatcher(const MoEConfig& config, const comm::ParallelState& parallel);

@@ -28,15 +28,25 @@ struct TrainingArguments {
   bool group_query_attention = false;
   int num_query_groups = 1;
   std::optional<int> max_position_embeddings;
-  std::string position_embedding_type = "learned_absolute";  // learned_absolute | rope | none
+  std::string position_embedding_type = "learned_absolute";  // learned_absolute|rope|yarn|none
   int rotary_base = 10000;
   bool add_position_embedding = true;  // --no-position-embedding clears it
+  // YaRN (--position-embedding-type yarn); Megatron keeps the first three in its "mla" group.
+  double rotary_scaling_factor = 1.0;
+  double mscale = 1.0;
+  double mscale_all_dim = 0.0;
+  std::optional<int> yarn_original_max_position_embeddings;  // None: 4096
+  std::optional<double> yarn_beta_fast;                      // None: 32
+  std::optional<double> yarn_beta_slow;                      // None: 1
+  std::optional<bool> yarn_correction_range_round_to_int;    // None: true
+  std::optional<std::string> rope_type;  // rope | yarn; common attention accepts only rope
+  bool add_qkv_bias = false;             // set by finalize_arguments with add_bias_linear
+  bool qk_layernorm = false;
   int make_vocab_size_divisible_by = 128;
   std::string normalization = "LayerNorm";  // LayerNorm | RMSNorm
   double norm_epsilon = 1e-5;
   bool swiglu = false;
   bool untie_embeddings_and_output_weights = false;
-  bool qk_layernorm = false;  // with --multi-latent-attention: q_layernorm and kv_layernorm
 
   // ---- multi-latent attention (Megatron's "mla" group)
   bool multi_latent_attention = false;
@@ -154,6 +164,7 @@ struct TrainingArguments {
   std::optional<double> moe_expert_capacity_factor;
   bool moe_pad_expert_input_to_capacity = false;
   std::string moe_token_drop_policy = "probs";  // probs | position
+  std::string moe_router_type = "topk";         // moecore's own: topk | expert_choice
 
   // ---- derived by finalize_arguments
   int world_size = 1;

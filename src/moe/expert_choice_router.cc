@@ -1,0 +1,70 @@
+#include "moe/moe/expert_choice_router.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "moe/moe/permutation.h"
+#include "moe/tensor/error.h"
+
+namespace moe {
+
+int64_t expert_choice_capacity(int64_t num_tokens, int64_t num_experts, double capacity_factor) {
+  MOE_CHECK(num_tokens >= 0 && num_experts > 0 && capacity_factor > 0.0,
+            "expert_choice_capacity: num_tokens (", num_tokens, "), num_experts (", num_experts,
+            ") and capacity_factor (", capacity_factor, ") are out of range");
+  const double share = std::ceil(double(num_tokens) * capacity_factor / double(num_experts));
+  return std::min(num_tokens, int64_t(share));
+}
+
+MoEConfig expert_choice_scoring_config(const MoEConfig& config) {
+  MOE_CHECK(config.moe_router_type == RouterType::kExpertChoice,
+            "expert_choice_scoring_config: moe_router_type is ", name_of(config.moe_router_type),
+            ", not expert_choice");
+  MoEConfig scoring = config;
+  scoring.moe_router_type = RouterType::kTopK;
+  scoring.moe_router_topk = config.num_experts;
+  // Top-k over all experts after a softmax over all experts: probs are the softmax scores,
+  // slots in descending score order.
+  scoring.moe_router_pre_softmax = true;
+  scoring.moe_router_load_balancing_type = LoadBalancingType::kNone;
+  return scoring;
+}
+
+CapacityDecision decide_expert_choice(const MoEConfig& config, const Routing& routing) {
+  MOE_CHECK(
+      config.moe_router_type == RouterType::kExpertChoice && config.moe_expert_capacity_factor,
+      "decide_expert_choice: needs moe_router_type expert_choice with "
+      "moe_expert_capacity_factor");
+  MOE_CHECK(routing.topk == config.num_experts, "decide_expert_choice: the routing has ",
+            routing.topk, " slots per token, expert choice needs one per expert (",
+            config.num_experts, ")");
+  const int64_t capacity = expert_choice_capacity(routing.num_tokens, config.num_experts,
+                                                  *config.moe_expert_capacity_factor);
+  CapacityDecision decision;
+  decision.keep =
+      select_within_capacity(routing, config.num_experts, capacity, TokenDropPolicy::kProbs);
+  if (config.moe_pad_expert_input_to_capacity) decision.pad_rows_to = capacity;
+  return decision;
+}
+
+void validate_expert_choice(const MoEConfig& config) {
+  const char* with = " with moe_router_type expert_choice";
+  MOE_CHECK(config.moe_expert_capacity_factor.has_value(),
+            "MoEConfig: moe_router_type expert_choice needs moe_expert_capacity_factor (each "
+            "expert takes ceil(tokens x factor / num_experts) tokens)");
+  MOE_CHECK(config.moe_router_score_function == ScoreFunction::kSoftmax,
+            "MoEConfig: moe_router_score_function ", name_of(config.moe_router_score_function),
+            " is not supported", with, " (the scores are a softmax over the experts)");
+  MOE_CHECK(!config.moe_router_pre_softmax, "MoEConfig: moe_router_pre_softmax has no meaning",
+            with, " (there is no per-token top-k)");
+  MOE_CHECK(!config.moe_router_topk_scaling_factor, "MoEConfig: moe_router_topk_scaling_factor (",
+            config.moe_router_topk_scaling_factor.value_or(0), ") has no meaning", with);
+  MOE_CHECK(config.moe_token_drop_policy == TokenDropPolicy::kProbs,
+            "MoEConfig: moe_token_drop_policy ", name_of(config.moe_token_drop_policy),
+            " has no meaning", with, " (experts take their highest-scoring tokens)");
+  MOE_CHECK(!config.aux_loss_enabled(), "MoEConfig: moe_aux_loss_coeff (",
+            config.moe_aux_loss_coeff, ") must be 0", with,
+            " (every expert takes the same number of tokens; there is no load to balance)");
+}
+
+}  // namespace moe
