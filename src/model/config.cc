@@ -114,6 +114,13 @@ void TransformerConfig::validate(int tp, int ep) const {
     }
     moe_config().validate();
   }
+  MOE_CHECK(mtp_num_layers >= 0, "mtp_num_layers (", mtp_num_layers, ") must be >= 0");
+  MOE_CHECK(std::isfinite(mtp_loss_scaling_factor) && mtp_loss_scaling_factor >= 0,
+            "mtp_loss_scaling_factor (", mtp_loss_scaling_factor, ") must be a finite number >= 0");
+  // Megatron's validate_args accepts MTP with rope and none position embeddings only.
+  MOE_CHECK(mtp_num_layers == 0 || position_embedding_type != "learned_absolute",
+            "multi-token prediction (mtp_num_layers = ", mtp_num_layers,
+            ") needs position_embedding_type rope or none, not learned_absolute");
   MOE_CHECK(!(num_experts > 0 && ep > 1 && tp > 1 && !sequence_parallel),
             "MoE layers with expert parallelism (expert_model_parallel_size = ", ep,
             ") and tensor parallelism (tensor_model_parallel_size = ", tp,

@@ -7,6 +7,7 @@
 #include "moe/moe/ep_dispatchers.h"
 #include "moe/tensor/ops.h"
 #include "moe/tensor/rng.h"
+#include "mtp.h"
 #include "transformer_layer.h"
 
 namespace moe::model {
@@ -32,6 +33,7 @@ struct GPTContextState {
   Norm::Saved final_norm;
   OutputLayer::Saved output;
   Tensor softmax;  // [rows, V_local]
+  MultiTokenPrediction::Saved mtp;
 };
 }  // namespace detail
 
@@ -53,6 +55,7 @@ struct GPTModel::Impl {
   std::vector<std::unique_ptr<TransformerLayer>> layers;
   std::optional<Norm> final_norm;
   std::optional<OutputLayer> output;
+  std::optional<MultiTokenPrediction> mtp;
   ParamRegistry params;
 
   bool sequence_parallel() const { return tp.sequence_parallel; }
@@ -113,6 +116,15 @@ GPTModel::GPTModel(const TransformerConfig& config, const comm::ParallelState& p
     }
     m.output.emplace(store, "output_layer.weight", c.hidden_size, c.padded_vocab_size, m.tp, tied);
     if (!m.output->tied()) m.params.add(m.output->weight(), InitKind::kNormal);
+    if (c.mtp_num_layers > 0) {
+      // Megatron keeps a copy of the embedding on the last stage for MTP; moecore does not.
+      MOE_CHECK(m.embedding.has_value(),
+                "multi-token prediction (mtp_num_layers = ", c.mtp_num_layers,
+                ") needs the word embedding on the last pipeline stage; --mtp-num-layers is "
+                "not supported with --pipeline-model-parallel-size > 1");
+      m.mtp.emplace(store, config_, m.tp, parallel, dispatcher_factory);
+      m.mtp->register_params(m.params);
+    }
   }
 }
 
@@ -164,7 +176,12 @@ void GPTModel::init_parameters(uint64_t seed) {
     for (float& value : global) value = rng.normal() * sigma;
     copy_global_block(Tensor::from_floats(global, spec.global_shape), spec, local);
   }
-  for (const auto& layer : impl_->layers) {
+  std::vector<const TransformerLayer*> layers;
+  for (const auto& layer : impl_->layers) layers.push_back(layer.get());
+  if (impl_->mtp) {
+    for (const auto& layer : impl_->mtp->layers()) layers.push_back(layer.get());
+  }
+  for (const TransformerLayer* layer : layers) {
     if (layer->moe() != nullptr) {
       layer->moe()->init_parameters(Rng::derived(seed, name_hash(layer->prefix())).next_u64(), std,
                                     output_std);
@@ -214,6 +231,7 @@ Tensor GPTModel::forward_step(const Tensor& input, const Tensor& labels, GPTCont
   Impl& m = *impl_;
   auto state = std::make_unique<detail::GPTContextState>();
   ctx.moe_losses.clear();
+  ctx.mtp_losses.clear();
   int tp = m.tp.size();
   int64_t h = config_.hidden_size;
   Tensor hidden;
@@ -289,6 +307,10 @@ Tensor GPTModel::forward_step(const Tensor& input, const Tensor& labels, GPTCont
   }
   ctx.loss_tokens = mask_sum;
   ctx.lm_loss = mask_sum > 0 ? weighted / mask_sum : 0.0;
+  if (m.mtp) {
+    m.mtp->forward(store_, *m.embedding, *m.output, normed, state->tokens, label_values, mask,
+                   shape, state->row_offset, ctx, state->mtp);
+  }
   ctx.state_ = std::move(state);
   Tensor loss({1}, DType::F64);
   loss.data<double>()[0] = ctx.lm_loss;
@@ -311,8 +333,14 @@ Tensor GPTModel::backward_step(GPTContext& ctx, const Tensor& output_grad) {
     Tensor dlogits = vocab_parallel_cross_entropy_backward(state.softmax, state.labels,
                                                            m.output->vocab_start(), dloss);
     state.softmax = Tensor();
-    dhidden = m.final_norm->backward(store_, state.final_norm,
-                                     m.output->backward(store_, state.output, dlogits));
+    Tensor dnormed = m.output->backward(store_, state.output, dlogits);
+    if (m.mtp) {
+      add(dnormed,
+          m.mtp->backward(store_, *m.embedding, *m.output, loss_grad, shape, state.row_offset, ctx,
+                          state.mtp),
+          dnormed);
+    }
+    dhidden = m.final_norm->backward(store_, state.final_norm, dnormed);
   } else {
     dhidden = output_grad;
   }

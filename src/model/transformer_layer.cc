@@ -16,10 +16,10 @@ void ParamRegistry::add_norm(const Norm& norm) {
 TransformerLayer::TransformerLayer(ParameterStore& store, const TransformerConfig& config,
                                    int number, const TensorParallel& tp,
                                    std::unique_ptr<TokenDispatcher> dispatcher,
-                                   uint64_t jitter_seed)
+                                   uint64_t jitter_seed, const std::string& prefix)
     : number_(number),
       config_(config),
-      prefix_("decoder.layers." + std::to_string(number)),
+      prefix_(prefix.empty() ? "decoder.layers." + std::to_string(number) : prefix),
       input_norm_(store, prefix_ + ".input_layernorm", config.hidden_size, config.normalization,
                   config.norm_epsilon),
       attention_(config.multi_latent_attention

@@ -57,11 +57,13 @@ struct LayerState {
 class TransformerLayer {
  public:
   // dispatcher: the MoE layer's token dispatcher when config.is_moe_layer(number), else null.
+  // prefix: the parameter names' prefix; empty: "decoder.layers.<number>".
   TransformerLayer(ParameterStore& store, const TransformerConfig& config, int number,
                    const TensorParallel& tp, std::unique_ptr<TokenDispatcher> dispatcher,
-                   uint64_t jitter_seed);
+                   uint64_t jitter_seed, const std::string& prefix = "");
 
   const std::string& prefix() const { return prefix_; }
+  int number() const { return number_; }
   MoELayer* moe() const { return moe_.get(); }
 
   void register_params(ParamRegistry& registry) const;

@@ -45,6 +45,12 @@ double StepResult::mean_lm_loss() const {
   return std::accumulate(lm_losses.begin(), lm_losses.end(), 0.0) / double(lm_losses.size());
 }
 
+std::vector<double> StepResult::mean_mtp_losses() const {
+  std::vector<double> means = mtp_loss_sums;
+  for (double& mean : means) mean /= double(std::max<size_t>(lm_losses.size(), 1));
+  return means;
+}
+
 namespace {
 
 void add_moe_reports(const std::vector<model::MoELossReport>& reports, MoELossSummary& summary) {
@@ -75,6 +81,7 @@ class StageRunner {
     result_.lm_losses.assign(size_t(micro_batches), 0.0);
     result_.loss_tokens.assign(size_t(micro_batches), 0.0);
     result_.stage_moe_losses.resize(size_t(micro_batches));
+    result_.mtp_loss_sums.assign(size_t(model.config().mtp_num_layers), 0.0);
   }
 
   // Hidden states from the previous stage (undefined on the first stage, which reads tokens).
@@ -134,6 +141,9 @@ class StageRunner {
     if (last_) {
       result_.lm_losses[size_t(index)] = context.lm_loss;
       result_.loss_tokens[size_t(index)] = context.loss_tokens;
+      for (const model::MTPLossReport& report : context.mtp_losses) {
+        result_.mtp_loss_sums[size_t(report.depth - 1)] += report.loss;
+      }
     }
     add_moe_reports(context.moe_losses, result_.moe);
     result_.stage_moe_losses[size_t(index)] = std::move(context.moe_losses);
@@ -160,11 +170,12 @@ class StageRunner {
  private:
   Tensor loss_gradient() const { return Tensor::full({1}, loss_grad_, DType::F64); }
 
-  // Sums over the pp group in rank order: lm losses are zero except on the last stage, so the
-  // sum is that stage's values exactly; MoE sums add up the stages' disjoint layers.
+  // Sums over the pp group in rank order: lm and MTP losses are zero except on the last stage, so
+  // the sum is that stage's values exactly; MoE sums add up the stages' disjoint layers.
   void reduce_losses() {
     const size_t micro_batches = result_.lm_losses.size();
-    Tensor buffer({int64_t(2 * micro_batches + 3)}, DType::F64);  // [2 M + 3]
+    const size_t depths = result_.mtp_loss_sums.size();
+    Tensor buffer({int64_t(2 * micro_batches + 3 + depths)}, DType::F64);  // [2 M + 3 + D]
     double* values = buffer.data<double>();
     std::copy(result_.lm_losses.begin(), result_.lm_losses.end(), values);
     std::copy(result_.loss_tokens.begin(), result_.loss_tokens.end(), values + micro_batches);
@@ -173,11 +184,14 @@ class StageRunner {
     moe[0] = summary.sum.load_balancing_loss;
     moe[1] = summary.sum.z_loss;
     moe[2] = double(summary.reports);
+    double* mtp = moe + 3;
+    std::copy(result_.mtp_loss_sums.begin(), result_.mtp_loss_sums.end(), mtp);
     comm::all_reduce(buffer, pp_);
     std::copy(values, values + micro_batches, result_.lm_losses.begin());
     std::copy(values + micro_batches, values + 2 * micro_batches, result_.loss_tokens.begin());
     summary.sum = {moe[0], moe[1]};
     summary.reports = int64_t(moe[2]);
+    std::copy(mtp, mtp + depths, result_.mtp_loss_sums.begin());
   }
 
   model::GPTModel& model_;

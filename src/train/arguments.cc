@@ -119,6 +119,13 @@ void register_arguments(CLI::App& app, TrainingArguments& a) {
                  "Separate output-layer weights instead of reusing the word embedding.");
     app.add_flag("--multi-latent-attention", a.multi_latent_attention,
                  "Use DeepSeek's multi-latent attention (see the mla group).");
+    optional_int("--mtp-num-layers", a.mtp_num_layers,
+                 "Number of multi-token prediction (MTP) modules (DeepSeek-V3): module k predicts "
+                 "the token k + 1 positions ahead.");
+    app.add_option("--mtp-loss-scaling-factor", a.mtp_loss_scaling_factor,
+                   "Weight of the MTP loss: the mean of the MTP modules' losses times this is "
+                   "added to the training objective.")
+        ->capture_default_str();
   });
 
   group("regularization", [&] {
@@ -664,6 +671,23 @@ void finalize_arguments(TrainingArguments& a, int world_size) {
               *a.max_position_embeddings, ") must be >= --seq-length (", *a.seq_length, ")");
   } else {
     a.max_position_embeddings = *a.seq_length;
+  }
+
+  // ---- multi-token prediction
+  if (a.mtp_num_layers) {
+    MOE_CHECK(*a.mtp_num_layers >= 0, "argument --mtp-num-layers must not be negative (got ",
+              *a.mtp_num_layers, ")");
+    require_finite(a.mtp_loss_scaling_factor, "--mtp-loss-scaling-factor");
+    MOE_CHECK(a.mtp_loss_scaling_factor >= 0,
+              "argument --mtp-loss-scaling-factor must not be negative (got ",
+              a.mtp_loss_scaling_factor, ")");
+    MOE_CHECK(*a.mtp_num_layers == 0 || a.position_embedding_type != "learned_absolute",
+              "--mtp-num-layers needs --position-embedding-type rope or none (Megatron supports "
+              "multi-token prediction with those only), not learned_absolute");
+    MOE_CHECK(*a.mtp_num_layers == 0 || pp == 1,
+              "--mtp-num-layers with --pipeline-model-parallel-size (", pp,
+              ") > 1 is not supported: the MTP modules share the word embedding, which lives "
+              "on the first pipeline stage only");
   }
 
   // ---- MLP sizes

@@ -70,6 +70,8 @@ model::TransformerConfig model_config(const TrainingArguments& a, int64_t padded
   c.swiglu = a.swiglu;
   c.add_bias_linear = a.add_bias_linear;
   c.untie_embeddings_and_output_weights = a.untie_embeddings_and_output_weights;
+  c.mtp_num_layers = a.mtp_num_layers.value_or(0);
+  c.mtp_loss_scaling_factor = a.mtp_loss_scaling_factor;
   c.hidden_dropout = float(a.hidden_dropout);
   c.attention_dropout = float(a.attention_dropout);
   c.init_method_std = float(a.init_method_std);
@@ -246,7 +248,9 @@ void build_model_and_optimizer(Job& job) {
   job.store = std::make_unique<ParameterStore>(parameter_dtype(a));
   model::DispatcherFactory dispatchers;
   if (a.is_moe()) {
-    job.expert_load = std::make_shared<ExpertLoadCounter>(*a.num_layers, *a.num_experts);
+    // MTP layers count after the decoder's (their dispatchers get numbers num_layers + k - 1).
+    job.expert_load = std::make_shared<ExpertLoadCounter>(
+        *a.num_layers + a.mtp_num_layers.value_or(0), *a.num_experts);
     dispatchers = counting_dispatcher_factory(job.expert_load, model::default_dispatcher_factory());
   }
   const model::GPTStage stage = pipeline::pipeline_stage(*a.num_layers, job.parallel);
@@ -390,6 +394,8 @@ IterationStats train_step(Job& job, data::PretrainingDataIterator& data) {
       std::accumulate(result.loss_tokens.begin(), result.loss_tokens.end(), 0.0);
   std::vector<double> losses = {result.mean_lm_loss(), result.moe.load_balancing_loss(),
                                 result.moe.z_loss(), loss_tokens};
+  const std::vector<double> mtp_losses = result.mean_mtp_losses();
+  losses.insert(losses.end(), mtp_losses.begin(), mtp_losses.end());
   average_over_data_parallel(losses, job.parallel);
   IterationStats stats;
   stats.iteration = job.iteration;
@@ -399,6 +405,7 @@ IterationStats train_step(Job& job, data::PretrainingDataIterator& data) {
   stats.load_balancing_loss = losses[1];
   stats.z_loss = losses[2];
   stats.loss_tokens = losses[3] * double(job.parallel.dp_group.size());
+  stats.mtp_losses.assign(losses.begin() + 4, losses.end());
   stats.grad_norm = step.grad_norm;
   stats.loss_scale = step.loss_scale;
   stats.skipped = step.skipped;
@@ -459,6 +466,11 @@ double coefficient_of_variation(const std::vector<double>& load) {
   return std::sqrt(squares / double(load.size()));
 }
 
+// Megatron's name of depth k + 1's loss in the log and the scalars.
+std::string mtp_loss_name(size_t k) {
+  return concat("mtp_", k + 1, " loss");
+}
+
 void log_scalars(ScalarLog& scalars, const IterationStats& s, bool is_moe) {
   scalars.add("learning-rate", s.lr, s.iteration);
   scalars.add("lm loss", s.lm_loss, s.iteration);
@@ -470,6 +482,9 @@ void log_scalars(ScalarLog& scalars, const IterationStats& s, bool is_moe) {
   if (is_moe) {
     scalars.add("load_balancing_loss", s.load_balancing_loss, s.iteration);
     scalars.add("z_loss", s.z_loss, s.iteration);
+  }
+  for (size_t k = 0; k < s.mtp_losses.size(); ++k) {
+    scalars.add(mtp_loss_name(k), s.mtp_losses[k], s.iteration);
   }
   if (!s.expert_load.empty()) {
     auto [low, high] = std::minmax_element(s.expert_load.begin(), s.expert_load.end());
@@ -507,6 +522,7 @@ std::string format_log_line(const std::vector<IterationStats>& window, int64_t t
   int skipped = 0, counted = 0, nan_iterations = 0;
   double load_min = 0, load_max = 0;
   bool has_load = false;
+  std::vector<double> mtp(last.mtp_losses.size(), 0.0);
   for (const IterationStats& s : window) {
     elapsed += s.elapsed_ms;
     tokens_per_second += s.tokens_per_second;
@@ -522,6 +538,7 @@ std::string format_log_line(const std::vector<IterationStats>& window, int64_t t
     lm += s.lm_loss;
     balance += s.load_balancing_loss;
     z += s.z_loss;
+    for (size_t k = 0; k < mtp.size() && k < s.mtp_losses.size(); ++k) mtp[k] += s.mtp_losses[k];
     if (!s.expert_load.empty()) {
       auto [low, high] = std::minmax_element(s.expert_load.begin(), s.expert_load.end());
       load_min = has_load ? std::min(load_min, *low) : *low;
@@ -548,6 +565,9 @@ std::string format_log_line(const std::vector<IterationStats>& window, int64_t t
     if (has_load) {  // MoE model: its losses, as the routers report them
       append(" load_balancing_loss: %.6E |", balance / counted);
       if (z != 0) append(" z_loss: %.6E |", z / counted);
+    }
+    for (size_t k = 0; k < mtp.size(); ++k) {
+      append(" %s: %.6E |", mtp_loss_name(k).c_str(), mtp[k] / counted);
     }
   }
   append(" loss scale: %.1f |", last.loss_scale);

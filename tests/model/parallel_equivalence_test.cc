@@ -1,8 +1,9 @@
-// Layout equivalence under mpirun: the same 2-layer model (layer 0 MoE, layer 1 dense) and the
-// same global batch give the same loss and the same (reduced) gradients in every (tp, sp, ep)
-// layout as on one process. Each rank also runs the single-process model and compares its own
-// parameter blocks. Data parallelism splits the global batch's sequences; dense gradients are
-// summed over dp and expert gradients over expert-dp, as the optimizer does.
+// Layout equivalence under mpirun: the same 2-layer model (layer 0 MoE, layer 1 dense; with
+// multi-token prediction, layer 1 and the MTP layers MoE) and the same global batch give the same
+// loss and the same (reduced) gradients in every (tp, sp, ep) layout as on one process. Each rank
+// also runs the single-process model and compares its own parameter blocks. Data parallelism
+// splits the global batch's sequences; dense gradients are summed over dp and expert gradients
+// over expert-dp, as the optimizer does.
 //
 // Tolerance (fp32, different reduction orders): loss |diff| <= 1e-5 * loss; every gradient
 // element |diff| <= 1e-8 + 1e-4 * |reference| (observed: <= 4e-8 absolute, about 1e-6 relative).
@@ -33,6 +34,8 @@ struct Layout {
   // Qwen / DeepSeek attention: q_layernorm and k_layernorm (replicated, each tp rank's gradient
   // covers its own heads only), a linear_qkv bias without the other biases, and YaRN.
   bool qk_norm_qkv_bias_yarn = false;
+  // Multi-token prediction depths; with MTP, layer 1 (and so every MTP layer) is the MoE one.
+  int mtp_num_layers = 0;
   // Multi-latent attention (compressed queries, qk_layernorm) instead of GQA: replicated down
   // projections and latent norms whose gradients sequence parallelism must sum over tp.
   bool mla = false;
@@ -44,6 +47,7 @@ std::string describe(const Layout& l) {
          (l.other_switches ? ", LayerNorm/learned/GeLU/bias/tied" : "") +
          (l.dtype != DType::F32 ? ", " + std::string(dtype_name(l.dtype)) : "") +
          (l.qk_norm_qkv_bias_yarn ? ", qk-layernorm/qkv-bias/yarn" : "") +
+         (l.mtp_num_layers > 0 ? ", mtp " + std::to_string(l.mtp_num_layers) : "") +
          (l.mla ? ", multi-latent attention" : "") + ")";
 }
 
@@ -76,6 +80,10 @@ void check_layout(const Layout& layout, TokenDispatcherType dispatcher) {
   config.sequence_parallel = layout.sp;
   config.moe.moe_token_dispatcher_type = dispatcher;
   if (layout.recompute) config.recompute_granularity = "full";
+  if (layout.mtp_num_layers > 0) {
+    config.mtp_num_layers = layout.mtp_num_layers;
+    config.moe_layer_pattern = {0, 1};
+  }
   if (layout.other_switches) {
     config.normalization = "LayerNorm";
     config.position_embedding_type = "learned_absolute";
@@ -129,6 +137,7 @@ void check_layout(const Layout& layout, TokenDispatcherType dispatcher) {
   reference_ctx.dropout_seed = 5;
   double reference_loss = reference.forward(tokens, labels, reference_ctx);
   std::vector<MoELossReport> reference_ctx_losses = reference_ctx.moe_losses;
+  std::vector<MTPLossReport> reference_mtp_losses = reference_ctx.mtp_losses;
   reference.backward(reference_ctx);
 
   ParameterStore store(layout.dtype);
@@ -158,6 +167,12 @@ void check_layout(const Layout& layout, TokenDispatcherType dispatcher) {
         << "load_balancing_loss of layer " << ctx.moe_losses[i].layer;
     EXPECT_NEAR(got.z_loss, expected.z_loss, 1e-6 + 1e-5 * std::abs(expected.z_loss))
         << "z_loss of layer " << ctx.moe_losses[i].layer;
+  }
+  ASSERT_EQ(ctx.mtp_losses.size(), reference_mtp_losses.size());
+  for (size_t i = 0; i < ctx.mtp_losses.size() && one_batch; ++i) {
+    EXPECT_NEAR(ctx.mtp_losses[i].loss, reference_mtp_losses[i].loss,
+                1e-5 * reference_mtp_losses[i].loss)
+        << describe(layout) << " mtp_" << ctx.mtp_losses[i].depth << " loss";
   }
   model->backward(ctx, 1.0f / float(state.dp));
   model->finalize_grads();
@@ -243,16 +258,19 @@ TEST(ParallelEquivalence, Tp4SpOnEp2) {
 }
 
 TEST(ParallelEquivalence, Tp2SpOffEp1MultiLatentAttention) {
-  run_on_world(2, {2, false, 1, false, false, DType::F32, false, true});
+  run_on_world(2, {2, false, 1, false, false, DType::F32, false, 0, true});
 }
 TEST(ParallelEquivalence, Tp2SpOnEp1MultiLatentAttention) {
-  run_on_world(2, {2, true, 1, false, false, DType::F32, false, true});
+  run_on_world(2, {2, true, 1, false, false, DType::F32, false, 0, true});
 }
 TEST(ParallelEquivalence, Tp2SpOnEp2MultiLatentAttentionOtherSwitches) {
-  run_on_world(4, {2, true, 2, false, true, DType::F32, false, true});
+  run_on_world(4, {2, true, 2, false, true, DType::F32, false, 0, true});
 }
 TEST(ParallelEquivalence, Tp4SpOnEp2MultiLatentAttention) {
-  run_on_world(8, {4, true, 2, false, false, DType::F32, false, true});
+  run_on_world(8, {4, true, 2, false, false, DType::F32, false, 0, true});
+}
+TEST(ParallelEquivalence, Tp2SpOnEp1MultiLatentAttentionWithMtp) {  // DeepSeek-V3's shape
+  run_on_world(2, {2, true, 1, false, false, DType::F32, false, 1, true});
 }
 TEST(ParallelEquivalence, Tp2SpOffEp1QkNormQkvBiasYarn) {
   run_on_world(2, {2, false, 1, false, false, DType::F32, true});
@@ -265,6 +283,21 @@ TEST(ParallelEquivalence, Tp2SpOnEp1OtherSwitchesQkNormYarn) {  // LayerNorm q/k
 }
 TEST(ParallelEquivalence, Tp4SpOnEp1QkNormQkvBiasYarn) {
   run_on_world(4, {4, true, 1, false, false, DType::F32, true});
+}
+TEST(ParallelEquivalence, Tp2SpOffEp1Mtp2) {
+  run_on_world(2, {2, false, 1, false, false, DType::F32, false, 2});
+}
+TEST(ParallelEquivalence, Tp2SpOnEp1Mtp2WithRecomputation) {
+  run_on_world(2, {2, true, 1, true, false, DType::F32, false, 2});
+}
+TEST(ParallelEquivalence, Tp1SpOffEp2Dp2Mtp1) {
+  run_on_world(2, {1, false, 2, false, false, DType::F32, false, 1});
+}
+TEST(ParallelEquivalence, Tp2SpOnEp2Mtp1) {
+  run_on_world(4, {2, true, 2, false, false, DType::F32, false, 1});
+}
+TEST(ParallelEquivalence, Tp4SpOnEp1Mtp2) {
+  run_on_world(4, {4, true, 1, false, false, DType::F32, false, 2});
 }
 
 TEST(ParallelEquivalence, RefusesMoEWithExpertAndTensorParallelismWithoutSequenceParallelism) {

@@ -409,6 +409,32 @@ TEST(Arguments, ExpertChoiceRouterFlags) {
   }
 }
 
+TEST(Arguments, MultiTokenPrediction) {
+  const Args rope = with(small_flags(), {"--position-embedding-type", "rope"});
+  TrainingArguments a = finalized(with(rope, {"--mtp-num-layers", "2"}), 1);
+  EXPECT_EQ(a.mtp_num_layers, 2);
+  EXPECT_DOUBLE_EQ(a.mtp_loss_scaling_factor, 0.1);  // Megatron's default
+  EXPECT_FALSE(finalized(small_flags(), 1).mtp_num_layers.has_value());
+  // 0 is off, as in Megatron, so learned positions stay allowed.
+  EXPECT_EQ(finalized(with(small_flags(), {"--mtp-num-layers", "0"}), 1).mtp_num_layers, 0);
+  EXPECT_EQ(validation_error(with(rope, {"--mtp-num-layers", "-1"}), 1),
+            "argument --mtp-num-layers must not be negative (got -1)");
+  EXPECT_EQ(validation_error(
+                with(rope, {"--mtp-num-layers", "1", "--mtp-loss-scaling-factor", "-0.5"}), 1),
+            "argument --mtp-loss-scaling-factor must not be negative (got -0.5)");
+  EXPECT_EQ(validation_error(
+                with(rope, {"--mtp-num-layers", "1", "--mtp-loss-scaling-factor", "nan"}), 1),
+            "argument --mtp-loss-scaling-factor must be a finite number (got nan)");
+  EXPECT_EQ(validation_error(with(small_flags(), {"--mtp-num-layers", "1"}), 1),
+            "--mtp-num-layers needs --position-embedding-type rope or none (Megatron supports "
+            "multi-token prediction with those only), not learned_absolute");
+  EXPECT_EQ(validation_error(with(rope, {"--mtp-num-layers", "1", "--pipeline-model-parallel-size",
+                                         "2", "--untie-embeddings-and-output-weights"}),
+                             2),
+            "--mtp-num-layers with --pipeline-model-parallel-size (2) > 1 is not supported: the "
+            "MTP modules share the word embedding, which lives on the first pipeline stage only");
+}
+
 // The data module's ByteTokenizer (ids = UTF-8 bytes, eod 256) needs neither a file nor a size.
 TEST(Arguments, ByteTokenizerNeedsNoFile) {
   Args flags = small_flags();

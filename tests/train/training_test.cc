@@ -634,6 +634,76 @@ TEST(TrainingLoop, ExpertLoadIgnoresCapacityPadding) {
       << "every expert at 1.0: the padding rows were counted";
 }
 
+TEST(TrainingLog, PrintsEachMtpDepthLossAfterTheRouterLosses) {
+  IterationStats a;
+  a.iteration = 2;
+  a.lm_loss = 4.0;
+  a.mtp_losses = {5.0, 6.0};
+  IterationStats b = a;
+  b.iteration = 3;
+  b.mtp_losses = {3.0, 2.0};
+  EXPECT_CONTAINS(format_log_line({a, b}, 20, 8),
+                  "| lm loss: 4.000000E+00 | mtp_1 loss: 4.000000E+00 | mtp_2 loss: "
+                  "4.000000E+00 | loss scale:");
+}
+
+// --mtp-num-layers 1 on the tiny MoE model (its last layer, and so the MTP layer, is MoE): the
+// first lm loss is bitwise that of the run without MTP (same weights by name, same data), the MTP
+// loss is logged and falls as the model learns.
+TEST(TrainingLoop, MultiTokenPredictionTrainsAndLogsItsLoss) {
+  SharedScratchDir scratch("mtp");
+  const Args flags =
+      with(tiny_moe_flags(12), {"--hidden-dropout", "0", "--attention-dropout", "0"});
+  std::string log;
+  TrainingReport report = run(
+      with(flags, {"--mtp-num-layers", "1", "--log-file", (scratch.path / "train.csv").string()}),
+      &log);
+  ASSERT_EQ(report.iterations.size(), 12u);
+  for (const IterationStats& s : report.iterations) {
+    ASSERT_EQ(s.mtp_losses.size(), 1u);
+    EXPECT_TRUE(std::isfinite(s.mtp_losses[0]) && s.mtp_losses[0] > 0);
+  }
+  const TrainingReport plain =
+      run(with(tiny_moe_flags(1), {"--hidden-dropout", "0", "--attention-dropout", "0"}));
+  EXPECT_EQ(report.iterations[0].lm_loss, plain.iterations[0].lm_loss);
+  EXPECT_TRUE(plain.iterations[0].mtp_losses.empty());
+  // As the lm loss, the MTP loss starts near ln(128) (its logits come from the same small
+  // weights) and must fall by a clear margin in 12 iterations.
+  EXPECT_NEAR(report.iterations[0].mtp_losses[0], std::log(128.0), 0.3);
+  EXPECT_LT(report.iterations.back().mtp_losses[0], report.iterations[0].mtp_losses[0] - 0.5);
+  std::printf("[ mtp_1 loss ] iteration 1 %.4f, iteration 12 %.4f (lm loss %.4f, %.4f)\n",
+              report.iterations[0].mtp_losses[0], report.iterations.back().mtp_losses[0],
+              report.iterations[0].lm_loss, report.iterations.back().lm_loss);
+  if (world_rank() == 0) {
+    EXPECT_CONTAINS(log, " mtp_1 loss: ");
+    std::ifstream csv(scratch.path / "train.csv");
+    std::string line;
+    int mtp_rows = 0;
+    while (std::getline(csv, line)) mtp_rows += line.find(",mtp_1 loss,") != std::string::npos;
+    EXPECT_EQ(mtp_rows, 12);
+  }
+}
+
+// The MTP modules' parameters and optimizer state round-trip through a checkpoint: a resumed run
+// repeats the uninterrupted run's lm and MTP losses bitwise.
+TEST(TrainingLoop, MultiTokenPredictionResumesBitwise) {
+  const Args flags =
+      with(tiny_moe_flags(8), {"--mtp-num-layers", "2", "--bf16", "--use-distributed-optimizer"});
+  SharedScratchDir scratch("mtp_resume");
+  const std::string save_dir = (scratch.path / "ckpt").string();
+  const TrainingReport whole = run(flags);
+  run(with(flags, {"--save", save_dir, "--save-interval", "4", "--exit-interval", "4"}));
+  const TrainingReport resumed = run(with(flags, {"--load", save_dir}));
+  ASSERT_EQ(resumed.iterations.size(), 4u);
+  for (size_t i = 0; i < 4; ++i) {
+    const IterationStats& original = whole.iterations[4 + i];
+    EXPECT_EQ(resumed.iterations[i].lm_loss, original.lm_loss)
+        << "iteration " << original.iteration;
+    EXPECT_EQ(resumed.iterations[i].mtp_losses, original.mtp_losses)
+        << "iteration " << original.iteration;
+  }
+}
+
 TEST(TrainingLoop, DenseModelTrains) {
   Args flags = tiny_moe_flags(6);
   for (const char* moe_flag :

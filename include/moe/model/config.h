@@ -79,6 +79,12 @@ struct TransformerConfig {
   // (moe.moe_ffn_hidden_size still sets the experts' own width).
   MoEConfig moe;
 
+  // DeepSeek-V3 multi-token prediction (Megatron's mtp_num_layers; 0: off): that many MTP
+  // modules after the decoder, each predicting one token further ahead. The objective adds
+  // mtp_loss_scaling_factor / mtp_num_layers times each module's loss to the lm loss.
+  int mtp_num_layers = 0;
+  double mtp_loss_scaling_factor = 0.1;
+
   bool sequence_parallel = false;
   std::string recompute_granularity;  // "" (off) | "full": every layer recomputes in backward
 

@@ -1,6 +1,7 @@
 // The GPT model (Megatron's GPTModel with a TransformerBlock of pre-norm TransformerLayers):
 // embedding -> layers (self-attention and a dense or MoE MLP, each a residual branch) -> final
-// norm -> output layer -> vocabulary-parallel cross-entropy.
+// norm -> output layer -> vocabulary-parallel cross-entropy; with mtp_num_layers > 0, DeepSeek-V3's
+// multi-token prediction modules after the final norm (src/model/mtp.h).
 //
 // Parameters are declared into a ParameterStore under Megatron's names ("embedding.word_embeddings
 // .weight", "decoder.layers.3.self_attention.linear_qkv.weight", "decoder.final_layernorm.weight",
@@ -48,6 +49,15 @@ struct MoELossReport {
   RouterLosses losses;
 };
 
+// One multi-token-prediction depth's loss for logging (Megatron's "mtp_<depth> loss"): the mean
+// cross-entropy over its loss-mask tokens (the mask shifted by the depth), unscaled. The objective
+// adds mtp_loss_scaling_factor / mtp_num_layers times it; its gradient is applied inside backward.
+struct MTPLossReport {
+  int depth = 1;  // 1-based: the module that predicts the token `depth` + 1 ahead
+  double loss = 0;
+  double tokens = 0;  // loss-mask tokens it averaged
+};
+
 // Builds the token dispatcher of each MoE layer.
 using DispatcherFactory = std::function<std::unique_ptr<TokenDispatcher>(
     const MoEConfig& config, const comm::ParallelState& parallel, int layer)>;
@@ -79,6 +89,7 @@ class GPTContext {
   double lm_loss = 0;
   double loss_tokens = 0;
   std::vector<MoELossReport> moe_losses;
+  std::vector<MTPLossReport> mtp_losses;  // one per MTP depth (last stage, mtp_num_layers > 0)
 
   bool has_saved_state() const;
   void release();  // drops the saved activations
@@ -106,10 +117,12 @@ class GPTModel {
   void init_parameters(uint64_t seed);
 
   // Whole model on one pipeline stage: tokens, labels [b, s] (I32/I64), loss_mask [b, s] (any
-  // float dtype; undefined = all ones). Returns the mean loss over masked-in tokens.
+  // float dtype; undefined = all ones). Returns the mean loss over masked-in tokens (the lm loss;
+  // the MTP losses go to ctx.mtp_losses).
   double forward(const Tensor& tokens, const Tensor& labels, GPTContext& ctx,
                  const Tensor& loss_mask = Tensor());
-  // Backward of forward; d(loss) = loss_grad (1 / micro-batches, times a loss scale).
+  // Backward of forward; d(loss) = loss_grad (1 / micro-batches, times a loss scale), and each
+  // MTP loss gets loss_grad * mtp_loss_scaling_factor / mtp_num_layers.
   // Gradients accumulate (+=) into the store; call finalize_grads() after the step's last
   // backward.
   void backward(GPTContext& ctx, float loss_grad = 1.0f);

@@ -72,8 +72,8 @@ struct ScheduleOptions {
   double loss_scale = 1.0;
   // True: lm losses and the MoE loss summary are reduced over the pp group, so every rank of it
   // returns the last stage's lm losses and the whole pipeline's MoE summary (one all_reduce of
-  // 2 M + 3 doubles). False: no collective; lm losses are zero except on the last stage and the
-  // MoE summary covers this stage's layers.
+  // 2 M + 3 + mtp_num_layers doubles). False: no collective; lm losses are zero except on the last
+  // stage and the MoE summary covers this stage's layers.
   bool reduce_over_pipeline = true;
 };
 
@@ -95,11 +95,16 @@ struct StepResult {
   // The MoE losses this stage's layers reported, per micro-batch (empty for dense layers).
   std::vector<std::vector<model::MoELossReport>> stage_moe_losses;
   MoELossSummary moe;
+  // Per multi-token-prediction depth (mtp_num_layers entries): its loss summed over the
+  // micro-batches; reduced over pp as lm_losses are.
+  std::vector<double> mtp_loss_sums;
   // Most micro-batch contexts alive at once on this rank (forward done, backward not yet):
   // min(pp - rank, M) when training, 1 with forward_only.
   int peak_contexts_in_flight = 0;
 
   double mean_lm_loss() const;  // mean of lm_losses (Megatron's reported lm loss)
+  // mtp_loss_sums / micro-batches (Megatron's "mtp_<depth> loss").
+  std::vector<double> mean_mtp_losses() const;
 };
 
 // Runs one step's micro-batches on this rank's stage of `model` (collective over parallel.pp,

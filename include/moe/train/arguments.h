@@ -47,6 +47,8 @@ struct TrainingArguments {
   double norm_epsilon = 1e-5;
   bool swiglu = false;
   bool untie_embeddings_and_output_weights = false;
+  std::optional<int> mtp_num_layers;     // multi-token prediction depths (None or 0: off)
+  double mtp_loss_scaling_factor = 0.1;  // the MTP losses' weight (their mean times this)
 
   // ---- multi-latent attention (Megatron's "mla" group)
   bool multi_latent_attention = false;

@@ -27,6 +27,9 @@ struct IterationStats {
   double lm_loss = 0;              // mean over micro-batches and data-parallel ranks
   double load_balancing_loss = 0;  // mean over MoE layers (as the router computes it)
   double z_loss = 0;               // mean over MoE layers
+  // Per multi-token-prediction depth: its loss (unscaled), mean over micro-batches and
+  // data-parallel ranks (Megatron's "mtp_<depth> loss"). Empty without --mtp-num-layers.
+  std::vector<double> mtp_losses;
   double loss_tokens = 0;  // loss-mask tokens the lm loss averaged, summed over the global batch
   double grad_norm = 0;
   double loss_scale = 1;

@@ -1,0 +1,301 @@
+// Single-process tests of multi-token prediction (DeepSeek-V3's MTP modules, Megatron's
+// --mtp-num-layers): fp64 finite differences of the whole model with one and two MTP depths (MoE
+// layers in them), the lm loss and the decoder's gradients untouched by MTP, the MTP loss against
+// a forward built by hand from the model's pieces, and the refusals.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <string>
+
+#include "model/transformer_layer.h"
+#include "model_testing.h"
+#include "moe/comm/parallel_state.h"
+#include "moe/model/gpt_model.h"
+#include "support/testing.h"
+
+namespace moe::model {
+namespace {
+
+TransformerConfig tiny_config() {
+  TransformerConfig c;
+  c.num_layers = 2;
+  c.hidden_size = 16;
+  c.num_attention_heads = 4;
+  c.group_query_attention = true;
+  c.num_query_groups = 2;
+  c.ffn_hidden_size = 12;
+  c.padded_vocab_size = 13;
+  c.seq_length = 6;
+  c.normalization = "RMSNorm";
+  c.position_embedding_type = "rope";
+  c.swiglu = true;
+  c.untie_embeddings_and_output_weights = true;
+  c.hidden_dropout = 0.1f;
+  c.attention_dropout = 0.1f;
+  return c;
+}
+
+// MoE layers (4 experts, top-2) where `pattern` says; the MTP layers are built as the last one.
+TransformerConfig tiny_moe_config(std::vector<int> pattern) {
+  TransformerConfig c = tiny_config();
+  c.num_experts = 4;
+  c.moe_layer_pattern = std::move(pattern);
+  c.moe.moe_router_topk = 2;
+  c.moe.moe_aux_loss_coeff = 0.01;
+  c.moe.moe_z_loss_coeff = 0.001;
+  c.moe.moe_grouped_gemm = true;
+  return c;
+}
+
+struct Batch {
+  Tensor tokens, labels, mask;
+};
+Batch make_batch(const TransformerConfig& c, int64_t batch, uint64_t seed) {
+  Batch b{testing::random_tokens(batch, c.seq_length, c.padded_vocab_size, seed),
+          testing::random_tokens(batch, c.seq_length, c.padded_vocab_size, seed + 1),
+          Tensor::full({batch, c.seq_length}, 1.0f)};
+  b.mask.set(1, 0.0f);  // masked out: the main loss at (0, 1), depth 1's at (0, 0)
+  b.mask.set(c.seq_length + 4, 0.0f);
+  return b;
+}
+
+// The objective the model's backward differentiates: lm loss, the router losses and the scaled
+// MTP losses.
+double objective_of(const GPTContext& ctx, const TransformerConfig& config, double lm_loss) {
+  double total = lm_loss;
+  for (const MoELossReport& r : ctx.moe_losses) {
+    total += r.losses.load_balancing_loss + r.losses.z_loss;
+  }
+  for (const MTPLossReport& r : ctx.mtp_losses) {
+    total += config.mtp_loss_scaling_factor / config.mtp_num_layers * r.loss;
+  }
+  return total;
+}
+
+void check_model_gradients(const TransformerConfig& config) {
+  ParameterStore store(DType::F64);
+  GPTModel model(config, comm::single_process_state(), store);
+  store.allocate();
+  model.init_parameters(3);
+  testing::randomize(store, 4, 0.3f);
+  Batch batch = make_batch(config, 2, 10);
+  auto objective = [&] {
+    GPTContext ctx;
+    ctx.dropout_seed = 77;
+    double loss = model.forward(batch.tokens, batch.labels, ctx, batch.mask);
+    return objective_of(ctx, config, loss);
+  };
+  GPTContext ctx;
+  ctx.dropout_seed = 77;
+  model.forward(batch.tokens, batch.labels, ctx, batch.mask);
+  ASSERT_EQ(ctx.mtp_losses.size(), size_t(config.mtp_num_layers));
+  // One MoE report per MoE layer, the MTP layers' included.
+  size_t moe_layers = 0;
+  for (int i = 0; i < config.num_layers + config.mtp_num_layers; ++i) {
+    moe_layers += config.is_moe_layer(std::min(i, config.num_layers - 1));
+  }
+  EXPECT_EQ(ctx.moe_losses.size(), moe_layers);
+  model.backward(ctx);
+  EXPECT_TRUE(testing::check_all_params(store, objective, 5, 2e-4));
+}
+
+TEST(MultiTokenPrediction, OneDepthWithMoELayersMatchesFiniteDifferences) {
+  TransformerConfig config = tiny_moe_config({1, 1});
+  config.mtp_num_layers = 1;
+  config.mtp_loss_scaling_factor = 0.3;  // larger than Megatron's 0.1 so MTP terms weigh in
+  check_model_gradients(config);
+}
+
+TEST(MultiTokenPrediction, TwoDepthsWithMoELayersMatchFiniteDifferences) {
+  TransformerConfig config = tiny_moe_config({0, 1});
+  config.mtp_num_layers = 2;
+  config.mtp_loss_scaling_factor = 0.5;
+  check_model_gradients(config);
+  // The other switches: LayerNorm, GeLU, biases, no positions, the output layer tied to the
+  // embedding (the MTP modules share both).
+  config.normalization = "LayerNorm";
+  config.swiglu = false;
+  config.add_bias_linear = true;
+  config.position_embedding_type = "none";
+  config.untie_embeddings_and_output_weights = false;
+  check_model_gradients(config);
+}
+
+// Copies every parameter of `from` into the parameter of the same name in `to`.
+void copy_parameters_by_name(const ParameterStore& from, ParameterStore& to) {
+  for (int i = 0; i < from.count(); ++i) {
+    const ParamSpec& spec = from.spec(ParamHandle{i});
+    to.param(to.find(spec.name)).copy_from(from.param(ParamHandle{i}));
+  }
+}
+
+TEST(MultiTokenPrediction, LmLossUnchangedAndZeroScaleLeavesDecoderGradientsBitwiseEqual) {
+  const TransformerConfig plain_config = tiny_config();  // dense: no router losses in MTP layers
+  ParameterStore plain_store(DType::F64);
+  GPTModel plain(plain_config, comm::single_process_state(), plain_store);
+  plain_store.allocate();
+  testing::randomize(plain_store, 4, 0.3f);
+  Batch batch = make_batch(plain_config, 3, 20);
+  GPTContext plain_ctx;
+  plain_ctx.dropout_seed = 9;
+  const double plain_loss = plain.forward(batch.tokens, batch.labels, plain_ctx, batch.mask);
+  plain.backward(plain_ctx);
+  EXPECT_TRUE(plain_ctx.mtp_losses.empty());
+
+  for (double scale : {0.0, 0.1}) {
+    SCOPED_TRACE("mtp_loss_scaling_factor " + std::to_string(scale));
+    TransformerConfig config = plain_config;
+    config.mtp_num_layers = 2;
+    config.mtp_loss_scaling_factor = scale;
+    ParameterStore store(DType::F64);
+    GPTModel model(config, comm::single_process_state(), store);
+    store.allocate();
+    testing::randomize(store, 5, 0.3f);
+    copy_parameters_by_name(plain_store, store);
+    GPTContext ctx;
+    ctx.dropout_seed = 9;
+    EXPECT_EQ(model.forward(batch.tokens, batch.labels, ctx, batch.mask), plain_loss);
+    EXPECT_EQ(ctx.lm_loss, plain_ctx.lm_loss);
+    EXPECT_EQ(ctx.loss_tokens, plain_ctx.loss_tokens);
+    ASSERT_EQ(ctx.mtp_losses.size(), 2u);
+    for (int depth = 1; depth <= 2; ++depth) {
+      const MTPLossReport& report = ctx.mtp_losses[size_t(depth - 1)];
+      EXPECT_EQ(report.depth, depth);
+      // 3 sequences of 6 lose their last `depth` positions; the masked (1, 4) shifts to
+      // (1, 4 - depth), and (0, 1) to (0, 1 - depth) while it stays inside.
+      EXPECT_EQ(report.tokens, 3.0 * (6 - depth) - 1.0 - (depth == 1 ? 1.0 : 0.0));
+      EXPECT_GT(report.loss, 0.0);
+    }
+    model.backward(ctx);
+    if (scale != 0.0) continue;
+    for (int i = 0; i < plain_store.count(); ++i) {
+      const ParamSpec& spec = plain_store.spec(ParamHandle{i});
+      EXPECT_TRUE(moe::testing::same_bytes(store.grad(store.find(spec.name)),
+                                           plain_store.grad(ParamHandle{i})))
+          << spec.name;
+    }
+  }
+}
+
+// Depth 1 of a dense model, rebuilt outside the model from its pieces (embedding, transformer
+// layers, norms, output layer), with the shift, the concatenation, eh_proj and the masked
+// cross-entropy written out here.
+TEST(MultiTokenPrediction, LossEqualsAForwardBuiltByHand) {
+  TransformerConfig config = tiny_config();
+  config.hidden_dropout = config.attention_dropout = 0.0f;
+  config.mtp_num_layers = 1;
+  const int64_t batch_size = 2, seq = config.seq_length, h = config.hidden_size;
+  const int64_t vocab = config.padded_vocab_size, rows = seq * batch_size;
+  ParameterStore store(DType::F64);
+  GPTModel model(config, comm::single_process_state(), store);
+  store.allocate();
+  testing::randomize(store, 6, 0.3f);
+  Batch batch = make_batch(config, batch_size, 30);
+  GPTContext ctx;
+  model.forward(batch.tokens, batch.labels, ctx, batch.mask);
+  ASSERT_EQ(ctx.mtp_losses.size(), 1u);
+
+  const TensorParallel tp{comm::single_process_state().tp, false};
+  ParameterStore pieces(DType::F64);
+  VocabParallelEmbedding embedding(pieces, "embedding.word_embeddings.weight", vocab, h, tp);
+  TransformerLayer layer0(pieces, config, 0, tp, nullptr, 0);
+  TransformerLayer layer1(pieces, config, 1, tp, nullptr, 1);
+  Norm final_norm(pieces, "decoder.final_layernorm", h, config.normalization, config.norm_epsilon);
+  OutputLayer output(pieces, "output_layer.weight", h, vocab, tp, nullptr);
+  Norm enorm(pieces, "mtp.layers.0.enorm", h, config.normalization, config.norm_epsilon);
+  Norm hnorm(pieces, "mtp.layers.0.hnorm", h, config.normalization, config.norm_epsilon);
+  ParamSpec projection_spec;
+  projection_spec.name = "mtp.layers.0.eh_proj.weight";
+  projection_spec.shape = {2 * h, h};
+  ParamHandle projection = pieces.declare(projection_spec);
+  TransformerLayer mtp_layer(pieces, config, 2, tp, nullptr, 2, "mtp.layers.0.transformer_layer");
+  Norm mtp_norm(pieces, "mtp.layers.0.final_layernorm", h, config.normalization,
+                config.norm_epsilon);
+  pieces.allocate();
+  ASSERT_EQ(pieces.count(), store.count());
+  copy_parameters_by_name(store, pieces);
+
+  const BatchShape shape{seq, batch_size};
+  GPTContext plain;
+  LayerState state0, state1, mtp_state;
+  Norm::Saved final_saved, enorm_saved, hnorm_saved, mtp_norm_saved;
+  Tensor x = embedding.forward(pieces, batch.tokens);
+  x = layer0.forward(pieces, x, shape, 0, plain, state0, nullptr);
+  x = layer1.forward(pieces, x, shape, 0, plain, state1, nullptr);
+  Tensor decoder_out = final_norm.forward(pieces, x, final_saved);
+
+  Tensor next_tokens = Tensor::zeros({batch_size, seq}, DType::I64);
+  for (int64_t b = 0; b < batch_size; ++b) {
+    for (int64_t s = 0; s + 1 < seq; ++s) {
+      next_tokens.data<int64_t>()[b * seq + s] = batch.tokens.data<int64_t>()[b * seq + s + 1];
+    }
+  }
+  Tensor e = enorm.forward(pieces, embedding.forward(pieces, next_tokens), enorm_saved);
+  Tensor hn = hnorm.forward(pieces, decoder_out, hnorm_saved);
+  const Tensor w = pieces.param(projection);  // [2h, h]: rows 0..h-1 read the embedding half
+  Tensor projected({rows, h}, DType::F64);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < h; ++j) {
+      double sum = 0;
+      for (int64_t i = 0; i < h; ++i) {
+        sum += e.data<double>()[r * h + i] * w.data<double>()[i * h + j];
+        sum += hn.data<double>()[r * h + i] * w.data<double>()[(h + i) * h + j];
+      }
+      projected.data<double>()[r * h + j] = sum;
+    }
+  }
+  Tensor y = mtp_layer.forward(pieces, projected, shape, 0, plain, mtp_state, nullptr);
+  OutputLayer::Saved output_saved;
+  Tensor logits = output.forward(pieces, mtp_norm.forward(pieces, y, mtp_norm_saved), output_saved);
+
+  double weighted = 0, tokens = 0;
+  for (int64_t s = 0; s + 1 < seq; ++s) {  // the last position has no token one further ahead
+    for (int64_t b = 0; b < batch_size; ++b) {
+      const double mask = batch.mask.get(b * seq + s + 1);
+      const int64_t label = batch.labels.data<int64_t>()[b * seq + s + 1];
+      const double* z = logits.data<double>() + (s * batch_size + b) * vocab;
+      double max_z = z[0], sum_exp = 0;
+      for (int64_t v = 0; v < vocab; ++v) max_z = std::max(max_z, z[v]);
+      for (int64_t v = 0; v < vocab; ++v) sum_exp += std::exp(z[v] - max_z);
+      weighted += mask * (std::log(sum_exp) + max_z - z[label]);
+      tokens += mask;
+    }
+  }
+  EXPECT_EQ(ctx.mtp_losses[0].tokens, tokens);
+  // fp64 throughout; only the summation order of eh_proj and the softmax differ: 1e-12.
+  EXPECT_NEAR(ctx.mtp_losses[0].loss, weighted / tokens, 1e-12 * weighted / tokens);
+}
+
+TEST(MultiTokenPrediction, BadValuesAreRefusedNamingTheField) {
+  ParameterStore store;
+  TransformerConfig negative = tiny_config();
+  negative.mtp_num_layers = -1;
+  EXPECT_EQ(moe::testing::error_text(
+                [&] { GPTModel model(negative, comm::single_process_state(), store); }),
+            "mtp_num_layers (-1) must be >= 0");
+  TransformerConfig bad_scale = tiny_config();
+  bad_scale.mtp_num_layers = 1;
+  bad_scale.mtp_loss_scaling_factor = -0.1;
+  EXPECT_EQ(moe::testing::error_text(
+                [&] { GPTModel model(bad_scale, comm::single_process_state(), store); }),
+            "mtp_loss_scaling_factor (-0.1) must be a finite number >= 0");
+  TransformerConfig learned = tiny_config();
+  learned.mtp_num_layers = 1;
+  learned.position_embedding_type = "learned_absolute";
+  EXPECT_EQ(moe::testing::error_text(
+                [&] { GPTModel model(learned, comm::single_process_state(), store); }),
+            "multi-token prediction (mtp_num_layers = 1) needs position_embedding_type rope or "
+            "none, not learned_absolute");
+  // The last of two pipeline stages has no embedding to share.
+  TransformerConfig config = tiny_config();
+  config.mtp_num_layers = 1;
+  GPTStage last_stage{false, true, 1, 1};
+  EXPECT_EQ(moe::testing::error_text(
+                [&] { GPTModel model(config, comm::single_process_state(), store, last_stage); }),
+            "multi-token prediction (mtp_num_layers = 1) needs the word embedding on the last "
+            "pipeline stage; --mtp-num-layers is not supported with "
+            "--pipeline-model-parallel-size > 1");
+}
+
+}  // namespace
+}  // namespace moe::model
