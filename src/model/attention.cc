@@ -13,19 +13,21 @@ namespace moe::model {
 
 namespace {
 
+// dim: the query/key head size; value_dim: the value (and context) head size.
 struct HeadDims {
-  int64_t batch, heads, groups, seq, dim;
+  int64_t batch, heads, groups, seq, dim, value_dim;
 };
 
 HeadDims check_attention_inputs(const Tensor& q, const Tensor& k, const Tensor& v,
                                 const char* what) {
   check_ndim(q, 4, detail::concat(what, " q"));
   check_ndim(k, 4, detail::concat(what, " k"));
-  HeadDims d{q.dim(0), q.dim(1), k.dim(1), q.dim(2), q.dim(3)};
+  check_ndim(v, 4, detail::concat(what, " v"));
+  HeadDims d{q.dim(0), q.dim(1), k.dim(1), q.dim(2), q.dim(3), v.dim(3)};
   MOE_CHECK(q.dtype() == DType::F32 || q.dtype() == DType::F64, what,
             ": q, k, v must be F32 or F64, got ", dtype_name(q.dtype()));
   check_shape(k, {d.batch, d.groups, d.seq, d.dim}, detail::concat(what, " k"));
-  check_shape(v, k.shape(), detail::concat(what, " v"));
+  check_shape(v, {d.batch, d.groups, d.seq, d.value_dim}, detail::concat(what, " v"));
   check_dtype(k, q.dtype(), detail::concat(what, " k"));
   check_dtype(v, q.dtype(), detail::concat(what, " v"));
   MOE_CHECK(d.groups >= 1 && d.heads % d.groups == 0, what, ": ", d.heads,
@@ -112,12 +114,12 @@ template <class C>
 void attention_forward_typed(const HeadDims& d, const C* q, const C* k, const C* v,
                              const AttentionDropout& dropout, C* logsumexp, C* context) {
   int64_t heads_per_group = d.heads / d.groups;
-  int64_t s = d.seq, block = s * d.dim;
+  int64_t s = d.seq, block = s * d.dim, value_block = s * d.value_dim;
 #pragma omp parallel for schedule(dynamic)
   for (int64_t bh = 0; bh < d.batch * d.heads; ++bh) {
     int64_t b = bh / d.heads, h = bh % d.heads, g = h / heads_per_group;
     const C* kg = k + (b * d.groups + g) * block;
-    const C* vg = v + (b * d.groups + g) * block;
+    const C* vg = v + (b * d.groups + g) * value_block;
     std::vector<C> mask = attention_dropout_mask<C>(dropout, d, b, h);
     std::vector<C> p(size_t(std::min(s, kQueryBlock) * s));
     for (int64_t i0 = 0; i0 < s; i0 += kQueryBlock) {
@@ -126,8 +128,8 @@ void attention_forward_typed(const HeadDims& d, const C* q, const C* k, const C*
                               p.data());
       apply_mask_block<C>(mask, s, i0, rows, keys, p.data());
       // context rows = p v[0:keys].
-      product<C>(GemmForm::kForward, rows, keys, d.dim, p.data(), vg,
-                 context + bh * block + i0 * d.dim, false);
+      product<C>(GemmForm::kForward, rows, keys, d.value_dim, p.data(), vg,
+                 context + bh * value_block + i0 * d.value_dim, false);
     }
   }
 }
@@ -138,17 +140,17 @@ void attention_backward_typed(const HeadDims& d, const C* q, const C* k, const C
                               const C* dcontext, C* dq, C* dk, C* dv) {
   int64_t heads_per_group = d.heads / d.groups;
   C scale = C(1) / std::sqrt(C(d.dim));
-  int64_t s = d.seq, block = s * d.dim;
+  int64_t s = d.seq, block = s * d.dim, value_block = s * d.value_dim;
   // One task per key/value group: its heads add into the same dk, dv in a fixed order.
 #pragma omp parallel for schedule(dynamic)
   for (int64_t bg = 0; bg < d.batch * d.groups; ++bg) {
     int64_t b = bg / d.groups, g = bg % d.groups;
     const C* kg = k + bg * block;
-    const C* vg = v + bg * block;
+    const C* vg = v + bg * value_block;
     C* dkg = dk + bg * block;
-    C* dvg = dv + bg * block;
+    C* dvg = dv + bg * value_block;
     std::fill(dkg, dkg + block, C(0));
-    std::fill(dvg, dvg + block, C(0));
+    std::fill(dvg, dvg + value_block, C(0));
     size_t scratch = size_t(std::min(s, kQueryBlock) * s);
     std::vector<C> p(scratch), dropped(scratch), dscores(scratch);
     for (int64_t h = g * heads_per_group; h < (g + 1) * heads_per_group; ++h) {
@@ -156,15 +158,15 @@ void attention_backward_typed(const HeadDims& d, const C* q, const C* k, const C
       std::vector<C> mask = attention_dropout_mask<C>(dropout, d, b, h);
       for (int64_t i0 = 0; i0 < s; i0 += kQueryBlock) {
         int64_t rows = std::min(kQueryBlock, s - i0), keys = i0 + rows;
-        const C* dctx = dcontext + bh * block + i0 * d.dim;
+        const C* dctx = dcontext + bh * value_block + i0 * d.value_dim;
         // The probabilities are rebuilt from the saved log-sum-exps instead of stored.
         causal_softmax_block<C>(i0, rows, d.dim, q + bh * block, kg, nullptr,
                                 logsumexp + bh * s + i0, p.data());
         std::copy_n(p.data(), rows * keys, dropped.data());
         apply_mask_block<C>(mask, s, i0, rows, keys, dropped.data());
         // dv[0:keys] += dropped^T dcontext_rows; d(dropped) = dcontext_rows v[0:keys]^T.
-        product<C>(GemmForm::kGradWeight, rows, keys, d.dim, dropped.data(), dctx, dvg, true);
-        product<C>(GemmForm::kGradInput, rows, keys, d.dim, dctx, vg, dscores.data(), false);
+        product<C>(GemmForm::kGradWeight, rows, keys, d.value_dim, dropped.data(), dctx, dvg, true);
+        product<C>(GemmForm::kGradInput, rows, keys, d.value_dim, dctx, vg, dscores.data(), false);
         apply_mask_block<C>(mask, s, i0, rows, keys, dscores.data());
         // Through softmax: dscore_ij = p_ij (dp_ij - sum_j' p_ij' dp_ij') * scale.
         for (int64_t r = 0; r < rows; ++r) {
@@ -332,7 +334,7 @@ void causal_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
                               const AttentionDropout& dropout, Tensor& logsumexp, Tensor& context) {
   HeadDims d = check_attention_inputs(q, k, v, "causal_attention_forward");
   check_shape(logsumexp, {d.batch, d.heads, d.seq}, "attention log-sum-exp");
-  check_shape(context, q.shape(), "attention context");
+  check_shape(context, {d.batch, d.heads, d.seq, d.value_dim}, "attention context");
   check_dtype(logsumexp, q.dtype(), "attention log-sum-exp");
   check_dtype(context, q.dtype(), "attention context");
   if (q.dtype() == DType::F64) {
@@ -349,10 +351,10 @@ void causal_attention_backward(const Tensor& q, const Tensor& k, const Tensor& v
                                const Tensor& dcontext, Tensor& dq, Tensor& dk, Tensor& dv) {
   HeadDims d = check_attention_inputs(q, k, v, "causal_attention_backward");
   check_shape(logsumexp, {d.batch, d.heads, d.seq}, "attention log-sum-exp");
-  for (const Tensor* t : {&dcontext, static_cast<const Tensor*>(&dq)})
-    check_shape(*t, q.shape(), "attention gradient");
-  for (const Tensor* t : {static_cast<const Tensor*>(&dk), static_cast<const Tensor*>(&dv)})
-    check_shape(*t, k.shape(), "attention gradient");
+  check_shape(dcontext, {d.batch, d.heads, d.seq, d.value_dim}, "attention context gradient");
+  check_shape(dq, q.shape(), "attention q gradient");
+  check_shape(dk, k.shape(), "attention k gradient");
+  check_shape(dv, v.shape(), "attention v gradient");
   for (const Tensor* t : {&logsumexp, &dcontext, static_cast<const Tensor*>(&dq),
                           static_cast<const Tensor*>(&dk), static_cast<const Tensor*>(&dv)}) {
     check_dtype(*t, q.dtype(), "attention gradient");
@@ -379,6 +381,9 @@ void causal_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
   auto at = [&](int64_t b, int64_t h, int64_t heads, int64_t pos, int64_t c) {
     return ((b * heads + h) * d.seq + pos) * d.dim + c;
   };
+  auto value_at = [&](int64_t b, int64_t h, int64_t heads, int64_t pos, int64_t c) {
+    return ((b * heads + h) * d.seq + pos) * d.value_dim + c;
+  };
   for (int64_t b = 0; b < d.batch; ++b) {
     for (int64_t h = 0; h < d.heads; ++h) {
       int64_t g = h / per_group;
@@ -401,13 +406,13 @@ void causal_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
         }
         logsumexp.set((b * d.heads + h) * d.seq + i, float(max_score + std::log(total)));
         for (int64_t j = 0; j <= i; ++j) weights[size_t(j)] /= total;
-        for (int64_t c = 0; c < d.dim; ++c) {
+        for (int64_t c = 0; c < d.value_dim; ++c) {
           double value = 0;
           for (int64_t j = 0; j <= i; ++j) {
             double kept = mask.empty() ? 1.0 : mask[size_t(i * d.seq + j)];
-            value += weights[size_t(j)] * kept * v.get(at(b, g, d.groups, j, c));
+            value += weights[size_t(j)] * kept * v.get(value_at(b, g, d.groups, j, c));
           }
-          context.set(at(b, h, d.heads, i, c), float(value));
+          context.set(value_at(b, h, d.heads, i, c), float(value));
         }
       }
     }

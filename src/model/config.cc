@@ -76,9 +76,22 @@ void TransformerConfig::validate(int tp, int ep) const {
             position_embedding_type, " needs an even head dimension (kv_channels = ", head_dim(),
             ")");
   MOE_CHECK(rotary_base > 0, "rotary_base (", rotary_base, ") must be > 0");
-  MOE_CHECK(rope_type.empty() || rope_type == "rope", "rope_type '", rope_type,
-            "': common attention supports only rope_type 'rope' (Megatron); use "
-            "position_embedding_type 'yarn' for YaRN");
+  if (multi_latent_attention) {
+    MOE_CHECK(!group_query_attention,
+              "multi_latent_attention and group_query_attention are mutually exclusive");
+    MOE_CHECK(q_lora_rank >= 0, "q_lora_rank (", q_lora_rank, ") must be >= 1 (or unset)");
+    MOE_CHECK(kv_lora_rank >= 1, "kv_lora_rank (", kv_lora_rank, ") must be >= 1");
+    MOE_CHECK(qk_head_dim >= 1, "qk_head_dim (", qk_head_dim, ") must be >= 1");
+    MOE_CHECK(qk_pos_emb_head_dim >= 2 && qk_pos_emb_head_dim % 2 == 0, "qk_pos_emb_head_dim (",
+              qk_pos_emb_head_dim, ") must be even and >= 2 (rope rotates pairs)");
+    MOE_CHECK(v_head_dim >= 1, "v_head_dim (", v_head_dim, ") must be >= 1");
+    MOE_CHECK(rope_type.empty() || rope_type == "rope" || rope_type == "yarn", "rope_type '",
+              rope_type, "' is not supported (rope or yarn)");
+  } else {
+    MOE_CHECK(rope_type.empty() || rope_type == "rope", "rope_type '", rope_type,
+              "': common attention supports only rope_type 'rope' (Megatron); use "
+              "position_embedding_type 'yarn' for YaRN");
+  }
   validate_yarn(*this);
   MOE_CHECK(hidden_dropout >= 0 && hidden_dropout < 1, "hidden_dropout (", hidden_dropout,
             ") must be in [0, 1)");

@@ -39,6 +39,7 @@ Tensor all_reduced(const Tensor& x, const TensorParallel& tp) {
 // The local slice of a column layout on this rank.
 std::vector<int64_t> local_columns(const ColumnLayout& layout, const TensorParallel& tp,
                                    const std::string& name) {
+  if (layout.split_axis == ColumnLayout::kReplicated) return layout.column_dims;
   MOE_CHECK(layout.split_axis >= 0 && layout.split_axis < int(layout.column_dims.size()), name,
             ": split axis ", layout.split_axis, " is outside the column layout");
   std::vector<int64_t> dims = layout.column_dims;
@@ -134,8 +135,12 @@ ColumnParallelLinear::ColumnParallelLinear(ParameterStore& store, const std::str
     : in_(in) {
   std::vector<int64_t> local = local_columns(layout, tp, name);
   out_local_ = shape_numel(local);
+  bool replicated = layout.split_axis == ColumnLayout::kReplicated;
   Shape columns_offset(layout.column_dims.size(), 0);
-  columns_offset[size_t(layout.split_axis)] = int64_t(tp.rank()) * local[size_t(layout.split_axis)];
+  if (!replicated) {
+    columns_offset[size_t(layout.split_axis)] =
+        int64_t(tp.rank()) * local[size_t(layout.split_axis)];
+  }
 
   ParamSpec weight;
   weight.name = name + ".weight";
@@ -147,6 +152,7 @@ ColumnParallelLinear::ColumnParallelLinear(ParameterStore& store, const std::str
   weight.global_offset = Shape{0};
   weight.global_offset.insert(weight.global_offset.end(), columns_offset.begin(),
                               columns_offset.end());
+  weight.tensor_parallel_duplicate = replicated;
   weight_ = store.declare(weight);
   if (bias) {
     ParamSpec b;
@@ -155,6 +161,7 @@ ColumnParallelLinear::ColumnParallelLinear(ParameterStore& store, const std::str
     b.global_shape = layout.column_dims;
     b.global_offset = columns_offset;
     b.weight_decay = false;
+    b.tensor_parallel_duplicate = replicated;
     bias_ = store.declare(b);
   }
 }

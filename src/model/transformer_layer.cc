@@ -22,7 +22,14 @@ TransformerLayer::TransformerLayer(ParameterStore& store, const TransformerConfi
       prefix_(prefix.empty() ? "decoder.layers." + std::to_string(number) : prefix),
       input_norm_(store, prefix_ + ".input_layernorm", config.hidden_size, config.normalization,
                   config.norm_epsilon),
-      attention_(store, prefix_ + ".self_attention", config, tp),
+      attention_(config.multi_latent_attention
+                     ? std::nullopt
+                     : std::optional<SelfAttention>(std::in_place, store,
+                                                    prefix_ + ".self_attention", config, tp)),
+      latent_attention_(config.multi_latent_attention
+                            ? std::optional<MultiLatentAttention>(
+                                  std::in_place, store, prefix_ + ".self_attention", config, tp)
+                            : std::nullopt),
       pre_mlp_norm_(store, prefix_ + ".pre_mlp_layernorm", config.hidden_size, config.normalization,
                     config.norm_epsilon) {
   if (config.is_moe_layer(number)) {
@@ -47,18 +54,38 @@ void TransformerLayer::register_params(ParamRegistry& registry) const {
     registry.add(bias, InitKind::kZeros);
     if (row_parallel) registry.add_sequence_parallel_partial(bias);
   };
-  add_linear(attention_.linear_qkv().weight(), attention_.linear_qkv().bias(), InitKind::kNormal,
-             false);
-  add_linear(attention_.linear_proj().weight(), attention_.linear_proj().bias(),
-             InitKind::kScaledNormal, true);
-  for (const Norm* qk_norm : {attention_.q_layernorm(), attention_.k_layernorm()}) {
-    if (qk_norm == nullptr) continue;
-    registry.add(qk_norm->weight(), InitKind::kOnes);
-    if (qk_norm->bias().index >= 0) registry.add(qk_norm->bias(), InitKind::kZeros);
+  if (attention_) {
+    add_linear(attention_->linear_qkv().weight(), attention_->linear_qkv().bias(),
+               InitKind::kNormal, false);
+    for (const Norm* qk_norm : {attention_->q_layernorm(), attention_->k_layernorm()}) {
+      if (qk_norm == nullptr) continue;
+      registry.add(qk_norm->weight(), InitKind::kOnes);
+      if (qk_norm->bias().index >= 0) registry.add(qk_norm->bias(), InitKind::kZeros);
+    }
+    for (ParamHandle handle : attention_->tensor_parallel_partial_params()) {
+      registry.tensor_parallel_partial.push_back(handle);
+    }
+  } else {
+    // Megatron: every projection init_method, the latent norms ones. The replicated down
+    // projections and norms see only this rank's rows with sequence parallelism.
+    const MultiLatentAttention& mla = *latent_attention_;
+    for (const ColumnParallelLinear* up :
+         {mla.linear_q_proj(), mla.linear_q_up_proj(), &mla.linear_kv_up_proj()}) {
+      if (up != nullptr) add_linear(up->weight(), up->bias(), InitKind::kNormal, false);
+    }
+    for (const ColumnParallelLinear* down :
+         {mla.linear_q_down_proj(), &mla.linear_kv_down_proj()}) {
+      if (down == nullptr) continue;
+      registry.add(down->weight(), InitKind::kNormal);
+      registry.add_sequence_parallel_partial(down->weight());
+    }
+    for (const Norm* norm : {mla.q_layernorm(), mla.kv_layernorm()}) {
+      if (norm != nullptr) registry.add_norm(*norm);
+    }
   }
-  for (ParamHandle handle : attention_.tensor_parallel_partial_params()) {
-    registry.tensor_parallel_partial.push_back(handle);
-  }
+  const RowParallelLinear& proj =
+      attention_ ? attention_->linear_proj() : latent_attention_->linear_proj();
+  add_linear(proj.weight(), proj.bias(), InitKind::kScaledNormal, true);
   if (mlp_) {
     add_linear(mlp_->linear_fc1().weight(), mlp_->linear_fc1().bias(), InitKind::kNormal, false);
     add_linear(mlp_->linear_fc2().weight(), mlp_->linear_fc2().bias(), InitKind::kScaledNormal,
@@ -125,7 +152,9 @@ Tensor TransformerLayer::backward(const ParameterStore& store, const Tensor& dy,
   Tensor dattention = dresidual.clone();
   apply_dropout(dattention, hidden_p, dropout_key(ctx.dropout_seed, number_, kAttentionOutput),
                 first_index);
-  Tensor dnormed = attention_.backward(store, state.attention, dattention);
+  Tensor dnormed = attention_
+                       ? attention_->backward(store, state.attention, dattention)
+                       : latent_attention_->backward(store, state.latent_attention, dattention);
   Tensor dx = input_norm_.backward(store, state.input_norm, dnormed);
   add(dx, dresidual, dx);
   state = LayerState();  // the activations are no longer needed
@@ -142,9 +171,12 @@ Tensor TransformerLayer::run_forward(const ParameterStore& store, const Tensor& 
   int64_t first_index = row_offset * x.dim(1);
 
   Tensor normed = input_norm_.forward(store, x, saved.input_norm);
-  Tensor attention_out = attention_.forward(store, normed, shape,
-                                            dropout_key(ctx.dropout_seed, number_, kAttentionProbs),
-                                            ctx.training, saved.attention);
+  uint64_t probs_key = dropout_key(ctx.dropout_seed, number_, kAttentionProbs);
+  Tensor attention_out =
+      attention_
+          ? attention_->forward(store, normed, shape, probs_key, ctx.training, saved.attention)
+          : latent_attention_->forward(store, normed, shape, probs_key, ctx.training,
+                                       saved.latent_attention);
   apply_dropout(attention_out, hidden_p, dropout_key(ctx.dropout_seed, number_, kAttentionOutput),
                 first_index);
   Tensor residual = Tensor::empty(x.shape(), x.dtype());

@@ -13,6 +13,7 @@
 
 #include "moe/model/gpt_model.h"
 #include "moe/model/layers.h"
+#include "moe/model/mla.h"
 #include "moe/model/shared_experts.h"
 #include "moe/moe/moe_layer.h"
 
@@ -50,6 +51,7 @@ struct LayerState {
   bool materialized = false;  // false: only `input` is kept (full recomputation)
   Norm::Saved input_norm, pre_mlp_norm;
   SelfAttention::Saved attention;
+  MultiLatentAttention::Saved latent_attention;  // with multi_latent_attention
   MLP::Saved mlp;
   MoEContext moe;
   SharedExperts::Saved shared_experts;
@@ -87,7 +89,9 @@ class TransformerLayer {
   const TransformerConfig& config_;
   std::string prefix_;
   Norm input_norm_;
-  SelfAttention attention_;
+  // Exactly one of them: multi-latent attention with config.multi_latent_attention.
+  std::optional<SelfAttention> attention_;
+  std::optional<MultiLatentAttention> latent_attention_;
   Norm pre_mlp_norm_;
   std::optional<MLP> mlp_;
   std::unique_ptr<MoELayer> moe_;

@@ -113,7 +113,8 @@ void register_arguments(CLI::App& app, TrainingArguments& a) {
                     "Rotary kind of multi-latent attention; common attention takes only rope.")
         ->check(CLI::IsMember({"rope", "yarn"}));
     app.add_flag("--qk-layernorm", a.qk_layernorm,
-                 "Normalise each query and key head (q_layernorm, k_layernorm).");
+                 "Normalise each query and key head (q_layernorm, k_layernorm); with "
+                 "--multi-latent-attention the latents (q_layernorm, kv_layernorm).");
     app.add_flag("--add-qkv-bias", a.add_qkv_bias,
                  "A bias on linear_qkv even with --disable-bias-linear.");
     app.add_option("--make-vocab-size-divisible-by", a.make_vocab_size_divisible_by,
@@ -127,6 +128,8 @@ void register_arguments(CLI::App& app, TrainingArguments& a) {
     app.add_flag("--swiglu", a.swiglu, "Use the SwiGLU (gated SiLU) MLP instead of GeLU.");
     app.add_flag("--untie-embeddings-and-output-weights", a.untie_embeddings_and_output_weights,
                  "Separate output-layer weights instead of reusing the word embedding.");
+    app.add_flag("--multi-latent-attention", a.multi_latent_attention,
+                 "Use DeepSeek's multi-latent attention (see the mla group).");
     optional_int("--mtp-num-layers", a.mtp_num_layers,
                  "Number of multi-token prediction (MTP) modules (DeepSeek-V3): module k predicts "
                  "the token k + 1 positions ahead.");
@@ -377,6 +380,22 @@ void register_arguments(CLI::App& app, TrainingArguments& a) {
                    "How many times the dense ffn size is the expert ffn size: each expert takes "
                    "one of that many slices of the dense MLP.")
         ->capture_default_str();
+  });
+
+  group("mla", [&] {
+    optional_int("--q-lora-rank", a.q_lora_rank,
+                 "Rank of the query's low-rank projection (unset: no query compression).");
+    app.add_option("--kv-lora-rank", a.kv_lora_rank,
+                   "Rank of the keys' and values' low-rank projection.")
+        ->capture_default_str();
+    app.add_option("--qk-head-dim", a.qk_head_dim,
+                   "Query/key head size without the rotary part (query head size = qk-head-dim + "
+                   "qk-pos-emb-head-dim).")
+        ->capture_default_str();
+    app.add_option("--qk-pos-emb-head-dim", a.qk_pos_emb_head_dim,
+                   "Size of the rotary part of each query/key head.")
+        ->capture_default_str();
+    app.add_option("--v-head-dim", a.v_head_dim, "Value head size.")->capture_default_str();
   });
 
   group("logging", [&] {
@@ -754,6 +773,19 @@ void finalize_arguments(TrainingArguments& a, int world_size) {
     a.num_query_groups = heads;  // plain multi-head attention: one key/value head per head
   }
 
+  // ---- multi-latent attention
+  if (a.multi_latent_attention) {
+    MOE_CHECK(!a.group_query_attention,
+              "--group-query-attention and --multi-latent-attention are mutually exclusive");
+    if (a.q_lora_rank) require_positive(*a.q_lora_rank, "--q-lora-rank");
+    require_positive(a.kv_lora_rank, "--kv-lora-rank");
+    require_positive(a.qk_head_dim, "--qk-head-dim");
+    require_positive(a.v_head_dim, "--v-head-dim");
+    MOE_CHECK(a.qk_pos_emb_head_dim >= 2 && a.qk_pos_emb_head_dim % 2 == 0,
+              "--qk-pos-emb-head-dim (", a.qk_pos_emb_head_dim,
+              ") must be even and >= 2 (rope rotates pairs)");
+  }
+
   // ---- positions
   require_finite_positive(a.rotary_base, "--rotary-base");
   require_finite_positive(a.rotary_scaling_factor, "--rotary-scaling-factor");
@@ -765,7 +797,8 @@ void finalize_arguments(TrainingArguments& a, int world_size) {
   }
   if (a.yarn_beta_fast) require_finite_positive(*a.yarn_beta_fast, "--yarn-beta-fast");
   if (a.yarn_beta_slow) require_finite_positive(*a.yarn_beta_slow, "--yarn-beta-slow");
-  MOE_CHECK(!a.rope_type || *a.rope_type == "rope", "--rope-type ", a.rope_type.value_or(""),
+  MOE_CHECK(!a.rope_type || *a.rope_type == "rope" || a.multi_latent_attention, "--rope-type ",
+            a.rope_type.value_or(""),
             ": common attention supports only --rope-type rope (as Megatron); use "
             "--position-embedding-type yarn for YaRN");
   if (a.position_embedding_type == "rope" || a.position_embedding_type == "yarn") {

@@ -60,6 +60,12 @@ model::TransformerConfig model_config(const TrainingArguments& a, int64_t padded
   c.yarn_correction_range_round_to_int = a.yarn_correction_range_round_to_int.value_or(true);
   c.rope_type = a.rope_type.value_or("");
   c.add_qkv_bias = a.add_qkv_bias;
+  c.multi_latent_attention = a.multi_latent_attention;
+  c.q_lora_rank = a.q_lora_rank.value_or(0);
+  c.kv_lora_rank = a.kv_lora_rank;
+  c.qk_head_dim = a.qk_head_dim;
+  c.qk_pos_emb_head_dim = a.qk_pos_emb_head_dim;
+  c.v_head_dim = a.v_head_dim;
   c.qk_layernorm = a.qk_layernorm;
   c.swiglu = a.swiglu;
   c.add_bias_linear = a.add_bias_linear;

@@ -4,6 +4,7 @@
 
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "model_testing.h"
@@ -128,6 +129,30 @@ TEST(GPTModel, RefusesSharedExpertsThatCannotBeBuilt) {
   EXPECT_EQ(moe::testing::error_text([&] { c.validate(2); }),
             "moe_shared_expert_intermediate_size (9) must be divisible by "
             "tensor_model_parallel_size (2)");
+}
+
+// DeepSeek-style attention in both layers: compressed queries with their norm, then
+// uncompressed queries with LayerNorm (norm biases) and learned positions beside MLA's rope.
+TransformerConfig tiny_mla_config() {
+  TransformerConfig c = tiny_moe_config();
+  c.group_query_attention = false;
+  c.multi_latent_attention = true;
+  c.q_lora_rank = 5;
+  c.kv_lora_rank = 6;
+  c.qk_head_dim = 3;
+  c.qk_pos_emb_head_dim = 2;
+  c.v_head_dim = 5;
+  c.qk_layernorm = true;
+  return c;
+}
+
+TEST(GPTModel, MultiLatentAttentionGradientsMatchFiniteDifferences) {
+  check_model_gradients(tiny_mla_config());
+  TransformerConfig other = tiny_mla_config();
+  other.q_lora_rank = 0;
+  other.normalization = "LayerNorm";
+  other.position_embedding_type = "learned_absolute";
+  check_model_gradients(other);
 }
 
 // Runs one forward and backward; returns the loss and a copy of every gradient.
@@ -286,6 +311,44 @@ TEST(GPTModel, InitUsesScaledStdForOutputProjections) {
   EXPECT_NEAR(stddev("decoder.layers.3.mlp.linear_fc2.weight"), 0.005, 0.0003);
   EXPECT_NEAR(stddev("decoder.layers.0.self_attention.linear_proj.weight"), 0.005, 0.0005);
   EXPECT_EQ(store.param(store.find("decoder.final_layernorm.weight")).get(5), 1.0f);
+}
+
+TEST(GPTModel, MultiLatentAttentionInitAsMegatron) {
+  TransformerConfig c = tiny_mla_config();
+  c.num_layers = 8;
+  c.moe_layer_pattern.assign(8, 0);
+  c.hidden_size = 64;
+  c.num_attention_heads = 4;
+  c.q_lora_rank = 48;
+  c.kv_lora_rank = 64;
+  c.qk_head_dim = 16;
+  c.qk_pos_emb_head_dim = 8;
+  c.v_head_dim = 16;
+  c.init_method_std = 0.02f;
+  ParameterStore store;
+  GPTModel model(c, comm::single_process_state(), store);
+  store.allocate();
+  model.init_parameters(1);
+  auto stddev = [&](const std::string& name) {
+    std::vector<float> v = store.param(store.find(name)).to_floats();
+    double total = 0;
+    for (float x : v) total += double(x) * x;
+    return std::sqrt(total / double(v.size()));
+  };
+  const std::string attention = "decoder.layers.2.self_attention.";
+  // init_method_std for the projections, std / sqrt(2 * layers) for linear_proj (thousands of
+  // samples: the estimates are within a few percent).
+  for (const char* name :
+       {"linear_q_down_proj", "linear_q_up_proj", "linear_kv_down_proj", "linear_kv_up_proj"}) {
+    EXPECT_NEAR(stddev(attention + name + ".weight"), 0.02, 0.001) << name;
+  }
+  EXPECT_NEAR(stddev(attention + "linear_proj.weight"), 0.005, 0.0003);
+  for (const char* norm : {"q_layernorm", "kv_layernorm"}) {
+    std::vector<float> weight = store.param(store.find(attention + norm + ".weight")).to_floats();
+    EXPECT_TRUE(std::all_of(weight.begin(), weight.end(), [](float w) { return w == 1.0f; }))
+        << norm;
+  }
+  EXPECT_LT(store.find(attention + "linear_qkv.weight").index, 0);
 }
 
 TEST(GPTModel, RefusesMoEWithExpertAndTensorParallelismWithoutSequenceParallelism) {

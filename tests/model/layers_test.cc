@@ -19,6 +19,7 @@ using moe::testing::check_gradient;
 using moe::testing::random_normal;
 using testing::check_all_params;
 using testing::dot;
+using testing::layer_gradients_match;
 
 TransformerConfig small_config() {
   TransformerConfig c;
@@ -79,25 +80,6 @@ TEST(LayerNormKernel, MatchesReferenceOnAwkwardShapes) {
       EXPECT_TENSORS_CLOSE(db, db_ref, 1e-4, 1e-4);
     }
   }
-}
-
-// Input and parameter gradients of `layer` against finite differences of probe . forward(saved),
-// where `forward` runs the layer on x and fills its Saved context.
-template <class Layer, class Forward>
-::testing::AssertionResult layer_gradients_match(const Layer& layer, ParameterStore& store,
-                                                 Tensor x, const Tensor& probe, Forward forward,
-                                                 const std::string& what, int input_samples,
-                                                 int param_samples) {
-  auto objective = [&] {
-    typename Layer::Saved saved;
-    return dot(forward(saved), probe);
-  };
-  typename Layer::Saved saved;
-  forward(saved);
-  Tensor dx = layer.backward(store, saved, probe);
-  ::testing::AssertionResult input = check_gradient(x, dx, objective, what, input_samples);
-  if (!input) return input;
-  return check_all_params(store, objective, param_samples);
 }
 
 TEST(Norm, GradientsMatchFiniteDifferences) {
@@ -248,18 +230,20 @@ TEST(Rope, ConcentrationScalesAndBackwardIsTheTranspose) {
 
 TEST(CausalAttention, MatchesNaiveReference) {
   struct Case {
-    int64_t batch, heads, groups, seq, dim;
+    int64_t batch, heads, groups, seq, dim, value_dim;
     float dropout;
   };
-  for (Case c : {Case{0, 2, 1, 3, 4, 0}, Case{1, 2, 2, 0, 4, 0}, Case{1, 1, 1, 1, 4, 0},
-                 Case{2, 4, 2, 5, 3, 0}, Case{1, 6, 1, 17, 8, 0}, Case{1, 2, 1, 129, 4, 0},
-                 Case{2, 4, 4, 7, 5, 0.3f}}) {
+  // value_dim != dim: multi-latent attention's value heads.
+  for (Case c :
+       {Case{0, 2, 1, 3, 4, 4, 0}, Case{1, 2, 2, 0, 4, 4, 0}, Case{1, 1, 1, 1, 4, 4, 0},
+        Case{2, 4, 2, 5, 3, 3, 0}, Case{1, 6, 1, 17, 8, 8, 0}, Case{1, 2, 1, 129, 4, 4, 0},
+        Case{2, 4, 4, 7, 5, 5, 0.3f}, Case{2, 4, 4, 70, 6, 3, 0.3f}, Case{1, 2, 2, 9, 2, 7, 0}}) {
     Tensor q = random_normal({c.batch, c.heads, c.seq, c.dim}, 1, 1.0f);
     Tensor k = random_normal({c.batch, c.groups, c.seq, c.dim}, 2, 1.0f);
-    Tensor v = random_normal({c.batch, c.groups, c.seq, c.dim}, 3, 1.0f);
+    Tensor v = random_normal({c.batch, c.groups, c.seq, c.value_dim}, 3, 1.0f);
     AttentionDropout dropout{c.dropout, 99, 0, 0};
-    Tensor lse({c.batch, c.heads, c.seq}), context(q.shape());
-    Tensor lse_ref(lse.shape()), context_ref(q.shape());
+    Tensor lse({c.batch, c.heads, c.seq}), context({c.batch, c.heads, c.seq, c.value_dim});
+    Tensor lse_ref(lse.shape()), context_ref(context.shape());
     causal_attention_forward(q, k, v, dropout, lse, context);
     reference::causal_attention_forward(q, k, v, dropout, lse_ref, context_ref);
     EXPECT_TENSORS_CLOSE(lse, lse_ref, 1e-5, 1e-5);
@@ -268,21 +252,24 @@ TEST(CausalAttention, MatchesNaiveReference) {
 }
 
 TEST(CausalAttention, GradientsMatchFiniteDifferences) {
-  // seq 70 spans two query blocks (64 + 6 rows), seq 6 one.
+  // seq 70 spans two query blocks (64 + 6 rows), seq 6 one; value heads of 3 (as q and k) and
+  // of 5 (multi-latent attention's own value size).
   for (int64_t seq : {6, 70}) {
     for (float p : {0.0f, 0.25f}) {
+      int64_t value_dim = p == 0 ? 3 : 5;
       Tensor q = random_normal({2, 4, seq, 3}, 1, 1.0f, DType::F64);
       Tensor k = random_normal({2, 2, seq, 3}, 2, 1.0f, DType::F64);
-      Tensor v = random_normal({2, 2, seq, 3}, 3, 1.0f, DType::F64);
-      Tensor probe = random_normal(q.shape(), 4, 1.0f, DType::F64);
+      Tensor v = random_normal({2, 2, seq, value_dim}, 3, 1.0f, DType::F64);
+      Shape context_shape{2, 4, seq, value_dim};
+      Tensor probe = random_normal(context_shape, 4, 1.0f, DType::F64);
       AttentionDropout dropout{p, 5, 0, 0};
       int samples = seq > 64 ? 12 : 40;
       auto objective = [&] {
-        Tensor lse({2, 4, seq}, DType::F64), context(q.shape(), DType::F64);
+        Tensor lse({2, 4, seq}, DType::F64), context(context_shape, DType::F64);
         causal_attention_forward(q, k, v, dropout, lse, context);
         return dot(context, probe);
       };
-      Tensor lse({2, 4, seq}, DType::F64), context(q.shape(), DType::F64);
+      Tensor lse({2, 4, seq}, DType::F64), context(context_shape, DType::F64);
       causal_attention_forward(q, k, v, dropout, lse, context);
       Tensor dq(q.shape(), DType::F64), dk(k.shape(), DType::F64), dv(v.shape(), DType::F64);
       causal_attention_backward(q, k, v, lse, dropout, probe, dq, dk, dv);

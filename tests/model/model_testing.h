@@ -61,6 +61,26 @@ inline ::testing::AssertionResult check_all_params(ParameterStore& store,
   return ::testing::AssertionSuccess();
 }
 
+// Input and parameter gradients of `layer` against finite differences of probe . forward(saved),
+// where `forward` runs the layer on x and fills its Saved context.
+template <class Layer, class Forward>
+::testing::AssertionResult layer_gradients_match(const Layer& layer, ParameterStore& store,
+                                                 Tensor x, const Tensor& probe, Forward forward,
+                                                 const std::string& what, int input_samples,
+                                                 int param_samples) {
+  auto objective = [&] {
+    typename Layer::Saved saved;
+    return dot(forward(saved), probe);
+  };
+  typename Layer::Saved saved;
+  forward(saved);
+  Tensor dx = layer.backward(store, saved, probe);
+  ::testing::AssertionResult input =
+      moe::testing::check_gradient(x, dx, objective, what, input_samples);
+  if (!input) return input;
+  return check_all_params(store, objective, param_samples);
+}
+
 // Sums this rank's gradients over data parallelism as the optimizer does (dense ones over dp,
 // expert ones over expert-dp, in place), then hands compare each parameter's spec, its reduced
 // gradient and the matching block of the single-process reference's gradient.

@@ -41,6 +41,9 @@ struct Layout {
   // the sigmoid gate, and DeepSeek's first-k-dense pattern: 3 layers {dense, MoE, MoE}.
   enum SharedExperts { kNone, kUngated, kGated } shared_experts = kNone;
   bool first_layer_dense = false;
+  // Multi-latent attention (compressed queries, qk_layernorm) instead of GQA: replicated down
+  // projections and latent norms whose gradients sequence parallelism must sum over tp.
+  bool mla = false;
 };
 
 std::string describe(const Layout& l) {
@@ -53,7 +56,8 @@ std::string describe(const Layout& l) {
          (l.shared_experts == Layout::kUngated ? ", shared experts"
           : l.shared_experts == Layout::kGated ? ", gated shared experts"
                                                : "") +
-         (l.first_layer_dense ? ", layers {dense, MoE, MoE}" : "") + ")";
+         (l.first_layer_dense ? ", layers {dense, MoE, MoE}" : "") +
+         (l.mla ? ", multi-latent attention" : "") + ")";
 }
 
 TransformerConfig equivalence_config() {
@@ -111,6 +115,19 @@ void check_layout(const Layout& layout, TokenDispatcherType dispatcher) {
   if (layout.first_layer_dense) {
     config.num_layers = 3;
     config.moe_layer_pattern = {0, 1, 1};
+  }
+  if (layout.mla) {
+    config.group_query_attention = false;
+    config.multi_latent_attention = true;
+    config.q_lora_rank = 6;
+    config.kv_lora_rank = 5;
+    config.qk_head_dim = 2;
+    config.qk_pos_emb_head_dim = 2;
+    config.v_head_dim = 3;
+    config.qk_layernorm = true;
+    config.rope_type = "yarn";  // Megatron's MLA default, here with an attention factor
+    config.rotary_scaling_factor = 4;
+    config.mscale_all_dim = 0.5;
   }
   // Dropout masks follow global (row, head) indices; with dp > 1 the row indices of a rank's
   // sequences differ from the single-process batch, so dropout is on only when dp == 1. The
@@ -257,6 +274,21 @@ TEST(ParallelEquivalence, Tp4SpOnEp2) {
   run_on_world(8, {4, true, 2});
 }
 
+TEST(ParallelEquivalence, Tp2SpOffEp1MultiLatentAttention) {
+  run_on_world(2, {.tp = 2, .sp = false, .ep = 1, .mla = true});
+}
+TEST(ParallelEquivalence, Tp2SpOnEp1MultiLatentAttention) {
+  run_on_world(2, {.tp = 2, .sp = true, .ep = 1, .mla = true});
+}
+TEST(ParallelEquivalence, Tp2SpOnEp2MultiLatentAttentionOtherSwitches) {
+  run_on_world(4, {.tp = 2, .sp = true, .ep = 2, .other_switches = true, .mla = true});
+}
+TEST(ParallelEquivalence, Tp4SpOnEp2MultiLatentAttention) {
+  run_on_world(8, {.tp = 4, .sp = true, .ep = 2, .mla = true});
+}
+TEST(ParallelEquivalence, Tp2SpOnEp1MultiLatentAttentionWithMtp) {  // DeepSeek-V3's shape
+  run_on_world(2, {.tp = 2, .sp = true, .ep = 1, .mtp_num_layers = 1, .mla = true});
+}
 TEST(ParallelEquivalence, Tp2SpOffEp1QkNormQkvBiasYarn) {
   run_on_world(2, {2, false, 1, false, false, DType::F32, true});
 }

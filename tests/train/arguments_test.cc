@@ -616,6 +616,50 @@ TEST(Arguments, DataSources) {
             "--split '0,0' gives every split zero weight");
 }
 
+TEST(Arguments, MultiLatentAttention) {
+  TrainingArguments plain = finalized(small_flags(), 1);
+  EXPECT_FALSE(plain.multi_latent_attention);
+  // Megatron's defaults: no query compression, kv rank 32, heads of 128 + 64 and 128.
+  TrainingArguments a = finalized(with(small_flags(), {"--multi-latent-attention"}), 1);
+  EXPECT_TRUE(a.multi_latent_attention);
+  EXPECT_FALSE(a.q_lora_rank.has_value());
+  EXPECT_EQ(a.kv_lora_rank, 32);
+  EXPECT_EQ(a.qk_head_dim, 128);
+  EXPECT_EQ(a.qk_pos_emb_head_dim, 64);
+  EXPECT_EQ(a.v_head_dim, 128);
+  EXPECT_FALSE(a.qk_layernorm);
+  TrainingArguments set = finalized(
+      with(small_flags(), {"--multi-latent-attention", "--q-lora-rank", "24", "--kv-lora-rank",
+                           "16", "--qk-head-dim", "8", "--qk-pos-emb-head-dim", "4", "--v-head-dim",
+                           "12", "--qk-layernorm"}),
+      1);
+  EXPECT_EQ(set.q_lora_rank, 24);
+  EXPECT_EQ(set.kv_lora_rank, 16);
+  EXPECT_EQ(set.qk_head_dim, 8);
+  EXPECT_EQ(set.qk_pos_emb_head_dim, 4);
+  EXPECT_EQ(set.v_head_dim, 12);
+  EXPECT_TRUE(set.qk_layernorm);
+  const Args mla = with(small_flags(), {"--multi-latent-attention"});
+  EXPECT_EQ(validation_error(with(mla, {"--group-query-attention", "--num-query-groups", "2"}), 1),
+            "--group-query-attention and --multi-latent-attention are mutually exclusive");
+  EXPECT_EQ(validation_error(with(mla, {"--q-lora-rank", "0"}), 1),
+            "argument --q-lora-rank must be positive (got 0)");
+  EXPECT_EQ(validation_error(with(mla, {"--kv-lora-rank", "-1"}), 1),
+            "argument --kv-lora-rank must be positive (got -1)");
+  EXPECT_EQ(validation_error(with(mla, {"--qk-head-dim", "0"}), 1),
+            "argument --qk-head-dim must be positive (got 0)");
+  EXPECT_EQ(validation_error(with(mla, {"--v-head-dim", "0"}), 1),
+            "argument --v-head-dim must be positive (got 0)");
+  EXPECT_EQ(validation_error(with(mla, {"--qk-pos-emb-head-dim", "3"}), 1),
+            "--qk-pos-emb-head-dim (3) must be even and >= 2 (rope rotates pairs)");
+  EXPECT_EQ(validation_error(with(mla, {"--tensor-model-parallel-size", "2",
+                                        "--num-attention-heads", "3", "--kv-channels", "16"}),
+                             2),
+            "--num-attention-heads (3) is not divisible by --tensor-model-parallel-size (2)");
+  // Multi-latent attention reads --rope-type (common attention refuses yarn there).
+  EXPECT_EQ(finalized(with(mla, {"--rope-type", "yarn"}), 1).rope_type, "yarn");
+}
+
 TEST(Arguments, HelpIsGroupedLikeMegatron) {
   ParseOutcome outcome = parse_arguments({"--help"});
   ASSERT_TRUE(outcome.help_requested);
@@ -632,7 +676,7 @@ TEST(Arguments, HelpIsGroupedLikeMegatron) {
   for (const char* title :
        {"network size:", "regularization:", "training:", "initialization:", "learning rate:",
         "checkpointing:", "mixed precision:", "distributed:", "validation:", "data and dataloader:",
-        "tokenizer:", "moe:", "logging:"}) {
+        "tokenizer:", "moe:", "mla:", "logging:"}) {
     size_t at = help.find(std::string("\n") + title);
     ASSERT_NE(at, std::string::npos) << title;
     EXPECT_GT(at, previous) << title << " out of Megatron's order";

@@ -299,6 +299,48 @@ TEST(TrainingLoop, TensorParallelMatchesDataParallel) {
   }
 }
 
+// Multi-latent attention (compressed queries, latent norms, YaRN with an attention factor and a
+// softmax factor) trains the same with tensor and sequence parallelism as with 2 data-parallel
+// replicas, and its tp checkpoint resumes on the data-parallel layout where the uninterrupted
+// run went.
+TEST(TrainingLoop, MultiLatentAttentionTensorParallelMatchesDataParallelAndResumes) {
+  if (world_size() != 2) GTEST_SKIP() << "needs 2 ranks";
+  SharedScratchDir scratch("mla");
+  const std::string save_dir = (scratch.path / "ckpt").string();
+  const Args flags = with(tiny_moe_flags(4), {"--make-vocab-size-divisible-by",
+                                              "32",
+                                              "--multi-latent-attention",
+                                              "--q-lora-rank",
+                                              "12",
+                                              "--kv-lora-rank",
+                                              "8",
+                                              "--qk-head-dim",
+                                              "4",
+                                              "--qk-pos-emb-head-dim",
+                                              "4",
+                                              "--v-head-dim",
+                                              "6",
+                                              "--qk-layernorm",
+                                              "--rope-type",
+                                              "yarn",
+                                              "--rotary-scaling-factor",
+                                              "4",
+                                              "--mscale-all-dim",
+                                              "0.5"});
+  const Args tensor_parallel =
+      with(flags, {"--tensor-model-parallel-size", "2", "--sequence-parallel"});
+  TrainingReport replicated = run(flags);
+  expect_same_training(run(tensor_parallel), replicated);
+  run(with(tensor_parallel, {"--save", save_dir, "--save-interval", "2", "--exit-interval", "2"}));
+  TrainingReport resumed = run(with(flags, {"--load", save_dir}));
+  ASSERT_EQ(resumed.start_iteration, 2);
+  ASSERT_EQ(resumed.iterations.size(), 2u);
+  for (size_t i = 0; i < 2; ++i) {
+    const IterationStats &got = resumed.iterations[i], &want = replicated.iterations[2 + i];
+    EXPECT_NEAR(got.lm_loss, want.lm_loss, 1e-5 * want.lm_loss) << "iteration " << got.iteration;
+  }
+}
+
 // Qwen / DeepSeek attention flags through moe-train: on one rank the model learns; on two, tp 2
 // with sequence parallelism matches 2 data-parallel replicas (q_layernorm / k_layernorm
 // gradients summed over tp and counted once in the gradient norm).

@@ -27,6 +27,17 @@ struct TransformerConfig {
   float norm_epsilon = 1e-5f;
   std::string position_embedding_type = "learned_absolute";  // | "rope" | "yarn" | "none"
   float rotary_base = 10000.0f;
+  // Multi-latent attention (DeepSeek-V2/V3, Megatron's MLATransformerConfig; see mla.h):
+  // low-rank query (q_lora_rank; 0 is Megatron's None: no compression, linear_q_proj) and
+  // key/value (kv_lora_rank) projections, per-head query/key size qk_head_dim plus a rotary part
+  // of qk_pos_emb_head_dim, value size v_head_dim. Its rotary part follows rope_type (below), not
+  // position_embedding_type; qk_layernorm gives it q_layernorm and kv_layernorm on the latents.
+  bool multi_latent_attention = false;
+  int q_lora_rank = 0;
+  int kv_lora_rank = 32;
+  int qk_head_dim = 128;
+  int qk_pos_emb_head_dim = 64;
+  int v_head_dim = 128;
   bool swiglu = false;          // SwiGLU MLP (fc1 is [gate | up]); GeLU otherwise
   bool add_bias_linear = true;  // false with --disable-bias-linear
   bool untie_embeddings_and_output_weights = false;
@@ -37,13 +48,17 @@ struct TransformerConfig {
   bool apply_scaled_init = true;
 
   // Qwen / DeepSeek attention options. add_qkv_bias: linear_qkv has a bias even without
-  // add_bias_linear (Qwen2). qk_layernorm: q_layernorm / k_layernorm over each head (Qwen3).
+  // add_bias_linear (Qwen2). qk_layernorm: q_layernorm / k_layernorm over each head (Qwen3);
+  // with multi_latent_attention, q_layernorm / kv_layernorm on the latents (DeepSeek).
   bool add_qkv_bias = false;
   bool qk_layernorm = false;
   // position_embedding_type "yarn": rope with YaRN's frequencies and attention factor (see
   // YarnScaling in layers.h; Megatron's --rotary-scaling-factor, --mscale, --mscale-all-dim and
   // --yarn-* arguments, with its defaults). rope_type ("" when unset): Megatron's --rope-type,
-  // which only multi-latent attention reads; common attention accepts only "rope".
+  // which only multi-latent attention reads; common attention accepts only "rope". Multi-latent
+  // attention: "rope" is plain rope, "yarn" or unset (Megatron's MLA default) YaRN from
+  // rotary_scaling_factor, mscale and mscale_all_dim only (Megatron's MLA keeps its own
+  // defaults for the yarn_* fields, which equal those below).
   std::string rope_type;
   double rotary_scaling_factor = 1.0;
   int yarn_original_max_position_embeddings = 4096;

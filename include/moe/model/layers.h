@@ -140,8 +140,9 @@ void apply_rope(Tensor& x, float rotary_base, bool backward);
 
 // ---------------------------------------------------------------------------------------------
 // Causal scaled-dot-product attention with grouped queries, in fp32 (fp64 for F64 inputs).
-// q [b, n, s, d], k and v [b, g, s, d] with n % g == 0: query head i reads group i / (n / g).
-// Scale 1 / sqrt(d). forward writes context [b, n, s, d] and the row log-sum-exps of the scaled
+// q [b, n, s, d], k [b, g, s, d] and v [b, g, s, dv] with n % g == 0: query head i reads group
+// i / (n / g). The value head size dv may differ from d (multi-latent attention). Scale
+// 1 / sqrt(d). forward writes context [b, n, s, dv] and the row log-sum-exps of the scaled
 // scores, logsumexp [b, n, s]; backward rebuilds the probabilities from them (two GEMMs more
 // than keeping them, but O(s) memory per head instead of O(s^2)).
 // Dropout index of probs element (b, i, q, k) is ((b * total_heads + head_offset + i) * s + q) * s
@@ -154,7 +155,7 @@ struct AttentionDropout {
 };
 void causal_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
                               const AttentionDropout& dropout, Tensor& logsumexp, Tensor& context);
-// dq [b, n, s, d], dk, dv [b, g, s, d] are overwritten.
+// dcontext [b, n, s, dv]; dq [b, n, s, d], dk [b, g, s, d], dv [b, g, s, dv] are overwritten.
 void causal_attention_backward(const Tensor& q, const Tensor& k, const Tensor& v,
                                const Tensor& logsumexp, const AttentionDropout& dropout,
                                const Tensor& dcontext, Tensor& dq, Tensor& dk, Tensor& dv);

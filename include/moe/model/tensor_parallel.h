@@ -33,7 +33,10 @@ Tensor leave_tp_region_backward(const Tensor& dy, const TensorParallel& tp);
 // plain column-parallel [out] split on 0; SwiGLU fc1 [2, ffn] split on 1 (each rank keeps its
 // gate and up columns together as [gate | up]); attention QKV [groups, heads_per_group + 2, d]
 // split on 0 (each rank keeps whole query groups, Megatron's interleaved layout).
+// split_axis kReplicated keeps the whole weight on every tp rank (Megatron's "duplicated"
+// linears, e.g. MLA's down projections); its parameters are marked tensor_parallel_duplicate.
 struct ColumnLayout {
+  static constexpr int kReplicated = -1;
   std::vector<int64_t> column_dims;
   int split_axis = 0;
 };

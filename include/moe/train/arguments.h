@@ -50,6 +50,14 @@ struct TrainingArguments {
   std::optional<int> mtp_num_layers;     // multi-token prediction depths (None or 0: off)
   double mtp_loss_scaling_factor = 0.1;  // the MTP losses' weight (their mean times this)
 
+  // ---- multi-latent attention (Megatron's "mla" group)
+  bool multi_latent_attention = false;
+  std::optional<int> q_lora_rank;  // None: queries are not compressed (linear_q_proj)
+  int kv_lora_rank = 32;
+  int qk_head_dim = 128;
+  int qk_pos_emb_head_dim = 64;
+  int v_head_dim = 128;
+
   // ---- regularization
   double attention_dropout = 0.1;
   double hidden_dropout = 0.1;
@@ -162,8 +170,8 @@ struct TrainingArguments {
   std::string moe_token_dispatcher_type = "allgather";  // allgather | alltoall
   std::optional<double> moe_expert_capacity_factor;
   bool moe_pad_expert_input_to_capacity = false;
-  std::string moe_token_drop_policy = "probs";  // probs | position
-  std::string moe_router_type = "topk";         // moecore's own: topk | expert_choice
+  std::string moe_token_drop_policy = "probs";             // probs | position
+  std::string moe_router_type = "topk";                    // moecore's own: topk | expert_choice
   std::optional<int> moe_shared_expert_intermediate_size;  // unset: no shared experts
   bool moe_shared_expert_gate = false;
   bool moe_shared_expert_overlap = false;  // accepted; nothing to overlap on this backend
