@@ -78,6 +78,7 @@ constexpr GroupKind kGroupKinds[] = {
     {"cp", &RankLayout::cp_group, &ParallelState::cp_group},
     {"dp", &RankLayout::dp_group, &ParallelState::dp_group},
     {"dp_cp", &RankLayout::dp_cp, &ParallelState::dp_cp},
+    {"tp_dp_cp", &RankLayout::tp_dp_cp, &ParallelState::tp_dp_cp},
     {"pp", &RankLayout::pp, &ParallelState::pp},
     {"model_parallel", &RankLayout::model_parallel, &ParallelState::model_parallel},
     {"embedding", &RankLayout::embedding, &ParallelState::embedding},
@@ -120,6 +121,7 @@ RankLayout compute_rank_layout(int world_size, const ParallelSizes& sizes) {
   layout.cp_group = groups_along_axes(dense, {kCp});
   layout.dp_group = groups_along_axes(dense, {kDp});
   layout.dp_cp = groups_along_axes(dense, {kCp, kDp});
+  layout.tp_dp_cp = groups_along_axes(dense, {kTp, kCp, kDp});
   layout.pp = groups_along_axes(dense, {kDensePp});
   layout.model_parallel = groups_along_axes(dense, {kTp, kDensePp});
   for (const std::vector<int>& stages : layout.pp) {  // first and last pipeline stage

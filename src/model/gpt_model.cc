@@ -59,6 +59,15 @@ struct GPTModel::Impl {
   ParamRegistry params;
 
   bool sequence_parallel() const { return tp.sequence_parallel; }
+  // The decoder's layers, then the MTP modules' (the order init_parameters draws in).
+  std::vector<const TransformerLayer*> all_layers() const {
+    std::vector<const TransformerLayer*> all;
+    for (const auto& layer : layers) all.push_back(layer.get());
+    if (mtp) {
+      for (const auto& layer : mtp->layers()) all.push_back(layer.get());
+    }
+    return all;
+  }
 };
 
 GPTModel::GPTModel(const TransformerConfig& config, const comm::ParallelState& parallel,
@@ -99,8 +108,8 @@ GPTModel::GPTModel(const TransformerConfig& config, const comm::ParallelState& p
     if (c.is_moe_layer(i)) {
       dispatcher = dispatcher_factory(c.moe_config(), parallel, i);
     }
-    m.layers.push_back(std::make_unique<TransformerLayer>(store, config_, i, m.tp,
-                                                          std::move(dispatcher), uint64_t(i)));
+    m.layers.push_back(std::make_unique<TransformerLayer>(
+        store, config_, i, m.tp, parallel.tp_dp_cp, std::move(dispatcher), uint64_t(i)));
     m.layers.back()->register_params(m.params);
   }
   if (stage_.post_process) {
@@ -136,7 +145,20 @@ DispatcherFactory default_dispatcher_factory() {
   };
 }
 
+std::vector<std::pair<int, const MoELayer*>> GPTModel::moe_layers() const {
+  std::vector<std::pair<int, const MoELayer*>> found;
+  for (const TransformerLayer* layer : impl_->all_layers()) {
+    if (layer->moe() != nullptr) found.push_back({layer->number(), layer->moe()});
+  }
+  return found;
+}
+
 void GPTModel::finalize_grads() {
+  sum_tensor_parallel_partial_grads();
+  for (const TransformerLayer* layer : impl_->all_layers()) layer->finish_step();
+}
+
+void GPTModel::sum_tensor_parallel_partial_grads() {
   const std::vector<ParamHandle>& partial = impl_->params.tensor_parallel_partial;
   if (impl_->tp.size() == 1 || partial.empty()) return;
   // One all-reduce for all of them: [sum of the gradients' sizes] F32, back to back.
@@ -176,12 +198,7 @@ void GPTModel::init_parameters(uint64_t seed) {
     for (float& value : global) value = rng.normal() * sigma;
     copy_global_block(Tensor::from_floats(global, spec.global_shape), spec, local);
   }
-  std::vector<const TransformerLayer*> layers;
-  for (const auto& layer : impl_->layers) layers.push_back(layer.get());
-  if (impl_->mtp) {
-    for (const auto& layer : impl_->mtp->layers()) layers.push_back(layer.get());
-  }
-  for (const TransformerLayer* layer : layers) {
+  for (const TransformerLayer* layer : impl_->all_layers()) {
     if (layer->moe() != nullptr) {
       layer->moe()->init_parameters(Rng::derived(seed, name_hash(layer->prefix())).next_u64(), std,
                                     output_std);

@@ -100,9 +100,9 @@ MultiTokenPrediction::MultiTokenPrediction(ParameterStore& store, const Transfor
         Norm(store, prefix + ".final_layernorm", c.hidden_size, c.normalization, c.norm_epsilon)});
     std::unique_ptr<TokenDispatcher> dispatcher;
     if (moe) dispatcher = dispatcher_factory(c.moe_config(), parallel, number);
-    layers_.push_back(std::make_unique<TransformerLayer>(store, config_, number, tp,
-                                                         std::move(dispatcher), uint64_t(number),
-                                                         prefix + ".transformer_layer"));
+    layers_.push_back(std::make_unique<TransformerLayer>(
+        store, config_, number, tp, parallel.tp_dp_cp, std::move(dispatcher), uint64_t(number),
+        prefix + ".transformer_layer"));
   }
 }
 

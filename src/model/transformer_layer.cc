@@ -15,6 +15,7 @@ void ParamRegistry::add_norm(const Norm& norm) {
 
 TransformerLayer::TransformerLayer(ParameterStore& store, const TransformerConfig& config,
                                    int number, const TensorParallel& tp,
+                                   const comm::ProcessGroup& stage_group,
                                    std::unique_ptr<TokenDispatcher> dispatcher,
                                    uint64_t jitter_seed, const std::string& prefix)
     : number_(number),
@@ -34,7 +35,7 @@ TransformerLayer::TransformerLayer(ParameterStore& store, const TransformerConfi
                     config.norm_epsilon) {
   if (config.is_moe_layer(number)) {
     moe_ = std::make_unique<MoELayer>(config.moe_config(), store, prefix_ + ".mlp",
-                                      std::move(dispatcher), jitter_seed, tp);
+                                      std::move(dispatcher), jitter_seed, tp, stage_group);
     if (config.moe_shared_expert_intermediate_size > 0) {
       shared_experts_.emplace(store, prefix_ + ".mlp.shared_experts", config, tp);
     }

@@ -60,16 +60,22 @@ struct LayerState {
 class TransformerLayer {
  public:
   // dispatcher: the MoE layer's token dispatcher when config.is_moe_layer(number), else null.
+  // stage_group: the ranks of this pipeline stage (tp x dp x cp; see MoELayer).
   // prefix: the parameter names' prefix; empty: "decoder.layers.<number>".
   TransformerLayer(ParameterStore& store, const TransformerConfig& config, int number,
-                   const TensorParallel& tp, std::unique_ptr<TokenDispatcher> dispatcher,
-                   uint64_t jitter_seed, const std::string& prefix = "");
+                   const TensorParallel& tp, const comm::ProcessGroup& stage_group,
+                   std::unique_ptr<TokenDispatcher> dispatcher, uint64_t jitter_seed,
+                   const std::string& prefix = "");
 
   const std::string& prefix() const { return prefix_; }
   int number() const { return number_; }
   MoELayer* moe() const { return moe_.get(); }
 
   void register_params(ParamRegistry& registry) const;
+  // Once per step after the last backward (GPTModel::finalize_grads): the MoE layer's.
+  void finish_step() const {
+    if (moe_) moe_->finish_step();
+  }
 
   // x [rows_local, h] -> [rows_local, h]. Saves what backward needs in `state`, or, with full
   // recomputation, only the input. Appends the MoE layer's losses to `losses` when given.

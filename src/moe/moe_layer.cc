@@ -22,9 +22,10 @@ std::unique_ptr<TokenDispatcher> local_if_null(std::unique_ptr<TokenDispatcher> 
 
 MoELayer::MoELayer(const MoEConfig& config, ParameterStore& store, const std::string& prefix,
                    std::unique_ptr<TokenDispatcher> dispatcher, uint64_t jitter_seed,
-                   comm::TensorParallel tp)
+                   comm::TensorParallel tp, comm::ProcessGroup stage_group)
     : config_(config),
       tp_(std::move(tp)),
+      stage_group_(std::move(stage_group)),
       dispatcher_(local_if_null(std::move(dispatcher), config)),
       router_(config.moe_router_type == RouterType::kExpertChoice
                   ? expert_choice_scoring_config(config)
@@ -35,6 +36,14 @@ MoELayer::MoELayer(const MoEConfig& config, ParameterStore& store, const std::st
     router_.set_aux_count_reducer(make_aux_count_reducer(tp_.group));
     router_.set_z_loss_group_size(tp_.size());
   }
+  if (config_.uses(LoadBalancingType::kGlobalAuxLoss)) {
+    router_.set_global_aux_count_reducer(make_aux_count_reducer(stage_group_));
+  }
+}
+
+void MoELayer::finish_step() {
+  if (config_.moe_router_enable_expert_bias) router_.update_expert_bias(stage_group_);
+  router_.reset_global_aux_loss_tracker();
 }
 
 std::vector<ParamHandle> MoELayer::tensor_parallel_partial_params() const {

@@ -21,6 +21,7 @@
 #include "moe/data/tokenizer.h"
 #include "moe/model/gpt_model.h"
 #include "moe/moe/ep_dispatchers.h"
+#include "moe/moe/moe_layer.h"
 #include "moe/optim/lr_scheduler.h"
 #include "moe/optim/optimizer.h"
 #include "moe/pipeline/schedules.h"
@@ -403,6 +404,31 @@ pipeline::ScheduleOptions schedule_options(const TrainingArguments& a, double lo
   return options;
 }
 
+// Every MoE layer's expert-bias range, gathered from all pipeline stages (one rank of each stage
+// contributes its layers' values; the bias is the same on every rank of a stage). Collective over
+// the world.
+std::vector<IterationStats::BiasRange> expert_bias_ranges(const Job& job) {
+  const int layers = *job.args.num_layers + job.args.mtp_num_layers.value_or(0);
+  Tensor buffer = Tensor::full({3 * int64_t(layers)}, 0.0f, DType::F64);  // [layers][has, min, max]
+  double* slots = buffer.data<double>();
+  if (job.parallel.tp_dp_cp.rank() == 0) {
+    for (const auto& [layer, moe] : job.model->moe_layers()) {
+      if (!moe->router().has_expert_bias()) continue;
+      const std::vector<float> bias = moe->router().expert_bias().to_floats();
+      const auto [low, high] = std::minmax_element(bias.begin(), bias.end());
+      slots[3 * layer] = 1;
+      slots[3 * layer + 1] = *low;
+      slots[3 * layer + 2] = *high;
+    }
+  }
+  comm::all_reduce(buffer, job.parallel.world);
+  std::vector<IterationStats::BiasRange> ranges;
+  for (int layer = 0; layer < layers; ++layer) {
+    if (slots[3 * layer] > 0) ranges.push_back({layer, slots[3 * layer + 1], slots[3 * layer + 2]});
+  }
+  return ranges;
+}
+
 IterationStats train_step(Job& job, data::PretrainingDataIterator& data) {
   const TrainingArguments& a = job.args;
   const auto start = Clock::now();
@@ -442,6 +468,7 @@ IterationStats train_step(Job& job, data::PretrainingDataIterator& data) {
     stats.expert_load = std::move(loads.overall);
     stats.layer_expert_load = std::move(loads.per_layer);
   }
+  if (a.moe_router_enable_expert_bias) stats.expert_bias_ranges = expert_bias_ranges(job);
   stats.elapsed_ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
   stats.tokens_per_second =
       double(*a.global_batch_size) * double(*a.seq_length) / (stats.elapsed_ms / 1000.0);
@@ -528,6 +555,11 @@ void log_scalars(ScalarLog& scalars, const IterationStats& s, bool is_moe) {
     scalars.add(tag + "-max", *high, s.iteration);
     scalars.add(tag + "-cv", coefficient_of_variation(load), s.iteration);
   }
+  for (const IterationStats::BiasRange& range : s.expert_bias_ranges) {
+    const std::string tag = "expert-bias/layer-" + std::to_string(range.layer);
+    scalars.add(tag + "-min", range.min, s.iteration);
+    scalars.add(tag + "-max", range.max, s.iteration);
+  }
 }
 
 // Megatron's " [YYYY-MM-DD HH:MM:SS]" prefix of a log line (local time).
@@ -601,6 +633,14 @@ std::string format_log_line(const std::vector<IterationStats>& window, int64_t t
   append(" loss scale: %.1f |", last.loss_scale);
   append(" grad norm: %.3f |", last.grad_norm);
   if (has_load) append(" expert load min/max: %.2f/%.2f |", load_min, load_max);
+  if (!last.expert_bias_ranges.empty()) {  // the bias after the interval's last update
+    double low = last.expert_bias_ranges.front().min, high = last.expert_bias_ranges.front().max;
+    for (const IterationStats::BiasRange& range : last.expert_bias_ranges) {
+      low = std::min(low, range.min);
+      high = std::max(high, range.max);
+    }
+    append(" expert bias min/max: %.4f/%.4f |", low, high);
+  }
   append(" number of skipped iterations: %3d |", skipped);
   if (skipped > 0) append(" (inf/NaN gradients: step skipped, loss scale lowered) |");
   append(" number of nan iterations: %3d |", nan_iterations);

@@ -135,6 +135,16 @@ TEST(RankLayout, EmbeddingTakesFirstAndLastOfFourStages) {
   EXPECT_EQ(got.embedding, (Groups{{0, 6}, {1, 7}}));
 }
 
+// Megatron's tensor-and-data-parallel group with context: every rank of one pipeline stage.
+TEST(RankLayout, TpDpCpHoldsEachPipelineStage) {
+  RankLayout got = compute_rank_layout(8, {.tp = 2, .pp = 2, .ep = 2});
+  EXPECT_EQ(got.tp_dp_cp, (Groups{{0, 1, 2, 3}, {4, 5, 6, 7}}));
+  got = compute_rank_layout(8, {.tp = 2, .pp = 4});
+  EXPECT_EQ(got.tp_dp_cp, (Groups{{0, 1}, {2, 3}, {4, 5}, {6, 7}}));
+  got = compute_rank_layout(8, {.tp = 2, .cp = 2});
+  EXPECT_EQ(got.tp_dp_cp, (Groups{{0, 1, 2, 3, 4, 5, 6, 7}}));
+}
+
 TEST(RankLayout, DescribePrintsEveryKind) {
   std::string text = describe_rank_layout(8, {.tp = 2, .pp = 2, .ep = 2});
   EXPECT_CONTAINS(text, "tp: [0, 1] [2, 3] [4, 5] [6, 7]\n");

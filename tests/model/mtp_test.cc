@@ -198,8 +198,8 @@ TEST(MultiTokenPrediction, LossEqualsAForwardBuiltByHand) {
   const TensorParallel tp{comm::single_process_state().tp, false};
   ParameterStore pieces(DType::F64);
   VocabParallelEmbedding embedding(pieces, "embedding.word_embeddings.weight", vocab, h, tp);
-  TransformerLayer layer0(pieces, config, 0, tp, nullptr, 0);
-  TransformerLayer layer1(pieces, config, 1, tp, nullptr, 1);
+  TransformerLayer layer0(pieces, config, 0, tp, tp.group, nullptr, 0);
+  TransformerLayer layer1(pieces, config, 1, tp, tp.group, nullptr, 1);
   Norm final_norm(pieces, "decoder.final_layernorm", h, config.normalization, config.norm_epsilon);
   OutputLayer output(pieces, "output_layer.weight", h, vocab, tp, nullptr);
   Norm enorm(pieces, "mtp.layers.0.enorm", h, config.normalization, config.norm_epsilon);
@@ -208,7 +208,8 @@ TEST(MultiTokenPrediction, LossEqualsAForwardBuiltByHand) {
   projection_spec.name = "mtp.layers.0.eh_proj.weight";
   projection_spec.shape = {2 * h, h};
   ParamHandle projection = pieces.declare(projection_spec);
-  TransformerLayer mtp_layer(pieces, config, 2, tp, nullptr, 2, "mtp.layers.0.transformer_layer");
+  TransformerLayer mtp_layer(pieces, config, 2, tp, tp.group, nullptr, 2,
+                             "mtp.layers.0.transformer_layer");
   Norm mtp_norm(pieces, "mtp.layers.0.final_layernorm", h, config.normalization,
                 config.norm_epsilon);
   pieces.allocate();

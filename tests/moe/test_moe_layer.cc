@@ -99,7 +99,7 @@ TEST(MoELayer, GradientsMatchFiniteDifferences) {
     const Rng::State jitter_state = layer.router().jitter_rng().state();
     auto objective = [&] {
       layer.router().jitter_rng().set_state(jitter_state);
-      layer.reset_global_aux_loss_tracker();  // global_aux_loss on this batch only
+      layer.router().reset_global_aux_loss_tracker();  // global_aux_loss on this batch only
       MoEContext ctx;
       Tensor out = layer.forward(hidden, ctx);
       const RouterLosses& losses = MoELayer::losses(ctx);
@@ -135,7 +135,7 @@ TEST(MoELayer, Fp64RouterUnderFp32Activations) {
     EXPECT_EQ(ctx.router.logits.dtype(), fp64 == 1 ? DType::F64 : DType::F32);
     grads[fp64] = fixture.layer.backward(ctx, probe);
     Tensor before = fixture.layer.router().expert_bias().clone();
-    fixture.layer.update_expert_bias(comm::ProcessGroup());
+    fixture.layer.finish_step();
     EXPECT_FALSE(testing::same_bytes(fixture.layer.router().expert_bias(), before));
   }
   // The same routing; the probabilities differ by fp32 rounding of fp64 values (~1e-7 relative).

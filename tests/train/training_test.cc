@@ -704,6 +704,69 @@ TEST(TrainingLoop, MultiTokenPredictionResumesBitwise) {
   }
 }
 
+// A small DeepSeek-style MoE: sigmoid scores with the aux-loss-free expert bias, group-limited
+// routing, the global-batch aux loss, one shared expert and the first layer dense. It trains, the
+// bias moves every step, and the bias after a step is the same whether the experts are replicated
+// or split over ep (its loads are summed over every rank of the stage).
+TEST(TrainingLoop, DeepSeekStyleRoutingTrains) {
+  const Args flags = with(tiny_moe_flags(30), {"--moe-router-score-function",
+                                               "sigmoid",
+                                               "--moe-router-enable-expert-bias",  //
+                                               "--moe-router-bias-update-rate",
+                                               "1e-2",
+                                               "--num-experts",
+                                               "8",  //
+                                               "--moe-router-num-groups",
+                                               "4",
+                                               "--moe-router-group-topk",
+                                               "2",  //
+                                               "--moe-router-load-balancing-type",
+                                               "global_aux_loss",  //
+                                               "--moe-aux-loss-coeff",
+                                               "1e-3",
+                                               "--moe-shared-expert-intermediate-size",
+                                               "16",
+                                               "--moe-layer-freq",
+                                               "[0,1]",
+                                               "--hidden-dropout",
+                                               "0",
+                                               "--attention-dropout",
+                                               "0"});
+  std::string log;
+  const TrainingReport report =
+      run(world_size() == 2 ? with(flags, {"--expert-model-parallel-size", "2"}) : flags, &log);
+  ASSERT_EQ(report.iterations.size(), 30u);
+  const double first = mean_loss(report.iterations, 0, 5);
+  const double last = mean_loss(report.iterations, 25, 30);
+  // The predictable mock corpus of TinyMoeModelLearnsInFiftyIterations: 1.5 nats in 30 steps.
+  EXPECT_LT(last, first - 1.5) << "first 5 iterations " << first << ", last 5 " << last;
+  std::printf("[ lm loss ] DeepSeek-style: first 5 iterations %.4f, last 5 %.4f\n", first, last);
+  bool bias_moved = false;
+  for (const IterationStats& s : report.iterations) {
+    EXPECT_GT(s.load_balancing_loss, 0.0);       // the global aux loss
+    ASSERT_EQ(s.expert_bias_ranges.size(), 1u);  // layer 1; layer 0 is dense
+    EXPECT_EQ(s.expert_bias_ranges[0].layer, 1);
+    // Each update moves an expert's bias by +-rate or 0 (fp32 sums: 1e-6 relative slack).
+    const double bound = 1e-2 * double(s.iteration) * (1 + 1e-6);
+    EXPECT_GE(s.expert_bias_ranges[0].min, -bound);
+    EXPECT_LE(s.expert_bias_ranges[0].max, bound);
+    bias_moved = bias_moved || s.expert_bias_ranges[0].min < s.expert_bias_ranges[0].max;
+  }
+  EXPECT_TRUE(bias_moved);
+  EXPECT_EQ(report.iterations[0].layer_expert_load[0].size(), 0u);  // dense
+  if (world_rank() == 0) {
+    EXPECT_CONTAINS(log, "expert bias min/max: ");
+  }
+  if (world_size() == 2) {
+    const TrainingReport replicated = run(flags);
+    EXPECT_EQ(replicated.iterations[0].lm_loss, report.iterations[0].lm_loss);
+    EXPECT_EQ(replicated.iterations[0].expert_bias_ranges[0].min,
+              report.iterations[0].expert_bias_ranges[0].min);
+    EXPECT_EQ(replicated.iterations[0].expert_bias_ranges[0].max,
+              report.iterations[0].expert_bias_ranges[0].max);
+  }
+}
+
 TEST(TrainingLoop, DenseModelTrains) {
   Args flags = tiny_moe_flags(6);
   for (const char* moe_flag :

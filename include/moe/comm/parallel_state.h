@@ -36,12 +36,14 @@ struct ParallelState {
   int edp = 1;  // expert data parallel = world / (etp * ep * pp)
 
   // Group names (ProcessGroup::name) in brackets. Dense: tensor ["tp"], pipeline ["pp"], data
-  // ["dp"], data with context ["dp_cp"], context ["cp"], tensor x pipeline ["model_parallel"],
-  // first and last stage ["embedding"]. Expert: expert model ["ep"], expert tensor ["etp"],
-  // expert data ["expert_dp"], expert tensor x expert model ["tp_ep"], which the token
-  // dispatchers exchange over (Megatron's expert-tensor-and-model-parallel group).
+  // ["dp"], data with context ["dp_cp"], tensor x data x context (every rank of a pipeline
+  // stage; Megatron's tensor-and-data-parallel group with context) ["tp_dp_cp"], context ["cp"],
+  // tensor x pipeline ["model_parallel"], first and last stage ["embedding"]. Expert: expert model
+  // ["ep"], expert tensor ["etp"], expert data ["expert_dp"], expert tensor x expert model
+  // ["tp_ep"], which the token dispatchers exchange over (Megatron's
+  // expert-tensor-and-model-parallel group).
   ProcessGroup world;
-  ProcessGroup tp, pp, dp_group, dp_cp, cp_group, model_parallel, embedding;
+  ProcessGroup tp, pp, dp_group, dp_cp, tp_dp_cp, cp_group, model_parallel, embedding;
   ProcessGroup ep_group, etp_group, expert_dp, tp_ep;
   // Megatron's embedding group holds the first and last pipeline stage; ranks of middle stages
   // are not in it (their `embedding` is a self group).
@@ -66,7 +68,7 @@ struct RankLayout {
   int dp = 1;
   int edp = 1;
   using Groups = std::vector<std::vector<int>>;
-  Groups tp, pp, dp_group, dp_cp, cp_group, model_parallel, embedding;
+  Groups tp, pp, dp_group, dp_cp, tp_dp_cp, cp_group, model_parallel, embedding;
   Groups ep_group, etp_group, expert_dp, tp_ep;
 };
 RankLayout compute_rank_layout(int world_size, const ParallelSizes& sizes);

@@ -22,6 +22,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "moe/comm/parallel_state.h"
@@ -29,6 +30,10 @@
 #include "moe/moe/token_dispatcher.h"
 #include "moe/tensor/parameters.h"
 #include "moe/tensor/tensor.h"
+
+namespace moe {
+class MoELayer;
+}
 
 namespace moe::model {
 
@@ -132,7 +137,9 @@ class GPTModel {
   // see only this rank's rows (norms, row-parallel biases and position embeddings with sequence
   // parallelism; the MoE layers' tensor_parallel_partial_params) are summed over tp, so every tp
   // rank holds the same full gradient. Reductions over dp (dense) and expert-dp (expert weights:
-  // each rank's gradient covers the tokens its experts received) are the optimizer's.
+  // each rank's gradient covers the tokens its experts received) are the optimizer's. Then each
+  // MoE layer's end of step: the expert-bias update (aux-loss-free balancing, loads summed over
+  // the pipeline stage's tp x dp x cp ranks) and the global_aux_loss reset.
   void finalize_grads();
 
   // One pipeline stage. input: tokens [b, s] on the first stage, else the previous stage's output
@@ -145,6 +152,10 @@ class GPTModel {
   // the gradient of the stage's input hidden states (undefined on the first stage).
   Tensor backward_step(GPTContext& ctx, const Tensor& output_grad);
 
+  // This stage's MoE layers (decoder, then MTP) with their layer numbers (MTP depth k is layer
+  // num_layers + k - 1), e.g. for routing statistics.
+  std::vector<std::pair<int, const MoELayer*>> moe_layers() const;
+
   const TransformerConfig& config() const { return config_; }
   const GPTStage& stage() const { return stage_; }
   ParameterStore& store() const { return store_; }
@@ -155,6 +166,8 @@ class GPTModel {
   struct Impl;
 
  private:
+  void sum_tensor_parallel_partial_grads();
+
   TransformerConfig config_;
   GPTStage stage_;
   ParameterStore& store_;

@@ -52,10 +52,12 @@ class MoELayer {
   // Declares "<prefix>.router.*" (dense) and "<prefix>.experts.*" (expert) parameters in the
   // store. dispatcher: null means a LocalTokenDispatcher over all experts (one process); an
   // expert-parallel dispatcher decides which experts are local. tp: the tensor-parallel group
-  // the layer sits in (see above). config.validate() is called.
+  // the layer sits in (see above). stage_group: every rank that holds this layer's tokens
+  // (Megatron's tensor x data x context parallel group of the pipeline stage), over which the
+  // expert-bias loads and the global_aux_loss counts are summed. config.validate() is called.
   MoELayer(const MoEConfig& config, ParameterStore& store, const std::string& prefix,
            std::unique_ptr<TokenDispatcher> dispatcher = nullptr, uint64_t jitter_seed = 0,
-           comm::TensorParallel tp = {});
+           comm::TensorParallel tp = {}, comm::ProcessGroup stage_group = {});
 
   // hidden: [T, H] or [S, B, H] (Megatron's layout), dtype of the store's parameters. When the
   // layer splits tokens over tp, S (or T) must divide by the tp size.
@@ -80,13 +82,14 @@ class MoELayer {
   // Parameters whose gradient on a tp rank covers only that rank's tokens whenever tp > 1 (the
   // router's), to be summed over tp once per step; empty without tensor parallelism.
   std::vector<ParamHandle> tensor_parallel_partial_params() const;
-  // Once per global batch, after the step's last backward: the router's aux-loss-free bias
-  // update with the loads summed over `group` (Megatron: the tensor x data x context parallel
-  // ranks of this pipeline stage; collective) and the global_aux_loss reset. See router.h.
-  void update_expert_bias(const comm::ProcessGroup& group) { router_.update_expert_bias(group); }
-  void reset_global_aux_loss_tracker() { router_.reset_global_aux_loss_tracker(); }
+  // Once per global batch, after the step's last backward (GPTModel::finalize_grads, as
+  // Megatron's finalize_model_grads): the router's aux-loss-free bias update with the loads
+  // summed over the stage group, and the global_aux_loss reset. Collective over the stage group
+  // when the expert bias is on.
+  void finish_step();
 
   TopKRouter& router() { return router_; }
+  const TopKRouter& router() const { return router_; }
   const Experts& experts() const { return *experts_; }
   TokenDispatcher& dispatcher() { return *dispatcher_; }
   const MoEConfig& config() const { return config_; }
@@ -99,6 +102,7 @@ class MoELayer {
 
   MoEConfig config_;
   comm::TensorParallel tp_;
+  comm::ProcessGroup stage_group_;
   std::unique_ptr<TokenDispatcher> dispatcher_;
   TopKRouter router_;
   std::unique_ptr<Experts> experts_;

@@ -43,6 +43,12 @@ struct IterationStats {
   // The same per layer ([num_layers][experts], each relative to its layer's even share); empty
   // for dense layers. Logged per layer as min, max and coefficient of variation.
   std::vector<std::vector<double>> layer_expert_load;
+  // With --moe-router-enable-expert-bias: each MoE layer's bias range after the step's update.
+  struct BiasRange {
+    int layer = 0;
+    double min = 0, max = 0;
+  };
+  std::vector<BiasRange> expert_bias_ranges;
 };
 
 struct TrainingReport {
