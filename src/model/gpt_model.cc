@@ -199,10 +199,8 @@ void GPTModel::init_parameters(uint64_t seed) {
     copy_global_block(Tensor::from_floats(global, spec.global_shape), spec, local);
   }
   for (const TransformerLayer* layer : impl_->all_layers()) {
-    if (layer->moe() != nullptr) {
-      layer->moe()->init_parameters(Rng::derived(seed, name_hash(layer->prefix())).next_u64(), std,
-                                    output_std);
-    }
+    layer->init_own_parameters(Rng::derived(seed, name_hash(layer->prefix())).next_u64(), std,
+                               output_std);
   }
 }
 

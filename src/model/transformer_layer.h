@@ -72,6 +72,11 @@ class TransformerLayer {
   MoELayer* moe() const { return moe_.get(); }
 
   void register_params(ParamRegistry& registry) const;
+  // The parameters that draw their own values rather than through the ParamRegistry (the MoE
+  // layer's, placement-independent from `seed`).
+  void init_own_parameters(uint64_t seed, float std, float output_std) const {
+    if (moe_) moe_->init_parameters(seed, std, output_std);
+  }
   // Once per step after the last backward (GPTModel::finalize_grads): the MoE layer's.
   void finish_step() const {
     if (moe_) moe_->finish_step();
