@@ -36,12 +36,37 @@ struct Layout {
   int pp = 1;
   int ep = 1;
   DType params = DType::F32;  // parameter (and activation) dtype
+  // DeepSeek-style layers: multi-latent attention with q/k norms, the first layer dense, shared
+  // experts, sigmoid routing with the expert bias and group-limited top-k.
+  bool deepseek = false;
 };
+
+model::TransformerConfig layout_config(const Layout& layout) {
+  model::TransformerConfig c = tiny_moe_config();
+  c.sequence_parallel = layout.sp;
+  if (!layout.deepseek) return c;
+  c.multi_latent_attention = true;
+  c.q_lora_rank = 6;
+  c.kv_lora_rank = 5;
+  c.qk_head_dim = 4;
+  c.qk_pos_emb_head_dim = 2;
+  c.v_head_dim = 3;
+  c.qk_layernorm = true;
+  c.moe_layer_pattern = {0, 1, 1, 1};
+  c.moe_shared_expert_intermediate_size = 8;
+  c.moe.moe_router_score_function = ScoreFunction::kSigmoid;
+  c.moe.moe_router_enable_expert_bias = true;
+  c.moe.moe_router_bias_update_rate = 0.01;
+  c.moe.moe_router_num_groups = 2;
+  c.moe.moe_router_group_topk = 1;
+  return c;
+}
 
 std::string describe(const Layout& l, int micro_batches) {
   return "(tp " + std::to_string(l.tp) + (l.sp ? " sp" : "") + ", pp " + std::to_string(l.pp) +
-         ", ep " + std::to_string(l.ep) + ", " + std::string(dtype_name(l.params)) + ", " +
-         std::to_string(micro_batches) + " micro-batches)";
+         ", ep " + std::to_string(l.ep) + ", " + std::string(dtype_name(l.params)) +
+         (l.deepseek ? ", DeepSeek-style" : "") + ", " + std::to_string(micro_batches) +
+         " micro-batches)";
 }
 
 struct Reference {
@@ -83,8 +108,7 @@ double max_abs(const Tensor& t) {
 void check_against_same_tp_without_pipeline(const Layout& layout, const StepResult& result,
                                             const ParameterStore& store) {
   comm::ParallelState state = comm::initialize_model_parallel({layout.tp, 1, layout.ep});
-  model::TransformerConfig config = tiny_moe_config();
-  config.sequence_parallel = layout.sp;
+  const model::TransformerConfig config = layout_config(layout);
   ParameterStore reference_store;
   model::GPTModel model(config, state, reference_store);
   reference_store.allocate();
@@ -96,17 +120,23 @@ void check_against_same_tp_without_pipeline(const Layout& layout, const StepResu
       model, state, replica_provider(config, 0, options.num_micro_batches), options);
   EXPECT_EQ(result.lm_losses, reference.lm_losses) << "tp " << layout.tp << " with and without pp";
   for (int i = 0; i < store.count(); ++i) {
-    const std::string& name = store.spec(ParamHandle{i}).name;
-    EXPECT_TENSORS_CLOSE(store.grad(ParamHandle{i}),
-                         reference_store.grad(reference_store.find(name)), 0, 0)
-        << "tp " << layout.tp << " with and without pp: gradient of " << name;
+    const ParamSpec& spec = store.spec(ParamHandle{i});
+    const ParamHandle same = reference_store.find(spec.name);
+    if (!spec.trainable) {  // a buffer (the expert bias): its value after the step
+      EXPECT_TENSORS_CLOSE(store.param(ParamHandle{i}), reference_store.param(same), 0, 0)
+          << "tp " << layout.tp << " with and without pp: " << spec.name;
+      continue;
+    }
+    EXPECT_TENSORS_CLOSE(store.grad(ParamHandle{i}), reference_store.grad(same), 0, 0)
+        << "tp " << layout.tp << " with and without pp: gradient of " << spec.name;
   }
 }
 
 void check_layout(const Layout& layout, int micro_batches, bool training = true) {
   const std::string name = describe(layout, micro_batches);
   comm::ParallelState state = comm::initialize_model_parallel({layout.tp, layout.pp, layout.ep});
-  model::TransformerConfig config = tiny_moe_config();
+  model::TransformerConfig config = layout_config(layout);
+  config.sequence_parallel = false;
   const int dp = state.dp, replica = state.dp_group.rank();
   Reference reference(layout.params);
   run_reference(config, dp * micro_batches, training, reference);
@@ -215,6 +245,26 @@ TEST(OneFOneB, Pp4Tp2SequenceParallel) {
 TEST(OneFOneB, Pp2Tp2Ep2SequenceParallel) {
   if (!on_world(8)) GTEST_SKIP() << "runs on 8 ranks";
   check_layout({.tp = 2, .sp = true, .pp = 2, .ep = 2}, 3);
+}
+
+TEST(OneFOneB, Pp2DeepSeekStyle) {
+  if (!on_world(2)) GTEST_SKIP() << "runs on 2 ranks";
+  check_layout({.pp = 2, .deepseek = true}, 3);
+}
+
+TEST(OneFOneB, Pp2Tp2SequenceParallelDeepSeekStyle) {
+  if (!on_world(4)) GTEST_SKIP() << "runs on 4 ranks";
+  check_layout({.tp = 2, .sp = true, .pp = 2, .deepseek = true}, 3);
+}
+
+TEST(OneFOneB, Pp2Ep2DeepSeekStyle) {
+  if (!on_world(4)) GTEST_SKIP() << "runs on 4 ranks";
+  check_layout({.pp = 2, .ep = 2, .deepseek = true}, 3);
+}
+
+TEST(OneFOneB, Pp2Tp2Ep2SequenceParallelDeepSeekStyle) {
+  if (!on_world(8)) GTEST_SKIP() << "runs on 8 ranks";
+  check_layout({.tp = 2, .sp = true, .pp = 2, .ep = 2, .deepseek = true}, 3);
 }
 
 TEST(OneFOneB, RefusesAModelBuiltForAnotherStage) {
