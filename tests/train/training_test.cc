@@ -218,6 +218,30 @@ TEST(TrainingLoop, ResumeRepeatsTheUninterruptedLossesBitwise) {
   EXPECT_EQ(*second_half.test_loss, *whole.test_loss);
 }
 
+// The expert bias is state the checkpoint must carry (a buffer, not a parameter): resuming with
+// it repeats the uninterrupted run bitwise, its range included.
+TEST(TrainingLoop, ResumeWithTheExpertBiasIsBitwise) {
+  const Args flags =
+      with(tiny_moe_flags(8),
+           {"--bf16", "--use-distributed-optimizer", "--moe-router-score-function", "sigmoid",
+            "--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", "1e-2"});
+  SharedScratchDir scratch("resume_bias");
+  const std::string save_dir = (scratch.path / "ckpt").string();
+  const TrainingReport whole = run(flags);
+  run(with(flags, {"--save", save_dir, "--save-interval", "4", "--exit-interval", "4"}));
+  const TrainingReport second_half = run(with(flags, {"--load", save_dir}));
+  ASSERT_EQ(second_half.iterations.size(), 4u);
+  for (size_t i = 0; i < 4; ++i) {
+    const IterationStats &resumed = second_half.iterations[i], &original = whole.iterations[4 + i];
+    EXPECT_EQ(resumed.lm_loss, original.lm_loss) << "iteration " << original.iteration;
+    ASSERT_EQ(resumed.expert_bias_ranges.size(), 2u);
+    for (size_t layer = 0; layer < 2; ++layer) {
+      EXPECT_EQ(resumed.expert_bias_ranges[layer].min, original.expert_bias_ranges[layer].min);
+      EXPECT_EQ(resumed.expert_bias_ranges[layer].max, original.expert_bias_ranges[layer].max);
+    }
+  }
+}
+
 TEST(TrainingLoop, LogFileAndTensorBoardRecordEveryIteration) {
   SharedScratchDir scratch("logs");
   const fs::path& dir = scratch.path;
