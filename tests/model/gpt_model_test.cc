@@ -16,28 +16,9 @@
 namespace moe::model {
 namespace {
 
-TransformerConfig tiny_config() {
-  TransformerConfig c;
-  c.num_layers = 2;
-  c.hidden_size = 16;
-  c.num_attention_heads = 4;
-  c.group_query_attention = true;
-  c.num_query_groups = 2;
-  c.ffn_hidden_size = 12;
-  c.padded_vocab_size = 13;
-  c.seq_length = 6;
-  c.normalization = "RMSNorm";
-  c.position_embedding_type = "rope";
-  c.swiglu = true;
-  c.untie_embeddings_and_output_weights = true;
-  c.hidden_dropout = 0.1f;
-  c.attention_dropout = 0.1f;
-  return c;
-}
-
 // The Mixtral-like variant: layer 0 MoE (4 experts, top-2), layer 1 dense.
 TransformerConfig tiny_moe_config() {
-  TransformerConfig c = tiny_config();
+  TransformerConfig c = testing::tiny_gpt_config();
   c.num_experts = 4;
   c.moe_layer_pattern = {1, 0};
   c.moe.moe_router_topk = 2;
@@ -82,8 +63,8 @@ void check_model_gradients(const TransformerConfig& config) {
 }
 
 TEST(GPTModel, TwoLayerDenseGradientsMatchFiniteDifferences) {
-  check_model_gradients(tiny_config());
-  TransformerConfig other = tiny_config();  // the other choices of every switch
+  check_model_gradients(testing::tiny_gpt_config());
+  TransformerConfig other = testing::tiny_gpt_config();  // the other choices of every switch
   other.normalization = "LayerNorm";
   other.position_embedding_type = "learned_absolute";
   other.swiglu = false;
@@ -291,7 +272,7 @@ TEST(GPTModel, OneTokenAndOddLengthsRunForwardAndBackward) {
 }
 
 TEST(GPTModel, InitUsesScaledStdForOutputProjections) {
-  TransformerConfig c = tiny_config();
+  TransformerConfig c = testing::tiny_gpt_config();
   c.num_layers = 8;
   c.hidden_size = 64;
   c.ffn_hidden_size = 256;
@@ -370,7 +351,7 @@ TEST(GPTModel, RefusesMoEWithExpertAndTensorParallelismWithoutSequenceParallelis
 }
 
 TEST(GPTModel, BadTokensAndLabelsAreRefusedByValue) {
-  TransformerConfig c = tiny_config();
+  TransformerConfig c = testing::tiny_gpt_config();
   ParameterStore store;
   GPTModel model(c, comm::single_process_state(), store);
   store.allocate();

@@ -1,5 +1,5 @@
-// Parameter set-up, whole-store finite-difference checks and the data-parallel gradient comparison
-// shared by the model (and pipeline) tests.
+// Configurations, parameter set-up, whole-store finite-difference checks and the data-parallel
+// gradient comparison shared by the model (and pipeline) tests.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -9,6 +9,7 @@
 
 #include "moe/comm/parallel_state.h"
 #include "moe/comm/process_group.h"
+#include "moe/model/config.h"
 #include "moe/model/tensor_parallel.h"
 #include "moe/tensor/parameters.h"
 #include "moe/tensor/rng.h"
@@ -18,6 +19,27 @@
 namespace moe::model::testing {
 
 // Every parameter random: norm weights in [0.5, 1.5), everything else N(0, std) (fp32 values).
+// A 2-layer dense GPT small enough for fp64 finite differences: GQA, RMSNorm, rope, SwiGLU,
+// untied embeddings, dropout on.
+inline TransformerConfig tiny_gpt_config() {
+  TransformerConfig c;
+  c.num_layers = 2;
+  c.hidden_size = 16;
+  c.num_attention_heads = 4;
+  c.group_query_attention = true;
+  c.num_query_groups = 2;
+  c.ffn_hidden_size = 12;
+  c.padded_vocab_size = 13;
+  c.seq_length = 6;
+  c.normalization = "RMSNorm";
+  c.position_embedding_type = "rope";
+  c.swiglu = true;
+  c.untie_embeddings_and_output_weights = true;
+  c.hidden_dropout = 0.1f;
+  c.attention_dropout = 0.1f;
+  return c;
+}
+
 inline void randomize(ParameterStore& store, uint64_t seed, float std = 0.3f) {
   for (int i = 0; i < store.count(); ++i) {
     Rng rng = Rng::derived(seed, uint64_t(i));

@@ -16,28 +16,9 @@
 namespace moe::model {
 namespace {
 
-TransformerConfig tiny_config() {
-  TransformerConfig c;
-  c.num_layers = 2;
-  c.hidden_size = 16;
-  c.num_attention_heads = 4;
-  c.group_query_attention = true;
-  c.num_query_groups = 2;
-  c.ffn_hidden_size = 12;
-  c.padded_vocab_size = 13;
-  c.seq_length = 6;
-  c.normalization = "RMSNorm";
-  c.position_embedding_type = "rope";
-  c.swiglu = true;
-  c.untie_embeddings_and_output_weights = true;
-  c.hidden_dropout = 0.1f;
-  c.attention_dropout = 0.1f;
-  return c;
-}
-
 // MoE layers (4 experts, top-2) where `pattern` says; the MTP layers are built as the last one.
 TransformerConfig tiny_moe_config(std::vector<int> pattern) {
-  TransformerConfig c = tiny_config();
+  TransformerConfig c = testing::tiny_gpt_config();
   c.num_experts = 4;
   c.moe_layer_pattern = std::move(pattern);
   c.moe.moe_router_topk = 2;
@@ -130,7 +111,8 @@ void copy_parameters_by_name(const ParameterStore& from, ParameterStore& to) {
 }
 
 TEST(MultiTokenPrediction, LmLossUnchangedAndZeroScaleLeavesDecoderGradientsBitwiseEqual) {
-  const TransformerConfig plain_config = tiny_config();  // dense: no router losses in MTP layers
+  const TransformerConfig plain_config =
+      testing::tiny_gpt_config();  // dense: no router losses in MTP layers
   ParameterStore plain_store(DType::F64);
   GPTModel plain(plain_config, comm::single_process_state(), plain_store);
   plain_store.allocate();
@@ -181,7 +163,7 @@ TEST(MultiTokenPrediction, LmLossUnchangedAndZeroScaleLeavesDecoderGradientsBitw
 // layers, norms, output layer), with the shift, the concatenation, eh_proj and the masked
 // cross-entropy written out here.
 TEST(MultiTokenPrediction, LossEqualsAForwardBuiltByHand) {
-  TransformerConfig config = tiny_config();
+  TransformerConfig config = testing::tiny_gpt_config();
   config.hidden_dropout = config.attention_dropout = 0.0f;
   config.mtp_num_layers = 1;
   const int64_t batch_size = 2, seq = config.seq_length, h = config.hidden_size;
@@ -269,18 +251,18 @@ TEST(MultiTokenPrediction, LossEqualsAForwardBuiltByHand) {
 
 TEST(MultiTokenPrediction, BadValuesAreRefusedNamingTheField) {
   ParameterStore store;
-  TransformerConfig negative = tiny_config();
+  TransformerConfig negative = testing::tiny_gpt_config();
   negative.mtp_num_layers = -1;
   EXPECT_EQ(moe::testing::error_text(
                 [&] { GPTModel model(negative, comm::single_process_state(), store); }),
             "mtp_num_layers (-1) must be >= 0");
-  TransformerConfig bad_scale = tiny_config();
+  TransformerConfig bad_scale = testing::tiny_gpt_config();
   bad_scale.mtp_num_layers = 1;
   bad_scale.mtp_loss_scaling_factor = -0.1;
   EXPECT_EQ(moe::testing::error_text(
                 [&] { GPTModel model(bad_scale, comm::single_process_state(), store); }),
             "mtp_loss_scaling_factor (-0.1) must be a finite number >= 0");
-  TransformerConfig learned = tiny_config();
+  TransformerConfig learned = testing::tiny_gpt_config();
   learned.mtp_num_layers = 1;
   learned.position_embedding_type = "learned_absolute";
   EXPECT_EQ(moe::testing::error_text(
@@ -288,7 +270,7 @@ TEST(MultiTokenPrediction, BadValuesAreRefusedNamingTheField) {
             "multi-token prediction (mtp_num_layers = 1) needs position_embedding_type rope or "
             "none, not learned_absolute");
   // The last of two pipeline stages has no embedding to share.
-  TransformerConfig config = tiny_config();
+  TransformerConfig config = testing::tiny_gpt_config();
   config.mtp_num_layers = 1;
   GPTStage last_stage{false, true, 1, 1};
   EXPECT_EQ(moe::testing::error_text(
