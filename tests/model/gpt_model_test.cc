@@ -271,6 +271,14 @@ TEST(GPTModel, OneTokenAndOddLengthsRunForwardAndBackward) {
   }
 }
 
+// sqrt(mean(w^2)) of parameter `name`: its standard deviation when drawn with mean 0.
+double root_mean_square(const ParameterStore& store, const std::string& name) {
+  std::vector<float> v = store.param(store.find(name)).to_floats();
+  double total = 0;
+  for (float x : v) total += double(x) * x;
+  return std::sqrt(total / double(v.size()));
+}
+
 TEST(GPTModel, InitUsesScaledStdForOutputProjections) {
   TransformerConfig c = testing::tiny_gpt_config();
   c.num_layers = 8;
@@ -282,12 +290,7 @@ TEST(GPTModel, InitUsesScaledStdForOutputProjections) {
   GPTModel model(c, comm::single_process_state(), store);
   store.allocate();
   model.init_parameters(1);
-  auto stddev = [&](const std::string& name) {
-    std::vector<float> v = store.param(store.find(name)).to_floats();
-    double total = 0;
-    for (float x : v) total += double(x) * x;
-    return std::sqrt(total / double(v.size()));
-  };
+  auto stddev = [&](const std::string& name) { return root_mean_square(store, name); };
   EXPECT_NEAR(stddev("decoder.layers.3.mlp.linear_fc1.weight"), 0.02, 0.001);
   EXPECT_NEAR(stddev("decoder.layers.3.mlp.linear_fc2.weight"), 0.005, 0.0003);
   EXPECT_NEAR(stddev("decoder.layers.0.self_attention.linear_proj.weight"), 0.005, 0.0005);
@@ -310,12 +313,7 @@ TEST(GPTModel, MultiLatentAttentionInitAsMegatron) {
   GPTModel model(c, comm::single_process_state(), store);
   store.allocate();
   model.init_parameters(1);
-  auto stddev = [&](const std::string& name) {
-    std::vector<float> v = store.param(store.find(name)).to_floats();
-    double total = 0;
-    for (float x : v) total += double(x) * x;
-    return std::sqrt(total / double(v.size()));
-  };
+  auto stddev = [&](const std::string& name) { return root_mean_square(store, name); };
   const std::string attention = "decoder.layers.2.self_attention.";
   // init_method_std for the projections, std / sqrt(2 * layers) for linear_proj (thousands of
   // samples: the estimates are within a few percent).
