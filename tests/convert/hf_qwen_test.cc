@@ -59,13 +59,18 @@ HfMoeConfig read_config(const std::string& path) {
   return HfMoeConfig::from_json(nlohmann::json::parse(std::ifstream(path)), path);
 }
 
-// The moe-train flags moe-convert printed, split as a shell would (the layer pattern is quoted).
-std::vector<std::string> printed_flags(const std::string& output) {
+// The moe-train flags moe-convert printed, as one line for a shell ("" when missing) ...
+std::string printed_flag_line(const std::string& output) {
   const std::string marker = "moe-train flags for this model: ";
   const size_t at = output.find(marker);
-  if (at == std::string::npos) return {};
+  if (at == std::string::npos) return "";
   const size_t begin = at + marker.size();
-  std::istringstream words(output.substr(begin, output.find('\n', begin) - begin));
+  return output.substr(begin, output.find('\n', begin) - begin);
+}
+
+// ... and split as a shell would (the layer pattern is quoted).
+std::vector<std::string> printed_flags(const std::string& output) {
+  std::istringstream words(printed_flag_line(output));
   std::vector<std::string> argv;
   for (std::string word; words >> word;) {
     if (word.size() >= 2 && word.front() == '\'' && word.back() == '\'') {
@@ -206,6 +211,32 @@ TEST_P(HfQwen, ImportGivesTheReferenceLogitsAndExportIsBitwise) {
     EXPECT_TRUE(same_bytes(loaded.store.param(ParamHandle{i}), second.store.param(ParamHandle{i})))
         << loaded.store.spec(ParamHandle{i}).name;
   }
+}
+
+// What users do next: moe-train, given the printed flags as a shell passes them, loads the
+// converted checkpoint strictly and fine-tunes from it.
+TEST_P(HfQwen, MoeTrainFineTunesWithThePrintedFlags) {
+  ASSERT_NO_FATAL_FAILURE(require_numpy());
+  const std::string family = GetParam();
+  ScratchDir scratch("hf_train_" + family);
+  const std::string hf = scratch.file("hf"), ckpt = scratch.file("ckpt");
+  CommandResult written = run_command(kReference + " write " + hf + " " + family + " 32 2>&1");
+  ASSERT_EQ(written.exit_code, 0) << written.output;
+  CommandResult imported = run_convert("--from hf --to moecore --dtype fp32 --input " + hf +
+                                       " --output " + ckpt + " --make-vocab-size-divisible-by 1");
+  ASSERT_EQ(imported.exit_code, 0) << imported.output;
+  const std::string flags = printed_flag_line(imported.output);
+  ASSERT_FALSE(flags.empty()) << imported.output;
+  // NullTokenizer adds an end-of-document token: vocab_size - 1 + 1 = the model's rows.
+  const int64_t vocab_size = read_config(hf + "/config.json").vocab_size;
+  const CommandResult trained = run_command(
+      std::string(MOE_TRAIN_PROGRAM) + " " + flags + " --load " + ckpt +
+      " --finetune --mock-data --tokenizer-type NullTokenizer --vocab-size " +
+      std::to_string(vocab_size - 1) +
+      " --seq-length 8 --micro-batch-size 2 --global-batch-size 2 --train-iters 2 --lr 1e-4 "
+      "--log-interval 1 2>&1");
+  EXPECT_EQ(trained.exit_code, 0) << flags << "\n" << trained.output;
+  EXPECT_CONTAINS(trained.output, "loaded checkpoint from '" + ckpt + "' at iteration 0");
 }
 
 INSTANTIATE_TEST_SUITE_P(Families, HfQwen, ::testing::Values("qwen3_moe", "qwen2_moe"));
