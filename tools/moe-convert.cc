@@ -17,6 +17,7 @@
 #include "moe/model/config.h"
 #include "moe/tensor/error.h"
 #include "moe/train/arguments.h"
+#include "moe/train/layer_pattern.h"
 
 namespace {
 
@@ -119,15 +120,21 @@ int64_t saved_vocab_rows(const fs::path& iteration_dir, const nlohmann::json& me
   return 0;
 }
 
-// A moe-train checkpoint's model, from the command line its metadata records. vocab_rows (the
-// saved, padded vocabulary) becomes vocab_size: the tokenizer's own size is not recorded.
+// A moe-train checkpoint's model, from the command line its metadata records. The family
+// follows from the flags: --qk-layernorm is Qwen3-MoE, gated shared experts Qwen2-MoE, neither
+// Mixtral. vocab_rows (the saved, padded vocabulary) becomes vocab_size: the tokenizer's own size
+// is not recorded.
 HfMoeConfig config_from_training_args(const nlohmann::json& metadata, int64_t vocab_rows,
                                       const std::string& source) {
+  using convert::hf_moe::Family;
   const std::string hint = ": pass --hf-config with the config.json describing it";
   MOE_CHECK(metadata.contains("args") && metadata["args"].contains("command_line"), source,
             " records neither an HF config nor a moe-train command line", hint);
   const train::TrainingArguments a =
       train::parse_arguments(metadata["args"]["command_line"].get<std::vector<std::string>>()).args;
+  const Family family = a.qk_layernorm                                      ? Family::kQwen3Moe
+                        : a.moe_shared_expert_intermediate_size.has_value() ? Family::kQwen2Moe
+                                                                            : Family::kMixtral;
   std::vector<std::string> problems;
   if (!a.num_layers || !a.hidden_size || !a.num_attention_heads) {
     problems.push_back("no --num-layers, --hidden-size or --num-attention-heads");
@@ -138,26 +145,37 @@ HfMoeConfig config_from_training_args(const nlohmann::json& metadata, int64_t vo
     problems.push_back("--position-embedding-type " + a.position_embedding_type);
   }
   if (a.add_bias_linear) problems.push_back("biases (no --disable-bias-linear)");
-  if (a.qk_layernorm) problems.push_back("--qk-layernorm");
-  if (a.add_qkv_bias) problems.push_back("--add-qkv-bias");
   if (!a.num_experts) problems.push_back("no --num-experts");
-  if (a.moe_layer_freq != "1") problems.push_back("--moe-layer-freq " + a.moe_layer_freq);
   if (a.moe_router_score_function != "softmax") {
     problems.push_back("--moe-router-score-function " + a.moe_router_score_function);
   }
-  // Mixtral renormalises the top-k of a softmax over all experts: Megatron's default order.
-  if (a.moe_router_pre_softmax) problems.push_back("--moe-router-pre-softmax");
   if (a.moe_router_topk_scaling_factor) problems.push_back("--moe-router-topk-scaling-factor");
   if (a.moe_router_type != "topk") problems.push_back("--moe-router-type " + a.moe_router_type);
   if (!a.ffn_hidden_size) problems.push_back("no --ffn-hidden-size");
-  if (a.moe_ffn_hidden_size && a.moe_ffn_hidden_size != a.ffn_hidden_size) {
-    problems.push_back("--moe-ffn-hidden-size differing from --ffn-hidden-size");
+  if (family == Family::kMixtral) {
+    if (a.add_qkv_bias) problems.push_back("--add-qkv-bias");
+    if (a.moe_layer_freq != "1") problems.push_back("--moe-layer-freq " + a.moe_layer_freq);
+    // Mixtral renormalises the top-k of a softmax over all experts: Megatron's default order.
+    if (a.moe_router_pre_softmax) problems.push_back("--moe-router-pre-softmax");
+    if (a.moe_ffn_hidden_size && a.moe_ffn_hidden_size != a.ffn_hidden_size) {
+      problems.push_back("--moe-ffn-hidden-size differing from --ffn-hidden-size");
+    }
+  }
+  if (family == Family::kQwen3Moe) {
+    if (a.add_qkv_bias) problems.push_back("--qk-layernorm with --add-qkv-bias");
+    if (a.moe_shared_expert_intermediate_size) {
+      problems.push_back("--qk-layernorm with shared experts");
+    }
+  }
+  if (family == Family::kQwen2Moe && !a.moe_shared_expert_gate) {
+    problems.push_back("shared experts without --moe-shared-expert-gate");
   }
   std::string listed;
   for (const std::string& problem : problems) listed += (listed.empty() ? "" : ", ") + problem;
-  MOE_CHECK(problems.empty(), source, " holds a model HF's Mixtral cannot express (", listed, ")",
-            hint);
+  MOE_CHECK(problems.empty(), source, " holds a model HF's ",
+            convert::hf_moe::architecture_name(family), " cannot express (", listed, ")", hint);
   HfMoeConfig c;
+  c.family = family;
   c.vocab_size = vocab_rows;
   c.hidden_size = *a.hidden_size;
   c.intermediate_size = *a.ffn_hidden_size;
@@ -174,6 +192,20 @@ HfMoeConfig config_from_training_args(const nlohmann::json& metadata, int64_t vo
   c.rope_theta = a.rotary_base;
   c.rms_norm_eps = a.norm_epsilon;
   c.tie_word_embeddings = !a.untie_embeddings_and_output_weights;
+  if (family != Family::kMixtral) {
+    c.moe_intermediate_size = a.moe_ffn_hidden_size.value_or(c.intermediate_size);
+    c.norm_topk_prob = !a.moe_router_pre_softmax;
+    // Megatron's pattern as HF's dense-layer list (decoder_sparse_step 1).
+    const std::vector<bool> pattern =
+        train::layer_pattern("--moe-layer-freq", a.moe_layer_freq, int(c.num_hidden_layers));
+    for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) {
+      if (!pattern[size_t(layer)]) c.mlp_only_layers.push_back(layer);
+    }
+  }
+  if (family == Family::kQwen2Moe) {
+    c.shared_expert_intermediate_size = *a.moe_shared_expert_intermediate_size;
+    c.qkv_bias = a.add_qkv_bias;
+  }
   c.validate();
   return c;
 }

@@ -234,9 +234,27 @@ TEST_P(HfQwen, MoeTrainFineTunesWithThePrintedFlags) {
       " --finetune --mock-data --tokenizer-type NullTokenizer --vocab-size " +
       std::to_string(vocab_size - 1) +
       " --seq-length 8 --micro-batch-size 2 --global-batch-size 2 --train-iters 2 --lr 1e-4 "
-      "--log-interval 1 2>&1");
+      "--log-interval 1 --save " +
+      scratch.file("trained") + " --save-interval 2 2>&1");
   EXPECT_EQ(trained.exit_code, 0) << flags << "\n" << trained.output;
   EXPECT_CONTAINS(trained.output, "loaded checkpoint from '" + ckpt + "' at iteration 0");
+
+  // The trained checkpoint converts back from the command line it records: the same family, the
+  // same HF tensors, the same dense and MoE layers.
+  CommandResult back = run_convert("--from moecore --to hf --input " + scratch.file("trained") +
+                                   " --output " + scratch.file("back"));
+  ASSERT_EQ(back.exit_code, 0) << back.output;
+  EXPECT_CONTAINS(back.output, "comes from the moe-train command line");
+  const HfMoeConfig original = read_config(hf + "/config.json");
+  const HfMoeConfig recovered = read_config(scratch.file("back/config.json"));
+  EXPECT_EQ(recovered.family, original.family);
+  EXPECT_EQ(recovered.transformer_config().moe_layer_pattern,
+            original.transformer_config().moe_layer_pattern);
+  safetensors::Checkpoint before(hf), after(scratch.file("back"));
+  ASSERT_EQ(before.names(), after.names());
+  for (const std::string& name : before.names()) {
+    EXPECT_EQ(before.info(name).shape, after.info(name).shape) << name;
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Families, HfQwen, ::testing::Values("qwen3_moe", "qwen2_moe"));
