@@ -414,15 +414,14 @@ HfMoeConfig HfMoeConfig::from_json(const nlohmann::json& json, const std::string
     const nlohmann::json& rope = json.at("rope_parameters");
     c.rope_theta = number_field(rope, "rope_theta", source + " rope_parameters", c.rope_theta);
     MOE_CHECK(!rope.contains("rope_type") || rope.at("rope_type") == "default", source,
-              ": config field 'rope_parameters' has rope_type ",
-              rope.value("rope_type", json).dump(),
+              ": config field 'rope_parameters' has rope_type ", rope.at("rope_type").dump(),
               "; moecore converts plain rope only (\"default\")");
   }
   MOE_CHECK(!json.contains("rope_scaling") || json.at("rope_scaling").is_null(), source,
-            ": config field 'rope_scaling' is ", json.value("rope_scaling", json).dump(),
+            ": config field 'rope_scaling' is ", json.at("rope_scaling").dump(),
             "; moecore converts plain rope only (null)");
   MOE_CHECK(!json.contains("hidden_act") || json.at("hidden_act") == "silu", source,
-            ": config field 'hidden_act' is ", json.value("hidden_act", json).dump(),
+            ": config field 'hidden_act' is ", json.at("hidden_act").dump(),
             "; moecore's SwiGLU needs \"silu\"");
 
   if (qwen) {
