@@ -1,4 +1,5 @@
-// moe-convert: Hugging Face Mixtral safetensors <-> moecore checkpoints, on one process.
+// moe-convert: Hugging Face MoE models (Mixtral, Qwen2-MoE, Qwen3-MoE) in safetensors <->
+// moecore checkpoints, on one process. The family comes from config.json's architectures.
 //   moe-convert --from hf --to moecore --input HF_DIR --output CKPT_DIR [--dtype bf16]
 //   moe-convert --from moecore --to hf --input CKPT_DIR --output HF_DIR [--hf-config FILE]
 // The whole model is held in memory once (plus one tensor in flight). docs/convert.md.
@@ -11,17 +12,18 @@
 
 #include "moe/checkpoint/checkpoint.h"
 #include "moe/comm/parallel_state.h"
-#include "moe/convert/hf_mixtral.h"
+#include "moe/convert/hf_moe.h"
 #include "moe/convert/safetensors.h"
 #include "moe/model/config.h"
 #include "moe/tensor/error.h"
 #include "moe/train/arguments.h"
+#include "moe/train/layer_pattern.h"
 
 namespace {
 
 namespace fs = std::filesystem;
 using namespace moe;
-using convert::hf_mixtral::MixtralConfig;
+using convert::hf_moe::HfMoeConfig;
 
 struct Options {
   std::string from, to, input, output, dtype, hf_config;
@@ -42,8 +44,8 @@ nlohmann::json read_json(const std::string& path) {
   return {};
 }
 
-void allocate_model(ParameterStore& store, const MixtralConfig& config) {
-  for (const ParamSpec& spec : convert::hf_mixtral::moecore_param_specs(config)) {
+void allocate_model(ParameterStore& store, const HfMoeConfig& config) {
+  for (const ParamSpec& spec : convert::hf_moe::moecore_param_specs(config)) {
     store.declare(spec);
   }
   store.allocate();
@@ -54,8 +56,9 @@ void hf_to_moecore(const Options& options) {
   MOE_CHECK(fs::exists(config_path), "'", options.input,
             "' has no config.json: not a Hugging Face model directory");
   const nlohmann::json hf_config = read_json(config_path);
-  MixtralConfig config = MixtralConfig::from_json(hf_config, config_path);
-  if (hf_config.contains("sliding_window") && hf_config["sliding_window"].is_number_integer()) {
+  HfMoeConfig config = HfMoeConfig::from_json(hf_config, config_path);
+  if (config.family == convert::hf_moe::Family::kMixtral && hf_config.contains("sliding_window") &&
+      hf_config["sliding_window"].is_number_integer()) {
     std::cout
         << "note: config.json sets sliding_window " << hf_config["sliding_window"]
         << "; moecore's attention is fully causal, the same for sequences up to that length\n";
@@ -65,22 +68,24 @@ void hf_to_moecore(const Options& options) {
   convert::safetensors::Checkpoint hf(options.input);
 
   std::set<std::string> expected;
-  for (const auto& [name, shape] : convert::hf_mixtral::hf_tensor_shapes(config)) {
+  for (const auto& [name, shape] : convert::hf_moe::hf_tensor_shapes(config)) {
     expected.insert(name);
-    MOE_CHECK(hf.contains(name), "'", options.input, "' has no tensor '", name,
-              "' that a Mixtral model with this config.json needs");
+    MOE_CHECK(hf.contains(name), "'", options.input, "' has no tensor '", name, "' that a ",
+              convert::hf_moe::architecture_name(config.family),
+              " model with this config.json needs");
   }
   for (const std::string& name : hf.names()) {
     // Older exports carry the rotary frequencies as a buffer; they follow from rope_theta.
     if (name.ends_with(".rotary_emb.inv_freq")) continue;
-    MOE_CHECK(expected.count(name), "'", hf.file_of(name), "' holds tensor '", name,
-              "' that a Mixtral model has no place for (a different architecture?)");
+    MOE_CHECK(expected.count(name), "'", hf.file_of(name), "' holds tensor '", name, "' that a ",
+              convert::hf_moe::architecture_name(config.family),
+              " model has no place for (a different architecture?)");
   }
   const DType dtype = options.dtype.empty() ? hf.info("model.embed_tokens.weight").dtype
                                             : parse_dtype(options.dtype);
   ParameterStore store(dtype);
   allocate_model(store, config);
-  convert::hf_mixtral::hf_to_moecore(
+  convert::hf_moe::hf_to_moecore(
       config, [&](const std::string& name) { return hf.read(name); }, store);
 
   checkpoint::TrainingState state;
@@ -115,15 +120,21 @@ int64_t saved_vocab_rows(const fs::path& iteration_dir, const nlohmann::json& me
   return 0;
 }
 
-// A moe-train checkpoint's model, from the command line its metadata records. vocab_rows (the
-// saved, padded vocabulary) becomes vocab_size: the tokenizer's own size is not recorded.
-MixtralConfig config_from_training_args(const nlohmann::json& metadata, int64_t vocab_rows,
-                                        const std::string& source) {
-  const std::string hint = ": pass --hf-config with the Mixtral config.json describing it";
+// A moe-train checkpoint's model, from the command line its metadata records. The family
+// follows from the flags: --qk-layernorm is Qwen3-MoE, gated shared experts Qwen2-MoE, neither
+// Mixtral. vocab_rows (the saved, padded vocabulary) becomes vocab_size: the tokenizer's own size
+// is not recorded.
+HfMoeConfig config_from_training_args(const nlohmann::json& metadata, int64_t vocab_rows,
+                                      const std::string& source) {
+  using convert::hf_moe::Family;
+  const std::string hint = ": pass --hf-config with the config.json describing it";
   MOE_CHECK(metadata.contains("args") && metadata["args"].contains("command_line"), source,
             " records neither an HF config nor a moe-train command line", hint);
   const train::TrainingArguments a =
       train::parse_arguments(metadata["args"]["command_line"].get<std::vector<std::string>>()).args;
+  const Family family = a.qk_layernorm                                      ? Family::kQwen3Moe
+                        : a.moe_shared_expert_intermediate_size.has_value() ? Family::kQwen2Moe
+                                                                            : Family::kMixtral;
   std::vector<std::string> problems;
   if (!a.num_layers || !a.hidden_size || !a.num_attention_heads) {
     problems.push_back("no --num-layers, --hidden-size or --num-attention-heads");
@@ -134,26 +145,37 @@ MixtralConfig config_from_training_args(const nlohmann::json& metadata, int64_t 
     problems.push_back("--position-embedding-type " + a.position_embedding_type);
   }
   if (a.add_bias_linear) problems.push_back("biases (no --disable-bias-linear)");
-  if (a.qk_layernorm) problems.push_back("--qk-layernorm");
-  if (a.add_qkv_bias) problems.push_back("--add-qkv-bias");
   if (!a.num_experts) problems.push_back("no --num-experts");
-  if (a.moe_layer_freq != "1") problems.push_back("--moe-layer-freq " + a.moe_layer_freq);
   if (a.moe_router_score_function != "softmax") {
     problems.push_back("--moe-router-score-function " + a.moe_router_score_function);
   }
-  // Mixtral renormalises the top-k of a softmax over all experts: Megatron's default order.
-  if (a.moe_router_pre_softmax) problems.push_back("--moe-router-pre-softmax");
   if (a.moe_router_topk_scaling_factor) problems.push_back("--moe-router-topk-scaling-factor");
   if (a.moe_router_type != "topk") problems.push_back("--moe-router-type " + a.moe_router_type);
   if (!a.ffn_hidden_size) problems.push_back("no --ffn-hidden-size");
-  if (a.moe_ffn_hidden_size && a.moe_ffn_hidden_size != a.ffn_hidden_size) {
-    problems.push_back("--moe-ffn-hidden-size differing from --ffn-hidden-size");
+  if (family == Family::kMixtral) {
+    if (a.add_qkv_bias) problems.push_back("--add-qkv-bias");
+    if (a.moe_layer_freq != "1") problems.push_back("--moe-layer-freq " + a.moe_layer_freq);
+    // Mixtral renormalises the top-k of a softmax over all experts: Megatron's default order.
+    if (a.moe_router_pre_softmax) problems.push_back("--moe-router-pre-softmax");
+    if (a.moe_ffn_hidden_size && a.moe_ffn_hidden_size != a.ffn_hidden_size) {
+      problems.push_back("--moe-ffn-hidden-size differing from --ffn-hidden-size");
+    }
+  }
+  if (family == Family::kQwen3Moe) {
+    if (a.add_qkv_bias) problems.push_back("--qk-layernorm with --add-qkv-bias");
+    if (a.moe_shared_expert_intermediate_size) {
+      problems.push_back("--qk-layernorm with shared experts");
+    }
+  }
+  if (family == Family::kQwen2Moe && !a.moe_shared_expert_gate) {
+    problems.push_back("shared experts without --moe-shared-expert-gate");
   }
   std::string listed;
   for (const std::string& problem : problems) listed += (listed.empty() ? "" : ", ") + problem;
-  MOE_CHECK(problems.empty(), source, " holds a model HF's Mixtral cannot express (", listed, ")",
-            hint);
-  MixtralConfig c;
+  MOE_CHECK(problems.empty(), source, " holds a model HF's ",
+            convert::hf_moe::architecture_name(family), " cannot express (", listed, ")", hint);
+  HfMoeConfig c;
+  c.family = family;
   c.vocab_size = vocab_rows;
   c.hidden_size = *a.hidden_size;
   c.intermediate_size = *a.ffn_hidden_size;
@@ -170,6 +192,20 @@ MixtralConfig config_from_training_args(const nlohmann::json& metadata, int64_t 
   c.rope_theta = a.rotary_base;
   c.rms_norm_eps = a.norm_epsilon;
   c.tie_word_embeddings = !a.untie_embeddings_and_output_weights;
+  if (family != Family::kMixtral) {
+    c.moe_intermediate_size = a.moe_ffn_hidden_size.value_or(c.intermediate_size);
+    c.norm_topk_prob = !a.moe_router_pre_softmax;
+    // Megatron's pattern as HF's dense-layer list (decoder_sparse_step 1).
+    const std::vector<bool> pattern =
+        train::layer_pattern("--moe-layer-freq", a.moe_layer_freq, int(c.num_hidden_layers));
+    for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) {
+      if (!pattern[size_t(layer)]) c.mlp_only_layers.push_back(layer);
+    }
+  }
+  if (family == Family::kQwen2Moe) {
+    c.shared_expert_intermediate_size = *a.moe_shared_expert_intermediate_size;
+    c.qkv_bias = a.add_qkv_bias;
+  }
   c.validate();
   return c;
 }
@@ -185,11 +221,11 @@ void moecore_to_hf(const Options& options) {
   const std::string metadata_path = (iteration_dir / "metadata.json").string();
   nlohmann::json metadata = read_json(metadata_path);
   const int64_t vocab_rows = saved_vocab_rows(iteration_dir, metadata);
-  MixtralConfig config;
+  HfMoeConfig config;
   if (!options.hf_config.empty()) {
-    config = MixtralConfig::from_json(read_json(options.hf_config), options.hf_config);
+    config = HfMoeConfig::from_json(read_json(options.hf_config), options.hf_config);
   } else if (metadata.contains("extra") && metadata["extra"].contains("hf_config")) {
-    config = MixtralConfig::from_json(metadata["extra"]["hf_config"], metadata_path);
+    config = HfMoeConfig::from_json(metadata["extra"]["hf_config"], metadata_path);
   } else {
     config = config_from_training_args(metadata, vocab_rows, "'" + metadata_path + "'");
     std::cout << "note: the model config comes from the moe-train command line in " << metadata_path
@@ -210,10 +246,10 @@ void moecore_to_hf(const Options& options) {
                               load);
 
   const DType dtype = options.dtype.empty() ? store.param_dtype() : parse_dtype(options.dtype);
-  convert::safetensors::write_checkpoint(
-      options.output, convert::hf_mixtral::hf_tensor_entries(config, dtype),
-      convert::hf_mixtral::hf_tensor_source(config, store, dtype), {{"format", "pt"}},
-      options.max_shard_bytes);
+  convert::safetensors::write_checkpoint(options.output,
+                                         convert::hf_moe::hf_tensor_entries(config, dtype),
+                                         convert::hf_moe::hf_tensor_source(config, store, dtype),
+                                         {{"format", "pt"}}, options.max_shard_bytes);
   nlohmann::json hf_config = config.to_json();
   hf_config["torch_dtype"] = dtype == DType::BF16  ? "bfloat16"
                              : dtype == DType::F16 ? "float16"
@@ -225,8 +261,9 @@ void moecore_to_hf(const Options& options) {
     MOE_CHECK(out.good(), "writing '", config_path.string(), ".tmp' failed");
   }
   fs::rename(config_path.string() + ".tmp", config_path);
-  std::cout << "wrote a Hugging Face Mixtral model (" << dtype_name(dtype) << ") from iteration "
-            << *iteration << " to " << options.output << "\n";
+  std::cout << "wrote a Hugging Face " << convert::hf_moe::architecture_name(config.family) << " ("
+            << dtype_name(dtype) << ") from iteration " << *iteration << " to " << options.output
+            << "\n";
 }
 
 void run_conversion(const Options& options) {
@@ -265,7 +302,8 @@ void run_conversion(const Options& options) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"Convert Hugging Face Mixtral safetensors <-> moecore checkpoints"};
+  CLI::App app{
+      "Convert Hugging Face Mixtral / Qwen2-MoE / Qwen3-MoE safetensors <-> moecore checkpoints"};
   Options options;
   const std::set<std::string> formats = {"hf", "moecore"};
   app.add_option("--from", options.from, "input format")->required()->check(CLI::IsMember(formats));
@@ -284,7 +322,7 @@ int main(int argc, char** argv) {
                  "hf->moecore: the tp size the vocabulary padding must divide by (default 1)")
       ->check(CLI::PositiveNumber);
   app.add_option("--hf-config", options.hf_config,
-                 "moecore->hf: the Mixtral config.json describing the checkpoint (default: the "
+                 "moecore->hf: the config.json describing the checkpoint (default: the "
                  "one moe-convert recorded in it)");
   app.add_option("--max-shard-bytes", options.max_shard_bytes,
                  "moecore->hf: largest safetensors shard (default 5 GiB)")

@@ -301,6 +301,7 @@ Tensor GPTModel::forward_step(const Tensor& input, const Tensor& labels, GPTCont
   }
   Tensor normed = m.final_norm->forward(store_, hidden, state->final_norm);
   Tensor logits = m.output->forward(store_, normed, state->output);
+  if (ctx.keep_logits) ctx.logits = logits;
   std::vector<double> label_values = row_order_values(labels, shape, "labels");
   state->labels = Tensor({shape.rows()}, DType::I64);
   for (int64_t r = 0; r < shape.rows(); ++r) {

@@ -1,4 +1,4 @@
-#include "moe/convert/hf_mixtral.h"
+#include "moe/convert/hf_moe.h"
 
 #include <gtest/gtest.h>
 
@@ -12,7 +12,7 @@
 #include "moe/train/arguments.h"
 #include "support/testing.h"
 
-namespace moe::convert::hf_mixtral {
+namespace moe::convert::hf_moe {
 namespace {
 
 using moe::testing::expect_error_containing;
@@ -20,7 +20,7 @@ using moe::testing::ScratchDir;
 using moe::testing::tiny_config;
 using moe::testing::TinyModel;
 
-void declare_all(ParameterStore& store, const MixtralConfig& c) {
+void declare_all(ParameterStore& store, const HfMoeConfig& c) {
   for (const ParamSpec& spec : moecore_param_specs(c)) store.declare(spec);
   store.allocate();
 }
@@ -36,7 +36,7 @@ void expect_same_parameters(const ParameterStore& a, const ParameterStore& b) {
 
 TEST(HfMixtral, SpecsMatchWhatGPTModelDeclares) {
   for (bool tied : {false, true}) {
-    MixtralConfig c = tiny_config();
+    HfMoeConfig c = tiny_config();
     c.tie_word_embeddings = tied;
     TinyModel model(c, DType::F32, 1);
     std::vector<ParamSpec> specs = moecore_param_specs(c);
@@ -55,7 +55,7 @@ TEST(HfMixtral, SpecsMatchWhatGPTModelDeclares) {
 
 TEST(HfMixtral, RoundTripThroughSafetensorsIsBitwise) {
   for (DType dtype : {DType::F32, DType::BF16}) {
-    MixtralConfig c = tiny_config();
+    HfMoeConfig c = tiny_config();
     TinyModel original(c, dtype, 7);
     ScratchDir dir("hf_round_trip");
     safetensors::write_checkpoint(dir.path.string(), moecore_to_hf(c, original.store, dtype), {},
@@ -73,7 +73,7 @@ TEST(HfMixtral, RoundTripThroughSafetensorsIsBitwise) {
 // Checks the layout itself on hand-picked elements (a round trip alone would pass for any
 // bijection).
 TEST(HfMixtral, ElementsLandWhereMegatronPutsThem) {
-  MixtralConfig c = tiny_config();
+  HfMoeConfig c = tiny_config();
   TinyModel model(c, DType::F32, 3);
   std::map<std::string, Tensor> hf;
   for (auto& [name, tensor] : moecore_to_hf(c, model.store, DType::F32)) hf[name] = tensor;
@@ -108,7 +108,7 @@ TEST(HfMixtral, ElementsLandWhereMegatronPutsThem) {
 }
 
 TEST(HfMixtral, BadTensorsAndConfigsAreNamed) {
-  MixtralConfig c = tiny_config();
+  HfMoeConfig c = tiny_config();
   ParameterStore store(DType::F32);
   declare_all(store, c);
   auto zeros_of_hf_shape = [&](const std::string& name) {
@@ -130,26 +130,26 @@ TEST(HfMixtral, BadTensorsAndConfigsAreNamed) {
                           {"'lm_head.weight' is missing"});
 
   nlohmann::json json = c.to_json();
-  EXPECT_EQ(MixtralConfig::from_json(json, "cfg").to_json(), json);
+  EXPECT_EQ(HfMoeConfig::from_json(json, "cfg").to_json(), json);
   json.erase("num_local_experts");
-  expect_error_containing([&] { MixtralConfig::from_json(json, "my/config.json"); },
+  expect_error_containing([&] { HfMoeConfig::from_json(json, "my/config.json"); },
                           {"my/config.json", "'num_local_experts' is missing"});
   json = c.to_json();
   json["num_key_value_heads"] = 4;
-  expect_error_containing([&] { MixtralConfig::from_json(json, "cfg"); },
+  expect_error_containing([&] { HfMoeConfig::from_json(json, "cfg"); },
                           {"num_attention_heads (6)", "num_key_value_heads (4)"});
   json = c.to_json();
   json["hidden_size"] = "24";
-  expect_error_containing([&] { MixtralConfig::from_json(json, "cfg"); },
+  expect_error_containing([&] { HfMoeConfig::from_json(json, "cfg"); },
                           {"'hidden_size' must be a positive integer", "\"24\""});
   json = c.to_json();
   json["model_type"] = "llama";
-  expect_error_containing([&] { MixtralConfig::from_json(json, "cfg"); },
+  expect_error_containing([&] { HfMoeConfig::from_json(json, "cfg"); },
                           {"\"llama\"", "not \"mixtral\""});
 }
 
 TEST(HfMixtral, MegatronFlagsParseIntoTheSameModel) {
-  MixtralConfig c = tiny_config();
+  HfMoeConfig c = tiny_config();
   c.rope_theta = 1e6;
   c.num_experts_per_tok = 1;
   std::vector<std::string> argv;
@@ -190,7 +190,7 @@ TEST(HfMixtral, ForwardMatchesTorchMixtralOnConvertedWeights) {
     GTEST_SKIP() << "no torch at /usr/bin/python3";
   }
   for (bool tied : {false, true}) {
-    MixtralConfig c = tiny_config();
+    HfMoeConfig c = tiny_config();
     c.tie_word_embeddings = tied;
     TinyModel tiny(c, DType::F64, 21);
     model::testing::randomize(tiny.store, 22, 0.3f);
@@ -218,4 +218,4 @@ TEST(HfMixtral, ForwardMatchesTorchMixtralOnConvertedWeights) {
 }
 
 }  // namespace
-}  // namespace moe::convert::hf_mixtral
+}  // namespace moe::convert::hf_moe

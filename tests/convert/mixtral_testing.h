@@ -6,16 +6,16 @@
 #include <string>
 
 #include "moe/comm/parallel_state.h"
-#include "moe/convert/hf_mixtral.h"
+#include "moe/convert/hf_moe.h"
 #include "moe/model/gpt_model.h"
 
 namespace moe::testing {
 
-using convert::hf_mixtral::MixtralConfig;
+using convert::hf_moe::HfMoeConfig;
 
 // Odd sizes everywhere: 3 query heads per kv group, 3 experts, vocab 37.
-inline MixtralConfig tiny_config() {
-  MixtralConfig c;
+inline HfMoeConfig tiny_config() {
+  HfMoeConfig c;
   c.vocab_size = 37;
   c.hidden_size = 24;
   c.intermediate_size = 10;
@@ -34,7 +34,7 @@ inline MixtralConfig tiny_config() {
 struct TinyModel {
   ParameterStore store;
   std::unique_ptr<model::GPTModel> model;
-  TinyModel(const MixtralConfig& c, DType dtype, uint64_t seed) : store(dtype) {
+  TinyModel(const HfMoeConfig& c, DType dtype, uint64_t seed) : store(dtype) {
     model::TransformerConfig t = c.transformer_config();
     t.seq_length = 8;
     model = std::make_unique<model::GPTModel>(t, comm::single_process_state(), store);
@@ -45,10 +45,10 @@ struct TinyModel {
 
 // Writes `store`'s model as an HF model directory: config.json plus safetensors shards of at most
 // max_shard_bytes (small values give several shards and an index).
-inline void write_hf_model(const std::string& dir, const MixtralConfig& c,
+inline void write_hf_model(const std::string& dir, const HfMoeConfig& c,
                            const ParameterStore& store, uint64_t max_shard_bytes = 4096) {
   convert::safetensors::write_checkpoint(
-      dir, convert::hf_mixtral::moecore_to_hf(c, store, store.param_dtype()), {}, max_shard_bytes);
+      dir, convert::hf_moe::moecore_to_hf(c, store, store.param_dtype()), {}, max_shard_bytes);
   std::ofstream(dir + "/config.json") << c.to_json().dump(2);
 }
 

@@ -34,7 +34,7 @@ RunResult run_convert(const ScratchDir& scratch, const std::string& arguments) {
 // A tiny model written as an HF directory `hf`, with `ckpt` and `back` for the conversions.
 struct ConvertCase {
   ScratchDir scratch;
-  MixtralConfig config = tiny_config();
+  HfMoeConfig config = tiny_config();
   TinyModel original;
   std::string hf = scratch.file("hf"), ckpt = scratch.file("ckpt"), back = scratch.file("hf_back");
   ConvertCase(const std::string& tag, DType dtype, uint64_t seed)
@@ -79,8 +79,8 @@ TEST(MoeConvert, HfToMoecoreToHfIsBitwise) {
                           " --max-shard-bytes 3000");
   ASSERT_EQ(to_hf.exit_code, 0) << to_hf.output;
   t.expect_back_equals_hf(DType::BF16);
-  EXPECT_EQ(MixtralConfig::from_json(nlohmann::json::parse(std::ifstream(t.back + "/config.json")),
-                                     "config")
+  EXPECT_EQ(HfMoeConfig::from_json(nlohmann::json::parse(std::ifstream(t.back + "/config.json")),
+                                   "config")
                 .to_json(),
             t.config.to_json());
 }
@@ -104,7 +104,7 @@ TEST(MoeConvert, PadsTheVocabularyAsMoeTrainWill) {
   ASSERT_EQ(to_moecore.exit_code, 0) << to_moecore.output;
   EXPECT_CONTAINS(to_moecore.output, "padded from 37 to 64 rows");
 
-  MixtralConfig padded = t.config;
+  HfMoeConfig padded = t.config;
   padded.padded_vocab_size = 64;
   TinyModel loaded(padded, DType::F32, 99);
   load_strictly(t.ckpt, loaded.store);
@@ -152,7 +152,7 @@ TEST(MoeConvert, MoeTrainFineTunesFromTheConvertedCheckpoint) {
                               " --output " + t.scratch.file("from_args"));
   ASSERT_EQ(from_args.exit_code, 0) << from_args.output;
   EXPECT_CONTAINS(from_args.output, "comes from the moe-train command line");
-  EXPECT_EQ(MixtralConfig::from_json(
+  EXPECT_EQ(HfMoeConfig::from_json(
                 nlohmann::json::parse(std::ifstream(t.scratch.file("from_args/config.json"))), "c")
                 .to_json(),
             t.config.to_json());
@@ -168,7 +168,7 @@ TEST(MoeConvert, MoeTrainFineTunesFromTheConvertedCheckpoint) {
 // A checkpoint recording neither an HF config nor a command line converts with --hf-config.
 TEST(MoeConvert, CheckpointWithoutModelRecordNeedsHfConfig) {
   ScratchDir scratch("tool_training_ckpt");
-  MixtralConfig c = tiny_config();
+  HfMoeConfig c = tiny_config();
   c.padded_vocab_size = 40;
   TinyModel trained(c, DType::F32, 15);
   const std::string ckpt = scratch.file("ckpt"), back = scratch.file("hf"),
@@ -199,7 +199,8 @@ TEST(MoeConvert, CheckpointWithoutModelRecordNeedsHfConfig) {
                                    "--position-embedding-type learned_absolute"),
             std::string::npos)
       << layer_norm.output;
-  EXPECT_CONTAINS(layer_norm.output, "--qk-layernorm, --add-qkv-bias");
+  EXPECT_CONTAINS(layer_norm.output, "Qwen3MoeForCausalLM cannot express",
+                  "--qk-layernorm with --add-qkv-bias");
 
   std::ofstream(config) << c.to_json().dump();
   RunResult with = run_convert(scratch, "--from moecore --to hf --input " + ckpt + " --output " +
@@ -208,13 +209,13 @@ TEST(MoeConvert, CheckpointWithoutModelRecordNeedsHfConfig) {
   Checkpoint hf(back);
   EXPECT_TRUE(
       same_bytes(hf.read("lm_head.weight"),
-                 convert::hf_mixtral::moecore_to_hf(c, trained.store, DType::F32).back().second));
+                 convert::hf_moe::moecore_to_hf(c, trained.store, DType::F32).back().second));
   EXPECT_EQ(hf.read("model.embed_tokens.weight").shape(), (Shape{37, 24}));  // padding dropped
 }
 
 TEST(MoeConvert, BadInvocationsExplainThemselves) {
   ScratchDir scratch("tool_errors");
-  const MixtralConfig c = tiny_config();
+  const HfMoeConfig c = tiny_config();
   TinyModel original(c, DType::F32, 13);
   const std::string hf = scratch.file("hf");
   write_hf_model(hf, c, original.store);
@@ -244,8 +245,8 @@ TEST(MoeConvert, BadInvocationsExplainThemselves) {
   convert::safetensors::write_file(extra.file("more.safetensors"), {{"vision.proj", Tensor({2})}});
   expect_failure(
       "--from hf --to moecore --input " + extra.path.string() + " --output " + scratch.file("o"),
-      "'vision.proj' that a Mixtral model has no place for");
-  MixtralConfig bigger = c;
+      "'vision.proj' that a MixtralForCausalLM model has no place for");
+  HfMoeConfig bigger = c;
   bigger.num_hidden_layers = 3;
   std::ofstream(extra.file("config.json")) << bigger.to_json().dump();
   expect_failure(
@@ -260,7 +261,7 @@ TEST(MoeConvert, BadInvocationsExplainThemselves) {
                                      " --make-vocab-size-divisible-by 1")
                 .exit_code,
             0);
-  MixtralConfig more_experts = c;
+  HfMoeConfig more_experts = c;
   more_experts.num_local_experts = 4;
   std::ofstream(scratch.file("more_experts.json")) << more_experts.to_json().dump();
   std::filesystem::create_directories(empty_output);

@@ -95,6 +95,11 @@ class GPTContext {
   double loss_tokens = 0;
   std::vector<MoELossReport> moe_losses;
   std::vector<MTPLossReport> mtp_losses;  // one per MTP depth (last stage, mtp_num_layers > 0)
+  // keep_logits: the last stage's forward also leaves its logits in `logits`, [s * b, V_local]
+  // (row = position * b + sequence; fp32, fp64 for F64 activations), to compare the model's
+  // output with another implementation's.
+  bool keep_logits = false;
+  Tensor logits;
 
   bool has_saved_state() const;
   void release();  // drops the saved activations
