@@ -6,7 +6,12 @@ dense first_k_dense_replace layers, sigmoid routing with e_score_correction_bias
 topk_group group-limited choice (a group scores its top-2 sum), norm_topk_prob and
 routed_scaling_factor, and a shared expert.
 
-usage: deepseek_reference.py write MODEL_DIR SEED      writes config.json + model.safetensors
+The "v2" variant follows DeepseekV2ForCausalLM instead (DeepSeek-V2-Lite's layout): no query
+compression (q_proj), rope on complex pairs (2i, 2i + 1), softmax over all experts with
+group_limited_greedy choice (a group scores its best expert), top-k weights not renormalised,
+no e_score_correction_bias, two shared experts.
+
+usage: deepseek_reference.py write MODEL_DIR SEED [v2]  writes config.json + model.safetensors
        deepseek_reference.py logprobs MODEL_DIR TOKENS  prints log-softmax [b][s][vocab] as JSON
 """
 import json
@@ -52,6 +57,18 @@ CONFIG = {
                      "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1},
 }
 
+V2_CHANGES = {
+    "architectures": ["DeepseekV2ForCausalLM"],
+    "model_type": "deepseek_v2",
+    "q_lora_rank": None,
+    "topk_method": "group_limited_greedy",
+    "num_experts_per_tok": 2,
+    "n_shared_experts": 2,
+    "routed_scaling_factor": 1.5,
+    "norm_topk_prob": False,
+    "rope_scaling": None,
+}
+
 DTYPES = {"F64": np.float64, "F32": np.float32, "BF16": None}
 
 
@@ -69,9 +86,12 @@ def hf_shapes(c):
         p = "model.layers.%d." % layer
         a = p + "self_attn."
         shapes[p + "input_layernorm.weight"] = (h,)
-        shapes[a + "q_a_proj.weight"] = (c["q_lora_rank"], h)
-        shapes[a + "q_a_layernorm.weight"] = (c["q_lora_rank"],)
-        shapes[a + "q_b_proj.weight"] = (q_dim, c["q_lora_rank"])
+        if c["q_lora_rank"]:
+            shapes[a + "q_a_proj.weight"] = (c["q_lora_rank"], h)
+            shapes[a + "q_a_layernorm.weight"] = (c["q_lora_rank"],)
+            shapes[a + "q_b_proj.weight"] = (q_dim, c["q_lora_rank"])
+        else:
+            shapes[a + "q_proj.weight"] = (q_dim, h)
         shapes[a + "kv_a_proj_with_mqa.weight"] = (c["kv_lora_rank"] + c["qk_rope_head_dim"], h)
         shapes[a + "kv_a_layernorm.weight"] = (c["kv_lora_rank"],)
         shapes[a + "kv_b_proj.weight"] = (n * (c["qk_nope_head_dim"] + c["v_head_dim"]),
@@ -82,7 +102,8 @@ def hf_shapes(c):
             mlp(p + "mlp.", c["intermediate_size"])
             continue
         shapes[p + "mlp.gate.weight"] = (c["n_routed_experts"], h)
-        shapes[p + "mlp.gate.e_score_correction_bias"] = (c["n_routed_experts"],)
+        if c["model_type"] == "deepseek_v3":
+            shapes[p + "mlp.gate.e_score_correction_bias"] = (c["n_routed_experts"],)
         for e in range(c["n_routed_experts"]):
             mlp(p + "mlp.experts.%d." % e, c["moe_intermediate_size"])
         if c["n_shared_experts"]:
@@ -107,10 +128,13 @@ def write_safetensors(path, tensors):
         f.write(struct.pack("<Q", len(text)) + text + b"".join(blobs))
 
 
-def write(model_dir, seed):
+def write(model_dir, seed, variant):
+    config = dict(CONFIG, **(V2_CHANGES if variant == "v2" else {}))
+    if variant == "v2":
+        del config["rope_interleave"]
     rng = np.random.default_rng(seed)
     tensors = {}
-    for name, shape in hf_shapes(CONFIG).items():
+    for name, shape in hf_shapes(config).items():
         if name.endswith("e_score_correction_bias"):
             # fp32 as DeepSeek ships it; positive so that HF's masking of unchosen groups with 0
             # never outranks a chosen expert (sigmoid + bias > 0).
@@ -123,7 +147,7 @@ def write(model_dir, seed):
     os.makedirs(model_dir, exist_ok=True)
     write_safetensors(os.path.join(model_dir, "model.safetensors"), tensors)
     with open(os.path.join(model_dir, "config.json"), "w") as f:
-        json.dump(CONFIG, f, indent=2)
+        json.dump(config, f, indent=2)
 
 
 def load(model_dir):
@@ -204,13 +228,26 @@ def interleaved_rope(x, cos, sin):  # HF's apply_rotary_pos_emb_interleave on on
     return x * cos + rotate_half(x) * sin
 
 
+def complex_pair_rope(x, cos, sin):  # HF's DeepSeek-V2 apply_rotary_emb on one tensor
+    half = x.shape[-1] // 2
+    pairs = x[..., 0::2] + 1j * x[..., 1::2]
+    rotated = pairs * (cos[..., :half] + 1j * sin[..., :half])
+    out = np.empty_like(x)
+    out[..., 0::2], out[..., 1::2] = rotated.real, rotated.imag
+    return out
+
+
 def attention(x, w, a, c):
     b, s, _ = x.shape
     n, nope, pe, dv = (c["num_attention_heads"], c["qk_nope_head_dim"], c["qk_rope_head_dim"],
                        c["v_head_dim"])
     eps = 1e-6  # HF's q_a_layernorm / kv_a_layernorm keep their default eps
-    q = rms_norm(x @ w[a + "q_a_proj.weight"].T, w[a + "q_a_layernorm.weight"], eps)
-    q = (q @ w[a + "q_b_proj.weight"].T).reshape(b, s, n, nope + pe).transpose(0, 2, 1, 3)
+    if c["q_lora_rank"]:
+        q = rms_norm(x @ w[a + "q_a_proj.weight"].T, w[a + "q_a_layernorm.weight"], eps)
+        q = q @ w[a + "q_b_proj.weight"].T
+    else:
+        q = x @ w[a + "q_proj.weight"].T
+    q = q.reshape(b, s, n, nope + pe).transpose(0, 2, 1, 3)
     q_pass, q_rot = q[..., :nope], q[..., nope:]
     compressed = x @ w[a + "kv_a_proj_with_mqa.weight"].T
     k_pass, k_rot = compressed[..., :c["kv_lora_rank"]], compressed[..., c["kv_lora_rank"]:]
@@ -219,7 +256,8 @@ def attention(x, w, a, c):
     k_pass, v = kv[..., :nope], kv[..., nope:]
     k_rot = k_rot.reshape(b, 1, s, pe)
     cos, sin = rope_tables(c, s)
-    q_rot, k_rot = interleaved_rope(q_rot, cos, sin), interleaved_rope(k_rot, cos, sin)
+    rope = interleaved_rope if c["model_type"] == "deepseek_v3" else complex_pair_rope
+    q_rot, k_rot = rope(q_rot, cos, sin), rope(k_rot, cos, sin)
     query = np.concatenate([q_pass, q_rot], -1)
     key = np.concatenate([k_pass, np.broadcast_to(k_rot, k_pass.shape[:-1] + (pe,))], -1)
     scaling = (nope + pe) ** -0.5
@@ -239,7 +277,32 @@ def mlp(x, w, prefix):
     return (gate * (x @ w[prefix + "up_proj.weight"].T)) @ w[prefix + "down_proj.weight"].T
 
 
+def moe_v2(x, w, prefix, c):
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])
+    E, G = c["n_routed_experts"], c["n_group"]
+    logits = x @ w[prefix + "gate.weight"].T
+    scores = np.exp(logits - logits.max(-1, keepdims=True))
+    scores /= scores.sum(-1, keepdims=True)
+    group_scores = scores.reshape(-1, G, E // G).max(-1)
+    out = np.zeros_like(x)
+    for t in range(x.shape[0]):
+        groups = np.argsort(-group_scores[t], kind="stable")[:c["topk_group"]]
+        allowed = np.zeros(E, dtype=bool)
+        for g in groups:
+            allowed[g * (E // G):(g + 1) * (E // G)] = True
+        masked = np.where(allowed, scores[t], 0.0)
+        top = np.argsort(-masked, kind="stable")[:c["num_experts_per_tok"]]
+        for e in top:
+            weight = scores[t, e] * c["routed_scaling_factor"]
+            out[t] += weight * mlp(x[t:t + 1], w, prefix + "experts.%d." % e)[0]
+    out += mlp(x, w, prefix + "shared_experts.")
+    return out.reshape(shape)
+
+
 def moe(x, w, prefix, c):
+    if c["model_type"] == "deepseek_v2":
+        return moe_v2(x, w, prefix, c)
     shape = x.shape
     x = x.reshape(-1, shape[-1])
     E, G = c["n_routed_experts"], c["n_group"]
@@ -287,6 +350,6 @@ def logprobs(model_dir, tokens):
 
 if __name__ == "__main__":
     if sys.argv[1] == "write":
-        write(sys.argv[2], int(sys.argv[3]))
+        write(sys.argv[2], int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else "v3")
     else:
         logprobs(sys.argv[2], json.loads(sys.argv[3]))

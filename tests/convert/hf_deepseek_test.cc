@@ -83,21 +83,22 @@ std::string convert(const std::string& arguments, std::string* output = nullptr)
 
 // The semantic check: log-softmax of moecore's logits for every position and vocabulary entry
 // (each read as the loss of that label at that one position) equals the numpy fp64 forward of
-// HF's DeepSeek-V3 on the same weights, so MLA's layout and interleaved rope, YaRN, the dense
-// first layer, sigmoid + bias group-limited routing, scaling and the shared expert all agree.
-TEST(HfDeepSeek, ForwardMatchesNumpyDeepSeekV3) {
+// HF's DeepSeek on the same weights. V3: MLA's layout and interleaved rope, YaRN, the dense first
+// layer, sigmoid + bias group-limited routing, scaling and the shared expert; V2: q_proj without
+// query compression, complex-pair rope, softmax group-limited greedy routing, two shared experts.
+void expect_forward_matches_numpy(const std::string& variant, const std::string& flags) {
   require_numpy();
-  ScratchDir dir("deepseek_forward");
+  ScratchDir dir("deepseek_forward_" + variant);
   const std::string hf = dir.file("hf"), ckpt = dir.file("ckpt");
-  auto [written, write_log] = run("/usr/bin/python3 " + kReference + " write " + hf + " 17");
+  auto [written, write_log] =
+      run("/usr/bin/python3 " + kReference + " write " + hf + " 17 " + variant);
   ASSERT_EQ(written, 0) << write_log;
   std::string printed;
   ASSERT_EQ(convert("--from hf --to moecore --input " + hf + " --output " + ckpt +
                         " --make-vocab-size-divisible-by 1",
                     &printed),
             "");
-  EXPECT_CONTAINS(printed, "--moe-layer-freq '[0]*1+[1]*2'");
-  EXPECT_CONTAINS(printed, "--moe-router-num-groups 4 --moe-router-group-topk 2");
+  EXPECT_CONTAINS(printed, flags);
 
   const DeepSeekConfig config = DeepSeekConfig::from_json(read_json(hf + "/config.json"), "cfg");
   const int64_t B = 2, S = 6, V = config.vocab_size;
@@ -137,15 +138,31 @@ TEST(HfDeepSeek, ForwardMatchesNumpyDeepSeekV3) {
   EXPECT_GT(spread, 1.0);
 }
 
-// moecore -> HF -> moecore through the program reproduces the checkpoint bitwise, in fp32 and
-// bf16 (the fp32 expert bias stays fp32 in the export).
+TEST(HfDeepSeek, ForwardMatchesNumpyDeepSeekV3) {
+  expect_forward_matches_numpy("v3",
+                               "--moe-layer-freq '[0]*1+[1]*2' --moe-router-score-function sigmoid "
+                               "--moe-router-enable-expert-bias --moe-router-topk-scaling-factor "
+                               "2.5 --moe-router-num-groups 4 --moe-router-group-topk 2");
+}
+
+TEST(HfDeepSeek, ForwardMatchesNumpyDeepSeekV2) {
+  expect_forward_matches_numpy("v2",
+                               "--moe-router-pre-softmax --moe-router-topk-scaling-factor 1.5 "
+                               "--moe-router-num-groups 4 --moe-router-group-topk 2 "
+                               "--moe-shared-expert-intermediate-size 12");
+}
+
+// moecore -> HF -> moecore through the program reproduces the checkpoint bitwise: V3 in fp32 and
+// bf16 (the fp32 expert bias stays fp32 in the export) and V2.
 TEST(HfDeepSeek, ExportThenImportIsBitwise) {
   require_numpy();
-  for (const char* dtype : {"fp32", "bf16"}) {
-    ScratchDir dir(std::string("deepseek_round_trip_") + dtype);
+  for (const auto& [variant, dtype] :
+       {std::pair<std::string, std::string>{"v3", "fp32"}, {"v3", "bf16"}, {"v2", "fp32"}}) {
+    ScratchDir dir("deepseek_round_trip_" + variant + "_" + dtype);
     const std::string hf = dir.file("hf"), ckpt = dir.file("ckpt"), back = dir.file("back"),
                       again = dir.file("again");
-    auto [written, write_log] = run("/usr/bin/python3 " + kReference + " write " + hf + " 3");
+    auto [written, write_log] =
+        run("/usr/bin/python3 " + kReference + " write " + hf + " 3 " + variant);
     ASSERT_EQ(written, 0) << write_log;
     ASSERT_EQ(
         convert("--from hf --to moecore --input " + hf + " --output " + ckpt + " --dtype " + dtype),
@@ -155,16 +172,18 @@ TEST(HfDeepSeek, ExportThenImportIsBitwise) {
               "");
     EXPECT_TRUE(std::filesystem::exists(back + "/model.safetensors.index.json"));
     const nlohmann::json exported = read_json(back + "/config.json");
-    EXPECT_EQ(exported["model_type"], "deepseek_v3");
+    EXPECT_EQ(exported["model_type"], "deepseek_" + variant);
     ASSERT_EQ(convert("--from hf --to moecore --input " + back + " --output " + again), "");
     const DeepSeekConfig config = DeepSeekConfig::from_json(exported, "exported");
     DeepSeekConfig padded = config;
     padded.padded_vocab_size = 128;  // moe-convert's default padding
-    const DType store_dtype = std::string(dtype) == "bf16" ? DType::BF16 : DType::F32;
+    const DType store_dtype = dtype == "bf16" ? DType::BF16 : DType::F32;
     LoadedModel first(padded, store_dtype, ckpt, 4), second(padded, store_dtype, again, 4);
     expect_same_parameters(first.store, second.store);
     safetensors::Checkpoint hf_back(back);
-    EXPECT_EQ(hf_back.info("model.layers.1.mlp.gate.e_score_correction_bias").dtype, DType::F32);
+    if (variant == "v3") {
+      EXPECT_EQ(hf_back.info("model.layers.1.mlp.gate.e_score_correction_bias").dtype, DType::F32);
+    }
     EXPECT_EQ(hf_back.info("model.layers.1.mlp.gate.weight").dtype, store_dtype);
   }
 }
