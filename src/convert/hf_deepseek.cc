@@ -295,7 +295,7 @@ void DeepSeekConfig::validate() const {
     MOE_CHECK(version == 2 || (n_group == 0 && topk_group == 0), what,
               "DeepSeek-V3 routing needs n_group and topk_group");
   }
-  if (grouped && group_limited()) {
+  if (group_limited()) {
     // A group's score: HF's V3 sums its top 2 scores and V2 takes its best one; Megatron sums
     // its top (top-k / group-topk), so the two agree only when that quotient is HF's.
     const int64_t per_group = version == 3 ? 2 : 1;

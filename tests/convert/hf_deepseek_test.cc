@@ -244,6 +244,10 @@ TEST(HfDeepSeek, MegatronFlagsParseIntoTheSameModel) {
     EXPECT_EQ(name.find("e_score_correction_bias"), std::string::npos) << name;
   }
   EXPECT_EQ(DeepSeekConfig::from_json(c2.to_json(), "again").to_json(), c2.to_json());
+  v2["topk_method"] = "greedy";  // n_group / topk_group are then unused, as in HF
+  const DeepSeekConfig greedy = DeepSeekConfig::from_json(v2, "greedy");
+  EXPECT_FALSE(greedy.transformer_config().moe.group_limited_routing());
+  EXPECT_EQ(greedy.megatron_flags().find("--moe-router-num-groups"), std::string::npos);
   EXPECT_EQ(DeepSeekConfig::from_json(c.to_json(), "again").to_json(), c.to_json());
 }
 

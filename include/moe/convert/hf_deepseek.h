@@ -85,8 +85,12 @@ struct DeepSeekConfig {
     return hidden_size % num_attention_heads == 0 ? 0 : qk_nope_head_dim + qk_rope_head_dim;
   }
   bool is_moe_layer(int64_t layer) const { return layer >= first_k_dense_replace; }
-  // Routing restricted to groups (HF's n_group / topk_group with fewer chosen groups than all).
-  bool group_limited() const { return n_group > 1 && topk_group < n_group; }
+  // Routing restricted to groups (HF's n_group / topk_group with fewer chosen groups than all;
+  // V2 only with topk_method group_limited_greedy).
+  bool group_limited() const {
+    return (version == 3 || topk_method == "group_limited_greedy") && n_group > 1 &&
+           topk_group < n_group;
+  }
   // Throws naming the field when a value is inconsistent or one moecore cannot express.
   void validate() const;
   // Reads config.json (HF's defaults for absent optional fields); `source` names the file.
