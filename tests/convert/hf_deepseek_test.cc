@@ -188,6 +188,42 @@ TEST(HfDeepSeek, ExportThenImportIsBitwise) {
   }
 }
 
+// What users do next: moe-train with the printed flags (shell-quoted --moe-layer-freq included)
+// fine-tunes from the converted checkpoint, and the trained checkpoint converts back to HF.
+TEST(HfDeepSeek, MoeTrainFineTunesWithThePrintedFlags) {
+  require_numpy();
+  ScratchDir dir("deepseek_moe_train");
+  const std::string hf = dir.file("hf"), ckpt = dir.file("ckpt"), back = dir.file("back");
+  auto [written, write_log] = run("/usr/bin/python3 " + kReference + " write " + hf + " 9");
+  ASSERT_EQ(written, 0) << write_log;
+  std::string printed;
+  ASSERT_EQ(convert("--from hf --to moecore --input " + hf + " --output " + ckpt +
+                        " --dtype bf16 --make-vocab-size-divisible-by 1",
+                    &printed),
+            "");
+  const std::string marker = "moe-train flags for this model: ";
+  const size_t at = printed.find(marker);
+  ASSERT_NE(at, std::string::npos) << printed;
+  const size_t begin = at + marker.size();
+  const std::string flags = printed.substr(begin, printed.find('\n', begin) - begin);
+  // NullTokenizer adds an end-of-document token: 36 + 1 = the model's 37 rows.
+  auto [trained, train_log] = run(std::string(MOE_TRAIN_PROGRAM) + " " + flags + " --load " + ckpt +
+                                  " --finetune --mock-data --tokenizer-type NullTokenizer "
+                                  "--vocab-size 36 --seq-length 8 --micro-batch-size 2 "
+                                  "--global-batch-size 2 --train-iters 2 --lr 1e-4 --bf16 "
+                                  "--log-interval 1 --save " +
+                                  dir.file("trained") + " --save-interval 2");
+  ASSERT_EQ(trained, 0) << train_log;
+  EXPECT_CONTAINS(train_log, "loaded checkpoint from '" + ckpt + "' at iteration 0");
+  ASSERT_EQ(convert("--from moecore --to hf --input " + dir.file("trained") + " --output " + back +
+                    " --hf-config " + hf + "/config.json"),
+            "");
+  safetensors::Checkpoint before(hf), after(back);
+  EXPECT_EQ(before.names(), after.names());
+  EXPECT_FALSE(moe::testing::same_bytes(before.read("lm_head.weight").to(DType::BF16),
+                                        after.read("lm_head.weight")));
+}
+
 nlohmann::json reference_config() {
   auto [status, text] = run("/usr/bin/python3 -c 'import json, sys; sys.path.insert(0, \"" +
                             std::string(MOE_CONVERT_TEST_DIR) +
