@@ -24,6 +24,9 @@ struct Piece {
   std::string hf_name;
   bool transpose = true;
   int64_t row_begin = 0, rows = 0, offset = 0, row_stride = 0;
+  // A copy HF keeps of a tensor moecore holds once (the MTP layers' embedding and head): on
+  // import it must equal what the main tensor already put there.
+  bool shared_copy = false;
 };
 
 struct Mapping {
@@ -71,9 +74,8 @@ Mapping build_mapping(const DeepSeekConfig& c) {
   };
 
   whole("embedding.word_embeddings.weight", "model.embed_tokens.weight", {V, H});
-  for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) {
-    const std::string hf = "model.layers." + std::to_string(layer) + ".";
-    const std::string moe = "decoder.layers." + std::to_string(layer) + ".";
+  // One decoder layer: HF prefix `hf`, moecore prefix `moe` (a dense or an MoE MLP).
+  auto layer_tensors = [&](const std::string& hf, const std::string& moe, bool moe_layer) {
     const std::string attn = hf + "self_attn.", self = moe + "self_attention.";
     whole(moe + "input_layernorm.weight", hf + "input_layernorm.weight", {H});
     if (c.q_lora_rank > 0) {
@@ -89,9 +91,9 @@ Mapping build_mapping(const DeepSeekConfig& c) {
     linear(self + "linear_kv_up_proj.weight", attn + "kv_b_proj.weight", kv_dim, c.kv_lora_rank);
     linear(self + "linear_proj.weight", attn + "o_proj.weight", H, n * c.v_head_dim);
     whole(moe + "pre_mlp_layernorm.weight", hf + "post_attention_layernorm.weight", {H});
-    if (!c.is_moe_layer(layer)) {
+    if (!moe_layer) {
       swiglu(moe + "mlp.", hf + "mlp.", c.intermediate_size, 0);
-      continue;
+      return;
     }
     linear(moe + "mlp.router.weight", hf + "mlp.gate.weight", E, H);
     if (c.version == 3) {
@@ -101,11 +103,36 @@ Mapping build_mapping(const DeepSeekConfig& c) {
     if (c.n_shared_experts > 0) {
       swiglu(moe + "mlp.shared_experts.", hf + "mlp.shared_experts.", c.n_shared_experts * F, 0);
     }
+  };
+  for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) {
+    layer_tensors("model.layers." + std::to_string(layer) + ".",
+                  "decoder.layers." + std::to_string(layer) + ".", c.is_moe_layer(layer));
   }
   whole("decoder.final_layernorm.weight", "model.norm.weight", {H});
-  if (!c.tie_word_embeddings) {
-    m.hf_shapes.push_back({"lm_head.weight", {V, H}});
-    m.pieces_by_moecore["output_layer.weight"].push_back({"lm_head.weight", true, 0, V, 0, Vp});
+  auto output_layer = [&](const std::string& hf_name, bool copy) {
+    m.hf_shapes.push_back({hf_name, {V, H}});
+    Piece piece = c.tie_word_embeddings ? Piece{hf_name, false} : Piece{hf_name, true, 0, V, 0, Vp};
+    piece.shared_copy = copy;
+    m.pieces_by_moecore[c.tie_word_embeddings ? "embedding.word_embeddings.weight"
+                                              : "output_layer.weight"]
+        .push_back(piece);
+  };
+  if (!c.tie_word_embeddings) output_layer("lm_head.weight", false);
+  // Multi-token prediction (HF: the layers after the decoder's, each with its own copies of the
+  // embedding and output head, which moecore shares with the main model).
+  for (int64_t k = 0; k < c.num_nextn_predict_layers; ++k) {
+    const std::string hf = "model.layers." + std::to_string(c.num_hidden_layers + k) + ".";
+    const std::string moe = "mtp.layers." + std::to_string(k) + ".";
+    Piece embedding{hf + "embed_tokens.weight", false};
+    embedding.shared_copy = true;
+    m.hf_shapes.push_back({embedding.hf_name, {V, H}});
+    m.pieces_by_moecore["embedding.word_embeddings.weight"].push_back(embedding);
+    whole(moe + "enorm.weight", hf + "enorm.weight", {H});
+    whole(moe + "hnorm.weight", hf + "hnorm.weight", {H});
+    linear(moe + "eh_proj.weight", hf + "eh_proj.weight", H, 2 * H);
+    layer_tensors(hf, moe + "transformer_layer.", c.is_moe_layer(c.num_hidden_layers - 1));
+    whole(moe + "final_layernorm.weight", hf + "shared_head.norm.weight", {H});
+    output_layer(hf + "shared_head.head.weight", true);
   }
   return m;
 }
@@ -373,10 +400,7 @@ DeepSeekConfig DeepSeekConfig::from_json(const nlohmann::json& json, const std::
   MOE_CHECK(integer_field(json, "moe_layer_freq", source, 1) == 1, source,
             ": config field 'moe_layer_freq' must be 1 (every layer from first_k_dense_replace "
             "on is an MoE layer)");
-  const int64_t mtp = integer_field(json, "num_nextn_predict_layers", source, 0, 0);
-  MOE_CHECK(mtp == 0, source, ": config field 'num_nextn_predict_layers' (", mtp,
-            "): converting multi-token-prediction layers is not supported yet; set it to 0 to "
-            "convert the main model (HF's DeepseekV3ForCausalLM ignores those layers too)");
+  c.num_nextn_predict_layers = integer_field(json, "num_nextn_predict_layers", source, 0, 0);
   if (const nlohmann::json* scaling = field_of(json, "rope_scaling")) {
     MOE_CHECK(scaling->is_object(), source, ": config field 'rope_scaling' must be an object");
     std::string kind = string_field(*scaling, "type", source, "default");
@@ -446,7 +470,8 @@ nlohmann::json DeepSeekConfig::to_json() const {
       {"tie_word_embeddings", tie_word_embeddings},
       {"hidden_act", "silu"},
       {"attention_bias", false},
-      {"moe_layer_freq", 1}};
+      {"moe_layer_freq", 1},
+      {"num_nextn_predict_layers", num_nextn_predict_layers}};
   if (!v2) {
     json["rope_interleave"] = true;
     json["scoring_func"] = "sigmoid";
@@ -517,6 +542,7 @@ model::TransformerConfig DeepSeekConfig::transformer_config() const {
     m.moe_router_group_topk = topk_group;
   }
   t.moe_shared_expert_intermediate_size = int(n_shared_experts * moe_intermediate_size);
+  t.mtp_num_layers = int(num_nextn_predict_layers);
   return t;
 }
 
@@ -564,6 +590,7 @@ std::string DeepSeekConfig::megatron_flags() const {
   if (n_shared_experts > 0) {
     flags << " --moe-shared-expert-intermediate-size " << n_shared_experts * moe_intermediate_size;
   }
+  if (num_nextn_predict_layers > 0) flags << " --mtp-num-layers " << num_nextn_predict_layers;
   return flags.str();
 }
 
@@ -593,6 +620,16 @@ void hf_to_moecore(const DeepSeekConfig& config,
     for (const auto& [moe_name, piece] : users.at(hf_name)) {
       Tensor moe = store_tensor(store, moe_name);
       Tensor source = hf.dtype() == moe.dtype() ? hf : hf.to(moe.dtype());
+      if (piece.shared_copy) {
+        Tensor held = Tensor::empty(hf_shape, moe.dtype());
+        move_piece(piece, held, moe, /*to_moecore=*/false);
+        MOE_CHECK(std::memcmp(held.raw(), source.raw(), held.nbytes()) == 0,
+                  "hf_deepseek: HF tensor '", hf_name, "' differs from the main model's ",
+                  hf_name.ends_with("embed_tokens.weight") ? "model.embed_tokens.weight"
+                                                           : "lm_head.weight",
+                  ", which moecore's multi-token prediction shares");
+        continue;
+      }
       move_piece(piece, source, moe, /*to_moecore=*/true);
     }
   }

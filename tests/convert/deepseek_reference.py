@@ -11,8 +11,11 @@ compression (q_proj), rope on complex pairs (2i, 2i + 1), softmax over all exper
 group_limited_greedy choice (a group scores its best expert), top-k weights not renormalised,
 no e_score_correction_bias, two shared experts.
 
+The V3 model has one multi-token-prediction module (model.layers.3).
+
 usage: deepseek_reference.py write MODEL_DIR SEED [v2]  writes config.json + model.safetensors
        deepseek_reference.py logprobs MODEL_DIR TOKENS  prints log-softmax [b][s][vocab] as JSON
+       deepseek_reference.py mtp_losses MODEL_DIR TOKENS LABELS  prints each MTP module's loss
 """
 import json
 import math
@@ -52,7 +55,7 @@ CONFIG = {
     "tie_word_embeddings": False,
     "hidden_act": "silu",
     "rope_interleave": True,
-    "num_nextn_predict_layers": 0,
+    "num_nextn_predict_layers": 1,
     "rope_scaling": {"type": "yarn", "factor": 4.0, "mscale": 1.0, "mscale_all_dim": 0.8,
                      "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1},
 }
@@ -67,6 +70,7 @@ V2_CHANGES = {
     "routed_scaling_factor": 1.5,
     "norm_topk_prob": False,
     "rope_scaling": None,
+    "num_nextn_predict_layers": 0,
 }
 
 DTYPES = {"F64": np.float64, "F32": np.float32, "BF16": None}
@@ -82,9 +86,17 @@ def hf_shapes(c):
         shapes[prefix + "up_proj.weight"] = (width, h)
         shapes[prefix + "down_proj.weight"] = (h, width)
 
-    for layer in range(c["num_hidden_layers"]):
+    mtp_layers = c.get("num_nextn_predict_layers", 0)
+    for layer in range(c["num_hidden_layers"] + mtp_layers):
         p = "model.layers.%d." % layer
         a = p + "self_attn."
+        if layer >= c["num_hidden_layers"]:  # a multi-token-prediction module
+            shapes[p + "embed_tokens.weight"] = (c["vocab_size"], h)
+            shapes[p + "enorm.weight"] = (h,)
+            shapes[p + "hnorm.weight"] = (h,)
+            shapes[p + "eh_proj.weight"] = (h, 2 * h)
+            shapes[p + "shared_head.norm.weight"] = (h,)
+            shapes[p + "shared_head.head.weight"] = (c["vocab_size"], h)
         shapes[p + "input_layernorm.weight"] = (h,)
         if c["q_lora_rank"]:
             shapes[a + "q_a_proj.weight"] = (c["q_lora_rank"], h)
@@ -144,6 +156,11 @@ def write(model_dir, seed, variant):
             tensors[name] = rng.uniform(0.5, 1.5, shape).astype(np.float32).astype(np.float64)
         else:
             tensors[name] = rng.normal(0.0, 0.3, shape)
+    for name in tensors:  # HF's MTP modules hold copies of the embedding and output head
+        if name.endswith(".embed_tokens.weight"):
+            tensors[name] = tensors["model.embed_tokens.weight"]
+        elif name.endswith(".shared_head.head.weight"):
+            tensors[name] = tensors["lm_head.weight"]
     os.makedirs(model_dir, exist_ok=True)
     write_safetensors(os.path.join(model_dir, "model.safetensors"), tensors)
     with open(os.path.join(model_dir, "config.json"), "w") as f:
@@ -328,28 +345,61 @@ def moe(x, w, prefix, c):
     return out.reshape(shape)
 
 
-def logprobs(model_dir, tokens):
+def decoder_layer(x, w, p, c, moe_layer):
+    eps = c["rms_norm_eps"]
+    x = x + attention(rms_norm(x, w[p + "input_layernorm.weight"], eps), w, p + "self_attn.", c)
+    h = rms_norm(x, w[p + "post_attention_layernorm.weight"], eps)
+    return x + (moe(h, w, p + "mlp.", c) if moe_layer else mlp(h, w, p + "mlp."))
+
+
+def log_softmax(logits):
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def forward(model_dir, tokens):
+    """(config, weights, the decoder's output after model.norm [b, s, h])."""
     with open(os.path.join(model_dir, "config.json")) as f:
         c = json.load(f)
     w = load(model_dir)
-    eps = c["rms_norm_eps"]
     x = w["model.embed_tokens.weight"][np.array(tokens)]
     for layer in range(c["num_hidden_layers"]):
-        p = "model.layers.%d." % layer
-        x = x + attention(rms_norm(x, w[p + "input_layernorm.weight"], eps), w, p + "self_attn.",
-                          c)
-        h = rms_norm(x, w[p + "post_attention_layernorm.weight"], eps)
-        x = x + (mlp(h, w, p + "mlp.") if layer < c["first_k_dense_replace"]
-                 else moe(h, w, p + "mlp.", c))
-    x = rms_norm(x, w["model.norm.weight"], eps)
-    logits = x @ w["lm_head.weight"].T
-    shifted = logits - logits.max(-1, keepdims=True)
-    result = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-    print(json.dumps(result.tolist()))
+        x = decoder_layer(x, w, "model.layers.%d." % layer, c,
+                          layer >= c["first_k_dense_replace"])
+    return c, w, rms_norm(x, w["model.norm.weight"], c["rms_norm_eps"])
+
+
+def logprobs(model_dir, tokens):
+    c, w, h = forward(model_dir, tokens)
+    print(json.dumps(log_softmax(h @ w["lm_head.weight"].T).tolist()))
+
+
+def mtp_losses(model_dir, tokens, labels):
+    """DeepSeek-V3's multi-token prediction: module k combines the embedding of the tokens k
+    ahead with the previous module's output and predicts the labels k ahead (shifted-in
+    positions: token 0, not counted); prints each module's mean cross-entropy."""
+    c, w, h = forward(model_dir, tokens)
+    tokens, labels = np.array(tokens), np.array(labels)
+    eps, losses = c["rms_norm_eps"], []
+    for k in range(1, c["num_nextn_predict_layers"] + 1):
+        p = "model.layers.%d." % (c["num_hidden_layers"] + k - 1)
+        ahead = np.zeros_like(tokens)
+        ahead[:, :-k] = tokens[:, k:]
+        embedded = rms_norm(w[p + "embed_tokens.weight"][ahead], w[p + "enorm.weight"], eps)
+        x = np.concatenate([embedded, rms_norm(h, w[p + "hnorm.weight"], eps)], -1)
+        x = decoder_layer(x @ w[p + "eh_proj.weight"].T, w, p, c, True)
+        h = rms_norm(x, w[p + "shared_head.norm.weight"], eps)
+        lp = log_softmax(h @ w[p + "shared_head.head.weight"].T)
+        seq = tokens.shape[1]
+        picked = np.take_along_axis(lp[:, :seq - k], labels[:, k:, None], -1)
+        losses.append(-picked.mean())
+    print(json.dumps(losses))
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "write":
         write(sys.argv[2], int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else "v3")
+    elif sys.argv[1] == "mtp_losses":
+        mtp_losses(sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4]))
     else:
         logprobs(sys.argv[2], json.loads(sys.argv[3]))

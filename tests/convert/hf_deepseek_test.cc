@@ -136,13 +136,35 @@ void expect_forward_matches_numpy(const std::string& variant, const std::string&
     }
   }
   EXPECT_GT(spread, 1.0);
+
+  // The multi-token-prediction module (V3): its loss on random labels equals the numpy one.
+  if (config.num_nextn_predict_layers == 0) return;
+  Tensor mtp_labels = model::testing::random_tokens(B, S, V, 6);
+  nlohmann::json label_rows = nlohmann::json::array();
+  for (int64_t b = 0; b < B; ++b) {
+    label_rows.push_back(std::vector<int64_t>(mtp_labels.data<int64_t>() + b * S,
+                                              mtp_labels.data<int64_t>() + (b + 1) * S));
+  }
+  auto [mtp_status, mtp_text] = run("/usr/bin/python3 " + kReference + " mtp_losses " + hf + " '" +
+                                    token_rows.dump() + "' '" + label_rows.dump() + "'");
+  ASSERT_EQ(mtp_status, 0) << mtp_text;
+  const nlohmann::json mtp_reference = nlohmann::json::parse(mtp_text);
+  model::GPTContext ctx;
+  ctx.training = false;
+  loaded.model->forward(tokens, mtp_labels, ctx);
+  ASSERT_EQ(ctx.mtp_losses.size(), mtp_reference.size());
+  for (size_t k = 0; k < ctx.mtp_losses.size(); ++k) {
+    const double expected = mtp_reference[k].get<double>();
+    EXPECT_NEAR(ctx.mtp_losses[k].loss, expected, 1e-9 * expected) << "MTP depth " << k + 1;
+  }
 }
 
 TEST(HfDeepSeek, ForwardMatchesNumpyDeepSeekV3) {
   expect_forward_matches_numpy("v3",
                                "--moe-layer-freq '[0]*1+[1]*2' --moe-router-score-function sigmoid "
                                "--moe-router-enable-expert-bias --moe-router-topk-scaling-factor "
-                               "2.5 --moe-router-num-groups 4 --moe-router-group-topk 2");
+                               "2.5 --moe-router-num-groups 4 --moe-router-group-topk 2 "
+                               "--moe-shared-expert-intermediate-size 6 --mtp-num-layers 1");
 }
 
 TEST(HfDeepSeek, ForwardMatchesNumpyDeepSeekV2) {
@@ -224,6 +246,33 @@ TEST(HfDeepSeek, MoeTrainFineTunesWithThePrintedFlags) {
                                         after.read("lm_head.weight")));
 }
 
+// HF's MTP modules carry their own copies of the embedding and output head; moecore shares the
+// main ones, so a copy that differs is refused by name rather than silently dropped.
+TEST(HfDeepSeek, MtpCopiesMustEqualTheMainTensors) {
+  require_numpy();
+  ScratchDir dir("deepseek_mtp_copies");
+  auto [written, write_log] = run("/usr/bin/python3 " + kReference + " write " + dir.str() + " 4");
+  ASSERT_EQ(written, 0) << write_log;
+  const DeepSeekConfig c = DeepSeekConfig::from_json(read_json(dir.file("config.json")), "cfg");
+  ASSERT_EQ(c.num_nextn_predict_layers, 1);
+  safetensors::Checkpoint hf(dir.str());
+  for (const char* copy :
+       {"model.layers.3.shared_head.head.weight", "model.layers.3.embed_tokens.weight"}) {
+    ParameterStore store(DType::F64);
+    for (const ParamSpec& spec : moecore_param_specs(c)) store.declare(spec);
+    store.allocate();
+    auto altered = [&](const std::string& name) {
+      Tensor t = hf.read(name);
+      if (name == copy) t.data<double>()[5] += 1;
+      return t;
+    };
+    std::string message = "'";  // (built up: "'" + std::string trips GCC 12's -Wrestrict)
+    message += copy;
+    message += "' differs from the main model's";
+    expect_error_containing([&] { hf_to_moecore(c, altered, store); }, message);
+  }
+}
+
 nlohmann::json reference_config() {
   auto [status, text] = run("/usr/bin/python3 -c 'import json, sys; sys.path.insert(0, \"" +
                             std::string(MOE_CONVERT_TEST_DIR) +
@@ -264,6 +313,7 @@ TEST(HfDeepSeek, MegatronFlagsParseIntoTheSameModel) {
   EXPECT_EQ(a.moe_router_group_topk, 2);
   EXPECT_EQ(a.moe_shared_expert_intermediate_size, 6);
   EXPECT_EQ(a.ffn_hidden_size, 20);
+  EXPECT_EQ(a.mtp_num_layers, 1);
 
   // DeepSeek-V2: softmax over all experts, top-k not renormalised (Megatron's pre-softmax).
   nlohmann::json v2 = reference_config();
@@ -301,7 +351,6 @@ TEST(HfDeepSeek, BadConfigValuesAreNamed) {
   refused("topk_method", "greedy", {"my/config.json", "topk_method \"greedy\"", "noaux_tc"});
   refused("norm_topk_prob", false, {"norm_topk_prob false", "renormalises"});
   refused("topk_group", 1, {"num_experts_per_tok (4) must be 2 x topk_group (1)"});
-  refused("num_nextn_predict_layers", 1, {"'num_nextn_predict_layers' (1)"});
   refused("rope_interleave", false, {"'rope_interleave' false"});
   refused("num_key_value_heads", 1, {"'num_key_value_heads' (1)"});
   refused("scoring_func", "softmax", {"'scoring_func' \"softmax\""});

@@ -20,6 +20,12 @@
 //       mlp.experts.M.{gate,up,down}_proj -> mlp.experts.linear_fc1 [E, H, 2, F] / linear_fc2
 //       [E, F, H]; mlp.shared_experts.{gate,up,down}_proj -> mlp.shared_experts.linear_fc1/fc2
 //   model.embed_tokens, model.norm, lm_head as for Mixtral (vocabulary rows padded to Vp).
+// Multi-token prediction module k (HF prefix model.layers.<num_hidden_layers + k>., moecore
+// mtp.layers.k.): enorm, hnorm, eh_proj [H, 2H] -> eh_proj.weight [2H, H] (input [enorm(emb) |
+// hnorm(h)] on both sides), the decoder layer's tensors -> transformer_layer.*,
+// shared_head.norm -> final_layernorm; its embed_tokens and shared_head.head are HF's copies of
+// the main embedding and lm_head, which moecore shares (import checks they are equal, export
+// writes the copies).
 // Rotary part: HF's DeepSeek rotates the pe part as adjacent pairs (2i, 2i + 1) (V3 with
 // rope_interleave: the view(d/2, 2).transpose reordering before rotate_half; V2: complex pairs),
 // which is exactly what moecore's MLA computes (mla.h, Megatron's mla_rotary_interleaved), so no
@@ -65,6 +71,9 @@ struct DeepSeekConfig {
   int64_t qk_rope_head_dim = 64;
   int64_t v_head_dim = 128;
   int64_t max_position_embeddings = 4096;
+  // Multi-token-prediction modules (moecore's mtp.layers.k.*, --mtp-num-layers); HF stores
+  // module k as model.layers.<num_hidden_layers + k>.
+  int64_t num_nextn_predict_layers = 0;
   double rope_theta = 10000;
   double rms_norm_eps = 1e-6;
   bool tie_word_embeddings = false;
