@@ -87,7 +87,7 @@ std::string convert(const std::string& arguments, std::string* output = nullptr)
 // layer, sigmoid + bias group-limited routing, scaling and the shared expert; V2: q_proj without
 // query compression, complex-pair rope, softmax group-limited greedy routing, two shared experts.
 void expect_forward_matches_numpy(const std::string& variant, const std::string& flags) {
-  require_numpy();
+  ASSERT_NO_FATAL_FAILURE(require_numpy());
   ScratchDir dir("deepseek_forward_" + variant);
   const std::string hf = dir.file("hf"), ckpt = dir.file("ckpt");
   auto [written, write_log] =
@@ -177,7 +177,7 @@ TEST(HfDeepSeek, ForwardMatchesNumpyDeepSeekV2) {
 // moecore -> HF -> moecore through the program reproduces the checkpoint bitwise: V3 in fp32 and
 // bf16 (the fp32 expert bias stays fp32 in the export) and V2.
 TEST(HfDeepSeek, ExportThenImportIsBitwise) {
-  require_numpy();
+  ASSERT_NO_FATAL_FAILURE(require_numpy());
   for (const auto& [variant, dtype] :
        {std::pair<std::string, std::string>{"v3", "fp32"}, {"v3", "bf16"}, {"v2", "fp32"}}) {
     ScratchDir dir("deepseek_round_trip_" + variant + "_" + dtype);
@@ -213,7 +213,7 @@ TEST(HfDeepSeek, ExportThenImportIsBitwise) {
 // What users do next: moe-train with the printed flags (shell-quoted --moe-layer-freq included)
 // fine-tunes from the converted checkpoint, and the trained checkpoint converts back to HF.
 TEST(HfDeepSeek, MoeTrainFineTunesWithThePrintedFlags) {
-  require_numpy();
+  ASSERT_NO_FATAL_FAILURE(require_numpy());
   ScratchDir dir("deepseek_moe_train");
   const std::string hf = dir.file("hf"), ckpt = dir.file("ckpt"), back = dir.file("back");
   auto [written, write_log] = run("/usr/bin/python3 " + kReference + " write " + hf + " 9");
@@ -249,7 +249,7 @@ TEST(HfDeepSeek, MoeTrainFineTunesWithThePrintedFlags) {
 // HF's MTP modules carry their own copies of the embedding and output head; moecore shares the
 // main ones, so a copy that differs is refused by name rather than silently dropped.
 TEST(HfDeepSeek, MtpCopiesMustEqualTheMainTensors) {
-  require_numpy();
+  ASSERT_NO_FATAL_FAILURE(require_numpy());
   ScratchDir dir("deepseek_mtp_copies");
   auto [written, write_log] = run("/usr/bin/python3 " + kReference + " write " + dir.str() + " 4");
   ASSERT_EQ(written, 0) << write_log;
@@ -282,7 +282,7 @@ nlohmann::json reference_config() {
 }
 
 TEST(HfDeepSeek, MegatronFlagsParseIntoTheSameModel) {
-  require_numpy();
+  ASSERT_NO_FATAL_FAILURE(require_numpy());
   const DeepSeekConfig c = DeepSeekConfig::from_json(reference_config(), "cfg");
   std::vector<std::string> argv;
   std::istringstream words(c.megatron_flags());
@@ -338,7 +338,7 @@ TEST(HfDeepSeek, MegatronFlagsParseIntoTheSameModel) {
 }
 
 TEST(HfDeepSeek, BadConfigValuesAreNamed) {
-  require_numpy();
+  ASSERT_NO_FATAL_FAILURE(require_numpy());
   const nlohmann::json good = reference_config();
   auto refused = [&](const char* field, const nlohmann::json& value,
                      std::vector<std::string_view> parts) {
