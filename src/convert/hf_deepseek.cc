@@ -364,15 +364,19 @@ DeepSeekConfig DeepSeekConfig::from_json(const nlohmann::json& json, const std::
             kv_heads, ") must equal num_attention_heads (", c.num_attention_heads,
             "): multi-latent attention gives every head its own key and value");
   c.n_routed_experts = integer_field(json, "n_routed_experts", source);
-  c.n_shared_experts = integer_field(json, "n_shared_experts", source, 0, 0);
+  // HF's defaults for absent fields; null (HF's None) means none / no grouping / no compression.
+  auto optional_size = [&](const char* field, int64_t absent) {
+    return json.contains(field) ? integer_field(json, field, source, 0, 0) : absent;
+  };
+  c.n_shared_experts = optional_size("n_shared_experts", v2 ? 0 : 1);
   c.num_experts_per_tok = integer_field(json, "num_experts_per_tok", source);
-  c.first_k_dense_replace = integer_field(json, "first_k_dense_replace", source, 0, 0);
+  c.first_k_dense_replace = integer_field(json, "first_k_dense_replace", source, v2 ? 0 : 3, 0);
   c.routed_scaling_factor = number_field(json, "routed_scaling_factor", source, v2 ? 1.0 : 2.5);
-  c.n_group = integer_field(json, "n_group", source, 0, 0);
-  c.topk_group = integer_field(json, "topk_group", source, 0, 0);
+  c.n_group = optional_size("n_group", v2 ? 0 : 8);
+  c.topk_group = optional_size("topk_group", v2 ? 0 : 4);
   c.topk_method = string_field(json, "topk_method", source, v2 ? "greedy" : "noaux_tc");
   c.norm_topk_prob = bool_field(json, "norm_topk_prob", source, !v2);
-  c.q_lora_rank = integer_field(json, "q_lora_rank", source, 0, 0);
+  c.q_lora_rank = optional_size("q_lora_rank", 1536);
   c.kv_lora_rank = integer_field(json, "kv_lora_rank", source);
   c.qk_nope_head_dim = integer_field(json, "qk_nope_head_dim", source);
   c.qk_rope_head_dim = integer_field(json, "qk_rope_head_dim", source);

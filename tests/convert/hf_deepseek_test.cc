@@ -370,6 +370,17 @@ TEST(HfDeepSeek, BadConfigValuesAreNamed) {
   v2["topk_method"] = "noaux_tc";
   expect_error_containing([&] { DeepSeekConfig::from_json(v2, "v2"); },
                           {"topk_method \"noaux_tc\"", "greedy"});
+  // Absent fields take HF's defaults (first_k_dense_replace 3 leaves no MoE layer of 3), null
+  // ones mean none.
+  nlohmann::json absent = good;
+  absent.erase("first_k_dense_replace");
+  expect_error_containing([&] { DeepSeekConfig::from_json(absent, "cfg"); },
+                          "first_k_dense_replace (3)");
+  absent = good;
+  absent["q_lora_rank"] = nullptr;
+  EXPECT_EQ(DeepSeekConfig::from_json(absent, "cfg").q_lora_rank, 0);
+  absent.erase("q_lora_rank");
+  EXPECT_EQ(DeepSeekConfig::from_json(absent, "cfg").q_lora_rank, 1536);
   nlohmann::json missing = good;
   missing.erase("kv_lora_rank");
   expect_error_containing([&] { DeepSeekConfig::from_json(missing, "cfg"); },
