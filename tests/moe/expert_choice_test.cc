@@ -8,6 +8,7 @@
 #include <numeric>
 #include <vector>
 
+#include "moe/moe/capacity.h"
 #include "moe/moe/expert_choice_router.h"
 #include "moe/moe/moe_layer.h"
 #include "moe_test_util.h"

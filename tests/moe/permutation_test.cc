@@ -5,6 +5,7 @@
 #include <numeric>
 #include <set>
 
+#include "moe/moe/capacity.h"
 #include "moe/moe/permutation.h"
 #include "moe/moe/token_dispatcher.h"
 #include "moe/tensor/ops.h"
