@@ -9,8 +9,8 @@
 #include <string>
 #include <tuple>
 
-#include "kernel_harness.h"
 #include "moe/tensor/gemm.h"
+#include "support/kernel_harness.h"
 #include "support/testing.h"
 
 namespace moe {
