@@ -111,15 +111,15 @@ GroupBatch agree_on_batch(const char* who, const Tensor& hidden, const Routing& 
   // Then the slots per expert: one exchange carries the agreement and the counts, and its length
   // (the fields and num_experts counts) is checked by the collectives layer, so ranks with
   // different num_experts meet its size mismatch error.
-  const size_t kLeading = 2, kAgreed = kLeading + std::size(agreed);
-  const size_t kFields = kAgreed + slots_per_expert.size();
+  constexpr size_t kLeading = 2, kAgreed = kLeading + std::size(agreed);
+  const size_t fields = kAgreed + slots_per_expert.size();  // per rank
   std::vector<int64_t> local = {valid, valid ? hidden.dim(0) : 0};
   for (const AgreedField& field : agreed) local.push_back(field.value);
   local.insert(local.end(), slots_per_expert.begin(), slots_per_expert.end());
   const std::vector<int64_t> header = comm::all_gather_values(local, group);
   if (!valid) throw Error(local_error);
   for (int r = 0; r < group.size(); ++r) {
-    MOE_CHECK(header[size_t(r) * kFields] == 1, who, ": rank ", r, " of group '", group.name(),
+    MOE_CHECK(header[size_t(r) * fields] == 1, who, ": rank ", r, " of group '", group.name(),
               "' (world rank ", group.world_ranks()[size_t(r)],
               ") rejected its arguments; see its error");
   }
@@ -127,24 +127,24 @@ GroupBatch agree_on_batch(const char* who, const Tensor& hidden, const Routing& 
     const size_t column = kLeading + i;
     bool differ = false;
     for (int r = 1; r < group.size(); ++r) {
-      differ |= header[size_t(r) * kFields + column] != header[column];
+      differ |= header[size_t(r) * fields + column] != header[column];
     }
     if (!differ) continue;
     std::string values;
     for (int r = 0; r < group.size(); ++r) {
       values += detail::concat(r ? ", " : "", "rank ", r, ": ",
-                               agreed[i].show(header[size_t(r) * kFields + column]));
+                               agreed[i].show(header[size_t(r) * fields + column]));
     }
     throw Error(detail::concat(who, ": the ranks of group '", group.name(), "' disagree on the ",
                                agreed[i].name, " (", values, ")"));
   }
   GroupBatch batch;
   for (int r = 0; r < group.size(); ++r) {
-    const int64_t tokens = header[size_t(r) * kFields + 1];
+    const int64_t tokens = header[size_t(r) * fields + 1];
     if (r == group.rank()) batch.first_token = batch.total_tokens;
     batch.tokens_per_rank.push_back(tokens);
     batch.total_tokens += tokens;
-    const auto counts = header.begin() + long(size_t(r) * kFields + kAgreed);
+    const auto counts = header.begin() + long(size_t(r) * fields + kAgreed);
     batch.slots_per_expert.insert(batch.slots_per_expert.end(), counts,
                                   counts + config.num_experts);
   }
