@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <limits>
+#include <ostream>
 #include <string>
 #include <tuple>
 
@@ -15,6 +16,12 @@
 #include "support/testing.h"
 
 namespace moe {
+
+// gtest prints a kernel parameter by name.
+void PrintTo(GroupedGemmKernel kernel, std::ostream* out) {
+  *out << grouped_gemm_kernel_name(kernel);
+}
+
 namespace {
 
 using testing::error_text;
