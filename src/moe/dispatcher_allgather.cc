@@ -1,6 +1,7 @@
 #include <memory>
 
 #include "moe/dispatcher_common.h"
+#include "moe/home_rows.h"
 #include "moe/moe/ep_dispatchers.h"
 
 namespace moe {
@@ -103,7 +104,7 @@ Tensor AllGatherTokenDispatcher::combine(const Tensor& expert_output, DispatchCo
   const auto& state = ep_detail::saved_state<AllGatherState>(ctx, who);
   ep_detail::check_expert_rows(expert_output, state.expert_plan.num_rows(), ctx, who);
   Tensor home = expert_rows_to_home_slots(expert_output, state, ctx.plan.num_rows(), tp_ep_);
-  return ep_detail::combine_home_rows(home, ctx);
+  return internal::combine_home_rows(home, ctx);
 }
 
 Tensor AllGatherTokenDispatcher::combine_backward(const Tensor& grad_output, DispatchContext& ctx,
@@ -111,7 +112,7 @@ Tensor AllGatherTokenDispatcher::combine_backward(const Tensor& grad_output, Dis
   const char* who = "AllGatherTokenDispatcher::combine_backward";
   const auto& state = ep_detail::saved_state<AllGatherState>(ctx, who);
   const Tensor grad_home =  // [plan rows, H]
-      ep_detail::combine_backward_home_rows(who, grad_output, ctx, grad_probs);
+      internal::combine_backward_home_rows(who, grad_output, ctx, grad_probs);
   // The reverse of the reduce-scatter: every rank gets the group's slot gradients and keeps its
   // experts' rows.
   Tensor group_grads =
@@ -128,7 +129,7 @@ Tensor AllGatherTokenDispatcher::dispatch_backward(const Tensor& grad_expert_inp
   const auto& state = ep_detail::saved_state<AllGatherState>(ctx, who);
   ep_detail::check_expert_rows(grad_expert_input, state.expert_plan.num_rows(), ctx, who);
   Tensor home = expert_rows_to_home_slots(grad_expert_input, state, ctx.plan.num_rows(), tp_ep_);
-  return ep_detail::home_rows_to_grad_hidden(home, ctx);
+  return internal::home_rows_to_grad_hidden(home, ctx);
 }
 
 }  // namespace moe

@@ -1,6 +1,7 @@
 #include <memory>
 
 #include "moe/dispatcher_common.h"
+#include "moe/home_rows.h"
 #include "moe/moe/ep_dispatchers.h"
 
 namespace moe {
@@ -62,6 +63,23 @@ Tensor experts_to_home(const Tensor& expert_rows, const AllToAllState& state, in
   return home;
 }
 
+// [group size * E]: at g * E + e, the kept slots of rank g's tokens routed to expert e, from
+// the group's routing and its capacity decision.
+std::vector<int64_t> kept_slots_per_expert(const Routing& group_routing,
+                                           const std::vector<uint8_t>& keep,
+                                           const ep_detail::GroupBatch& batch, int64_t E) {
+  std::vector<int64_t> counts(batch.tokens_per_rank.size() * size_t(E), 0);
+  const int32_t* ids = group_routing.experts.data<int32_t>();
+  int64_t slot = 0;
+  for (size_t g = 0; g < batch.tokens_per_rank.size(); ++g) {
+    for (const int64_t end = slot + batch.tokens_per_rank[g] * group_routing.topk; slot < end;
+         ++slot) {
+      if (keep[size_t(slot)]) ++counts[g * size_t(E) + size_t(ids[slot])];
+    }
+  }
+  return counts;
+}
+
 }  // namespace
 
 AllToAllTokenDispatcher::AllToAllTokenDispatcher(const MoEConfig& config,
@@ -77,20 +95,27 @@ Tensor AllToAllTokenDispatcher::dispatch(const Tensor& hidden, const Routing& ro
   const char* who = "AllToAllTokenDispatcher::dispatch";
   const ep_detail::GroupBatch batch =
       ep_detail::agree_on_batch(who, hidden, routing, config_, tp_ep_);
-  const CapacityDecision capacity =
-      ep_detail::decide_group_capacity(config_, routing, batch, tp_ep_);
+  const int64_t E = config_.num_experts, L = placement_.count, first = placement_.first;
+  // counts[g * E + e]: rows tp-ep rank g = s + etp * q sends to expert e (Megatron all-gathers
+  // them over tp-ep too): the agreement's slot counts when dropless, else the kept slots.
+  std::vector<int64_t> counts = batch.slots_per_expert;
+  CapacityDecision capacity;
+  if (config_.moe_expert_capacity_factor) {
+    const Routing group_routing = ep_detail::gather_routing(routing, batch, tp_ep_);
+    capacity = decide_capacity(config_, group_routing);
+    counts = kept_slots_per_expert(group_routing, capacity.keep, batch, E);
+    // This rank's slots: its tokens' block of the group's.
+    const auto mine = capacity.keep.begin() + batch.first_token * routing.topk;
+    capacity.keep = std::vector<uint8_t>(mine, mine + routing.num_tokens * routing.topk);
+  }
   ctx = DispatchContext{};
   ctx.routing = routing;
   ctx.hidden_size = hidden.dim(1);
   ctx.dtype = hidden.dtype();
   // Permutation 1: the home tokens' kept slots grouped by global expert, in token order, so the
   // rows for ep rank q (experts of q are contiguous) form one block.
-  const int64_t E = config_.num_experts, L = placement_.count, first = placement_.first;
   ctx.plan = build_dispatch_plan(routing.experts, E, 0, E, capacity.keep);
 
-  // counts[g * E + e]: rows tp-ep rank g = s + etp * q sends to expert e (Megatron all-gathers
-  // them over tp-ep too).
-  const std::vector<int64_t> counts = comm::all_gather_values(ctx.plan.rows_per_expert, tp_ep_);
   const int ep = ep_.size(), etp = etp_.size(), me = tp_ep_.rank();
   const auto count = [&](int s, int q, int64_t l) {
     return counts[size_t((s + etp * q) * E + first + l)];
@@ -155,7 +180,7 @@ Tensor AllToAllTokenDispatcher::combine(const Tensor& expert_output, DispatchCon
   const auto& state = ep_detail::saved_state<AllToAllState>(ctx, who);
   ep_detail::check_expert_rows(expert_output, int64_t(state.expert_row_source.size()), ctx, who);
   Tensor home = experts_to_home(expert_output, state, ctx.plan.num_rows(), {ep_, etp_});
-  return ep_detail::combine_home_rows(home, ctx);
+  return internal::combine_home_rows(home, ctx);
 }
 
 Tensor AllToAllTokenDispatcher::combine_backward(const Tensor& grad_output, DispatchContext& ctx,
@@ -163,7 +188,7 @@ Tensor AllToAllTokenDispatcher::combine_backward(const Tensor& grad_output, Disp
   const char* who = "AllToAllTokenDispatcher::combine_backward";
   const auto& state = ep_detail::saved_state<AllToAllState>(ctx, who);
   const Tensor grad_home =  // [plan rows, H]
-      ep_detail::combine_backward_home_rows(who, grad_output, ctx, grad_probs);
+      internal::combine_backward_home_rows(who, grad_output, ctx, grad_probs);
   return home_to_experts(grad_home, state, {ep_, etp_});
 }
 
@@ -174,7 +199,7 @@ Tensor AllToAllTokenDispatcher::dispatch_backward(const Tensor& grad_expert_inpu
   ep_detail::check_expert_rows(grad_expert_input, int64_t(state.expert_row_source.size()), ctx,
                                who);
   Tensor home = experts_to_home(grad_expert_input, state, ctx.plan.num_rows(), {ep_, etp_});
-  return ep_detail::home_rows_to_grad_hidden(home, ctx);
+  return internal::home_rows_to_grad_hidden(home, ctx);
 }
 
 }  // namespace moe

@@ -7,7 +7,6 @@
 
 #include "moe/internal.h"
 #include "moe/moe/ep_dispatchers.h"
-#include "moe/moe/permutation.h"
 
 namespace moe::ep_detail {
 namespace {
@@ -70,6 +69,7 @@ GroupBatch agree_on_batch(const char* who, const Tensor& hidden, const Routing& 
   // The local checks' verdict travels with the header, so a bad argument on one rank raises an
   // error on every rank instead of leaving the others waiting in the next exchange.
   std::string local_error;
+  std::vector<int64_t> slots_per_expert(size_t(config.num_experts), 0);
   try {
     check_ndim(hidden, 2, detail::concat(who, " hidden"));
     MOE_CHECK(hidden.dim(0) == routing.num_tokens, who, ": hidden ", shape_string(hidden.shape()),
@@ -83,6 +83,14 @@ GroupBatch agree_on_batch(const char* who, const Tensor& hidden, const Routing& 
                 detail::concat(who, " routing probs"));
     check_dtype(routing.probs, internal::compute_dtype_for(hidden.dtype()),
                 detail::concat(who, " routing probs"));
+    check_dtype(routing.experts, DType::I32, detail::concat(who, " routing experts"));
+    const int32_t* ids = routing.experts.data<int32_t>();
+    for (int64_t slot = 0; slot < routing.experts.numel(); ++slot) {
+      MOE_CHECK(ids[slot] >= 0 && ids[slot] < config.num_experts, who, ": token ",
+                slot / routing.topk, " slot ", slot % routing.topk, " names expert ", ids[slot],
+                ", outside [0, ", config.num_experts, ")");
+      ++slots_per_expert[size_t(ids[slot])];
+    }
   } catch (const Error& error) {
     local_error = error.what();
   }
@@ -93,7 +101,6 @@ GroupBatch agree_on_batch(const char* who, const Tensor& hidden, const Routing& 
       {"hidden size", valid ? hidden.dim(1) : 0, show_number},
       {"activation dtype", int64_t(hidden.dtype()), show_dtype},
       {"token dispatcher", int64_t(config.moe_token_dispatcher_type), show_dispatcher},
-      {"num_experts", config.num_experts, show_number},
       {"moe_router_type", int64_t(config.moe_router_type), show_router_type},
       {"moe_router_topk", config.moe_router_topk, show_number},
       {"moe_expert_capacity_factor", capacity_bits(config.moe_expert_capacity_factor),
@@ -101,13 +108,18 @@ GroupBatch agree_on_batch(const char* who, const Tensor& hidden, const Routing& 
       {"moe_pad_expert_input_to_capacity", config.moe_pad_expert_input_to_capacity, show_number},
       {"moe_token_drop_policy", int64_t(config.moe_token_drop_policy), show_policy},
   };
-  constexpr size_t kLeading = 2, kFields = kLeading + std::size(agreed);
+  // Then the slots per expert: one exchange carries the agreement and the counts, and its length
+  // (the fields and num_experts counts) is checked by the collectives layer, so ranks with
+  // different num_experts meet its size mismatch error.
+  constexpr size_t kLeading = 2, kAgreed = kLeading + std::size(agreed);
+  const size_t fields = kAgreed + slots_per_expert.size();  // per rank
   std::vector<int64_t> local = {valid, valid ? hidden.dim(0) : 0};
   for (const AgreedField& field : agreed) local.push_back(field.value);
+  local.insert(local.end(), slots_per_expert.begin(), slots_per_expert.end());
   const std::vector<int64_t> header = comm::all_gather_values(local, group);
   if (!valid) throw Error(local_error);
   for (int r = 0; r < group.size(); ++r) {
-    MOE_CHECK(header[size_t(r) * kFields] == 1, who, ": rank ", r, " of group '", group.name(),
+    MOE_CHECK(header[size_t(r) * fields] == 1, who, ": rank ", r, " of group '", group.name(),
               "' (world rank ", group.world_ranks()[size_t(r)],
               ") rejected its arguments; see its error");
   }
@@ -115,23 +127,26 @@ GroupBatch agree_on_batch(const char* who, const Tensor& hidden, const Routing& 
     const size_t column = kLeading + i;
     bool differ = false;
     for (int r = 1; r < group.size(); ++r) {
-      differ |= header[size_t(r) * kFields + column] != header[column];
+      differ |= header[size_t(r) * fields + column] != header[column];
     }
     if (!differ) continue;
     std::string values;
     for (int r = 0; r < group.size(); ++r) {
       values += detail::concat(r ? ", " : "", "rank ", r, ": ",
-                               agreed[i].show(header[size_t(r) * kFields + column]));
+                               agreed[i].show(header[size_t(r) * fields + column]));
     }
     throw Error(detail::concat(who, ": the ranks of group '", group.name(), "' disagree on the ",
                                agreed[i].name, " (", values, ")"));
   }
   GroupBatch batch;
   for (int r = 0; r < group.size(); ++r) {
-    const int64_t tokens = header[size_t(r) * kFields + 1];
+    const int64_t tokens = header[size_t(r) * fields + 1];
     if (r == group.rank()) batch.first_token = batch.total_tokens;
     batch.tokens_per_rank.push_back(tokens);
     batch.total_tokens += tokens;
+    const auto counts = header.begin() + long(size_t(r) * fields + kAgreed);
+    batch.slots_per_expert.insert(batch.slots_per_expert.end(), counts,
+                                  counts + config.num_experts);
   }
   return batch;
 }
@@ -146,17 +161,6 @@ Routing gather_routing(const Routing& local, const GroupBatch& batch,
   comm::all_gather_v(local.experts, global.experts, batch.tokens_per_rank, group);
   comm::all_gather_v(local.probs, global.probs, batch.tokens_per_rank, group);
   return global;
-}
-
-CapacityDecision decide_group_capacity(const MoEConfig& config, const Routing& local,
-                                       const GroupBatch& batch, const comm::ProcessGroup& group) {
-  if (!config.moe_expert_capacity_factor) return {};
-  CapacityDecision global = decide_capacity(config, gather_routing(local, batch, group));
-  const auto first = global.keep.begin() + batch.first_token * local.topk;
-  CapacityDecision mine;
-  mine.keep.assign(first, first + local.num_tokens * local.topk);
-  mine.pad_rows_to = global.pad_rows_to;
-  return mine;
 }
 
 void gather_rows(const Tensor& src, std::span<const int64_t> source_of_row, Tensor& dst) {
@@ -185,33 +189,6 @@ void check_expert_rows(const Tensor& rows, int64_t num_rows, const DispatchConte
                        const char* what) {
   check_shape(rows, {num_rows, ctx.hidden_size}, what);
   check_dtype(rows, ctx.dtype, what);
-}
-
-Tensor combine_home_rows(const Tensor& home, DispatchContext& ctx) {
-  Tensor out = Tensor::empty({ctx.plan.num_tokens, ctx.hidden_size}, ctx.dtype);  // [T, H]
-  unpermute_rows(home, ctx.plan, ctx.routing.probs, out);
-  ctx.combine_rows = home;  // d(probs) needs the rows that were combined
-  return out;
-}
-
-Tensor combine_backward_home_rows(const char* who, const Tensor& grad_output, DispatchContext& ctx,
-                                  Tensor& grad_probs) {
-  MOE_CHECK(ctx.combine_rows.defined(), who, ": combine has not run for this micro-batch");
-  const std::string what = std::string(who) + " grad_output";
-  check_shape(grad_output, {ctx.plan.num_tokens, ctx.hidden_size}, what);
-  check_dtype(grad_output, ctx.dtype, what);
-  Tensor grad_home = Tensor::empty(ctx.combine_rows.shape(), ctx.dtype);  // [plan rows, H]
-  unpermute_rows_backward(ctx.combine_rows, grad_output, ctx.plan, ctx.routing.probs, grad_home,
-                          grad_probs);
-  ctx.combine_rows = Tensor();
-  return grad_home;
-}
-
-Tensor home_rows_to_grad_hidden(const Tensor& grad_home, DispatchContext& ctx) {
-  Tensor grad_hidden = Tensor::empty({ctx.plan.num_tokens, ctx.hidden_size}, ctx.dtype);
-  unpermute_rows(grad_home, ctx.plan, Tensor(), grad_hidden);
-  ctx = DispatchContext{};  // the micro-batch is done with the dispatcher
-  return grad_hidden;
 }
 
 }  // namespace moe::ep_detail

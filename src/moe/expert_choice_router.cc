@@ -1,20 +1,8 @@
 #include "moe/moe/expert_choice_router.h"
 
-#include <algorithm>
-#include <cmath>
-
-#include "moe/moe/permutation.h"
 #include "moe/tensor/error.h"
 
 namespace moe {
-
-int64_t expert_choice_capacity(int64_t num_tokens, int64_t num_experts, double capacity_factor) {
-  MOE_CHECK(num_tokens >= 0 && num_experts > 0 && capacity_factor > 0.0,
-            "expert_choice_capacity: num_tokens (", num_tokens, "), num_experts (", num_experts,
-            ") and capacity_factor (", capacity_factor, ") are out of range");
-  const double share = std::ceil(double(num_tokens) * capacity_factor / double(num_experts));
-  return std::min(num_tokens, int64_t(share));
-}
 
 MoEConfig expert_choice_scoring_config(const MoEConfig& config) {
   MOE_CHECK(config.moe_router_type == RouterType::kExpertChoice,
@@ -28,23 +16,6 @@ MoEConfig expert_choice_scoring_config(const MoEConfig& config) {
   scoring.moe_router_pre_softmax = true;
   scoring.moe_router_load_balancing_type = LoadBalancingType::kNone;
   return scoring;
-}
-
-CapacityDecision decide_expert_choice(const MoEConfig& config, const Routing& routing) {
-  MOE_CHECK(
-      config.moe_router_type == RouterType::kExpertChoice && config.moe_expert_capacity_factor,
-      "decide_expert_choice: needs moe_router_type expert_choice with "
-      "moe_expert_capacity_factor");
-  MOE_CHECK(routing.topk == config.num_experts, "decide_expert_choice: the routing has ",
-            routing.topk, " slots per token, expert choice needs one per expert (",
-            config.num_experts, ")");
-  const int64_t capacity = expert_choice_capacity(routing.num_tokens, config.num_experts,
-                                                  *config.moe_expert_capacity_factor);
-  CapacityDecision decision;
-  decision.keep =
-      select_within_capacity(routing, config.num_experts, capacity, TokenDropPolicy::kProbs);
-  if (config.moe_pad_expert_input_to_capacity) decision.pad_rows_to = capacity;
-  return decision;
 }
 
 void validate_expert_choice(const MoEConfig& config) {

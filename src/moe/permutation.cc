@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "moe/home_rows.h"
 #include "moe/internal.h"
 #include "tensor/dtype_switch.h"
 
@@ -88,43 +89,6 @@ void check_rows_kernel_args(const Tensor& token_side, const Tensor& row_side,
 }
 
 }  // namespace
-
-int64_t expert_capacity(int64_t num_tokens, int64_t topk, int64_t num_experts,
-                        double capacity_factor) {
-  MOE_CHECK(num_tokens >= 0 && topk > 0 && num_experts > 0 && capacity_factor > 0.0,
-            "expert_capacity: num_tokens (", num_tokens, "), topk (", topk, "), num_experts (",
-            num_experts, ") and capacity_factor (", capacity_factor, ") are out of range");
-  return int64_t(std::ceil(double(num_tokens * topk) / double(num_experts) * capacity_factor));
-}
-
-std::vector<uint8_t> select_within_capacity(const Routing& routing, int64_t num_experts,
-                                            int64_t capacity, TokenDropPolicy policy) {
-  check_experts_tensor(routing.experts, "select_within_capacity experts");
-  MOE_CHECK(capacity >= 0, "select_within_capacity: capacity (", capacity, ") must be >= 0");
-  const int64_t slots = routing.experts.numel();
-  const int32_t* ids = routing.experts.data<int32_t>();
-  std::vector<std::vector<int64_t>> slots_per_expert(static_cast<size_t>(num_experts));
-  for (int64_t s = 0; s < slots; ++s) {
-    MOE_CHECK(ids[s] >= 0 && ids[s] < num_experts, "select_within_capacity: slot ", s,
-              " names expert ", ids[s], ", outside [0, ", num_experts, ")");
-    slots_per_expert[size_t(ids[s])].push_back(s);  // token order
-  }
-  std::vector<uint8_t> keep(size_t(slots), 0);
-  internal::with_compute_type(routing.probs.dtype(), [&](auto tag) {
-    using C = decltype(tag);
-    const C* probs = routing.probs.data<C>();
-    for (auto& list : slots_per_expert) {
-      if (int64_t(list.size()) > capacity && policy == TokenDropPolicy::kProbs) {
-        // Highest probability first; the lower token index (= lower slot) wins ties.
-        std::stable_sort(list.begin(), list.end(),
-                         [&](int64_t a, int64_t b) { return probs[a] > probs[b]; });
-      }
-      size_t kept = size_t(std::min<int64_t>(capacity, int64_t(list.size())));
-      for (size_t i = 0; i < kept; ++i) keep[size_t(list[i])] = 1;
-    }
-  });
-  return keep;
-}
 
 std::vector<int64_t> unpadded_rows_per_expert(const DispatchPlan& plan) {
   std::vector<int64_t> counts(plan.rows_per_expert.size(), 0);
@@ -270,6 +234,37 @@ void unpermute_rows_backward(const Tensor& rows, const Tensor& grad_out, const D
     }
   });
 }
+
+namespace internal {
+
+Tensor combine_home_rows(const Tensor& home, DispatchContext& ctx) {
+  Tensor out = Tensor::empty({ctx.plan.num_tokens, ctx.hidden_size}, ctx.dtype);  // [T, H]
+  unpermute_rows(home, ctx.plan, ctx.routing.probs, out);
+  ctx.combine_rows = home;  // d(probs) needs the rows that were combined
+  return out;
+}
+
+Tensor combine_backward_home_rows(const char* who, const Tensor& grad_output, DispatchContext& ctx,
+                                  Tensor& grad_probs) {
+  MOE_CHECK(ctx.combine_rows.defined(), who, ": combine has not run for this micro-batch");
+  const std::string what = std::string(who) + " grad_output";
+  check_shape(grad_output, {ctx.plan.num_tokens, ctx.hidden_size}, what);
+  check_dtype(grad_output, ctx.dtype, what);
+  Tensor grad_home = Tensor::empty(ctx.combine_rows.shape(), ctx.dtype);  // [plan rows, H]
+  unpermute_rows_backward(ctx.combine_rows, grad_output, ctx.plan, ctx.routing.probs, grad_home,
+                          grad_probs);
+  ctx.combine_rows = Tensor();
+  return grad_home;
+}
+
+Tensor home_rows_to_grad_hidden(const Tensor& grad_home, DispatchContext& ctx) {
+  Tensor grad_hidden = Tensor::empty({ctx.plan.num_tokens, ctx.hidden_size}, ctx.dtype);
+  unpermute_rows(grad_home, ctx.plan, Tensor(), grad_hidden);
+  ctx = DispatchContext{};  // the micro-batch is done with the dispatcher
+  return grad_hidden;
+}
+
+}  // namespace internal
 
 namespace reference {
 

@@ -1,29 +1,18 @@
 #include "moe/moe/token_dispatcher.h"
 
-#include "moe/dispatcher_common.h"
-#include "moe/moe/expert_choice_router.h"
+#include "moe/home_rows.h"
 
 namespace moe {
+namespace {
 
-CapacityDecision decide_capacity(const MoEConfig& config, const Routing& routing) {
-  CapacityDecision decision;
-  if (!config.moe_expert_capacity_factor) return decision;
-  if (config.moe_router_type == RouterType::kExpertChoice) {
-    return decide_expert_choice(config, routing);
-  }
-  int64_t capacity = expert_capacity(routing.num_tokens, routing.topk, config.num_experts,
-                                     *config.moe_expert_capacity_factor);
-  decision.keep =
-      select_within_capacity(routing, config.num_experts, capacity, config.moe_token_drop_policy);
-  if (config.moe_pad_expert_input_to_capacity) decision.pad_rows_to = capacity;
-  return decision;
-}
-
+// Checks that a combine/dispatch argument matches what dispatch saw.
 void check_dispatch_rows(const Tensor& rows, const DispatchContext& ctx, const char* what) {
   MOE_CHECK(ctx.routing.experts.defined(), what, ": the dispatch context holds no forward state");
   check_shape(rows, {ctx.plan.num_rows(), ctx.hidden_size}, what);
   check_dtype(rows, ctx.dtype, what);
 }
+
+}  // namespace
 
 LocalTokenDispatcher::LocalTokenDispatcher(const MoEConfig& config)
     : config_(config), placement_(ExpertPlacement::all(config.num_experts)) {
@@ -54,20 +43,20 @@ Tensor LocalTokenDispatcher::dispatch(const Tensor& hidden, const Routing& routi
 
 Tensor LocalTokenDispatcher::combine(const Tensor& expert_output, DispatchContext& ctx) {
   check_dispatch_rows(expert_output, ctx, "LocalTokenDispatcher::combine expert output");
-  return ep_detail::combine_home_rows(expert_output, ctx);
+  return internal::combine_home_rows(expert_output, ctx);
 }
 
 Tensor LocalTokenDispatcher::combine_backward(const Tensor& grad_output, DispatchContext& ctx,
                                               Tensor& grad_probs) {
   check_dispatch_rows(ctx.combine_rows, ctx, "LocalTokenDispatcher::combine_backward saved rows");
-  return ep_detail::combine_backward_home_rows("LocalTokenDispatcher::combine_backward",
-                                               grad_output, ctx, grad_probs);
+  return internal::combine_backward_home_rows("LocalTokenDispatcher::combine_backward", grad_output,
+                                              ctx, grad_probs);
 }
 
 Tensor LocalTokenDispatcher::dispatch_backward(const Tensor& grad_expert_input,
                                                DispatchContext& ctx) {
   check_dispatch_rows(grad_expert_input, ctx, "LocalTokenDispatcher::dispatch_backward gradient");
-  return ep_detail::home_rows_to_grad_hidden(grad_expert_input, ctx);
+  return internal::home_rows_to_grad_hidden(grad_expert_input, ctx);
 }
 
 }  // namespace moe

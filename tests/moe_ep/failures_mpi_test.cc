@@ -79,6 +79,28 @@ TEST(ExpertParallelFailures, ABadArgumentOnOneRankFailsEveryRank) {
   EXPECT_NO_THROW(dispatcher->dispatch(Tensor({3, 4}), simple_routing(3, 2), ctx));
 }
 
+// The expert ids are checked with the agreement, so an id out of range on one rank fails every
+// rank before the counts are used.
+TEST(ExpertParallelFailures, AnExpertIdOutOfRangeOnOneRankFailsEveryRank) {
+  const comm::ParallelState& parallel = testing::parallel_state(world_size());
+  for (TokenDispatcherType type : kTypes) {
+    SCOPED_TRACE(std::string(name_of(type)));
+    auto dispatcher = make_token_dispatcher(small_config(type), parallel);
+    Routing routing = simple_routing(3, 2);
+    if (parallel.world_rank == 1) routing.experts.data<int32_t>()[3] = 9;  // token 1, slot 1
+    DispatchContext ctx;
+    const std::string text = error_text([&] {
+      dispatcher->dispatch(Tensor({3, 4}), routing, ctx);
+    });
+    if (parallel.world_rank == 1) {
+      EXPECT_CONTAINS(text, "dispatch: token 1 slot 1 names expert 9, outside [0, 8)");
+    } else {
+      EXPECT_CONTAINS(text, "rank 1 of group 'tp_ep' (world rank 1) rejected its arguments");
+    }
+    EXPECT_NO_THROW(dispatcher->dispatch(Tensor({3, 4}), simple_routing(3, 2), ctx));
+  }
+}
+
 TEST(ExpertParallelFailures, RanksWithDifferentMoESettingsFailOnEveryRank) {
   const comm::ParallelState& parallel = testing::parallel_state(world_size());
   const bool odd = parallel.world_rank == 1;
@@ -109,6 +131,15 @@ TEST(ExpertParallelFailures, RanksWithDifferentMoESettingsFailOnEveryRank) {
   EXPECT_CONTAINS(text,
                   "AllToAllTokenDispatcher::dispatch: the ranks of group 'tp_ep' disagree "
                   "on the moe_router_type (rank 0: topk, rank 1: expert_choice");
+
+  // The slots per expert travel with the agreement: different num_experts make exchanges of
+  // different lengths, which the collectives layer refuses on every rank.
+  config = small_config(TokenDispatcherType::kAllToAll);
+  if (odd) config.num_experts = 16;
+  text = error_text([&] {
+    make_token_dispatcher(config, parallel)->dispatch(Tensor({3, 4}), simple_routing(3, 2), ctx);
+  });
+  EXPECT_CONTAINS(text, "ranks called different collectives or sizes");
 }
 
 // Ranks out of step (rank 0 combines while the others dispatch again): the collectives layer's

@@ -17,6 +17,7 @@
 
 #include "ep_test_util.h"
 #include "moe/comm/process_group.h"
+#include "moe/moe/capacity.h"
 #include "moe/moe/ep_dispatchers.h"
 #include "moe/moe/expert_choice_router.h"
 #include "moe/moe/moe_layer.h"

@@ -10,6 +10,7 @@
 
 #include "ep_test_util.h"
 #include "moe/comm/process_group.h"
+#include "moe/moe/capacity.h"
 #include "moe/moe/ep_dispatchers.h"
 
 namespace moe {

@@ -6,14 +6,22 @@
 
 #include <cmath>
 #include <limits>
+#include <ostream>
 #include <string>
 #include <tuple>
 
-#include "kernel_harness.h"
 #include "moe/tensor/gemm.h"
+#include "moe/tensor/rng.h"
+#include "support/kernel_harness.h"
 #include "support/testing.h"
 
 namespace moe {
+
+// gtest prints a kernel parameter by name.
+void PrintTo(GroupedGemmKernel kernel, std::ostream* out) {
+  *out << grouped_gemm_kernel_name(kernel);
+}
+
 namespace {
 
 using testing::error_text;
@@ -185,28 +193,77 @@ const GroupedGemmKernel kPackedKernels[] = {GroupedGemmKernel::kPackedAvx2,
                                             GroupedGemmKernel::kPackedAvx512,
                                             GroupedGemmKernel::kPackedAvx512Bf16};
 
-TEST_P(GroupedGemmHarness, EveryKernelMatchesReference) {
+// Whether `kernel` computes products of this input dtype at all (whether this CPU runs it is
+// grouped_gemm_kernel_available's answer): the packed kernels have no fp64 path and the
+// AVX-512 BF16 one takes bf16 only.
+bool kernel_serves(GroupedGemmKernel kernel, DType input) {
+  switch (kernel) {
+    case GroupedGemmKernel::kPackedAvx2:
+    case GroupedGemmKernel::kPackedAvx512:
+      return input != DType::F64;
+    case GroupedGemmKernel::kPackedAvx512Bf16:
+      return input == DType::BF16;
+    default:
+      return true;
+  }
+}
+
+// A kernel this CPU cannot run is reported as skipped, never passed over.
+#define SKIP_UNLESS_AVAILABLE(kernel, input)                                           \
+  if (!grouped_gemm_kernel_available((kernel), (input)))                               \
+  GTEST_SKIP() << grouped_gemm_kernel_name(kernel) << " does not run on this CPU for " \
+               << dtype_name(input)
+
+// One kernel in one form, dtype, output dtype and accumulate mode.
+class GroupedGemmKernelHarness
+    : public ::testing::TestWithParam<std::tuple<GroupedGemmKernel, GroupedParam>> {
+ protected:
+  GroupedGemmKernel kernel() const { return std::get<0>(GetParam()); }
+  GemmForm form() const { return std::get<0>(std::get<1>(GetParam())); }
+  DType input() const { return std::get<1>(std::get<1>(GetParam())); }
+  DType output() const { return std::get<2>(std::get<1>(GetParam())) ? DType::F32 : input(); }
+  bool accumulate() const { return std::get<3>(std::get<1>(GetParam())); }
+};
+
+TEST_P(GroupedGemmKernelHarness, MatchesReference) {
+  SKIP_UNLESS_AVAILABLE(kernel(), input());
   uint64_t seed = 100;
   for (const GroupedCase& gc : kGroupedCases) {
     seed += 10;
     Operands expected = make_operands(form(), gc, input(), output(), accumulate(), seed);
-    GroupedGemmArgs expected_args = args_for(form(), gc, expected, accumulate());
-    grouped_gemm_reference(expected_args);
+    grouped_gemm_reference(args_for(form(), gc, expected, accumulate()));
     int64_t rows = expected.a.dim(0);
     int64_t depth = form() == GemmForm::kForward     ? gc.k
                     : form() == GemmForm::kGradInput ? gc.n
                                                      : rows;
     testing::Tolerance tol = grouped_tolerance(output(), depth);
-    for (GroupedGemmKernel kernel : kAllKernels) {
-      if (!grouped_gemm_kernel_available(kernel, input())) continue;
-      Operands actual = make_operands(form(), gc, input(), output(), accumulate(), seed);
-      grouped_gemm(args_for(form(), gc, actual, accumulate()), kernel);
-      EXPECT_TRUE(tensors_close(actual.c, expected.c, tol.atol, tol.rtol))
-          << grouped_gemm_kernel_name(kernel) << " on groups of " << shape_string(gc.group_rows)
-          << ", K=" << gc.k << ", N=" << gc.n;
-    }
+    Operands actual = make_operands(form(), gc, input(), output(), accumulate(), seed);
+    grouped_gemm(args_for(form(), gc, actual, accumulate()), kernel());
+    EXPECT_TRUE(tensors_close(actual.c, expected.c, tol.atol, tol.rtol))
+        << "groups of " << shape_string(gc.group_rows) << ", K=" << gc.k << ", N=" << gc.n;
   }
 }
+
+std::vector<std::tuple<GroupedGemmKernel, GroupedParam>> kernel_params() {
+  std::vector<std::tuple<GroupedGemmKernel, GroupedParam>> params;
+  for (GroupedGemmKernel kernel : kAllKernels)
+    for (const GroupedParam& param : grouped_params())
+      if (kernel_serves(kernel, std::get<1>(param))) params.emplace_back(kernel, param);
+  return params;
+}
+
+std::string grouped_param_name(const GroupedParam& p) {
+  return std::string(gemm_form_name(std::get<0>(p))) + "_" + testing::dtype_label(std::get<1>(p)) +
+         (std::get<2>(p) ? "_to_fp32" : "_to_same") +
+         (std::get<3>(p) ? "_accumulate" : "_overwrite");
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    AllKernels, GroupedGemmKernelHarness, ::testing::ValuesIn(kernel_params()),
+    [](const ::testing::TestParamInfo<std::tuple<GroupedGemmKernel, GroupedParam>>& info) {
+      return std::string(grouped_gemm_kernel_name(std::get<0>(info.param))) + "_" +
+             grouped_param_name(std::get<1>(info.param));
+    });
 
 TEST_P(GroupedGemmHarness, TensorFormMatchesArgsForm) {
   GroupedCase gc{{4, 0, 9}, 6, 11};
@@ -219,44 +276,153 @@ TEST_P(GroupedGemmHarness, TensorFormMatchesArgsForm) {
 
 INSTANTIATE_TEST_SUITE_P(AllForms, GroupedGemmHarness, ::testing::ValuesIn(grouped_params()),
                          [](const ::testing::TestParamInfo<GroupedParam>& info) {
-                           const GroupedParam& p = info.param;
-                           return std::string(gemm_form_name(std::get<0>(p))) + "_" +
-                                  testing::dtype_label(std::get<1>(p)) +
-                                  (std::get<2>(p) ? "_to_fp32" : "_to_same") +
-                                  (std::get<3>(p) ? "_accumulate" : "_overwrite");
+                           return grouped_param_name(info.param);
                          });
+
+// The packed kernels, one test each, so a kernel this CPU cannot run shows as skipped.
+class PackedKernel : public ::testing::TestWithParam<GroupedGemmKernel> {};
 
 // A packed kernel computes each output element in one thread in a fixed depth order, so its
 // results are bitwise the same whatever the thread count (and whatever tiling the planner picks
 // for it). (OpenBLAS, behind per_group_blas, is reproducible only for a fixed thread count.)
-TEST(GroupedGemmDeterminism, PackedKernelsAreBitwiseIdenticalForAnyThreadCount) {
+TEST_P(PackedKernel, BitwiseIdenticalForAnyThreadCount) {
+  const GroupedGemmKernel kernel = GetParam();
   GroupedCase gc{{40, 0, 300, 7, 1}, 300, 200};
   int saved_threads = omp_get_max_threads();
-  int tested = 0;
-  for (GroupedGemmKernel kernel : kPackedKernels) {
-    for (GemmForm form : {GemmForm::kForward, GemmForm::kGradInput, GemmForm::kGradWeight}) {
-      for (DType dtype : {DType::F32, DType::BF16}) {
-        if (!grouped_gemm_kernel_available(kernel, dtype)) continue;
-        ++tested;
-        Tensor first;
-        for (int threads : {1, 2, 3}) {
-          omp_set_num_threads(threads);
-          Operands o = make_operands(form, gc, dtype, dtype, true, 5);
-          grouped_gemm(args_for(form, gc, o, true), kernel);
-          if (!first.defined()) {
-            first = o.c;
-            continue;
-          }
-          EXPECT_TRUE(testing::same_bytes(first, o.c))
-              << grouped_gemm_kernel_name(kernel) << " " << gemm_form_name(form) << " "
-              << dtype_name(dtype) << " with " << threads << " threads";
+  for (GemmForm form : {GemmForm::kForward, GemmForm::kGradInput, GemmForm::kGradWeight}) {
+    for (DType dtype : {DType::F32, DType::BF16}) {
+      if (!kernel_serves(kernel, dtype)) continue;
+      SKIP_UNLESS_AVAILABLE(kernel, dtype);
+      Tensor first;
+      for (int threads : {1, 2, 3}) {
+        omp_set_num_threads(threads);
+        Operands o = make_operands(form, gc, dtype, dtype, true, 5);
+        grouped_gemm(args_for(form, gc, o, true), kernel);
+        if (!first.defined()) {
+          first = o.c;
+          continue;
         }
+        EXPECT_TRUE(testing::same_bytes(first, o.c))
+            << gemm_form_name(form) << " " << dtype_name(dtype) << " with " << threads
+            << " threads";
       }
     }
   }
   omp_set_num_threads(saved_threads);
-  if (tested == 0) GTEST_SKIP() << "no packed kernel runs on this CPU";
 }
+
+// A product deep enough that a tile's packed A exceeds what the fp32 packed kernels keep for every
+// depth chunk at once (2 Mi words; here 300 rows x 7300 depth): they then pack A one chunk at a
+// time, reusing one buffer. The results must not change.
+TEST_P(PackedKernel, DeepProductsMatchReference) {
+  const GroupedGemmKernel kernel = GetParam();
+  GroupedCase gc{{300, 3}, 7300, 5};
+  for (DType dtype : {DType::F32, DType::BF16}) {
+    if (!kernel_serves(kernel, dtype)) continue;
+    SKIP_UNLESS_AVAILABLE(kernel, dtype);
+    Operands expected = make_operands(GemmForm::kForward, gc, dtype, DType::F32, true, 21);
+    grouped_gemm_reference(args_for(GemmForm::kForward, gc, expected, true));
+    const testing::Tolerance tol = grouped_tolerance(DType::F32, gc.k);
+    Operands actual = make_operands(GemmForm::kForward, gc, dtype, DType::F32, true, 21);
+    grouped_gemm(args_for(GemmForm::kForward, gc, actual, true), kernel);
+    EXPECT_TRUE(tensors_close(actual.c, expected.c, tol.atol, tol.rtol)) << dtype_name(dtype);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Packed, PackedKernel, ::testing::ValuesIn(kPackedKernels),
+                         [](const ::testing::TestParamInfo<GroupedGemmKernel>& info) {
+                           return std::string(grouped_gemm_kernel_name(info.param));
+                         });
+
+// Exact checks as CUTLASS's testbeds make them: operands of small integers (|value| <= 3), so
+// every product and every partial sum is an integer far below 2^24, exact in fp32 (and in the
+// bf16 and fp16 inputs); every kernel must then give exactly the integer result, whatever its
+// summation order, on the awkward row counts 0, 1, 5, 17 and 129 and a depth past one chunk.
+class GroupedGemmExact : public ::testing::TestWithParam<GroupedGemmKernel> {};
+
+Tensor small_integers(const Shape& shape, DType dtype, Rng& rng) {
+  Tensor t = Tensor::empty(shape, dtype);
+  for (int64_t i = 0; i < t.numel(); ++i) t.set(i, float(int64_t(rng.below(7)) - 3));
+  return t;
+}
+
+// c (+)= the grouped product, in int64 from the operands' integer values.
+std::vector<int64_t> integer_product(GemmForm form, const GroupedCase& gc, const Operands& o,
+                                     bool accumulate) {
+  const auto at = [](const Tensor& t, int64_t i) { return int64_t(testing::value_at(t, i)); };
+  std::vector<int64_t> c(size_t(o.c.numel()));
+  for (int64_t i = 0; i < o.c.numel(); ++i) c[size_t(i)] = accumulate ? at(o.c, i) : 0;
+  const int64_t K = gc.k, N = gc.n;
+  int64_t row = 0;
+  for (size_t g = 0; g < gc.group_rows.size(); ++g) {
+    const int64_t G = int64_t(g);
+    for (int64_t r = row; r < row + gc.group_rows[g]; ++r) {
+      for (int64_t i = 0; i < K; ++i) {
+        for (int64_t j = 0; j < N; ++j) {
+          switch (form) {
+            case GemmForm::kForward:  // c[r, j] += a[r, i] * b[g, i, j]
+              c[size_t(r * N + j)] += at(o.a, r * K + i) * at(o.b, (G * K + i) * N + j);
+              break;
+            case GemmForm::kGradInput:  // c[r, i] += a[r, j] * b[g, i, j]
+              c[size_t(r * K + i)] += at(o.a, r * N + j) * at(o.b, (G * K + i) * N + j);
+              break;
+            case GemmForm::kGradWeight:  // c[g, i, j] += a[r, i] * b[r, j]
+              c[size_t((G * K + i) * N + j)] += at(o.a, r * K + i) * at(o.b, r * N + j);
+              break;
+          }
+        }
+      }
+    }
+    row += gc.group_rows[g];
+  }
+  return c;
+}
+
+TEST_P(GroupedGemmExact, SmallIntegerProductsAreExact) {
+  const GroupedGemmKernel kernel = GetParam();
+  const GroupedCase cases[] = {{{0, 1, 5, 17, 129}, 7, 9}, {{129, 0, 5}, 300, 3}};
+  Rng rng(31);
+  int tested = 0;
+  for (DType input : testing::kHarnessDtypes) {
+    if (!kernel_serves(kernel, input)) continue;
+    SKIP_UNLESS_AVAILABLE(kernel, input);
+    const DType output = input == DType::F64 ? DType::F64 : DType::F32;
+    for (const GroupedCase& gc : cases) {
+      int64_t rows = 0;
+      for (int64_t r : gc.group_rows) rows += r;
+      const int64_t groups = int64_t(gc.group_rows.size());
+      for (GemmForm form : {GemmForm::kForward, GemmForm::kGradInput, GemmForm::kGradWeight}) {
+        for (bool accumulate : {false, true}) {
+          Operands o;
+          const int64_t a_cols = form == GemmForm::kGradInput ? gc.n : gc.k;
+          o.a = small_integers({rows, a_cols}, input, rng);
+          o.b = form == GemmForm::kGradWeight ? small_integers({rows, gc.n}, input, rng)
+                                              : small_integers({groups, gc.k, gc.n}, input, rng);
+          const Shape c_shape = form == GemmForm::kForward     ? Shape{rows, gc.n}
+                                : form == GemmForm::kGradInput ? Shape{rows, gc.k}
+                                                               : Shape{groups, gc.k, gc.n};
+          o.c = small_integers(c_shape, output, rng);
+          const std::vector<int64_t> expected = integer_product(form, gc, o, accumulate);
+          grouped_gemm(args_for(form, gc, o, accumulate), kernel);
+          ++tested;
+          for (int64_t i = 0; i < o.c.numel(); ++i) {
+            ASSERT_EQ(testing::value_at(o.c, i), double(expected[size_t(i)]))
+                << gemm_form_name(form) << " " << dtype_name(input)
+                << (accumulate ? " accumulate" : " overwrite") << " on groups of "
+                << shape_string(gc.group_rows) << ", K=" << gc.k << ", N=" << gc.n << ", element "
+                << i;
+          }
+        }
+      }
+    }
+  }
+  EXPECT_GT(tested, 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(AllKernels, GroupedGemmExact, ::testing::ValuesIn(kAllKernels),
+                         [](const ::testing::TestParamInfo<GroupedGemmKernel>& info) {
+                           return std::string(grouped_gemm_kernel_name(info.param));
+                         });
 
 // Each output element is one fp32 FMA chain in depth order in every packed kernel, whatever its
 // vector width or tile shape, so a CPU with AVX-512 gives bitwise the results of one without.
@@ -275,25 +441,6 @@ TEST(GroupedGemmDeterminism, PackedKernelsAgreeBitwise) {
             << gemm_form_name(form) << " " << dtype_name(dtype) << " on groups of "
             << shape_string(gc.group_rows) << ", K=" << gc.k << ", N=" << gc.n;
       }
-    }
-  }
-}
-
-// A product deep enough that a tile's packed A exceeds what the fp32 packed kernels keep for every
-// depth chunk at once (2 Mi words; here 300 rows x 7300 depth): they then pack A one chunk at a
-// time, reusing one buffer. The results must not change.
-TEST(GroupedGemmKernels, DeepProductsMatchReference) {
-  GroupedCase gc{{300, 3}, 7300, 5};
-  for (DType dtype : {DType::F32, DType::BF16}) {
-    Operands expected = make_operands(GemmForm::kForward, gc, dtype, DType::F32, true, 21);
-    grouped_gemm_reference(args_for(GemmForm::kForward, gc, expected, true));
-    const testing::Tolerance tol = grouped_tolerance(DType::F32, gc.k);
-    for (GroupedGemmKernel kernel : kPackedKernels) {
-      if (!grouped_gemm_kernel_available(kernel, dtype)) continue;
-      Operands actual = make_operands(GemmForm::kForward, gc, dtype, DType::F32, true, 21);
-      grouped_gemm(args_for(GemmForm::kForward, gc, actual, true), kernel);
-      EXPECT_TRUE(tensors_close(actual.c, expected.c, tol.atol, tol.rtol))
-          << grouped_gemm_kernel_name(kernel) << " " << dtype_name(dtype);
     }
   }
 }

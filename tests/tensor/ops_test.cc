@@ -3,18 +3,18 @@
 // enough to take the OpenMP path); finite-difference checks of every backward pair in fp64, which
 // verify the references themselves; bad inputs and the text of their errors.
 #include <cmath>
-#include <functional>
 #include <string>
 #include <tuple>
 #include <vector>
 
-#include "kernel_harness.h"
 #include "moe/tensor/ops.h"
+#include "support/kernel_harness.h"
 #include "support/testing.h"
 
 namespace moe {
 namespace {
 
+using testing::check_gradient;
 using testing::elementwise_tolerance;
 using testing::error_text;
 using testing::random_normal;
@@ -184,34 +184,20 @@ INSTANTIATE_TEST_SUITE_P(Kernels, OpsHarness,
 
 // ---- Finite differences in fp64: d/dx of loss(x) = sum(forward(x) * upstream). ----
 
-using Forward = std::function<Tensor(const Tensor&)>;
-
 double weighted_loss(const Tensor& y, const Tensor& upstream) {
   double total = 0;
   for (int64_t i = 0; i < y.numel(); ++i) total += y.data<double>()[i] * upstream.data<double>()[i];
   return total;
 }
 
-// Central differences of the loss with respect to every element of `variable`, which `forward`
-// reads through its captured reference.
-Tensor numerical_gradient(Tensor& variable, const Tensor& upstream, const Forward& forward) {
-  const double step = 1e-6;
-  Tensor gradient(variable.shape(), DType::F64);
-  double* v = variable.data<double>();
-  for (int64_t i = 0; i < variable.numel(); ++i) {
-    double saved = v[i];
-    v[i] = saved + step;
-    double plus = weighted_loss(forward(variable), upstream);
-    v[i] = saved - step;
-    double minus = weighted_loss(forward(variable), upstream);
-    v[i] = saved;
-    gradient.data<double>()[i] = (plus - minus) / (2 * step);
-  }
-  return gradient;
-}
-
 // Gradients must match differences to ~1e-7 (step^2 truncation plus rounding / step).
 constexpr double kFiniteDifferenceTolerance = 1e-6;
+constexpr double kStep = 1e-6;
+
+// check_gradient's sample count that visits every element of `values`.
+int every_element(const Tensor& values) {
+  return int(values.numel());
+}
 
 Tensor fp64(const Shape& shape, uint64_t seed, float std = 1.0f) {
   return random_normal(shape, seed, std, DType::F64);
@@ -299,12 +285,13 @@ TEST(FiniteDifference, ActivationAndSoftmaxBackwardKernels) {
       c.forward(in, y);
       return y;
     };
-    Tensor numeric = numerical_gradient(x, upstream, forward);
     Tensor saved = c.backward_reads_output ? forward(x) : x;
     for (UnaryBackward backward : {c.fast_backward, c.reference_backward}) {
       Tensor dx(x.shape(), DType::F64);
       backward(saved, upstream, dx);
-      EXPECT_TRUE(tensors_close(dx, numeric, kFiniteDifferenceTolerance, 0)) << c.name;
+      EXPECT_TRUE(check_gradient(
+          x, dx, [&] { return weighted_loss(forward(x), upstream); }, c.name, every_element(x),
+          /*rtol=*/0, kFiniteDifferenceTolerance, kStep));
     }
   }
 }
@@ -317,18 +304,17 @@ TEST(FiniteDifference, RmsnormInputAndWeight) {
     reference::rmsnorm(in, gain, eps, y, inv_rms);
     return y;
   };
-  Tensor numeric_dx =
-      numerical_gradient(x, upstream, [&](const Tensor& in) { return forward(in, weight); });
-  Tensor numeric_dweight =
-      numerical_gradient(weight, upstream, [&](const Tensor& gain) { return forward(x, gain); });
+  const auto objective = [&] { return weighted_loss(forward(x, weight), upstream); };
   Tensor y(x.shape(), DType::F64), inv_rms({3});
   reference::rmsnorm(x, weight, eps, y, inv_rms);
   for (auto backward : {rmsnorm_backward, reference::rmsnorm_backward}) {
     Tensor dx(x.shape(), DType::F64), dweight({7});
     backward(x, weight, inv_rms, upstream, dx, dweight);
     // inv_rms is saved in fp32, so the analytic gradient carries ~1e-7 relative error.
-    EXPECT_TRUE(tensors_close(dx, numeric_dx, 1e-5, 1e-6));
-    EXPECT_TRUE(tensors_close(dweight, numeric_dweight.to(DType::F32), 1e-5, 1e-6));
+    EXPECT_TRUE(check_gradient(x, dx, objective, "rmsnorm dx", every_element(x), /*rtol=*/1e-6,
+                               /*atol=*/1e-5, kStep));
+    EXPECT_TRUE(check_gradient(weight, dweight, objective, "rmsnorm dweight", every_element(weight),
+                               /*rtol=*/1e-6, /*atol=*/1e-5, kStep));
   }
 }
 

@@ -5,8 +5,9 @@
 // Layout: expert rank q of ep holds experts [q * E / ep, (q + 1) * E / ep). Every rank of the
 // tp-ep group (etp x ep, etp fastest) holds its own tokens; the group's batch is the
 // concatenation of the ranks' tokens in group-rank order ("global token order"). Token counts
-// may differ between ranks; hidden size, top-k and dtype must agree (checked, with an error on
-// every rank naming each rank's value).
+// may differ between ranks; hidden size, top-k, dtype and the dispatch settings must agree
+// (checked, with an error on every rank naming each rank's value; ranks with different
+// num_experts meet the collectives layer's size check instead).
 //
 // Capacity (moe_expert_capacity_factor): the capacity and the kept slots are decided on the
 // whole group's routing (all ranks' tokens), so the same global batch drops the same tokens
@@ -42,7 +43,8 @@ namespace moe {
 ExpertPlacement expert_parallel_placement(int64_t num_experts, int ep_size, int ep_rank);
 
 // Megatron's MoEAlltoAllTokenDispatcher. dispatch: permute the local tokens by expert,
-// all-gather the tokens-per-expert counts over tp-ep, all-to-all-v the rows over ep, regroup the
+// all-gather the tokens-per-expert counts over tp-ep (with the ranks' agreement on the settings,
+// in one exchange), all-to-all-v the rows over ep, regroup the
 // received chunks from [source rank][local expert] to [local expert][source rank]
 // (sort_chunks_by_idxs) and pad to capacity; with etp > 1 an all-gather over etp after the
 // all-to-all (a reduce-scatter on the way back). combine is the exact reverse, then the weighted
@@ -61,7 +63,7 @@ class AllToAllTokenDispatcher final : public TokenDispatcher {
  private:
   MoEConfig config_;
   ExpertPlacement placement_;
-  comm::ProcessGroup tp_ep_;  // agreement and counts
+  comm::ProcessGroup tp_ep_;  // the agreement-and-counts exchange, capacity
   // The all-to-all's group: ep, or, with etp = 1, tp-ep itself (the same ranks), so that every
   // exchange runs on one communicator and ranks that get out of step meet a mismatched
   // announcement rather than a wait on another group.

@@ -14,7 +14,8 @@
 //     (expert_choice_scoring_config): same parameters and checkpoint names, jitter, z-loss,
 //     and its backward carries d(scores) of the chosen slots to the logits, the router weight
 //     and bias (dropped slots get zero gradient from the combine);
-//   - the choice (decide_expert_choice) runs where capacity is decided: on the single process's
+//   - the choice (decide_expert_choice, capacity.h) runs where capacity is decided: on the single
+//   process's
 //     batch in LocalTokenDispatcher, and on the routing all-gathered over the tp-ep group in the
 //     all-to-all and all-gather dispatchers, each rank keeping its own tokens' slots, so the
 //     group's batch (tokens in group-rank order) is chosen over whatever the ep size, and the
@@ -27,28 +28,15 @@
 // [T, num_experts] ids and scores.
 #pragma once
 
-#include <cstdint>
-
+#include "moe/moe/capacity.h"
 #include "moe/moe/config.h"
-#include "moe/moe/router.h"
-#include "moe/moe/token_dispatcher.h"
 
 namespace moe {
-
-// The tokens each expert takes from a batch of num_tokens: ceil(num_tokens * capacity_factor /
-// num_experts), at most num_tokens (a factor above num_experts gives every expert every token).
-int64_t expert_choice_capacity(int64_t num_tokens, int64_t num_experts, double capacity_factor);
 
 // The TopKRouter configuration that scores every expert of every token for expert choice:
 // top-k = num_experts, softmax over all experts, no scaling, no load-balancing loss. config must
 // have moe_router_type expert_choice and be valid.
 MoEConfig expert_choice_scoring_config(const MoEConfig& config);
-
-// The experts' choice on a routing of config.routing_slots() slots per token (the whole group's
-// batch): keep[t * E + j] is 1 when expert experts[t, j] takes token t; every expert keeps
-// expert_choice_capacity(routing.num_tokens, ...) tokens; pad_rows_to is that capacity with
-// moe_pad_expert_input_to_capacity (which then adds no row), else 0.
-CapacityDecision decide_expert_choice(const MoEConfig& config, const Routing& routing);
 
 // MoEConfig::validate's rules for moe_router_type expert_choice: moe_expert_capacity_factor is
 // required (so Sinkhorn, which refuses a capacity, is out); the top-k-only settings (sigmoid

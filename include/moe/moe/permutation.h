@@ -1,6 +1,6 @@
-// Token permutation: grouping the (token, slot) pairs of a routing by expert, capacity and
-// token dropping, and the two fused row kernels that move activations between token order and
-// expert order. Every dispatcher (single process, all-to-all, all-gather) builds on these.
+// Token permutation: grouping the (token, slot) pairs of a routing by expert (the slots that
+// capacity.h keeps), and the two fused row kernels that move activations between token order
+// and expert order. Every dispatcher (single process, all-to-all, all-gather) builds on these.
 //
 // Order (what makes results identical across expert-parallel sizes): inside an expert, rows
 // follow token order; unpermute sums a token's top-k rows in slot order 0..topk-1 in fp32 (fp64
@@ -15,17 +15,6 @@
 #include "moe/tensor/tensor.h"
 
 namespace moe {
-
-// Megatron's get_capacity for the router: ceil(num_tokens * topk / num_experts * factor).
-int64_t expert_capacity(int64_t num_tokens, int64_t topk, int64_t num_experts,
-                        double capacity_factor);
-
-// Which slots survive a per-expert capacity: keep[t * topk + j] is 1 or 0. Megatron's
-// apply_router_token_dropping: an expert with more than `capacity` tokens keeps the ones with
-// the largest probs (kProbs) or the earliest (kPosition); among equal probabilities the lower
-// token index wins.
-std::vector<uint8_t> select_within_capacity(const Routing& routing, int64_t num_experts,
-                                            int64_t capacity, TokenDropPolicy policy);
 
 // The permutation between token slots and expert rows, for local experts
 // [first_expert, first_expert + rows_per_expert.size()).

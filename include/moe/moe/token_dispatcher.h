@@ -17,6 +17,7 @@
 #include <memory>
 #include <vector>
 
+#include "moe/moe/capacity.h"
 #include "moe/moe/config.h"
 #include "moe/moe/permutation.h"
 #include "moe/moe/router.h"
@@ -72,8 +73,8 @@ class TokenDispatcher {
 };
 
 // All experts on this process. Capacity dropping (moe_expert_capacity_factor) follows
-// Megatron's router: capacity from this micro-batch's token count, policy and padding from the
-// config.
+// Megatron's router (decide_capacity, capacity.h): capacity from this micro-batch's token count,
+// policy and padding from the config.
 class LocalTokenDispatcher : public TokenDispatcher {
  public:
   explicit LocalTokenDispatcher(const MoEConfig& config);
@@ -88,17 +89,5 @@ class LocalTokenDispatcher : public TokenDispatcher {
   MoEConfig config_;
   ExpertPlacement placement_;
 };
-
-// The slots each expert keeps under the config's capacity (empty when dropless), and the rows
-// every expert is padded to (0 when not padding): Megatron's router-side token dropping for a
-// micro-batch of routing.num_tokens tokens. Shared by the dispatchers.
-struct CapacityDecision {
-  std::vector<uint8_t> keep;
-  int64_t pad_rows_to = 0;
-};
-CapacityDecision decide_capacity(const MoEConfig& config, const Routing& routing);
-
-// Checks that a dispatcher's combine/dispatch arguments match what dispatch saw.
-void check_dispatch_rows(const Tensor& rows, const DispatchContext& ctx, const char* what);
 
 }  // namespace moe

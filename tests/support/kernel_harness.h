@@ -1,5 +1,6 @@
-// Shared pieces of the kernel test harness: the dtypes and row counts every kernel is run on, and
-// the tolerance each dtype is held to when a fast kernel is compared with its reference.
+// Shared pieces of the kernel test harness (tests/tensor, tests/moe): the dtypes and row counts
+// every kernel is run on, and the tolerance each dtype is held to when a fast kernel is compared
+// with its reference.
 #pragma once
 
 #include <cstdint>

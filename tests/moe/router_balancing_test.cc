@@ -8,8 +8,8 @@
 #include <vector>
 
 #include "moe/checkpoint/checkpoint.h"
+#include "moe/moe/capacity.h"
 #include "moe/moe/router.h"
-#include "moe/moe/token_dispatcher.h"
 #include "moe/optim/optimizer.h"
 #include "moe_test_util.h"
 #include "support/testing.h"
