@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "moe/internal.h"
-#include "moe/moe/token_dispatcher.h"
+#include "moe/moe/capacity.h"
 #include "moe/tensor/gemm.h"
 
 namespace moe {
