@@ -45,135 +45,41 @@ nlohmann::json read_json(const std::string& path) {
   return {};
 }
 
-void allocate_model(ParameterStore& store, const HfMoeConfig& config) {
-  for (const ParamSpec& spec : convert::hf_moe::moecore_param_specs(config)) {
+// The conversion steps every family shares. Config is hf_moe::HfMoeConfig or
+// hf_deepseek::DeepSeekConfig; the unqualified moecore_param_specs, hf_tensor_shapes,
+// hf_to_moecore, hf_tensor_entries and hf_tensor_source calls below find the ones of its
+// namespace by argument-dependent lookup.
+template <class Config>
+void allocate_model(ParameterStore& store, const Config& config) {
+  for (const ParamSpec& spec : moecore_param_specs(config)) {
     store.declare(spec);
   }
   store.allocate();
 }
 
-// DeepSeek-V2/V3 (hf_deepseek.h): chosen by config.json's model_type or architectures.
-void deepseek_hf_to_moecore(const Options& options, const nlohmann::json& hf_config,
-                            const std::string& config_path) {
-  using convert::hf_deepseek::DeepSeekConfig;
-  DeepSeekConfig config = DeepSeekConfig::from_json(hf_config, config_path);
+// HF safetensors -> a moecore checkpoint; model_name names the family in messages.
+template <class Config>
+void import_hf_model(const Options& options, Config config, const std::string& model_name) {
   config.padded_vocab_size = model::padded_vocab_size(
       config.vocab_size, options.make_vocab_size_divisible_by, options.tensor_model_parallel_size);
   convert::safetensors::Checkpoint hf(options.input);
   std::set<std::string> expected;
-  for (const auto& [name, shape] : convert::hf_deepseek::hf_tensor_shapes(config)) {
-    expected.insert(name);
-    MOE_CHECK(hf.contains(name), "'", options.input, "' has no tensor '", name,
-              "' that a DeepSeek model with this config.json needs");
-  }
-  for (const std::string& name : hf.names()) {
-    if (name.ends_with(".rotary_emb.inv_freq")) continue;
-    MOE_CHECK(expected.count(name), "'", hf.file_of(name), "' holds tensor '", name,
-              "' that this DeepSeek model has no place for");
-  }
-  const DType dtype = options.dtype.empty() ? hf.info("model.embed_tokens.weight").dtype
-                                            : parse_dtype(options.dtype);
-  ParameterStore store(dtype);
-  for (const ParamSpec& spec : convert::hf_deepseek::moecore_param_specs(config)) {
-    store.declare(spec);
-  }
-  store.allocate();
-  convert::hf_deepseek::hf_to_moecore(
-      config, [&](const std::string& name) { return hf.read(name); }, store);
-  checkpoint::TrainingState state;
-  state.iteration = options.iteration;
-  state.extra["hf_config"] = config.to_json();
-  state.extra["converted_from"] = options.input;
-  checkpoint::save_checkpoint(options.output, state, store, nullptr, nullptr,
-                              comm::single_process_state());
-  std::cout << "wrote " << checkpoint::iteration_dir_name(options.iteration) << " ("
-            << dtype_name(dtype) << ") under " << options.output << ", vocabulary padded from "
-            << config.vocab_size << " to " << config.padded_vocab_size
-            << " rows\nmoe-train flags for this model: " << config.megatron_flags()
-            << " --make-vocab-size-divisible-by " << options.make_vocab_size_divisible_by
-            << "\nload it with: moe-train <those flags> --load " << options.output
-            << " --finetune --tensor-model-parallel-size " << options.tensor_model_parallel_size
-            << "\n";
-}
-
-void deepseek_moecore_to_hf(const Options& options, const nlohmann::json& hf_config,
-                            const std::string& config_source, int64_t iteration, int64_t vocab_rows,
-                            DType param_dtype) {
-  using convert::hf_deepseek::DeepSeekConfig;
-  DeepSeekConfig config = DeepSeekConfig::from_json(hf_config, config_source);
-  config.padded_vocab_size = vocab_rows;
-  MOE_CHECK(vocab_rows >= config.vocab_size, "'", options.input, "' holds ", vocab_rows,
-            " vocabulary rows, fewer than the config's vocab_size (", config.vocab_size, ")");
-  ParameterStore store(param_dtype);
-  for (const ParamSpec& spec : convert::hf_deepseek::moecore_param_specs(config)) {
-    store.declare(spec);
-  }
-  store.allocate();
-  checkpoint::LoadOptions load;
-  load.load_optim = false;
-  load.load_rng = false;
-  load.iteration = iteration;
-  checkpoint::load_checkpoint(options.input, store, nullptr, nullptr, comm::single_process_state(),
-                              load);
-  const DType dtype = options.dtype.empty() ? store.param_dtype() : parse_dtype(options.dtype);
-  convert::safetensors::write_checkpoint(
-      options.output, convert::hf_deepseek::hf_tensor_entries(config, dtype),
-      convert::hf_deepseek::hf_tensor_source(config, store, dtype), {{"format", "pt"}},
-      options.max_shard_bytes);
-  nlohmann::json out_config = config.to_json();
-  out_config["torch_dtype"] = dtype == DType::BF16  ? "bfloat16"
-                              : dtype == DType::F16 ? "float16"
-                                                    : "float32";
-  const fs::path config_path = fs::path(options.output) / "config.json";
-  {
-    std::ofstream out(config_path.string() + ".tmp", std::ios::trunc);
-    out << out_config.dump(2) << "\n";
-    MOE_CHECK(out.good(), "writing '", config_path.string(), ".tmp' failed");
-  }
-  fs::rename(config_path.string() + ".tmp", config_path);
-  std::cout << "wrote a Hugging Face DeepSeek-V" << config.version << " model ("
-            << dtype_name(dtype) << ") from iteration " << iteration << " to " << options.output
-            << "\n";
-}
-
-void hf_to_moecore(const Options& options) {
-  const std::string config_path = (fs::path(options.input) / "config.json").string();
-  MOE_CHECK(fs::exists(config_path), "'", options.input,
-            "' has no config.json: not a Hugging Face model directory");
-  const nlohmann::json hf_config = read_json(config_path);
-  if (convert::hf_deepseek::is_deepseek_config(hf_config)) {
-    return deepseek_hf_to_moecore(options, hf_config, config_path);
-  }
-  HfMoeConfig config = HfMoeConfig::from_json(hf_config, config_path);
-  if (config.family == convert::hf_moe::Family::kMixtral && hf_config.contains("sliding_window") &&
-      hf_config["sliding_window"].is_number_integer()) {
-    std::cout
-        << "note: config.json sets sliding_window " << hf_config["sliding_window"]
-        << "; moecore's attention is fully causal, the same for sequences up to that length\n";
-  }
-  config.padded_vocab_size = model::padded_vocab_size(
-      config.vocab_size, options.make_vocab_size_divisible_by, options.tensor_model_parallel_size);
-  convert::safetensors::Checkpoint hf(options.input);
-
-  std::set<std::string> expected;
-  for (const auto& [name, shape] : convert::hf_moe::hf_tensor_shapes(config)) {
+  for (const auto& [name, shape] : hf_tensor_shapes(config)) {
     expected.insert(name);
     MOE_CHECK(hf.contains(name), "'", options.input, "' has no tensor '", name, "' that a ",
-              convert::hf_moe::architecture_name(config.family),
-              " model with this config.json needs");
+              model_name, " model with this config.json needs");
   }
   for (const std::string& name : hf.names()) {
     // Older exports carry the rotary frequencies as a buffer; they follow from rope_theta.
     if (name.ends_with(".rotary_emb.inv_freq")) continue;
     MOE_CHECK(expected.count(name), "'", hf.file_of(name), "' holds tensor '", name, "' that a ",
-              convert::hf_moe::architecture_name(config.family),
-              " model has no place for (a different architecture?)");
+              model_name, " model has no place for (a different architecture?)");
   }
   const DType dtype = options.dtype.empty() ? hf.info("model.embed_tokens.weight").dtype
                                             : parse_dtype(options.dtype);
   ParameterStore store(dtype);
   allocate_model(store, config);
-  convert::hf_moe::hf_to_moecore(
+  hf_to_moecore(
       config, [&](const std::string& name) { return hf.read(name); }, store);
 
   checkpoint::TrainingState state;
@@ -190,6 +96,61 @@ void hf_to_moecore(const Options& options) {
             << "\nload it with: moe-train <those flags> --load " << options.output
             << " --finetune (it holds no optimizer state) --tensor-model-parallel-size "
             << options.tensor_model_parallel_size << " (another tp needs another padding)\n";
+}
+
+// A moecore checkpoint's `iteration` -> HF safetensors and config.json; returns the dtype written.
+template <class Config>
+DType export_hf_model(const Options& options, Config config, int64_t iteration, int64_t vocab_rows,
+                      DType param_dtype) {
+  config.padded_vocab_size = vocab_rows;
+  MOE_CHECK(vocab_rows >= config.vocab_size, "'", options.input, "' holds ", vocab_rows,
+            " vocabulary rows, fewer than the config's vocab_size (", config.vocab_size, ")");
+  ParameterStore store(param_dtype);
+  allocate_model(store, config);
+  checkpoint::LoadOptions load;
+  load.load_optim = false;
+  load.load_rng = false;
+  load.iteration = iteration;
+  checkpoint::load_checkpoint(options.input, store, nullptr, nullptr, comm::single_process_state(),
+                              load);
+
+  const DType dtype = options.dtype.empty() ? store.param_dtype() : parse_dtype(options.dtype);
+  convert::safetensors::write_checkpoint(options.output, hf_tensor_entries(config, dtype),
+                                         hf_tensor_source(config, store, dtype), {{"format", "pt"}},
+                                         options.max_shard_bytes);
+  nlohmann::json hf_config = config.to_json();
+  hf_config["torch_dtype"] = dtype == DType::BF16  ? "bfloat16"
+                             : dtype == DType::F16 ? "float16"
+                                                   : "float32";
+  const fs::path config_path = fs::path(options.output) / "config.json";
+  {
+    std::ofstream out(config_path.string() + ".tmp", std::ios::trunc);
+    out << hf_config.dump(2) << "\n";
+    MOE_CHECK(out.good(), "writing '", config_path.string(), ".tmp' failed");
+  }
+  fs::rename(config_path.string() + ".tmp", config_path);
+  return dtype;
+}
+
+void hf_to_moecore(const Options& options) {
+  const std::string config_path = (fs::path(options.input) / "config.json").string();
+  MOE_CHECK(fs::exists(config_path), "'", options.input,
+            "' has no config.json: not a Hugging Face model directory");
+  const nlohmann::json hf_config = read_json(config_path);
+  // DeepSeek-V2/V3 (hf_deepseek.h): chosen by config.json's model_type or architectures.
+  if (convert::hf_deepseek::is_deepseek_config(hf_config)) {
+    return import_hf_model(options,
+                           convert::hf_deepseek::DeepSeekConfig::from_json(hf_config, config_path),
+                           "DeepSeek");
+  }
+  const HfMoeConfig config = HfMoeConfig::from_json(hf_config, config_path);
+  if (config.family == convert::hf_moe::Family::kMixtral && hf_config.contains("sliding_window") &&
+      hf_config["sliding_window"].is_number_integer()) {
+    std::cout
+        << "note: config.json sets sliding_window " << hf_config["sliding_window"]
+        << "; moecore's attention is fully causal, the same for sequences up to that length\n";
+  }
+  import_hf_model(options, config, convert::hf_moe::architecture_name(config.family));
 }
 
 // The embedding's rows as saved (the padded vocabulary), from the rank index files.
@@ -309,6 +270,7 @@ void moecore_to_hf(const Options& options) {
   const std::string metadata_path = (iteration_dir / "metadata.json").string();
   nlohmann::json metadata = read_json(metadata_path);
   const int64_t vocab_rows = saved_vocab_rows(iteration_dir, metadata);
+  const DType param_dtype = parse_dtype(metadata.at("param_dtype").get<std::string>());
   {
     const bool from_file = !options.hf_config.empty();
     const bool recorded = metadata.contains("extra") && metadata["extra"].contains("hf_config");
@@ -316,9 +278,13 @@ void moecore_to_hf(const Options& options) {
                                      : recorded ? metadata["extra"]["hf_config"]
                                                 : nlohmann::json();
     if (convert::hf_deepseek::is_deepseek_config(hf_config)) {
-      return deepseek_moecore_to_hf(
-          options, hf_config, from_file ? options.hf_config : metadata_path, *iteration, vocab_rows,
-          parse_dtype(metadata.at("param_dtype").get<std::string>()));
+      const auto config = convert::hf_deepseek::DeepSeekConfig::from_json(
+          hf_config, from_file ? options.hf_config : metadata_path);
+      const DType dtype = export_hf_model(options, config, *iteration, vocab_rows, param_dtype);
+      std::cout << "wrote a Hugging Face DeepSeek-V" << config.version << " model ("
+                << dtype_name(dtype) << ") from iteration " << *iteration << " to "
+                << options.output << "\n";
+      return;
     }
   }
   HfMoeConfig config;
@@ -332,35 +298,7 @@ void moecore_to_hf(const Options& options) {
               << "; vocab_size is the " << vocab_rows
               << " saved (padded) rows: pass --hf-config to set the tokenizer's size\n";
   }
-  config.padded_vocab_size = vocab_rows;
-  MOE_CHECK(config.padded_vocab_size >= config.vocab_size, "'", options.input, "' holds ",
-            config.padded_vocab_size, " vocabulary rows, fewer than the config's vocab_size (",
-            config.vocab_size, ")");
-  ParameterStore store(parse_dtype(metadata.at("param_dtype").get<std::string>()));
-  allocate_model(store, config);
-  checkpoint::LoadOptions load;
-  load.load_optim = false;
-  load.load_rng = false;
-  load.iteration = iteration;
-  checkpoint::load_checkpoint(options.input, store, nullptr, nullptr, comm::single_process_state(),
-                              load);
-
-  const DType dtype = options.dtype.empty() ? store.param_dtype() : parse_dtype(options.dtype);
-  convert::safetensors::write_checkpoint(options.output,
-                                         convert::hf_moe::hf_tensor_entries(config, dtype),
-                                         convert::hf_moe::hf_tensor_source(config, store, dtype),
-                                         {{"format", "pt"}}, options.max_shard_bytes);
-  nlohmann::json hf_config = config.to_json();
-  hf_config["torch_dtype"] = dtype == DType::BF16  ? "bfloat16"
-                             : dtype == DType::F16 ? "float16"
-                                                   : "float32";
-  const fs::path config_path = fs::path(options.output) / "config.json";
-  {
-    std::ofstream out(config_path.string() + ".tmp", std::ios::trunc);
-    out << hf_config.dump(2) << "\n";
-    MOE_CHECK(out.good(), "writing '", config_path.string(), ".tmp' failed");
-  }
-  fs::rename(config_path.string() + ".tmp", config_path);
+  const DType dtype = export_hf_model(options, config, *iteration, vocab_rows, param_dtype);
   std::cout << "wrote a Hugging Face " << convert::hf_moe::architecture_name(config.family) << " ("
             << dtype_name(dtype) << ") from iteration " << *iteration << " to " << options.output
             << "\n";
