@@ -8,6 +8,7 @@
 #include <optional>
 #include <sstream>
 
+#include "hf_pieces.h"
 #include "moe/comm/parallel_state.h"
 #include "moe/model/gpt_model.h"
 #include "moe/tensor/error.h"
@@ -17,17 +18,8 @@ namespace {
 
 constexpr const char* kExpertBias = "e_score_correction_bias";
 
-// Rows [row_begin, row_begin + rows) of an HF tensor [R, columns] and where they lie in a moecore
-// tensor: HF element (row_begin + r, i) is moecore element offset + i * row_stride + r when
-// transposed (linear weights), else the whole HF tensor is moecore's [offset, offset + numel).
-struct Piece {
-  std::string hf_name;
-  bool transpose = true;
-  int64_t row_begin = 0, rows = 0, offset = 0, row_stride = 0;
-  // A copy HF keeps of a tensor moecore holds once (the MTP layers' embedding and head): on
-  // import it must equal what the main tensor already put there.
-  bool shared_copy = false;
-};
+using detail::move_piece;
+using detail::Piece;
 
 struct Mapping {
   std::map<std::string, std::vector<Piece>> pieces_by_moecore;  // moecore name -> its pieces
@@ -135,45 +127,6 @@ Mapping build_mapping(const DeepSeekConfig& c) {
     output_layer(hf + "shared_head.head.weight", true);
   }
   return m;
-}
-
-// Copies one piece between an HF tensor and a moecore tensor of the same dtype, as elements of
-// type T (only their bytes matter).
-template <class T>
-void move_piece_typed(const Piece& piece, T* hf, T* moe, int64_t hf_columns, int64_t hf_numel,
-                      bool to_moecore) {
-  if (!piece.transpose) {
-    T* from = to_moecore ? hf : moe + piece.offset;
-    std::memcpy(to_moecore ? moe + piece.offset : hf, from, size_t(hf_numel) * sizeof(T));
-    return;
-  }
-  for (int64_t r = 0; r < piece.rows; ++r) {
-    T* hf_row = hf + (piece.row_begin + r) * hf_columns;
-    T* moe_column = moe + piece.offset + r;
-    for (int64_t i = 0; i < hf_columns; ++i) {
-      T& a = moe_column[i * piece.row_stride];
-      if (to_moecore) {
-        a = hf_row[i];
-      } else {
-        hf_row[i] = a;
-      }
-    }
-  }
-}
-
-void move_piece(const Piece& piece, Tensor& hf, Tensor& moe, bool to_moecore) {
-  const int64_t columns = hf.ndim() == 2 ? hf.dim(1) : 1;
-  switch (dtype_size(hf.dtype())) {
-    case 2:
-      return move_piece_typed(piece, static_cast<uint16_t*>(hf.raw()),
-                              static_cast<uint16_t*>(moe.raw()), columns, hf.numel(), to_moecore);
-    case 4:
-      return move_piece_typed(piece, static_cast<uint32_t*>(hf.raw()),
-                              static_cast<uint32_t*>(moe.raw()), columns, hf.numel(), to_moecore);
-    default:
-      return move_piece_typed(piece, static_cast<uint64_t*>(hf.raw()),
-                              static_cast<uint64_t*>(moe.raw()), columns, hf.numel(), to_moecore);
-  }
 }
 
 // HF name -> (moecore name, piece) pairs.

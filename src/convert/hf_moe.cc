@@ -6,21 +6,14 @@
 #include <map>
 #include <sstream>
 
+#include "hf_pieces.h"
 #include "moe/tensor/error.h"
 
 namespace moe::convert::hf_moe {
 namespace {
 
-// A block of an HF tensor and where it lies in a moecore tensor. Transposed blocks are rows
-// [row_begin, row_begin + rows) of an HF matrix [R, in]; HF element (row_begin + r, i) is moecore
-// element offset + i * row_stride + r. Untransposed blocks copy rows [row_begin, row_begin +
-// rows) of the HF tensor (rows 0: all of it) to [offset, offset + their elements).
-struct Piece {
-  std::string hf_name;
-  bool transpose = true;
-  int64_t row_begin = 0, rows = 0;
-  int64_t offset = 0, row_stride = 0;
-};
+using detail::move_piece;
+using detail::Piece;
 
 struct MappedTensor {
   ParamSpec spec;  // moecore name, global shape, group
@@ -195,50 +188,6 @@ Mapping build_mapping(const HfMoeConfig& c) {
         {transposed("lm_head.weight", 0, V, 0, Vp)});
   }
   return m;
-}
-
-// Copies one piece between an HF tensor and a moecore tensor of the same dtype, in the direction
-// `to_moecore`, as elements of type T (only their bytes matter).
-template <class T>
-void move_piece_typed(const Piece& piece, T* hf, T* moe, int64_t hf_columns, int64_t hf_numel,
-                      bool to_moecore) {
-  if (!piece.transpose) {
-    const int64_t count = piece.rows > 0 ? piece.rows * hf_columns : hf_numel;
-    T* hf_rows = hf + piece.row_begin * hf_columns;
-    if (to_moecore) {
-      std::memcpy(moe + piece.offset, hf_rows, size_t(count) * sizeof(T));
-    } else {
-      std::memcpy(hf_rows, moe + piece.offset, size_t(count) * sizeof(T));
-    }
-    return;
-  }
-#pragma omp parallel for schedule(static) if (piece.rows * hf_columns > 65536)
-  for (int64_t r = 0; r < piece.rows; ++r) {
-    T* hf_row = hf + (piece.row_begin + r) * hf_columns;
-    T* moe_column = moe + piece.offset + r;
-    for (int64_t i = 0; i < hf_columns; ++i) {
-      if (to_moecore) {
-        moe_column[i * piece.row_stride] = hf_row[i];
-      } else {
-        hf_row[i] = moe_column[i * piece.row_stride];
-      }
-    }
-  }
-}
-
-void move_piece(const Piece& piece, Tensor& hf, Tensor& moe, bool to_moecore) {
-  const int64_t columns = hf.ndim() == 2 ? hf.dim(1) : 1;
-  switch (dtype_size(hf.dtype())) {
-    case 2:
-      return move_piece_typed(piece, static_cast<uint16_t*>(hf.raw()),
-                              static_cast<uint16_t*>(moe.raw()), columns, hf.numel(), to_moecore);
-    case 4:
-      return move_piece_typed(piece, static_cast<uint32_t*>(hf.raw()),
-                              static_cast<uint32_t*>(moe.raw()), columns, hf.numel(), to_moecore);
-    default:
-      return move_piece_typed(piece, static_cast<uint64_t*>(hf.raw()),
-                              static_cast<uint64_t*>(moe.raw()), columns, hf.numel(), to_moecore);
-  }
 }
 
 // HF name -> the (moecore tensor, piece) pairs it feeds or is filled from.

@@ -1,0 +1,30 @@
+// How the HF converters (hf_moe.cc, hf_deepseek.cc) lay an HF tensor's blocks into moecore
+// tensors, and the copy both directions share. Internal to src/convert.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "moe/tensor/tensor.h"
+
+namespace moe::convert::detail {
+
+// A block of an HF tensor and where it lies in a moecore tensor. Transposed blocks are rows
+// [row_begin, row_begin + rows) of an HF matrix [R, in]; HF element (row_begin + r, i) is moecore
+// element offset + i * row_stride + r. Untransposed blocks copy rows [row_begin, row_begin +
+// rows) of the HF tensor (rows 0: all of it) to [offset, offset + their elements).
+struct Piece {
+  std::string hf_name;
+  bool transpose = true;
+  int64_t row_begin = 0, rows = 0;
+  int64_t offset = 0, row_stride = 0;
+  // A copy HF keeps of a tensor moecore holds once (DeepSeek's MTP layers' embedding and head):
+  // on import it must equal what the main tensor already put there.
+  bool shared_copy = false;
+};
+
+// Copies `piece` between an HF tensor and a moecore tensor of the same dtype, in the direction
+// `to_moecore`; only the elements' bytes matter.
+void move_piece(const Piece& piece, Tensor& hf, Tensor& moe, bool to_moecore);
+
+}  // namespace moe::convert::detail
