@@ -20,10 +20,10 @@ usage: deepseek_reference.py write MODEL_DIR SEED [v2]  writes config.json + mod
 import json
 import math
 import os
-import struct
 import sys
 
 import numpy as np
+from reference_common import load_float64, rms_norm, rotate_half, silu, write_model
 
 CONFIG = {
     "architectures": ["DeepseekV3ForCausalLM"],
@@ -72,8 +72,6 @@ V2_CHANGES = {
     "rope_scaling": None,
     "num_nextn_predict_layers": 0,
 }
-
-DTYPES = {"F64": np.float64, "F32": np.float32, "BF16": None}
 
 
 def hf_shapes(c):
@@ -125,21 +123,6 @@ def hf_shapes(c):
     return shapes
 
 
-def write_safetensors(path, tensors):
-    header, blobs, offset = {}, [], 0
-    for name, array in tensors.items():
-        raw = np.ascontiguousarray(array).tobytes()
-        dtype = "F64" if array.dtype == np.float64 else "F32"
-        header[name] = {"dtype": dtype, "shape": list(array.shape),
-                        "data_offsets": [offset, offset + len(raw)]}
-        blobs.append(raw)
-        offset += len(raw)
-    text = json.dumps(header).encode()
-    text += b" " * ((8 - len(text) % 8) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text + b"".join(blobs))
-
-
 def write(model_dir, seed, variant):
     config = dict(CONFIG, **(V2_CHANGES if variant == "v2" else {}))
     if variant == "v2":
@@ -161,41 +144,7 @@ def write(model_dir, seed, variant):
             tensors[name] = tensors["model.embed_tokens.weight"]
         elif name.endswith(".shared_head.head.weight"):
             tensors[name] = tensors["lm_head.weight"]
-    os.makedirs(model_dir, exist_ok=True)
-    write_safetensors(os.path.join(model_dir, "model.safetensors"), tensors)
-    with open(os.path.join(model_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-
-
-def load(model_dir):
-    tensors = {}
-    for file in sorted(os.listdir(model_dir)):
-        if not file.endswith(".safetensors"):
-            continue
-        with open(os.path.join(model_dir, file), "rb") as f:
-            raw = f.read()
-        (length,) = struct.unpack("<Q", raw[:8])
-        header = json.loads(raw[8:8 + length])
-        data = raw[8 + length:]
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            begin, end = entry["data_offsets"]
-            if entry["dtype"] == "BF16":  # the top 16 bits of an fp32
-                bits = np.frombuffer(data[begin:end], dtype=np.uint16).astype(np.uint32) << 16
-                array = bits.view(np.float32)
-            else:
-                array = np.frombuffer(data[begin:end], dtype=DTYPES[entry["dtype"]])
-            tensors[name] = array.reshape(entry["shape"]).astype(np.float64)
-    return tensors
-
-
-def rms_norm(x, weight, eps):
-    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * weight
-
-
-def silu(x):
-    return x / (1.0 + np.exp(-x))
+    write_model(model_dir, tensors, config)
 
 
 def yarn_get_mscale(scale, mscale=1.0):
@@ -232,11 +181,6 @@ def rope_tables(c, seq):
     freqs = np.outer(np.arange(seq), inv_freq)
     emb = np.concatenate([freqs, freqs], -1)
     return np.cos(emb) * attention, np.sin(emb) * attention
-
-
-def rotate_half(x):
-    half = x.shape[-1] // 2
-    return np.concatenate([-x[..., half:], x[..., :half]], -1)
 
 
 def interleaved_rope(x, cos, sin):  # HF's apply_rotary_pos_emb_interleave on one tensor
@@ -361,7 +305,7 @@ def forward(model_dir, tokens):
     """(config, weights, the decoder's output after model.norm [b, s, h])."""
     with open(os.path.join(model_dir, "config.json")) as f:
         c = json.load(f)
-    w = load(model_dir)
+    w = load_float64(model_dir)
     x = w["model.embed_tokens.weight"][np.array(tokens)]
     for layer in range(c["num_hidden_layers"]):
         x = decoder_layer(x, w, "model.layers.%d." % layer, c,

@@ -6,10 +6,10 @@ weights.
 usage: mixtral_reference.py MODEL_DIR TOKENS_JSON LABELS_JSON   (each [batch][seq] ints)"""
 import json
 import os
-import struct
 import sys
 
 import torch
+from reference_common import safetensors_entries
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16,
           "F16": torch.float16}
@@ -17,20 +17,9 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16,
 
 def load_tensors(model_dir):
     tensors = {}
-    for file in sorted(os.listdir(model_dir)):
-        if not file.endswith(".safetensors"):
-            continue
-        with open(os.path.join(model_dir, file), "rb") as f:
-            raw = f.read()
-        (length,) = struct.unpack("<Q", raw[:8])
-        header = json.loads(raw[8:8 + length])
-        data = raw[8 + length:]
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            begin, end = entry["data_offsets"]
-            t = torch.frombuffer(bytearray(data[begin:end]), dtype=DTYPES[entry["dtype"]])
-            tensors[name] = t.reshape(entry["shape"]).to(torch.float64)
+    for name, dtype, shape, raw in safetensors_entries(model_dir):
+        t = torch.frombuffer(bytearray(raw), dtype=DTYPES[dtype])
+        tensors[name] = t.reshape(shape).to(torch.float64)
     return tensors
 
 

@@ -11,12 +11,11 @@ of moecore, for hf_qwen_tests.
       and modeling_qwen3_moe.py."""
 import json
 import os
-import struct
 import sys
 
 import numpy as np
 
-DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
+from reference_common import load_float64, rms_norm, rotate_half, silu, write_model
 
 # Small, awkward shapes: grouped queries, a head size that is not hidden / heads (Qwen3), dense
 # layers placed by mlp_only_layers (Qwen3) or decoder_sparse_step (Qwen2), tied embeddings (Qwen2).
@@ -94,7 +93,7 @@ def tensor_shapes(cfg):
 def write(model_dir, family, seed):
     cfg = CONFIGS[family]
     rng = np.random.default_rng(seed)
-    header, chunks, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    tensors = {}
     # Stored in a shuffled order: readers must go by the header, not by position.
     shapes = tensor_shapes(cfg)
     for name in rng.permutation(sorted(shapes)):
@@ -105,50 +104,8 @@ def write(model_dir, family, seed):
             values = (1.0 + 0.2 * rng.standard_normal(shape)).astype(np.float32).astype(np.float64)
         else:
             values = 0.3 * rng.standard_normal(shape)
-        raw = values.astype("<f8").tobytes()
-        header[str(name)] = {"dtype": "F64", "shape": shape,
-                             "data_offsets": [offset, offset + len(raw)]}
-        chunks.append(raw)
-        offset += len(raw)
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    os.makedirs(model_dir, exist_ok=True)
-    with open(os.path.join(model_dir, "model.safetensors"), "wb") as out:
-        out.write(struct.pack("<Q", len(text)) + text + b"".join(chunks))
-    with open(os.path.join(model_dir, "config.json"), "w") as out:
-        json.dump(cfg, out, indent=2)
-
-
-def load_tensors(model_dir):
-    tensors = {}
-    for file in sorted(os.listdir(model_dir)):
-        if not file.endswith(".safetensors"):
-            continue
-        with open(os.path.join(model_dir, file), "rb") as f:
-            raw = f.read()
-        (length,) = struct.unpack("<Q", raw[:8])
-        header = json.loads(raw[8:8 + length])
-        data = raw[8 + length:]
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            begin, end = entry["data_offsets"]
-            values = np.frombuffer(data[begin:end], dtype=DTYPES[entry["dtype"]])
-            tensors[name] = values.reshape(entry["shape"]).astype(np.float64)
-    return tensors
-
-
-def rms_norm(x, weight, eps):
-    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * weight
-
-
-def silu(x):
-    return x / (1.0 + np.exp(-x))
-
-
-def rotate_half(x):
-    half = x.shape[-1] // 2
-    return np.concatenate((-x[..., half:], x[..., :half]), axis=-1)
+        tensors[str(name)] = values
+    write_model(model_dir, tensors, cfg, metadata={"format": "pt"})
 
 
 def attention(x, w, p, cfg, theta):
@@ -209,7 +166,7 @@ def forward(model_dir, tokens):
     cfg.setdefault("mlp_only_layers", [])
     cfg.setdefault("decoder_sparse_step", 1)
     theta = cfg["rope_theta"] if "rope_theta" in cfg else cfg["rope_parameters"]["rope_theta"]
-    w = load_tensors(model_dir)
+    w = load_float64(model_dir)
     eps = cfg["rms_norm_eps"]
     x = w["model.embed_tokens.weight"][np.array(tokens)]
     batch, seq, hidden = x.shape
