@@ -567,10 +567,7 @@ safetensors::TensorSource hf_tensor_source(const HfMoeConfig& config, const Para
 
 std::vector<safetensors::NamedTensor> moecore_to_hf(const HfMoeConfig& config,
                                                     const ParameterStore& store, DType dtype) {
-  safetensors::TensorSource source = hf_tensor_source(config, store, dtype);
-  std::vector<safetensors::NamedTensor> named;
-  for (const auto& [name, shape] : hf_tensor_shapes(config)) named.push_back({name, source(name)});
-  return named;
+  return detail::read_all(hf_tensor_source(config, store, dtype), hf_tensor_shapes(config));
 }
 
 }  // namespace moe::convert::hf_moe

@@ -50,4 +50,12 @@ void move_piece(const Piece& piece, Tensor& hf, Tensor& moe, bool to_moecore) {
   }
 }
 
+std::vector<safetensors::NamedTensor> read_all(
+    const safetensors::TensorSource& source,
+    const std::vector<std::pair<std::string, Shape>>& hf_shapes) {
+  std::vector<safetensors::NamedTensor> named;
+  for (const auto& [name, shape] : hf_shapes) named.push_back({name, source(name)});
+  return named;
+}
+
 }  // namespace moe::convert::detail

@@ -4,7 +4,10 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
+#include <vector>
 
+#include "moe/convert/safetensors.h"
 #include "moe/tensor/tensor.h"
 
 namespace moe::convert::detail {
@@ -26,5 +29,10 @@ struct Piece {
 // Copies `piece` between an HF tensor and a moecore tensor of the same dtype, in the direction
 // `to_moecore`; only the elements' bytes matter.
 void move_piece(const Piece& piece, Tensor& hf, Tensor& moe, bool to_moecore);
+
+// Every tensor of `hf_shapes` from `source`, in that order (both converters' moecore_to_hf).
+std::vector<safetensors::NamedTensor> read_all(
+    const safetensors::TensorSource& source,
+    const std::vector<std::pair<std::string, Shape>>& hf_shapes);
 
 }  // namespace moe::convert::detail
