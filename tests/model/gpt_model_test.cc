@@ -16,28 +16,10 @@
 namespace moe::model {
 namespace {
 
-// The Mixtral-like variant: layer 0 MoE (4 experts, top-2), layer 1 dense.
-TransformerConfig tiny_moe_config() {
-  TransformerConfig c = testing::tiny_gpt_config();
-  c.num_experts = 4;
-  c.moe_layer_pattern = {1, 0};
-  c.moe.moe_router_topk = 2;
-  c.moe.moe_aux_loss_coeff = 0.01;
-  c.moe.moe_z_loss_coeff = 0.001;
-  c.moe.moe_grouped_gemm = true;
-  return c;
-}
-
-struct Batch {
-  Tensor tokens, labels, mask;
-};
-Batch make_batch(const TransformerConfig& c, int64_t batch, uint64_t seed) {
-  Batch b{testing::random_tokens(batch, c.seq_length, c.padded_vocab_size, seed),
-          testing::random_tokens(batch, c.seq_length, c.padded_vocab_size, seed + 1),
-          Tensor::full({batch, c.seq_length}, 1.0f)};
-  b.mask.set(1, 0.0f);  // a masked-out token
-  return b;
-}
+// tiny_moe_gpt_config(): the Mixtral-like variant, layer 0 MoE (4 experts, top-2), layer 1 dense.
+using testing::Batch;
+using testing::make_batch;
+using testing::tiny_moe_gpt_config;
 
 void check_model_gradients(const TransformerConfig& config) {
   ParameterStore store(DType::F64);
@@ -75,14 +57,14 @@ TEST(GPTModel, TwoLayerDenseGradientsMatchFiniteDifferences) {
 }
 
 TEST(GPTModel, TwoLayerMoEGradientsMatchFiniteDifferences) {
-  check_model_gradients(tiny_moe_config());
+  check_model_gradients(tiny_moe_gpt_config());
 }
 
 // DeepSeek-style blocks: the first layer dense, then MoE layers with shared experts (gated as
 // Qwen2-MoE, and not).
 TEST(GPTModel, SharedExpertsAndFirstLayerDenseGradientsMatchFiniteDifferences) {
   for (bool gate : {false, true}) {
-    TransformerConfig c = tiny_moe_config();
+    TransformerConfig c = tiny_moe_gpt_config();
     c.num_layers = 3;
     c.moe_layer_pattern = {0, 1, 1};
     c.add_bias_linear = false;
@@ -94,7 +76,7 @@ TEST(GPTModel, SharedExpertsAndFirstLayerDenseGradientsMatchFiniteDifferences) {
 }
 
 TEST(GPTModel, RefusesSharedExpertsThatCannotBeBuilt) {
-  TransformerConfig c = tiny_moe_config();
+  TransformerConfig c = tiny_moe_gpt_config();
   c.moe_shared_expert_intermediate_size = 8;
   ParameterStore store;
   EXPECT_EQ(
@@ -115,7 +97,7 @@ TEST(GPTModel, RefusesSharedExpertsThatCannotBeBuilt) {
 // DeepSeek-style attention in both layers: compressed queries with their norm, then
 // uncompressed queries with LayerNorm (norm biases) and learned positions beside MLA's rope.
 TransformerConfig tiny_mla_config() {
-  TransformerConfig c = tiny_moe_config();
+  TransformerConfig c = tiny_moe_gpt_config();
   c.group_query_attention = false;
   c.multi_latent_attention = true;
   c.q_lora_rank = 5;
@@ -152,7 +134,7 @@ Step run_step(GPTModel& model, const Batch& batch, uint64_t dropout_seed) {
 }
 
 TEST(GPTModel, FullRecomputationGivesBitwiseTheSameGradients) {
-  TransformerConfig c = tiny_moe_config();
+  TransformerConfig c = tiny_moe_gpt_config();
   Batch batch = make_batch(c, 2, 20);
   ParameterStore plain_store;
   GPTModel plain(c, comm::single_process_state(), plain_store);
@@ -170,7 +152,7 @@ TEST(GPTModel, FullRecomputationGivesBitwiseTheSameGradients) {
 }
 
 TEST(GPTModel, ThreadCountDoesNotChangeAnyBit) {
-  TransformerConfig c = tiny_moe_config();
+  TransformerConfig c = tiny_moe_gpt_config();
   c.hidden_size = 64;  // large enough for the kernels' threaded paths
   c.ffn_hidden_size = 48;
   c.seq_length = 32;
@@ -191,7 +173,7 @@ TEST(GPTModel, ThreadCountDoesNotChangeAnyBit) {
 }
 
 TEST(GPTModel, TwoPipelineStagesChainedEqualTheWholeModel) {
-  TransformerConfig c = tiny_moe_config();
+  TransformerConfig c = tiny_moe_gpt_config();
   Batch batch = make_batch(c, 2, 30);
   ParameterStore whole_store;
   GPTModel whole(c, comm::single_process_state(), whole_store);
@@ -226,7 +208,7 @@ TEST(GPTModel, TwoPipelineStagesChainedEqualTheWholeModel) {
 }
 
 TEST(GPTModel, HalfPrecisionTracksFp32) {
-  TransformerConfig c = tiny_moe_config();
+  TransformerConfig c = tiny_moe_gpt_config();
   c.hidden_dropout = c.attention_dropout = 0;
   Batch batch = make_batch(c, 2, 40);
   for (DType half : {DType::BF16, DType::F16}) {
@@ -256,7 +238,7 @@ TEST(GPTModel, HalfPrecisionTracksFp32) {
 
 TEST(GPTModel, OneTokenAndOddLengthsRunForwardAndBackward) {
   for (int64_t seq : {1, 5}) {
-    TransformerConfig c = tiny_moe_config();
+    TransformerConfig c = tiny_moe_gpt_config();
     c.seq_length = int(seq);
     ParameterStore store;
     GPTModel model(c, comm::single_process_state(), store);
@@ -334,7 +316,7 @@ TEST(GPTModel, RefusesMoEWithExpertAndTensorParallelismWithoutSequenceParallelis
   comm::ParallelState layout = comm::single_process_state();
   layout.sizes.tp = 2;
   layout.sizes.ep = 2;
-  TransformerConfig c = tiny_moe_config();
+  TransformerConfig c = tiny_moe_gpt_config();
   c.padded_vocab_size = 14;
   ParameterStore store;
   EXPECT_EQ(moe::testing::error_text([&] { GPTModel model(c, layout, store); }),

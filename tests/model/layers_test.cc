@@ -304,14 +304,7 @@ TEST(SelfAttention, GradientsMatchFiniteDifferences) {
       SelfAttention attention(store, "attn", c, TensorParallel{});
       store.allocate();
       testing::randomize(store, 8);
-      BatchShape shape{5, 2};
-      Tensor x = random_normal({10, 12}, 9, 1.0f, DType::F64);
-      Tensor probe = random_normal({10, 12}, 10, 1.0f, DType::F64);
-      auto forward = [&](SelfAttention::Saved& saved) {
-        return attention.forward(store, x, shape, 3, true, saved);
-      };
-      EXPECT_TRUE(
-          layer_gradients_match(attention, store, x, probe, forward, "attention input", 30, 10));
+      EXPECT_TRUE(testing::attention_gradients_match(attention, store));
     }
   }
 }
@@ -377,14 +370,7 @@ TEST(SelfAttention, QkLayernormQkvBiasAndYarnGradientsMatchFiniteDifferences) {
       } else {
         EXPECT_EQ(attention.q_layernorm(), nullptr);
       }
-      BatchShape shape{5, 2};
-      Tensor x = random_normal({10, 12}, 9, 1.0f, DType::F64);
-      Tensor probe = random_normal({10, 12}, 10, 1.0f, DType::F64);
-      auto forward = [&](SelfAttention::Saved& saved) {
-        return attention.forward(store, x, shape, 3, true, saved);
-      };
-      EXPECT_TRUE(
-          layer_gradients_match(attention, store, x, probe, forward, "attention input", 30, 10));
+      EXPECT_TRUE(testing::attention_gradients_match(attention, store));
     }
   }
 }

@@ -27,12 +27,7 @@ TransformerConfig parallel_config(int q_lora_rank) {
   c.num_attention_heads = 4;
   c.padded_vocab_size = 16;
   c.seq_length = 8;
-  c.multi_latent_attention = true;
-  c.q_lora_rank = q_lora_rank;
-  c.kv_lora_rank = 6;
-  c.qk_head_dim = 3;
-  c.qk_pos_emb_head_dim = 4;
-  c.v_head_dim = 5;
+  testing::set_small_mla(c, q_lora_rank);
   c.qk_layernorm = true;
   c.normalization = "LayerNorm";  // norm biases: more replicated gradients to sum
   c.attention_dropout = 0.1f;     // global (batch, head, query, key) mask indices

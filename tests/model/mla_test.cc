@@ -27,12 +27,7 @@ TransformerConfig mla_config(int q_lora_rank, bool qk_layernorm, const char* nor
   c.seq_length = 5;
   c.hidden_dropout = 0;
   c.attention_dropout = 0;
-  c.multi_latent_attention = true;
-  c.q_lora_rank = q_lora_rank;
-  c.kv_lora_rank = 6;
-  c.qk_head_dim = 3;
-  c.qk_pos_emb_head_dim = 4;
-  c.v_head_dim = 5;
+  testing::set_small_mla(c, q_lora_rank);
   c.qk_layernorm = qk_layernorm;
   c.normalization = normalization;
   // Unset rope_type is YaRN (Megatron's MLA default), with factor 1 plain rope. The YaRN case
@@ -73,14 +68,7 @@ TEST(MultiLatentAttention, GradientsMatchFiniteDifferences) {
     MultiLatentAttention attention(store, "attn", c, TensorParallel{});
     store.allocate();
     testing::randomize(store, 8);
-    BatchShape shape{5, 2};
-    Tensor x = random_normal({10, 12}, 9, 1.0f, DType::F64);
-    Tensor probe = random_normal({10, 12}, 10, 1.0f, DType::F64);
-    auto forward = [&](MultiLatentAttention::Saved& saved) {
-      return attention.forward(store, x, shape, 3, true, saved);
-    };
-    EXPECT_TRUE(testing::layer_gradients_match(attention, store, x, probe, forward,
-                                               "attention input", 30, 10));
+    EXPECT_TRUE(testing::attention_gradients_match(attention, store));
   }
 }
 

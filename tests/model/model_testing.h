@@ -6,10 +6,13 @@
 
 #include <functional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "moe/comm/parallel_state.h"
 #include "moe/comm/process_group.h"
 #include "moe/model/config.h"
+#include "moe/model/layers.h"
 #include "moe/model/tensor_parallel.h"
 #include "moe/tensor/parameters.h"
 #include "moe/tensor/rng.h"
@@ -18,7 +21,6 @@
 
 namespace moe::model::testing {
 
-// Every parameter random: norm weights in [0.5, 1.5), everything else N(0, std) (fp32 values).
 // A 2-layer dense GPT small enough for fp64 finite differences: GQA, RMSNorm, rope, SwiGLU,
 // untied embeddings, dropout on.
 inline TransformerConfig tiny_gpt_config() {
@@ -40,6 +42,32 @@ inline TransformerConfig tiny_gpt_config() {
   return c;
 }
 
+// tiny_gpt_config with 4 experts (top-2, aux and z losses, grouped GEMM) on the layers `pattern`
+// marks.
+inline TransformerConfig tiny_moe_gpt_config(std::vector<int> pattern = {1, 0}) {
+  TransformerConfig c = tiny_gpt_config();
+  c.num_experts = 4;
+  c.moe_layer_pattern = std::move(pattern);
+  c.moe.moe_router_topk = 2;
+  c.moe.moe_aux_loss_coeff = 0.01;
+  c.moe.moe_z_loss_coeff = 0.001;
+  c.moe.moe_grouped_gemm = true;
+  return c;
+}
+
+// Multi-latent attention with the MLA tests' head sizes: query/key heads of 3 + 4 (the rope part),
+// value heads of 5 (differing on purpose), a kv down-projection of 6 and a query one of
+// q_lora_rank (0: none).
+inline void set_small_mla(TransformerConfig& c, int q_lora_rank) {
+  c.multi_latent_attention = true;
+  c.q_lora_rank = q_lora_rank;
+  c.kv_lora_rank = 6;
+  c.qk_head_dim = 3;
+  c.qk_pos_emb_head_dim = 4;
+  c.v_head_dim = 5;
+}
+
+// Every parameter random: norm weights in [0.5, 1.5), everything else N(0, std) (fp32 values).
 inline void randomize(ParameterStore& store, uint64_t seed, float std = 0.3f) {
   for (int i = 0; i < store.count(); ++i) {
     Rng rng = Rng::derived(seed, uint64_t(i));
@@ -60,6 +88,19 @@ inline Tensor random_tokens(int64_t batch, int64_t seq, int64_t vocab, uint64_t 
     t.data<int64_t>()[i] = int64_t(rng.below(uint64_t(vocab)));
   }
   return t;
+}
+
+struct Batch {
+  Tensor tokens, labels, mask;
+};
+
+// Random tokens and labels [batch, seq], every token counted but (0, 1).
+inline Batch make_batch(const TransformerConfig& c, int64_t batch, uint64_t seed) {
+  Batch b{random_tokens(batch, c.seq_length, c.padded_vocab_size, seed),
+          random_tokens(batch, c.seq_length, c.padded_vocab_size, seed + 1),
+          Tensor::full({batch, c.seq_length}, 1.0f)};
+  b.mask.set(1, 0.0f);
+  return b;
 }
 
 // sum(out * probe) in double.
@@ -103,6 +144,20 @@ template <class Layer, class Forward>
       moe::testing::check_gradient(x, dx, objective, what, input_samples);
   if (!input) return input;
   return check_all_params(store, objective, param_samples);
+}
+
+// layer_gradients_match for an attention layer of hidden size 12 (SelfAttention,
+// MultiLatentAttention) on random fp64 input [5 x 2 tokens, 12], dropout stream 3.
+template <class Attention>
+::testing::AssertionResult attention_gradients_match(const Attention& attention,
+                                                     ParameterStore& store) {
+  BatchShape shape{5, 2};
+  Tensor x = moe::testing::random_normal({10, 12}, 9, 1.0f, DType::F64);
+  Tensor probe = moe::testing::random_normal({10, 12}, 10, 1.0f, DType::F64);
+  auto forward = [&](typename Attention::Saved& saved) {
+    return attention.forward(store, x, shape, 3, true, saved);
+  };
+  return layer_gradients_match(attention, store, x, probe, forward, "attention input", 30, 10);
 }
 
 // Sums this rank's gradients over data parallelism as the optimizer does (dense ones over dp,

@@ -16,26 +16,14 @@
 namespace moe::model {
 namespace {
 
-// MoE layers (4 experts, top-2) where `pattern` says; the MTP layers are built as the last one.
-TransformerConfig tiny_moe_config(std::vector<int> pattern) {
-  TransformerConfig c = testing::tiny_gpt_config();
-  c.num_experts = 4;
-  c.moe_layer_pattern = std::move(pattern);
-  c.moe.moe_router_topk = 2;
-  c.moe.moe_aux_loss_coeff = 0.01;
-  c.moe.moe_z_loss_coeff = 0.001;
-  c.moe.moe_grouped_gemm = true;
-  return c;
-}
+// MoE layers where `pattern` says; the MTP layers are built as the last one.
+using testing::Batch;
+using testing::tiny_moe_gpt_config;
 
-struct Batch {
-  Tensor tokens, labels, mask;
-};
-Batch make_batch(const TransformerConfig& c, int64_t batch, uint64_t seed) {
-  Batch b{testing::random_tokens(batch, c.seq_length, c.padded_vocab_size, seed),
-          testing::random_tokens(batch, c.seq_length, c.padded_vocab_size, seed + 1),
-          Tensor::full({batch, c.seq_length}, 1.0f)};
-  b.mask.set(1, 0.0f);  // masked out: the main loss at (0, 1), depth 1's at (0, 0)
+// testing::make_batch's (the main loss masked at (0, 1), depth 1's at (0, 0)) with (1, 4) masked
+// out too.
+Batch make_mtp_batch(const TransformerConfig& c, int64_t batch, uint64_t seed) {
+  Batch b = testing::make_batch(c, batch, seed);
   b.mask.set(c.seq_length + 4, 0.0f);
   return b;
 }
@@ -59,7 +47,7 @@ void check_model_gradients(const TransformerConfig& config) {
   store.allocate();
   model.init_parameters(3);
   testing::randomize(store, 4, 0.3f);
-  Batch batch = make_batch(config, 2, 10);
+  Batch batch = make_mtp_batch(config, 2, 10);
   auto objective = [&] {
     GPTContext ctx;
     ctx.dropout_seed = 77;
@@ -81,14 +69,14 @@ void check_model_gradients(const TransformerConfig& config) {
 }
 
 TEST(MultiTokenPrediction, OneDepthWithMoELayersMatchesFiniteDifferences) {
-  TransformerConfig config = tiny_moe_config({1, 1});
+  TransformerConfig config = tiny_moe_gpt_config({1, 1});
   config.mtp_num_layers = 1;
   config.mtp_loss_scaling_factor = 0.3;  // larger than Megatron's 0.1 so MTP terms weigh in
   check_model_gradients(config);
 }
 
 TEST(MultiTokenPrediction, TwoDepthsWithMoELayersMatchFiniteDifferences) {
-  TransformerConfig config = tiny_moe_config({0, 1});
+  TransformerConfig config = tiny_moe_gpt_config({0, 1});
   config.mtp_num_layers = 2;
   config.mtp_loss_scaling_factor = 0.5;
   check_model_gradients(config);
@@ -117,7 +105,7 @@ TEST(MultiTokenPrediction, LmLossUnchangedAndZeroScaleLeavesDecoderGradientsBitw
   GPTModel plain(plain_config, comm::single_process_state(), plain_store);
   plain_store.allocate();
   testing::randomize(plain_store, 4, 0.3f);
-  Batch batch = make_batch(plain_config, 3, 20);
+  Batch batch = make_mtp_batch(plain_config, 3, 20);
   GPTContext plain_ctx;
   plain_ctx.dropout_seed = 9;
   const double plain_loss = plain.forward(batch.tokens, batch.labels, plain_ctx, batch.mask);
@@ -172,7 +160,7 @@ TEST(MultiTokenPrediction, LossEqualsAForwardBuiltByHand) {
   GPTModel model(config, comm::single_process_state(), store);
   store.allocate();
   testing::randomize(store, 6, 0.3f);
-  Batch batch = make_batch(config, batch_size, 30);
+  Batch batch = make_mtp_batch(config, batch_size, 30);
   GPTContext ctx;
   model.forward(batch.tokens, batch.labels, ctx, batch.mask);
   ASSERT_EQ(ctx.mtp_losses.size(), 1u);
