@@ -22,26 +22,7 @@ using testing::make_batch;
 using testing::tiny_moe_gpt_config;
 
 void check_model_gradients(const TransformerConfig& config) {
-  ParameterStore store(DType::F64);
-  GPTModel model(config, comm::single_process_state(), store);
-  store.allocate();
-  model.init_parameters(3);
-  testing::randomize(store, 4, 0.3f);
-  Batch batch = make_batch(config, 2, 10);
-  auto objective = [&] {
-    GPTContext ctx;
-    ctx.dropout_seed = 77;
-    double loss = model.forward(batch.tokens, batch.labels, ctx, batch.mask);
-    for (const MoELossReport& r : ctx.moe_losses) {
-      loss += r.losses.load_balancing_loss + r.losses.z_loss;
-    }
-    return loss;
-  };
-  GPTContext ctx;
-  ctx.dropout_seed = 77;
-  model.forward(batch.tokens, batch.labels, ctx, batch.mask);
-  model.backward(ctx);
-  EXPECT_TRUE(testing::check_all_params(store, objective, 5, 2e-4));
+  testing::check_model_gradients(config, make_batch(config, 2, 10));
 }
 
 TEST(GPTModel, TwoLayerDenseGradientsMatchFiniteDifferences) {

@@ -12,6 +12,7 @@
 #include "moe/comm/parallel_state.h"
 #include "moe/comm/process_group.h"
 #include "moe/model/config.h"
+#include "moe/model/gpt_model.h"
 #include "moe/model/layers.h"
 #include "moe/model/tensor_parallel.h"
 #include "moe/tensor/parameters.h"
@@ -158,6 +159,45 @@ template <class Attention>
     return attention.forward(store, x, shape, 3, true, saved);
   };
   return layer_gradients_match(attention, store, x, probe, forward, "attention input", 30, 10);
+}
+
+// The objective the model's backward differentiates: the LM loss, the router losses and the
+// scaled MTP losses.
+inline double gpt_objective(const GPTContext& ctx, const TransformerConfig& config,
+                            double lm_loss) {
+  double total = lm_loss;
+  for (const MoELossReport& r : ctx.moe_losses) {
+    total += r.losses.load_balancing_loss + r.losses.z_loss;
+  }
+  for (const MTPLossReport& r : ctx.mtp_losses) {
+    total += config.mtp_loss_scaling_factor / config.mtp_num_layers * r.loss;
+  }
+  return total;
+}
+
+// Every parameter gradient of `config`'s fp64 model (initialised with seed 3, randomised with 4,
+// dropout stream 77) on `batch` against finite differences of gpt_objective; `check_forward`
+// first sees the context of the forward that backward then runs on.
+inline void check_model_gradients(
+    const TransformerConfig& config, const Batch& batch,
+    const std::function<void(const GPTContext&)>& check_forward = [](const GPTContext&) {}) {
+  ParameterStore store(DType::F64);
+  GPTModel model(config, comm::single_process_state(), store);
+  store.allocate();
+  model.init_parameters(3);
+  randomize(store, 4, 0.3f);
+  auto objective = [&] {
+    GPTContext ctx;
+    ctx.dropout_seed = 77;
+    double loss = model.forward(batch.tokens, batch.labels, ctx, batch.mask);
+    return gpt_objective(ctx, config, loss);
+  };
+  GPTContext ctx;
+  ctx.dropout_seed = 77;
+  model.forward(batch.tokens, batch.labels, ctx, batch.mask);
+  check_forward(ctx);
+  model.backward(ctx);
+  EXPECT_TRUE(check_all_params(store, objective, 5, 2e-4));
 }
 
 // Sums this rank's gradients over data parallelism as the optimizer does (dense ones over dp,
