@@ -8,7 +8,7 @@
 #include <optional>
 #include <sstream>
 
-#include "hf_pieces.h"
+#include "hf_common.h"
 #include "moe/comm/parallel_state.h"
 #include "moe/model/gpt_model.h"
 #include "moe/tensor/error.h"
@@ -18,7 +18,10 @@ namespace {
 
 constexpr const char* kExpertBias = "e_score_correction_bias";
 
+using detail::bool_field;
+using detail::field_of;
 using detail::move_piece;
+using detail::number_field;
 using detail::Piece;
 
 struct Mapping {
@@ -145,10 +148,6 @@ Tensor store_tensor(const ParameterStore& store, const std::string& name) {
   return store.param(handle);
 }
 
-const nlohmann::json* field_of(const nlohmann::json& json, const char* field) {
-  return json.contains(field) && !json.at(field).is_null() ? &json.at(field) : nullptr;
-}
-
 // A non-negative integer field; `fallback` for absent or null ones (nullopt: required).
 int64_t integer_field(const nlohmann::json& json, const char* field, const std::string& source,
                       std::optional<int64_t> fallback = std::nullopt, int64_t minimum = 1) {
@@ -161,23 +160,6 @@ int64_t integer_field(const nlohmann::json& json, const char* field, const std::
             ": config field '", field, "' must be an integer >= ", minimum, ", got ",
             value->dump());
   return value->get<int64_t>();
-}
-
-double number_field(const nlohmann::json& json, const char* field, const std::string& source,
-                    double fallback) {
-  const nlohmann::json* value = field_of(json, field);
-  if (!value) return fallback;
-  MOE_CHECK(value->is_number(), source, ": config field '", field, "' must be a number, got ",
-            value->dump());
-  return value->get<double>();
-}
-
-bool bool_field(const nlohmann::json& json, const char* field, const std::string& source,
-                bool fallback) {
-  const nlohmann::json* value = field_of(json, field);
-  if (!value) return fallback;
-  MOE_CHECK(value->is_boolean(), source, ": config field '", field, "' must be true or false");
-  return value->get<bool>();
 }
 
 std::string string_field(const nlohmann::json& json, const char* field, const std::string& source,

@@ -6,13 +6,15 @@
 #include <map>
 #include <sstream>
 
-#include "hf_pieces.h"
+#include "hf_common.h"
 #include "moe/tensor/error.h"
 
 namespace moe::convert::hf_moe {
 namespace {
 
+using detail::bool_field;
 using detail::move_piece;
+using detail::number_field;
 using detail::Piece;
 
 struct MappedTensor {
@@ -219,22 +221,6 @@ int64_t positive_field(const nlohmann::json& json, const char* field, const std:
   MOE_CHECK(json.at(field).is_number_integer() && json.at(field).get<int64_t>() > 0, source,
             ": config field '", field, "' must be a positive integer, got ", json.at(field).dump());
   return json.at(field).get<int64_t>();
-}
-
-bool bool_field(const nlohmann::json& json, const char* field, const std::string& source,
-                bool fallback) {
-  if (!json.contains(field) || json.at(field).is_null()) return fallback;
-  MOE_CHECK(json.at(field).is_boolean(), source, ": config field '", field,
-            "' must be true or false, got ", json.at(field).dump());
-  return json.at(field).get<bool>();
-}
-
-double number_field(const nlohmann::json& json, const char* field, const std::string& source,
-                    double fallback) {
-  if (!json.contains(field) || json.at(field).is_null()) return fallback;
-  MOE_CHECK(json.at(field).is_number(), source, ": config field '", field,
-            "' must be a number, got ", json.at(field).dump());
-  return json.at(field).get<double>();
 }
 
 // The sizes config.json always holds (head_dim only when set), each required to be positive.

@@ -1,6 +1,8 @@
-#include "hf_pieces.h"
+#include "hf_common.h"
 
 #include <cstring>
+
+#include "moe/tensor/error.h"
 
 namespace moe::convert::detail {
 namespace {
@@ -56,6 +58,28 @@ std::vector<safetensors::NamedTensor> read_all(
   std::vector<safetensors::NamedTensor> named;
   for (const auto& [name, shape] : hf_shapes) named.push_back({name, source(name)});
   return named;
+}
+
+const nlohmann::json* field_of(const nlohmann::json& json, const char* field) {
+  return json.contains(field) && !json.at(field).is_null() ? &json.at(field) : nullptr;
+}
+
+bool bool_field(const nlohmann::json& json, const char* field, const std::string& source,
+                bool fallback) {
+  const nlohmann::json* value = field_of(json, field);
+  if (!value) return fallback;
+  MOE_CHECK(value->is_boolean(), source, ": config field '", field, "' must be true or false, got ",
+            value->dump());
+  return value->get<bool>();
+}
+
+double number_field(const nlohmann::json& json, const char* field, const std::string& source,
+                    double fallback) {
+  const nlohmann::json* value = field_of(json, field);
+  if (!value) return fallback;
+  MOE_CHECK(value->is_number(), source, ": config field '", field, "' must be a number, got ",
+            value->dump());
+  return value->get<double>();
 }
 
 }  // namespace moe::convert::detail

@@ -1,8 +1,10 @@
-// How the HF converters (hf_moe.cc, hf_deepseek.cc) lay an HF tensor's blocks into moecore
-// tensors, and the copy both directions share. Internal to src/convert.
+// What the HF converters (hf_moe.cc, hf_deepseek.cc) share: how an HF tensor's blocks lie in
+// moecore tensors and the copy both directions use, and config.json field readers. Internal to
+// src/convert.
 #pragma once
 
 #include <cstdint>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <utility>
 #include <vector>
@@ -34,5 +36,13 @@ void move_piece(const Piece& piece, Tensor& hf, Tensor& moe, bool to_moecore);
 std::vector<safetensors::NamedTensor> read_all(
     const safetensors::TensorSource& source,
     const std::vector<std::pair<std::string, Shape>>& hf_shapes);
+
+// config.json field readers: absent and null fields take `fallback`; `source` names the file in
+// errors.
+const nlohmann::json* field_of(const nlohmann::json& json, const char* field);  // null: absent
+bool bool_field(const nlohmann::json& json, const char* field, const std::string& source,
+                bool fallback);
+double number_field(const nlohmann::json& json, const char* field, const std::string& source,
+                    double fallback);
 
 }  // namespace moe::convert::detail
