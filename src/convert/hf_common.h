@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "moe/convert/safetensors.h"
+#include "moe/tensor/error.h"
 #include "moe/tensor/tensor.h"
 
 namespace moe::convert::detail {
@@ -44,5 +45,16 @@ bool bool_field(const nlohmann::json& json, const char* field, const std::string
                 bool fallback);
 double number_field(const nlohmann::json& json, const char* field, const std::string& source,
                     double fallback);
+
+// `config` after its validate(), whose error is prefixed with `source` (the config.json read).
+template <class Config>
+Config validated(Config config, const std::string& source) {
+  try {
+    config.validate();
+  } catch (const Error& e) {
+    MOE_CHECK(false, source, ": ", e.what());
+  }
+  return config;
+}
 
 }  // namespace moe::convert::detail

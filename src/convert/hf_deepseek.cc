@@ -7,6 +7,7 @@
 #include <memory>
 #include <optional>
 #include <sstream>
+#include <utility>
 
 #include "hf_common.h"
 #include "moe/comm/parallel_state.h"
@@ -369,12 +370,7 @@ DeepSeekConfig DeepSeekConfig::from_json(const nlohmann::json& json, const std::
                 ": config field 'rope_scaling.truncate' false is not supported");
     }
   }
-  try {
-    c.validate();
-  } catch (const Error& e) {
-    MOE_CHECK(false, source, ": ", e.what());
-  }
-  return c;
+  return detail::validated(std::move(c), source);
 }
 
 nlohmann::json DeepSeekConfig::to_json() const {

@@ -2,9 +2,9 @@
 
 #include <array>
 #include <cmath>
-#include <cstring>
 #include <map>
 #include <sstream>
+#include <utility>
 
 #include "hf_common.h"
 #include "moe/tensor/error.h"
@@ -388,12 +388,7 @@ HfMoeConfig HfMoeConfig::from_json(const nlohmann::json& json, const std::string
               ": config field 'attention_bias' is true; Megatron's --add-qkv-bias covers q, k and "
               "v only, not o_proj's bias");
   }
-  try {
-    c.validate();
-  } catch (const Error& e) {
-    MOE_CHECK(false, source, ": ", e.what());
-  }
-  return c;
+  return detail::validated(std::move(c), source);
 }
 
 nlohmann::json HfMoeConfig::to_json() const {
