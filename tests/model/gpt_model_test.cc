@@ -234,13 +234,23 @@ TEST(GPTModel, OneTokenAndOddLengthsRunForwardAndBackward) {
   }
 }
 
-// sqrt(mean(w^2)) of parameter `name`: its standard deviation when drawn with mean 0.
-double root_mean_square(const ParameterStore& store, const std::string& name) {
-  std::vector<float> v = store.param(store.find(name)).to_floats();
-  double total = 0;
-  for (float x : v) total += double(x) * x;
-  return std::sqrt(total / double(v.size()));
-}
+// `c`'s model initialised with seed 1, as moe-train initialises it.
+struct InitializedModel {
+  explicit InitializedModel(const TransformerConfig& c)
+      : model(c, comm::single_process_state(), store) {
+    store.allocate();
+    model.init_parameters(1);
+  }
+  // sqrt(mean(w^2)) of parameter `name`: its standard deviation when drawn with mean 0.
+  double stddev(const std::string& name) const {
+    std::vector<float> v = store.param(store.find(name)).to_floats();
+    double total = 0;
+    for (float x : v) total += double(x) * x;
+    return std::sqrt(total / double(v.size()));
+  }
+  ParameterStore store;
+  GPTModel model;
+};
 
 TEST(GPTModel, InitUsesScaledStdForOutputProjections) {
   TransformerConfig c = testing::tiny_gpt_config();
@@ -249,11 +259,9 @@ TEST(GPTModel, InitUsesScaledStdForOutputProjections) {
   c.ffn_hidden_size = 256;
   c.num_attention_heads = 4;
   c.init_method_std = 0.02f;
-  ParameterStore store;
-  GPTModel model(c, comm::single_process_state(), store);
-  store.allocate();
-  model.init_parameters(1);
-  auto stddev = [&](const std::string& name) { return root_mean_square(store, name); };
+  const InitializedModel initialized(c);
+  const ParameterStore& store = initialized.store;
+  auto stddev = [&](const std::string& name) { return initialized.stddev(name); };
   EXPECT_NEAR(stddev("decoder.layers.3.mlp.linear_fc1.weight"), 0.02, 0.001);
   EXPECT_NEAR(stddev("decoder.layers.3.mlp.linear_fc2.weight"), 0.005, 0.0003);
   EXPECT_NEAR(stddev("decoder.layers.0.self_attention.linear_proj.weight"), 0.005, 0.0005);
@@ -272,11 +280,9 @@ TEST(GPTModel, MultiLatentAttentionInitAsMegatron) {
   c.qk_pos_emb_head_dim = 8;
   c.v_head_dim = 16;
   c.init_method_std = 0.02f;
-  ParameterStore store;
-  GPTModel model(c, comm::single_process_state(), store);
-  store.allocate();
-  model.init_parameters(1);
-  auto stddev = [&](const std::string& name) { return root_mean_square(store, name); };
+  const InitializedModel initialized(c);
+  const ParameterStore& store = initialized.store;
+  auto stddev = [&](const std::string& name) { return initialized.stddev(name); };
   const std::string attention = "decoder.layers.2.self_attention.";
   // init_method_std for the projections, std / sqrt(2 * layers) for linear_proj (thousands of
   // samples: the estimates are within a few percent).
