@@ -10,8 +10,8 @@
 #
 # Each family's flags are those of its Megatron-LM launch script, scaled down (docs/model_families.md
 # lists them and the losses measured). Environment: MOE_BUILD_DIR (default build), MOE_EXAMPLE_DIR
-# (default $MOE_BUILD_DIR/examples/<family>), MOE_EXAMPLE_ITERS (default 100). Extra arguments are
-# passed to moe-train.
+# (default $MOE_BUILD_DIR/examples/<family>; its checkpoints/ and train.csv from an earlier run are
+# replaced), MOE_EXAMPLE_ITERS (default 100). Extra arguments are passed to moe-train.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -68,7 +68,7 @@ esac
 for file in "$build_dir/tools/moe-train" "$dataset.bin" "$dataset.idx" "$tokenizer"; do
   [[ -e $file ]] || { echo "train_tiny: $file is missing (run scripts/setup.sh)" >&2; exit 1; }
 done
-rm -rf "$run_dir"
+rm -rf "$run_dir/checkpoints" "$run_dir/train.csv"
 mkdir -p "$run_dir"
 
 OMP_NUM_THREADS=1 mpirun --allow-run-as-root --oversubscribe --bind-to none -np 2 \

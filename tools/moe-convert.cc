@@ -1,5 +1,6 @@
-// moe-convert: Hugging Face MoE models (Mixtral, Qwen2-MoE, Qwen3-MoE) in safetensors <->
-// moecore checkpoints, on one process. The family comes from config.json's architectures.
+// moe-convert: Hugging Face MoE models (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2/V3) in
+// safetensors <-> moecore checkpoints, on one process. The family comes from config.json's
+// architectures or model_type.
 //   moe-convert --from hf --to moecore --input HF_DIR --output CKPT_DIR [--dtype bf16]
 //   moe-convert --from moecore --to hf --input CKPT_DIR --output HF_DIR [--hf-config FILE]
 // The whole model is held in memory once (plus one tensor in flight). docs/convert.md.
@@ -200,6 +201,9 @@ HfMoeConfig config_from_training_args(const nlohmann::json& metadata, int64_t vo
   }
   if (a.moe_router_topk_scaling_factor) problems.push_back("--moe-router-topk-scaling-factor");
   if (a.moe_router_type != "topk") problems.push_back("--moe-router-type " + a.moe_router_type);
+  if (a.moe_router_num_groups) problems.push_back("--moe-router-num-groups");
+  if (a.multi_latent_attention) problems.push_back("--multi-latent-attention");
+  if (a.mtp_num_layers.value_or(0) > 0) problems.push_back("--mtp-num-layers");
   if (!a.ffn_hidden_size) problems.push_back("no --ffn-hidden-size");
   if (family == Family::kMixtral) {
     if (a.add_qkv_bias) problems.push_back("--add-qkv-bias");

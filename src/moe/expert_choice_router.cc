@@ -28,6 +28,9 @@ void validate_expert_choice(const MoEConfig& config) {
             " is not supported", with, " (the scores are a softmax over the experts)");
   MOE_CHECK(!config.moe_router_pre_softmax, "MoEConfig: moe_router_pre_softmax has no meaning",
             with, " (there is no per-token top-k)");
+  MOE_CHECK(!config.moe_router_num_groups && !config.moe_router_group_topk,
+            "MoEConfig: moe_router_num_groups / moe_router_group_topk have no meaning", with,
+            " (experts pick their tokens; there is no per-token top-k to limit)");
   MOE_CHECK(!config.moe_router_topk_scaling_factor, "MoEConfig: moe_router_topk_scaling_factor (",
             config.moe_router_topk_scaling_factor.value_or(0), ") has no meaning", with);
   MOE_CHECK(config.moe_token_drop_policy == TokenDropPolicy::kProbs,

@@ -93,7 +93,8 @@ Tensor MoELayer::forward(const Tensor& hidden, MoEContext& ctx, bool training) {
   Tensor expert_output = experts_->forward(rows, ctx.dispatch.tokens_per_local_expert, ctx.experts);
   Tensor output = dispatcher_->combine(expert_output, ctx.dispatch);
   ctx.losses = ctx.router.losses;
-  if (tp_.size() > 1) {  // each tp rank's losses are its tokens' share of the micro-batch's
+  if (tp_.size() > 1 &&
+      training) {  // each tp rank's losses are its tokens' share of the micro-batch's
     std::array<double, RouterLosses::kCount> values = ctx.losses.values();
     Tensor buffer({int64_t(values.size())}, DType::F64);
     std::copy(values.begin(), values.end(), buffer.data<double>());

@@ -481,6 +481,8 @@ void check_expert_choice_flags(const TrainingArguments& a) {
   MOE_CHECK(a.moe_router_score_function == "softmax", "--moe-router-score-function ",
             a.moe_router_score_function, " is not supported", with, " (scores are a softmax)");
   MOE_CHECK(!a.moe_router_pre_softmax, "--moe-router-pre-softmax has no meaning", with);
+  MOE_CHECK(!a.moe_router_num_groups && !a.moe_router_group_topk,
+            "--moe-router-num-groups / --moe-router-group-topk have no meaning", with);
   MOE_CHECK(!a.moe_router_topk_scaling_factor, "--moe-router-topk-scaling-factor has no meaning",
             with);
   MOE_CHECK(a.moe_token_drop_policy == "probs", "--moe-token-drop-policy ", a.moe_token_drop_policy,

@@ -471,6 +471,9 @@ TEST(Arguments, ExpertChoiceRouterFlags) {
        "expert_choice (scores are a softmax)"},
       {with(expert_choice, {"--moe-router-pre-softmax"}), 1,
        "--moe-router-pre-softmax has no meaning with --moe-router-type expert_choice"},
+      {with(expert_choice, {"--moe-router-num-groups", "2", "--moe-router-group-topk", "1"}), 1,
+       "--moe-router-num-groups / --moe-router-group-topk have no meaning with --moe-router-type "
+       "expert_choice"},
       {with(expert_choice, {"--moe-router-topk-scaling-factor", "2"}), 1,
        "--moe-router-topk-scaling-factor has no meaning with --moe-router-type expert_choice"},
       {with(expert_choice, {"--moe-token-drop-policy", "position"}), 1,
