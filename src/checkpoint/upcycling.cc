@@ -27,13 +27,14 @@ UpcycledSource upcycled_source(const std::string& name) {
   struct ExpertTensor {
     const char* suffix;
     const char* dense_suffix;
-    int ffn_axis;  // of the dense tensor; -1: last axis
+    int ffn_axis;  // of the dense tensor; -1: the last axis when scaled, none otherwise
     bool scaled;
   };
   static const ExpertTensor expert_tensors[] = {
       {".mlp.experts.linear_fc1.weight", ".mlp.linear_fc1.weight", -1, true},
       {".mlp.experts.linear_fc1.bias", ".mlp.linear_fc1.bias", -1, true},
       {".mlp.experts.linear_fc2.weight", ".mlp.linear_fc2.weight", 0, true},
+      {".mlp.experts.linear_fc2.bias", ".mlp.linear_fc2.bias", -1, false},
   };
   UpcycledSource source;
   for (const ExpertTensor& t : expert_tensors) {
@@ -42,13 +43,6 @@ UpcycledSource upcycled_source(const std::string& name) {
     source.dense_name = name.substr(0, name.size() - std::string(t.suffix).size()) + t.dense_suffix;
     source.ffn_axis = t.ffn_axis;
     source.scaled = t.scaled;
-    return source;
-  }
-  if (ends_with(name, ".mlp.experts.linear_fc2.bias")) {
-    source.kind = UpcycledSource::kExpert;
-    source.dense_name =
-        name.substr(0, name.size() - std::string(".mlp.experts.linear_fc2.bias").size()) +
-        ".mlp.linear_fc2.bias";
     return source;
   }
   if (ends_with(name, ".mlp.router.weight")) {

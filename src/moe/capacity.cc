@@ -35,9 +35,12 @@ std::vector<uint8_t> select_within_capacity(const Routing& routing, int64_t num_
     const C* probs = routing.probs.data<C>();
     for (auto& list : slots_per_expert) {
       if (int64_t(list.size()) > capacity && policy == TokenDropPolicy::kProbs) {
-        // Highest probability first; the lower token index (= lower slot) wins ties.
-        std::stable_sort(list.begin(), list.end(),
-                         [&](int64_t a, int64_t b) { return probs[a] > probs[b]; });
+        // The `capacity` highest probabilities first; the lower token index (= lower slot) wins
+        // ties. Only the kept prefix needs ordering.
+        std::partial_sort(list.begin(), list.begin() + capacity, list.end(),
+                          [&](int64_t a, int64_t b) {
+                            return probs[a] > probs[b] || (probs[a] == probs[b] && a < b);
+                          });
       }
       size_t kept = size_t(std::min<int64_t>(capacity, int64_t(list.size())));
       for (size_t i = 0; i < kept; ++i) keep[size_t(list[i])] = 1;
