@@ -275,27 +275,25 @@ void moecore_to_hf(const Options& options) {
   nlohmann::json metadata = read_json(metadata_path);
   const int64_t vocab_rows = saved_vocab_rows(iteration_dir, metadata);
   const DType param_dtype = parse_dtype(metadata.at("param_dtype").get<std::string>());
-  {
-    const bool from_file = !options.hf_config.empty();
-    const bool recorded = metadata.contains("extra") && metadata["extra"].contains("hf_config");
-    const nlohmann::json hf_config = from_file  ? read_json(options.hf_config)
-                                     : recorded ? metadata["extra"]["hf_config"]
-                                                : nlohmann::json();
-    if (convert::hf_deepseek::is_deepseek_config(hf_config)) {
-      const auto config = convert::hf_deepseek::DeepSeekConfig::from_json(
-          hf_config, from_file ? options.hf_config : metadata_path);
-      const DType dtype = export_hf_model(options, config, *iteration, vocab_rows, param_dtype);
-      std::cout << "wrote a Hugging Face DeepSeek-V" << config.version << " model ("
-                << dtype_name(dtype) << ") from iteration " << *iteration << " to "
-                << options.output << "\n";
-      return;
-    }
+  // The HF config, read once: --hf-config, else the one recorded at import, else none.
+  const bool from_file = !options.hf_config.empty();
+  const bool recorded = metadata.contains("extra") && metadata["extra"].contains("hf_config");
+  const nlohmann::json hf_config = from_file  ? read_json(options.hf_config)
+                                   : recorded ? metadata["extra"]["hf_config"]
+                                              : nlohmann::json();
+  const std::string hf_config_source = from_file ? options.hf_config : metadata_path;
+  if (convert::hf_deepseek::is_deepseek_config(hf_config)) {
+    const auto config =
+        convert::hf_deepseek::DeepSeekConfig::from_json(hf_config, hf_config_source);
+    const DType dtype = export_hf_model(options, config, *iteration, vocab_rows, param_dtype);
+    std::cout << "wrote a Hugging Face DeepSeek-V" << config.version << " model ("
+              << dtype_name(dtype) << ") from iteration " << *iteration << " to " << options.output
+              << "\n";
+    return;
   }
   HfMoeConfig config;
-  if (!options.hf_config.empty()) {
-    config = HfMoeConfig::from_json(read_json(options.hf_config), options.hf_config);
-  } else if (metadata.contains("extra") && metadata["extra"].contains("hf_config")) {
-    config = HfMoeConfig::from_json(metadata["extra"]["hf_config"], metadata_path);
+  if (from_file || recorded) {
+    config = HfMoeConfig::from_json(hf_config, hf_config_source);
   } else {
     config = config_from_training_args(metadata, vocab_rows, "'" + metadata_path + "'");
     std::cout << "note: the model config comes from the moe-train command line in " << metadata_path
