@@ -107,7 +107,7 @@ void BM_RoundTrip_local(benchmark::State& state) {
 // The combine's reduce-scatter over the group's batch: rows_per_token = topk (slot rows, what
 // the all-gather dispatcher sends) or 1 (Megatron's partial sums).
 void reduce_scatter(benchmark::State& state, int64_t rows_per_token) {
-  const moe::comm::ProcessGroup& group = parallel().tp_ep;
+  const moe::comm::ProcessGroup& group = parallel().tp_ep_group;
   const MicroBatch batch = make_micro_batch(state);
   const int64_t home_rows = batch.routing.num_tokens * rows_per_token;
   moe::Tensor in({home_rows * group.size(), kHidden}, batch.hidden.dtype());

@@ -169,17 +169,17 @@ json layout_json(const comm::ParallelState& p) {
 }
 
 json coordinates_json(const comm::ParallelState& p) {
-  return {{"tp", p.tp.rank()},        {"pp", p.pp.rank()},       {"dp", p.dp_group.rank()},
-          {"cp", p.cp_group.rank()},  {"ep", p.ep_group.rank()}, {"etp", p.etp_group.rank()},
-          {"edp", p.expert_dp.rank()}};
+  return {{"tp", p.tp_group.rank()},        {"pp", p.pp_group.rank()}, {"dp", p.dp_group.rank()},
+          {"cp", p.cp_group.rank()},        {"ep", p.ep_group.rank()}, {"etp", p.etp_group.rank()},
+          {"edp", p.expert_dp_group.rank()}};
 }
 
 // Replicas of a parameter (data-parallel copies, tensor-parallel duplicates) store it once.
 bool stores_replicated_param(const ParamSpec& spec, const comm::ParallelState& p,
                              bool sharded_over_replicas) {
   bool dense = spec.group == ParamGroup::kDense;
-  const comm::ProcessGroup& replicas = dense ? p.dp_cp : p.expert_dp;
-  const comm::ProcessGroup& tp = dense ? p.tp : p.etp_group;
+  const comm::ProcessGroup& replicas = dense ? p.dp_cp_group : p.expert_dp_group;
+  const comm::ProcessGroup& tp = dense ? p.tp_group : p.etp_group;
   if (!sharded_over_replicas && replicas.rank() != 0) return false;
   return !spec.tensor_parallel_duplicate || tp.rank() == 0;
 }

@@ -74,18 +74,18 @@ struct GroupKind {
   ProcessGroup ParallelState::*group;
 };
 constexpr GroupKind kGroupKinds[] = {
-    {"tp", &RankLayout::tp, &ParallelState::tp},
+    {"tp", &RankLayout::tp, &ParallelState::tp_group},
     {"cp", &RankLayout::cp_group, &ParallelState::cp_group},
     {"dp", &RankLayout::dp_group, &ParallelState::dp_group},
-    {"dp_cp", &RankLayout::dp_cp, &ParallelState::dp_cp},
-    {"tp_dp_cp", &RankLayout::tp_dp_cp, &ParallelState::tp_dp_cp},
-    {"pp", &RankLayout::pp, &ParallelState::pp},
-    {"model_parallel", &RankLayout::model_parallel, &ParallelState::model_parallel},
-    {"embedding", &RankLayout::embedding, &ParallelState::embedding},
+    {"dp_cp", &RankLayout::dp_cp, &ParallelState::dp_cp_group},
+    {"tp_dp_cp", &RankLayout::tp_dp_cp, &ParallelState::tp_dp_cp_group},
+    {"pp", &RankLayout::pp, &ParallelState::pp_group},
+    {"model_parallel", &RankLayout::model_parallel, &ParallelState::model_parallel_group},
+    {"embedding", &RankLayout::embedding, &ParallelState::embedding_group},
     {"ep", &RankLayout::ep_group, &ParallelState::ep_group},
     {"etp", &RankLayout::etp_group, &ParallelState::etp_group},
-    {"tp_ep", &RankLayout::tp_ep, &ParallelState::tp_ep},
-    {"expert_dp", &RankLayout::expert_dp, &ParallelState::expert_dp},
+    {"tp_ep", &RankLayout::tp_ep, &ParallelState::tp_ep_group},
+    {"expert_dp", &RankLayout::expert_dp, &ParallelState::expert_dp_group},
 };
 
 ProcessGroup named_self_group(const char* name) {

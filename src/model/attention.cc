@@ -468,10 +468,10 @@ std::vector<ParamHandle> SelfAttention::tensor_parallel_partial_params() const {
 }
 
 Tensor SelfAttention::forward(const ParameterStore& store, const Tensor& x, BatchShape shape,
-                              uint64_t attention_dropout_key, bool training, Saved& saved) const {
-  saved.input = x;  // this rank's rows: backward gathers them again (sequence parallelism)
-  saved.shape = shape;
-  saved.dropout_key = attention_dropout_key;
+                              uint64_t attention_dropout_key, bool training, Context& ctx) const {
+  ctx.input = x;  // this rank's rows: backward gathers them again (sequence parallelism)
+  ctx.shape = shape;
+  ctx.dropout_key = attention_dropout_key;
   Tensor input = enter_tp_region(x, tp_);
   MOE_CHECK(input.dim(0) == shape.rows(), "attention input has ", input.dim(0),
             " rows but the micro-batch has seq ", shape.seq, " x batch ", shape.batch);
@@ -479,64 +479,61 @@ Tensor SelfAttention::forward(const ParameterStore& store, const Tensor& x, Batc
   int64_t d = head_dim_, S = shape.seq, B = shape.batch;
   DType compute = x.dtype() == DType::F64 ? DType::F64 : DType::F32;
   Tensor mixed_c = mixed.to(compute);
-  saved.q = Tensor::empty({B, heads_local_, S, d}, compute);
-  saved.k = Tensor::empty({B, groups_local_, S, d}, compute);
-  saved.v = Tensor::empty({B, groups_local_, S, d}, compute);
-  move_qkv(mixed_c, saved.q, saved.k, saved.v, /*to_heads=*/true);
+  ctx.q = Tensor::empty({B, heads_local_, S, d}, compute);
+  ctx.k = Tensor::empty({B, groups_local_, S, d}, compute);
+  ctx.v = Tensor::empty({B, groups_local_, S, d}, compute);
+  move_qkv(mixed_c, ctx.q, ctx.k, ctx.v, /*to_heads=*/true);
   if (q_norm_) {  // each head vector is one norm row; the layout stays [b, n, s, d]
-    saved.q =
-        q_norm_->forward(store, saved.q.reshape({-1, d}), saved.q_norm).reshape(saved.q.shape());
-    saved.k =
-        k_norm_->forward(store, saved.k.reshape({-1, d}), saved.k_norm).reshape(saved.k.shape());
+    ctx.q = q_norm_->forward(store, ctx.q.reshape({-1, d}), ctx.q_norm).reshape(ctx.q.shape());
+    ctx.k = k_norm_->forward(store, ctx.k.reshape({-1, d}), ctx.k_norm).reshape(ctx.k.shape());
   }
   if (rotary_) {
-    apply_rotary(saved.q, *rotary_, false);
-    apply_rotary(saved.k, *rotary_, false);
+    apply_rotary(ctx.q, *rotary_, false);
+    apply_rotary(ctx.k, *rotary_, false);
   }
   AttentionDropout dropout{training ? attention_dropout_ : 0.0f, attention_dropout_key,
                            int64_t(tp_.rank()) * heads_local_, int64_t(tp_.size()) * heads_local_};
-  saved.logsumexp = Tensor::empty({B, heads_local_, S}, compute);
+  ctx.logsumexp = Tensor::empty({B, heads_local_, S}, compute);
   Tensor context = Tensor::empty({B, heads_local_, S, d}, compute);
-  causal_attention_forward(saved.q, saved.k, saved.v, dropout, saved.logsumexp, context);
-  saved.attention_dropout = dropout.p;
+  causal_attention_forward(ctx.q, ctx.k, ctx.v, dropout, ctx.logsumexp, context);
+  ctx.attention_dropout = dropout.p;
   Tensor context_rows = Tensor::empty({S * B, heads_local_ * d}, compute);
   move_context(context_rows, context, /*to_heads=*/false);
-  saved.context = context_rows.to(x.dtype());
-  Tensor out = leave_tp_region(proj_.forward_partial(store, saved.context), tp_);
+  ctx.context = context_rows.to(x.dtype());
+  Tensor out = leave_tp_region(proj_.forward_partial(store, ctx.context), tp_);
   proj_.add_bias(store, out);
   return out;
 }
 
-Tensor SelfAttention::backward(const ParameterStore& store, const Saved& saved,
-                               const Tensor& dy) const {
-  proj_.backward_bias(store, dy);
-  Tensor dy_full = leave_tp_region_backward(dy, tp_);
-  Tensor dcontext_rows = proj_.backward(store, saved.context, dy_full);
-  int64_t per_group = heads_local_ / groups_local_, d = head_dim_, S = saved.shape.seq,
-          B = saved.shape.batch;
-  DType compute = saved.q.dtype();
+Tensor SelfAttention::backward(const ParameterStore& store, const Context& ctx,
+                               const Tensor& grad_output) const {
+  proj_.backward_bias(store, grad_output);
+  Tensor dy_full = leave_tp_region_backward(grad_output, tp_);
+  Tensor dcontext_rows = proj_.backward(store, ctx.context, dy_full);
+  int64_t per_group = heads_local_ / groups_local_, d = head_dim_, S = ctx.shape.seq,
+          B = ctx.shape.batch;
+  DType compute = ctx.q.dtype();
   Tensor dcontext_c = dcontext_rows.to(compute);
   Tensor dcontext = Tensor::empty({B, heads_local_, S, d}, compute);
   move_context(dcontext_c, dcontext, /*to_heads=*/true);
-  AttentionDropout dropout{saved.attention_dropout, saved.dropout_key,
+  AttentionDropout dropout{ctx.attention_dropout, ctx.dropout_key,
                            int64_t(tp_.rank()) * heads_local_, int64_t(tp_.size()) * heads_local_};
-  Tensor dq = Tensor::empty(saved.q.shape(), compute);
-  Tensor dk = Tensor::empty(saved.k.shape(), compute);
-  Tensor dv = Tensor::empty(saved.v.shape(), compute);
-  causal_attention_backward(saved.q, saved.k, saved.v, saved.logsumexp, dropout, dcontext, dq, dk,
-                            dv);
+  Tensor dq = Tensor::empty(ctx.q.shape(), compute);
+  Tensor dk = Tensor::empty(ctx.k.shape(), compute);
+  Tensor dv = Tensor::empty(ctx.v.shape(), compute);
+  causal_attention_backward(ctx.q, ctx.k, ctx.v, ctx.logsumexp, dropout, dcontext, dq, dk, dv);
   if (rotary_) {
     apply_rotary(dq, *rotary_, true);
     apply_rotary(dk, *rotary_, true);
   }
   if (q_norm_) {
-    dq = q_norm_->backward(store, saved.q_norm, dq.reshape({-1, d})).reshape(dq.shape());
-    dk = k_norm_->backward(store, saved.k_norm, dk.reshape({-1, d})).reshape(dk.shape());
+    dq = q_norm_->backward(store, ctx.q_norm, dq.reshape({-1, d})).reshape(dq.shape());
+    dk = k_norm_->backward(store, ctx.k_norm, dk.reshape({-1, d})).reshape(dk.shape());
   }
   Tensor dmixed_c = Tensor::empty({S * B, groups_local_ * (per_group + 2) * d}, compute);
   move_qkv(dmixed_c, dq, dk, dv, /*to_heads=*/false);
-  Tensor dmixed = dmixed_c.to(saved.input.dtype());
-  Tensor input = enter_tp_region(saved.input, tp_);
+  Tensor dmixed = dmixed_c.to(ctx.input.dtype());
+  Tensor input = enter_tp_region(ctx.input, tp_);
   return enter_tp_region_backward(qkv_.backward(store, input, dmixed), tp_);
 }
 

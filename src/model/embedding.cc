@@ -86,9 +86,9 @@ Tensor VocabParallelEmbedding::forward(const ParameterStore& store, const Tensor
 }
 
 void VocabParallelEmbedding::backward(const ParameterStore& store, const Tensor& tokens,
-                                      const Tensor& dy) const {
+                                      const Tensor& grad_output) const {
   std::vector<int64_t> ids = tokens_in_row_order(tokens, vocab_);
-  Tensor dy_full = leave_tp_region_backward(dy, tp_);
+  Tensor dy_full = leave_tp_region_backward(grad_output, tp_);
   int64_t rows = int64_t(ids.size());
   check_shape(dy_full, {rows, hidden_}, "embedding output gradient");
   Tensor dy_values = dy_full.to(DType::F32);

@@ -29,11 +29,11 @@ struct GPTContextState {
   Tensor tokens;                     // [b, s] (first stage)
   Tensor labels;                     // [rows] I64 in row order (last stage)
   std::vector<double> loss_weights;  // [rows] mask / mask sum (last stage)
-  std::vector<LayerState> layers;
-  Norm::Saved final_norm;
-  OutputLayer::Saved output;
+  std::vector<TransformerLayerContext> layers;
+  Norm::Context final_norm;
+  OutputLayer::Context output;
   Tensor softmax;  // [rows, V_local]
-  MultiTokenPrediction::Saved mtp;
+  MultiTokenPrediction::Context mtp;
 };
 }  // namespace detail
 
@@ -85,7 +85,7 @@ GPTModel::GPTModel(const TransformerConfig& config, const comm::ParallelState& p
   if (!dispatcher_factory) dispatcher_factory = default_dispatcher_factory();
 
   Impl& m = *impl_;
-  m.tp = TensorParallel{parallel.tp, config_.sequence_parallel && sizes.tp > 1};
+  m.tp = TensorParallel{parallel.tp_group, config_.sequence_parallel && sizes.tp > 1};
   m.params.sequence_parallel = m.tp.sequence_parallel;
   const TransformerConfig& c = config_;
   if (stage_.pre_process) {
@@ -109,7 +109,7 @@ GPTModel::GPTModel(const TransformerConfig& config, const comm::ParallelState& p
       dispatcher = dispatcher_factory(c.moe_config(), parallel, i);
     }
     m.layers.push_back(std::make_unique<TransformerLayer>(
-        store, config_, i, m.tp, parallel.tp_dp_cp, std::move(dispatcher), uint64_t(i)));
+        store, config_, i, m.tp, parallel.tp_dp_cp_group, std::move(dispatcher), uint64_t(i)));
     m.layers.back()->register_params(m.params);
   }
   if (stage_.post_process) {
@@ -346,10 +346,10 @@ Tensor GPTModel::backward_step(GPTContext& ctx, const Tensor& output_grad) {
     for (int64_t r = 0; r < shape.rows(); ++r) {
       dloss.data<double>()[r] = loss_grad * state.loss_weights[size_t(r)];
     }
-    Tensor dlogits = vocab_parallel_cross_entropy_backward(state.softmax, state.labels,
-                                                           m.output->vocab_start(), dloss);
+    Tensor grad_logits = vocab_parallel_cross_entropy_backward(state.softmax, state.labels,
+                                                               m.output->vocab_start(), dloss);
     state.softmax = Tensor();
-    Tensor dnormed = m.output->backward(store_, state.output, dlogits);
+    Tensor dnormed = m.output->backward(store_, state.output, grad_logits);
     if (m.mtp) {
       add(dnormed,
           m.mtp->backward(store_, *m.embedding, *m.output, loss_grad, shape, state.row_offset, ctx,

@@ -201,10 +201,10 @@ MultiLatentAttention::MultiLatentAttention(ParameterStore& store, const std::str
 
 Tensor MultiLatentAttention::forward(const ParameterStore& store, const Tensor& x, BatchShape shape,
                                      uint64_t attention_dropout_key, bool training,
-                                     Saved& saved) const {
-  saved.input = x;
-  saved.shape = shape;
-  saved.dropout_key = attention_dropout_key;
+                                     Context& ctx) const {
+  ctx.input = x;
+  ctx.shape = shape;
+  ctx.dropout_key = attention_dropout_key;
   int64_t S = shape.seq, B = shape.batch, n = heads_local_, qk = qk_head_dim_, pe = pos_dim_,
           dv = v_head_dim_, q_dim = qk + pe;
   DType compute = x.dtype() == DType::F64 ? DType::F64 : DType::F32;
@@ -213,75 +213,75 @@ Tensor MultiLatentAttention::forward(const ParameterStore& store, const Tensor& 
   // latent and the rotary key then enter the tp region together (one gather).
   Tensor combined = kv_down_.forward(store, x);  // [rows_local, kv_lora_rank + pe]
   if (kv_norm_) {
-    set_columns(kv_norm_->forward(store, columns(combined, 0, kv_lora_rank_), saved.kv_norm),
+    set_columns(kv_norm_->forward(store, columns(combined, 0, kv_lora_rank_), ctx.kv_norm),
                 combined, 0);
   }
   Tensor combined_full = enter_tp_region(combined, tp_);
   MOE_CHECK(combined_full.dim(0) == shape.rows(), "attention input has ", combined_full.dim(0),
             " rows but the micro-batch has seq ", shape.seq, " x batch ", shape.batch);
-  saved.kv_latent = columns(combined_full, 0, kv_lora_rank_);
-  Tensor kv_rows = kv_up_.forward(store, saved.kv_latent).to(compute);  // n x [qk | dv]
+  ctx.kv_latent = columns(combined_full, 0, kv_lora_rank_);
+  Tensor kv_rows = kv_up_.forward(store, ctx.kv_latent).to(compute);  // n x [qk | dv]
   Tensor k_pos_rows = columns(combined_full, kv_lora_rank_, pe).to(compute);
 
   Tensor q_rows;  // [rows_full, n_local * (qk + pe)]
   if (q_down_) {
     Tensor latent = q_down_->forward(store, x);
-    if (q_norm_) latent = q_norm_->forward(store, latent, saved.q_norm);
-    saved.q_latent = enter_tp_region(latent, tp_);
-    q_rows = q_up_->forward(store, saved.q_latent).to(compute);
+    if (q_norm_) latent = q_norm_->forward(store, latent, ctx.q_norm);
+    ctx.q_latent = enter_tp_region(latent, tp_);
+    q_rows = q_up_->forward(store, ctx.q_latent).to(compute);
   } else {
     q_rows = q_proj_->forward(store, enter_tp_region(x, tp_)).to(compute);
   }
 
-  saved.q = Tensor::empty({B, n, S, q_dim}, compute);
-  move_part(q_rows, saved.q, {q_dim, 0, 0, qk}, /*to_heads=*/true);
+  ctx.q = Tensor::empty({B, n, S, q_dim}, compute);
+  move_part(q_rows, ctx.q, {q_dim, 0, 0, qk}, /*to_heads=*/true);
   Tensor q_pos = Tensor::empty({B, n, S, pe}, compute);
   move_part(q_rows, q_pos, {q_dim, qk, 0, pe, /*deinterleave=*/true}, true);
   apply_rotary(q_pos, rotary_, false);
-  copy_head_part(q_pos, 0, saved.q, qk, pe);
+  copy_head_part(q_pos, 0, ctx.q, qk, pe);
 
-  saved.k = Tensor::empty({B, n, S, q_dim}, compute);
-  move_part(kv_rows, saved.k, {qk + dv, 0, 0, qk}, true);
+  ctx.k = Tensor::empty({B, n, S, q_dim}, compute);
+  move_part(kv_rows, ctx.k, {qk + dv, 0, 0, qk}, true);
   Tensor k_pos = Tensor::empty({B, 1, S, pe}, compute);
   move_part(k_pos_rows, k_pos, {pe, 0, 0, pe, /*deinterleave=*/true}, true);
   apply_rotary(k_pos, rotary_, false);
-  copy_head_part(k_pos, 0, saved.k, qk, pe);  // every head shares the rotary key
-  saved.v = Tensor::empty({B, n, S, dv}, compute);
-  move_part(kv_rows, saved.v, {qk + dv, qk, 0, dv}, true);
+  copy_head_part(k_pos, 0, ctx.k, qk, pe);  // every head shares the rotary key
+  ctx.v = Tensor::empty({B, n, S, dv}, compute);
+  move_part(kv_rows, ctx.v, {qk + dv, qk, 0, dv}, true);
 
   // The kernel's 1 / sqrt(head size) is Megatron's 1 / sqrt(qk_head_dim + qk_pos_emb_head_dim);
   // YaRN's m^2 goes into the queries (the saved q is the scaled one).
-  if (score_factor_ != 1.0) multiply(saved.q, score_factor_);
+  if (score_factor_ != 1.0) multiply(ctx.q, score_factor_);
   AttentionDropout dropout{training ? attention_dropout_ : 0.0f, attention_dropout_key,
                            int64_t(tp_.rank()) * n, int64_t(tp_.size()) * n};
-  saved.logsumexp = Tensor::empty({B, n, S}, compute);
+  ctx.logsumexp = Tensor::empty({B, n, S}, compute);
   Tensor context = Tensor::empty({B, n, S, dv}, compute);
-  causal_attention_forward(saved.q, saved.k, saved.v, dropout, saved.logsumexp, context);
-  saved.attention_dropout = dropout.p;
+  causal_attention_forward(ctx.q, ctx.k, ctx.v, dropout, ctx.logsumexp, context);
+  ctx.attention_dropout = dropout.p;
   Tensor context_rows = Tensor::empty({S * B, n * dv}, compute);
   move_part(context_rows, context, {dv, 0, 0, dv}, /*to_heads=*/false);
-  saved.context = context_rows.to(x.dtype());
-  Tensor out = leave_tp_region(proj_.forward_partial(store, saved.context), tp_);
+  ctx.context = context_rows.to(x.dtype());
+  Tensor out = leave_tp_region(proj_.forward_partial(store, ctx.context), tp_);
   proj_.add_bias(store, out);
   return out;
 }
 
-Tensor MultiLatentAttention::backward(const ParameterStore& store, const Saved& saved,
-                                      const Tensor& dy) const {
-  int64_t S = saved.shape.seq, B = saved.shape.batch, n = heads_local_, qk = qk_head_dim_,
+Tensor MultiLatentAttention::backward(const ParameterStore& store, const Context& ctx,
+                                      const Tensor& grad_output) const {
+  int64_t S = ctx.shape.seq, B = ctx.shape.batch, n = heads_local_, qk = qk_head_dim_,
           pe = pos_dim_, dv = v_head_dim_, q_dim = qk + pe;
-  DType compute = saved.q.dtype(), activation = saved.input.dtype();
-  proj_.backward_bias(store, dy);
+  DType compute = ctx.q.dtype(), activation = ctx.input.dtype();
+  proj_.backward_bias(store, grad_output);
   Tensor dcontext_rows =
-      proj_.backward(store, saved.context, leave_tp_region_backward(dy, tp_)).to(compute);
+      proj_.backward(store, ctx.context, leave_tp_region_backward(grad_output, tp_)).to(compute);
   Tensor dcontext = Tensor::empty({B, n, S, dv}, compute);
   move_part(dcontext_rows, dcontext, {dv, 0, 0, dv}, /*to_heads=*/true);
-  AttentionDropout dropout{saved.attention_dropout, saved.dropout_key, int64_t(tp_.rank()) * n,
+  AttentionDropout dropout{ctx.attention_dropout, ctx.dropout_key, int64_t(tp_.rank()) * n,
                            int64_t(tp_.size()) * n};
-  Tensor dq = Tensor::empty(saved.q.shape(), compute);
-  Tensor dk = Tensor::empty(saved.k.shape(), compute);
-  Tensor dv_heads = Tensor::empty(saved.v.shape(), compute);
-  causal_attention_backward(saved.q, saved.k, saved.v, saved.logsumexp, dropout, dcontext, dq, dk,
+  Tensor dq = Tensor::empty(ctx.q.shape(), compute);
+  Tensor dk = Tensor::empty(ctx.k.shape(), compute);
+  Tensor dv_heads = Tensor::empty(ctx.v.shape(), compute);
+  causal_attention_backward(ctx.q, ctx.k, ctx.v, ctx.logsumexp, dropout, dcontext, dq, dk,
                             dv_heads);
 
   if (score_factor_ != 1.0) multiply(dq, score_factor_);
@@ -303,26 +303,27 @@ Tensor MultiLatentAttention::backward(const ParameterStore& store, const Saved& 
   // Keys and values back to this rank's rows: the latent and rotary-key gradients of this
   // rank's heads are summed over tp on the way out of the tp region.
   Tensor dcombined_full = Tensor::empty({S * B, kv_lora_rank_ + pe}, activation);
-  set_columns(kv_up_.backward(store, saved.kv_latent, dkv_rows.to(activation)), dcombined_full, 0);
+  set_columns(kv_up_.backward(store, ctx.kv_latent, dkv_rows.to(activation)), dcombined_full, 0);
   set_columns(dk_pos_rows.to(activation), dcombined_full, kv_lora_rank_);
   Tensor dcombined = enter_tp_region_backward(dcombined_full, tp_);
   if (kv_norm_) {
-    set_columns(kv_norm_->backward(store, saved.kv_norm, columns(dcombined, 0, kv_lora_rank_)),
+    set_columns(kv_norm_->backward(store, ctx.kv_norm, columns(dcombined, 0, kv_lora_rank_)),
                 dcombined, 0);
   }
-  Tensor dx = kv_down_.backward(store, saved.input, dcombined);
+  Tensor grad_input = kv_down_.backward(store, ctx.input, dcombined);
 
   Tensor dq_rows_act = dq_rows.to(activation);
   if (q_down_) {
     Tensor dlatent =
-        enter_tp_region_backward(q_up_->backward(store, saved.q_latent, dq_rows_act), tp_);
-    if (q_norm_) dlatent = q_norm_->backward(store, saved.q_norm, dlatent);
-    add(dx, q_down_->backward(store, saved.input, dlatent), dx);
+        enter_tp_region_backward(q_up_->backward(store, ctx.q_latent, dq_rows_act), tp_);
+    if (q_norm_) dlatent = q_norm_->backward(store, ctx.q_norm, dlatent);
+    add(grad_input, q_down_->backward(store, ctx.input, dlatent), grad_input);
   } else {
-    Tensor input = enter_tp_region(saved.input, tp_);
-    add(dx, enter_tp_region_backward(q_proj_->backward(store, input, dq_rows_act), tp_), dx);
+    Tensor input = enter_tp_region(ctx.input, tp_);
+    add(grad_input, enter_tp_region_backward(q_proj_->backward(store, input, dq_rows_act), tp_),
+        grad_input);
   }
-  return dx;
+  return grad_input;
 }
 
 }  // namespace moe::model

@@ -20,31 +20,33 @@ MLP::MLP(ParameterStore& store, const std::string& prefix, const TransformerConf
       fc2_(store, prefix + ".linear_fc2", config.ffn_size(), config.hidden_size,
            config.add_bias_linear, tp) {}
 
-Tensor MLP::forward(const ParameterStore& store, const Tensor& x, Saved& saved) const {
-  saved.input = x;  // this rank's rows: backward gathers them again (sequence parallelism)
+Tensor MLP::forward(const ParameterStore& store, const Tensor& x, Context& ctx) const {
+  ctx.input = x;  // this rank's rows: backward gathers them again (sequence parallelism)
   Tensor input = enter_tp_region(x, tp_);
-  saved.fc1_output = fc1_.forward(store, input);
-  saved.activation = Tensor::empty({input.dim(0), fc2_.in_local()}, x.dtype());
+  ctx.fc1_output = fc1_.forward(store, input);
+  ctx.activation = Tensor::empty({input.dim(0), fc2_.in_local()}, x.dtype());
   if (swiglu_) {
-    swiglu(saved.fc1_output, saved.activation);
+    swiglu(ctx.fc1_output, ctx.activation);
   } else {
-    gelu(saved.fc1_output, saved.activation);
+    gelu(ctx.fc1_output, ctx.activation);
   }
-  Tensor out = leave_tp_region(fc2_.forward_partial(store, saved.activation), tp_);
+  Tensor out = leave_tp_region(fc2_.forward_partial(store, ctx.activation), tp_);
   fc2_.add_bias(store, out);
   return out;
 }
 
-Tensor MLP::backward(const ParameterStore& store, const Saved& saved, const Tensor& dy) const {
-  fc2_.backward_bias(store, dy);
-  Tensor dactivation = fc2_.backward(store, saved.activation, leave_tp_region_backward(dy, tp_));
-  Tensor dfc1 = Tensor::empty(saved.fc1_output.shape(), saved.fc1_output.dtype());
+Tensor MLP::backward(const ParameterStore& store, const Context& ctx,
+                     const Tensor& grad_output) const {
+  fc2_.backward_bias(store, grad_output);
+  Tensor dactivation =
+      fc2_.backward(store, ctx.activation, leave_tp_region_backward(grad_output, tp_));
+  Tensor dfc1 = Tensor::empty(ctx.fc1_output.shape(), ctx.fc1_output.dtype());
   if (swiglu_) {
-    swiglu_backward(saved.fc1_output, dactivation, dfc1);
+    swiglu_backward(ctx.fc1_output, dactivation, dfc1);
   } else {
-    gelu_backward(saved.fc1_output, dactivation, dfc1);
+    gelu_backward(ctx.fc1_output, dactivation, dfc1);
   }
-  Tensor input = enter_tp_region(saved.input, tp_);
+  Tensor input = enter_tp_region(ctx.input, tp_);
   return enter_tp_region_backward(fc1_.backward(store, input, dfc1), tp_);
 }
 

@@ -101,8 +101,8 @@ MultiTokenPrediction::MultiTokenPrediction(ParameterStore& store, const Transfor
     std::unique_ptr<TokenDispatcher> dispatcher;
     if (moe) dispatcher = dispatcher_factory(c.moe_config(), parallel, number);
     layers_.push_back(std::make_unique<TransformerLayer>(
-        store, config_, number, tp, parallel.tp_dp_cp, std::move(dispatcher), uint64_t(number),
-        prefix + ".transformer_layer"));
+        store, config_, number, tp, parallel.tp_dp_cp_group, std::move(dispatcher),
+        uint64_t(number), prefix + ".transformer_layer"));
   }
 }
 
@@ -122,42 +122,42 @@ void MultiTokenPrediction::forward(const ParameterStore& store,
                                    const OutputLayer& output, const Tensor& hidden,
                                    const Tensor& tokens, const std::vector<double>& labels,
                                    const std::vector<double>& mask, const BatchShape& shape,
-                                   int64_t row_offset, GPTContext& ctx, Saved& saved) const {
+                                   int64_t row_offset, GPTContext& ctx, Context& mtp_ctx) const {
   const int64_t h = config_.hidden_size, rows_local = hidden.dim(0);
   const float hidden_p = ctx.training ? config_.hidden_dropout : 0.0f;
-  saved.depths.resize(depths_.size());
+  mtp_ctx.depths.resize(depths_.size());
   Tensor previous = hidden;
   for (size_t k = 0; k < depths_.size(); ++k) {
     const int depth = int(k) + 1;
     const Depth& d = depths_[k];
-    DepthState& state = saved.depths[k];
-    state.tokens = shifted_tokens(tokens, depth);
-    Tensor embedded = embedding.forward(store, state.tokens);
+    DepthContext& depth_ctx = mtp_ctx.depths[k];
+    depth_ctx.tokens = shifted_tokens(tokens, depth);
+    Tensor embedded = embedding.forward(store, depth_ctx.tokens);
     apply_dropout(embedded, hidden_p,
                   dropout_key(ctx.dropout_seed, layers_[k]->number(), kEmbeddingDropout),
                   row_offset * h);
     Tensor concatenated = Tensor::empty({rows_local, 2 * h}, hidden.dtype());
-    copy_columns(d.enorm.forward(store, embedded, state.enorm), 0, h, concatenated, 0);
-    copy_columns(d.hnorm.forward(store, previous, state.hnorm), 0, h, concatenated, h);
-    state.projection_input = enter_tp_region(concatenated, tp_);
-    Tensor projected =
-        gather_columns(d.eh_proj.forward(store, state.projection_input), tp_);  // [rows_full, h]
+    copy_columns(d.enorm.forward(store, embedded, depth_ctx.enorm), 0, h, concatenated, 0);
+    copy_columns(d.hnorm.forward(store, previous, depth_ctx.hnorm), 0, h, concatenated, h);
+    depth_ctx.projection_input = enter_tp_region(concatenated, tp_);
+    Tensor projected = gather_columns(d.eh_proj.forward(store, depth_ctx.projection_input),
+                                      tp_);  // [rows_full, h]
     // Megatron scatters the gathered projection back to this rank's sequence block.
     if (tp_.sequence_parallel) projected = projected.rows(row_offset, row_offset + rows_local);
-    Tensor layer_out =
-        layers_[k]->forward(store, projected, shape, row_offset, ctx, state.layer, &ctx.moe_losses);
-    previous = d.final_norm.forward(store, layer_out, state.final_norm);
+    Tensor layer_out = layers_[k]->forward(store, projected, shape, row_offset, ctx,
+                                           depth_ctx.layer, &ctx.moe_losses);
+    previous = d.final_norm.forward(store, layer_out, depth_ctx.final_norm);
 
-    Tensor logits = output.forward(store, previous, state.output);
+    Tensor logits = output.forward(store, previous, depth_ctx.output);
     const std::vector<double> depth_labels = shifted_rows(labels, shape, depth);
     const std::vector<double> depth_mask = shifted_rows(mask, shape, depth);
-    state.labels = Tensor({shape.rows()}, DType::I64);
+    depth_ctx.labels = Tensor({shape.rows()}, DType::I64);
     for (int64_t r = 0; r < shape.rows(); ++r) {
-      state.labels.data<int64_t>()[r] = int64_t(depth_labels[size_t(r)]);
+      depth_ctx.labels.data<int64_t>()[r] = int64_t(depth_labels[size_t(r)]);
     }
-    Tensor row_losses =
-        vocab_parallel_cross_entropy(logits, state.labels, output.vocab_start(), tp_, state.softmax)
-            .to(DType::F64);
+    Tensor row_losses = vocab_parallel_cross_entropy(logits, depth_ctx.labels, output.vocab_start(),
+                                                     tp_, depth_ctx.softmax)
+                            .to(DType::F64);
     double tokens_counted = 0, weighted = 0;
     for (int64_t r = 0; r < shape.rows(); ++r) {
       tokens_counted += depth_mask[size_t(r)];
@@ -165,8 +165,9 @@ void MultiTokenPrediction::forward(const ParameterStore& store,
     }
     // As Megatron's process_mtp_loss: divided by the token count clamped to at least 1.
     const double divisor = std::max(tokens_counted, 1.0);
-    state.loss_weights.resize(depth_mask.size());
-    for (size_t r = 0; r < depth_mask.size(); ++r) state.loss_weights[r] = depth_mask[r] / divisor;
+    depth_ctx.loss_weights.resize(depth_mask.size());
+    for (size_t r = 0; r < depth_mask.size(); ++r)
+      depth_ctx.loss_weights[r] = depth_mask[r] / divisor;
     ctx.mtp_losses.push_back({depth, weighted / divisor, tokens_counted});
   }
 }
@@ -175,8 +176,8 @@ Tensor MultiTokenPrediction::backward(const ParameterStore& store,
                                       const VocabParallelEmbedding& embedding,
                                       const OutputLayer& output, double loss_grad,
                                       const BatchShape& shape, int64_t row_offset,
-                                      const GPTContext& ctx, Saved& saved) const {
-  MOE_CHECK(saved.depths.size() == depths_.size(),
+                                      const GPTContext& ctx, Context& mtp_ctx) const {
+  MOE_CHECK(mtp_ctx.depths.size() == depths_.size(),
             "multi-token prediction backward needs its forward first");
   const int64_t h = config_.hidden_size;
   const float hidden_p = ctx.training ? config_.hidden_dropout : 0.0f;
@@ -184,37 +185,37 @@ Tensor MultiTokenPrediction::backward(const ParameterStore& store,
   Tensor dnext;  // d(objective)/d(h_k) through depth k + 1
   for (size_t k = depths_.size(); k-- > 0;) {
     const Depth& d = depths_[k];
-    DepthState& state = saved.depths[k];
+    DepthContext& depth_ctx = mtp_ctx.depths[k];
     Tensor dloss({shape.rows()}, DType::F64);
     for (int64_t r = 0; r < shape.rows(); ++r) {
-      dloss.data<double>()[r] = depth_grad * state.loss_weights[size_t(r)];
+      dloss.data<double>()[r] = depth_grad * depth_ctx.loss_weights[size_t(r)];
     }
-    Tensor dlogits = vocab_parallel_cross_entropy_backward(state.softmax, state.labels,
-                                                           output.vocab_start(), dloss);
-    state.softmax = Tensor();
-    Tensor doutput = output.backward(store, state.output, dlogits);
+    Tensor grad_logits = vocab_parallel_cross_entropy_backward(depth_ctx.softmax, depth_ctx.labels,
+                                                               output.vocab_start(), dloss);
+    depth_ctx.softmax = Tensor();
+    Tensor doutput = output.backward(store, depth_ctx.output, grad_logits);
     if (dnext.defined()) add(doutput, dnext, doutput);
-    Tensor dlayer_out = d.final_norm.backward(store, state.final_norm, doutput);
+    Tensor dlayer_out = d.final_norm.backward(store, depth_ctx.final_norm, doutput);
     Tensor dprojected =
-        layers_[k]->backward(store, dlayer_out, shape, row_offset, ctx, state.layer);
+        layers_[k]->backward(store, dlayer_out, shape, row_offset, ctx, depth_ctx.layer);
 
     // eh_proj: this rank's output columns of the (sequence-gathered) gradient, then the
     // column-parallel backward, whose input gradient is partial over tp.
     Tensor dfull = leave_tp_region_backward(dprojected, tp_);
     const int64_t cols = d.eh_proj.out_local();
     Tensor dlocal = columns(dfull, tp_.rank() * cols, (tp_.rank() + 1) * cols);
-    Tensor dconcatenated =
-        enter_tp_region_backward(d.eh_proj.backward(store, state.projection_input, dlocal), tp_);
-    state.projection_input = Tensor();
+    Tensor dconcatenated = enter_tp_region_backward(
+        d.eh_proj.backward(store, depth_ctx.projection_input, dlocal), tp_);
+    depth_ctx.projection_input = Tensor();
 
-    Tensor dembedded = d.enorm.backward(store, state.enorm, columns(dconcatenated, 0, h));
+    Tensor dembedded = d.enorm.backward(store, depth_ctx.enorm, columns(dconcatenated, 0, h));
     apply_dropout(dembedded, hidden_p,
                   dropout_key(ctx.dropout_seed, layers_[k]->number(), kEmbeddingDropout),
                   row_offset * h);
-    embedding.backward(store, state.tokens, dembedded);
-    dnext = d.hnorm.backward(store, state.hnorm, columns(dconcatenated, h, 2 * h));
+    embedding.backward(store, depth_ctx.tokens, dembedded);
+    dnext = d.hnorm.backward(store, depth_ctx.hnorm, columns(dconcatenated, h, 2 * h));
   }
-  saved.depths.clear();
+  mtp_ctx.depths.clear();
   return dnext;
 }
 

@@ -27,18 +27,18 @@ namespace moe::model {
 class MultiTokenPrediction {
  public:
   // What one depth's forward saves for its backward.
-  struct DepthState {
+  struct DepthContext {
     Tensor tokens;                     // [b, s] the input tokens shifted left by the depth
     Tensor labels;                     // [rows] I64: the labels shifted left by the depth
     std::vector<double> loss_weights;  // [rows] shifted mask / max(its sum, 1)
-    Norm::Saved enorm, hnorm, final_norm;
+    Norm::Context enorm, hnorm, final_norm;
     Tensor projection_input;  // [rows_full, 2h]: eh_proj's input inside the tp region
-    LayerState layer;
-    OutputLayer::Saved output;
+    TransformerLayerContext layer;
+    OutputLayer::Context output;
     Tensor softmax;  // [rows, V_local]
   };
-  struct Saved {
-    std::vector<DepthState> depths;
+  struct Context {
+    std::vector<DepthContext> depths;
   };
 
   // Declares every depth's parameters; config.mtp_num_layers > 0.
@@ -55,13 +55,14 @@ class MultiTokenPrediction {
   void forward(const ParameterStore& store, const VocabParallelEmbedding& embedding,
                const OutputLayer& output, const Tensor& hidden, const Tensor& tokens,
                const std::vector<double>& labels, const std::vector<double>& mask,
-               const BatchShape& shape, int64_t row_offset, GPTContext& ctx, Saved& saved) const;
+               const BatchShape& shape, int64_t row_offset, GPTContext& ctx,
+               Context& mtp_ctx) const;
   // loss_grad: d(objective)/d(lm loss). Returns d(objective)/d(h_0) [rows_local, h]; the
   // parameter gradients (embedding and output layer included) accumulate into the store.
-  // Consumes `saved`.
+  // Consumes `mtp_ctx`.
   Tensor backward(const ParameterStore& store, const VocabParallelEmbedding& embedding,
                   const OutputLayer& output, double loss_grad, const BatchShape& shape,
-                  int64_t row_offset, const GPTContext& ctx, Saved& saved) const;
+                  int64_t row_offset, const GPTContext& ctx, Context& mtp_ctx) const;
 
  private:
   struct Depth {

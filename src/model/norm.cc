@@ -70,14 +70,14 @@ void layernorm(const Tensor& x, const Tensor& weight, const Tensor& bias, float 
 }
 
 void layernorm_backward(const Tensor& x, const Tensor& weight, const Tensor& mean,
-                        const Tensor& inv_std, const Tensor& dy, Tensor& dx, Tensor& dweight,
-                        Tensor& dbias) {
+                        const Tensor& inv_std, const Tensor& grad_output, Tensor& grad_input,
+                        Tensor& grad_weight, Tensor& grad_bias) {
   NormRows n = check_layernorm(x, weight, mean, inv_std, "layernorm_backward");
-  check_same_shape(x, dy, "layernorm_backward output gradient");
-  check_same_shape(x, dx, "layernorm_backward input gradient");
-  check_dtype(dy, x.dtype(), "layernorm_backward output gradient");
-  check_dtype(dx, x.dtype(), "layernorm_backward input gradient");
-  for (const Tensor* grad : {&dweight, &dbias}) {
+  check_same_shape(x, grad_output, "layernorm_backward output gradient");
+  check_same_shape(x, grad_input, "layernorm_backward input gradient");
+  check_dtype(grad_output, x.dtype(), "layernorm_backward output gradient");
+  check_dtype(grad_input, x.dtype(), "layernorm_backward input gradient");
+  for (const Tensor* grad : {&grad_weight, &grad_bias}) {
     check_shape(*grad, {n.width}, "layernorm_backward parameter gradient");
     check_dtype(*grad, DType::F32, "layernorm_backward parameter gradient");
   }
@@ -88,8 +88,8 @@ void layernorm_backward(const Tensor& x, const Tensor& weight, const Tensor& mea
     using C = compute_t<T>;
     std::vector<C> w = values_of<C>(weight);
     const T* in = x.data<T>();
-    const T* grad_out = dy.data<T>();
-    T* grad_in = dx.data<T>();
+    const T* grad_out = grad_output.data<T>();
+    T* grad_in = grad_input.data<T>();
     const float* mu = mean.data<float>();
     const float* inv = inv_std.data<float>();
 #pragma omp parallel for schedule(static) if (n.rows * n.width > 16384)
@@ -118,8 +118,8 @@ void layernorm_backward(const Tensor& x, const Tensor& weight, const Tensor& mea
       }
     }
   });
-  float* dw = dweight.data<float>();
-  float* db = dbias.data<float>();
+  float* dw = grad_weight.data<float>();
+  float* db = grad_bias.data<float>();
   for (int64_t j = 0; j < n.width; ++j) {
     double total_w = 0, total_b = 0;
     for (int64_t block = 0; block < blocks; ++block) {
@@ -157,8 +157,8 @@ void layernorm(const Tensor& x, const Tensor& weight, const Tensor& bias, float 
 }
 
 void layernorm_backward(const Tensor& x, const Tensor& weight, const Tensor& mean,
-                        const Tensor& inv_std, const Tensor& dy, Tensor& dx, Tensor& dweight,
-                        Tensor& dbias) {
+                        const Tensor& inv_std, const Tensor& grad_output, Tensor& grad_input,
+                        Tensor& grad_weight, Tensor& grad_bias) {
   NormRows n = check_layernorm(x, weight, mean, inv_std, "reference::layernorm_backward");
   // d(xhat_j)/d(x_i) = inv * (delta_ij - 1/W - xhat_i xhat_j / W), applied as a full sum.
   for (int64_t r = 0; r < n.rows; ++r) {
@@ -166,9 +166,10 @@ void layernorm_backward(const Tensor& x, const Tensor& weight, const Tensor& mea
     std::vector<double> xhat(size_t(n.width)), g(size_t(n.width));
     for (int64_t j = 0; j < n.width; ++j) {
       xhat[size_t(j)] = (x.get(r * n.width + j) - m) * s;
-      g[size_t(j)] = dy.get(r * n.width + j) * weight.get(j);
-      dweight.set(j, float(dweight.get(j) + dy.get(r * n.width + j) * xhat[size_t(j)]));
-      dbias.set(j, float(dbias.get(j) + dy.get(r * n.width + j)));
+      g[size_t(j)] = grad_output.get(r * n.width + j) * weight.get(j);
+      grad_weight.set(
+          j, float(grad_weight.get(j) + grad_output.get(r * n.width + j) * xhat[size_t(j)]));
+      grad_bias.set(j, float(grad_bias.get(j) + grad_output.get(r * n.width + j)));
     }
     for (int64_t i = 0; i < n.width; ++i) {
       double total = 0;
@@ -177,7 +178,7 @@ void layernorm_backward(const Tensor& x, const Tensor& weight, const Tensor& mea
                           xhat[size_t(i)] * xhat[size_t(j)] / double(n.width);
         total += g[size_t(j)] * s * jacobian;
       }
-      dx.set(r * n.width + i, float(total));
+      grad_input.set(r * n.width + i, float(total));
     }
   }
 }
@@ -202,31 +203,33 @@ Norm::Norm(ParameterStore& store, const std::string& name, int64_t hidden, const
   }
 }
 
-Tensor Norm::forward(const ParameterStore& store, const Tensor& x, Saved& saved) const {
+Tensor Norm::forward(const ParameterStore& store, const Tensor& x, Context& ctx) const {
   check_ndim(x, 2, "norm input");
   Tensor y = Tensor::empty(x.shape(), x.dtype());
-  saved.input = x;
-  saved.inv_std = Tensor::empty({x.dim(0)}, DType::F32);
+  ctx.input = x;
+  ctx.inv_std = Tensor::empty({x.dim(0)}, DType::F32);
   if (rms_) {
-    rmsnorm(x, store.param(weight_), eps_, y, saved.inv_std);
+    rmsnorm(x, store.param(weight_), eps_, y, ctx.inv_std);
   } else {
-    saved.mean = Tensor::empty({x.dim(0)}, DType::F32);
-    layernorm(x, store.param(weight_), store.param(bias_), eps_, y, saved.mean, saved.inv_std);
+    ctx.mean = Tensor::empty({x.dim(0)}, DType::F32);
+    layernorm(x, store.param(weight_), store.param(bias_), eps_, y, ctx.mean, ctx.inv_std);
   }
   return y;
 }
 
-Tensor Norm::backward(const ParameterStore& store, const Saved& saved, const Tensor& dy) const {
-  Tensor dx = Tensor::empty(saved.input.shape(), saved.input.dtype());
-  Tensor dweight = store.grad(weight_);
+Tensor Norm::backward(const ParameterStore& store, const Context& ctx,
+                      const Tensor& grad_output) const {
+  Tensor grad_input = Tensor::empty(ctx.input.shape(), ctx.input.dtype());
+  Tensor grad_weight = store.grad(weight_);
   if (rms_) {
-    rmsnorm_backward(saved.input, store.param(weight_), saved.inv_std, dy, dx, dweight);
+    rmsnorm_backward(ctx.input, store.param(weight_), ctx.inv_std, grad_output, grad_input,
+                     grad_weight);
   } else {
-    Tensor dbias = store.grad(bias_);
-    layernorm_backward(saved.input, store.param(weight_), saved.mean, saved.inv_std, dy, dx,
-                       dweight, dbias);
+    Tensor grad_bias = store.grad(bias_);
+    layernorm_backward(ctx.input, store.param(weight_), ctx.mean, ctx.inv_std, grad_output,
+                       grad_input, grad_weight, grad_bias);
   }
-  return dx;
+  return grad_input;
 }
 
 }  // namespace moe::model

@@ -64,9 +64,9 @@ template <class C>
 Tensor cross_entropy_backward_typed(const Tensor& softmax, const std::vector<int64_t>& ids,
                                     int64_t vocab_start, const Tensor& dloss) {
   int64_t rows = softmax.dim(0), local = softmax.dim(1);
-  Tensor dlogits = softmax.clone();
+  Tensor grad_logits = softmax.clone();
   Tensor scale = dloss.to(softmax.dtype());
-  C* grad = dlogits.data<C>();
+  C* grad = grad_logits.data<C>();
   const C* d = scale.data<C>();
 #pragma omp parallel for schedule(static) if (rows * local > 65536)
   for (int64_t r = 0; r < rows; ++r) {
@@ -74,7 +74,7 @@ Tensor cross_entropy_backward_typed(const Tensor& softmax, const std::vector<int
     int64_t column = ids[size_t(r)] - vocab_start;
     if (column >= 0 && column < local) grad[r * local + column] -= d[r];
   }
-  return dlogits;
+  return grad_logits;
 }
 
 }  // namespace
@@ -126,8 +126,8 @@ OutputLayer::OutputLayer(ParameterStore& store, const std::string& name, int64_t
   weight_ = store.declare(spec);
 }
 
-Tensor OutputLayer::forward(const ParameterStore& store, const Tensor& x, Saved& saved) const {
-  saved.input = x;  // this rank's rows: backward gathers them again (sequence parallelism)
+Tensor OutputLayer::forward(const ParameterStore& store, const Tensor& x, Context& ctx) const {
+  ctx.input = x;  // this rank's rows: backward gathers them again (sequence parallelism)
   Tensor input = enter_tp_region(x, tp_);
   DType logits_dtype = x.dtype() == DType::F64 ? DType::F64 : DType::F32;
   Tensor logits = Tensor::empty({input.dim(0), vocab_local_}, logits_dtype);
@@ -139,21 +139,21 @@ Tensor OutputLayer::forward(const ParameterStore& store, const Tensor& x, Saved&
   return logits;
 }
 
-Tensor OutputLayer::backward(const ParameterStore& store, const Saved& saved,
-                             const Tensor& dlogits) const {
-  Tensor input = enter_tp_region(saved.input, tp_);
-  check_shape(dlogits, {input.dim(0), vocab_local_}, "output layer gradient");
-  Tensor dlogits_act = dlogits.to(input.dtype());
-  Tensor dweight = store.grad(weight_);
-  Tensor dx = Tensor::empty(input.shape(), input.dtype());
+Tensor OutputLayer::backward(const ParameterStore& store, const Context& ctx,
+                             const Tensor& grad_logits) const {
+  Tensor input = enter_tp_region(ctx.input, tp_);
+  check_shape(grad_logits, {input.dim(0), vocab_local_}, "output layer gradient");
+  Tensor dlogits_act = grad_logits.to(input.dtype());
+  Tensor grad_weight = store.grad(weight_);
+  Tensor grad_input = Tensor::empty(input.shape(), input.dtype());
   if (tied_) {
-    accumulate_weight_grad(dlogits_act, input, dweight);    // dE += dlogits^T x
-    linear_forward(dlogits_act, store.param(weight_), dx);  // dx = dlogits E
+    accumulate_weight_grad(dlogits_act, input, grad_weight);        // dE += grad_logits^T x
+    linear_forward(dlogits_act, store.param(weight_), grad_input);  // grad_input = grad_logits E
   } else {
-    accumulate_weight_grad(input, dlogits_act, dweight);
-    linear_grad_input(dlogits_act, store.param(weight_), dx);
+    accumulate_weight_grad(input, dlogits_act, grad_weight);
+    linear_grad_input(dlogits_act, store.param(weight_), grad_input);
   }
-  return enter_tp_region_backward(dx, tp_);
+  return enter_tp_region_backward(grad_input, tp_);
 }
 
 }  // namespace moe::model

@@ -28,21 +28,21 @@ void gate_forward(const C* x, const C* w, const C* y, int64_t rows, int64_t h, C
   }
 }
 
-// Backward from dy: dy_mlp = dy * gate; dlogit[r] = (dy[r] . y[r]) gate (1 - gate);
-// dx_gate[r] = dlogit[r] * w; dw += sum over rows of dlogit[r] * x[r], in row order so the sum
-// does not depend on the thread count.
+// Backward from grad_output: dy_mlp = grad_output * gate; dlogit[r] = (grad_output[r] . y[r]) gate
+// (1 - gate); dx_gate[r] = dlogit[r] * w; dw += sum over rows of dlogit[r] * x[r], in row order so
+// the sum does not depend on the thread count.
 template <class C>
-void gate_backward(const C* x, const C* w, const C* y, const C* gate, const C* dy, int64_t rows,
-                   int64_t h, C* dy_mlp, C* dx_gate, C* dw) {
+void gate_backward(const C* x, const C* w, const C* y, const C* gate, const C* grad_output,
+                   int64_t rows, int64_t h, C* dy_mlp, C* dx_gate, C* dw) {
   std::vector<C> dlogit(size_t(rows), C(0));
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
-    C dgate = 0;
+    C grad_gate = 0;
     for (int64_t k = 0; k < h; ++k) {
-      dgate += dy[r * h + k] * y[r * h + k];
-      dy_mlp[r * h + k] = dy[r * h + k] * gate[r];
+      grad_gate += grad_output[r * h + k] * y[r * h + k];
+      dy_mlp[r * h + k] = grad_output[r * h + k] * gate[r];
     }
-    dlogit[size_t(r)] = dgate * gate[r] * (C(1) - gate[r]);
+    dlogit[size_t(r)] = grad_gate * gate[r] * (C(1) - gate[r]);
     for (int64_t k = 0; k < h; ++k) dx_gate[r * h + k] = dlogit[size_t(r)] * w[k];
   }
   for (int64_t r = 0; r < rows; ++r) {
@@ -77,40 +77,40 @@ SharedExperts::SharedExperts(ParameterStore& store, const std::string& prefix,
   gate_weight_ = store.declare(spec);
 }
 
-Tensor SharedExperts::forward(const ParameterStore& store, const Tensor& x, Saved& saved) const {
-  Tensor out = mlp_.forward(store, x, saved.mlp);
+Tensor SharedExperts::forward(const ParameterStore& store, const Tensor& x, Context& ctx) const {
+  Tensor out = mlp_.forward(store, x, ctx.mlp);
   if (gate_weight_.index < 0) return out;
-  saved.mlp_output = out;
+  ctx.mlp_output = out;
   const DType cdt = compute_dtype(x.dtype());
   const int64_t rows = x.dim(0), h = x.dim(1);
   Tensor xc = x.to(cdt), w = store.param(gate_weight_).to(cdt), y = out.to(cdt);
   Tensor gated = Tensor::empty({rows, h}, cdt);
-  saved.gate = Tensor::empty({rows}, cdt);
+  ctx.gate = Tensor::empty({rows}, cdt);
   with_compute_type(x.dtype(), [&]<class C>(C) {
-    gate_forward(xc.data<C>(), w.data<C>(), y.data<C>(), rows, h, saved.gate.data<C>(),
+    gate_forward(xc.data<C>(), w.data<C>(), y.data<C>(), rows, h, ctx.gate.data<C>(),
                  gated.data<C>());
   });
   return gated.to(x.dtype());
 }
 
-Tensor SharedExperts::backward(const ParameterStore& store, const Saved& saved,
-                               const Tensor& dy) const {
-  if (gate_weight_.index < 0) return mlp_.backward(store, saved.mlp, dy);
-  const DType cdt = compute_dtype(dy.dtype());
-  const int64_t rows = dy.dim(0), h = dy.dim(1);
-  Tensor x = saved.mlp.input.to(cdt), w = store.param(gate_weight_).to(cdt);
-  Tensor y = saved.mlp_output.to(cdt), dyc = dy.to(cdt);
+Tensor SharedExperts::backward(const ParameterStore& store, const Context& ctx,
+                               const Tensor& grad_output) const {
+  if (gate_weight_.index < 0) return mlp_.backward(store, ctx.mlp, grad_output);
+  const DType cdt = compute_dtype(grad_output.dtype());
+  const int64_t rows = grad_output.dim(0), h = grad_output.dim(1);
+  Tensor x = ctx.mlp.input.to(cdt), w = store.param(gate_weight_).to(cdt);
+  Tensor y = ctx.mlp_output.to(cdt), dyc = grad_output.to(cdt);
   Tensor dy_mlp = Tensor::empty({rows, h}, cdt), dx_gate = Tensor::empty({rows, h}, cdt);
   Tensor dw = Tensor::zeros({h, 1}, cdt);
-  with_compute_type(dy.dtype(), [&]<class C>(C) {
-    gate_backward(x.data<C>(), w.data<C>(), y.data<C>(), saved.gate.data<C>(), dyc.data<C>(), rows,
-                  h, dy_mlp.data<C>(), dx_gate.data<C>(), dw.data<C>());
+  with_compute_type(grad_output.dtype(), [&]<class C>(C) {
+    gate_backward(x.data<C>(), w.data<C>(), y.data<C>(), ctx.gate.data<C>(), dyc.data<C>(), rows, h,
+                  dy_mlp.data<C>(), dx_gate.data<C>(), dw.data<C>());
   });
-  Tensor dx = mlp_.backward(store, saved.mlp, dy_mlp.to(dy.dtype())).to(cdt);
-  add(dx, dx_gate, dx);
+  Tensor grad_input = mlp_.backward(store, ctx.mlp, dy_mlp.to(grad_output.dtype())).to(cdt);
+  add(grad_input, dx_gate, grad_input);
   Tensor grad = store.grad(gate_weight_);
   add(grad, dw.to(DType::F32), grad);
-  return dx.to(dy.dtype());
+  return grad_input.to(grad_output.dtype());
 }
 
 }  // namespace moe::model

@@ -67,9 +67,9 @@ Tensor leave_tp_region(const Tensor& partial, const TensorParallel& tp) {
   return tp.sequence_parallel ? reduce_scatter_rows(partial, tp) : all_reduced(partial, tp);
 }
 
-Tensor leave_tp_region_backward(const Tensor& dy, const TensorParallel& tp) {
-  if (tp.size() == 1 || !tp.sequence_parallel) return dy;
-  return all_gather_rows(dy, tp);
+Tensor leave_tp_region_backward(const Tensor& grad_output, const TensorParallel& tp) {
+  if (tp.size() == 1 || !tp.sequence_parallel) return grad_output;
+  return all_gather_rows(grad_output, tp);
 }
 
 void copy_global_block(const Tensor& global, const ParamSpec& spec, Tensor& local) {
@@ -82,26 +82,26 @@ void copy_global_block(const Tensor& global, const ParamSpec& spec, Tensor& loca
             shape_string(spec.global_shape));
 }
 
-void accumulate_weight_grad(const Tensor& x, const Tensor& dy, Tensor& grad) {
+void accumulate_weight_grad(const Tensor& x, const Tensor& grad_output, Tensor& grad) {
   if (x.dtype() != DType::F64) {
-    linear_grad_weight(x, dy, grad, /*accumulate=*/true);
+    linear_grad_weight(x, grad_output, grad, /*accumulate=*/true);
     return;
   }
   // fp64 products cannot write an fp32 buffer directly: form them in fp64, round once.
   Tensor product(grad.shape(), DType::F64);
-  linear_grad_weight(x, dy, product, /*accumulate=*/false);
+  linear_grad_weight(x, grad_output, product, /*accumulate=*/false);
   axpy(1.0f, product.to(DType::F32), grad);
 }
 
-void accumulate_bias_grad(const Tensor& dy, Tensor& grad) {
-  check_ndim(dy, 2, "bias gradient source");
-  check_shape(grad, {dy.dim(1)}, "bias gradient");
+void accumulate_bias_grad(const Tensor& grad_output, Tensor& grad) {
+  check_ndim(grad_output, 2, "bias gradient source");
+  check_shape(grad, {grad_output.dim(1)}, "bias gradient");
   check_dtype(grad, DType::F32, "bias gradient");
-  int64_t rows = dy.dim(0), cols = dy.dim(1);
+  int64_t rows = grad_output.dim(0), cols = grad_output.dim(1);
   float* out = grad.data<float>();
-  dispatch_floating(dy.dtype(), "accumulate_bias_grad", [&](auto tag) {
+  dispatch_floating(grad_output.dtype(), "accumulate_bias_grad", [&](auto tag) {
     using T = decltype(tag);
-    const T* source = dy.data<T>();
+    const T* source = grad_output.data<T>();
 #pragma omp parallel for schedule(static) if (rows * cols > 65536)
     for (int64_t c = 0; c < cols; ++c) {
       double total = 0;
@@ -177,18 +177,18 @@ Tensor ColumnParallelLinear::forward(const ParameterStore& store, const Tensor& 
 }
 
 Tensor ColumnParallelLinear::backward(const ParameterStore& store, const Tensor& x,
-                                      const Tensor& dy) const {
-  check_shape(dy, {x.dim(0), out_local_}, "column-parallel linear output gradient");
+                                      const Tensor& grad_output) const {
+  check_shape(grad_output, {x.dim(0), out_local_}, "column-parallel linear output gradient");
   Tensor w = store.param(weight_).reshape({in_, out_local_});
   Tensor dw = store.grad(weight_).reshape({in_, out_local_});
-  accumulate_weight_grad(x, dy, dw);
+  accumulate_weight_grad(x, grad_output, dw);
   if (bias_.index >= 0) {
     Tensor db = store.grad(bias_).reshape({out_local_});
-    accumulate_bias_grad(dy, db);
+    accumulate_bias_grad(grad_output, db);
   }
-  Tensor dx = Tensor::empty({x.dim(0), in_}, x.dtype());
-  linear_grad_input(dy, w, dx);
-  return dx;
+  Tensor grad_input = Tensor::empty({x.dim(0), in_}, x.dtype());
+  linear_grad_input(grad_output, w, grad_input);
+  return grad_input;
 }
 
 RowParallelLinear::RowParallelLinear(ParameterStore& store, const std::string& name,
@@ -226,19 +226,20 @@ void RowParallelLinear::add_bias(const ParameterStore& store, Tensor& y) const {
 }
 
 Tensor RowParallelLinear::backward(const ParameterStore& store, const Tensor& x,
-                                   const Tensor& dy) const {
-  check_shape(dy, {x.dim(0), out_}, "row-parallel linear output gradient");
+                                   const Tensor& grad_output) const {
+  check_shape(grad_output, {x.dim(0), out_}, "row-parallel linear output gradient");
   Tensor dw = store.grad(weight_);
-  accumulate_weight_grad(x, dy, dw);
-  Tensor dx = Tensor::empty({x.dim(0), in_local_}, x.dtype());
-  linear_grad_input(dy, store.param(weight_), dx);
-  return dx;
+  accumulate_weight_grad(x, grad_output, dw);
+  Tensor grad_input = Tensor::empty({x.dim(0), in_local_}, x.dtype());
+  linear_grad_input(grad_output, store.param(weight_), grad_input);
+  return grad_input;
 }
 
-void RowParallelLinear::backward_bias(const ParameterStore& store, const Tensor& dy) const {
+void RowParallelLinear::backward_bias(const ParameterStore& store,
+                                      const Tensor& grad_output) const {
   if (bias_.index < 0) return;
   Tensor db = store.grad(bias_);
-  accumulate_bias_grad(dy, db);
+  accumulate_bias_grad(grad_output, db);
 }
 
 }  // namespace moe::model

@@ -112,91 +112,93 @@ void TransformerLayer::register_params(ParamRegistry& registry) const {
 
 Tensor TransformerLayer::forward(const ParameterStore& store, const Tensor& x,
                                  const BatchShape& shape, int64_t row_offset, const GPTContext& ctx,
-                                 LayerState& state, std::vector<MoELossReport>* losses) const {
+                                 TransformerLayerContext& layer_ctx,
+                                 std::vector<MoELossReport>* losses) const {
   if (config_.recompute_granularity != "full") {
-    return run_forward(store, x, shape, row_offset, ctx, state, losses);
+    return run_forward(store, x, shape, row_offset, ctx, layer_ctx, losses);
   }
-  LayerState discarded;
+  TransformerLayerContext discarded;
   Tensor out = run_forward(store, x, shape, row_offset, ctx, discarded, losses);
-  state = LayerState();
-  state.input = x;
+  layer_ctx = TransformerLayerContext();
+  layer_ctx.input = x;
   return out;
 }
 
-Tensor TransformerLayer::backward(const ParameterStore& store, const Tensor& dy,
+Tensor TransformerLayer::backward(const ParameterStore& store, const Tensor& grad_output,
                                   const BatchShape& shape, int64_t row_offset,
-                                  const GPTContext& ctx, LayerState& state) const {
-  if (!state.materialized) {  // full recomputation: the same dropout keys give the same masks
-    Tensor input = state.input;
-    run_forward(store, input, shape, row_offset, ctx, state, nullptr);
+                                  const GPTContext& ctx, TransformerLayerContext& layer_ctx) const {
+  if (!layer_ctx.materialized) {  // full recomputation: the same dropout keys give the same masks
+    Tensor input = layer_ctx.input;
+    run_forward(store, input, shape, row_offset, ctx, layer_ctx, nullptr);
   }
   float hidden_p = ctx.training ? config_.hidden_dropout : 0.0f;
-  int64_t first_index = row_offset * dy.dim(1);
+  int64_t first_index = row_offset * grad_output.dim(1);
 
-  Tensor dmlp = dy.clone();
+  Tensor dmlp = grad_output.clone();
   apply_dropout(dmlp, hidden_p, dropout_key(ctx.dropout_seed, number_, kMlpOutput), first_index);
   Tensor dmlp_in;
   if (moe_) {
     const int64_t local_seq = dmlp.dim(0) / shape.batch;
-    dmlp_in = moe_->backward(state.moe, dmlp.reshape({local_seq, shape.batch, dmlp.dim(1)}),
+    dmlp_in = moe_->backward(layer_ctx.moe, dmlp.reshape({local_seq, shape.batch, dmlp.dim(1)}),
                              ctx.moe_aux_loss_grad_scale)
                   .reshape(dmlp.shape());
     if (shared_experts_) {
-      add(dmlp_in, shared_experts_->backward(store, state.shared_experts, dmlp), dmlp_in);
+      add(dmlp_in, shared_experts_->backward(store, layer_ctx.shared_experts, dmlp), dmlp_in);
     }
   } else {
-    dmlp_in = mlp_->backward(store, state.mlp, dmlp);
+    dmlp_in = mlp_->backward(store, layer_ctx.mlp, dmlp);
   }
-  Tensor dresidual = pre_mlp_norm_.backward(store, state.pre_mlp_norm, dmlp_in);
-  add(dresidual, dy, dresidual);
+  Tensor dresidual = pre_mlp_norm_.backward(store, layer_ctx.pre_mlp_norm, dmlp_in);
+  add(dresidual, grad_output, dresidual);
 
   Tensor dattention = dresidual.clone();
   apply_dropout(dattention, hidden_p, dropout_key(ctx.dropout_seed, number_, kAttentionOutput),
                 first_index);
   Tensor dnormed = attention_
-                       ? attention_->backward(store, state.attention, dattention)
-                       : latent_attention_->backward(store, state.latent_attention, dattention);
-  Tensor dx = input_norm_.backward(store, state.input_norm, dnormed);
-  add(dx, dresidual, dx);
-  state = LayerState();  // the activations are no longer needed
-  return dx;
+                       ? attention_->backward(store, layer_ctx.attention, dattention)
+                       : latent_attention_->backward(store, layer_ctx.latent_attention, dattention);
+  Tensor grad_input = input_norm_.backward(store, layer_ctx.input_norm, dnormed);
+  add(grad_input, dresidual, grad_input);
+  layer_ctx = TransformerLayerContext();  // the activations are no longer needed
+  return grad_input;
 }
 
 Tensor TransformerLayer::run_forward(const ParameterStore& store, const Tensor& x,
                                      const BatchShape& shape, int64_t row_offset,
-                                     const GPTContext& ctx, LayerState& saved,
+                                     const GPTContext& ctx, TransformerLayerContext& layer_ctx,
                                      std::vector<MoELossReport>* losses) const {
-  saved.input = x;
-  saved.materialized = true;
+  layer_ctx.input = x;
+  layer_ctx.materialized = true;
   float hidden_p = ctx.training ? config_.hidden_dropout : 0.0f;
   int64_t first_index = row_offset * x.dim(1);
 
-  Tensor normed = input_norm_.forward(store, x, saved.input_norm);
+  Tensor normed = input_norm_.forward(store, x, layer_ctx.input_norm);
   uint64_t probs_key = dropout_key(ctx.dropout_seed, number_, kAttentionProbs);
   Tensor attention_out =
       attention_
-          ? attention_->forward(store, normed, shape, probs_key, ctx.training, saved.attention)
+          ? attention_->forward(store, normed, shape, probs_key, ctx.training, layer_ctx.attention)
           : latent_attention_->forward(store, normed, shape, probs_key, ctx.training,
-                                       saved.latent_attention);
+                                       layer_ctx.latent_attention);
   apply_dropout(attention_out, hidden_p, dropout_key(ctx.dropout_seed, number_, kAttentionOutput),
                 first_index);
   Tensor residual = Tensor::empty(x.shape(), x.dtype());
   add(x, attention_out, residual);
 
-  Tensor mlp_in = pre_mlp_norm_.forward(store, residual, saved.pre_mlp_norm);
+  Tensor mlp_in = pre_mlp_norm_.forward(store, residual, layer_ctx.pre_mlp_norm);
   Tensor mlp_out;
   if (moe_) {
     // Megatron runs the shared experts before the router; their output joins the routed one.
     Tensor shared_out;
-    if (shared_experts_) shared_out = shared_experts_->forward(store, mlp_in, saved.shared_experts);
+    if (shared_experts_)
+      shared_out = shared_experts_->forward(store, mlp_in, layer_ctx.shared_experts);
     const int64_t local_seq = mlp_in.dim(0) / shape.batch;
-    mlp_out = moe_->forward(mlp_in.reshape({local_seq, shape.batch, mlp_in.dim(1)}), saved.moe,
+    mlp_out = moe_->forward(mlp_in.reshape({local_seq, shape.batch, mlp_in.dim(1)}), layer_ctx.moe,
                             ctx.training)
                   .reshape(mlp_in.shape());
-    if (losses != nullptr) losses->push_back({number_, MoELayer::losses(saved.moe)});
+    if (losses != nullptr) losses->push_back({number_, MoELayer::losses(layer_ctx.moe)});
     if (shared_experts_) add(mlp_out, shared_out, mlp_out);
   } else {
-    mlp_out = mlp_->forward(store, mlp_in, saved.mlp);
+    mlp_out = mlp_->forward(store, mlp_in, layer_ctx.mlp);
   }
   apply_dropout(mlp_out, hidden_p, dropout_key(ctx.dropout_seed, number_, kMlpOutput), first_index);
   Tensor out = Tensor::empty(x.shape(), x.dtype());  // residual is saved by pre_mlp_norm

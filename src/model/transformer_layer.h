@@ -46,15 +46,15 @@ struct ParamRegistry {
 };
 
 // Everything one layer's forward saves for its backward.
-struct LayerState {
+struct TransformerLayerContext {
   Tensor input;               // [rows_local, h]: kept even when recomputing
   bool materialized = false;  // false: only `input` is kept (full recomputation)
-  Norm::Saved input_norm, pre_mlp_norm;
-  SelfAttention::Saved attention;
-  MultiLatentAttention::Saved latent_attention;  // with multi_latent_attention
-  MLP::Saved mlp;
+  Norm::Context input_norm, pre_mlp_norm;
+  SelfAttention::Context attention;
+  MultiLatentAttention::Context latent_attention;  // with multi_latent_attention
+  MLP::Context mlp;
   MoEContext moe;
-  SharedExperts::Saved shared_experts;
+  SharedExperts::Context shared_experts;
 };
 
 class TransformerLayer {
@@ -82,18 +82,19 @@ class TransformerLayer {
     if (moe_) moe_->finish_step();
   }
 
-  // x [rows_local, h] -> [rows_local, h]. Saves what backward needs in `state`, or, with full
+  // x [rows_local, h] -> [rows_local, h]. Saves what backward needs in `layer_ctx`, or, with full
   // recomputation, only the input. Appends the MoE layer's losses to `losses` when given.
   Tensor forward(const ParameterStore& store, const Tensor& x, const BatchShape& shape,
-                 int64_t row_offset, const GPTContext& ctx, LayerState& state,
+                 int64_t row_offset, const GPTContext& ctx, TransformerLayerContext& layer_ctx,
                  std::vector<MoELossReport>* losses) const;
-  // dy [rows_local, h] -> dx; consumes `state`.
-  Tensor backward(const ParameterStore& store, const Tensor& dy, const BatchShape& shape,
-                  int64_t row_offset, const GPTContext& ctx, LayerState& state) const;
+  // grad_output [rows_local, h] -> grad_input; consumes `layer_ctx`.
+  Tensor backward(const ParameterStore& store, const Tensor& grad_output, const BatchShape& shape,
+                  int64_t row_offset, const GPTContext& ctx,
+                  TransformerLayerContext& layer_ctx) const;
 
  private:
   Tensor run_forward(const ParameterStore& store, const Tensor& x, const BatchShape& shape,
-                     int64_t row_offset, const GPTContext& ctx, LayerState& saved,
+                     int64_t row_offset, const GPTContext& ctx, TransformerLayerContext& layer_ctx,
                      std::vector<MoELossReport>* losses) const;
 
   int number_;

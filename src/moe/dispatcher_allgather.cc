@@ -41,7 +41,7 @@ AllGatherTokenDispatcher::AllGatherTokenDispatcher(const MoEConfig& config,
                                                    const comm::ParallelState& parallel)
     : config_(config),
       placement_(ep_detail::expert_parallel_setup("AllGatherTokenDispatcher", config, parallel)),
-      tp_ep_(parallel.tp_ep) {}
+      tp_ep_(parallel.tp_ep_group) {}
 
 Tensor AllGatherTokenDispatcher::dispatch(const Tensor& hidden, const Routing& routing,
                                           DispatchContext& ctx) {

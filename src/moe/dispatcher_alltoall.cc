@@ -86,8 +86,8 @@ AllToAllTokenDispatcher::AllToAllTokenDispatcher(const MoEConfig& config,
                                                  const comm::ParallelState& parallel)
     : config_(config),
       placement_(ep_detail::expert_parallel_setup("AllToAllTokenDispatcher", config, parallel)),
-      tp_ep_(parallel.tp_ep),
-      ep_(parallel.sizes.etp == 1 ? parallel.tp_ep : parallel.ep_group),
+      tp_ep_(parallel.tp_ep_group),
+      ep_(parallel.sizes.etp == 1 ? parallel.tp_ep_group : parallel.ep_group),
       etp_(parallel.etp_group) {}
 
 Tensor AllToAllTokenDispatcher::dispatch(const Tensor& hidden, const Routing& routing,

@@ -51,8 +51,8 @@ std::string show_capacity(int64_t bits) {
 ExpertPlacement expert_parallel_setup(const char* who, const MoEConfig& config,
                                       const comm::ParallelState& parallel) {
   config.validate();
-  MOE_CHECK(parallel.tp_ep.size() == parallel.ep_group.size() * parallel.etp_group.size(), who,
-            ": the tp-ep group has ", parallel.tp_ep.size(), " ranks, not ep (",
+  MOE_CHECK(parallel.tp_ep_group.size() == parallel.ep_group.size() * parallel.etp_group.size(),
+            who, ": the tp-ep group has ", parallel.tp_ep_group.size(), " ranks, not ep (",
             parallel.ep_group.size(), ") x etp (", parallel.etp_group.size(), ")");
   MOE_CHECK(config.expert_ffn_hidden_size() % parallel.etp_group.size() == 0, who,
             ": the expert ffn size (", config.expert_ffn_hidden_size(),

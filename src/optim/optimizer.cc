@@ -99,8 +99,8 @@ struct Optimizer::Impl {
 void Optimizer::Impl::build_group(Group& g, ParamGroup kind) {
   g.kind = kind;
   bool dense = kind == ParamGroup::kDense;
-  g.reduce = dense ? &parallel.dp_cp : &parallel.expert_dp;
-  g.tp_replicas = dense ? &parallel.tp : &parallel.etp_group;
+  g.reduce = dense ? &parallel.dp_cp_group : &parallel.expert_dp_group;
+  g.tp_replicas = dense ? &parallel.tp_group : &parallel.etp_group;
   Tensor flat_params = store.flat_params(kind);
   Tensor flat_grads = store.flat_grads(kind);
   g.numel = flat_params.numel();
@@ -242,7 +242,7 @@ StepResult Optimizer::step() {
   // Mean over data-parallel replicas (Megatron scales expert gradients by 1 / (dp x cp) too:
   // experts already summed the tokens of every expert-parallel rank) and loss unscaling, folded
   // into one pass before the reduction.
-  double pre_scale = 1.0 / (double(m.parallel.dp_cp.size()) * m.scaler.scale());
+  double pre_scale = 1.0 / (double(m.parallel.dp_cp_group.size()) * m.scaler.scale());
   for (auto& g : m.groups) m.reduce_gradients(g, pre_scale);
 
   // One world all-reduce: every element is counted exactly once across the world.

@@ -30,7 +30,7 @@ model::GPTStage pipeline_stage(int num_layers, int pipeline_size, int pipeline_r
 }
 
 model::GPTStage pipeline_stage(int num_layers, const comm::ParallelState& parallel) {
-  return pipeline_stage(num_layers, parallel.pp.size(), parallel.pp.rank());
+  return pipeline_stage(num_layers, parallel.pp_group.size(), parallel.pp_group.rank());
 }
 
 double MoELossSummary::load_balancing_loss() const {
@@ -68,7 +68,7 @@ class StageRunner {
   StageRunner(model::GPTModel& model, const comm::ParallelState& parallel,
               const MicroBatchProvider& provider, const ScheduleOptions& options)
       : model_(model),
-        pp_(parallel.pp),
+        pp_(parallel.pp_group),
         provider_(provider),
         options_(options),
         first_(parallel.is_pipeline_first()),
@@ -225,8 +225,8 @@ void check_schedule_inputs(const model::GPTModel& model, const comm::ParallelSta
   MOE_CHECK(stage.pre_process == parallel.is_pipeline_first() &&
                 stage.post_process == parallel.is_pipeline_last(),
             "the model's stage (pre_process ", yes_no(stage.pre_process), ", post_process ",
-            yes_no(stage.post_process), ") does not match pipeline rank ", parallel.pp.rank(),
-            " of ", parallel.pp.size(), " (use pipeline::pipeline_stage to build it)");
+            yes_no(stage.post_process), ") does not match pipeline rank ", parallel.pp_group.rank(),
+            " of ", parallel.pp_group.size(), " (use pipeline::pipeline_stage to build it)");
 }
 
 }  // namespace
@@ -241,7 +241,8 @@ StepResult forward_backward(model::GPTModel& model, const comm::ParallelState& p
     return stage.finish();
   }
   // 1F1B. With one stage warmup is 0 and every step is forward then backward (no pipelining).
-  const int warmup = std::min(parallel.pp.size() - parallel.pp.rank() - 1, micro_batches);
+  const int warmup =
+      std::min(parallel.pp_group.size() - parallel.pp_group.rank() - 1, micro_batches);
   const int steady = micro_batches - warmup;
   for (int m = 0; m < warmup; ++m) stage.send_forward(stage.forward(stage.recv_forward()));
   Tensor input = steady > 0 ? stage.recv_forward() : Tensor();

@@ -301,8 +301,8 @@ void grouped_gemm(GemmForm form, const Tensor& a, const Tensor& b,
   };
   const Names names = form == GemmForm::kForward ? Names{"grouped_gemm(forward)", "x", "w", "y"}
                       : form == GemmForm::kGradInput
-                          ? Names{"grouped_gemm(grad_input)", "dy", "w", "dx"}
-                          : Names{"grouped_gemm(grad_weight)", "x", "dy", "dw"};
+                          ? Names{"grouped_gemm(grad_input)", "grad_output", "w", "grad_input"}
+                          : Names{"grouped_gemm(grad_weight)", "x", "grad_output", "grad_weight"};
   // Every message names all three operands, so a mismatch shows both sides.
   const std::string operands =
       detail::concat(names.a, " ", shape_string(a.shape()), ", ", names.b, " ",
@@ -365,20 +365,22 @@ void linear_forward(const Tensor& x, const Tensor& weight, Tensor& y, bool accum
                accumulate);
 }
 
-void linear_grad_input(const Tensor& dy, const Tensor& weight, Tensor& dx, bool accumulate) {
+void linear_grad_input(const Tensor& grad_output, const Tensor& weight, Tensor& grad_input,
+                       bool accumulate) {
   check_ndim(weight, 2, "linear weight");
-  check_ndim(dy, 2, "linear output gradient");
-  int64_t rows[1] = {dy.dim(0)};
-  grouped_gemm(GemmForm::kGradInput, dy, weight.reshape({1, weight.dim(0), weight.dim(1)}), rows,
-               dx, accumulate);
+  check_ndim(grad_output, 2, "linear output gradient");
+  int64_t rows[1] = {grad_output.dim(0)};
+  grouped_gemm(GemmForm::kGradInput, grad_output, weight.reshape({1, weight.dim(0), weight.dim(1)}),
+               rows, grad_input, accumulate);
 }
 
-void linear_grad_weight(const Tensor& x, const Tensor& dy, Tensor& dweight, bool accumulate) {
-  check_ndim(dweight, 2, "linear weight gradient");
+void linear_grad_weight(const Tensor& x, const Tensor& grad_output, Tensor& grad_weight,
+                        bool accumulate) {
+  check_ndim(grad_weight, 2, "linear weight gradient");
   check_ndim(x, 2, "linear input");
   int64_t rows[1] = {x.dim(0)};
-  Tensor dw3 = dweight.reshape({1, dweight.dim(0), dweight.dim(1)});
-  grouped_gemm(GemmForm::kGradWeight, x, dy, rows, dw3, accumulate);
+  Tensor dw3 = grad_weight.reshape({1, grad_weight.dim(0), grad_weight.dim(1)});
+  grouped_gemm(GemmForm::kGradWeight, x, grad_output, rows, dw3, accumulate);
 }
 
 }  // namespace moe

@@ -40,14 +40,15 @@ void unary(const Tensor& x, Tensor& y, const char* what, Op op) {
 }
 
 template <class Op>
-void unary_backward(const Tensor& x, const Tensor& dy, Tensor& dx, const char* what, Op slope) {
-  check_same(x, dy, what);
-  check_same(x, dx, what);
+void unary_backward(const Tensor& x, const Tensor& grad_output, Tensor& grad_input,
+                    const char* what, Op slope) {
+  check_same(x, grad_output, what);
+  check_same(x, grad_input, what);
   dispatch_floating(x.dtype(), what, [&](auto tag) {
     using T = decltype(tag);
     const T* in = x.data<T>();
-    const T* grad_out = dy.data<T>();
-    T* grad_in = dx.data<T>();
+    const T* grad_out = grad_output.data<T>();
+    T* grad_in = grad_input.data<T>();
     int64_t count = x.numel();
 #pragma omp parallel for schedule(static) if (count > 16384)
     for (int64_t i = 0; i < count; ++i) {
@@ -98,8 +99,8 @@ void silu(const Tensor& x, Tensor& y) {
   unary(x, y, "silu", [](auto v) { return v * sigmoid(v); });
 }
 
-void silu_backward(const Tensor& x, const Tensor& dy, Tensor& dx) {
-  unary_backward(x, dy, dx, "silu_backward", [](auto v) {
+void silu_backward(const Tensor& x, const Tensor& grad_output, Tensor& grad_input) {
+  unary_backward(x, grad_output, grad_input, "silu_backward", [](auto v) {
     auto s = sigmoid(v);
     return s * (1 + v * (1 - s));
   });
@@ -112,8 +113,8 @@ void gelu(const Tensor& x, Tensor& y) {
   });
 }
 
-void gelu_backward(const Tensor& x, const Tensor& dy, Tensor& dx) {
-  unary_backward(x, dy, dx, "gelu_backward", [](auto v) {
+void gelu_backward(const Tensor& x, const Tensor& grad_output, Tensor& grad_input) {
+  unary_backward(x, grad_output, grad_input, "gelu_backward", [](auto v) {
     using C = decltype(v);
     C cdf = C(0.5) * (C(1) + std::erf(v * C(M_SQRT1_2)));
     C pdf = std::exp(C(-0.5) * v * v) * C(0.3989422804014327);
@@ -152,17 +153,17 @@ void swiglu(const Tensor& x, Tensor& y) {
   });
 }
 
-void swiglu_backward(const Tensor& x, const Tensor& dy, Tensor& dx) {
+void swiglu_backward(const Tensor& x, const Tensor& grad_output, Tensor& grad_input) {
   int64_t width = check_gate_up(x, "swiglu_backward");
   int64_t rows = x.dim(0);
-  check_shape(dy, {rows, width}, "swiglu_backward output gradient");
-  check_same(x, dx, "swiglu_backward input gradient");
-  check_dtype(dy, x.dtype(), "swiglu_backward output gradient");
+  check_shape(grad_output, {rows, width}, "swiglu_backward output gradient");
+  check_same(x, grad_input, "swiglu_backward input gradient");
+  check_dtype(grad_output, x.dtype(), "swiglu_backward output gradient");
   dispatch_floating(x.dtype(), "swiglu_backward", [&](auto tag) {
     using T = decltype(tag);
     const T* in = x.data<T>();
-    const T* grad_out = dy.data<T>();
-    T* grad_in = dx.data<T>();
+    const T* grad_out = grad_output.data<T>();
+    T* grad_in = grad_input.data<T>();
 #pragma omp parallel for schedule(static) if (rows * width > 16384)
     for (int64_t r = 0; r < rows; ++r) {
       const T* gate = in + r * 2 * width;
@@ -213,18 +214,18 @@ void softmax_like(const Tensor& x, Tensor& y, bool log_space, const char* what) 
   });
 }
 
-// dx from y (softmax or log-softmax output) and dy, all of one dtype.
-void softmax_like_backward(const Tensor& y, const Tensor& dy, Tensor& dx, bool log_space,
-                           const char* what) {
-  check_same(y, dy, what);
-  check_same(y, dx, what);
+// grad_input from y (softmax or log-softmax output) and grad_output, all of one dtype.
+void softmax_like_backward(const Tensor& y, const Tensor& grad_output, Tensor& grad_input,
+                           bool log_space, const char* what) {
+  check_same(y, grad_output, what);
+  check_same(y, grad_input, what);
   int64_t rows = row_count(y), width = y.ndim() ? y.dim(-1) : 0;
   dispatch_floating(y.dtype(), what, [&](auto tag) {
     using T = decltype(tag);
     using C = compute_t<T>;
     const T* out = y.data<T>();
-    const T* grad_out = dy.data<T>();
-    T* grad_in = dx.data<T>();
+    const T* grad_out = grad_output.data<T>();
+    T* grad_in = grad_input.data<T>();
 #pragma omp parallel for schedule(static) if (rows * width > 16384)
     for (int64_t r = 0; r < rows; ++r) {
       const T* yr = out + r * width;
@@ -249,11 +250,11 @@ void softmax_rows(const Tensor& x, Tensor& y) {
 void log_softmax_rows(const Tensor& x, Tensor& y) {
   softmax_like(x, y, true, "log_softmax_rows");
 }
-void softmax_rows_backward(const Tensor& y, const Tensor& dy, Tensor& dx) {
-  softmax_like_backward(y, dy, dx, false, "softmax_rows_backward");
+void softmax_rows_backward(const Tensor& y, const Tensor& grad_output, Tensor& grad_input) {
+  softmax_like_backward(y, grad_output, grad_input, false, "softmax_rows_backward");
 }
-void log_softmax_rows_backward(const Tensor& y, const Tensor& dy, Tensor& dx) {
-  softmax_like_backward(y, dy, dx, true, "log_softmax_rows_backward");
+void log_softmax_rows_backward(const Tensor& y, const Tensor& grad_output, Tensor& grad_input) {
+  softmax_like_backward(y, grad_output, grad_input, true, "log_softmax_rows_backward");
 }
 
 namespace {
@@ -292,12 +293,12 @@ void rmsnorm(const Tensor& x, const Tensor& weight, float eps, Tensor& y, Tensor
 }
 
 void rmsnorm_backward(const Tensor& x, const Tensor& weight, const Tensor& inv_rms,
-                      const Tensor& dy, Tensor& dx, Tensor& dweight) {
-  check_same(x, dy, "rmsnorm_backward output gradient");
-  check_same(x, dx, "rmsnorm_backward input gradient");
+                      const Tensor& grad_output, Tensor& grad_input, Tensor& grad_weight) {
+  check_same(x, grad_output, "rmsnorm_backward output gradient");
+  check_same(x, grad_input, "rmsnorm_backward input gradient");
   check_rmsnorm_args(x, weight, inv_rms, "rmsnorm_backward");
-  check_shape(dweight, weight.shape(), "rmsnorm_backward weight gradient");
-  check_dtype(dweight, DType::F32, "rmsnorm_backward weight gradient");
+  check_shape(grad_weight, weight.shape(), "rmsnorm_backward weight gradient");
+  check_dtype(grad_weight, DType::F32, "rmsnorm_backward weight gradient");
   int64_t rows = row_count(x), width = x.ndim() ? x.dim(-1) : 0;
   Tensor gain = weight.to(DType::F32);
   const float* w = gain.data<float>();
@@ -308,8 +309,8 @@ void rmsnorm_backward(const Tensor& x, const Tensor& weight, const Tensor& inv_r
     using T = decltype(tag);
     using C = compute_t<T>;
     const T* in = x.data<T>();
-    const T* grad_out = dy.data<T>();
-    T* grad_in = dx.data<T>();
+    const T* grad_out = grad_output.data<T>();
+    T* grad_in = grad_input.data<T>();
 #pragma omp parallel for schedule(static) if (rows * width > 16384)
     for (int64_t block = 0; block < blocks; ++block) {
       double* block_sum = partial.data() + block * width;
@@ -329,7 +330,7 @@ void rmsnorm_backward(const Tensor& x, const Tensor& weight, const Tensor& inv_r
       }
     }
   });
-  float* dw = dweight.data<float>();
+  float* dw = grad_weight.data<float>();
   for (int64_t j = 0; j < width; ++j) {
     double total = 0;
     for (int64_t block = 0; block < blocks; ++block) total += partial[block * width + j];

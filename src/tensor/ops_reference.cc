@@ -35,11 +35,11 @@ void silu(const Tensor& x, Tensor& y) {
   for (int64_t i = 0; i < x.numel(); ++i) write(y, i, read(x, i) * sigmoid(read(x, i)));
 }
 
-void silu_backward(const Tensor& x, const Tensor& dy, Tensor& dx) {
-  check_same_shape(x, dx, "reference::silu_backward");
+void silu_backward(const Tensor& x, const Tensor& grad_output, Tensor& grad_input) {
+  check_same_shape(x, grad_input, "reference::silu_backward");
   for (int64_t i = 0; i < x.numel(); ++i) {
     double v = read(x, i), s = sigmoid(v);
-    write(dx, i, read(dy, i) * (s + v * s * (1.0 - s)));
+    write(grad_input, i, read(grad_output, i) * (s + v * s * (1.0 - s)));
   }
 }
 
@@ -51,13 +51,13 @@ void gelu(const Tensor& x, Tensor& y) {
   }
 }
 
-void gelu_backward(const Tensor& x, const Tensor& dy, Tensor& dx) {
-  check_same_shape(x, dx, "reference::gelu_backward");
+void gelu_backward(const Tensor& x, const Tensor& grad_output, Tensor& grad_input) {
+  check_same_shape(x, grad_input, "reference::gelu_backward");
   for (int64_t i = 0; i < x.numel(); ++i) {
     double v = read(x, i);
     double derivative = 0.5 * (1.0 + std::erf(v / std::sqrt(2.0))) +
                         v * std::exp(-0.5 * v * v) / std::sqrt(2.0 * M_PI);
-    write(dx, i, read(dy, i) * derivative);
+    write(grad_input, i, read(grad_output, i) * derivative);
   }
 }
 
@@ -71,15 +71,15 @@ void swiglu(const Tensor& x, Tensor& y) {
     }
 }
 
-void swiglu_backward(const Tensor& x, const Tensor& dy, Tensor& dx) {
+void swiglu_backward(const Tensor& x, const Tensor& grad_output, Tensor& grad_input) {
   int64_t rows = x.dim(0), width = x.dim(1) / 2;
-  check_same_shape(x, dx, "reference::swiglu_backward");
+  check_same_shape(x, grad_input, "reference::swiglu_backward");
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t j = 0; j < width; ++j) {
       double gate = read(x, r * 2 * width + j), up = read(x, r * 2 * width + width + j);
-      double s = sigmoid(gate), d = read(dy, r * width + j);
-      write(dx, r * 2 * width + j, d * up * (s + gate * s * (1.0 - s)));
-      write(dx, r * 2 * width + width + j, d * gate * s);
+      double s = sigmoid(gate), d = read(grad_output, r * width + j);
+      write(grad_input, r * 2 * width + j, d * up * (s + gate * s * (1.0 - s)));
+      write(grad_input, r * 2 * width + width + j, d * gate * s);
     }
 }
 
@@ -105,32 +105,32 @@ void log_softmax_rows(const Tensor& x, Tensor& y) {
   }
 }
 
-void softmax_rows_backward(const Tensor& y, const Tensor& dy, Tensor& dx) {
-  check_same_shape(y, dx, "reference::softmax_rows_backward");
+void softmax_rows_backward(const Tensor& y, const Tensor& grad_output, Tensor& grad_input) {
+  check_same_shape(y, grad_input, "reference::softmax_rows_backward");
   int64_t width = width_of(y);
   for (int64_t r = 0; r < rows_of(y); ++r)
     for (int64_t i = 0; i < width; ++i) {
       double total = 0;  // the full Jacobian: dx_i = sum_j dy_j * y_j * (delta_ij - y_i)
       for (int64_t j = 0; j < width; ++j) {
         double delta = i == j ? 1.0 : 0.0;
-        total +=
-            read(dy, r * width + j) * read(y, r * width + j) * (delta - read(y, r * width + i));
+        total += read(grad_output, r * width + j) * read(y, r * width + j) *
+                 (delta - read(y, r * width + i));
       }
-      write(dx, r * width + i, total);
+      write(grad_input, r * width + i, total);
     }
 }
 
-void log_softmax_rows_backward(const Tensor& y, const Tensor& dy, Tensor& dx) {
-  check_same_shape(y, dx, "reference::log_softmax_rows_backward");
+void log_softmax_rows_backward(const Tensor& y, const Tensor& grad_output, Tensor& grad_input) {
+  check_same_shape(y, grad_input, "reference::log_softmax_rows_backward");
   int64_t width = width_of(y);
   for (int64_t r = 0; r < rows_of(y); ++r)
     for (int64_t i = 0; i < width; ++i) {
       double total = 0;  // dx_i = sum_j dy_j * (delta_ij - p_i)
       for (int64_t j = 0; j < width; ++j) {
         double delta = i == j ? 1.0 : 0.0;
-        total += read(dy, r * width + j) * (delta - std::exp(read(y, r * width + i)));
+        total += read(grad_output, r * width + j) * (delta - std::exp(read(y, r * width + i)));
       }
-      write(dx, r * width + i, total);
+      write(grad_input, r * width + i, total);
     }
 }
 
@@ -148,21 +148,21 @@ void rmsnorm(const Tensor& x, const Tensor& weight, float eps, Tensor& y, Tensor
 }
 
 void rmsnorm_backward(const Tensor& x, const Tensor& weight, const Tensor& inv_rms,
-                      const Tensor& dy, Tensor& dx, Tensor& dweight) {
-  check_same_shape(x, dx, "reference::rmsnorm_backward");
+                      const Tensor& grad_output, Tensor& grad_input, Tensor& grad_weight) {
+  check_same_shape(x, grad_input, "reference::rmsnorm_backward");
   int64_t width = width_of(x);
   for (int64_t r = 0; r < rows_of(x); ++r) {
     double inv = inv_rms.get(r);
     // y_j = x_j * inv * w_j with inv = (mean(x^2) + eps)^-1/2, so d inv / d x_i = -inv^3 x_i / H.
     double dot = 0;
     for (int64_t j = 0; j < width; ++j)
-      dot += read(dy, r * width + j) * read(weight, j) * read(x, r * width + j);
+      dot += read(grad_output, r * width + j) * read(weight, j) * read(x, r * width + j);
     for (int64_t i = 0; i < width; ++i) {
       double xi = read(x, r * width + i);
-      double grad = read(dy, r * width + i) * read(weight, i) * inv -
+      double grad = read(grad_output, r * width + i) * read(weight, i) * inv -
                     dot * inv * inv * inv * xi / double(width);
-      write(dx, r * width + i, grad);
-      dweight.set(i, float(read(dweight, i) + read(dy, r * width + i) * xi * inv));
+      write(grad_input, r * width + i, grad);
+      grad_weight.set(i, float(read(grad_weight, i) + read(grad_output, r * width + i) * xi * inv));
     }
   }
 }

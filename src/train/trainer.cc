@@ -271,7 +271,7 @@ void build_model_and_optimizer(Job& job) {
   job.store->allocate();
   job.model->init_parameters(uint64_t(a.seed));
   job.say(concat(" > number of parameters on (tensor, pipeline, expert) model parallel rank (",
-                 job.parallel.tp.rank(), ", ", job.parallel.pp.rank(), ", ",
+                 job.parallel.tp_group.rank(), ", ", job.parallel.pp_group.rank(), ", ",
                  job.parallel.ep_group.rank(), "): dense ",
                  job.store->flat_params(ParamGroup::kDense).numel(), ", expert ",
                  job.store->flat_params(ParamGroup::kExpert).numel()));
@@ -411,7 +411,7 @@ std::vector<IterationStats::BiasRange> expert_bias_ranges(const Job& job) {
   const int layers = *job.args.num_layers + job.args.mtp_num_layers.value_or(0);
   Tensor buffer = Tensor::full({3 * int64_t(layers)}, 0.0f, DType::F64);  // [layers][has, min, max]
   double* slots = buffer.data<double>();
-  if (job.parallel.tp_dp_cp.rank() == 0) {
+  if (job.parallel.tp_dp_cp_group.rank() == 0) {
     for (const auto& [layer, moe] : job.model->moe_layers()) {
       if (!moe->router().has_expert_bias()) continue;
       const std::vector<float> bias = moe->router().expert_bias().to_floats();

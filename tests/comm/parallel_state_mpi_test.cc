@@ -52,19 +52,19 @@ TEST_P(InitializeModelParallel, GroupsMatchMegatronLayout) {
   EXPECT_EQ(state.world_rank, world_rank);
   EXPECT_EQ(state.dp, layout.dp);
   EXPECT_EQ(state.edp, layout.edp);
-  expect_group(state.tp, layout.tp, world_rank, "tp");
+  expect_group(state.tp_group, layout.tp, world_rank, "tp");
   expect_group(state.cp_group, layout.cp_group, world_rank, "cp");
   expect_group(state.dp_group, layout.dp_group, world_rank, "dp");
-  expect_group(state.dp_cp, layout.dp_cp, world_rank, "dp_cp");
-  expect_group(state.pp, layout.pp, world_rank, "pp");
-  expect_group(state.model_parallel, layout.model_parallel, world_rank, "model_parallel");
-  expect_group(state.embedding, layout.embedding, world_rank, "embedding");
+  expect_group(state.dp_cp_group, layout.dp_cp, world_rank, "dp_cp");
+  expect_group(state.pp_group, layout.pp, world_rank, "pp");
+  expect_group(state.model_parallel_group, layout.model_parallel, world_rank, "model_parallel");
+  expect_group(state.embedding_group, layout.embedding, world_rank, "embedding");
   expect_group(state.ep_group, layout.ep_group, world_rank, "ep");
   expect_group(state.etp_group, layout.etp_group, world_rank, "etp");
-  expect_group(state.tp_ep, layout.tp_ep, world_rank, "tp_ep");
-  expect_group(state.expert_dp, layout.expert_dp, world_rank, "expert_dp");
+  expect_group(state.tp_ep_group, layout.tp_ep, world_rank, "tp_ep");
+  expect_group(state.expert_dp_group, layout.expert_dp, world_rank, "expert_dp");
   EXPECT_EQ(state.in_embedding_group, !group_of(layout.embedding, world_rank).empty());
-  EXPECT_EQ(state.is_pipeline_first(), state.pp.rank() == 0);
+  EXPECT_EQ(state.is_pipeline_first(), state.pp_group.rank() == 0);
 }
 
 INSTANTIATE_TEST_SUITE_P(MegatronLayouts, InitializeModelParallel,

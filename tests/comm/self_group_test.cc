@@ -111,8 +111,8 @@ TEST(SingleProcessState, EveryGroupIsTheSelfGroup) {
   EXPECT_EQ(state.dp, 1);
   EXPECT_TRUE(state.is_pipeline_first());
   EXPECT_TRUE(state.is_pipeline_last());
-  EXPECT_EQ(state.tp_ep.name(), "tp_ep");
-  EXPECT_EQ(state.expert_dp.size(), 1);
+  EXPECT_EQ(state.tp_ep_group.name(), "tp_ep");
+  EXPECT_EQ(state.expert_dp_group.size(), 1);
   Tensor values = Tensor::full({3}, 2.5f);
   all_reduce(values, state.dp_group);
   EXPECT_EQ(values.to_floats(), (std::vector<float>{2.5f, 2.5f, 2.5f}));

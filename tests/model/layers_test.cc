@@ -90,7 +90,7 @@ TEST(Norm, GradientsMatchFiniteDifferences) {
     testing::randomize(store, 5);
     Tensor x = random_normal({6, 9}, 6, 1.5f, DType::F64);
     Tensor probe = random_normal({6, 9}, 7, 1.0f, DType::F64);
-    auto forward = [&](Norm::Saved& saved) { return norm.forward(store, x, saved); };
+    auto forward = [&](Norm::Context& saved) { return norm.forward(store, x, saved); };
     EXPECT_TRUE(
         layer_gradients_match(norm, store, x, probe, forward, std::string(kind) + " input", 54, 9));
   }
@@ -286,7 +286,7 @@ struct BlockRun {
 };
 BlockRun run_attention(const SelfAttention& attention, const ParameterStore& store, const Tensor& x,
                        const Tensor& probe, BatchShape shape) {
-  SelfAttention::Saved saved;
+  SelfAttention::Context saved;
   Tensor out = attention.forward(store, x, shape, 3, true, saved);
   return {out, attention.backward(store, saved, probe)};
 }
@@ -390,7 +390,7 @@ TEST(SelfAttention, QkLayernormNormalisesEachHeadOnItsOwn) {
   store.allocate();
   testing::randomize(store, 31);
   Tensor x = random_normal({10, 12}, 32, 1.0f, DType::F64);
-  SelfAttention::Saved saved;
+  SelfAttention::Context saved;
   Tensor before = attention.forward(store, x, {5, 2}, 3, false, saved);
   // Columns per group: [q, q, k, v] x d = 3; scale group 1's second query and its key.
   Tensor w = store.param(attention.linear_qkv().weight()).reshape({12, 2, 4, 3});
@@ -486,7 +486,7 @@ TEST(MLP, GradientsMatchFiniteDifferences) {
       testing::randomize(store, 20);
       Tensor x = random_normal({7, 12}, 21, 1.0f, DType::F64);
       Tensor probe = random_normal({7, 12}, 22, 1.0f, DType::F64);
-      auto forward = [&](MLP::Saved& saved) { return mlp.forward(store, x, saved); };
+      auto forward = [&](MLP::Context& saved) { return mlp.forward(store, x, saved); };
       EXPECT_TRUE(layer_gradients_match(mlp, store, x, probe, forward, "mlp input", 30, 10));
     }
   }
@@ -509,7 +509,7 @@ TEST(SharedExperts, GradientsMatchFiniteDifferences) {
       EXPECT_EQ(store.find("shared_experts.gate_weight").index >= 0, gate);
       Tensor x = random_normal({5, 12}, 24, 1.0f, DType::F64);
       Tensor probe = random_normal({5, 12}, 25, 1.0f, DType::F64);
-      auto forward = [&](SharedExperts::Saved& saved) { return shared.forward(store, x, saved); };
+      auto forward = [&](SharedExperts::Context& saved) { return shared.forward(store, x, saved); };
       EXPECT_TRUE(
           layer_gradients_match(shared, store, x, probe, forward, "shared experts input", 30, 10))
           << (gate ? "gated" : "ungated") << (swiglu ? " swiglu" : " gelu");
@@ -530,8 +530,8 @@ TEST(SharedExperts, GateScalesEachRowBySigmoidOfItsScore) {
   testing::randomize(store, 26);
   for (int64_t rows : {0, 1, 3}) {
     Tensor x = random_normal({rows, 12}, 27, 1.0f, DType::F64);
-    SharedExperts::Saved gated_saved;
-    MLP::Saved plain_saved;
+    SharedExperts::Context gated_saved;
+    MLP::Context plain_saved;
     Tensor gated = shared.forward(store, x, gated_saved);
     Tensor plain = shared.mlp().forward(store, x, plain_saved);
     Tensor w = store.param(shared.gate_weight());
@@ -601,8 +601,8 @@ TEST(OutputLayer, TiedAndUntiedGradientsMatchFiniteDifferences) {
     testing::randomize(store, 50);
     Tensor x = random_normal({5, 6}, 51, 1.0f, DType::F64);
     Tensor probe = random_normal({5, 11}, 52, 1.0f, DType::F64);
-    auto forward = [&](OutputLayer::Saved& saved) { return output.forward(store, x, saved); };
-    OutputLayer::Saved saved;
+    auto forward = [&](OutputLayer::Context& saved) { return output.forward(store, x, saved); };
+    OutputLayer::Context saved;
     EXPECT_EQ(forward(saved).dtype(), DType::F64);
     EXPECT_TRUE(layer_gradients_match(output, store, x, probe, forward, "output input", 30, 20));
   }

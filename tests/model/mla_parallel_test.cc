@@ -50,12 +50,12 @@ void check_tensor_parallel(bool sequence_parallel, int q_lora_rank) {
   MultiLatentAttention reference(reference_store, "attn", single, TensorParallel{});
   reference_store.allocate();
   testing::randomize(reference_store, 33);
-  MultiLatentAttention::Saved reference_saved;
+  MultiLatentAttention::Context reference_saved;
   Tensor reference_out = reference.forward(reference_store, x, shape, 7, true, reference_saved);
   Tensor reference_dx = reference.backward(reference_store, reference_saved, probe);
 
   ParameterStore store;
-  TensorParallel parallel{state.tp, sequence_parallel};
+  TensorParallel parallel{state.tp_group, sequence_parallel};
   MultiLatentAttention attention(store, "attn", config, parallel);
   store.allocate();
   for (int i = 0; i < store.count(); ++i) {
@@ -64,8 +64,8 @@ void check_tensor_parallel(bool sequence_parallel, int q_lora_rank) {
     copy_global_block(reference_store.param(reference_store.find(spec.name)), spec, local);
   }
   int64_t block = sequence_parallel ? rows / tp : rows;
-  int64_t first = sequence_parallel ? state.tp.rank() * block : 0;
-  MultiLatentAttention::Saved saved;
+  int64_t first = sequence_parallel ? state.tp_group.rank() * block : 0;
+  MultiLatentAttention::Context saved;
   Tensor out =
       attention.forward(store, x.rows(first, first + block).clone(), shape, 7, true, saved);
   Tensor dx = attention.backward(store, saved, probe.rows(first, first + block).clone());
@@ -76,7 +76,7 @@ void check_tensor_parallel(bool sequence_parallel, int q_lora_rank) {
   for (int i = 0; i < store.count(); ++i) {
     const ParamSpec& spec = store.spec(ParamHandle{i});
     Tensor grad = store.grad(ParamHandle{i});
-    if (sequence_parallel && spec.tensor_parallel_duplicate) comm::all_reduce(grad, state.tp);
+    if (sequence_parallel && spec.tensor_parallel_duplicate) comm::all_reduce(grad, state.tp_group);
     Tensor expected(spec.shape);
     copy_global_block(reference_store.grad(reference_store.find(spec.name)), spec, expected);
     EXPECT_TENSORS_CLOSE(grad, expected, 1e-8, 1e-4) << layout << " gradient of " << spec.name;

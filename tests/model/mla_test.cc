@@ -216,7 +216,7 @@ TEST(MultiLatentAttention, ForwardMatchesPlainLoopReference) {
       store.allocate();
       testing::randomize(store, 21);
       Tensor x = random_normal({shape.rows(), 12}, 22, 1.0f, DType::F64);
-      MultiLatentAttention::Saved saved;
+      MultiLatentAttention::Context saved;
       Tensor out = attention.forward(store, x, shape, 0, false, saved);
       // fp64 throughout, outputs of order 1: only summation order differs.
       EXPECT_TENSORS_CLOSE(out, reference_forward(c, store, x, shape), 1e-12, 1e-10);

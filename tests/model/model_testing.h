@@ -128,17 +128,17 @@ inline ::testing::AssertionResult check_all_params(ParameterStore& store,
 }
 
 // Input and parameter gradients of `layer` against finite differences of probe . forward(saved),
-// where `forward` runs the layer on x and fills its Saved context.
+// where `forward` runs the layer on x and fills its Context context.
 template <class Layer, class Forward>
 ::testing::AssertionResult layer_gradients_match(const Layer& layer, ParameterStore& store,
                                                  Tensor x, const Tensor& probe, Forward forward,
                                                  const std::string& what, int input_samples,
                                                  int param_samples) {
   auto objective = [&] {
-    typename Layer::Saved saved;
+    typename Layer::Context saved;
     return dot(forward(saved), probe);
   };
-  typename Layer::Saved saved;
+  typename Layer::Context saved;
   forward(saved);
   Tensor dx = layer.backward(store, saved, probe);
   ::testing::AssertionResult input =
@@ -155,7 +155,7 @@ template <class Attention>
   BatchShape shape{5, 2};
   Tensor x = moe::testing::random_normal({10, 12}, 9, 1.0f, DType::F64);
   Tensor probe = moe::testing::random_normal({10, 12}, 10, 1.0f, DType::F64);
-  auto forward = [&](typename Attention::Saved& saved) {
+  auto forward = [&](typename Attention::Context& saved) {
     return attention.forward(store, x, shape, 3, true, saved);
   };
   return layer_gradients_match(attention, store, x, probe, forward, "attention input", 30, 10);
@@ -211,7 +211,7 @@ inline void compare_reduced_gradients(const ParameterStore& store, const comm::P
   Tensor dense = store.flat_grads(ParamGroup::kDense);
   Tensor expert = store.flat_grads(ParamGroup::kExpert);
   comm::all_reduce(dense, state.dp_group);
-  comm::all_reduce(expert, state.expert_dp);
+  comm::all_reduce(expert, state.expert_dp_group);
   for (int i = 0; i < store.count(); ++i) {
     const ParamSpec& spec = store.spec(ParamHandle{i});
     Tensor expected(spec.shape);

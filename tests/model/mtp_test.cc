@@ -137,7 +137,7 @@ TEST(MultiTokenPrediction, LossEqualsAForwardBuiltByHand) {
   model.forward(batch.tokens, batch.labels, ctx, batch.mask);
   ASSERT_EQ(ctx.mtp_losses.size(), 1u);
 
-  const TensorParallel tp{comm::single_process_state().tp, false};
+  const TensorParallel tp{comm::single_process_state().tp_group, false};
   ParameterStore pieces(DType::F64);
   VocabParallelEmbedding embedding(pieces, "embedding.word_embeddings.weight", vocab, h, tp);
   TransformerLayer layer0(pieces, config, 0, tp, tp.group, nullptr, 0);
@@ -160,8 +160,8 @@ TEST(MultiTokenPrediction, LossEqualsAForwardBuiltByHand) {
 
   const BatchShape shape{seq, batch_size};
   GPTContext plain;
-  LayerState state0, state1, mtp_state;
-  Norm::Saved final_saved, enorm_saved, hnorm_saved, mtp_norm_saved;
+  TransformerLayerContext state0, state1, mtp_state;
+  Norm::Context final_saved, enorm_saved, hnorm_saved, mtp_norm_saved;
   Tensor x = embedding.forward(pieces, batch.tokens);
   x = layer0.forward(pieces, x, shape, 0, plain, state0, nullptr);
   x = layer1.forward(pieces, x, shape, 0, plain, state1, nullptr);
@@ -188,7 +188,7 @@ TEST(MultiTokenPrediction, LossEqualsAForwardBuiltByHand) {
     }
   }
   Tensor y = mtp_layer.forward(pieces, projected, shape, 0, plain, mtp_state, nullptr);
-  OutputLayer::Saved output_saved;
+  OutputLayer::Context output_saved;
   Tensor logits = output.forward(pieces, mtp_norm.forward(pieces, y, mtp_norm_saved), output_saved);
 
   double weighted = 0, tokens = 0;

@@ -221,7 +221,7 @@ Tensor assemble(const Tensor& local, const ParamSpec& spec, const comm::Parallel
       copy_elements(local, local_element, global, global_element, count);
     });
   }
-  comm::all_reduce(global, parallel.tp_ep);
+  comm::all_reduce(global, parallel.tp_ep_group);
   return global;
 }
 
@@ -236,7 +236,7 @@ struct LayerPair {
         dtype(entry.dtype),
         reference(config, dtype, nullptr),
         distributed(config, dtype, make_token_dispatcher(config, parallel)) {
-    const testing::GroupTokens tokens = testing::group_tokens(parallel.tp_ep, tokens_of);
+    const testing::GroupTokens tokens = testing::group_tokens(parallel.tp_ep_group, tokens_of);
     group_tokens = tokens.total;
     begin = tokens.first;
     end = tokens.first + tokens_of(parallel.world_rank);
@@ -251,7 +251,7 @@ struct LayerPair {
       Tensor router_bias = reference.param("decoder.layers.0.mlp.router.bias");
       for (int64_t e : {2, 3, 6, 7}) router_bias.set(e, -1e4f);
     }
-    distributed.layer.router().set_aux_count_reducer(make_aux_count_reducer(parallel.tp_ep));
+    distributed.layer.router().set_aux_count_reducer(make_aux_count_reducer(parallel.tp_ep_group));
     for (int i = 0; i < distributed.store.count(); ++i) {
       const ParamSpec& spec = distributed.store.spec(ParamHandle{i});
       distributed.store.param(ParamHandle{i})
@@ -261,7 +261,7 @@ struct LayerPair {
 
   // A global [group tokens, H] tensor from a seed shared by the group.
   Tensor global_tensor(uint64_t stream) const {
-    const uint64_t seed = 11 + stream + 1000 * uint64_t(parallel.tp_ep.world_ranks()[0]);
+    const uint64_t seed = 11 + stream + 1000 * uint64_t(parallel.tp_ep_group.world_ranks()[0]);
     return testing::random_normal({group_tokens, config.hidden_size}, seed, 1.0f, dtype);
   }
   Tensor mine(const Tensor& global) const { return global.rows(begin, end).clone(); }
@@ -281,7 +281,7 @@ struct LayerPair {
                       spec.name + " assembled gradient", dtype, etp);
         }
       } else {
-        comm::all_reduce(actual, parallel.tp_ep);
+        comm::all_reduce(actual, parallel.tp_ep_group);
         if (etp > 1) {
           expect_etp_close(actual, expected, spec.name + " gradient", dtype);
         } else {
@@ -309,7 +309,7 @@ void run_case(const LayerCase& entry, TokenDispatcherType type, const Layout& la
   const Tensor out = pair.distributed.layer.forward(pair.mine(input), ctx);
   expect_same(out, reference_out.rows(pair.begin, pair.end), "output", pair.dtype, pair.etp);
   // Capacity cases must really drop slots (the seeded batches of two or more ranks do).
-  if (pair.config.moe_expert_capacity_factor && pair.parallel.tp_ep.size() > 1) {
+  if (pair.config.moe_expert_capacity_factor && pair.parallel.tp_ep_group.size() > 1) {
     const std::vector<int64_t>& slots = reference_ctx.dispatch.plan.row_of_slot;
     EXPECT_GT(std::count(slots.begin(), slots.end(), -1), 0) << "no slot dropped";
   }
@@ -344,7 +344,7 @@ void run_case(const LayerCase& entry, TokenDispatcherType type, const Layout& la
 
   Tensor loss = Tensor::full({1}, 0.0f, DType::F64);
   loss.data<double>()[0] = MoELayer::losses(ctx).load_balancing_loss;
-  comm::all_reduce(loss, pair.parallel.tp_ep);
+  comm::all_reduce(loss, pair.parallel.tp_ep_group);
   const double expected_loss = MoELayer::losses(reference_ctx).load_balancing_loss;
   EXPECT_EQ(expected_loss > 0.0, pair.config.aux_loss_enabled());
   EXPECT_NEAR(loss.data<double>()[0], expected_loss, 1e-6 * expected_loss) << "aux loss";

@@ -75,7 +75,7 @@ std::unique_ptr<TokenDispatcher> dispatcher_for(const MoEConfig& config,
 // split expert's partial is), which the dispatcher must sum back to the whole.
 void run_tagged(TokenDispatcherType type, const comm::ParallelState& parallel, bool capacity,
                 bool empty_rank) {
-  const comm::ProcessGroup& group = parallel.tp_ep;
+  const comm::ProcessGroup& group = parallel.tp_ep_group;
   MoEConfig config;
   config.hidden_size = kHidden;
   config.num_experts = kExperts;

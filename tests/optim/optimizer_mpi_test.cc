@@ -61,7 +61,7 @@ TEST_P(DistributedVsPlain, SameParametersOverSeveralSteps) {
   if (!expert_parallel) {
     Tensor total({1}, DType::F64);
     total.set(0, float(shard_bytes));
-    comm::all_reduce(total, p.dp_cp);
+    comm::all_reduce(total, p.dp_cp_group);
     EXPECT_EQ(int64_t(total.get(0)), plain.memory().optimizer_state_bytes);
   }
 }
@@ -151,7 +151,7 @@ TEST(GradNorm, CountsTensorParallelDuplicatesAndReplicasOnceAndExpertShardsEach)
   ParameterStore store;
   ParamHandle dup = store.declare(tp_duplicate(param_spec("norm.weight", {3})));
   ParamHandle shard =
-      store.declare(shard_of(param_spec("fc.weight", {2, 3}), {4, 3}, {2 * p.tp.rank(), 0}));
+      store.declare(shard_of(param_spec("fc.weight", {2, 3}), {4, 3}, {2 * p.tp_group.rank(), 0}));
   ParamHandle expert = store.declare(shard_of(param_spec("experts.w", {1, 2}, ParamGroup::kExpert),
                                               {sizes.ep, 2}, {p.ep_group.rank(), 0}));
   store.allocate();
@@ -172,7 +172,7 @@ TEST(GradNorm, CountsTensorParallelDuplicatesAndReplicasOnceAndExpertShardsEach)
     config.use_distributed_optimizer = distributed;
     Optimizer optimizer(store, p, config);
     store.grad(dup).fill(1.0f);
-    store.grad(shard).fill(float(p.tp.rank() + 2));
+    store.grad(shard).fill(float(p.tp_group.rank() + 2));
     store.grad(expert).fill(float(p.ep_group.rank() + 1));
     StepResult r = optimizer.step();
     EXPECT_NEAR(r.grad_norm, std::sqrt(expected), 1e-6) << "distributed " << distributed;

@@ -154,7 +154,7 @@ void check_layout(const Layout& layout, int micro_batches, bool training = true)
   StepResult result =
       forward_backward(model, state, replica_provider(config, replica, micro_batches), options);
 
-  const int pp_rank = state.pp.rank();
+  const int pp_rank = state.pp_group.rank();
   EXPECT_EQ(result.peak_contexts_in_flight,
             training ? std::min(layout.pp - pp_rank, micro_batches) : 1)
       << name << " on pipeline rank " << pp_rank;
@@ -277,12 +277,13 @@ TEST(OneFOneB, RefusesAModelBuiltForAnotherStage) {
   ScheduleOptions options;
   options.micro_batch_size = kMicroBatchSize;
   const std::string expected =
-      state.pp.rank() == 0 ? "the model's stage (pre_process true, post_process true) does not "
-                             "match pipeline rank 0 of 2 (use pipeline::pipeline_stage to "
-                             "build it)"
-                           : "the model's stage (pre_process true, post_process true) does not "
-                             "match pipeline rank 1 of 2 (use pipeline::pipeline_stage to "
-                             "build it)";
+      state.pp_group.rank() == 0
+          ? "the model's stage (pre_process true, post_process true) does not "
+            "match pipeline rank 0 of 2 (use pipeline::pipeline_stage to "
+            "build it)"
+          : "the model's stage (pre_process true, post_process true) does not "
+            "match pipeline rank 1 of 2 (use pipeline::pipeline_stage to "
+            "build it)";
   EXPECT_EQ(moe::testing::error_text(
                 [&] { forward_backward(whole, state, replica_provider(config, 0, 1), options); }),
             expected);

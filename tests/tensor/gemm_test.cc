@@ -510,12 +510,12 @@ TEST(GroupedGemmErrors, MessagesNameEveryOperandShape) {
             "grouped_gemm(forward): group 1 has negative row count -3");
   Tensor dy({10, 5}), dx({10, 7});
   EXPECT_EQ(error_text([&] { grouped_gemm(GemmForm::kGradInput, dy, w_ok, rows, dx, false); }),
-            "grouped_gemm(grad_input): dx should have shape [10, 8]: dy [10, 5], w [2, 8, 5], "
-            "dx [10, 7]");
+            "grouped_gemm(grad_input): grad_input should have shape [10, 8]: grad_output [10, 5], "
+            "w [2, 8, 5], grad_input [10, 7]");
   Tensor dy_short({9, 5}), dw({2, 8, 5});
   EXPECT_EQ(error_text([&] { grouped_gemm(GemmForm::kGradWeight, x, dy_short, rows, dw, true); }),
-            "grouped_gemm(grad_weight): group rows sum to 10 but x [10, 8], dy [9, 5], "
-            "dw [2, 8, 5]");
+            "grouped_gemm(grad_weight): group rows sum to 10 but x [10, 8], grad_output [9, 5], "
+            "grad_weight [2, 8, 5]");
   Tensor w16({2, 8, 5}, DType::F16);
   EXPECT_EQ(error_text([&] { grouped_gemm(GemmForm::kForward, x, w16, rows, y, false); }),
             "grouped_gemm(forward): operands have different dtypes, x fp32 and w fp16");

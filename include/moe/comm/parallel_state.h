@@ -43,14 +43,15 @@ struct ParallelState {
   // ["tp_ep"], which the token dispatchers exchange over (Megatron's
   // expert-tensor-and-model-parallel group).
   ProcessGroup world;
-  ProcessGroup tp, pp, dp_group, dp_cp, tp_dp_cp, cp_group, model_parallel, embedding;
-  ProcessGroup ep_group, etp_group, expert_dp, tp_ep;
+  ProcessGroup tp_group, pp_group, dp_group, dp_cp_group, tp_dp_cp_group, cp_group,
+      model_parallel_group, embedding_group;
+  ProcessGroup ep_group, etp_group, expert_dp_group, tp_ep_group;
   // Megatron's embedding group holds the first and last pipeline stage; ranks of middle stages
-  // are not in it (their `embedding` is a self group).
+  // are not in it (their `embedding_group` is a self group).
   bool in_embedding_group = true;
 
-  bool is_pipeline_first() const { return pp.rank() == 0; }
-  bool is_pipeline_last() const { return pp.rank() == pp.size() - 1; }
+  bool is_pipeline_first() const { return pp_group.rank() == 0; }
+  bool is_pipeline_last() const { return pp_group.rank() == pp_group.size() - 1; }
 };
 
 // Builds every group on MPI_COMM_WORLD. Throws moe::Error naming the sizes when the world size

@@ -1,5 +1,5 @@
 // The GPT model's layers, each with an explicit forward and backward. What backward needs is
-// kept in the layer's Saved struct, owned by the caller (one per micro-batch), so several
+// kept in the layer's Context struct, owned by the caller (one per micro-batch), so several
 // micro-batches can be in flight. Layers hold only parameter handles and sizes.
 //
 // Shapes: activations are [rows, hidden] with rows ordered (sequence, batch) as Megatron's
@@ -52,8 +52,8 @@ class VocabParallelEmbedding {
 
   // tokens [b, s] (I32 or I64, each in [0, vocab)) -> [rows_local, h] in the store's dtype.
   Tensor forward(const ParameterStore& store, const Tensor& tokens) const;
-  // dy [rows_local, h]; accumulates the weight gradient of the local vocabulary rows.
-  void backward(const ParameterStore& store, const Tensor& tokens, const Tensor& dy) const;
+  // grad_output [rows_local, h]; accumulates the weight gradient of the local vocabulary rows.
+  void backward(const ParameterStore& store, const Tensor& tokens, const Tensor& grad_output) const;
 
  private:
   TensorParallel tp_;
@@ -65,7 +65,7 @@ class VocabParallelEmbedding {
 // RMSNorm (weight) or LayerNorm (weight and bias) over the hidden dim; statistics in fp32.
 class Norm {
  public:
-  struct Saved {
+  struct Context {
     Tensor input;    // [rows, h]
     Tensor mean;     // [rows] F32 (LayerNorm only)
     Tensor inv_std;  // [rows] F32: 1 / rms (RMSNorm) or 1 / std (LayerNorm)
@@ -76,8 +76,8 @@ class Norm {
   ParamHandle weight() const { return weight_; }
   ParamHandle bias() const { return bias_; }  // index -1 for RMSNorm
 
-  Tensor forward(const ParameterStore& store, const Tensor& x, Saved& saved) const;
-  Tensor backward(const ParameterStore& store, const Saved& saved, const Tensor& dy) const;
+  Tensor forward(const ParameterStore& store, const Tensor& x, Context& ctx) const;
+  Tensor backward(const ParameterStore& store, const Context& ctx, const Tensor& grad_output) const;
 
  private:
   bool rms_;
@@ -86,18 +86,19 @@ class Norm {
 };
 
 // LayerNorm kernels (ops.h has RMSNorm): y = (x - mean) * inv_std * weight + bias over the last
-// dim. mean and inv_std [rows] F32 are written for backward; dweight and dbias [h] F32 accumulate.
+// dim. mean and inv_std [rows] F32 are written for backward; grad_weight and grad_bias [h] F32
+// accumulate.
 void layernorm(const Tensor& x, const Tensor& weight, const Tensor& bias, float eps, Tensor& y,
                Tensor& mean, Tensor& inv_std);
 void layernorm_backward(const Tensor& x, const Tensor& weight, const Tensor& mean,
-                        const Tensor& inv_std, const Tensor& dy, Tensor& dx, Tensor& dweight,
-                        Tensor& dbias);
+                        const Tensor& inv_std, const Tensor& grad_output, Tensor& grad_input,
+                        Tensor& grad_weight, Tensor& grad_bias);
 namespace reference {
 void layernorm(const Tensor& x, const Tensor& weight, const Tensor& bias, float eps, Tensor& y,
                Tensor& mean, Tensor& inv_std);
 void layernorm_backward(const Tensor& x, const Tensor& weight, const Tensor& mean,
-                        const Tensor& inv_std, const Tensor& dy, Tensor& dx, Tensor& dweight,
-                        Tensor& dbias);
+                        const Tensor& inv_std, const Tensor& grad_output, Tensor& grad_input,
+                        Tensor& grad_weight, Tensor& grad_bias);
 }  // namespace reference
 
 // ---------------------------------------------------------------------------------------------
@@ -174,9 +175,10 @@ void causal_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
 // q_layernorm / k_layernorm.
 class SelfAttention {
  public:
-  struct Saved {
+  struct Context {
     Tensor input;  // [rows_local, h]: backward all-gathers it again with sequence parallelism
-    Norm::Saved q_norm, k_norm;  // over [b * n_local * s, d] / [b * g_local * s, d] (qk_layernorm)
+    Norm::Context q_norm,
+        k_norm;        // over [b * n_local * s, d] / [b * g_local * s, d] (qk_layernorm)
     Tensor q, k, v;    // [b, n_local, s, d], [b, g_local, s, d] (after rope), compute dtype
     Tensor logsumexp;  // [b, n_local, s] of the scaled scores, compute dtype
     Tensor context;    // [rows_full, n_local * d] in the activation dtype
@@ -197,8 +199,8 @@ class SelfAttention {
   // x [rows_local, h] -> [rows_local, h] (reduced over tp, bias added; no hidden dropout).
   // attention_dropout_key is used when the config's attention_dropout > 0 and training.
   Tensor forward(const ParameterStore& store, const Tensor& x, BatchShape shape,
-                 uint64_t attention_dropout_key, bool training, Saved& saved) const;
-  Tensor backward(const ParameterStore& store, const Saved& saved, const Tensor& dy) const;
+                 uint64_t attention_dropout_key, bool training, Context& ctx) const;
+  Tensor backward(const ParameterStore& store, const Context& ctx, const Tensor& grad_output) const;
 
  private:
   TensorParallel tp_;
@@ -215,7 +217,7 @@ class SelfAttention {
 // linear_fc2 (row-parallel).
 class MLP {
  public:
-  struct Saved {
+  struct Context {
     Tensor input;       // [rows_local, h]: re-gathered in backward with sequence parallelism
     Tensor fc1_output;  // [rows_full, fc1_local]
     Tensor activation;  // [rows_full, ffn_local]
@@ -225,8 +227,8 @@ class MLP {
   const ColumnParallelLinear& linear_fc1() const { return fc1_; }
   const RowParallelLinear& linear_fc2() const { return fc2_; }
 
-  Tensor forward(const ParameterStore& store, const Tensor& x, Saved& saved) const;
-  Tensor backward(const ParameterStore& store, const Saved& saved, const Tensor& dy) const;
+  Tensor forward(const ParameterStore& store, const Tensor& x, Context& ctx) const;
+  Tensor backward(const ParameterStore& store, const Context& ctx, const Tensor& grad_output) const;
 
  private:
   TensorParallel tp_;
@@ -243,7 +245,7 @@ class MLP {
 // writes softmax [rows, V_local] (same dtype as logits) for backward.
 Tensor vocab_parallel_cross_entropy(const Tensor& logits, const Tensor& targets,
                                     int64_t vocab_start, const TensorParallel& tp, Tensor& softmax);
-// dlogits [rows, V_local] = (softmax - onehot(target)) * dloss[row]; dloss [rows] F32/F64.
+// grad_logits [rows, V_local] = (softmax - onehot(target)) * dloss[row]; dloss [rows] F32/F64.
 Tensor vocab_parallel_cross_entropy_backward(const Tensor& softmax, const Tensor& targets,
                                              int64_t vocab_start, const Tensor& dloss);
 
@@ -251,7 +253,7 @@ Tensor vocab_parallel_cross_entropy_backward(const Tensor& softmax, const Tensor
 // used transposed (tied). Logits are fp32 (fp64 for F64 activations).
 class OutputLayer {
  public:
-  struct Saved {
+  struct Context {
     Tensor input;  // [rows_local, h]: re-gathered in backward with sequence parallelism
   };
   // tied_embedding: the embedding weight when the output layer shares it, else nullptr.
@@ -262,9 +264,9 @@ class OutputLayer {
   bool tied() const { return tied_; }
 
   // x [rows_local, h] -> logits [rows_full, V_local].
-  Tensor forward(const ParameterStore& store, const Tensor& x, Saved& saved) const;
-  // dlogits [rows_full, V_local] -> dx [rows_local, h].
-  Tensor backward(const ParameterStore& store, const Saved& saved, const Tensor& dlogits) const;
+  Tensor forward(const ParameterStore& store, const Tensor& x, Context& ctx) const;
+  // grad_logits [rows_full, V_local] -> grad_input [rows_local, h].
+  Tensor backward(const ParameterStore& store, const Context& ctx, const Tensor& grad_logits) const;
 
  private:
   TensorParallel tp_;

@@ -1,5 +1,5 @@
 // Multi-latent attention (DeepSeek-V2/V3; Megatron-Core's MLASelfAttention), with the same
-// forward / backward / Saved contract as SelfAttention (layers.h).
+// forward / backward / Context contract as SelfAttention (layers.h).
 //
 // Per token x [h], with n heads, qk = qk_head_dim, pe = qk_pos_emb_head_dim, dv = v_head_dim:
 //   query:  q_lora_rank set:  q = linear_q_up_proj(q_layernorm(linear_q_down_proj(x)))
@@ -49,9 +49,9 @@ namespace moe::model {
 
 class MultiLatentAttention {
  public:
-  struct Saved {
+  struct Context {
     Tensor input;  // [rows_local, h]: backward all-gathers it again without q_lora_rank
-    Norm::Saved q_norm, kv_norm;  // this rank's rows (with qk_layernorm)
+    Norm::Context q_norm, kv_norm;  // this rank's rows (with qk_layernorm)
     Tensor q_latent;   // [rows_full, q_lora_rank]: linear_q_up_proj's input (with q_lora_rank)
     Tensor kv_latent;  // [rows_full, kv_lora_rank]: linear_kv_up_proj's input
     Tensor q, k;       // [b, n_local, s, qk + pe] after rope, compute dtype
@@ -79,9 +79,9 @@ class MultiLatentAttention {
   // x [rows_local, h] -> [rows_local, h] (reduced over tp, bias added; no hidden dropout).
   // attention_dropout_key is used when the config's attention_dropout > 0 and training.
   Tensor forward(const ParameterStore& store, const Tensor& x, BatchShape shape,
-                 uint64_t attention_dropout_key, bool training, Saved& saved) const;
-  // Overwrites and returns dx [rows_local, h]; parameter gradients accumulate (+=).
-  Tensor backward(const ParameterStore& store, const Saved& saved, const Tensor& dy) const;
+                 uint64_t attention_dropout_key, bool training, Context& ctx) const;
+  // Overwrites and returns grad_input [rows_local, h]; parameter gradients accumulate (+=).
+  Tensor backward(const ParameterStore& store, const Context& ctx, const Tensor& grad_output) const;
 
  private:
   template <class T>

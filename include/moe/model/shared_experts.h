@@ -23,8 +23,8 @@ namespace moe::model {
 
 class SharedExperts {
  public:
-  struct Saved {
-    MLP::Saved mlp;
+  struct Context {
+    MLP::Context mlp;
     Tensor mlp_output;  // [rows_local, h] before the gate (gate only)
     Tensor gate;        // [rows_local] sigmoid scores, F32 (F64 for F64 activations; gate only)
   };
@@ -35,9 +35,9 @@ class SharedExperts {
   ParamHandle gate_weight() const { return gate_weight_; }  // index -1 without the gate
 
   // x [rows_local, h] -> [rows_local, h].
-  Tensor forward(const ParameterStore& store, const Tensor& x, Saved& saved) const;
-  // dy [rows_local, h] -> dx [rows_local, h]; parameter gradients accumulate (+=).
-  Tensor backward(const ParameterStore& store, const Saved& saved, const Tensor& dy) const;
+  Tensor forward(const ParameterStore& store, const Tensor& x, Context& ctx) const;
+  // grad_output [rows_local, h] -> grad_input [rows_local, h]; parameter gradients accumulate (+=).
+  Tensor backward(const ParameterStore& store, const Context& ctx, const Tensor& grad_output) const;
 
  private:
   MLP mlp_;

@@ -26,7 +26,7 @@ Tensor enter_tp_region_backward(const Tensor& dx_full, const TensorParallel& tp)
 // forward: reduce-scatter rows with sequence parallelism, else all-reduce.
 // backward: all-gather rows with sequence parallelism, else identity.
 Tensor leave_tp_region(const Tensor& partial, const TensorParallel& tp);
-Tensor leave_tp_region_backward(const Tensor& dy, const TensorParallel& tp);
+Tensor leave_tp_region_backward(const Tensor& grad_output, const TensorParallel& tp);
 
 // How a fused weight's output columns are laid out, so tensor parallelism splits the right axis.
 // The global weight is [in, column_dims...]; tp splits column_dims[split_axis]. Examples:
@@ -57,8 +57,8 @@ class ColumnParallelLinear {
   Tensor forward(const ParameterStore& store, const Tensor& x) const {
     return forward(store, x, x.dtype());
   }
-  // dx [rows, in] (overwritten, returned); weight and bias gradients accumulate (+=).
-  Tensor backward(const ParameterStore& store, const Tensor& x, const Tensor& dy) const;
+  // grad_input [rows, in] (overwritten, returned); weight and bias gradients accumulate (+=).
+  Tensor backward(const ParameterStore& store, const Tensor& x, const Tensor& grad_output) const;
 
  private:
   int64_t in_, out_local_;
@@ -80,10 +80,11 @@ class RowParallelLinear {
   Tensor forward_partial(const ParameterStore& store, const Tensor& x) const;
   // y += bias on every row (no-op without bias).
   void add_bias(const ParameterStore& store, Tensor& y) const;
-  // dx [rows, in_local]; weight gradient accumulates. dy is the full (reduced) output gradient.
-  Tensor backward(const ParameterStore& store, const Tensor& x, const Tensor& dy) const;
+  // grad_input [rows, in_local]; weight gradient accumulates. grad_output is the full (reduced)
+  // output gradient.
+  Tensor backward(const ParameterStore& store, const Tensor& x, const Tensor& grad_output) const;
   // Bias gradient (+=) from the output gradient rows this rank holds.
-  void backward_bias(const ParameterStore& store, const Tensor& dy) const;
+  void backward_bias(const ParameterStore& store, const Tensor& grad_output) const;
 
  private:
   int64_t in_local_, out_;
@@ -95,10 +96,10 @@ class RowParallelLinear {
 void copy_global_block(const Tensor& global, const ParamSpec& spec, Tensor& local);
 
 // Gradient helpers shared by the layers. Parameter gradients are fp32 and accumulate.
-// grad [in, out] += x^T dy, whatever x's dtype (fp64 products are rounded once to fp32).
-void accumulate_weight_grad(const Tensor& x, const Tensor& dy, Tensor& grad);
-// grad [cols] += column sums of dy [rows, cols], summed in double in row order.
-void accumulate_bias_grad(const Tensor& dy, Tensor& grad);
+// grad [in, out] += x^T grad_output, whatever x's dtype (fp64 products are rounded once to fp32).
+void accumulate_weight_grad(const Tensor& x, const Tensor& grad_output, Tensor& grad);
+// grad [cols] += column sums of grad_output [rows, cols], summed in double in row order.
+void accumulate_bias_grad(const Tensor& grad_output, Tensor& grad);
 // y [rows, cols] += bias [cols] on every row.
 void add_row_bias(const Tensor& bias, Tensor& y);
 

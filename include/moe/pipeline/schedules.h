@@ -107,7 +107,7 @@ struct StepResult {
   std::vector<double> mean_mtp_losses() const;
 };
 
-// Runs one step's micro-batches on this rank's stage of `model` (collective over parallel.pp,
+// Runs one step's micro-batches on this rank's stage of `model` (collective over parallel.pp_group,
 // and over the tp/ep groups inside the model), then the model's finalize_grads. Parameter
 // gradients accumulate (+=) into the model's store; zero them before the step. The model's stage
 // must match this rank's pp position (pre_process on the first stage, post_process on the last).

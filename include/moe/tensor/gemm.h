@@ -21,8 +21,9 @@ void sgemm_reference(bool transpose_a, bool transpose_b, int64_t m, int64_t n, i
 
 enum class GemmForm {
   kForward,     // c = y_g[M_g,N]   from a = x_g[M_g,K],  b = w_g[K,N]:   y = x w
-  kGradInput,   // c = dx_g[M_g,K]  from a = dy_g[M_g,N], b = w_g[K,N]:   dx = dy w^T
-  kGradWeight,  // c = dw_g[K,N]    from a = x_g[M_g,K],  b = dy_g[M_g,N]: dw = x^T dy
+  kGradInput,   // c = dx_g[M_g,K]  from a = dy_g[M_g,N], b = w_g[K,N]:   grad_input = grad_output
+                // w^T
+  kGradWeight,  // c = dw_g[K,N]    from a = x_g[M_g,K],  b = dy_g[M_g,N]: dw = x^T grad_output
 };
 
 // Grouped product over G groups whose row counts group_rows[g] >= 0 are known only at run time.
@@ -69,15 +70,18 @@ bool grouped_gemm_kernel_available(GroupedGemmKernel kernel, DType input_dtype);
 void grouped_gemm(const GroupedGemmArgs& args, GroupedGemmKernel kernel);
 
 // Checked tensor forms. Shapes: see GemmForm; group_rows must sum to the stacked row count.
-// forward: x [R,K], w [G,K,N] -> y [R,N]; grad_input: dy [R,N], w -> dx [R,K];
-// grad_weight: x [R,K], dy [R,N] -> dw [G,K,N].
+// forward: x [R,K], w [G,K,N] -> y [R,N]; grad_input: grad_output [R,N], w -> grad_input [R,K];
+// grad_weight: x [R,K], grad_output [R,N] -> dw [G,K,N].
 void grouped_gemm(GemmForm form, const Tensor& a, const Tensor& b,
                   std::span<const int64_t> group_rows, Tensor& c, bool accumulate);
 
-// Dense linear products on tensors (one group): y = x w, dx = dy w^T, dw (+)= x^T dy.
+// Dense linear products on tensors (one group): y = x w, grad_input = grad_output w^T, dw (+)= x^T
+// grad_output.
 void linear_forward(const Tensor& x, const Tensor& weight, Tensor& y, bool accumulate = false);
-void linear_grad_input(const Tensor& dy, const Tensor& weight, Tensor& dx, bool accumulate = false);
-void linear_grad_weight(const Tensor& x, const Tensor& dy, Tensor& dweight, bool accumulate = true);
+void linear_grad_input(const Tensor& grad_output, const Tensor& weight, Tensor& grad_input,
+                       bool accumulate = false);
+void linear_grad_weight(const Tensor& x, const Tensor& grad_output, Tensor& grad_weight,
+                        bool accumulate = true);
 
 // "forward", "grad_input", "grad_weight".
 const char* gemm_form_name(GemmForm form);
