@@ -186,9 +186,7 @@ std::string json_of(const Tensor& ids) {  // [b, s] I64 -> "[[..], [..]]"
 // torch implementation of HF's Mixtral forward on the converted weights agree (fp64 both sides),
 // so the q/k/v grouping, rotary convention, gate/up order and router mapping are all right.
 TEST(HfMixtral, ForwardMatchesTorchMixtralOnConvertedWeights) {
-  if (std::system("/usr/bin/python3 -c 'import torch' > /dev/null 2>&1") != 0) {
-    GTEST_SKIP() << "no torch at /usr/bin/python3";
-  }
+  MOE_REQUIRE_PYTHON_PACKAGE("torch");
   for (bool tied : {false, true}) {
     HfMoeConfig c = tiny_config();
     c.tie_word_embeddings = tied;

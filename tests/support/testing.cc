@@ -5,8 +5,11 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <map>
+#include <mutex>
 #include <numeric>
 #include <sstream>
 
@@ -182,6 +185,30 @@ std::vector<int64_t> gradient_check_elements(const Tensor& grad, int samples) {
     }
   }
   return ::testing::AssertionSuccess();
+}
+
+std::string missing_python_package(const std::string& package) {
+  static std::mutex mutex;
+  static std::map<std::string, std::string> answers;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto [at, fresh] = answers.try_emplace(package);
+  if (fresh) {
+    const std::string command = "/usr/bin/python3 -c 'import " + package + "' > /dev/null 2>&1";
+    if (std::system(command.c_str()) != 0) {
+      at->second = "this reference check needs the Python package '" + package +
+                   "', which /usr/bin/python3 cannot import: install it with `apt-get install "
+                   "python3-" +
+                   package +
+                   "` (scripts/setup.sh does), or set MOE_ALLOW_MISSING_REFERENCES=1 to skip "
+                   "reference checks on a machine that cannot";
+    }
+  }
+  return at->second;
+}
+
+bool missing_references_allowed() {
+  const char* value = std::getenv("MOE_ALLOW_MISSING_REFERENCES");
+  return value != nullptr && std::string_view(value) == "1";
 }
 
 ScratchDir::ScratchDir(const std::string& tag, int64_t shared_id, bool is_owner)

@@ -96,6 +96,16 @@ std::vector<int64_t> gradient_check_elements(const Tensor& grad, int samples);
                                           double atol = kFiniteDifferenceAtol,
                                           double step = kFiniteDifferenceStep);
 
+// The reference checks (PyTorch and numpy re-implementations) run Debian's /usr/bin/python3, and
+// scripts/setup.sh installs python3-numpy and python3-torch for them. missing_python_package
+// gives "" when /usr/bin/python3 imports `package` (asked once per package), else a message naming
+// it and how to install it. Use MOE_REQUIRE_PYTHON_PACKAGE rather than calling it directly.
+std::string missing_python_package(const std::string& package);
+
+// Whether the environment sets MOE_ALLOW_MISSING_REFERENCES=1: the opt-out for machines that
+// cannot install the reference packages, under which their checks skip instead of failing.
+bool missing_references_allowed();
+
 // A fresh directory under the system temp dir, emptied first and removed with its contents when
 // the object goes: moe_<tag>_<pid>_<n>, n counting this process's scratch directories so two
 // alive at once never share one. MPI tests whose ranks share a directory use the second form:
@@ -120,6 +130,19 @@ std::string read_bytes(const std::filesystem::path& path);
 void write_bytes(const std::filesystem::path& path, std::string_view bytes);
 
 }  // namespace moe::testing
+
+// MOE_REQUIRE_PYTHON_PACKAGE("torch"): a reference check whose package /usr/bin/python3 cannot
+// import FAILS, naming the package and how to install it; with MOE_ALLOW_MISSING_REFERENCES=1 it
+// is skipped instead, and the skip says so. Returns from the calling function when missing.
+#define MOE_REQUIRE_PYTHON_PACKAGE(package)                                                  \
+  do {                                                                                       \
+    const std::string moe_missing_package = ::moe::testing::missing_python_package(package); \
+    if (moe_missing_package.empty()) break;                                                  \
+    if (::moe::testing::missing_references_allowed()) {                                      \
+      GTEST_SKIP() << moe_missing_package << " (skipped: MOE_ALLOW_MISSING_REFERENCES=1)";   \
+    }                                                                                        \
+    GTEST_FAIL() << moe_missing_package;                                                     \
+  } while (false)
 
 // EXPECT_CONTAINS(text, part, ...): text contains every part.
 #define EXPECT_CONTAINS(text, ...) EXPECT_TRUE(::moe::testing::contains_all((text), {__VA_ARGS__}))

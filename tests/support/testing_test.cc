@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <numeric>
 #include <string>
@@ -129,6 +130,67 @@ TEST(CheckGradient, SamplesLargeTensorsIncludingTheSmallestAndLargestElements) {
   Tensor wrong = exact.clone();
   wrong.data<double>()[0] *= 2;  // the smallest: 2 * 1 * x_0 <= 4, the others grow with i
   EXPECT_FALSE(check_gradient(x, wrong, objective, "x"));
+}
+
+// Runs MOE_REQUIRE_PYTHON_PACKAGE(package) with MOE_ALLOW_MISSING_REFERENCES set to `opt_out`
+// (unset: nullptr) and records in `outcome` what it reported, without failing or skipping this
+// test.
+struct RequireOutcome {
+  bool went_on = false;
+  ::testing::TestPartResultArray reports;
+};
+void require_package(const char* package, bool& went_on) {
+  MOE_REQUIRE_PYTHON_PACKAGE(package);
+  went_on = true;
+}
+void run_require(const char* package, const char* opt_out, RequireOutcome& outcome) {
+  const char* before = std::getenv("MOE_ALLOW_MISSING_REFERENCES");
+  const std::string saved = before ? before : "";
+  if (opt_out) {
+    ::setenv("MOE_ALLOW_MISSING_REFERENCES", opt_out, 1);
+  } else {
+    ::unsetenv("MOE_ALLOW_MISSING_REFERENCES");
+  }
+  {
+    ::testing::ScopedFakeTestPartResultReporter intercept(
+        ::testing::ScopedFakeTestPartResultReporter::INTERCEPT_ONLY_CURRENT_THREAD,
+        &outcome.reports);
+    require_package(package, outcome.went_on);
+  }
+  if (before) {
+    ::setenv("MOE_ALLOW_MISSING_REFERENCES", saved.c_str(), 1);
+  } else {
+    ::unsetenv("MOE_ALLOW_MISSING_REFERENCES");
+  }
+}
+
+// A reference check whose package is missing fails by name and says how to install it; only
+// MOE_ALLOW_MISSING_REFERENCES=1 turns that into a skip, which says so.
+TEST(RequirePythonPackage, MissingPackageFailsUnlessTheOptOutIsSet) {
+  const char* missing = "moe_no_such_package";
+  EXPECT_CONTAINS(missing_python_package(missing), "'moe_no_such_package'",
+                  "apt-get install python3-moe_no_such_package", "MOE_ALLOW_MISSING_REFERENCES=1");
+  for (const char* opt_out : {static_cast<const char*>(nullptr), "0", "yes"}) {
+    RequireOutcome failed;
+    run_require(missing, opt_out, failed);
+    EXPECT_FALSE(failed.went_on);
+    ASSERT_EQ(failed.reports.size(), 1);
+    EXPECT_TRUE(failed.reports.GetTestPartResult(0).fatally_failed());
+    EXPECT_CONTAINS(failed.reports.GetTestPartResult(0).message(), "python3-moe_no_such_package");
+  }
+  RequireOutcome skipped;
+  run_require(missing, "1", skipped);
+  EXPECT_FALSE(skipped.went_on);
+  ASSERT_EQ(skipped.reports.size(), 1);
+  EXPECT_TRUE(skipped.reports.GetTestPartResult(0).skipped());
+  EXPECT_CONTAINS(skipped.reports.GetTestPartResult(0).message(), "'moe_no_such_package'",
+                  "skipped: MOE_ALLOW_MISSING_REFERENCES=1");
+  // A package that is there (the standard library's json) lets the check go on silently.
+  EXPECT_EQ(missing_python_package("json"), "");
+  RequireOutcome present;
+  run_require("json", nullptr, present);
+  EXPECT_TRUE(present.went_on);
+  EXPECT_EQ(present.reports.size(), 0);
 }
 
 TEST(ScratchDirectory, FreshPerObjectAndRemovedAfter) {
