@@ -174,6 +174,20 @@ TEST(Safetensors, BadFilesNameFileAndTensor) {
   write_raw(path, R"({"w": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]}})", 3);
   expect_error_containing([&] { File{path}; }, {"'w'", "'U8' is not supported"});
 
+  // 2^62 x 4 floats is 2^66 bytes, which wraps to 0 in 64 bits and would pass for an empty
+  // tensor; a zero extent does not excuse the others' overflow either.
+  write_raw(path,
+            R"({"w": {"dtype": "F32", "shape": [4611686018427387904, 4], "data_offsets": [0, 0]}})",
+            0);
+  expect_error_containing([&] { File{path}; }, {"'w'", path, "[4611686018427387904, 4] of F32",
+                                                "whose size in bytes overflows 64-bit integers"});
+  write_raw(
+      path,
+      R"({"w": {"dtype": "BF16", "shape": [4294967296, 4294967296, 0], "data_offsets": [0, 0]}})",
+      0);
+  expect_error_containing([&] { File{path}; },
+                          {"'w'", "[4294967296, 4294967296, 0] of BF16", "overflows"});
+
   write_bytes(path, std::string("\x40\0\0", 3));
   expect_error_containing([&] { File{path}; }, {path, "truncated", "header length"});
 
