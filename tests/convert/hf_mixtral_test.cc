@@ -227,6 +227,7 @@ std::string json_of(const Tensor& ids) {  // [b, s] I64 -> "[[..], [..]]"
 // so the q/k/v grouping, rotary convention, gate/up order and router mapping are all right.
 TEST(HfMixtral, ForwardMatchesTorchMixtralOnConvertedWeights) {
   MOE_REQUIRE_PYTHON_PACKAGE("torch");
+  MOE_REQUIRE_PYTHON_PACKAGE("numpy");  // reference_common.py
   for (bool tied : {false, true}) {
     HfMoeConfig c = tiny_config();
     c.tie_word_embeddings = tied;
