@@ -130,6 +130,15 @@ File::File(std::string path) : path_(std::move(path)) {
     MOE_CHECK(info.begin <= info.end && info.end <= data_size, "safetensors: ", where,
               " has data_offsets [", info.begin, ", ", info.end, ") outside the ", data_size,
               "-byte data section (file truncated?)");
+    // The byte count of the non-zero extents must fit in int64 (then so does the element count,
+    // whatever order the extents are multiplied in); a product that wrapped could match the
+    // offsets of a small or empty tensor.
+    int64_t bytes = int64_t(dtype_size(info.dtype));
+    for (int64_t extent : info.shape) {
+      MOE_CHECK(extent == 0 || !__builtin_mul_overflow(bytes, extent, &bytes),
+                "safetensors: ", where, " has shape ", shape_string(info.shape), " of ",
+                dtype_string(info.dtype), ", whose size in bytes overflows 64-bit integers");
+    }
     const uint64_t expected = uint64_t(shape_numel(info.shape)) * dtype_size(info.dtype);
     MOE_CHECK(info.end - info.begin == expected, "safetensors: ", where, " has ",
               info.end - info.begin, " bytes but its shape ", shape_string(info.shape), " of ",

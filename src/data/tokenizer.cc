@@ -110,12 +110,18 @@ std::string sanitize_utf8(std::string_view bytes) {
   return out;
 }
 
+// The whole file; a read error (a directory, an I/O failure) is refused rather than taken for an
+// empty or shortened file.
 std::string read_file(const std::string& path, std::string_view what) {
   std::ifstream in(path, std::ios::binary);
-  MOE_CHECK(in.good(), "cannot open ", what, " ", path);
-  std::ostringstream contents;
-  contents << in.rdbuf();
-  return contents.str();
+  MOE_CHECK(in.is_open(), "cannot open ", what, " ", path);
+  std::string contents;
+  char buffer[1 << 16];
+  while (in.read(buffer, sizeof(buffer)) || in.gcount() > 0) {
+    contents.append(buffer, size_t(in.gcount()));
+  }
+  MOE_CHECK(!in.bad() && in.eof(), "reading ", what, " ", path, " failed");
+  return contents;
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 #include <cblas.h>
 
 #include <algorithm>
+#include <limits>
 #include <numeric>
 #include <type_traits>
 #include <vector>
@@ -24,6 +25,10 @@ void blas_gemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t
       for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
     return;
   }
+  // CBLAS takes int sizes: refuse, rather than wrap, any that does not fit.
+  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
+  MOE_CHECK(std::max({m, n, k, lda, ldb, ldc}) <= kIntMax, "gemm: BLAS sizes must fit in int (",
+            kIntMax, "): m=", m, " n=", n, " k=", k, " lda=", lda, " ldb=", ldb, " ldc=", ldc);
   auto op_a = transpose_a ? CblasTrans : CblasNoTrans;
   auto op_b = transpose_b ? CblasTrans : CblasNoTrans;
   if constexpr (std::is_same_v<T, float>) {

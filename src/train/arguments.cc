@@ -6,6 +6,8 @@
 #include <functional>
 #include <numeric>
 #include <set>
+#include <string_view>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 
@@ -588,6 +590,11 @@ void require_finite_reals(const TrainingArguments& a) {
   }
 }
 
+// The one form of note every accepted flag that changes nothing here prints.
+std::string no_effect_note(std::string_view flag, std::string_view reason) {
+  return detail::concat(flag, " is accepted and has no effect: ", reason);
+}
+
 void check_shared_experts_and_upcycling(TrainingArguments& a, int experts) {
   const int tp = a.tensor_model_parallel_size;
   if (a.moe_shared_expert_intermediate_size) {
@@ -605,9 +612,9 @@ void check_shared_experts_and_upcycling(TrainingArguments& a, int experts) {
               "--moe-shared-expert-overlap only works with --moe-token-dispatcher-type alltoall "
               "(as in Megatron-LM)");
     if (a.moe_shared_expert_overlap) {
-      a.notes.push_back(
-          "--moe-shared-expert-overlap has no effect: collectives block on this CPU backend, so "
-          "the shared experts run before the router as without it");
+      a.notes.push_back(no_effect_note("--moe-shared-expert-overlap",
+                                       "collectives block on this CPU backend, so the shared "
+                                       "experts run before the router as without it"));
     }
   } else if (a.moe_shared_expert_gate || a.moe_shared_expert_overlap) {
     a.notes.push_back(
@@ -1010,10 +1017,19 @@ void finalize_arguments(TrainingArguments& a, int world_size) {
               "--tokenizer-type ",
               tokenizer);
   }
-  if (!a.wandb_project.empty() || !a.wandb_exp_name.empty()) {
-    a.notes.push_back(
-        "--wandb-* arguments are accepted but moecore does not log to Weights & Biases; the "
-        "scalars go to the log, --tensorboard-dir and --log-file");
+  const std::string_view no_wandb =
+      "moecore does not log to Weights & Biases (the scalars go to the log, --tensorboard-dir and "
+      "--log-file)";
+  const std::tuple<bool, std::string_view, std::string_view> inert_flags[] = {
+      {!a.masked_softmax_fusion, "--no-masked-softmax-fusion",
+       "moecore has one softmax implementation on CPU"},
+      {a.use_mcore_models, "--use-mcore-models", "moecore only has the Megatron-Core model"},
+      {!a.wandb_project.empty(), "--wandb-project", no_wandb},
+      {!a.wandb_exp_name.empty(), "--wandb-exp-name", no_wandb},
+      {!a.wandb_entity.empty(), "--wandb-entity", no_wandb},
+      {!a.wandb_save_dir.empty(), "--wandb-save-dir", no_wandb}};
+  for (const auto& [given, flag, reason] : inert_flags) {
+    if (given) a.notes.push_back(no_effect_note(flag, reason));
   }
 }
 

@@ -39,12 +39,6 @@ std::pair<int, std::string> run(const std::string& command) {
   return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, output};
 }
 
-// The reference must run: a missing numpy fails the test by name instead of skipping it.
-void require_numpy() {
-  ASSERT_EQ(run("/usr/bin/python3 -c 'import numpy'").first, 0)
-      << "numpy is missing at /usr/bin/python3: install Debian's python3-numpy";
-}
-
 nlohmann::json read_json(const std::string& path) {
   std::ifstream in(path);
   return nlohmann::json::parse(in);
@@ -87,7 +81,7 @@ std::string convert(const std::string& arguments, std::string* output = nullptr)
 // layer, sigmoid + bias group-limited routing, scaling and the shared expert; V2: q_proj without
 // query compression, complex-pair rope, softmax group-limited greedy routing, two shared experts.
 void expect_forward_matches_numpy(const std::string& variant, const std::string& flags) {
-  ASSERT_NO_FATAL_FAILURE(require_numpy());
+  MOE_REQUIRE_PYTHON_PACKAGE("numpy");
   ScratchDir dir("deepseek_forward_" + variant);
   const std::string hf = dir.file("hf"), ckpt = dir.file("ckpt");
   auto [written, write_log] =
@@ -177,7 +171,7 @@ TEST(HfDeepSeek, ForwardMatchesNumpyDeepSeekV2) {
 // moecore -> HF -> moecore through the program reproduces the checkpoint bitwise: V3 in fp32 and
 // bf16 (the fp32 expert bias stays fp32 in the export) and V2.
 TEST(HfDeepSeek, ExportThenImportIsBitwise) {
-  ASSERT_NO_FATAL_FAILURE(require_numpy());
+  MOE_REQUIRE_PYTHON_PACKAGE("numpy");
   for (const auto& [variant, dtype] :
        {std::pair<std::string, std::string>{"v3", "fp32"}, {"v3", "bf16"}, {"v2", "fp32"}}) {
     ScratchDir dir("deepseek_round_trip_" + variant + "_" + dtype);
@@ -213,7 +207,7 @@ TEST(HfDeepSeek, ExportThenImportIsBitwise) {
 // What users do next: moe-train with the printed flags (shell-quoted --moe-layer-freq included)
 // fine-tunes from the converted checkpoint, and the trained checkpoint converts back to HF.
 TEST(HfDeepSeek, MoeTrainFineTunesWithThePrintedFlags) {
-  ASSERT_NO_FATAL_FAILURE(require_numpy());
+  MOE_REQUIRE_PYTHON_PACKAGE("numpy");
   ScratchDir dir("deepseek_moe_train");
   const std::string hf = dir.file("hf"), ckpt = dir.file("ckpt"), back = dir.file("back");
   auto [written, write_log] = run("/usr/bin/python3 " + kReference + " write " + hf + " 9");
@@ -249,7 +243,7 @@ TEST(HfDeepSeek, MoeTrainFineTunesWithThePrintedFlags) {
 // HF's MTP modules carry their own copies of the embedding and output head; moecore shares the
 // main ones, so a copy that differs is refused by name rather than silently dropped.
 TEST(HfDeepSeek, MtpCopiesMustEqualTheMainTensors) {
-  ASSERT_NO_FATAL_FAILURE(require_numpy());
+  MOE_REQUIRE_PYTHON_PACKAGE("numpy");
   ScratchDir dir("deepseek_mtp_copies");
   auto [written, write_log] = run("/usr/bin/python3 " + kReference + " write " + dir.str() + " 4");
   ASSERT_EQ(written, 0) << write_log;
@@ -282,7 +276,7 @@ nlohmann::json reference_config() {
 }
 
 TEST(HfDeepSeek, MegatronFlagsParseIntoTheSameModel) {
-  ASSERT_NO_FATAL_FAILURE(require_numpy());
+  MOE_REQUIRE_PYTHON_PACKAGE("numpy");
   const DeepSeekConfig c = DeepSeekConfig::from_json(reference_config(), "cfg");
   std::vector<std::string> argv;
   std::istringstream words(c.megatron_flags());
@@ -338,7 +332,7 @@ TEST(HfDeepSeek, MegatronFlagsParseIntoTheSameModel) {
 }
 
 TEST(HfDeepSeek, BadConfigValuesAreNamed) {
-  ASSERT_NO_FATAL_FAILURE(require_numpy());
+  MOE_REQUIRE_PYTHON_PACKAGE("numpy");
   const nlohmann::json good = reference_config();
   auto refused = [&](const char* field, const nlohmann::json& value,
                      std::vector<std::string_view> parts) {

@@ -172,6 +172,46 @@ TEST(HfMixtral, MegatronFlagsParseIntoTheSameModel) {
   EXPECT_EQ(args.moe_router_topk, 1);
 }
 
+// tests/convert/fixtures/mixtral-8x7b-v0.1-config.json holds the config.json published with
+// mistralai/Mixtral-8x7B-v0.1 (written from outside the project, not by to_json). moe-convert's
+// mapping gives the moe-train flags of that model, and moe-train reads them back as its values.
+// router_aux_loss_coef is no flag: HF adds that loss only with output_router_logits (false).
+TEST(HfMixtral, PublishedMixtral8x7bConfigMapsToItsMoeTrainFlags) {
+  const std::string path = MOE_CONVERT_TEST_DIR "/fixtures/mixtral-8x7b-v0.1-config.json";
+  const HfMoeConfig c =
+      HfMoeConfig::from_json(nlohmann::json::parse(moe::testing::read_bytes(path)), path);
+  EXPECT_EQ(c.family, Family::kMixtral);
+  EXPECT_EQ(c.megatron_flags(),
+            "--num-layers 32 --hidden-size 4096 --ffn-hidden-size 14336 --num-attention-heads 32 "
+            "--kv-channels 128 --group-query-attention --num-query-groups 8 "
+            "--max-position-embeddings 32768 --normalization RMSNorm --norm-epsilon 1e-05 "
+            "--position-embedding-type rope --rotary-base 1000000 --swiglu --disable-bias-linear "
+            "--untie-embeddings-and-output-weights --hidden-dropout 0 --attention-dropout 0 "
+            "--num-experts 8 --moe-router-topk 2");
+  std::vector<std::string> argv;
+  std::istringstream words(c.megatron_flags());
+  for (std::string word; words >> word;) argv.push_back(word);
+  const train::TrainingArguments a = train::parse_arguments(argv).args;
+  EXPECT_EQ(a.num_layers, 32);
+  EXPECT_EQ(a.hidden_size, 4096);
+  EXPECT_EQ(a.ffn_hidden_size, 14336);
+  EXPECT_EQ(a.num_attention_heads, 32);
+  EXPECT_EQ(a.kv_channels, 128);
+  EXPECT_TRUE(a.group_query_attention);
+  EXPECT_EQ(a.num_query_groups, 8);
+  EXPECT_EQ(a.max_position_embeddings, 32768);
+  EXPECT_EQ(a.normalization, "RMSNorm");
+  EXPECT_EQ(a.norm_epsilon, 1e-5);
+  EXPECT_EQ(a.position_embedding_type, "rope");
+  EXPECT_EQ(a.rotary_base, 1000000);
+  EXPECT_TRUE(a.swiglu);
+  EXPECT_FALSE(a.add_bias_linear);
+  EXPECT_TRUE(a.untie_embeddings_and_output_weights);
+  EXPECT_EQ(a.num_experts, 8);
+  EXPECT_EQ(a.moe_router_topk, 2);
+  EXPECT_EQ(c.vocab_size, 32000);  // moe-train takes the vocabulary from its tokenizer
+}
+
 std::string json_of(const Tensor& ids) {  // [b, s] I64 -> "[[..], [..]]"
   nlohmann::json rows = nlohmann::json::array();
   for (int64_t b = 0; b < ids.dim(0); ++b) {
@@ -186,9 +226,8 @@ std::string json_of(const Tensor& ids) {  // [b, s] I64 -> "[[..], [..]]"
 // torch implementation of HF's Mixtral forward on the converted weights agree (fp64 both sides),
 // so the q/k/v grouping, rotary convention, gate/up order and router mapping are all right.
 TEST(HfMixtral, ForwardMatchesTorchMixtralOnConvertedWeights) {
-  if (std::system("/usr/bin/python3 -c 'import torch' > /dev/null 2>&1") != 0) {
-    GTEST_SKIP() << "no torch at /usr/bin/python3";
-  }
+  MOE_REQUIRE_PYTHON_PACKAGE("torch");
+  MOE_REQUIRE_PYTHON_PACKAGE("numpy");  // reference_common.py
   for (bool tied : {false, true}) {
     HfMoeConfig c = tiny_config();
     c.tie_word_embeddings = tied;

@@ -49,12 +49,6 @@ CommandResult run_convert(const std::string& arguments) {
   return run_command(std::string(MOE_CONVERT_PROGRAM) + " " + arguments + " 2>&1");
 }
 
-// The reference never skips: without numpy the test fails, naming the package to install.
-void require_numpy() {
-  ASSERT_EQ(std::system("/usr/bin/python3 -c 'import numpy' > /dev/null 2>&1"), 0)
-      << "the Qwen reference needs numpy at /usr/bin/python3: install Debian's python3-numpy";
-}
-
 HfMoeConfig read_config(const std::string& path) {
   return HfMoeConfig::from_json(nlohmann::json::parse(std::ifstream(path)), path);
 }
@@ -101,7 +95,7 @@ struct LoadedModel {
 class HfQwen : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(HfQwen, ImportGivesTheReferenceLogitsAndExportIsBitwise) {
-  ASSERT_NO_FATAL_FAILURE(require_numpy());
+  MOE_REQUIRE_PYTHON_PACKAGE("numpy");
   const std::string family = GetParam();
   ScratchDir scratch("hf_" + family);
   const std::string hf = scratch.file("hf"), ckpt = scratch.file("ckpt"),
@@ -216,7 +210,7 @@ TEST_P(HfQwen, ImportGivesTheReferenceLogitsAndExportIsBitwise) {
 // What users do next: moe-train, given the printed flags as a shell passes them, loads the
 // converted checkpoint strictly and fine-tunes from it.
 TEST_P(HfQwen, MoeTrainFineTunesWithThePrintedFlags) {
-  ASSERT_NO_FATAL_FAILURE(require_numpy());
+  MOE_REQUIRE_PYTHON_PACKAGE("numpy");
   const std::string family = GetParam();
   ScratchDir scratch("hf_train_" + family);
   const std::string hf = scratch.file("hf"), ckpt = scratch.file("ckpt");

@@ -179,7 +179,7 @@ const std::vector<IndexCase> kIndexCases = {
 };
 
 TEST_F(GptIndices, MatchMegatronAlgorithmRunWithNumpy) {
-  if (!testing::python_with_numpy_available()) GTEST_SKIP() << "/usr/bin/python3 with numpy";
+  MOE_REQUIRE_PYTHON_PACKAGE("numpy");
   const auto indexed = std::make_shared<const IndexedDataset>(prefix_);
   for (const IndexCase& c : kIndexCases) {
     SCOPED_TRACE("case [" + std::to_string(c.begin) + ", " + std::to_string(c.end) + ") seed " +

@@ -147,7 +147,7 @@ TEST(IndexedDataset, AddDocumentAndAddIndexConcatenate) {
 
 // The same documents written here and by the independent Python writer give identical bytes.
 TEST(IndexedDataset, MatchesPythonMegatronWriterByteForByte) {
-  if (!testing::python_with_numpy_available()) GTEST_SKIP() << "/usr/bin/python3 with numpy";
+  MOE_REQUIRE_PYTHON_PACKAGE("numpy");
   ScratchDir dir{"data"};
   const Layout layout = {{{1, 2, 3}, {4, 5}}, {}, {{120, 0, 7}}, {{9}}};
   for (TokenDType dtype : {TokenDType::U16, TokenDType::I32, TokenDType::I64, TokenDType::U8}) {

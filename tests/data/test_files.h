@@ -27,12 +27,6 @@ inline CommandResult run_command(const std::string& command) {
   return result;
 }
 
-// Debian's /usr/bin/python3 with numpy, when present (the cross-checks skip without it).
-inline bool python_with_numpy_available() {
-  static const bool available = run_command("/usr/bin/python3 -c 'import numpy'").exit_code == 0;
-  return available;
-}
-
 inline std::string megatron_format_script() {
   return std::string(MOE_DATA_TEST_DIR) + "/megatron_format.py";
 }

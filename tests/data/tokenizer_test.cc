@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 #include <sentencepiece_trainer.h>
 
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
@@ -143,10 +144,11 @@ class Gpt2Bpe : public ::testing::Test {
     vocab["<|endoftext|>"] = id;
     std::ofstream(dir_.file("vocab.json")) << vocab.dump();
   }
-  std::unique_ptr<Tokenizer> make(const std::string& vocab = "vocab.json") const {
+  std::unique_ptr<Tokenizer> make(const std::string& vocab = "vocab.json",
+                                  const std::string& merges = "merges.txt") const {
     return make_tokenizer({.type = "GPT2BPETokenizer",
                            .vocab_file = dir_.file(vocab),
-                           .merge_file = dir_.file("merges.txt")});
+                           .merge_file = dir_.file(merges)});
   }
   ScratchDir dir_{"data"};
 };
@@ -191,6 +193,13 @@ TEST_F(Gpt2Bpe, BadFilesAreClearErrors) {
   expect_error_containing([&] { make("no_eod.json"); }, "has no <|endoftext|> token");
   expect_error_containing([&] { make("absent.json"); },
                           "cannot open GPT-2 vocabulary " + dir_.file("absent.json"));
+  // A path that opens but cannot be read (a directory) is a read error, not an empty file: an
+  // unread merges file would otherwise leave a tokenizer without merges.
+  std::filesystem::create_directory(dir_.file("folder"));
+  expect_error_containing([&] { make("vocab.json", "folder"); },
+                          "reading GPT-2 merges file " + dir_.file("folder") + " failed");
+  expect_error_containing([&] { make("folder"); },
+                          "reading GPT-2 vocabulary " + dir_.file("folder") + " failed");
 }
 
 // ------------------------------------------------------------------------------------------------

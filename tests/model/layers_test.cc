@@ -92,7 +92,7 @@ TEST(Norm, GradientsMatchFiniteDifferences) {
     Tensor probe = random_normal({6, 9}, 7, 1.0f, DType::F64);
     auto forward = [&](Norm::Context& saved) { return norm.forward(store, x, saved); };
     EXPECT_TRUE(
-        layer_gradients_match(norm, store, x, probe, forward, std::string(kind) + " input", 54, 9));
+        layer_gradients_match(norm, store, x, probe, forward, std::string(kind) + " input"));
   }
   ParameterStore store;
   EXPECT_EQ(moe::testing::error_text([&] { Norm(store, "n", 4, "BatchNorm", 1e-5f); }),
@@ -263,7 +263,6 @@ TEST(CausalAttention, GradientsMatchFiniteDifferences) {
       Shape context_shape{2, 4, seq, value_dim};
       Tensor probe = random_normal(context_shape, 4, 1.0f, DType::F64);
       AttentionDropout dropout{p, 5, 0, 0};
-      int samples = seq > 64 ? 12 : 40;
       auto objective = [&] {
         Tensor lse({2, 4, seq}, DType::F64), context(context_shape, DType::F64);
         causal_attention_forward(q, k, v, dropout, lse, context);
@@ -273,9 +272,9 @@ TEST(CausalAttention, GradientsMatchFiniteDifferences) {
       causal_attention_forward(q, k, v, dropout, lse, context);
       Tensor dq(q.shape(), DType::F64), dk(k.shape(), DType::F64), dv(v.shape(), DType::F64);
       causal_attention_backward(q, k, v, lse, dropout, probe, dq, dk, dv);
-      EXPECT_TRUE(check_gradient(q, dq, objective, "q", samples));
-      EXPECT_TRUE(check_gradient(k, dk, objective, "k", samples));
-      EXPECT_TRUE(check_gradient(v, dv, objective, "v", samples));
+      EXPECT_TRUE(check_gradient(q, dq, objective, "q"));
+      EXPECT_TRUE(check_gradient(k, dk, objective, "k"));
+      EXPECT_TRUE(check_gradient(v, dv, objective, "v"));
     }
   }
 }
@@ -487,7 +486,7 @@ TEST(MLP, GradientsMatchFiniteDifferences) {
       Tensor x = random_normal({7, 12}, 21, 1.0f, DType::F64);
       Tensor probe = random_normal({7, 12}, 22, 1.0f, DType::F64);
       auto forward = [&](MLP::Context& saved) { return mlp.forward(store, x, saved); };
-      EXPECT_TRUE(layer_gradients_match(mlp, store, x, probe, forward, "mlp input", 30, 10));
+      EXPECT_TRUE(layer_gradients_match(mlp, store, x, probe, forward, "mlp input"));
     }
   }
 }
@@ -510,8 +509,7 @@ TEST(SharedExperts, GradientsMatchFiniteDifferences) {
       Tensor x = random_normal({5, 12}, 24, 1.0f, DType::F64);
       Tensor probe = random_normal({5, 12}, 25, 1.0f, DType::F64);
       auto forward = [&](SharedExperts::Context& saved) { return shared.forward(store, x, saved); };
-      EXPECT_TRUE(
-          layer_gradients_match(shared, store, x, probe, forward, "shared experts input", 30, 10))
+      EXPECT_TRUE(layer_gradients_match(shared, store, x, probe, forward, "shared experts input"))
           << (gate ? "gated" : "ungated") << (swiglu ? " swiglu" : " gelu");
     }
   }
@@ -562,7 +560,7 @@ TEST(Embedding, LooksUpRowsAndAccumulatesGradients) {
   Tensor probe = random_normal({6, 4}, 31, 1.0f, DType::F64);
   embedding.backward(store, tokens, probe);
   auto objective = [&] { return dot(embedding.forward(store, tokens), probe); };
-  EXPECT_TRUE(check_all_params(store, objective, 44));
+  EXPECT_TRUE(check_all_params(store, objective));
   Tensor bad = Tensor::from_floats({3, 11}, {1, 2}, DType::I64);
   EXPECT_EQ(moe::testing::error_text([&] { embedding.forward(store, bad); }),
             "token id 11 at [0, 1] is outside the vocabulary [0, 11)");
@@ -585,7 +583,7 @@ TEST(CrossEntropy, MatchesLogSoftmaxAndFiniteDifferences) {
     Tensor s;
     return dot(vocab_parallel_cross_entropy(logits, targets, 0, TensorParallel{}, s), weights);
   };
-  EXPECT_TRUE(check_gradient(logits, dlogits, objective, "logits", 54));
+  EXPECT_TRUE(check_gradient(logits, dlogits, objective, "logits"));
   Tensor bad = Tensor::from_floats({0, 9, 0, 0, 0, 0}, {6}, DType::I64);
   EXPECT_EQ(moe::testing::error_text(
                 [&] { vocab_parallel_cross_entropy(logits, bad, 0, TensorParallel{}, softmax); }),
@@ -604,7 +602,7 @@ TEST(OutputLayer, TiedAndUntiedGradientsMatchFiniteDifferences) {
     auto forward = [&](OutputLayer::Context& saved) { return output.forward(store, x, saved); };
     OutputLayer::Context saved;
     EXPECT_EQ(forward(saved).dtype(), DType::F64);
-    EXPECT_TRUE(layer_gradients_match(output, store, x, probe, forward, "output input", 30, 20));
+    EXPECT_TRUE(layer_gradients_match(output, store, x, probe, forward, "output input"));
   }
 }
 

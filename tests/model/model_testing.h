@@ -116,12 +116,13 @@ inline double dot(const Tensor& out, const Tensor& probe) {
 // backward); buffers have no gradient.
 inline ::testing::AssertionResult check_all_params(ParameterStore& store,
                                                    const std::function<double()>& objective,
-                                                   int samples = 6, double rtol = 1e-4) {
+                                                   double rtol = 1e-4) {
   for (int i = 0; i < store.count(); ++i) {
     ParamHandle h{i};
     if (!store.spec(h).trainable) continue;
-    auto result = moe::testing::check_gradient(store.param(h), store.grad(h), objective,
-                                               store.spec(h).name, samples, rtol);
+    auto result =
+        moe::testing::check_gradient(store.param(h), store.grad(h), objective, store.spec(h).name,
+                                     moe::testing::kMinimumGradientSamples, rtol);
     if (!result) return result;
   }
   return ::testing::AssertionSuccess();
@@ -132,8 +133,7 @@ inline ::testing::AssertionResult check_all_params(ParameterStore& store,
 template <class Layer, class Forward>
 ::testing::AssertionResult layer_gradients_match(const Layer& layer, ParameterStore& store,
                                                  Tensor x, const Tensor& probe, Forward forward,
-                                                 const std::string& what, int input_samples,
-                                                 int param_samples) {
+                                                 const std::string& what) {
   auto objective = [&] {
     typename Layer::Context saved;
     return dot(forward(saved), probe);
@@ -141,10 +141,9 @@ template <class Layer, class Forward>
   typename Layer::Context saved;
   forward(saved);
   Tensor dx = layer.backward(store, saved, probe);
-  ::testing::AssertionResult input =
-      moe::testing::check_gradient(x, dx, objective, what, input_samples);
+  ::testing::AssertionResult input = moe::testing::check_gradient(x, dx, objective, what);
   if (!input) return input;
-  return check_all_params(store, objective, param_samples);
+  return check_all_params(store, objective);
 }
 
 // layer_gradients_match for an attention layer of hidden size 12 (SelfAttention,
@@ -158,7 +157,7 @@ template <class Attention>
   auto forward = [&](typename Attention::Context& saved) {
     return attention.forward(store, x, shape, 3, true, saved);
   };
-  return layer_gradients_match(attention, store, x, probe, forward, "attention input", 30, 10);
+  return layer_gradients_match(attention, store, x, probe, forward, "attention input");
 }
 
 // The objective the model's backward differentiates: the LM loss, the router losses and the
@@ -197,7 +196,10 @@ inline void check_model_gradients(
   model.forward(batch.tokens, batch.labels, ctx, batch.mask);
   check_forward(ctx);
   model.backward(ctx);
-  EXPECT_TRUE(check_all_params(store, objective, 5, 2e-4));
+  // Norms save 1/rms (1/std) in fp32 even for fp64 inputs (ops.h), so gradients below a norm
+  // carry ~2^-24 of their row's scale: at most 9e-9 absolute in these models (inside the 1e-8
+  // atol floor), and up to 2e-4 relative on elements of ~1e-4.
+  EXPECT_TRUE(check_all_params(store, objective, 2e-4));
 }
 
 // Sums this rank's gradients over data parallelism as the optimizer does (dense ones over dp,

@@ -315,7 +315,7 @@ TEST(MoELayer, GradientsAccumulateAcrossBackwardCalls) {
 // The whole layer against an independent PyTorch float64 implementation of Megatron's dropless
 // MoE layer: output, losses and every gradient.
 TEST(MoELayer, MatchesPyTorchReference) {
-  if (!testing::torch_available()) GTEST_SKIP() << "/usr/bin/python3 has no torch";
+  MOE_REQUIRE_PYTHON_PACKAGE("torch");
   MoEConfig config = testing::small_config(6, 5, 2, 4);
   config.activation = ExpertActivation::kSwiGLU;
   config.moe_aux_loss_coeff = 0.3;

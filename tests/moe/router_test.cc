@@ -309,11 +309,7 @@ TEST(Sinkhorn, SpreadsTrainingTrafficOverExperts) {
 // The independent PyTorch reference: routing probabilities, aux loss and z-loss to 1e-6.
 class TorchReference : public ::testing::Test {
  protected:
-  void SetUp() override {
-    if (!testing::torch_available()) {
-      GTEST_SKIP() << "/usr/bin/python3 has no torch";
-    }
-  }
+  void SetUp() override { MOE_REQUIRE_PYTHON_PACKAGE("torch"); }
 };
 
 // One router evaluation to compare: its settings and inputs as JSON, and our results.

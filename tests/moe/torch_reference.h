@@ -16,10 +16,6 @@
 
 namespace moe::testing {
 
-inline bool torch_available() {
-  return std::system("/usr/bin/python3 -c 'import torch' >/dev/null 2>&1") == 0;
-}
-
 // The tensor's values as a JSON array of doubles (exact for every floating dtype).
 inline nlohmann::json json_values(const Tensor& tensor) {
   Tensor wide = tensor.to(DType::F64);

@@ -5,8 +5,12 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <map>
+#include <mutex>
+#include <numeric>
 #include <sstream>
 
 namespace moe::testing {
@@ -130,36 +134,81 @@ void set_value(Tensor& tensor, int64_t i, double value) {
 }
 }  // namespace
 
+std::vector<int64_t> gradient_check_elements(const Tensor& grad, int samples) {
+  const int64_t n = grad.numel();
+  const int64_t count = std::max<int64_t>(samples, kMinimumGradientSamples);
+  std::vector<int64_t> order(size_t(n), 0);
+  std::iota(order.begin(), order.end(), int64_t(0));
+  if (n <= count) return order;
+  // Ascending |grad|, ties by index, so the choice is the same on every run.
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return std::fabs(value_at(grad, a)) < std::fabs(value_at(grad, b));
+  });
+  const int64_t smallest = count / 4, largest = 4;
+  std::vector<int64_t> chosen(order.begin(), order.begin() + smallest);
+  chosen.insert(chosen.end(), order.end() - largest, order.end());
+  // A partial Fisher-Yates shuffle of the middle draws the rest without replacement.
+  Rng rng(0x67726164);
+  const int64_t high = n - largest;
+  for (int64_t low = smallest; int64_t(chosen.size()) < count; ++low) {
+    std::swap(order[size_t(low)], order[size_t(low + int64_t(rng.below(uint64_t(high - low))))]);
+    chosen.push_back(order[size_t(low)]);
+  }
+  std::sort(chosen.begin(), chosen.end());
+  return chosen;
+}
+
 ::testing::AssertionResult check_gradient(Tensor values, const Tensor& grad,
                                           const std::function<double()>& objective,
                                           const std::string& what, int samples, double rtol,
                                           double atol, double step) {
-  int64_t n = values.numel();
+  const int64_t n = values.numel();
   if (grad.numel() != n) {
     return ::testing::AssertionFailure()
            << what << ": gradient has " << grad.numel() << " elements, values " << n;
   }
-  if (n == 0) return ::testing::AssertionSuccess();
-  double scale = 0;
-  for (int64_t i = 0; i < n; ++i) scale = std::max(scale, std::fabs(value_at(grad, i)));
-  int64_t stride = std::max<int64_t>(1, n / samples);
-  for (int64_t i = (n - 1) % stride; i < n; i += stride) {
+  for (int64_t i : gradient_check_elements(grad, samples)) {
     const double saved = value_at(values, i);
     set_value(values, i, saved + step);
-    double plus = objective();
+    const double plus = objective();
     set_value(values, i, saved - step);
-    double minus = objective();
+    const double minus = objective();
     set_value(values, i, saved);
-    double numeric = (plus - minus) / (2 * step);
-    double analytic = value_at(grad, i);
-    double allowed = atol + rtol * std::max(std::fabs(numeric), scale);
+    const double numeric = (plus - minus) / (2 * step);
+    const double analytic = value_at(grad, i);
+    const double allowed = atol + rtol * std::fabs(numeric);
     if (!(std::fabs(numeric - analytic) <= allowed)) {
       return ::testing::AssertionFailure()
              << what << "[" << i << "]: analytic " << analytic << ", finite difference " << numeric
-             << " (allowed error " << allowed << ", largest gradient " << scale << ")";
+             << ", |error| " << std::fabs(numeric - analytic) << " > allowed " << allowed
+             << " (atol " << atol << " + rtol " << rtol << " * |finite difference|)";
     }
   }
   return ::testing::AssertionSuccess();
+}
+
+std::string missing_python_package(const std::string& package) {
+  static std::mutex mutex;
+  static std::map<std::string, std::string> answers;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto [at, fresh] = answers.try_emplace(package);
+  if (fresh) {
+    const std::string command = "/usr/bin/python3 -c 'import " + package + "' > /dev/null 2>&1";
+    if (std::system(command.c_str()) != 0) {
+      at->second = "this reference check needs the Python package '" + package +
+                   "', which /usr/bin/python3 cannot import: install it with `apt-get install "
+                   "python3-" +
+                   package +
+                   "` (scripts/setup.sh does), or set MOE_ALLOW_MISSING_REFERENCES=1 to skip "
+                   "reference checks on a machine that cannot";
+    }
+  }
+  return at->second;
+}
+
+bool missing_references_allowed() {
+  const char* value = std::getenv("MOE_ALLOW_MISSING_REFERENCES");
+  return value != nullptr && std::string_view(value) == "1";
 }
 
 ScratchDir::ScratchDir(const std::string& tag, int64_t shared_id, bool is_owner)

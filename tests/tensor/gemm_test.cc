@@ -561,5 +561,26 @@ TEST(SgemmErrors, ShortLeadingDimensionIsReported) {
             "(5) and c (5)");
 }
 
+// CBLAS takes int sizes: a size or leading dimension past INT_MAX is refused, named, before any
+// memory is touched (the null operands are never read), instead of wrapping to a negative int.
+TEST(SgemmErrors, SizesPastIntAreRefusedBeforeNarrowing) {
+  const int64_t past_int = int64_t(std::numeric_limits<int>::max()) + 1;
+  EXPECT_EQ(error_text([&] {
+              sgemm(false, false, past_int, 1, 1, 1.0f, nullptr, 1, nullptr, 1, 0.0f, nullptr, 1);
+            }),
+            "gemm: BLAS sizes must fit in int (2147483647): m=2147483648 n=1 k=1 lda=1 ldb=1 "
+            "ldc=1");
+  EXPECT_EQ(error_text([&] {
+              sgemm(true, false, 1, 1, 1, 1.0f, nullptr, past_int, nullptr, 1, 0.0f, nullptr, 1);
+            }),
+            "gemm: BLAS sizes must fit in int (2147483647): m=1 n=1 k=1 lda=2147483648 ldb=1 "
+            "ldc=1");
+  EXPECT_CONTAINS(error_text([&] {
+                    sgemm(false, true, 1, 1, past_int, 1.0f, nullptr, past_int, nullptr, past_int,
+                          0.0f, nullptr, 1);
+                  }),
+                  "k=2147483648 lda=2147483648 ldb=2147483648");
+}
+
 }  // namespace
 }  // namespace moe

@@ -517,6 +517,33 @@ TEST(Arguments, MultiTokenPrediction) {
             "MTP modules share the word embedding, which lives on the first pipeline stage only");
 }
 
+// Every flag accepted for Megatron scripts that changes nothing here prints one note of the same
+// form, and only when given.
+TEST(Arguments, EveryInertFlagNotesThatItHasNoEffect) {
+  const std::string no_wandb =
+      " is accepted and has no effect: moecore does not log to Weights & Biases (the scalars go to "
+      "the log, --tensorboard-dir and --log-file)";
+  const std::vector<std::pair<Args, std::string>> cases = {
+      {{"--no-masked-softmax-fusion"},
+       "--no-masked-softmax-fusion is accepted and has no effect: moecore has one softmax "
+       "implementation on CPU"},
+      {{"--use-mcore-models"},
+       "--use-mcore-models is accepted and has no effect: moecore only has the Megatron-Core "
+       "model"},
+      {{"--wandb-project", "p"}, "--wandb-project" + no_wandb},
+      {{"--wandb-exp-name", "e"}, "--wandb-exp-name" + no_wandb},
+      {{"--wandb-entity", "team"}, "--wandb-entity" + no_wandb},
+      {{"--wandb-save-dir", "/tmp/wandb"}, "--wandb-save-dir" + no_wandb}};
+  const TrainingArguments plain = finalized(small_flags(), 1);
+  for (const std::string& note : plain.notes)
+    EXPECT_EQ(note.find("has no effect"), std::string::npos) << note;
+  for (const auto& [flags, note] : cases) {
+    const TrainingArguments a = finalized(with(small_flags(), flags), 1);
+    EXPECT_EQ(a.notes.size(), plain.notes.size() + 1) << flags[0];
+    EXPECT_EQ(a.notes.back(), note);
+  }
+}
+
 // Shared experts and upcycling: accepted values, the notes for flags that do nothing here, and an
 // error naming the flag for every bad value or combination.
 TEST(Arguments, SharedExpertsAndUpcycling) {
@@ -529,7 +556,8 @@ TEST(Arguments, SharedExpertsAndUpcycling) {
   a = finalized(
       with(shared, {"--moe-shared-expert-overlap", "--moe-token-dispatcher-type", "alltoall"}), 1);
   EXPECT_TRUE(std::any_of(a.notes.begin(), a.notes.end(), [](const std::string& n) {
-    return n.find("--moe-shared-expert-overlap has no effect") == 0;
+    return n.find("--moe-shared-expert-overlap is accepted and has no effect: collectives block") ==
+           0;
   }));
   a = finalized(with(small_flags(), {"--moe-shared-expert-gate"}), 1);
   EXPECT_EQ(a.notes.back(),
@@ -788,6 +816,9 @@ TEST(Arguments, EveryUnacceptedMegatronNameIsRefusedByName) {
     refused += refused_by_name;
   }
   EXPECT_EQ(refused, megatron.size() - accepted);
+  // The counts docs/moe-train.md states (Refusals): of core_v0.19.0's 834 names.
+  EXPECT_EQ(accepted, 133u);
+  EXPECT_EQ(refused, 701u);
   // Only moecore's own names are not on the list, so every other accepted name was counted above.
   EXPECT_EQ(accepted, supported.size() - kMoecoreOwnNames.size());
 }
