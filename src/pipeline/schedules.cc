@@ -135,7 +135,7 @@ class StageRunner {
     context.training = !options_.forward_only;
     context.dropout_seed = batch.dropout_seed;
     Tensor output = model_.forward_step(first_ ? batch.tokens : input, batch.labels, context,
-                                        batch.loss_mask, options_.micro_batch_size);
+                                        batch.loss_mask, options_.micro_batch_size, batch.tokens);
     result_.peak_contexts_in_flight =
         std::max(result_.peak_contexts_in_flight, int(in_flight_.size()));
     if (last_) {

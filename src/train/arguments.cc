@@ -747,10 +747,6 @@ void finalize_arguments(TrainingArguments& a, int world_size) {
     a.sequence_parallel = false;
     a.notes.push_back("--sequence-parallel disabled because --tensor-model-parallel-size is 1");
   }
-  MOE_CHECK(pp == 1 || a.untie_embeddings_and_output_weights, "--pipeline-model-parallel-size (",
-            pp,
-            ") > 1 needs --untie-embeddings-and-output-weights (the tied output layer would live "
-            "on another stage than the embedding)");
   MOE_CHECK(*a.num_layers % pp == 0, "--num-layers (", *a.num_layers,
             ") is not divisible by --pipeline-model-parallel-size (", pp, ")");
 
@@ -834,10 +830,6 @@ void finalize_arguments(TrainingArguments& a, int world_size) {
     MOE_CHECK(*a.mtp_num_layers == 0 || a.position_embedding_type != "learned_absolute",
               "--mtp-num-layers needs --position-embedding-type rope or none (Megatron supports "
               "multi-token prediction with those only), not learned_absolute");
-    MOE_CHECK(*a.mtp_num_layers == 0 || pp == 1,
-              "--mtp-num-layers with --pipeline-model-parallel-size (", pp,
-              ") > 1 is not supported: the MTP modules share the word embedding, which lives "
-              "on the first pipeline stage only");
   }
 
   // ---- MLP sizes

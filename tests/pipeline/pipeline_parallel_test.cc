@@ -39,11 +39,21 @@ struct Layout {
   // DeepSeek-style layers: multi-latent attention with q/k norms, the first layer dense, shared
   // experts, sigmoid routing with the expert bias and group-limited top-k.
   bool deepseek = false;
+  // Output layer tied to the word embedding, and multi-token prediction depths: with pp > 1 the
+  // last stage holds a copy of the embedding whose gradient finalize_grads sums with the first
+  // stage's over the embedding group.
+  bool tied = false;
+  int mtp = 0;
+
+  bool shares_embedding() const { return pp > 1 && (tied || mtp > 0); }
 };
 
 model::TransformerConfig layout_config(const Layout& layout) {
   model::TransformerConfig c = tiny_moe_config();
   c.sequence_parallel = layout.sp;
+  c.untie_embeddings_and_output_weights = !layout.tied;
+  c.mtp_num_layers = layout.mtp;
+  c.mtp_loss_scaling_factor = 0.3;  // larger than Megatron's 0.1 so the MTP terms weigh in
   if (!layout.deepseek) return c;
   c.multi_latent_attention = true;
   c.q_lora_rank = 6;
@@ -65,8 +75,9 @@ model::TransformerConfig layout_config(const Layout& layout) {
 std::string describe(const Layout& l, int micro_batches) {
   return "(tp " + std::to_string(l.tp) + (l.sp ? " sp" : "") + ", pp " + std::to_string(l.pp) +
          ", ep " + std::to_string(l.ep) + ", " + std::string(dtype_name(l.params)) +
-         (l.deepseek ? ", DeepSeek-style" : "") + ", " + std::to_string(micro_batches) +
-         " micro-batches)";
+         (l.deepseek ? ", DeepSeek-style" : "") + (l.tied ? ", tied" : "") +
+         (l.mtp > 0 ? ", mtp " + std::to_string(l.mtp) : "") + ", " +
+         std::to_string(micro_batches) + " micro-batches)";
 }
 
 struct Reference {
@@ -158,12 +169,21 @@ void check_layout(const Layout& layout, int micro_batches, bool training = true)
   EXPECT_EQ(result.peak_contexts_in_flight,
             training ? std::min(layout.pp - pp_rank, micro_batches) : 1)
       << name << " on pipeline rank " << pp_rank;
-  const bool bitwise = layout.tp == 1 && layout.ep == 1 && dp == 1;
+  // A shared embedding's gradient is summed in another order (each stage's micro-batches, then
+  // the two stages), so those layouts compare within the tolerance.
+  const bool bitwise = layout.tp == 1 && layout.ep == 1 && dp == 1 && !layout.shares_embedding();
   for (int m = 0; m < micro_batches; ++m) {
     const size_t global = size_t(replica * micro_batches + m);
     check_close(result.lm_losses[size_t(m)], reference.result.lm_losses[global], bitwise,
                 name + " lm loss of micro-batch " + std::to_string(m));
     EXPECT_EQ(result.loss_tokens[size_t(m)], reference.result.loss_tokens[global]) << name;
+  }
+  ASSERT_EQ(result.mtp_loss_sums.size(), size_t(layout.mtp)) << name;
+  if (dp == 1) {  // every pp rank holds the last stage's MTP losses
+    for (int k = 0; k < layout.mtp; ++k) {
+      check_close(result.mtp_loss_sums[size_t(k)], reference.result.mtp_loss_sums[size_t(k)],
+                  bitwise, name + " mtp loss of depth " + std::to_string(k + 1));
+    }
   }
   // The MoE summary covers the whole pipeline; add the data-parallel replicas.
   Tensor moe({3}, DType::F64);
@@ -178,7 +198,7 @@ void check_layout(const Layout& layout, int micro_batches, bool training = true)
   check_close(sums[1], expected_moe.sum.z_loss, false, name + " z loss");
 
   // Before the data-parallel reductions below, which sum the gradient buffers in place.
-  if (layout.tp > 1 && layout.ep == 1 && dp == 1 && training) {
+  if (layout.tp > 1 && layout.ep == 1 && dp == 1 && training && !layout.shares_embedding()) {
     check_against_same_tp_without_pipeline(layout, result, store);
   }
   model::testing::compare_reduced_gradients(
@@ -265,6 +285,43 @@ TEST(OneFOneB, Pp2Ep2DeepSeekStyle) {
 TEST(OneFOneB, Pp2Tp2Ep2SequenceParallelDeepSeekStyle) {
   if (!on_world(8)) GTEST_SKIP() << "runs on 8 ranks";
   check_layout({.tp = 2, .sp = true, .pp = 2, .ep = 2, .deepseek = true}, 3);
+}
+
+TEST(OneFOneB, Pp2TiedEmbeddings) {
+  if (!on_world(2)) GTEST_SKIP() << "runs on 2 ranks";
+  check_layout({.pp = 2, .tied = true}, 5);
+  check_layout({.pp = 2, .tied = true}, 1);
+}
+
+TEST(OneFOneB, Pp2MultiTokenPrediction) {
+  if (!on_world(2)) GTEST_SKIP() << "runs on 2 ranks";
+  check_layout({.pp = 2, .mtp = 2}, 3);
+  check_layout({.pp = 2, .tied = true, .mtp = 1}, 3);
+}
+
+TEST(OneFOneB, Pp4TiedMultiTokenPrediction) {  // middle stages are outside the embedding group
+  if (!on_world(4)) GTEST_SKIP() << "runs on 4 ranks";
+  check_layout({.pp = 4, .tied = true, .mtp = 1}, 3);
+}
+
+TEST(OneFOneB, Pp2Tp2SequenceParallelTiedMultiTokenPrediction) {
+  if (!on_world(4)) GTEST_SKIP() << "runs on 4 ranks";
+  check_layout({.tp = 2, .sp = true, .pp = 2, .tied = true, .mtp = 1}, 3);
+}
+
+TEST(OneFOneB, Pp2Dp2TiedMultiTokenPrediction) {
+  if (!on_world(4)) GTEST_SKIP() << "runs on 4 ranks";
+  check_layout({.pp = 2, .tied = true, .mtp = 1}, 2);
+}
+
+TEST(OneFOneB, Pp2Ep2MultiTokenPrediction) {
+  if (!on_world(4)) GTEST_SKIP() << "runs on 4 ranks";
+  check_layout({.pp = 2, .ep = 2, .mtp = 1}, 3);
+}
+
+TEST(OneFOneB, Pp2Tp2Ep2SequenceParallelTiedMultiTokenPrediction) {
+  if (!on_world(8)) GTEST_SKIP() << "runs on 8 ranks";
+  check_layout({.tp = 2, .sp = true, .pp = 2, .ep = 2, .tied = true, .mtp = 1}, 3);
 }
 
 TEST(OneFOneB, RefusesAModelBuiltForAnotherStage) {

@@ -272,10 +272,6 @@ TEST(Arguments, ConflictingAndNonDivisibleFlags) {
        3,
        "world size (3) is not divisible by --tensor-model-parallel-size (1) x "
        "--pipeline-model-parallel-size (2)"},
-      {{"--pipeline-model-parallel-size", "2"},
-       2,
-       "--pipeline-model-parallel-size (2) > 1 needs --untie-embeddings-and-output-weights (the "
-       "tied output layer would live on another stage than the embedding)"},
       {{"--pipeline-model-parallel-size", "4", "--untie-embeddings-and-output-weights"},
        4,
        "--num-layers (2) is not divisible by --pipeline-model-parallel-size (4)"},
@@ -510,11 +506,19 @@ TEST(Arguments, MultiTokenPrediction) {
   EXPECT_EQ(validation_error(with(small_flags(), {"--mtp-num-layers", "1"}), 1),
             "--mtp-num-layers needs --position-embedding-type rope or none (Megatron supports "
             "multi-token prediction with those only), not learned_absolute");
-  EXPECT_EQ(validation_error(with(rope, {"--mtp-num-layers", "1", "--pipeline-model-parallel-size",
-                                         "2", "--untie-embeddings-and-output-weights"}),
-                             2),
-            "--mtp-num-layers with --pipeline-model-parallel-size (2) > 1 is not supported: the "
-            "MTP modules share the word embedding, which lives on the first pipeline stage only");
+  // With pipeline parallelism the last stage holds a copy of the word embedding, as Megatron's.
+  EXPECT_EQ(
+      finalized(with(rope, {"--mtp-num-layers", "1", "--pipeline-model-parallel-size", "2"}), 2)
+          .mtp_num_layers,
+      1);
+}
+
+// Tied embedding and output weights with pp > 1: the last stage holds a copy of the embedding.
+TEST(Arguments, TiedEmbeddingsWithPipelineParallelism) {
+  const TrainingArguments a =
+      finalized(with(small_flags(), {"--pipeline-model-parallel-size", "2"}), 2);
+  EXPECT_FALSE(a.untie_embeddings_and_output_weights);
+  EXPECT_EQ(a.pipeline_model_parallel_size, 2);
 }
 
 // Shared experts and upcycling: accepted values, the notes for flags that do nothing here, and an

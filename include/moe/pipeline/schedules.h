@@ -48,8 +48,9 @@ model::GPTStage pipeline_stage(int num_layers, int pipeline_size, int pipeline_r
 // The stage of this rank in `parallel`'s pp group.
 model::GPTStage pipeline_stage(int num_layers, const comm::ParallelState& parallel);
 
-// One micro-batch's inputs. Tokens are read on the first stage, labels and loss_mask on the last
-// (middle stages may leave them undefined); every stage needs the dropout seed.
+// One micro-batch's inputs. Tokens are read on the first stage (and on the last with multi-token
+// prediction), labels and loss_mask on the last (middle stages may leave them undefined); every
+// stage needs the dropout seed.
 struct MicroBatch {
   Tensor tokens;              // [b, s] I32/I64 token ids
   Tensor labels;              // [b, s] I32/I64 next-token ids
