@@ -460,6 +460,40 @@ TEST(TrainingLoop, TiedEmbeddingsAndMtpAcrossPipelineStagesMatchOneStageAndSwapC
   }
 }
 
+// Virtual pipeline stages (2 chunks per rank, set either way) and an uneven first stage against
+// one stage with 2 data-parallel replicas: the same first loss bitwise, then agreement to fp32
+// rounding; checkpoints name layers globally, so the interleaved run's checkpoint resumes on one
+// stage with the same next forward, bitwise.
+TEST(TrainingLoop, InterleavedAndUnevenPipelinesMatchOneStage) {
+  if (world_size() != 2) GTEST_SKIP() << "needs 2 ranks";
+  const Args flags = with(tiny_moe_flags(4), {"--num-layers", "4"});
+  const Args pipelined = with(flags, {"--pipeline-model-parallel-size", "2"});
+  const Args interleaved = with(pipelined, {"--num-virtual-stages-per-pipeline-rank", "2"});
+  TrainingReport one_stage = run(flags);
+  TrainingReport two_chunks = run(interleaved);
+  TrainingReport layers_per_chunk =
+      run(with(pipelined, {"--num-layers-per-virtual-pipeline-stage", "1"}));
+  TrainingReport uneven = run(with(pipelined, {"--decoder-first-pipeline-num-layers", "1"}));
+  for (const TrainingReport* report : {&two_chunks, &layers_per_chunk, &uneven}) {
+    ASSERT_EQ(report->iterations.size(), 4u);
+    EXPECT_EQ(report->iterations[0].lm_loss, one_stage.iterations[0].lm_loss);
+    for (size_t i = 0; i < 4; ++i) {
+      const IterationStats &got = report->iterations[i], &want = one_stage.iterations[i];
+      EXPECT_NEAR(got.lm_loss, want.lm_loss, 1e-5 * want.lm_loss) << "iteration " << i + 1;
+      EXPECT_NEAR(got.grad_norm, want.grad_norm, 1e-5 * want.grad_norm) << "iteration " << i + 1;
+    }
+  }
+  for (size_t i = 0; i < 4; ++i) {  // the same layout, named two ways
+    EXPECT_EQ(layers_per_chunk.iterations[i].lm_loss, two_chunks.iterations[i].lm_loss);
+  }
+  SharedScratchDir scratch("interleaved_resume");
+  const std::string save_dir = (scratch.path / "ckpt").string();
+  run(with(interleaved, {"--save", save_dir, "--save-interval", "2", "--exit-interval", "2"}));
+  TrainingReport resumed = run(with(flags, {"--load", save_dir}));
+  ASSERT_EQ(resumed.iterations.size(), 2u);
+  EXPECT_EQ(resumed.iterations[0].lm_loss, two_chunks.iterations[2].lm_loss);
+}
+
 // fp16 with a loss scale far beyond fp16's range: every step overflows, is skipped (the learning
 // rate schedule does not advance) and the dynamic scale halves (hysteresis 1); the log says so.
 TEST(TrainingLoop, Fp16OverflowSkipsStepsAndLowersTheScale) {
