@@ -40,7 +40,8 @@ std::vector<model::GPTStage> pipeline_chunks(int num_layers, const PipelineLayou
   const int first = layout.first_stage_layers, last = layout.last_stage_layers;
   MOE_CHECK(chunks >= 1, "virtual pipeline stages per rank (", chunks, ") must be at least 1");
   MOE_CHECK(first >= 0 && last >= 0, "--decoder-first-pipeline-num-layers (", first,
-            ") and --decoder-last-pipeline-num-layers (", last, ") must be larger than 0");
+            ") and --decoder-last-pipeline-num-layers (", last,
+            ") must not be negative (0: unset)");
   if (first == 0 && last == 0 && chunks == 1) {
     return {pipeline_stage(num_layers, pp, rank)};
   }
@@ -55,11 +56,9 @@ std::vector<model::GPTStage> pipeline_chunks(int num_layers, const PipelineLayou
   if (first == 0 && last == 0) {
     MOE_CHECK(num_layers % pp == 0, "number of layers of the model (", num_layers,
               ") must be divisible by pipeline model parallel size (", pp, ")");
-    MOE_CHECK(num_layers / pp % chunks == 0, "number of layers per pipeline stage (",
-              num_layers / pp,
-              ") must be divisible by the number of virtual stages per pipeline "
-              "rank (",
-              chunks, ")");
+    MOE_CHECK(
+        num_layers / pp % chunks == 0, "number of layers per pipeline stage (", num_layers / pp,
+        ") must be divisible by the number of virtual stages per pipeline rank (", chunks, ")");
     first_chunk = last_chunk = middle_chunk = num_layers / pp / chunks;
   } else {
     MOE_CHECK(first % chunks == 0, "number of layers at first stage: ", first,

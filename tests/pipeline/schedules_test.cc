@@ -98,6 +98,9 @@ TEST(PipelineChunks, RefuseWithMegatronsReasons) {
             "--pipeline-model-parallel-size > 1, got 1");
   EXPECT_EQ(error(4, {.virtual_stages = 0}, 2),
             "virtual pipeline stages per rank (0) must be at least 1");
+  EXPECT_EQ(error(4, {.first_stage_layers = -1}, 2),
+            "--decoder-first-pipeline-num-layers (-1) and --decoder-last-pipeline-num-layers (0) "
+            "must not be negative (0: unset)");
 }
 
 TEST(PipelineStage, RefusesLayersNotDivisibleByStages) {
