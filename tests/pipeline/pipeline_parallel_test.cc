@@ -365,6 +365,16 @@ TEST(Interleaved, Pp2TwoChunks) {
   check_layout({.pp = 2, .params = DType::BF16, .chunks = {.virtual_stages = 2}}, 6);
 }
 
+TEST(Interleaved, Pp2ThreeChunks) {
+  if (!on_world(2)) GTEST_SKIP() << "runs on 2 ranks";
+  check_layout({.pp = 2, .chunks = {.virtual_stages = 3}, .num_layers = 6}, 4);
+}
+
+TEST(Interleaved, Pp2TwoChunksDp2) {
+  if (!on_world(4)) GTEST_SKIP() << "runs on 4 ranks";
+  check_layout({.pp = 2, .chunks = {.virtual_stages = 2}}, 2);
+}
+
 TEST(Interleaved, Pp2TwoChunksTiedMultiTokenPrediction) {
   if (!on_world(2)) GTEST_SKIP() << "runs on 2 ranks";
   check_layout({.pp = 2, .tied = true, .mtp = 1, .chunks = {.virtual_stages = 2}}, 4);
