@@ -117,8 +117,7 @@ GPTModel::GPTModel(const TransformerConfig& config, const comm::ParallelState& p
   }
   const bool last_stage_needs_embedding =
       !c.untie_embeddings_and_output_weights || c.mtp_num_layers > 0;
-  if (last_stage_needs_embedding && !(stage_.pre_process && stage_.post_process) &&
-      (stage_.pre_process || stage_.post_process)) {
+  if (last_stage_needs_embedding && stage_.pre_process != stage_.post_process) {
     m.embedding_group = parallel.embedding_group;
   }
   if (stage_.post_process) {
