@@ -174,9 +174,11 @@ json coordinates_json(const comm::ParallelState& p) {
           {"edp", p.expert_dp_group.rank()}};
 }
 
-// Replicas of a parameter (data-parallel copies, tensor-parallel duplicates) store it once.
+// Replicas of a parameter (data-parallel copies, tensor-parallel duplicates, a pipeline stage's
+// copy of another stage's parameter) store it once.
 bool stores_replicated_param(const ParamSpec& spec, const comm::ParallelState& p,
                              bool sharded_over_replicas) {
+  if (spec.pipeline_copy) return false;
   bool dense = spec.group == ParamGroup::kDense;
   const comm::ProcessGroup& replicas = dense ? p.dp_cp_group : p.expert_dp_group;
   const comm::ProcessGroup& tp = dense ? p.tp_group : p.etp_group;

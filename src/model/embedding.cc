@@ -56,7 +56,7 @@ void apply_dropout(Tensor& x, float p, uint64_t key, int64_t first_index) {
 
 VocabParallelEmbedding::VocabParallelEmbedding(ParameterStore& store, const std::string& name,
                                                int64_t vocab, int64_t hidden,
-                                               const TensorParallel& tp)
+                                               const TensorParallel& tp, bool pipeline_copy)
     : tp_(tp), vocab_(vocab), hidden_(hidden) {
   vocab_local_ = divide_over_tp(vocab, tp.size(), "padded_vocab_size");
   vocab_start_ = int64_t(tp.rank()) * vocab_local_;
@@ -65,6 +65,7 @@ VocabParallelEmbedding::VocabParallelEmbedding(ParameterStore& store, const std:
   spec.shape = {vocab_local_, hidden};
   spec.global_shape = {vocab, hidden};
   spec.global_offset = {vocab_start_, 0};
+  spec.pipeline_copy = pipeline_copy;
   weight_ = store.declare(spec);
 }
 

@@ -57,6 +57,9 @@ struct GPTModel::Impl {
   std::optional<OutputLayer> output;
   std::optional<MultiTokenPrediction> mtp;
   ParamRegistry params;
+  // Megatron's embedding group (first and last pipeline stage) when the two stages each hold the
+  // word embedding (tied output layer or multi-token prediction with pp > 1); unset otherwise.
+  std::optional<comm::ProcessGroup> embedding_group;
 
   bool sequence_parallel() const { return tp.sequence_parallel; }
   // The decoder's layers, then the MTP modules' (the order init_parameters draws in).
@@ -112,25 +115,29 @@ GPTModel::GPTModel(const TransformerConfig& config, const comm::ParallelState& p
         store, config_, i, m.tp, parallel.tp_dp_cp_group, std::move(dispatcher), uint64_t(i)));
     m.layers.back()->register_params(m.params);
   }
+  const bool last_stage_needs_embedding =
+      !c.untie_embeddings_and_output_weights || c.mtp_num_layers > 0;
+  if (last_stage_needs_embedding && stage_.pre_process != stage_.post_process) {
+    m.embedding_group = parallel.embedding_group;
+  }
   if (stage_.post_process) {
     m.final_norm.emplace(store, "decoder.final_layernorm", c.hidden_size, c.normalization,
                          c.norm_epsilon);
     m.params.add_norm(*m.final_norm);
-    const VocabParallelEmbedding* tied = nullptr;
-    if (!c.untie_embeddings_and_output_weights) {
-      MOE_CHECK(m.embedding.has_value(),
-                "tied embedding and output weights need the embedding on the last pipeline "
-                "stage; use --untie-embeddings-and-output-weights with pipeline parallelism");
-      tied = &*m.embedding;
+    if (last_stage_needs_embedding && !m.embedding) {
+      // As Megatron: the last stage holds a copy of the first stage's word embedding. Both draw
+      // it from (seed, name) in init_parameters, so they start equal (Megatron zero-fills the
+      // copy and all-reduces it over the embedding group), and finalize_grads sums their
+      // gradients over the embedding group, so every update keeps them equal.
+      m.embedding.emplace(store, "embedding.word_embeddings.weight", c.padded_vocab_size,
+                          c.hidden_size, m.tp, /*pipeline_copy=*/true);
+      m.params.add(m.embedding->weight(), InitKind::kNormal);
     }
+    const VocabParallelEmbedding* tied =
+        c.untie_embeddings_and_output_weights ? nullptr : &*m.embedding;
     m.output.emplace(store, "output_layer.weight", c.hidden_size, c.padded_vocab_size, m.tp, tied);
     if (!m.output->tied()) m.params.add(m.output->weight(), InitKind::kNormal);
     if (c.mtp_num_layers > 0) {
-      // Megatron keeps a copy of the embedding on the last stage for MTP; moecore does not.
-      MOE_CHECK(m.embedding.has_value(),
-                "multi-token prediction (mtp_num_layers = ", c.mtp_num_layers,
-                ") needs the word embedding on the last pipeline stage; --mtp-num-layers is "
-                "not supported with --pipeline-model-parallel-size > 1");
       m.mtp.emplace(store, config_, m.tp, parallel, dispatcher_factory);
       m.mtp->register_params(m.params);
     }
@@ -155,7 +162,15 @@ std::vector<std::pair<int, const MoELayer*>> GPTModel::moe_layers() const {
 
 void GPTModel::finalize_grads() {
   sum_tensor_parallel_partial_grads();
+  all_reduce_word_embedding_grads();
   for (const TransformerLayer* layer : impl_->all_layers()) layer->finish_step();
+}
+
+void GPTModel::all_reduce_word_embedding_grads() {
+  const std::optional<comm::ProcessGroup>& group = impl_->embedding_group;
+  if (!group || group->size() == 1) return;
+  Tensor grad = store_.grad(impl_->embedding->weight());
+  comm::all_reduce(grad, *group);
 }
 
 void GPTModel::sum_tensor_parallel_partial_grads() {
@@ -242,7 +257,8 @@ std::vector<double> row_order_values(const Tensor& t, const BatchShape& shape, c
 }  // namespace
 
 Tensor GPTModel::forward_step(const Tensor& input, const Tensor& labels, GPTContext& ctx,
-                              const Tensor& loss_mask, int64_t micro_batch_size) {
+                              const Tensor& loss_mask, int64_t micro_batch_size,
+                              const Tensor& tokens) {
   Impl& m = *impl_;
   auto state = std::make_unique<detail::GPTContextState>();
   ctx.moe_losses.clear();
@@ -324,8 +340,15 @@ Tensor GPTModel::forward_step(const Tensor& input, const Tensor& labels, GPTCont
   ctx.loss_tokens = mask_sum;
   ctx.lm_loss = mask_sum > 0 ? weighted / mask_sum : 0.0;
   if (m.mtp) {
-    m.mtp->forward(store_, *m.embedding, *m.output, normed, state->tokens, label_values, mask,
-                   shape, state->row_offset, ctx, state->mtp);
+    // The MTP modules embed the input tokens shifted: the last stage reads them too.
+    if (!stage_.pre_process) {
+      MOE_CHECK(tokens.defined(), "forward_step on the last pipeline stage with mtp_num_layers (",
+                config_.mtp_num_layers, ") > 0 needs the micro-batch's tokens");
+      check_shape(tokens, {shape.batch, shape.seq}, "tokens");
+    }
+    m.mtp->forward(store_, *m.embedding, *m.output, normed,
+                   stage_.pre_process ? state->tokens : tokens, label_values, mask, shape,
+                   state->row_offset, ctx, state->mtp);
   }
   ctx.state_ = std::move(state);
   Tensor loss({1}, DType::F64);

@@ -125,7 +125,8 @@ void Optimizer::Impl::build_group(Group& g, ParamGroup kind) {
     g.shard_begin = 0;
     g.shard_end = g.numel;
   }
-  // Each element enters the norm once: from its shard owner (distributed) or from replica 0.
+  // Each element enters the norm once: from its shard owner (distributed) or from replica 0; a
+  // pipeline copy never (its owning stage counts it).
   bool replica_counts = g.distributed || g.reduce->rank() == 0;
   for (int i = 0; i < store.count(); ++i) {
     const ParamSpec& spec = store.spec(ParamHandle{i});
@@ -135,8 +136,8 @@ void Optimizer::Impl::build_group(Group& g, ParamGroup kind) {
     begin = std::max(begin, g.shard_begin);
     end = std::min(end, g.shard_end);
     if (begin >= end) continue;
-    bool counted =
-        replica_counts && (!spec.tensor_parallel_duplicate || g.tp_replicas->rank() == 0);
+    bool counted = replica_counts && !spec.pipeline_copy &&
+                   (!spec.tensor_parallel_duplicate || g.tp_replicas->rank() == 0);
     g.segments.push_back({i, begin, end, megatron_decays(spec), counted});
   }
 

@@ -254,6 +254,16 @@ void register_arguments(CLI::App& app, TrainingArguments& a) {
     app.add_option("--pipeline-model-parallel-size", a.pipeline_model_parallel_size,
                    "Pipeline model parallel degree.")
         ->capture_default_str();
+    app.add_option("--num-layers-per-virtual-pipeline-stage",
+                   a.num_layers_per_virtual_pipeline_stage,
+                   "Layers per virtual pipeline stage (interleaved schedule).");
+    app.add_option("--num-virtual-stages-per-pipeline-rank", a.num_virtual_stages_per_pipeline_rank,
+                   "Virtual pipeline stages (model chunks) per pipeline rank (interleaved "
+                   "schedule).");
+    app.add_option("--decoder-first-pipeline-num-layers", a.decoder_first_pipeline_num_layers,
+                   "Layers of the first pipeline stage (the rest split over the others).");
+    app.add_option("--decoder-last-pipeline-num-layers", a.decoder_last_pipeline_num_layers,
+                   "Layers of the last pipeline stage (the rest split over the others).");
     app.add_flag("--use-distributed-optimizer", a.use_distributed_optimizer,
                  "Shard optimizer state over data-parallel ranks (ZeRO-1).");
     app.add_option("--distributed-timeout-minutes", a.distributed_timeout_minutes,
@@ -457,6 +467,48 @@ void require(bool present, const char* flag) {
 
 void require_positive(long value, const char* flag) {
   MOE_CHECK(value > 0, "argument ", flag, " must be positive (got ", value, ")");
+}
+
+// Megatron's virtual pipeline size from --num-layers-per-virtual-pipeline-stage or
+// --num-virtual-stages-per-pipeline-rank, and the layer split checked (pipeline_chunks gives
+// Megatron's reasons).
+void set_pipeline_layout(TrainingArguments& a) {
+  const int pp = a.pipeline_model_parallel_size, layers = *a.num_layers;
+  const auto& per_stage = a.num_layers_per_virtual_pipeline_stage;
+  const auto& per_rank = a.num_virtual_stages_per_pipeline_rank;
+  const auto& first = a.decoder_first_pipeline_num_layers;
+  const auto& last = a.decoder_last_pipeline_num_layers;
+  MOE_CHECK(!(per_stage && per_rank),
+            "No more than one of the following arguments can be set at the same time: "
+            "--num-layers-per-virtual-pipeline-stage (",
+            per_stage.value_or(0), "), --num-virtual-stages-per-pipeline-rank (",
+            per_rank.value_or(0), ")");
+  if (first) require_positive(*first, "--decoder-first-pipeline-num-layers");
+  if (last) require_positive(*last, "--decoder-last-pipeline-num-layers");
+  a.virtual_pipeline_model_parallel_size = 1;
+  if (per_stage) {
+    require_positive(*per_stage, "--num-layers-per-virtual-pipeline-stage");
+    MOE_CHECK(!first && !last,
+              "please use --num-virtual-stages-per-pipeline-rank to specify virtual pipeline "
+              "parallel degree when enable uneven pipeline parallelism");
+    MOE_CHECK(layers % pp == 0, "--num-layers (", layers,
+              ") is not divisible by --pipeline-model-parallel-size (", pp, ")");
+    MOE_CHECK(layers / pp % *per_stage == 0, "number of layers per pipeline stage (", layers / pp,
+              ") must be divisible by --num-layers-per-virtual-pipeline-stage (", *per_stage, ")");
+    a.virtual_pipeline_model_parallel_size = layers / pp / *per_stage;
+  } else if (per_rank) {
+    require_positive(*per_rank, "--num-virtual-stages-per-pipeline-rank");
+    a.virtual_pipeline_model_parallel_size = *per_rank;
+  }
+  MOE_CHECK(a.virtual_pipeline_model_parallel_size == 1 || pp > 1,
+            "When interleaved schedule is used, pipeline-model-parallel size should be greater "
+            "than 1 (--pipeline-model-parallel-size ",
+            pp, ")");
+  if (a.virtual_pipeline_model_parallel_size == 1 && !first && !last) {
+    MOE_CHECK(layers % pp == 0, "--num-layers (", layers,
+              ") is not divisible by --pipeline-model-parallel-size (", pp, ")");
+  }
+  pipeline::pipeline_chunks(layers, pipeline_layout(a), pp, 0);
 }
 
 // NaN and inf pass or fail the range checks by accident, so every real-valued flag is checked
@@ -701,6 +753,11 @@ ParseOutcome parse_arguments(const std::vector<std::string>& argv) {
   return outcome;
 }
 
+pipeline::PipelineLayout pipeline_layout(const TrainingArguments& a) {
+  return {a.virtual_pipeline_model_parallel_size, a.decoder_first_pipeline_num_layers.value_or(0),
+          a.decoder_last_pipeline_num_layers.value_or(0)};
+}
+
 void finalize_arguments(TrainingArguments& a, int world_size) {
   MOE_CHECK(world_size >= 1, "world size must be positive (got ", world_size, ")");
   a.world_size = world_size;
@@ -754,12 +811,7 @@ void finalize_arguments(TrainingArguments& a, int world_size) {
     a.sequence_parallel = false;
     a.notes.push_back("--sequence-parallel disabled because --tensor-model-parallel-size is 1");
   }
-  MOE_CHECK(pp == 1 || a.untie_embeddings_and_output_weights, "--pipeline-model-parallel-size (",
-            pp,
-            ") > 1 needs --untie-embeddings-and-output-weights (the tied output layer would live "
-            "on another stage than the embedding)");
-  MOE_CHECK(*a.num_layers % pp == 0, "--num-layers (", *a.num_layers,
-            ") is not divisible by --pipeline-model-parallel-size (", pp, ")");
+  set_pipeline_layout(a);
 
   // ---- attention
   const int heads = *a.num_attention_heads;
@@ -841,10 +893,6 @@ void finalize_arguments(TrainingArguments& a, int world_size) {
     MOE_CHECK(*a.mtp_num_layers == 0 || a.position_embedding_type != "learned_absolute",
               "--mtp-num-layers needs --position-embedding-type rope or none (Megatron supports "
               "multi-token prediction with those only), not learned_absolute");
-    MOE_CHECK(*a.mtp_num_layers == 0 || pp == 1,
-              "--mtp-num-layers with --pipeline-model-parallel-size (", pp,
-              ") > 1 is not supported: the MTP modules share the word embedding, which lives "
-              "on the first pipeline stage only");
   }
 
   // ---- MLP sizes
@@ -942,6 +990,10 @@ void finalize_arguments(TrainingArguments& a, int world_size) {
             ") x data-parallel size (", a.data_parallel_size, " = world size ", world_size,
             " / (tp ", tp, " x pp ", pp, "))");
   a.num_micro_batches = *a.global_batch_size / micro_times_dp;
+  MOE_CHECK(a.virtual_pipeline_model_parallel_size == 1 || a.num_micro_batches % pp == 0,
+            "number of microbatches (", a.num_micro_batches,
+            ") is not divisible by pipeline-model-parallel-size (", pp,
+            ") when using interleaved schedule");
 
   // ---- learning rate
   MOE_CHECK(*a.lr >= 0 && a.min_lr >= 0, "--lr (", *a.lr, ") and --min-lr (", a.min_lr,

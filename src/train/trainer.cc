@@ -181,7 +181,8 @@ struct Job {
   data::SampleOptions sample_options;
   int64_t padded_vocab = 0;
   std::unique_ptr<ParameterStore> store;
-  std::unique_ptr<model::GPTModel> model;
+  // This rank's model chunks (one, or several with virtual pipeline stages), in one store.
+  std::vector<std::unique_ptr<model::GPTModel>> chunks;
   std::shared_ptr<ExpertLoadCounter> expert_load;  // MoE models only
   std::unique_ptr<optim::Optimizer> optimizer;
   std::unique_ptr<optim::OptimizerParamScheduler> scheduler;
@@ -196,6 +197,12 @@ struct Job {
   std::ostream& log;
 
   Job(const TrainingArguments& a, std::ostream& out) : args(a), log(out) {}
+
+  std::vector<model::GPTModel*> chunk_pointers() const {
+    std::vector<model::GPTModel*> pointers;
+    for (const auto& chunk : chunks) pointers.push_back(chunk.get());
+    return pointers;
+  }
 
   void say(const std::string& line) const {
     if (is_logger) log << line << '\n' << std::flush;
@@ -265,11 +272,13 @@ void build_model_and_optimizer(Job& job) {
         *a.num_layers + a.mtp_num_layers.value_or(0), *a.num_experts);
     dispatchers = counting_dispatcher_factory(job.expert_load, model::default_dispatcher_factory());
   }
-  const model::GPTStage stage = pipeline::pipeline_stage(*a.num_layers, job.parallel);
-  job.model =
-      std::make_unique<model::GPTModel>(config, job.parallel, *job.store, stage, dispatchers);
+  for (const model::GPTStage& stage :
+       pipeline::pipeline_chunks(*a.num_layers, pipeline_layout(a), job.parallel)) {
+    job.chunks.push_back(
+        std::make_unique<model::GPTModel>(config, job.parallel, *job.store, stage, dispatchers));
+  }
   job.store->allocate();
-  job.model->init_parameters(uint64_t(a.seed));
+  for (const auto& chunk : job.chunks) chunk->init_parameters(uint64_t(a.seed));
   job.say(concat(" > number of parameters on (tensor, pipeline, expert) model parallel rank (",
                  job.parallel.tp_group.rank(), ", ", job.parallel.pp_group.rank(), ", ",
                  job.parallel.ep_group.rank(), "): dense ",
@@ -412,13 +421,15 @@ std::vector<IterationStats::BiasRange> expert_bias_ranges(const Job& job) {
   Tensor buffer = Tensor::full({3 * int64_t(layers)}, 0.0f, DType::F64);  // [layers][has, min, max]
   double* slots = buffer.data<double>();
   if (job.parallel.tp_dp_cp_group.rank() == 0) {
-    for (const auto& [layer, moe] : job.model->moe_layers()) {
-      if (!moe->router().has_expert_bias()) continue;
-      const std::vector<float> bias = moe->router().expert_bias().to_floats();
-      const auto [low, high] = std::minmax_element(bias.begin(), bias.end());
-      slots[3 * layer] = 1;
-      slots[3 * layer + 1] = *low;
-      slots[3 * layer + 2] = *high;
+    for (const auto& chunk : job.chunks) {
+      for (const auto& [layer, moe] : chunk->moe_layers()) {
+        if (!moe->router().has_expert_bias()) continue;
+        const std::vector<float> bias = moe->router().expert_bias().to_floats();
+        const auto [low, high] = std::minmax_element(bias.begin(), bias.end());
+        slots[3 * layer] = 1;
+        slots[3 * layer + 1] = *low;
+        slots[3 * layer + 2] = *high;
+      }
     }
   }
   comm::all_reduce(buffer, job.parallel.world);
@@ -434,10 +445,10 @@ IterationStats train_step(Job& job, data::PretrainingDataIterator& data) {
   const auto start = Clock::now();
   job.store->zero_grads();
   if (job.expert_load) job.expert_load->reset();
-  // 1F1B over the pipeline stages (plain forward-backward per micro-batch with one stage); lm
-  // and MoE losses come back reduced over the stages.
+  // 1F1B over the pipeline stages (interleaved with virtual stages; plain forward-backward per
+  // micro-batch with one stage); lm and MoE losses come back reduced over the stages.
   pipeline::StepResult result =
-      pipeline::forward_backward(*job.model, job.parallel, micro_batches_from(job, data),
+      pipeline::forward_backward(job.chunk_pointers(), job.parallel, micro_batches_from(job, data),
                                  schedule_options(a, job.optimizer->loss_scale()));
   optim::StepResult step = job.optimizer->step();
   ++job.iteration;
@@ -480,8 +491,10 @@ double evaluate(Job& job, data::PretrainingDataIterator& data) {
   const TrainingArguments& a = job.args;
   double total = 0;
   for (int step = 0; step < a.eval_iters; ++step) {
-    total += pipeline::forward_only(*job.model, job.parallel, micro_batches_from(job, data),
-                                    schedule_options(a, 1.0))
+    pipeline::ScheduleOptions options = schedule_options(a, 1.0);
+    options.forward_only = true;
+    total += pipeline::forward_backward(job.chunk_pointers(), job.parallel,
+                                        micro_batches_from(job, data), options)
                  .mean_lm_loss();
   }
   std::vector<double> mean = {total / a.eval_iters};

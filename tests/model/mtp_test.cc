@@ -229,15 +229,19 @@ TEST(MultiTokenPrediction, BadValuesAreRefusedNamingTheField) {
                 [&] { GPTModel model(learned, comm::single_process_state(), store); }),
             "multi-token prediction (mtp_num_layers = 1) needs position_embedding_type rope or "
             "none, not learned_absolute");
-  // The last of two pipeline stages has no embedding to share.
+  // A last pipeline stage embeds the shifted tokens itself: it needs them.
   TransformerConfig config = testing::tiny_gpt_config();
   config.mtp_num_layers = 1;
-  GPTStage last_stage{false, true, 1, 1};
-  EXPECT_EQ(moe::testing::error_text(
-                [&] { GPTModel model(config, comm::single_process_state(), store, last_stage); }),
-            "multi-token prediction (mtp_num_layers = 1) needs the word embedding on the last "
-            "pipeline stage; --mtp-num-layers is not supported with "
-            "--pipeline-model-parallel-size > 1");
+  ParameterStore last_store;
+  GPTModel last(config, comm::single_process_state(), last_store, GPTStage{false, true, 1, 1});
+  last_store.allocate();
+  last.init_parameters(1);
+  const Tensor labels = testing::random_tokens(2, config.seq_length, config.padded_vocab_size, 3);
+  const Tensor hidden({last.local_rows(2), config.hidden_size});
+  GPTContext ctx;
+  EXPECT_EQ(moe::testing::error_text([&] { last.forward_step(hidden, labels, ctx, Tensor(), 2); }),
+            "forward_step on the last pipeline stage with mtp_num_layers (1) > 0 needs the "
+            "micro-batch's tokens");
 }
 
 }  // namespace

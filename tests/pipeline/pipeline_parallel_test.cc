@@ -14,7 +14,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <string>
+#include <vector>
 
 #include "../model/model_testing.h"
 #include "moe/comm/parallel_state.h"
@@ -39,11 +41,32 @@ struct Layout {
   // DeepSeek-style layers: multi-latent attention with q/k norms, the first layer dense, shared
   // experts, sigmoid routing with the expert bias and group-limited top-k.
   bool deepseek = false;
+  // Output layer tied to the word embedding, and multi-token prediction depths: with pp > 1 the
+  // last stage holds a copy of the embedding whose gradient finalize_grads sums with the first
+  // stage's over the embedding group.
+  bool tied = false;
+  int mtp = 0;
+  // Megatron's virtual pipeline stages and uneven first / last stages (pipeline_chunks); with
+  // another num_layers than 4 every third layer and the last are MoE layers.
+  PipelineLayout chunks = {};
+  int num_layers = 4;
+
+  bool shares_embedding() const { return pp > 1 && (tied || mtp > 0); }
 };
 
 model::TransformerConfig layout_config(const Layout& layout) {
   model::TransformerConfig c = tiny_moe_config();
   c.sequence_parallel = layout.sp;
+  c.untie_embeddings_and_output_weights = !layout.tied;
+  c.mtp_num_layers = layout.mtp;
+  c.mtp_loss_scaling_factor = 0.3;  // larger than Megatron's 0.1 so the MTP terms weigh in
+  if (layout.num_layers != c.num_layers) {
+    c.num_layers = layout.num_layers;
+    c.moe_layer_pattern.assign(size_t(c.num_layers), 0);
+    for (int i = 0; i < c.num_layers; ++i) {
+      c.moe_layer_pattern[size_t(i)] = i % 3 == 0 || i == c.num_layers - 1;
+    }
+  }
   if (!layout.deepseek) return c;
   c.multi_latent_attention = true;
   c.q_lora_rank = 6;
@@ -65,7 +88,17 @@ model::TransformerConfig layout_config(const Layout& layout) {
 std::string describe(const Layout& l, int micro_batches) {
   return "(tp " + std::to_string(l.tp) + (l.sp ? " sp" : "") + ", pp " + std::to_string(l.pp) +
          ", ep " + std::to_string(l.ep) + ", " + std::string(dtype_name(l.params)) +
-         (l.deepseek ? ", DeepSeek-style" : "") + ", " + std::to_string(micro_batches) +
+         (l.deepseek ? ", DeepSeek-style" : "") + (l.tied ? ", tied" : "") +
+         (l.mtp > 0 ? ", mtp " + std::to_string(l.mtp) : "") +
+         (l.chunks.virtual_stages > 1 ? ", " + std::to_string(l.chunks.virtual_stages) + " chunks"
+                                      : "") +
+         (l.chunks.first_stage_layers > 0
+              ? ", first stage " + std::to_string(l.chunks.first_stage_layers) + " layers"
+              : "") +
+         (l.chunks.last_stage_layers > 0
+              ? ", last stage " + std::to_string(l.chunks.last_stage_layers) + " layers"
+              : "") +
+         ", " + std::to_string(l.num_layers) + " layers, " + std::to_string(micro_batches) +
          " micro-batches)";
 }
 
@@ -143,27 +176,47 @@ void check_layout(const Layout& layout, int micro_batches, bool training = true)
 
   config.sequence_parallel = layout.sp;
   ParameterStore store(layout.params);
-  model::GPTModel model(config, state, store, pipeline_stage(config.num_layers, state));
+  std::vector<std::unique_ptr<model::GPTModel>> chunks;
+  std::vector<model::GPTModel*> chunk_pointers;
+  for (const model::GPTStage& stage : pipeline_chunks(config.num_layers, layout.chunks, state)) {
+    chunks.push_back(std::make_unique<model::GPTModel>(config, state, store, stage));
+    chunk_pointers.push_back(chunks.back().get());
+  }
   store.allocate();
-  model.init_parameters(7);
+  for (const auto& chunk : chunks) chunk->init_parameters(7);
   ScheduleOptions options;
   options.num_micro_batches = micro_batches;
   options.micro_batch_size = kMicroBatchSize;
   options.loss_scale = 1.0 / dp;
   options.forward_only = !training;
-  StepResult result =
-      forward_backward(model, state, replica_provider(config, replica, micro_batches), options);
+  StepResult result = forward_backward(chunk_pointers, state,
+                                       replica_provider(config, replica, micro_batches), options);
 
-  const int pp_rank = state.pp_group.rank();
-  EXPECT_EQ(result.peak_contexts_in_flight,
-            training ? std::min(layout.pp - pp_rank, micro_batches) : 1)
+  const int pp_rank = state.pp_group.rank(), virtual_stages = int(chunks.size());
+  // 1F1B: min(pp - r, M); interleaved: Megatron's warm-up forwards plus the one in flight.
+  const int expected_peak =
+      !training ? 1
+      : virtual_stages == 1
+          ? std::min(layout.pp - pp_rank, micro_batches)
+          : std::min(2 * (layout.pp - pp_rank - 1) + (virtual_stages - 1) * layout.pp + 1,
+                     micro_batches * virtual_stages);
+  EXPECT_EQ(result.peak_contexts_in_flight, expected_peak)
       << name << " on pipeline rank " << pp_rank;
-  const bool bitwise = layout.tp == 1 && layout.ep == 1 && dp == 1;
+  // A shared embedding's gradient is summed in another order (each stage's micro-batches, then
+  // the two stages), so those layouts compare within the tolerance.
+  const bool bitwise = layout.tp == 1 && layout.ep == 1 && dp == 1 && !layout.shares_embedding();
   for (int m = 0; m < micro_batches; ++m) {
     const size_t global = size_t(replica * micro_batches + m);
     check_close(result.lm_losses[size_t(m)], reference.result.lm_losses[global], bitwise,
                 name + " lm loss of micro-batch " + std::to_string(m));
     EXPECT_EQ(result.loss_tokens[size_t(m)], reference.result.loss_tokens[global]) << name;
+  }
+  ASSERT_EQ(result.mtp_loss_sums.size(), size_t(layout.mtp)) << name;
+  if (dp == 1) {  // every pp rank holds the last stage's MTP losses
+    for (int k = 0; k < layout.mtp; ++k) {
+      check_close(result.mtp_loss_sums[size_t(k)], reference.result.mtp_loss_sums[size_t(k)],
+                  bitwise, name + " mtp loss of depth " + std::to_string(k + 1));
+    }
   }
   // The MoE summary covers the whole pipeline; add the data-parallel replicas.
   Tensor moe({3}, DType::F64);
@@ -178,7 +231,7 @@ void check_layout(const Layout& layout, int micro_batches, bool training = true)
   check_close(sums[1], expected_moe.sum.z_loss, false, name + " z loss");
 
   // Before the data-parallel reductions below, which sum the gradient buffers in place.
-  if (layout.tp > 1 && layout.ep == 1 && dp == 1 && training) {
+  if (layout.tp > 1 && layout.ep == 1 && dp == 1 && training && !layout.shares_embedding()) {
     check_against_same_tp_without_pipeline(layout, result, store);
   }
   model::testing::compare_reduced_gradients(
@@ -265,6 +318,125 @@ TEST(OneFOneB, Pp2Ep2DeepSeekStyle) {
 TEST(OneFOneB, Pp2Tp2Ep2SequenceParallelDeepSeekStyle) {
   if (!on_world(8)) GTEST_SKIP() << "runs on 8 ranks";
   check_layout({.tp = 2, .sp = true, .pp = 2, .ep = 2, .deepseek = true}, 3);
+}
+
+TEST(OneFOneB, Pp2TiedEmbeddings) {
+  if (!on_world(2)) GTEST_SKIP() << "runs on 2 ranks";
+  check_layout({.pp = 2, .tied = true}, 5);
+  check_layout({.pp = 2, .tied = true}, 1);
+}
+
+TEST(OneFOneB, Pp2MultiTokenPrediction) {
+  if (!on_world(2)) GTEST_SKIP() << "runs on 2 ranks";
+  check_layout({.pp = 2, .mtp = 2}, 3);
+  check_layout({.pp = 2, .tied = true, .mtp = 1}, 3);
+}
+
+TEST(OneFOneB, Pp4TiedMultiTokenPrediction) {  // middle stages are outside the embedding group
+  if (!on_world(4)) GTEST_SKIP() << "runs on 4 ranks";
+  check_layout({.pp = 4, .tied = true, .mtp = 1}, 3);
+}
+
+TEST(OneFOneB, Pp2Tp2SequenceParallelTiedMultiTokenPrediction) {
+  if (!on_world(4)) GTEST_SKIP() << "runs on 4 ranks";
+  check_layout({.tp = 2, .sp = true, .pp = 2, .tied = true, .mtp = 1}, 3);
+}
+
+TEST(OneFOneB, Pp2Dp2TiedMultiTokenPrediction) {
+  if (!on_world(4)) GTEST_SKIP() << "runs on 4 ranks";
+  check_layout({.pp = 2, .tied = true, .mtp = 1}, 2);
+}
+
+TEST(OneFOneB, Pp2Ep2MultiTokenPrediction) {
+  if (!on_world(4)) GTEST_SKIP() << "runs on 4 ranks";
+  check_layout({.pp = 2, .ep = 2, .mtp = 1}, 3);
+}
+
+TEST(OneFOneB, Pp2Tp2Ep2SequenceParallelTiedMultiTokenPrediction) {
+  if (!on_world(8)) GTEST_SKIP() << "runs on 8 ranks";
+  check_layout({.tp = 2, .sp = true, .pp = 2, .ep = 2, .tied = true, .mtp = 1}, 3);
+}
+
+TEST(Interleaved, Pp2TwoChunks) {
+  if (!on_world(2)) GTEST_SKIP() << "runs on 2 ranks";
+  check_layout({.pp = 2, .chunks = {.virtual_stages = 2}}, 4);
+  check_layout({.pp = 2, .chunks = {.virtual_stages = 2}}, 2);
+  check_layout({.pp = 2, .chunks = {.virtual_stages = 2}}, 4, /*training=*/false);
+  check_layout({.pp = 2, .params = DType::BF16, .chunks = {.virtual_stages = 2}}, 6);
+}
+
+TEST(Interleaved, Pp2ThreeChunks) {
+  if (!on_world(2)) GTEST_SKIP() << "runs on 2 ranks";
+  check_layout({.pp = 2, .chunks = {.virtual_stages = 3}, .num_layers = 6}, 4);
+}
+
+TEST(Interleaved, Pp2TwoChunksDp2) {
+  if (!on_world(4)) GTEST_SKIP() << "runs on 4 ranks";
+  check_layout({.pp = 2, .chunks = {.virtual_stages = 2}}, 2);
+}
+
+TEST(Interleaved, Pp2TwoChunksTiedMultiTokenPrediction) {
+  if (!on_world(2)) GTEST_SKIP() << "runs on 2 ranks";
+  check_layout({.pp = 2, .tied = true, .mtp = 1, .chunks = {.virtual_stages = 2}}, 4);
+}
+
+TEST(Interleaved, UnevenFirstAndLastStages) {
+  if (!on_world(2)) GTEST_SKIP() << "runs on 2 ranks";
+  check_layout({.pp = 2, .chunks = {.first_stage_layers = 1}}, 3);
+  check_layout({.pp = 2, .chunks = {.last_stage_layers = 1}}, 3);
+  check_layout({.pp = 2,
+                .chunks = {.virtual_stages = 2, .first_stage_layers = 2, .last_stage_layers = 4},
+                .num_layers = 6},
+               4);
+}
+
+TEST(Interleaved, Pp4TwoChunksUneven) {
+  if (!on_world(4)) GTEST_SKIP() << "runs on 4 ranks";
+  check_layout({.pp = 4, .chunks = {.virtual_stages = 2}, .num_layers = 8}, 4);
+  check_layout(
+      {.pp = 4, .chunks = {.first_stage_layers = 1, .last_stage_layers = 1}, .num_layers = 6}, 8);
+}
+
+TEST(Interleaved, Pp2TwoChunksTp2SequenceParallel) {
+  if (!on_world(4)) GTEST_SKIP() << "runs on 4 ranks";
+  check_layout({.tp = 2, .sp = true, .pp = 2, .chunks = {.virtual_stages = 2}}, 4);
+}
+
+TEST(Interleaved, Pp2TwoChunksTp2Ep2SequenceParallel) {
+  if (!on_world(8)) GTEST_SKIP() << "runs on 8 ranks";
+  check_layout({.tp = 2, .sp = true, .pp = 2, .ep = 2, .chunks = {.virtual_stages = 2}}, 4);
+}
+
+// Megatron's checks of the micro-batch count (microbatch_group_size_per_vp_stage = pp), on every
+// rank before any transfer.
+TEST(Interleaved, RefusesMicroBatchCountsMegatronRefuses) {
+  if (!on_world(2)) GTEST_SKIP() << "runs on 2 ranks";
+  comm::ParallelState state = comm::initialize_model_parallel({1, 2, 1});
+  const model::TransformerConfig config = tiny_moe_config();
+  ParameterStore store;
+  std::vector<std::unique_ptr<model::GPTModel>> chunks;
+  std::vector<model::GPTModel*> pointers;
+  for (const model::GPTStage& stage : pipeline_chunks(4, {.virtual_stages = 2}, state)) {
+    chunks.push_back(std::make_unique<model::GPTModel>(config, state, store, stage));
+    pointers.push_back(chunks.back().get());
+  }
+  store.allocate();
+  auto error = [&](int micro_batches) {
+    ScheduleOptions options;
+    options.num_micro_batches = micro_batches;
+    options.micro_batch_size = kMicroBatchSize;
+    return moe::testing::error_text([&] {
+      forward_backward(pointers, state, replica_provider(config, 0, micro_batches), options);
+    });
+  };
+  EXPECT_EQ(error(1),
+            "The number of contiguous micro-batches in a virtual pipeline stage should range in "
+            "[PP=2 , M=1]");
+  EXPECT_EQ(error(3),
+            "The remainder of M (the total micro-batches) divided by N (number of contiguous "
+            "micro-batches in a virtual pipeline stage) should be 0, or larger than or equal to "
+            "the pipeline-parallel size, but it is 1. Otherwise, it introduces dependency bubbles "
+            "in the pipeline and reduces throughput.");
 }
 
 TEST(OneFOneB, RefusesAModelBuiltForAnotherStage) {

@@ -2,6 +2,7 @@
 // model's own forward/backward loop bitwise, forward-only evaluation, and bad-input errors.
 #include <gtest/gtest.h>
 
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -30,6 +31,76 @@ TEST(PipelineStage, SplitsLayersEvenlyAsMegatron) {
   EXPECT_TRUE(whole.pre_process && whole.post_process);
   EXPECT_EQ(whole.first_layer, 0);
   EXPECT_EQ(whole.num_layers, 5);
+}
+
+// [first_layer, first_layer + num_layers) of each chunk of `rank`, and its pre/post flags.
+std::string chunk_text(int num_layers, const PipelineLayout& layout, int pp, int rank) {
+  std::ostringstream text;
+  for (const model::GPTStage& chunk : pipeline_chunks(num_layers, layout, pp, rank)) {
+    text << "[" << chunk.first_layer << "," << chunk.first_layer + chunk.num_layers << ")"
+         << (chunk.pre_process ? "pre" : "") << (chunk.post_process ? "post" : "") << " ";
+  }
+  return text.str();
+}
+
+// Megatron's get_transformer_layer_offset: virtual stage c * pp + r holds the next layers.
+TEST(PipelineChunks, SplitLayersAsMegatron) {
+  const PipelineLayout two_chunks{.virtual_stages = 2};
+  EXPECT_EQ(chunk_text(8, two_chunks, 2, 0), "[0,2)pre [4,6) ");
+  EXPECT_EQ(chunk_text(8, two_chunks, 2, 1), "[2,4) [6,8)post ");
+  EXPECT_EQ(chunk_text(8, {}, 4, 3), "[6,8)post ");  // pipeline_stage's split
+  // Uneven: 1 and 3 layers on the first and last of 4 stages, the middle two share 6.
+  const PipelineLayout uneven{.first_stage_layers = 1, .last_stage_layers = 3};
+  EXPECT_EQ(chunk_text(10, uneven, 4, 0), "[0,1)pre ");
+  EXPECT_EQ(chunk_text(10, uneven, 4, 1), "[1,4) ");
+  EXPECT_EQ(chunk_text(10, uneven, 4, 2), "[4,7) ");
+  EXPECT_EQ(chunk_text(10, uneven, 4, 3), "[7,10)post ");
+  EXPECT_EQ(chunk_text(5, {.first_stage_layers = 1}, 2, 1), "[1,5)post ");
+  EXPECT_EQ(chunk_text(5, {.last_stage_layers = 1}, 2, 0), "[0,4)pre ");
+  // Uneven and interleaved: 2 + 4 layers per round of chunks.
+  const PipelineLayout both{.virtual_stages = 2, .first_stage_layers = 4, .last_stage_layers = 8};
+  EXPECT_EQ(chunk_text(12, both, 2, 0), "[0,2)pre [6,8) ");
+  EXPECT_EQ(chunk_text(12, both, 2, 1), "[2,6) [8,12)post ");
+  const PipelineLayout middle{.virtual_stages = 2, .first_stage_layers = 2};
+  EXPECT_EQ(chunk_text(10, middle, 3, 1), "[1,3) [6,8) ");
+  EXPECT_EQ(chunk_text(10, middle, 3, 2), "[3,5) [8,10)post ");
+}
+
+TEST(PipelineChunks, RefuseWithMegatronsReasons) {
+  auto error = [](int num_layers, const PipelineLayout& layout, int pp) {
+    return moe::testing::error_text([&] { pipeline_chunks(num_layers, layout, pp, 0); });
+  };
+  EXPECT_EQ(error(6, {.virtual_stages = 2}, 2),
+            "number of layers per pipeline stage (3) must be divisible by the number of virtual "
+            "stages per pipeline rank (2)");
+  EXPECT_EQ(error(6, {.virtual_stages = 2}, 4),
+            "number of layers of the model (6) must be divisible by pipeline model parallel size "
+            "(4)");
+  EXPECT_EQ(error(8, {.virtual_stages = 2, .first_stage_layers = 3}, 2),
+            "number of layers at first stage: 3 must be divisible by virtual pipeline parallel "
+            "degree 2");
+  EXPECT_EQ(error(8, {.virtual_stages = 2, .last_stage_layers = 1}, 2),
+            "number of layers at last stage: 1 must be divisible by virtual pipeline parallel "
+            "degree 2");
+  EXPECT_EQ(error(4, {.first_stage_layers = 2, .last_stage_layers = 2}, 3),
+            "Mismatch: 0 middle layers remaining but 1 middle PP stages available.");
+  EXPECT_EQ(error(8, {.first_stage_layers = 1}, 3),
+            "number of layers at middle stage: 7 must be divisible by the middle pipeline model "
+            "parallel size 2");
+  EXPECT_EQ(error(9, {.virtual_stages = 2, .first_stage_layers = 2}, 2),
+            "number of layers on each middle pipeline rank: 7 must be divisible by virtual "
+            "pipeline parallel degree 2");
+  EXPECT_EQ(error(4, {.first_stage_layers = 3, .last_stage_layers = 3}, 2),
+            "--decoder-first-pipeline-num-layers (3) + --decoder-last-pipeline-num-layers (3) "
+            "exceed --num-layers (4)");
+  EXPECT_EQ(error(4, {.virtual_stages = 2}, 1),
+            "virtual pipeline stages (2 per rank) and uneven first or last stages need "
+            "--pipeline-model-parallel-size > 1, got 1");
+  EXPECT_EQ(error(4, {.virtual_stages = 0}, 2),
+            "virtual pipeline stages per rank (0) must be at least 1");
+  EXPECT_EQ(error(4, {.first_stage_layers = -1}, 2),
+            "--decoder-first-pipeline-num-layers (-1) and --decoder-last-pipeline-num-layers (0) "
+            "must not be negative (0: unset)");
 }
 
 TEST(PipelineStage, RefusesLayersNotDivisibleByStages) {
@@ -173,6 +244,24 @@ TEST(ScheduleErrors, NameTheBadValue) {
   EXPECT_EQ(schedule_error(first_half, provider, options),
             "the model's stage (pre_process true, post_process false) does not match pipeline "
             "rank 0 of 1 (use pipeline::pipeline_stage to build it)");
+}
+
+TEST(ScheduleErrors, InterleavingNeedsSeveralStages) {
+  const model::TransformerConfig config = tiny_moe_config();
+  ParameterStore store;
+  model::GPTModel first(config, comm::single_process_state(), store, {true, false, 0, 2});
+  model::GPTModel second(config, comm::single_process_state(), store, {false, true, 2, 2});
+  store.allocate();
+  ScheduleOptions options;
+  options.num_micro_batches = 2;
+  options.micro_batch_size = kMicroBatchSize;
+  EXPECT_EQ(moe::testing::error_text([&] {
+              forward_backward(
+                  {&first, &second}, comm::single_process_state(),
+                  [&](int m) { return global_micro_batch(config, m); }, options);
+            }),
+            "the interleaved schedule (2 model chunks) needs pipeline_model_parallel_size > 1, "
+            "got 1");
 }
 
 }  // namespace

@@ -272,10 +272,6 @@ TEST(Arguments, ConflictingAndNonDivisibleFlags) {
        3,
        "world size (3) is not divisible by --tensor-model-parallel-size (1) x "
        "--pipeline-model-parallel-size (2)"},
-      {{"--pipeline-model-parallel-size", "2"},
-       2,
-       "--pipeline-model-parallel-size (2) > 1 needs --untie-embeddings-and-output-weights (the "
-       "tied output layer would live on another stage than the embedding)"},
       {{"--pipeline-model-parallel-size", "4", "--untie-embeddings-and-output-weights"},
        4,
        "--num-layers (2) is not divisible by --pipeline-model-parallel-size (4)"},
@@ -510,11 +506,74 @@ TEST(Arguments, MultiTokenPrediction) {
   EXPECT_EQ(validation_error(with(small_flags(), {"--mtp-num-layers", "1"}), 1),
             "--mtp-num-layers needs --position-embedding-type rope or none (Megatron supports "
             "multi-token prediction with those only), not learned_absolute");
-  EXPECT_EQ(validation_error(with(rope, {"--mtp-num-layers", "1", "--pipeline-model-parallel-size",
-                                         "2", "--untie-embeddings-and-output-weights"}),
+  // With pipeline parallelism the last stage holds a copy of the word embedding, as Megatron's.
+  EXPECT_EQ(
+      finalized(with(rope, {"--mtp-num-layers", "1", "--pipeline-model-parallel-size", "2"}), 2)
+          .mtp_num_layers,
+      1);
+}
+
+// Virtual pipeline stages and uneven first / last stages: Megatron's derived
+// virtual_pipeline_model_parallel_size and its refusals.
+TEST(Arguments, VirtualAndUnevenPipelineStages) {
+  const Args four_layers = with(small_flags(), {"--num-layers", "4", "--global-batch-size", "8",
+                                                "--pipeline-model-parallel-size", "2"});
+  EXPECT_EQ(finalized(four_layers, 2).virtual_pipeline_model_parallel_size, 1);
+  EXPECT_EQ(finalized(with(four_layers, {"--num-layers-per-virtual-pipeline-stage", "1"}), 2)
+                .virtual_pipeline_model_parallel_size,
+            2);
+  const TrainingArguments uneven =
+      finalized(with(four_layers, {"--num-virtual-stages-per-pipeline-rank", "2",
+                                   "--decoder-first-pipeline-num-layers", "2"}),
+                2);
+  EXPECT_EQ(uneven.virtual_pipeline_model_parallel_size, 2);
+  EXPECT_EQ(uneven.decoder_first_pipeline_num_layers, 2);
+  EXPECT_EQ(pipeline_layout(uneven).first_stage_layers, 2);
+  EXPECT_EQ(finalized(with(four_layers, {"--decoder-last-pipeline-num-layers", "3"}), 2)
+                .decoder_last_pipeline_num_layers,
+            3);
+  EXPECT_EQ(validation_error(with(four_layers, {"--num-layers-per-virtual-pipeline-stage", "1",
+                                                "--num-virtual-stages-per-pipeline-rank", "2"}),
                              2),
-            "--mtp-num-layers with --pipeline-model-parallel-size (2) > 1 is not supported: the "
-            "MTP modules share the word embedding, which lives on the first pipeline stage only");
+            "No more than one of the following arguments can be set at the same time: "
+            "--num-layers-per-virtual-pipeline-stage (1), --num-virtual-stages-per-pipeline-rank "
+            "(2)");
+  EXPECT_EQ(validation_error(with(four_layers, {"--num-layers-per-virtual-pipeline-stage", "1",
+                                                "--decoder-first-pipeline-num-layers", "2"}),
+                             2),
+            "please use --num-virtual-stages-per-pipeline-rank to specify virtual pipeline "
+            "parallel degree when enable uneven pipeline parallelism");
+  EXPECT_EQ(
+      validation_error(with(four_layers, {"--num-layers-per-virtual-pipeline-stage", "3"}), 2),
+      "number of layers per pipeline stage (2) must be divisible by "
+      "--num-layers-per-virtual-pipeline-stage (3)");
+  EXPECT_EQ(validation_error(with(four_layers, {"--num-virtual-stages-per-pipeline-rank", "4"}), 2),
+            "number of layers per pipeline stage (2) must be divisible by the number of virtual "
+            "stages per pipeline rank (4)");
+  EXPECT_EQ(validation_error(with(four_layers, {"--decoder-first-pipeline-num-layers", "0"}), 2),
+            "argument --decoder-first-pipeline-num-layers must be positive (got 0)");
+  EXPECT_EQ(validation_error(with(four_layers, {"--num-virtual-stages-per-pipeline-rank", "2",
+                                                "--decoder-last-pipeline-num-layers", "3"}),
+                             2),
+            "number of layers at last stage: 3 must be divisible by virtual pipeline parallel "
+            "degree 2");
+  EXPECT_EQ(
+      validation_error(with(small_flags(), {"--num-virtual-stages-per-pipeline-rank", "2"}), 1),
+      "When interleaved schedule is used, pipeline-model-parallel size should be greater "
+      "than 1 (--pipeline-model-parallel-size 1)");
+  EXPECT_EQ(validation_error(with(four_layers, {"--num-virtual-stages-per-pipeline-rank", "2",
+                                                "--global-batch-size", "6"}),
+                             2),
+            "number of microbatches (3) is not divisible by pipeline-model-parallel-size (2) when "
+            "using interleaved schedule");
+}
+
+// Tied embedding and output weights with pp > 1: the last stage holds a copy of the embedding.
+TEST(Arguments, TiedEmbeddingsWithPipelineParallelism) {
+  const TrainingArguments a =
+      finalized(with(small_flags(), {"--pipeline-model-parallel-size", "2"}), 2);
+  EXPECT_FALSE(a.untie_embeddings_and_output_weights);
+  EXPECT_EQ(a.pipeline_model_parallel_size, 2);
 }
 
 // Every flag accepted for Megatron scripts that changes nothing here prints one note of the same

@@ -417,6 +417,83 @@ TEST(TrainingLoop, PipelineMatchesOneStageAndResumes) {
   }
 }
 
+// Tied embedding and output weights with multi-token prediction on two pipeline stages (the last
+// stage holds a copy of the word embedding, its gradient summed with the first stage's) against
+// one stage with 2 data-parallel replicas: the same first loss bitwise, then agreement to fp32
+// rounding in the losses and the gradient norm (which counts the copy once). Checkpoints hold
+// the embedding once, so each layout resumes from the other's checkpoint: the first resumed
+// forward equals the uninterrupted run's bitwise (same weights, same data).
+TEST(TrainingLoop, TiedEmbeddingsAndMtpAcrossPipelineStagesMatchOneStageAndSwapCheckpoints) {
+  if (world_size() != 2) GTEST_SKIP() << "needs 2 ranks";
+  Args flags = with(tiny_moe_flags(4), {"--num-layers", "4", "--mtp-num-layers", "1"});
+  flags.erase(std::find(flags.begin(), flags.end(), "--untie-embeddings-and-output-weights"));
+  const Args pipelined = with(flags, {"--pipeline-model-parallel-size", "2"});
+  TrainingReport one_stage = run(flags);
+  TrainingReport two_stages = run(pipelined);
+  ASSERT_EQ(two_stages.iterations.size(), 4u);
+  EXPECT_EQ(two_stages.iterations[0].lm_loss, one_stage.iterations[0].lm_loss);
+  for (size_t i = 0; i < 4; ++i) {
+    const IterationStats &got = two_stages.iterations[i], &want = one_stage.iterations[i];
+    EXPECT_NEAR(got.lm_loss, want.lm_loss, 1e-5 * want.lm_loss) << "iteration " << i + 1;
+    ASSERT_EQ(got.mtp_losses.size(), 1u);
+    EXPECT_NEAR(got.mtp_losses[0], want.mtp_losses[0], 1e-5 * want.mtp_losses[0]);
+    EXPECT_NEAR(got.grad_norm, want.grad_norm, 1e-5 * want.grad_norm) << "iteration " << i + 1;
+  }
+  SharedScratchDir scratch("tied_pipeline_swap");
+  const std::string one_stage_dir = (scratch.path / "one_stage").string();
+  const std::string two_stages_dir = (scratch.path / "two_stages").string();
+  const Args save_at_two = {"--save-interval", "2", "--exit-interval", "2"};
+  run(with(with(flags, {"--save", one_stage_dir}), save_at_two));
+  run(with(with(pipelined, {"--save", two_stages_dir}), save_at_two));
+  TrainingReport pipelined_from_one_stage = run(with(pipelined, {"--load", one_stage_dir}));
+  TrainingReport one_stage_from_pipelined = run(with(flags, {"--load", two_stages_dir}));
+  ASSERT_EQ(pipelined_from_one_stage.iterations.size(), 2u);
+  ASSERT_EQ(one_stage_from_pipelined.iterations.size(), 2u);
+  EXPECT_EQ(pipelined_from_one_stage.iterations[0].lm_loss, one_stage.iterations[2].lm_loss);
+  EXPECT_EQ(one_stage_from_pipelined.iterations[0].lm_loss, two_stages.iterations[2].lm_loss);
+  for (size_t i = 0; i < 2; ++i) {
+    const IterationStats& want = one_stage.iterations[2 + i];
+    for (const TrainingReport* resumed : {&pipelined_from_one_stage, &one_stage_from_pipelined}) {
+      EXPECT_NEAR(resumed->iterations[i].lm_loss, want.lm_loss, 1e-5 * want.lm_loss);
+      EXPECT_NEAR(resumed->iterations[i].grad_norm, want.grad_norm, 1e-5 * want.grad_norm);
+    }
+  }
+}
+
+// Virtual pipeline stages (2 chunks per rank, set either way) and an uneven first stage against
+// one stage with 2 data-parallel replicas: the same first loss bitwise, then agreement to fp32
+// rounding; checkpoints name layers globally, so the interleaved run's checkpoint resumes on one
+// stage with the same next forward, bitwise.
+TEST(TrainingLoop, InterleavedAndUnevenPipelinesMatchOneStage) {
+  if (world_size() != 2) GTEST_SKIP() << "needs 2 ranks";
+  const Args flags = with(tiny_moe_flags(4), {"--num-layers", "4"});
+  const Args pipelined = with(flags, {"--pipeline-model-parallel-size", "2"});
+  const Args interleaved = with(pipelined, {"--num-virtual-stages-per-pipeline-rank", "2"});
+  TrainingReport one_stage = run(flags);
+  TrainingReport two_chunks = run(interleaved);
+  TrainingReport layers_per_chunk =
+      run(with(pipelined, {"--num-layers-per-virtual-pipeline-stage", "1"}));
+  TrainingReport uneven = run(with(pipelined, {"--decoder-first-pipeline-num-layers", "1"}));
+  for (const TrainingReport* report : {&two_chunks, &layers_per_chunk, &uneven}) {
+    ASSERT_EQ(report->iterations.size(), 4u);
+    EXPECT_EQ(report->iterations[0].lm_loss, one_stage.iterations[0].lm_loss);
+    for (size_t i = 0; i < 4; ++i) {
+      const IterationStats &got = report->iterations[i], &want = one_stage.iterations[i];
+      EXPECT_NEAR(got.lm_loss, want.lm_loss, 1e-5 * want.lm_loss) << "iteration " << i + 1;
+      EXPECT_NEAR(got.grad_norm, want.grad_norm, 1e-5 * want.grad_norm) << "iteration " << i + 1;
+    }
+  }
+  for (size_t i = 0; i < 4; ++i) {  // the same layout, named two ways
+    EXPECT_EQ(layers_per_chunk.iterations[i].lm_loss, two_chunks.iterations[i].lm_loss);
+  }
+  SharedScratchDir scratch("interleaved_resume");
+  const std::string save_dir = (scratch.path / "ckpt").string();
+  run(with(interleaved, {"--save", save_dir, "--save-interval", "2", "--exit-interval", "2"}));
+  TrainingReport resumed = run(with(flags, {"--load", save_dir}));
+  ASSERT_EQ(resumed.iterations.size(), 2u);
+  EXPECT_EQ(resumed.iterations[0].lm_loss, two_chunks.iterations[2].lm_loss);
+}
+
 // fp16 with a loss scale far beyond fp16's range: every step overflows, is skipped (the learning
 // rate schedule does not advance) and the dynamic scale halves (hysteresis 1); the log says so.
 TEST(TrainingLoop, Fp16OverflowSkipsStepsAndLowersTheScale) {

@@ -6,7 +6,9 @@
 // Parameters are declared into a ParameterStore under Megatron's names ("embedding.word_embeddings
 // .weight", "decoder.layers.3.self_attention.linear_qkv.weight", "decoder.final_layernorm.weight",
 // "output_layer.weight", ...). Linear weights are stored [in, out] (Megatron stores [out, in]);
-// each ParamSpec carries its global shape and this rank's offset in it.
+// each ParamSpec carries its global shape and this rank's offset in it. With pipeline stages and a
+// tied output layer or multi-token prediction, the last stage holds a copy of
+// "embedding.word_embeddings.weight" (ParamSpec::pipeline_copy; see finalize_grads).
 //
 // Typical use, one micro-batch:
 //   ParameterStore store(DType::BF16);
@@ -141,7 +143,10 @@ class GPTModel {
   // Megatron's finalize_model_grads: the gradients of parameters that are replicated over tp but
   // see only this rank's rows (norms, row-parallel biases and position embeddings with sequence
   // parallelism; the MoE layers' tensor_parallel_partial_params) are summed over tp, so every tp
-  // rank holds the same full gradient. Reductions over dp (dense) and expert-dp (expert weights:
+  // rank holds the same full gradient. With pp > 1 and a tied output layer or multi-token
+  // prediction, the word embedding's gradient is summed over the embedding group (first and last
+  // stage, each holding the table: Megatron's _allreduce_word_embedding_grads), so both copies
+  // get the same update. Reductions over dp (dense) and expert-dp (expert weights:
   // each rank's gradient covers the tokens its experts received) are the optimizer's. Then each
   // MoE layer's end of step: the expert-bias update (aux-loss-free balancing, loads summed over
   // the pipeline stage's tp x dp x cp ranks) and the global_aux_loss reset.
@@ -149,10 +154,12 @@ class GPTModel {
 
   // One pipeline stage. input: tokens [b, s] on the first stage, else the previous stage's output
   // [rows_local, h]; labels and loss_mask are read on the last stage only (pass batch_shape-sized
-  // tensors, or undefined ones elsewhere). Returns [rows_local, h] hidden states, or on the last
-  // stage the loss as a [1] F64 tensor.
+  // tensors, or undefined ones elsewhere). tokens [b, s]: read on a last stage that is not also
+  // the first when mtp_num_layers > 0 (the MTP modules embed them shifted), else ignored. Returns
+  // [rows_local, h] hidden states, or on the last stage the loss as a [1] F64 tensor.
   Tensor forward_step(const Tensor& input, const Tensor& labels, GPTContext& ctx,
-                      const Tensor& loss_mask = Tensor(), int64_t micro_batch_size = 0);
+                      const Tensor& loss_mask = Tensor(), int64_t micro_batch_size = 0,
+                      const Tensor& tokens = Tensor());
   // output_grad: gradient of this stage's output ([1] with d(loss) on the last stage). Returns
   // the gradient of the stage's input hidden states (undefined on the first stage).
   Tensor backward_step(GPTContext& ctx, const Tensor& output_grad);
@@ -172,6 +179,7 @@ class GPTModel {
 
  private:
   void sum_tensor_parallel_partial_grads();
+  void all_reduce_word_embedding_grads();
 
   TransformerConfig config_;
   GPTStage stage_;

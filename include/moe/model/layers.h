@@ -44,8 +44,10 @@ uint64_t dropout_key(uint64_t seed, int64_t layer, int64_t site);
 // (all-reduce, or reduce-scatter to the rank's sequence block with sequence parallelism).
 class VocabParallelEmbedding {
  public:
+  // pipeline_copy: this stage's copy of the table the first pipeline stage owns
+  // (ParamSpec::pipeline_copy).
   VocabParallelEmbedding(ParameterStore& store, const std::string& name, int64_t vocab,
-                         int64_t hidden, const TensorParallel& tp);
+                         int64_t hidden, const TensorParallel& tp, bool pipeline_copy = false);
   ParamHandle weight() const { return weight_; }
   int64_t vocab_start() const { return vocab_start_; }
   int64_t vocab_local() const { return vocab_local_; }

@@ -48,8 +48,31 @@ model::GPTStage pipeline_stage(int num_layers, int pipeline_size, int pipeline_r
 // The stage of this rank in `parallel`'s pp group.
 model::GPTStage pipeline_stage(int num_layers, const comm::ParallelState& parallel);
 
-// One micro-batch's inputs. Tokens are read on the first stage, labels and loss_mask on the last
-// (middle stages may leave them undefined); every stage needs the dropout seed.
+// Megatron's layer split with virtual pipeline stages and uneven first / last stages.
+struct PipelineLayout {
+  // Model chunks per pipeline rank (--num-virtual-stages-per-pipeline-rank, Megatron's
+  // virtual_pipeline_model_parallel_size); 1: no interleaving.
+  int virtual_stages = 1;
+  // Layers of the first / last pipeline stage (--decoder-first-pipeline-num-layers,
+  // --decoder-last-pipeline-num-layers); 0: unset, the stage takes a middle stage's share.
+  int first_stage_layers = 0;
+  int last_stage_layers = 0;
+};
+// The model chunks of pipeline rank `pipeline_rank`, chunk c first (Megatron's
+// get_transformer_layer_offset): virtual stage c * pp + r runs chunk c of rank r; the layers go
+// over the virtual stages in order, each chunk of the first (last) stage holding
+// first_stage_layers / V (last_stage_layers / V) of them and each chunk of a middle stage an
+// equal share of the rest. Chunk 0 of rank 0 has the embedding (pre_process), chunk V - 1 of the
+// last rank the output layer and loss (post_process). Throws moe::Error with Megatron's reason
+// when the layers do not split so. With the default layout it is pipeline_stage's split.
+std::vector<model::GPTStage> pipeline_chunks(int num_layers, const PipelineLayout& layout,
+                                             int pipeline_size, int pipeline_rank);
+std::vector<model::GPTStage> pipeline_chunks(int num_layers, const PipelineLayout& layout,
+                                             const comm::ParallelState& parallel);
+
+// One micro-batch's inputs. Tokens are read on the first stage (and on the last with multi-token
+// prediction), labels and loss_mask on the last (middle stages may leave them undefined); every
+// stage needs the dropout seed.
 struct MicroBatch {
   Tensor tokens;              // [b, s] I32/I64 token ids
   Tensor labels;              // [b, s] I32/I64 next-token ids
@@ -118,5 +141,21 @@ StepResult forward_backward(model::GPTModel& model, const comm::ParallelState& p
 // Evaluation: forward_backward with forward_only set.
 StepResult forward_only(model::GPTModel& model, const comm::ParallelState& parallel,
                         const MicroBatchProvider& provider, ScheduleOptions options);
+
+// Several model chunks per rank (pipeline_chunks; all declared in one ParameterStore). One chunk
+// is forward_backward above. Several run Megatron's interleaved 1F1B
+// (forward_backward_pipelining_with_interleaving, microbatch_group_size_per_vp_stage = pp): the
+// forwards of the V chunks go in Megatron's table order (groups of pp micro-batches, chunk 0
+// first), rank r of pp starting with min(2 (pp - r - 1) + (V - 1) pp, M V) warm-up forwards, then
+// one forward and one backward (chunks in reverse) alternating, then the remaining backwards.
+// Each chunk's backwards run in micro-batch order, so its gradients sum as with one stage.
+// Needs pp > 1 and M a multiple of pp (Megatron's checks, its wording). Hidden states go from
+// virtual stage s to s + 1 (rank r to r + 1, the last rank to the first), their gradients back;
+// the transfers of every rank follow one step table that each rank computes for all ranks, with
+// one forward or backward per rank and step and the transfers of a step posted together per
+// direction, so matching sends and receives meet and no cycle of waits can form.
+StepResult forward_backward(const std::vector<model::GPTModel*>& chunks,
+                            const comm::ParallelState& parallel, const MicroBatchProvider& provider,
+                            const ScheduleOptions& options);
 
 }  // namespace moe::pipeline

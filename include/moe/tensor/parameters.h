@@ -39,6 +39,11 @@ struct ParamSpec {
   // True for parameters that are replicated across tensor-parallel ranks (norm weights, router),
   // so the global gradient norm counts them once.
   bool tensor_parallel_duplicate = false;
+  // True for a copy of a parameter that another pipeline stage owns under the same name
+  // (Megatron's `shared` word embedding on the last stage, for a tied output layer or multi-token
+  // prediction). The model keeps its gradient equal to the owner's, so the gradient norm counts
+  // the owner's only and checkpoints store the owner's, which the copy loads by name.
+  bool pipeline_copy = false;
   // false: a persistent buffer (see the top of this file); `group` then only says how it is
   // replicated, for checkpoints.
   bool trainable = true;

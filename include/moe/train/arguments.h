@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "moe/pipeline/schedules.h"
 #include "moe/tensor/error.h"
 
 namespace moe::train {
@@ -118,6 +119,15 @@ struct TrainingArguments {
   // ---- distributed
   int tensor_model_parallel_size = 1;
   int pipeline_model_parallel_size = 1;
+  // Virtual pipeline stages (the interleaved schedule; at most one of the two) and uneven first
+  // and last pipeline stages.
+  std::optional<int> num_layers_per_virtual_pipeline_stage;
+  std::optional<int> num_virtual_stages_per_pipeline_rank;
+  std::optional<int> decoder_first_pipeline_num_layers;
+  std::optional<int> decoder_last_pipeline_num_layers;
+  // Derived: model chunks per pipeline rank (Megatron's virtual_pipeline_model_parallel_size;
+  // 1: no interleaving).
+  int virtual_pipeline_model_parallel_size = 1;
   bool use_distributed_optimizer = false;
   int distributed_timeout_minutes = 10;  // collective timeout
 
@@ -205,6 +215,10 @@ ParseOutcome parse_arguments(const std::vector<std::string>& argv);
 
 // Fills derived defaults and validates every constraint for `world_size` ranks. Idempotent.
 void finalize_arguments(TrainingArguments& args, int world_size);
+
+// The layer split over pipeline ranks and virtual stages the finalized arguments ask for
+// (pipeline::pipeline_chunks).
+pipeline::PipelineLayout pipeline_layout(const TrainingArguments& args);
 
 // The full --help text (grouped as Megatron groups its arguments).
 std::string help_text();
