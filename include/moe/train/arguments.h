@@ -118,6 +118,7 @@ struct TrainingArguments {
   // ---- distributed
   int tensor_model_parallel_size = 1;
   int pipeline_model_parallel_size = 1;
+  int context_parallel_size = 1;
   bool use_distributed_optimizer = false;
   int distributed_timeout_minutes = 10;  // collective timeout
 
@@ -180,7 +181,7 @@ struct TrainingArguments {
 
   // ---- derived by finalize_arguments
   int world_size = 1;
-  int data_parallel_size = 1;           // world / (tp * pp)
+  int data_parallel_size = 1;           // world / (tp * pp * cp)
   int expert_data_parallel_size = 1;    // world / (etp * ep * pp)
   int num_micro_batches = 1;            // global / (micro * dp)
   std::vector<bool> moe_layer_pattern;  // one entry per layer: true = MoE MLP
