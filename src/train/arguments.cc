@@ -747,7 +747,8 @@ void finalize_arguments(TrainingArguments& a, int world_size) {
   const int cp = a.context_parallel_size;
   MOE_CHECK(world_size % (tp * pp * cp) == 0, "world size (", world_size,
             ") is not divisible by --tensor-model-parallel-size (", tp,
-            ") x --pipeline-model-parallel-size (", pp, ") x --context-parallel-size (", cp, ")");
+            ") x --pipeline-model-parallel-size (", pp, ")",
+            cp > 1 ? concat(" x --context-parallel-size (", cp, ")") : std::string());
   a.data_parallel_size = world_size / (tp * pp * cp);
   MOE_CHECK(cp == 1 || *a.seq_length % (2 * cp) == 0, "--seq-length (", *a.seq_length,
             ") must be a multiple of 2 x --context-parallel-size (", 2 * cp,
