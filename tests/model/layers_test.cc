@@ -99,6 +99,37 @@ TEST(Norm, GradientsMatchFiniteDifferences) {
             "normalization 'BatchNorm' is not supported (LayerNorm or RMSNorm)");
 }
 
+// Context parallelism rotates a rank's rows by their global positions: the same values as the
+// rows of the whole rotated sequence; a position list of the wrong length is refused.
+TEST(Rope, ExplicitPositionsRotateAsTheirRowsOfTheWholeSequence) {
+  Tensor full = random_normal({2, 3, 12, 8}, 11, 1.0f, DType::F64);
+  const std::vector<int64_t> positions = {3, 4, 5, 6, 7, 8};  // cp 2, rank 1: chunks 1 and 2
+  Tensor local({2, 3, 6, 8}, DType::F64);
+  for (int64_t o = 0; o < 6; ++o) {
+    for (int64_t i = 0; i < 6; ++i) {
+      local.reshape({-1, 8})
+          .rows(o * 6 + i, o * 6 + i + 1)
+          .copy_from(full.reshape({-1, 8}).rows(o * 12 + positions[size_t(i)],
+                                                o * 12 + positions[size_t(i)] + 1));
+    }
+  }
+  RotaryFrequencies frequencies = rope_frequencies(8, 10000.0);
+  apply_rotary(full, frequencies, false);
+  apply_rotary(local, frequencies, false, positions);
+  for (int64_t o = 0; o < 6; ++o) {
+    for (int64_t i = 0; i < 6; ++i) {
+      EXPECT_TENSORS_CLOSE(local.reshape({-1, 8}).rows(o * 6 + i, o * 6 + i + 1),
+                           full.reshape({-1, 8}).rows(o * 12 + positions[size_t(i)],
+                                                      o * 12 + positions[size_t(i)] + 1),
+                           0, 0);
+    }
+  }
+  EXPECT_EQ(moe::testing::error_text([&] {
+              apply_rotary(local, frequencies, false, std::vector<int64_t>{0, 1});
+            }),
+            "rope got 2 positions for a sequence of 6");
+}
+
 TEST(Rope, RotatesPairsAndBackwardIsTheInverse) {
   Tensor x = random_normal({2, 3, 6, 8}, 11, 1.0f, DType::F64);
   Tensor y = x.clone();

@@ -47,6 +47,9 @@ struct Layout {
   // Context parallelism: each sequence split over cp ranks in Megatron's 2 x cp load-balanced
   // chunks; attention all-gathers K/V over cp.
   int cp = 1;
+  // seq_aux_loss instead of aux_loss: per-sequence counts, each sequence's shards being on the
+  // tp x cp ranks.
+  bool seq_aux_loss = false;
 };
 
 std::string describe(const Layout& l) {
@@ -61,7 +64,8 @@ std::string describe(const Layout& l) {
                                                : "") +
          (l.first_layer_dense ? ", layers {dense, MoE, MoE}" : "") +
          (l.mla ? ", multi-latent attention" : "") +
-         (l.cp > 1 ? ", cp " + std::to_string(l.cp) : "") + ")";
+         (l.cp > 1 ? ", cp " + std::to_string(l.cp) : "") +
+         (l.seq_aux_loss ? ", seq_aux_loss" : "") + ")";
 }
 
 TransformerConfig equivalence_config() {
@@ -96,6 +100,8 @@ void check_layout(const Layout& layout, TokenDispatcherType dispatcher) {
   // With context parallelism: 2 x cp chunks of 3 positions, odd so a chunk is no power of two.
   if (layout.cp > 1) config.seq_length = 6 * layout.cp;
   if (layout.recompute) config.recompute_granularity = "full";
+  if (layout.seq_aux_loss)
+    config.moe.moe_router_load_balancing_type = LoadBalancingType::kSeqAuxLoss;
   if (layout.mtp_num_layers > 0) {
     config.mtp_num_layers = layout.mtp_num_layers;
     config.moe_layer_pattern = {0, 1};
@@ -374,6 +380,12 @@ TEST(ParallelEquivalence, Cp2OtherSwitches) {  // learned absolute positions at 
 }
 TEST(ParallelEquivalence, Cp2QkNormQkvBiasYarn) {
   run_on_world(2, {.tp = 1, .sp = false, .ep = 1, .qk_norm_qkv_bias_yarn = true, .cp = 2});
+}
+TEST(ParallelEquivalence, Cp2SeqAuxLoss) {
+  run_on_world(2, {.tp = 1, .sp = false, .ep = 1, .cp = 2, .seq_aux_loss = true});
+}
+TEST(ParallelEquivalence, Tp2SpOnCp2SeqAuxLoss) {
+  run_on_world(4, {.tp = 2, .sp = true, .ep = 1, .cp = 2, .seq_aux_loss = true});
 }
 TEST(ParallelEquivalence, Cp2Ep2) {  // expert data parallel 1: the cp ranks are the ep ranks
   run_on_world(2, {.tp = 1, .sp = false, .ep = 2, .cp = 2});
