@@ -943,7 +943,7 @@ void finalize_arguments(TrainingArguments& a, int world_size) {
   MOE_CHECK(*a.global_batch_size % micro_times_dp == 0, "--global-batch-size (",
             *a.global_batch_size, ") is not divisible by --micro-batch-size (", *a.micro_batch_size,
             ") x data-parallel size (", a.data_parallel_size, " = world size ", world_size,
-            " / (tp ", tp, " x pp ", pp, "))");
+            " / (tp ", tp, " x pp ", pp, cp > 1 ? concat(" x cp ", cp) : std::string(), "))");
   a.num_micro_batches = *a.global_batch_size / micro_times_dp;
 
   // ---- learning rate
