@@ -79,6 +79,7 @@ constexpr GroupKind kGroupKinds[] = {
     {"dp", &RankLayout::dp_group, &ParallelState::dp_group},
     {"dp_cp", &RankLayout::dp_cp, &ParallelState::dp_cp_group},
     {"tp_dp_cp", &RankLayout::tp_dp_cp, &ParallelState::tp_dp_cp_group},
+    {"tp_cp", &RankLayout::tp_cp, &ParallelState::tp_cp_group},
     {"pp", &RankLayout::pp, &ParallelState::pp_group},
     {"model_parallel", &RankLayout::model_parallel, &ParallelState::model_parallel_group},
     {"embedding", &RankLayout::embedding, &ParallelState::embedding_group},
@@ -94,6 +95,19 @@ ProcessGroup named_self_group(const char* name) {
 }
 
 }  // namespace
+
+int64_t ContextParallel::global_position(int64_t local, int64_t local_seq) const {
+  const int64_t chunk = local_seq / 2;
+  const int64_t cp = size();
+  // First half: chunk r; second half: chunk 2 * cp - 1 - r.
+  return local < chunk ? rank() * chunk + local : (2 * cp - 1 - rank()) * chunk + (local - chunk);
+}
+
+std::vector<int64_t> ContextParallel::global_positions(int64_t local_seq) const {
+  std::vector<int64_t> positions(static_cast<size_t>(local_seq));
+  for (int64_t i = 0; i < local_seq; ++i) positions[size_t(i)] = global_position(i, local_seq);
+  return positions;
+}
 
 RankLayout compute_rank_layout(int world_size, const ParallelSizes& sizes) {
   const std::pair<const char*, int> named[] = {
@@ -122,6 +136,7 @@ RankLayout compute_rank_layout(int world_size, const ParallelSizes& sizes) {
   layout.dp_group = groups_along_axes(dense, {kDp});
   layout.dp_cp = groups_along_axes(dense, {kCp, kDp});
   layout.tp_dp_cp = groups_along_axes(dense, {kTp, kCp, kDp});
+  layout.tp_cp = groups_along_axes(dense, {kTp, kCp});
   layout.pp = groups_along_axes(dense, {kDensePp});
   layout.model_parallel = groups_along_axes(dense, {kTp, kDensePp});
   for (const std::vector<int>& stages : layout.pp) {  // first and last pipeline stage

@@ -13,9 +13,10 @@ namespace moe::model {
 
 namespace {
 
-// dim: the query/key head size; value_dim: the value (and context) head size.
+// dim: the query/key head size; value_dim: the value (and context) head size; seq: the query
+// rows; key_seq: the key/value rows (the whole sequence; seq < key_seq with context parallelism).
 struct HeadDims {
-  int64_t batch, heads, groups, seq, dim, value_dim;
+  int64_t batch, heads, groups, seq, dim, value_dim, key_seq;
 };
 
 HeadDims check_attention_inputs(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -23,16 +24,42 @@ HeadDims check_attention_inputs(const Tensor& q, const Tensor& k, const Tensor& 
   check_ndim(q, 4, detail::concat(what, " q"));
   check_ndim(k, 4, detail::concat(what, " k"));
   check_ndim(v, 4, detail::concat(what, " v"));
-  HeadDims d{q.dim(0), q.dim(1), k.dim(1), q.dim(2), q.dim(3), v.dim(3)};
+  HeadDims d{q.dim(0), q.dim(1), k.dim(1), q.dim(2), q.dim(3), v.dim(3), k.dim(2)};
   MOE_CHECK(q.dtype() == DType::F32 || q.dtype() == DType::F64, what,
             ": q, k, v must be F32 or F64, got ", dtype_name(q.dtype()));
-  check_shape(k, {d.batch, d.groups, d.seq, d.dim}, detail::concat(what, " k"));
-  check_shape(v, {d.batch, d.groups, d.seq, d.value_dim}, detail::concat(what, " v"));
+  check_shape(k, {d.batch, d.groups, d.key_seq, d.dim}, detail::concat(what, " k"));
+  check_shape(v, {d.batch, d.groups, d.key_seq, d.value_dim}, detail::concat(what, " v"));
   check_dtype(k, q.dtype(), detail::concat(what, " k"));
   check_dtype(v, q.dtype(), detail::concat(what, " v"));
   MOE_CHECK(d.groups >= 1 && d.heads % d.groups == 0, what, ": ", d.heads,
             " query heads do not divide into ", d.groups, " key/value groups");
   return d;
+}
+
+// The query runs of QueryPositions, checked against the shapes: (first local row, first global
+// position, rows) each.
+struct QueryRun {
+  int64_t row, position, rows;
+};
+std::vector<QueryRun> query_runs(const QueryPositions& positions, const HeadDims& d,
+                                 const char* what) {
+  if (positions.starts.empty()) {
+    MOE_CHECK(d.seq == d.key_seq, what, ": ", d.seq, " query rows but ", d.key_seq,
+              " key rows; a subset of the queries needs their QueryPositions");
+    return {{0, 0, d.seq}};
+  }
+  MOE_CHECK(positions.chunk * int64_t(positions.starts.size()) == d.seq, what, ": ",
+            positions.starts.size(), " query chunks of ", positions.chunk, " rows but q has ",
+            d.seq);
+  std::vector<QueryRun> runs;
+  for (size_t i = 0; i < positions.starts.size(); ++i) {
+    int64_t start = positions.starts[i];
+    MOE_CHECK(start >= 0 && start + positions.chunk <= d.key_seq, what, ": query chunk ", i,
+              " at positions [", start, ", ", start + positions.chunk, ") is outside the ",
+              d.key_seq, " keys");
+    runs.push_back({int64_t(i) * positions.chunk, start, positions.chunk});
+  }
+  return runs;
 }
 
 // One dense product through the grouped GEMM (fp32 or fp64); see GemmForm for the shapes.
@@ -53,40 +80,24 @@ void product(GemmForm form, int64_t rows, int64_t k, int64_t n, const C* a, cons
   grouped_gemm(args);
 }
 
-// Dropout multipliers of one [s, s] probability block (0 or 1 / (1 - p)); empty when p = 0.
-// The same hash as apply_dropout, over the global element index.
-template <class C>
-std::vector<C> attention_dropout_mask(const AttentionDropout& dropout, const HeadDims& d, int64_t b,
-                                      int64_t head) {
-  if (dropout.p == 0) return {};
-  int64_t total_heads = dropout.total_heads > 0 ? dropout.total_heads : d.heads;
-  int64_t base = ((b * total_heads + dropout.head_offset + head) * d.seq) * d.seq;
-  uint32_t threshold = dropout_threshold(dropout.p);
-  C keep = C(1) / (C(1) - C(dropout.p));
-  std::vector<C> mask(size_t(d.seq * d.seq));
-  for (int64_t i = 0; i < d.seq * d.seq; ++i) {
-    mask[size_t(i)] = dropout_keeps(dropout.key, base + i, threshold) ? keep : C(0);
-  }
-  return mask;
-}
+constexpr int64_t kQueryBlock = 64;  // query rows per block; a block reads keys [0, last + 1)
 
-constexpr int64_t kQueryBlock = 64;  // query rows per block; block r reads keys [0, r_end)
-
-// The causal softmax of query rows [i0, i0 + rows) of one head against keys [0, i0 + rows), into
-// p [rows, i0 + rows] (zeros right of the diagonal). Keys after the block's last query are never
-// touched, which halves the work of a full s x s product. With lse_out the row log-sum-exps of
-// the scaled scores are computed into it ([rows]); otherwise lse_in's are used, so backward
-// rebuilds exactly the forward's probabilities.
+// The causal softmax of `rows` query rows (q_rows [rows, dim], global positions [position,
+// position + rows)) of one head against keys [0, position + rows), into p [rows, position +
+// rows] (zeros right of the diagonal). Keys after the block's last query are never touched,
+// which halves the work of a full s x s product. With lse_out the row log-sum-exps of the scaled
+// scores are computed into it ([rows]); otherwise lse_in's are used, so backward rebuilds
+// exactly the forward's probabilities.
 template <class C>
-void causal_softmax_block(int64_t i0, int64_t rows, int64_t dim, const C* q, const C* k, C* lse_out,
-                          const C* lse_in, C* p) {
+void causal_softmax_block(int64_t position, int64_t rows, int64_t dim, const C* q_rows, const C* k,
+                          C* lse_out, const C* lse_in, C* p) {
   C scale = C(1) / std::sqrt(C(dim));
-  int64_t keys = i0 + rows;
+  int64_t keys = position + rows;
   // scores = q_block k^T (the grad-input form: [rows, d] x [keys, d]^T).
-  product<C>(GemmForm::kGradInput, rows, keys, dim, q + i0 * dim, k, p, false);
+  product<C>(GemmForm::kGradInput, rows, keys, dim, q_rows, k, p, false);
   for (int64_t r = 0; r < rows; ++r) {
     C* row = p + r * keys;
-    int64_t last = i0 + r;  // the query's own position
+    int64_t last = position + r;  // the query's own position
     if (lse_out != nullptr) {
       C max_score = row[0] * scale;
       for (int64_t j = 1; j <= last; ++j) max_score = std::max(max_score, row[j] * scale);
@@ -100,87 +111,120 @@ void causal_softmax_block(int64_t i0, int64_t rows, int64_t dim, const C* q, con
   }
 }
 
-// Multiplies p [rows, keys] of query rows [i0, ...) by the head's dropout mask [s, s].
+// The dropout multiplier (0 or 1 / (1 - p)) of the score of (query, key) positions of head
+// `head` of sequence b: the same hash as apply_dropout over the element's index in the global
+// [batch, heads, key_seq, key_seq] scores, so every tp and cp layout draws the same mask.
 template <class C>
-void apply_mask_block(const std::vector<C>& mask, int64_t s, int64_t i0, int64_t rows, int64_t keys,
-                      C* p) {
-  if (mask.empty()) return;
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t j = 0; j < keys; ++j) p[r * keys + j] *= mask[size_t((i0 + r) * s + j)];
-  }
+C attention_dropout_multiplier(const AttentionDropout& dropout, const HeadDims& d, int64_t b,
+                               int64_t head, int64_t query, int64_t key) {
+  int64_t total_heads = dropout.total_heads > 0 ? dropout.total_heads : d.heads;
+  int64_t index =
+      ((b * total_heads + dropout.head_offset + head) * d.key_seq + query) * d.key_seq + key;
+  return dropout_keeps(dropout.key, index, dropout_threshold(dropout.p))
+             ? C(1) / (C(1) - C(dropout.p))
+             : C(0);
 }
 
+// Multiplies p [rows, keys] of the query rows at global positions [position, position + rows) of
+// head `head` of sequence b by their dropout multipliers.
 template <class C>
-void attention_forward_typed(const HeadDims& d, const C* q, const C* k, const C* v,
-                             const AttentionDropout& dropout, C* logsumexp, C* context) {
-  int64_t heads_per_group = d.heads / d.groups;
-  int64_t s = d.seq, block = s * d.dim, value_block = s * d.value_dim;
-#pragma omp parallel for schedule(dynamic)
-  for (int64_t bh = 0; bh < d.batch * d.heads; ++bh) {
-    int64_t b = bh / d.heads, h = bh % d.heads, g = h / heads_per_group;
-    const C* kg = k + (b * d.groups + g) * block;
-    const C* vg = v + (b * d.groups + g) * value_block;
-    std::vector<C> mask = attention_dropout_mask<C>(dropout, d, b, h);
-    std::vector<C> p(size_t(std::min(s, kQueryBlock) * s));
-    for (int64_t i0 = 0; i0 < s; i0 += kQueryBlock) {
-      int64_t rows = std::min(kQueryBlock, s - i0), keys = i0 + rows;
-      causal_softmax_block<C>(i0, rows, d.dim, q + bh * block, kg, logsumexp + bh * s + i0, nullptr,
-                              p.data());
-      apply_mask_block<C>(mask, s, i0, rows, keys, p.data());
-      // context rows = p v[0:keys].
-      product<C>(GemmForm::kForward, rows, keys, d.value_dim, p.data(), vg,
-                 context + bh * value_block + i0 * d.value_dim, false);
+void apply_mask_block(const AttentionDropout& dropout, const HeadDims& d, int64_t b, int64_t head,
+                      int64_t position, int64_t rows, int64_t keys, C* p) {
+  if (dropout.p == 0) return;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < keys; ++j) {
+      p[r * keys + j] *= attention_dropout_multiplier<C>(dropout, d, b, head, position + r, j);
     }
   }
 }
 
 template <class C>
-void attention_backward_typed(const HeadDims& d, const C* q, const C* k, const C* v,
-                              const C* logsumexp, const AttentionDropout& dropout,
-                              const C* dcontext, C* dq, C* dk, C* dv) {
+void attention_forward_typed(const HeadDims& d, const std::vector<QueryRun>& runs, const C* q,
+                             const C* k, const C* v, const AttentionDropout& dropout, C* logsumexp,
+                             C* context) {
+  int64_t heads_per_group = d.heads / d.groups;
+  int64_t s = d.seq, block = s * d.dim, value_block = s * d.value_dim;
+  int64_t key_block = d.key_seq * d.dim, key_value_block = d.key_seq * d.value_dim;
+#pragma omp parallel for schedule(dynamic)
+  for (int64_t bh = 0; bh < d.batch * d.heads; ++bh) {
+    int64_t b = bh / d.heads, h = bh % d.heads, g = h / heads_per_group;
+    const C* kg = k + (b * d.groups + g) * key_block;
+    const C* vg = v + (b * d.groups + g) * key_value_block;
+    std::vector<C> p;
+    for (const QueryRun& run : runs) {
+      for (int64_t i0 = 0; i0 < run.rows; i0 += kQueryBlock) {
+        int64_t rows = std::min(kQueryBlock, run.rows - i0), row = run.row + i0;
+        int64_t position = run.position + i0, keys = position + rows;
+        p.resize(size_t(rows * keys));
+        causal_softmax_block<C>(position, rows, d.dim, q + bh * block + row * d.dim, kg,
+                                logsumexp + bh * s + row, nullptr, p.data());
+        apply_mask_block<C>(dropout, d, b, h, position, rows, keys, p.data());
+        // context rows = p v[0:keys].
+        product<C>(GemmForm::kForward, rows, keys, d.value_dim, p.data(), vg,
+                   context + bh * value_block + row * d.value_dim, false);
+      }
+    }
+  }
+}
+
+template <class C>
+void attention_backward_typed(const HeadDims& d, const std::vector<QueryRun>& runs, const C* q,
+                              const C* k, const C* v, const C* logsumexp,
+                              const AttentionDropout& dropout, const C* dcontext, C* dq, C* dk,
+                              C* dv) {
   int64_t heads_per_group = d.heads / d.groups;
   C scale = C(1) / std::sqrt(C(d.dim));
   int64_t s = d.seq, block = s * d.dim, value_block = s * d.value_dim;
+  int64_t key_block = d.key_seq * d.dim, key_value_block = d.key_seq * d.value_dim;
   // One task per key/value group: its heads add into the same dk, dv in a fixed order.
 #pragma omp parallel for schedule(dynamic)
   for (int64_t bg = 0; bg < d.batch * d.groups; ++bg) {
     int64_t b = bg / d.groups, g = bg % d.groups;
-    const C* kg = k + bg * block;
-    const C* vg = v + bg * value_block;
-    C* dkg = dk + bg * block;
-    C* dvg = dv + bg * value_block;
-    std::fill(dkg, dkg + block, C(0));
-    std::fill(dvg, dvg + value_block, C(0));
-    size_t scratch = size_t(std::min(s, kQueryBlock) * s);
-    std::vector<C> p(scratch), dropped(scratch), dscores(scratch);
+    const C* kg = k + bg * key_block;
+    const C* vg = v + bg * key_value_block;
+    C* dkg = dk + bg * key_block;
+    C* dvg = dv + bg * key_value_block;
+    std::fill(dkg, dkg + key_block, C(0));
+    std::fill(dvg, dvg + key_value_block, C(0));
+    std::vector<C> p, dropped, dscores;
     for (int64_t h = g * heads_per_group; h < (g + 1) * heads_per_group; ++h) {
       int64_t bh = b * d.heads + h;
-      std::vector<C> mask = attention_dropout_mask<C>(dropout, d, b, h);
-      for (int64_t i0 = 0; i0 < s; i0 += kQueryBlock) {
-        int64_t rows = std::min(kQueryBlock, s - i0), keys = i0 + rows;
-        const C* dctx = dcontext + bh * value_block + i0 * d.value_dim;
-        // The probabilities are rebuilt from the saved log-sum-exps instead of stored.
-        causal_softmax_block<C>(i0, rows, d.dim, q + bh * block, kg, nullptr,
-                                logsumexp + bh * s + i0, p.data());
-        std::copy_n(p.data(), rows * keys, dropped.data());
-        apply_mask_block<C>(mask, s, i0, rows, keys, dropped.data());
-        // dv[0:keys] += dropped^T dcontext_rows; d(dropped) = dcontext_rows v[0:keys]^T.
-        product<C>(GemmForm::kGradWeight, rows, keys, d.value_dim, dropped.data(), dctx, dvg, true);
-        product<C>(GemmForm::kGradInput, rows, keys, d.value_dim, dctx, vg, dscores.data(), false);
-        apply_mask_block<C>(mask, s, i0, rows, keys, dscores.data());
-        // Through softmax: dscore_ij = p_ij (dp_ij - sum_j' p_ij' dp_ij') * scale.
-        for (int64_t r = 0; r < rows; ++r) {
-          C* row = dscores.data() + r * keys;
-          const C* prow = p.data() + r * keys;
-          C weighted = 0;
-          for (int64_t j = 0; j < keys; ++j) weighted += prow[j] * row[j];
-          for (int64_t j = 0; j < keys; ++j) row[j] = prow[j] * (row[j] - weighted) * scale;
+      for (const QueryRun& run : runs) {
+        for (int64_t i0 = 0; i0 < run.rows; i0 += kQueryBlock) {
+          int64_t rows = std::min(kQueryBlock, run.rows - i0), row = run.row + i0;
+          int64_t position = run.position + i0, keys = position + rows;
+          size_t scratch = size_t(rows * keys);
+          p.resize(scratch);
+          dropped.resize(scratch);
+          dscores.resize(scratch);
+          const C* dctx = dcontext + bh * value_block + row * d.value_dim;
+          const C* q_rows = q + bh * block + row * d.dim;
+          // The probabilities are rebuilt from the saved log-sum-exps instead of stored.
+          causal_softmax_block<C>(position, rows, d.dim, q_rows, kg, nullptr,
+                                  logsumexp + bh * s + row, p.data());
+          std::copy_n(p.data(), scratch, dropped.data());
+          apply_mask_block<C>(dropout, d, b, h, position, rows, keys, dropped.data());
+          // dv[0:keys] += dropped^T dcontext_rows; d(dropped) = dcontext_rows v[0:keys]^T.
+          product<C>(GemmForm::kGradWeight, rows, keys, d.value_dim, dropped.data(), dctx, dvg,
+                     true);
+          product<C>(GemmForm::kGradInput, rows, keys, d.value_dim, dctx, vg, dscores.data(),
+                     false);
+          apply_mask_block<C>(dropout, d, b, h, position, rows, keys, dscores.data());
+          // Through softmax: dscore_ij = p_ij (dp_ij - sum_j' p_ij' dp_ij') * scale.
+          for (int64_t r = 0; r < rows; ++r) {
+            C* score_row = dscores.data() + r * keys;
+            const C* prow = p.data() + r * keys;
+            C weighted = 0;
+            for (int64_t j = 0; j < keys; ++j) weighted += prow[j] * score_row[j];
+            for (int64_t j = 0; j < keys; ++j) {
+              score_row[j] = prow[j] * (score_row[j] - weighted) * scale;
+            }
+          }
+          // dq rows = dscores k[0:keys]; dk[0:keys] += dscores^T q rows.
+          product<C>(GemmForm::kForward, rows, keys, d.dim, dscores.data(), kg,
+                     dq + bh * block + row * d.dim, false);
+          product<C>(GemmForm::kGradWeight, rows, keys, d.dim, dscores.data(), q_rows, dkg, true);
         }
-        // dq rows = dscores k[0:keys]; dk[0:keys] += dscores^T q rows.
-        product<C>(GemmForm::kForward, rows, keys, d.dim, dscores.data(), kg,
-                   dq + bh * block + i0 * d.dim, false);
-        product<C>(GemmForm::kGradWeight, rows, keys, d.dim, dscores.data(),
-                   q + bh * block + i0 * d.dim, dkg, true);
       }
     }
   }
@@ -235,6 +279,54 @@ void move_context(Tensor& rows, Tensor& heads, bool to_heads) {
   }
 }
 
+// Context parallelism: moves [B, g, 2c, d] blocks between rank order (ranked [cp * B, g, 2c, d],
+// what the all-gather over cp returns) and the global sequence order (full [B, g, 2cp * c, d]),
+// either way; cp rank r's two chunks sit at chunks r and 2 * cp - 1 - r.
+void move_sequence_chunks(Tensor& ranked, Tensor& full, int cp, bool to_full) {
+  int64_t B = full.dim(0), groups = full.dim(1), S = full.dim(2), d = full.dim(3);
+  int64_t chunk = S / (2 * cp);
+  size_t chunk_bytes = size_t(chunk * d) * dtype_size(full.dtype());
+  for (int r = 0; r < cp; ++r) {
+    for (int64_t bg = 0; bg < B * groups; ++bg) {
+      for (int half = 0; half < 2; ++half) {
+        int64_t global_chunk = half == 0 ? r : 2 * cp - 1 - r;
+        char* own = static_cast<char*>(ranked.raw()) +
+                    size_t((int64_t(r) * B * groups + bg) * 2 + half) * chunk_bytes;
+        char* global =
+            static_cast<char*>(full.raw()) + size_t(bg * 2 * cp + global_chunk) * chunk_bytes;
+        if (to_full) {
+          std::copy_n(own, chunk_bytes, global);
+        } else {
+          std::copy_n(global, chunk_bytes, own);
+        }
+      }
+    }
+  }
+}
+
+// Every cp rank's [B, g, s, d] keys (or values) in global sequence order, [B, g, s * cp, d].
+Tensor gather_sequence(const Tensor& local, const ContextParallel& cp) {
+  Tensor ranked = Tensor::empty(
+      {cp.size() * local.dim(0), local.dim(1), local.dim(2), local.dim(3)}, local.dtype());
+  comm::all_gather(local, ranked, cp.group);
+  Tensor full = Tensor::empty({local.dim(0), local.dim(1), local.dim(2) * cp.size(), local.dim(3)},
+                              local.dtype());
+  move_sequence_chunks(ranked, full, cp.size(), /*to_full=*/true);
+  return full;
+}
+
+// The adjoint of gather_sequence: each rank's full-sequence gradient summed over cp onto the
+// chunks this rank owns, [B, g, S / cp, d].
+Tensor reduce_scatter_sequence(Tensor& full, const ContextParallel& cp) {
+  Tensor ranked = Tensor::empty(
+      {cp.size() * full.dim(0), full.dim(1), full.dim(2) / cp.size(), full.dim(3)}, full.dtype());
+  move_sequence_chunks(ranked, full, cp.size(), /*to_full=*/false);
+  Tensor own =
+      Tensor::empty({full.dim(0), full.dim(1), full.dim(2) / cp.size(), full.dim(3)}, full.dtype());
+  comm::reduce_scatter(ranked, own, cp.group);
+  return own;
+}
+
 }  // namespace
 
 RotaryFrequencies rope_frequencies(int64_t dim, double rotary_base) {
@@ -285,7 +377,8 @@ RotaryFrequencies yarn_frequencies(int64_t dim, double rotary_base, const YarnSc
   return frequencies;
 }
 
-void apply_rotary(Tensor& x, const RotaryFrequencies& frequencies, bool backward) {
+void apply_rotary(Tensor& x, const RotaryFrequencies& frequencies, bool backward,
+                  std::span<const int64_t> positions) {
   check_ndim(x, 4, "rope input");
   int64_t outer = x.dim(0) * x.dim(1), seq = x.dim(2), dim = x.dim(3), half = dim / 2;
   MOE_CHECK(dim % 2 == 0, "rope needs an even head dimension, got ", dim);
@@ -293,11 +386,14 @@ void apply_rotary(Tensor& x, const RotaryFrequencies& frequencies, bool backward
             " does not match the ", frequencies.inv_freq.size(), " rotary frequencies");
   MOE_CHECK(x.dtype() == DType::F32 || x.dtype() == DType::F64,
             "rope input must be F32 or F64, got ", dtype_name(x.dtype()));
+  MOE_CHECK(positions.empty() || int64_t(positions.size()) == seq, "rope got ", positions.size(),
+            " positions for a sequence of ", seq);
   // cos and sin in double (Megatron's layout: pairs i, i + d/2), times the concentration.
   std::vector<double> cosines(size_t(seq * half)), sines(size_t(seq * half));
   for (int64_t pos = 0; pos < seq; ++pos) {
+    double position = positions.empty() ? double(pos) : double(positions[size_t(pos)]);
     for (int64_t i = 0; i < half; ++i) {
-      double angle = double(pos) * frequencies.inv_freq[size_t(i)];
+      double angle = position * frequencies.inv_freq[size_t(i)];
       double sine = frequencies.concentration * std::sin(angle);
       cosines[size_t(pos * half + i)] = frequencies.concentration * std::cos(angle);
       sines[size_t(pos * half + i)] = backward ? -sine : sine;
@@ -331,25 +427,29 @@ void apply_rope(Tensor& x, float rotary_base, bool backward) {
 }
 
 void causal_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
-                              const AttentionDropout& dropout, Tensor& logsumexp, Tensor& context) {
+                              const AttentionDropout& dropout, Tensor& logsumexp, Tensor& context,
+                              const QueryPositions& positions) {
   HeadDims d = check_attention_inputs(q, k, v, "causal_attention_forward");
+  std::vector<QueryRun> runs = query_runs(positions, d, "causal_attention_forward");
   check_shape(logsumexp, {d.batch, d.heads, d.seq}, "attention log-sum-exp");
   check_shape(context, {d.batch, d.heads, d.seq, d.value_dim}, "attention context");
   check_dtype(logsumexp, q.dtype(), "attention log-sum-exp");
   check_dtype(context, q.dtype(), "attention context");
   if (q.dtype() == DType::F64) {
-    attention_forward_typed<double>(d, q.data<double>(), k.data<double>(), v.data<double>(),
+    attention_forward_typed<double>(d, runs, q.data<double>(), k.data<double>(), v.data<double>(),
                                     dropout, logsumexp.data<double>(), context.data<double>());
   } else {
-    attention_forward_typed<float>(d, q.data<float>(), k.data<float>(), v.data<float>(), dropout,
-                                   logsumexp.data<float>(), context.data<float>());
+    attention_forward_typed<float>(d, runs, q.data<float>(), k.data<float>(), v.data<float>(),
+                                   dropout, logsumexp.data<float>(), context.data<float>());
   }
 }
 
 void causal_attention_backward(const Tensor& q, const Tensor& k, const Tensor& v,
                                const Tensor& logsumexp, const AttentionDropout& dropout,
-                               const Tensor& dcontext, Tensor& dq, Tensor& dk, Tensor& dv) {
+                               const Tensor& dcontext, Tensor& dq, Tensor& dk, Tensor& dv,
+                               const QueryPositions& positions) {
   HeadDims d = check_attention_inputs(q, k, v, "causal_attention_backward");
+  std::vector<QueryRun> runs = query_runs(positions, d, "causal_attention_backward");
   check_shape(logsumexp, {d.batch, d.heads, d.seq}, "attention log-sum-exp");
   check_shape(dcontext, {d.batch, d.heads, d.seq, d.value_dim}, "attention context gradient");
   check_shape(dq, q.shape(), "attention q gradient");
@@ -360,11 +460,11 @@ void causal_attention_backward(const Tensor& q, const Tensor& k, const Tensor& v
     check_dtype(*t, q.dtype(), "attention gradient");
   }
   if (q.dtype() == DType::F64) {
-    attention_backward_typed<double>(d, q.data<double>(), k.data<double>(), v.data<double>(),
+    attention_backward_typed<double>(d, runs, q.data<double>(), k.data<double>(), v.data<double>(),
                                      logsumexp.data<double>(), dropout, dcontext.data<double>(),
                                      dq.data<double>(), dk.data<double>(), dv.data<double>());
   } else {
-    attention_backward_typed<float>(d, q.data<float>(), k.data<float>(), v.data<float>(),
+    attention_backward_typed<float>(d, runs, q.data<float>(), k.data<float>(), v.data<float>(),
                                     logsumexp.data<float>(), dropout, dcontext.data<float>(),
                                     dq.data<float>(), dk.data<float>(), dv.data<float>());
   }
@@ -376,6 +476,8 @@ namespace reference {
 void causal_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
                               const AttentionDropout& dropout, Tensor& logsumexp, Tensor& context) {
   HeadDims d = check_attention_inputs(q, k, v, "reference::causal_attention_forward");
+  MOE_CHECK(d.seq == d.key_seq, "reference::causal_attention_forward: ", d.seq, " query rows but ",
+            d.key_seq, " key rows");
   int64_t per_group = d.heads / d.groups;
   double scale = 1.0 / std::sqrt(double(d.dim));
   auto at = [&](int64_t b, int64_t h, int64_t heads, int64_t pos, int64_t c) {
@@ -387,7 +489,6 @@ void causal_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
   for (int64_t b = 0; b < d.batch; ++b) {
     for (int64_t h = 0; h < d.heads; ++h) {
       int64_t g = h / per_group;
-      std::vector<double> mask = attention_dropout_mask<double>(dropout, d, b, h);
       for (int64_t i = 0; i < d.seq; ++i) {
         std::vector<double> weights(size_t(d.seq), 0.0);
         double max_score = -INFINITY;
@@ -409,7 +510,8 @@ void causal_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
         for (int64_t c = 0; c < d.value_dim; ++c) {
           double value = 0;
           for (int64_t j = 0; j <= i; ++j) {
-            double kept = mask.empty() ? 1.0 : mask[size_t(i * d.seq + j)];
+            double kept =
+                dropout.p == 0 ? 1.0 : attention_dropout_multiplier<double>(dropout, d, b, h, i, j);
             value += weights[size_t(j)] * kept * v.get(value_at(b, g, d.groups, j, c));
           }
           context.set(value_at(b, h, d.heads, i, c), float(value));
@@ -422,8 +524,10 @@ void causal_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
 }  // namespace reference
 
 SelfAttention::SelfAttention(ParameterStore& store, const std::string& prefix,
-                             const TransformerConfig& config, const TensorParallel& tp)
+                             const TransformerConfig& config, const TensorParallel& tp,
+                             const ContextParallel& cp)
     : tp_(tp),
+      cp_(cp),
       heads_local_(divide_over_tp(config.num_attention_heads, tp.size(), "num_attention_heads")),
       groups_local_(divide_over_tp(config.query_groups(), tp.size(), "num_query_groups")),
       head_dim_(config.head_dim()),
@@ -467,6 +571,16 @@ std::vector<ParamHandle> SelfAttention::tensor_parallel_partial_params() const {
   return partial;
 }
 
+QueryPositions SelfAttention::query_positions(int64_t local_seq) const {
+  if (cp_.size() == 1) return {};
+  MOE_CHECK(local_seq % 2 == 0, "context parallelism splits each rank's ", local_seq,
+            " positions into two chunks; the sequence length must be divisible by 2 x "
+            "context_parallel_size (",
+            2 * cp_.size(), ")");
+  return {local_seq / 2,
+          {cp_.global_position(0, local_seq), cp_.global_position(local_seq / 2, local_seq)}};
+}
+
 Tensor SelfAttention::forward(const ParameterStore& store, const Tensor& x, BatchShape shape,
                               uint64_t attention_dropout_key, bool training, Context& ctx) const {
   ctx.input = x;  // this rank's rows: backward gathers them again (sequence parallelism)
@@ -487,15 +601,22 @@ Tensor SelfAttention::forward(const ParameterStore& store, const Tensor& x, Batc
     ctx.q = q_norm_->forward(store, ctx.q.reshape({-1, d}), ctx.q_norm).reshape(ctx.q.shape());
     ctx.k = k_norm_->forward(store, ctx.k.reshape({-1, d}), ctx.k_norm).reshape(ctx.k.shape());
   }
+  QueryPositions queries = query_positions(S);
+  std::vector<int64_t> positions =
+      cp_.size() > 1 ? cp_.global_positions(S) : std::vector<int64_t>{};
   if (rotary_) {
-    apply_rotary(ctx.q, *rotary_, false);
-    apply_rotary(ctx.k, *rotary_, false);
+    apply_rotary(ctx.q, *rotary_, false, positions);
+    apply_rotary(ctx.k, *rotary_, false, positions);
+  }
+  if (cp_.size() > 1) {
+    ctx.k = gather_sequence(ctx.k, cp_);
+    ctx.v = gather_sequence(ctx.v, cp_);
   }
   AttentionDropout dropout{training ? attention_dropout_ : 0.0f, attention_dropout_key,
                            int64_t(tp_.rank()) * heads_local_, int64_t(tp_.size()) * heads_local_};
   ctx.logsumexp = Tensor::empty({B, heads_local_, S}, compute);
   Tensor context = Tensor::empty({B, heads_local_, S, d}, compute);
-  causal_attention_forward(ctx.q, ctx.k, ctx.v, dropout, ctx.logsumexp, context);
+  causal_attention_forward(ctx.q, ctx.k, ctx.v, dropout, ctx.logsumexp, context, queries);
   ctx.attention_dropout = dropout.p;
   Tensor context_rows = Tensor::empty({S * B, heads_local_ * d}, compute);
   move_context(context_rows, context, /*to_heads=*/false);
@@ -521,10 +642,17 @@ Tensor SelfAttention::backward(const ParameterStore& store, const Context& ctx,
   Tensor dq = Tensor::empty(ctx.q.shape(), compute);
   Tensor dk = Tensor::empty(ctx.k.shape(), compute);
   Tensor dv = Tensor::empty(ctx.v.shape(), compute);
-  causal_attention_backward(ctx.q, ctx.k, ctx.v, ctx.logsumexp, dropout, dcontext, dq, dk, dv);
+  causal_attention_backward(ctx.q, ctx.k, ctx.v, ctx.logsumexp, dropout, dcontext, dq, dk, dv,
+                            query_positions(S));
+  if (cp_.size() > 1) {
+    dk = reduce_scatter_sequence(dk, cp_);
+    dv = reduce_scatter_sequence(dv, cp_);
+  }
   if (rotary_) {
-    apply_rotary(dq, *rotary_, true);
-    apply_rotary(dk, *rotary_, true);
+    std::vector<int64_t> positions =
+        cp_.size() > 1 ? cp_.global_positions(S) : std::vector<int64_t>{};
+    apply_rotary(dq, *rotary_, true, positions);
+    apply_rotary(dk, *rotary_, true, positions);
   }
   if (q_norm_) {
     dq = q_norm_->backward(store, ctx.q_norm, dq.reshape({-1, d})).reshape(dq.shape());

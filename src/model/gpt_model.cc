@@ -50,6 +50,7 @@ void GPTContext::release() {
 
 struct GPTModel::Impl {
   TensorParallel tp;
+  ContextParallel cp;
   std::optional<VocabParallelEmbedding> embedding;
   ParamHandle position_embedding;
   std::vector<std::unique_ptr<TransformerLayer>> layers;
@@ -90,7 +91,18 @@ GPTModel::GPTModel(const TransformerConfig& config, const comm::ParallelState& p
   Impl& m = *impl_;
   m.tp = TensorParallel{parallel.tp_group, config_.sequence_parallel && sizes.tp > 1};
   m.params.sequence_parallel = m.tp.sequence_parallel;
+  m.cp = parallel.context_parallel();
   const TransformerConfig& c = config_;
+  if (sizes.cp > 1) {
+    MOE_CHECK(!c.multi_latent_attention,
+              "--multi-latent-attention is not supported with --context-parallel-size (", sizes.cp,
+              ") > 1");
+    MOE_CHECK(c.mtp_num_layers == 0, "--mtp-num-layers (", c.mtp_num_layers,
+              ") is not supported with --context-parallel-size (", sizes.cp, ") > 1");
+    MOE_CHECK(c.seq_length % (2 * sizes.cp) == 0, "--seq-length (", c.seq_length,
+              ") must be divisible by 2 x --context-parallel-size (", 2 * sizes.cp,
+              "): each cp rank holds two of the 2 x cp load-balanced chunks");
+  }
   if (stage_.pre_process) {
     m.embedding.emplace(store, "embedding.word_embeddings.weight", c.padded_vocab_size,
                         c.hidden_size, m.tp);
@@ -111,8 +123,9 @@ GPTModel::GPTModel(const TransformerConfig& config, const comm::ParallelState& p
     if (c.is_moe_layer(i)) {
       dispatcher = dispatcher_factory(c.moe_config(), parallel, i);
     }
-    m.layers.push_back(std::make_unique<TransformerLayer>(
-        store, config_, i, m.tp, parallel.tp_dp_cp_group, std::move(dispatcher), uint64_t(i)));
+    m.layers.push_back(
+        std::make_unique<TransformerLayer>(store, config_, i, m.tp, parallel.tp_dp_cp_group,
+                                           std::move(dispatcher), uint64_t(i), "", m.cp));
     m.layers.back()->register_params(m.params);
   }
   const bool last_stage_needs_embedding =
@@ -145,6 +158,27 @@ GPTModel::GPTModel(const TransformerConfig& config, const comm::ParallelState& p
 }
 
 GPTModel::~GPTModel() = default;
+
+Tensor split_for_context_parallel(const Tensor& batch, const ContextParallel& cp) {
+  if (cp.size() == 1) return batch;
+  check_ndim(batch, 2, "context-parallel batch");
+  const int64_t rows = batch.dim(0), seq = batch.dim(1), local_seq = seq / cp.size();
+  MOE_CHECK(seq % (2 * cp.size()) == 0, "sequence length (", seq,
+            ") must be a multiple of 2 x context_parallel_size (", 2 * cp.size(), ")");
+  Tensor local = Tensor::empty({rows, local_seq}, batch.dtype());
+  const size_t element = dtype_size(batch.dtype());
+  const int64_t chunk = local_seq / 2;
+  const char* source = static_cast<const char*>(batch.raw());
+  char* target = static_cast<char*>(local.raw());
+  for (int64_t b = 0; b < rows; ++b) {
+    for (int64_t first = 0; first < local_seq; first += chunk) {  // a chunk is contiguous
+      const int64_t global = cp.global_position(first, local_seq);
+      std::copy_n(source + size_t(b * seq + global) * element, size_t(chunk) * element,
+                  target + size_t(b * local_seq + first) * element);
+    }
+  }
+  return local;
+}
 
 DispatcherFactory default_dispatcher_factory() {
   return [](const MoEConfig& config, const comm::ParallelState& parallel, int) {
@@ -220,7 +254,7 @@ void GPTModel::init_parameters(uint64_t seed) {
 }
 
 int64_t GPTModel::local_rows(int64_t micro_batch_size) const {
-  int64_t rows = int64_t(config_.seq_length) * micro_batch_size;
+  int64_t rows = int64_t(config_.seq_length) / impl_->cp.size() * micro_batch_size;
   return impl_->sequence_parallel() ? rows / impl_->tp.size() : rows;
 }
 
@@ -279,6 +313,10 @@ Tensor GPTModel::forward_step(const Tensor& input, const Tensor& labels, GPTCont
     state->shape = BatchShape{rows / micro_batch_size, micro_batch_size};
   }
   BatchShape shape = state->shape;
+  MOE_CHECK(m.cp.size() == 1 || shape.seq % 2 == 0, "context parallelism: this rank's ", shape.seq,
+            " positions are not two equal chunks; the sequence length (", shape.seq, " x ",
+            m.cp.size(), ") must be divisible by 2 x context_parallel_size (", 2 * m.cp.size(),
+            ")");
   MOE_CHECK(!m.sequence_parallel() || shape.seq % tp == 0, "sequence length ", shape.seq,
             " must be divisible by tensor_model_parallel_size (", tp,
             ") with sequence parallelism");
@@ -289,18 +327,18 @@ Tensor GPTModel::forward_step(const Tensor& input, const Tensor& labels, GPTCont
     hidden = m.embedding->forward(store_, input);
     if (m.position_embedding.index >= 0) {
       Tensor table = store_.param(m.position_embedding);
-      MOE_CHECK(shape.seq <= table.dim(0), "sequence length ", shape.seq,
-                " exceeds max_position_embeddings (", table.dim(0), ")");
+      MOE_CHECK(shape.seq * m.cp.size() <= table.dim(0), "sequence length ",
+                shape.seq * m.cp.size(), " exceeds max_position_embeddings (", table.dim(0), ")");
       Tensor positions = Tensor::empty({rows_local, h}, hidden.dtype());
       for (int64_t r = 0; r < rows_local; ++r) {
-        int64_t position = (state->row_offset + r) / shape.batch;
+        int64_t position = m.cp.global_position((state->row_offset + r) / shape.batch, shape.seq);
         positions.rows(r, r + 1).copy_from(table.rows(position, position + 1));
       }
       add(hidden, positions, hidden);
     }
-    apply_dropout(hidden, ctx.training ? config_.hidden_dropout : 0.0f,
-                  dropout_key(ctx.dropout_seed, kEmbeddingLayer, kEmbeddingDropout),
-                  state->row_offset * h);
+    apply_hidden_dropout(hidden, ctx.training ? config_.hidden_dropout : 0.0f,
+                         dropout_key(ctx.dropout_seed, kEmbeddingLayer, kEmbeddingDropout), shape,
+                         state->row_offset, m.cp);
   } else {
     check_shape(input, {rows_local, h}, "stage input hidden states");
     check_dtype(input, store_.param_dtype(), "stage input hidden states");
@@ -333,9 +371,20 @@ Tensor GPTModel::forward_step(const Tensor& input, const Tensor& labels, GPTCont
     mask_sum += mask[size_t(r)];
     weighted += mask[size_t(r)] * row_losses.data<double>()[r];
   }
+  if (m.cp.size() > 1) {
+    // The mean over the whole sequence: the masked sums and token counts of every cp rank.
+    Tensor sums({2}, DType::F64);
+    sums.data<double>()[0] = mask_sum;
+    sums.data<double>()[1] = weighted;
+    comm::all_reduce(sums, m.cp.group);
+    mask_sum = sums.data<double>()[0];
+    weighted = sums.data<double>()[1];
+  }
+  // Dense gradients are averaged over dp x cp, so each cp rank's share is scaled by cp (Megatron's
+  // loss * context_parallel_size).
   state->loss_weights.resize(mask.size());
   for (size_t r = 0; r < mask.size(); ++r) {
-    state->loss_weights[r] = mask_sum > 0 ? mask[r] / mask_sum : 0.0;
+    state->loss_weights[r] = mask_sum > 0 ? mask[r] / mask_sum * double(m.cp.size()) : 0.0;
   }
   ctx.loss_tokens = mask_sum;
   ctx.lm_loss = mask_sum > 0 ? weighted / mask_sum : 0.0;
@@ -387,15 +436,14 @@ Tensor GPTModel::backward_step(GPTContext& ctx, const Tensor& output_grad) {
     dhidden = m.layers[i]->backward(store_, dhidden, shape, state.row_offset, ctx, state.layers[i]);
   }
   if (stage_.pre_process) {
-    int64_t h = config_.hidden_size;
-    apply_dropout(dhidden, ctx.training ? config_.hidden_dropout : 0.0f,
-                  dropout_key(ctx.dropout_seed, kEmbeddingLayer, kEmbeddingDropout),
-                  state.row_offset * h);
+    apply_hidden_dropout(dhidden, ctx.training ? config_.hidden_dropout : 0.0f,
+                         dropout_key(ctx.dropout_seed, kEmbeddingLayer, kEmbeddingDropout), shape,
+                         state.row_offset, m.cp);
     if (m.position_embedding.index >= 0) {
       Tensor grad = store_.grad(m.position_embedding);
       Tensor dvalues = dhidden.to(DType::F32);
       for (int64_t r = 0; r < dhidden.dim(0); ++r) {
-        int64_t position = (state.row_offset + r) / shape.batch;
+        int64_t position = m.cp.global_position((state.row_offset + r) / shape.batch, shape.seq);
         Tensor grad_row = grad.rows(position, position + 1);
         axpy(1.0f, dvalues.rows(r, r + 1), grad_row);
       }

@@ -13,20 +13,43 @@ void ParamRegistry::add_norm(const Norm& norm) {
   }
 }
 
+void apply_hidden_dropout(Tensor& x, float p, uint64_t key, const BatchShape& shape,
+                          int64_t row_offset, const ContextParallel& cp) {
+  if (p == 0) return;
+  const int64_t h = x.dim(1);
+  auto global_row = [&](int64_t local_row) {
+    return cp.global_position(local_row / shape.batch, shape.seq) * shape.batch +
+           local_row % shape.batch;
+  };
+  // The runs of rows that are contiguous in the global tensor (one per cp chunk).
+  for (int64_t begin = 0; begin < x.dim(0);) {
+    int64_t end = begin + 1;
+    while (end < x.dim(0) &&
+           global_row(row_offset + end) == global_row(row_offset + begin) + (end - begin)) {
+      ++end;
+    }
+    Tensor run = x.rows(begin, end);
+    apply_dropout(run, p, key, global_row(row_offset + begin) * h);
+    begin = end;
+  }
+}
+
 TransformerLayer::TransformerLayer(ParameterStore& store, const TransformerConfig& config,
                                    int number, const TensorParallel& tp,
                                    const comm::ProcessGroup& stage_group,
                                    std::unique_ptr<TokenDispatcher> dispatcher,
-                                   uint64_t jitter_seed, const std::string& prefix)
+                                   uint64_t jitter_seed, const std::string& prefix,
+                                   const ContextParallel& cp)
     : number_(number),
       config_(config),
+      cp_(cp),
       prefix_(prefix.empty() ? "decoder.layers." + std::to_string(number) : prefix),
       input_norm_(store, prefix_ + ".input_layernorm", config.hidden_size, config.normalization,
                   config.norm_epsilon),
       attention_(config.multi_latent_attention
                      ? std::nullopt
                      : std::optional<SelfAttention>(std::in_place, store,
-                                                    prefix_ + ".self_attention", config, tp)),
+                                                    prefix_ + ".self_attention", config, tp, cp)),
       latent_attention_(config.multi_latent_attention
                             ? std::optional<MultiLatentAttention>(
                                   std::in_place, store, prefix_ + ".self_attention", config, tp)
@@ -35,7 +58,8 @@ TransformerLayer::TransformerLayer(ParameterStore& store, const TransformerConfi
                     config.norm_epsilon) {
   if (config.is_moe_layer(number)) {
     moe_ = std::make_unique<MoELayer>(config.moe_config(), store, prefix_ + ".mlp",
-                                      std::move(dispatcher), jitter_seed, tp, stage_group);
+                                      std::move(dispatcher), jitter_seed, tp, stage_group,
+                                      cp.tp_cp_group);
     if (config.moe_shared_expert_intermediate_size > 0) {
       shared_experts_.emplace(store, prefix_ + ".mlp.shared_experts", config, tp);
     }
@@ -132,10 +156,10 @@ Tensor TransformerLayer::backward(const ParameterStore& store, const Tensor& gra
     run_forward(store, input, shape, row_offset, ctx, layer_ctx, nullptr);
   }
   float hidden_p = ctx.training ? config_.hidden_dropout : 0.0f;
-  int64_t first_index = row_offset * grad_output.dim(1);
 
   Tensor dmlp = grad_output.clone();
-  apply_dropout(dmlp, hidden_p, dropout_key(ctx.dropout_seed, number_, kMlpOutput), first_index);
+  apply_hidden_dropout(dmlp, hidden_p, dropout_key(ctx.dropout_seed, number_, kMlpOutput), shape,
+                       row_offset, cp_);
   Tensor dmlp_in;
   if (moe_) {
     const int64_t local_seq = dmlp.dim(0) / shape.batch;
@@ -152,8 +176,9 @@ Tensor TransformerLayer::backward(const ParameterStore& store, const Tensor& gra
   add(dresidual, grad_output, dresidual);
 
   Tensor dattention = dresidual.clone();
-  apply_dropout(dattention, hidden_p, dropout_key(ctx.dropout_seed, number_, kAttentionOutput),
-                first_index);
+  apply_hidden_dropout(dattention, hidden_p,
+                       dropout_key(ctx.dropout_seed, number_, kAttentionOutput), shape, row_offset,
+                       cp_);
   Tensor dnormed = attention_
                        ? attention_->backward(store, layer_ctx.attention, dattention)
                        : latent_attention_->backward(store, layer_ctx.latent_attention, dattention);
@@ -170,7 +195,6 @@ Tensor TransformerLayer::run_forward(const ParameterStore& store, const Tensor& 
   layer_ctx.input = x;
   layer_ctx.materialized = true;
   float hidden_p = ctx.training ? config_.hidden_dropout : 0.0f;
-  int64_t first_index = row_offset * x.dim(1);
 
   Tensor normed = input_norm_.forward(store, x, layer_ctx.input_norm);
   uint64_t probs_key = dropout_key(ctx.dropout_seed, number_, kAttentionProbs);
@@ -179,8 +203,9 @@ Tensor TransformerLayer::run_forward(const ParameterStore& store, const Tensor& 
           ? attention_->forward(store, normed, shape, probs_key, ctx.training, layer_ctx.attention)
           : latent_attention_->forward(store, normed, shape, probs_key, ctx.training,
                                        layer_ctx.latent_attention);
-  apply_dropout(attention_out, hidden_p, dropout_key(ctx.dropout_seed, number_, kAttentionOutput),
-                first_index);
+  apply_hidden_dropout(attention_out, hidden_p,
+                       dropout_key(ctx.dropout_seed, number_, kAttentionOutput), shape, row_offset,
+                       cp_);
   Tensor residual = Tensor::empty(x.shape(), x.dtype());
   add(x, attention_out, residual);
 
@@ -200,7 +225,8 @@ Tensor TransformerLayer::run_forward(const ParameterStore& store, const Tensor& 
   } else {
     mlp_out = mlp_->forward(store, mlp_in, layer_ctx.mlp);
   }
-  apply_dropout(mlp_out, hidden_p, dropout_key(ctx.dropout_seed, number_, kMlpOutput), first_index);
+  apply_hidden_dropout(mlp_out, hidden_p, dropout_key(ctx.dropout_seed, number_, kMlpOutput), shape,
+                       row_offset, cp_);
   Tensor out = Tensor::empty(x.shape(), x.dtype());  // residual is saved by pre_mlp_norm
   add(residual, mlp_out, out);
   return out;

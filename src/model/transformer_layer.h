@@ -45,6 +45,13 @@ struct ParamRegistry {
   void add_norm(const Norm& norm);
 };
 
+// Hidden dropout of x, this rank's rows [row_offset, row_offset + x.dim(0)) of the micro-batch's
+// [shape.seq * shape.batch, h] rows (shape.seq: this cp rank's positions). Each row is masked by
+// its index in the global [seq * cp * batch, h] tensor, so the mask is the same in every tp,
+// sequence- and context-parallel layout. Applying it to a gradient is the backward.
+void apply_hidden_dropout(Tensor& x, float p, uint64_t key, const BatchShape& shape,
+                          int64_t row_offset, const ContextParallel& cp);
+
 // Everything one layer's forward saves for its backward.
 struct TransformerLayerContext {
   Tensor input;               // [rows_local, h]: kept even when recomputing
@@ -62,10 +69,12 @@ class TransformerLayer {
   // dispatcher: the MoE layer's token dispatcher when config.is_moe_layer(number), else null.
   // stage_group: the ranks of this pipeline stage (tp x dp x cp; see MoELayer).
   // prefix: the parameter names' prefix; empty: "decoder.layers.<number>".
+  // cp: context parallelism (the attention's K/V exchange, the MoE layer's tp x cp losses, the
+  // hidden dropout's global rows).
   TransformerLayer(ParameterStore& store, const TransformerConfig& config, int number,
                    const TensorParallel& tp, const comm::ProcessGroup& stage_group,
                    std::unique_ptr<TokenDispatcher> dispatcher, uint64_t jitter_seed,
-                   const std::string& prefix = "");
+                   const std::string& prefix = "", const ContextParallel& cp = {});
 
   const std::string& prefix() const { return prefix_; }
   int number() const { return number_; }
@@ -99,6 +108,7 @@ class TransformerLayer {
 
   int number_;
   const TransformerConfig& config_;
+  ContextParallel cp_;
   std::string prefix_;
   Norm input_norm_;
   // Exactly one of them: multi-latent attention with config.multi_latent_attention.

@@ -22,19 +22,21 @@ std::unique_ptr<TokenDispatcher> local_if_null(std::unique_ptr<TokenDispatcher> 
 
 MoELayer::MoELayer(const MoEConfig& config, ParameterStore& store, const std::string& prefix,
                    std::unique_ptr<TokenDispatcher> dispatcher, uint64_t jitter_seed,
-                   comm::TensorParallel tp, comm::ProcessGroup stage_group)
+                   comm::TensorParallel tp, comm::ProcessGroup stage_group,
+                   comm::ProcessGroup tp_cp_group)
     : config_(config),
       tp_(std::move(tp)),
       stage_group_(std::move(stage_group)),
+      loss_group_(tp_cp_group.size() > tp_.size() ? std::move(tp_cp_group) : tp_.group),
       dispatcher_(local_if_null(std::move(dispatcher), config)),
       router_(config.moe_router_type == RouterType::kExpertChoice
                   ? expert_choice_scoring_config(config)
                   : config,
               store, prefix + ".router", jitter_seed),
       experts_(make_experts(config, store, prefix + ".experts", dispatcher_->placement())) {
-  if (tp_.size() > 1) {
-    router_.set_aux_count_reducer(make_aux_count_reducer(tp_.group));
-    router_.set_z_loss_group_size(tp_.size());
+  if (loss_group_.size() > 1) {
+    router_.set_aux_count_reducer(make_aux_count_reducer(loss_group_));
+    router_.set_z_loss_group_size(loss_group_.size());
   }
   if (config_.uses(LoadBalancingType::kGlobalAuxLoss)) {
     router_.set_global_aux_count_reducer(make_aux_count_reducer(stage_group_));
@@ -93,12 +95,12 @@ Tensor MoELayer::forward(const Tensor& hidden, MoEContext& ctx, bool training) {
   Tensor expert_output = experts_->forward(rows, ctx.dispatch.tokens_per_local_expert, ctx.experts);
   Tensor output = dispatcher_->combine(expert_output, ctx.dispatch);
   ctx.losses = ctx.router.losses;
-  if (tp_.size() > 1 &&
-      training) {  // each tp rank's losses are its tokens' share of the micro-batch's
+  if (loss_group_.size() > 1 &&
+      training) {  // each tp x cp rank's losses are its tokens' share of the micro-batch's
     std::array<double, RouterLosses::kCount> values = ctx.losses.values();
     Tensor buffer({int64_t(values.size())}, DType::F64);
     std::copy(values.begin(), values.end(), buffer.data<double>());
-    comm::all_reduce(buffer, tp_.group);
+    comm::all_reduce(buffer, loss_group_);
     std::copy_n(buffer.data<double>(), values.size(), values.begin());
     ctx.losses = RouterLosses::from_values(values);
   }
@@ -122,7 +124,11 @@ Tensor MoELayer::backward(MoEContext& ctx, const Tensor& grad_output, double aux
   grad_expert_output = Tensor();
   Tensor grad_hidden =
       dispatcher_->dispatch_backward(grad_rows, ctx.dispatch).reshape(grad_own.shape());
-  router_.backward(ctx.router, grad_probs, grad_hidden, aux_loss_grad_scale);
+  // With context parallelism the cp ranks' router gradients are averaged over dp x cp like
+  // every dense gradient, so each carries cp times its share (Megatron scales the aux-loss
+  // gradient by the cp size as it scales the lm loss).
+  const double cp = double(loss_group_.size() / tp_.size());
+  router_.backward(ctx.router, grad_probs, grad_hidden, aux_loss_grad_scale * cp);
   ctx.has_saved_state = false;
   return gather_blocks(grad_hidden).reshape(ctx.input_shape);
 }

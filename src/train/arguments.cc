@@ -264,6 +264,10 @@ void register_arguments(CLI::App& app, TrainingArguments& a) {
                    "Layers of the first pipeline stage (the rest split over the others).");
     app.add_option("--decoder-last-pipeline-num-layers", a.decoder_last_pipeline_num_layers,
                    "Layers of the last pipeline stage (the rest split over the others).");
+    app.add_option("--context-parallel-size", a.context_parallel_size,
+                   "Context parallel degree: the sequence is split over cp ranks in 2 x cp "
+                   "load-balanced chunks; attention all-gathers K/V over cp.")
+        ->capture_default_str();
     app.add_flag("--use-distributed-optimizer", a.use_distributed_optimizer,
                  "Shard optimizer state over data-parallel ranks (ZeRO-1).");
     app.add_option("--distributed-timeout-minutes", a.distributed_timeout_minutes,
@@ -783,6 +787,7 @@ void finalize_arguments(TrainingArguments& a, int world_size) {
   require_positive(a.tensorboard_log_interval, "--tensorboard-log-interval");
   require_positive(a.tensor_model_parallel_size, "--tensor-model-parallel-size");
   require_positive(a.pipeline_model_parallel_size, "--pipeline-model-parallel-size");
+  require_positive(a.context_parallel_size, "--context-parallel-size");
   require_positive(a.expert_model_parallel_size, "--expert-model-parallel-size");
   require_positive(a.make_vocab_size_divisible_by, "--make-vocab-size-divisible-by");
   require_positive(a.distributed_timeout_minutes, "--distributed-timeout-minutes");
@@ -803,10 +808,15 @@ void finalize_arguments(TrainingArguments& a, int world_size) {
 
   // ---- parallel layout
   const int tp = a.tensor_model_parallel_size, pp = a.pipeline_model_parallel_size;
-  MOE_CHECK(world_size % (tp * pp) == 0, "world size (", world_size,
+  const int cp = a.context_parallel_size;
+  MOE_CHECK(world_size % (tp * pp * cp) == 0, "world size (", world_size,
             ") is not divisible by --tensor-model-parallel-size (", tp,
-            ") x --pipeline-model-parallel-size (", pp, ")");
-  a.data_parallel_size = world_size / (tp * pp);
+            ") x --pipeline-model-parallel-size (", pp, ")",
+            cp > 1 ? concat(" x --context-parallel-size (", cp, ")") : std::string());
+  a.data_parallel_size = world_size / (tp * pp * cp);
+  MOE_CHECK(cp == 1 || *a.seq_length % (2 * cp) == 0, "--seq-length (", *a.seq_length,
+            ") must be a multiple of 2 x --context-parallel-size (", 2 * cp,
+            ") when --context-parallel-size > 1");
   if (a.sequence_parallel && tp == 1) {
     a.sequence_parallel = false;
     a.notes.push_back("--sequence-parallel disabled because --tensor-model-parallel-size is 1");
@@ -988,7 +998,7 @@ void finalize_arguments(TrainingArguments& a, int world_size) {
   MOE_CHECK(*a.global_batch_size % micro_times_dp == 0, "--global-batch-size (",
             *a.global_batch_size, ") is not divisible by --micro-batch-size (", *a.micro_batch_size,
             ") x data-parallel size (", a.data_parallel_size, " = world size ", world_size,
-            " / (tp ", tp, " x pp ", pp, "))");
+            " / (tp ", tp, " x pp ", pp, cp > 1 ? concat(" x cp ", cp) : std::string(), "))");
   a.num_micro_batches = *a.global_batch_size / micro_times_dp;
   MOE_CHECK(a.virtual_pipeline_model_parallel_size == 1 || a.num_micro_batches % pp == 0,
             "number of microbatches (", a.num_micro_batches,

@@ -396,9 +396,13 @@ pipeline::MicroBatchProvider micro_batches_from(Job& job, data::PretrainingDataI
   return [&job, &data](int) {
     data::MicroBatch batch = data.next();
     pipeline::MicroBatch micro;
-    micro.tokens = batch.tokens;
-    micro.labels = batch.labels;
-    micro.loss_mask = batch.loss_mask;
+    // Context parallelism: this cp rank's two load-balanced chunks of each sequence.
+    const comm::ContextParallel cp = job.parallel.context_parallel();
+    micro.tokens = model::split_for_context_parallel(batch.tokens, cp);
+    micro.labels = model::split_for_context_parallel(batch.labels, cp);
+    if (batch.loss_mask.defined()) {
+      micro.loss_mask = model::split_for_context_parallel(batch.loss_mask, cp);
+    }
     micro.dropout_seed =
         micro_batch_seed(job.random_streams, job.iteration, batch.sample_indices[0]);
     return micro;
@@ -668,14 +672,16 @@ TrainingReport pretrain(const TrainingArguments& args, std::ostream& log) {
   sizes.pp = args.pipeline_model_parallel_size;
   sizes.ep = args.expert_model_parallel_size;
   sizes.etp = *args.expert_tensor_parallel_size;
+  sizes.cp = args.context_parallel_size;
   job.parallel = comm::initialize_model_parallel(sizes);
   MOE_CHECK(job.parallel.world_size == args.world_size, "the arguments were validated for ",
             args.world_size, " ranks but the job has ", job.parallel.world_size);
   job.is_logger = job.parallel.world_rank == 0;
   job.say(concat(
       "using world size: ", args.world_size, ", data-parallel size: ", args.data_parallel_size,
-      ", tensor-model-parallel size: ", sizes.tp, ", pipeline-model-parallel size: ", sizes.pp,
-      ", expert-model-parallel size: ", sizes.ep, ", expert-tensor-parallel size: ", sizes.etp,
+      ", context-parallel size: ", sizes.cp, ", tensor-model-parallel size: ", sizes.tp,
+      ", pipeline-model-parallel size: ", sizes.pp, ", expert-model-parallel size: ", sizes.ep,
+      ", expert-tensor-parallel size: ", sizes.etp,
       ", expert-data-parallel size: ", args.expert_data_parallel_size));
   for (const std::string& note : args.notes) job.say("note: " + note);
   job.say(concat("global batch size ", *args.global_batch_size, " = micro-batch size ",

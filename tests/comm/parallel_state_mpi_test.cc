@@ -56,6 +56,7 @@ TEST_P(InitializeModelParallel, GroupsMatchMegatronLayout) {
   expect_group(state.cp_group, layout.cp_group, world_rank, "cp");
   expect_group(state.dp_group, layout.dp_group, world_rank, "dp");
   expect_group(state.dp_cp_group, layout.dp_cp, world_rank, "dp_cp");
+  expect_group(state.tp_cp_group, layout.tp_cp, world_rank, "tp_cp");
   expect_group(state.pp_group, layout.pp, world_rank, "pp");
   expect_group(state.model_parallel_group, layout.model_parallel, world_rank, "model_parallel");
   expect_group(state.embedding_group, layout.embedding, world_rank, "embedding");

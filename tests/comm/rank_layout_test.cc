@@ -145,6 +145,21 @@ TEST(RankLayout, TpDpCpHoldsEachPipelineStage) {
   EXPECT_EQ(got.tp_dp_cp, (Groups{{0, 1, 2, 3, 4, 5, 6, 7}}));
 }
 
+// Megatron's tensor-and-context-parallel group (the router's tp_cp_group): tp fastest, then cp.
+TEST(RankLayout, TpCpJoinsTensorAndContextRanks) {
+  RankLayout got = compute_rank_layout(8, {.tp = 2, .cp = 2});
+  EXPECT_EQ(got.tp_cp, (Groups{{0, 1, 2, 3}, {4, 5, 6, 7}}));
+  got = compute_rank_layout(8, {.cp = 2});
+  EXPECT_EQ(got.tp_cp, (Groups{{0, 1}, {2, 3}, {4, 5}, {6, 7}}));
+  EXPECT_EQ(got.tp_cp, got.cp_group);
+}
+
+// Megatron's get_batch_on_this_cp_rank: 2 * cp chunks, rank r holds chunks r and 2 * cp - 1 - r.
+TEST(ContextParallel, GlobalPositionsAreTheLoadBalancedChunks) {
+  EXPECT_EQ(ContextParallel{}.global_positions(5), (std::vector<int64_t>{0, 1, 2, 3, 4}));
+  // cp = 1 without MPI: the self group; the layout of other ranks is checked in the MPI tests.
+}
+
 TEST(RankLayout, DescribePrintsEveryKind) {
   std::string text = describe_rank_layout(8, {.tp = 2, .pp = 2, .ep = 2});
   EXPECT_CONTAINS(text, "tp: [0, 1] [2, 3] [4, 5] [6, 7]\n");

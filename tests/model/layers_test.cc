@@ -99,6 +99,37 @@ TEST(Norm, GradientsMatchFiniteDifferences) {
             "normalization 'BatchNorm' is not supported (LayerNorm or RMSNorm)");
 }
 
+// Context parallelism rotates a rank's rows by their global positions: the same values as the
+// rows of the whole rotated sequence; a position list of the wrong length is refused.
+TEST(Rope, ExplicitPositionsRotateAsTheirRowsOfTheWholeSequence) {
+  Tensor full = random_normal({2, 3, 12, 8}, 11, 1.0f, DType::F64);
+  const std::vector<int64_t> positions = {3, 4, 5, 6, 7, 8};  // cp 2, rank 1: chunks 1 and 2
+  Tensor local({2, 3, 6, 8}, DType::F64);
+  for (int64_t o = 0; o < 6; ++o) {
+    for (int64_t i = 0; i < 6; ++i) {
+      local.reshape({-1, 8})
+          .rows(o * 6 + i, o * 6 + i + 1)
+          .copy_from(full.reshape({-1, 8}).rows(o * 12 + positions[size_t(i)],
+                                                o * 12 + positions[size_t(i)] + 1));
+    }
+  }
+  RotaryFrequencies frequencies = rope_frequencies(8, 10000.0);
+  apply_rotary(full, frequencies, false);
+  apply_rotary(local, frequencies, false, positions);
+  for (int64_t o = 0; o < 6; ++o) {
+    for (int64_t i = 0; i < 6; ++i) {
+      EXPECT_TENSORS_CLOSE(local.reshape({-1, 8}).rows(o * 6 + i, o * 6 + i + 1),
+                           full.reshape({-1, 8}).rows(o * 12 + positions[size_t(i)],
+                                                      o * 12 + positions[size_t(i)] + 1),
+                           0, 0);
+    }
+  }
+  EXPECT_EQ(moe::testing::error_text([&] {
+              apply_rotary(local, frequencies, false, std::vector<int64_t>{0, 1});
+            }),
+            "rope got 2 positions for a sequence of 6");
+}
+
 TEST(Rope, RotatesPairsAndBackwardIsTheInverse) {
   Tensor x = random_normal({2, 3, 6, 8}, 11, 1.0f, DType::F64);
   Tensor y = x.clone();
@@ -277,6 +308,87 @@ TEST(CausalAttention, GradientsMatchFiniteDifferences) {
       EXPECT_TRUE(check_gradient(v, dv, objective, "v"));
     }
   }
+}
+
+// Context parallelism's core attention: each cp rank's query chunks (r and 2 cp - 1 - r of 2 cp)
+// against the whole sequence's keys give exactly the full causal attention's rows, and the ranks'
+// key/value gradients sum to the full ones. Odd chunks (1, 5, 17) and a chunk of 70 rows (two
+// query blocks) at positions that are no block multiple; dropout on.
+TEST(CausalAttention, QueryChunksAtGlobalPositionsMatchTheFullSequence) {
+  for (int64_t cp : {2, 3}) {
+    for (int64_t chunk : {1, 5, 17, 70}) {
+      SCOPED_TRACE("cp " + std::to_string(cp) + ", chunk " + std::to_string(chunk));
+      const int64_t seq = 2 * cp * chunk, batch = 2, heads = 4, groups = 2, dim = 3;
+      Tensor q = random_normal({batch, heads, seq, dim}, 1, 1.0f);
+      Tensor k = random_normal({batch, groups, seq, dim}, 2, 1.0f);
+      Tensor v = random_normal({batch, groups, seq, dim}, 3, 1.0f);
+      Tensor probe = random_normal({batch, heads, seq, dim}, 4, 1.0f);
+      AttentionDropout dropout{0.2f, 7, 0, 0};
+      Tensor lse({batch, heads, seq}), context({batch, heads, seq, dim});
+      causal_attention_forward(q, k, v, dropout, lse, context);
+      Tensor dq(q.shape()), dk(k.shape()), dv(v.shape());
+      causal_attention_backward(q, k, v, lse, dropout, probe, dq, dk, dv);
+
+      // [b, n, seq, d] <-> this rank's [b, n, 2 * chunk, d] rows, either way.
+      auto move_rows = [&](Tensor& full, Tensor& local, const QueryPositions& at, bool to_local) {
+        for (int64_t bn = 0; bn < full.dim(0) * full.dim(1); ++bn) {
+          for (size_t c = 0; c < at.starts.size(); ++c) {
+            for (int64_t i = 0; i < chunk; ++i) {
+              for (int64_t e = 0; e < full.dim(3); ++e) {
+                int64_t global = (bn * seq + at.starts[c] + i) * full.dim(3) + e;
+                int64_t own = (bn * 2 * chunk + int64_t(c) * chunk + i) * full.dim(3) + e;
+                if (to_local) {
+                  local.set(own, full.get(global));
+                } else {
+                  full.set(global, local.get(own));
+                }
+              }
+            }
+          }
+        }
+      };
+      Tensor dk_sum = Tensor::zeros(k.shape()), dv_sum = Tensor::zeros(v.shape());
+      Tensor context_cp = Tensor::zeros(context.shape()), dq_cp = Tensor::zeros(dq.shape());
+      for (int64_t r = 0; r < cp; ++r) {
+        QueryPositions at{chunk, {r * chunk, (2 * cp - 1 - r) * chunk}};
+        Tensor q_local({batch, heads, 2 * chunk, dim}), probe_local(q_local.shape());
+        move_rows(q, q_local, at, true);
+        move_rows(probe, probe_local, at, true);
+        Tensor lse_local({batch, heads, 2 * chunk}), context_local(q_local.shape());
+        causal_attention_forward(q_local, k, v, dropout, lse_local, context_local, at);
+        Tensor dq_local(q_local.shape()), dk_local(k.shape()), dv_local(v.shape());
+        causal_attention_backward(q_local, k, v, lse_local, dropout, probe_local, dq_local,
+                                  dk_local, dv_local, at);
+        move_rows(context_cp, context_local, at, false);
+        move_rows(dq_cp, dq_local, at, false);
+        add(dk_sum, dk_local, dk_sum);
+        add(dv_sum, dv_local, dv_sum);
+      }
+      // Every row's scores, softmax and products run over the same keys in the same order:
+      // equal up to fp32 rounding of the GEMM's blocking (observed: bitwise).
+      EXPECT_TENSORS_CLOSE(context_cp, context, 1e-6, 1e-6);
+      EXPECT_TENSORS_CLOSE(dq_cp, dq, 1e-6, 1e-6);
+      // dK and dV: the ranks' partial sums added in another order than one pass over all rows.
+      EXPECT_TENSORS_CLOSE(dk_sum, dk, 1e-5, 1e-5);
+      EXPECT_TENSORS_CLOSE(dv_sum, dv, 1e-5, 1e-5);
+    }
+  }
+}
+
+TEST(CausalAttention, RefusesQueryChunksThatDoNotFit) {
+  Tensor q({1, 2, 4, 3}), k({1, 1, 8, 3}), v({1, 1, 8, 3});
+  Tensor lse({1, 2, 4}), context({1, 2, 4, 3});
+  EXPECT_EQ(moe::testing::error_text([&] { causal_attention_forward(q, k, v, {}, lse, context); }),
+            "causal_attention_forward: 4 query rows but 8 key rows; a subset of the queries "
+            "needs their QueryPositions");
+  EXPECT_EQ(moe::testing::error_text([&] {
+              causal_attention_forward(q, k, v, {}, lse, context, {3, {0, 5}});
+            }),
+            "causal_attention_forward: 2 query chunks of 3 rows but q has 4");
+  EXPECT_EQ(moe::testing::error_text([&] {
+              causal_attention_forward(q, k, v, {}, lse, context, {2, {0, 7}});
+            }),
+            "causal_attention_forward: query chunk 1 at positions [7, 9) is outside the 8 keys");
 }
 
 // Runs an attention block forward and backward; returns the output and input gradient.

@@ -15,6 +15,7 @@
 #include "moe/model/gpt_model.h"
 #include "moe/model/layers.h"
 #include "moe/model/tensor_parallel.h"
+#include "moe/tensor/ops.h"
 #include "moe/tensor/parameters.h"
 #include "moe/tensor/rng.h"
 #include "moe/tensor/tensor.h"
@@ -202,8 +203,9 @@ inline void check_model_gradients(
   EXPECT_TRUE(check_all_params(store, objective, 2e-4));
 }
 
-// Sums this rank's gradients over data parallelism as the optimizer does (dense ones over dp,
-// expert ones over expert-dp, in place), then hands compare each parameter's spec, its reduced
+// Sums this rank's gradients over data parallelism as the optimizer does (dense ones over dp x
+// cp, expert ones over expert-dp, in place, both divided by cp: each cp rank's gradient carries
+// cp times its share, as Megatron's), then hands compare each parameter's spec, its reduced
 // gradient and the matching block of the single-process reference's gradient.
 // Buffers (non-trainable state such as the router's expert bias) are compared by value, exactly.
 inline void compare_reduced_gradients(const ParameterStore& store, const comm::ParallelState& state,
@@ -212,8 +214,12 @@ inline void compare_reduced_gradients(const ParameterStore& store, const comm::P
                                                                const Tensor& expected)>& compare) {
   Tensor dense = store.flat_grads(ParamGroup::kDense);
   Tensor expert = store.flat_grads(ParamGroup::kExpert);
-  comm::all_reduce(dense, state.dp_group);
+  comm::all_reduce(dense, state.dp_cp_group);
   comm::all_reduce(expert, state.expert_dp_group);
+  if (state.sizes.cp > 1) {
+    scale(dense, 1.0f / float(state.sizes.cp));
+    scale(expert, 1.0f / float(state.sizes.cp));
+  }
   for (int i = 0; i < store.count(); ++i) {
     const ParamSpec& spec = store.spec(ParamHandle{i});
     Tensor expected(spec.shape);

@@ -44,6 +44,12 @@ struct Layout {
   // Multi-latent attention (compressed queries, qk_layernorm) instead of GQA: replicated down
   // projections and latent norms whose gradients sequence parallelism must sum over tp.
   bool mla = false;
+  // Context parallelism: each sequence split over cp ranks in Megatron's 2 x cp load-balanced
+  // chunks; attention all-gathers K/V over cp.
+  int cp = 1;
+  // seq_aux_loss instead of aux_loss: per-sequence counts, each sequence's shards being on the
+  // tp x cp ranks.
+  bool seq_aux_loss = false;
 };
 
 std::string describe(const Layout& l) {
@@ -57,7 +63,9 @@ std::string describe(const Layout& l) {
           : l.shared_experts == Layout::kGated ? ", gated shared experts"
                                                : "") +
          (l.first_layer_dense ? ", layers {dense, MoE, MoE}" : "") +
-         (l.mla ? ", multi-latent attention" : "") + ")";
+         (l.mla ? ", multi-latent attention" : "") +
+         (l.cp > 1 ? ", cp " + std::to_string(l.cp) : "") +
+         (l.seq_aux_loss ? ", seq_aux_loss" : "") + ")";
 }
 
 TransformerConfig equivalence_config() {
@@ -84,11 +92,16 @@ TransformerConfig equivalence_config() {
 }
 
 void check_layout(const Layout& layout, TokenDispatcherType dispatcher) {
-  comm::ParallelState state = comm::initialize_model_parallel({layout.tp, 1, layout.ep, 1, 1});
+  comm::ParallelState state =
+      comm::initialize_model_parallel({layout.tp, 1, layout.ep, 1, layout.cp});
   TransformerConfig config = equivalence_config();
   config.sequence_parallel = layout.sp;
   config.moe.moe_token_dispatcher_type = dispatcher;
+  // With context parallelism: 2 x cp chunks of 3 positions, odd so a chunk is no power of two.
+  if (layout.cp > 1) config.seq_length = 6 * layout.cp;
   if (layout.recompute) config.recompute_granularity = "full";
+  if (layout.seq_aux_loss)
+    config.moe.moe_router_load_balancing_type = LoadBalancingType::kSeqAuxLoss;
   if (layout.mtp_num_layers > 0) {
     config.mtp_num_layers = layout.mtp_num_layers;
     config.moe_layer_pattern = {0, 1};
@@ -172,8 +185,10 @@ void check_layout(const Layout& layout, TokenDispatcherType dispatcher) {
   int64_t first = state.dp_group.rank() * local_batch;
   GPTContext ctx;
   ctx.dropout_seed = 5;
-  double loss = model->forward(tokens.rows(first, first + local_batch),
-                               labels.rows(first, first + local_batch), ctx);
+  const comm::ContextParallel cp = state.context_parallel();
+  double loss =
+      model->forward(split_for_context_parallel(tokens.rows(first, first + local_batch), cp),
+                     split_for_context_parallel(labels.rows(first, first + local_batch), cp), ctx);
   ASSERT_EQ(ctx.moe_losses.size(), reference_ctx_losses.size());
   for (size_t i = 0; i < ctx.moe_losses.size(); ++i) {
     if (!one_batch) break;  // per micro-batch losses differ from the one-batch loss
@@ -349,6 +364,74 @@ TEST(ParallelEquivalence, Tp4SpOnEp2GatedSharedExpertsFirstLayerDense) {
   run_on_world(
       8,
       {.tp = 4, .sp = true, .ep = 2, .shared_experts = Layout::kGated, .first_layer_dense = true});
+}
+
+// Context parallelism: the loss (mean over the whole sequence), the router losses (counts over
+// tp x cp) and every gradient (averaged over dp x cp, each cp rank's scaled by cp) match one
+// process; dropout is on whenever dp == 1, so the global-row masks are checked too.
+TEST(ParallelEquivalence, Cp2) {
+  run_on_world(2, {.tp = 1, .sp = false, .ep = 1, .cp = 2});
+}
+TEST(ParallelEquivalence, Cp2WithRecomputation) {
+  run_on_world(2, {.tp = 1, .sp = false, .ep = 1, .recompute = true, .cp = 2});
+}
+TEST(ParallelEquivalence, Cp2OtherSwitches) {  // learned absolute positions at global positions
+  run_on_world(2, {.tp = 1, .sp = false, .ep = 1, .other_switches = true, .cp = 2});
+}
+TEST(ParallelEquivalence, Cp2QkNormQkvBiasYarn) {
+  run_on_world(2, {.tp = 1, .sp = false, .ep = 1, .qk_norm_qkv_bias_yarn = true, .cp = 2});
+}
+TEST(ParallelEquivalence, Cp2SeqAuxLoss) {
+  run_on_world(2, {.tp = 1, .sp = false, .ep = 1, .cp = 2, .seq_aux_loss = true});
+}
+TEST(ParallelEquivalence, Tp2SpOnCp2SeqAuxLoss) {
+  run_on_world(4, {.tp = 2, .sp = true, .ep = 1, .cp = 2, .seq_aux_loss = true});
+}
+TEST(ParallelEquivalence, Cp2Ep2) {  // expert data parallel 1: the cp ranks are the ep ranks
+  run_on_world(2, {.tp = 1, .sp = false, .ep = 2, .cp = 2});
+}
+TEST(ParallelEquivalence, Cp2Ep2Dp2) {
+  run_on_world(4, {.tp = 1, .sp = false, .ep = 2, .cp = 2});
+}
+TEST(ParallelEquivalence, Cp4) {
+  run_on_world(4, {.tp = 1, .sp = false, .ep = 1, .cp = 4});
+}
+TEST(ParallelEquivalence, Tp2SpOnCp2) {
+  run_on_world(4, {.tp = 2, .sp = true, .ep = 1, .cp = 2});
+}
+TEST(ParallelEquivalence, Tp2SpOffCp2) {
+  run_on_world(4, {.tp = 2, .sp = false, .ep = 1, .cp = 2});
+}
+TEST(ParallelEquivalence, Tp2SpOnCp2Ep2) {
+  run_on_world(4, {.tp = 2, .sp = true, .ep = 2, .cp = 2});
+}
+TEST(ParallelEquivalence, Tp2SpOnCp2Ep4) {
+  run_on_world(8, {.tp = 2, .sp = true, .ep = 4, .cp = 2});
+}
+
+TEST(ParallelEquivalence, RefusesMultiLatentAttentionAndMtpWithContextParallelism) {
+  if (comm::ProcessGroup::world().size() != 2) GTEST_SKIP() << "runs on 2 ranks";
+  comm::ParallelState state = comm::initialize_model_parallel({.cp = 2});
+  TransformerConfig mla = equivalence_config();
+  mla.group_query_attention = false;
+  mla.multi_latent_attention = true;
+  mla.q_lora_rank = 6;
+  mla.kv_lora_rank = 5;
+  mla.qk_head_dim = 2;
+  mla.qk_pos_emb_head_dim = 2;
+  mla.v_head_dim = 3;
+  ParameterStore store;
+  EXPECT_EQ(moe::testing::error_text([&] { GPTModel model(mla, state, store); }),
+            "--multi-latent-attention is not supported with --context-parallel-size (2) > 1");
+  TransformerConfig mtp = equivalence_config();
+  mtp.mtp_num_layers = 1;
+  EXPECT_EQ(moe::testing::error_text([&] { GPTModel model(mtp, state, store); }),
+            "--mtp-num-layers (1) is not supported with --context-parallel-size (2) > 1");
+  TransformerConfig odd = equivalence_config();
+  odd.seq_length = 10;
+  EXPECT_EQ(moe::testing::error_text([&] { GPTModel model(odd, state, store); }),
+            "--seq-length (10) must be divisible by 2 x --context-parallel-size (4): each cp rank "
+            "holds two of the 2 x cp load-balanced chunks");
 }
 
 TEST(ParallelEquivalence, RefusesMoEWithExpertAndTensorParallelismWithoutSequenceParallelism) {

@@ -181,9 +181,8 @@ TEST(Arguments, MoeLayerFrequency) {
 }
 
 TEST(Arguments, UnsupportedMegatronArgumentIsNamed) {
-  EXPECT_EQ(parse_error(with(small_flags(), {"--context-parallel-size", "2"})),
-            "argument --context-parallel-size is a Megatron-LM argument that moecore does not "
-            "support yet");
+  EXPECT_EQ(parse_error(with(small_flags(), {"--cp-comm-type", "p2p"})),
+            "argument --cp-comm-type is a Megatron-LM argument that moecore does not support yet");
   EXPECT_EQ(parse_error(with(small_flags(), {"--fp8-format=hybrid"})),
             "argument --fp8-format is a Megatron-LM argument that moecore does not support yet");
   EXPECT_EQ(parse_error({"--overlap-grad-reduce"}),
@@ -196,8 +195,8 @@ TEST(Arguments, UnknownArgumentSuggestsClosest) {
             "unknown argument --num-layer; did you mean --num-layers?");
   EXPECT_EQ(parse_error({"--moe-router-top-k", "2"}),
             "unknown argument --moe-router-top-k; did you mean --moe-router-topk?");
-  EXPECT_EQ(parse_error({"--expert-parallel-size", "2"}),
-            "unknown argument --expert-parallel-size; did you mean --expert-model-parallel-size?");
+  EXPECT_EQ(parse_error({"--expert-model-parallel", "2"}),
+            "unknown argument --expert-model-parallel; did you mean --expert-model-parallel-size?");
   EXPECT_EQ(parse_error({"--completely-unrelated-thing"}),
             "unknown argument --completely-unrelated-thing; see moe-train --help for the "
             "arguments");
@@ -676,6 +675,25 @@ TEST(Arguments, ByteTokenizerNeedsNoFile) {
 
 // With tp 2 and MoE, --expert-tensor-parallel-size defaults to tp (as in Megatron) and is
 // accepted: the experts are split over the etp group (the seed layout).
+TEST(Arguments, ContextParallelism) {
+  TrainingArguments a = finalized(
+      with(small_flags(), {"--context-parallel-size", "2", "--expert-model-parallel-size", "2"}),
+      4);
+  EXPECT_EQ(a.context_parallel_size, 2);
+  EXPECT_EQ(a.data_parallel_size, 2);         // world / (tp x pp x cp)
+  EXPECT_EQ(a.expert_data_parallel_size, 2);  // world / (etp x ep x pp): cp ranks are in it
+  EXPECT_EQ(validation_error(with(small_flags(), {"--context-parallel-size", "3"}), 3),
+            "--seq-length (32) must be a multiple of 2 x --context-parallel-size (6) when "
+            "--context-parallel-size > 1");
+  EXPECT_EQ(validation_error(with(small_flags(), {"--context-parallel-size", "2",
+                                                  "--tensor-model-parallel-size", "2"}),
+                             2),
+            "world size (2) is not divisible by --tensor-model-parallel-size (2) x "
+            "--pipeline-model-parallel-size (1) x --context-parallel-size (2)");
+  EXPECT_EQ(validation_error(with(small_flags(), {"--context-parallel-size", "0"}), 1),
+            "argument --context-parallel-size must be positive (got 0)");
+}
+
 TEST(Arguments, ExpertTensorParallelDefaultsToTensorParallel) {
   TrainingArguments a =
       finalized(with(small_flags(), {"--tensor-model-parallel-size", "2", "--sequence-parallel",

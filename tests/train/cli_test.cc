@@ -61,9 +61,9 @@ TEST(MoeTrainProgram, HelpListsMegatronGroups) {
 TEST(MoeTrainProgram, BadArgumentsExitWithTheirMessage) {
   expect_refused(kTinyJob + "--train-iters 1 --mock-data --num-layer 2",
                  "unknown argument --num-layer; did you mean --num-layers?");
-  expect_refused(kTinyJob + "--train-iters 1 --mock-data --context-parallel-size 2",
-                 "argument --context-parallel-size is a Megatron-LM argument that moecore does "
-                 "not support yet");
+  expect_refused(kTinyJob + "--train-iters 1 --mock-data --cp-comm-type p2p",
+                 "argument --cp-comm-type is a Megatron-LM argument that moecore does not support "
+                 "yet");
   expect_refused(kTinyJob + "--train-iters 1 --mock-data --fp16 --bf16",
                  "--fp16 and --bf16 cannot be used together");
   expect_refused(kTinyJob + "--train-iters 1 --mock-data --expert-model-parallel-size 3",
@@ -100,6 +100,21 @@ TEST(MoeTrainProgram, TrainsWithExpertTensorParallelismDefaultingToTensorParalle
                   "tensor-model-parallel size: 2, pipeline-model-parallel size: 1, "
                   "expert-model-parallel size: 2, expert-tensor-parallel size: 2");
   EXPECT_CONTAINS(outcome.output, " iteration        2/       2 |");
+}
+
+// Context parallelism end to end: each sequence split over the 2 ranks, which are also the
+// expert-parallel ranks; a world size that cp does not divide is refused before any work.
+TEST(MoeTrainProgram, TrainsWithContextParallelism) {
+  Outcome outcome = mpirun_moe_train(2, kTinyJob +
+                                            "--train-iters 2 --mock-data --context-parallel-size 2 "
+                                            "--expert-model-parallel-size 2");
+  EXPECT_EQ(outcome.status, 0) << outcome.output;
+  EXPECT_CONTAINS(outcome.output,
+                  "using world size: 2, data-parallel size: 1, context-parallel size: 2");
+  EXPECT_CONTAINS(outcome.output, " iteration        2/       2 |");
+  expect_refused(kTinyJob + "--train-iters 1 --mock-data --context-parallel-size 2",
+                 "world size (1) is not divisible by --tensor-model-parallel-size (1) x "
+                 "--pipeline-model-parallel-size (1) x --context-parallel-size (2)");
 }
 
 // A value the model or optimizer would refuse only after setup is refused during argument

@@ -323,6 +323,33 @@ TEST(TrainingLoop, TensorParallelMatchesDataParallel) {
   }
 }
 
+// Context parallelism (each sequence split over 2 cp ranks in Megatron's load-balanced chunks,
+// with and without expert parallelism over the same ranks) trains as 2 data-parallel replicas
+// see the same sequences: the loss over whole sequences, the router losses over tp x cp, the
+// gradients averaged over dp x cp; dropout masks follow global rows. Its checkpoint resumes on
+// the data-parallel layout where the uninterrupted run went.
+TEST(TrainingLoop, ContextParallelMatchesDataParallelAndResumes) {
+  if (world_size() != 2) GTEST_SKIP() << "needs 2 ranks";
+  SharedScratchDir scratch("cp");
+  const std::string save_dir = (scratch.path / "ckpt").string();
+  const Args flags = tiny_moe_flags(4);
+  const Args context_parallel = with(flags, {"--context-parallel-size", "2"});
+  TrainingReport replicated = run(flags);
+  for (const Args& layout :
+       {context_parallel, with(context_parallel, {"--expert-model-parallel-size", "2"})}) {
+    SCOPED_TRACE(layout.back());
+    expect_same_training(run(layout), replicated);
+  }
+  run(with(context_parallel, {"--save", save_dir, "--save-interval", "2", "--exit-interval", "2"}));
+  TrainingReport resumed = run(with(flags, {"--load", save_dir}));
+  ASSERT_EQ(resumed.start_iteration, 2);
+  ASSERT_EQ(resumed.iterations.size(), 2u);
+  for (size_t i = 0; i < 2; ++i) {
+    const IterationStats &got = resumed.iterations[i], &want = replicated.iterations[2 + i];
+    EXPECT_NEAR(got.lm_loss, want.lm_loss, 1e-5 * want.lm_loss) << "iteration " << got.iteration;
+  }
+}
+
 // Multi-latent attention (compressed queries, latent norms, YaRN with an attention factor and a
 // softmax factor) trains the same with tensor and sequence parallelism as with 2 data-parallel
 // replicas, and its tp checkpoint resumes on the data-parallel layout where the uninterrupted

@@ -28,6 +28,25 @@ struct TensorParallel {
   int rank() const { return group.rank(); }
 };
 
+// A rank's place in context parallelism, Megatron's load-balanced split
+// (get_batch_on_this_cp_rank): the sequence is cut into 2 * cp chunks and cp rank r holds chunks
+// r and 2 * cp - 1 - r, so every rank has the same share of the causal attention work.
+// tp_cp_group: the tensor x context ranks, which hold the shards of the same sequences (the MoE
+// aux-loss token counts and the z-loss scale are over it, as Megatron's router tp_cp_group).
+// Default: no context parallelism (self groups).
+struct ContextParallel {
+  ProcessGroup group;
+  ProcessGroup tp_cp_group;
+
+  int size() const { return group.size(); }
+  int rank() const { return group.rank(); }
+  // The global sequence position of index `local` of this rank's `local_seq` positions
+  // (local_seq = seq / cp: two chunks of local_seq / 2).
+  int64_t global_position(int64_t local, int64_t local_seq) const;
+  // Every local index's global position, [local_seq].
+  std::vector<int64_t> global_positions(int64_t local_seq) const;
+};
+
 struct ParallelState {
   ParallelSizes sizes;
   int world_size = 1;
@@ -41,9 +60,9 @@ struct ParallelState {
   // tensor x pipeline ["model_parallel"], first and last stage ["embedding"]. Expert: expert model
   // ["ep"], expert tensor ["etp"], expert data ["expert_dp"], expert tensor x expert model
   // ["tp_ep"], which the token dispatchers exchange over (Megatron's
-  // expert-tensor-and-model-parallel group).
+  // expert-tensor-and-model-parallel group). Tensor x context ["tp_cp"].
   ProcessGroup world;
-  ProcessGroup tp_group, pp_group, dp_group, dp_cp_group, tp_dp_cp_group, cp_group,
+  ProcessGroup tp_group, pp_group, dp_group, dp_cp_group, tp_dp_cp_group, cp_group, tp_cp_group,
       model_parallel_group, embedding_group;
   ProcessGroup ep_group, etp_group, expert_dp_group, tp_ep_group;
   // Megatron's embedding group holds the first and last pipeline stage; ranks of middle stages
@@ -52,6 +71,7 @@ struct ParallelState {
 
   bool is_pipeline_first() const { return pp_group.rank() == 0; }
   bool is_pipeline_last() const { return pp_group.rank() == pp_group.size() - 1; }
+  ContextParallel context_parallel() const { return {cp_group, tp_cp_group}; }
 };
 
 // Builds every group on MPI_COMM_WORLD. Throws moe::Error naming the sizes when the world size
@@ -69,7 +89,7 @@ struct RankLayout {
   int dp = 1;
   int edp = 1;
   using Groups = std::vector<std::vector<int>>;
-  Groups tp, pp, dp_group, dp_cp, tp_dp_cp, cp_group, model_parallel, embedding;
+  Groups tp, pp, dp_group, dp_cp, tp_dp_cp, cp_group, tp_cp, model_parallel, embedding;
   Groups ep_group, etp_group, expert_dp, tp_ep;
 };
 RankLayout compute_rank_layout(int world_size, const ParallelSizes& sizes);

@@ -72,6 +72,12 @@ using DispatcherFactory = std::function<std::unique_ptr<TokenDispatcher>(
 // config's all-to-all or all-gather dispatcher. What GPTModel uses when given none.
 DispatcherFactory default_dispatcher_factory();
 
+// Megatron's get_batch_on_this_cp_rank: this cp rank's part of a [b, S] micro-batch tensor
+// (tokens, labels, loss mask) along the sequence, [b, S / cp]: of the 2 * cp chunks of S / (2 *
+// cp) positions, rank r keeps chunks r and 2 * cp - 1 - r (ContextParallel). The tensor itself
+// when cp is 1; S must divide by 2 * cp.
+Tensor split_for_context_parallel(const Tensor& batch, const comm::ContextParallel& cp);
+
 namespace detail {
 struct GPTContextState;
 }
@@ -92,7 +98,8 @@ class GPTContext {
   // sets it to its loss_grad; a pipeline calling backward_step on a middle stage sets it itself.
   double moe_aux_loss_grad_scale = 1.0;
 
-  // Filled by the forward of the last stage: mean loss over loss-mask tokens, and their count.
+  // Filled by the forward of the last stage: mean loss over loss-mask tokens, and their count
+  // (with context parallelism: over the whole sequence, every cp rank's tokens).
   double lm_loss = 0;
   double loss_tokens = 0;
   std::vector<MoELossReport> moe_losses;
@@ -129,8 +136,9 @@ class GPTModel {
   void init_parameters(uint64_t seed);
 
   // Whole model on one pipeline stage: tokens, labels [b, s] (I32/I64), loss_mask [b, s] (any
-  // float dtype; undefined = all ones). Returns the mean loss over masked-in tokens (the lm loss;
-  // the MTP losses go to ctx.mtp_losses).
+  // float dtype; undefined = all ones). With context parallelism s = seq_length / cp: this cp
+  // rank's two load-balanced chunks (split_for_context_parallel). Returns the mean loss over
+  // masked-in tokens (the lm loss; the MTP losses go to ctx.mtp_losses).
   double forward(const Tensor& tokens, const Tensor& labels, GPTContext& ctx,
                  const Tensor& loss_mask = Tensor());
   // Backward of forward; d(loss) = loss_grad (1 / micro-batches, times a loss scale), and each

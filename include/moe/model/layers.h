@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -135,9 +136,12 @@ RotaryFrequencies yarn_frequencies(int64_t dim, double rotary_base, const YarnSc
 // softmax by yarn_get_mscale(s, mscale_all_dim)^2 (Megatron, DeepSeek-V3).
 double yarn_get_mscale(double scale, double mscale);
 
-// x: [b, n, s, d] (F32 or F64), positions 0..s-1 along dim 2, d == 2 * inv_freq.size().
-// backward applies the transposed map (inverse rotation, same concentration) to a gradient.
-void apply_rotary(Tensor& x, const RotaryFrequencies& frequencies, bool backward);
+// x: [b, n, s, d] (F32 or F64), d == 2 * inv_freq.size(); index i along dim 2 is at position
+// positions[i] (context parallelism: the global positions of this rank's chunks), or i when
+// positions is empty. backward applies the transposed map (inverse rotation, same
+// concentration) to a gradient.
+void apply_rotary(Tensor& x, const RotaryFrequencies& frequencies, bool backward,
+                  std::span<const int64_t> positions = {});
 // apply_rotary with rope_frequencies(x.dim(3), rotary_base).
 void apply_rope(Tensor& x, float rotary_base, bool backward);
 
@@ -156,12 +160,22 @@ struct AttentionDropout {
   int64_t head_offset = 0;
   int64_t total_heads = 0;  // 0: the local head count
 };
+// Context parallelism: q holds only some query rows, in chunks of `chunk` rows, chunk i at global
+// positions [starts[i], starts[i] + chunk), while k and v hold the whole sequence [b, g, S, d];
+// query position p reads keys [0, p]. With it the dropout index uses S and the global positions.
+// Empty starts: q holds every position (s == S).
+struct QueryPositions {
+  int64_t chunk = 0;
+  std::vector<int64_t> starts;
+};
 void causal_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
-                              const AttentionDropout& dropout, Tensor& logsumexp, Tensor& context);
-// dcontext [b, n, s, dv]; dq [b, n, s, d], dk [b, g, s, d], dv [b, g, s, dv] are overwritten.
+                              const AttentionDropout& dropout, Tensor& logsumexp, Tensor& context,
+                              const QueryPositions& positions = {});
+// dcontext [b, n, s, dv]; dq [b, n, s, d], dk [b, g, S, d], dv [b, g, S, dv] are overwritten.
 void causal_attention_backward(const Tensor& q, const Tensor& k, const Tensor& v,
                                const Tensor& logsumexp, const AttentionDropout& dropout,
-                               const Tensor& dcontext, Tensor& dq, Tensor& dk, Tensor& dv);
+                               const Tensor& dcontext, Tensor& dq, Tensor& dk, Tensor& dv,
+                               const QueryPositions& positions = {});
 namespace reference {
 void causal_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
                               const AttentionDropout& dropout, Tensor& logsumexp, Tensor& context);
@@ -171,6 +185,10 @@ void causal_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
 // a bias with add_bias_linear or add_qkv_bias), q_layernorm / k_layernorm (with qk_layernorm:
 // the config's normalization over each head's d values, one [d] weight shared by all heads),
 // rope or YaRN, core attention, linear_proj (row-parallel). Heads and query groups split over tp.
+// Context parallelism (cp > 1): the rows are this cp rank's two load-balanced chunks
+// (ContextParallel); rope rotates by their global positions, and the core attention all-gathers
+// K and V over cp (Megatron's cp_comm_type "all_gather") so each query reads every earlier key;
+// backward sums the full-sequence dK and dV over cp onto their owners (reduce-scatter).
 // The q/k norm weights are replicated over tp but each rank's gradient covers only its own heads
 // (all their rows, even with sequence parallelism), so the caller sums it over tp whenever
 // tp > 1 (tensor_parallel_partial_params), as Megatron's finalize_model_grads does for
@@ -181,7 +199,8 @@ class SelfAttention {
     Tensor input;  // [rows_local, h]: backward all-gathers it again with sequence parallelism
     Norm::Context q_norm,
         k_norm;        // over [b * n_local * s, d] / [b * g_local * s, d] (qk_layernorm)
-    Tensor q, k, v;    // [b, n_local, s, d], [b, g_local, s, d] (after rope), compute dtype
+    Tensor q, k, v;    // [b, n_local, s, d], [b, g_local, S, d] (after rope; S = s * cp, every
+                       // cp rank's keys and values), compute dtype
     Tensor logsumexp;  // [b, n_local, s] of the scaled scores, compute dtype
     Tensor context;    // [rows_full, n_local * d] in the activation dtype
     BatchShape shape;
@@ -189,7 +208,7 @@ class SelfAttention {
     float attention_dropout = 0;  // the probability forward used (0 when not training)
   };
   SelfAttention(ParameterStore& store, const std::string& prefix, const TransformerConfig& config,
-                const TensorParallel& tp);
+                const TensorParallel& tp, const ContextParallel& cp = {});
   const ColumnParallelLinear& linear_qkv() const { return qkv_; }
   const RowParallelLinear& linear_proj() const { return proj_; }
   // q_layernorm and k_layernorm; nullptr without qk_layernorm.
@@ -205,7 +224,11 @@ class SelfAttention {
   Tensor backward(const ParameterStore& store, const Context& ctx, const Tensor& grad_output) const;
 
  private:
+  // Where this rank's s query rows sit in the sequence (empty without context parallelism).
+  QueryPositions query_positions(int64_t local_seq) const;
+
   TensorParallel tp_;
+  ContextParallel cp_;
   int64_t heads_local_, groups_local_, head_dim_;
   float attention_dropout_;
   std::optional<RotaryFrequencies> rotary_;  // empty without rope / YaRN

@@ -15,6 +15,7 @@
 
 namespace moe::model {
 
+using comm::ContextParallel;
 using comm::TensorParallel;
 
 // Entering a tensor-parallel region (before a column-parallel product).

@@ -14,7 +14,10 @@
 // tokens) and all-gathers the outputs, as sequence parallelism would. In both cases the aux
 // loss counts tokens over tp (Megatron's get_tokens_per_expert_and_token_count) and the z-loss
 // coefficient is divided by tp, so the router gradients summed over tp (the model's
-// finalize_grads) are those of the whole micro-batch.
+// finalize_grads) are those of the whole micro-batch. With context parallelism (a tp_cp group
+// larger than tp) the counts, the z-loss divisor and the reported losses are over tensor x
+// context ranks instead (Megatron's router tp_cp_group), and the aux and z-loss gradients are
+// scaled by cp, as Megatron's schedule does, because dense gradients are averaged over dp x cp.
 //
 // Micro-batches: all saved state lives in the MoEContext passed to forward and consumed by
 // backward, so any number of micro-batches may be in flight (the context's memory is freed by
@@ -43,7 +46,7 @@ struct MoEContext {
   RouterContext router;
   DispatchContext dispatch;
   ExpertsContext experts;
-  RouterLosses losses;           // the micro-batch's router losses, summed over tp (see above)
+  RouterLosses losses;           // the micro-batch's router losses, summed over tp x cp (see above)
   bool has_saved_state = false;  // set by forward, cleared by backward
 };
 
@@ -54,10 +57,13 @@ class MoELayer {
   // expert-parallel dispatcher decides which experts are local. tp: the tensor-parallel group
   // the layer sits in (see above). stage_group: every rank that holds this layer's tokens
   // (Megatron's tensor x data x context parallel group of the pipeline stage), over which the
-  // expert-bias loads and the global_aux_loss counts are summed. config.validate() is called.
+  // expert-bias loads and the global_aux_loss counts are summed. tp_cp_group: the tensor x
+  // context ranks (see above; the self group or the tp group without context parallelism).
+  // config.validate() is called.
   MoELayer(const MoEConfig& config, ParameterStore& store, const std::string& prefix,
            std::unique_ptr<TokenDispatcher> dispatcher = nullptr, uint64_t jitter_seed = 0,
-           comm::TensorParallel tp = {}, comm::ProcessGroup stage_group = {});
+           comm::TensorParallel tp = {}, comm::ProcessGroup stage_group = {},
+           comm::ProcessGroup tp_cp_group = {});
 
   // hidden: [T, H] or [S, B, H] (Megatron's layout), dtype of the store's parameters. When the
   // layer splits tokens over tp, S (or T) must divide by the tp size.
@@ -103,6 +109,7 @@ class MoELayer {
   MoEConfig config_;
   comm::TensorParallel tp_;
   comm::ProcessGroup stage_group_;
+  comm::ProcessGroup loss_group_;  // tp x cp ranks: aux-loss counts, z-loss divisor, loss sums
   std::unique_ptr<TokenDispatcher> dispatcher_;
   TopKRouter router_;
   std::unique_ptr<Experts> experts_;

@@ -128,6 +128,7 @@ struct TrainingArguments {
   // Derived: model chunks per pipeline rank (Megatron's virtual_pipeline_model_parallel_size;
   // 1: no interleaving).
   int virtual_pipeline_model_parallel_size = 1;
+  int context_parallel_size = 1;
   bool use_distributed_optimizer = false;
   int distributed_timeout_minutes = 10;  // collective timeout
 
@@ -190,7 +191,7 @@ struct TrainingArguments {
 
   // ---- derived by finalize_arguments
   int world_size = 1;
-  int data_parallel_size = 1;           // world / (tp * pp)
+  int data_parallel_size = 1;           // world / (tp * pp * cp)
   int expert_data_parallel_size = 1;    // world / (etp * ep * pp)
   int num_micro_batches = 1;            // global / (micro * dp)
   std::vector<bool> moe_layer_pattern;  // one entry per layer: true = MoE MLP
