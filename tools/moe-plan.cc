@@ -13,6 +13,9 @@
 //                              calibration on this machine measures both
 //   --tokenizer-vocab-size V   the vocabulary size when the tokenizer's files are not at hand
 //   --top K                    layouts to list (default 10)
+//   --memory-per-rank-gib G    list only layouts whose every rank fits in G GiB: model state
+//                              (the arguments' optimizer) plus the peak activations with the
+//                              arguments' recomputation
 #include <algorithm>
 #include <cstdio>
 #include <exception>
@@ -40,6 +43,7 @@ struct PlanFlags {
   std::optional<double> gemm_gflops, link_gbytes_per_s;
   std::optional<int64_t> vocab_size;
   int top = 10;
+  std::optional<double> memory_per_rank_gib;
   std::vector<std::string> train_arguments;
 };
 
@@ -59,6 +63,8 @@ PlanFlags split_flags(int argc, char** argv) {
       flags.link_gbytes_per_s = std::stod(value());
     } else if (name == "--tokenizer-vocab-size") {
       flags.vocab_size = std::stoll(value());
+    } else if (name == "--memory-per-rank-gib") {
+      flags.memory_per_rank_gib = std::stod(value());
     } else if (name == "--top") {
       flags.top = std::stoi(value());
     } else {
@@ -92,20 +98,21 @@ void print_plan(const LayoutPlan& plan, const moe::train::TrainingArguments& a) 
   const auto& l = plan.layout;
   std::printf("layout: tp %d, pp %d, ep %d, etp %d, cp %d, dp %d; %d micro-batches per step\n",
               l.tp, l.pp, l.ep, l.etp, l.cp, l.dp, plan.num_micro_batches);
-  std::printf(
-      "per rank (MiB)   layers  params   grads  main-params  optimizer  "
-      "(distributed optimizer: grads main opt)  | peak activations: none  selective  "
-      "full\n");
+  std::printf("per rank (MiB)                        params    grads  main-params  optimizer\n");
   for (size_t i = 0; i < plan.stages.size(); ++i) {
     const moe::train::StagePlan& s = plan.stages[i];
+    std::printf("  stage %zu (layers %d-%d)\n", i, s.first_layer, s.first_layer + s.num_layers - 1);
+    for (bool distributed : {false, true}) {
+      const moe::train::StateMemory& m = s.state[distributed];
+      std::printf("    %-32s %9.1f %8.1f %12.1f %10.1f\n",
+                  distributed ? "distributed optimizer" : "replicated optimizer",
+                  mib(m.param_bytes), mib(m.grad_bytes), mib(m.main_param_bytes),
+                  mib(m.optimizer_state_bytes));
+    }
     std::printf(
-        "  stage %-3zu %3d-%-3d %8.1f %7.1f %12.1f %10.1f  %13.1f %8.1f %8.1f          | "
-        "%22.1f %10.1f %5.1f\n",
-        i, s.first_layer, s.first_layer + s.num_layers - 1, mib(s.memory.param_bytes),
-        mib(s.memory.grad_bytes), mib(s.memory.main_param_bytes),
-        mib(s.memory.optimizer_state_bytes), mib(s.distributed_memory.grad_bytes),
-        mib(s.distributed_memory.main_param_bytes), mib(s.distributed_memory.optimizer_state_bytes),
-        mib(s.peak_activation_bytes(Recompute::kNone)),
+        "    peak activations (%d micro-batch contexts in flight): no recomputation "
+        "%.1f, selective %.1f, full %.1f\n",
+        s.contexts_in_flight, mib(s.peak_activation_bytes(Recompute::kNone)),
         mib(s.peak_activation_bytes(Recompute::kSelective)),
         mib(s.peak_activation_bytes(Recompute::kFull)));
   }
@@ -148,21 +155,31 @@ int main(int argc, char** argv) {
 
     const std::vector<LayoutPlan> ranked =
         moe::train::rank_layouts(outcome.args, *flags.world_size, vocab, rates);
-    std::printf("\nvalid layouts for %d ranks, fastest predicted first (%zu in all):\n",
-                *flags.world_size, ranked.size());
+    const Recompute recompute = !args.recompute_granularity             ? Recompute::kNone
+                                : *args.recompute_granularity == "full" ? Recompute::kFull
+                                                                        : Recompute::kSelective;
+    std::printf("\nvalid layouts for %d ranks (%zu), fastest predicted first", *flags.world_size,
+                ranked.size());
+    if (flags.memory_per_rank_gib) {
+      std::printf(", those that fit in %.1f GiB per rank", *flags.memory_per_rank_gib);
+    }
     std::printf(
-        "   tp  pp  ep etp  cp  dp   step (s)  bubble  state/rank (MiB, dist. opt)  "
+        ":\n   tp  pp  ep etp  cp  dp   step (s)  bubble  model state/rank (MiB)  "
         "peak act./rank (MiB, none/selective/full)\n");
-    for (size_t i = 0; i < ranked.size() && int(i) < flags.top; ++i) {
-      const LayoutPlan& p = ranked[i];
-      int64_t state = 0, none = 0, selective = 0, full = 0;
+    int listed = 0;
+    for (const LayoutPlan& p : ranked) {
+      int64_t state = 0, none = 0, selective = 0, full = 0, busiest = 0;
       for (const moe::train::StagePlan& s : p.stages) {
-        state = std::max(state, s.distributed_memory.total());
+        const int64_t held = s.state[args.use_distributed_optimizer].total();
+        state = std::max(state, held);
         none = std::max(none, s.peak_activation_bytes(Recompute::kNone));
         selective = std::max(selective, s.peak_activation_bytes(Recompute::kSelective));
         full = std::max(full, s.peak_activation_bytes(Recompute::kFull));
+        busiest = std::max(busiest, held + s.peak_activation_bytes(recompute));
       }
-      std::printf("  %3d %3d %3d %3d %3d %3d %10.3f %7.3f %28.1f   %.1f/%.1f/%.1f\n", p.layout.tp,
+      if (flags.memory_per_rank_gib && mib(busiest) > *flags.memory_per_rank_gib * 1024) continue;
+      if (listed++ == flags.top) break;
+      std::printf("  %3d %3d %3d %3d %3d %3d %10.3f %7.3f %23.1f   %.1f/%.1f/%.1f\n", p.layout.tp,
                   p.layout.pp, p.layout.ep, p.layout.etp, p.layout.cp, p.layout.dp, p.step_seconds,
                   p.bubble_fraction, mib(state), mib(none), mib(selective), mib(full));
     }

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <string_view>
 
 #include "moe/data/tokenizer.h"
 #include "moe/model/config.h"
@@ -124,8 +125,11 @@ LayerActivations layer_activations(const Shapes& s, int layer, Recompute recompu
   const TransformerConfig& c = s.c;
   const int64_t a = s.param_bytes, cb = s.compute_bytes(), h = c.hidden_size;
   const int64_t rl = s.rows_local(), rf = s.rows_full(), b = s.batch, S = s.seq;
-  auto on = [&](const char* module) {
-    return recompute == Recompute::kSelective && c.recomputes(module);
+  // The selective column plans --recompute-modules whatever --recompute-granularity says.
+  auto on = [&](std::string_view module) {
+    return recompute == Recompute::kSelective &&
+           std::find(c.recompute_modules.begin(), c.recompute_modules.end(), module) !=
+               c.recompute_modules.end();
   };
   // The layer input (the previous layer's output) and the residual.
   int64_t always = 2 * rl * h * a + 2 * s.norm_stat_bytes(rl);
@@ -357,10 +361,10 @@ LayoutPlan plan_layout(const TrainingArguments& a, int64_t padded_vocab,
     }
     s.dense_params = dense;
     s.expert_params = expert;
-    add_group_memory(dense, l.dp * l.cp, a.use_distributed_optimizer, param_bytes, a, s.memory);
-    add_group_memory(expert, edp, a.use_distributed_optimizer, param_bytes, a, s.memory);
-    add_group_memory(dense, l.dp * l.cp, true, param_bytes, a, s.distributed_memory);
-    add_group_memory(expert, edp, true, param_bytes, a, s.distributed_memory);
+    for (bool distributed : {false, true}) {
+      add_group_memory(dense, l.dp * l.cp, distributed, param_bytes, a, s.state[distributed]);
+      add_group_memory(expert, edp, distributed, param_bytes, a, s.state[distributed]);
+    }
     plan_activations(shapes, padded_vocab, stage, s);
     s.contexts_in_flight = std::min(l.pp - stage_rank, M);
 
@@ -405,8 +409,13 @@ LayoutPlan plan_layout(const TrainingArguments& a, int64_t padded_vocab,
       plan.allgather_exchange_bytes =
           M * (forwards * (token_bytes + tp_ep * slot_bytes) + slot_bytes + tp_ep * slot_bytes);
       const bool alltoall = config.moe.moe_token_dispatcher_type == TokenDispatcherType::kAllToAll;
+      // What leaves the rank: (ep - 1) / ep of an all-to-all's buffer; its own rows to each of
+      // the other tp x ep ranks in an all-gather; (tp x ep - 1) / (tp x ep) of a reduce-scatter's.
+      const double group = double(tp_ep);
+      const double gathered = double(M * (forwards * token_bytes + slot_bytes));
+      const double scattered = double(M * (forwards + 1) * tp_ep * slot_bytes);
       const double moved = alltoall ? double(plan.alltoall_exchange_bytes) * (l.ep - 1) / l.ep
-                                    : double(plan.allgather_exchange_bytes) * (tp_ep - 1);
+                                    : gathered * (group - 1) + scattered * (group - 1) / group;
       link_bytes += moe_layers * moved;
     }
     const double communication = link_bytes / rates.link_bytes_per_second;

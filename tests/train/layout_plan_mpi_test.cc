@@ -145,7 +145,8 @@ TEST(LayoutPlan, StateMemoryEqualsWhatTheStoreAndTheOptimizerAllocate) {
     config.bf16 = args.bf16;
     optim::Optimizer optimizer(store, parallel, config);
     const optim::MemoryReport actual = optimizer.memory();
-    const StateMemory& predicted = plan.stages.at(size_t(parallel.pp_group.rank())).memory;
+    const StateMemory& predicted =
+        plan.stages.at(size_t(parallel.pp_group.rank())).state[args.use_distributed_optimizer];
     // The distributed optimizer's shards are even_split's: rank 0 of each data-parallel group
     // gets the floor, which the plan predicts; another rank holds at most one element more per
     // group in each of its grad shard, main parameters and two Adam moments (2 groups x 4 x 4

@@ -43,10 +43,10 @@ enum class Recompute { kNone, kSelective, kFull };
 struct StagePlan {
   int first_layer = 0, num_layers = 0;
   int64_t dense_params = 0, expert_params = 0;  // elements in this rank's flat buffers
-  StateMemory memory;                           // the arguments' optimizer
-  StateMemory distributed_memory;               // with --use-distributed-optimizer
+  StateMemory state[2];  // [0]: without, [1]: with --use-distributed-optimizer
   // Bytes one micro-batch's saved activations hold after this stage's forward, indexed by
-  // Recompute (selective: the arguments' --recompute-modules, else Megatron's core_attn).
+  // Recompute (selective: the arguments' --recompute-modules, by default Megatron's core_attn,
+  // whatever --recompute-granularity is).
   int64_t context_bytes[3] = {0, 0, 0};
   // Backward's largest working set beyond the contexts (the loss softmax and its gradient on the
   // last stage, a recomputed layer's context).
