@@ -414,8 +414,12 @@ LayoutPlan plan_layout(const TrainingArguments& a, int64_t padded_vocab,
       const double group = double(tp_ep);
       const double gathered = double(M * (forwards * token_bytes + slot_bytes));
       const double scattered = double(M * (forwards + 1) * tp_ep * slot_bytes);
-      const double moved = alltoall ? double(plan.alltoall_exchange_bytes) * (l.ep - 1) / l.ep
-                                    : gathered * (group - 1) + scattered * (group - 1) / group;
+      // The alltoall dispatcher's etp all-gathers (the received rows) and reduce-scatters (etp
+      // times them), one of each per all-to-all pair.
+      const double over_etp = double(M * (forwards + 1) * slot_bytes) * 2 * (l.etp - 1);
+      const double moved = alltoall
+                               ? double(plan.alltoall_exchange_bytes) * (l.ep - 1) / l.ep + over_etp
+                               : gathered * (group - 1) + scattered * (group - 1) / group;
       link_bytes += moe_layers * moved;
     }
     const double communication = link_bytes / rates.link_bytes_per_second;
