@@ -668,6 +668,10 @@ TEST(Config, RefusesWhatCannotBeSplit) {
   EXPECT_EQ(message(c, 1),
             "recompute_modules 'moe' cannot be used with --moe-input-jitter-eps, "
             "--moe-router-enable-expert-bias or global_aux_loss (the router's forward has state)");
+  c.recompute_granularity = "full";
+  EXPECT_EQ(message(c, 1),
+            "recompute_granularity 'full' cannot be used with --moe-input-jitter-eps, "
+            "--moe-router-enable-expert-bias or global_aux_loss (the router's forward has state)");
   c = small_config();
   c.sequence_parallel = true;
   c.seq_length = 5;

@@ -44,6 +44,8 @@ struct Layout {
   // Multi-latent attention (compressed queries, qk_layernorm) instead of GQA: replicated down
   // projections and latent norms whose gradients sequence parallelism must sum over tp.
   bool mla = false;
+  // --recompute-granularity selective with every module moecore implements.
+  bool selective_recompute = false;
 };
 
 std::string describe(const Layout& l) {
@@ -57,7 +59,8 @@ std::string describe(const Layout& l) {
           : l.shared_experts == Layout::kGated ? ", gated shared experts"
                                                : "") +
          (l.first_layer_dense ? ", layers {dense, MoE, MoE}" : "") +
-         (l.mla ? ", multi-latent attention" : "") + ")";
+         (l.mla ? ", multi-latent attention" : "") +
+         (l.selective_recompute ? ", selective recomputation" : "") + ")";
 }
 
 TransformerConfig equivalence_config() {
@@ -89,6 +92,11 @@ void check_layout(const Layout& layout, TokenDispatcherType dispatcher) {
   config.sequence_parallel = layout.sp;
   config.moe.moe_token_dispatcher_type = dispatcher;
   if (layout.recompute) config.recompute_granularity = "full";
+  if (layout.selective_recompute) {
+    config.recompute_granularity = "selective";
+    config.recompute_modules = {"core_attn", "moe_act", "layernorm",
+                                "mlp",       "moe",     "shared_experts"};
+  }
   if (layout.mtp_num_layers > 0) {
     config.mtp_num_layers = layout.mtp_num_layers;
     config.moe_layer_pattern = {0, 1};
@@ -245,6 +253,12 @@ TEST(ParallelEquivalence, Tp2SpOnEp1) {
 }
 TEST(ParallelEquivalence, Tp2SpOnEp1WithRecomputation) {
   run_on_world(2, {2, true, 1, true});
+}
+TEST(ParallelEquivalence, Tp2SpOnEp2WithSelectiveRecomputation) {
+  Layout layout{2, true, 2};
+  layout.shared_experts = Layout::kGated;
+  layout.selective_recompute = true;
+  run_on_world(4, layout);
 }
 TEST(ParallelEquivalence, Tp2SpOnEp1OtherSwitches) {
   run_on_world(2, {2, true, 1, false, true});
