@@ -123,7 +123,7 @@ void print_plan(const LayoutPlan& plan, const moe::train::TrainingArguments& a) 
       "allgather %.1f MiB\n",
       mib(plan.alltoall_exchange_bytes), mib(plan.allgather_exchange_bytes));
   std::printf("pipeline bubble (1F1B): %.3f\n", plan.bubble_fraction);
-  std::printf("predicted step: %.3f s (busiest stage: compute %.3f s, communication %.3f s)\n",
+  std::printf("predicted step: %.4g s (busiest stage: compute %.4g s, communication %.4g s)\n",
               plan.step_seconds, plan.compute_seconds, plan.communication_seconds);
 }
 
@@ -179,7 +179,7 @@ int main(int argc, char** argv) {
       }
       if (flags.memory_per_rank_gib && mib(busiest) > *flags.memory_per_rank_gib * 1024) continue;
       if (listed++ == flags.top) break;
-      std::printf("  %3d %3d %3d %3d %3d %3d %10.3f %7.3f %23.1f   %.1f/%.1f/%.1f\n", p.layout.tp,
+      std::printf("  %3d %3d %3d %3d %3d %3d %10.4g %7.3f %23.1f   %.1f/%.1f/%.1f\n", p.layout.tp,
                   p.layout.pp, p.layout.ep, p.layout.etp, p.layout.cp, p.layout.dp, p.step_seconds,
                   p.bubble_fraction, mib(state), mib(none), mib(selective), mib(full));
     }
