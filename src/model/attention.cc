@@ -532,6 +532,7 @@ SelfAttention::SelfAttention(ParameterStore& store, const std::string& prefix,
       groups_local_(divide_over_tp(config.query_groups(), tp.size(), "num_query_groups")),
       head_dim_(config.head_dim()),
       attention_dropout_(config.attention_dropout),
+      recompute_core_attention_(config.recomputes("core_attn")),
       qkv_(store, prefix + ".linear_qkv", config.hidden_size,
            ColumnLayout{{config.query_groups(),
                          config.num_attention_heads / config.query_groups() + 2, config.head_dim()},
@@ -601,7 +602,6 @@ Tensor SelfAttention::forward(const ParameterStore& store, const Tensor& x, Batc
     ctx.q = q_norm_->forward(store, ctx.q.reshape({-1, d}), ctx.q_norm).reshape(ctx.q.shape());
     ctx.k = k_norm_->forward(store, ctx.k.reshape({-1, d}), ctx.k_norm).reshape(ctx.k.shape());
   }
-  QueryPositions queries = query_positions(S);
   std::vector<int64_t> positions =
       cp_.size() > 1 ? cp_.global_positions(S) : std::vector<int64_t>{};
   if (rotary_) {
@@ -612,25 +612,34 @@ Tensor SelfAttention::forward(const ParameterStore& store, const Tensor& x, Batc
     ctx.k = gather_sequence(ctx.k, cp_);
     ctx.v = gather_sequence(ctx.v, cp_);
   }
-  AttentionDropout dropout{training ? attention_dropout_ : 0.0f, attention_dropout_key,
-                           int64_t(tp_.rank()) * heads_local_, int64_t(tp_.size()) * heads_local_};
-  ctx.logsumexp = Tensor::empty({B, heads_local_, S}, compute);
-  Tensor context = Tensor::empty({B, heads_local_, S, d}, compute);
-  causal_attention_forward(ctx.q, ctx.k, ctx.v, dropout, ctx.logsumexp, context, queries);
-  ctx.attention_dropout = dropout.p;
-  Tensor context_rows = Tensor::empty({S * B, heads_local_ * d}, compute);
-  move_context(context_rows, context, /*to_heads=*/false);
-  ctx.context = context_rows.to(x.dtype());
+  ctx.attention_dropout = training ? attention_dropout_ : 0.0f;
+  ctx.context = core_attention(ctx, x.dtype(), ctx.logsumexp);
   Tensor out = leave_tp_region(proj_.forward_partial(store, ctx.context), tp_);
   proj_.add_bias(store, out);
+  if (recompute_core_attention_) ctx.context = ctx.logsumexp = Tensor();  // backward rebuilds
   return out;
+}
+
+Tensor SelfAttention::core_attention(const Context& ctx, DType dtype, Tensor& logsumexp) const {
+  const int64_t d = head_dim_, S = ctx.shape.seq, B = ctx.shape.batch;
+  const DType compute = ctx.q.dtype();
+  AttentionDropout dropout{ctx.attention_dropout, ctx.dropout_key,
+                           int64_t(tp_.rank()) * heads_local_, int64_t(tp_.size()) * heads_local_};
+  logsumexp = Tensor::empty({B, heads_local_, S}, compute);
+  Tensor context = Tensor::empty({B, heads_local_, S, d}, compute);
+  causal_attention_forward(ctx.q, ctx.k, ctx.v, dropout, logsumexp, context, query_positions(S));
+  Tensor context_rows = Tensor::empty({S * B, heads_local_ * d}, compute);
+  move_context(context_rows, context, /*to_heads=*/false);
+  return context_rows.to(dtype);
 }
 
 Tensor SelfAttention::backward(const ParameterStore& store, const Context& ctx,
                                const Tensor& grad_output) const {
+  Tensor logsumexp = ctx.logsumexp, context = ctx.context;
+  if (!context.defined()) context = core_attention(ctx, ctx.input.dtype(), logsumexp);
   proj_.backward_bias(store, grad_output);
   Tensor dy_full = leave_tp_region_backward(grad_output, tp_);
-  Tensor dcontext_rows = proj_.backward(store, ctx.context, dy_full);
+  Tensor dcontext_rows = proj_.backward(store, context, dy_full);
   int64_t per_group = heads_local_ / groups_local_, d = head_dim_, S = ctx.shape.seq,
           B = ctx.shape.batch;
   DType compute = ctx.q.dtype();
@@ -642,7 +651,7 @@ Tensor SelfAttention::backward(const ParameterStore& store, const Context& ctx,
   Tensor dq = Tensor::empty(ctx.q.shape(), compute);
   Tensor dk = Tensor::empty(ctx.k.shape(), compute);
   Tensor dv = Tensor::empty(ctx.v.shape(), compute);
-  causal_attention_backward(ctx.q, ctx.k, ctx.v, ctx.logsumexp, dropout, dcontext, dq, dk, dv,
+  causal_attention_backward(ctx.q, ctx.k, ctx.v, logsumexp, dropout, dcontext, dq, dk, dv,
                             query_positions(S));
   if (cp_.size() > 1) {
     dk = reduce_scatter_sequence(dk, cp_);

@@ -1,6 +1,9 @@
 #include "moe/model/config.h"
 
+#include <algorithm>
 #include <cmath>
+#include <set>
+#include <string_view>
 #include <utility>
 
 #include "moe/tensor/error.h"
@@ -29,6 +32,36 @@ void validate_yarn(const TransformerConfig& c) {
   // The correction range is ln(L / (2 pi beta)): each beta must be positive.
   MOE_CHECK(c.yarn_beta_fast > 0 && c.yarn_beta_slow > 0, "yarn_beta_fast (", c.yarn_beta_fast,
             ") and yarn_beta_slow (", c.yarn_beta_slow, ") must be > 0");
+}
+
+// Megatron's recompute checks (transformer_config.py), with the modules moecore implements.
+void validate_recompute(const TransformerConfig& c) {
+  const std::string& granularity = c.recompute_granularity;
+  MOE_CHECK(granularity.empty() || granularity == "full" || granularity == "selective",
+            "recompute_granularity '", granularity, "' must be 'full' or 'selective' (or unset)");
+  // The router's forward draws jitter noise and counts tokens for the expert bias and
+  // global_aux_loss: running it twice would change the noise and count twice.
+  const bool reruns_router = granularity == "full" || c.recomputes("moe");
+  MOE_CHECK(
+      !reruns_router || (!c.moe.moe_input_jitter_eps && !c.moe.moe_router_enable_expert_bias &&
+                         !c.moe.uses(LoadBalancingType::kGlobalAuxLoss)),
+      granularity == "full" ? "recompute_granularity 'full'" : "recompute_modules 'moe'",
+      " cannot be used with --moe-input-jitter-eps, --moe-router-enable-expert-bias or "
+      "global_aux_loss (the router's forward has state)");
+  if (granularity != "selective") return;
+  const std::set<std::string_view> implemented = {"core_attn", "moe_act", "layernorm",
+                                                  "mlp",       "moe",     "shared_experts"};
+  const std::set<std::string_view> megatron_only = {"mla_up_proj", "gdn_norm_out", "gdp_in_proj",
+                                                    "gdp_qkv", "mhc"};
+  for (const std::string& module : c.recompute_modules) {
+    MOE_CHECK(!megatron_only.count(module), "recompute_modules '", module,
+              "' is not supported by moecore (it recomputes core_attn, moe_act, layernorm, mlp, "
+              "moe, shared_experts)");
+    MOE_CHECK(implemented.count(module), "invalid choice for recompute_modules: '", module,
+              "' (allowed: core_attn, moe_act, layernorm, mlp, moe, shared_experts)");
+  }
+  MOE_CHECK(!c.recomputes("moe_act") || c.moe.moe_grouped_gemm,
+            "moe_act in recompute_modules is only supported with moe_grouped_gemm");
 }
 
 }  // namespace
@@ -98,9 +131,7 @@ void TransformerConfig::validate(int tp, int ep) const {
   MOE_CHECK(attention_dropout >= 0 && attention_dropout < 1, "attention_dropout (",
             attention_dropout, ") must be in [0, 1)");
   MOE_CHECK(init_method_std > 0, "init_method_std (", init_method_std, ") must be > 0");
-  MOE_CHECK(recompute_granularity.empty() || recompute_granularity == "full",
-            "recompute_granularity '", recompute_granularity,
-            "' is not supported (only 'full', or unset)");
+  validate_recompute(*this);
   MOE_CHECK(num_experts >= 0, "num_experts (", num_experts, ") must be >= 0");
   if (num_experts > 0) {
     MOE_CHECK(moe_layer_freq >= 1, "moe_layer_freq (", moe_layer_freq, ") must be >= 1");
@@ -134,6 +165,12 @@ void TransformerConfig::validate(int tp, int ep) const {
             ") require sequence parallelism: add --sequence-parallel (as Megatron-Core does)");
 }
 
+bool TransformerConfig::recomputes(std::string_view module) const {
+  return recompute_granularity == "selective" &&
+         std::find(recompute_modules.begin(), recompute_modules.end(), module) !=
+             recompute_modules.end();
+}
+
 bool TransformerConfig::is_moe_layer(int layer) const {
   if (num_experts == 0) return false;
   if (!moe_layer_pattern.empty()) return moe_layer_pattern.at(size_t(layer)) == 1;
@@ -147,6 +184,7 @@ MoEConfig TransformerConfig::moe_config() const {
   filled.ffn_hidden_size = ffn_size();
   filled.activation = swiglu ? ExpertActivation::kSwiGLU : ExpertActivation::kGeLU;
   filled.add_bias_linear = add_bias_linear;
+  filled.recompute_moe_activation = recomputes("moe_act");
   return filled;
 }
 

@@ -163,6 +163,7 @@ MultiLatentAttention::MultiLatentAttention(ParameterStore& store, const std::str
       pos_dim_(config.qk_pos_emb_head_dim),
       v_head_dim_(config.v_head_dim),
       attention_dropout_(config.attention_dropout),
+      recompute_core_attention_(config.recomputes("core_attn")),
       rotary_(mla_rotary(config)),
       score_factor_(
           std::pow(yarn_get_mscale(config.rotary_scaling_factor, config.mscale_all_dim), 2)),
@@ -252,18 +253,26 @@ Tensor MultiLatentAttention::forward(const ParameterStore& store, const Tensor& 
   // The kernel's 1 / sqrt(head size) is Megatron's 1 / sqrt(qk_head_dim + qk_pos_emb_head_dim);
   // YaRN's m^2 goes into the queries (the saved q is the scaled one).
   if (score_factor_ != 1.0) multiply(ctx.q, score_factor_);
-  AttentionDropout dropout{training ? attention_dropout_ : 0.0f, attention_dropout_key,
-                           int64_t(tp_.rank()) * n, int64_t(tp_.size()) * n};
-  ctx.logsumexp = Tensor::empty({B, n, S}, compute);
-  Tensor context = Tensor::empty({B, n, S, dv}, compute);
-  causal_attention_forward(ctx.q, ctx.k, ctx.v, dropout, ctx.logsumexp, context);
-  ctx.attention_dropout = dropout.p;
-  Tensor context_rows = Tensor::empty({S * B, n * dv}, compute);
-  move_part(context_rows, context, {dv, 0, 0, dv}, /*to_heads=*/false);
-  ctx.context = context_rows.to(x.dtype());
+  ctx.attention_dropout = training ? attention_dropout_ : 0.0f;
+  ctx.context = core_attention(ctx, x.dtype(), ctx.logsumexp);
   Tensor out = leave_tp_region(proj_.forward_partial(store, ctx.context), tp_);
   proj_.add_bias(store, out);
+  if (recompute_core_attention_) ctx.context = ctx.logsumexp = Tensor();  // backward rebuilds
   return out;
+}
+
+Tensor MultiLatentAttention::core_attention(const Context& ctx, DType dtype,
+                                            Tensor& logsumexp) const {
+  const int64_t S = ctx.shape.seq, B = ctx.shape.batch, n = heads_local_, dv = v_head_dim_;
+  const DType compute = ctx.q.dtype();
+  AttentionDropout dropout{ctx.attention_dropout, ctx.dropout_key, int64_t(tp_.rank()) * n,
+                           int64_t(tp_.size()) * n};
+  logsumexp = Tensor::empty({B, n, S}, compute);
+  Tensor context = Tensor::empty({B, n, S, dv}, compute);
+  causal_attention_forward(ctx.q, ctx.k, ctx.v, dropout, logsumexp, context);
+  Tensor context_rows = Tensor::empty({S * B, n * dv}, compute);
+  move_part(context_rows, context, {dv, 0, 0, dv}, /*to_heads=*/false);
+  return context_rows.to(dtype);
 }
 
 Tensor MultiLatentAttention::backward(const ParameterStore& store, const Context& ctx,
@@ -271,9 +280,11 @@ Tensor MultiLatentAttention::backward(const ParameterStore& store, const Context
   int64_t S = ctx.shape.seq, B = ctx.shape.batch, n = heads_local_, qk = qk_head_dim_,
           pe = pos_dim_, dv = v_head_dim_, q_dim = qk + pe;
   DType compute = ctx.q.dtype(), activation = ctx.input.dtype();
+  Tensor logsumexp = ctx.logsumexp, context = ctx.context;
+  if (!context.defined()) context = core_attention(ctx, activation, logsumexp);
   proj_.backward_bias(store, grad_output);
   Tensor dcontext_rows =
-      proj_.backward(store, ctx.context, leave_tp_region_backward(grad_output, tp_)).to(compute);
+      proj_.backward(store, context, leave_tp_region_backward(grad_output, tp_)).to(compute);
   Tensor dcontext = Tensor::empty({B, n, S, dv}, compute);
   move_part(dcontext_rows, dcontext, {dv, 0, 0, dv}, /*to_heads=*/true);
   AttentionDropout dropout{ctx.attention_dropout, ctx.dropout_key, int64_t(tp_.rank()) * n,
@@ -281,8 +292,7 @@ Tensor MultiLatentAttention::backward(const ParameterStore& store, const Context
   Tensor dq = Tensor::empty(ctx.q.shape(), compute);
   Tensor dk = Tensor::empty(ctx.k.shape(), compute);
   Tensor dv_heads = Tensor::empty(ctx.v.shape(), compute);
-  causal_attention_backward(ctx.q, ctx.k, ctx.v, ctx.logsumexp, dropout, dcontext, dq, dk,
-                            dv_heads);
+  causal_attention_backward(ctx.q, ctx.k, ctx.v, logsumexp, dropout, dcontext, dq, dk, dv_heads);
 
   if (score_factor_ != 1.0) multiply(dq, score_factor_);
   Tensor dq_rows = Tensor::empty({S * B, n * q_dim}, compute);

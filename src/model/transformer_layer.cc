@@ -139,7 +139,9 @@ Tensor TransformerLayer::forward(const ParameterStore& store, const Tensor& x,
                                  TransformerLayerContext& layer_ctx,
                                  std::vector<MoELossReport>* losses) const {
   if (config_.recompute_granularity != "full") {
-    return run_forward(store, x, shape, row_offset, ctx, layer_ctx, losses);
+    Tensor out = run_forward(store, x, shape, row_offset, ctx, layer_ctx, losses);
+    if (config_.recompute_granularity == "selective") release_recomputed(layer_ctx);
+    return out;
   }
   TransformerLayerContext discarded;
   Tensor out = run_forward(store, x, shape, row_offset, ctx, discarded, losses);
@@ -154,6 +156,8 @@ Tensor TransformerLayer::backward(const ParameterStore& store, const Tensor& gra
   if (!layer_ctx.materialized) {  // full recomputation: the same dropout keys give the same masks
     Tensor input = layer_ctx.input;
     run_forward(store, input, shape, row_offset, ctx, layer_ctx, nullptr);
+  } else if (config_.recompute_granularity == "selective") {
+    recompute_released(store, shape, ctx, layer_ctx);
   }
   float hidden_p = ctx.training ? config_.hidden_dropout : 0.0f;
 
@@ -188,6 +192,42 @@ Tensor TransformerLayer::backward(const ParameterStore& store, const Tensor& gra
   return grad_input;
 }
 
+Tensor& TransformerLayer::attention_input(TransformerLayerContext& layer_ctx) const {
+  return attention_ ? layer_ctx.attention.input : layer_ctx.latent_attention.input;
+}
+
+void TransformerLayer::release_recomputed(TransformerLayerContext& layer_ctx) const {
+  if (config_.recomputes("layernorm")) {
+    // The norm outputs the layer's modules keep; the MoE layer's own copies (the router input,
+    // the dispatched rows) are its to keep, unless "moe" recomputes it as a whole.
+    attention_input(layer_ctx) = Tensor();
+    layer_ctx.mlp.input = layer_ctx.shared_experts.mlp.input = layer_ctx.mlp_input = Tensor();
+  }
+  if (config_.recomputes("mlp")) layer_ctx.mlp = MLP::Context();
+  if (config_.recomputes("shared_experts")) layer_ctx.shared_experts = SharedExperts::Context();
+  if (config_.recomputes("moe")) layer_ctx.moe = MoEContext();
+}
+
+void TransformerLayer::recompute_released(const ParameterStore& store, const BatchShape& shape,
+                                          const GPTContext& ctx,
+                                          TransformerLayerContext& layer_ctx) const {
+  Tensor mlp_in = layer_ctx.mlp_input;
+  if (config_.recomputes("layernorm")) {
+    attention_input(layer_ctx) = input_norm_.forward(store, layer_ctx.input, layer_ctx.input_norm);
+    mlp_in = pre_mlp_norm_.forward(store, layer_ctx.pre_mlp_norm.input, layer_ctx.pre_mlp_norm);
+    if (mlp_) layer_ctx.mlp.input = mlp_in;
+    if (shared_experts_) layer_ctx.shared_experts.mlp.input = mlp_in;
+  }
+  if (mlp_ && config_.recomputes("mlp")) mlp_->forward(store, mlp_in, layer_ctx.mlp);
+  if (shared_experts_ && config_.recomputes("shared_experts")) {
+    shared_experts_->forward(store, mlp_in, layer_ctx.shared_experts);
+  }
+  if (moe_ && config_.recomputes("moe")) {
+    moe_->forward(mlp_in.reshape({mlp_in.dim(0) / shape.batch, shape.batch, mlp_in.dim(1)}),
+                  layer_ctx.moe, ctx.training);
+  }
+}
+
 Tensor TransformerLayer::run_forward(const ParameterStore& store, const Tensor& x,
                                      const BatchShape& shape, int64_t row_offset,
                                      const GPTContext& ctx, TransformerLayerContext& layer_ctx,
@@ -210,6 +250,7 @@ Tensor TransformerLayer::run_forward(const ParameterStore& store, const Tensor& 
   add(x, attention_out, residual);
 
   Tensor mlp_in = pre_mlp_norm_.forward(store, residual, layer_ctx.pre_mlp_norm);
+  if (config_.recompute_granularity == "selective") layer_ctx.mlp_input = mlp_in;
   Tensor mlp_out;
   if (moe_) {
     // Megatron runs the shared experts before the router; their output joins the routed one.

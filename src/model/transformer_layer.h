@@ -56,6 +56,9 @@ void apply_hidden_dropout(Tensor& x, float p, uint64_t key, const BatchShape& sh
 struct TransformerLayerContext {
   Tensor input;               // [rows_local, h]: kept even when recomputing
   bool materialized = false;  // false: only `input` is kept (full recomputation)
+  // [rows_local, h] pre_mlp_layernorm's output, kept with selective recomputation unless
+  // "layernorm" recomputes it: the input the MLP, MoE layer and shared experts rerun from.
+  Tensor mlp_input;
   Norm::Context input_norm, pre_mlp_norm;
   SelfAttention::Context attention;
   MultiLatentAttention::Context latent_attention;  // with multi_latent_attention
@@ -105,6 +108,12 @@ class TransformerLayer {
   Tensor run_forward(const ParameterStore& store, const Tensor& x, const BatchShape& shape,
                      int64_t row_offset, const GPTContext& ctx, TransformerLayerContext& layer_ctx,
                      std::vector<MoELossReport>* losses) const;
+  // Selective recomputation: after forward, drops what the config's recompute_modules rebuild;
+  // before backward, rebuilds it (the same kernels on the same inputs, so bit for bit).
+  void release_recomputed(TransformerLayerContext& layer_ctx) const;
+  void recompute_released(const ParameterStore& store, const BatchShape& shape,
+                          const GPTContext& ctx, TransformerLayerContext& layer_ctx) const;
+  Tensor& attention_input(TransformerLayerContext& layer_ctx) const;
 
   int number_;
   const TransformerConfig& config_;

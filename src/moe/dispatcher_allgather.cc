@@ -25,12 +25,14 @@ struct AllGatherState final : DispatcherState {
 // elsewhere), summed over the group and scattered: each rank gets its own tokens' kept slot
 // rows. Only one rank writes each kept row, so the sum is exact.
 Tensor expert_rows_to_home_slots(const Tensor& expert_rows, const AllGatherState& state,
-                                 int64_t home_rows, const comm::ProcessGroup& group) {
+                                 int64_t home_rows, const comm::ProcessGroup& group,
+                                 int64_t& exchange_bytes) {
   const int64_t H = expert_rows.dim(1);
   Tensor group_kept_rows =
       Tensor::empty({int64_t(state.expert_row_of_kept.size()), H}, expert_rows.dtype());
   gather_rows(expert_rows, state.expert_row_of_kept, group_kept_rows);
   Tensor home = Tensor::empty({home_rows, H}, expert_rows.dtype());
+  exchange_bytes += int64_t(group_kept_rows.nbytes());
   comm::reduce_scatter_v(group_kept_rows, home, state.kept_rows_per_rank, group);
   return home;
 }
@@ -92,6 +94,7 @@ Tensor AllGatherTokenDispatcher::dispatch(const Tensor& hidden, const Routing& r
   }
 
   Tensor group_hidden = Tensor::empty({batch.total_tokens, H}, ctx.dtype);  // [group T, H]
+  exchange_bytes_ += int64_t(hidden.nbytes());
   comm::all_gather_v(hidden, group_hidden, batch.tokens_per_rank, tp_ep_);
   Tensor rows = Tensor::empty({state->expert_plan.num_rows(), H}, ctx.dtype);  // [R, H]
   permute_rows(group_hidden, state->expert_plan, Tensor(), rows);
@@ -103,7 +106,8 @@ Tensor AllGatherTokenDispatcher::combine(const Tensor& expert_output, DispatchCo
   const char* who = "AllGatherTokenDispatcher::combine expert output";
   const auto& state = ep_detail::saved_state<AllGatherState>(ctx, who);
   ep_detail::check_expert_rows(expert_output, state.expert_plan.num_rows(), ctx, who);
-  Tensor home = expert_rows_to_home_slots(expert_output, state, ctx.plan.num_rows(), tp_ep_);
+  Tensor home =
+      expert_rows_to_home_slots(expert_output, state, ctx.plan.num_rows(), tp_ep_, exchange_bytes_);
   return internal::combine_home_rows(home, ctx);
 }
 
@@ -117,6 +121,7 @@ Tensor AllGatherTokenDispatcher::combine_backward(const Tensor& grad_output, Dis
   // experts' rows.
   Tensor group_grads =
       Tensor::empty({int64_t(state.expert_row_of_kept.size()), ctx.hidden_size}, ctx.dtype);
+  exchange_bytes_ += int64_t(grad_home.nbytes());
   comm::all_gather_v(grad_home, group_grads, state.kept_rows_per_rank, tp_ep_);
   Tensor grad_rows = Tensor::empty({state.expert_plan.num_rows(), ctx.hidden_size}, ctx.dtype);
   gather_rows(group_grads, state.kept_of_expert_row, grad_rows);
@@ -128,7 +133,8 @@ Tensor AllGatherTokenDispatcher::dispatch_backward(const Tensor& grad_expert_inp
   const char* who = "AllGatherTokenDispatcher::dispatch_backward gradient";
   const auto& state = ep_detail::saved_state<AllGatherState>(ctx, who);
   ep_detail::check_expert_rows(grad_expert_input, state.expert_plan.num_rows(), ctx, who);
-  Tensor home = expert_rows_to_home_slots(grad_expert_input, state, ctx.plan.num_rows(), tp_ep_);
+  Tensor home = expert_rows_to_home_slots(grad_expert_input, state, ctx.plan.num_rows(), tp_ep_,
+                                          exchange_bytes_);
   return internal::home_rows_to_grad_hidden(home, ctx);
 }
 

@@ -25,6 +25,7 @@ struct AllToAllState final : DispatcherState {
 struct Groups {
   const comm::ProcessGroup& ep;
   const comm::ProcessGroup& etp;
+  int64_t& exchange_bytes;  // the dispatcher's count of the all-to-all send buffers' bytes
 };
 
 // Home rows (grouped by global expert) -> the local experts' rows [R, H]: all-to-all over ep,
@@ -34,6 +35,7 @@ Tensor home_to_experts(const Tensor& home_rows, const AllToAllState& state, cons
   const DType dtype = home_rows.dtype();
   const int64_t gathered_rows = int64_t(state.gathered_row_source.size());
   Tensor received = Tensor::empty({state.etp_rows[size_t(groups.etp.rank())], H}, dtype);
+  groups.exchange_bytes += int64_t(home_rows.nbytes());
   comm::all_to_all_v(home_rows, state.send_rows, received, state.recv_rows, groups.ep);
   Tensor gathered = received;  // [gathered rows, H]
   if (groups.etp.size() > 1) {
@@ -59,6 +61,7 @@ Tensor experts_to_home(const Tensor& expert_rows, const AllToAllState& state, in
     comm::reduce_scatter_v(gathered, received, state.etp_rows, groups.etp);
   }
   Tensor home = Tensor::empty({home_rows, H}, dtype);
+  groups.exchange_bytes += int64_t(received.nbytes());
   comm::all_to_all_v(received, state.recv_rows, home, state.send_rows, groups.ep);
   return home;
 }
@@ -170,7 +173,7 @@ Tensor AllToAllTokenDispatcher::dispatch(const Tensor& hidden, const Routing& ro
 
   Tensor home_rows = Tensor::empty({ctx.plan.num_rows(), ctx.hidden_size}, ctx.dtype);
   permute_rows(hidden, ctx.plan, Tensor(), home_rows);
-  Tensor rows = home_to_experts(home_rows, *state, {ep_, etp_});
+  Tensor rows = home_to_experts(home_rows, *state, {ep_, etp_, exchange_bytes_});
   ctx.state = std::move(state);
   return rows;
 }
@@ -179,7 +182,8 @@ Tensor AllToAllTokenDispatcher::combine(const Tensor& expert_output, DispatchCon
   const char* who = "AllToAllTokenDispatcher::combine expert output";
   const auto& state = ep_detail::saved_state<AllToAllState>(ctx, who);
   ep_detail::check_expert_rows(expert_output, int64_t(state.expert_row_source.size()), ctx, who);
-  Tensor home = experts_to_home(expert_output, state, ctx.plan.num_rows(), {ep_, etp_});
+  Tensor home =
+      experts_to_home(expert_output, state, ctx.plan.num_rows(), {ep_, etp_, exchange_bytes_});
   return internal::combine_home_rows(home, ctx);
 }
 
@@ -189,7 +193,7 @@ Tensor AllToAllTokenDispatcher::combine_backward(const Tensor& grad_output, Disp
   const auto& state = ep_detail::saved_state<AllToAllState>(ctx, who);
   const Tensor grad_home =  // [plan rows, H]
       internal::combine_backward_home_rows(who, grad_output, ctx, grad_probs);
-  return home_to_experts(grad_home, state, {ep_, etp_});
+  return home_to_experts(grad_home, state, {ep_, etp_, exchange_bytes_});
 }
 
 Tensor AllToAllTokenDispatcher::dispatch_backward(const Tensor& grad_expert_input,
@@ -198,7 +202,8 @@ Tensor AllToAllTokenDispatcher::dispatch_backward(const Tensor& grad_expert_inpu
   const auto& state = ep_detail::saved_state<AllToAllState>(ctx, who);
   ep_detail::check_expert_rows(grad_expert_input, int64_t(state.expert_row_source.size()), ctx,
                                who);
-  Tensor home = experts_to_home(grad_expert_input, state, ctx.plan.num_rows(), {ep_, etp_});
+  Tensor home =
+      experts_to_home(grad_expert_input, state, ctx.plan.num_rows(), {ep_, etp_, exchange_bytes_});
   return internal::home_rows_to_grad_hidden(home, ctx);
 }
 

@@ -175,9 +175,19 @@ void Experts::accumulate_weight_grad(const Tensor& a, const Tensor& b,
   internal::accumulate_into(product, grad);
 }
 
+Tensor Experts::activate(const Tensor& fc1_output) const {
+  Tensor activation = Tensor::empty({fc1_output.dim(0), ffn_local()}, fc1_output.dtype());
+  if (config_.activation == ExpertActivation::kSwiGLU) {
+    swiglu(fc1_output, activation);
+  } else {
+    gelu(fc1_output, activation);
+  }
+  return activation;
+}
+
 Tensor Experts::forward(const Tensor& rows, std::span<const int64_t> tokens_per_expert,
                         ExpertsContext& ctx) const {
-  const int64_t H = config_.hidden_size, F = ffn_local(), N1 = fc1_local();
+  const int64_t H = config_.hidden_size, N1 = fc1_local();
   check_ndim(rows, 2, "Experts::forward rows");
   MOE_CHECK(rows.dim(1) == H, "Experts::forward: rows ", shape_string(rows.shape()),
             " do not have hidden_size ", H, " columns");
@@ -201,14 +211,11 @@ Tensor Experts::forward(const Tensor& rows, std::span<const int64_t> tokens_per_
   if (config_.add_bias_linear) {
     add_group_bias(ctx.fc1_output, fc1_bias().reshape({E, N1}), tokens_per_expert);
   }
-  ctx.activation = Tensor::empty({R, F}, dtype);
-  if (config_.activation == ExpertActivation::kSwiGLU) {
-    swiglu(ctx.fc1_output, ctx.activation);
-  } else {
-    gelu(ctx.fc1_output, ctx.activation);
-  }
+  ctx.activation = activate(ctx.fc1_output);
   Tensor output = Tensor::empty({R, H}, dtype);
   expert_gemm(GemmForm::kForward, ctx.activation, fc2_weight(), tokens_per_expert, output, false);
+  // The same kernel on the same fc1 output rebuilds it bit for bit in backward.
+  if (config_.recompute_moe_activation) ctx.activation = Tensor();
   // With expert tensor parallelism the outputs are partial sums: one rank adds the bias.
   if (config_.add_bias_linear && placement_.tp_rank == 0) {
     add_group_bias(output, fc2_bias(), tokens_per_expert);
@@ -224,6 +231,7 @@ Tensor Experts::backward(ExpertsContext& ctx, const Tensor& grad_output) const {
   const std::span<const int64_t> groups(ctx.tokens_per_expert);
   const DType dtype = ctx.input.dtype();
 
+  if (!ctx.activation.defined()) ctx.activation = activate(ctx.fc1_output);
   Tensor fc2_grad = fc2_weight_grad();
   accumulate_weight_grad(ctx.activation, grad_output, groups, fc2_grad);
   if (config_.add_bias_linear) {

@@ -2,6 +2,7 @@
 
 #include <sys/mman.h>
 
+#include <atomic>
 #include <bit>
 #include <cstdlib>
 #include <cstring>
@@ -190,21 +191,46 @@ size_t size_class(size_t bytes) {
   return (bytes + step - 1) / step * step;
 }
 
+std::atomic<size_t> live_storage_bytes{0}, peak_storage_bytes{0};
+
+void count_allocation(size_t bytes) {
+  const size_t live = live_storage_bytes.fetch_add(bytes, std::memory_order_relaxed) + bytes;
+  size_t peak = peak_storage_bytes.load(std::memory_order_relaxed);
+  while (live > peak && !peak_storage_bytes.compare_exchange_weak(peak, live)) {
+  }
+}
+
 // Storage for `bytes`; `fresh` tells whether it is known to be zero-filled.
 std::shared_ptr<void> allocate(size_t bytes, bool& fresh) {
   fresh = false;
   if (bytes >= kCachedStorageMinBytes) {
     StorageCache::Block block = storage_cache().take(size_class(bytes), fresh);
-    return std::shared_ptr<void>(block.memory, [block](void*) { storage_cache().give(block); });
+    count_allocation(bytes);
+    return std::shared_ptr<void>(block.memory, [block, bytes](void*) {
+      live_storage_bytes.fetch_sub(bytes, std::memory_order_relaxed);
+      storage_cache().give(block);
+    });
   }
   size_t rounded = (bytes + kTensorAlignment - 1) / kTensorAlignment * kTensorAlignment;
   if (rounded == 0) return nullptr;
   void* memory = std::aligned_alloc(kTensorAlignment, rounded);
   MOE_CHECK(memory != nullptr, "out of memory allocating ", bytes, " bytes");
-  return std::shared_ptr<void>(memory, std::free);
+  count_allocation(bytes);
+  return std::shared_ptr<void>(memory, [bytes](void* block) {
+    live_storage_bytes.fetch_sub(bytes, std::memory_order_relaxed);
+    std::free(block);
+  });
 }
 
 }  // namespace
+
+TensorMemoryStats tensor_memory_stats() {
+  return {live_storage_bytes.load(), peak_storage_bytes.load()};
+}
+
+void reset_tensor_peak_bytes() {
+  peak_storage_bytes.store(live_storage_bytes.load());
+}
 
 TensorCacheStats tensor_cache_stats() {
   return storage_cache().stats();

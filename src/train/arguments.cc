@@ -170,6 +170,13 @@ void register_arguments(CLI::App& app, TrainingArguments& a) {
     optional_string("--recompute-granularity", a.recompute_granularity,
                     "Recompute activations in backward instead of storing them.")
         ->check(CLI::IsMember({"full", "selective"}));
+    list_option("--recompute-modules", a.recompute_modules,
+                "With --recompute-granularity selective, the modules recomputed in backward: "
+                "core_attn, moe_act (needs --moe-grouped-gemm), layernorm, mlp, moe, "
+                "shared_experts (default core_attn).");
+    app.add_flag_callback(
+        "--recompute-activations", [&a] { a.recompute_granularity = "selective"; },
+        "Same as --recompute-granularity selective.");
     optional_long("--train-iters", a.train_iters, "Number of optimizer steps to train for.");
     app.add_option("--log-interval", a.log_interval, "Iterations between log lines.")
         ->capture_default_str();
@@ -1035,9 +1042,6 @@ void finalize_arguments(TrainingArguments& a, int world_size) {
   MOE_CHECK(a.attention_dropout >= 0 && a.attention_dropout < 1 && a.hidden_dropout >= 0 &&
                 a.hidden_dropout < 1,
             "--attention-dropout and --hidden-dropout must be in [0, 1)");
-
-  MOE_CHECK(a.recompute_granularity.value_or("full") == "full",
-            "--recompute-granularity selective is not supported yet; use full");
 
   // ---- checkpoints
   if (a.save) {

@@ -36,6 +36,8 @@ namespace {
 using detail::concat;
 using Clock = std::chrono::steady_clock;
 
+}  // namespace
+
 model::TransformerConfig model_config(const TrainingArguments& a, int64_t padded_vocab) {
   model::TransformerConfig c;
   c.num_layers = *a.num_layers;
@@ -78,6 +80,7 @@ model::TransformerConfig model_config(const TrainingArguments& a, int64_t padded
   c.init_method_std = float(a.init_method_std);
   c.sequence_parallel = a.sequence_parallel;
   c.recompute_granularity = a.recompute_granularity.value_or("");
+  c.recompute_modules = a.recompute_modules;
   if (a.is_moe()) {
     c.num_experts = *a.num_experts;
     c.moe_layer_pattern.assign(a.moe_layer_pattern.begin(), a.moe_layer_pattern.end());
@@ -111,6 +114,8 @@ model::TransformerConfig model_config(const TrainingArguments& a, int64_t padded
   }
   return c;
 }
+
+namespace {
 
 optim::OptimizerConfig optimizer_config(const TrainingArguments& a) {
   optim::OptimizerConfig c;
@@ -451,9 +456,15 @@ IterationStats train_step(Job& job, data::PretrainingDataIterator& data) {
   if (job.expert_load) job.expert_load->reset();
   // 1F1B over the pipeline stages (interleaved with virtual stages; plain forward-backward per
   // micro-batch with one stage); lm and MoE losses come back reduced over the stages.
+  const size_t bytes_before_step = tensor_memory_stats().live_bytes;
+  reset_tensor_peak_bytes();
   pipeline::StepResult result =
       pipeline::forward_backward(job.chunk_pointers(), job.parallel, micro_batches_from(job, data),
                                  schedule_options(a, job.optimizer->loss_scale()));
+  Tensor stage_peaks({job.parallel.pp_group.size()}, DType::F64);
+  stage_peaks.data<double>()[job.parallel.pp_group.rank()] =
+      double(tensor_memory_stats().peak_live_bytes - bytes_before_step);
+  comm::all_reduce(stage_peaks, job.parallel.world, comm::ReduceOp::kMax);
   optim::StepResult step = job.optimizer->step();
   ++job.iteration;
   job.consumed_train_samples += *a.global_batch_size;
@@ -476,6 +487,8 @@ IterationStats train_step(Job& job, data::PretrainingDataIterator& data) {
   stats.loss_tokens = losses[3] * double(job.parallel.dp_group.size());
   stats.mtp_losses.assign(losses.begin() + 4, losses.end());
   stats.grad_norm = step.grad_norm;
+  stats.stage_peak_activation_bytes.assign(stage_peaks.data<double>(),
+                                           stage_peaks.data<double>() + stage_peaks.numel());
   stats.loss_scale = step.loss_scale;
   stats.skipped = step.skipped;
   if (job.expert_load) {
@@ -657,6 +670,13 @@ std::string format_log_line(const std::vector<IterationStats>& window, int64_t t
       high = std::max(high, range.max);
     }
     append(" expert bias min/max: %.4f/%.4f |", low, high);
+  }
+  if (!last.stage_peak_activation_bytes.empty()) {
+    line += " peak activation memory per stage (MiB):";
+    for (size_t stage = 0; stage < last.stage_peak_activation_bytes.size(); ++stage) {
+      append("%s%.1f", stage ? "/" : " ", last.stage_peak_activation_bytes[stage] / 1048576.0);
+    }
+    line += " |";
   }
   append(" number of skipped iterations: %3d |", skipped);
   if (skipped > 0) append(" (inf/NaN gradients: step skipped, loss scale lowered) |");

@@ -132,6 +132,70 @@ TEST(GPTModel, FullRecomputationGivesBitwiseTheSameGradients) {
   EXPECT_TENSORS_CLOSE(b.expert_grads, a.expert_grads, 0, 0);
 }
 
+// Selective recomputation: each of Megatron's recompute_modules that moecore implements, and all
+// of them together, give the same loss and gradients bit for bit (dropout on: the recomputed
+// masks are the same), and the micro-batch's context holds fewer bytes after forward. MoE layers
+// 0 and 2 with shared experts, layer 1 dense; common attention and multi-latent attention.
+TEST(GPTModel, SelectiveRecomputationGivesBitwiseTheSameGradientsAndHoldsLess) {
+  struct Measured {
+    Step step;
+    size_t context_bytes = 0;  // tensor storage alive after forward that was not before
+    size_t peak_bytes = 0;     // most tensor storage alive during forward and backward, same base
+  };
+  auto measure = [](const TransformerConfig& config, const Batch& batch) {
+    ParameterStore store;
+    GPTModel model(config, comm::single_process_state(), store);
+    store.allocate();
+    model.init_parameters(5);
+    store.zero_grads();
+    GPTContext ctx;
+    ctx.dropout_seed = 9;
+    const size_t before = tensor_memory_stats().live_bytes;
+    reset_tensor_peak_bytes();
+    Measured m;
+    m.step.loss = model.forward(batch.tokens, batch.labels, ctx, batch.mask);
+    m.context_bytes = tensor_memory_stats().live_bytes - before;
+    model.backward(ctx);
+    m.peak_bytes = tensor_memory_stats().peak_live_bytes - before;
+    m.step.dense_grads = store.flat_grads(ParamGroup::kDense).clone();
+    m.step.expert_grads = store.flat_grads(ParamGroup::kExpert).clone();
+    return m;
+  };
+  for (bool latent : {false, true}) {
+    TransformerConfig c = tiny_moe_gpt_config({1, 0, 1});
+    c.num_layers = 3;
+    c.add_bias_linear = false;
+    c.moe_shared_expert_intermediate_size = 8;
+    c.hidden_dropout = 0.2f;
+    c.attention_dropout = 0.2f;
+    if (latent) {
+      c.group_query_attention = false;
+      testing::set_small_mla(c, 5);
+    }
+    Batch batch = make_batch(c, 2, 40);
+    const Measured plain = measure(c, batch);
+    c.recompute_granularity = "selective";
+    for (const std::vector<std::string>& modules : std::vector<std::vector<std::string>>{
+             {"core_attn"},
+             {"moe_act"},
+             {"layernorm"},
+             {"mlp"},
+             {"moe"},
+             {"shared_experts"},
+             {"core_attn", "moe_act", "layernorm", "mlp", "moe", "shared_experts"}}) {
+      c.recompute_modules = modules;
+      SCOPED_TRACE(std::string(latent ? "MLA, " : "") + "recompute_modules " + modules[0] +
+                   (modules.size() > 1 ? " and the rest" : ""));
+      const Measured selective = measure(c, batch);
+      EXPECT_EQ(selective.step.loss, plain.step.loss);
+      EXPECT_TENSORS_CLOSE(selective.step.dense_grads, plain.step.dense_grads, 0, 0);
+      EXPECT_TENSORS_CLOSE(selective.step.expert_grads, plain.step.expert_grads, 0, 0);
+      EXPECT_LT(selective.context_bytes, plain.context_bytes);
+      EXPECT_LE(selective.peak_bytes, plain.peak_bytes);
+    }
+  }
+}
+
 TEST(GPTModel, ThreadCountDoesNotChangeAnyBit) {
   TransformerConfig c = tiny_moe_gpt_config();
   c.hidden_size = 64;  // large enough for the kernels' threaded paths

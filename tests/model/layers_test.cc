@@ -755,9 +755,33 @@ TEST(Config, RefusesWhatCannotBeSplit) {
   c.normalization = "BatchNorm";
   EXPECT_EQ(message(c, 1), "normalization 'BatchNorm' is not supported (LayerNorm or RMSNorm)");
   c = small_config();
-  c.recompute_granularity = "selective";
+  c.recompute_granularity = "partial";
   EXPECT_EQ(message(c, 1),
-            "recompute_granularity 'selective' is not supported (only 'full', or unset)");
+            "recompute_granularity 'partial' must be 'full' or 'selective' (or unset)");
+  c = small_config();
+  c.recompute_granularity = "selective";
+  c.recompute_modules = {"core_attn", "attention"};
+  EXPECT_EQ(message(c, 1),
+            "invalid choice for recompute_modules: 'attention' (allowed: core_attn, moe_act, "
+            "layernorm, mlp, moe, shared_experts)");
+  c.recompute_modules = {"mla_up_proj"};
+  EXPECT_EQ(message(c, 1),
+            "recompute_modules 'mla_up_proj' is not supported by moecore (it recomputes "
+            "core_attn, moe_act, layernorm, mlp, moe, shared_experts)");
+  c.recompute_modules = {"moe_act"};
+  c.num_experts = 4;
+  c.moe.moe_router_topk = 2;
+  c.moe.moe_grouped_gemm = false;
+  EXPECT_EQ(message(c, 1), "moe_act in recompute_modules is only supported with moe_grouped_gemm");
+  c.recompute_modules = {"moe"};
+  c.moe.moe_input_jitter_eps = 0.01;
+  EXPECT_EQ(message(c, 1),
+            "recompute_modules 'moe' cannot be used with --moe-input-jitter-eps, "
+            "--moe-router-enable-expert-bias or global_aux_loss (the router's forward has state)");
+  c.recompute_granularity = "full";
+  EXPECT_EQ(message(c, 1),
+            "recompute_granularity 'full' cannot be used with --moe-input-jitter-eps, "
+            "--moe-router-enable-expert-bias or global_aux_loss (the router's forward has state)");
   c = small_config();
   c.sequence_parallel = true;
   c.seq_length = 5;

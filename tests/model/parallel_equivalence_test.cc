@@ -50,6 +50,8 @@ struct Layout {
   // seq_aux_loss instead of aux_loss: per-sequence counts, each sequence's shards being on the
   // tp x cp ranks.
   bool seq_aux_loss = false;
+  // --recompute-granularity selective with every module moecore implements.
+  bool selective_recompute = false;
 };
 
 std::string describe(const Layout& l) {
@@ -65,7 +67,8 @@ std::string describe(const Layout& l) {
          (l.first_layer_dense ? ", layers {dense, MoE, MoE}" : "") +
          (l.mla ? ", multi-latent attention" : "") +
          (l.cp > 1 ? ", cp " + std::to_string(l.cp) : "") +
-         (l.seq_aux_loss ? ", seq_aux_loss" : "") + ")";
+         (l.seq_aux_loss ? ", seq_aux_loss" : "") +
+         (l.selective_recompute ? ", selective recomputation" : "") + ")";
 }
 
 TransformerConfig equivalence_config() {
@@ -102,6 +105,11 @@ void check_layout(const Layout& layout, TokenDispatcherType dispatcher) {
   if (layout.recompute) config.recompute_granularity = "full";
   if (layout.seq_aux_loss)
     config.moe.moe_router_load_balancing_type = LoadBalancingType::kSeqAuxLoss;
+  if (layout.selective_recompute) {
+    config.recompute_granularity = "selective";
+    config.recompute_modules = {"core_attn", "moe_act", "layernorm",
+                                "mlp",       "moe",     "shared_experts"};
+  }
   if (layout.mtp_num_layers > 0) {
     config.mtp_num_layers = layout.mtp_num_layers;
     config.moe_layer_pattern = {0, 1};
@@ -260,6 +268,12 @@ TEST(ParallelEquivalence, Tp2SpOnEp1) {
 }
 TEST(ParallelEquivalence, Tp2SpOnEp1WithRecomputation) {
   run_on_world(2, {2, true, 1, true});
+}
+TEST(ParallelEquivalence, Tp2SpOnEp2WithSelectiveRecomputation) {
+  Layout layout{2, true, 2};
+  layout.shared_experts = Layout::kGated;
+  layout.selective_recompute = true;
+  run_on_world(4, layout);
 }
 TEST(ParallelEquivalence, Tp2SpOnEp1OtherSwitches) {
   run_on_world(2, {2, true, 1, false, true});

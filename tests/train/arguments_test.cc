@@ -243,9 +243,6 @@ struct ConflictCase {
 TEST(Arguments, ConflictingAndNonDivisibleFlags) {
   const std::vector<ConflictCase> cases = {
       {{"--fp16", "--bf16"}, 1, "--fp16 and --bf16 cannot be used together"},
-      {{"--recompute-granularity", "selective"},
-       1,
-       "--recompute-granularity selective is not supported yet; use full"},
       {{"--tensor-model-parallel-size", "4", "--group-query-attention", "--num-query-groups", "2",
         "--sequence-parallel"},
        4,

@@ -181,6 +181,29 @@ TEST(TrainingLoop, ExpertChoiceRouterTrains) {
   }
 }
 
+// The log line carries each stage's peak activation memory; selective recomputation lowers it
+// and leaves every loss and gradient norm bitwise as it was.
+TEST(TrainingLoop, SelectiveRecomputationLowersTheLoggedPeakAndChangesNoBit) {
+  const Args flags = with(tiny_moe_flags(3), {"--log-interval", "1"});
+  std::string log;
+  const TrainingReport plain = run(flags, &log);
+  if (world_rank() == 0) {  // the rank that writes the log
+    EXPECT_NE(log.find("peak activation memory per stage (MiB): "), std::string::npos) << log;
+  }
+  const TrainingReport selective =
+      run(with(flags, {"--recompute-granularity", "selective", "--recompute-modules", "core_attn",
+                       "moe_act", "layernorm"}));
+  ASSERT_EQ(plain.iterations.size(), 3u);
+  ASSERT_EQ(selective.iterations.size(), 3u);
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(selective.iterations[i].lm_loss, plain.iterations[i].lm_loss);
+    EXPECT_EQ(selective.iterations[i].grad_norm, plain.iterations[i].grad_norm);
+    ASSERT_EQ(plain.iterations[i].stage_peak_activation_bytes.size(), 1u);
+    EXPECT_LT(selective.iterations[i].stage_peak_activation_bytes[0],
+              plain.iterations[i].stage_peak_activation_bytes[0]);
+  }
+}
+
 TEST(TrainingLoop, ResumeRepeatsTheUninterruptedLossesBitwise) {
   // Dropout on, bf16 with the distributed optimizer: every piece of state must round-trip.
   const Args flags = with(tiny_moe_flags(12), {"--bf16", "--use-distributed-optimizer",

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "moe/moe/config.h"
@@ -90,7 +91,11 @@ struct TransformerConfig {
   double mtp_loss_scaling_factor = 0.1;
 
   bool sequence_parallel = false;
-  std::string recompute_granularity;  // "" (off) | "full": every layer recomputes in backward
+  // "" (off) | "full": every layer keeps only its input and recomputes in backward |
+  // "selective": the modules of recompute_modules recompute in backward (Megatron's names:
+  // core_attn, moe_act, layernorm, mlp, moe, shared_experts; Megatron's default core_attn).
+  std::string recompute_granularity;
+  std::vector<std::string> recompute_modules = {"core_attn"};
 
   // Throws moe::Error naming the fields when the values cannot build a model with tensor
   // parallel size `tp` and expert parallel size `ep`.
@@ -102,6 +107,8 @@ struct TransformerConfig {
     return group_query_attention ? num_query_groups : num_attention_heads;
   }
   bool is_moe_layer(int layer) const;
+  // Whether `module` (a recompute_modules name) recomputes: selective granularity and listed.
+  bool recomputes(std::string_view module) const;
   // `moe` with the fields shared with this config filled in.
   MoEConfig moe_config() const;
 };

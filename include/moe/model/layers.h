@@ -198,9 +198,10 @@ class SelfAttention {
   struct Context {
     Tensor input;  // [rows_local, h]: backward all-gathers it again with sequence parallelism
     Norm::Context q_norm,
-        k_norm;        // over [b * n_local * s, d] / [b * g_local * s, d] (qk_layernorm)
-    Tensor q, k, v;    // [b, n_local, s, d], [b, g_local, S, d] (after rope; S = s * cp, every
-                       // cp rank's keys and values), compute dtype
+        k_norm;      // over [b * n_local * s, d] / [b * g_local * s, d] (qk_layernorm)
+    Tensor q, k, v;  // [b, n_local, s, d], [b, g_local, S, d] (after rope; S = s * cp, every
+                     // cp rank's keys and values), compute dtype
+    // Undefined after forward with recompute "core_attn": backward recomputes both from q, k, v.
     Tensor logsumexp;  // [b, n_local, s] of the scaled scores, compute dtype
     Tensor context;    // [rows_full, n_local * d] in the activation dtype
     BatchShape shape;
@@ -226,11 +227,15 @@ class SelfAttention {
  private:
   // Where this rank's s query rows sit in the sequence (empty without context parallelism).
   QueryPositions query_positions(int64_t local_seq) const;
+  // Core attention on ctx.q, k, v: the context rows [rows_full, n_local * d] in `dtype`, and the
+  // row log-sum-exps.
+  Tensor core_attention(const Context& ctx, DType dtype, Tensor& logsumexp) const;
 
   TensorParallel tp_;
   ContextParallel cp_;
   int64_t heads_local_, groups_local_, head_dim_;
   float attention_dropout_;
+  bool recompute_core_attention_;
   std::optional<RotaryFrequencies> rotary_;  // empty without rope / YaRN
   ColumnParallelLinear qkv_;
   RowParallelLinear proj_;

@@ -56,6 +56,7 @@ class MultiLatentAttention {
     Tensor kv_latent;  // [rows_full, kv_lora_rank]: linear_kv_up_proj's input
     Tensor q, k;       // [b, n_local, s, qk + pe] after rope, compute dtype
     Tensor v;          // [b, n_local, s, dv], compute dtype
+    // Undefined after forward with recompute "core_attn": backward recomputes both from q, k, v.
     Tensor logsumexp;  // [b, n_local, s] of the scaled scores, compute dtype
     Tensor context;    // [rows_full, n_local * dv] in the activation dtype
     BatchShape shape;
@@ -88,9 +89,14 @@ class MultiLatentAttention {
   static const T* pointer(const std::optional<T>& module) {
     return module ? &*module : nullptr;
   }
+  // Core attention on ctx.q, k, v: the context rows [rows_full, n_local * dv] in `dtype`, and
+  // the row log-sum-exps.
+  Tensor core_attention(const Context& ctx, DType dtype, Tensor& logsumexp) const;
+
   TensorParallel tp_;
   int64_t heads_local_, kv_lora_rank_, qk_head_dim_, pos_dim_, v_head_dim_;
   float attention_dropout_;
+  bool recompute_core_attention_;
   RotaryFrequencies rotary_;  // of the pe parts
   double score_factor_;       // m^2: multiplies the kernel's 1 / sqrt(qk + pe)
   std::optional<ColumnParallelLinear> q_proj_, q_down_, q_up_;

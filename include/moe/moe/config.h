@@ -81,6 +81,9 @@ struct MoEConfig {
   bool moe_pad_expert_input_to_capacity = false;
   TokenDropPolicy moe_token_drop_policy = TokenDropPolicy::kProbs;
   bool moe_grouped_gemm = false;  // GroupedMLP (one grouped GEMM) instead of SequentialMLP
+  // --recompute-modules moe_act: the experts keep fc1's output and recompute the activation in
+  // backward instead of keeping it (Megatron allows it with moe_grouped_gemm only).
+  bool recompute_moe_activation = false;
   TokenDispatcherType moe_token_dispatcher_type = TokenDispatcherType::kAllGather;
   ExpertActivation activation = ExpertActivation::kGeLU;  // Megatron's default without --swiglu
   bool add_bias_linear = true;  // biases on the router and on both expert linears

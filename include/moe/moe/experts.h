@@ -41,7 +41,7 @@ struct ExpertsContext {
   std::vector<int64_t> tokens_per_expert;  // [E_local]
   Tensor input;                            // [R, H]
   Tensor fc1_output;                       // [R, 2F or F] (bias added), before the activation
-  Tensor activation;                       // [R, F]
+  Tensor activation;  // [R, F]; undefined after forward with recompute_moe_activation
 };
 
 class Experts {
@@ -84,6 +84,8 @@ class Experts {
  private:
   int64_t ffn_local() const;  // F: this rank's slice of the expert ffn size
   int64_t fc1_local() const;  // fc1's local output width: 2F (SwiGLU) or F
+  // The activation (SwiGLU or GeLU) of fc1's output [R, fc1_local] -> [R, F].
+  Tensor activate(const Tensor& fc1_output) const;
   // Weight gradient dw (+)= a^T b per expert into an fp32 buffer, whatever the operand dtype.
   void accumulate_weight_grad(const Tensor& a, const Tensor& b, std::span<const int64_t> group_rows,
                               Tensor& grad) const;

@@ -70,6 +70,15 @@ class TokenDispatcher {
                                   Tensor& grad_probs) = 0;
   // grad_expert_input [R, H] -> d hidden [T, H] (new tensor): sum over each token's rows.
   virtual Tensor dispatch_backward(const Tensor& grad_expert_input, DispatchContext& ctx) = 0;
+
+  // Bytes of hidden rows (activations and their gradients) this rank has handed to the expert
+  // parallel exchanges since construction: the whole send buffer of each all-to-all over ep,
+  // and of each all-gather and reduce-scatter over tp x ep, this rank's own share included (the
+  // etp exchanges and the routing all-gathers are not counted). 0 for local dispatchers.
+  int64_t exchange_bytes() const { return exchange_bytes_; }
+
+ protected:
+  int64_t exchange_bytes_ = 0;
 };
 
 // All experts on this process. Capacity dropping (moe_expert_capacity_factor) follows

@@ -76,6 +76,17 @@ void set_tensor_cache_limit(size_t bytes);
 // Unmaps every kept block (e.g. before measuring memory); the limit stays.
 void release_tensor_cache();
 
+// Bytes of tensor storage (owned allocations, as requested; views and kept cache blocks not
+// counted) alive now, and the most alive at once since the last reset_tensor_peak_bytes: what
+// activation-memory accounting reads (e.g. a step's peak minus what was alive before it).
+struct TensorMemoryStats {
+  size_t live_bytes = 0;
+  size_t peak_live_bytes = 0;
+};
+TensorMemoryStats tensor_memory_stats();
+// Starts a new peak from the bytes alive now.
+void reset_tensor_peak_bytes();
+
 class Tensor {
  public:
   Tensor() = default;  // an undefined tensor: defined() is false

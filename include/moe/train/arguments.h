@@ -72,7 +72,9 @@ struct TrainingArguments {
   // ---- training
   std::optional<int> micro_batch_size;
   std::optional<int> global_batch_size;  // default micro_batch_size * data_parallel_size
-  std::optional<std::string> recompute_granularity;  // full (selective: refused)
+  std::optional<std::string> recompute_granularity;  // full | selective
+  std::vector<std::string> recompute_modules = {
+      "core_attn"};  // with selective (Megatron's default)
   std::optional<long> train_iters;
   int log_interval = 100;
   std::optional<long> exit_interval;

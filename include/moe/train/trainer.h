@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "moe/model/config.h"
 #include "moe/train/arguments.h"
 
 namespace moe::train {
@@ -49,6 +50,10 @@ struct IterationStats {
     double min = 0, max = 0;
   };
   std::vector<BiasRange> expert_bias_ranges;
+  // Per pipeline stage: the most tensor storage (bytes) alive at once during the step's
+  // forward and backward beyond what was alive before it (saved activations and their
+  // temporaries), the maximum over the stage's ranks.
+  std::vector<double> stage_peak_activation_bytes;
 };
 
 struct TrainingReport {
@@ -60,6 +65,9 @@ struct TrainingReport {
   std::optional<double> test_loss;             // at the end of training, when there is a test split
   std::optional<std::string> last_checkpoint;  // directory of the latest save
 };
+
+// The model configuration moe-train builds from finalized arguments (moe-plan reuses it).
+model::TransformerConfig model_config(const TrainingArguments& args, int64_t padded_vocab);
 
 // Runs the job on every rank of MPI_COMM_WORLD (collective). `args` must be finalized for the
 // world size. Rank 0 writes the log to `log`. Throws moe::Error on bad input (missing files,
