@@ -121,6 +121,7 @@ Tensor TransformerLayer::forward(const ParameterStore& store, const Tensor& x,
   Tensor out = run_forward(store, x, shape, row_offset, ctx, discarded, losses);
   layer_ctx = TransformerLayerContext();
   layer_ctx.input = x;
+  layer_ctx.moe_replay = discarded.moe.router.replay;
   return out;
 }
 
@@ -129,7 +130,8 @@ Tensor TransformerLayer::backward(const ParameterStore& store, const Tensor& gra
                                   const GPTContext& ctx, TransformerLayerContext& layer_ctx) const {
   if (!layer_ctx.materialized) {  // full recomputation: the same dropout keys give the same masks
     Tensor input = layer_ctx.input;
-    run_forward(store, input, shape, row_offset, ctx, layer_ctx, nullptr);
+    const RouterReplay replay = layer_ctx.moe_replay;
+    run_forward(store, input, shape, row_offset, ctx, layer_ctx, nullptr, &replay);
   }
   float hidden_p = ctx.training ? config_.hidden_dropout : 0.0f;
   int64_t first_index = row_offset * grad_output.dim(1);
@@ -166,7 +168,8 @@ Tensor TransformerLayer::backward(const ParameterStore& store, const Tensor& gra
 Tensor TransformerLayer::run_forward(const ParameterStore& store, const Tensor& x,
                                      const BatchShape& shape, int64_t row_offset,
                                      const GPTContext& ctx, TransformerLayerContext& layer_ctx,
-                                     std::vector<MoELossReport>* losses) const {
+                                     std::vector<MoELossReport>* losses,
+                                     const RouterReplay* moe_replay) const {
   layer_ctx.input = x;
   layer_ctx.materialized = true;
   float hidden_p = ctx.training ? config_.hidden_dropout : 0.0f;
@@ -193,7 +196,7 @@ Tensor TransformerLayer::run_forward(const ParameterStore& store, const Tensor& 
       shared_out = shared_experts_->forward(store, mlp_in, layer_ctx.shared_experts);
     const int64_t local_seq = mlp_in.dim(0) / shape.batch;
     mlp_out = moe_->forward(mlp_in.reshape({local_seq, shape.batch, mlp_in.dim(1)}), layer_ctx.moe,
-                            ctx.training)
+                            ctx.training, moe_replay)
                   .reshape(mlp_in.shape());
     if (losses != nullptr) losses->push_back({number_, MoELayer::losses(layer_ctx.moe)});
     if (shared_experts_) add(mlp_out, shared_out, mlp_out);

@@ -49,6 +49,7 @@ struct ParamRegistry {
 struct TransformerLayerContext {
   Tensor input;               // [rows_local, h]: kept even when recomputing
   bool materialized = false;  // false: only `input` is kept (full recomputation)
+  RouterReplay moe_replay;    // full recomputation: what the MoE layer's rerun repeats
   Norm::Context input_norm, pre_mlp_norm;
   SelfAttention::Context attention;
   MultiLatentAttention::Context latent_attention;  // with multi_latent_attention
@@ -93,9 +94,11 @@ class TransformerLayer {
                   TransformerLayerContext& layer_ctx) const;
 
  private:
+  // moe_replay: null for a first run, else the MoE layer's replay of the run it recomputes.
   Tensor run_forward(const ParameterStore& store, const Tensor& x, const BatchShape& shape,
                      int64_t row_offset, const GPTContext& ctx, TransformerLayerContext& layer_ctx,
-                     std::vector<MoELossReport>* losses) const;
+                     std::vector<MoELossReport>* losses,
+                     const RouterReplay* moe_replay = nullptr) const;
 
   int number_;
   const TransformerConfig& config_;

@@ -55,8 +55,8 @@ TEST(RouterBalancingMpi, ExpertBiasUpdateEqualsTheUpdateOnTheUnionOfTokens) {
     SCOPED_TRACE(round);
     for (uint64_t micro_batch = 0; micro_batch < 2; ++micro_batch) {
       Batch b = batch(H, 100 + 2 * round + micro_batch, DType::F32);
-      distributed.router.forward(b.mine, ctx);
-      single.router.forward(b.all, ctx);
+      distributed.router.count_routed_tokens(distributed.router.forward(b.mine, ctx));
+      single.router.count_routed_tokens(single.router.forward(b.all, ctx));
     }
     distributed.router.update_expert_bias(world);
     single.router.update_expert_bias(comm::ProcessGroup());
