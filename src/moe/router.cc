@@ -587,6 +587,8 @@ void TopKRouter::add_balancing_losses(const C* logits, int64_t T, RouterContext&
     reduce(global_aux_count_reducer_, reduced, tokens);
     Tensor mean_counts;
     if (replay != nullptr) {  // a recomputation: the counts its first run used, added once
+      MOE_CHECK(replay->global_counts.defined(),
+                "TopKRouter: the replayed forward computed no global_aux_loss");
       mean_counts = replay->global_counts;
     } else {
       internal::accumulate_into(reduced, global_tokens_per_expert_);
@@ -595,8 +597,8 @@ void TopKRouter::add_balancing_losses(const C* logits, int64_t T, RouterContext&
       for (int64_t e = 0; e < E; ++e) {
         mean_counts.data<double>()[e] /= double(global_aux_micro_batches_);
       }
-      ctx.replay.global_counts = mean_counts;
     }
+    ctx.replay.global_counts = mean_counts;
     if (tokens > 0) {
       losses.global_aux_loss =
           add_term(mean_counts, batch_scores, coeff_global * per_count / (tokens * tokens));

@@ -180,6 +180,7 @@ class TopKRouter {
   Tensor bias() const;                       // [E]
   Tensor bias_grad() const;                  // [E] F32, accumulates
   Rng& jitter_rng() { return jitter_rng_; }  // its state belongs in checkpoints
+  const Rng& jitter_rng() const { return jitter_rng_; }
   bool has_expert_bias() const { return expert_bias_.index >= 0; }
   Tensor expert_bias() const;  // [E] F32 persistent buffer
   // [E] I64: tokens routed to each expert by the training forwards since the last update.
