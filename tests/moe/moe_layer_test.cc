@@ -544,6 +544,10 @@ TEST(MoELayer, BadUseNamesTheProblem) {
         fixture.layer.forward(Tensor({3, 6}, DType::BF16), ctx);
       },
       "MoELayer: input is bf16 but the parameters are fp32");
+  testing::expect_error_containing(
+      [] { ParameterStore fp64_grads_of_fp32(DType::F32, DType::F64); },
+      "ParameterStore: gradient dtype fp64 with parameter dtype fp32 (gradients are fp32, or fp64 "
+      "for fp64 parameters)");
   config.moe_router_topk = 5;
   ParameterStore store;
   testing::expect_error_containing([&] { MoELayer bad(config, store, "bad"); },
