@@ -89,8 +89,9 @@ CapacityDecision decide_group_capacity(const MoEConfig& config, const Routing& g
     decision.pad_rows_to += own.pad_rows_to;
     first += tokens;
   }
-  MOE_CHECK(first == group_routing.num_tokens, "decide_group_capacity: the ranks' token counts sum to ",
-            first, " but the group's routing has ", group_routing.num_tokens, " tokens");
+  MOE_CHECK(first == group_routing.num_tokens,
+            "decide_group_capacity: the ranks' token counts sum to ", first,
+            " but the group's routing has ", group_routing.num_tokens, " tokens");
   return decision;
 }
 

@@ -17,9 +17,8 @@ Tensor view_in(const Tensor& flat, int64_t begin, const Shape& shape) {
 ParameterStore::ParameterStore(DType param_dtype, DType grad_dtype)
     : param_dtype_(param_dtype), grad_dtype_(grad_dtype) {
   MOE_CHECK(grad_dtype == DType::F32 || (grad_dtype == DType::F64 && param_dtype == DType::F64),
-            "ParameterStore: gradient dtype ", dtype_name(grad_dtype),
-            " with parameter dtype ", dtype_name(param_dtype),
-            " (gradients are fp32, or fp64 for fp64 parameters)");
+            "ParameterStore: gradient dtype ", dtype_name(grad_dtype), " with parameter dtype ",
+            dtype_name(param_dtype), " (gradients are fp32, or fp64 for fp64 parameters)");
 }
 
 ParamHandle ParameterStore::declare(ParamSpec spec) {

@@ -161,10 +161,10 @@ void check_layout(const Layout& layout, TokenDispatcherType dispatcher) {
   for (int d = 0; d < state.dp; ++d) {
     GPTContext reference_ctx;
     reference_ctx.dropout_seed = 5;
-    reference_loss += reference.forward(tokens.rows(d * local_batch, (d + 1) * local_batch),
-                                        labels.rows(d * local_batch, (d + 1) * local_batch),
-                                        reference_ctx) /
-                      state.dp;
+    reference_loss +=
+        reference.forward(tokens.rows(d * local_batch, (d + 1) * local_batch),
+                          labels.rows(d * local_batch, (d + 1) * local_batch), reference_ctx) /
+        state.dp;
     if (d == dp_rank) {
       reference_ctx_losses = reference_ctx.moe_losses;
       reference_mtp_losses = reference_ctx.mtp_losses;

@@ -197,8 +197,9 @@ TEST(MoEConfig, ParsesMegatronSpellings) {
   EXPECT_THROW(parse_token_dispatcher_type("flex"), Error);
   EXPECT_EQ(parse_capacity_scope("rank"), CapacityScope::kRank);
   EXPECT_EQ(name_of(CapacityScope::kGroup), "group");
-  testing::expect_error_containing([] { parse_capacity_scope("world"); },
-                                   "moe_capacity_scope: unknown value 'world' (choices: group, rank)");
+  testing::expect_error_containing(
+      [] { parse_capacity_scope("world"); },
+      "moe_capacity_scope: unknown value 'world' (choices: group, rank)");
 }
 
 }  // namespace

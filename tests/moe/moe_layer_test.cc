@@ -509,7 +509,8 @@ TEST(MoELayer, MatchesPyTorchReferenceForEveryVariant) {
     ASSERT_EQ(int64_t(values.size()), mine.numel()) << what;
     ASSERT_EQ(mine.dtype(), DType::F64) << what;
     for (size_t i = 0; i < values.size(); ++i) {
-      EXPECT_NEAR(mine.data<double>()[i], values[i], kTolerance * std::max(1.0, std::abs(values[i])))
+      EXPECT_NEAR(mine.data<double>()[i], values[i],
+                  kTolerance * std::max(1.0, std::abs(values[i])))
           << what << " element " << i;
     }
   };

@@ -363,7 +363,9 @@ TEST(Capacity, RankScopeDropsWhatMegatronsPerRankRuleDrops) {
   EXPECT_EQ(decide_group_capacity(config, group, std::vector<int64_t>{6}).keep,
             decide_capacity(config, group).keep);
   testing::expect_error_containing(
-      [&] { decide_group_capacity(config, group, std::vector<int64_t>{4, 1}); },
+      [&] {
+        decide_group_capacity(config, group, std::vector<int64_t>{4, 1});
+      },
       "decide_group_capacity: the ranks' token counts sum to 5 but the group's routing has 6 "
       "tokens");
 }

@@ -99,7 +99,8 @@ TEST(RouterBalancingMpi, ExpertBiasLoadsUnderCapacityEqualTheSingleProcessLoads)
   config.moe_expert_capacity_factor = 0.6;
   const comm::ProcessGroup world = comm::ProcessGroup::world();
   const comm::ParallelState& layout = testing::parallel_state(world.size());
-  for (TokenDispatcherType type : {TokenDispatcherType::kAllToAll, TokenDispatcherType::kAllGather}) {
+  for (TokenDispatcherType type :
+       {TokenDispatcherType::kAllToAll, TokenDispatcherType::kAllGather}) {
     SCOPED_TRACE(name_of(type));
     config.moe_token_dispatcher_type = type;
     OwnLayer distributed(config, make_token_dispatcher(config, layout)), single(config, nullptr);
@@ -129,7 +130,8 @@ TEST(RouterBalancingMpi, RankCapacityScopeDecidesOnEachRanksOwnTokens) {
   config.moe_capacity_scope = CapacityScope::kRank;
   const comm::ProcessGroup world = comm::ProcessGroup::world();
   const comm::ParallelState& layout = testing::parallel_state(world.size());
-  for (TokenDispatcherType type : {TokenDispatcherType::kAllToAll, TokenDispatcherType::kAllGather}) {
+  for (TokenDispatcherType type :
+       {TokenDispatcherType::kAllToAll, TokenDispatcherType::kAllGather}) {
     SCOPED_TRACE(name_of(type));
     config.moe_token_dispatcher_type = type;
     OwnLayer distributed(config, make_token_dispatcher(config, layout)), single(config, nullptr);

@@ -49,7 +49,7 @@ LoadBalancingType parse_load_balancing_type(std::string_view text);
 ScoreFunction parse_score_function(std::string_view text);
 TokenDropPolicy parse_token_drop_policy(std::string_view text);
 TokenDispatcherType parse_token_dispatcher_type(std::string_view text);
-CapacityScope parse_capacity_scope(std::string_view text);  // "group" | "rank"
+CapacityScope parse_capacity_scope(std::string_view text);        // "group" | "rank"
 ExpertActivation parse_expert_activation(std::string_view text);  // "gelu" | "swiglu"
 RouterType parse_router_type(std::string_view text);              // "topk" | "expert_choice"
 RouterDType parse_router_dtype(std::string_view text);            // "fp32" | "fp64"
