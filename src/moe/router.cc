@@ -581,7 +581,6 @@ void TopKRouter::add_balancing_losses(const C* logits, int64_t T, RouterContext&
     }
   }
   if (coeff_global > 0.0) {
-    // The reducer sums the token count over the same group as the counts: the group's tokens.
     Tensor reduced = batch_counts.clone();
     double tokens = double(T);
     reduce(global_aux_count_reducer_, reduced, tokens);
