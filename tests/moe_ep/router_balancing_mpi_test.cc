@@ -119,7 +119,8 @@ TEST(RouterBalancingMpi, ExpertBiasLoadsUnderCapacityEqualTheSingleProcessLoads)
 }
 
 // --moe-capacity-scope rank with ep = world: every rank drops as Megatron does, on its own tokens
-// alone, so its output and loads are the single process's on its tokens alone.
+// alone, so its output and loads are the single process's on its tokens alone, also padded (each
+// expert padded to the sum of the ranks' capacities with zero rows).
 TEST(RouterBalancingMpi, RankCapacityScopeDecidesOnEachRanksOwnTokens) {
   const int64_t H = 5, E = 8, K = 2;
   MoEConfig config = testing::small_config(H, E, K, 4);
@@ -130,18 +131,24 @@ TEST(RouterBalancingMpi, RankCapacityScopeDecidesOnEachRanksOwnTokens) {
   config.moe_capacity_scope = CapacityScope::kRank;
   const comm::ProcessGroup world = comm::ProcessGroup::world();
   const comm::ParallelState& layout = testing::parallel_state(world.size());
-  for (TokenDispatcherType type :
-       {TokenDispatcherType::kAllToAll, TokenDispatcherType::kAllGather}) {
-    SCOPED_TRACE(name_of(type));
-    config.moe_token_dispatcher_type = type;
+  for (int variant = 0; variant < 4; ++variant) {
+    config.moe_token_dispatcher_type =
+        variant % 2 == 0 ? TokenDispatcherType::kAllToAll : TokenDispatcherType::kAllGather;
+    // Padding (the expert bias refuses it: every load would be the capacity).
+    config.moe_pad_expert_input_to_capacity = variant >= 2;
+    config.moe_router_enable_expert_bias = variant < 2;
+    SCOPED_TRACE(std::string(name_of(config.moe_token_dispatcher_type)) +
+                 (config.moe_pad_expert_input_to_capacity ? " padded" : ""));
     OwnLayer distributed(config, make_token_dispatcher(config, layout)), single(config, nullptr);
     Batch b = batch(H, 500, DType::F32);
     MoEContext local_ctx, single_ctx;
     Tensor out = distributed.layer.forward(b.mine, local_ctx);
     Tensor expected = single.layer.forward(b.mine, single_ctx);
     EXPECT_TRUE(testing::same_bytes(out, expected));
-    EXPECT_TRUE(testing::same_bytes(distributed.layer.router().tokens_per_expert(),
-                                    single.layer.router().tokens_per_expert()));
+    if (config.moe_router_enable_expert_bias) {
+      EXPECT_TRUE(testing::same_bytes(distributed.layer.router().tokens_per_expert(),
+                                      single.layer.router().tokens_per_expert()));
+    }
     EXPECT_EQ(local_ctx.dispatch.plan.row_of_slot.size(),
               single_ctx.dispatch.plan.row_of_slot.size());
     for (size_t s = 0; s < local_ctx.dispatch.plan.row_of_slot.size(); ++s) {
