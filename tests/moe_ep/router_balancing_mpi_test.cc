@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <memory>
+#include <string>
 
 #include "ep_test_util.h"
 #include "moe/checkpoint/checkpoint.h"
