@@ -39,15 +39,6 @@ void validate_recompute(const TransformerConfig& c) {
   const std::string& granularity = c.recompute_granularity;
   MOE_CHECK(granularity.empty() || granularity == "full" || granularity == "selective",
             "recompute_granularity '", granularity, "' must be 'full' or 'selective' (or unset)");
-  // The router's forward draws jitter noise and counts tokens for the expert bias and
-  // global_aux_loss: running it twice would change the noise and count twice.
-  const bool reruns_router = granularity == "full" || c.recomputes("moe");
-  MOE_CHECK(
-      !reruns_router || (!c.moe.moe_input_jitter_eps && !c.moe.moe_router_enable_expert_bias &&
-                         !c.moe.uses(LoadBalancingType::kGlobalAuxLoss)),
-      granularity == "full" ? "recompute_granularity 'full'" : "recompute_modules 'moe'",
-      " cannot be used with --moe-input-jitter-eps, --moe-router-enable-expert-bias or "
-      "global_aux_loss (the router's forward has state)");
   if (granularity != "selective") return;
   const std::set<std::string_view> implemented = {"core_attn", "moe_act", "layernorm",
                                                   "mlp",       "moe",     "shared_experts"};

@@ -147,6 +147,7 @@ Tensor TransformerLayer::forward(const ParameterStore& store, const Tensor& x,
   Tensor out = run_forward(store, x, shape, row_offset, ctx, discarded, losses);
   layer_ctx = TransformerLayerContext();
   layer_ctx.input = x;
+  layer_ctx.moe_replay = discarded.moe.router.replay;
   return out;
 }
 
@@ -155,7 +156,8 @@ Tensor TransformerLayer::backward(const ParameterStore& store, const Tensor& gra
                                   const GPTContext& ctx, TransformerLayerContext& layer_ctx) const {
   if (!layer_ctx.materialized) {  // full recomputation: the same dropout keys give the same masks
     Tensor input = layer_ctx.input;
-    run_forward(store, input, shape, row_offset, ctx, layer_ctx, nullptr);
+    const RouterReplay replay = layer_ctx.moe_replay;
+    run_forward(store, input, shape, row_offset, ctx, layer_ctx, nullptr, &replay);
   } else if (config_.recompute_granularity == "selective") {
     recompute_released(store, shape, ctx, layer_ctx);
   }
@@ -205,7 +207,10 @@ void TransformerLayer::release_recomputed(TransformerLayerContext& layer_ctx) co
   }
   if (config_.recomputes("mlp")) layer_ctx.mlp = MLP::Context();
   if (config_.recomputes("shared_experts")) layer_ctx.shared_experts = SharedExperts::Context();
-  if (config_.recomputes("moe")) layer_ctx.moe = MoEContext();
+  if (config_.recomputes("moe")) {
+    layer_ctx.moe_replay = layer_ctx.moe.router.replay;
+    layer_ctx.moe = MoEContext();
+  }
 }
 
 void TransformerLayer::recompute_released(const ParameterStore& store, const BatchShape& shape,
@@ -223,15 +228,17 @@ void TransformerLayer::recompute_released(const ParameterStore& store, const Bat
     shared_experts_->forward(store, mlp_in, layer_ctx.shared_experts);
   }
   if (moe_ && config_.recomputes("moe")) {
+    const RouterReplay replay = layer_ctx.moe_replay;
     moe_->forward(mlp_in.reshape({mlp_in.dim(0) / shape.batch, shape.batch, mlp_in.dim(1)}),
-                  layer_ctx.moe, ctx.training);
+                  layer_ctx.moe, ctx.training, &replay);
   }
 }
 
 Tensor TransformerLayer::run_forward(const ParameterStore& store, const Tensor& x,
                                      const BatchShape& shape, int64_t row_offset,
                                      const GPTContext& ctx, TransformerLayerContext& layer_ctx,
-                                     std::vector<MoELossReport>* losses) const {
+                                     std::vector<MoELossReport>* losses,
+                                     const RouterReplay* moe_replay) const {
   layer_ctx.input = x;
   layer_ctx.materialized = true;
   float hidden_p = ctx.training ? config_.hidden_dropout : 0.0f;
@@ -259,7 +266,7 @@ Tensor TransformerLayer::run_forward(const ParameterStore& store, const Tensor& 
       shared_out = shared_experts_->forward(store, mlp_in, layer_ctx.shared_experts);
     const int64_t local_seq = mlp_in.dim(0) / shape.batch;
     mlp_out = moe_->forward(mlp_in.reshape({local_seq, shape.batch, mlp_in.dim(1)}), layer_ctx.moe,
-                            ctx.training)
+                            ctx.training, moe_replay)
                   .reshape(mlp_in.shape());
     if (losses != nullptr) losses->push_back({number_, MoELayer::losses(layer_ctx.moe)});
     if (shared_experts_) add(mlp_out, shared_out, mlp_out);

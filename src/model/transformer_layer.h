@@ -59,6 +59,7 @@ struct TransformerLayerContext {
   // [rows_local, h] pre_mlp_layernorm's output, kept with selective recomputation unless
   // "layernorm" recomputes it: the input the MLP, MoE layer and shared experts rerun from.
   Tensor mlp_input;
+  RouterReplay moe_replay;  // full recomputation: what the MoE layer's rerun repeats
   Norm::Context input_norm, pre_mlp_norm;
   SelfAttention::Context attention;
   MultiLatentAttention::Context latent_attention;  // with multi_latent_attention
@@ -105,9 +106,11 @@ class TransformerLayer {
                   TransformerLayerContext& layer_ctx) const;
 
  private:
+  // moe_replay: null for a first run, else the MoE layer's replay of the run it recomputes.
   Tensor run_forward(const ParameterStore& store, const Tensor& x, const BatchShape& shape,
                      int64_t row_offset, const GPTContext& ctx, TransformerLayerContext& layer_ctx,
-                     std::vector<MoELossReport>* losses) const;
+                     std::vector<MoELossReport>* losses,
+                     const RouterReplay* moe_replay = nullptr) const;
   // Selective recomputation: after forward, drops what the config's recompute_modules rebuild;
   // before backward, rebuilds it (the same kernels on the same inputs, so bit for bit).
   void release_recomputed(TransformerLayerContext& layer_ctx) const;

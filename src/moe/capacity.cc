@@ -71,6 +71,30 @@ CapacityDecision decide_capacity(const MoEConfig& config, const Routing& routing
   return decision;
 }
 
+CapacityDecision decide_group_capacity(const MoEConfig& config, const Routing& group_routing,
+                                       std::span<const int64_t> tokens_per_rank) {
+  if (config.moe_capacity_scope == CapacityScope::kGroup || !config.moe_expert_capacity_factor) {
+    return decide_capacity(config, group_routing);
+  }
+  CapacityDecision decision;
+  int64_t first = 0;
+  for (int64_t tokens : tokens_per_rank) {
+    Routing block;
+    block.num_tokens = tokens;
+    block.topk = group_routing.topk;
+    block.experts = group_routing.experts.rows(first, first + tokens);
+    block.probs = group_routing.probs.rows(first, first + tokens);
+    CapacityDecision own = decide_capacity(config, block);
+    decision.keep.insert(decision.keep.end(), own.keep.begin(), own.keep.end());
+    decision.pad_rows_to += own.pad_rows_to;
+    first += tokens;
+  }
+  MOE_CHECK(first == group_routing.num_tokens,
+            "decide_group_capacity: the ranks' token counts sum to ", first,
+            " but the group's routing has ", group_routing.num_tokens, " tokens");
+  return decision;
+}
+
 CapacityDecision decide_expert_choice(const MoEConfig& config, const Routing& routing) {
   MOE_CHECK(
       config.moe_router_type == RouterType::kExpertChoice && config.moe_expert_capacity_factor,

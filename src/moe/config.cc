@@ -29,6 +29,10 @@ constexpr NameTable<TokenDropPolicy, 2> kDropPolicyNames{{
     {TokenDropPolicy::kProbs, "probs"},
     {TokenDropPolicy::kPosition, "position"},
 }};
+constexpr NameTable<CapacityScope, 2> kCapacityScopeNames{{
+    {CapacityScope::kGroup, "group"},
+    {CapacityScope::kRank, "rank"},
+}};
 constexpr NameTable<TokenDispatcherType, 2> kDispatcherNames{{
     {TokenDispatcherType::kAllGather, "allgather"},
     {TokenDispatcherType::kAllToAll, "alltoall"},
@@ -146,6 +150,9 @@ ScoreFunction parse_score_function(std::string_view text) {
 TokenDropPolicy parse_token_drop_policy(std::string_view text) {
   return parse_named(kDropPolicyNames, text, "moe_token_drop_policy");
 }
+CapacityScope parse_capacity_scope(std::string_view text) {
+  return parse_named(kCapacityScopeNames, text, "moe_capacity_scope");
+}
 TokenDispatcherType parse_token_dispatcher_type(std::string_view text) {
   return parse_named(kDispatcherNames, text, "moe_token_dispatcher_type");
 }
@@ -168,6 +175,9 @@ std::string_view name_of(ScoreFunction value) {
 }
 std::string_view name_of(TokenDropPolicy value) {
   return name_in(kDropPolicyNames, value);
+}
+std::string_view name_of(CapacityScope value) {
+  return name_in(kCapacityScopeNames, value);
 }
 std::string_view name_of(TokenDispatcherType value) {
   return name_in(kDispatcherNames, value);
@@ -251,6 +261,8 @@ void MoEConfig::validate() const {
               "global_aux_loss or none load balancing, not moe_router_load_balancing_type "
               "sinkhorn");
   }
+  MOE_CHECK(moe_capacity_scope == CapacityScope::kGroup || moe_expert_capacity_factor,
+            "MoEConfig: moe_capacity_scope rank needs moe_expert_capacity_factor to be set");
   MOE_CHECK(!moe_pad_expert_input_to_capacity || moe_expert_capacity_factor,
             "MoEConfig: moe_pad_expert_input_to_capacity needs moe_expert_capacity_factor to be "
             "set");

@@ -50,7 +50,8 @@ Tensor AllGatherTokenDispatcher::dispatch(const Tensor& hidden, const Routing& r
   const ep_detail::GroupBatch batch = ep_detail::agree_on_batch(
       "AllGatherTokenDispatcher::dispatch", hidden, routing, config_, tp_ep_);
   const Routing group_routing = ep_detail::gather_routing(routing, batch, tp_ep_);
-  const CapacityDecision capacity = decide_capacity(config_, group_routing);
+  const CapacityDecision capacity =
+      decide_group_capacity(config_, group_routing, batch.tokens_per_rank);
   const int64_t T = routing.num_tokens, K = routing.topk, H = hidden.dim(1);
   ctx = DispatchContext{};
   ctx.routing = routing;

@@ -105,7 +105,7 @@ Tensor AllToAllTokenDispatcher::dispatch(const Tensor& hidden, const Routing& ro
   CapacityDecision capacity;
   if (config_.moe_expert_capacity_factor) {
     const Routing group_routing = ep_detail::gather_routing(routing, batch, tp_ep_);
-    capacity = decide_capacity(config_, group_routing);
+    capacity = decide_group_capacity(config_, group_routing, batch.tokens_per_rank);
     counts = kept_slots_per_expert(group_routing, capacity.keep, batch, E);
     // This rank's slots: its tokens' block of the group's.
     const auto mine = capacity.keep.begin() + batch.first_token * routing.topk;

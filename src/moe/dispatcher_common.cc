@@ -33,6 +33,9 @@ std::string show_router_type(int64_t value) {
 std::string show_policy(int64_t value) {
   return std::string(name_of(TokenDropPolicy(value)));
 }
+std::string show_scope(int64_t value) {
+  return std::string(name_of(CapacityScope(value)));
+}
 // Capacity factors travel as the bits of the double; -1 bits stand for "dropless".
 int64_t capacity_bits(const std::optional<double>& factor) {
   int64_t bits = -1;
@@ -107,6 +110,7 @@ GroupBatch agree_on_batch(const char* who, const Tensor& hidden, const Routing& 
        show_capacity},
       {"moe_pad_expert_input_to_capacity", config.moe_pad_expert_input_to_capacity, show_number},
       {"moe_token_drop_policy", int64_t(config.moe_token_drop_policy), show_policy},
+      {"moe_capacity_scope", int64_t(config.moe_capacity_scope), show_scope},
   };
   // Then the slots per expert: one exchange carries the agreement and the counts, and its length
   // (the fields and num_experts counts) is checked by the collectives layer, so ranks with

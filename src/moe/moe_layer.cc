@@ -76,7 +76,8 @@ void MoELayer::init_parameters(uint64_t seed, float std, float output_std) {
   experts_->init_parameters(seed, std, output_std);
 }
 
-Tensor MoELayer::forward(const Tensor& hidden, MoEContext& ctx, bool training) {
+Tensor MoELayer::forward(const Tensor& hidden, MoEContext& ctx, bool training,
+                         const RouterReplay* replay) {
   MOE_CHECK(hidden.ndim() == 2 || hidden.ndim() == 3, "MoELayer: input must be [T, H] or ",
             "[S, B, H], got ", shape_string(hidden.shape()));
   MOE_CHECK(hidden.dim(-1) == config_.hidden_size, "MoELayer: input ", shape_string(hidden.shape()),
@@ -90,8 +91,12 @@ Tensor MoELayer::forward(const Tensor& hidden, MoEContext& ctx, bool training) {
   ctx.training = training;
   const Tensor own = own_block(hidden);
   const Tensor tokens = own.reshape({-1, config_.hidden_size});
-  Routing routing = router_.forward(own, ctx.router, training);
+  Routing routing = router_.forward(own, ctx.router, training, replay);
   Tensor rows = dispatcher_->dispatch(tokens, routing, ctx.dispatch);
+  // The loads are the slots the dispatcher kept: its capacity decision may span several ranks.
+  if (training && replay == nullptr && router_.has_expert_bias()) {
+    router_.count_routed_tokens(routing, ctx.dispatch.plan.row_of_slot);
+  }
   Tensor expert_output = experts_->forward(rows, ctx.dispatch.tokens_per_local_expert, ctx.experts);
   Tensor output = dispatcher_->combine(expert_output, ctx.dispatch);
   ctx.losses = ctx.router.losses;

@@ -11,7 +11,6 @@
 #include <vector>
 
 #include "moe/internal.h"
-#include "moe/moe/capacity.h"
 #include "moe/tensor/gemm.h"
 
 namespace moe {
@@ -514,7 +513,8 @@ double dot_in_order(const double* a, const double* b, int64_t n) {
 // where P_e sums this rank's aux scores; seq_aux_loss does so per sequence and divides by B.
 // Their gradients with respect to the aux scores are gathered in ctx.aux_score_weights.
 template <class C>
-void TopKRouter::add_balancing_losses(const C* logits, int64_t T, RouterContext& ctx) {
+void TopKRouter::add_balancing_losses(const C* logits, int64_t T, RouterContext& ctx,
+                                      const RouterReplay* replay) {
   const int64_t E = config_.num_experts, B = ctx.batch_size;
   const double coeff_aux = config_.aux_loss_coeff(LoadBalancingType::kAuxLoss);
   const double coeff_seq = config_.aux_loss_coeff(LoadBalancingType::kSeqAuxLoss);
@@ -584,12 +584,20 @@ void TopKRouter::add_balancing_losses(const C* logits, int64_t T, RouterContext&
     Tensor reduced = batch_counts.clone();
     double tokens = double(T);
     reduce(global_aux_count_reducer_, reduced, tokens);
-    internal::accumulate_into(reduced, global_tokens_per_expert_);
-    ++global_aux_micro_batches_;
-    Tensor mean_counts = global_tokens_per_expert_.clone();
-    for (int64_t e = 0; e < E; ++e) {
-      mean_counts.data<double>()[e] /= double(global_aux_micro_batches_);
+    Tensor mean_counts;
+    if (replay != nullptr) {  // a recomputation: the counts its first run used, added once
+      MOE_CHECK(replay->global_counts.defined(),
+                "TopKRouter: the replayed forward computed no global_aux_loss");
+      mean_counts = replay->global_counts;
+    } else {
+      internal::accumulate_into(reduced, global_tokens_per_expert_);
+      ++global_aux_micro_batches_;
+      mean_counts = global_tokens_per_expert_.clone();
+      for (int64_t e = 0; e < E; ++e) {
+        mean_counts.data<double>()[e] /= double(global_aux_micro_batches_);
+      }
     }
+    ctx.replay.global_counts = mean_counts;
     if (tokens > 0) {
       losses.global_aux_loss =
           add_term(mean_counts, batch_scores, coeff_global * per_count / (tokens * tokens));
@@ -600,16 +608,22 @@ void TopKRouter::add_balancing_losses(const C* logits, int64_t T, RouterContext&
 }
 
 // Megatron counts the routing map after capacity dropping: only the slots an expert keeps.
-void TopKRouter::count_routed_tokens(const Routing& routing) {
-  CapacityDecision capacity = decide_capacity(config_, routing);
+void TopKRouter::count_routed_tokens(const Routing& routing, std::span<const int64_t> row_of_slot) {
+  MOE_CHECK(has_expert_bias(),
+            "TopKRouter::count_routed_tokens: moe_router_enable_expert_bias is false");
+  const int64_t slots = routing.experts.numel();
+  MOE_CHECK(row_of_slot.empty() || int64_t(row_of_slot.size()) == slots,
+            "TopKRouter::count_routed_tokens: row_of_slot has ", row_of_slot.size(),
+            " entries for a routing of ", slots, " slots");
   const int32_t* experts = routing.experts.data<int32_t>();
   int64_t* counts = tokens_per_expert_.data<int64_t>();
-  for (int64_t slot = 0; slot < routing.experts.numel(); ++slot) {
-    if (capacity.keep.empty() || capacity.keep[size_t(slot)] != 0) ++counts[experts[slot]];
+  for (int64_t slot = 0; slot < slots; ++slot) {
+    if (row_of_slot.empty() || row_of_slot[size_t(slot)] >= 0) ++counts[experts[slot]];
   }
 }
 
-Routing TopKRouter::forward(const Tensor& hidden, RouterContext& ctx, bool training) {
+Routing TopKRouter::forward(const Tensor& hidden, RouterContext& ctx, bool training,
+                            const RouterReplay* replay) {
   MOE_CHECK(hidden.ndim() == 2 || hidden.ndim() == 3,
             "TopKRouter: input must be [T, H] or [S, B, H], got ", shape_string(hidden.shape()));
   const int64_t H = config_.hidden_size, E = config_.num_experts, K = config_.moe_router_topk;
@@ -622,12 +636,19 @@ Routing TopKRouter::forward(const Tensor& hidden, RouterContext& ctx, bool train
   ctx.input_shape = hidden.shape();
   ctx.batch_size = hidden.ndim() == 3 ? hidden.dim(1) : 1;
   ctx.training = training;
+  ctx.replay.jitter_state = replay != nullptr ? replay->jitter_state : jitter_rng_.state();
 
   // The router's input in the compute dtype, jittered when configured.
   if (config_.moe_input_jitter_eps) {
     float eps = float(*config_.moe_input_jitter_eps);
     ctx.jitter_noise = Tensor::empty({T, H}, cdt);
-    jitter_rng_.fill_uniform(ctx.jitter_noise, 1.0f - eps, 1.0f + eps);
+    if (replay != nullptr) {  // the first run's noise; the generator stays where it is
+      Rng rerun = jitter_rng_;
+      rerun.set_state(replay->jitter_state);
+      rerun.fill_uniform(ctx.jitter_noise, 1.0f - eps, 1.0f + eps);
+    } else {
+      jitter_rng_.fill_uniform(ctx.jitter_noise, 1.0f - eps, 1.0f + eps);
+    }
     ctx.router_input = x.to(cdt);
     apply_jitter(ctx.jitter_noise, ctx.router_input);
   } else {
@@ -661,7 +682,7 @@ Routing TopKRouter::forward(const Tensor& hidden, RouterContext& ctx, bool train
     route_tokens(spec, logits, balanced.defined() ? balanced.data<C>() : nullptr,
                  ctx.routing.experts.data<int32_t>(), probs.data<C>());
 
-    if (training && config_.aux_loss_enabled()) add_balancing_losses(logits, T, ctx);
+    if (training && config_.aux_loss_enabled()) add_balancing_losses(logits, T, ctx, replay);
     if (training && config_.z_loss_enabled() && T > 0) {
       ctx.z_loss_active = true;
       double total = 0.0;
@@ -674,7 +695,6 @@ Routing TopKRouter::forward(const Tensor& hidden, RouterContext& ctx, bool train
   });
   const DType probs_dtype = internal::compute_dtype_for(hidden.dtype());
   ctx.routing.probs = probs_dtype == cdt ? probs : probs.to(probs_dtype);
-  if (training && has_expert_bias()) count_routed_tokens(ctx.routing);
   return ctx.routing;
 }
 

@@ -14,6 +14,13 @@ Tensor view_in(const Tensor& flat, int64_t begin, const Shape& shape) {
 }
 }  // namespace
 
+ParameterStore::ParameterStore(DType param_dtype, DType grad_dtype)
+    : param_dtype_(param_dtype), grad_dtype_(grad_dtype) {
+  MOE_CHECK(grad_dtype == DType::F32 || (grad_dtype == DType::F64 && param_dtype == DType::F64),
+            "ParameterStore: gradient dtype ", dtype_name(grad_dtype), " with parameter dtype ",
+            dtype_name(param_dtype), " (gradients are fp32, or fp64 for fp64 parameters)");
+}
+
 ParamHandle ParameterStore::declare(ParamSpec spec) {
   MOE_CHECK(!allocated_, "parameter '", spec.name, "' declared after the store was allocated");
   MOE_CHECK(!spec.name.empty(), "a parameter needs a name");
@@ -43,7 +50,7 @@ void ParameterStore::allocate() {
   MOE_CHECK(!allocated_, "ParameterStore::allocate called twice");
   for (int g = 0; g < kParamGroupCount; ++g) {
     params_[g] = Tensor({group_sizes_[g]}, param_dtype_);
-    grads_[g] = Tensor({group_sizes_[g]}, DType::F32);
+    grads_[g] = Tensor({group_sizes_[g]}, grad_dtype_);
   }
   buffers_ = Tensor({buffers_size_}, DType::F32);
   allocated_ = true;

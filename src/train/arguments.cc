@@ -383,6 +383,12 @@ void register_arguments(CLI::App& app, TrainingArguments& a) {
                    "Which tokens an over-capacity expert drops.")
         ->check(CLI::IsMember({"probs", "position"}))
         ->capture_default_str();
+    app.add_option("--moe-capacity-scope", a.moe_capacity_scope,
+                   "moecore's own: the tokens an expert's capacity is decided over: group (the "
+                   "expert-parallel group's batch, the same drops in every layout) or rank "
+                   "(each rank's own tokens, as Megatron does).")
+        ->check(CLI::IsMember({"group", "rank"}))
+        ->capture_default_str();
     app.add_option("--moe-router-type", a.moe_router_type,
                    "moecore's own: topk (Megatron's router) or expert_choice (each expert takes "
                    "its highest-scoring tokens; needs --moe-expert-capacity-factor).")
@@ -987,6 +993,8 @@ void finalize_arguments(TrainingArguments& a, int world_size) {
     }
     MOE_CHECK(!a.moe_pad_expert_input_to_capacity || a.moe_expert_capacity_factor,
               "--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor");
+    MOE_CHECK(a.moe_capacity_scope == "group" || a.moe_expert_capacity_factor,
+              "--moe-capacity-scope rank needs --moe-expert-capacity-factor");
     if (a.moe_router_type == "expert_choice") check_expert_choice_flags(a);
     a.moe_layer_pattern = layer_pattern("--moe-layer-freq", a.moe_layer_freq, *a.num_layers);
     check_shared_experts_and_upcycling(a, experts);

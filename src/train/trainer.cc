@@ -106,6 +106,7 @@ model::TransformerConfig model_config(const TrainingArguments& a, int64_t padded
     m.moe_expert_capacity_factor = a.moe_expert_capacity_factor;
     m.moe_pad_expert_input_to_capacity = a.moe_pad_expert_input_to_capacity;
     m.moe_token_drop_policy = parse_token_drop_policy(a.moe_token_drop_policy);
+    m.moe_capacity_scope = parse_capacity_scope(a.moe_capacity_scope);
     m.moe_grouped_gemm = a.moe_grouped_gemm;
     m.moe_token_dispatcher_type = parse_token_dispatcher_type(a.moe_token_dispatcher_type);
     m.moe_router_type = parse_router_type(a.moe_router_type);

@@ -10,6 +10,7 @@
 #include "model_testing.h"
 #include "moe/comm/parallel_state.h"
 #include "moe/model/gpt_model.h"
+#include "moe/moe/moe_layer.h"
 #include "moe/tensor/ops.h"
 #include "support/testing.h"
 
@@ -130,6 +131,71 @@ TEST(GPTModel, FullRecomputationGivesBitwiseTheSameGradients) {
   EXPECT_EQ(a.loss, b.loss);
   EXPECT_TENSORS_CLOSE(b.dense_grads, a.dense_grads, 0, 0);
   EXPECT_TENSORS_CLOSE(b.expert_grads, a.expert_grads, 0, 0);
+}
+
+// Full recomputation, and selective recomputation of "moe", re-run each MoE router in backward;
+// the router's state must still change once per micro-batch: over two steps of two micro-batches
+// each (micro-batches forwarded together before their backwards, as a pipeline does), the expert
+// biases, the global_aux_loss values, the jitter generator and the gradients are bitwise those
+// without recomputation.
+TEST(GPTModel, RecomputationChangesTheRouterStateOnce) {
+  TransformerConfig c = tiny_moe_gpt_config({1, 1});
+  c.moe.moe_router_score_function = ScoreFunction::kSigmoid;
+  c.moe.moe_router_enable_expert_bias = true;
+  c.moe.moe_router_bias_update_rate = 0.01;
+  c.moe.moe_router_load_balancing_type = LoadBalancingType::kGlobalAuxLoss;
+  c.moe.moe_aux_loss_coeff = 0.1;
+  c.moe.moe_input_jitter_eps = 0.1;
+  c.moe.moe_expert_capacity_factor = 0.75;  // the loads count kept slots only
+  const Batch batches[2] = {make_batch(c, 2, 21), make_batch(c, 2, 22)};
+  struct Run {
+    std::vector<double> global_aux;
+    std::vector<Tensor> state;  // per step: expert biases, jitter states, gradients
+  };
+  auto run = [&](const std::string& granularity, std::vector<std::string> modules = {}) {
+    TransformerConfig config = c;
+    config.recompute_granularity = granularity;
+    config.recompute_modules = std::move(modules);
+    ParameterStore store;
+    GPTModel model(config, comm::single_process_state(), store);
+    store.allocate();
+    model.init_parameters(5);
+    Run result;
+    for (uint64_t step = 0; step < 2; ++step) {
+      store.zero_grads();
+      GPTContext ctx[2];
+      for (int m = 0; m < 2; ++m) {
+        ctx[m].dropout_seed = 10 * step + uint64_t(m);
+        model.forward(batches[m].tokens, batches[m].labels, ctx[m], batches[m].mask);
+        for (const MoELossReport& report : ctx[m].moe_losses) {
+          result.global_aux.push_back(report.losses.global_aux_loss);
+        }
+      }
+      for (int m = 1; m >= 0; --m) model.backward(ctx[m], 0.5f);
+      model.finalize_grads();
+      for (const auto& [number, layer] : model.moe_layers()) {
+        result.state.push_back(layer->router().expert_bias().clone());
+        Rng::State jitter = layer->router().jitter_rng().state();
+        Tensor jitter_state({int64_t(jitter.size())}, DType::I64);
+        std::copy(jitter.begin(), jitter.end(), jitter_state.data<int64_t>());
+        result.state.push_back(jitter_state);
+      }
+      result.state.push_back(store.flat_grads(ParamGroup::kDense).clone());
+      result.state.push_back(store.flat_grads(ParamGroup::kExpert).clone());
+    }
+    return result;
+  };
+  const Run plain = run("");
+  for (const Run& recomputed : {run("full"), run("selective", {"moe"})}) {
+    EXPECT_EQ(recomputed.global_aux, plain.global_aux);
+    ASSERT_EQ(recomputed.state.size(), plain.state.size());
+    for (size_t i = 0; i < plain.state.size(); ++i) {
+      EXPECT_TRUE(moe::testing::same_bytes(recomputed.state[i], plain.state[i])) << "state " << i;
+    }
+  }
+  EXPECT_GT(plain.global_aux.front(), 0.0);
+  // The biases moved: the loads were counted.
+  EXPECT_FALSE(moe::testing::same_bytes(plain.state[0], Tensor::zeros(plain.state[0].shape())));
 }
 
 // Selective recomputation: each of Megatron's recompute_modules that moecore implements, and all

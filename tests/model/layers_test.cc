@@ -773,15 +773,6 @@ TEST(Config, RefusesWhatCannotBeSplit) {
   c.moe.moe_router_topk = 2;
   c.moe.moe_grouped_gemm = false;
   EXPECT_EQ(message(c, 1), "moe_act in recompute_modules is only supported with moe_grouped_gemm");
-  c.recompute_modules = {"moe"};
-  c.moe.moe_input_jitter_eps = 0.01;
-  EXPECT_EQ(message(c, 1),
-            "recompute_modules 'moe' cannot be used with --moe-input-jitter-eps, "
-            "--moe-router-enable-expert-bias or global_aux_loss (the router's forward has state)");
-  c.recompute_granularity = "full";
-  EXPECT_EQ(message(c, 1),
-            "recompute_granularity 'full' cannot be used with --moe-input-jitter-eps, "
-            "--moe-router-enable-expert-bias or global_aux_loss (the router's forward has state)");
   c = small_config();
   c.sequence_parallel = true;
   c.seq_length = 5;

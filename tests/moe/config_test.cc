@@ -28,6 +28,7 @@ TEST(MoEConfig, MegatronDefaults) {
   EXPECT_FALSE(config.moe_expert_capacity_factor.has_value());
   EXPECT_FALSE(config.moe_pad_expert_input_to_capacity);
   EXPECT_EQ(config.moe_token_drop_policy, TokenDropPolicy::kProbs);
+  EXPECT_EQ(config.moe_capacity_scope, CapacityScope::kGroup);
   EXPECT_FALSE(config.moe_grouped_gemm);
   EXPECT_EQ(config.moe_token_dispatcher_type, TokenDispatcherType::kAllGather);
   EXPECT_TRUE(config.add_bias_linear);
@@ -71,6 +72,8 @@ TEST(MoEConfig, RejectsImpossibleCombinations) {
        "moe_expert_capacity_factor (-1.5) must be positive"},
       {[](MoEConfig& c) { c.moe_pad_expert_input_to_capacity = true; },
        "moe_pad_expert_input_to_capacity needs moe_expert_capacity_factor"},
+      {[](MoEConfig& c) { c.moe_capacity_scope = CapacityScope::kRank; },
+       "moe_capacity_scope rank needs moe_expert_capacity_factor to be set"},
       {[](MoEConfig& c) {
          c.moe_router_load_balancing_type = LB::kSinkhorn;
          c.moe_aux_loss_coeff = 0.01;
@@ -192,6 +195,11 @@ TEST(MoEConfig, ParsesMegatronSpellings) {
       [] { parse_score_function("relu"); },
       "moe_router_score_function: unknown value 'relu' (choices: softmax, sigmoid)");
   EXPECT_THROW(parse_token_dispatcher_type("flex"), Error);
+  EXPECT_EQ(parse_capacity_scope("rank"), CapacityScope::kRank);
+  EXPECT_EQ(name_of(CapacityScope::kGroup), "group");
+  testing::expect_error_containing(
+      [] { parse_capacity_scope("world"); },
+      "moe_capacity_scope: unknown value 'world' (choices: group, rank)");
 }
 
 }  // namespace

@@ -1,6 +1,8 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <functional>
+#include <map>
 #include <memory>
 #include <numeric>
 
@@ -16,8 +18,9 @@ namespace moe {
 namespace {
 
 struct LayerFixture {
-  LayerFixture(const MoEConfig& config, DType dtype, uint64_t seed = 1)
-      : store(dtype), layer(config, store, "decoder.layers.0.mlp", nullptr, seed) {
+  LayerFixture(const MoEConfig& config, DType dtype, uint64_t seed = 1,
+               DType grad_dtype = DType::F32)
+      : store(dtype, grad_dtype), layer(config, store, "decoder.layers.0.mlp", nullptr, seed) {
     store.allocate();
     layer.init_parameters(seed, 0.5f, 0.4f);
     // Non-zero biases so their gradients are exercised.
@@ -312,54 +315,220 @@ TEST(MoELayer, GradientsAccumulateAcrossBackwardCalls) {
   EXPECT_TENSORS_CLOSE(fixture.store.flat_grads(ParamGroup::kDense), once, 1e-6, 1e-5);
 }
 
-// The whole layer against an independent PyTorch float64 implementation of Megatron's dropless
-// MoE layer: output, losses and every gradient.
-TEST(MoELayer, MatchesPyTorchReference) {
-  MOE_REQUIRE_PYTHON_PACKAGE("torch");
-  MoEConfig config = testing::small_config(6, 5, 2, 4);
-  config.activation = ExpertActivation::kSwiGLU;
-  config.moe_aux_loss_coeff = 0.3;
-  config.moe_z_loss_coeff = 0.02;
-  LayerFixture fixture(config, DType::F64, 7);
-  const int64_t T = 11, H = 6;
-  Tensor hidden = testing::random_normal({T, H}, 20, 1.0f, DType::F64);
-  Tensor probe = testing::random_normal({T, H}, 21, 1.0f, DType::F64);
-  MoEContext ctx;
-  Tensor out = fixture.layer.forward(hidden, ctx);
-  RouterLosses losses = MoELayer::losses(ctx);
-  Tensor grad_hidden = fixture.layer.backward(ctx, probe);
+// The reference cases: every router and dispatch variant (scores, pre-softmax, scaling, expert
+// bias, group-limited routing, Sinkhorn, capacity with both drop policies and padding, every
+// balancing loss, jitter, both expert activations, with and without biases), on [S, B, H]
+// batches including one token.
+struct ReferenceCase {
+  std::string name;
+  std::function<void(MoEConfig&)> change;
+  Shape shape;  // [S, B, H]
+};
 
-  nlohmann::json input = {{"T", T},    {"H", H},           {"E", 5},         {"F", 4},
-                          {"topk", 2}, {"aux_coeff", 0.3}, {"z_coeff", 0.02}};
-  input["hidden"] = testing::json_values(hidden);
-  input["probe"] = testing::json_values(probe);
+std::vector<ReferenceCase> reference_cases() {
+  return {
+      {"dropless_swiglu_aux_z",
+       [](MoEConfig& c) {
+         c.activation = ExpertActivation::kSwiGLU;
+         c.moe_aux_loss_coeff = 0.3;
+         c.moe_z_loss_coeff = 0.02;
+       },
+       {11, 1, 6}},
+      {"capacity_probs_gelu_aux_z_jitter",
+       [](MoEConfig& c) {
+         c.moe_expert_capacity_factor = 0.7;
+         c.moe_aux_loss_coeff = 0.2;
+         c.moe_z_loss_coeff = 0.01;
+         c.moe_input_jitter_eps = 0.05;
+       },
+       {5, 3, 6}},
+      {"capacity_position_padded_swiglu_seq_aux",
+       [](MoEConfig& c) {
+         c.activation = ExpertActivation::kSwiGLU;
+         c.moe_grouped_gemm = true;
+         c.moe_expert_capacity_factor = 0.8;
+         c.moe_token_drop_policy = TokenDropPolicy::kPosition;
+         c.moe_pad_expert_input_to_capacity = true;
+         c.moe_router_load_balancing_type = LoadBalancingType::kSeqAuxLoss;
+         c.moe_aux_loss_coeff = 0.3;
+       },
+       {4, 3, 6}},
+      {"capacity_probs_padded_sigmoid_scaled_top3",
+       [](MoEConfig& c) {
+         c.moe_router_topk = 3;
+         c.moe_router_score_function = ScoreFunction::kSigmoid;
+         c.moe_router_topk_scaling_factor = 1.5;
+         c.moe_expert_capacity_factor = 0.6;
+         c.moe_pad_expert_input_to_capacity = true;
+         c.moe_aux_loss_coeff = 0.1;
+       },
+       {7, 2, 6}},
+      {"pre_softmax_scaled_groups_global_aux_z",
+       [](MoEConfig& c) {
+         c.num_experts = 8;
+         c.moe_router_pre_softmax = true;
+         c.moe_router_topk_scaling_factor = 2.0;
+         c.moe_router_num_groups = 4;
+         c.moe_router_group_topk = 2;
+         c.moe_router_load_balancing_type = LoadBalancingType::kGlobalAuxLoss;
+         c.moe_aux_loss_coeff = 0.2;
+         c.moe_z_loss_coeff = 0.02;
+       },
+       {3, 2, 6}},
+      {"sigmoid_expert_bias_groups_seq_and_global_aux_no_bias",
+       [](MoEConfig& c) {
+         c.num_experts = 8;
+         c.moe_router_score_function = ScoreFunction::kSigmoid;
+         c.moe_router_enable_expert_bias = true;
+         c.moe_router_num_groups = 4;
+         c.moe_router_group_topk = 2;
+         c.moe_router_load_balancing_type = {LoadBalancingType::kSeqAuxLoss,
+                                             LoadBalancingType::kGlobalAuxLoss};
+         c.moe_aux_loss_coeff = {0.2, 0.3};
+         c.add_bias_linear = false;
+       },
+       {5, 2, 6}},
+      {"sinkhorn_top2_grouped_no_bias",
+       [](MoEConfig& c) {
+         c.moe_router_load_balancing_type = LoadBalancingType::kSinkhorn;
+         c.moe_grouped_gemm = true;
+         c.add_bias_linear = false;
+       },
+       {6, 2, 6}},
+      {"sinkhorn_top1_sigmoid_swiglu",
+       [](MoEConfig& c) {
+         c.moe_router_topk = 1;
+         c.moe_router_load_balancing_type = LoadBalancingType::kSinkhorn;
+         c.activation = ExpertActivation::kSwiGLU;
+       },
+       {5, 1, 6}},
+      {"one_token_capacity_probs",
+       [](MoEConfig& c) {
+         c.moe_expert_capacity_factor = 0.5;
+         c.moe_aux_loss_coeff = 0.1;
+       },
+       {1, 1, 6}},
+  };
+}
+
+// What the reference script needs to know about a config: Megatron's names and values.
+nlohmann::json reference_settings(const MoEConfig& c) {
+  nlohmann::json types = nlohmann::json::array(), coeffs = nlohmann::json::array();
+  for (LoadBalancingType type : c.moe_router_load_balancing_type) {
+    types.push_back(std::string(name_of(type)));
+  }
+  for (double coeff : c.moe_aux_loss_coeff) coeffs.push_back(coeff);
+  auto optional = [](const auto& value) {
+    return value ? nlohmann::json(*value) : nlohmann::json(nullptr);
+  };
+  return {{"E", c.num_experts},
+          {"F", c.expert_ffn_hidden_size()},
+          {"topk", c.moe_router_topk},
+          {"activation", std::string(name_of(c.activation))},
+          {"score_function", std::string(name_of(c.moe_router_score_function))},
+          {"pre_softmax", c.moe_router_pre_softmax},
+          {"scaling_factor", optional(c.moe_router_topk_scaling_factor)},
+          {"num_groups", optional(c.moe_router_num_groups)},
+          {"group_topk", optional(c.moe_router_group_topk)},
+          {"load_balancing_type", types},
+          {"aux_coeff", coeffs},
+          {"z_coeff", optional(c.moe_z_loss_coeff)},
+          {"capacity_factor", optional(c.moe_expert_capacity_factor)},
+          {"drop_policy", std::string(name_of(c.moe_token_drop_policy))}};
+}
+
+// The whole layer against an independent PyTorch float64 implementation of Megatron's MoE layer
+// for every reference case: output, losses, the kept slots, the input gradient and every
+// parameter gradient (fp64 gradient buffers).
+TEST(MoELayer, MatchesPyTorchReferenceForEveryVariant) {
+  MOE_REQUIRE_PYTHON_PACKAGE("torch");
   const std::string prefix = "decoder.layers.0.mlp.";
-  for (int i = 0; i < fixture.store.count(); ++i) {
-    ParamHandle handle{i};
-    input[fixture.store.spec(handle).name.substr(prefix.size())] =
-        testing::json_values(fixture.store.param(handle));
+  struct Ours {
+    Tensor output, grad_hidden;
+    RouterLosses losses;
+    int64_t kept_slots = 0;
+    std::map<std::string, Tensor> grads;
+  };
+  std::vector<Ours> ours;
+  nlohmann::json input = nlohmann::json::array();
+  uint64_t seed = 30;
+  for (const ReferenceCase& entry : reference_cases()) {
+    MoEConfig config = testing::small_config(6, 6, 2, 4);
+    entry.change(config);
+    config.validate();
+    LayerFixture fixture(config, DType::F64, seed, DType::F64);
+    if (fixture.layer.router().has_expert_bias()) {  // a bias that changes some choices
+      fixture.layer.router().expert_bias().copy_from(
+          testing::random_normal({config.num_experts}, seed + 1, 0.3f));
+    }
+    Tensor hidden = testing::random_normal(entry.shape, seed + 2, 1.0f, DType::F64);
+    Tensor probe = testing::random_normal(entry.shape, seed + 3, 1.0f, DType::F64);
+    seed += 10;
+    MoEContext ctx;
+    Ours result;
+    result.output = fixture.layer.forward(hidden, ctx);
+    result.losses = MoELayer::losses(ctx);
+    for (int64_t row : ctx.dispatch.plan.row_of_slot) result.kept_slots += row >= 0;
+    nlohmann::json jitter = ctx.router.jitter_noise.defined()
+                                ? testing::json_values(ctx.router.jitter_noise)
+                                : nlohmann::json(nullptr);
+    result.grad_hidden = fixture.layer.backward(ctx, probe);
+
+    nlohmann::json json_case = reference_settings(config);
+    json_case["name"] = entry.name;
+    json_case["shape"] = entry.shape;
+    json_case["hidden"] = testing::json_values(hidden);
+    json_case["probe"] = testing::json_values(probe);
+    json_case["jitter_noise"] = jitter;
+    json_case["expert_bias"] = fixture.layer.router().has_expert_bias()
+                                   ? testing::json_values(fixture.layer.router().expert_bias())
+                                   : nlohmann::json(nullptr);
+    json_case["params"] = nlohmann::json::object();
+    for (int i = 0; i < fixture.store.count(); ++i) {
+      ParamHandle handle{i};
+      if (!fixture.store.spec(handle).trainable) continue;  // the expert bias: no gradient
+      const std::string name = fixture.store.spec(handle).name.substr(prefix.size());
+      json_case["params"][name] = testing::json_values(fixture.store.param(handle));
+      result.grads[name] = fixture.store.grad(handle).clone();
+    }
+    input.push_back(json_case);
+    ours.push_back(std::move(result));
   }
   nlohmann::json expected = testing::run_torch_reference(MOE_LAYER_REFERENCE_SCRIPT, input);
-  ASSERT_FALSE(expected.is_null());
-  auto expect_matches = [](const Tensor& ours, const nlohmann::json& theirs, double tolerance,
+  ASSERT_TRUE(expected.is_array());
+  ASSERT_EQ(expected.size(), ours.size());
+  // Both sides are fp64 evaluations of the same formulas in different orders. Inputs ~N(0, 1)
+  // and weights ~N(0, 0.5) keep every element O(1) and every sum to a few dozen terms, so the
+  // orders differ by a few units of 2^-53 times the summands (~1e-15); 1e-12 per element,
+  // relative above 1 and absolute below, leaves a margin of ~100 and still catches any wrong
+  // term (a dropped slot or a missing loss gradient moves elements by ~1e-3 or more).
+  constexpr double kTolerance = 1e-12;
+  auto expect_matches = [](const Tensor& mine, const nlohmann::json& theirs,
                            const std::string& what) {
     std::vector<double> values = theirs;
-    ASSERT_EQ(int64_t(values.size()), ours.numel()) << what;
-    Tensor wide = ours.to(DType::F64);
+    ASSERT_EQ(int64_t(values.size()), mine.numel()) << what;
+    ASSERT_EQ(mine.dtype(), DType::F64) << what;
     for (size_t i = 0; i < values.size(); ++i) {
-      EXPECT_NEAR(wide.data<double>()[i], values[i], tolerance * std::max(1.0, std::abs(values[i])))
+      EXPECT_NEAR(mine.data<double>()[i], values[i],
+                  kTolerance * std::max(1.0, std::abs(values[i])))
           << what << " element " << i;
     }
   };
-  expect_matches(out, expected["output"], 1e-12, "output");
-  expect_matches(grad_hidden, expected["grad.hidden"], 1e-12, "input gradient");
-  EXPECT_NEAR(losses.load_balancing_loss, double(expected["load_balancing_loss"]), 1e-12);
-  EXPECT_NEAR(losses.z_loss, double(expected["z_loss"]), 1e-12);
-  for (int i = 0; i < fixture.store.count(); ++i) {  // fp32 gradient buffers
-    ParamHandle handle{i};
-    const std::string name = fixture.store.spec(handle).name.substr(prefix.size());
-    expect_matches(fixture.store.grad(handle), expected["grad." + name], 1e-6, name);
+  for (size_t c = 0; c < ours.size(); ++c) {
+    SCOPED_TRACE(std::string(input[c]["name"]));
+    const nlohmann::json& theirs = expected[c];
+    EXPECT_EQ(ours[c].kept_slots, int64_t(theirs["kept_slots"]));
+    expect_matches(ours[c].output, theirs["output"], "output");
+    expect_matches(ours[c].grad_hidden, theirs["grad.hidden"], "input gradient");
+    EXPECT_NEAR(ours[c].losses.load_balancing_loss, double(theirs["load_balancing_loss"]),
+                kTolerance);
+    EXPECT_NEAR(ours[c].losses.z_loss, double(theirs["z_loss"]), kTolerance);
+    for (const auto& [name, grad] : ours[c].grads) {
+      expect_matches(grad, theirs["grad." + name], name + " gradient");
+    }
   }
+  // The capacity cases drop slots, so the kept-slot comparison means something.
+  EXPECT_LT(ours[1].kept_slots, 5 * 3 * 2);
 }
 
 TEST(MoELayer, BadUseNamesTheProblem) {
@@ -376,6 +545,10 @@ TEST(MoELayer, BadUseNamesTheProblem) {
         fixture.layer.forward(Tensor({3, 6}, DType::BF16), ctx);
       },
       "MoELayer: input is bf16 but the parameters are fp32");
+  testing::expect_error_containing(
+      [] { ParameterStore fp64_grads_of_fp32(DType::F32, DType::F64); },
+      "ParameterStore: gradient dtype fp64 with parameter dtype fp32 (gradients are fp32, or fp64 "
+      "for fp64 parameters)");
   config.moe_router_topk = 5;
   ParameterStore store;
   testing::expect_error_containing([&] { MoELayer bad(config, store, "bad"); },

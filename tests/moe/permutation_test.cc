@@ -324,6 +324,52 @@ TEST(Capacity, DispatcherRespectsCapacityAndPads) {
   EXPECT_EQ(dropped, 16 - int64_t(std::count(decision.keep.begin(), decision.keep.end(), 1)));
 }
 
+// --moe-capacity-scope on a hand-worked group batch of two ranks, E = 2, top-1, factor 1.0:
+//   rank 0, 4 tokens: experts {0, 0, 0, 1}, probs {0.6, 0.9, 0.7, 0.8}
+//   rank 1, 2 tokens: experts {1, 1},       probs {0.55, 0.95}
+// Megatron's rule (apply_router_token_dropping on each rank's own tokens): rank 0's capacity is
+// ceil(4 * 1 / 2 * 1.0) = 2, so expert 0 (3 tokens) drops one: by probs token 0 (0.6), by
+// position token 2; rank 1's capacity is ceil(2 / 2) = 1, so expert 1 drops by probs its token 0
+// (0.55), by position its token 1. The group scope's capacity ceil(6 / 2) = 3 drops nothing.
+TEST(Capacity, RankScopeDropsWhatMegatronsPerRankRuleDrops) {
+  Routing group;
+  group.num_tokens = 6;
+  group.topk = 1;
+  group.experts = Tensor({6, 1}, DType::I32);
+  group.probs = Tensor({6, 1});
+  const int32_t experts[6] = {0, 0, 0, 1, 1, 1};
+  const float probs[6] = {0.6f, 0.9f, 0.7f, 0.8f, 0.55f, 0.95f};
+  for (int64_t t = 0; t < 6; ++t) {
+    group.experts.data<int32_t>()[t] = experts[t];
+    group.probs.set(t, probs[t]);
+  }
+  const std::vector<int64_t> tokens_per_rank = {4, 2};
+  MoEConfig config = testing::small_config(4, 2, 1, 3);
+  config.moe_expert_capacity_factor = 1.0;
+  CapacityDecision decision = decide_group_capacity(config, group, tokens_per_rank);
+  EXPECT_EQ(decision.keep, (std::vector<uint8_t>{1, 1, 1, 1, 1, 1}));  // group scope: capacity 3
+
+  config.moe_capacity_scope = CapacityScope::kRank;
+  decision = decide_group_capacity(config, group, tokens_per_rank);
+  EXPECT_EQ(decision.keep, (std::vector<uint8_t>{0, 1, 1, 1, 0, 1}));
+  EXPECT_EQ(decision.pad_rows_to, 0);
+  config.moe_token_drop_policy = TokenDropPolicy::kPosition;
+  decision = decide_group_capacity(config, group, tokens_per_rank);
+  EXPECT_EQ(decision.keep, (std::vector<uint8_t>{1, 1, 0, 1, 1, 0}));
+  // Padding: each rank pads every expert to its own capacity, 2 + 1 rows per expert in all.
+  config.moe_pad_expert_input_to_capacity = true;
+  EXPECT_EQ(decide_group_capacity(config, group, tokens_per_rank).pad_rows_to, 3);
+  // One rank holding the whole batch: the two scopes agree.
+  EXPECT_EQ(decide_group_capacity(config, group, std::vector<int64_t>{6}).keep,
+            decide_capacity(config, group).keep);
+  testing::expect_error_containing(
+      [&] {
+        decide_group_capacity(config, group, std::vector<int64_t>{4, 1});
+      },
+      "decide_group_capacity: the ranks' token counts sum to 5 but the group's routing has 6 "
+      "tokens");
+}
+
 TEST(Permutation, BadInputsNameTheProblem) {
   Tensor experts = Tensor::from_floats({0, 5}, {1, 2}).to(DType::I32);
   testing::expect_error_containing([&] { build_dispatch_plan(experts, 4, 0, 4); },

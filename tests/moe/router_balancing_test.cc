@@ -9,6 +9,7 @@
 
 #include "moe/checkpoint/checkpoint.h"
 #include "moe/moe/capacity.h"
+#include "moe/moe/moe_layer.h"
 #include "moe/moe/router.h"
 #include "moe/optim/optimizer.h"
 #include "moe_test_util.h"
@@ -58,18 +59,20 @@ TEST(ExpertBias, SkewedRouterBecomesBalanced) {
   Tensor hidden = testing::random_normal({T, H}, 4);
   comm::ProcessGroup self;
   RouterContext ctx;
-  EXPECT_GT(max_over_mean(loads_of(router.forward(hidden, ctx), E)), 3.0);
+  Routing first = router.forward(hidden, ctx);
+  EXPECT_GT(max_over_mean(loads_of(first, E)), 3.0);
+  router.count_routed_tokens(first);
   router.update_expert_bias(self);
   for (int update = 1; update < 50; ++update) {
-    router.forward(hidden, ctx);
+    router.count_routed_tokens(router.forward(hidden, ctx));
     router.update_expert_bias(self);
   }
   std::vector<int64_t> loads = loads_of(router.forward(hidden, ctx, /*training=*/false), E);
   EXPECT_LT(max_over_mean(loads), 1.25);
 }
 
-// The update adds rate * sign(mean - load) in fp32 and clears the counts; only training forwards
-// count, and with a capacity factor only the slots an expert keeps.
+// The update adds rate * sign(mean - load) in fp32 and clears the counts; the counts add up
+// over calls, and with a capacity factor the layer counts only the slots an expert keeps.
 TEST(ExpertBias, CountsAndUpdateRule) {
   const int64_t H = 5, E = 6, K = 2, T = 17;
   MoEConfig config = sigmoid_bias_config(H, E, K);
@@ -79,9 +82,12 @@ TEST(ExpertBias, CountsAndUpdateRule) {
   router.init_parameters(5, 0.7f);
   Tensor hidden = testing::random_normal({T, H}, 6);
   RouterContext ctx;
-  std::vector<int64_t> expected = loads_of(router.forward(hidden, ctx), E);
-  std::vector<int64_t> second = loads_of(router.forward(hidden, ctx), E);
-  router.forward(hidden, ctx, /*training=*/false);  // evaluation: not counted
+  Routing first = router.forward(hidden, ctx);
+  router.count_routed_tokens(first);
+  std::vector<int64_t> expected = loads_of(first, E);
+  Routing again = router.forward(hidden, ctx);
+  router.count_routed_tokens(again);
+  std::vector<int64_t> second = loads_of(again, E);
   for (int64_t e = 0; e < E; ++e) {
     expected[size_t(e)] += second[size_t(e)];
     EXPECT_EQ(router.tokens_per_expert().data<int64_t>()[e], expected[size_t(e)]) << e;
@@ -97,22 +103,29 @@ TEST(ExpertBias, CountsAndUpdateRule) {
     EXPECT_EQ(router.tokens_per_expert().data<int64_t>()[e], 0);
   }
 
-  // Capacity 1.0 of 17 * 2 / 6 tokens: the dropped slots are not counted.
+  // Capacity 1.0 of 17 * 2 / 6 tokens: the layer counts its training forwards' kept slots only
+  // (evaluation and recomputation do not count).
   config.moe_expert_capacity_factor = 1.0;
   ParameterStore capped_store;
-  TopKRouter capped(config, capped_store, "router");
+  MoELayer capped(config, capped_store, "layer");
   capped_store.allocate();
-  capped.init_parameters(5, 0.7f);
-  Routing routing = capped.forward(hidden, ctx);
+  capped.init_parameters(5, 0.7f, 0.7f);
+  MoEContext layer_ctx;
+  capped.forward(hidden, layer_ctx);
+  const Routing& routing = layer_ctx.router.routing;
   CapacityDecision capacity = decide_capacity(config, routing);
   ASSERT_FALSE(capacity.keep.empty());
   std::vector<int64_t> kept(size_t(E), 0);
   for (int64_t s = 0; s < routing.experts.numel(); ++s) {
     if (capacity.keep[size_t(s)] != 0) ++kept[size_t(routing.experts.data<int32_t>()[s])];
   }
+  const RouterReplay replay = layer_ctx.router.replay;
+  MoEContext other_ctx;
+  capped.forward(hidden, other_ctx, /*training=*/false);
+  capped.forward(hidden, other_ctx, /*training=*/true, &replay);
   int64_t counted = 0;
   for (int64_t e = 0; e < E; ++e) {
-    EXPECT_EQ(capped.tokens_per_expert().data<int64_t>()[e], kept[size_t(e)]) << e;
+    EXPECT_EQ(capped.router().tokens_per_expert().data<int64_t>()[e], kept[size_t(e)]) << e;
     counted += kept[size_t(e)];
   }
   EXPECT_LT(counted, T * K);  // some slot was dropped, so the check means something

@@ -27,7 +27,8 @@ def select(scores, case):
     return torch.topk(masked, k=topk, dim=-1)
 
 
-def route(logits, case):
+def route_slots(logits, case):
+    """Megatron's topk_routing_with_score_function: (probs [T, topk], expert ids [T, topk])."""
     topk = case["topk"]
     if case["score_function"] == "softmax":
         if case["pre_softmax"]:
@@ -47,11 +48,17 @@ def route(logits, case):
             probs = probs / (probs.sum(dim=-1, keepdim=True) + 1e-20)
     if case["scaling_factor"] is not None:
         probs = probs * case["scaling_factor"]
+    return probs, indices
+
+
+def route(logits, case):
+    probs, indices = route_slots(logits, case)
     return torch.zeros_like(logits).scatter(1, indices, probs)
 
 
 def load_balancing_loss(logits, case, seq_length, batch):
-    """The sum over the listed types; global_aux_loss on one micro-batch uses its own counts."""
+    """The sum over the listed types (a tensor, differentiable in the logits); global_aux_loss on
+    one micro-batch uses its own counts."""
     num_experts, topk = logits.shape[1], case["topk"]
     if case["score_function"] == "softmax":
         scores = torch.softmax(logits, dim=-1)
@@ -65,15 +72,15 @@ def load_balancing_loss(logits, case, seq_length, batch):
         if kind in ("aux_loss", "global_aux_loss"):
             tokens = logits.shape[0]
             per_expert = routing_map.sum(dim=0)
-            total += float((scores.sum(dim=0) * per_expert).sum() * num_experts * coeff /
-                           (topk * tokens * tokens))
+            total = total + (scores.sum(dim=0) * per_expert).sum() * num_experts * coeff / (
+                topk * tokens * tokens)
         elif kind == "seq_aux_loss":
             # tokens are sequence-major (t = s * B + b): [S, B * E] puts each sequence in a column
             seq_scores = scores.reshape(seq_length, -1)
             per_expert = routing_map.reshape(seq_length, -1).sum(dim=0)
             loss = (seq_scores.sum(dim=0) * per_expert).sum() * num_experts * coeff / (
                 topk * seq_length * seq_length)
-            total += float(loss / batch)
+            total = total + loss / batch
     return total
 
 
@@ -86,7 +93,7 @@ def evaluate(case):
         logits = logits + torch.tensor(case["bias"], dtype=torch.float64)
     result = {
         "probs": route(logits, case).reshape(-1).tolist(),
-        "load_balancing_loss": load_balancing_loss(logits, case, seq_length, batch),
+        "load_balancing_loss": float(load_balancing_loss(logits, case, seq_length, batch)),
         "z_loss": 0.0,
     }
     if case["z_coeff"] is not None:

@@ -4,11 +4,13 @@
 #include <gtest/gtest.h>
 
 #include <memory>
+#include <string>
 
 #include "ep_test_util.h"
 #include "moe/checkpoint/checkpoint.h"
 #include "moe/comm/process_group.h"
 #include "moe/moe/ep_dispatchers.h"
+#include "moe/moe/moe_layer.h"
 #include "moe/moe/router.h"
 #include "moe/moe_test_util.h"
 #include "support/mpi_testing.h"
@@ -55,8 +57,8 @@ TEST(RouterBalancingMpi, ExpertBiasUpdateEqualsTheUpdateOnTheUnionOfTokens) {
     SCOPED_TRACE(round);
     for (uint64_t micro_batch = 0; micro_batch < 2; ++micro_batch) {
       Batch b = batch(H, 100 + 2 * round + micro_batch, DType::F32);
-      distributed.router.forward(b.mine, ctx);
-      single.router.forward(b.all, ctx);
+      distributed.router.count_routed_tokens(distributed.router.forward(b.mine, ctx));
+      single.router.count_routed_tokens(single.router.forward(b.all, ctx));
     }
     distributed.router.update_expert_bias(world);
     single.router.update_expert_bias(comm::ProcessGroup());
@@ -64,6 +66,98 @@ TEST(RouterBalancingMpi, ExpertBiasUpdateEqualsTheUpdateOnTheUnionOfTokens) {
   }
   // The updates did something: some expert's bias moved.
   EXPECT_FALSE(testing::same_bytes(single.router.expert_bias(), Tensor::zeros({E})));
+}
+
+// A layer over its own store, weights from the same seed on every rank; dispatcher null: one
+// process with every expert.
+struct OwnLayer {
+  OwnLayer(const MoEConfig& config, std::unique_ptr<TokenDispatcher> dispatcher)
+      : layer(config, store, "layer", std::move(dispatcher)) {
+    store.allocate();
+    layer.init_parameters(45, 1.0f, 0.5f);
+  }
+  ParameterStore store;
+  MoELayer layer;
+};
+
+// This rank's expert-bias loads summed over the world.
+Tensor world_loads(const TopKRouter& router) {
+  Tensor loads = router.tokens_per_expert().clone();
+  comm::all_reduce(loads, comm::ProcessGroup::world());
+  return loads;
+}
+
+// ep = world with a capacity factor (group scope): the loads the expert bias counts are the
+// slots the group's capacity decision kept, so summed over the ranks they are the single
+// process's loads on the union of the tokens (each rank deciding capacity on its own tokens
+// would count other slots).
+TEST(RouterBalancingMpi, ExpertBiasLoadsUnderCapacityEqualTheSingleProcessLoads) {
+  const int64_t H = 5, E = 8, K = 2;
+  MoEConfig config = testing::small_config(H, E, K, 4);
+  config.moe_router_score_function = ScoreFunction::kSigmoid;
+  config.moe_router_enable_expert_bias = true;
+  config.moe_router_load_balancing_type = LoadBalancingType::kNone;
+  config.moe_expert_capacity_factor = 0.6;
+  const comm::ProcessGroup world = comm::ProcessGroup::world();
+  const comm::ParallelState& layout = testing::parallel_state(world.size());
+  for (TokenDispatcherType type :
+       {TokenDispatcherType::kAllToAll, TokenDispatcherType::kAllGather}) {
+    SCOPED_TRACE(name_of(type));
+    config.moe_token_dispatcher_type = type;
+    OwnLayer distributed(config, make_token_dispatcher(config, layout)), single(config, nullptr);
+    for (uint64_t micro_batch = 0; micro_batch < 2; ++micro_batch) {
+      Batch b = batch(H, 400 + micro_batch, DType::F32);
+      MoEContext local_ctx, single_ctx;
+      distributed.layer.forward(b.mine, local_ctx);
+      single.layer.forward(b.all, single_ctx);
+    }
+    const Tensor loads = world_loads(distributed.layer.router());
+    EXPECT_TRUE(testing::same_bytes(loads, single.layer.router().tokens_per_expert()));
+    int64_t counted = 0;
+    for (int64_t e = 0; e < E; ++e) counted += loads.data<int64_t>()[e];
+    EXPECT_LT(counted, 2 * testing::group_tokens(world).total * K);  // some slot was dropped
+  }
+}
+
+// --moe-capacity-scope rank with ep = world: every rank drops as Megatron does, on its own tokens
+// alone, so its output and loads are the single process's on its tokens alone, also padded (each
+// expert padded to the sum of the ranks' capacities with zero rows).
+TEST(RouterBalancingMpi, RankCapacityScopeDecidesOnEachRanksOwnTokens) {
+  const int64_t H = 5, E = 8, K = 2;
+  MoEConfig config = testing::small_config(H, E, K, 4);
+  config.moe_router_score_function = ScoreFunction::kSigmoid;
+  config.moe_router_enable_expert_bias = true;
+  config.moe_router_load_balancing_type = LoadBalancingType::kNone;
+  config.moe_expert_capacity_factor = 0.6;
+  config.moe_capacity_scope = CapacityScope::kRank;
+  const comm::ProcessGroup world = comm::ProcessGroup::world();
+  const comm::ParallelState& layout = testing::parallel_state(world.size());
+  for (int variant = 0; variant < 4; ++variant) {
+    config.moe_token_dispatcher_type =
+        variant % 2 == 0 ? TokenDispatcherType::kAllToAll : TokenDispatcherType::kAllGather;
+    // Padding (the expert bias refuses it: every load would be the capacity).
+    config.moe_pad_expert_input_to_capacity = variant >= 2;
+    config.moe_router_enable_expert_bias = variant < 2;
+    SCOPED_TRACE(std::string(name_of(config.moe_token_dispatcher_type)) +
+                 (config.moe_pad_expert_input_to_capacity ? " padded" : ""));
+    OwnLayer distributed(config, make_token_dispatcher(config, layout)), single(config, nullptr);
+    Batch b = batch(H, 500, DType::F32);
+    MoEContext local_ctx, single_ctx;
+    Tensor out = distributed.layer.forward(b.mine, local_ctx);
+    Tensor expected = single.layer.forward(b.mine, single_ctx);
+    EXPECT_TRUE(testing::same_bytes(out, expected));
+    if (config.moe_router_enable_expert_bias) {
+      EXPECT_TRUE(testing::same_bytes(distributed.layer.router().tokens_per_expert(),
+                                      single.layer.router().tokens_per_expert()));
+    }
+    EXPECT_EQ(local_ctx.dispatch.plan.row_of_slot.size(),
+              single_ctx.dispatch.plan.row_of_slot.size());
+    for (size_t s = 0; s < local_ctx.dispatch.plan.row_of_slot.size(); ++s) {
+      EXPECT_EQ(local_ctx.dispatch.plan.row_of_slot[s] < 0,
+                single_ctx.dispatch.plan.row_of_slot[s] < 0)
+          << "slot " << s;
+    }
+  }
 }
 
 // The expert bias saved by an expert-parallel layout (replicated: stored once) loads bitwise into

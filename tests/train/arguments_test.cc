@@ -483,6 +483,16 @@ TEST(Arguments, ExpertChoiceRouterFlags) {
   }
 }
 
+// moecore's --moe-capacity-scope: group by default, rank on request, only with a capacity.
+TEST(Arguments, CapacityScope) {
+  EXPECT_EQ(finalized(small_flags(), 1).moe_capacity_scope, "group");
+  const Args rank = {"--moe-capacity-scope", "rank", "--moe-expert-capacity-factor", "1.0"};
+  EXPECT_EQ(finalized(with(small_flags(), rank), 1).moe_capacity_scope, "rank");
+  EXPECT_CONTAINS(parse_error({"--moe-capacity-scope", "world"}), "world");
+  EXPECT_EQ(validation_error(with(small_flags(), {"--moe-capacity-scope", "rank"}), 1),
+            "--moe-capacity-scope rank needs --moe-expert-capacity-factor");
+}
+
 TEST(Arguments, MultiTokenPrediction) {
   const Args rope = with(small_flags(), {"--position-embedding-type", "rope"});
   TrainingArguments a = finalized(with(rope, {"--mtp-num-layers", "2"}), 1);
@@ -791,7 +801,8 @@ TEST(Arguments, HelpIsGroupedLikeMegatron) {
 
 // The names moe-train accepts that Megatron-LM does not define (--help, which argparse adds
 // without add_argument, included).
-const std::set<std::string> kMoecoreOwnNames = {"--help", "--log-file", "--moe-router-type"};
+const std::set<std::string> kMoecoreOwnNames = {"--help", "--log-file", "--moe-capacity-scope",
+                                                "--moe-router-type"};
 
 TEST(Arguments, SupportedNamesAreMegatronNames) {
   const auto& megatron = megatron_argument_names();

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <vector>
 
 #include "moe/moe/config.h"
@@ -41,6 +42,15 @@ struct CapacityDecision {
 // capacity from the token count, policy and padding from the config; expert choice's choice
 // (decide_expert_choice) for moe_router_type expert_choice.
 CapacityDecision decide_capacity(const MoEConfig& config, const Routing& routing);
+
+// The decision for an expert-parallel group's batch: group_routing holds the ranks' tokens in
+// group-rank order, tokens_per_rank[r] of them from rank r. moe_capacity_scope group:
+// decide_capacity on the whole batch (the same kept slots whatever the ep size). rank:
+// decide_capacity on each rank's block alone, capacity from that rank's token count, as
+// Megatron's router drops before dispatch; keep is the blocks' flags in order and pad_rows_to
+// the sum of the ranks' capacities (each rank pads every expert to its own capacity).
+CapacityDecision decide_group_capacity(const MoEConfig& config, const Routing& group_routing,
+                                       std::span<const int64_t> tokens_per_rank);
 
 // The experts' choice on a routing of config.routing_slots() slots per token (the whole group's
 // batch): keep[t * E + j] is 1 when expert experts[t, j] takes token t; every expert keeps

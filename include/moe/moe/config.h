@@ -28,6 +28,14 @@ enum class TokenDropPolicy : uint8_t {
   kProbs,     // "probs": an expert over capacity keeps its highest-probability tokens
   kPosition,  // "position": an expert over capacity keeps its earliest tokens
 };
+// moecore's own --moe-capacity-scope: which tokens an expert's capacity is decided over.
+enum class CapacityScope : uint8_t {
+  // "group": the whole expert-parallel group's batch (all tp-ep ranks' tokens) at once, so a
+  // global batch drops the same tokens whatever the layout (moecore's default)
+  kGroup,
+  // "rank": each rank's own tokens, capacity from its local token count (Megatron's router)
+  kRank,
+};
 enum class TokenDispatcherType : uint8_t { kAllGather, kAllToAll };
 // kGeLU: fc1 hidden -> ffn, gelu. kSwiGLU (Megatron's --swiglu): fc1 hidden -> 2*ffn as
 // [gate | up], silu(gate) * up.
@@ -41,6 +49,7 @@ LoadBalancingType parse_load_balancing_type(std::string_view text);
 ScoreFunction parse_score_function(std::string_view text);
 TokenDropPolicy parse_token_drop_policy(std::string_view text);
 TokenDispatcherType parse_token_dispatcher_type(std::string_view text);
+CapacityScope parse_capacity_scope(std::string_view text);        // "group" | "rank"
 ExpertActivation parse_expert_activation(std::string_view text);  // "gelu" | "swiglu"
 RouterType parse_router_type(std::string_view text);              // "topk" | "expert_choice"
 RouterDType parse_router_dtype(std::string_view text);            // "fp32" | "fp64"
@@ -48,6 +57,7 @@ std::string_view name_of(LoadBalancingType value);
 std::string_view name_of(ScoreFunction value);
 std::string_view name_of(TokenDropPolicy value);
 std::string_view name_of(TokenDispatcherType value);
+std::string_view name_of(CapacityScope value);
 std::string_view name_of(ExpertActivation value);
 std::string_view name_of(RouterType value);
 std::string_view name_of(RouterDType value);
@@ -80,6 +90,7 @@ struct MoEConfig {
   std::optional<double> moe_expert_capacity_factor;      // unset: dropless
   bool moe_pad_expert_input_to_capacity = false;
   TokenDropPolicy moe_token_drop_policy = TokenDropPolicy::kProbs;
+  CapacityScope moe_capacity_scope = CapacityScope::kGroup;  // moecore's own field
   bool moe_grouped_gemm = false;  // GroupedMLP (one grouped GEMM) instead of SequentialMLP
   // --recompute-modules moe_act: the experts keep fc1's output and recompute the activation in
   // backward instead of keeping it (Megatron allows it with moe_grouped_gemm only).

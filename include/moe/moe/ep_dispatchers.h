@@ -12,7 +12,8 @@
 // Capacity (moe_expert_capacity_factor): the capacity and the kept slots are decided on the
 // whole group's routing (all ranks' tokens), so the same global batch drops the same tokens
 // whatever the ep size, and expert inputs are padded (moe_pad_expert_input_to_capacity) on the
-// expert's rank. This differs from Megatron, which drops per rank on the local token count.
+// expert's rank. Megatron drops per rank on the local token count instead, which
+// moe_capacity_scope rank selects (decide_group_capacity, capacity.h).
 //
 // Numbers: each expert sees its rows in global token order, and each token's top-k outputs are
 // weighted and summed in slot order on the token's home rank by the same kernel as the

@@ -69,8 +69,12 @@ class MoELayer {
   // layer splits tokens over tp, S (or T) must divide by the tp size.
   // Returns the output of the same shape and dtype; the micro-batch's aux and z losses are in
   // losses(ctx). The context may keep a view of `hidden` (fp32 without
-  // jitter): leave it unchanged until backward.
-  Tensor forward(const Tensor& hidden, MoEContext& ctx, bool training = true);
+  // jitter): leave it unchanged until backward. replay: null for a first run; to recompute a
+  // forward (full activation recomputation), ctx.router.replay of that run, so the rerun
+  // repeats it exactly and the balancing state (expert-bias loads, global_aux_loss counts,
+  // jitter generator) changes once (see router.h).
+  Tensor forward(const Tensor& hidden, MoEContext& ctx, bool training = true,
+                 const RouterReplay* replay = nullptr);
   // grad_output: same shape/dtype as the output. Returns d(hidden) (new tensor). The aux and z
   // losses contribute with gradient aux_loss_grad_scale (Megatron's MoEAuxLossAutoScaler
   // scale: 1 for a single micro-batch, 1 / num_micro_batches under gradient accumulation).

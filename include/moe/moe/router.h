@@ -20,10 +20,17 @@
 // Aux-loss-free balancing (moe_router_enable_expert_bias, sigmoid scores only): a per-expert
 // fp32 bias, a persistent buffer "<prefix>.expert_bias" (Megatron's name and checkpoint entry;
 // no gradient, no optimizer update), is added to the sigmoid scores for choosing experts only;
-// the probabilities come from the unbiased scores. Every training forward adds the experts'
-// token counts (after capacity dropping, as Megatron counts routing_map) to tokens_per_expert();
-// update_expert_bias, once per global batch, adds rate * sign(mean load - load) per expert with
-// the loads summed over a process group, then clears the counts.
+// the probabilities come from the unbiased scores. count_routed_tokens adds the experts' token
+// counts (after capacity dropping, as Megatron counts routing_map: MoELayer counts the slots its
+// dispatcher kept) to tokens_per_expert(); update_expert_bias, once per global batch, adds
+// rate * sign(mean load - load) per expert with the loads summed over a process group, then
+// clears the counts.
+//
+// Recomputation (full activation recomputation re-runs a forward in backward): a forward given
+// the RouterReplay its first run left in its context repeats that run exactly (the same jitter
+// noise, the same global_aux_loss counts) and changes no state (the jitter generator, the
+// global_aux_loss counts), as Megatron's checkpointed forward restores the RNG and counts only
+// once (under torch.is_grad_enabled()).
 //
 // Input jitter (moe_input_jitter_eps): the router input is multiplied by uniform noise in
 // [1 - eps, 1 + eps) from the router's own seeded generator, in training AND evaluation (as
@@ -36,6 +43,7 @@
 #include <array>
 #include <cstdint>
 #include <functional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -80,6 +88,12 @@ struct RouterLosses {
   }
 };
 
+// What a recomputation of a training forward needs to repeat it (see the top of this file).
+struct RouterReplay {
+  Rng::State jitter_state;  // the jitter generator before the forward
+  Tensor global_counts;     // [E] F64: the global_aux_loss counts its loss used, if any
+};
+
 // What backward needs from one forward (one per micro-batch in flight).
 struct RouterContext {
   Shape input_shape;       // [T, H] or [S, B, H]
@@ -94,6 +108,7 @@ struct RouterContext {
   // G = B with seq_aux_loss on, else 1; undefined when no balancing loss is active.
   Tensor aux_score_weights;
   RouterLosses losses;
+  RouterReplay replay;  // set by every forward, for a recomputation of it
 };
 
 class TopKRouter {
@@ -105,7 +120,15 @@ class TopKRouter {
 
   // hidden: [T, H] or [S, B, H] (Megatron's sequence-major layout). Returns the routing;
   // the losses are in ctx.losses. The aux and z losses are computed only when training.
-  Routing forward(const Tensor& hidden, RouterContext& ctx, bool training = true);
+  // replay: null for a first run; for a recomputation, the replay of the run it repeats.
+  Routing forward(const Tensor& hidden, RouterContext& ctx, bool training = true,
+                  const RouterReplay* replay = nullptr);
+
+  // Aux-loss-free balancing's loads (expert bias on): adds to tokens_per_expert() the expert of
+  // every slot of `routing` that was kept, row_of_slot[slot] >= 0 (a DispatchPlan's: -1 when
+  // capacity dropped it); empty row_of_slot: every slot. Call once per training forward (not
+  // for a recomputation).
+  void count_routed_tokens(const Routing& routing, std::span<const int64_t> row_of_slot = {});
 
   // grad_probs [T, topk] (routing.probs' dtype): d(objective)/d(routing.probs). Adds (+=) the
   // router's contribution to grad_hidden (same shape and dtype as the forward input) and
@@ -157,6 +180,7 @@ class TopKRouter {
   Tensor bias() const;                       // [E]
   Tensor bias_grad() const;                  // [E] F32, accumulates
   Rng& jitter_rng() { return jitter_rng_; }  // its state belongs in checkpoints
+  const Rng& jitter_rng() const { return jitter_rng_; }
   bool has_expert_bias() const { return expert_bias_.index >= 0; }
   Tensor expert_bias() const;  // [E] F32 persistent buffer
   // [E] I64: tokens routed to each expert by the training forwards since the last update.
@@ -167,8 +191,8 @@ class TopKRouter {
   double z_loss_coeff() const;  // moe_z_loss_coeff / z-loss group size
   DType router_dtype(DType activation) const;
   template <class C>
-  void add_balancing_losses(const C* logits, int64_t tokens, RouterContext& ctx);
-  void count_routed_tokens(const Routing& routing);
+  void add_balancing_losses(const C* logits, int64_t tokens, RouterContext& ctx,
+                            const RouterReplay* replay);
 
   MoEConfig config_;
   ParameterStore& store_;

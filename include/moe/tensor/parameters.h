@@ -4,7 +4,10 @@
 // through views once the store is allocated.
 //
 // Gradient buffers are fp32 and ACCUMULATE: every backward adds (+=) into them, so several
-// micro-batches sum before the optimizer step; zero_grads() clears them.
+// micro-batches sum before the optimizer step; zero_grads() clears them. An fp64 store may ask
+// for fp64 gradient buffers instead, for fp64 reference tests of modules whose backward
+// accumulates through dtype-generic paths (the MoE router and experts); the optimizer, the
+// gradient reductions and the dense model layers need fp32 ones.
 //
 // Persistent buffers (ParamSpec::trainable false, Megatron's register_buffer state such as the
 // router's expert_bias) live in one more flat buffer, fp32 whatever the store's dtype, outside
@@ -55,7 +58,8 @@ struct ParamHandle {
 
 class ParameterStore {
  public:
-  explicit ParameterStore(DType param_dtype = DType::F32) : param_dtype_(param_dtype) {}
+  // grad_dtype: F32, or F64 with F64 parameters (see the top of this file).
+  explicit ParameterStore(DType param_dtype = DType::F32, DType grad_dtype = DType::F32);
   ParameterStore(const ParameterStore&) = delete;
   ParameterStore& operator=(const ParameterStore&) = delete;
 
@@ -66,7 +70,7 @@ class ParameterStore {
   bool allocated() const { return allocated_; }
 
   Tensor param(ParamHandle handle) const;  // view, local shape: param dtype (fp32 for buffers)
-  Tensor grad(ParamHandle handle) const;   // view, fp32, local shape; trainable ones only
+  Tensor grad(ParamHandle handle) const;   // view, grad dtype, local shape; trainable ones only
   const ParamSpec& spec(ParamHandle handle) const;
   // Element offset inside its group's flat buffers (inside the buffers' flat tensor for a
   // persistent buffer).
@@ -74,15 +78,17 @@ class ParameterStore {
   int count() const { return int(specs_.size()); }
   ParamHandle find(const std::string& name) const;  // index -1 when absent
 
-  // The flat buffers of a group: parameters [n] in param dtype, gradients [n] fp32.
+  // The flat buffers of a group: parameters [n] in param dtype, gradients [n] in grad dtype.
   Tensor flat_params(ParamGroup group) const;
   Tensor flat_grads(ParamGroup group) const;
   DType param_dtype() const { return param_dtype_; }
+  DType grad_dtype() const { return grad_dtype_; }
 
   void zero_grads();
 
  private:
   DType param_dtype_;
+  DType grad_dtype_;
   std::vector<ParamSpec> specs_;
   std::vector<int64_t> offsets_;
   int64_t group_sizes_[kParamGroupCount] = {0, 0};

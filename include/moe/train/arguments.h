@@ -184,6 +184,7 @@ struct TrainingArguments {
   std::optional<double> moe_expert_capacity_factor;
   bool moe_pad_expert_input_to_capacity = false;
   std::string moe_token_drop_policy = "probs";             // probs | position
+  std::string moe_capacity_scope = "group";                // moecore's own: group | rank
   std::string moe_router_type = "topk";                    // moecore's own: topk | expert_choice
   std::optional<int> moe_shared_expert_intermediate_size;  // unset: no shared experts
   bool moe_shared_expert_gate = false;
