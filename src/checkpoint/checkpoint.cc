@@ -716,10 +716,10 @@ LocalLoad load_on_this_rank(const std::string& load_dir, ParameterStore& model,
     }
   }
   if (options.load_rng) {
-    int saved_world = meta.at("layout").at("world_size").get<int>();
-    MOE_CHECK(saved_world == p.world_size, "checkpoint ", dir, " holds RNG states of ", saved_world,
-              " ranks but this run has ", p.world_size, "; use --no-load-rng");
-    for (const auto& [name, value] : catalog.rng(p.world_rank).items()) {
+    state.rng_saved_world_size = meta.at("layout").at("world_size").get<int>();
+    // A rank the saving run did not have takes rank 0's states (see TrainingState).
+    const int source = p.world_rank < state.rng_saved_world_size ? p.world_rank : 0;
+    for (const auto& [name, value] : catalog.rng(source).items()) {
       state.rng[name] = value.get<Rng::State>();
     }
   }

@@ -327,7 +327,19 @@ void load_checkpoint_if_any(Job& job) {
               " holds no random state (saved with --no-save-rng, or converted); use "
               "--no-load-rng (random streams from --seed) or --finetune");
     job.random_streams = saved->second;
+    if (state.rng_saved_world_size != job.parallel.world_size) {
+      job.say(concat("> checkpoint saved by ", state.rng_saved_world_size, " ranks, this run has ",
+                     job.parallel.world_size,
+                     ": every rank takes saved rank 0's random streams (the same on every rank), "
+                     "so the random choices continue as at the saved size"));
+    }
   }
+  // moe-convert --iteration without --global-batch-size, or a hand-edited checkpoint: resuming
+  // would claim iteration N yet read the data from its start.
+  MOE_CHECK(a.finetune || state.iteration == 0 || state.consumed_train_samples > 0, "checkpoint '",
+            *a.load, "' is at iteration ", state.iteration,
+            " but records 0 consumed training samples, so a resume would restart the data; use "
+            "--finetune, or convert with moe-convert --iteration N --global-batch-size B");
   if (!a.finetune) {
     job.iteration = state.iteration;
     job.consumed_train_samples = state.consumed_train_samples;
@@ -572,6 +584,33 @@ std::string timestamp() {
   return text;
 }
 
+// Collective over `world`: throws SetupError on every rank when any rank's `local_error` is
+// non-empty, with the lowest failed rank's message (bad inputs fail alike on every rank, so the
+// message is printed once, not once per rank).
+void agree_on_setup(const comm::ProcessGroup& world, const std::string& local_error) {
+  const int64_t failed = local_error.empty() ? 0 : 1;
+  const std::vector<int64_t> flags = comm::all_gather_values({&failed, 1}, world);
+  int first = -1;
+  std::string ranks;
+  for (size_t r = 0; r < flags.size(); ++r) {
+    if (flags[r] == 0) continue;
+    if (first < 0) first = int(r);
+    ranks += (ranks.empty() ? "" : ", ") + std::to_string(r);
+  }
+  if (first < 0) return;
+  const bool sender = world.rank() == first;
+  Tensor length = Tensor::full({1}, 0.0f, DType::I64);
+  if (sender) length.data<int64_t>()[0] = int64_t(local_error.size());
+  comm::broadcast(length, first, world);
+  Tensor text = Tensor::full({std::max<int64_t>(length.data<int64_t>()[0], 1)}, 0.0f, DType::I32);
+  if (sender) std::copy(local_error.begin(), local_error.end(), text.data<int32_t>());
+  comm::broadcast(text, first, world);
+  std::string message(size_t(length.data<int64_t>()[0]), '\0');
+  std::copy_n(text.data<int32_t>(), message.size(), message.begin());
+  throw SetupError(flags.size() == 1 ? message
+                                     : concat(message, " (setup failed on rank(s) ", ranks, ")"));
+}
+
 }  // namespace
 
 std::string format_log_line(const std::vector<IterationStats>& window, int64_t train_iters,
@@ -670,10 +709,16 @@ TrainingReport pretrain(const TrainingArguments& args, std::ostream& log) {
                  args.num_micro_batches, " accumulated micro-batches"));
 
   job.random_streams = Rng(uint64_t(args.seed)).state();
-  build_tokenizer(job);
-  build_model_and_optimizer(job);
-  load_checkpoint_if_any(job);
-  build_datasets(job);
+  std::string setup_error;
+  try {
+    build_tokenizer(job);
+    build_model_and_optimizer(job);
+    load_checkpoint_if_any(job);
+    build_datasets(job);
+  } catch (const std::exception& error) {
+    setup_error = error.what();
+  }
+  agree_on_setup(job.parallel.world, setup_error);
 
   std::unique_ptr<ScalarLog> scalars;
   if (job.is_logger && (args.tensorboard_dir || args.log_file)) {

@@ -114,12 +114,18 @@ TEST(MoeTrainProgram, BadValueIsReportedOnceBeforeAnyWork) {
   EXPECT_EQ(outcome.output.find("error on rank"), std::string::npos) << outcome.output;
 }
 
-TEST(MoeTrainProgram, ErrorDuringTheJobStopsEveryRank) {
+// A bad input found while setting up (every rank fails alike): the ranks agree, the message is
+// printed once, naming the failed ranks, and every rank exits with status 1.
+TEST(MoeTrainProgram, BadInputDuringSetupIsReportedOnce) {
   Outcome outcome = mpirun_moe_train(
       2, kTinyJob + "--train-iters 3 --data-path /nonexistent/corpus_text_document");
-  EXPECT_NE(outcome.status, 0) << outcome.output;
-  EXPECT_CONTAINS(outcome.output, "moe-train: error on rank ");
-  EXPECT_CONTAINS(outcome.output, "/nonexistent/corpus_text_document");
+  EXPECT_EQ(outcome.status, 1) << outcome.output;
+  const std::string message = "moe-train: error: ";
+  const size_t first = outcome.output.find(message);
+  ASSERT_NE(first, std::string::npos) << outcome.output;
+  EXPECT_EQ(outcome.output.find(message, first + 1), std::string::npos) << outcome.output;
+  EXPECT_CONTAINS(outcome.output, "/nonexistent/corpus_text_document",
+                  "(setup failed on rank(s) 0, 1)");
 }
 
 }  // namespace
