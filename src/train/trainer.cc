@@ -393,19 +393,54 @@ void average_over_data_parallel(std::vector<double>& values, const comm::Paralle
   }
 }
 
-// Feeds the pipeline schedule this data-parallel rank's next micro-batches, each with the
-// dropout seed of its first sample.
+// Collective over `world`: throws InputError on every rank when any rank's `local_error` is
+// non-empty, with the lowest failed rank's message (printed once, not once per rank).
+void agree_on_input(const comm::ProcessGroup& world, const std::string& local_error) {
+  const int64_t failed = local_error.empty() ? 0 : 1;
+  const std::vector<int64_t> flags = comm::all_gather_values({&failed, 1}, world);
+  int first = -1;
+  std::string ranks;
+  for (size_t r = 0; r < flags.size(); ++r) {
+    if (flags[r] == 0) continue;
+    if (first < 0) first = int(r);
+    ranks += (ranks.empty() ? "" : ", ") + std::to_string(r);
+  }
+  if (first < 0) return;
+  const bool sender = world.rank() == first;
+  Tensor length = Tensor::full({1}, 0.0f, DType::I64);
+  if (sender) length.data<int64_t>()[0] = int64_t(local_error.size());
+  comm::broadcast(length, first, world);
+  Tensor text = Tensor::full({std::max<int64_t>(length.data<int64_t>()[0], 1)}, 0.0f, DType::I32);
+  if (sender) std::copy(local_error.begin(), local_error.end(), text.data<int32_t>());
+  comm::broadcast(text, first, world);
+  std::string message(size_t(length.data<int64_t>()[0]), '\0');
+  std::copy_n(text.data<int32_t>(), message.size(), message.begin());
+  throw InputError(flags.size() == 1 ? message
+                                     : concat(message, " (failed on rank(s) ", ranks, ")"));
+}
+
+// Feeds the pipeline schedule this data-parallel rank's micro-batches of one step, each with the
+// dropout seed of its first sample. They are read up front and the ranks agree that every read
+// succeeded, so a bad sample (a token outside the vocabulary, a corrupt file) is one InputError
+// on every rank instead of one rank's abort while the others wait in a collective.
 pipeline::MicroBatchProvider micro_batches_from(Job& job, data::PretrainingDataIterator& data) {
-  return [&job, &data](int) {
-    data::MicroBatch batch = data.next();
-    pipeline::MicroBatch micro;
-    micro.tokens = batch.tokens;
-    micro.labels = batch.labels;
-    micro.loss_mask = batch.loss_mask;
-    micro.dropout_seed =
-        micro_batch_seed(job.random_streams, job.iteration, batch.sample_indices[0]);
-    return micro;
-  };
+  auto batches = std::make_shared<std::vector<pipeline::MicroBatch>>();
+  std::string error;
+  try {
+    for (int i = 0; i < job.args.num_micro_batches; ++i) {
+      data::MicroBatch batch = data.next();
+      pipeline::MicroBatch& micro = batches->emplace_back();
+      micro.tokens = batch.tokens;
+      micro.labels = batch.labels;
+      micro.loss_mask = batch.loss_mask;
+      micro.dropout_seed =
+          micro_batch_seed(job.random_streams, job.iteration, batch.sample_indices[0]);
+    }
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  agree_on_input(job.parallel.world, error);
+  return [batches](int index) { return (*batches)[size_t(index)]; };
 }
 
 pipeline::ScheduleOptions schedule_options(const TrainingArguments& a, double loss_scale) {
@@ -584,33 +619,6 @@ std::string timestamp() {
   return text;
 }
 
-// Collective over `world`: throws SetupError on every rank when any rank's `local_error` is
-// non-empty, with the lowest failed rank's message (bad inputs fail alike on every rank, so the
-// message is printed once, not once per rank).
-void agree_on_setup(const comm::ProcessGroup& world, const std::string& local_error) {
-  const int64_t failed = local_error.empty() ? 0 : 1;
-  const std::vector<int64_t> flags = comm::all_gather_values({&failed, 1}, world);
-  int first = -1;
-  std::string ranks;
-  for (size_t r = 0; r < flags.size(); ++r) {
-    if (flags[r] == 0) continue;
-    if (first < 0) first = int(r);
-    ranks += (ranks.empty() ? "" : ", ") + std::to_string(r);
-  }
-  if (first < 0) return;
-  const bool sender = world.rank() == first;
-  Tensor length = Tensor::full({1}, 0.0f, DType::I64);
-  if (sender) length.data<int64_t>()[0] = int64_t(local_error.size());
-  comm::broadcast(length, first, world);
-  Tensor text = Tensor::full({std::max<int64_t>(length.data<int64_t>()[0], 1)}, 0.0f, DType::I32);
-  if (sender) std::copy(local_error.begin(), local_error.end(), text.data<int32_t>());
-  comm::broadcast(text, first, world);
-  std::string message(size_t(length.data<int64_t>()[0]), '\0');
-  std::copy_n(text.data<int32_t>(), message.size(), message.begin());
-  throw SetupError(flags.size() == 1 ? message
-                                     : concat(message, " (setup failed on rank(s) ", ranks, ")"));
-}
-
 }  // namespace
 
 std::string format_log_line(const std::vector<IterationStats>& window, int64_t train_iters,
@@ -718,7 +726,7 @@ TrainingReport pretrain(const TrainingArguments& args, std::ostream& log) {
   } catch (const std::exception& error) {
     setup_error = error.what();
   }
-  agree_on_setup(job.parallel.world, setup_error);
+  agree_on_input(job.parallel.world, setup_error);
 
   std::unique_ptr<ScalarLog> scalars;
   if (job.is_logger && (args.tensorboard_dir || args.log_file)) {

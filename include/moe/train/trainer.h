@@ -61,18 +61,19 @@ struct TrainingReport {
   std::optional<std::string> last_checkpoint;  // directory of the latest save
 };
 
-// A failure while setting up the job (tokenizer, model, checkpoint, data: bad inputs), thrown
-// on every rank with the same text: the first failed rank's message and the failed ranks. No
-// collective is left pending, so callers report it once and exit without aborting the job.
-class SetupError : public Error {
+// A bad input (tokenizer, model, checkpoint or data file, or a sample read during training)
+// found on some rank, thrown on every rank with the same text: the lowest failed rank's message
+// and the failed ranks. The ranks agreed on it, so no collective is left pending: callers report
+// it once and exit without aborting the job.
+class InputError : public Error {
  public:
   using Error::Error;
 };
 
 // Runs the job on every rank of MPI_COMM_WORLD (collective). `args` must be finalized for the
-// world size. Rank 0 writes the log to `log`. Throws SetupError on bad input (missing or corrupt
-// files, unsupported combinations), naming the file or flag, and moe::Error for failures during
-// training.
+// world size. Rank 0 writes the log to `log`. Throws InputError on bad input (missing or corrupt
+// files, unsupported combinations, out-of-vocabulary samples), naming the file or flag, and
+// moe::Error for other failures during training.
 TrainingReport pretrain(const TrainingArguments& args, std::ostream& log);
 
 // Megatron's log line for the iterations since the last one (averages over `window`).
