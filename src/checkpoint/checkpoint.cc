@@ -12,6 +12,7 @@
 #include <sstream>
 
 #include "moe/comm/boxes.h"
+#include "moe/comm/fault_injection.h"
 #include "upcycling.h"
 
 namespace moe::checkpoint {
@@ -425,6 +426,7 @@ void save_checkpoint(const std::string& save_dir, const TrainingState& state,
   RankFiles files;
   error = attempt([&] {
     files = write_rank_files(tmp, state, model, optimizer, parallel);
+    comm::fault_point("save");  // between this rank's files and the commit
     if (options.before_commit) options.before_commit();
   });
   int64_t report[3] = {error.empty() ? 0 : 1, files.index_crc, files.data_bytes};

@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <numeric>
 
+#include "moe/comm/fault_injection.h"
 #include "moe/tensor/ops.h"
 #include "update_kernels.h"
 
@@ -238,6 +239,7 @@ Optimizer::Optimizer(ParameterStore& store, const comm::ParallelState& parallel,
 Optimizer::~Optimizer() = default;
 
 StepResult Optimizer::step() {
+  comm::fault_point("optimizer");
   Impl& m = *impl_;
   // Mean over data-parallel replicas (Megatron scales expert gradients by 1 / (dp x cp) too:
   // experts already summed the tokens of every expert-parallel rank) and loss unscaling, folded

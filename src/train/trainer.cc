@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <ctime>
 #include <filesystem>
+#include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <numeric>
@@ -15,6 +16,7 @@
 #include "expert_load.h"
 #include "mock_dataset.h"
 #include "moe/checkpoint/checkpoint.h"
+#include "moe/comm/fault_injection.h"
 #include "moe/comm/parallel_state.h"
 #include "moe/comm/process_group.h"
 #include "moe/data/gpt_dataset.h"
@@ -287,6 +289,61 @@ void build_model_and_optimizer(Job& job) {
 // The name of the trainer's one RNG state in a checkpoint's per-rank "rng" map.
 constexpr const char* kRandomStreamsKey = "micro_batch_streams";
 
+// After a load: warns (world rank 0's layers: all of them without pipeline parallelism) about
+// MoE layers holding identical experts. Identical experts get identical gradients whenever the
+// router sends them the same tokens, so a checkpoint built by copying one expert trains fewer
+// experts than it claims; after upcycling this is the expected start. Each expert's fingerprint
+// is the CRC-32 of its weights' bytes, summed over the expert-tensor-parallel slices.
+void warn_identical_experts(Job& job, bool upcycled) {
+  const int64_t experts = *job.args.num_experts;
+  std::vector<std::string> layers;  // "decoder.layers.3.mlp", in declaration order
+  std::map<std::string, std::vector<uint32_t>> local;  // layer -> running CRC per local expert
+  std::map<std::string, int64_t> first_expert;
+  for (int i = 0; i < job.store->count(); ++i) {
+    const ParamSpec& spec = job.store->spec(ParamHandle{i});
+    const size_t at = spec.name.find(".experts.");
+    if (spec.group != ParamGroup::kExpert || at == std::string::npos) continue;
+    const std::string layer = spec.name.substr(0, at);
+    if (!local.count(layer)) layers.push_back(layer);
+    const Tensor param = job.store->param(ParamHandle{i});
+    const int64_t local_experts = param.dim(0);
+    std::vector<uint32_t>& crcs = local[layer];
+    crcs.resize(size_t(local_experts), 0);
+    first_expert[layer] = spec.global_offset[0];
+    const size_t row_bytes = param.nbytes() / size_t(local_experts);
+    for (int64_t e = 0; e < local_experts; ++e) {
+      crcs[size_t(e)] = crc32(static_cast<const char*>(param.raw()) + size_t(e) * row_bytes,
+                              row_bytes, crcs[size_t(e)]);
+    }
+  }
+  if (layers.empty()) return;
+  Tensor fingerprints = Tensor::full({int64_t(layers.size()), experts}, 0.0f, DType::I64);
+  for (size_t l = 0; l < layers.size(); ++l) {
+    const std::vector<uint32_t>& crcs = local[layers[l]];
+    for (size_t e = 0; e < crcs.size(); ++e) {
+      fingerprints.data<int64_t>()[int64_t(l) * experts + first_expert[layers[l]] + int64_t(e)] =
+          crcs[e];
+    }
+  }
+  comm::all_reduce(fingerprints, job.parallel.ep_group);   // each expert from its one ep rank
+  comm::all_reduce(fingerprints, job.parallel.etp_group);  // its slices together
+  for (size_t l = 0; l < layers.size(); ++l) {
+    const int64_t* row = fingerprints.data<int64_t>() + int64_t(l) * experts;
+    std::map<int64_t, std::vector<int64_t>> alike;
+    for (int64_t e = 0; e < experts; ++e) alike[row[e]].push_back(e);
+    for (const auto& [fingerprint, group] : alike) {
+      if (group.size() < 2) continue;
+      std::string list;
+      for (int64_t e : group) list += (list.empty() ? "" : ", ") + std::to_string(e);
+      job.say(concat("warning: ", layers[l], ": experts ", list, " are identical",
+                     upcycled ? " (expected after upcycling: they diverge as the router and "
+                                "their gradients differ)"
+                              : "; they train alike while routed alike (a checkpoint built by "
+                                "copying one expert?)"));
+    }
+  }
+}
+
 void load_checkpoint_if_any(Job& job) {
   const TrainingArguments& a = job.args;
   if (!a.load) {
@@ -345,6 +402,7 @@ void load_checkpoint_if_any(Job& job) {
     job.consumed_train_samples = state.consumed_train_samples;
     job.consumed_valid_samples = state.consumed_valid_samples;
   }
+  if (a.is_moe()) warn_identical_experts(job, a.moe_use_upcycling);
   if (a.moe_use_upcycling) {
     job.say(concat("> upcycled the dense checkpoint into ", *a.num_experts,
                    " experts per MoE layer (--moe-upcycling-granularity ",
@@ -394,15 +452,18 @@ void average_over_data_parallel(std::vector<double>& values, const comm::Paralle
 }
 
 // Collective over `world`: throws InputError on every rank when any rank's `local_error` is
-// non-empty, with the lowest failed rank's message (printed once, not once per rank).
+// non-empty, with the lowest failed rank's message (printed once, not once per rank) and, unless
+// every rank failed, the failed ranks.
 void agree_on_input(const comm::ProcessGroup& world, const std::string& local_error) {
   const int64_t failed = local_error.empty() ? 0 : 1;
   const std::vector<int64_t> flags = comm::all_gather_values({&failed, 1}, world);
   int first = -1;
+  size_t failed_ranks = 0;
   std::string ranks;
   for (size_t r = 0; r < flags.size(); ++r) {
     if (flags[r] == 0) continue;
     if (first < 0) first = int(r);
+    ++failed_ranks;
     ranks += (ranks.empty() ? "" : ", ") + std::to_string(r);
   }
   if (first < 0) return;
@@ -415,8 +476,10 @@ void agree_on_input(const comm::ProcessGroup& world, const std::string& local_er
   comm::broadcast(text, first, world);
   std::string message(size_t(length.data<int64_t>()[0]), '\0');
   std::copy_n(text.data<int32_t>(), message.size(), message.begin());
-  throw InputError(flags.size() == 1 ? message
-                                     : concat(message, " (failed on rank(s) ", ranks, ")"));
+  // Bad inputs usually fail every rank alike; otherwise say which ranks met it.
+  throw InputError(failed_ranks == flags.size()
+                       ? message
+                       : concat(message, " (failed on rank(s) ", ranks, " of ", flags.size(), ")"));
 }
 
 // Feeds the pipeline schedule this data-parallel rank's micro-batches of one step, each with the
@@ -476,9 +539,30 @@ std::vector<IterationStats::BiasRange> expert_bias_ranges(const Job& job) {
   return ranges;
 }
 
+// Megatron's --check-for-nan-in-loss-and-grad (on by default), before the gradients are reduced,
+// so the error names the iteration, this rank and the first parameter whose local gradient is
+// not finite. fp16 runs skip it: there an overflow skips the step and lowers the loss scale.
+void check_for_nan_in_loss_and_grad(const Job& job, double loss) {
+  const int64_t iteration = job.iteration + 1;
+  MOE_CHECK(std::isfinite(loss), "iteration ", iteration, ": the loss is ", loss, " on rank ",
+            job.parallel.world_rank, " (--no-check-for-nan-in-loss-and-grad disables this check)");
+  for (int i = 0; i < job.store->count(); ++i) {
+    const ParamSpec& spec = job.store->spec(ParamHandle{i});
+    if (!spec.trainable) continue;
+    const Tensor grad = job.store->grad(ParamHandle{i});
+    const float* values = grad.data<float>();
+    for (int64_t k = 0; k < grad.numel(); ++k) {
+      MOE_CHECK(std::isfinite(values[k]), "iteration ", iteration, ": the gradient of '", spec.name,
+                "' holds ", values[k], " (element ", k, ") on rank ", job.parallel.world_rank,
+                " (--no-check-for-nan-in-loss-and-grad disables this check)");
+    }
+  }
+}
+
 IterationStats train_step(Job& job, data::PretrainingDataIterator& data) {
   const TrainingArguments& a = job.args;
   const auto start = Clock::now();
+  comm::set_fault_iteration(job.iteration + 1);
   job.store->zero_grads();
   if (job.expert_load) job.expert_load->reset();
   // 1F1B over the pipeline stages (plain forward-backward per micro-batch with one stage); lm
@@ -486,6 +570,12 @@ IterationStats train_step(Job& job, data::PretrainingDataIterator& data) {
   pipeline::StepResult result =
       pipeline::forward_backward(*job.model, job.parallel, micro_batches_from(job, data),
                                  schedule_options(a, job.optimizer->loss_scale()));
+  if (comm::fault_requested("nan")) {  // MOE_FAULT_INJECT=nan:rank:iteration
+    job.store->grad(ParamHandle{0}).data<float>()[0] = std::nanf("");
+  }
+  if (a.check_for_nan_in_loss_and_grad && !a.fp16) {
+    check_for_nan_in_loss_and_grad(job, result.mean_lm_loss());
+  }
   optim::StepResult step = job.optimizer->step();
   ++job.iteration;
   job.consumed_train_samples += *a.global_batch_size;
@@ -703,6 +793,7 @@ TrainingReport pretrain(const TrainingArguments& args, std::ostream& log) {
   sizes.ep = args.expert_model_parallel_size;
   sizes.etp = *args.expert_tensor_parallel_size;
   job.parallel = comm::initialize_model_parallel(sizes);
+  comm::fault_point("startup");
   MOE_CHECK(job.parallel.world_size == args.world_size, "the arguments were validated for ",
             args.world_size, " ranks but the job has ", job.parallel.world_size);
   job.is_logger = job.parallel.world_rank == 0;
