@@ -13,8 +13,8 @@
 namespace moe::comm {
 namespace {
 
-constexpr std::array<std::string_view, 7> kPhases = {"startup",   "forward", "alltoall", "backward",
-                                                     "optimizer", "save",    "nan"};
+constexpr std::array<std::string_view, 8> kPhases = {
+    "startup", "forward", "alltoall", "backward", "optimizer", "save", "nan", "grad-reduction"};
 
 struct FaultPlan {
   bool active = false;
@@ -45,7 +45,7 @@ FaultPlan& plan() {
     }
     MOE_CHECK(known && p.rank >= 0 && p.iteration >= 0, "MOE_FAULT_INJECT='", value,
               "' is not phase:rank:iteration with phase one of startup, forward, alltoall, "
-              "backward, optimizer, save, nan");
+              "backward, optimizer, save, nan, grad-reduction");
     p.active = true;
     return p;
   }();

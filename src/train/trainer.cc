@@ -126,6 +126,7 @@ optim::OptimizerConfig optimizer_config(const TrainingArguments& a) {
   c.sgd_momentum = a.sgd_momentum;
   c.clip_grad = a.clip_grad;
   c.use_distributed_optimizer = a.use_distributed_optimizer;
+  c.check_grad_reduction = a.check_grad_reduction;
   c.bf16 = a.bf16;
   c.fp16 = a.fp16;
   c.loss_scale = a.fp16 ? a.loss_scale.value_or(0.0) : 0.0;
@@ -577,6 +578,10 @@ IterationStats train_step(Job& job, data::PretrainingDataIterator& data) {
     check_for_nan_in_loss_and_grad(job, result.mean_lm_loss());
   }
   optim::StepResult step = job.optimizer->step();
+  if (!step.grad_reduction_check.empty()) {
+    job.say(concat("> --check-grad-reduction, iteration ", job.iteration + 1,
+                   ", world rank 0: ", step.grad_reduction_check));
+  }
   ++job.iteration;
   job.consumed_train_samples += *a.global_batch_size;
   if (!step.skipped) job.scheduler->step(*a.global_batch_size);

@@ -252,4 +252,28 @@ TEST(MoeTrainBadInputs, DamagedOrMismatchedCheckpointIsReportedOnce) {
                        "has global shape", "but the model has");
 }
 
+// --check-grad-reduction verifies the first step's reductions (tp 2 + ep 2 at 4 ranks: dense
+// gradients over dp 2, experts over expert-dp 1) and stops a run whose rank 1 holds doubled
+// gradients (MOE_FAULT_INJECT=grad-reduction:1:1), naming the element and parameter.
+TEST(MoeTrainProgram, CheckGradReductionCatchesADoubledReduction) {
+  const std::string job = kTinyJob +
+                          "--train-iters 2 --mock-data --check-grad-reduction "
+                          "--tensor-model-parallel-size 2 --sequence-parallel "
+                          "--expert-model-parallel-size 2 --use-distributed-optimizer";
+  Outcome checked = mpirun_moe_train(4, job);
+  EXPECT_EQ(checked.status, 0) << checked.output;
+  EXPECT_CONTAINS(checked.output,
+                  "> --check-grad-reduction, iteration 1, world rank 0: dense gradients reduced "
+                  "over 2 rank(s) of 'dp_cp', checksum ",
+                  "; expert gradients reduced over 1 rank(s) of 'expert_dp', checksum ");
+  Outcome doubled = run_command("MOE_FAULT_INJECT=grad-reduction:1:1 " + std::string(MOE_MPIEXEC) +
+                                " --oversubscribe --allow-run-as-root --bind-to none -np 4 " +
+                                MOE_TRAIN_BINARY + " " + job);
+  EXPECT_NE(doubled.status, 0) << doubled.output;
+  EXPECT_CONTAINS(doubled.output,
+                  "moe-train: error on rank 1 of 4: --check-grad-reduction: dense gradient "
+                  "element 0 (parameter 'embedding.word_embeddings.weight') is ",
+                  "the fp64 sum of the 2 ranks' gradients gives ");
+}
+
 }  // namespace

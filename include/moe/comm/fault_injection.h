@@ -3,7 +3,9 @@
 // `rank` then acts the first time it reaches `phase` while the training loop is at `iteration`
 // (1-based, as the log counts; 0 is start-up, before the first step):
 //   startup, forward, alltoall, backward, optimizer, save  -> SIGKILL (the process dies at once)
-//   nan                                                      -> fault_requested() says so once
+//   nan, grad-reduction                                      -> fault_requested() says so once
+// (nan: the trainer puts a NaN in one gradient; grad-reduction: the optimizer doubles this
+// rank's reduced gradients, under --check-grad-reduction).
 // Unset, each check costs one branch on a cached value.
 #pragma once
 
