@@ -276,4 +276,19 @@ TEST(MoeTrainProgram, CheckGradReductionCatchesADoubledReduction) {
                   "the fp64 sum of the 2 ranks' gradients gives ");
 }
 
+// A checkpoint saved by 2 ranks resumes on 1 without --no-load-rng, saying where its random
+// streams come from.
+TEST(MoeTrainProgram, ResumesAtAnotherWorldSizeWithTheSavedRandomStreams) {
+  moe::testing::ScratchDir dir("other_world_size");
+  const std::string job =
+      kTinyJob + "--mock-data --save " + dir.file("ckpt") + " --save-interval 2 ";
+  ASSERT_EQ(mpirun_moe_train(2, job + "--train-iters 3 --exit-interval 2").status, 0);
+  Outcome resumed = moe_train(job + "--train-iters 3 --load " + dir.file("ckpt"));
+  EXPECT_EQ(resumed.status, 0) << resumed.output;
+  EXPECT_CONTAINS(resumed.output,
+                  "> checkpoint saved by 2 ranks, this run has 1: every rank takes saved rank 0's "
+                  "random streams",
+                  "at iteration 2", " iteration        3/       3 |");
+}
+
 }  // namespace
