@@ -9,7 +9,8 @@
 // Writing goes through a temporary file renamed into place: no half-written file is ever left
 // under the final name. Every file moecore writes records each tensor's CRC-32 in __metadata__
 // ("crc32:<name>": 8 hex digits); reading a tensor verifies it where recorded (files from
-// elsewhere have none), so a flipped byte is an error naming the tensor. Supported dtypes: F32, BF16, F16, F64, I32, I64 (little-endian hosts).
+// elsewhere have none), so a flipped byte is an error naming the tensor. Supported dtypes: F32,
+// BF16, F16, F64, I32, I64 (little-endian hosts).
 #pragma once
 
 #include <cstdint>
