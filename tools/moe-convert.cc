@@ -3,8 +3,10 @@
 // architectures or model_type.
 //   moe-convert --from hf --to moecore --input HF_DIR --output CKPT_DIR [--dtype bf16]
 //   moe-convert --from moecore --to hf --input CKPT_DIR --output HF_DIR [--hf-config FILE]
-// The whole model is held in memory once (plus one tensor in flight). docs/convert.md.
+// The whole model is held in memory once (plus one tensor in flight); --verify re-reads what was
+// written (checksums included) and compares it with the model in memory. docs/convert.md.
 #include <CLI/CLI.hpp>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -30,6 +32,8 @@ using convert::hf_moe::HfMoeConfig;
 struct Options {
   std::string from, to, input, output, dtype, hf_config;
   int64_t iteration = 0;
+  int64_t global_batch_size = 0;  // hf->moecore with --iteration > 0: the resuming run's
+  bool verify = false;
   int64_t make_vocab_size_divisible_by = 128;
   int tensor_model_parallel_size = 1;
   uint64_t max_shard_bytes = uint64_t(5) << 30;
@@ -56,6 +60,34 @@ void allocate_model(ParameterStore& store, const Config& config) {
     store.declare(spec);
   }
   store.allocate();
+}
+
+// --verify: the tensor `name` as re-read from the output equals the one written.
+void check_same_tensor(const std::string& name, const Tensor& written, const Tensor& reread,
+                       const std::string& output) {
+  MOE_CHECK(written.dtype() == reread.dtype() && written.shape() == reread.shape() &&
+                std::memcmp(written.raw(), reread.raw(), written.nbytes()) == 0,
+            "--verify: tensor '", name, "' re-read from '", output,
+            "' differs from the one written");
+}
+
+// --verify for hf->moecore: the checkpoint loads (checksums checked) into a fresh model equal,
+// byte for byte, to the converted one.
+template <class Config>
+void verify_checkpoint(const Options& options, const Config& config, const ParameterStore& store) {
+  ParameterStore reread(store.param_dtype());
+  allocate_model(reread, config);
+  checkpoint::LoadOptions load;
+  load.load_optim = false;
+  load.load_rng = false;
+  checkpoint::load_checkpoint(options.output, reread, nullptr, nullptr,
+                              comm::single_process_state(), load);
+  for (int i = 0; i < store.count(); ++i) {
+    check_same_tensor(store.spec(ParamHandle{i}).name, store.param(ParamHandle{i}),
+                      reread.param(ParamHandle{i}), options.output);
+  }
+  std::cout << "verified: " << store.count() << " tensors re-read from " << options.output
+            << " match\n";
 }
 
 // HF safetensors -> a moecore checkpoint; model_name names the family in messages.
@@ -85,15 +117,20 @@ void import_hf_model(const Options& options, Config config, const std::string& m
 
   checkpoint::TrainingState state;
   state.iteration = options.iteration;
+  // A resume without --finetune continues the data after the samples iteration N consumed.
+  state.consumed_train_samples = options.iteration * options.global_batch_size;
   state.extra["hf_config"] = config.to_json();
   state.extra["converted_from"] = options.input;
   checkpoint::save_checkpoint(options.output, state, store, nullptr, nullptr,
                               comm::single_process_state());
+  if (options.verify) verify_checkpoint(options, config, store);
   std::cout << "wrote " << checkpoint::iteration_dir_name(options.iteration) << " ("
             << dtype_name(dtype) << ") under " << options.output << ", vocabulary padded from "
-            << config.vocab_size << " to " << config.padded_vocab_size
-            << " rows\nmoe-train flags for this model: " << config.megatron_flags()
-            << " --make-vocab-size-divisible-by " << options.make_vocab_size_divisible_by
+            << config.vocab_size << " to " << config.padded_vocab_size << " rows, "
+            << state.consumed_train_samples
+            << " consumed training samples\nmoe-train flags for this model: "
+            << config.megatron_flags() << " --make-vocab-size-divisible-by "
+            << options.make_vocab_size_divisible_by
             << "\nload it with: moe-train <those flags> --load " << options.output
             << " --finetune (it holds no optimizer state) --tensor-model-parallel-size "
             << options.tensor_model_parallel_size << " (another tp needs another padding)\n";
@@ -116,9 +153,18 @@ DType export_hf_model(const Options& options, Config config, int64_t iteration, 
                               load);
 
   const DType dtype = options.dtype.empty() ? store.param_dtype() : parse_dtype(options.dtype);
-  convert::safetensors::write_checkpoint(options.output, hf_tensor_entries(config, dtype),
-                                         hf_tensor_source(config, store, dtype), {{"format", "pt"}},
+  const auto entries = hf_tensor_entries(config, dtype);
+  const auto source = hf_tensor_source(config, store, dtype);
+  convert::safetensors::write_checkpoint(options.output, entries, source, {{"format", "pt"}},
                                          options.max_shard_bytes);
+  if (options.verify) {  // each tensor re-read (its checksum checked) and rebuilt, one at a time
+    const convert::safetensors::Checkpoint written(options.output);
+    for (const auto& entry : entries) {
+      check_same_tensor(entry.name, source(entry.name), written.read(entry.name), options.output);
+    }
+    std::cout << "verified: " << entries.size() << " tensors re-read from " << options.output
+              << " match\n";
+  }
   nlohmann::json hf_config = config.to_json();
   hf_config["torch_dtype"] = dtype == DType::BF16  ? "bfloat16"
                              : dtype == DType::F16 ? "float16"
@@ -307,6 +353,12 @@ void moecore_to_hf(const Options& options) {
 }
 
 void run_conversion(const Options& options) {
+  MOE_CHECK(options.from == "hf" || options.global_batch_size == 0,
+            "--global-batch-size applies to hf -> moecore only");
+  MOE_CHECK(options.from != "hf" || options.iteration == 0 || options.global_batch_size > 0,
+            "--iteration ", options.iteration,
+            " needs --global-batch-size (the resuming run's) so that the checkpoint records the ",
+            "samples those iterations consumed; without it a resume would restart the data");
   MOE_CHECK(options.from != options.to, "--from and --to are both '", options.from,
             "': convert hf -> moecore or moecore -> hf");
   MOE_CHECK(fs::is_directory(options.input), "--input '", options.input, "' is not a directory");
@@ -355,6 +407,13 @@ int main(int argc, char** argv) {
                  "hf->moecore: iteration to save as (default 0); moecore->hf: iteration to "
                  "read (default: the tracker's)")
       ->check(CLI::NonNegativeNumber);
+  app.add_option("--global-batch-size", options.global_batch_size,
+                 "hf->moecore with --iteration N > 0: the global batch size of the run that "
+                 "resumes it; the checkpoint records N x this many consumed samples")
+      ->check(CLI::PositiveNumber);
+  app.add_flag("--verify", options.verify,
+               "re-read everything written (checksums included) and compare it with the model "
+               "in memory");
   app.add_option("--make-vocab-size-divisible-by", options.make_vocab_size_divisible_by,
                  "hf->moecore: pad the vocabulary as moe-train will (default 128)")
       ->check(CLI::PositiveNumber);

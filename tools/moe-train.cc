@@ -1,9 +1,11 @@
 // moe-train: Megatron-LM's pretrain_gpt.py for moecore. Launch with
 //   mpirun -np N moe-train <Megatron-LM arguments>
 // Arguments are parsed and validated for the world size on every rank before any work; a bad
-// argument is reported once (rank 0) and every rank exits with status 2. An error during
-// training is printed by the rank that hit it (tagged with its rank) and aborts the whole job
-// with status 1, so no rank is left waiting in a collective.
+// argument is reported once (rank 0) and every rank exits with status 2. A bad input file (the
+// tokenizer, a checkpoint, the data, also a sample read during training) is reported once and
+// every rank exits with status 1. An error during training is printed by the rank that hit it
+// (tagged with its rank) and aborts the whole job with status 1, so no rank is left waiting in a
+// collective.
 #include <mpi.h>
 
 #include <cstdio>
@@ -43,6 +45,9 @@ int main(int argc, char** argv) {
       std::cout << "moe-train: finished at iteration " << report.final_iteration
                 << "; latest checkpoint: " << *report.last_checkpoint << std::endl;
     }
+  } catch (const moe::train::InputError& error) {  // the same on every rank: printed once
+    if (rank == 0) std::fprintf(stderr, "moe-train: error: %s\n", error.what());
+    return 1;
   } catch (const std::exception& error) {
     std::fprintf(stderr, "moe-train: error on rank %d of %d: %s\n", rank, world_size, error.what());
     std::fflush(stderr);

@@ -12,6 +12,7 @@
 #include <sstream>
 
 #include "moe/comm/boxes.h"
+#include "moe/comm/fault_injection.h"
 #include "upcycling.h"
 
 namespace moe::checkpoint {
@@ -427,6 +428,7 @@ void save_checkpoint(const std::string& save_dir, const TrainingState& state,
   RankFiles files;
   error = attempt([&] {
     files = write_rank_files(tmp, state, model, optimizer, parallel);
+    comm::fault_point("save");  // between this rank's files and the commit
     if (options.before_commit) options.before_commit();
   });
   int64_t report[3] = {error.empty() ? 0 : 1, files.index_crc, files.data_bytes};
@@ -718,10 +720,10 @@ LocalLoad load_on_this_rank(const std::string& load_dir, ParameterStore& model,
     }
   }
   if (options.load_rng) {
-    int saved_world = meta.at("layout").at("world_size").get<int>();
-    MOE_CHECK(saved_world == p.world_size, "checkpoint ", dir, " holds RNG states of ", saved_world,
-              " ranks but this run has ", p.world_size, "; use --no-load-rng");
-    for (const auto& [name, value] : catalog.rng(p.world_rank).items()) {
+    state.rng_saved_world_size = meta.at("layout").at("world_size").get<int>();
+    // A rank the saving run did not have takes rank 0's states (see TrainingState).
+    const int source = p.world_rank < state.rng_saved_world_size ? p.world_rank : 0;
+    for (const auto& [name, value] : catalog.rng(source).items()) {
       state.rng[name] = value.get<Rng::State>();
     }
   }

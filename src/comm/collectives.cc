@@ -8,6 +8,7 @@
 #include <type_traits>
 
 #include "comm/exchange.h"
+#include "moe/comm/fault_injection.h"
 #include "tensor/dtype_switch.h"
 
 namespace moe::comm {
@@ -287,6 +288,7 @@ void reduce_scatter_v(const Tensor& in, Tensor& out, std::span<const int64_t> ro
 
 void all_to_all_v(const Tensor& send, std::span<const int64_t> send_rows, Tensor& recv,
                   std::span<const int64_t> recv_rows, const ProcessGroup& group) {
+  fault_point("alltoall");
   Call call("all_to_all_v", group);
   Announcement mine;
   auto all = checked_announce(call, mine, false, [&] {

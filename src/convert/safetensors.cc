@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -13,6 +14,7 @@
 #include <string_view>
 #include <utility>
 
+#include "moe/tensor/crc32.h"
 #include "moe/tensor/error.h"
 
 namespace moe::convert::safetensors {
@@ -49,6 +51,14 @@ void read_exact(int fd, const std::string& path, void* out, uint64_t size, uint6
 void write_all(std::ofstream& out, const std::string& path, const void* data, size_t size) {
   out.write(static_cast<const char*>(data), std::streamsize(size));
   MOE_CHECK(out.good(), "safetensors: writing '", path, "' failed");
+}
+
+// "0000abcd": fixed width, so the header can be written with placeholders and patched in place
+// once the streamed tensors' checksums are known.
+std::string crc_hex(uint32_t crc) {
+  char text[9];
+  std::snprintf(text, sizeof(text), "%08x", crc);
+  return text;
 }
 
 // Each dtype and its safetensors name (the unsupported-dtype error lists them in this order).
@@ -175,6 +185,13 @@ Tensor File::read(const std::string& name) const {
   MOE_CHECK(file.fd >= 0, "safetensors: cannot open '", path_, "': ", std::strerror(errno));
   read_exact(file.fd, path_, tensor.raw(), entry.end - entry.begin, data_start_ + entry.begin,
              "tensor '" + name + "'");
+  auto recorded = metadata_.find(kChecksumPrefix + name);
+  if (recorded != metadata_.end()) {
+    const std::string actual = crc_hex(crc32(tensor.raw(), tensor.nbytes()));
+    MOE_CHECK(actual == recorded->second, "safetensors: checksum mismatch for tensor '", name,
+              "' in '", path_, "' (crc32 ", actual, ", __metadata__ says ", recorded->second,
+              "): the file is corrupted");
+  }
   return tensor;
 }
 
@@ -303,7 +320,11 @@ void write_file(const std::string& path, const std::vector<TensorEntry>& entries
     return dtype_size(a->dtype) > dtype_size(b->dtype);
   });
   nlohmann::json header = nlohmann::json::object();
-  if (!metadata.empty()) header["__metadata__"] = metadata;
+  std::map<std::string, std::string> header_metadata = metadata;
+  for (const TensorEntry* entry : order) {
+    header_metadata[kChecksumPrefix + entry->name] = crc_hex(0);  // patched after the data
+  }
+  if (!header_metadata.empty()) header["__metadata__"] = header_metadata;
   uint64_t offset = 0;
   for (const TensorEntry* entry : order) {
     MOE_CHECK(!entry->name.empty() && entry->name != "__metadata__", "safetensors: cannot write '",
@@ -336,7 +357,14 @@ void write_file(const std::string& path, const std::vector<TensorEntry>& entries
           tensor.defined() ? dtype_string(tensor.dtype()) + " " + shape_string(tensor.shape())
                            : std::string("undefined"));
       write_all(out, temporary, tensor.raw(), tensor.nbytes());
+      header_metadata[kChecksumPrefix + entry->name] =
+          crc_hex(crc32(tensor.raw(), tensor.nbytes()));
     }
+    // The same keys and fixed-width values: the patched header has the same length.
+    header["__metadata__"] = header_metadata;
+    const std::string patched = header.dump();
+    out.seekp(8);
+    write_all(out, temporary, patched.data(), patched.size());
     out.close();
     MOE_CHECK(out.good(), "safetensors: closing '", temporary, "' failed");
     fs::rename(temporary, path);

@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <numeric>
 
+#include "moe/comm/fault_injection.h"
 #include "moe/tensor/ops.h"
 #include "update_kernels.h"
 
@@ -91,6 +92,8 @@ struct Optimizer::Impl {
 
   void build_group(Group& g, ParamGroup kind);
   void reduce_gradients(Group& g, double pre_scale);
+  std::string reduce_gradients_checked(Group& g, double pre_scale);
+  bool grad_reduction_checked = false;
   void accumulate_statistics(const Group& g, double stats[3]) const;
   void update(Group& g);
   void publish(Group& g);
@@ -170,6 +173,60 @@ void Optimizer::Impl::reduce_gradients(Group& g, double pre_scale) {
   }
 }
 
+// reduce_gradients with OptimizerConfig::check_grad_reduction's check; returns what it verified.
+// The expected values are summed in fp64 (with the sums of magnitudes that bound the fp32
+// reduction's rounding) over the same group, which must have the ranks the layout says.
+std::string Optimizer::Impl::reduce_gradients_checked(Group& g, double pre_scale) {
+  const bool dense = g.kind == ParamGroup::kDense;
+  const char* what = dense ? "dense" : "expert";
+  const int64_t n = g.numel;
+  Tensor flat = store.flat_grads(g.kind);
+  Tensor sums = Tensor::empty({2 * n + 1}, DType::F64);  // [sums n | magnitudes n | ranks 1]
+  double* want = sums.data<double>();
+  const float* local = flat.data<float>();
+  for (int64_t i = 0; i < n; ++i) {
+    want[i] = local[i];
+    want[n + i] = std::fabs(local[i]);
+  }
+  want[2 * n] = 1.0;
+  comm::all_reduce(sums, *g.reduce);
+  const int64_t layout_ranks =
+      dense ? int64_t(parallel.dp) * parallel.sizes.cp : int64_t(parallel.edp);
+  MOE_CHECK(int64_t(want[2 * n]) == layout_ranks, "--check-grad-reduction: the ", what,
+            " gradients are reduced over ", int64_t(want[2 * n]), " ranks ('", g.reduce->name(),
+            "') but the layout has ", layout_ranks,
+            dense ? " data-parallel" : " expert-data-parallel", " ranks");
+  reduce_gradients(g, pre_scale);
+  // MOE_FAULT_INJECT=grad-reduction:rank:iteration: this rank's gradients as if reduced twice.
+  if (comm::fault_requested("grad-reduction")) scale(g.grad_shard, 2.0f);
+  // fp32 sums in rank order, then the 1 / (dp x loss scale) factor: within (ranks + 2) roundings
+  // of the magnitudes' sum.
+  const double tolerance = double(layout_ranks + 2) * std::ldexp(1.0, -24);
+  const float* got = g.grad_shard.data<float>();
+  double checksum = 0;
+  for (int64_t i = g.shard_begin; i < g.shard_end; ++i) {
+    const double expected = want[i] * pre_scale, reduced = got[i - g.shard_begin];
+    checksum += reduced;
+    if (std::fabs(reduced - expected) <= tolerance * want[n + i] * std::fabs(pre_scale)) continue;
+    std::string name = "?";
+    for (int p = 0; p < store.count(); ++p) {
+      const ParamHandle handle{p};
+      const ParamSpec& spec = store.spec(handle);
+      if (spec.group == g.kind && spec.trainable && store.offset(handle) <= i &&
+          i < store.offset(handle) + shape_numel(spec.shape)) {
+        name = spec.name;
+      }
+    }
+    MOE_CHECK(false, "--check-grad-reduction: ", what, " gradient element ", i, " (parameter '",
+              name, "') is ", reduced, " after the reduction over '", g.reduce->name(),
+              "' but the fp64 sum of the ", layout_ranks, " ranks' gradients gives ", expected,
+              " (a doubled, missing or misdirected reduction?)");
+  }
+  return detail::concat(what, " gradients reduced over ", layout_ranks, " rank(s) of '",
+                        g.reduce->name(), "', checksum ", checksum, " on this rank's ",
+                        g.shard_end - g.shard_begin, " elements");
+}
+
 // stats[0] += squares counted in the norm, stats[1] += squares of everything this rank updates
 // (non-finite iff some gradient is), stats[2] += zero elements counted in the norm (when logged).
 void Optimizer::Impl::accumulate_statistics(const Group& g, double stats[3]) const {
@@ -239,12 +296,22 @@ Optimizer::Optimizer(ParameterStore& store, const comm::ParallelState& parallel,
 Optimizer::~Optimizer() = default;
 
 StepResult Optimizer::step() {
+  comm::fault_point("optimizer");
   Impl& m = *impl_;
   // Mean over data-parallel replicas (Megatron scales expert gradients by 1 / (dp x cp) too:
   // experts already summed the tokens of every expert-parallel rank) and loss unscaling, folded
   // into one pass before the reduction.
   double pre_scale = 1.0 / (double(m.parallel.dp_cp_group.size()) * m.scaler.scale());
-  for (auto& g : m.groups) m.reduce_gradients(g, pre_scale);
+  std::string checked;
+  if (m.config.check_grad_reduction && !m.grad_reduction_checked) {
+    for (auto& g : m.groups) {
+      if (g.numel > 0)
+        checked += (checked.empty() ? "" : "; ") + m.reduce_gradients_checked(g, pre_scale);
+    }
+    m.grad_reduction_checked = true;
+  } else {
+    for (auto& g : m.groups) m.reduce_gradients(g, pre_scale);
+  }
 
   // One world all-reduce: every element is counted exactly once across the world.
   Tensor stats({3}, DType::F64);
@@ -253,6 +320,7 @@ StepResult Optimizer::step() {
   if (m.parallel.world.size() > 1) comm::all_reduce(stats, m.parallel.world);
 
   StepResult result;
+  result.grad_reduction_check = checked;
   result.grad_norm = std::sqrt(s[0]);
   result.num_zeros = m.config.log_num_zeros_in_grad ? int64_t(s[2]) : -1;
   bool found_inf = !std::isfinite(s[1]);

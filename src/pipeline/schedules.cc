@@ -8,6 +8,7 @@
 #include <string>
 #include <utility>
 
+#include "moe/comm/fault_injection.h"
 #include "moe/comm/process_group.h"
 #include "moe/tensor/error.h"
 
@@ -251,6 +252,7 @@ class StageRunner {
   // Forward of the next micro-batch on `input` (ignored on the first stage); keeps its context.
   Tensor forward(const Tensor& input) {
     const int index = next_forward_++;
+    comm::fault_point("forward");
     MicroBatch batch = provider_(index);
     check_micro_batch(batch, index, first_, last_, options_);
     model::GPTContext& context = in_flight_.emplace_back();
@@ -271,6 +273,7 @@ class StageRunner {
     model::GPTContext context = std::move(in_flight_.front());
     in_flight_.pop_front();
     context.moe_aux_loss_grad_scale = loss_grad_;
+    comm::fault_point("backward");
     return model_.backward_step(context, output_grad);
   }
 

@@ -188,6 +188,11 @@ void register_arguments(CLI::App& app, TrainingArguments& a) {
     clear_flag("--no-masked-softmax-fusion", a.masked_softmax_fusion,
                "Accepted; moecore has one softmax implementation on CPU.");
     clear_flag("--disable-bias-linear", a.add_bias_linear, "No biases in the linear layers.");
+    clear_flag("--no-check-for-nan-in-loss-and-grad", a.check_for_nan_in_loss_and_grad,
+               "Do not stop at a NaN or infinite loss or gradient (bf16/fp32 runs).");
+    app.add_flag("--check-grad-reduction", a.check_grad_reduction,
+                 "moecore: check the first step's gradient reductions (dense over dp x cp, "
+                 "experts over expert-dp) against an fp64 sum, element by element.");
     app.add_option("--optimizer", a.optimizer, "Optimizer.")
         ->check(CLI::IsMember({"adam", "sgd"}))
         ->capture_default_str();

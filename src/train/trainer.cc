@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <ctime>
 #include <filesystem>
+#include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <numeric>
@@ -15,6 +16,7 @@
 #include "expert_load.h"
 #include "mock_dataset.h"
 #include "moe/checkpoint/checkpoint.h"
+#include "moe/comm/fault_injection.h"
 #include "moe/comm/parallel_state.h"
 #include "moe/comm/process_group.h"
 #include "moe/data/gpt_dataset.h"
@@ -130,6 +132,7 @@ optim::OptimizerConfig optimizer_config(const TrainingArguments& a) {
   c.sgd_momentum = a.sgd_momentum;
   c.clip_grad = a.clip_grad;
   c.use_distributed_optimizer = a.use_distributed_optimizer;
+  c.check_grad_reduction = a.check_grad_reduction;
   c.bf16 = a.bf16;
   c.fp16 = a.fp16;
   c.loss_scale = a.fp16 ? a.loss_scale.value_or(0.0) : 0.0;
@@ -302,6 +305,61 @@ void build_model_and_optimizer(Job& job) {
 // The name of the trainer's one RNG state in a checkpoint's per-rank "rng" map.
 constexpr const char* kRandomStreamsKey = "micro_batch_streams";
 
+// After a load: warns (world rank 0's layers: all of them without pipeline parallelism) about
+// MoE layers holding identical experts. Identical experts get identical gradients whenever the
+// router sends them the same tokens, so a checkpoint built by copying one expert trains fewer
+// experts than it claims; after upcycling this is the expected start. Each expert's fingerprint
+// is the CRC-32 of its weights' bytes, summed over the expert-tensor-parallel slices.
+void warn_identical_experts(Job& job, bool upcycled) {
+  const int64_t experts = *job.args.num_experts;
+  std::vector<std::string> layers;  // "decoder.layers.3.mlp", in declaration order
+  std::map<std::string, std::vector<uint32_t>> local;  // layer -> running CRC per local expert
+  std::map<std::string, int64_t> first_expert;
+  for (int i = 0; i < job.store->count(); ++i) {
+    const ParamSpec& spec = job.store->spec(ParamHandle{i});
+    const size_t at = spec.name.find(".experts.");
+    if (spec.group != ParamGroup::kExpert || at == std::string::npos) continue;
+    const std::string layer = spec.name.substr(0, at);
+    if (!local.count(layer)) layers.push_back(layer);
+    const Tensor param = job.store->param(ParamHandle{i});
+    const int64_t local_experts = param.dim(0);
+    std::vector<uint32_t>& crcs = local[layer];
+    crcs.resize(size_t(local_experts), 0);
+    first_expert[layer] = spec.global_offset[0];
+    const size_t row_bytes = param.nbytes() / size_t(local_experts);
+    for (int64_t e = 0; e < local_experts; ++e) {
+      crcs[size_t(e)] = crc32(static_cast<const char*>(param.raw()) + size_t(e) * row_bytes,
+                              row_bytes, crcs[size_t(e)]);
+    }
+  }
+  if (layers.empty()) return;
+  Tensor fingerprints = Tensor::full({int64_t(layers.size()), experts}, 0.0f, DType::I64);
+  for (size_t l = 0; l < layers.size(); ++l) {
+    const std::vector<uint32_t>& crcs = local[layers[l]];
+    for (size_t e = 0; e < crcs.size(); ++e) {
+      fingerprints.data<int64_t>()[int64_t(l) * experts + first_expert[layers[l]] + int64_t(e)] =
+          crcs[e];
+    }
+  }
+  comm::all_reduce(fingerprints, job.parallel.ep_group);   // each expert from its one ep rank
+  comm::all_reduce(fingerprints, job.parallel.etp_group);  // its slices together
+  for (size_t l = 0; l < layers.size(); ++l) {
+    const int64_t* row = fingerprints.data<int64_t>() + int64_t(l) * experts;
+    std::map<int64_t, std::vector<int64_t>> alike;
+    for (int64_t e = 0; e < experts; ++e) alike[row[e]].push_back(e);
+    for (const auto& [fingerprint, group] : alike) {
+      if (group.size() < 2) continue;
+      std::string list;
+      for (int64_t e : group) list += (list.empty() ? "" : ", ") + std::to_string(e);
+      job.say(concat("warning: ", layers[l], ": experts ", list, " are identical",
+                     upcycled ? " (expected after upcycling: they diverge as the router and "
+                                "their gradients differ)"
+                              : "; they train alike while routed alike (a checkpoint built by "
+                                "copying one expert?)"));
+    }
+  }
+}
+
 void load_checkpoint_if_any(Job& job) {
   const TrainingArguments& a = job.args;
   if (!a.load) {
@@ -342,12 +400,25 @@ void load_checkpoint_if_any(Job& job) {
               " holds no random state (saved with --no-save-rng, or converted); use "
               "--no-load-rng (random streams from --seed) or --finetune");
     job.random_streams = saved->second;
+    if (state.rng_saved_world_size != job.parallel.world_size) {
+      job.say(concat("> checkpoint saved by ", state.rng_saved_world_size, " ranks, this run has ",
+                     job.parallel.world_size,
+                     ": every rank takes saved rank 0's random streams (the same on every rank), "
+                     "so the random choices continue as at the saved size"));
+    }
   }
+  // moe-convert --iteration without --global-batch-size, or a hand-edited checkpoint: resuming
+  // would claim iteration N yet read the data from its start.
+  MOE_CHECK(a.finetune || state.iteration == 0 || state.consumed_train_samples > 0, "checkpoint '",
+            *a.load, "' is at iteration ", state.iteration,
+            " but records 0 consumed training samples, so a resume would restart the data; use "
+            "--finetune, or convert with moe-convert --iteration N --global-batch-size B");
   if (!a.finetune) {
     job.iteration = state.iteration;
     job.consumed_train_samples = state.consumed_train_samples;
     job.consumed_valid_samples = state.consumed_valid_samples;
   }
+  if (a.is_moe()) warn_identical_experts(job, a.moe_use_upcycling);
   if (a.moe_use_upcycling) {
     job.say(concat("> upcycled the dense checkpoint into ", *a.num_experts,
                    " experts per MoE layer (--moe-upcycling-granularity ",
@@ -396,23 +467,63 @@ void average_over_data_parallel(std::vector<double>& values, const comm::Paralle
   }
 }
 
-// Feeds the pipeline schedule this data-parallel rank's next micro-batches, each with the
-// dropout seed of its first sample.
+// Collective over `world`: throws InputError on every rank when any rank's `local_error` is
+// non-empty, with the lowest failed rank's message (printed once, not once per rank) and, unless
+// every rank failed, the failed ranks.
+void agree_on_input(const comm::ProcessGroup& world, const std::string& local_error) {
+  const int64_t failed = local_error.empty() ? 0 : 1;
+  const std::vector<int64_t> flags = comm::all_gather_values({&failed, 1}, world);
+  int first = -1;
+  size_t failed_ranks = 0;
+  std::string ranks;
+  for (size_t r = 0; r < flags.size(); ++r) {
+    if (flags[r] == 0) continue;
+    if (first < 0) first = int(r);
+    ++failed_ranks;
+    ranks += (ranks.empty() ? "" : ", ") + std::to_string(r);
+  }
+  if (first < 0) return;
+  const bool sender = world.rank() == first;
+  Tensor length = Tensor::full({1}, 0.0f, DType::I64);
+  if (sender) length.data<int64_t>()[0] = int64_t(local_error.size());
+  comm::broadcast(length, first, world);
+  Tensor text = Tensor::full({std::max<int64_t>(length.data<int64_t>()[0], 1)}, 0.0f, DType::I32);
+  if (sender) std::copy(local_error.begin(), local_error.end(), text.data<int32_t>());
+  comm::broadcast(text, first, world);
+  std::string message(size_t(length.data<int64_t>()[0]), '\0');
+  std::copy_n(text.data<int32_t>(), message.size(), message.begin());
+  // Bad inputs usually fail every rank alike; otherwise say which ranks met it.
+  throw InputError(failed_ranks == flags.size()
+                       ? message
+                       : concat(message, " (failed on rank(s) ", ranks, " of ", flags.size(), ")"));
+}
+
+// Feeds the pipeline schedule this data-parallel rank's micro-batches of one step, each with the
+// dropout seed of its first sample. They are read up front and the ranks agree that every read
+// succeeded, so a bad sample (a token outside the vocabulary, a corrupt file) is one InputError
+// on every rank instead of one rank's abort while the others wait in a collective.
 pipeline::MicroBatchProvider micro_batches_from(Job& job, data::PretrainingDataIterator& data) {
-  return [&job, &data](int) {
-    data::MicroBatch batch = data.next();
-    pipeline::MicroBatch micro;
+  auto batches = std::make_shared<std::vector<pipeline::MicroBatch>>();
+  std::string error;
+  try {
     // Context parallelism: this cp rank's two load-balanced chunks of each sequence.
     const comm::ContextParallel cp = job.parallel.context_parallel();
-    micro.tokens = model::split_for_context_parallel(batch.tokens, cp);
-    micro.labels = model::split_for_context_parallel(batch.labels, cp);
-    if (batch.loss_mask.defined()) {
-      micro.loss_mask = model::split_for_context_parallel(batch.loss_mask, cp);
+    for (int i = 0; i < job.args.num_micro_batches; ++i) {
+      data::MicroBatch batch = data.next();
+      pipeline::MicroBatch& micro = batches->emplace_back();
+      micro.tokens = model::split_for_context_parallel(batch.tokens, cp);
+      micro.labels = model::split_for_context_parallel(batch.labels, cp);
+      if (batch.loss_mask.defined()) {
+        micro.loss_mask = model::split_for_context_parallel(batch.loss_mask, cp);
+      }
+      micro.dropout_seed =
+          micro_batch_seed(job.random_streams, job.iteration, batch.sample_indices[0]);
     }
-    micro.dropout_seed =
-        micro_batch_seed(job.random_streams, job.iteration, batch.sample_indices[0]);
-    return micro;
-  };
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  agree_on_input(job.parallel.world, error);
+  return [batches](int index) { return (*batches)[size_t(index)]; };
 }
 
 pipeline::ScheduleOptions schedule_options(const TrainingArguments& a, double loss_scale) {
@@ -450,9 +561,30 @@ std::vector<IterationStats::BiasRange> expert_bias_ranges(const Job& job) {
   return ranges;
 }
 
+// Megatron's --check-for-nan-in-loss-and-grad (on by default), before the gradients are reduced,
+// so the error names the iteration, this rank and the first parameter whose local gradient is
+// not finite. fp16 runs skip it: there an overflow skips the step and lowers the loss scale.
+void check_for_nan_in_loss_and_grad(const Job& job, double loss) {
+  const int64_t iteration = job.iteration + 1;
+  MOE_CHECK(std::isfinite(loss), "iteration ", iteration, ": the loss is ", loss, " on rank ",
+            job.parallel.world_rank, " (--no-check-for-nan-in-loss-and-grad disables this check)");
+  for (int i = 0; i < job.store->count(); ++i) {
+    const ParamSpec& spec = job.store->spec(ParamHandle{i});
+    if (!spec.trainable) continue;
+    const Tensor grad = job.store->grad(ParamHandle{i});
+    const float* values = grad.data<float>();
+    for (int64_t k = 0; k < grad.numel(); ++k) {
+      MOE_CHECK(std::isfinite(values[k]), "iteration ", iteration, ": the gradient of '", spec.name,
+                "' holds ", values[k], " (element ", k, ") on rank ", job.parallel.world_rank,
+                " (--no-check-for-nan-in-loss-and-grad disables this check)");
+    }
+  }
+}
+
 IterationStats train_step(Job& job, data::PretrainingDataIterator& data) {
   const TrainingArguments& a = job.args;
   const auto start = Clock::now();
+  comm::set_fault_iteration(job.iteration + 1);
   job.store->zero_grads();
   if (job.expert_load) job.expert_load->reset();
   // 1F1B over the pipeline stages (interleaved with virtual stages; plain forward-backward per
@@ -466,7 +598,17 @@ IterationStats train_step(Job& job, data::PretrainingDataIterator& data) {
   stage_peaks.data<double>()[job.parallel.pp_group.rank()] =
       double(tensor_memory_stats().peak_live_bytes - bytes_before_step);
   comm::all_reduce(stage_peaks, job.parallel.world, comm::ReduceOp::kMax);
+  if (comm::fault_requested("nan")) {  // MOE_FAULT_INJECT=nan:rank:iteration
+    job.store->grad(ParamHandle{0}).data<float>()[0] = std::nanf("");
+  }
+  if (a.check_for_nan_in_loss_and_grad && !a.fp16) {
+    check_for_nan_in_loss_and_grad(job, result.mean_lm_loss());
+  }
   optim::StepResult step = job.optimizer->step();
+  if (!step.grad_reduction_check.empty()) {
+    job.say(concat("> --check-grad-reduction, iteration ", job.iteration + 1,
+                   ", world rank 0: ", step.grad_reduction_check));
+  }
   ++job.iteration;
   job.consumed_train_samples += *a.global_batch_size;
   if (!step.skipped) job.scheduler->step(*a.global_batch_size);
@@ -695,6 +837,7 @@ TrainingReport pretrain(const TrainingArguments& args, std::ostream& log) {
   sizes.etp = *args.expert_tensor_parallel_size;
   sizes.cp = args.context_parallel_size;
   job.parallel = comm::initialize_model_parallel(sizes);
+  comm::fault_point("startup");
   MOE_CHECK(job.parallel.world_size == args.world_size, "the arguments were validated for ",
             args.world_size, " ranks but the job has ", job.parallel.world_size);
   job.is_logger = job.parallel.world_rank == 0;
@@ -710,10 +853,16 @@ TrainingReport pretrain(const TrainingArguments& args, std::ostream& log) {
                  args.num_micro_batches, " accumulated micro-batches"));
 
   job.random_streams = Rng(uint64_t(args.seed)).state();
-  build_tokenizer(job);
-  build_model_and_optimizer(job);
-  load_checkpoint_if_any(job);
-  build_datasets(job);
+  std::string setup_error;
+  try {
+    build_tokenizer(job);
+    build_model_and_optimizer(job);
+    load_checkpoint_if_any(job);
+    build_datasets(job);
+  } catch (const std::exception& error) {
+    setup_error = error.what();
+  }
+  agree_on_input(job.parallel.world, setup_error);
 
   std::unique_ptr<ScalarLog> scalars;
   if (job.is_logger && (args.tensorboard_dir || args.log_file)) {

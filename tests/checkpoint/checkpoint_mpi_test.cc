@@ -81,6 +81,41 @@ TEST(CheckpointMpi, RanksSavingDifferentIterationsAreRefused) {
   EXPECT_FALSE(read_tracker(scratch.str()).has_value());
 }
 
+// Resuming at another world size needs no --no-load-rng: a rank the saving run did not have
+// gets saved rank 0's generators, and the load reports the saving world size.
+TEST(CheckpointMpi, RngStatesLoadAtAnotherWorldSize) {
+  comm::ParallelState world = comm::initialize_model_parallel(comm::ParallelSizes{});
+  comm::ParallelState one = comm::single_process_state();
+  SharedScratchDir saved_by_one("mpi_rng_one"), saved_by_all("mpi_rng_all");
+  ParameterStore model;
+  model.declare(param_spec("w", {3}));
+  model.allocate();
+  TrainingState state;
+  state.iteration = 1;
+  state.consumed_train_samples = 4;
+  state.rng["streams"] = Rng(100 + uint64_t(world.world_rank)).state();
+  if (world.world_rank == 0)
+    save_checkpoint(saved_by_one.str(), state, model, nullptr, nullptr, one);
+  save_checkpoint(saved_by_all.str(), state, model, nullptr, nullptr, world);
+  comm::barrier(world.world);
+  LoadOptions model_and_rng;
+  model_and_rng.load_optim = false;
+
+  TrainingState grown =
+      load_checkpoint(saved_by_one.str(), model, nullptr, nullptr, world, model_and_rng);
+  EXPECT_EQ(grown.rng_saved_world_size, 1);
+  EXPECT_EQ(grown.rng.at("streams"), Rng(100).state());
+  if (world.world_rank == 0) {
+    TrainingState shrunk =
+        load_checkpoint(saved_by_all.str(), model, nullptr, nullptr, one, model_and_rng);
+    EXPECT_EQ(shrunk.rng_saved_world_size, world.world_size);
+    EXPECT_EQ(shrunk.rng.at("streams"), Rng(100).state());
+  }
+  TrainingState same =
+      load_checkpoint(saved_by_all.str(), model, nullptr, nullptr, world, model_and_rng);
+  EXPECT_EQ(same.rng.at("streams"), Rng(100 + uint64_t(world.world_rank)).state());
+}
+
 // This rank's optimizer state `kind` of parameter `name` (a plain optimizer holds it whole).
 Tensor state_of(TrainingRun& run, const std::string& kind, const std::string& name) {
   for (const optim::StateTensor& s : run.optimizer->state_tensors()) {

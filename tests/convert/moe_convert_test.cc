@@ -52,23 +52,26 @@ struct ConvertCase {
   }
 };
 
-void load_strictly(const std::string& ckpt, ParameterStore& store) {
+checkpoint::TrainingState load_strictly(const std::string& ckpt, ParameterStore& store) {
   checkpoint::LoadOptions options;
   options.load_rng = false;
-  checkpoint::load_checkpoint(ckpt, store, nullptr, nullptr, comm::single_process_state(), options);
+  return checkpoint::load_checkpoint(ckpt, store, nullptr, nullptr, comm::single_process_state(),
+                                     options);
 }
 
 TEST(MoeConvert, HfToMoecoreToHfIsBitwise) {
   ConvertCase t("tool_round_trip", DType::BF16, 11);
   RunResult to_moecore = t.run("--from hf --to moecore --input " + t.hf + " --output " + t.ckpt +
-                               " --iteration 5 --make-vocab-size-divisible-by 1");
+                               " --iteration 5 --global-batch-size 4 --verify"
+                               " --make-vocab-size-divisible-by 1");
   ASSERT_EQ(to_moecore.exit_code, 0) << to_moecore.output;
-  EXPECT_CONTAINS(to_moecore.output, "--num-experts 3 --moe-router-topk 2");
+  EXPECT_CONTAINS(to_moecore.output, "--num-experts 3 --moe-router-topk 2",
+                  "20 consumed training samples", "verified: ");
   EXPECT_EQ(checkpoint::read_tracker(t.ckpt), 5);
 
   // The checkpoint loads into the real model, strictly, with the original weights.
   TinyModel loaded(t.config, DType::BF16, 99);
-  load_strictly(t.ckpt, loaded.store);
+  EXPECT_EQ(load_strictly(t.ckpt, loaded.store).consumed_train_samples, 5 * 4);
   for (int i = 0; i < t.original.store.count(); ++i) {
     EXPECT_TRUE(
         same_bytes(t.original.store.param(ParamHandle{i}), loaded.store.param(ParamHandle{i})))
@@ -76,8 +79,9 @@ TEST(MoeConvert, HfToMoecoreToHfIsBitwise) {
   }
 
   RunResult to_hf = t.run("--from moecore --to hf --input " + t.ckpt + " --output " + t.back +
-                          " --max-shard-bytes 3000");
+                          " --max-shard-bytes 3000 --verify");
   ASSERT_EQ(to_hf.exit_code, 0) << to_hf.output;
+  EXPECT_CONTAINS(to_hf.output, "verified: ");
   t.expect_back_equals_hf(DType::BF16);
   EXPECT_EQ(HfMoeConfig::from_json(nlohmann::json::parse(std::ifstream(t.back + "/config.json")),
                                    "config")
@@ -165,6 +169,43 @@ TEST(MoeConvert, MoeTrainFineTunesFromTheConvertedCheckpoint) {
   EXPECT_FALSE(same_bytes(before.read("lm_head.weight"), after.read("lm_head.weight")));
 }
 
+// A checkpoint converted at iteration N resumes (without --finetune) at the data position N global
+// batches in; one claiming iteration N with no consumed samples is refused instead of silently
+// restarting the data.
+TEST(MoeConvert, ConvertedIterationResumesTheDataWhereItClaims) {
+  ConvertCase t("tool_resume", DType::BF16, 17);
+  RunResult converted = t.run("--from hf --to moecore --input " + t.hf + " --output " + t.ckpt +
+                              " --iteration 2 --global-batch-size 2"
+                              " --make-vocab-size-divisible-by 1");
+  ASSERT_EQ(converted.exit_code, 0) << converted.output;
+  const std::string marker = "moe-train flags for this model: ";
+  const size_t begin = converted.output.find(marker) + marker.size();
+  const std::string flags =
+      converted.output.substr(begin, converted.output.find('\n', begin) - begin);
+  auto resume = [&](const std::string& log) {
+    const std::string command =
+        std::string(MOE_TRAIN_PROGRAM) + " " + flags + " --load " + t.ckpt +
+        " --no-load-optim --no-load-rng --mock-data --tokenizer-type NullTokenizer "
+        "--vocab-size 36 --seq-length 8 --micro-batch-size 2 --global-batch-size 2 "
+        "--train-iters 3 --lr 1e-4 --bf16 --log-interval 1 > " +
+        t.scratch.file(log) + " 2>&1";
+    return std::system(command.c_str());
+  };
+  EXPECT_EQ(resume("resumed.log"), 0);
+  EXPECT_CONTAINS(read_bytes(t.scratch.file("resumed.log")),
+                  "iteration        3/       3 | consumed samples:            6 |");
+
+  const std::string metadata = t.ckpt + "/iter_0000002/metadata.json";
+  std::string text = read_bytes(metadata);
+  const std::string consumed = "\"consumed_train_samples\": 4";
+  ASSERT_NE(text.find(consumed), std::string::npos) << text;
+  text.replace(text.find(consumed), consumed.size(), "\"consumed_train_samples\": 0");
+  write_bytes(metadata, text);
+  EXPECT_NE(resume("refused.log"), 0);
+  EXPECT_CONTAINS(read_bytes(t.scratch.file("refused.log")),
+                  "is at iteration 2 but records 0 consumed training samples");
+}
+
 // A checkpoint recording neither an HF config nor a command line converts with --hf-config.
 TEST(MoeConvert, CheckpointWithoutModelRecordNeedsHfConfig) {
   ScratchDir scratch("tool_training_ckpt");
@@ -235,6 +276,9 @@ TEST(MoeConvert, BadInvocationsExplainThemselves) {
       "is not a directory");
   expect_failure("--from moecore --to hf --input " + hf + " --output " + scratch.file("o"),
                  "not a moecore checkpoint directory");
+  expect_failure(
+      "--from hf --to moecore --iteration 3 --input " + hf + " --output " + scratch.file("o"),
+      "--iteration 3 needs --global-batch-size");
   expect_failure(
       "--from hf --to moecore --dtype int8 --input " + hf + " --output " + scratch.file("o"),
       "int8");

@@ -58,6 +58,28 @@ TEST(Safetensors, FileRoundTripIsBitwise) {
   }
 }
 
+// Files moecore writes carry each tensor's CRC-32 in __metadata__; a flipped byte in a tensor's
+// data is an error naming that tensor, and the other tensors still read.
+TEST(Safetensors, ChecksumsCatchAFlippedByteNamingTheTensor) {
+  ScratchDir dir("checksums");
+  const std::string path = dir.file("x.safetensors");
+  auto tensors = sample_tensors();
+  write_file(path, tensors, {{"format", "pt"}});
+  const File written(path);
+  EXPECT_EQ(written.metadata().size(), tensors.size() + 1);  // one checksum per tensor + format
+  EXPECT_EQ(written.metadata().at("crc32:f16").size(), 8u);
+  const uint64_t flipped_at = written.info("f16").begin + 3;
+  std::string bytes = moe::testing::read_bytes(path);
+  uint64_t header_length = 0;
+  for (int i = 7; i >= 0; --i) header_length = (header_length << 8) | uint8_t(bytes[size_t(i)]);
+  bytes[size_t(8 + header_length + flipped_at)] ^= 0x10;
+  write_bytes(path, bytes);
+  const File corrupted(path);
+  expect_error_containing([&] { corrupted.read("f16"); },
+                          {"checksum mismatch for tensor 'f16'", path, "corrupted"});
+  EXPECT_TRUE(same_bytes(corrupted.read("layers.0.weight"), tensors[0].second));
+}
+
 TEST(Safetensors, ShardedCheckpointRoundTrip) {
   ScratchDir dir("sharded");
   auto tensors = sample_tensors();

@@ -802,7 +802,7 @@ TEST(Arguments, HelpIsGroupedLikeMegatron) {
 // The names moe-train accepts that Megatron-LM does not define (--help, which argparse adds
 // without add_argument, included).
 const std::set<std::string> kMoecoreOwnNames = {"--help", "--log-file", "--moe-capacity-scope",
-                                                "--moe-router-type"};
+                                                "--moe-router-type", "--check-grad-reduction"};
 
 TEST(Arguments, SupportedNamesAreMegatronNames) {
   const auto& megatron = megatron_argument_names();

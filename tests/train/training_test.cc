@@ -1049,7 +1049,9 @@ TEST(TrainingLoop, UpcyclingFromADenseCheckpointKeepsItsLoss) {
   EXPECT_GT(upcycled.iterations[0].load_balancing_loss, 0.0);
   if (world_rank() == 0) {
     EXPECT_CONTAINS(log, "note: enabling --no-load-optim for upcycling",
-                    "> upcycled the dense checkpoint into 4 experts per MoE layer");
+                    "> upcycled the dense checkpoint into 4 experts per MoE layer",
+                    "warning: decoder.layers.1.mlp: experts 0, 1, 2, 3 are identical (expected "
+                    "after upcycling");
   }
   EXPECT_EQ(moe::testing::error_text([&] { run(upcycle); }),
             "--moe-use-upcycling: --save '" + moe_dir +

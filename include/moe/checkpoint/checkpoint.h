@@ -21,6 +21,7 @@
 #include "moe/comm/parallel_state.h"
 #include "moe/optim/lr_scheduler.h"
 #include "moe/optim/optimizer.h"
+#include "moe/tensor/crc32.h"
 #include "moe/tensor/parameters.h"
 #include "moe/tensor/rng.h"
 
@@ -34,6 +35,10 @@ struct TrainingState {
   nlohmann::json args = nlohmann::json::object();   // the run's arguments (rank 0's copy saved)
   nlohmann::json extra = nlohmann::json::object();  // free-form, rank 0's copy saved
   std::map<std::string, Rng::State> rng;            // THIS rank's generators, by purpose
+  // Loaded: the saving run's world size (0 when RNG states were not loaded). A loading rank the
+  // saving run did not have gets saving rank 0's generators: deterministic, and exactly the saved
+  // state for generators that are the same on every rank (the trainer's).
+  int rng_saved_world_size = 0;
 };
 
 struct SaveOptions {
@@ -79,7 +84,7 @@ struct LoadOptions {
 // Collective over parallel.world. Loads the model and, unless disabled, the optimizer state and
 // scheduler, into any layout whose tensors have the saved global shapes (different tp / ep / pp /
 // dp, distributed optimizer on or off, one process): each rank assembles its boxes and flat
-// ranges from whatever pieces the saving ranks stored. RNG states need the saved world size.
+// ranges from whatever pieces the saving ranks stored, and RNG states at any world size.
 // Returns the saved TrainingState (rng empty with load_rng false).
 TrainingState load_checkpoint(const std::string& load_dir, ParameterStore& model,
                               optim::Optimizer* optimizer,
@@ -91,8 +96,5 @@ TrainingState load_checkpoint(const std::string& load_dir, ParameterStore& model
 std::optional<int64_t> read_tracker(const std::string& dir);
 // "iter_0000100"
 std::string iteration_dir_name(int64_t iteration);
-
-// CRC-32 (IEEE 802.3, as zlib's crc32) of `size` bytes, continuing from `crc`.
-uint32_t crc32(const void* data, size_t size, uint32_t crc = 0);
 
 }  // namespace moe::checkpoint

@@ -7,7 +7,10 @@
 // sizes matching shapes, no two tensors overlapping) and names the file and tensor in every
 // error. Tensors are read one at a time (pread), so a converter holds one copy of the model.
 // Writing goes through a temporary file renamed into place: no half-written file is ever left
-// under the final name. Supported dtypes: F32, BF16, F16, F64, I32, I64 (little-endian hosts).
+// under the final name. Every file moecore writes records each tensor's CRC-32 in __metadata__
+// ("crc32:<name>": 8 hex digits); reading a tensor verifies it where recorded (files from
+// elsewhere have none), so a flipped byte is an error naming the tensor. Supported dtypes: F32,
+// BF16, F16, F64, I32, I64 (little-endian hosts).
 #pragma once
 
 #include <cstdint>
@@ -20,6 +23,9 @@
 #include "moe/tensor/tensor.h"
 
 namespace moe::convert::safetensors {
+
+// The __metadata__ key prefix of a tensor's checksum.
+inline constexpr const char* kChecksumPrefix = "crc32:";
 
 struct TensorInfo {
   DType dtype = DType::F32;

@@ -57,6 +57,11 @@ struct OptimizerConfig {
   int loss_scale_window = 1000;
   int hysteresis = 2;
   bool log_num_zeros_in_grad = false;
+  // moecore's --check-grad-reduction (a debug aid): the first step() also sums every gradient
+  // element in fp64 over its group and checks the reduced gradients against it, element by
+  // element, and that the group has the ranks the layout says (dense: dp x cp, experts:
+  // expert-dp), so a doubled, missing or misdirected reduction stops the run.
+  bool check_grad_reduction = false;
 };
 
 // Throws moe::Error naming the flag when a value is out of range or two flags conflict.
@@ -68,6 +73,8 @@ struct StepResult {
   double clip_coeff = 1.0;  // factor the gradients were multiplied by (1 when not clipped)
   double loss_scale = 1.0;  // the scale in effect for the NEXT iteration
   int64_t num_zeros = -1;   // zero gradient elements (global), when log_num_zeros_in_grad
+  // With check_grad_reduction, on the step that ran the check: what it verified, per group.
+  std::string grad_reduction_check;
 };
 
 // Bytes held by this rank. With the distributed optimizer main_param and optimizer_state fall

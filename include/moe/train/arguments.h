@@ -103,6 +103,9 @@ struct TrainingArguments {
   std::optional<long> save_interval;
   bool no_save_optim = false;
   bool no_save_rng = false;
+  // Megatron's default: a NaN/inf loss or gradient stops the run (bf16/fp32; fp16 skips the step).
+  bool check_for_nan_in_loss_and_grad = true;
+  bool check_grad_reduction = false;  // moecore's own (OptimizerConfig::check_grad_reduction)
   std::optional<std::string> load;
   bool no_load_optim = false;
   bool no_load_rng = false;

@@ -68,10 +68,19 @@ struct TrainingReport {
 
 // The model configuration moe-train builds from finalized arguments (moe-plan reuses it).
 model::TransformerConfig model_config(const TrainingArguments& args, int64_t padded_vocab);
+// A bad input (tokenizer, model, checkpoint or data file, or a sample read during training)
+// found on some rank, thrown on every rank with the same text: the lowest failed rank's message
+// and the failed ranks. The ranks agreed on it, so no collective is left pending: callers report
+// it once and exit without aborting the job.
+class InputError : public Error {
+ public:
+  using Error::Error;
+};
 
 // Runs the job on every rank of MPI_COMM_WORLD (collective). `args` must be finalized for the
-// world size. Rank 0 writes the log to `log`. Throws moe::Error on bad input (missing files,
-// unsupported combinations), naming the file or flag.
+// world size. Rank 0 writes the log to `log`. Throws InputError on bad input (missing or corrupt
+// files, unsupported combinations, out-of-vocabulary samples), naming the file or flag, and
+// moe::Error for other failures during training.
 TrainingReport pretrain(const TrainingArguments& args, std::ostream& log);
 
 // Megatron's log line for the iterations since the last one (averages over `window`).

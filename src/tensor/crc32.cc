@@ -1,8 +1,8 @@
 #include <array>
 
-#include "moe/checkpoint/checkpoint.h"
+#include "moe/tensor/crc32.h"
 
-namespace moe::checkpoint {
+namespace moe {
 
 namespace {
 
@@ -43,4 +43,4 @@ uint32_t crc32(const void* data, size_t size, uint32_t crc) {
   return ~c;
 }
 
-}  // namespace moe::checkpoint
+}  // namespace moe
