@@ -153,14 +153,9 @@ std::string attempt(Action&& action) {
 // Collective: throws on every rank when any rank's `local_error` is non-empty, naming the ranks.
 void agree(const comm::ProcessGroup& world, const std::string& local_error,
            const std::string& what) {
-  int64_t failed = local_error.empty() ? 0 : 1;
-  std::vector<int64_t> flags = comm::all_gather_values({&failed, 1}, world);
-  std::string ranks;
-  for (size_t r = 0; r < flags.size(); ++r) {
-    if (flags[r] != 0) ranks += (ranks.empty() ? "" : ", ") + std::to_string(r);
-  }
-  if (ranks.empty()) return;
-  throw Error(what + " failed on rank(s) " + ranks +
+  const comm::FailedRanks failed = comm::gather_failed_ranks(!local_error.empty(), world);
+  if (failed.ranks.empty()) return;
+  throw Error(what + " failed on rank(s) " + failed.list() +
               (local_error.empty() ? " (see that rank's error)" : ": " + local_error));
 }
 

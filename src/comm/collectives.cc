@@ -381,6 +381,22 @@ void barrier(const ProcessGroup& group) {
   detail::announce(call, Announcement{}, true);
 }
 
+std::string FailedRanks::list() const {
+  std::string text;
+  for (int rank : ranks) text += (text.empty() ? "" : ", ") + std::to_string(rank);
+  return text;
+}
+
+FailedRanks gather_failed_ranks(bool failed, const ProcessGroup& group) {
+  const int64_t flag = failed ? 1 : 0;
+  const std::vector<int64_t> flags = all_gather_values({&flag, 1}, group);
+  FailedRanks result;
+  for (size_t r = 0; r < flags.size(); ++r) {
+    if (flags[r] != 0) result.ranks.push_back(int(r));
+  }
+  return result;
+}
+
 std::vector<int64_t> all_gather_values(std::span<const int64_t> local, const ProcessGroup& group) {
   Call call("all_gather_values", group);
   Announcement mine;

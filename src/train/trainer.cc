@@ -471,18 +471,9 @@ void average_over_data_parallel(std::vector<double>& values, const comm::Paralle
 // non-empty, with the lowest failed rank's message (printed once, not once per rank) and, unless
 // every rank failed, the failed ranks.
 void agree_on_input(const comm::ProcessGroup& world, const std::string& local_error) {
-  const int64_t failed = local_error.empty() ? 0 : 1;
-  const std::vector<int64_t> flags = comm::all_gather_values({&failed, 1}, world);
-  int first = -1;
-  size_t failed_ranks = 0;
-  std::string ranks;
-  for (size_t r = 0; r < flags.size(); ++r) {
-    if (flags[r] == 0) continue;
-    if (first < 0) first = int(r);
-    ++failed_ranks;
-    ranks += (ranks.empty() ? "" : ", ") + std::to_string(r);
-  }
-  if (first < 0) return;
+  const comm::FailedRanks failed = comm::gather_failed_ranks(!local_error.empty(), world);
+  if (failed.ranks.empty()) return;
+  const int first = failed.ranks.front();
   const bool sender = world.rank() == first;
   Tensor length = Tensor::full({1}, 0.0f, DType::I64);
   if (sender) length.data<int64_t>()[0] = int64_t(local_error.size());
@@ -493,9 +484,10 @@ void agree_on_input(const comm::ProcessGroup& world, const std::string& local_er
   std::string message(size_t(length.data<int64_t>()[0]), '\0');
   std::copy_n(text.data<int32_t>(), message.size(), message.begin());
   // Bad inputs usually fail every rank alike; otherwise say which ranks met it.
-  throw InputError(failed_ranks == flags.size()
-                       ? message
-                       : concat(message, " (failed on rank(s) ", ranks, " of ", flags.size(), ")"));
+  throw InputError(
+      int(failed.ranks.size()) == world.size()
+          ? message
+          : concat(message, " (failed on rank(s) ", failed.list(), " of ", world.size(), ")"));
 }
 
 // Feeds the pipeline schedule this data-parallel rank's micro-batches of one step, each with the

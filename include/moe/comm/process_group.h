@@ -112,6 +112,13 @@ void barrier(const ProcessGroup& group);
 // (the same length on every rank; checked). Returns size * local.size() values in rank order.
 std::vector<int64_t> all_gather_values(std::span<const int64_t> local, const ProcessGroup& group);
 
+// Collective: which ranks of `group` passed failed = true, so every rank can raise the same error.
+struct FailedRanks {
+  std::vector<int> ranks;    // in rank order
+  std::string list() const;  // "0, 2"
+};
+FailedRanks gather_failed_ranks(bool failed, const ProcessGroup& group);
+
 // The sizes of `parts` near-equal contiguous slices of n elements, slice r being
 // [n*r/parts, n*(r+1)/parts): how all_reduce and broadcast split their work, and how the
 // distributed optimizer shards its buffers.
